@@ -1,0 +1,1 @@
+"""Export and runtimes for trained generators (installed as fastcgan.deploy)."""

@@ -1,0 +1,2 @@
+"""fastcgan: performance-first CycleGAN."""
+__version__ = "0.1.0"

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastcgan.ops import instance_norm_act
+
+
+class InstanceNormAct(nn.Module):
+    """InstanceNorm2d (+ optional affine) + activation (+ residual) (+ reflection pad for the next conv).
+
+    With ``affine=False`` it has no parameters and no buffers, like the official CycleGAN's
+    ``InstanceNorm2d(affine=False, track_running_stats=False)``, so state dicts line up."""
+
+    def __init__(
+        self,
+        num_features: int,
+        activation: str = "relu",
+        *,
+        negative_slope: float = 0.2,
+        affine: bool = False,
+        pad: int = 0,
+        eps: float = 1e-5,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.num_features = num_features
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.pad = pad
+        self.eps = eps
+        self.backend = backend
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return instance_norm_act(
+            x, self.weight, self.bias, activation=self.activation, negative_slope=self.negative_slope,
+            residual=residual, pad=self.pad, eps=self.eps, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, activation={self.activation}, affine={self.weight is not None}, "
+            f"pad={self.pad}, backend={self.backend}"
+        )
+
+
+class ReflectionResidualBlock(nn.Module):
+    """The official ResnetBlock (ReflPad-Conv3-IN-ReLU-(Dropout)-ReflPad-Conv3-IN, plus skip) with
+    every pad fused into a norm kernel.
+
+    Input: the block's input **already reflection-padded by 1** (``xp``); the skip connection
+    reads its interior view, so no unpadded copy is kept. Output: ``x + block(x)`` reflection-
+    padded by ``out_pad`` (1 when another block follows, 0 for the last), so a chain of blocks
+    never runs a separate ReflectionPad2d."""
+
+    def __init__(self, dim: int, *, dropout: float = 0.0, out_pad: int = 1, backend: str = "auto"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=0, bias=True)
+        self.norm1 = InstanceNormAct(dim, "relu", pad=1, backend=backend)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=0, bias=True)
+        self.norm2 = InstanceNormAct(dim, "none", pad=out_pad, backend=backend)
+
+    def forward(self, xp: Tensor) -> Tensor:
+        x = xp[:, :, 1:-1, 1:-1]
+        h = self.norm1(self.conv1(xp))
+        if self.dropout is not None:
+            # Dropout sits between the ReLU and the pad in the official block; dropping on the
+            # padded tensor drops mirrored border pixels independently, which is equivalent in
+            # distribution but not bit-identical to the official order in training mode.
+            h = self.dropout(h)
+        return self.norm2(self.conv2(h), residual=x)
+
+
+def set_backend(module: nn.Module, backend: str) -> nn.Module:
+    """Point every fastcgan layer in ``module`` at ``backend`` (``auto``/``torch``/``triton``/``cuda``/``cpp``)."""
+    for m in module.modules():
+        if isinstance(m, InstanceNormAct):
+            m.backend = backend
+    return module

@@ -1,0 +1,1 @@
+"""Triton kernels (installed as fastcgan.kernels). Import a kernel module only when used."""

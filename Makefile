@@ -1,0 +1,38 @@
+# The README's two commands: `make demo` (set up + train on built-in data) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CUDA kernels are compiled when nvcc is found (CMake looks on PATH / CUDA_HOME); they run only on a GPU.
+export CUDA_HOME ?= $(shell nvcc --dryrun -v x.cu 2>&1 | sed -n 's/^#\$$ TOP=\(.*\)\/bin\/\.\.$$/\1/p' | head -1)
+
+.PHONY: venv demo test test-all bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PY) -c "import fastcgan.ops as o; [print(f'{k:7s}', 'yes' if v.available else 'no ', v.reason) for k, v in o.available_backends().items()]"
+	touch $@
+
+demo: venv
+	$(PY) -m fastcgan.train --dataset synthetic --preset cyclegan128 --output-dir runs --name demo \
+	    --load-size 64 --crop-size 64 --ngf 16 --ndf 16 --max-steps 600 --sample-every 100
+	$(VENV)/bin/fastcgan-translate --checkpoint runs/demo --input runs/demo/data/testA --output runs/demo/translated
+	$(VENV)/bin/fastcgan-eval --checkpoint runs/demo --dataroot runs/demo/data
+
+test: venv
+	$(PY) -m pytest tests -q --timeout=900
+
+test-all: venv
+	$(PY) -m pytest tests -q -m "slow or not slow"
+
+bench: venv
+	$(PY) -m pytest bench -q -s
+
+clean:
+	rm -rf build dist *.egg-info $(VENV)

@@ -1,0 +1,91 @@
+"""Benchmark infrastructure shared by every bench module.
+
+* ``bench_record(name, **fields)`` collects one result row; at session end all rows are
+  appended to ``bench/results/<device>.json`` tagged with device, torch/triton versions and
+  the git commit, so results from different machines never mix.
+* Tests marked ``cuda`` skip without a GPU, so ``pytest bench/`` on a CPU machine runs the
+  CPU comparisons only.
+"""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+import pytest
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+_rows: list[dict] = []
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in s).strip("-").lower()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__), text=True,
+            stderr=subprocess.DEVNULL,
+        ).strip()
+    except Exception:
+        return "unknown"
+
+
+def environment_tags() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": _commit(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@pytest.fixture(scope="session")
+def bench_record():
+    def record(name: str, **fields):
+        _rows.append({"name": name, **fields})
+
+    return record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _rows:
+        return
+    tags = environment_tags()
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{_slug(tags['device'])}.json")
+    existing = []
+    if os.path.exists(path):
+        with open(path) as f:
+            existing = json.load(f)
+    existing.append({**tags, "results": _rows})
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(existing, f, indent=1)
+    os.replace(tmp, path)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

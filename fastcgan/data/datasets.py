@@ -1,0 +1,361 @@
+"""Unaligned (A, B) training data and single-folder inference data, both yielding uint8 tensors.
+
+Where each part of the official preprocessing runs:
+
+=====================  ==============================================  ============================
+``preprocess``         in the Dataset (CPU, PIL bicubic)               on the batch (``augment_batch``)
+=====================  ==============================================  ============================
+resize_and_crop        resize to load_size x load_size                 random crop_size crop, flip
+crop                   random crop_size crop                           flip
+scale_width            width -> load_size, height keeps the aspect     flip
+                       ratio but is at least crop_size (no crop)
+scale_width_and_crop   the same, then random crop_size crop            flip
+none                   round H and W to the nearest multiple of 4      flip
+=====================  ==============================================  ============================
+
+Only ``resize_and_crop`` guarantees one image size before the crop, so only there can the crop be
+batched on the device; in the other modes the per-image size may vary (non-square images), so the
+crop runs here on the CPU. ``ds.batch_augment`` holds the arguments for :func:`augment_batch`.
+``scale_width`` and ``none`` keep per-image sizes, so they batch only when sizes agree (as in the
+official loader, use batch size 1 otherwise).
+
+Randomness (the B partner and CPU crop offsets) comes from ``numpy.random.default_rng((seed,
+epoch, index))``: identical in every DataLoader worker layout, and different every epoch once the
+trainer calls :meth:`UnalignedDataset.set_epoch`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from fastcgan.data.images import IMG_EXTENSIONS, BadImageError, make_dataset, open_image, pil_to_tensor
+
+__all__ = [
+    "PREPROCESS_MODES",
+    "DatasetError",
+    "SingleImageDataset",
+    "SkippedImageWarning",
+    "UnalignedDataset",
+    "collate",
+    "resize_deterministic",
+]
+
+PREPROCESS_MODES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
+
+logger = logging.getLogger("fastcgan.data")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used as configured (missing/empty folder, bad arguments)."""
+
+
+class SkippedImageWarning(UserWarning):
+    """An unreadable image file was skipped."""
+
+
+def _warn_skip(err: BadImageError) -> None:
+    msg = f"skipping unreadable image {err.path!r}: {err.reason}"
+    logger.warning(msg)
+    warnings.warn(msg, SkippedImageWarning, stacklevel=3)
+
+
+def _make_multiple(img: Image.Image, base: int = 4) -> Image.Image:
+    """Round each side to the nearest multiple of ``base`` (at least ``base``), bicubic."""
+    ow, oh = img.size
+    w = max(base, round(ow / base) * base)
+    h = max(base, round(oh / base) * base)
+    if (w, h) == (ow, oh):
+        return img
+    return img.resize((w, h), Image.BICUBIC)
+
+
+def _scale_width(img: Image.Image, target_width: int, min_height: int) -> Image.Image:
+    ow, oh = img.size
+    if ow == target_width and oh >= min_height:
+        return img
+    h = int(max(target_width * oh / ow, min_height))
+    return img.resize((target_width, h), Image.BICUBIC)
+
+
+def resize_deterministic(img: Image.Image, preprocess: str, load_size: int, crop_size: int) -> Image.Image:
+    """The deterministic (non-random) resize of ``preprocess`` applied to a PIL image."""
+    if preprocess == "resize_and_crop":
+        if img.size != (load_size, load_size):
+            img = img.resize((load_size, load_size), Image.BICUBIC)
+        return img
+    if preprocess in ("scale_width", "scale_width_and_crop"):
+        return _scale_width(img, load_size, crop_size)
+    if preprocess == "none":
+        return _make_multiple(img, 4)
+    return img  # "crop": no resize
+
+
+def _check_common_args(preprocess, load_size, crop_size, channel_args):
+    if preprocess not in PREPROCESS_MODES:
+        raise DatasetError(f"preprocess={preprocess!r} is not one of {', '.join(PREPROCESS_MODES)}")
+    if not (isinstance(load_size, int) and load_size > 0):
+        raise DatasetError(f"load_size must be a positive int, got {load_size!r}")
+    if not (isinstance(crop_size, int) and crop_size > 0):
+        raise DatasetError(f"crop_size must be a positive int, got {crop_size!r}")
+    if preprocess == "resize_and_crop" and crop_size > load_size:
+        raise DatasetError(f"crop_size ({crop_size}) is larger than load_size ({load_size})")
+    for name, v in channel_args.items():
+        if v not in (1, 3):
+            raise DatasetError(f"{name} must be 1 (grayscale) or 3 (RGB), got {v!r}")
+
+
+def _list_domain(folder: str, max_size: float) -> list[str]:
+    if not os.path.isdir(folder):
+        raise DatasetError(f"dataset folder {folder!r} does not exist")
+    paths = make_dataset(folder, max_size)
+    if not paths:
+        exts = ", ".join(sorted(IMG_EXTENSIONS))
+        raise DatasetError(f"dataset folder {folder!r} contains no image files ({exts})")
+    return paths
+
+
+class UnalignedDataset(Dataset):
+    """Unpaired images from ``root/{phase}A`` and ``root/{phase}B`` (the official CycleGAN layout).
+
+    Item ``i`` pairs ``A_paths[i % len(A)]`` with a random B image (``B_paths[i % len(B)]`` when
+    ``serial_batches``); ``len`` is ``max(len(A), len(B))``. Images are uint8 (C, h, w) after the
+    Dataset's share of ``preprocess`` (see module docstring); the trainer finishes with
+    ``augment_batch(batch["A"], **ds.batch_augment)``.
+
+    Files are not decoded at construction (that would be slow for big datasets) unless
+    ``validate=True``. An unreadable file met later is warned about (naming it), recorded in
+    ``skipped`` and replaced by the next readable file of its domain, deterministically.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        phase: str = "train",
+        preprocess: str = "resize_and_crop",
+        load_size: int = 286,
+        crop_size: int = 256,
+        flip: bool = True,
+        input_nc: int = 3,
+        output_nc: int = 3,
+        serial_batches: bool = False,
+        seed: int = 0,
+        max_size: float = math.inf,
+        validate: bool = False,
+    ):
+        _check_common_args(preprocess, load_size, crop_size, {"input_nc": input_nc, "output_nc": output_nc})
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise DatasetError(f"dataset root {root!r} does not exist or is not a directory")
+        self.root = root
+        self.phase = phase
+        self.preprocess = preprocess
+        self.load_size = load_size
+        self.crop_size = crop_size
+        self.flip = bool(flip)
+        self.input_nc = input_nc
+        self.output_nc = output_nc
+        self.serial_batches = bool(serial_batches)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.dir_A = os.path.join(root, phase + "A")
+        self.dir_B = os.path.join(root, phase + "B")
+        self.A_paths = _list_domain(self.dir_A, max_size)
+        self.B_paths = _list_domain(self.dir_B, max_size)
+        self.skipped: list[str] = []
+        self._bad: set[str] = set()
+        if validate:
+            self.validate()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    @property
+    def A_size(self) -> int:
+        return len(self.A_paths)
+
+    @property
+    def B_size(self) -> int:
+        return len(self.B_paths)
+
+    def __len__(self) -> int:
+        return max(len(self.A_paths), len(self.B_paths))
+
+    @property
+    def batch_augment(self) -> dict:
+        """Keyword arguments for :func:`augment_batch` matching this dataset's ``preprocess``."""
+        crop = self.crop_size if self.preprocess == "resize_and_crop" else None
+        return {"crop_size": crop, "flip": self.flip}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-draw B partners and CPU crops for a new epoch (call before creating the epoch's
+        iterator; DataLoader workers copy the dataset then, so ``persistent_workers`` must be off)."""
+        self.epoch = int(epoch)
+
+    def _record(self, path: str) -> bool:
+        if path in self._bad:
+            return False
+        self._bad.add(path)
+        self.skipped.append(path)
+        return True
+
+    def record_skipped(self, batch: dict) -> list[str]:
+        """Merge the paths a (worker-side) batch reports as skipped; returns the new ones."""
+        new = [p for p in batch.get("skipped", ()) if self._record(p)]
+        for p in new:
+            logger.warning("skipped unreadable image %r (reported by a loader worker)", p)
+        return new
+
+    def validate(self) -> list[str]:
+        """Decode every file now; drop and record unreadable ones. Returns the skipped paths."""
+        before = len(self.skipped)
+        for attr, folder, nc in (
+            ("A_paths", self.dir_A, self.input_nc),
+            ("B_paths", self.dir_B, self.output_nc),
+        ):
+            good = []
+            for p in getattr(self, attr):
+                try:
+                    open_image(p, nc)
+                    good.append(p)
+                except BadImageError as e:
+                    _warn_skip(e)
+                    self._record(p)
+            if not good:
+                raise DatasetError(f"dataset folder {folder!r} has no readable images")
+            setattr(self, attr, good)
+        return self.skipped[before:]
+
+    # -- loading -----------------------------------------------------------------------------
+    def load_resized(self, domain: str, index: int) -> tuple[Image.Image, str, tuple[str, ...]]:
+        """The deterministic part for image ``index`` of ``domain`` ("A"/"B"), substituting the
+        next readable image for an unreadable one. Returns (PIL image, path, skipped paths)."""
+        paths = self.A_paths if domain == "A" else self.B_paths
+        nc = self.input_nc if domain == "A" else self.output_nc
+        n = len(paths)
+        skipped = []
+        for k in range(n):
+            p = paths[(index + k) % n]
+            if p in self._bad:
+                continue
+            try:
+                img = open_image(p, nc)
+            except BadImageError as e:
+                _warn_skip(e)
+                self._record(p)
+                skipped.append(p)
+                continue
+            img = resize_deterministic(img, self.preprocess, self.load_size, self.crop_size)
+            if self.preprocess in ("crop", "scale_width_and_crop"):
+                w, h = img.size
+                if w < self.crop_size or h < self.crop_size:
+                    e = BadImageError(p, f"{w}x{h} is smaller than crop_size {self.crop_size}")
+                    _warn_skip(e)
+                    self._record(p)
+                    skipped.append(p)
+                    continue
+            return img, p, tuple(skipped)
+        folder = self.dir_A if domain == "A" else self.dir_B
+        raise DatasetError(f"dataset folder {folder!r} has no readable images (all {n} files failed)")
+
+    def _cpu_crop(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        if self.preprocess not in ("crop", "scale_width_and_crop"):
+            return img
+        w, h = img.size
+        x = int(rng.integers(0, w - self.crop_size + 1))
+        y = int(rng.integers(0, h - self.crop_size + 1))
+        return img.crop((x, y, x + self.crop_size, y + self.crop_size))
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        rng = np.random.default_rng((self.seed, self.epoch, int(index)))
+        a_idx = index % len(self.A_paths)
+        b_idx = index % len(self.B_paths) if self.serial_batches else int(rng.integers(len(self.B_paths)))
+        img_a, path_a, skip_a = self.load_resized("A", a_idx)
+        img_b, path_b, skip_b = self.load_resized("B", b_idx)
+        return {
+            "A": pil_to_tensor(self._cpu_crop(img_a, rng)),
+            "B": pil_to_tensor(self._cpu_crop(img_b, rng)),
+            "A_path": path_a,
+            "B_path": path_b,
+            "skipped": skip_a + skip_b,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"UnalignedDataset(root={self.root!r}, phase={self.phase!r}, A={self.A_size}, B={self.B_size}, "
+            f"preprocess={self.preprocess!r}, load_size={self.load_size}, crop_size={self.crop_size})"
+        )
+
+
+class SingleImageDataset(Dataset):
+    """One image file, or every image under a folder (recursive, sorted), for inference.
+
+    Items are ``{"image": uint8 (C,H,W), "path", "size": (H, W), "skipped": ()}`` at the file's own
+    size (no crop or resize; the translator pads to the generator's multiple). An unreadable
+    file gives ``{"image": None, "path": p, "size": None, "skipped": (p,)}`` after a warning, so no
+    output is ever written under the wrong name; :func:`collate` drops such items.
+    """
+
+    def __init__(self, path_or_dir: str, channels: int = 3, max_size: float = math.inf):
+        _check_common_args("none", 1, 1, {"channels": channels})
+        path = os.fspath(path_or_dir)
+        if os.path.isdir(path):
+            self.paths = _list_domain(path, max_size)
+        elif os.path.isfile(path):
+            self.paths = [path]
+        else:
+            raise DatasetError(f"input {path!r} does not exist")
+        self.channels = channels
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        p = self.paths[index]
+        try:
+            img = pil_to_tensor(open_image(p, self.channels))
+        except BadImageError as e:
+            _warn_skip(e)
+            if p not in self.skipped:
+                self.skipped.append(p)
+            return {"image": None, "path": p, "size": None, "skipped": (p,)}
+        return {"image": img, "path": p, "size": (img.shape[1], img.shape[2]), "skipped": ()}
+
+
+def collate(items: Sequence[dict]) -> dict:
+    """Stack the tensors of a list of dataset items; strings and sizes become lists.
+
+    ``"skipped"`` is flattened into one list; items whose ``"image"`` is None (unreadable files of
+    a :class:`SingleImageDataset`) are dropped, leaving ``"image": None`` if none is left.
+    """
+    skipped = [p for it in items for p in it.get("skipped", ())]
+    if items and "image" in items[0]:
+        items = [it for it in items if it["image"] is not None]
+        if not items:
+            return {"image": None, "path": [], "size": [], "skipped": skipped}
+    out: dict = {}
+    for key in items[0]:
+        if key == "skipped":
+            continue
+        vals = [it[key] for it in items]
+        if isinstance(vals[0], torch.Tensor):
+            shapes = {tuple(v.shape) for v in vals}
+            if len(shapes) > 1:
+                raise DatasetError(
+                    f"cannot batch {key!r}: images have different sizes {sorted(shapes)}; use batch size 1 "
+                    "or a preprocess mode that crops (resize_and_crop, crop, scale_width_and_crop)"
+                )
+            out[key] = torch.stack(vals)
+        else:
+            out[key] = vals
+    out["skipped"] = skipped
+    return out

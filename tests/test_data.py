@@ -1,0 +1,576 @@
+"""Data layer: image decoding, the unaligned dataset, batched augmentation, the device image bank."""
+
+import io
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from fastcgan.data import (
+    BadImageError,
+    DatasetError,
+    SingleImageDataset,
+    UnalignedDataset,
+    augment_batch,
+    collate,
+    load_image,
+    make_dataset,
+    preload_to_device,
+    to_model_range,
+    to_uint8,
+)
+from fastcgan.data.datasets import SkippedImageWarning
+
+
+def _rand_rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _save_rgb(path, h=16, w=16, seed=0, fmt=None):
+    Image.fromarray(_rand_rgb(h, w, seed)).save(path, format=fmt)
+    return str(path)
+
+
+def _make_layout(root, n_a=3, n_b=5, h=16, w=16, names_a=None):
+    for domain, n in (("A", n_a), ("B", n_b)):
+        d = root / f"train{domain}"
+        d.mkdir(parents=True)
+        names = names_a if (domain == "A" and names_a) else [f"{domain}{i:03d}.png" for i in range(n)]
+        for i, name in enumerate(names):
+            _save_rgb(d / name, h, w, seed=hash((domain, i)) % 1000)
+    return str(root)
+
+
+# --------------------------------------------------------------------------------------------
+# image conversion
+# --------------------------------------------------------------------------------------------
+
+
+def test_grayscale_l_to_rgb_and_single_channel(tmp_path):
+    arr = np.arange(12 * 10, dtype=np.uint8).reshape(12, 10)
+    p = tmp_path / "g.png"
+    Image.fromarray(arr, mode="L").save(p)
+    rgb = load_image(p)
+    assert rgb.shape == (3, 12, 10) and rgb.dtype == torch.uint8
+    for c in range(3):
+        assert torch.equal(rgb[c], torch.from_numpy(arr))
+    gray = load_image(p, channels=1)
+    assert gray.shape == (1, 12, 10) and torch.equal(gray[0], torch.from_numpy(arr))
+
+
+def test_la_composited_on_white(tmp_path):
+    la = np.zeros((4, 4, 2), dtype=np.uint8)
+    la[..., 0] = 40
+    la[:2, :, 1] = 255  # top half opaque, bottom half transparent
+    p = tmp_path / "la.png"
+    Image.fromarray(la, mode="LA").save(p)
+    t = load_image(p)
+    assert (t[:, :2] == 40).all() and (t[:, 2:] == 255).all()
+    assert load_image(p, channels=1).shape == (1, 4, 4)
+
+
+def test_rgba_composited_on_white(tmp_path):
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[..., :3] = (200, 10, 50)
+    rgba[0, :, 3] = 255
+    rgba[1, 0, 3] = 0
+    rgba[1, 1, 3] = 128
+    rgba[1, 2, 3] = 0
+    rgba[1, 2, :3] = (0, 0, 0)  # black under a transparent pixel must not show
+    p = tmp_path / "rgba.png"
+    Image.fromarray(rgba, mode="RGBA").save(p)
+    t = load_image(p).permute(1, 2, 0).numpy().astype(int)
+    assert (t[0] == (200, 10, 50)).all()
+    assert (t[1, 0] == 255).all() and (t[1, 2] == 255).all()
+    expect = np.array([200, 10, 50]) * 128 / 255 + 255 * (1 - 128 / 255)
+    assert np.abs(t[1, 1] - expect).max() <= 1
+
+
+def test_palette_with_transparency(tmp_path):
+    img = Image.new("P", (6, 4), 0)
+    img.putpalette([0, 0, 0, 10, 200, 30] + [0] * (256 * 3 - 6))
+    px = img.load()
+    for x in range(6):
+        px[x, 0] = 1
+    img.info["transparency"] = 0  # palette index 0 (black) is transparent
+    p = tmp_path / "p.png"
+    img.save(p, transparency=0)
+    with Image.open(p) as check:
+        assert check.mode == "P" and "transparency" in check.info
+    t = load_image(p).permute(1, 2, 0).numpy()
+    assert (t[0] == (10, 200, 30)).all()
+    assert (t[1:] == 255).all()  # transparent black became white, not black
+
+
+def test_16bit_is_scaled_not_clipped(tmp_path):
+    vals = np.array([[0, 129, 257 * 100, 32768, 65280, 65535]], dtype=np.uint16)
+    p = tmp_path / "i16.png"
+    Image.fromarray(vals).save(p)
+    with Image.open(p) as check:
+        assert check.mode.startswith("I")
+    t = load_image(p)
+    assert t.shape == (3, 1, 6)
+    assert t[0, 0].tolist() == [0, 1, 100, 128, 254, 255]  # round(v * 255 / 65535)
+    assert torch.equal(t[0], t[1]) and torch.equal(t[1], t[2])
+
+
+def test_cmyk_jpeg(tmp_path):
+    img = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
+    p = tmp_path / "cmyk.jpg"
+    img.save(p, quality=95)
+    with Image.open(p) as check:
+        assert check.mode == "CMYK"
+    t = load_image(p).float().mean(dim=(1, 2))
+    assert t[0] > 240 and t[1] < 15 and t[2] < 15, t
+
+
+def test_exif_orientation_6_is_applied(tmp_path):
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)  # stored landscape: H=20, W=40
+    arr[:8, :8] = (255, 0, 0)  # marker in the stored top-left corner
+    img = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    p = tmp_path / "rot.jpg"
+    img.save(p, exif=exif.tobytes(), quality=95)
+    t = load_image(p)
+    assert t.shape == (3, 40, 20)  # displayed portrait
+    top_right = t[:, :8, -8:].float().mean(dim=(1, 2))
+    top_left = t[:, :8, :8].float().mean(dim=(1, 2))
+    assert top_right[0] > 200 and top_right[1] < 50  # the marker moved to the top-right
+    assert top_left[0] < 50
+
+
+def _bad_files(d):
+    good = Image.fromarray(_rand_rgb(64, 64, 3))
+    buf = io.BytesIO()
+    good.save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    files = {
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "corrupt.jpg": jpeg[:200] + bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)),
+        "notes.jpg": b"this is a text file, not an image\n" * 10,
+        "empty.png": b"",
+    }
+    paths = {}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+        paths[name] = str(d / name)
+    return paths
+
+
+@pytest.mark.parametrize("name", ["truncated.jpg", "corrupt.jpg", "notes.jpg", "empty.png"])
+def test_bad_files_raise_bad_image_error(tmp_path, name):
+    path = _bad_files(tmp_path)[name]
+    with pytest.raises(BadImageError) as ei:
+        load_image(path)
+    assert ei.value.path == path and path in str(ei.value)
+
+
+def test_bad_files_skipped_with_warning_and_counted(tmp_path):
+    root = tmp_path / "ds"
+    _make_layout(root, n_a=2, n_b=2)
+    bad = _bad_files(root / "trainA")
+    ds = UnalignedDataset(str(root), load_size=16, crop_size=16, seed=1)
+    assert ds.A_size == 6  # nothing decoded at construction
+    with pytest.warns(SkippedImageWarning) as rec:
+        items = [ds[i] for i in range(len(ds))]
+    messages = " ".join(str(w.message) for w in rec)
+    for p in bad.values():
+        assert p in messages, f"warning does not name {p}"
+    assert sorted(ds.skipped) == sorted(bad.values())
+    good = {p for p in ds.A_paths if p not in bad.values()}
+    assert all(it["A_path"] in good for it in items)
+    assert all(it["A"].shape == (3, 16, 16) for it in items)
+    # Substitution is deterministic: a bad index maps to the next good file, every time.
+    idx = ds.A_paths.index(bad["corrupt.jpg"])
+    again = ds[idx]["A_path"]
+    assert again == ds[idx]["A_path"] and again in good
+
+
+def test_validate_pass_drops_bad_files(tmp_path):
+    root = tmp_path / "ds"
+    _make_layout(root, n_a=2, n_b=2)
+    bad = _bad_files(root / "trainB")
+    with pytest.warns(SkippedImageWarning):
+        ds = UnalignedDataset(str(root), load_size=16, crop_size=16, validate=True)
+    assert ds.B_size == 2 and sorted(ds.skipped) == sorted(bad.values())
+
+
+def test_all_bad_domain_raises(tmp_path):
+    root = tmp_path / "ds"
+    _make_layout(root, n_a=1, n_b=1)
+    os.remove(root / "trainB" / "B000.png")
+    (root / "trainB" / "x.png").write_bytes(b"")
+    ds = UnalignedDataset(str(root), load_size=16, crop_size=16)
+    with pytest.warns(SkippedImageWarning), pytest.raises(DatasetError, match="trainB"):
+        ds[0]
+
+
+def test_skipped_reported_through_loader_workers(tmp_path):
+    root = tmp_path / "ds"
+    _make_layout(root, n_a=3, n_b=3)
+    (root / "trainA" / "zz_bad.png").write_bytes(b"not a png")
+    ds = UnalignedDataset(str(root), load_size=16, crop_size=16)
+    loader = DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate)
+    reported = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for batch in loader:
+            assert batch["A"].shape == (2, 3, 16, 16) and batch["A"].dtype == torch.uint8
+            reported += ds.record_skipped(batch)
+    bad = str(root / "trainA" / "zz_bad.png")
+    assert reported == [bad] and ds.skipped == [bad]
+
+
+# --------------------------------------------------------------------------------------------
+# layout
+# --------------------------------------------------------------------------------------------
+
+
+def test_names_with_spaces_non_ascii_and_case_insensitive_extensions(tmp_path):
+    names = ["my photo 1.png", "été à Paris.PNG", "日本の風景.JPG", "x.JpEg", "readme.txt", ".hidden.png"]
+    root = tmp_path / "ds"
+    (root / "trainA" / "sub dir").mkdir(parents=True)
+    (root / "trainB").mkdir()
+    for n in names[:3]:
+        _save_rgb(root / "trainA" / n)
+    _save_rgb(root / "trainA" / "sub dir" / names[3], fmt="JPEG")
+    (root / "trainA" / names[4]).write_text("x")
+    _save_rgb(root / "trainA" / names[5])
+    _save_rgb(root / "trainB" / "b.bmp")
+    ds = UnalignedDataset(str(root), load_size=16, crop_size=16)
+    base = sorted(os.path.basename(p) for p in ds.A_paths)
+    assert base == sorted(names[:4])  # recursive, case-insensitive, no txt, no hidden file
+    assert ds.A_paths == sorted(ds.A_paths)
+    for i in range(len(ds)):
+        assert ds[i]["A"].shape == (3, 16, 16)
+    assert make_dataset(str(root / "trainA"), max_size=2) == ds.A_paths[:2]
+
+
+def test_missing_and_empty_domain_folders(tmp_path):
+    with pytest.raises(DatasetError, match="nowhere"):
+        UnalignedDataset(str(tmp_path / "nowhere"))
+    root = tmp_path / "ds"
+    (root / "trainA").mkdir(parents=True)
+    _save_rgb(root / "trainA" / "a.png")
+    with pytest.raises(DatasetError, match=r"trainB.*does not exist"):
+        UnalignedDataset(str(root))
+    (root / "trainB").mkdir()
+    (root / "trainB" / "notes.txt").write_text("no images")
+    with pytest.raises(DatasetError, match=r"trainB.*no image files"):
+        UnalignedDataset(str(root))
+    with pytest.raises(DatasetError, match="testA"):
+        UnalignedDataset(str(root), phase="test")
+
+
+def test_bad_arguments(tmp_path):
+    root = _make_layout(tmp_path / "ds")
+    with pytest.raises(DatasetError, match="preprocess"):
+        UnalignedDataset(root, preprocess="zoom")
+    with pytest.raises(DatasetError, match="crop_size"):
+        UnalignedDataset(root, load_size=64, crop_size=128)
+    with pytest.raises(DatasetError, match="input_nc"):
+        UnalignedDataset(root, input_nc=2)
+
+
+def test_sampling_rule_and_length(tmp_path):
+    root = _make_layout(tmp_path / "ds", n_a=3, n_b=7)
+    ds = UnalignedDataset(root, load_size=16, crop_size=16, seed=5)
+    assert len(ds) == 7
+    assert [ds[i]["A_path"] for i in range(7)] == [ds.A_paths[i % 3] for i in range(7)]
+    first = [ds[i]["B_path"] for i in range(7)]
+    assert first == [ds[i]["B_path"] for i in range(7)]  # deterministic for (seed, epoch, index)
+    draws = []
+    for e in range(30):
+        ds.set_epoch(e)
+        draws += [ds[i]["B_path"] for i in range(7)]
+    assert set(draws) == set(ds.B_paths)  # B is random, covering the domain
+    assert draws[:7] != draws[7:14] or draws[7:14] != draws[14:21]
+    serial = UnalignedDataset(root, load_size=16, crop_size=16, serial_batches=True)
+    assert [serial[i]["B_path"] for i in range(7)] == serial.B_paths
+    assert ds[0]["A"].dtype == torch.uint8
+
+
+def test_grayscale_domains(tmp_path):
+    root = _make_layout(tmp_path / "ds")
+    ds = UnalignedDataset(root, load_size=16, crop_size=16, input_nc=1, output_nc=3)
+    it = ds[0]
+    assert it["A"].shape == (1, 16, 16) and it["B"].shape == (3, 16, 16)
+
+
+# --------------------------------------------------------------------------------------------
+# preprocess modes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode, wh, item_shape, batch_crop",
+    [
+        ("resize_and_crop", (60, 40), (32, 32), 24),
+        ("crop", (60, 40), (24, 24), None),
+        ("scale_width", (60, 40), (24, 32), None),  # h = max(32 * 40 / 60, crop 24) = 24
+        ("scale_width", (60, 90), (48, 32), None),  # h = 32 * 90 / 60 = 48
+        ("scale_width_and_crop", (60, 90), (24, 24), None),
+        ("none", (62, 41), (40, 64), None),  # nearest multiples of 4
+        ("none", (60, 40), (40, 60), None),
+    ],
+)
+def test_preprocess_mode_sizes(tmp_path, mode, wh, item_shape, batch_crop):
+    w, h = wh
+    root = tmp_path / "ds"
+    for d in ("trainA", "trainB"):
+        (root / d).mkdir(parents=True)
+        _save_rgb(root / d / "x.png", h=h, w=w)
+    ds = UnalignedDataset(str(root), preprocess=mode, load_size=32, crop_size=24)
+    it = ds[0]
+    assert it["A"].shape == (3,) + item_shape
+    assert ds.batch_augment == {"crop_size": batch_crop, "flip": True}
+    out = augment_batch(it["A"][None], **ds.batch_augment)
+    side = batch_crop or item_shape
+    assert out.shape[-2:] == ((side, side) if batch_crop else item_shape)
+
+
+def test_cpu_crop_is_a_window_of_the_image(tmp_path):
+    root = tmp_path / "ds"
+    for d in ("trainA", "trainB"):
+        (root / d).mkdir(parents=True)
+        _save_rgb(root / d / "x.png", h=30, w=40, seed=7)
+    full = load_image(str(root / "trainA" / "x.png"))
+    ds = UnalignedDataset(str(root), preprocess="crop", crop_size=16, load_size=16)
+    seen = set()
+    for e in range(20):
+        ds.set_epoch(e)
+        crop = ds[0]["A"]
+        hits = [
+            (y, x) for y in range(15) for x in range(25) if torch.equal(full[:, y : y + 16, x : x + 16], crop)
+        ]
+        assert hits, "crop is not a window of the image"
+        seen.add(hits[0])
+    assert len(seen) > 5
+
+
+# --------------------------------------------------------------------------------------------
+# augment_batch
+# --------------------------------------------------------------------------------------------
+
+
+def test_model_range_roundtrip():
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    f = to_model_range(x)
+    assert f.dtype == torch.float32 and f.min() == -1 and f.max() == 1
+    assert torch.equal(to_uint8(f), x)
+    assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_augment_batch_crops_are_windows_and_flips_mirror(channels_last):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 13, 11), dtype=torch.uint8, generator=g)
+    out, prm = augment_batch(x, 7, True, generator=g, channels_last=channels_last, return_params=True)
+    assert out.shape == (16, 3, 7, 7) and out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+    for b in range(16):
+        t, l, fl = int(prm["top"][b]), int(prm["left"][b]), bool(prm["flip"][b])
+        win = x[b, :, t : t + 7, l : l + 7]
+        if fl:
+            win = win.flip(-1)
+        assert torch.equal(out[b], to_model_range(win))
+    assert 0 < int(prm["flip"].sum()) < 16
+
+
+def test_augment_batch_full_size_flip_and_identity():
+    x = torch.randint(0, 256, (64, 3, 5, 6), dtype=torch.uint8)
+    out, prm = augment_batch(x, None, True, return_params=True)
+    flipped = prm["flip"]
+    assert 10 < int(flipped.sum()) < 54
+    assert torch.equal(out[flipped], to_model_range(x[flipped].flip(-1)))
+    assert torch.equal(out[~flipped], to_model_range(x[~flipped]))
+    assert torch.equal(augment_batch(x, None, False), to_model_range(x))
+
+
+def test_augment_batch_offsets_cover_every_window_uniformly():
+    g = torch.Generator().manual_seed(1)
+    x = torch.zeros(4000, 1, 10, 10, dtype=torch.uint8)
+    _, prm = augment_batch(x, 6, True, generator=g, return_params=True)
+    counts = torch.bincount(prm["top"], minlength=5)
+    assert counts.numel() == 5 and counts.min() > 650 and counts.max() < 950  # 800 expected each
+    assert abs(prm["flip"].float().mean().item() - 0.5) < 0.03
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(augment_batch(x[:8] + 5, 6, True, g1), augment_batch(x[:8] + 5, 6, True, g2))
+
+
+def test_augment_batch_errors():
+    x = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="crop_size"):
+        augment_batch(x, 9, True)
+    with pytest.raises(TypeError, match="uint8"):
+        augment_batch(x.float(), 4, True)
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        augment_batch(x[0], 4, True)
+
+
+# --------------------------------------------------------------------------------------------
+# single-image dataset
+# --------------------------------------------------------------------------------------------
+
+
+def test_single_image_dataset(tmp_path):
+    d = tmp_path / "in put"
+    d.mkdir()
+    _save_rgb(d / "a.png", h=21, w=13)
+    _save_rgb(d / "b é.jpg", h=8, w=8, fmt="JPEG")
+    (d / "c.png").write_bytes(b"broken")
+    ds = SingleImageDataset(str(d))
+    assert len(ds) == 3
+    it = ds[0]
+    assert it["image"].shape == (3, 21, 13) and it["size"] == (21, 13) and it["path"].endswith("a.png")
+    with pytest.warns(SkippedImageWarning, match="c.png"):
+        batch = collate([ds[1], ds[2]])
+    assert batch["image"].shape == (1, 3, 8, 8) and batch["skipped"] == [str(d / "c.png")]
+    assert ds.skipped == [str(d / "c.png")]
+    one = SingleImageDataset(str(d / "a.png"), channels=1)
+    assert len(one) == 1 and one[0]["image"].shape == (1, 21, 13)
+    with pytest.raises(DatasetError, match="missing.png"):
+        SingleImageDataset(str(d / "missing.png"))
+    with pytest.raises(DatasetError, match="different sizes"):
+        collate([ds[0], ds[1]])
+
+
+# --------------------------------------------------------------------------------------------
+# real data
+# --------------------------------------------------------------------------------------------
+
+
+def test_monet2photo_mini_loads(monet2photo_mini):
+    ds = UnalignedDataset(monet2photo_mini, validate=True)
+    assert (ds.A_size, ds.B_size, len(ds)) == (100, 210, 210)
+    assert ds.skipped == []
+    assert any(" " in os.path.basename(p) for p in ds.A_paths + ds.B_paths)
+    loader = DataLoader(ds, batch_size=4, shuffle=True, num_workers=2, collate_fn=collate)
+    batch = next(iter(loader))
+    assert batch["A"].shape == (4, 3, 286, 286) and batch["B"].dtype == torch.uint8
+    real = augment_batch(batch["A"], **ds.batch_augment)
+    assert real.shape == (4, 3, 256, 256) and -1 <= real.min() and real.max() <= 1
+    assert real.std() > 0.1
+    test = UnalignedDataset(monet2photo_mini, phase="test", preprocess="none", flip=False)
+    assert (test.A_size, test.B_size) == (21, 40) and test[0]["A"].shape == (3, 256, 256)
+
+
+# --------------------------------------------------------------------------------------------
+# device image bank
+# --------------------------------------------------------------------------------------------
+
+
+def _bank_vs_loader(root, device, draws=150, bs=6):
+    ds = UnalignedDataset(root, load_size=20, crop_size=14, seed=0)
+    bank = preload_to_device(ds, device)
+    # The bank holds exactly the dataset's resized images.
+    for i, p in enumerate(ds.A_paths):
+        img, _, _ = ds.load_resized("A", i)
+        assert torch.equal(bank.A[i].cpu(), torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    assert bank.batch_augment == ds.batch_augment
+
+    def stats(batches, gen):
+        outs, tops, lefts, flips = [], [], [], []
+        for a in batches:
+            o, prm = augment_batch(a, generator=gen, return_params=True, **ds.batch_augment)
+            outs.append(o.cpu())
+            tops.append(prm["top"].cpu())
+            lefts.append(prm["left"].cpu())
+            flips.append(prm["flip"].cpu())
+        o = torch.cat(outs)
+        return (
+            o.mean(dim=(0, 2, 3)),
+            o.std(dim=(0, 2, 3)),
+            torch.cat(flips).float().mean(),
+            torch.bincount(torch.cat(tops), minlength=7).float(),
+            torch.bincount(torch.cat(lefts), minlength=7).float(),
+        )
+
+    # CPU loader path: DataLoader(shuffle) + augment_batch on the host.
+    loader = DataLoader(ds, bs, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    cpu_batches, a_counts = [], torch.zeros(ds.A_size)
+    while len(cpu_batches) < draws:
+        ds.set_epoch(len(cpu_batches))
+        for batch in loader:
+            cpu_batches.append(batch["A"])
+            if len(cpu_batches) == draws:
+                break
+    cpu = stats(cpu_batches, torch.Generator().manual_seed(1))
+
+    dev_gen = torch.Generator(device=device).manual_seed(1)
+    dev_batches = []
+    for step in range(draws):
+        b = bank.sample_batch(bs, step)
+        assert b["A"].device.type == torch.device(device).type and b["A"].shape == (bs, 3, 20, 20)
+        dev_batches.append(b["A"])
+        if step < len(ds) // bs:  # first epoch: every A position visited once, in a permutation
+            for img in b["A"]:
+                hit = (bank.A == img).flatten(1).all(1).nonzero()
+                a_counts[hit.cpu()] += 1
+    dev = stats(dev_batches, dev_gen)
+
+    for c_stat, d_stat in zip(cpu[:2], dev[:2]):
+        assert torch.allclose(c_stat, d_stat, atol=0.05), (c_stat, d_stat)
+    assert abs(cpu[2] - 0.5) < 0.05 and abs(dev[2] - 0.5) < 0.05
+    for c_hist, d_hist in zip(cpu[3:], dev[3:]):
+        expected = draws * bs / 7
+        assert c_hist.numel() == d_hist.numel() == 7
+        assert (c_hist - expected).abs().max() < 0.25 * expected
+        assert (d_hist - expected).abs().max() < 0.25 * expected
+    return bank, a_counts
+
+
+def test_device_bank_matches_loader_statistics(tmp_path):
+    root = _make_layout(tmp_path / "ds", n_a=5, n_b=12, h=24, w=30)
+    bank, a_counts = _bank_vs_loader(root, "cpu")
+    # 12 positions per epoch over 5 A images: each image 2 or 3 times in the first epoch.
+    assert a_counts.sum() == 12 and a_counts.min() >= 2 and a_counts.max() <= 3
+    # B indices are uniform over the domain.
+    g = torch.Generator().manual_seed(0)
+    idx = torch.cat([bank.sample_batch(8, s, generator=g)["B"][:, 0, 0, 0] for s in range(200)])
+    assert len(set(idx.tolist())) >= 10
+    # Same step -> same A batch (resume-safe), across an epoch boundary too.
+    assert torch.equal(bank.sample_batch(5, 2)["A"], bank.sample_batch(5, 2)["A"])
+
+
+@pytest.mark.cuda
+def test_device_bank_on_cuda(tmp_path):
+    root = _make_layout(tmp_path / "ds", n_a=5, n_b=12, h=24, w=30)
+    bank, a_counts = _bank_vs_loader(root, "cuda")
+    assert bank.A.is_cuda and a_counts.sum() == 12
+    # Sampling and augmenting never wait for the GPU (no host sync), across epoch boundaries too.
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(30):
+            batch = bank.sample_batch(5, step, generator=gen)
+            out = augment_batch(batch["A"], generator=gen, channels_last=True, **bank.batch_augment)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (5, 3, 14, 14) and out.is_cuda
+
+
+def test_device_bank_needs_one_size(tmp_path):
+    root = tmp_path / "ds"
+    for d, sizes in (("trainA", [(20, 30), (20, 40)]), ("trainB", [(20, 30)])):
+        (root / d).mkdir(parents=True)
+        for i, (h, w) in enumerate(sizes):
+            _save_rgb(root / d / f"{i}.png", h=h, w=w)
+    ds = UnalignedDataset(str(root), preprocess="scale_width", load_size=16, crop_size=8)
+    with pytest.raises(DatasetError, match="one image size"):
+        preload_to_device(ds, "cpu")
+    ok = UnalignedDataset(str(root), preprocess="resize_and_crop", load_size=16, crop_size=8)
+    bank = preload_to_device(ok, "cpu")
+    assert bank.A.shape == (2, 3, 16, 16) and bank.batch_augment["crop_size"] == 8
+    assert math.isclose(bank.nbytes, 3 * 3 * 16 * 16)

@@ -1,0 +1,242 @@
+"""fastcgan-download against a local HTTP server on 127.0.0.1 (no network needed)."""
+
+import hashlib
+import http.server
+import io
+import os
+import threading
+import zipfile
+
+import pytest
+
+from fastcgan.data import download as dl
+from fastcgan.data.download import ChecksumError, DownloadError, download_dataset, main
+
+NAME = "horse2zebra"
+
+
+def _zip_bytes(members):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+# Incompressible payload so "half way" is half of the bytes on the wire.
+PAYLOAD = {
+    f"{NAME}/trainA/a 1.jpg": os.urandom(40_000),
+    f"{NAME}/trainB/b.jpg": os.urandom(30_000),
+    f"{NAME}/testA/ä.jpg": os.urandom(1000),
+    f"{NAME}/testB/b.jpg": os.urandom(1000),
+}
+ZIP = _zip_bytes(PAYLOAD)
+SHA = hashlib.sha256(ZIP).hexdigest()
+
+
+class _Server:
+    """Files by URL path; options to drop the connection part-way or to ignore Range."""
+
+    def __init__(self):
+        self.files = {}
+        self.requests = []  # (path, Range header or None)
+        self.drop_first = 0  # drop this many full-body responses half way
+        self.ignore_range = False
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                outer.requests.append((self.path, rng))
+                data = outer.files.get(self.path)
+                if data is None:
+                    self.send_error(404, "Not Found")
+                    return
+                start = 0
+                if rng and not outer.ignore_range:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.drop_first > 0 and len(body) > 1000:
+                    outer.drop_first -= 1
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/data"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    s.files[f"/data/{NAME}.zip"] = ZIP
+    yield s
+    s.close()
+
+
+def _get(root, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("backoff", 0.0)
+    return download_dataset(NAME, str(root), **kw)
+
+
+def _check_extracted(target):
+    for member, data in PAYLOAD.items():
+        with open(os.path.join(os.path.dirname(target), member), "rb") as fh:
+            assert fh.read() == data
+
+
+def _leftovers(root):
+    return [f for f in os.listdir(root) if f.startswith(".") or f.endswith(".part")]
+
+
+def test_download_verify_extract(server, tmp_path):
+    target = _get(tmp_path, url=server.base, sha256=SHA)
+    assert target == str(tmp_path / NAME)
+    _check_extracted(target)
+    assert sorted(os.listdir(target)) == ["testA", "testB", "trainA", "trainB"]
+    assert _leftovers(tmp_path) == []
+    n = len(server.requests)
+    assert _get(tmp_path, url=server.base, sha256=SHA) == target  # present: no new request
+    assert len(server.requests) == n
+
+
+def test_published_checksum_is_used(server, tmp_path):
+    server.files[f"/data/{NAME}.zip.sha256"] = f"{SHA}  {NAME}.zip\n".encode()
+    _check_extracted(_get(tmp_path, url=server.base))
+    assert (f"/data/{NAME}.zip.sha256", None) in server.requests
+
+
+def test_published_checksum_mismatch_leaves_nothing(server, tmp_path):
+    server.files[f"/data/{NAME}.zip.sha256"] = ("0" * 64).encode()
+    with pytest.raises(ChecksumError, match="SHA-256 mismatch"):
+        _get(tmp_path, url=server.base)
+    assert not os.path.exists(tmp_path / NAME) and _leftovers(tmp_path) == []
+
+
+def test_wrong_sha256_argument(server, tmp_path):
+    with pytest.raises(ChecksumError, match=f"{NAME}.zip"):
+        _get(tmp_path, url=server.base, sha256="ab" * 32)
+    assert os.listdir(tmp_path) == []
+
+
+def test_unverified_download_warns(server, tmp_path):
+    with pytest.warns(UserWarning, match="unverified"):
+        _check_extracted(_get(tmp_path, url=server.base))
+
+
+def test_resume_after_dropped_connection(server, tmp_path):
+    server.drop_first = 1
+    _check_extracted(_get(tmp_path, url=server.base, sha256=SHA))
+    zip_requests = [r for r in server.requests if r[0].endswith(".zip")]
+    assert len(zip_requests) == 2
+    assert zip_requests[0][1] is None
+    start = int(zip_requests[1][1].split("=")[1].rstrip("-"))
+    assert 0 < start < len(ZIP)  # the second request resumed, it did not start over
+
+
+def test_resume_existing_part_file(server, tmp_path):
+    (tmp_path / f"{NAME}.zip.part").write_bytes(ZIP[:12345])
+    _check_extracted(_get(tmp_path, url=server.base, sha256=SHA))
+    assert server.requests[0] == (f"/data/{NAME}.zip", "bytes=12345-")
+    assert _leftovers(tmp_path) == []
+
+
+def test_complete_part_file_and_server_ignoring_range(server, tmp_path):
+    (tmp_path / f"{NAME}.zip.part").write_bytes(ZIP)
+    _check_extracted(_get(tmp_path, url=server.base, sha256=SHA))  # 416 -> already complete
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / f"{NAME}.zip.part").write_bytes(b"stale bytes from another file")
+    server.ignore_range = True  # 200 for a Range request: must restart from byte 0
+    _check_extracted(_get(tmp_path / "again", url=server.base, sha256=SHA))
+
+
+def test_gives_up_after_retries(server, tmp_path):
+    server.drop_first = 10
+    with pytest.raises(DownloadError, match=f"{NAME}.zip"):
+        _get(tmp_path, url=server.base, sha256=SHA, retries=1)
+    assert not os.path.exists(tmp_path / NAME)
+
+
+def test_http_error_names_url(server, tmp_path):
+    with pytest.raises(DownloadError, match=r"HTTP 404.*/missing/horse2zebra\.zip"):
+        _get(tmp_path, url=server.base.replace("/data", "/missing"))
+
+
+def test_env_url_and_full_url(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCGAN_DATASET_URL", server.base)
+    assert dl.dataset_url(NAME) == f"{server.base}/{NAME}.zip"
+    _check_extracted(_get(tmp_path / "env", sha256=SHA))
+    monkeypatch.delenv("FASTCGAN_DATASET_URL")
+    assert dl.dataset_url(NAME).startswith(dl.DEFAULT_BASE_URL)
+    server.files["/custom/my_set.zip"] = _zip_bytes({"trainA/x.png": b"1", "trainB/y.png": b"2"})
+    url = server.base.replace("/data", "/custom/my_set.zip")
+    with pytest.warns(UserWarning, match="unverified"):
+        target = download_dataset("my_set", str(tmp_path), url=url, progress=False)
+    assert sorted(os.listdir(target)) == ["trainA", "trainB"]  # a flat zip lands in <root>/<name>
+
+
+def test_path_traversal_is_refused(server, tmp_path):
+    evil = _zip_bytes({f"{NAME}/trainA/ok.png": b"1", "../escaped.txt": b"gotcha"})
+    server.files[f"/data/{NAME}.zip"] = evil
+    root = tmp_path / "root"
+    with pytest.raises(DownloadError, match="unsafe path"):
+        _get(root, url=server.base, sha256=hashlib.sha256(evil).hexdigest())
+    assert not os.path.exists(tmp_path / "escaped.txt")
+    assert os.listdir(root) == []
+
+
+def test_corrupt_zip(server, tmp_path):
+    server.files[f"/data/{NAME}.zip"] = b"PK\x03\x04 definitely not a zip"
+    with pytest.warns(UserWarning), pytest.raises(DownloadError, match="not a valid zip"):
+        _get(tmp_path, url=server.base)
+    assert os.listdir(tmp_path) == []
+
+
+def test_names_and_cli_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="valid names: .*horse2zebra"):
+        download_dataset("horse2pony", str(tmp_path))
+    with pytest.raises(ValueError, match="license"):
+        download_dataset("cityscapes", str(tmp_path))
+    assert main(["horse2pony", "--root", str(tmp_path)]) == 2
+    assert "monet2photo" in capsys.readouterr().err
+    assert main(["--list"]) == 0
+    assert "vangogh2photo" in capsys.readouterr().out
+    assert main([NAME, "--sha256", "xyz", "--root", str(tmp_path)]) == 2
+    assert "64 hex" in capsys.readouterr().err
+    assert {"horse2zebra", "monet2photo", "summer2winter_yosemite", "apple2orange", "facades"} <= set(
+        dl.CYCLEGAN_DATASETS
+    )
+
+
+def test_cli_download(server, tmp_path, capsys):
+    rc = main([NAME, "--root", str(tmp_path), "--url", server.base, "--sha256", SHA, "--no-progress"])
+    assert rc == 0 and capsys.readouterr().out.strip() == str(tmp_path / NAME)
+    _check_extracted(str(tmp_path / NAME))

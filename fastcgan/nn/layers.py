@@ -72,12 +72,23 @@ class ReflectionResidualBlock(nn.Module):
     def forward(self, xp: Tensor) -> Tensor:
         x = xp[:, :, 1:-1, 1:-1]
         h = self.norm1(self.conv1(xp))
-        if self.dropout is not None:
-            # Dropout sits between the ReLU and the pad in the official block; dropping on the
-            # padded tensor drops mirrored border pixels independently, which is equivalent in
-            # distribution but not bit-identical to the official order in training mode.
-            h = self.dropout(h)
+        if self.dropout is not None and self.training and self.dropout.p > 0:
+            h = reflected_dropout(h, self.dropout.p, pad=1)
         return self.norm2(self.conv2(h), residual=x)
+
+
+def reflected_dropout(hp: Tensor, p: float, pad: int) -> Tensor:
+    """Dropout on a tensor already reflection-padded by ``pad``, equal in distribution to the
+    official order (Dropout, *then* ReflectionPad2d): one keep-mask is drawn for the interior and
+    reflection-padded, so a mirrored border pixel is dropped exactly when its source pixel is
+    (dropping the padded tensor independently would decorrelate the border from the interior).
+    On CPU the mask is drawn like ``F.dropout``'s, so a seeded run matches the official block."""
+    if p >= 1.0:
+        return torch.zeros_like(hp)
+    n, c, h, w = hp.shape
+    keep = torch.empty((n, c, h - 2 * pad, w - 2 * pad), dtype=hp.dtype, device=hp.device).bernoulli_(1.0 - p)
+    keep = nn.functional.pad(keep, (pad, pad, pad, pad), mode="reflect")
+    return hp * keep * (1.0 / (1.0 - p))
 
 
 def set_backend(module: nn.Module, backend: str) -> nn.Module:

@@ -1,0 +1,56 @@
+"""Networks (official CycleGAN generators/discriminators and the tutorial's), official checkpoint
+conversion and self-describing generator files."""
+
+from fastcgan.models._blocks import NORMS, ActPad, BatchNormAct, init_weights, norm_act
+from fastcgan.models.discriminators import (
+    DISCRIMINATOR_ARCHS,
+    NLayerDiscriminator,
+    PixelDiscriminator,
+    UdacityDiscriminator,
+    build_discriminator,
+)
+from fastcgan.models.generators import (
+    GENERATOR_ARCHS,
+    PaddedResidualBlock,
+    ResnetGenerator,
+    UdacityGenerator,
+    UnetGenerator,
+    build_generator,
+    generator_size_multiple,
+)
+from fastcgan.models.io import (
+    generator_filename,
+    load_generator,
+    read_generator_config,
+    resolve_generator_path,
+    save_generator,
+)
+from fastcgan.models.official import load_official_generator, official_state_dict, save_official_generator
+
+__all__ = [
+    "NORMS",
+    "ActPad",
+    "BatchNormAct",
+    "init_weights",
+    "norm_act",
+    "DISCRIMINATOR_ARCHS",
+    "NLayerDiscriminator",
+    "PixelDiscriminator",
+    "UdacityDiscriminator",
+    "build_discriminator",
+    "GENERATOR_ARCHS",
+    "PaddedResidualBlock",
+    "ResnetGenerator",
+    "UdacityGenerator",
+    "UnetGenerator",
+    "build_generator",
+    "generator_size_multiple",
+    "generator_filename",
+    "load_generator",
+    "read_generator_config",
+    "resolve_generator_path",
+    "save_generator",
+    "load_official_generator",
+    "official_state_dict",
+    "save_official_generator",
+]

@@ -1,0 +1,346 @@
+"""Generators: the official CycleGAN ResNet and U-Net generators, and the tutorial 128x128 one.
+
+Names follow the official repository (``resnet_9blocks``, ``resnet_6blocks``, ``unet_128``,
+``unet_256``) so recipes carry over; :mod:`fastcgan.models.official` converts their checkpoints.
+Every InstanceNorm (+activation, +residual add, +reflection pad) runs through
+:class:`fastcgan.nn.InstanceNormAct` / :class:`fastcgan.nn.ReflectionResidualBlock`, i.e. the
+``fastcgan.ops.instance_norm_act`` seam; BatchNorm and "none" use plain torch modules.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastcgan.models._blocks import ConvNormAct, check_norm, conv_bias, init_weights, norm_act
+from fastcgan.nn import ReflectionResidualBlock
+
+GENERATOR_ARCHS = ("resnet_9blocks", "resnet_6blocks", "unet_128", "unet_256", "udacity")
+
+
+class PaddedResidualBlock(nn.Module):
+    """The official ResnetBlock for ``norm="batch"``/``"none"`` with the same contract as
+    :class:`fastcgan.nn.ReflectionResidualBlock`: input reflection-padded by 1, output
+    ``x + block(x)`` padded by ``out_pad``. Keys ``conv1``/``norm1``/``conv2``/``norm2`` as there."""
+
+    def __init__(self, dim: int, norm: str, *, dropout: float = 0.0, out_pad: int = 1):
+        super().__init__()
+        bias = conv_bias(norm)
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=0, bias=bias)
+        # With dropout the pad must follow it (official order), so norm1 does not pad then.
+        self.norm1 = norm_act(norm, dim, "relu", pad=0 if dropout > 0 else 1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=0, bias=bias)
+        self.norm2 = norm_act(norm, dim, "none", pad=out_pad)
+
+    def forward(self, xp: Tensor) -> Tensor:
+        x = xp[:, :, 1:-1, 1:-1]
+        h = self.norm1(self.conv1(xp))
+        if self.dropout is not None:
+            h = F.pad(self.dropout(h), (1, 1, 1, 1), mode="reflect")
+        return self.norm2(self.conv2(h), residual=x)
+
+
+class ResnetGenerator(nn.Module):
+    """The official CycleGAN ResNet generator (Johnson et al.): ReflPad3-Conv7-Norm-ReLU, two
+    stride-2 Conv3-Norm-ReLU, ``n_blocks`` residual blocks, two ConvTranspose3 (s2, p1, op1)-Norm-
+    ReLU, ReflPad3-Conv7-Tanh.
+
+    Input H and W must be multiples of 4 and at least 8 (the two stride-2 convolutions must
+    invert exactly under the transposed ones, and the trunk must be at least 2x2 for its
+    reflection pad); use :func:`generator_size_multiple` to pad-and-crop other sizes.
+
+    With ``norm="instance"`` the trunk runs on reflection-padded tensors: the second downsampling
+    norm emits pad 1, every residual block takes the padded tensor and emits pad 1 (the last
+    emits 0), and the last upsampling norm emits the final pad 3, so no ReflectionPad2d runs
+    except the stem's pad of the raw image. Keys: ``stem.*``, ``down.{0,1}.*``, ``blocks.{i}.*``,
+    ``up.{0,1}.*``, ``head.*``.
+    """
+
+    def __init__(
+        self,
+        input_nc: int = 3,
+        output_nc: int = 3,
+        ngf: int = 64,
+        *,
+        n_blocks: int = 9,
+        norm: str = "instance",
+        use_dropout: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_norm(norm)
+        if n_blocks < 0:
+            raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
+        self.input_nc, self.output_nc, self.ngf = input_nc, output_nc, ngf
+        self.n_blocks, self.norm, self.use_dropout = n_blocks, norm, use_dropout
+        bias = conv_bias(norm)
+
+        def na(c, pad=0):
+            return norm_act(norm, c, "relu", pad=pad, backend=backend)
+
+        self.stem = ConvNormAct(nn.Conv2d(input_nc, ngf, 7, padding=0, bias=bias), na(ngf))
+        # The last downsampling norm pads for the first residual block (or, with no blocks, not).
+        self.down = nn.ModuleList(
+            [
+                ConvNormAct(nn.Conv2d(ngf, 2 * ngf, 3, stride=2, padding=1, bias=bias), na(2 * ngf)),
+                ConvNormAct(
+                    nn.Conv2d(2 * ngf, 4 * ngf, 3, stride=2, padding=1, bias=bias),
+                    na(4 * ngf, pad=1 if n_blocks > 0 else 0),
+                ),
+            ]
+        )
+        dim, p = 4 * ngf, 0.5 if use_dropout else 0.0
+        blocks = []
+        for i in range(n_blocks):
+            out_pad = 1 if i < n_blocks - 1 else 0
+            if norm == "instance":
+                blocks.append(ReflectionResidualBlock(dim, dropout=p, out_pad=out_pad, backend=backend))
+            else:
+                blocks.append(PaddedResidualBlock(dim, norm, dropout=p, out_pad=out_pad))
+        self.blocks = nn.ModuleList(blocks)
+        up_conv = dict(kernel_size=3, stride=2, padding=1, output_padding=1, bias=bias)
+        self.up = nn.ModuleList(
+            [
+                ConvNormAct(nn.ConvTranspose2d(4 * ngf, 2 * ngf, **up_conv), na(2 * ngf)),
+                # The head's ReflectionPad2d(3) is written by this norm.
+                ConvNormAct(nn.ConvTranspose2d(2 * ngf, ngf, **up_conv), na(ngf, pad=3)),
+            ]
+        )
+        self.head = nn.Conv2d(ngf, output_nc, 7, padding=0, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2], x.shape[-1]
+        if h % 4 or w % 4 or h < 8 or w < 8:
+            raise ValueError(
+                f"ResnetGenerator: input height and width must be multiples of 4 and at least 8, got "
+                f"{h}x{w}; pad-and-crop to a multiple of generator_size_multiple('resnet_9blocks') = 4"
+            )
+        y = self.stem(F.pad(x, (3, 3, 3, 3), mode="reflect"))
+        for layer in self.down:
+            y = layer(y)
+        for block in self.blocks:
+            y = block(y)
+        for layer in self.up:
+            y = layer(y)
+        return torch.tanh(self.head(y))
+
+
+class _UnetLevel(nn.Module):
+    """Parameter container for one level of the U-Net (no forward; the generator runs the levels)."""
+
+    def __init__(self, down_conv, down_norm, up_conv, up_norm, dropout):
+        super().__init__()
+        self.down_conv = down_conv
+        self.down_norm = down_norm
+        self.up_conv = up_conv
+        self.up_norm = up_norm
+        self.dropout = dropout
+
+
+class UnetGenerator(nn.Module):
+    """The official U-Net generator (pix2pix / DiscoGAN-style): ``num_downs`` stride-2 Conv4 levels
+    down to 1x1 at the bottleneck for an input of ``2**num_downs``, skip connections by channel
+    concatenation, ConvTranspose4 (s2, p1) up, Tanh out. Levels are numbered from the outermost
+    (0) to the innermost (``num_downs - 1``); keys ``levels.{k}.{down_conv,down_norm,up_conv,up_norm}``.
+
+    Faithful to the official forward, including a detail of its in-place LeakyReLU: the skip
+    connection of every inner level carries LeakyReLU(0.2) of the level's input, not the raw
+    input. Down norms fuse that LeakyReLU; up norms fuse the ReLU the parent level applies to the
+    concatenation. Dropout(0.5) follows the up norm of the ``ngf*8 -> ngf*8`` middle levels when
+    ``use_dropout``. H and W must be multiples of ``2**num_downs``.
+    """
+
+    def __init__(
+        self,
+        input_nc: int = 3,
+        output_nc: int = 3,
+        num_downs: int = 8,
+        ngf: int = 64,
+        *,
+        norm: str = "instance",
+        use_dropout: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_norm(norm)
+        if num_downs < 5:
+            raise ValueError(f"UnetGenerator: num_downs must be >= 5, got {num_downs}")
+        self.input_nc, self.output_nc, self.ngf = input_nc, output_nc, ngf
+        self.num_downs, self.norm, self.use_dropout = num_downs, norm, use_dropout
+        bias = conv_bias(norm)
+        last = num_downs - 1
+        levels = []
+        for k in range(num_downs):
+            outer = output_nc if k == 0 else ngf * min(2 ** (k - 1), 8)
+            inner = ngf * min(2**k, 8)
+            in_nc = input_nc if k == 0 else outer
+            down_conv = nn.Conv2d(in_nc, inner, 4, stride=2, padding=1, bias=bias)
+            # The middle levels' down norm; its LeakyReLU is the next level's (in-place) downrelu.
+            down_norm = (
+                norm_act(norm, inner, "leaky_relu", negative_slope=0.2, backend=backend)
+                if 0 < k < last
+                else None
+            )
+            up_in = inner if k == last else 2 * inner
+            up_conv = nn.ConvTranspose2d(up_in, outer, 4, stride=2, padding=1, bias=True if k == 0 else bias)
+            up_norm = norm_act(norm, outer, "relu", backend=backend) if k > 0 else None
+            dropout = nn.Dropout(0.5) if use_dropout and 4 <= k < last else None
+            levels.append(_UnetLevel(down_conv, down_norm, up_conv, up_norm, dropout))
+        self.levels = nn.ModuleList(levels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = 2**self.num_downs
+        h, w = x.shape[-2], x.shape[-1]
+        if h % m or w % m:
+            raise ValueError(
+                f"UnetGenerator: input height and width must be multiples of 2**{self.num_downs} = {m}, "
+                f"got {h}x{w}"
+            )
+        levels = self.levels
+        last = self.num_downs - 1
+        # a_k = LeakyReLU(input of level k): both the level's down path and its skip connection.
+        a = F.leaky_relu(levels[0].down_conv(x), 0.2)
+        skips = [a]
+        for k in range(1, last):
+            a = levels[k].down_norm(levels[k].down_conv(a))
+            skips.append(a)
+        u = levels[last].up_norm(levels[last].up_conv(F.relu(levels[last].down_conv(a))))
+        for k in range(last - 1, 0, -1):
+            # relu(cat([a, u])) with u already ReLU'd by its fused norm.
+            u = levels[k].up_norm(levels[k].up_conv(torch.cat([F.relu(skips[k]), u], 1)))
+            if levels[k].dropout is not None:
+                u = levels[k].dropout(u)
+        return torch.tanh(levels[0].up_conv(torch.cat([F.relu(skips[0]), u], 1)))
+
+
+class _ZeroPadResidualBlock(nn.Module):
+    """Conv3(p1)-Norm-ReLU-Conv3(p1)-Norm plus skip (zero padding, as in the tutorial)."""
+
+    def __init__(self, dim: int, norm: str, backend: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.norm1 = norm_act(norm, dim, "relu", backend=backend)
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.norm2 = norm_act(norm, dim, "none", backend=backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm2(self.conv2(self.norm1(self.conv1(x))), residual=x)
+
+
+class UdacityGenerator(nn.Module):
+    """The popular tutorial's 128x128 CycleGAN generator: three Conv4 (s2, p1)-Norm-ReLU encoder
+    layers (``ngf``, ``2ngf``, ``4ngf``), ``n_blocks`` zero-padded residual blocks, two
+    ConvTranspose4 (s2, p1)-Norm-ReLU decoder layers and a ConvTranspose4 to ``output_nc`` with
+    Tanh. The tutorial uses ``norm="batch"`` and bias-free convolutions (kept here for every
+    norm). H and W must be multiples of 8."""
+
+    def __init__(
+        self,
+        input_nc: int = 3,
+        output_nc: int = 3,
+        ngf: int = 64,
+        *,
+        n_blocks: int = 6,
+        norm: str = "batch",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_norm(norm)
+        self.input_nc, self.output_nc, self.ngf, self.norm = input_nc, output_nc, ngf, norm
+
+        def down(i, o):
+            return ConvNormAct(
+                nn.Conv2d(i, o, 4, stride=2, padding=1, bias=False),
+                norm_act(norm, o, "relu", backend=backend),
+            )
+
+        def up(i, o):
+            return ConvNormAct(
+                nn.ConvTranspose2d(i, o, 4, stride=2, padding=1, bias=False),
+                norm_act(norm, o, "relu", backend=backend),
+            )
+
+        self.encoder = nn.ModuleList([down(input_nc, ngf), down(ngf, 2 * ngf), down(2 * ngf, 4 * ngf)])
+        self.blocks = nn.ModuleList([_ZeroPadResidualBlock(4 * ngf, norm, backend) for _ in range(n_blocks)])
+        self.decoder = nn.ModuleList([up(4 * ngf, 2 * ngf), up(2 * ngf, ngf)])
+        self.head = nn.ConvTranspose2d(ngf, output_nc, 4, stride=2, padding=1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2], x.shape[-1]
+        if h % 8 or w % 8:
+            raise ValueError(f"UdacityGenerator: input height and width must be multiples of 8, got {h}x{w}")
+        for layer in self.encoder:
+            x = layer(x)
+        for block in self.blocks:
+            x = block(x)
+        for layer in self.decoder:
+            x = layer(x)
+        return torch.tanh(self.head(x))
+
+
+def generator_size_multiple(arch: str) -> int:
+    """H and W of a generator's input must be multiples of this (pad-and-crop other sizes)."""
+    if arch in ("resnet_9blocks", "resnet_6blocks"):
+        return 4
+    if arch == "unet_128":
+        return 128
+    if arch == "unet_256":
+        return 256
+    if arch == "udacity":
+        return 8
+    raise ValueError(f"unknown generator arch {arch!r}; choose from {GENERATOR_ARCHS}")
+
+
+def build_generator(
+    arch: str,
+    input_nc: int = 3,
+    output_nc: int = 3,
+    ngf: int = 64,
+    norm: str = "instance",
+    use_dropout: bool = False,
+    init_type: Optional[str] = "normal",
+    init_gain: float = 0.02,
+    backend: str = "auto",
+) -> nn.Module:
+    """Build and initialise a generator by its official name (``resnet_9blocks``, ``resnet_6blocks``,
+    ``unet_128``, ``unet_256``) or ``udacity`` (the tutorial's; ``use_dropout`` not supported).
+
+    ``backend`` is the InstanceNorm op backend (``auto``/``torch``/``triton``/``cuda``/``cpp``);
+    change it later with :func:`fastcgan.nn.set_backend`. The build arguments (without init and
+    backend) are kept on ``model.config`` for :func:`fastcgan.models.save_generator`."""
+    check_norm(norm)
+    if arch in ("resnet_9blocks", "resnet_6blocks"):
+        net: nn.Module = ResnetGenerator(
+            input_nc,
+            output_nc,
+            ngf,
+            n_blocks=9 if arch == "resnet_9blocks" else 6,
+            norm=norm,
+            use_dropout=use_dropout,
+            backend=backend,
+        )
+    elif arch in ("unet_128", "unet_256"):
+        net = UnetGenerator(
+            input_nc,
+            output_nc,
+            7 if arch == "unet_128" else 8,
+            ngf,
+            norm=norm,
+            use_dropout=use_dropout,
+            backend=backend,
+        )
+    elif arch == "udacity":
+        if use_dropout:
+            raise ValueError("build_generator: arch 'udacity' has no dropout; use_dropout must be False")
+        net = UdacityGenerator(input_nc, output_nc, ngf, norm=norm, backend=backend)
+    else:
+        raise ValueError(f"build_generator: unknown arch {arch!r}; choose from {GENERATOR_ARCHS}")
+    init_weights(net, init_type, init_gain)
+    net.config = dict(
+        arch=arch, input_nc=input_nc, output_nc=output_nc, ngf=ngf, norm=norm, use_dropout=use_dropout
+    )
+    return net

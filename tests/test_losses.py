@@ -1,0 +1,167 @@
+import math
+
+import pytest
+import torch
+
+from fastcgan.losses import (
+    cycle_loss,
+    discriminator_loss,
+    gan_loss,
+    generator_gan_loss,
+    gradient_penalty,
+    identity_loss,
+)
+from fastcgan.models import build_discriminator
+
+PRED = torch.tensor([[-1.0, 0.0], [0.5, 2.0]])  # mean 0.375
+
+
+def test_lsgan_values():
+    # real: ((-2)^2 + 1 + 0.25 + 1) / 4 ; fake: (1 + 0 + 0.25 + 4) / 4
+    assert gan_loss(PRED, True, "lsgan").item() == pytest.approx(6.25 / 4)
+    assert gan_loss(PRED, False, "lsgan").item() == pytest.approx(5.25 / 4)
+
+
+def sp(z):
+    return math.log1p(math.exp(z))  # softplus
+
+
+def test_vanilla_values():
+    vals = PRED.flatten().tolist()
+    assert gan_loss(PRED, True, "vanilla").item() == pytest.approx(sum(sp(-v) for v in vals) / 4, rel=1e-6)
+    assert gan_loss(PRED, False, "vanilla").item() == pytest.approx(sum(sp(v) for v in vals) / 4, rel=1e-6)
+
+
+def test_hinge_values():
+    # D real: relu(1 - p) = 2, 1, 0.5, 0 ; D fake: relu(1 + p) = 0, 1, 1.5, 3
+    assert gan_loss(PRED, True, "hinge").item() == pytest.approx(3.5 / 4)
+    assert gan_loss(PRED, False, "hinge").item() == pytest.approx(5.5 / 4)
+    assert generator_gan_loss(PRED, "hinge").item() == pytest.approx(-0.375)
+    with pytest.raises(ValueError, match="hinge"):
+        gan_loss(PRED, False, "hinge", for_discriminator=False)
+
+
+def test_wgangp_values():
+    assert gan_loss(PRED, True, "wgangp").item() == pytest.approx(-0.375)
+    assert gan_loss(PRED, False, "wgangp").item() == pytest.approx(0.375)
+    assert generator_gan_loss(PRED, "wgangp").item() == pytest.approx(-0.375)
+
+
+@pytest.mark.parametrize("mode", ["lsgan", "vanilla", "hinge", "wgangp"])
+def test_discriminator_loss_is_official_half_sum(mode):
+    real, fake = torch.randn(2, 1, 5, 5), torch.randn(2, 1, 5, 5)
+    expect = 0.5 * (gan_loss(real, True, mode) + gan_loss(fake, False, mode))
+    torch.testing.assert_close(discriminator_loss(real, fake, mode), expect)
+
+
+def test_generator_loss_lsgan_vanilla_score_fakes_as_real():
+    torch.testing.assert_close(generator_gan_loss(PRED, "lsgan"), gan_loss(PRED, True, "lsgan"))
+    torch.testing.assert_close(generator_gan_loss(PRED, "vanilla"), gan_loss(PRED, True, "vanilla"))
+
+
+def test_low_precision_input_reduced_in_fp32():
+    p = PRED.to(torch.bfloat16)
+    out = gan_loss(p, True, "lsgan")
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(6.25 / 4)
+
+
+def test_unknown_mode():
+    with pytest.raises(ValueError, match="gan mode"):
+        gan_loss(PRED, True, "wgan")
+
+
+def test_cycle_and_identity_values():
+    a = torch.tensor([[1.0, -2.0], [0.0, 3.0]])
+    b = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    # |d| = 1, 2, 1, 2 ; d^2 = 1, 4, 1, 4
+    assert cycle_loss(a, b).item() == pytest.approx(1.5)
+    assert cycle_loss(a, b, "l2").item() == pytest.approx(2.5)
+    assert identity_loss(a, b).item() == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="kind"):
+        cycle_loss(a, b, "l3")
+    with pytest.raises(ValueError, match="shape"):
+        cycle_loss(a, b[:1])
+
+
+def test_losses_are_differentiable_pure_tensors():
+    p = torch.randn(3, 1, 4, 4, requires_grad=True)
+    for mode in ("lsgan", "vanilla", "hinge", "wgangp"):
+        loss = discriminator_loss(p, p * 0.5, mode) + generator_gan_loss(p, mode)
+        assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad
+        (g,) = torch.autograd.grad(loss, p)
+        assert torch.isfinite(g).all()
+
+
+class Linear1(torch.nn.Module):
+    """D(x) = sum(w * x): grad_x D = w for every sample, so the penalty is known in closed form."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(w)
+
+    def forward(self, x):
+        return (x * self.w).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("kind", ["real", "fake", "mixed"])
+def test_gradient_penalty_closed_form(kind):
+    w = torch.tensor([[[3.0, 0.0], [0.0, 4.0]]])  # ||w|| = 5
+    d = Linear1(w)
+    real, fake = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    gp = gradient_penalty(d, real, fake, kind=kind, constant=1.0, lambda_gp=10.0)
+    assert gp.item() == pytest.approx(10.0 * (5.0 - 1.0) ** 2, rel=1e-5)
+    # d(gp)/dw = lambda * 2 (||w|| - c) w / ||w||  (create_graph=True makes this reachable)
+    (gw,) = torch.autograd.grad(gp, d.w)
+    torch.testing.assert_close(gw, 10.0 * 2 * 4.0 * w / 5.0)
+
+
+def test_gradient_penalty_changes_discriminator_gradients():
+    torch.manual_seed(0)
+    d = build_discriminator("basic", ndf=4, backend="torch")
+    real, fake = torch.rand(2, 3, 35, 35) * 2 - 1, torch.rand(2, 3, 35, 35) * 2 - 1
+    loss = discriminator_loss(d(real), d(fake), "wgangp")
+    params = [p for p in d.parameters()]
+    g0 = torch.autograd.grad(loss, params, retain_graph=True)
+    gp = gradient_penalty(d, real, fake, generator=torch.Generator().manual_seed(0))
+    assert gp.item() > 0
+    g1 = torch.autograd.grad(loss + gp, params)
+    gp_grads = torch.autograd.grad(
+        gradient_penalty(d, real, fake, generator=torch.Generator().manual_seed(0)), params, allow_unused=True
+    )
+    # grad_x D does not depend on the last bias (nor, through InstanceNorm, on the biases before
+    # it), but it does on every convolution weight.
+    for p, a, b, c in zip(params, g0, g1, gp_grads):
+        c = torch.zeros_like(p) if c is None else c
+        torch.testing.assert_close(b, a + c, rtol=1e-4, atol=1e-6)
+        if p.dim() == 4:
+            assert not torch.allclose(a, b), "the penalty did not change a conv weight's gradient"
+    # Inputs are detached: no gradient reaches the generator's outputs through the penalty.
+    fake_g = fake.clone().requires_grad_(True)
+    gp2 = gradient_penalty(d, real, fake_g)
+    assert torch.autograd.grad(gp2, fake_g, allow_unused=True)[0] is None
+
+
+def test_gradient_penalty_rejects_non_torch_backend(monkeypatch):
+    d = build_discriminator("basic", ndf=4, backend="torch")
+    for m in d.modules():
+        if hasattr(m, "backend"):
+            m.backend = "triton"
+    monkeypatch.setattr("fastcgan.ops._backends._usable", lambda name, x: None)
+    with pytest.raises(ValueError, match="backend='torch'"):
+        gradient_penalty(d, torch.zeros(1, 3, 35, 35), torch.zeros(1, 3, 35, 35))
+
+
+@pytest.mark.cuda
+def test_cuda_losses_never_synchronise():
+    d = build_discriminator("basic", ndf=4, backend="torch").cuda()
+    real, fake = torch.rand(2, 3, 35, 35, device="cuda"), torch.rand(2, 3, 35, 35, device="cuda")
+    d(real)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in ("lsgan", "vanilla", "hinge", "wgangp"):
+            loss = discriminator_loss(d(real), d(fake), mode) + generator_gan_loss(d(fake), mode)
+        loss = loss + gradient_penalty(d, real, fake) + cycle_loss(real, fake) + identity_loss(real, fake)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

@@ -1,0 +1,256 @@
+"""What every exporter and runtime shares: the generator's description, artifact errors, loading.
+
+A :class:`GeneratorSpec` travels with every artifact (ONNX ``metadata_props``, AOTInductor
+package metadata, a JSON file beside a TensorRT engine), so an artifact runs without the
+training code or its config: channels, the size multiple inputs are padded to, the arch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+METADATA_KEY = "fastcgan"
+DIRECTIONS = ("AtoB", "BtoA")
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be used: wrong type, truncated, not a fastcgan generator, mismatched."""
+
+    def __init__(self, path: Any, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorSpec:
+    """What a runtime needs to know about an exported generator."""
+
+    input_nc: int = 3
+    output_nc: int = 3
+    size_multiple: int = 4  # H and W must be multiples of this (2 ** number of downsamplings)
+    min_size: int = 8  # smallest H/W the graph accepts (reflection pads need more than the pad)
+    arch: str | None = None
+    direction: str | None = None
+    dtype: str = "float32"
+    static_hw: tuple[int, int] | None = None
+    config: dict = dataclasses.field(default_factory=dict)  # build_generator kwargs, when known
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["static_hw"] = list(self.static_hw) if self.static_hw else None
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GeneratorSpec:
+        d = json.loads(text)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in fields}
+        if d.get("static_hw"):
+            d["static_hw"] = tuple(int(v) for v in d["static_hw"])
+        return cls(**d)
+
+    def replace(self, **kw) -> GeneratorSpec:
+        return dataclasses.replace(self, **kw)
+
+
+def round_up(n: int, m: int) -> int:
+    return int(math.ceil(n / m) * m)
+
+
+def min_size_for(size_multiple: int) -> int:
+    """Smallest H/W a generator accepts: a multiple of ``size_multiple`` and at least 8, so
+    that the 4x-downsampled ResNet feature map (>= 2 px) can take its 1-px reflection pad."""
+    return size_multiple * max(1, math.ceil(8 / size_multiple))
+
+
+def size_multiple_of(arch: str | None, model: nn.Module | None = None) -> int:
+    """H/W multiple for ``arch`` (``fastcgan.models.generator_size_multiple``), else from the
+    model's stride-2 convolutions."""
+    if arch:
+        try:
+            from fastcgan.models import generator_size_multiple
+
+            return int(generator_size_multiple(arch))
+        except (ImportError, AttributeError):
+            pass
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"unknown generator arch {arch!r}: {e}") from e
+    if model is not None:
+        downs = sum(
+            1 for m in model.modules() if isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2)
+        )
+        return 2 ** downs if downs else 1
+    return 4
+
+
+def channels_of(model: nn.Module) -> tuple[int, int]:
+    """(input_nc, output_nc): the generator's own attributes / config, else its first and last
+    convolution in module order (right for sequential nets, not for U-Nets without attributes)."""
+    cfg = _model_config(model)
+    i, o = getattr(model, "input_nc", cfg.get("input_nc")), getattr(model, "output_nc", cfg.get("output_nc"))
+    if isinstance(i, int) and isinstance(o, int):
+        return i, o
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no convolution: not an image generator")
+    return convs[0].in_channels, convs[-1].out_channels
+
+
+def spec_for_model(
+    model: nn.Module,
+    *,
+    arch: str | None = None,
+    direction: str | None = None,
+    config: dict | None = None,
+    size_multiple: int | None = None,
+) -> GeneratorSpec:
+    config = dict(config or {})
+    arch = arch or config.get("arch")
+    in_nc, out_nc = channels_of(model)
+    mult = int(size_multiple) if size_multiple else size_multiple_of(arch, model)
+    return GeneratorSpec(
+        input_nc=in_nc, output_nc=out_nc, size_multiple=mult, min_size=min_size_for(mult), arch=arch,
+        direction=direction, config={k: v for k, v in config.items() if _jsonable(v)},
+    )
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Loading torch generators (run dirs, .safetensors, official .pth)
+# --------------------------------------------------------------------------------------------
+def _safetensors_config(path: str) -> dict:
+    """The build_generator kwargs stored in a fastcgan .safetensors header (empty when absent)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    for key in ("config", "generator", "fastcgan", "build_generator"):
+        if key in meta:
+            try:
+                d = json.loads(meta[key])
+                if isinstance(d, dict):
+                    return d
+            except ValueError:
+                pass
+    out = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def _model_config(model: nn.Module) -> dict:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {}
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    if isinstance(cfg, dict):
+        return dict(cfg)
+    return {}
+
+
+def load_torch_generator(
+    path: str, direction: str = "AtoB", backend: str = "auto"
+) -> tuple[nn.Module, GeneratorSpec]:
+    """A fastcgan generator from a run dir or a self-describing ``.safetensors`` file, in eval mode."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if not os.path.exists(path):
+        raise ArtifactError(path, "no such file or directory")
+    if os.path.isfile(path) and not path.endswith(".safetensors"):
+        raise ArtifactError(
+            path, "not a fastcgan generator: expected a run directory, a .safetensors generator, an .onnx "
+            "model, a TensorRT .engine or an AOTInductor .pt2 package (official CycleGAN .pth files "
+            "need --from-official with --arch)"
+        )
+    try:
+        from fastcgan.models import load_generator
+    except ImportError as e:  # pragma: no cover - the models package is part of fastcgan
+        raise ArtifactError(path, f"fastcgan.models is unavailable ({e})") from e
+    try:
+        model = load_generator(path, direction=direction, backend=backend)
+    except FileNotFoundError as e:
+        raise ArtifactError(path, f"no generator for direction {direction}: {e}") from e
+    except Exception as e:
+        raise ArtifactError(path, f"not a loadable fastcgan generator ({type(e).__name__}: {e})") from e
+    model.eval()
+    config = _model_config(model)
+    if not config:
+        st = path
+        if os.path.isdir(path):
+            st = os.path.join(path, f"generator_{direction}.safetensors")
+            cj = os.path.join(path, "config.json")
+            if not os.path.exists(st) and os.path.exists(cj):
+                with open(cj) as f:
+                    config = json.load(f)
+        if not config and os.path.isfile(st):
+            config = _safetensors_config(st)
+    config = {k: v for k, v in config.items() if k != "backend"}
+    return model, spec_for_model(model, arch=config.get("arch"), direction=direction, config=config)
+
+
+def load_official(
+    path: str, arch: str, ngf: int = 64, norm: str = "instance", use_dropout: bool | None = None,
+    backend: str = "auto",
+) -> tuple[nn.Module, GeneratorSpec]:
+    """An official CycleGAN/pix2pix ``latest_net_G_*.pth`` as a fastcgan generator."""
+    if not os.path.isfile(path):
+        raise ArtifactError(path, "no such file (--from-official)")
+    from fastcgan.models import load_official_generator
+
+    try:
+        model = load_official_generator(path, arch=arch, ngf=ngf, norm=norm, use_dropout=use_dropout,
+                                        backend=backend)
+    except Exception as e:
+        raise ArtifactError(
+            path, f"cannot load as an official {arch} generator (ngf={ngf}, norm={norm}): {type(e).__name__}: {e}"
+        ) from e
+    model.eval()
+    config = dict(arch=arch, ngf=ngf, norm=norm, use_dropout=bool(use_dropout))
+    in_nc, out_nc = channels_of(model)
+    config.update(input_nc=in_nc, output_nc=out_nc)
+    return model, spec_for_model(model, arch=arch, config=config)
+
+
+def artifact_kind(path: str) -> str:
+    """``run`` / ``safetensors`` / ``onnx`` / ``engine`` / ``aoti`` from a path; ArtifactError otherwise."""
+    if os.path.isdir(path):
+        return "run"
+    if not os.path.exists(path):
+        raise ArtifactError(path, "no such file or directory")
+    ext = os.path.splitext(path)[1].lower()
+    kinds = {".safetensors": "safetensors", ".onnx": "onnx", ".engine": "engine", ".trt": "engine",
+             ".plan": "engine", ".pt2": "aoti"}
+    if ext not in kinds:
+        raise ArtifactError(
+            path, f"unknown artifact type {ext or '(no extension)'!r}: expected a run directory, .safetensors, "
+            ".onnx, .engine/.trt/.plan (TensorRT) or .pt2 (AOTInductor)"
+        )
+    return kinds[ext]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but no CUDA GPU is visible to torch")
+    return dev

@@ -1,0 +1,787 @@
+// CUDA kernels of instance_norm_act (no torch headers: the wrapper is instance_norm_act_cuda.cpp).
+//
+// Work split: a (n, c) plane (NCHW), or a tile of 32 channels of one image (NHWC), is cut into
+// S contiguous pixel chunks, one 256-thread block per (plane or tile, chunk), so that even
+// N*C = 64 planes of 256x256 fill all SMs. Each op is two kernels:
+//   forward : stats (per-chunk mean and M2, two-pass over the chunk, which is then in L2)
+//             -> apply (every block merges its plane's S chunk statistics with Chan's formula,
+//                then writes its chunk of the padded output: each interior value is stored to its
+//                own position and to every border position that mirrors it; no second pass).
+//   backward: sums (per-chunk sum(gz), sum(gz*xhat); dresidual) -> dx (merge the sums, write dx).
+// Chunk partials go to a small workspace; merges run in a fixed order, so results are
+// deterministic (no atomics). Reductions are warp shuffles + shared memory in fp32 (fp64 input:
+// double). fp16/bf16 load/store through conversions, arithmetic in fp32.
+//
+// NCHW indexing: plane base offsets are 64-bit; positions inside a (padded) plane fit in 32 bits
+// (the wrapper checks (H+2p)*(W+2p) < 2^31). NCHW without padding uses 16-byte vector loads and
+// stores when HW is a multiple of the vector width and the pointers are 16-byte aligned.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "instance_norm_act_kernels.h"
+
+namespace fastcgan {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxSplits = 256;
+
+// ---- conversions ---------------------------------------------------------------------------
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+struct From;
+template <>
+struct From<float> {
+  static __device__ __forceinline__ float cvt(float v) { return v; }
+};
+template <>
+struct From<double> {
+  static __device__ __forceinline__ double cvt(double v) { return v; }
+};
+template <>
+struct From<__half> {
+  static __device__ __forceinline__ __half cvt(float v) { return __float2half_rn(v); }
+};
+template <>
+struct From<__nv_bfloat16> {
+  static __device__ __forceinline__ __nv_bfloat16 cvt(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <typename T>
+struct VecOf {
+  static constexpr int V = 16 / sizeof(T);
+  struct alignas(16) Pack {
+    T v[V];
+  };
+};
+
+template <Act ACT, typename A>
+__device__ __forceinline__ A act_fwd(A z, A slope) {
+  if constexpr (ACT == Act::ReLU) return z > A(0) ? z : A(0);
+  if constexpr (ACT == Act::LeakyReLU) return z > A(0) ? z : z * slope;
+  return z;
+}
+template <Act ACT, typename A>
+__device__ __forceinline__ A act_bwd(A z, A g, A slope) {
+  if constexpr (ACT == Act::ReLU) return z > A(0) ? g : A(0);
+  if constexpr (ACT == Act::LeakyReLU) return z > A(0) ? g : g * slope;
+  return g;
+}
+
+// ---- reductions ----------------------------------------------------------------------------
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum of (a, b) over the 256-thread block, returned to every thread.
+template <typename A>
+__device__ __forceinline__ void block_sum2(A& a, A& b) {
+  __shared__ A sa[kWarps], sb[kWarps];
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  __syncthreads();  // earlier readers of sa/sb are done
+  if (lane == 0) sa[wid] = a, sb[wid] = b;
+  __syncthreads();
+  A ta = 0, tb = 0;
+#pragma unroll
+  for (int k = 0; k < kWarps; ++k) ta += sa[k], tb += sb[k];  // same order in every thread
+  a = ta;
+  b = tb;
+}
+
+// Chan et al. merge of (nb, mb, m2b) into (na, ma, m2a); either side may be empty.
+template <typename A>
+__device__ __forceinline__ void chan_merge(A& na, A& ma, A& m2a, A nb, A mb, A m2b) {
+  if (nb == A(0)) return;
+  if (na == A(0)) {
+    na = nb, ma = mb, m2a = m2b;
+    return;
+  }
+  const A n = na + nb, d = mb - ma;
+  ma += d * (nb / n);
+  m2a += m2b + d * d * (na / n) * nb;
+  na = n;
+}
+
+// Geometry of one launch.
+struct Geo {
+  int64_t HW;        // pixels per plane
+  int H, W, pad, Hp, Wp;
+  int64_t C;
+  int S;             // chunks per plane / tile
+  int64_t cs;        // pixels per chunk (multiple of 8), chunk k = [k*cs, min(HW, (k+1)*cs))
+  float invW;
+};
+
+__device__ __forceinline__ int64_t chunk_count(const Geo& g, int k) {
+  const int64_t s = int64_t(k) * g.cs;
+  return (g.HW < s + g.cs ? g.HW : s + g.cs) - s;
+}
+
+// i -> (h, w) with a float reciprocal and an exact correction (no integer division).
+__device__ __forceinline__ void split_hw(int i, const Geo& g, int& h, int& w) {
+  h = __float2int_rz(float(i) * g.invW);
+  w = i - h * g.W;
+  while (w < 0) --h, w += g.W;
+  while (w >= g.W) ++h, w -= g.W;
+}
+
+// The padded rows (or columns) that hold a copy of interior row h: h + pad itself, and the
+// reflections in the top/bottom border (-1 when none). reflect(hp - pad) == h for each.
+__device__ __forceinline__ void mirrors(int h, int H, int pad, int out[3]) {
+  out[0] = h + pad;
+  out[1] = (h >= 1 && h <= pad) ? pad - h : -1;
+  out[2] = (h >= H - 1 - pad && h <= H - 2) ? 2 * H - 2 + pad - h : -1;
+}
+
+// ================================================================================================
+// NCHW
+// ================================================================================================
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fwd_stats_nchw(const T* __restrict__ x, typename AccOf<T>::type* part,
+                                                          Geo g, bool vec) {
+  using A = typename AccOf<T>::type;
+  constexpr int V = VecOf<T>::V;
+  using Pack = typename VecOf<T>::Pack;
+  const int64_t plane = blockIdx.x;
+  const int k = blockIdx.y;
+  const int start = int(int64_t(k) * g.cs), end = start + int(chunk_count(g, k));
+  const T* xp = x + plane * g.HW;
+  A s = 0, unused = 0;
+  if (vec) {
+    for (int i = start + threadIdx.x * V; i < end; i += kThreads * V) {
+      const Pack pk = *reinterpret_cast<const Pack*>(xp + i);
+#pragma unroll
+      for (int j = 0; j < V; ++j) s += to_acc(pk.v[j]);
+    }
+  } else {
+    for (int i = start + threadIdx.x; i < end; i += kThreads) s += to_acc(xp[i]);
+  }
+  block_sum2(s, unused);
+  const A mean = s / A(end - start);
+  A q = 0;
+  if (vec) {
+    for (int i = start + threadIdx.x * V; i < end; i += kThreads * V) {
+      const Pack pk = *reinterpret_cast<const Pack*>(xp + i);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A d = to_acc(pk.v[j]) - mean;
+        q += d * d;
+      }
+    }
+  } else {
+    for (int i = start + threadIdx.x; i < end; i += kThreads) {
+      const A d = to_acc(xp[i]) - mean;
+      q += d * d;
+    }
+  }
+  unused = 0;
+  block_sum2(q, unused);
+  if (threadIdx.x == 0) {
+    part[(plane * g.S + k) * 2] = mean;
+    part[(plane * g.S + k) * 2 + 1] = q;
+  }
+}
+
+template <typename T, Act ACT, bool PAD>
+__global__ void __launch_bounds__(kThreads)
+    fwd_apply_nchw(const T* __restrict__ x, const T* __restrict__ res, const typename AccOf<T>::type* __restrict__ wt,
+                   const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, float* __restrict__ mean_out,
+                   float* __restrict__ rstd_out, const typename AccOf<T>::type* __restrict__ part, Geo g, double eps,
+                   double slope_d, bool vec) {
+  using A = typename AccOf<T>::type;
+  constexpr int V = VecOf<T>::V;
+  using Pack = typename VecOf<T>::Pack;
+  const int64_t plane = blockIdx.x;
+  const int k = blockIdx.y;
+  __shared__ A sm[2];
+  if (threadIdx.x < 32) {  // warp 0 merges the plane's chunk statistics
+    A n = 0, mu = 0, m2 = 0;
+    for (int j = threadIdx.x; j < g.S; j += 32)
+      chan_merge(n, mu, m2, A(chunk_count(g, j)), part[(plane * g.S + j) * 2], part[(plane * g.S + j) * 2 + 1]);
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {  // tree merge; lane 0 ends with the total
+      const A nb = __shfl_down_sync(0xffffffffu, n, o), mb = __shfl_down_sync(0xffffffffu, mu, o),
+              m2b = __shfl_down_sync(0xffffffffu, m2, o);
+      if ((threadIdx.x & (2 * o - 1)) == 0) chan_merge(n, mu, m2, nb, mb, m2b);
+    }
+    if (threadIdx.x == 0) {
+      const A rstd = A(1) / sqrt(m2 / A(g.HW) + A(eps));
+      sm[0] = mu;
+      sm[1] = rstd;
+      if (k == 0) {
+        mean_out[plane] = float(mu);
+        rstd_out[plane] = float(rstd);
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t c = plane % g.C;
+  const A m = sm[0], r = sm[1], w = wt ? wt[c] : A(1), b = bs ? bs[c] : A(0), slope = A(slope_d);
+  const int start = int(int64_t(k) * g.cs), end = start + int(chunk_count(g, k));
+  const T* xp = x + plane * g.HW;
+  const T* rp = res ? res + plane * g.HW : nullptr;
+  T* yp = y + plane * int64_t(g.Hp) * g.Wp;
+  if (!PAD && vec) {
+    for (int i = start + threadIdx.x * V; i < end; i += kThreads * V) {
+      const Pack xv = *reinterpret_cast<const Pack*>(xp + i);
+      Pack rv, yv;
+      if (rp) rv = *reinterpret_cast<const Pack*>(rp + i);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        A v = act_fwd<ACT>((to_acc(xv.v[j]) - m) * r * w + b, slope);
+        if (rp) v += to_acc(rv.v[j]);
+        yv.v[j] = From<T>::cvt(v);
+      }
+      *reinterpret_cast<Pack*>(yp + i) = yv;
+    }
+    return;
+  }
+  for (int i = start + threadIdx.x; i < end; i += kThreads) {
+    A v = act_fwd<ACT>((to_acc(xp[i]) - m) * r * w + b, slope);
+    if (rp) v += to_acc(rp[i]);
+    const T o = From<T>::cvt(v);
+    if (!PAD) {
+      yp[i] = o;
+    } else {
+      int h, wc, rows[3], cols[3];
+      split_hw(i, g, h, wc);
+      mirrors(h, g.H, g.pad, rows);
+      mirrors(wc, g.W, g.pad, cols);
+#pragma unroll
+      for (int a = 0; a < 3; ++a) {
+        if (rows[a] < 0) continue;
+#pragma unroll
+        for (int bb = 0; bb < 3; ++bb)
+          if (cols[bb] >= 0) yp[rows[a] * g.Wp + cols[bb]] = o;
+      }
+    }
+  }
+}
+
+// g = dy folded by reflection at interior (h, w): the sum over every padded position that copies it.
+template <typename T, bool PAD>
+__device__ __forceinline__ typename AccOf<T>::type gather_g(const T* dyp, int i, const Geo& g) {
+  if (!PAD) return to_acc(dyp[i]);
+  int h, wc, rows[3], cols[3];
+  split_hw(i, g, h, wc);
+  mirrors(h, g.H, g.pad, rows);
+  mirrors(wc, g.W, g.pad, cols);
+  typename AccOf<T>::type s = 0;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    if (rows[a] < 0) continue;
+#pragma unroll
+    for (int bb = 0; bb < 3; ++bb)
+      if (cols[bb] >= 0) s += to_acc(dyp[rows[a] * g.Wp + cols[bb]]);
+  }
+  return s;
+}
+
+template <typename T, Act ACT, bool PAD>
+__global__ void __launch_bounds__(kThreads)
+    bwd_sums_nchw(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
+                  const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
+                  const float* __restrict__ rstd, T* __restrict__ dres, typename AccOf<T>::type* __restrict__ part,
+                  Geo g, double slope_d, bool vec) {
+  using A = typename AccOf<T>::type;
+  constexpr int V = VecOf<T>::V;
+  using Pack = typename VecOf<T>::Pack;
+  const int64_t plane = blockIdx.x;
+  const int k = blockIdx.y;
+  const int64_t c = plane % g.C;
+  const A m = mean[plane], r = rstd[plane], w = wt ? wt[c] : A(1), b = bs ? bs[c] : A(0), slope = A(slope_d);
+  const int start = int(int64_t(k) * g.cs), end = start + int(chunk_count(g, k));
+  const T* xp = x + plane * g.HW;
+  const T* dyp = dy + plane * int64_t(g.Hp) * g.Wp;
+  T* drp = dres ? dres + plane * g.HW : nullptr;
+  A s1 = 0, s2 = 0;
+  if (!PAD && vec) {
+    for (int i = start + threadIdx.x * V; i < end; i += kThreads * V) {
+      const Pack xv = *reinterpret_cast<const Pack*>(xp + i);
+      const Pack gv = *reinterpret_cast<const Pack*>(dyp + i);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A xh = (to_acc(xv.v[j]) - m) * r;
+        const A gz = act_bwd<ACT>(xh * w + b, to_acc(gv.v[j]), slope);
+        s1 += gz;
+        s2 += gz * xh;
+      }
+      if (drp) *reinterpret_cast<Pack*>(drp + i) = gv;
+    }
+  } else {
+    for (int i = start + threadIdx.x; i < end; i += kThreads) {
+      const A gi = gather_g<T, PAD>(dyp, i, g);
+      const A xh = (to_acc(xp[i]) - m) * r;
+      const A gz = act_bwd<ACT>(xh * w + b, gi, slope);
+      s1 += gz;
+      s2 += gz * xh;
+      if (drp) drp[i] = From<T>::cvt(gi);
+    }
+  }
+  block_sum2(s1, s2);
+  if (threadIdx.x == 0) {
+    part[(plane * g.S + k) * 2] = s1;
+    part[(plane * g.S + k) * 2 + 1] = s2;
+  }
+}
+
+template <typename T, Act ACT, bool PAD>
+__global__ void __launch_bounds__(kThreads)
+    bwd_dx_nchw(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
+                const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
+                const float* __restrict__ rstd, T* __restrict__ dx, const typename AccOf<T>::type* __restrict__ part,
+                typename AccOf<T>::type* __restrict__ sum_gz, typename AccOf<T>::type* __restrict__ sum_gzx, Geo g,
+                double slope_d, bool vec) {
+  using A = typename AccOf<T>::type;
+  constexpr int V = VecOf<T>::V;
+  using Pack = typename VecOf<T>::Pack;
+  const int64_t plane = blockIdx.x;
+  const int k = blockIdx.y;
+  const int64_t c = plane % g.C;
+  const A m = mean[plane], r = rstd[plane], w = wt ? wt[c] : A(1), b = bs ? bs[c] : A(0), slope = A(slope_d);
+  __shared__ A sm[2];
+  if (threadIdx.x < 32) {
+    A a = 0, cc = 0;
+    for (int j = threadIdx.x; j < g.S; j += 32) {
+      a += part[(plane * g.S + j) * 2];
+      cc += part[(plane * g.S + j) * 2 + 1];
+    }
+    a = warp_sum(a);
+    cc = warp_sum(cc);
+    if (threadIdx.x == 0) {
+      if (k == 0 && sum_gz) sum_gz[plane] = a;
+      if (k == 0 && sum_gzx) sum_gzx[plane] = cc;
+      sm[0] = w * a / A(g.HW);   // c1 = w * mean(gz)
+      sm[1] = w * cc / A(g.HW);  // c2 = w * mean(gz * xhat)
+    }
+  }
+  __syncthreads();
+  const A c1 = sm[0], c2 = sm[1];
+  const int start = int(int64_t(k) * g.cs), end = start + int(chunk_count(g, k));
+  const T* xp = x + plane * g.HW;
+  const T* dyp = dy + plane * int64_t(g.Hp) * g.Wp;
+  T* dxp = dx + plane * g.HW;
+  if (!PAD && vec) {
+    for (int i = start + threadIdx.x * V; i < end; i += kThreads * V) {
+      const Pack xv = *reinterpret_cast<const Pack*>(xp + i);
+      const Pack gv = *reinterpret_cast<const Pack*>(dyp + i);
+      Pack ov;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A xh = (to_acc(xv.v[j]) - m) * r;
+        const A gz = act_bwd<ACT>(xh * w + b, to_acc(gv.v[j]), slope);
+        ov.v[j] = From<T>::cvt(r * (w * gz - c1 - xh * c2));
+      }
+      *reinterpret_cast<Pack*>(dxp + i) = ov;
+    }
+    return;
+  }
+  for (int i = start + threadIdx.x; i < end; i += kThreads) {
+    const A gi = gather_g<T, PAD>(dyp, i, g);
+    const A xh = (to_acc(xp[i]) - m) * r;
+    const A gz = act_bwd<ACT>(xh * w + b, gi, slope);
+    dxp[i] = From<T>::cvt(r * (w * gz - c1 - xh * c2));
+  }
+}
+
+// ================================================================================================
+// NHWC: block = 8 warps; lane = channel within a 32-channel tile, warp = pixel lane (stride 8), so
+// each warp touches 32 consecutive channels of one pixel (coalesced). Grid (N * tiles, S).
+// ================================================================================================
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fwd_stats_nhwc(const T* __restrict__ x, typename AccOf<T>::type* part,
+                                                          Geo g, int tiles) {
+  using A = typename AccOf<T>::type;
+  __shared__ A red[kWarps][33];
+  const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  const int64_t n = blockIdx.x / tiles, c = int64_t(blockIdx.x % tiles) * 32 + tx;
+  const bool valid = c < g.C;
+  const int k = blockIdx.y;
+  const int64_t start = int64_t(k) * g.cs, end = start + chunk_count(g, k);
+  const T* xp = x + n * g.HW * g.C + c;
+  A s = 0;
+  if (valid)
+    for (int64_t q = start + ty; q < end; q += kWarps) s += to_acc(xp[q * g.C]);
+  red[ty][tx] = s;
+  __syncthreads();
+  A tot = 0;
+#pragma unroll
+  for (int j = 0; j < kWarps; ++j) tot += red[j][tx];
+  const A mean = tot / A(end - start);
+  __syncthreads();
+  A q2 = 0;
+  if (valid)
+    for (int64_t q = start + ty; q < end; q += kWarps) {
+      const A d = to_acc(xp[q * g.C]) - mean;
+      q2 += d * d;
+    }
+  red[ty][tx] = q2;
+  __syncthreads();
+  if (ty == 0 && valid) {
+    A m2 = 0;
+#pragma unroll
+    for (int j = 0; j < kWarps; ++j) m2 += red[j][tx];
+    part[((n * g.C + c) * g.S + k) * 2] = mean;
+    part[((n * g.C + c) * g.S + k) * 2 + 1] = m2;
+  }
+}
+
+template <typename T, Act ACT, bool PAD>
+__global__ void __launch_bounds__(kThreads)
+    fwd_apply_nhwc(const T* __restrict__ x, const T* __restrict__ res, const typename AccOf<T>::type* __restrict__ wt,
+                   const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, float* __restrict__ mean_out,
+                   float* __restrict__ rstd_out, const typename AccOf<T>::type* __restrict__ part, Geo g, int tiles,
+                   double eps, double slope_d) {
+  using A = typename AccOf<T>::type;
+  __shared__ A sn[kWarps][33], smu[kWarps][33], sm2[kWarps][33];
+  __shared__ A s_m[32], s_r[32];
+  const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  const int64_t n = blockIdx.x / tiles, c = int64_t(blockIdx.x % tiles) * 32 + tx;
+  const bool valid = c < g.C;
+  const int k = blockIdx.y;
+  {  // merge the chunk statistics of channel c: warp ty takes chunks ty, ty + 8, ...
+    A cn = 0, mu = 0, m2 = 0;
+    if (valid)
+      for (int j = ty; j < g.S; j += kWarps)
+        chan_merge(cn, mu, m2, A(chunk_count(g, j)), part[((n * g.C + c) * g.S + j) * 2],
+                   part[((n * g.C + c) * g.S + j) * 2 + 1]);
+    sn[ty][tx] = cn, smu[ty][tx] = mu, sm2[ty][tx] = m2;
+    __syncthreads();
+    if (ty == 0) {
+      for (int j = 1; j < kWarps; ++j) chan_merge(cn, mu, m2, sn[j][tx], smu[j][tx], sm2[j][tx]);
+      const A rstd = A(1) / sqrt(m2 / A(g.HW) + A(eps));
+      s_m[tx] = mu;
+      s_r[tx] = rstd;
+      if (k == 0 && valid) {
+        mean_out[n * g.C + c] = float(mu);
+        rstd_out[n * g.C + c] = float(rstd);
+      }
+    }
+    __syncthreads();
+  }
+  if (!valid) return;
+  const A m = s_m[tx], r = s_r[tx], w = wt ? wt[c] : A(1), b = bs ? bs[c] : A(0), slope = A(slope_d);
+  const int64_t start = int64_t(k) * g.cs, end = start + chunk_count(g, k);
+  const T* xp = x + n * g.HW * g.C + c;
+  const T* rp = res ? res + n * g.HW * g.C + c : nullptr;
+  T* yp = y + n * int64_t(g.Hp) * g.Wp * g.C + c;
+  for (int64_t q = start + ty; q < end; q += kWarps) {
+    A v = act_fwd<ACT>((to_acc(xp[q * g.C]) - m) * r * w + b, slope);
+    if (rp) v += to_acc(rp[q * g.C]);
+    const T o = From<T>::cvt(v);
+    if (!PAD) {
+      yp[q * g.C] = o;
+    } else {
+      int h, wc, rows[3], cols[3];
+      split_hw(int(q), g, h, wc);
+      mirrors(h, g.H, g.pad, rows);
+      mirrors(wc, g.W, g.pad, cols);
+#pragma unroll
+      for (int a = 0; a < 3; ++a) {
+        if (rows[a] < 0) continue;
+#pragma unroll
+        for (int bb = 0; bb < 3; ++bb)
+          if (cols[bb] >= 0) yp[(int64_t(rows[a]) * g.Wp + cols[bb]) * g.C] = o;
+      }
+    }
+  }
+}
+
+template <typename T, bool PAD>
+__device__ __forceinline__ typename AccOf<T>::type gather_g_nhwc(const T* dyp, int64_t q, const Geo& g) {
+  if (!PAD) return to_acc(dyp[q * g.C]);
+  int h, wc, rows[3], cols[3];
+  split_hw(int(q), g, h, wc);
+  mirrors(h, g.H, g.pad, rows);
+  mirrors(wc, g.W, g.pad, cols);
+  typename AccOf<T>::type s = 0;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    if (rows[a] < 0) continue;
+#pragma unroll
+    for (int bb = 0; bb < 3; ++bb)
+      if (cols[bb] >= 0) s += to_acc(dyp[(int64_t(rows[a]) * g.Wp + cols[bb]) * g.C]);
+  }
+  return s;
+}
+
+template <typename T, Act ACT, bool PAD>
+__global__ void __launch_bounds__(kThreads)
+    bwd_sums_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
+                  const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
+                  const float* __restrict__ rstd, T* __restrict__ dres, typename AccOf<T>::type* __restrict__ part,
+                  Geo g, int tiles, double slope_d) {
+  using A = typename AccOf<T>::type;
+  __shared__ A r1[kWarps][33], r2[kWarps][33];
+  const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  const int64_t n = blockIdx.x / tiles, c = int64_t(blockIdx.x % tiles) * 32 + tx;
+  const bool valid = c < g.C;
+  const int k = blockIdx.y;
+  A s1 = 0, s2 = 0;
+  if (valid) {
+    const A m = mean[n * g.C + c], r = rstd[n * g.C + c], w = wt ? wt[c] : A(1), b = bs ? bs[c] : A(0),
+            slope = A(slope_d);
+    const int64_t start = int64_t(k) * g.cs, end = start + chunk_count(g, k);
+    const T* xp = x + n * g.HW * g.C + c;
+    const T* dyp = dy + n * int64_t(g.Hp) * g.Wp * g.C + c;
+    T* drp = dres ? dres + n * g.HW * g.C + c : nullptr;
+    for (int64_t q = start + ty; q < end; q += kWarps) {
+      const A gi = gather_g_nhwc<T, PAD>(dyp, q, g);
+      const A xh = (to_acc(xp[q * g.C]) - m) * r;
+      const A gz = act_bwd<ACT>(xh * w + b, gi, slope);
+      s1 += gz;
+      s2 += gz * xh;
+      if (drp) drp[q * g.C] = From<T>::cvt(gi);
+    }
+  }
+  r1[ty][tx] = s1;
+  r2[ty][tx] = s2;
+  __syncthreads();
+  if (ty == 0 && valid) {
+    A a = 0, cc = 0;
+#pragma unroll
+    for (int j = 0; j < kWarps; ++j) a += r1[j][tx], cc += r2[j][tx];
+    part[((n * g.C + c) * g.S + k) * 2] = a;
+    part[((n * g.C + c) * g.S + k) * 2 + 1] = cc;
+  }
+}
+
+template <typename T, Act ACT, bool PAD>
+__global__ void __launch_bounds__(kThreads)
+    bwd_dx_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
+                const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
+                const float* __restrict__ rstd, T* __restrict__ dx, const typename AccOf<T>::type* __restrict__ part,
+                typename AccOf<T>::type* __restrict__ sum_gz, typename AccOf<T>::type* __restrict__ sum_gzx, Geo g,
+                int tiles, double slope_d) {
+  using A = typename AccOf<T>::type;
+  __shared__ A r1[kWarps][33], r2[kWarps][33];
+  const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  const int64_t n = blockIdx.x / tiles, c = int64_t(blockIdx.x % tiles) * 32 + tx;
+  const bool valid = c < g.C;
+  const int k = blockIdx.y;
+  A a = 0, cc = 0;
+  if (valid)
+    for (int j = ty; j < g.S; j += kWarps) {
+      a += part[((n * g.C + c) * g.S + j) * 2];
+      cc += part[((n * g.C + c) * g.S + j) * 2 + 1];
+    }
+  r1[ty][tx] = a;
+  r2[ty][tx] = cc;
+  __syncthreads();
+  if (!valid) return;  // no block-wide barrier below
+  a = 0, cc = 0;
+#pragma unroll
+  for (int j = 0; j < kWarps; ++j) a += r1[j][tx], cc += r2[j][tx];  // same order in every warp
+  const A m = mean[n * g.C + c], r = rstd[n * g.C + c], w = wt ? wt[c] : A(1), b = bs ? bs[c] : A(0),
+          slope = A(slope_d);
+  if (k == 0 && ty == 0) {
+    if (sum_gz) sum_gz[n * g.C + c] = a;
+    if (sum_gzx) sum_gzx[n * g.C + c] = cc;
+  }
+  const A c1 = w * a / A(g.HW), c2 = w * cc / A(g.HW);
+  const int64_t start = int64_t(k) * g.cs, end = start + chunk_count(g, k);
+  const T* xp = x + n * g.HW * g.C + c;
+  const T* dyp = dy + n * int64_t(g.Hp) * g.Wp * g.C + c;
+  T* dxp = dx + n * g.HW * g.C + c;
+  for (int64_t q = start + ty; q < end; q += kWarps) {
+    const A gi = gather_g_nhwc<T, PAD>(dyp, q, g);
+    const A xh = (to_acc(xp[q * g.C]) - m) * r;
+    const A gz = act_bwd<ACT>(xh * w + b, gi, slope);
+    dxp[q * g.C] = From<T>::cvt(r * (w * gz - c1 - xh * c2));
+  }
+}
+
+// ================================================================================================
+// Host side
+// ================================================================================================
+int sm_count(int device) {
+  static std::atomic<int> cache[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  int v = cache[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || v <= 0) {
+      cudaGetLastError();  // clear the error; fall back to a typical count
+      v = 132;
+    }
+    cache[device].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+struct Plan {
+  Geo g;
+  int64_t units;  // planes (NCHW) or channel tiles (NHWC) -> grid.x
+  int tiles;      // NHWC channel tiles per image
+};
+
+Plan make_plan(bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W, int64_t pad, int device) {
+  Plan p{};
+  Geo& g = p.g;
+  g.HW = H * W;
+  g.H = int(H), g.W = int(W), g.pad = int(pad), g.Hp = int(H + 2 * pad), g.Wp = int(W + 2 * pad);
+  g.C = C;
+  g.invW = 1.0f / float(W);
+  p.tiles = int((C + 31) / 32);
+  p.units = channels_last ? N * p.tiles : N * C;
+  // About 8 resident 256-thread blocks per SM; chunks of at least 2048 values (NCHW) or 64
+  // pixels x 32 channels (NHWC), so that small planes are not split at all.
+  const int64_t target = 8LL * sm_count(device);
+  const int64_t min_chunk = channels_last ? 64 : 2048;
+  int64_t S = (target + p.units - 1) / p.units;
+  S = std::min<int64_t>(S, std::max<int64_t>(1, g.HW / min_chunk));
+  S = std::max<int64_t>(1, std::min<int64_t>(S, kMaxSplits));
+  int64_t cs = (g.HW + S - 1) / S;
+  cs = (cs + 7) / 8 * 8;  // a multiple of every vector width, so vector chunks stay aligned
+  g.cs = cs;
+  g.S = int((g.HW + cs - 1) / cs);  // every chunk non-empty
+  return p;
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+template <typename T, Act ACT, bool PAD>
+void launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream, const Plan& plan) {
+  using A = typename AccOf<T>::type;
+  const T* x = static_cast<const T*>(p.x);
+  const T* res = static_cast<const T*>(p.residual);
+  T* y = static_cast<T*>(p.y);
+  const A* wt = static_cast<const A*>(p.weight);
+  const A* bs = static_cast<const A*>(p.bias);
+  A* part = static_cast<A*>(workspace);
+  const dim3 grid(unsigned(plan.units), unsigned(plan.g.S));
+  if (!p.channels_last) {
+    const bool vin = plan.g.HW % VecOf<T>::V == 0 && aligned16(x);
+    const bool vall = vin && aligned16(y) && (!res || aligned16(res));
+    fwd_stats_nchw<T><<<grid, kThreads, 0, stream>>>(x, part, plan.g, vin);
+    fwd_apply_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(x, res, wt, bs, y, p.mean, p.rstd, part, plan.g,
+                                                              p.eps, p.slope, vall);
+  } else {
+    fwd_stats_nhwc<T><<<grid, kThreads, 0, stream>>>(x, part, plan.g, plan.tiles);
+    fwd_apply_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(x, res, wt, bs, y, p.mean, p.rstd, part, plan.g,
+                                                              plan.tiles, p.eps, p.slope);
+  }
+}
+
+template <typename T, Act ACT, bool PAD>
+void launch_bwd(const BwdParams& p, void* workspace, cudaStream_t stream, const Plan& plan) {
+  using A = typename AccOf<T>::type;
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* x = static_cast<const T*>(p.x);
+  T* dx = static_cast<T*>(p.dx);
+  T* dres = static_cast<T*>(p.dres);
+  const A* wt = static_cast<const A*>(p.weight);
+  const A* bs = static_cast<const A*>(p.bias);
+  A* sg = static_cast<A*>(p.sum_gz);
+  A* sgx = static_cast<A*>(p.sum_gzx);
+  A* part = static_cast<A*>(workspace);
+  const dim3 grid(unsigned(plan.units), unsigned(plan.g.S));
+  if (!p.channels_last) {
+    const bool vec = plan.g.HW % VecOf<T>::V == 0 && aligned16(x) && aligned16(dy) && aligned16(dx) &&
+                     (!dres || aligned16(dres));
+    bwd_sums_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dres, part, plan.g,
+                                                             p.slope, vec);
+    bwd_dx_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dx, part, sg, sgx,
+                                                           plan.g, p.slope, vec);
+  } else {
+    bwd_sums_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dres, part, plan.g,
+                                                             plan.tiles, p.slope);
+    bwd_dx_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dx, part, sg, sgx,
+                                                           plan.g, plan.tiles, p.slope);
+  }
+}
+
+struct FwdLaunch {
+  const FwdParams& p;
+  void* ws;
+  cudaStream_t stream;
+  const Plan& plan;
+  template <typename T, Act ACT, bool PAD>
+  void run() const {
+    launch_fwd<T, ACT, PAD>(p, ws, stream, plan);
+  }
+};
+struct BwdLaunch {
+  const BwdParams& p;
+  void* ws;
+  cudaStream_t stream;
+  const Plan& plan;
+  template <typename T, Act ACT, bool PAD>
+  void run() const {
+    launch_bwd<T, ACT, PAD>(p, ws, stream, plan);
+  }
+};
+
+template <typename T, typename Params, typename F>
+void dispatch_act_pad(const Params& p, const F& f) {
+  const bool pad = p.pad > 0;
+  switch (p.act) {
+    case Act::ReLU: return pad ? f.template run<T, Act::ReLU, true>() : f.template run<T, Act::ReLU, false>();
+    case Act::LeakyReLU:
+      return pad ? f.template run<T, Act::LeakyReLU, true>() : f.template run<T, Act::LeakyReLU, false>();
+    case Act::None: return pad ? f.template run<T, Act::None, true>() : f.template run<T, Act::None, false>();
+  }
+}
+
+template <typename Params, typename F>
+void dispatch(const Params& p, const F& f) {
+  switch (p.dtype) {
+    case DType::Float32: return dispatch_act_pad<float>(p, f);
+    case DType::Float64: return dispatch_act_pad<double>(p, f);
+    case DType::Float16: return dispatch_act_pad<__half>(p, f);
+    case DType::BFloat16: return dispatch_act_pad<__nv_bfloat16>(p, f);
+  }
+}
+
+}  // namespace
+
+int64_t cuda_fwd_workspace_elems(const FwdParams& p, int device) {
+  const Plan plan = make_plan(p.channels_last, p.N, p.C, p.H, p.W, p.pad, device);
+  return 2 * p.N * p.C * int64_t(plan.g.S);
+}
+
+int64_t cuda_bwd_workspace_elems(const BwdParams& p, int device) {
+  const Plan plan = make_plan(p.channels_last, p.N, p.C, p.H, p.W, p.pad, device);
+  return 2 * p.N * p.C * int64_t(plan.g.S);
+}
+
+int cuda_fwd(const FwdParams& p, void* workspace, int device, void* stream) {
+  const Plan plan = make_plan(p.channels_last, p.N, p.C, p.H, p.W, p.pad, device);
+  auto s = static_cast<cudaStream_t>(stream);
+  dispatch(p, FwdLaunch{p, workspace, s, plan});
+  return int(cudaGetLastError());
+}
+
+int cuda_bwd(const BwdParams& p, void* workspace, int device, void* stream) {
+  const Plan plan = make_plan(p.channels_last, p.N, p.C, p.H, p.W, p.pad, device);
+  auto s = static_cast<cudaStream_t>(stream);
+  dispatch(p, BwdLaunch{p, workspace, s, plan});
+  return int(cudaGetLastError());
+}
+
+const char* cuda_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+}  // namespace fastcgan

@@ -222,7 +222,7 @@ def test_resnet_traces_fullgraph():
 )
 def test_save_load_generator(arch, norm, size, tmp_path):
     torch.manual_seed(0)
-    g = build_generator(arch, ngf=4, norm=norm).eval()
+    g = build_generator(arch, ngf=4, norm=norm, backend="torch").eval()
     path = tmp_path / "g.safetensors"
     save_generator(g, path)  # config from build_generator
     cfg = read_generator_config(path)

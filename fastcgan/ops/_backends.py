@@ -118,8 +118,19 @@ def resolve(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
+_impl_cache: dict = {}
+
+
 def kernel_impl(backend: str):
-    """The module implementing ``forward``/``backward`` for a kernel backend."""
+    """The module implementing ``forward``/``backward`` for a kernel backend (cached: this is
+    on the per-call path)."""
+    impl = _impl_cache.get(backend)
+    if impl is None:
+        impl = _impl_cache[backend] = _load_impl(backend)
+    return impl
+
+
+def _load_impl(backend: str):
     if backend == "triton":
         return importlib.import_module("fastcgan.kernels.instance_norm")
     if backend in ("cpp", "cuda"):

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One batched GPU session: build, GPU correctness tests, then every benchmark.
+# Usage (from the repo root on a CUDA machine): bash bench/run_gpu.sh [OUTDIR]
+# Logs go to OUTDIR (default bench/results/logs); benchmark rows are appended to
+# bench/results/<device>.json by bench/conftest.py -- commit those with the device named.
+set -uo pipefail
+out=${1:-bench/results/logs}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+python3 -c "import fastcgan.ops as o; [print(f'{k:7s}', v.available, v.reason) for k, v in o.available_backends().items()]" | tee "$out/backends.log"
+# Correctness first: kernels that are wrong are not worth timing.
+python3 -m pytest tests -m cuda -q -x --timeout=600 2>&1 | tee "$out/test_cuda.log" | tail -30
+python3 -m pytest bench -q -s --timeout=900 2>&1 | tee "$out/bench.log" | tail -80

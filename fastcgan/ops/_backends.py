@@ -24,7 +24,9 @@ SUPPORTED_DTYPES = {
     "cpp": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
 
-# "auto" on a GPU tries these in order (set from bench/results: the fastest first).
+# "auto" on a GPU tries these in order (set from bench/results: the fastest first). No GPU
+# table exists yet: the native CUDA kernels go first (no JIT compile on first call, fp64 too),
+# Triton second; bench/test_instance_norm_act.py prints which is faster per shape on an H100.
 AUTO_ORDER_CUDA = ("cuda", "triton")
 
 
@@ -54,6 +56,14 @@ def _probe_triton() -> BackendStatus:
         reasons.append("CUDA GPU present")
     if not devices:
         return BackendStatus("triton", False, "no CUDA GPU and TRITON_INTERPRET is not set")
+    try:
+        # Defines the @triton.jit kernels (no compilation, no CUDA query); a Triton too old for
+        # the language features used there shows up here rather than at the first call.
+        importlib.import_module("fastcgan.kernels.instance_norm")
+    except Exception as e:  # pragma: no cover - depends on the install
+        return BackendStatus(
+            "triton", False, f"fastcgan.kernels.instance_norm cannot be imported ({type(e).__name__}: {e})"
+        )
     return BackendStatus("triton", True, "; ".join(reasons), tuple(devices))
 
 

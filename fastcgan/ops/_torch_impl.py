@@ -73,19 +73,20 @@ def backward(dy, x, weight: Optional[Tensor], bias, mean, rstd, activation, nega
         gz = torch.where(z > 0, g, g * negative_slope)
     else:
         gz = g
-    empty = x.new_empty((0,))
-    dw = (gz * xhat).sum((0, 2, 3)).to(weight.dtype) if weight is not None else empty
+    # Custom-op outputs may not alias each other: a fresh (0,) tensor for each unneeded grad.
+    dw = (gz * xhat).sum((0, 2, 3)).to(weight.dtype) if weight is not None else x.new_empty((0,))
     if bias is not None:
         db = gz.sum((0, 2, 3)).to(bias.dtype)
     elif weight is not None:
-        db = weight.new_empty(weight.shape)  # unused; keeps the fake's shape contract
+        db = weight.new_zeros(weight.shape)  # unused; keeps the fake's shape contract
     else:
-        db = empty
+        db = x.new_empty((0,))
     gxhat = gz * weight.float()[None, :, None, None] if weight is not None else gz
     # d/dx of (x - mean) * rstd with biased variance over the plane:
     #   dx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat))
     m1 = gxhat.mean((2, 3), keepdim=True)
     m2 = (gxhat * xhat).mean((2, 3), keepdim=True)
     dx = (rstd[:, :, None, None] * (gxhat - m1 - xhat * m2)).to(x.dtype).contiguous(memory_format=fmt)
-    dres = g.to(x.dtype).contiguous(memory_format=fmt) if has_residual else empty
+    # copy=True: with pad == 0 and fp32, g *is* dy, and an output may not alias an input.
+    dres = g.to(dtype=x.dtype, memory_format=fmt, copy=True) if has_residual else x.new_empty((0,))
     return dx, dw, db, dres

@@ -63,7 +63,16 @@ def instance_norm_act_ref(
     xf = x if dtype in (torch.float32, torch.float64) else x.float()
     w = weight.to(xf.dtype) if weight is not None else None
     b = bias.to(xf.dtype) if bias is not None else None
-    y = F.instance_norm(xf, weight=w, bias=b, eps=eps)
+    if xf.shape[-2] * xf.shape[-1] == 1:
+        # F.instance_norm refuses 1x1 planes in training mode; their normalised value is 0
+        # (zero variance), which is what every kernel backend computes.
+        y = xf - xf  # keeps x in the graph: its gradient is exactly 0, as in the kernels
+        y = y * w[None, :, None, None] if w is not None else y
+        y = y + b[None, :, None, None] if b is not None else y
+    else:
+        # .contiguous(): torch 2.14's CPU instance_norm backward is wrong for channels_last
+        # input with H == 1; NCHW input (and so export) is unaffected.
+        y = F.instance_norm(xf.contiguous(), weight=w, bias=b, eps=eps)
     if activation == "relu":
         y = F.relu(y)
     elif activation == "leaky_relu":

@@ -1,0 +1,684 @@
+"""instance_norm_act: the reference against torch.nn compositions, the custom-op path, and every
+kernel backend (Triton, C++ on CPU; Triton, CUDA on a GPU) against the reference.
+
+On CPU the Triton kernels run under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+so CPU sweeps use tiny planes: every option combination on a 3x5 plane, a few on the others.
+The ``cuda`` variants sweep everything, plus the real ResNet shapes. Native-build specifics
+(gradcheck of ``cpp``, CPU ISA variants) live in test_native.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import TOL, assert_matches_reference, tol
+from torch import nn
+
+import fastcgan.ops as ops
+from fastcgan.ops import _backends
+from fastcgan.ops.instance_norm_act import instance_norm_act, instance_norm_act_ref, output_memory_format
+
+ACTS = ("relu", "leaky_relu", "none")
+AFFINE = ("none", "weight", "weight+bias", "bias")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_IDS = ("fp32", "fp16", "bf16")
+# Kernel sweeps add fp64 for the backends that take it (cpp, cuda). Their saved mean/rstd are
+# fp32 by contract, so fp64 output is judged at fp32 tolerance (fp64 gradcheck of the native
+# kernels lives in test_native.py).
+KERNEL_DTYPES = DTYPES + (torch.float64,)
+KERNEL_DTYPE_IDS = DTYPE_IDS + ("fp64",)
+SLOPE = 0.2
+
+# Named odd shapes (N, C, H, W).
+SHAPES = {
+    "1x1": (2, 3, 1, 1),
+    "3x5": (2, 3, 3, 5),
+    "7x257": (1, 4, 7, 257),
+    "1x1024": (1, 2, 1, 1024),
+    "batch3": (3, 4, 6, 6),
+}
+GPU_SHAPES = {
+    **SHAPES,
+    "1x64x256x256": (1, 64, 256, 256),
+    "8x256x64x64": (8, 256, 64, 64),
+    "1x3x1024x1024": (1, 3, 1024, 1024),
+}
+
+
+def _pads(shape):
+    h, w = shape[2:]
+    return [p for p in (0, 1, 2) if p == 0 or (p < h and p < w)]
+
+
+def _usable(backend: str, device: str) -> bool:
+    st = _backends.status(backend)
+    return st.available and device in st.devices
+
+
+def _need(backend: str, device: str, dtype=None):
+    if not _usable(backend, device):
+        pytest.skip(f"backend {backend!r} not usable on {device}: {_backends.status(backend).reason}")
+    if dtype is not None and dtype not in _backends.SUPPORTED_DTYPES[backend]:
+        pytest.skip(f"backend {backend!r} does not compute {dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: inputs, autograd runs, comparisons
+# --------------------------------------------------------------------------------------------
+def _inputs(shape, affine, residual, pad, seed=0):
+    """fp64 CPU master copies of x, weight, bias, residual, dy."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 1.7 + 0.6
+    wt = torch.randn(c, generator=g, dtype=torch.float64) + 0.5 if "weight" in affine else None
+    b = torch.randn(c, generator=g, dtype=torch.float64) if "bias" in affine else None
+    r = torch.randn(shape, generator=g, dtype=torch.float64) if residual else None
+    dy = torch.randn((n, c, h + 2 * pad, w + 2 * pad), generator=g, dtype=torch.float64)
+    return x, wt, b, r, dy
+
+
+def _cast(t, dtype, device, channels_last=False):
+    if t is None:
+        return None
+    t = t.to(device=device, dtype=dtype)
+    if channels_last and t.dim() == 4:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _run(fn, x, w, b, r, dy, **kw):
+    """(y, {grad name: grad}) of ``fn`` with autograd; grads of absent inputs are omitted."""
+    leaves = {k: v.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+              for k, v in (("x", x), ("weight", w), ("bias", b), ("residual", r)) if v is not None}
+    y = fn(leaves["x"], leaves.get("weight"), leaves.get("bias"), residual=leaves.get("residual"), **kw)
+    y.backward(dy)
+    return y.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def _plane_ref(x, w, b, residual=None, *, activation, negative_slope, pad):
+    """The reference's formula with var_mean instead of F.instance_norm, which refuses planes of
+    one pixel ("Expected more than 1 spatial element"); used only for 1x1 planes."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    var, mean = torch.var_mean(xf, dim=(2, 3), unbiased=False, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + 1e-5)
+    if w is not None:
+        y = y * w.to(y.dtype)[:, None, None]
+    if b is not None:
+        y = y + b.to(y.dtype)[:, None, None]
+    y = F.relu(y) if activation == "relu" else F.leaky_relu(y, negative_slope) if activation == "leaky_relu" else y
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    if pad:
+        y = F.pad(y, (pad,) * 4, mode="reflect")
+    return y.to(x.dtype)
+
+
+# Under the Triton interpreter an fp32 -> bf16 cast truncates (numpy emulation; even with
+# fp_downcast_rounding="rtne"), where the GPU rounds to nearest even: allow one bf16 ulp more.
+BF16_ULP = 2.0**-7
+
+
+def _check_backend(backend, shape, dtype, device, channels_last, act, affine, residual, pad, seed=0):
+    """Forward and every gradient of ``backend`` against the reference (fp64 truth computed from
+    the same rounded low-precision inputs; low precision also judged against the reference's own
+    error in that dtype).
+
+    The references run on NCHW-contiguous copies: on CPU, torch's instance-norm backward is
+    wrong for channels_last input with H == 1 (shape (1, 2, 1, 16): dx differs from the NCHW
+    result and from autograd of the explicit formula; seen with torch 2.14.1)."""
+    x, w, b, r, dy = _inputs(shape, affine, residual, pad, seed)
+    lo = [_cast(t, dtype, device, channels_last) for t in (x, w, b, r, dy)]
+    lo_nchw = [t.contiguous() if t is not None else None for t in lo]
+    hi = [t.double() if t is not None else None for t in lo_nchw]  # exact upcast of the rounded inputs
+    ref = _plane_ref if shape[2] * shape[3] == 1 else instance_norm_act_ref
+    kw = dict(activation=act, negative_slope=SLOPE, pad=pad)
+    y, grads = _run(instance_norm_act, *lo, backend=backend, **kw)
+    y64, grads64 = _run(ref, *hi, **kw)
+    what = f"{backend} {shape} {dtype} cl={channels_last} {act} {affine} res={residual} pad={pad}"
+    fmt = output_memory_format(lo[0])
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt), f"{what}: y layout {y.stride()}"
+    assert grads["x"].is_contiguous(memory_format=fmt), f"{what}: dx layout {grads['x'].stride()}"
+    assert set(grads) == set(grads64)
+    if dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(y, y64.to(dtype), **tol(torch.float32), msg=lambda m: f"{what} y: {m}")
+        for k in grads:
+            # dweight/dbias sum over N*H*W products; scale atol by the plane size's sqrt.
+            t = tol(torch.float32)
+            if k in ("weight", "bias"):
+                t["atol"] *= max(1.0, (shape[0] * shape[2] * shape[3]) ** 0.5)
+            torch.testing.assert_close(grads[k], grads64[k].to(dtype), **t, msg=lambda m, k=k: f"{what} d{k}: {m}")
+    elif dtype == torch.bfloat16 and backend == "triton" and device == "cpu":
+        for k, out, truth in [("y", y, y64)] + [(f"d{k}", grads[k], grads64[k]) for k in grads]:
+            torch.testing.assert_close(out.double(), truth, atol=TOL[dtype][0], rtol=2 * BF16_ULP,
+                                       msg=lambda m, k=k: f"{what} {k} (interpreter bf16): {m}")
+    else:
+        yl, gradsl = _run(ref, *lo_nchw, **kw)
+        assert_matches_reference(y, yl, y64, name=f"{what} y")
+        for k in grads:
+            if k in ("weight", "bias"):
+                # Sums over the plane: compare relative to their magnitude.
+                scale = grads64[k].abs().max().clamp_min(1.0)
+                assert_matches_reference(grads[k] / scale, gradsl[k] / scale, grads64[k] / scale, name=f"{what} d{k}")
+            else:
+                assert_matches_reference(grads[k], gradsl[k], grads64[k], name=f"{what} d{k}")
+
+
+def _all_options(shape):
+    return list(itertools.product(ACTS, AFFINE, (False, True), _pads(shape)))
+
+
+def _few_options(shape):
+    """The layer's real uses plus the extremes: conv-block norm (relu, pad), residual tail
+    (none, residual, pad), affine leaky (PatchGAN)."""
+    pmax = max(_pads(shape))
+    return [
+        ("relu", "none", False, pmax),
+        ("none", "none", True, pmax),
+        ("leaky_relu", "weight+bias", False, 0),
+        ("relu", "weight", True, min(1, pmax)),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. The reference against torch.nn compositions (fp64)
+# --------------------------------------------------------------------------------------------
+def _composition(x, w, b, residual=None, *, activation, negative_slope, pad):
+    """nn.InstanceNorm2d (affine: F.instance_norm with the caller's leaves) + nn activation +
+    add + nn.ReflectionPad2d."""
+    if w is None and b is None:
+        y = nn.InstanceNorm2d(x.shape[1], affine=False, track_running_stats=False)(x)
+    else:
+        ones = torch.ones(x.shape[1], dtype=x.dtype)
+        y = F.instance_norm(x, weight=w if w is not None else ones,
+                            bias=b if b is not None else torch.zeros_like(ones), eps=1e-5)
+    if activation == "relu":
+        y = nn.ReLU()(y)
+    elif activation == "leaky_relu":
+        y = nn.LeakyReLU(negative_slope)(y)
+    if residual is not None:
+        y = y + residual
+    if pad:
+        y = nn.ReflectionPad2d(pad)(y)
+    return y
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("affine", AFFINE)
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("pad", [0, 1, 2])
+def test_reference_matches_torch_composition(act, affine, residual, pad):
+    shape = (2, 3, 5, 6)
+    x, w, b, r, dy = _inputs(shape, affine, residual, pad)
+    kw = dict(activation=act, negative_slope=SLOPE, pad=pad)
+    y, g = _run(instance_norm_act_ref, x, w, b, r, dy, **kw)
+    y2, g2 = _run(_composition, x, w, b, r, dy, **kw)
+    torch.testing.assert_close(y, y2, **tol(torch.float64))
+    for k in g:
+        torch.testing.assert_close(g[k], g2[k], **tol(torch.float64), msg=lambda m, k=k: f"d{k}: {m}")
+
+
+def test_reference_gradcheck_fp64():
+    x, w, b, r, _ = _inputs((1, 2, 4, 5), "weight+bias", True, 1)
+    fn = lambda x, w, b, r: instance_norm_act_ref(x, w, b, activation="leaky_relu", residual=r, pad=2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (x, w, b, r)])
+
+
+# --------------------------------------------------------------------------------------------
+# 2. The custom-op path with the torch kernel contract
+# --------------------------------------------------------------------------------------------
+def _custom_op(x, w, b, residual=None, *, activation, negative_slope, pad, backend="torch"):
+    return torch.ops.fastcgan.instance_norm_act_fwd(x, w, b, residual, activation, negative_slope, pad, 1e-5, backend)[0]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("act", ACTS)
+def test_custom_op_torch_contract_matches_reference(act, channels_last):
+    shape = (2, 3, 5, 7)
+    for affine, residual, pad in itertools.product(AFFINE, (False, True), (0, 2)):
+        x, w, b, r, dy = _inputs(shape, affine, residual, pad)
+        lo = [_cast(t, torch.float32, "cpu", channels_last) for t in (x, w, b, r, dy)]
+        kw = dict(activation=act, negative_slope=SLOPE, pad=pad)
+        y, g = _run(_custom_op, *lo, **kw)
+        y2, g2 = _run(instance_norm_act_ref, *[t.double() if t is not None else None for t in lo], **kw)
+        assert y.is_contiguous(memory_format=output_memory_format(lo[0]))
+        torch.testing.assert_close(y, y2.float(), **tol(torch.float32))
+        for k in g:
+            torch.testing.assert_close(g[k], g2[k].float(), **tol(torch.float32), msg=lambda m, k=k: f"d{k}: {m}")
+
+
+def _opcheck_args(backend, affine, residual, pad, channels_last=False):
+    x, w, b, r, dy = _inputs((2, 3, 4, 5), affine, residual, pad)
+    x, w, b, r, dy = [_cast(t, torch.float32, "cpu", channels_last) for t in (x, w, b, r, dy)]
+    return x, w, b, r, dy
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize(
+    "case", [("relu", "weight+bias", True, 1, False), ("leaky_relu", "weight", False, 0, True), ("none", "none", True, 2, False)],
+    ids=["relu-affine-res-pad1", "leaky-weight-nhwc", "none-res-pad2"],
+)
+def test_opcheck(backend, case):
+    _need(backend, "cpu")
+    act, affine, residual, pad, cl = case
+    x, w, b, r, dy = _opcheck_args(backend, affine, residual, pad, cl)
+    for t in (x, w, b, r):
+        if t is not None:
+            t.requires_grad_()
+    torch.library.opcheck(
+        torch.ops.fastcgan.instance_norm_act_fwd.default, (x, w, b, r, act, SLOPE, pad, 1e-5, backend)
+    )
+    with torch.no_grad():
+        _, mean, rstd = torch.ops.fastcgan.instance_norm_act_fwd(x, w, b, r, act, SLOPE, pad, 1e-5, backend)
+    torch.library.opcheck(
+        torch.ops.fastcgan.instance_norm_act_bwd.default,
+        (dy, x.detach(), w.detach() if w is not None else None, b.detach() if b is not None else None,
+         mean, rstd, act, SLOPE, pad, residual, backend),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Kernel backends against the reference: CPU (Triton interpreter, C++)
+# --------------------------------------------------------------------------------------------
+CPU_BACKENDS = ("triton", "cpp")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_DTYPE_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cpu_backend_all_options_3x5(backend, dtype, channels_last):
+    """Every option combination (activation x affine x residual x pad 0/1/2) on a 3x5 plane."""
+    _need(backend, "cpu", dtype)
+    for act, affine, residual, pad in _all_options(SHAPES["3x5"]):
+        _check_backend(backend, SHAPES["3x5"], dtype, "cpu", channels_last, act, affine, residual, pad)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape_id", ["1x1", "7x257", "1x1024", "batch3"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_DTYPE_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cpu_backend_shapes(backend, shape_id, dtype, channels_last):
+    _need(backend, "cpu", dtype)
+    shape = SHAPES[shape_id]
+    for act, affine, residual, pad in _few_options(shape):
+        _check_backend(backend, shape, dtype, "cpu", channels_last, act, affine, residual, pad)
+
+
+@pytest.mark.parametrize("merge", ["inline", "kernel"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_triton_split_planes_cpu(monkeypatch, channels_last, merge):
+    """The multi-chunk path (one plane split across programs), forced on CPU with tiny tiles;
+    on a GPU it is what large planes take. The chunk partials are merged either inline by the
+    next kernel or, when there are many (channels_last at batch 1), by a merge kernel first."""
+    _need("triton", "cpu")
+    from fastcgan.kernels import instance_norm as kin
+
+    monkeypatch.setattr(kin, "_TILE_INTERPRET", 32)
+    monkeypatch.setattr(kin, "_MIN_CHUNK", 16)
+    monkeypatch.setattr(kin, "_target_programs", lambda device: 24)
+    monkeypatch.setattr(kin, "_MERGE_INLINE", 1 << 30 if merge == "inline" else 0)
+    kin._plan.cache_clear()
+    try:
+        plan = kin._launch_plan((1, 3, 9, 23), 9 * 23, channels_last, torch.device("cpu"))
+        assert plan[3] > 1, f"expected a split plane, got plan {plan}"
+        for act, affine, residual, pad in [("relu", "weight+bias", True, 2), ("leaky_relu", "none", False, 0)]:
+            _check_backend("triton", (1, 3, 9, 23), torch.float32, "cpu", channels_last, act, affine, residual, pad)
+        _check_backend("triton", (1, 3, 9, 23), torch.bfloat16, "cpu", channels_last, "relu", "weight", True, 1)
+    finally:
+        kin._plan.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Kernel backends against the reference: GPU
+# --------------------------------------------------------------------------------------------
+GPU_BACKENDS = ("triton", "cuda")
+_BIG = ("1x64x256x256", "8x256x64x64", "1x3x1024x1024")
+# Triton JIT-compiles one binary per (dtype, layout, option flags, shape specialisation), about
+# 0.1-0.5 s each and ~180 for one shape's full option sweep: sweeping every option on every small
+# shape would spend ~10 min compiling on a fresh GPU machine. So Triton sweeps every option on
+# the 3x5 plane (fp32 NCHW and bf16 channels_last) and the layer's real option sets elsewhere;
+# the native CUDA kernels (nothing to JIT) sweep every option on every small shape.
+_TRITON_FULL_SWEEP = {("3x5", torch.float32, False), ("3x5", torch.bfloat16, True)}
+
+
+def _gpu_options(backend, shape_id, dtype, channels_last):
+    shape = GPU_SHAPES[shape_id]
+    if shape_id in _BIG:
+        return _few_options(shape)
+    if backend != "triton" or (shape_id, dtype, channels_last) in _TRITON_FULL_SWEEP:
+        return _all_options(shape)
+    return _few_options(shape)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape_id", list(GPU_SHAPES))
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_DTYPE_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gpu_backend_options(backend, shape_id, dtype, channels_last):
+    _need(backend, "cuda", dtype)
+    shape = GPU_SHAPES[shape_id]
+    for act, affine, residual, pad in _gpu_options(backend, shape_id, dtype, channels_last):
+        _check_backend(backend, shape, dtype, "cuda", channels_last, act, affine, residual, pad)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Edge cases: constant planes, non-contiguous inputs, bad calls
+# --------------------------------------------------------------------------------------------
+def _zero_variance_check(backend, device, dtype):
+    x = torch.randn(2, 3, 5, 6, device=device).to(dtype)
+    x[0, 1] = 3.25  # a constant plane
+    x[1, :] = -1.0  # a whole constant sample
+    x = x.requires_grad_()
+    w = torch.randn(3, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(3, device=device, dtype=dtype, requires_grad=True)
+    y = instance_norm_act(x, w, b, activation="leaky_relu", pad=1, backend=backend)
+    y.backward(torch.randn_like(y))
+    for name, t in (("y", y), ("dx", x.grad), ("dweight", w.grad), ("dbias", b.grad)):
+        assert torch.isfinite(t).all(), f"{backend}: {name} not finite for a zero-variance plane"
+    ref = instance_norm_act_ref(x.detach().double(), w.detach().double(), b.detach().double(),
+                                activation="leaky_relu", pad=1)
+    torch.testing.assert_close(y.double(), ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_zero_variance_planes_finite_cpu(backend, dtype):
+    _need(backend, "cpu")
+    _zero_variance_check(backend, "cpu", dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_zero_variance_planes_finite_gpu(backend, dtype):
+    _need(backend, "cuda")
+    _zero_variance_check(backend, "cuda", dtype)
+
+
+def _views(device):
+    """(name, x view, residual view) of layouts a kernel backend must handle."""
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(2, 6, 9, 12, generator=g).to(device)
+    cl = big.contiguous(memory_format=torch.channels_last)
+    return [
+        ("slice_hw", big[:, 1:4, 2:7, 3:11], big[:, 2:5, 1:6, 0:8]),  # mergeable H/W strides
+        ("step_w", big[:, :3, :5, ::2], None),  # W stride 2: copied to a contiguous layout
+        ("transposed_hw", big[:, :3].transpose(2, 3), None),  # H/W swapped: copied
+        ("channels_last_slice", cl[:, 1:5, 1:8, 2:9], cl[:, 0:4, 0:7, 0:7]),
+        ("permuted_nchw", big.permute(1, 0, 2, 3)[:3], None),  # N and C strides swapped
+    ]
+
+
+def _noncontig_check(backend, device):
+    for name, xv, rv in _views(device):
+        pad = 1
+        y = instance_norm_act(xv, None, None, activation="relu",
+                              residual=rv, pad=pad, backend=backend)
+        ref = instance_norm_act_ref(xv, activation="relu", residual=rv, pad=pad)
+        torch.testing.assert_close(y, ref, **tol(torch.float32), msg=lambda m, name=name: f"{backend} {name}: {m}")
+        # Gradients, with a non-contiguous (expanded, stride-0) incoming gradient.
+        x_leaf = xv.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        x_ref = xv.detach().double().requires_grad_()
+        instance_norm_act(x_leaf, activation="relu", pad=pad, backend=backend).sum().backward()
+        instance_norm_act_ref(x_ref, activation="relu", pad=pad).sum().backward()
+        torch.testing.assert_close(x_leaf.grad, x_ref.grad.float(), **tol(torch.float32),
+                                   msg=lambda m, name=name: f"{backend} {name} dx: {m}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_noncontiguous_inputs_cpu(backend):
+    _need(backend, "cpu")
+    _noncontig_check(backend, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_noncontiguous_inputs_gpu(backend):
+    _need(backend, "cuda")
+    _noncontig_check(backend, "cuda")
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: dict(x=torch.randn(3, 4, 5)), ValueError, "4-D"),
+        (lambda: dict(x=torch.randn(1, 3, 4, 4), weight=torch.ones(4)), ValueError, r"weight must have shape \(3,\)"),
+        (lambda: dict(x=torch.randn(1, 3, 4, 4), bias=torch.ones(3, 1)), ValueError, "bias must have shape"),
+        (lambda: dict(x=torch.randn(1, 3, 4, 6), pad=4), ValueError, "smaller than H and W"),
+        (lambda: dict(x=torch.randn(1, 3, 6, 2), pad=2), ValueError, "smaller than H and W"),
+        (lambda: dict(x=torch.randn(1, 3, 4, 4), pad=-1), ValueError, "non-negative"),
+        (lambda: dict(x=torch.ones(1, 3, 4, 4, dtype=torch.int32)), TypeError, "floating-point"),
+        (lambda: dict(x=torch.randn(1, 3, 4, 4), activation="gelu"), ValueError, "activation must be one of"),
+        (lambda: dict(x=torch.randn(1, 3, 4, 4), residual=torch.randn(1, 3, 4, 5)), ValueError, "residual must have"),
+        (lambda: dict(x=torch.randn(1, 3, 4, 4), backend="tensorrt"), ValueError, "unknown backend 'tensorrt'"),
+        (lambda: dict(x=torch.randn(0, 3, 4, 4)), ValueError, "must not be empty"),
+    ],
+    ids=["rank", "weight-size", "bias-rank", "pad-ge-h", "pad-ge-w", "pad-negative", "int-dtype",
+         "activation", "residual-shape", "unknown-backend", "empty"],
+)
+def test_bad_calls_raise_clear_errors(make, exc, match):
+    kw = make()
+    x = kw.pop("x")
+    with pytest.raises(exc, match=match):
+        instance_norm_act(x, **kw)
+
+
+def test_unavailable_backend_raises():
+    x = torch.randn(1, 2, 4, 4)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+            instance_norm_act(x, backend="cuda")
+    if _usable("triton", "cpu"):
+        with pytest.raises(RuntimeError, match="does not support torch.float64"):
+            instance_norm_act(x.double(), backend="triton")
+
+
+def test_backends_report_status():
+    st = ops.available_backends()
+    assert set(st) == set(_backends.BACKENDS)
+    assert st["torch"].available
+    for s in st.values():
+        assert s.reason, f"{s.name}: no reason given"
+    assert ops.resolve("auto", torch.randn(1, 1, 2, 2)) in ("cpp", "torch")
+
+
+# --------------------------------------------------------------------------------------------
+# 6. torch.compile, ONNX export, convergence
+# --------------------------------------------------------------------------------------------
+class _Small(nn.Module):
+    def __init__(self, backend, custom_op=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=0)
+        self.weight = nn.Parameter(torch.rand(4) + 0.5)
+        self.bias = nn.Parameter(torch.randn(4) * 0.1)
+        self.backend, self.custom_op = backend, custom_op
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.custom_op:  # the kernel contract through the custom op (backend "torch")
+            return _custom_op(h, self.weight, self.bias, h, activation="relu", negative_slope=SLOPE, pad=1,
+                              backend=self.backend)
+        return instance_norm_act(h, self.weight, self.bias, residual=h, pad=1, backend=self.backend)
+
+
+def _compile_check(backend, device, custom_op=False, compiler="aot_eager"):
+    torch.manual_seed(0)
+    model = _Small(backend, custom_op).to(device)
+    x = torch.randn(2, 3, 10, 11, device=device)
+    y_eager = model(x)
+    y_eager.square().mean().backward()
+    g_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    y = compiled(x)
+    y.square().mean().backward()
+    torch.testing.assert_close(y, y_eager, **tol(torch.float32))
+    for p, g in zip(model.parameters(), g_eager):
+        torch.testing.assert_close(p.grad, g, **tol(torch.float32))
+
+
+@pytest.mark.parametrize(
+    "backend, custom_op, compiler",
+    [("torch", True, "aot_eager"), ("cpp", False, "inductor"), ("triton", False, "aot_eager")],
+    ids=["torch-custom-op", "cpp-inductor", "triton-interpreter"],
+)
+def test_torch_compile_fullgraph_cpu(backend, custom_op, compiler):
+    _need(backend, "cpu")
+    _compile_check(backend, "cpu", custom_op, compiler)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_torch_compile_fullgraph_gpu(backend):
+    _need(backend, "cuda")
+    _compile_check(backend, "cuda", compiler="inductor")
+
+
+def test_onnx_export_uses_standard_ops(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    from fastcgan.nn.layers import InstanceNormAct
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = InstanceNormAct(4, "relu", affine=True, pad=1, backend="auto")
+
+        def forward(self, x):
+            return self.norm(x, residual=x)
+
+    model = Block().eval()
+    x = torch.randn(1, 4, 8, 8)
+    path = str(tmp_path / "norm.onnx")
+    with torch.no_grad():
+        prog = torch.onnx.export(model, (x,), None, dynamo=True, opset_version=18, verbose=False)
+    prog.save(path)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto)
+    ops_used = {node.op_type for node in proto.graph.node}
+    domains = {node.domain for node in proto.graph.node}
+    assert {"InstanceNormalization", "Relu", "Pad", "Add"} <= ops_used, ops_used
+    assert not any("fastcgan" in d for d in domains), domains
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=1e-4)
+
+
+def _loss_curve(backend, device, steps=20):
+    from fastcgan.models import build_generator
+
+    torch.manual_seed(0)
+    net = build_generator("resnet_6blocks", ngf=4, backend=backend).to(device)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(1, 3, 32, 32, generator=g) * 2 - 1).to(device)
+    target = (torch.rand(1, 3, 32, 32, generator=g) * 2 - 1).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = F.l1_loss(net(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+# Kernels sum in different orders than the reference, and Adam amplifies tiny gradient
+# differences where a gradient is near zero. Measured on CPU (fp32, 20 steps): cpp vs torch
+# curves differ by 3e-7 relative; 1e-3 leaves room for GPU reduction orders and cuDNN.
+CURVE_RTOL = 1e-3
+
+
+def test_convergence_matches_reference_cpu():
+    _need("cpp", "cpu")
+    ref = _loss_curve("torch", "cpu")
+    cpp = _loss_curve("cpp", "cpu")
+    assert ref[-1] < 0.9 * ref[0], f"the tiny generator did not learn: {ref.tolist()}"
+    torch.testing.assert_close(cpp, ref, rtol=CURVE_RTOL, atol=0, msg=lambda m: f"cpp vs torch loss curve: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_convergence_matches_reference_gpu(backend):
+    _need(backend, "cuda")
+    ref = _loss_curve("torch", "cuda")
+    out = _loss_curve(backend, "cuda")
+    assert ref[-1] < 0.9 * ref[0], f"the tiny generator did not learn: {ref.tolist()}"
+    torch.testing.assert_close(out, ref, rtol=CURVE_RTOL, atol=0, msg=lambda m: f"{backend} vs torch loss curve: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# 7. The Triton kernels compile for an H100 (sm_90) without a GPU
+# --------------------------------------------------------------------------------------------
+_AOT_SCRIPT = r'''
+import os
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastcgan.kernels import instance_norm as K
+
+def build(fn, ptrs, consts):
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in ("eps", "slope") else "i32")
+           for n in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert "cubin" in k.asm, fn.__name__
+
+F32 = "*fp32"
+# (dtype, layout, BLOCK_C, BLOCK_HW, PAD, ACT, HAS_W, HAS_B, HAS_R, ints Triton specialises to 1)
+for dt, lay, bc, bhw, pad, act, hw_, hb, hr, ones in [
+    ("bf16", "nchw", 1, 2048, 1, 1, False, False, True, ()),
+    ("fp16", "nhwc", 64, 32, 3, 2, True, True, True, ()),
+    ("fp32", "nchw", 1024, 1, 0, 0, True, False, False, ("HW", "W", "H", "CHUNK", "TILES", "K")),
+]:
+    x = "*" + dt
+    one = {o: 1 for o in ones}
+    lay_x = {"s_xhw": 1} if lay == "nchw" else {"s_xc": 1}
+    lay_s = lambda p: {f"s_{p}hw": 1} if lay == "nchw" else {f"s_{p}c": 1}
+    pick = lambda fn: {k: v for k, v in one.items() if k in fn.arg_names}
+    tiles = dict(BLOCK_C=bc, BLOCK_HW=bhw)
+    flags = dict(PAD=pad, ACT=act, HAS_W=hw_, HAS_B=hb)
+    bk = 1 if "K" in one else 16
+    build(K._fwd_stats_kernel, {"X": x, "PMEAN": F32, "PM2": F32}, dict(tiles, **lay_x, **pick(K._fwd_stats_kernel)))
+    build(K._fwd_apply_kernel, {"X": x, "R": x, "Wt": F32, "B": F32, "Y": x, "PMEAN": F32, "PM2": F32, "MEAN": F32,
+          "RSTD": F32}, dict(tiles, **flags, HAS_R=hr, BLOCK_K=bk, **lay_x, **lay_s("y"), **pick(K._fwd_apply_kernel)))
+    ptr_b = {"DY": x, "X": x, "Wt": F32, "B": F32, "MEAN": F32, "RSTD": F32, "PSG": F32, "PSGX": F32}
+    build(K._bwd_reduce_kernel, ptr_b, dict(tiles, **flags, **lay_x, **lay_s("dy"), **pick(K._bwd_reduce_kernel)))
+    build(K._bwd_dx_kernel, dict(ptr_b, DX=x, DRES=x), dict(tiles, **flags, HAS_R=hr, BLOCK_K=bk, **lay_x,
+          **lay_s("dy"), **lay_s("dx"), **pick(K._bwd_dx_kernel)))
+    merge_ones = {k: v for k, v in one.items() if k in ("HW", "CHUNK", "K")}
+    build(K._merge_stats_kernel, {"PMEAN": F32, "PM2": F32, "OMEAN": F32, "OM2": F32},
+          dict(BLOCK_R=32, BLOCK_K=64, **merge_ones))
+    build(K._merge_sums_kernel, {"PA": F32, "PB": F32, "OA": F32, "OB": F32},
+          dict(BLOCK_R=32, BLOCK_K=64, **{k: v for k, v in merge_ones.items() if k == "K"}))
+print("ok")
+'''
+
+
+def test_triton_kernels_compile_for_sm90():
+    """Compile the kernels (not the interpreter) to sm_90 cubins with ptxas: catches type
+    and specialisation errors (an int argument equal to 1 becomes a constexpr) that the
+    interpreter does not. Uses Triton's ahead-of-time API; skipped where it is missing."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"Triton's AOT compile API is not available: {e}")
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

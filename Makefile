@@ -19,11 +19,14 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	$(PY) -c "import fastcgan.ops as o; [print(f'{k:7s}', 'yes' if v.available else 'no ', v.reason) for k, v in o.available_backends().items()]"
 	touch $@
 
+# Built-in data: runs/synthetic_64 (two renderings of the same random scenes, with ground truth).
 demo: venv
+	rm -rf runs/demo
 	$(PY) -m fastcgan.train --dataset synthetic --preset cyclegan128 --output-dir runs --name demo \
-	    --load-size 64 --crop-size 64 --ngf 16 --ndf 16 --max-steps 600 --sample-every 100
-	$(VENV)/bin/fastcgan-translate --checkpoint runs/demo --input runs/demo/data/testA --output runs/demo/translated
-	$(VENV)/bin/fastcgan-eval --checkpoint runs/demo --dataroot runs/demo/data
+	    --load-size 64 --crop-size 64 --ngf 16 --ndf 16 --lambda-identity 0 --seed 2 --max-steps 600 --sample-every 100
+	$(VENV)/bin/fastcgan-translate --checkpoint runs/demo --input runs/synthetic_64/testA --output runs/demo/translated
+	$(VENV)/bin/fastcgan-eval --checkpoint runs/demo --dataroot runs/synthetic_64 --json runs/demo/eval.json
+	@echo "samples: runs/demo/samples/  translations: runs/demo/translated/  TensorBoard: runs/demo/tb/"
 
 test: venv
 	$(PY) -m pytest tests -q --timeout=900

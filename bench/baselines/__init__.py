@@ -1,0 +1,1 @@
+"""Faithful re-statements of reference implementations, used as benchmark baselines."""

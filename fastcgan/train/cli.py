@@ -1,0 +1,212 @@
+"""``fastcgan-train`` / ``python -m fastcgan.train``: parse flags into a :class:`TrainConfig`, train.
+
+    python -m fastcgan.train --dataroot datasets/horse2zebra --amp
+    python -m fastcgan.train --dataset synthetic --preset cyclegan128 --load-size 64 --crop-size 64 \\
+        --ngf 16 --ndf 16 --max-steps 600 --name demo
+    python -m fastcgan.train --name demo --resume            # continue the latest checkpoint
+
+Exit codes: 0 finished; 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint;
+2 bad flags, dataset or checkpoint (nothing trained); 1 training failed (e.g. non-finite losses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from fastcgan.train.config import (
+    DATASETS,
+    INIT_TYPES,
+    KERNELS,
+    LR_POLICIES,
+    PREPROCESS,
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+)
+
+S = argparse.SUPPRESS  # unset flags stay out of the namespace: only explicit ones override
+
+
+def _int(lo: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    return parse
+
+
+def _float(lo: float = 0.0, strict: bool = False):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if v != v or (v <= lo if strict else v < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo}, got {s}")
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastcgan.losses import GAN_MODES
+    from fastcgan.models import DISCRIMINATOR_ARCHS, GENERATOR_ARCHS, NORMS
+
+    p = argparse.ArgumentParser(
+        prog="fastcgan-train",
+        description="Train a CycleGAN (fast).",
+        epilog="Exit codes: 0 done; 130/143 stopped by SIGINT/SIGTERM after a checkpoint; "
+        "2 bad input; 1 failure.",
+    )
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default="cyclegan",
+        help="named recipe; other flags override it (default: cyclegan, the official recipe)",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataroot", default=S, help="folder with trainA/ trainB/ (and testA/ testB/)")
+    g.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=S,
+        help="folder (default) or synthetic (built-in data with ground truth, generated once)",
+    )
+    g.add_argument("--preprocess", choices=PREPROCESS, default=S)
+    g.add_argument("--load-size", type=_int(1), default=S)
+    g.add_argument("--crop-size", type=_int(1), default=S)
+    g.add_argument("--no-flip", dest="flip", action="store_false", default=S)
+    g.add_argument("--batch-size", type=_int(1), default=S)
+    g.add_argument("--num-workers", type=_int(0), default=S)
+    g.add_argument("--serial-batches", action="store_true", default=S)
+    g.add_argument(
+        "--data-on-gpu",
+        action="store_true",
+        default=S,
+        help="decode every image once and keep them on the device (no loader in the step)",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--netG", choices=GENERATOR_ARCHS, default=S)
+    g.add_argument("--netD", choices=DISCRIMINATOR_ARCHS, default=S)
+    g.add_argument("--ngf", type=_int(1), default=S)
+    g.add_argument("--ndf", type=_int(1), default=S)
+    g.add_argument("--n-layers-D", dest="n_layers_D", type=_int(1), default=S)
+    g.add_argument("--norm", choices=NORMS, default=S)
+    g.add_argument("--use-dropout", action="store_true", default=S)
+    g.add_argument("--input-nc", type=int, choices=(1, 3), default=S)
+    g.add_argument("--output-nc", type=int, choices=(1, 3), default=S)
+    g.add_argument("--init-type", choices=INIT_TYPES, default=S)
+    g.add_argument("--init-gain", type=_float(0.0, strict=True), default=S)
+    g = p.add_argument_group("optimisation and losses")
+    g.add_argument("--lr", type=_float(0.0, strict=True), default=S)
+    g.add_argument("--beta1", type=_float(0.0), default=S)
+    g.add_argument("--beta2", type=_float(0.0), default=S)
+    g.add_argument("--lr-policy", choices=LR_POLICIES, default=S)
+    g.add_argument("--epochs", type=_int(0), default=S, help="epochs at the initial lr (official n_epochs)")
+    g.add_argument(
+        "--epochs-decay", type=_int(0), default=S, help="epochs of decay (official n_epochs_decay)"
+    )
+    g.add_argument("--lr-decay-iters", type=_int(1), default=S)
+    g.add_argument("--gan-mode", choices=GAN_MODES, default=S)
+    g.add_argument("--lambda-cycle", type=_float(0.0), default=S)
+    g.add_argument("--lambda-identity", type=_float(0.0), default=S)
+    g.add_argument("--lambda-gp", type=_float(0.0), default=S)
+    g.add_argument("--cycle-kind", choices=("l1", "l2"), default=S)
+    g.add_argument("--pool-size", type=_int(0), default=S)
+    g = p.add_argument_group("run")
+    g.add_argument("--name", default=S, help="run name: the run directory is OUTPUT_DIR/NAME (default: run)")
+    g.add_argument("--output-dir", default=S, help="default: runs")
+    g.add_argument("--max-steps", type=_int(0), default=S, help="stop after this many steps in total")
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        default=S,
+        help="bf16 autocast (fp16 + loss scaling on GPUs without bf16)",
+    )
+    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the networks")
+    g.add_argument("--compile-backend", default=S, help="torch.compile backend (default inductor)")
+    g.add_argument("--channels-last", action="store_true", default=S)
+    g.add_argument("--kernels", choices=KERNELS, default=S, help="InstanceNorm kernel backend (default auto)")
+    g.add_argument("--device", default=S, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--seed", type=_int(0), default=S)
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=S,
+        metavar="RUN_OR_CKPT",
+        help="continue a run: no value = the latest checkpoint of OUTPUT_DIR/NAME (a new run "
+        "if there is none); or a run directory or checkpoint file",
+    )
+    g.add_argument("--log-every", type=_int(1), default=S, help="read losses from the device every K steps")
+    g.add_argument("--sample-every", type=_int(1), default=S)
+    g.add_argument("--checkpoint-every", type=_int(1), default=S)
+    g.add_argument("--keep-last", type=_int(1), default=S, help="checkpoints kept")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S)
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+    return p
+
+
+def parse_config(argv: Optional[list[str]] = None) -> tuple[TrainConfig, dict]:
+    """Flags -> (config, the explicitly given fields). Invalid values exit via argparse."""
+    p = build_parser()
+    a = vars(p.parse_args(argv))
+    preset = a.pop("preset")
+    try:
+        cfg = TrainConfig.from_preset(preset, **a)
+    except ConfigError as e:
+        p.error(str(e))
+    except TypeError as e:  # pragma: no cover - a flag without a config field
+        p.error(str(e))
+    return cfg, a
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    cfg, requested = parse_config(argv)
+    from fastcgan.data import DatasetError
+    from fastcgan.train.checkpoint import CheckpointError
+    from fastcgan.train.loop import TrainingError, train
+
+    try:
+        summary = train(cfg, requested=requested)
+    except (ConfigError, DatasetError, CheckpointError, FileExistsError) as e:
+        print(f"fastcgan-train: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"fastcgan-train: error: {e}", file=sys.stderr)
+        return 1
+    s = summary
+    print(
+        f"fastcgan: {s['steps']} steps (to step {s['step']}, epoch {s['epoch']}) "
+        f"in {s['wall_time_s']:.1f} s, "
+        f"{s['images_per_s']} images/s on {s['device']}; skipped images: {s['skipped_images']}",
+        file=sys.stderr,
+    )
+    if s["final_losses"]:
+        print(
+            "fastcgan: losses " + "  ".join(f"{k}={v:.4g}" for k, v in s["final_losses"].items()),
+            file=sys.stderr,
+        )
+    if s.get("eval"):
+        from fastcgan.evaluate import format_results
+
+        print("fastcgan: test-set evaluation\n" + format_results(s["eval"]), file=sys.stderr)
+    print(f"fastcgan: run directory {s['run_dir']} (checkpoint {s['checkpoint']})", file=sys.stderr)
+    if s["interrupted"]:
+        print(
+            f"fastcgan: stopped by {s['interrupted']}; continue with --resume {s['run_dir']}", file=sys.stderr
+        )
+    print(json.dumps({k: s[k] for k in ("run_dir", "step", "wall_time_s", "images_per_s", "exit_code")}))
+    return s["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

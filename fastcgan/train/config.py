@@ -1,0 +1,353 @@
+"""Training configuration: frozen dataclasses with named presets (the CLI only parses into them).
+
+    cfg = TrainConfig.from_preset("cyclegan", dataroot="datasets/horse2zebra", amp=True)
+    cfg.to_dict() / TrainConfig.from_dict(d)    # checkpoint and RUN/config.json
+
+``from_preset(name, **overrides)`` takes flat field names (``ngf=32``, ``batch_size=4``); a name
+that is not a field of exactly one section is an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Optional
+
+from fastcgan.losses import GAN_MODES
+from fastcgan.models import DISCRIMINATOR_ARCHS, GENERATOR_ARCHS, NORMS
+
+LR_POLICIES = ("linear", "step", "cosine")
+KERNELS = ("auto", "torch", "triton", "cuda", "cpp")
+DATASETS = ("folder", "synthetic")
+PREPROCESS = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
+INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field (and its CLI flag)."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name} ({_flag(name)}): {msg}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    netG: str = "resnet_9blocks"
+    netD: str = "basic"
+    ngf: int = 64
+    ndf: int = 64
+    n_layers_D: int = 3
+    norm: str = "instance"
+    use_dropout: bool = False
+    input_nc: int = 3
+    output_nc: int = 3
+    init_type: str = "normal"
+    init_gain: float = 0.02
+
+    def validate(self) -> None:
+        _check(self.netG in GENERATOR_ARCHS, "netG", f"must be one of {GENERATOR_ARCHS}, got {self.netG!r}")
+        _check(
+            self.netD in DISCRIMINATOR_ARCHS,
+            "netD",
+            f"must be one of {DISCRIMINATOR_ARCHS}, got {self.netD!r}",
+        )
+        _check(self.norm in NORMS, "norm", f"must be one of {NORMS}, got {self.norm!r}")
+        _check(
+            self.init_type in INIT_TYPES, "init_type", f"must be one of {INIT_TYPES}, got {self.init_type!r}"
+        )
+        for n in ("ngf", "ndf", "n_layers_D"):
+            _check(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an int >= 1")
+        for n in ("input_nc", "output_nc"):
+            _check(getattr(self, n) in (1, 3), n, "must be 1 or 3")
+        _check(
+            not (self.netG == "udacity" and self.use_dropout), "use_dropout", "netG udacity has no dropout"
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataroot: Optional[str] = None
+    dataset: str = "folder"
+    preprocess: str = "resize_and_crop"
+    load_size: int = 286
+    crop_size: int = 256
+    flip: bool = True
+    batch_size: int = 1
+    num_workers: Optional[int] = (
+        None  # None: 0 on CPU (workers would compete with the step), else min(4, cores - 1)
+    )
+    serial_batches: bool = False
+    data_on_gpu: bool = False
+    synthetic_train: int = 200  # images per domain generated for --dataset synthetic
+    synthetic_test: int = 50
+
+    def validate(self) -> None:
+        _check(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}, got {self.dataset!r}")
+        _check(
+            self.preprocess in PREPROCESS,
+            "preprocess",
+            f"must be one of {PREPROCESS}, got {self.preprocess!r}",
+        )
+        for n in ("load_size", "crop_size", "batch_size", "synthetic_train", "synthetic_test"):
+            _check(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an int >= 1")
+        _check(
+            self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0),
+            "num_workers",
+            "must be an int >= 0",
+        )
+        if self.preprocess == "resize_and_crop":
+            _check(
+                self.crop_size <= self.load_size,
+                "crop_size",
+                f"{self.crop_size} is larger than load_size {self.load_size}",
+            )
+        _check(
+            self.dataset == "synthetic" or bool(self.dataroot),
+            "dataroot",
+            "is required unless --dataset synthetic",
+        )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lr_policy: str = "linear"
+    epochs: int = 100  # epochs at the initial lr (official n_epochs)
+    epochs_decay: int = 100  # epochs of linear decay to 0 (official n_epochs_decay)
+    lr_decay_iters: int = 50  # "step" policy: multiply by 0.1 every this many epochs
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+        _check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+        _check(
+            self.lr_policy in LR_POLICIES,
+            "lr_policy",
+            f"must be one of {LR_POLICIES}, got {self.lr_policy!r}",
+        )
+        _check(isinstance(self.epochs, int) and self.epochs >= 0, "epochs", "must be an int >= 0")
+        _check(
+            isinstance(self.epochs_decay, int) and self.epochs_decay >= 0,
+            "epochs_decay",
+            "must be an int >= 0",
+        )
+        _check(self.epochs + self.epochs_decay >= 1, "epochs", "epochs + epochs_decay must be >= 1")
+        _check(
+            isinstance(self.lr_decay_iters, int) and self.lr_decay_iters >= 1,
+            "lr_decay_iters",
+            "must be >= 1",
+        )
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    gan_mode: str = "lsgan"
+    lambda_cycle: float = 10.0  # official lambda_A = lambda_B
+    lambda_identity: float = 0.5  # times lambda_cycle, as in the official code
+    cycle_kind: str = "l1"
+    pool_size: int = 50
+    lambda_gp: float = 10.0  # wgangp only
+
+    def validate(self) -> None:
+        _check(self.gan_mode in GAN_MODES, "gan_mode", f"must be one of {GAN_MODES}, got {self.gan_mode!r}")
+        _check(self.cycle_kind in ("l1", "l2"), "cycle_kind", f"must be l1 or l2, got {self.cycle_kind!r}")
+        _check(self.lambda_cycle >= 0, "lambda_cycle", f"must be >= 0, got {self.lambda_cycle}")
+        _check(self.lambda_identity >= 0, "lambda_identity", f"must be >= 0, got {self.lambda_identity}")
+        _check(self.lambda_gp >= 0, "lambda_gp", f"must be >= 0, got {self.lambda_gp}")
+        _check(isinstance(self.pool_size, int) and self.pool_size >= 0, "pool_size", "must be an int >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a run executes (may change on --resume without changing what is trained)."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    max_steps: Optional[int] = None  # stop after this many steps in total (default: all epochs)
+    amp: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+    kernels: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    resume: Optional[str] = None  # "auto" (latest in the run dir, else start fresh) or a path
+    log_every: int = 50  # losses are read from the device only every this many steps
+    sample_every: int = 500
+    checkpoint_every: int = 2000
+    keep_last: int = 3
+    tensorboard: bool = True
+    progress: bool = True
+    n_samples: int = 4  # images per domain in the sample grids
+
+    def validate(self) -> None:
+        _check(self.kernels in KERNELS, "kernels", f"must be one of {KERNELS}, got {self.kernels!r}")
+        _check(
+            bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+            "name",
+            f"must be a plain folder name, got {self.name!r}",
+        )
+        _check(
+            self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 0),
+            "max_steps",
+            "must be an int >= 0",
+        )
+        for n in ("log_every", "sample_every", "checkpoint_every", "keep_last", "n_samples"):
+            _check(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an int >= 1")
+        _check(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+            "device",
+            f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "loss": LossConfig,
+    "run": RunConfig,
+}
+
+
+def _field_index() -> dict[str, str]:
+    idx: dict[str, str] = {}
+    for sec, cls in SECTIONS.items():
+        for f in fields(cls):
+            assert f.name not in idx, f"duplicate config field {f.name}"
+            idx[f.name] = sec
+    return idx
+
+
+FIELD_SECTION = _field_index()
+
+# Presets: overrides of the defaults above (which are the official CycleGAN recipe).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The official CycleGAN: ResNet-9 + 70x70 PatchGAN, 286 -> 256 crops, LSGAN, lambda 10 / 0.5,
+    # pool 50, Adam 2e-4 (0.5, 0.999), 100 + 100 epochs with linear decay, batch 1.
+    "cyclegan": {},
+    # The official recipe for 128x128 data (resnet_6blocks).
+    "cyclegan128": {"netG": "resnet_6blocks", "load_size": 143, "crop_size": 128},
+    # DiscoGAN-style: U-Net generator, basic PatchGAN, vanilla (BCE) GAN loss, L2 cycle, no identity.
+    "discogan": {
+        "netG": "unet_128",
+        "load_size": 143,
+        "crop_size": 128,
+        "gan_mode": "vanilla",
+        "cycle_kind": "l2",
+        "lambda_identity": 0.0,
+    },
+    # The Udacity tutorial: 128x128, BatchNorm encoder/6 residual blocks/decoder generator, 5-conv
+    # discriminator, LSGAN, Adam(2e-4, (0.5, 0.999)), lambda 10, no identity loss, no pool.
+    "udacity": {
+        "netG": "udacity",
+        "netD": "udacity",
+        "norm": "batch",
+        "ngf": 64,
+        "ndf": 64,
+        "load_size": 128,
+        "crop_size": 128,
+        "preprocess": "resize_and_crop",
+        "flip": False,
+        "gan_mode": "lsgan",
+        "lambda_identity": 0.0,
+        "pool_size": 0,
+        "batch_size": 16,
+    },
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: Optional[str] = None
+
+    def __post_init__(self):
+        for sec in SECTIONS:
+            getattr(self, sec).validate()
+        if self.loss.gan_mode == "wgangp" and self.model.netD == "udacity" and self.model.norm == "batch":
+            raise ConfigError(
+                "gan_mode (--gan-mode) wgangp: the gradient penalty is ill-defined with BatchNorm "
+                "discriminators; use --norm instance or another gan mode"
+            )
+
+    @property
+    def run_dir(self) -> str:
+        import os
+
+        return os.path.join(self.run.output_dir, self.run.name)
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        """A copy with flat field overrides (``ngf=32``, ``lr=1e-4``)."""
+        by_sec: dict[str, dict[str, Any]] = {}
+        for k, v in overrides.items():
+            if k == "preset":
+                continue
+            if k not in FIELD_SECTION:
+                raise ConfigError(f"unknown config field {k!r}; known: {', '.join(sorted(FIELD_SECTION))}")
+            by_sec.setdefault(FIELD_SECTION[k], {})[k] = v
+        kwargs = {sec: replace(getattr(self, sec), **vals) for sec, vals in by_sec.items()}
+        return replace(self, **kwargs, preset=overrides.get("preset", self.preset))
+
+    @classmethod
+    def from_preset(cls, name: str = "cyclegan", /, **overrides: Any) -> "TrainConfig":
+        # ``name`` is positional-only: the run's own ``name=`` (RunConfig.name) is an override.
+        if name not in PRESETS:
+            raise ConfigError(f"preset (--preset): unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        merged = {**PRESETS[name], **overrides}
+        by_sec: dict[str, dict[str, Any]] = {sec: {} for sec in SECTIONS}
+        for k, v in merged.items():
+            if k not in FIELD_SECTION:
+                raise ConfigError(f"unknown config field {k!r}; known: {', '.join(sorted(FIELD_SECTION))}")
+            by_sec[FIELD_SECTION[k]][k] = v
+        return cls(**{sec: SECTIONS[sec](**vals) for sec, vals in by_sec.items()}, preset=name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a config from a newer version)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a dict, got {type(d).__name__}")
+        kwargs: dict[str, Any] = {}
+        for sec, cls_ in SECTIONS.items():
+            vals = dict(d.get(sec, {}))
+            known = {f.name for f in fields(cls_)}
+            unknown = set(vals) - known
+            if unknown:
+                raise ConfigError(f"config section {sec!r} has unknown fields {sorted(unknown)}")
+            kwargs[sec] = cls_(**vals)
+        extra = set(d) - set(SECTIONS) - {"preset"}
+        if extra:
+            raise ConfigError(f"config has unknown sections {sorted(extra)}")
+        return cls(**kwargs, preset=d.get("preset"))
+
+    def flat(self) -> dict[str, Any]:
+        """Every field by its flat name (for diffs and logs)."""
+        out: dict[str, Any] = {}
+        for sec in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, sec)))
+        return out
+
+
+# Fields that define *what* is trained; on --resume they come from the checkpoint and a
+# conflicting flag is an error. Everything else (RunConfig, dataroot, workers, data_on_gpu) may change.
+TRAINING_FIELDS = tuple(
+    f.name
+    for sec in ("model", "optim", "loss", "data")
+    for f in fields(SECTIONS[sec])
+    if f.name not in ("dataroot", "num_workers", "data_on_gpu", "dataset")
+)

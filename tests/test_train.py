@@ -1,0 +1,536 @@
+"""The trainer on CPU: presets, the step's numerics and host syncs, compile, the CLI's errors,
+data problems, and what a run leaves behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+from fastcgan.data import ensure_synthetic_dataset
+from fastcgan.train import TrainConfig, build_state, loss_names, train, train_step
+from fastcgan.train.cli import main as cli_main
+from fastcgan.train.cli import parse_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny convolutions gain nothing from threads, and on a shared 2-core machine a second
+    # OpenMP thread competing with other processes makes each step ~10x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def synth64(tmp_path_factory):
+    return ensure_synthetic_dataset(
+        str(tmp_path_factory.mktemp("synth") / "s64"), size=64, n_train=8, n_test=4
+    )
+
+
+def tiny(root, out, **kw):
+    base = dict(
+        dataroot=root,
+        dataset="synthetic",
+        load_size=64,
+        crop_size=64,
+        ngf=4,
+        ndf=4,
+        num_workers=0,
+        output_dir=str(out),
+        name="run",
+        max_steps=2,
+        log_every=1,
+        sample_every=1000,
+        checkpoint_every=1000,
+        tensorboard=False,
+        progress=False,
+        device="cpu",
+        n_samples=2,
+        synthetic_train=8,
+        synthetic_test=4,
+    )
+    base.update(kw)
+    preset = base.pop("preset", "cyclegan128")
+    return TrainConfig.from_preset(preset, **base)
+
+
+def _batch(cfg, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    b, s = cfg.data.batch_size, cfg.data.crop_size
+    return {d: torch.rand(b, cfg.model.input_nc, s, s, generator=g) * 2 - 1 for d in "AB"}
+
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+def test_config_roundtrip_and_presets():
+    for name in ("cyclegan", "cyclegan128", "discogan", "udacity"):
+        cfg = TrainConfig.from_preset(name, dataset="synthetic")
+        assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    c = TrainConfig.from_preset("cyclegan", dataset="synthetic")
+    assert (c.model.netG, c.model.netD, c.data.load_size, c.data.crop_size) == (
+        "resnet_9blocks",
+        "basic",
+        286,
+        256,
+    )
+    assert (c.loss.gan_mode, c.loss.lambda_cycle, c.loss.lambda_identity, c.loss.pool_size) == (
+        "lsgan",
+        10,
+        0.5,
+        50,
+    )
+    assert (c.optim.lr, c.optim.beta1, c.optim.beta2, c.optim.epochs, c.optim.epochs_decay) == (
+        2e-4,
+        0.5,
+        0.999,
+        100,
+        100,
+    )
+    d = TrainConfig.from_preset("discogan", dataset="synthetic")
+    assert (d.model.netG, d.loss.gan_mode, d.loss.cycle_kind, d.loss.lambda_identity) == (
+        "unet_128",
+        "vanilla",
+        "l2",
+        0,
+    )
+    assert TrainConfig.from_preset("cyclegan", name="x", dataset="synthetic").run.name == "x"
+    with pytest.raises(ValueError, match="--batch-size"):
+        TrainConfig.from_preset("cyclegan", dataset="synthetic", batch_size=0)
+    with pytest.raises(ValueError, match="--dataroot"):
+        TrainConfig.from_preset("cyclegan")
+    with pytest.raises(ValueError, match="unknown config field"):
+        TrainConfig.from_preset("cyclegan", dataset="synthetic", nfg=3)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_linear_schedule_matches_official():
+    from fastcgan.train.state import LinearDecay
+
+    f = LinearDecay(100, 100)
+    assert f(0) == f(99) == 1.0 and f(100) == pytest.approx(1 - 1 / 101) and f(199) == pytest.approx(1 / 101)
+    cfg = tiny("x", "y", epochs=2, epochs_decay=3)
+    st = build_state(cfg)
+    lrs = []
+    for _ in range(5):
+        lrs.append(st.lr())
+        st.sched_G.step()
+    assert lrs == pytest.approx([2e-4, 2e-4, 2e-4 * 3 / 4, 2e-4 * 2 / 4, 2e-4 * 1 / 4])
+
+
+# --------------------------------------------------------------------------------------------
+# every preset trains
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+@pytest.mark.parametrize("preset", ["cyclegan", "cyclegan128", "discogan", "udacity"])
+def test_preset_trains_two_steps(preset, amp, synth64, tmp_path):
+    kw = {}
+    root = synth64
+    if preset == "discogan":  # unet_128 needs 128x128 inputs
+        root = ensure_synthetic_dataset(str(tmp_path / "s128"), size=128, n_train=4, n_test=2)
+        kw = dict(load_size=128, crop_size=128, synthetic_train=4, synthetic_test=2)
+    if preset == "udacity":
+        kw = dict(batch_size=2)
+    cfg = tiny(root, tmp_path, preset=preset, amp=amp, **kw)
+    s = train(cfg)
+    assert s["step"] == 2 and s["exit_code"] == 0
+    assert set(s["final_losses"]) == set(loss_names(cfg))
+    assert all(math.isfinite(v) for v in s["final_losses"].values()), s["final_losses"]
+    run = tmp_path / "run"
+    for f in (
+        "config.json",
+        "generator_AtoB.safetensors",
+        "generator_BtoA.safetensors",
+        "metrics.jsonl",
+        "summary.json",
+    ):
+        assert (run / f).is_file(), f
+    assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())) == cfg
+
+
+def test_wgangp_and_hinge_step(synth64):
+    outs = {}
+    for mode in ("wgangp", "hinge"):
+        cfg = tiny(synth64, "unused", gan_mode=mode)
+        torch.manual_seed(0)
+        st = build_state(cfg)
+        out = train_step(st, _batch(cfg), cfg)
+        assert set(out) == set(loss_names(cfg))
+        assert all(torch.isfinite(v) for v in out.values())
+        outs[mode] = out
+    assert "gp_A" in outs["wgangp"] and "gp_A" not in outs["hinge"]
+
+
+# --------------------------------------------------------------------------------------------
+# the step itself
+# --------------------------------------------------------------------------------------------
+def _official_losses(st, batch, cfg):
+    """The official forward/loss arithmetic, separate calls, on a copy of the state's networks."""
+    import copy
+
+    from fastcgan.losses import cycle_loss, discriminator_loss, generator_gan_loss, identity_loss
+
+    G_AB, G_BA, D_A, D_B = (copy.deepcopy(n) for n in (st.G_AB, st.G_BA, st.D_A, st.D_B))
+    a, b = batch["A"], batch["B"]
+    fake_B, fake_A = G_AB(a), G_BA(b)
+    rec_A, rec_B = G_BA(fake_B), G_AB(fake_A)
+    lc = cfg.loss
+    w = lc.lambda_cycle * lc.lambda_identity
+    G = (
+        generator_gan_loss(D_B(fake_B))
+        + generator_gan_loss(D_A(fake_A))
+        + cycle_loss(rec_A, a) * 10
+        + cycle_loss(rec_B, b) * 10
+        + identity_loss(G_BA(a), a) * w
+        + identity_loss(G_AB(b), b) * w
+    )
+    # With an empty pool the first query returns the fakes themselves.
+    D = discriminator_loss(D_A(a), D_A(fake_A.detach())) + discriminator_loss(D_B(b), D_B(fake_B.detach()))
+    return G, D
+
+
+def test_step_matches_official_arithmetic(synth64):
+    """Batched G/D calls (cat of independent inputs) give the official separate-call losses."""
+    cfg = tiny(synth64, "unused", kernels="torch")
+    torch.manual_seed(0)
+    st = build_state(cfg)
+    batch = _batch(cfg)
+    G, D = _official_losses(st, batch, cfg)
+    out = train_step(st, batch, cfg)
+    torch.testing.assert_close(out["G"], G.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["D_A"] + out["D_B"], D.detach(), rtol=1e-5, atol=1e-5)
+
+
+class _HostSync(RuntimeError):
+    pass
+
+
+def _forbid_host_reads(monkeypatch):
+    """Make every tensor->host read raise, except inside torch.optim: the non-fused Adam keeps
+    its step counters as CPU scalars and reads them (no device sync; fused Adam on CUDA does not)."""
+
+    def guard(name, orig):
+        def f(self, *a, **k):
+            if not any(
+                "torch/optim/" in fr.filename.replace(os.sep, "/") for fr in traceback.extract_stack()
+            ):
+                raise _HostSync(f"Tensor.{name} called in the train step")
+            return orig(self, *a, **k)
+
+        return f
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+def test_step_has_no_host_sync(synth64, monkeypatch, amp):
+    cfg = tiny(synth64, "unused", amp=amp, pool_size=3)
+    torch.manual_seed(0)
+    st = build_state(cfg)
+    batch = _batch(cfg)
+    train_step(st, batch, cfg)  # first step allocates the pools
+    with monkeypatch.context() as m:
+        _forbid_host_reads(m)
+        for _ in range(3):  # past the pool's fill: the swap branch runs too
+            out = train_step(st, batch, cfg)
+    assert all(torch.isfinite(v) for v in out.values())
+    # the guard is live: a read in the step would have raised
+    with monkeypatch.context() as m:
+        _forbid_host_reads(m)
+        with pytest.raises(_HostSync):
+            out["G"].item()
+
+
+@pytest.mark.cuda
+def test_step_has_no_host_sync_cuda():
+    cfg = TrainConfig.from_preset(
+        "cyclegan", dataset="synthetic", device="cuda", amp=True, ngf=16, ndf=16, load_size=64, crop_size=64
+    )
+    torch.manual_seed(0)
+    st = build_state(cfg)
+    batch = {k: v.cuda() for k, v in _batch(cfg).items()}
+    train_step(st, batch, cfg)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            out = train_step(st, batch, cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(v).item() for v in out.values())
+
+
+def _compiled_vs_eager(synth64, backend):
+    res = {}
+    for comp in (False, True):
+        cfg = tiny(
+            synth64,
+            "unused",
+            load_size=32,
+            crop_size=32,
+            netD="n_layers",
+            n_layers_D=2,
+            compile=comp,
+            compile_backend=backend,
+        )
+        torch.manual_seed(0)
+        st = build_state(cfg)
+        torch.manual_seed(5)
+        out = train_step(st, _batch(cfg), cfg)
+        grads = {
+            f"{n}.{k}": p.grad.clone()
+            for n, net in st.nets().items()
+            for k, p in net.named_parameters()
+            if p.grad is not None
+        }
+        out2 = train_step(st, _batch(cfg, seed=2), cfg)
+        res[comp] = (out, grads, out2)
+    return res
+
+
+def test_compiled_step_matches_eager(synth64):
+    """fullgraph torch.compile of the networks (aot_eager: Dynamo + AOT autograd through the op
+    seam's custom ops, without Inductor's C++ build) gives the eager numbers."""
+    res = _compiled_vs_eager(synth64, "aot_eager")
+    for k in res[False][0]:
+        torch.testing.assert_close(res[True][0][k], res[False][0][k], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(res[True][2][k], res[False][2][k], rtol=1e-5, atol=1e-5)
+    assert res[True][1].keys() == res[False][1].keys()
+    for k in res[False][1]:
+        torch.testing.assert_close(res[True][1][k], res[False][1][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_inductor(synth64):
+    """The same with Inductor (C++ codegen on CPU; ~1-2 minutes of compilation)."""
+    res = _compiled_vs_eager(synth64, "inductor")
+    for k in res[False][0]:
+        torch.testing.assert_close(res[True][0][k], res[False][0][k], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(res[True][2][k], res[False][2][k], rtol=1e-3, atol=1e-3)
+    for k in res[False][1]:
+        torch.testing.assert_close(res[True][1][k], res[False][1][k], rtol=1e-3, atol=1e-5)
+
+
+def test_channels_last_step_matches(synth64):
+    outs = []
+    for cl in (False, True):
+        cfg = tiny(synth64, "unused", channels_last=cl)
+        torch.manual_seed(0)
+        st = build_state(cfg)
+        torch.manual_seed(3)
+        outs.append(train_step(st, _batch(cfg), cfg))
+    for k in outs[0]:
+        torch.testing.assert_close(outs[1][k], outs[0][k], rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI and bad input
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--kernels", "fast"], "--kernels"),
+        (["--gan-mode", "wgan"], "--gan-mode"),
+        (["--lr", "-1"], "--lr"),
+        (["--crop-size", "300", "--load-size", "286"], "--crop-size"),
+        ([], "--dataroot"),
+    ],
+)
+def test_cli_bad_flags(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(argv)
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_unavailable_kernels_fail_before_training(tmp_path, synth64, capsys):
+    from fastcgan.ops import available_backends
+
+    if available_backends()["cuda"].available:
+        pytest.skip("the cuda backend is available here")
+    assert (
+        cli_main(
+            [
+                "--dataset",
+                "synthetic",
+                "--dataroot",
+                synth64,
+                "--kernels",
+                "cuda",
+                "--device",
+                "cpu",
+                "--output-dir",
+                str(tmp_path),
+                "--name",
+                "k",
+            ]
+        )
+        == 2
+    )
+    assert "--kernels" in capsys.readouterr().err
+    assert not (tmp_path / "k").exists()
+
+
+def test_cli_parses_into_config():
+    cfg, req = parse_config(
+        [
+            "--dataset",
+            "synthetic",
+            "--preset",
+            "cyclegan128",
+            "--ngf",
+            "16",
+            "--amp",
+            "--kernels",
+            "torch",
+            "--max-steps",
+            "5",
+            "--no-flip",
+            "--netD",
+            "pixel",
+        ]
+    )
+    assert (cfg.model.ngf, cfg.run.amp, cfg.run.kernels, cfg.run.max_steps, cfg.data.flip) == (
+        16,
+        True,
+        "torch",
+        5,
+        False,
+    )
+    assert cfg.model.netG == "resnet_6blocks" and cfg.model.netD == "pixel"
+    assert req == {
+        "dataset": "synthetic",
+        "ngf": 16,
+        "amp": True,
+        "kernels": "torch",
+        "max_steps": 5,
+        "flip": False,
+        "netD": "pixel",
+    }
+
+
+def test_bad_dataroot_fails_before_training(tmp_path, capsys):
+    root = tmp_path / "data"
+    (root / "trainA").mkdir(parents=True)
+    shutil.copy(
+        os.path.join(ensure_synthetic_dataset(str(tmp_path / "s"), 64, 2, 1), "trainA", "a_00000.png"),
+        root / "trainA",
+    )
+    out = tmp_path / "runs"
+    args = [
+        "--dataroot",
+        str(root),
+        "--output-dir",
+        str(out),
+        "--name",
+        "r",
+        "--num-workers",
+        "0",
+        "--no-progress",
+    ]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "trainB" in err and "does not exist" in err
+    assert not (out / "r").exists()  # nothing trained, nothing written
+    (root / "trainB").mkdir()
+    (root / "trainB" / "notes.txt").write_text("no images here")
+    assert cli_main(args) == 2
+    assert "contains no image files" in capsys.readouterr().err
+    assert cli_main(["--dataroot", str(tmp_path / "nope"), "--output-dir", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_bad_images_skipped_and_counted(tmp_path, synth64, capsys):
+    root = tmp_path / "data"
+    for sub in ("trainA", "trainB"):
+        shutil.copytree(os.path.join(synth64, sub), root / sub)
+    (root / "trainA" / "a_00003.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cfg = tiny(str(root), tmp_path, dataset="folder", max_steps=8, serial_batches=True, log_every=2)
+    s = train(cfg)
+    assert s["skipped_images"] == 1 and s["skipped"][0].endswith("a_00003.png")
+    assert "skipped 1 unreadable image" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_images"] == 1
+
+
+def test_run_outputs_samples_metrics_tensorboard(tmp_path, synth64):
+    from PIL import Image
+
+    cfg = tiny(synth64, tmp_path, max_steps=4, log_every=2, sample_every=2, tensorboard=True)
+    s = train(cfg)
+    run = tmp_path / "run"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4]
+    assert {"lr", "images_per_s", "G", "D_A", "cycle_A"} <= set(lines[0])
+    samples = sorted(os.listdir(run / "samples"))
+    assert samples == ["step_000000002.png", "step_000000004.png"]
+    w, h = Image.open(run / "samples" / samples[-1]).size
+    # 3 columns (real | fake | rec) and 2 rows per domain (n_samples=2) of 64px images + 2px padding
+    assert (w, h) == (3 * 66 + 2, 4 * 66 + 2)
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tb"))
+    assert s["images_per_s"] > 0 and s["wall_time_s"] > 0
+    # the synthetic run ends with a test-set evaluation
+    assert s["eval"]["AtoB"]["n"] == 4 and "truth_l1" in s["eval"]["AtoB"]
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, synth64):
+    from fastcgan.train import CheckpointError
+
+    train(tiny(synth64, tmp_path, max_steps=1))
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(tiny(synth64, tmp_path, max_steps=2))
+
+
+def test_python_m_entry_point(tmp_path, synth64):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastcgan.train",
+            "--dataset",
+            "synthetic",
+            "--dataroot",
+            synth64,
+            "--preset",
+            "cyclegan128",
+            "--load-size",
+            "64",
+            "--crop-size",
+            "64",
+            "--ngf",
+            "4",
+            "--ndf",
+            "4",
+            "--max-steps",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+            "--name",
+            "cli",
+            "--num-workers",
+            "0",
+            "--no-progress",
+            "--no-tensorboard",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=REPO,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 1
+    assert (tmp_path / "cli" / "generator_AtoB.safetensors").is_file()

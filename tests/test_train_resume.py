@@ -1,0 +1,250 @@
+"""Runs that never lose work: exact resume, SIGTERM/SIGINT mid-training, bad checkpoints.
+
+(Checkpoint-file mechanics -- atomic writes, SIGKILL during a write -- are in test_checkpoint.py.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastcgan.data import ensure_synthetic_dataset
+from fastcgan.train import TrainConfig, latest_checkpoint, load_checkpoint, train
+from fastcgan.train.cli import main as cli_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return ensure_synthetic_dataset(
+        str(tmp_path_factory.mktemp("synth") / "s32"), size=32, n_train=8, n_test=2
+    )
+
+
+def cfg_for(root, out, name, **kw):
+    base = dict(
+        dataroot=root,
+        dataset="synthetic",
+        load_size=32,
+        crop_size=28,
+        ngf=4,
+        ndf=4,
+        num_workers=0,
+        output_dir=str(out),
+        name=name,
+        log_every=2,
+        sample_every=1000,
+        checkpoint_every=1000,
+        tensorboard=False,
+        progress=False,
+        device="cpu",
+        n_samples=1,
+        synthetic_train=8,
+        synthetic_test=2,
+        pool_size=3,
+        use_dropout=True,
+        netD="n_layers",
+        n_layers_D=2,
+        epochs=1,
+        epochs_decay=2,
+    )
+    base.update(kw)
+    return TrainConfig.from_preset("cyclegan128", **base)
+
+
+def _final(run_dir):
+    return load_checkpoint(latest_checkpoint(str(run_dir)))
+
+
+def _assert_same(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} differs (max {(a.double() - b.double()).abs().max().item():.3g})"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("data_on_gpu", [False, True], ids=["loader", "device-bank"])
+def test_resume_is_exact(tmp_path, synth, data_on_gpu):
+    """2N steps straight == N steps, resume, N steps: every weight, optimizer moment, pool image,
+    LR and RNG state bitwise equal (N crosses an epoch boundary: 8 images, N = 5)."""
+    n = 5
+    straight = train(cfg_for(synth, tmp_path, "straight", max_steps=2 * n, data_on_gpu=data_on_gpu))
+    first = train(cfg_for(synth, tmp_path, "split", max_steps=n, data_on_gpu=data_on_gpu))
+    assert first["step"] == n
+    second = train(cfg_for(synth, tmp_path, "split", max_steps=2 * n, data_on_gpu=data_on_gpu, resume="auto"))
+    assert (straight["step"], second["start_step"], second["step"]) == (2 * n, n, 2 * n)
+    a, b = _final(tmp_path / "straight"), _final(tmp_path / "split")
+    for key in ("nets", "opt_G", "opt_D", "sched_G", "sched_D", "step", "epoch", "batch_in_epoch", "rng"):
+        _assert_same(a[key], b[key], key)
+    pools_a = {k: a[k] for k in a if k.startswith("pool")}
+    pools_b = {k: b[k] for k in b if k.startswith("pool")}
+    _assert_same(pools_a, pools_b, "pools")
+    assert a["epoch"] == 1  # the boundary was crossed and the schedule stepped
+    assert straight["final_losses"] == second["final_losses"]
+
+
+def _snapshot(d):
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, d)] = (os.path.getmtime(p), hashlib.sha256(fh.read()).hexdigest())
+    return out
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_touches_nothing(tmp_path, synth, capsys):
+    train(cfg_for(synth, tmp_path, "run", max_steps=2))
+    run = tmp_path / "run"
+    ckpt = latest_checkpoint(str(run))
+    with open(ckpt, "rb") as f:
+        data = f.read()
+    with open(ckpt, "wb") as f:  # truncated, as by a full disk or an interrupted copy
+        f.write(data[: len(data) // 2])
+    before = _snapshot(run)
+    args = [
+        "--dataset",
+        "synthetic",
+        "--dataroot",
+        synth,
+        "--output-dir",
+        str(tmp_path),
+        "--name",
+        "run",
+        "--no-progress",
+        "--num-workers",
+        "0",
+        "--max-steps",
+        "4",
+    ]
+    assert cli_main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert ckpt in err and ("corrupt" in err or "truncated" in err)
+    assert cli_main(args + ["--resume", ckpt]) == 2
+    assert ckpt in capsys.readouterr().err
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    assert cli_main(args + ["--resume", str(garbage)]) == 2
+    assert str(garbage) in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+
+def test_resume_rejects_changed_training_flags(tmp_path, synth, capsys):
+    train(cfg_for(synth, tmp_path, "run", max_steps=1))
+    run = str(tmp_path / "run")
+    assert (
+        cli_main(
+            ["--dataset", "synthetic", "--dataroot", synth, "--resume", run, "--ngf", "8", "--no-progress"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "ngf=8" in err and "checkpoint: 4" in err
+    # run-control flags may change: more steps, other logging cadence
+    s = train(cfg_for(synth, tmp_path, "run", max_steps=3, resume=run, log_every=1))
+    assert (s["start_step"], s["step"]) == (1, 3)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_and_exits_cleanly(tmp_path, synth, sig, code):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastcgan.train",
+        "--dataset",
+        "synthetic",
+        "--dataroot",
+        synth,
+        "--preset",
+        "cyclegan128",
+        "--load-size",
+        "32",
+        "--crop-size",
+        "28",
+        "--ngf",
+        "4",
+        "--ndf",
+        "4",
+        "--max-steps",
+        "100000",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "100000",
+        "--output-dir",
+        str(tmp_path),
+        "--name",
+        "run",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--no-tensorboard",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        assert p.poll() is None, p.communicate()[1]
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == code, err
+    assert f"received {signal.Signals(sig).name}" in err and "--resume" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] == signal.Signals(sig).name and summary["exit_code"] == code
+    step = summary["step"]
+    assert step >= 3
+    ckpt = latest_checkpoint(str(run))
+    assert ckpt.endswith(f"step_{step:09d}.ckpt") and load_checkpoint(ckpt)["step"] == step
+    assert (run / "generator_AtoB.safetensors").is_file()
+    s = train(
+        cfg_for(
+            synth,
+            tmp_path,
+            "run",
+            max_steps=step + 1,
+            resume="auto",
+            use_dropout=False,
+            pool_size=50,
+            netD="basic",
+            n_layers_D=3,
+            epochs=100,
+            epochs_decay=100,
+        )
+    )
+    assert (s["start_step"], s["step"]) == (step, step + 1)

@@ -33,3 +33,13 @@ def monet2photo_mini():
     if not os.path.isdir(root):
         pytest.skip(f"shared data not found at {root}")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny training runs gain nothing from threads, and on a shared 2-core machine a second
+    OpenMP thread competing with other processes makes each step ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

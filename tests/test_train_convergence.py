@@ -26,12 +26,7 @@ from fastcgan.evaluate import evaluate_generators
 from fastcgan.train import TrainConfig, build_state, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _converge(tmp_path, steps, ngf, n_train):

@@ -13,8 +13,9 @@ import math
 import os
 from typing import Any
 
-import torch
 from torch import nn
+
+from fastcgan.devices import resolve_device  # noqa: F401  (re-exported for the deploy modules)
 
 METADATA_KEY = "fastcgan"
 DIRECTIONS = ("AtoB", "BtoA")
@@ -247,10 +248,3 @@ def artifact_kind(path: str) -> str:
     return kinds[ext]
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but no CUDA GPU is visible to torch")
-    return dev

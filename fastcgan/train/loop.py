@@ -51,7 +51,8 @@ from fastcgan.train.checkpoint import (
 )
 from fastcgan.train.config import TRAINING_FIELDS, ConfigError, TrainConfig
 from fastcgan.train.logging import RunLogger
-from fastcgan.train.state import TrainState, build_state, resolve_device
+from fastcgan.devices import resolve_device
+from fastcgan.train.state import TrainState, build_state
 from fastcgan.train.step import loss_names, train_step
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}

@@ -16,20 +16,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastcgan.devices import resolve_device
 from fastcgan.image_pool import ImagePool
 from fastcgan.models import build_discriminator, build_generator
 from fastcgan.train.config import TrainConfig
 
 NETS = ("G_AB", "G_BA", "D_A", "D_B")
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {spec}: CUDA is not available on this machine")
-    return dev
 
 
 def amp_dtype_for(device: torch.device, amp: bool) -> Optional[torch.dtype]:

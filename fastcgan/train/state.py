@@ -91,9 +91,19 @@ class TrainState:
     # Device generator for the batch augmentation (crop offsets, flips); saved in checkpoints.
     aug_generator: Optional[torch.Generator] = None
     extra: dict = field(default_factory=dict)
+    # Under torchrun: this process's place in the job and the DDP wrappers the step trains
+    # through (the plain networks above stay what checkpoints, samples and exports use).
+    dist: Optional[object] = None  # fastcgan.train.distributed.DistContext
+    ddp: dict = field(default_factory=dict)
+    # --compile: the compiled forward phases of the step (see fastcgan.train.step.compile_step).
+    compiled: dict = field(default_factory=dict)
 
     def nets(self) -> dict[str, nn.Module]:
         return {"G_AB": self.G_AB, "G_BA": self.G_BA, "D_A": self.D_A, "D_B": self.D_B}
+
+    def train_net(self, name: str) -> nn.Module:
+        """The module the step calls for network ``name``: its DDP wrapper when distributed."""
+        return self.ddp.get(name) or getattr(self, name)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -101,7 +111,7 @@ class TrainState:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def lr(self) -> float:
-        return self.opt_G.param_groups[0]["lr"]
+        return float(self.opt_G.param_groups[0]["lr"])  # a device tensor under --cuda-graphs
 
 
 def build_state(cfg: TrainConfig, device: Optional[torch.device] = None) -> TrainState:
@@ -166,15 +176,7 @@ def build_state(cfg: TrainConfig, device: Optional[torch.device] = None) -> Trai
         aug_generator=aug,
     )
     if cfg.run.compile:
-        compile_networks(state, cfg)
+        from fastcgan.train.step import compile_step
+
+        compile_step(state, cfg)
     return state
-
-
-def compile_networks(state: TrainState, cfg: TrainConfig) -> None:
-    """``nn.Module.compile`` in place: state-dict keys stay unchanged, and ``net.forward(x)``
-    still runs eagerly (used for sample grids, whose eval mode would otherwise recompile).
-
-    The discriminators stay eager under WGAN-GP: compiled graphs have no double backward."""
-    names = ["G_AB", "G_BA"] + ([] if cfg.loss.gan_mode == "wgangp" else ["D_A", "D_B"])
-    for n in names:
-        getattr(state, n).compile(backend=cfg.run.compile_backend, fullgraph=True, dynamic=False)

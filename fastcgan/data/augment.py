@@ -33,13 +33,17 @@ def augment_batch(
     generator: torch.Generator | None = None,
     channels_last: bool = False,
     return_params: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ):
     """Random ``crop_size`` square crop and random horizontal flip per image, then scale to [-1, 1].
 
     ``images``: uint8 (B, C, H, W) on any device; ``crop_size=None`` keeps the full H x W.
     ``generator`` must live on ``images.device`` (``None`` uses that device's default generator).
     Offsets are uniform over every valid window (``0..H-crop`` inclusive; modulo bias < 1e-4),
-    each image flips with probability 1/2. Returns float32 (B, C, crop, crop), NCHW-contiguous or channels_last; with
+    each image flips with probability 1/2. ``shard=(rank, world)``: ``images`` is process
+    ``rank``'s slice of a global batch of ``world * B`` images; the parameters are drawn for the
+    whole global batch (the same draws on every process) and this slice's are used, so N processes
+    augment exactly as one process would. Returns float32 (B, C, crop, crop), NCHW-contiguous or channels_last; with
     ``return_params`` also ``{"top", "left", "flip"}`` (each shape (B,)) for inspection.
     """
     if images.dim() != 4:
@@ -53,7 +57,10 @@ def augment_batch(
     grids, mod = _index_tables(images.device, h, w, ch, cw, bool(flip))
     # One draw for all parameters: rows (top, left, flip) of 24-bit integers reduced modulo
     # (H-ch+1, W-cw+1, 2 or 1). The modulo bias is below n / 2**24 (< 1e-4 for any real size).
-    prm = torch.randint(0, 1 << 24, (3, b), device=images.device, generator=generator) % mod
+    rank, world = shard
+    prm = torch.randint(0, 1 << 24, (3, b * world), device=images.device, generator=generator) % mod
+    if world > 1:
+        prm = prm[:, rank * b : (rank + 1) * b]
     top, left, flips = prm[0], prm[1], prm[2]
     # Flat source index of every output pixel: window origin + the (optionally mirrored) offset
     # grid. A flip is just the other grid, so mirroring costs nothing beyond the crop's gather.

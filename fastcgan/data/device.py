@@ -65,8 +65,17 @@ class DeviceImageBank:
             self._perm_cache = (epoch, torch.randperm(self.length, generator=g, device=self.device))
         return self._perm_cache[1]
 
-    def sample_batch(self, batch_size: int, step: int, generator: torch.Generator | None = None) -> dict:
-        """uint8 batches ``{"A": (b,C,H,W), "B": (b,C,H,W)}`` for training step ``step``."""
+    def sample_batch(
+        self,
+        batch_size: int,
+        step: int,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> dict:
+        """uint8 batches ``{"A": (b,C,H,W), "B": (b,C,H,W)}`` for training step ``step``.
+
+        ``shard=(rank, world)``: the global batch of ``batch_size`` is drawn (the same on every
+        process) and process ``rank`` gets its ``batch_size / world`` consecutive images."""
         start = int(step) * int(batch_size)
         pos = torch.arange(start, start + batch_size, device=self.device)
         local = pos % self.length
@@ -86,6 +95,10 @@ class DeviceImageBank:
         else:
             gen = self.generator if generator is None else generator
             idx_b = torch.randint(0, self.B.shape[0], (batch_size,), device=self.device, generator=gen)
+        rank, world = shard
+        if world > 1:
+            b = batch_size // world
+            idx_a, idx_b = idx_a[rank * b : (rank + 1) * b], idx_b[rank * b : (rank + 1) * b]
         return {"A": self.A.index_select(0, idx_a), "B": self.B.index_select(0, idx_b)}
 
 

@@ -183,8 +183,8 @@ def capture(
         "epoch": state.epoch,
         "batch_in_epoch": state.batch_in_epoch,
         "nets": {n: _module(getattr(state, n)).state_dict() for n in NETS},
-        "opt_G": state.opt_G.state_dict(),
-        "opt_D": state.opt_D.state_dict(),
+        "opt_G": _optimizer_state(state.opt_G),
+        "opt_D": _optimizer_state(state.opt_D),
         "sched_G": state.sched_G.state_dict(),
         "sched_D": state.sched_D.state_dict(),
         "scaler": state.scaler.state_dict(),
@@ -194,6 +194,17 @@ def capture(
         "extra": dict(extra or {}),
     }
     return _cpu(payload)
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """``opt.state_dict()`` with the CUDA-graph settings undone (plain float lr, not capturable),
+    so the checkpoint resumes with or without --cuda-graphs (which re-applies them)."""
+    sd = opt.state_dict()
+    sd["param_groups"] = [
+        {**g, "lr": float(g["lr"]), "capturable": False} if "capturable" in g else {**g, "lr": float(g["lr"])}
+        for g in sd["param_groups"]
+    ]
+    return sd
 
 
 def save_checkpoint(

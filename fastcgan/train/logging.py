@@ -32,17 +32,24 @@ class RunLogger:
         batch_size: int,
         tensorboard: bool = True,
         progress: bool = True,
+        enabled: bool = True,
     ):
+        """``enabled=False`` (DDP processes other than 0): no files, no bar, messages only."""
         self.run_dir = run_dir
+        self.enabled = enabled
         self.batch_size = batch_size
         self.total_steps = total_steps
         self.start_step = start_step
         self.t0 = time.perf_counter()
         self._last_t = self.t0
         self._last_step = start_step
+        self._metrics = None
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
         self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-        self.tb = None
         if tensorboard:
             try:
                 with warnings.catch_warnings():
@@ -52,7 +59,6 @@ class RunLogger:
                 self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
             except Exception as e:  # tensorboard missing or broken: log elsewhere, keep training
                 print(f"fastcgan: TensorBoard logging disabled ({type(e).__name__}: {e})", file=sys.stderr)
-        self.bar = None
         if progress:
             from tqdm.auto import tqdm
 
@@ -71,9 +77,14 @@ class RunLogger:
             self.bar.update(n)
 
     # -- every log_every steps ----------------------------------------------------------------
-    def log(self, step: int, epoch: int, losses: dict[str, float], lr: float) -> dict:
+    def log(
+        self, step: int, epoch: int, losses: dict[str, float], lr: float, data_wait: float = 0.0
+    ) -> dict:
+        """``data_wait``: seconds the loop spent waiting for batches since the last call; its
+        share of the wall time says whether data or compute bounds the step."""
         now = time.perf_counter()
         dt = max(now - self._last_t, 1e-9)
+        data_frac = min(1.0, data_wait / dt)
         ips = (step - self._last_step) * self.batch_size / dt
         self._last_t, self._last_step = now, step
         rec = {
@@ -82,17 +93,24 @@ class RunLogger:
             "time": round(now - self.t0, 3),
             "lr": lr,
             "images_per_s": round(ips, 3),
+            "data_wait_frac": round(data_frac, 4),
             **{k: v for k, v in losses.items()},
         }
+        if not self.enabled:
+            return rec
         self._metrics.write(json.dumps(rec) + "\n")
         if self.tb is not None:
             for k, v in losses.items():
                 self.tb.add_scalar(f"loss/{k}", v, step)
             self.tb.add_scalar("lr", lr, step)
             self.tb.add_scalar("images_per_s", ips, step)
+            self.tb.add_scalar("data_wait_frac", data_frac, step)
         if self.bar is not None:
             post = {k: _fmt_num(losses[k]) for k in _BAR_KEYS if k in losses}
             post["img/s"] = f"{ips:.1f}"
+            # More than a fifth of the time waiting for batches: the loader bounds the step
+            # (try --data-on-gpu or more --num-workers); otherwise compute does.
+            post["data"] = f"{100 * data_frac:.0f}%" + (" (data-bound)" if data_frac > 0.2 else "")
             self.bar.set_postfix(post, refresh=False)
         return rec
 
@@ -107,6 +125,8 @@ class RunLogger:
         return path
 
     def message(self, text: str) -> None:
+        if not self.enabled:
+            return
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
         else:
@@ -120,5 +140,5 @@ class RunLogger:
             self.tb.flush()
             self.tb.close()
             self.tb = None
-        if not self._metrics.closed:
+        if self._metrics is not None and not self._metrics.closed:
             self._metrics.close()

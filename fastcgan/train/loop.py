@@ -53,7 +53,9 @@ from fastcgan.train.config import TRAINING_FIELDS, ConfigError, TrainConfig
 from fastcgan.train.logging import RunLogger
 from fastcgan.devices import resolve_device
 from fastcgan.train.state import TrainState, build_state
-from fastcgan.train.step import loss_names, train_step
+from fastcgan.train.cuda_graphs import make_step_fn, use_cuda_graphs
+from fastcgan.train.distributed import from_environment, wrap_ddp
+from fastcgan.train.step import loss_names
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -105,10 +107,25 @@ def build_dataset(cfg: TrainConfig, root: str, phase: str = "train") -> Unaligne
 
 class EpochSampler(Sampler):
     """Indices of one epoch from position ``start`` on: a permutation fixed by (seed, epoch), so a
-    resumed run continues mid-epoch with exactly the batches the uninterrupted run would see."""
+    resumed run continues mid-epoch with exactly the batches the uninterrupted run would see.
 
-    def __init__(self, n: int, seed: int, epoch: int, start: int, shuffle: bool):
+    Distributed (``world > 1``): the epoch is cut into global batches of ``global_batch`` and
+    process ``rank`` gets its ``global_batch / world`` consecutive items of each (an incomplete
+    last global batch is dropped), i.e. one process's order split across processes."""
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        epoch: int,
+        start: int,
+        shuffle: bool,
+        rank: int = 0,
+        world: int = 1,
+        global_batch: int = 1,
+    ):
         self.n, self.seed, self.epoch, self.start, self.shuffle = n, seed, epoch, start, shuffle
+        self.rank, self.world, self.global_batch = rank, world, global_batch
 
     def _order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -116,11 +133,19 @@ class EpochSampler(Sampler):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) & 0x7FFF_FFFF_FFFF)
         return torch.randperm(self.n, generator=g)
 
+    def _indices(self) -> torch.Tensor:
+        idx = self._order()[self.start :]
+        if self.world == 1:
+            return idx
+        gb, b = self.global_batch, self.global_batch // self.world
+        full = (idx.numel() // gb) * gb
+        return idx[:full].view(-1, gb)[:, self.rank * b : (self.rank + 1) * b].reshape(-1)
+
     def __iter__(self):
-        return iter(self._order()[self.start :].tolist())
+        return iter(self._indices().tolist())
 
     def __len__(self) -> int:
-        return max(0, self.n - self.start)
+        return self._indices().numel()
 
 
 def _worker_init(_):
@@ -302,14 +327,30 @@ def train(
             "or choose another --name / --output-dir"
         )
 
-    device = resolve_device(cfg.run.device)
+    ctx, dist_device = from_environment(cfg.run.device)
+    try:
+        return _train(cfg, ctx, dist_device, run_dir, payload, ckpt_path, install_signal_handlers)
+    finally:
+        ctx.shutdown()
+
+
+def _train(cfg, ctx, dist_device, run_dir, payload, ckpt_path, install_signal_handlers) -> dict:
+    main = ctx.is_main
+    device = dist_device if dist_device is not None else resolve_device(cfg.run.device)
+    if cfg.data.batch_size % ctx.world_size:
+        raise ConfigError(
+            f"batch_size (--batch-size) {cfg.data.batch_size} is the global batch and must be a "
+            f"multiple of the number of processes ({ctx.world_size})"
+        )
     check_kernels(cfg.run.kernels, device)
+    use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
     root = prepare_dataroot(cfg)
     ds = build_dataset(cfg, root)  # bad layout / empty domain: DatasetError before any training
     bank = None
     if cfg.data.data_on_gpu:
         bank = preload_to_device(ds, device)
-    bs = cfg.data.batch_size
+    bs = cfg.data.batch_size  # global batch; this process trains bs / world_size of it
+    shard = (ctx.rank, ctx.world_size)
     workers = cfg.data.num_workers
     if workers is None:
         workers = 0 if device.type == "cpu" else min(4, max(0, (os.cpu_count() or 1) - 1))
@@ -327,13 +368,23 @@ def train(
     else:
         _seed_everything(cfg.run.seed)
         state = build_state(cfg, device)
+    if ctx.enabled:
+        wrap_ddp(state, ctx)
 
-    # From here on the run directory is written.
-    os.makedirs(run_dir, exist_ok=True)
-    atomic_write(os.path.join(run_dir, "config.json"), [json.dumps(cfg.to_dict(), indent=2).encode()])
+    # From here on the run directory is written (by process 0 only).
+    if main:
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_write(os.path.join(run_dir, "config.json"), [json.dumps(cfg.to_dict(), indent=2).encode()])
     logger = RunLogger(
-        run_dir, total, state.step, bs, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress
+        run_dir,
+        total,
+        state.step,
+        bs,
+        tensorboard=cfg.run.tensorboard,
+        progress=cfg.run.progress,
+        enabled=main,
     )
+    step_fn = make_step_fn(state, cfg, ctx.world_size)
     if payload is not None:
         logger.message(f"fastcgan: resumed {ckpt_path} at step {state.step} (epoch {state.epoch})")
     elif cfg.run.resume == "auto":
@@ -346,8 +397,10 @@ def train(
     last_ckpt: Optional[str] = None
     skipped_seen = len(ds.skipped)
 
-    def save() -> str:
+    def save() -> Optional[str]:
         nonlocal last_ckpt
+        if not main:
+            return None
         extra = {"skipped": list(ds.skipped)}
         last_ckpt = save_checkpoint(state, cfg, run_dir, data_generators, extra)
         from fastcgan.models import save_generator
@@ -359,15 +412,22 @@ def train(
     def epoch_batches() -> Iterator[dict]:
         if bank is not None:
             for _ in range(state.batch_in_epoch, steps_per_epoch):
-                yield bank.sample_batch(bs, state.step)
+                yield bank.sample_batch(bs, state.step, shard=shard)
             return
         ds.set_epoch(state.epoch)
         sampler = EpochSampler(
-            len(ds), cfg.run.seed, state.epoch, state.batch_in_epoch * bs, shuffle=not cfg.data.serial_batches
+            len(ds),
+            cfg.run.seed,
+            state.epoch,
+            state.batch_in_epoch * bs,
+            shuffle=not cfg.data.serial_batches,
+            rank=ctx.rank,
+            world=ctx.world_size,
+            global_batch=bs,
         )
         loader = DataLoader(
             ds,
-            batch_size=bs,
+            batch_size=bs // ctx.world_size,
             sampler=sampler,
             num_workers=workers,
             collate_fn=collate,
@@ -384,10 +444,12 @@ def train(
             yield batch
 
     def flush_log() -> None:
-        nonlocal acc, n_acc, last_losses, skipped_seen
+        nonlocal acc, n_acc, last_losses, skipped_seen, data_wait
         if acc is None:
             return
-        vals = (acc / n_acc).tolist()  # the one device->host read per log_every steps
+        # The one device->host read per log_every steps (under DDP: the mean over processes, so
+        # every process sees the same numbers and a non-finite loss stops all of them).
+        vals = ctx.mean(acc / n_acc).tolist()
         acc, n_acc = None, 0
         last_losses = dict(zip(names, vals))
         bad = [k for k, v in last_losses.items() if not math.isfinite(v)]
@@ -396,7 +458,8 @@ def train(
                 f"losses became non-finite at step {state.step}: {', '.join(bad)} "
                 f"(last checkpoint: {last_ckpt or 'none'}); try a lower --lr or another --gan-mode"
             )
-        logger.log(state.step, state.epoch, last_losses, state.lr())
+        logger.log(state.step, state.epoch, last_losses, state.lr(), data_wait=data_wait)
+        data_wait = 0.0
         if len(ds.skipped) > skipped_seen:
             logger.message(
                 f"fastcgan: skipped {len(ds.skipped) - skipped_seen} unreadable image(s): "
@@ -404,28 +467,34 @@ def train(
             )
             skipped_seen = len(ds.skipped)
 
+    data_wait = 0.0  # seconds the loop waited for data since the last log line
     stop = StopFlag(logger.message)
-    ctx = stop if install_signal_handlers else _Null()
+    signals = stop if install_signal_handlers else _Null()
     cl = cfg.run.channels_last
     try:
-        with ctx, warnings.catch_warnings():
+        with signals, warnings.catch_warnings():
             # Skipped files are counted and reported by the logger (and in the summary).
             warnings.simplefilter("ignore", SkippedImageWarning)
-            while state.step < total and stop.signum is None:
-                for batch in epoch_batches():
-                    real_A = augment_batch(
-                        batch["A"].to(device, non_blocking=True),
-                        generator=state.aug_generator,
-                        channels_last=cl,
-                        **aug_kw,
+            stopping = False
+            while state.step < total and not stopping:
+                batches = epoch_batches()
+                while True:
+                    t_wait = time.perf_counter()
+                    batch = next(batches, None)
+                    data_wait += time.perf_counter() - t_wait
+                    if batch is None:
+                        break
+                    real_A, real_B = (
+                        augment_batch(
+                            batch[d].to(device, non_blocking=True),
+                            generator=state.aug_generator,
+                            channels_last=cl,
+                            shard=shard,
+                            **aug_kw,
+                        )
+                        for d in "AB"
                     )
-                    real_B = augment_batch(
-                        batch["B"].to(device, non_blocking=True),
-                        generator=state.aug_generator,
-                        channels_last=cl,
-                        **aug_kw,
-                    )
-                    losses = train_step(state, {"A": real_A, "B": real_B}, cfg)
+                    losses = step_fn({"A": real_A, "B": real_B})
                     vec = torch.stack([losses[k] for k in names])
                     acc = vec if acc is None else acc + vec
                     n_acc += 1
@@ -440,14 +509,18 @@ def train(
                     s = state.step
                     if s % cfg.run.log_every == 0 or s == total:
                         flush_log()
-                    if s % cfg.run.sample_every == 0 or s == total:
+                    if main and (s % cfg.run.sample_every == 0 or s == total):
                         logger.sample(s, sample_grid(state, samples))
                     if s % cfg.run.checkpoint_every == 0 or s == total:
                         save()
-                    if stop.signum is not None or s >= total:
+                    # Every process stops after the same step (any of them may get the signal).
+                    stopping = ctx.any_stop(stop.signum is not None)
+                    if stopping and stop.signum is None:
+                        stop.signum = signal.SIGTERM
+                    if stopping or s >= total:
                         break
             flush_log()
-            if last_ckpt is None or not last_ckpt.endswith(f"step_{state.step:09d}.ckpt"):
+            if main and (last_ckpt is None or not last_ckpt.endswith(f"step_{state.step:09d}.ckpt")):
                 save()
     finally:
         logger.close()
@@ -462,6 +535,7 @@ def train(
         "steps": steps,
         "wall_time_s": round(wall, 3),
         "images_per_s": round(steps * bs / wall, 3) if wall > 0 else None,
+        "world_size": ctx.world_size,
         "skipped_images": len(ds.skipped),
         "skipped": list(ds.skipped),
         "final_losses": last_losses,
@@ -470,6 +544,8 @@ def train(
         "exit_code": EXIT_CODES.get(stop.signum, 0) if stop.signum is not None else 0,
         "device": str(device),
     }
+    if not main:
+        return summary
     if cfg.data.dataset == "synthetic" and stop.signum is None:
         from fastcgan.evaluate import evaluate_generators
 

@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the networks")
     g.add_argument("--compile-backend", default=S, help="torch.compile backend (default inductor)")
+    g.add_argument(
+        "--cuda-graphs",
+        dest="cuda_graphs",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="replay the whole step as one CUDA graph (default: on with --amp --compile on a GPU)",
+    )
     g.add_argument("--channels-last", action="store_true", default=S)
     g.add_argument("--kernels", choices=KERNELS, default=S, help="InstanceNorm kernel backend (default auto)")
     g.add_argument("--device", default=S, help="auto | cpu | cuda | cuda:N")

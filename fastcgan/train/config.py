@@ -175,6 +175,7 @@ class RunConfig:
     amp: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
+    cuda_graphs: Optional[bool] = None  # None: on with amp + compile on a GPU when capturable
     channels_last: bool = False
     kernels: str = "auto"
     device: str = "auto"

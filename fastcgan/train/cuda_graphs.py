@@ -1,0 +1,125 @@
+"""``--cuda-graphs``: the whole training step replayed as one CUDA graph.
+
+At 256² and batch 1 a CycleGAN step is ~1,500 kernel launches of a few microseconds of GPU work
+each, so the host's launch rate, not the GPU, bounds it. Capturing the complete step once --
+both forward phases (compiled or not), both backwards and both fused-Adam updates -- and
+replaying it removes the launches: one ``cudaGraphLaunch`` per step.
+
+How (the "whole network capture" recipe of PyTorch's CUDA-graph notes):
+
+* static input buffers ``A``/``B``: each step copies its batch into them, then replays;
+* the first ``warmup`` steps run eagerly on a side stream (they are real training steps): lazy
+  initialisation (cuBLAS/cuDNN handles, Adam's state, the image pools, torch.compile's
+  compilation) must not happen during capture;
+* the optimizers become ``capturable`` with the learning rate as a device tensor, so the LR
+  schedule's per-epoch updates (``fill_`` in place) reach the replayed kernels;
+* the captured region has no host synchronisation (``train_step`` has none; fp16 loss scaling
+  has one, so CUDA graphs need bf16 or fp32) and no CPU-side randomness (the image pool and the
+  augmentation draw on the device; the default CUDA generator is graph-safe);
+* everything the graph reads or writes -- parameters, gradients, Adam state, pools -- keeps its
+  storage: checkpoints read it, sample grids run the plain networks on it, nothing re-assigns it.
+
+The returned losses live in the graph's static outputs: read (or copy) them before the next step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from fastcgan.train.config import ConfigError, TrainConfig
+from fastcgan.train.state import TrainState
+from fastcgan.train.step import train_step
+
+__all__ = ["CUDAGraphStep", "cuda_graphs_blocker", "make_step_fn", "use_cuda_graphs"]
+
+
+def cuda_graphs_blocker(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> Optional[str]:
+    """Why the step cannot be captured here, or ``None`` if it can."""
+    if device.type != "cuda":
+        return f"it needs a CUDA device (training runs on {device})"
+    if world_size > 1:
+        return "DDP's gradient all-reduce is not captured (run without torchrun, or drop --cuda-graphs)"
+    if cfg.loss.gan_mode == "wgangp":
+        return "the WGAN-GP penalty's double backward is not captured"
+    from fastcgan.train.state import amp_dtype_for
+
+    if amp_dtype_for(device, cfg.run.amp) == torch.float16:
+        return "fp16 loss scaling reads its inf check on the host (this GPU has no bf16)"
+    return None
+
+
+def use_cuda_graphs(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> bool:
+    """``--cuda-graphs`` / ``--no-cuda-graphs``; unset: on with ``--amp --compile`` on a GPU
+    whenever the step can be captured. An explicit request that cannot be met is a
+    :class:`ConfigError` naming the flag."""
+    why = cuda_graphs_blocker(cfg, device, world_size)
+    flag = cfg.run.cuda_graphs
+    if flag is None:
+        return why is None and cfg.run.amp and cfg.run.compile
+    if flag and why is not None:
+        raise ConfigError(f"cuda_graphs (--cuda-graphs): cannot capture the step: {why}")
+    return bool(flag)
+
+
+def _make_capturable(state: TrainState) -> None:
+    for opt in (state.opt_G, state.opt_D):
+        for g in opt.param_groups:
+            if not isinstance(g["lr"], Tensor):
+                g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=state.device)
+            g["capturable"] = True
+
+
+class CUDAGraphStep:
+    """``step(batch) -> losses`` that captures :func:`train_step` after ``warmup`` eager steps."""
+
+    def __init__(self, state: TrainState, cfg: TrainConfig, warmup: int = 3):
+        if state.device.type != "cuda":
+            raise ValueError("CUDAGraphStep needs a CUDA device")
+        self.state, self.cfg, self.warmup = state, cfg, warmup
+        self.calls = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.static_in: dict[str, Tensor] = {}
+        self.static_out: dict[str, Tensor] = {}
+        _make_capturable(state)
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        self.calls += 1
+        if self.graph is None and self.calls <= self.warmup:
+            side = torch.cuda.Stream(device=self.state.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = train_step(self.state, batch, self.cfg)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self._capture(batch)
+        for k, buf in self.static_in.items():
+            buf.copy_(batch[k], non_blocking=True)
+        self.graph.replay()
+        return self.static_out
+
+    def _capture(self, batch: dict[str, Tensor]) -> None:
+        self.static_in = {k: v.clone() for k, v in batch.items()}  # same shape and memory format
+        torch.cuda.synchronize(self.state.device)
+        self.graph = torch.cuda.CUDAGraph()
+        # Capture records the kernels without running them; the replay in __call__ runs this step.
+        with torch.cuda.graph(self.graph):
+            self.static_out = train_step(self.state, self.static_in, self.cfg)
+
+
+def make_step_fn(
+    state: TrainState, cfg: TrainConfig, world_size: int = 1
+) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """The step the loop calls: the captured one (:class:`CUDAGraphStep`) or plain
+    :func:`train_step` (compiled phases included when ``--compile``)."""
+    if use_cuda_graphs(cfg, state.device, world_size):
+        return CUDAGraphStep(state, cfg)
+    return functools.partial(_eager_step, state, cfg)
+
+
+def _eager_step(state: TrainState, cfg: TrainConfig, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return train_step(state, batch, cfg)

@@ -7,12 +7,18 @@ A and one B image, i.e. batch size x iterations/s), the ratio to the baseline, p
 GPU and MFU (1.9 TFLOP per image per iteration for ResNet-9 + PatchGAN at 256², DESIGN.md,
 against 989 TFLOP/s dense bf16 on an H100).
 
-fastcgan variants (cumulative where it makes sense):
-    torch-fp32        eager, fp32, the pure-PyTorch reference kernels
-    auto-fp32         eager, fp32, the fastest fused InstanceNorm kernels (--kernels auto)
-    auto-amp          + bf16 autocast (--amp)
-    auto-amp-cl       + channels_last
-    auto-amp-cl-compile  + torch.compile of the networks (GPU; CPU only with FASTCGAN_BENCH_CPU_COMPILE=1)
+fastcgan variants, each optimisation switched on in turn (cumulative). Every fastcgan row times
+the data path too: a uint8 batch (pinned host memory) copied to the device and augmented (random
+crop + flip) there, or with --data-on-gpu drawn from the device-resident bank -- the baseline
+gets its float batch for free, so the ratios are conservative.
+    torch-fp32              eager, fp32, the pure-PyTorch reference kernels
+    auto-fp32               + the fastest fused InstanceNorm kernels (--kernels auto)
+    auto-amp                + bf16 autocast (--amp)
+    auto-amp-cl             + channels_last
+    auto-amp-cl-compile     + torch.compile of the step's phases (GPU; CPU only with
+                              FASTCGAN_BENCH_CPU_COMPILE=1)
+    ...-graphs              + CUDA graphs of the whole step (GPU only)
+    ...-graphs-gpudata      + --data-on-gpu (GPU only)
 
     pytest bench/test_train_step.py -s            # CPU rows here; GPU rows on a CUDA machine
 """
@@ -37,7 +43,14 @@ VARIANTS = {
     "auto-amp": dict(kernels="auto", amp=True),
     "auto-amp-cl": dict(kernels="auto", amp=True, channels_last=True),
     "auto-amp-cl-compile": dict(kernels="auto", amp=True, channels_last=True, compile=True),
+    "auto-amp-cl-compile-graphs": dict(
+        kernels="auto", amp=True, channels_last=True, compile=True, cuda_graphs=True
+    ),
+    "auto-amp-cl-compile-graphs-gpudata": dict(
+        kernels="auto", amp=True, channels_last=True, compile=True, cuda_graphs=True, data_on_gpu=True
+    ),
 }
+GPU_ONLY = ("auto-amp-cl-compile-graphs", "auto-amp-cl-compile-graphs-gpudata")
 
 
 def _batch(device, b, size):
@@ -57,11 +70,26 @@ def _peak_mb(device):
 
 
 def _run(record, device, size, batch, ngf, n_blocks, variants, warmup, iters, tag):
-    from fastcgan.train import TrainConfig, build_state, train_step
+    from fastcgan.data import augment_batch
+    from fastcgan.data.device import DeviceImageBank
+    from fastcgan.train import TrainConfig, build_state
+    from fastcgan.train.cuda_graphs import make_step_fn
 
     torch.manual_seed(0)
     random.seed(0)
     data = _batch(device, batch, size)
+    # uint8 images at load size (crop to ``size``), as the dataset/bank hands them over.
+    load = size + size // 8
+    g = torch.Generator().manual_seed(1)
+    host_u8 = {d: torch.randint(0, 256, (batch, 3, load, load), dtype=torch.uint8, generator=g) for d in "AB"}
+    if device.type == "cuda":
+        host_u8 = {d: v.pin_memory() for d, v in host_u8.items()}
+    bank = DeviceImageBank(
+        torch.randint(0, 256, (64, 3, load, load), dtype=torch.uint8, generator=g).to(device),
+        torch.randint(0, 256, (64, 3, load, load), dtype=torch.uint8, generator=g).to(device),
+        length=64,
+        batch_augment={"crop_size": size, "flip": True},
+    )
     netG = "resnet_9blocks" if n_blocks == 9 else "resnet_6blocks"
 
     _reset_mem(device)
@@ -73,14 +101,15 @@ def _run(record, device, size, batch, ngf, n_blocks, variants, warmup, iters, ta
     official = None
 
     for name in variants:
-        flags = VARIANTS[name]
+        flags = dict(VARIANTS[name])
+        on_gpu_data = flags.pop("data_on_gpu", False)
         cfg = TrainConfig.from_preset(
             "cyclegan",
             dataset="synthetic",
             netG=netG,
             ngf=ngf,
             ndf=ngf,
-            load_size=size,
+            load_size=load,
             crop_size=size,
             batch_size=batch,
             device=str(device),
@@ -89,14 +118,27 @@ def _run(record, device, size, batch, ngf, n_blocks, variants, warmup, iters, ta
         _reset_mem(device)
         torch.manual_seed(0)
         state = build_state(cfg, device)
-        b = {
-            k: (v.contiguous(memory_format=torch.channels_last) if cfg.run.channels_last else v)
-            for k, v in data.items()
-        }
+        step = make_step_fn(state, cfg)
+        it = [0]
+
+        def one_step():
+            if on_gpu_data:
+                u8 = bank.sample_batch(batch, it[0])
+            else:
+                u8 = {d: v.to(device, non_blocking=True) for d, v in host_u8.items()}
+            it[0] += 1
+            real = {
+                d: augment_batch(
+                    u8[d], size, True, generator=state.aug_generator, channels_last=cfg.run.channels_last
+                )
+                for d in "AB"
+            }
+            return step(real)
+
         t = median_time(
-            lambda: train_step(state, b, cfg),
+            one_step,
             device,
-            warmup=warmup + (3 if cfg.run.compile else 0),
+            warmup=warmup + (3 if cfg.run.compile else 0) + (4 if cfg.run.cuda_graphs else 0),
             iters=iters,
         )
         rows.append((name, t, _peak_mb(device)))
@@ -125,7 +167,7 @@ def _run(record, device, size, batch, ngf, n_blocks, variants, warmup, iters, ta
 
 def test_train_step_cpu(bench_record):
     """CPU at a small size: 64x64, ngf 16, ResNet-9 + PatchGAN, batch 1."""
-    variants = ["torch-fp32", "auto-fp32", "auto-amp", "auto-amp-cl"]
+    variants = ["torch-fp32", "auto-fp32", "auto-amp", "auto-amp-cl"]  # no CUDA graphs on a CPU
     if os.environ.get("FASTCGAN_BENCH_CPU_COMPILE") == "1":
         variants.append("auto-amp-cl-compile")
     _run(

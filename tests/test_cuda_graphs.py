@@ -1,0 +1,122 @@
+"""``--cuda-graphs``: when it is on, when it is refused, and (on a GPU) that replaying the captured
+step trains exactly what the eager step trains, learning-rate schedule included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastcgan.train import ConfigError, TrainConfig, build_state, train_step
+from fastcgan.train.cli import main as cli_main
+from fastcgan.train.cuda_graphs import CUDAGraphStep, cuda_graphs_blocker, use_cuda_graphs
+
+
+def _cfg(**kw):
+    base = dict(dataset="synthetic", load_size=32, crop_size=32, ngf=8, ndf=8, netD="n_layers", n_layers_D=2)
+    base.update(kw)
+    return TrainConfig.from_preset("cyclegan128", **base)
+
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+
+
+@pytest.fixture
+def bf16_gpu(monkeypatch):
+    """Decide as on an Ampere+ GPU (bf16) even on a CPU-only machine."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
+def test_default_is_on_only_with_amp_compile_on_a_gpu(bf16_gpu, monkeypatch):
+    assert use_cuda_graphs(_cfg(amp=True, compile=True), GPU) is True
+    assert use_cuda_graphs(_cfg(amp=True), GPU) is False
+    assert use_cuda_graphs(_cfg(amp=True, compile=True), CPU) is False
+    assert use_cuda_graphs(_cfg(amp=True, compile=True), GPU, world_size=2) is False
+    assert use_cuda_graphs(_cfg(amp=True, compile=True, gan_mode="wgangp"), GPU) is False
+    assert use_cuda_graphs(_cfg(cuda_graphs=True), GPU) is True  # fp32 eager can be captured too
+    assert use_cuda_graphs(_cfg(amp=True, compile=True, cuda_graphs=False), GPU) is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # fp16 + scaler
+    assert use_cuda_graphs(_cfg(amp=True, compile=True), GPU) is False
+    assert "fp16" in cuda_graphs_blocker(_cfg(amp=True), GPU)
+
+
+@pytest.mark.parametrize(
+    "cfg_kw,device,world,why",
+    [
+        ({}, CPU, 1, "needs a CUDA device"),
+        ({}, GPU, 2, "DDP"),
+        ({"gan_mode": "wgangp"}, GPU, 1, "double backward"),
+    ],
+)
+def test_explicit_request_that_cannot_be_met_is_an_error(bf16_gpu, cfg_kw, device, world, why):
+    cfg = _cfg(cuda_graphs=True, **cfg_kw)
+    assert why in cuda_graphs_blocker(cfg, device, world)
+    with pytest.raises(ConfigError, match=r"--cuda-graphs.*" + why):
+        use_cuda_graphs(cfg, device, world)
+
+
+def test_cli_refuses_cuda_graphs_on_cpu_before_writing(tmp_path, capsys):
+    code = cli_main(
+        ["--dataset", "synthetic", "--device", "cpu", "--cuda-graphs", "--output-dir", str(tmp_path),
+         "--name", "cg", "--max-steps", "1"]  # fmt: skip
+    )
+    assert code == 2
+    assert "--cuda-graphs" in capsys.readouterr().err
+    assert not (tmp_path / "cg").exists()
+
+
+def _halve_lr(opt):
+    for g in opt.param_groups:
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].mul_(0.5)  # what LRScheduler does to a tensor lr (fill_ in place)
+        else:
+            g["lr"] *= 0.5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_replayed_step_equals_eager_step(compile_):
+    """Two identical states: one steps eagerly, one through CUDAGraphStep (3 warm-up steps, the
+    capture, then replays). Same losses and weights, and an LR change after the capture reaches
+    the replayed optimizer (the lr is a device tensor updated in place). No pool here, so the
+    step draws no random numbers and the two runs must agree to rounding."""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    cfg = _cfg(device="cuda", amp=True, compile=compile_, pool_size=0)
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        states.append(build_state(cfg, GPU))
+    eager, graphed = states
+    step = CUDAGraphStep(graphed, cfg, warmup=3)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for i in range(8):
+        batch = {d: torch.rand(1, 3, 32, 32, device="cuda", generator=g) * 2 - 1 for d in "AB"}
+        if i == 5:  # an epoch boundary after the capture: the schedule changes the lr
+            for st in states:
+                _halve_lr(st.opt_G)
+                _halve_lr(st.opt_D)
+        out_e = {k: v.clone() for k, v in train_step(eager, batch, cfg).items()}
+        out_g = {k: v.clone() for k, v in step(batch).items()}
+        for k in out_e:
+            torch.testing.assert_close(out_g[k], out_e[k], rtol=2e-3, atol=2e-3, msg=f"step {i} {k}")
+    assert step.graph is not None
+    assert graphed.lr() == pytest.approx(eager.lr())
+    for (n, p), q in zip(eager.G_AB.named_parameters(), graphed.G_AB.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=n)
+
+
+@pytest.mark.cuda
+def test_captured_step_with_pool_trains():
+    """With the image pool (device RNG inside the graph) the captured step runs and learns."""
+    cfg = _cfg(device="cuda", amp=True, pool_size=4)
+    torch.manual_seed(0)
+    st = build_state(cfg, GPU)
+    step = CUDAGraphStep(st, cfg, warmup=3)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    batch = {d: torch.rand(1, 3, 32, 32, device="cuda", generator=g) * 2 - 1 for d in "AB"}
+    first = {k: v.clone() for k, v in step(batch).items()}
+    for _ in range(30):
+        out = step(batch)
+    assert step.graph is not None
+    assert all(torch.isfinite(v).item() for v in out.values())
+    assert out["cycle_A"].item() < first["cycle_A"].item()

@@ -26,6 +26,18 @@ def device_name() -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (rows of different CPUs share a results file: tell them apart)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in s).strip("-").lower()
 
@@ -49,6 +61,7 @@ def environment_tags() -> dict:
         triton_version = None
     return {
         "device": device_name(),
+        "cpu_model": cpu_model(),
         "torch": torch.__version__,
         "triton": triton_version,
         "commit": _commit(),

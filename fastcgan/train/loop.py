@@ -52,7 +52,7 @@ from fastcgan.train.checkpoint import (
 from fastcgan.train.config import TRAINING_FIELDS, ConfigError, TrainConfig
 from fastcgan.train.logging import RunLogger
 from fastcgan.devices import resolve_device
-from fastcgan.train.state import TrainState, build_state
+from fastcgan.train.state import TrainState, build_state, cpu_has_fast_bf16
 from fastcgan.train.cuda_graphs import make_step_fn, use_cuda_graphs
 from fastcgan.train.distributed import from_environment, wrap_ddp
 from fastcgan.train.step import loss_names
@@ -385,6 +385,11 @@ def _train(cfg, ctx, dist_device, run_dir, payload, ckpt_path, install_signal_ha
         enabled=main,
     )
     step_fn = make_step_fn(state, cfg, ctx.world_size)
+    if cfg.run.amp and device.type == "cpu" and not cpu_has_fast_bf16():
+        logger.message(
+            "fastcgan: warning: --amp on this CPU (no AVX512-BF16/AMX) runs bf16 in emulation, "
+            "several times slower than fp32; drop --amp for CPU training here"
+        )
     if payload is not None:
         logger.message(f"fastcgan: resumed {ckpt_path} at step {state.step} (epoch {state.epoch})")
     elif cfg.run.resume == "auto":

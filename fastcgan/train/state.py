@@ -24,6 +24,15 @@ from fastcgan.train.config import TrainConfig
 NETS = ("G_AB", "G_BA", "D_A", "D_B")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it bf16 autocast is
+    emulated: measured 9x slower than fp32 for a training step on a 2-core AVX2 AMD EPYC."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch: assume yes (no warning)
+        return True
+
+
 def amp_dtype_for(device: torch.device, amp: bool) -> Optional[torch.dtype]:
     """bf16 where the device computes it (Ampere+ GPUs, CPUs), else fp16 (with a GradScaler)."""
     if not amp:

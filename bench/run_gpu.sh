@@ -11,4 +11,7 @@ python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&
 python3 -c "import fastcgan.ops as o; [print(f'{k:7s}', v.available, v.reason) for k, v in o.available_backends().items()]" | tee "$out/backends.log"
 # Correctness first: kernels that are wrong are not worth timing.
 python3 -m pytest tests -m cuda -q -x --timeout=600 2>&1 | tee "$out/test_cuda.log" | tail -30
-python3 -m pytest bench -q -s --timeout=900 2>&1 | tee "$out/bench.log" | tail -80
+# GPU rows only (device time is scarce; the CPU rows are measured on CPU machines). The
+# quality comparison (two 2000-step trainings) goes last.
+python3 -m pytest bench -m cuda -q -s --timeout=900 -k "not quality" 2>&1 | tee "$out/bench.log" | tail -80
+python3 -m pytest bench/test_train_quality.py -m cuda -q -s --timeout=900 2>&1 | tee "$out/bench_quality.log" | tail -20

@@ -191,6 +191,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"fastcgan-train: error: {e}", file=sys.stderr)
         return 1
     s = summary
+    if s.get("rank", 0) != 0:  # under torchrun only process 0 reports
+        return s["exit_code"]
     print(
         f"fastcgan: {s['steps']} steps (to step {s['step']}, epoch {s['epoch']}) "
         f"in {s['wall_time_s']:.1f} s, "

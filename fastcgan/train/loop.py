@@ -344,7 +344,10 @@ def _train(cfg, ctx, dist_device, run_dir, payload, ckpt_path, install_signal_ha
         )
     check_kernels(cfg.run.kernels, device)
     use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
-    root = prepare_dataroot(cfg)
+    # Process 0 first: it may generate the synthetic dataset, which the others then just read.
+    root = prepare_dataroot(cfg) if main else None
+    ctx.barrier()
+    root = root or prepare_dataroot(cfg)
     ds = build_dataset(cfg, root)  # bad layout / empty domain: DatasetError before any training
     bank = None
     if cfg.data.data_on_gpu:
@@ -394,7 +397,7 @@ def _train(cfg, ctx, dist_device, run_dir, payload, ckpt_path, install_signal_ha
         logger.message(f"fastcgan: resumed {ckpt_path} at step {state.step} (epoch {state.epoch})")
     elif cfg.run.resume == "auto":
         logger.message(f"fastcgan: nothing to resume in {run_dir}; starting a new run")
-    samples = sample_images(cfg, root)
+    samples = sample_images(cfg, root) if main else None
     names = loss_names(cfg)
     start_step, t0 = state.step, time.perf_counter()
     acc, n_acc = None, 0
@@ -541,6 +544,7 @@ def _train(cfg, ctx, dist_device, run_dir, payload, ckpt_path, install_signal_ha
         "wall_time_s": round(wall, 3),
         "images_per_s": round(steps * bs / wall, 3) if wall > 0 else None,
         "world_size": ctx.world_size,
+        "rank": ctx.rank,
         "skipped_images": len(ds.skipped),
         "skipped": list(ds.skipped),
         "final_losses": last_losses,

@@ -183,13 +183,23 @@ def compile_step(state: TrainState, cfg: TrainConfig) -> None:
     multi-tensor kernel (CUDA graphs capture it, see :mod:`fastcgan.train.cuda_graphs`).
 
     The networks themselves stay uncompiled modules (checkpoints and sample grids use them as
-    they are). Under WGAN-GP the discriminator phase stays eager: compiled graphs have no double
+    they are). Under DDP (a process group is initialised) each network is compiled instead. Under WGAN-GP the discriminator phase stays eager: compiled graphs have no double
     backward. The pools are allocated first so the compiled region never allocates them."""
     s = cfg.data.crop_size
     for pool, nc in ((state.pool_A, cfg.model.input_nc), (state.pool_B, cfg.model.output_nc)):
         if pool.pool_size and pool.images is None:
             pool.allocate(torch.empty(1, nc, s, s, device=state.device))
+    from fastcgan.ops import available_backends
+
+    available_backends()  # probe the kernel backends (loads fastcgan._C) outside traced code
     opts = dict(backend=cfg.run.compile_backend, fullgraph=True, dynamic=False)
+    compile_d = cfg.loss.gan_mode != "wgangp"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under DDP the phases call DDP wrappers, whose forward Dynamo cannot trace in one graph;
+        # compile each plain network instead (DDP then wraps the compiled modules).
+        for name in ("G_AB", "G_BA") + (("D_A", "D_B") if compile_d else ()):
+            getattr(state, name).compile(**opts)
+        return
     state.compiled["generator"] = torch.compile(generator_forward, **opts)
-    if cfg.loss.gan_mode != "wgangp":
+    if compile_d:
         state.compiled["discriminator"] = torch.compile(discriminator_forward, **opts)

@@ -137,3 +137,34 @@ def test_batch_must_divide_among_processes(synth, tmp_path):
     assert r.returncode != 0
     assert "--batch-size" in r.stderr and "multiple of the number of processes (2)" in r.stderr
     assert not (tmp_path / "odd" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_after_the_same_step_with_a_checkpoint(synth, tmp_path):
+    """SIGTERM to torchrun (a scheduler's preemption) reaches both processes; they agree on the
+    step to stop after, process 0 writes that step's checkpoint, and --resume continues it."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    args = _args(synth, tmp_path, "pre", 100000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "fastcgan.train", *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "pre" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-4000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    ckpts = sorted(os.listdir(tmp_path / "pre" / "checkpoints"))
+    assert len(ckpts) == 1, err[-4000:]
+    stopped_at = int(ckpts[0][len("step_") : -len(".ckpt")])
+    assert stopped_at >= 3
+    assert json.loads((tmp_path / "pre" / "summary.json").read_text())["interrupted"] == "SIGTERM"
+    # Resume on one process for two more steps.
+    _train(_args(synth, tmp_path, "pre", stopped_at + 2, "--resume"), 1)
+    assert [m["step"] for m in _metrics(tmp_path / "pre")][-1] == stopped_at + 2

@@ -13,6 +13,7 @@ How (the "whole network capture" recipe of PyTorch's CUDA-graph notes):
   compilation) must not happen during capture;
 * the optimizers become ``capturable`` with the learning rate as a device tensor, so the LR
   schedule's per-epoch updates (``fill_`` in place) reach the replayed kernels;
+* autocast's weight-cast cache is off (cached casts must not outlive one replay);
 * the captured region has no host synchronisation (``train_step`` has none; fp16 loss scaling
   has one, so CUDA graphs need bf16 or fp32) and no CPU-side randomness (the image pool and the
   augmentation draw on the device; the default CUDA generator is graph-safe);
@@ -85,6 +86,7 @@ class CUDAGraphStep:
         self.static_in: dict[str, Tensor] = {}
         self.static_out: dict[str, Tensor] = {}
         _make_capturable(state)
+        state.autocast_cache = False  # set before the warm-up, so compiled phases see it too
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         self.calls += 1
@@ -105,6 +107,10 @@ class CUDAGraphStep:
     def _capture(self, batch: dict[str, Tensor]) -> None:
         self.static_in = {k: v.clone() for k, v in batch.items()}  # same shape and memory format
         torch.cuda.synchronize(self.state.device)
+        # Gradients from the warm-up steps are dropped now, so the captured backward allocates
+        # them from the graph's private pool (where every replay rewrites them).
+        self.state.opt_G.zero_grad(set_to_none=True)
+        self.state.opt_D.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         # Capture records the kernels without running them; the replay in __call__ runs this step.
         with torch.cuda.graph(self.graph):

@@ -106,6 +106,7 @@ class TrainState:
     ddp: dict = field(default_factory=dict)
     # --compile: the compiled forward phases of the step (see fastcgan.train.step.compile_step).
     compiled: dict = field(default_factory=dict)
+    autocast_cache: bool = True
 
     def nets(self) -> dict[str, nn.Module]:
         return {"G_AB": self.G_AB, "G_BA": self.G_BA, "D_A": self.D_A, "D_B": self.D_B}
@@ -117,7 +118,9 @@ class TrainState:
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # Under CUDA-graph capture autocast must not cache weight casts across the region
+        # (PyTorch's CUDA-graph notes): CUDAGraphStep turns the cache off.
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=self.autocast_cache)
 
     def lr(self) -> float:
         return float(self.opt_G.param_groups[0]["lr"])  # a device tensor under --cuda-graphs

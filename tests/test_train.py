@@ -475,7 +475,8 @@ def test_run_outputs_samples_metrics_tensorboard(tmp_path, synth64):
     run = tmp_path / "run"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4]
-    assert {"lr", "images_per_s", "G", "D_A", "cycle_A"} <= set(lines[0])
+    assert {"lr", "images_per_s", "G", "D_A", "cycle_A", "data_wait_frac"} <= set(lines[0])
+    assert all(0.0 <= r["data_wait_frac"] <= 1.0 for r in lines)
     samples = sorted(os.listdir(run / "samples"))
     assert samples == ["step_000000002.png", "step_000000004.png"]
     w, h = Image.open(run / "samples" / samples[-1]).size

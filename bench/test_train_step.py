@@ -13,6 +13,7 @@ crop + flip) there, or with --data-on-gpu drawn from the device-resident bank --
 gets its float batch for free, so the ratios are conservative.
     torch-fp32              eager, fp32, the pure-PyTorch reference kernels
     auto-fp32               + the fastest fused InstanceNorm kernels (--kernels auto)
+    auto-fp32-cl-compile    fp32 + channels_last + compile (CPU rows only: for CPUs without bf16)
     auto-amp                + bf16 autocast (--amp)
     auto-amp-cl             + channels_last
     auto-amp-cl-compile     + torch.compile of the step's phases (GPU; CPU only with
@@ -40,6 +41,7 @@ PEAK_BF16_TFLOPS = 989.0  # H100 SXM dense bf16
 VARIANTS = {
     "torch-fp32": dict(kernels="torch"),
     "auto-fp32": dict(kernels="auto"),
+    "auto-fp32-cl-compile": dict(kernels="auto", channels_last=True, compile=True),  # CPUs without bf16
     "auto-amp": dict(kernels="auto", amp=True),
     "auto-amp-cl": dict(kernels="auto", amp=True, channels_last=True),
     "auto-amp-cl-compile": dict(kernels="auto", amp=True, channels_last=True, compile=True),
@@ -169,7 +171,7 @@ def test_train_step_cpu(bench_record):
     """CPU at a small size: 64x64, ngf 16, ResNet-9 + PatchGAN, batch 1."""
     variants = ["torch-fp32", "auto-fp32", "auto-amp", "auto-amp-cl"]  # no CUDA graphs on a CPU
     if os.environ.get("FASTCGAN_BENCH_CPU_COMPILE") == "1":
-        variants.append("auto-amp-cl-compile")
+        variants += ["auto-fp32-cl-compile", "auto-amp-cl-compile"]
     _run(
         bench_record,
         torch.device("cpu"),
@@ -196,7 +198,7 @@ def test_train_step_gpu(bench_record, batch):
         batch=batch,
         ngf=64,
         n_blocks=9,
-        variants=list(VARIANTS),
+        variants=[v for v in VARIANTS if v != "auto-fp32-cl-compile"],
         warmup=5,
         iters=20,
         tag=f"gpu-256-b{batch}",

@@ -4,8 +4,11 @@
     summary = train(TrainConfig.from_preset("cyclegan", dataroot="datasets/horse2zebra", amp=True))
 
 Pieces: :mod:`.config` (frozen dataclasses, presets), :mod:`.state` (networks, optimizers,
-pools), :mod:`.step` (``train_step(state, batch, cfg)``), :mod:`.checkpoint`, :mod:`.loop`
-(``train``), :mod:`.logging` (progress, TensorBoard, metrics.jsonl, sample grids), :mod:`.cli`.
+pools), :mod:`.step` (``train_step(state, batch, cfg)``, ``--compile`` of its two phases),
+:mod:`.cuda_graphs` (``--cuda-graphs``: the whole step captured and replayed),
+:mod:`.distributed` (``torchrun``: DDP, sharded global batches), :mod:`.checkpoint`,
+:mod:`.loop` (``train``), :mod:`.logging` (progress, TensorBoard, metrics.jsonl, sample grids),
+:mod:`.cli`.
 """
 
 from fastcgan.train.checkpoint import (

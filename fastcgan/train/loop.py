@@ -335,6 +335,7 @@ def train(
 
 
 def _train(cfg, ctx, dist_device, run_dir, payload, ckpt_path, install_signal_handlers) -> dict:
+    """The run itself, inside the process group (``ctx``) that :func:`train` joins and leaves."""
     main = ctx.is_main
     device = dist_device if dist_device is not None else resolve_device(cfg.run.device)
     if cfg.data.batch_size % ctx.world_size:

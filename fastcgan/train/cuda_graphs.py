@@ -124,8 +124,4 @@ def make_step_fn(
     :func:`train_step` (compiled phases included when ``--compile``)."""
     if use_cuda_graphs(cfg, state.device, world_size):
         return CUDAGraphStep(state, cfg)
-    return functools.partial(_eager_step, state, cfg)
-
-
-def _eager_step(state: TrainState, cfg: TrainConfig, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    return train_step(state, batch, cfg)
+    return functools.partial(train_step, state, cfg=cfg)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistContext", "from_environment", "world_size_from_env"]
+__all__ = ["DistContext", "from_environment", "world_size_from_env", "wrap_ddp"]
 
 
 def world_size_from_env() -> int:

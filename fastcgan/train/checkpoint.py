@@ -200,10 +200,10 @@ def _optimizer_state(opt: torch.optim.Optimizer) -> dict:
     """``opt.state_dict()`` with the CUDA-graph settings undone (plain float lr, not capturable),
     so the checkpoint resumes with or without --cuda-graphs (which re-applies them)."""
     sd = opt.state_dict()
-    sd["param_groups"] = [
-        {**g, "lr": float(g["lr"]), "capturable": False} if "capturable" in g else {**g, "lr": float(g["lr"])}
-        for g in sd["param_groups"]
-    ]
+    for g in sd["param_groups"]:  # state_dict() copies the groups: the optimizer is untouched
+        g["lr"] = float(g["lr"])
+        if "capturable" in g:
+            g["capturable"] = False
     return sd
 
 

@@ -34,7 +34,7 @@ class RunLogger:
         progress: bool = True,
         enabled: bool = True,
     ):
-        """``enabled=False`` (DDP processes other than 0): no files, no bar, messages only."""
+        """``enabled=False`` (DDP processes other than 0): no files, no bar, no messages."""
         self.run_dir = run_dir
         self.enabled = enabled
         self.batch_size = batch_size

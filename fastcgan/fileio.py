@@ -1,0 +1,140 @@
+"""The one way fastcgan writes a file: atomically, durably, and with errors that name the file.
+
+    atomic_write("RUN/summary.json", json.dumps(s).encode())       # bytes or an iterable of bytes
+    with atomic_writer("RUN/checkpoints/step_000000100.ckpt") as f:  # a binary file object
+        torch.save(payload, f)
+
+The data goes to a hidden temporary file in the destination folder (``.<name>.<pid>.tmp``),
+is flushed and fsynced, renamed over the destination with ``os.replace`` (atomic on POSIX), and
+the folder is fsynced so the rename itself survives a power cut. A crash at any point -- even
+SIGKILL -- leaves either the old file or the complete new one, plus at most a temporary file
+that :func:`remove_stale_temporaries` deletes later. A failed write (disk full, read-only
+folder, quota) raises :class:`WriteError` naming the file and the cause; the previous file is
+untouched and the partial temporary is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO, Union
+
+__all__ = ["WriteError", "atomic_write", "atomic_writer", "remove_stale_temporaries", "temporary_name"]
+
+
+class WriteError(OSError):
+    """A file could not be written; the message names it and the cause. The previous version of
+    the file (if any) is intact."""
+
+
+def temporary_name(path: str) -> str:
+    d, base = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f".{base}.{os.getpid()}.tmp")
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # platforms that cannot open folders; the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _describe(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if e.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    return e.strerror or str(e)
+
+
+def _free_space_hint(folder: str) -> str:
+    """The likely cause of a write that failed without an errno: the disk is (nearly) full."""
+    try:
+        st = os.statvfs(folder)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        return "the write failed"
+    if free < 64 * 2**20:
+        return f"no space left on the device ({free / 2**20:.1f} MiB free)"
+    return f"the write failed ({free / 2**30:.1f} GiB free)"
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str) -> Iterator[BinaryIO]:
+    """A binary file object whose content replaces ``path`` atomically when the block exits
+    without an exception (on an exception nothing changes and the exception propagates; an
+    ``OSError`` from writing becomes :class:`WriteError`)."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = temporary_name(path)
+    try:
+        os.makedirs(d, exist_ok=True)
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(e.errno, f"could not write {path}: {_describe(e)} (previous file unchanged)") from e
+    except RuntimeError as e:
+        # torch.save's C++ writer reports a failed write (e.g. ENOSPC) as a RuntimeError
+        # ("PytorchStreamWriter failed writing file ...: unexpected pos ...") with no errno.
+        if "failed writing" not in str(e) and "unexpected pos" not in str(e):
+            raise
+        why = _free_space_hint(d)
+        raise WriteError(errno.EIO, f"could not write {path}: {why} (previous file unchanged)") from e
+    finally:
+        with contextlib.suppress(OSError):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    _fsync_dir(d)
+
+
+def atomic_write(path: str, data: Union[bytes, bytearray, memoryview, Iterable[bytes]]) -> None:
+    """Write ``data`` (bytes, or an iterable of byte chunks) to ``path`` atomically."""
+    with atomic_writer(path) as f:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            f.write(data)
+        else:
+            f.writelines(data)
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete the temporary files (``.<name>.<pid>.tmp``) that a killed writer left in ``folder``
+    -- those of other process ids whose process no longer runs. Returns the paths removed."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for n in os.listdir(folder):
+        if not (n.startswith(".") and n.endswith(".tmp")):
+            continue
+        pid_s = n[: -len(".tmp")].rsplit(".", 1)[-1]
+        if not pid_s.isdigit():
+            continue
+        pid = int(pid_s)
+        if pid == os.getpid() or _alive(pid):
+            continue
+        p = os.path.join(folder, n)
+        with contextlib.suppress(OSError):
+            os.remove(p)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -53,9 +53,22 @@ API summary (the trainer builds on this)::
     DeviceImageBank.A (NA,C,H,W) uint8, .B, .nbytes, .skipped, .generator (device, seeded)
     (same step -> same A batch: resume-safe; B uses bank.generator unless one is passed)
 
+    # aligned.py  (pix2pix: root/{train,val,test}/ images holding A|B side by side)
+    AlignedDataset(root, phase="train", direction="AtoB"|"BtoA", preprocess, load_size, crop_size,
+                   flip, input_nc, output_nc, serial_batches, seed, max_size, validate)
+        ds[i] -> {"A": uint8 input half, "B": uint8 target half, "A_path", "B_path", "skipped"}
+        (BtoA swaps the halves; odd-width / unreadable files skipped, warned and recorded)
+        ds.batch_augment, ds.set_epoch, ds.record_skipped, ds.validate, ds.skipped, ds.AB_paths
+    augment_pair(A_uint8, B_uint8, crop_size, flip, generator=None, channels_last=False,
+                 return_params=False, shard=(0, 1)) -> (A float32, B float32)   # same crop/flip
+    preload_aligned_to_device(ds, device, shuffle=None) -> DeviceImageBank   # A[i] pairs B[i]
+    split_pair(pil_image, path) -> (left, right)
+
     # synthetic.py   (python -m fastcgan.data.synthetic OUT [--size --n-train --n-test --seed])
     make_synthetic_dataset(out_dir, size=64, n_train=200, n_test=50, seed=0) -> str
     ensure_synthetic_dataset(root, size=64, n_train=200, n_test=50, seed=0) -> str  # idempotent
+    make_synthetic_aligned_dataset / ensure_synthetic_aligned_dataset(same args) -> str
+        # pairs: train/ test/ of A|B images (A = domain A rendering, B = its domain B rendering)
 
     # download.py   (fastcgan-download NAME [--root datasets] [--url URL] [--sha256 HEX])
     CYCLEGAN_DATASETS: tuple[str, ...]
@@ -65,6 +78,7 @@ API summary (the trainer builds on this)::
     main(argv=None) -> int
 """
 
+from fastcgan.data.aligned import AlignedDataset, augment_pair, preload_aligned_to_device, split_pair
 from fastcgan.data.augment import augment_batch, to_model_range, to_uint8
 from fastcgan.data.datasets import (
     PREPROCESS_MODES,
@@ -87,7 +101,12 @@ from fastcgan.data.images import (
 def __getattr__(name):
     # synthetic.py is also run as ``python -m fastcgan.data.synthetic``; importing it lazily keeps
     # runpy from warning that the module was already imported by its package.
-    if name in ("ensure_synthetic_dataset", "make_synthetic_dataset"):
+    if name in (
+        "ensure_synthetic_dataset",
+        "make_synthetic_dataset",
+        "ensure_synthetic_aligned_dataset",
+        "make_synthetic_aligned_dataset",
+    ):
         from fastcgan.data import synthetic
 
         return getattr(synthetic, name)
@@ -95,6 +114,12 @@ def __getattr__(name):
 
 
 __all__ = [
+    "AlignedDataset",
+    "augment_pair",
+    "ensure_synthetic_aligned_dataset",
+    "make_synthetic_aligned_dataset",
+    "preload_aligned_to_device",
+    "split_pair",
     "IMG_EXTENSIONS",
     "PREPROCESS_MODES",
     "BadImageError",

@@ -131,7 +131,13 @@ def preload_to_device(dataset: UnalignedDataset, device, shuffle: bool | None = 
 
     The crop (when ``preprocess`` has one) and flip then run per batch via ``augment_batch(...,
     **bank.batch_augment)``. ``shuffle`` defaults to ``not dataset.serial_batches``.
+    An :class:`~fastcgan.data.aligned.AlignedDataset` gives a bank whose A and B are drawn
+    together (see :func:`~fastcgan.data.aligned.preload_aligned_to_device`).
     """
+    from fastcgan.data.aligned import AlignedDataset, preload_aligned_to_device  # imports this module
+
+    if isinstance(dataset, AlignedDataset):
+        return preload_aligned_to_device(dataset, device, shuffle)
     if dataset.preprocess not in ("resize_and_crop", "crop", "scale_width_and_crop", "scale_width", "none"):
         raise DatasetError(f"unsupported preprocess {dataset.preprocess!r}")
     A, skip_a = _stack_domain(dataset, "A")

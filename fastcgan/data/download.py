@@ -1,21 +1,31 @@
-"""Download and unpack the official CycleGAN datasets: ``fastcgan-download horse2zebra``.
+"""Download and unpack the official CycleGAN and pix2pix datasets: ``fastcgan-download horse2zebra``,
+``fastcgan-download edges2shoes``, ``fastcgan-download facades --pix2pix``.
 
-* Source: ``<base>/<name>.zip`` with ``<base>`` the official server (:data:`DEFAULT_BASE_URL`),
-  overridden by the environment variable ``FASTCGAN_DATASET_URL``, overridden by ``--url``
-  (``--url`` may also be a complete ``.zip`` URL, then NAME can be any folder name).
-* Resume: bytes go to ``<root>/<name>.zip.part``; an interrupted transfer (dropped connection, or
-  a ``.part`` left by an earlier run) continues with an HTTP ``Range`` request.
-* Integrity: the official server publishes no checksums, so none can be built in here. The zip is
-  verified against ``--sha256 HEX`` when given, else against ``<url>.sha256`` when the server has
-  one; otherwise a warning says the download is **unverified** (zip CRCs still catch corruption).
-  A mismatch deletes the download and extracts nothing.
-* Extraction refuses absolute paths, ``..`` components and symlinks, unpacks into a temporary
-  folder inside ``<root>`` and moves the dataset into ``<root>/<name>`` with one atomic rename.
+* Source: CycleGAN sets are ``<base>/<name>.zip`` with ``<base>`` the official server
+  (:data:`DEFAULT_BASE_URL`), overridden by the environment variable ``FASTCGAN_DATASET_URL``;
+  pix2pix sets (:data:`PIX2PIX_DATASETS`: paired ``train/ val/ test/`` folders of A|B images)
+  are ``<base>/<name>.tar.gz`` from :data:`PIX2PIX_BASE_URL`, overridden by
+  ``FASTCGAN_PIX2PIX_URL``. ``--url`` overrides either (it may also be a complete ``.zip`` /
+  ``.tar.gz`` / ``.tgz`` URL, then NAME can be any folder name). ``facades`` and ``maps`` exist in
+  both collections (different layouts): the CycleGAN one unless ``--pix2pix``; the names only
+  pix2pix has (edges2shoes, edges2handbags, night2day) need no flag.
+* Resume: bytes go to ``<root>/<name>.zip.part`` (``.tar.gz.part``); an interrupted transfer
+  (dropped connection, or a ``.part`` left by an earlier run) continues with an HTTP ``Range``
+  request.
+* Integrity: the official server publishes no checksums for either collection, so none can be
+  built in here. The archive is verified against ``--sha256 HEX`` when given, else against
+  ``<url>.sha256`` when the server has one; otherwise a warning says the download is
+  **unverified** (zip member CRCs and the gzip stream's CRC-32 still catch corruption). A mismatch
+  deletes the download and extracts nothing.
+* Extraction refuses absolute paths, ``..`` components, links and device files, unpacks into a
+  temporary folder inside ``<root>`` and moves the dataset into ``<root>/<name>`` with one atomic
+  rename. An existing ``<root>/<name>`` of the other collection's layout is an error, not a skip.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import http.client
 import logging
@@ -24,18 +34,23 @@ import re
 import shutil
 import stat
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import warnings
 import zipfile
+import zlib
 
 __all__ = [
     "CYCLEGAN_DATASETS",
     "DEFAULT_BASE_URL",
+    "PIX2PIX_BASE_URL",
+    "PIX2PIX_DATASETS",
     "ChecksumError",
     "DownloadError",
+    "dataset_collection",
     "dataset_url",
     "download_dataset",
     "main",
@@ -43,6 +58,9 @@ __all__ = [
 
 DEFAULT_BASE_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets"
 ENV_URL = "FASTCGAN_DATASET_URL"
+PIX2PIX_BASE_URL = "http://efrosgans.eecs.berkeley.edu/pix2pix/datasets"
+ENV_PIX2PIX_URL = "FASTCGAN_PIX2PIX_URL"
+COLLECTIONS = ("cyclegan", "pix2pix")
 
 # The names the official download script accepts (cityscapes excepted, see below).
 CYCLEGAN_DATASETS = (
@@ -61,10 +79,20 @@ CYCLEGAN_DATASETS = (
     "mini_pix2pix",
     "mini_colorization",
 )
+# The names the official download_pix2pix_dataset.sh accepts (cityscapes is refused there too, for
+# its license: it is built from the Cityscapes release with the official prepare_cityscapes_dataset.py).
+PIX2PIX_DATASETS = ("facades", "cityscapes", "maps", "edges2shoes", "edges2handbags", "night2day")
+_ARCHIVE_EXTS = (".zip", ".tar.gz", ".tgz")
 _CITYSCAPES_NOTE = (
     "cityscapes is not redistributed (license): download gtFine_trainvaltest.zip and "
     "leftImg8bit_trainvaltest.zip from https://www.cityscapes-dataset.com and arrange them as "
     "<root>/cityscapes/{trainA,trainB,testA,testB}"
+)
+_CITYSCAPES_PIX2PIX_NOTE = (
+    "cityscapes is not redistributed (license): download gtFine_trainvaltest.zip and "
+    "leftImg8bit_trainvaltest.zip from https://www.cityscapes-dataset.com, build the A|B pairs (photo | "
+    "label colours, e.g. with `python -m fastcgan.data.combine`) into <root>/cityscapes/{train,val}, or "
+    "pass --url with a full .tar.gz URL you are licensed to use"
 )
 _CHUNK = 1 << 20
 logger = logging.getLogger("fastcgan.data")
@@ -78,21 +106,43 @@ class ChecksumError(DownloadError):
     """The downloaded file's SHA-256 differs from the expected one."""
 
 
-def dataset_url(name: str, url: str | None = None) -> str:
-    """The zip URL for ``name``: ``url`` if it is a full ``.zip`` URL, else ``<base>/<name>.zip``."""
-    if url and url.lower().split("?")[0].endswith(".zip"):
+def _archive_ext(url: str) -> str | None:
+    path = url.lower().split("?")[0]
+    return next((e for e in _ARCHIVE_EXTS if path.endswith(e)), None)
+
+
+def dataset_collection(name: str, collection: str | None = None) -> str:
+    """``collection`` if given, else ``pix2pix`` for the names only pix2pix has, else ``cyclegan``."""
+    if collection is not None:
+        if collection not in COLLECTIONS:
+            raise ValueError(f"collection must be one of {COLLECTIONS}, got {collection!r}")
+        return collection
+    return "pix2pix" if name in PIX2PIX_DATASETS and name not in CYCLEGAN_DATASETS else "cyclegan"
+
+
+def dataset_url(name: str, url: str | None = None, collection: str | None = None) -> str:
+    """The archive URL for ``name``: ``url`` if it is a full ``.zip``/``.tar.gz``/``.tgz`` URL, else
+    ``<base>/<name>.zip`` (CycleGAN) or ``<base>/<name>.tar.gz`` (pix2pix)."""
+    if url and _archive_ext(url):
         return url
+    if dataset_collection(name, collection) == "pix2pix":
+        base = url or os.environ.get(ENV_PIX2PIX_URL) or PIX2PIX_BASE_URL
+        return f"{base.rstrip('/')}/{name}.tar.gz"
     base = url or os.environ.get(ENV_URL) or DEFAULT_BASE_URL
     return f"{base.rstrip('/')}/{name}.zip"
 
 
-def _check_name(name: str, full_url: bool) -> None:
-    if name == "cityscapes":
-        raise ValueError(_CITYSCAPES_NOTE)
+def _check_name(name: str, full_url: bool, collection: str = "cyclegan") -> None:
+    if name == "cityscapes" and not full_url:
+        raise ValueError(_CITYSCAPES_NOTE if collection == "cyclegan" else _CITYSCAPES_PIX2PIX_NOTE)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name or ""):
         raise ValueError(f"invalid dataset name {name!r}")
-    if not full_url and name not in CYCLEGAN_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(CYCLEGAN_DATASETS)}")
+    names = PIX2PIX_DATASETS if collection == "pix2pix" else CYCLEGAN_DATASETS
+    if not full_url and name not in names:
+        raise ValueError(
+            f"unknown {collection} dataset {name!r}; valid names: {', '.join(names)}"
+            + ("" if collection == "pix2pix" else f" (pix2pix, paired: {', '.join(PIX2PIX_DATASETS)})")
+        )
 
 
 def _open(url: str, start: int = 0, timeout: float = 60.0):
@@ -216,19 +266,58 @@ def _safe_members(zf: zipfile.ZipFile, zip_path: str) -> list[zipfile.ZipInfo]:
     return zf.infolist()
 
 
+def _unsafe_name(name: str) -> bool:
+    name = name.replace("\\", "/")
+    return name.startswith("/") or bool(re.match(r"^[A-Za-z]:", name)) or ".." in name.split("/")
+
+
+def _extract_tar(tar_path: str, tmp: str) -> None:
+    """Unpack a (gzipped) tar into ``tmp``: regular files and folders only, every path checked
+    first. A truncated or corrupt stream (gzip CRC-32, tar headers) raises DownloadError."""
+    try:
+        with tarfile.open(tar_path, "r:*") as tf:
+            members = tf.getmembers()  # reads the whole stream: corruption surfaces here
+            for m in members:
+                if _unsafe_name(m.name):
+                    raise DownloadError(f"{tar_path}: refusing unsafe path {m.name!r} in the archive")
+                if not (m.isfile() or m.isdir()):
+                    kind = "link" if m.issym() or m.islnk() else "special file"
+                    raise DownloadError(f"{tar_path}: refusing {kind} {m.name!r} in the archive")
+            for m in members:
+                if m.name.startswith("__MACOSX/") or os.path.basename(m.name).startswith("._"):
+                    continue  # macOS metadata that would become fake (corrupt) images
+                dest = os.path.join(tmp, *m.name.replace("\\", "/").split("/"))
+                if m.isdir():
+                    os.makedirs(dest, exist_ok=True)
+                    continue
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                src = tf.extractfile(m)
+                with src, open(dest, "wb") as fh:
+                    shutil.copyfileobj(src, fh, _CHUNK)
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise DownloadError(f"{tar_path} is not a valid tar.gz archive: {e}") from None
+    except OSError as e:
+        if isinstance(e, gzip.BadGzipFile) or "crc" in str(e).lower():
+            raise DownloadError(f"{tar_path} is not a valid tar.gz archive: {e}") from None
+        raise
+
+
 def _extract(zip_path: str, root: str, name: str) -> str:
     target = os.path.join(root, name)
     tmp = tempfile.mkdtemp(prefix=f".{name}.extract-", dir=root)
     try:
-        try:
-            with zipfile.ZipFile(zip_path) as zf:
-                for info in _safe_members(zf, zip_path):
-                    # Ignore macOS metadata that would become fake (corrupt) images.
-                    if info.filename.startswith("__MACOSX/"):
-                        continue
-                    zf.extract(info, tmp)
-        except zipfile.BadZipFile as e:
-            raise DownloadError(f"{zip_path} is not a valid zip file: {e}") from None
+        if zip_path.endswith(".tar.gz.part"):
+            _extract_tar(zip_path, tmp)
+        else:
+            try:
+                with zipfile.ZipFile(zip_path) as zf:
+                    for info in _safe_members(zf, zip_path):
+                        # Ignore macOS metadata that would become fake (corrupt) images.
+                        if info.filename.startswith("__MACOSX/"):
+                            continue
+                        zf.extract(info, tmp)
+            except zipfile.BadZipFile as e:
+                raise DownloadError(f"{zip_path} is not a valid zip file: {e}") from None
         entries = [e for e in os.listdir(tmp) if e != "__MACOSX"]
         # The official zips hold one top-level folder <name>/; accept any single folder, or a flat zip.
         src = (
@@ -247,6 +336,23 @@ def _extract(zip_path: str, root: str, name: str) -> str:
     return target
 
 
+def _check_existing_layout(target: str, collection: str) -> None:
+    """Skipping an existing folder is only right when it holds this collection's layout
+    (``facades`` and ``maps`` exist as both an unpaired and a paired dataset)."""
+    have = set(os.listdir(target))
+    unpaired, paired = bool(have & {"trainA", "trainB"}), "train" in have
+    if collection == "pix2pix" and unpaired and not paired:
+        raise FileExistsError(
+            f"{target!r} holds the unpaired CycleGAN layout (trainA/ trainB/), not pix2pix pairs (train/): "
+            "use another --root, or --force to replace it"
+        )
+    if collection == "cyclegan" and paired and not unpaired:
+        raise FileExistsError(
+            f"{target!r} holds the paired pix2pix layout (train/), not the CycleGAN one (trainA/ trainB/): "
+            "use another --root, or --force to replace it"
+        )
+
+
 def download_dataset(
     name: str,
     root: str = "datasets",
@@ -257,28 +363,35 @@ def download_dataset(
     retries: int = 5,
     timeout: float = 60.0,
     backoff: float = 1.0,
+    collection: str | None = None,
 ) -> str:
     """Download, verify and unpack dataset ``name`` into ``<root>/<name>``; returns that path.
 
-    An existing non-empty ``<root>/<name>`` is kept as is unless ``force``. ``url``: base URL or a
-    full zip URL (see module docstring); ``sha256``: expected hex digest of the zip. A failed or
-    dropped connection is retried ``retries`` times (waiting ``backoff * 2**k`` s), resuming.
+    An existing non-empty ``<root>/<name>`` is kept as is unless ``force`` (an error when it has
+    the other collection's layout). ``url``: base URL or a full archive URL (see module
+    docstring); ``sha256``: expected hex digest of the archive; ``collection``: ``"cyclegan"``
+    (zip, ``trainA/ trainB/ ...``) or ``"pix2pix"`` (tar.gz, ``train/ val/ ...`` of A|B pairs),
+    default ``pix2pix`` only for the names only pix2pix has. A failed or dropped connection is
+    retried ``retries`` times (waiting ``backoff * 2**k`` s), resuming.
     """
-    zip_url = dataset_url(name, url)
-    _check_name(name, full_url=zip_url == url)
+    collection = dataset_collection(name, collection)
+    zip_url = dataset_url(name, url, collection)
+    _check_name(name, full_url=zip_url == url, collection=collection)
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise ValueError(f"--sha256 must be 64 hex digits, got {sha256!r}")
     root = os.path.abspath(os.fspath(root))
     target = os.path.join(root, name)
     if os.path.isdir(target) and os.listdir(target):
         if not force:
+            _check_existing_layout(target, collection)
             logger.info("%s already exists; skipping download", target)
             return target
         shutil.rmtree(target)
     elif os.path.exists(target) and not os.path.isdir(target):
         raise FileExistsError(f"{target!r} exists and is not a directory")
     os.makedirs(root, exist_ok=True)
-    part = os.path.join(root, f"{name}.zip.part")
+    ext = _archive_ext(zip_url)
+    part = os.path.join(root, f"{name}{'.zip' if ext == '.zip' else '.tar.gz'}.part")
 
     _fetch(zip_url, part, progress, retries, timeout, backoff)
 
@@ -308,28 +421,41 @@ def download_dataset(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="fastcgan-download",
-        description="Download an official CycleGAN dataset into <root>/<name>.",
-        epilog="datasets: " + ", ".join(CYCLEGAN_DATASETS),
+        description="Download an official CycleGAN or pix2pix dataset into <root>/<name>.",
+        epilog="CycleGAN datasets: " + ", ".join(CYCLEGAN_DATASETS) + "; pix2pix datasets (paired, "
+        "--pix2pix for facades and maps): " + ", ".join(PIX2PIX_DATASETS),
     )
     ap.add_argument("name", nargs="?", help="dataset name (see below)")
     ap.add_argument("--root", default="datasets", help="parent folder (default: datasets)")
     ap.add_argument(
         "--url", default=None, help=f"base URL or full .zip URL (default: ${ENV_URL} or {DEFAULT_BASE_URL})"
     )
-    ap.add_argument("--sha256", default=None, help="expected SHA-256 of the zip")
+    ap.add_argument("--sha256", default=None, help="expected SHA-256 of the archive")
+    ap.add_argument(
+        "--pix2pix",
+        action="store_true",
+        help="the paired pix2pix dataset of this name (implied for edges2shoes, edges2handbags, night2day)",
+    )
     ap.add_argument("--force", action="store_true", help="replace an existing dataset folder")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--list", action="store_true", help="print the dataset names and exit")
     a = ap.parse_args(argv)
     if a.list:
         print("\n".join(CYCLEGAN_DATASETS))
+        print("\n".join(f"{n} (pix2pix)" for n in PIX2PIX_DATASETS))
         return 0
     if not a.name:
         ap.error("NAME is required (or --list)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = download_dataset(
-            a.name, a.root, url=a.url, sha256=a.sha256, progress=not a.no_progress, force=a.force
+            a.name,
+            a.root,
+            url=a.url,
+            sha256=a.sha256,
+            progress=not a.no_progress,
+            force=a.force,
+            collection="pix2pix" if a.pix2pix else None,
         )
     except (ValueError, OSError, DownloadError) as e:
         print(f"fastcgan-download: error: {e}", file=sys.stderr)

@@ -14,7 +14,10 @@ ResNet generator in minutes at 64x64. Train A and train B scenes are drawn indep
 unpaired); the evaluation-only folders ``testA_truth_B`` / ``testB_truth_A`` hold each test scene
 rendered in the other domain, under the same file name.
 
-``python -m fastcgan.data.synthetic OUT [--size 64 --n-train 200 --n-test 50 --seed 0]``
+The paired form (:func:`make_synthetic_aligned_dataset`, ``--aligned``) writes the official pix2pix
+layout instead: ``train/`` and ``test/`` of images holding a scene's A and B renderings side by side.
+
+``python -m fastcgan.data.synthetic OUT [--size 64 --n-train 200 --n-test 50 --seed 0] [--aligned]``
 """
 
 from __future__ import annotations
@@ -29,11 +32,20 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-__all__ = ["MANIFEST", "ensure_synthetic_dataset", "make_synthetic_dataset", "random_scene", "render_scene"]
+__all__ = [
+    "MANIFEST",
+    "ensure_synthetic_aligned_dataset",
+    "ensure_synthetic_dataset",
+    "make_synthetic_aligned_dataset",
+    "make_synthetic_dataset",
+    "random_scene",
+    "render_scene",
+]
 
 MANIFEST = "fastcgan_synthetic.json"
 _VERSION = 1
 _FOLDERS = ("trainA", "trainB", "testA", "testB", "testA_truth_B", "testB_truth_A")
+_ALIGNED_FOLDERS = ("train", "test")
 
 # Label 0 is the background, 1-4 the shape classes.
 PALETTE_A = np.array(
@@ -118,14 +130,17 @@ def _scene(seed: int, split: str, domain: str, index: int, size: int) -> np.ndar
     return random_scene(rng, size)
 
 
-def _params(size, n_train, n_test, seed) -> dict:
-    return {
+def _params(size, n_train, n_test, seed, layout="unaligned") -> dict:
+    params = {
         "version": _VERSION,
         "size": int(size),
         "n_train": int(n_train),
         "n_test": int(n_test),
         "seed": int(seed),
     }
+    if layout != "unaligned":  # manifests of the unpaired layout predate the key
+        params["layout"] = layout
+    return params
 
 
 def _save(img: np.ndarray, path: str) -> None:
@@ -140,19 +155,12 @@ def _check_args(size, n_train, n_test):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
-def make_synthetic_dataset(
-    out_dir: str, size: int = 64, n_train: int = 200, n_test: int = 50, seed: int = 0
-) -> str:
-    """Write the dataset into ``out_dir`` (created; existing synthetic folders are replaced).
-
-    Refuses to touch an ``out_dir`` holding anything besides a previous synthetic dataset. Files
-    are written into a temporary sibling folder and moved in at the end, manifest last, so an
-    interrupted run never looks complete. Returns ``out_dir``.
-    """
-    _check_args(size, n_train, n_test)
+def _write_dataset(out_dir: str, folders: tuple[str, ...], params: dict, fill) -> str:
+    """Write a dataset into ``out_dir`` through a temporary sibling folder: ``fill(tmp)`` writes
+    ``folders`` and returns the image counts; the folders are moved in and the manifest last."""
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.isdir(out_dir):
-        foreign = sorted(set(os.listdir(out_dir)) - set(_FOLDERS) - {MANIFEST})
+        foreign = sorted(set(os.listdir(out_dir)) - set(folders) - {MANIFEST})
         if foreign:
             raise FileExistsError(
                 f"{out_dir!r} already holds other files ({', '.join(foreign[:5])}); refusing to write the "
@@ -164,6 +172,37 @@ def make_synthetic_dataset(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
     try:
+        counts = fill(tmp)
+        os.makedirs(out_dir, exist_ok=True)
+        manifest_path = os.path.join(out_dir, MANIFEST)
+        if os.path.exists(manifest_path):
+            os.remove(manifest_path)  # mark incomplete before replacing folders
+        for f in folders:
+            dst = os.path.join(out_dir, f)
+            if os.path.isdir(dst):
+                shutil.rmtree(dst)
+            os.replace(os.path.join(tmp, f), dst)
+        manifest = dict(params, counts=counts)
+        with open(os.path.join(tmp, MANIFEST), "w") as fh:
+            json.dump(manifest, fh, indent=2)
+        os.replace(os.path.join(tmp, MANIFEST), manifest_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def make_synthetic_dataset(
+    out_dir: str, size: int = 64, n_train: int = 200, n_test: int = 50, seed: int = 0
+) -> str:
+    """Write the dataset into ``out_dir`` (created; existing synthetic folders are replaced).
+
+    Refuses to touch an ``out_dir`` holding anything besides a previous synthetic dataset. Files
+    are written into a temporary sibling folder and moved in at the end, manifest last, so an
+    interrupted run never looks complete. Returns ``out_dir``.
+    """
+    _check_args(size, n_train, n_test)
+
+    def fill(tmp: str) -> dict:
         counts = {}
         for split, n in (("train", n_train), ("test", n_test)):
             for domain in ("A", "B"):
@@ -182,25 +221,40 @@ def make_synthetic_dataset(
                 counts[split + domain] = n
                 if truth:
                     counts[os.path.basename(truth)] = n
-        os.makedirs(out_dir, exist_ok=True)
-        manifest_path = os.path.join(out_dir, MANIFEST)
-        if os.path.exists(manifest_path):
-            os.remove(manifest_path)  # mark incomplete before replacing folders
-        for f in _FOLDERS:
-            dst = os.path.join(out_dir, f)
-            if os.path.isdir(dst):
-                shutil.rmtree(dst)
-            os.replace(os.path.join(tmp, f), dst)
-        manifest = dict(_params(size, n_train, n_test, seed), counts=counts)
-        with open(os.path.join(tmp, MANIFEST), "w") as fh:
-            json.dump(manifest, fh, indent=2)
-        os.replace(os.path.join(tmp, MANIFEST), manifest_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        return counts
+
+    return _write_dataset(out_dir, _FOLDERS, _params(size, n_train, n_test, seed), fill)
 
 
-def _complete(root: str, params: dict) -> bool:
+def make_synthetic_aligned_dataset(
+    out_dir: str, size: int = 64, n_train: int = 200, n_test: int = 50, seed: int = 0
+) -> str:
+    """The paired form (pix2pix layout): ``train/`` and ``test/`` of ``pair_<i>.png`` images,
+    ``2*size`` wide, each holding one scene rendered in domain A (left half) and domain B (right
+    half) -- a true pair, so a translator's output can be scored against the target exactly.
+
+    The scenes are those of the unpaired dataset's A side with the same arguments (``test/``
+    pair ``i`` is ``testA/a_<i>.png`` beside ``testA_truth_B/a_<i>.png``), so pix2pix and
+    CycleGAN runs are scored on the same test scenes. Same safety as :func:`make_synthetic_dataset`.
+    """
+    _check_args(size, n_train, n_test)
+
+    def fill(tmp: str) -> dict:
+        counts = {}
+        for split, n in (("train", n_train), ("test", n_test)):
+            folder = os.path.join(tmp, split)
+            os.makedirs(folder)
+            for i in range(n):
+                labels = _scene(seed, split, "A", i, size)
+                pair = np.concatenate([render_scene(labels, "A"), render_scene(labels, "B")], axis=1)
+                _save(pair, os.path.join(folder, f"pair_{i:05d}.png"))
+            counts[split] = n
+        return counts
+
+    return _write_dataset(out_dir, _ALIGNED_FOLDERS, _params(size, n_train, n_test, seed, "aligned"), fill)
+
+
+def _complete(root: str, params: dict, folders: tuple[str, ...] = _FOLDERS) -> bool:
     try:
         with open(os.path.join(root, MANIFEST)) as fh:
             manifest = json.load(fh)
@@ -212,7 +266,7 @@ def _complete(root: str, params: dict) -> bool:
         d = os.path.join(root, folder)
         if not os.path.isdir(d) or sum(1 for f in os.listdir(d) if f.endswith(".png")) != n:
             return False
-    return set(manifest.get("counts", {})) == set(_FOLDERS)
+    return set(manifest.get("counts", {})) == set(folders)
 
 
 def ensure_synthetic_dataset(
@@ -226,6 +280,17 @@ def ensure_synthetic_dataset(
     return root
 
 
+def ensure_synthetic_aligned_dataset(
+    root: str, size: int = 64, n_train: int = 200, n_test: int = 50, seed: int = 0
+) -> str:
+    """Generate the paired dataset into ``root`` unless a complete one with these parameters is there."""
+    _check_args(size, n_train, n_test)
+    root = os.path.abspath(os.fspath(root))
+    if not _complete(root, _params(size, n_train, n_test, seed, "aligned"), _ALIGNED_FOLDERS):
+        make_synthetic_aligned_dataset(root, size=size, n_train=n_train, n_test=n_test, seed=seed)
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastcgan.data.synthetic", description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -236,12 +301,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="regenerate even if a matching dataset exists")
+    ap.add_argument(
+        "--aligned", action="store_true", help="the paired (pix2pix) layout: train/ test/ of A|B images"
+    )
     a = ap.parse_args(argv)
+    make, ensure = (
+        (make_synthetic_aligned_dataset, ensure_synthetic_aligned_dataset)
+        if a.aligned
+        else (make_synthetic_dataset, ensure_synthetic_dataset)
+    )
     try:
         if a.force:
-            path = make_synthetic_dataset(a.out, a.size, a.n_train, a.n_test, a.seed)
+            path = make(a.out, a.size, a.n_train, a.n_test, a.seed)
         else:
-            path = ensure_synthetic_dataset(a.out, a.size, a.n_train, a.n_test, a.seed)
+            path = ensure(a.out, a.size, a.n_train, a.n_test, a.seed)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,338 @@
+"""Paired (aligned) training data for pix2pix: the official ``train/ val/ test/`` layout.
+
+Each image file of ``root/<phase>/`` holds a pair side by side, A on the left and B on the right,
+split at half the width (``facades/train/1.jpg`` is 512x256: two 256x256 images). ``direction``
+``"BtoA"`` swaps the halves, so an item's ``"A"`` is always the generator's input and ``"B"`` its
+target (the official dataset also swaps ``input_nc``/``output_nc`` for BtoA; here ``input_nc``
+always belongs to the input side).
+
+Preprocessing is the official one, applied **identically to both halves**: the deterministic
+resize runs here (CPU, PIL bicubic, per half, exactly like :class:`UnalignedDataset`), the random
+crop and flip run per batch on the device with :func:`augment_pair`, which augments the channel-
+concatenated pair with one :func:`augment_batch` call so A and B get the same offsets and flip.
+In the CPU-crop modes (``crop``, ``scale_width_and_crop``) one random draw crops both halves.
+
+Bad files are handled like unpaired data: an unreadable file, a pair image with an odd width
+(its halves cannot be equal) or one narrower than 2 px is warned about (naming the file),
+recorded in ``skipped`` and replaced by the next usable file, deterministically.
+
+    ds = AlignedDataset("datasets/facades", phase="train", direction="BtoA")
+    batch = collate([ds[i] for i in range(4)])                         # or a DataLoader
+    real_A, real_B = augment_pair(batch["A"].to(dev), batch["B"].to(dev), **ds.batch_augment,
+                                  generator=g)
+    bank = preload_aligned_to_device(ds, "cuda")                     # --data-on-gpu
+    raw = bank.sample_batch(batch_size, step)                        # raw["A"][i] pairs raw["B"][i]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from fastcgan.data.augment import augment_batch
+from fastcgan.data.datasets import (
+    DatasetError,
+    _check_common_args,
+    _list_domain,
+    _warn_skip,
+    logger,
+    resize_deterministic,
+)
+from fastcgan.data.device import DeviceImageBank
+from fastcgan.data.images import BadImageError, open_image, pil_to_tensor
+
+__all__ = [
+    "ALIGNED_DIRECTIONS",
+    "AlignedDataset",
+    "augment_pair",
+    "preload_aligned_to_device",
+    "split_pair",
+]
+
+ALIGNED_DIRECTIONS = ("AtoB", "BtoA")
+
+
+def split_pair(img: Image.Image, path: str = "<image>") -> tuple[Image.Image, Image.Image]:
+    """(left half, right half) of a side-by-side pair image; :class:`BadImageError` when the width
+    is odd or below 2 (the halves would differ in size, so the pair is not aligned pixel for
+    pixel; the official loader silently gives B one column more)."""
+    w, h = img.size
+    if w < 2 or w % 2:
+        raise BadImageError(
+            path, f"width {w} is {'odd' if w % 2 else 'too small'}: a pair image holds A and B side by side, "
+            "so its width must be even (two equal halves)"
+        )
+    half = w // 2
+    return img.crop((0, 0, half, h)), img.crop((half, 0, w, h))
+
+
+def augment_pair(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    crop_size: int | None,
+    flip: bool,
+    generator: torch.Generator | None = None,
+    channels_last: bool = False,
+    return_params: bool = False,
+    shard: tuple[int, int] = (0, 1),
+):
+    """:func:`augment_batch` with the **same** random crop and flip for every pair ``(A[i], B[i])``.
+
+    ``A`` (B, Ca, H, W) and ``B`` (B, Cb, H, W) uint8 on one device. The pair is concatenated along
+    channels and augmented in one call (one parameter draw, one gather), then split, so the
+    random stream consumed equals one ``augment_batch`` call on a batch of the same size (resume
+    and DDP sharding behave exactly as for unpaired data). Returns float32 ``(A', B')`` in
+    [-1, 1] (plus the parameters with ``return_params``)."""
+    if A.dim() != 4 or B.dim() != 4:
+        raise ValueError(
+            f"augment_pair expects (B, C, H, W) tensors, got {tuple(A.shape)} and {tuple(B.shape)}"
+        )
+    if A.shape[0] != B.shape[0] or A.shape[2:] != B.shape[2:] or A.device != B.device:
+        raise ValueError(
+            f"augment_pair: A {tuple(A.shape)} on {A.device} and B {tuple(B.shape)} on {B.device} must have "
+            "the same batch size, height, width and device"
+        )
+    ca = A.shape[1]
+    res = augment_batch(
+        torch.cat([A, B], 1),
+        crop_size,
+        flip,
+        generator=generator,
+        channels_last=channels_last,
+        return_params=return_params,
+        shard=shard,
+    )
+    out, params = res if return_params else (res, None)
+    a, b = out[:, :ca], out[:, ca:]
+    if channels_last:
+        # A channel slice of an NHWC tensor is strided; make each half a dense NHWC tensor.
+        a = a.contiguous(memory_format=torch.channels_last)
+        b = b.contiguous(memory_format=torch.channels_last)
+    if return_params:
+        return a, b, params
+    return a, b
+
+
+class AlignedDataset(Dataset):
+    """Pairs from ``root/<phase>/`` (A|B side by side; see the module docstring).
+
+    ``ds[i] -> {"A": uint8 (input_nc,h,w), "B": uint8 (output_nc,h,w), "A_path": p, "B_path": p,
+    "skipped": tuple}`` with ``p`` the pair file (both keys, so code written for
+    :class:`UnalignedDataset` batches work unchanged). ``len(ds)`` is the number of pair files.
+    ``ds.batch_augment`` holds the :func:`augment_pair` arguments; ``set_epoch``,
+    ``record_skipped``, ``validate`` and ``skipped`` work as in :class:`UnalignedDataset`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        phase: str = "train",
+        direction: str = "AtoB",
+        preprocess: str = "resize_and_crop",
+        load_size: int = 286,
+        crop_size: int = 256,
+        flip: bool = True,
+        input_nc: int = 3,
+        output_nc: int = 3,
+        serial_batches: bool = False,
+        seed: int = 0,
+        max_size: float = math.inf,
+        validate: bool = False,
+    ):
+        _check_common_args(preprocess, load_size, crop_size, {"input_nc": input_nc, "output_nc": output_nc})
+        if direction not in ALIGNED_DIRECTIONS:
+            raise DatasetError(f"direction must be one of {ALIGNED_DIRECTIONS}, got {direction!r}")
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise DatasetError(f"dataset root {root!r} does not exist or is not a directory")
+        self.root = root
+        self.phase = phase
+        self.direction = direction
+        self.preprocess = preprocess
+        self.load_size = load_size
+        self.crop_size = crop_size
+        self.flip = bool(flip)
+        self.input_nc = input_nc
+        self.output_nc = output_nc
+        self.serial_batches = bool(serial_batches)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.dir_AB = os.path.join(root, phase)
+        if not os.path.isdir(self.dir_AB) and os.path.isdir(os.path.join(root, phase + "A")):
+            raise DatasetError(
+                f"{root!r} has the unpaired layout ({phase}A/, {phase}B/), not pairs in {phase}/: use "
+                "UnalignedDataset, or build pairs with `python -m fastcgan.data.combine A_DIR B_DIR OUT`"
+            )
+        self.AB_paths = _list_domain(self.dir_AB, max_size)
+        self.skipped: list[str] = []
+        self._bad: set[str] = set()
+        if validate:
+            self.validate()
+
+    # -- bookkeeping (as UnalignedDataset) ---------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.AB_paths)
+
+    @property
+    def batch_augment(self) -> dict:
+        """Keyword arguments for :func:`augment_pair` matching this dataset's ``preprocess``."""
+        crop = self.crop_size if self.preprocess == "resize_and_crop" else None
+        return {"crop_size": crop, "flip": self.flip}
+
+    def set_epoch(self, epoch: int) -> None:
+        """New CPU crop offsets for a new epoch (the crop-on-CPU modes only)."""
+        self.epoch = int(epoch)
+
+    def _record(self, path: str) -> bool:
+        if path in self._bad:
+            return False
+        self._bad.add(path)
+        self.skipped.append(path)
+        return True
+
+    def record_skipped(self, batch: dict) -> list[str]:
+        """Merge the paths a (worker-side) batch reports as skipped; returns the new ones."""
+        new = [p for p in batch.get("skipped", ()) if self._record(p)]
+        for p in new:
+            logger.warning("skipped unusable pair image %r (reported by a loader worker)", p)
+        return new
+
+    def validate(self) -> list[str]:
+        """Decode and split every file now; drop and record unusable ones. Returns the skipped paths."""
+        before = len(self.skipped)
+        good = []
+        for p in self.AB_paths:
+            try:
+                self._open_pair(p)
+                good.append(p)
+            except BadImageError as e:
+                _warn_skip(e)
+                self._record(p)
+        if not good:
+            raise DatasetError(f"dataset folder {self.dir_AB!r} has no usable pair images")
+        self.AB_paths = good
+        return self.skipped[before:]
+
+    # -- loading -----------------------------------------------------------------------------
+    def _open_pair(self, path: str) -> tuple[Image.Image, Image.Image]:
+        """(input half, target half) at full resolution, in the requested channel counts."""
+        left, right = split_pair(open_image(path, 3), path)
+        a, b = (left, right) if self.direction == "AtoB" else (right, left)
+        if self.input_nc == 1:
+            a = a.convert("L")
+        if self.output_nc == 1:
+            b = b.convert("L")
+        return a, b
+
+    def load_resized(self, index: int) -> tuple[Image.Image, Image.Image, str, tuple[str, ...]]:
+        """The deterministic part for pair ``index``, substituting the next usable file for an
+        unusable one. Returns (input PIL image, target PIL image, path, skipped paths)."""
+        n = len(self.AB_paths)
+        skipped = []
+        for k in range(n):
+            p = self.AB_paths[(index + k) % n]
+            if p in self._bad:
+                continue
+            try:
+                a, b = self._open_pair(p)
+                a = resize_deterministic(a, self.preprocess, self.load_size, self.crop_size)
+                b = resize_deterministic(b, self.preprocess, self.load_size, self.crop_size)
+                if self.preprocess in ("crop", "scale_width_and_crop"):
+                    w, h = a.size
+                    if w < self.crop_size or h < self.crop_size:
+                        raise BadImageError(
+                            p, f"halves of {w}x{h} are smaller than crop_size {self.crop_size}"
+                        )
+            except BadImageError as e:
+                _warn_skip(e)
+                self._record(p)
+                skipped.append(p)
+                continue
+            return a, b, p, tuple(skipped)
+        raise DatasetError(f"dataset folder {self.dir_AB!r} has no usable pair images (all {n} files failed)")
+
+    def _cpu_crop(self, a: Image.Image, b: Image.Image, rng: np.random.Generator):
+        if self.preprocess not in ("crop", "scale_width_and_crop"):
+            return a, b
+        w, h = a.size
+        x = int(rng.integers(0, w - self.crop_size + 1))
+        y = int(rng.integers(0, h - self.crop_size + 1))
+        box = (x, y, x + self.crop_size, y + self.crop_size)
+        return a.crop(box), b.crop(box)  # one draw: the same window in both halves
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        a, b, path, skipped = self.load_resized(index)
+        a, b = self._cpu_crop(a, b, np.random.default_rng((self.seed, self.epoch, int(index))))
+        return {
+            "A": pil_to_tensor(a),
+            "B": pil_to_tensor(b),
+            "A_path": path,
+            "B_path": path,
+            "skipped": skipped,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"AlignedDataset(root={self.root!r}, phase={self.phase!r}, pairs={len(self)}, "
+            f"direction={self.direction!r}, preprocess={self.preprocess!r}, load_size={self.load_size}, "
+            f"crop_size={self.crop_size})"
+        )
+
+
+def preload_aligned_to_device(
+    dataset: AlignedDataset, device, shuffle: bool | None = None
+) -> DeviceImageBank:
+    """Decode, split and resize every pair of ``dataset`` once and keep both halves on ``device``.
+
+    Returns a :class:`DeviceImageBank` whose ``A[i]`` and ``B[i]`` are the two halves of pair
+    ``i`` and which draws them together (``serial_batches=True``: B index == A index; the epoch
+    permutation, ``shuffle`` by default, reorders the pairs). Finish every batch with
+    ``augment_pair(raw["A"], raw["B"], **bank.batch_augment, generator=...)``."""
+    if not isinstance(dataset, AlignedDataset):
+        raise TypeError(f"preload_aligned_to_device needs an AlignedDataset, got {type(dataset).__name__}")
+    As, Bs, skipped, first = [], [], [], None
+    for i, p in enumerate(dataset.AB_paths):
+        if p in dataset._bad:
+            continue
+        a, b, path, skip = dataset.load_resized(i)
+        skipped.extend(skip)
+        if path != p:  # p was unusable and a later file stood in; that file is loaded on its own turn
+            continue
+        ta, tb = pil_to_tensor(a), pil_to_tensor(b)
+        if first is None:
+            first = (p, tuple(ta.shape))
+        elif tuple(ta.shape) != first[1]:
+            raise DatasetError(
+                f"--data-on-gpu needs one image size: the halves of {p!r} are {tuple(ta.shape)} after "
+                f"preprocess={dataset.preprocess!r} but those of {first[0]!r} are {first[1]}; use "
+                "preprocess='resize_and_crop'"
+            )
+        As.append(ta)
+        Bs.append(tb)
+    if not As:
+        raise DatasetError(f"no usable pair images in {dataset.dir_AB!r}")
+    A, B = torch.stack(As), torch.stack(Bs)
+    crop = dataset.crop_size if "crop" in dataset.preprocess else None
+    if crop is not None and (A.shape[-1] < crop or A.shape[-2] < crop):
+        raise DatasetError(f"pair halves are {tuple(A.shape[-2:])}, smaller than crop_size {crop}")
+    device = torch.device(device)
+    pin = device.type == "cuda"
+    A = (A.pin_memory() if pin else A).to(device, non_blocking=pin)
+    B = (B.pin_memory() if pin else B).to(device, non_blocking=pin)
+    return DeviceImageBank(
+        A,
+        B,
+        length=A.shape[0],
+        batch_augment={"crop_size": crop, "flip": dataset.flip},
+        shuffle=(not dataset.serial_batches) if shuffle is None else shuffle,
+        serial_batches=True,  # B index == A index: the pairs stay pairs
+        seed=dataset.seed,
+        skipped=skipped,
+    )

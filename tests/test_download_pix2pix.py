@@ -1,0 +1,114 @@
+"""fastcgan-download for the official pix2pix datasets (tar.gz of train/ val/ test/ pair folders):
+the same resume / checksum / safe-extraction behaviour as the CycleGAN zips, against a local server."""
+
+import hashlib
+import io
+import os
+import tarfile
+
+import pytest
+from test_download import _Server
+
+from fastcgan.data import download as dl
+from fastcgan.data.download import ChecksumError, DownloadError, download_dataset, main
+
+
+def _tgz(members, links=()):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, target in links:
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+PAYLOAD = {
+    "facades/train/1.jpg": os.urandom(50_000),
+    "facades/val/1.jpg": os.urandom(2_000),
+    "facades/test/1.jpg": os.urandom(2_000),
+}
+TGZ = _tgz(PAYLOAD)
+SHA = hashlib.sha256(TGZ).hexdigest()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    s.files["/data/facades.tar.gz"] = TGZ
+    s.files["/data/edges2shoes.tar.gz"] = _tgz({"edges2shoes/train/1_AB.jpg": b"x" * 3000})
+    yield s
+    s.close()
+
+
+def _leftovers(root):
+    return [f for f in os.listdir(root) if f.startswith(".") or f.endswith(".part")]
+
+
+def test_urls_and_collections(monkeypatch):
+    assert dl.dataset_url("edges2shoes") == f"{dl.PIX2PIX_BASE_URL}/edges2shoes.tar.gz"
+    assert dl.PIX2PIX_BASE_URL == "http://efrosgans.eecs.berkeley.edu/pix2pix/datasets"
+    assert dl.dataset_url("facades").endswith("/cyclegan/datasets/facades.zip")  # the unpaired one
+    assert dl.dataset_url("facades", collection="pix2pix") == f"{dl.PIX2PIX_BASE_URL}/facades.tar.gz"
+    monkeypatch.setenv("FASTCGAN_PIX2PIX_URL", "http://mirror/p2p")
+    assert dl.dataset_url("night2day") == "http://mirror/p2p/night2day.tar.gz"
+    assert set(dl.PIX2PIX_DATASETS) == {
+        "facades", "cityscapes", "maps", "edges2shoes", "edges2handbags", "night2day"
+    }
+
+
+def test_download_resume_verify_extract(server, tmp_path):
+    server.drop_first = 1  # the first transfer breaks half way: the second resumes with Range
+    target = download_dataset("facades", str(tmp_path), url=server.base, sha256=SHA, progress=False,
+                              backoff=0.0, collection="pix2pix")
+    assert target == str(tmp_path / "facades")
+    assert sorted(os.listdir(target)) == ["test", "train", "val"]
+    with open(os.path.join(target, "train", "1.jpg"), "rb") as fh:
+        assert fh.read() == PAYLOAD["facades/train/1.jpg"]
+    ranges = [r for p, r in server.requests if p.endswith(".tar.gz")]
+    assert ranges[0] is None and 0 < int(ranges[1].split("=")[1].rstrip("-")) < len(TGZ)
+    assert _leftovers(tmp_path) == []
+    # The unpaired facades may not be "found" in the pix2pix folder, nor the reverse.
+    with pytest.raises(FileExistsError, match="paired pix2pix layout"):
+        download_dataset("facades", str(tmp_path), url=server.base, progress=False)
+
+
+def test_pix2pix_only_names_need_no_flag_and_unverified_warns(server, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="unverified"):
+        target = download_dataset("edges2shoes", str(tmp_path), url=server.base, progress=False)
+    assert os.listdir(os.path.join(target, "train")) == ["1_AB.jpg"]
+    rc = main(["facades", "--pix2pix", "--root", str(tmp_path / "cli"), "--url", server.base,
+               "--sha256", SHA, "--no-progress"])
+    assert rc == 0 and capsys.readouterr().out.strip() == str(tmp_path / "cli" / "facades")
+
+
+def test_checksum_mismatch_corrupt_and_unsafe_archives(server, tmp_path):
+    with pytest.raises(ChecksumError, match="facades.tar.gz"):
+        download_dataset("facades", str(tmp_path), url=server.base, sha256="ab" * 32, progress=False,
+                         collection="pix2pix")
+    assert os.listdir(tmp_path) == []
+    server.files["/data/facades.tar.gz"] = TGZ[: len(TGZ) // 2] + bytes(len(TGZ) - len(TGZ) // 2)
+    with pytest.warns(UserWarning), pytest.raises(DownloadError, match="not a valid tar.gz"):
+        download_dataset("facades", str(tmp_path), url=server.base, progress=False, collection="pix2pix")
+    assert os.listdir(tmp_path) == []
+    for evil in (_tgz({"facades/train/ok.jpg": b"1", "../escaped.txt": b"x"}),
+                 _tgz({"facades/train/ok.jpg": b"1"}, links=[("facades/train/l.jpg", "/etc/passwd")])):
+        server.files["/data/facades.tar.gz"] = evil
+        with pytest.raises(DownloadError, match="refusing"):
+            download_dataset("facades", str(tmp_path), url=server.base, progress=False, collection="pix2pix",
+                             sha256=hashlib.sha256(evil).hexdigest())
+        assert os.listdir(tmp_path) == [] and not os.path.exists(tmp_path.parent / "escaped.txt")
+
+
+def test_names(tmp_path, capsys):
+    with pytest.raises(ValueError, match="license"):
+        download_dataset("cityscapes", str(tmp_path), collection="pix2pix")
+    with pytest.raises(ValueError, match="unknown pix2pix dataset 'horse2zebra'"):
+        download_dataset("horse2zebra", str(tmp_path), collection="pix2pix")
+    assert main(["--list"]) == 0
+    assert "edges2handbags (pix2pix)" in capsys.readouterr().out

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = g.add_mutually_exclusive_group()
     d.add_argument("--no-dropout", dest="dropout", action="store_false", default=False)
     d.add_argument("--dropout", dest="dropout", action="store_true")
+    g.add_argument("--bn-inference", choices=("per_image", "running"), default=None,
+                   help="BatchNorm statistics at inference: per_image = the official test.py (batch "
+                        "statistics at batch 1; default for --from-official), running = test.py --eval; "
+                        "for RUN the stored mode unless given")
     o = p.add_argument_group("outputs")
     o.add_argument("--onnx", metavar="PATH", help="write an ONNX model (dynamic batch/H/W)")
     o.add_argument("--trt", metavar="PATH", help="build a TensorRT engine (needs tensorrt and a GPU)")
@@ -138,17 +142,27 @@ def main(argv: list[str] | None = None) -> int:
         # while exporting), and it is the specification the artifacts are verified against.
         if args.from_official:
             model, spec = load_official(args.from_official, args.arch, args.ngf, args.norm, args.dropout,
-                                        backend="torch")
+                                        backend="torch", bn_inference=args.bn_inference or "per_image")
             source = args.from_official
         else:
             model, spec = load_torch_generator(args.run, direction=args.direction, backend="torch")
             source = args.run
+            if args.bn_inference and spec.config.get("norm") == "batch":
+                from fastcgan.models import set_bn_inference
+
+                set_bn_inference(model, args.bn_inference)
+                spec = spec.replace(config=dict(spec.config, bn_inference=args.bn_inference))
     except (ArtifactError, ValueError) as e:
         print(f"fastcgan-export: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     model = model.eval().float()
     print(f"generator: {source} ({spec.arch or 'unknown arch'}, {spec.input_nc}->{spec.output_nc} channels, "
           f"H/W multiple of {spec.size_multiple}, {sum(p.numel() for p in model.parameters()):,} parameters)")
+    if spec.config.get("norm") == "batch":
+        mode = spec.config.get("bn_inference", "running")
+        print(f"batchnorm at inference: {mode} statistics ("
+              + ("each image's own, = the official test.py at batch 1" if mode == "per_image"
+                 else "the stored running mean/var, = test.py --eval") + "; recorded in the artifact)")
     if args.static:
         h, w = args.static
         if h % spec.size_multiple or w % spec.size_multiple:

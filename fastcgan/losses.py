@@ -135,3 +135,47 @@ def identity_loss(same: Tensor, real: Tensor) -> Tensor:
             f"identity_loss: same {tuple(same.shape)} and real {tuple(real.shape)} differ in shape"
         )
     return F.l1_loss(same.float(), real.float())
+
+
+# ------------------------------------------------------------------------------------------------
+# pix2pix (paired): the conditional discriminator sees the input beside the output
+# ------------------------------------------------------------------------------------------------
+def conditional_input(real_A: Tensor, image_B: Tensor) -> Tensor:
+    """The conditional discriminator's input ``cat([real_A, image_B], dim=1)``: input_nc +
+    output_nc channels (6 for RGB -> RGB; build D with ``build_discriminator(netD, input_nc +
+    output_nc)``). Pass ``fake_B.detach()`` for the discriminator's own update."""
+    if real_A.dim() != 4 or image_B.dim() != 4 or real_A.shape[0] != image_B.shape[0] or (
+        real_A.shape[2:] != image_B.shape[2:]
+    ):
+        raise ValueError(
+            f"conditional_input: real_A {tuple(real_A.shape)} and image_B {tuple(image_B.shape)} must be "
+            "(N, C, H, W) with the same N, H and W"
+        )
+    return torch.cat([real_A, image_B], 1)
+
+
+def pix2pix_generator_loss(
+    pred_fake: Tensor, fake_B: Tensor, real_B: Tensor, lambda_L1: float = 100.0, mode: str = "vanilla"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The official pix2pix generator objective, ``(total, gan, l1)`` with
+    ``gan = gan_loss(D(cat(A, fake_B)), real)`` (``pred_fake``), ``l1 = lambda_L1 *
+    mean|fake_B - real_B|`` (the official ``loss_G_L1``, already weighted) and ``total = gan + l1``."""
+    if fake_B.shape != real_B.shape:
+        raise ValueError(
+            f"pix2pix_generator_loss: fake_B {tuple(fake_B.shape)} and real_B {tuple(real_B.shape)} "
+            "differ in shape"
+        )
+    gan = generator_gan_loss(pred_fake, mode)
+    l1 = F.l1_loss(fake_B.float(), real_B.float()) * lambda_L1
+    return gan + l1, gan, l1
+
+
+def pix2pix_discriminator_loss(
+    pred_real: Tensor, pred_fake: Tensor, mode: str = "vanilla"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The official pix2pix discriminator objective, ``(total, real, fake)`` with ``real =
+    gan_loss(D(cat(A, B)), real)``, ``fake = gan_loss(D(cat(A, fake_B.detach())), fake)`` and
+    ``total = 0.5 * (real + fake)``. No image pool (the official pix2pix uses none)."""
+    real = gan_loss(pred_real, True, mode)
+    fake = gan_loss(pred_fake, False, mode)
+    return 0.5 * (real + fake), real, fake

@@ -226,7 +226,8 @@ def test_save_load_generator(arch, norm, size, tmp_path):
     path = tmp_path / "g.safetensors"
     save_generator(g, path)  # config from build_generator
     cfg = read_generator_config(path)
-    assert cfg == dict(arch=arch, input_nc=3, output_nc=3, ngf=4, norm=norm, use_dropout=False)
+    bn = {"bn_inference": "running"} if norm == "batch" else {}  # BatchNorm records its eval statistics
+    assert cfg == dict(arch=arch, input_nc=3, output_nc=3, ngf=4, norm=norm, use_dropout=False, **bn)
     back = load_generator(path, backend="torch")
     assert not back.training
     x = torch.rand(1, 3, size, size)

@@ -167,7 +167,9 @@ def _ids(c):
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_load_gives_official_outputs(case, backend):
     """``torch``: the same arithmetic as the official network (fused pads move values, they do
-    not compute), so equal to fp32 rounding; ``auto``: whatever kernel backend runs here."""
+    not compute), so equal to fp32 rounding; ``auto``: whatever kernel backend runs here.
+    BatchNorm: the eval-mode (running statistics) behaviour; the default per-image statistics
+    are tested against the official train-mode forward in test_pix2pix_models.py."""
     arch, ngf, norm, dropout, h, w = case
     torch.manual_seed(0)
     ref = official(arch, ngf, norm, dropout).eval()
@@ -178,6 +180,7 @@ def test_load_gives_official_outputs(case, backend):
         norm=norm,
         use_dropout=None if arch.startswith("resnet") else dropout,
         backend=backend,
+        bn_inference="running",
     )
     assert not ours.training
     if arch.startswith("resnet"):

@@ -1,7 +1,15 @@
 """Networks (official CycleGAN generators/discriminators and the tutorial's), official checkpoint
 conversion and self-describing generator files."""
 
-from fastcgan.models._blocks import NORMS, ActPad, BatchNormAct, init_weights, norm_act
+from fastcgan.models._blocks import (
+    BN_INFERENCE_MODES,
+    NORMS,
+    ActPad,
+    BatchNormAct,
+    init_weights,
+    norm_act,
+    set_bn_inference,
+)
 from fastcgan.models.discriminators import (
     DISCRIMINATOR_ARCHS,
     NLayerDiscriminator,
@@ -28,6 +36,8 @@ from fastcgan.models.io import (
 from fastcgan.models.official import load_official_generator, official_state_dict, save_official_generator
 
 __all__ = [
+    "BN_INFERENCE_MODES",
+    "set_bn_inference",
     "NORMS",
     "ActPad",
     "BatchNormAct",

@@ -7,7 +7,9 @@ the same call signature ``block(x, residual=None)`` and the same meaning
 * ``"instance"`` -> :class:`fastcgan.nn.InstanceNormAct` (the fused op seam, affine-free like the
   official ``InstanceNorm2d(affine=False, track_running_stats=False)``);
 * ``"batch"``    -> :class:`BatchNormAct`, a plain ``nn.BatchNorm2d`` (affine, running stats) with
-  the activation/residual/pad applied by standard torch ops;
+  the activation/residual/pad applied by standard torch ops; in eval mode it normalises with
+  its running statistics (``inference="running"``, PyTorch's eval) or with each image's own
+  statistics and the BN affine (``inference="per_image"``, see :data:`BN_INFERENCE_MODES`);
 * ``"none"``     -> :class:`ActPad`, no normalisation (the official ``Identity`` norm).
 """
 
@@ -19,8 +21,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcgan.nn import InstanceNormAct
+from fastcgan.ops import instance_norm_act
 
 NORMS = ("instance", "batch", "none")
+
+# What a BatchNorm layer computes at inference (eval mode); training always uses batch statistics.
+# * "running":   the running mean/var (PyTorch's eval(); the official test.py with --eval).
+# * "per_image": each image's own per-channel mean/var (biased, eps 1e-5) with the BN weight and
+#   bias. The official test.py runs without --eval, i.e. BatchNorm in training mode on batches of
+#   one image: per-image statistics exactly. This mode gives those outputs at any batch size
+#   (each image normalised on its own, so results never depend on the batch), runs through the
+#   fused instance_norm_act op, and exports to ONNX as InstanceNormalization(scale=weight, B=bias).
+BN_INFERENCE_MODES = ("per_image", "running")
+
+
+def check_bn_inference(mode: str) -> str:
+    if mode not in BN_INFERENCE_MODES:
+        raise ValueError(f"bn_inference must be one of {BN_INFERENCE_MODES}, got {mode!r}")
+    return mode
 
 
 def _act(x: Tensor, activation: str, negative_slope: float) -> Tensor:
@@ -38,18 +56,38 @@ def _check_activation(activation: str) -> None:
 
 class BatchNormAct(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (affine, running stats, so official state-dict entries line up)
-    followed by activation, residual add and reflection pad, in plain torch."""
+    followed by activation, residual add and reflection pad, in plain torch.
+
+    ``inference`` (:data:`BN_INFERENCE_MODES`) picks the eval-mode statistics; ``"per_image"``
+    runs as one fused :func:`fastcgan.ops.instance_norm_act` with the BN affine on ``backend``
+    (changed by :func:`fastcgan.nn.set_backend` like every fused layer)."""
+
+    uses_op_backend = True  # fastcgan.nn.set_backend points .backend at a kernel backend
 
     def __init__(
-        self, num_features: int, activation: str = "relu", *, negative_slope: float = 0.2, pad: int = 0
+        self,
+        num_features: int,
+        activation: str = "relu",
+        *,
+        negative_slope: float = 0.2,
+        pad: int = 0,
+        inference: str = "running",
+        backend: str = "auto",
     ):
         super().__init__(num_features)
         _check_activation(activation)
         self.activation = activation
         self.negative_slope = negative_slope
         self.pad = pad
+        self.inference = check_bn_inference(inference)
+        self.backend = backend
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        if not self.training and self.inference == "per_image":
+            return instance_norm_act(
+                x, self.weight, self.bias, activation=self.activation, negative_slope=self.negative_slope,
+                residual=residual, pad=self.pad, eps=self.eps, backend=self.backend,
+            )
         y = _act(super().forward(x), self.activation, self.negative_slope)
         if residual is not None:
             y = y + residual
@@ -58,7 +96,10 @@ class BatchNormAct(nn.BatchNorm2d):
         return y
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation}, pad={self.pad}"
+        return (
+            f"{super().extra_repr()}, activation={self.activation}, pad={self.pad}, "
+            f"inference={self.inference}"
+        )
 
 
 class ActPad(nn.Module):
@@ -107,8 +148,25 @@ def norm_act(
             num_features, activation, negative_slope=negative_slope, pad=pad, backend=backend
         )
     if norm == "batch":
-        return BatchNormAct(num_features, activation, negative_slope=negative_slope, pad=pad)
+        return BatchNormAct(num_features, activation, negative_slope=negative_slope, pad=pad, backend=backend)
     return ActPad(num_features, activation, negative_slope=negative_slope, pad=pad)
+
+
+def set_bn_inference(net: nn.Module, mode: str) -> nn.Module:
+    """Set the eval-mode statistics of every BatchNorm layer of ``net`` (:data:`BN_INFERENCE_MODES`)
+    and record the mode in ``net.config`` (saved in generator files and export metadata) when the
+    network has one and uses BatchNorm. Returns ``net``."""
+    check_bn_inference(mode)
+    net = getattr(net, "_orig_mod", net)  # a torch.compile wrapper: its module
+    found = False
+    for m in net.modules():
+        if isinstance(m, BatchNormAct):
+            m.inference = mode
+            found = True
+    cfg = getattr(net, "config", None)
+    if found and isinstance(cfg, dict) and cfg.get("norm") == "batch":
+        cfg["bn_inference"] = mode
+    return net
 
 
 def conv_bias(norm: str) -> bool:

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastcgan.models._blocks import ConvNormAct, check_norm, conv_bias, init_weights, norm_act
+from fastcgan.models._blocks import (
+    ConvNormAct,
+    check_bn_inference,
+    check_norm,
+    conv_bias,
+    init_weights,
+    norm_act,
+    set_bn_inference,
+)
 from fastcgan.nn import ReflectionResidualBlock
 
 GENERATOR_ARCHS = ("resnet_9blocks", "resnet_6blocks", "unet_128", "unet_256", "udacity")
@@ -305,14 +313,20 @@ def build_generator(
     init_type: Optional[str] = "normal",
     init_gain: float = 0.02,
     backend: str = "auto",
+    bn_inference: str = "running",
 ) -> nn.Module:
     """Build and initialise a generator by its official name (``resnet_9blocks``, ``resnet_6blocks``,
     ``unet_128``, ``unet_256``) or ``udacity`` (the tutorial's; ``use_dropout`` not supported).
 
     ``backend`` is the InstanceNorm op backend (``auto``/``torch``/``triton``/``cuda``/``cpp``);
-    change it later with :func:`fastcgan.nn.set_backend`. The build arguments (without init and
-    backend) are kept on ``model.config`` for :func:`fastcgan.models.save_generator`."""
+    change it later with :func:`fastcgan.nn.set_backend`. ``bn_inference`` (``norm="batch"``
+    only): the eval-mode BatchNorm statistics, ``"running"`` or ``"per_image"`` (the official
+    test.py's behaviour; see :data:`fastcgan.models.BN_INFERENCE_MODES`), changed later with
+    :func:`fastcgan.models.set_bn_inference`. The build arguments (without init and backend; with
+    ``bn_inference`` for BatchNorm) are kept on ``model.config`` for
+    :func:`fastcgan.models.save_generator`."""
     check_norm(norm)
+    check_bn_inference(bn_inference)
     if arch in ("resnet_9blocks", "resnet_6blocks"):
         net: nn.Module = ResnetGenerator(
             input_nc,
@@ -343,4 +357,6 @@ def build_generator(
     net.config = dict(
         arch=arch, input_nc=input_nc, output_nc=output_nc, ngf=ngf, norm=norm, use_dropout=use_dropout
     )
+    if norm == "batch":
+        set_bn_inference(net, bn_inference)  # also records it in net.config
     return net

@@ -17,6 +17,9 @@ from fastcgan.models.generators import GENERATOR_ARCHS, build_generator
 FORMAT = "fastcgan.generator"
 FORMAT_VERSION = "1"
 CONFIG_KEYS = ("arch", "input_nc", "output_nc", "ngf", "norm", "use_dropout")
+# Keys a config may hold besides CONFIG_KEYS (absent in older files: build_generator's default).
+# bn_inference: eval-mode BatchNorm statistics, "running" or "per_image" (BN_INFERENCE_MODES).
+OPTIONAL_CONFIG_KEYS = ("bn_inference",)
 DIRECTIONS = ("AtoB", "BtoA")
 
 
@@ -31,10 +34,11 @@ def _check_config(config: Any, where: str) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{where}: generator config must be a dict, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
-    extra = [k for k in config if k not in CONFIG_KEYS]
+    extra = [k for k in config if k not in CONFIG_KEYS and k not in OPTIONAL_CONFIG_KEYS]
     if missing or extra:
         raise ValueError(
-            f"{where}: generator config needs exactly {CONFIG_KEYS}; missing {missing}, unknown {extra}"
+            f"{where}: generator config needs exactly {CONFIG_KEYS} (optional: {OPTIONAL_CONFIG_KEYS}); "
+            f"missing {missing}, unknown {extra}"
         )
     if config["arch"] not in GENERATOR_ARCHS:
         raise ValueError(f"{where}: unknown generator arch {config['arch']!r}; choose from {GENERATOR_ARCHS}")

@@ -161,10 +161,20 @@ def load_official_generator(
     norm: str = "instance",
     use_dropout: Optional[bool] = None,
     backend: str = "auto",
+    bn_inference: str = "per_image",
 ) -> nn.Module:
     """Load a generator state dict saved by the official repository (``latest_net_G_A.pth``,
     the released ``horse2zebra.pth`` ...) into our generator, in eval mode; its outputs equal the
     official network's with those weights (same convolutions; norms to fp32 rounding).
+
+    BatchNorm generators (``norm="batch"``, e.g. pix2pix's ``unet_256``): ``bn_inference``
+    picks which official behaviour eval mode reproduces. ``"per_image"`` (default): the official
+    ``test.py`` as run by default (no ``--eval``: BatchNorm in training mode, i.e. batch
+    statistics, at its batch size of 1) -- each image normalised with its own statistics and the
+    BN affine, equal to ``test.py`` at batch 1 and per image at any batch. ``"running"``: the
+    stored running statistics (``test.py --eval``, PyTorch's ``eval()``). Dropout is off in eval
+    mode either way (``test.py`` without ``--eval`` also keeps pix2pix's dropout on, which makes
+    its outputs random; call ``.train()`` for that, at the price of batch statistics).
 
     Accepts a path or a state dict; strips ``module.`` prefixes, skips metadata entries and, for
     ``norm="instance"``, stale InstanceNorm running stats. ``use_dropout=None`` reads it from the
@@ -196,7 +206,8 @@ def load_official_generator(
         )
 
     model = build_generator(
-        arch, input_nc, output_nc, ngf, norm=norm, use_dropout=use_dropout, init_type=None, backend=backend
+        arch, input_nc, output_nc, ngf, norm=norm, use_dropout=use_dropout, init_type=None, backend=backend,
+        bn_inference=bn_inference,
     )
     ours_to_official = dict(_module_map(model))
     official_to_ours = {v: k for k, v in ours_to_official.items()}

@@ -94,6 +94,7 @@ def reflected_dropout(hp: Tensor, p: float, pad: int) -> Tensor:
 def set_backend(module: nn.Module, backend: str) -> nn.Module:
     """Point every fastcgan layer in ``module`` at ``backend`` (``auto``/``torch``/``triton``/``cuda``/``cpp``)."""
     for m in module.modules():
-        if isinstance(m, InstanceNormAct):
+        # uses_op_backend: layers defined elsewhere that call the ops too (models' BatchNormAct).
+        if isinstance(m, InstanceNormAct) or getattr(type(m), "uses_op_backend", False):
             m.backend = backend
     return module

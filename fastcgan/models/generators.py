@@ -9,7 +9,7 @@ Every InstanceNorm (+activation, +residual add, +reflection pad) runs through
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,12 +121,7 @@ class ResnetGenerator(nn.Module):
         self.head = nn.Conv2d(ngf, output_nc, 7, padding=0, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2], x.shape[-1]
-        if h % 4 or w % 4 or h < 8 or w < 8:
-            raise ValueError(
-                f"ResnetGenerator: input height and width must be multiples of 4 and at least 8, got "
-                f"{h}x{w}; pad-and-crop to a multiple of generator_size_multiple('resnet_9blocks') = 4"
-            )
+        _check_resnet_input(x)
         y = self.stem(F.pad(x, (3, 3, 3, 3), mode="reflect"))
         for layer in self.down:
             y = layer(y)
@@ -135,6 +130,136 @@ class ResnetGenerator(nn.Module):
         for layer in self.up:
             y = layer(y)
         return torch.tanh(self.head(y))
+
+    # --- encoder features (CUT / PatchNCE) -------------------------------------------------------
+    #
+    # The official CUT code selects features by index into the official generator's flat
+    # nn.Sequential (``--nce_layers 0,4,8,12,16``). Our modules fuse norm+ReLU(+pad), so the indices
+    # are mapped here onto the tensors they denote. The official list for this architecture (CUT's
+    # ``--no_antialias --no_antialias_up``, i.e. the CycleGAN ResNet with strided convolutions that
+    # fastcgan builds; n = n_blocks) is:
+    #
+    #   0 ReflectionPad2d(3)   1 Conv7  2 Norm  3 ReLU       (stem)
+    #   4 Conv3 s2  5 Norm  6 ReLU                           (down[0])
+    #   7 Conv3 s2  8 Norm  9 ReLU                           (down[1])
+    #   10 .. 9+n ResnetBlock                                (blocks[0 .. n-1])
+    #   10+n ConvT  11+n Norm  12+n ReLU                     (up[0])
+    #   13+n ConvT  14+n Norm  15+n ReLU                     (up[1])
+    #   16+n ReflectionPad2d(3)  17+n Conv7  18+n Tanh       (head)
+    #
+    # Its ReLUs are in place, so the tensor it records at a Norm index has already been ReLU'd by
+    # the next module: a Norm index and the ReLU index after it denote the same tensor, which is
+    # our fused norm's output (interior, without the pad it emits for the next conv).
+
+    def official_layer_names(self) -> list[str]:
+        """The official ``nn.Sequential`` module class at each index (see the table above)."""
+        n = self.n_blocks
+        conv_norm_relu = ["Conv2d", "Norm", "ReLU"]
+        return (
+            ["ReflectionPad2d"] + conv_norm_relu * 3 + ["ResnetBlock"] * n
+            + ["ConvTranspose2d", "Norm", "ReLU"] * 2 + ["ReflectionPad2d", "Conv2d", "Tanh"]
+        )
+
+    def feature_channels(self, layers: Sequence[int]) -> list[int]:
+        """Channels of the features :meth:`encode` returns for official indices ``layers``
+        (known up front, so projection heads need no data-dependent initialisation)."""
+        n, ngf = self.n_blocks, self.ngf
+        chans = (
+            [self.input_nc] + [ngf] * 3 + [2 * ngf] * 3 + [4 * ngf] * 3 + [4 * ngf] * n
+            + [2 * ngf] * 3 + [ngf] * 4 + [self.output_nc] * 2
+        )
+        return [chans[i] for i in self._check_layers(layers)]
+
+    def _check_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
+        layers = tuple(int(i) for i in layers)
+        n_official = 19 + self.n_blocks
+        if any(b <= a for a, b in zip(layers, layers[1:])) or any(not 0 <= i < n_official for i in layers):
+            raise ValueError(
+                f"ResnetGenerator: layers must be strictly increasing official module indices in "
+                f"[0, {n_official}), got {list(layers)}"
+            )
+        return layers
+
+    def encode(self, x: Tensor, layers: Sequence[int] = (0, 4, 8, 12, 16), *, with_output: bool = False):
+        """Features at the official CUT module indices ``layers`` (strictly increasing), in one pass.
+
+        Returns the list of feature maps, or ``(output, features)`` with ``with_output=True`` (the
+        output equals ``forward(x)``). Without the output, the pass stops after the last requested
+        layer, so the decoder does not run. For ``resnet_9blocks`` and the official
+        ``--nce_layers 0,4,8,12,16`` (256x256 input, ngf 64) the features are:
+
+        * 0: the input reflection-padded by 3 (3 x 262 x 262);
+        * 4: ``down[0].conv``'s output, before its norm (128 x 128 x 128);
+        * 8: ``down[1]``'s InstanceNorm+ReLU output, interior of the padded tensor (256 x 64 x 64);
+        * 12: ``blocks[2]``'s output (256 x 64 x 64);
+        * 16: ``blocks[6]``'s output (256 x 64 x 64).
+
+        The official CUT default (anti-aliased down/upsampling, not built by fastcgan) has a
+        different module list, where the same indices are the padded input, the stride-1 Conv3
+        outputs of the two downsampling stages before their norms (128 x 256², 256 x 128²) and the
+        outputs of blocks 0 and 4; channel counts, hence head sizes, are the same.
+
+        Features are views of the tensors the forward computes (padded tensors are cropped by
+        slicing, no copy); gradients flow through them to the generator.
+        """
+        _check_resnet_input(x)
+        layers = self._check_layers(layers)
+        if not layers and not with_output:
+            return []
+        want = set(layers)
+        stop = -1 if with_output else layers[-1]
+        feats: list[Tensor] = []
+
+        def tap(i: int, t: Tensor, crop: int) -> bool:
+            if i in want:
+                feats.append(t[:, :, crop:-crop, crop:-crop] if crop else t)
+            return i == stop
+
+        y = F.pad(x, (3, 3, 3, 3), mode="reflect")
+        if tap(0, y, 0):
+            return feats
+        i = 1
+        for stage in (self.stem, *self.down):
+            c = stage.conv(y)
+            if tap(i, c, 0):
+                return feats
+            y = stage.norm(c)
+            a, b = tap(i + 1, y, stage.norm.pad), tap(i + 2, y, stage.norm.pad)
+            if a or b:
+                return feats
+            i += 3
+        for block in self.blocks:
+            y = block(y)
+            if tap(i, y, block.norm2.pad):
+                return feats
+            i += 1
+        for stage in self.up:
+            c = stage.conv(y)
+            if tap(i, c, 0):
+                return feats
+            y = stage.norm(c)
+            a, b = tap(i + 1, y, stage.norm.pad), tap(i + 2, y, stage.norm.pad)
+            if a or b:
+                return feats
+            i += 3
+        # The head's ReflectionPad2d(3) was emitted by up[1]'s norm: y is that padded tensor.
+        if tap(i, y, 0):
+            return feats
+        h = self.head(y)
+        if tap(i + 1, h, 0):
+            return feats
+        out = torch.tanh(h)
+        tap(i + 2, out, 0)
+        return (out, feats) if with_output else feats
+
+
+def _check_resnet_input(x: Tensor) -> None:
+    h, w = x.shape[-2], x.shape[-1]
+    if h % 4 or w % 4 or h < 8 or w < 8:
+        raise ValueError(
+            f"ResnetGenerator: input height and width must be multiples of 4 and at least 8, got "
+            f"{h}x{w}; pad-and-crop to a multiple of generator_size_multiple('resnet_9blocks') = 4"
+        )
 
 
 class _UnetLevel(nn.Module):

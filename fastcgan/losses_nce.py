@@ -1,0 +1,73 @@
+"""PatchNCE (CUT, Park et al. 2020) as pure functions: tensors in, a scalar tensor out.
+
+No ``.backward()``, no ``.item()``, no module state; ``lambda_NCE`` is applied by the caller.
+Inputs are the projected, L2-normalised patch features of
+:func:`fastcgan.models.patchnce.project_patches`: per layer a query ``q`` and a key ``k`` of
+shape ``(B, P, C)``, row ``p`` of both taken at the same location.
+
+Numerics: the logits are computed in fp32 with autocast disabled (a bf16 dot product of unit
+vectors divided by 0.07 would carry ~0.05 absolute error into the softmax), and the keys are
+detached, as in the official loss.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+# The official code fills the self-similarity entries of the negatives with -10 *before* dividing
+# by the temperature: exp(-10 / 0.07) ~ 1e-62, i.e. removed from the softmax.
+_MASKED_SIMILARITY = -10.0
+
+
+def patch_nce_layer_loss(q: Tensor, k: Tensor, temperature: float = 0.07) -> Tensor:
+    """PatchNCE of one layer, mean over the ``B*P`` query patches.
+
+    For query ``q[b, i]`` the positive is ``k[b, i]`` (logit index 0) and the negatives are the
+    other patches ``k[b, j != i]`` of the *same* image (the official "internal negatives",
+    ``nce_includes_all_negatives_from_minibatch=False``); the ``j == i`` entry of the negatives is
+    masked. Cross-entropy of ``[q.k_i, q.k_j...] / temperature`` with target 0."""
+    if q.dim() != 3 or q.shape != k.shape:
+        raise ValueError(
+            f"patch_nce_layer_loss: q and k must both be (B, P, C), got {tuple(q.shape)} / {tuple(k.shape)}"
+        )
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = q.float()
+        k = k.detach().float()
+        p = q.shape[1]
+        l_pos = (q * k).sum(dim=-1, keepdim=True)  # (B, P, 1)
+        l_neg = torch.bmm(q, k.transpose(1, 2))  # (B, P, P)
+        diagonal = torch.eye(p, dtype=torch.bool, device=q.device)
+        l_neg = l_neg.masked_fill(diagonal, _MASKED_SIMILARITY)
+        logits = torch.cat([l_pos, l_neg], dim=-1) / temperature
+        # cross-entropy with target 0: logsumexp(logits) - logits[0]
+        return (torch.logsumexp(logits, dim=-1) - logits[..., 0]).mean()
+
+
+def patch_nce_loss(
+    q: Union[Tensor, Sequence[Tensor]],
+    k: Union[Tensor, Sequence[Tensor]],
+    temperature: float = 0.07,
+) -> Tensor:
+    """PatchNCE over the NCE layers: the **mean** over layers of :func:`patch_nce_layer_loss` (the
+    official ``calculate_NCE_loss`` sums the per-layer means and divides by the number of layers).
+
+    The caller multiplies by ``lambda_NCE``; with the CUT identity term the official generator
+    loss uses ``(nce(G(X), X) + nce(G(Y), Y)) / 2``. As every image's negatives are its own, one
+    call on the concatenated batch ``[X; Y]`` gives that average exactly when X and Y have the
+    same batch size."""
+    if isinstance(q, Tensor):
+        return patch_nce_layer_loss(q, k, temperature)
+    if len(q) != len(k) or len(q) == 0:
+        raise ValueError(
+            f"patch_nce_loss: need the same non-zero number of query and key layers, got {len(q)} / {len(k)}"
+        )
+    total = patch_nce_layer_loss(q[0], k[0], temperature)
+    for ql, kl in zip(q[1:], k[1:]):
+        total = total + patch_nce_layer_loss(ql, kl, temperature)
+    return total / len(q)
+
+
+__all__ = ["patch_nce_layer_loss", "patch_nce_loss"]

@@ -5,15 +5,22 @@ runs it with nothing but torch installed (no fastcgan, no training code). The ge
 stored in the package metadata (``aot_inductor.metadata``), so :func:`fastcgan.deploy.load`
 knows the channels and size multiple. A package is compiled for one device type (CPU packages
 also for the compiling machine's ISA, e.g. AVX-512/AMX).
+
+A package holds native code that runs when it is loaded: :func:`export_aoti` writes a manifest
+beside it (``<pkg>.manifest.json``, :mod:`fastcgan.deploy.manifest`) and :func:`load_aoti` /
+:func:`run_package_isolated` load only a package whose manifest verifies, or one the caller
+trusts explicitly (``trust_artifact=True``).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 import torch
 from fastcgan.deploy._common import METADATA_KEY, ArtifactError, GeneratorSpec
+from fastcgan.deploy.manifest import install, verified_copy, write_manifest
 from fastcgan.deploy.onnx_export import _dynamic_shapes, _example_input, _forward_arg_name, reference_copy
 from torch import nn
 
@@ -52,45 +59,63 @@ def export_aoti(
     freezing: bool = True,
     max_autotune: bool = False,
 ) -> GeneratorSpec:
-    """Compile ``model`` into an AOTInductor package at ``path`` (``.pt2``)."""
+    """Compile ``model`` into an AOTInductor package at ``path`` (``.pt2``) and write its manifest
+    (``path + ".manifest.json"``). The package is built in a private folder beside ``path`` and
+    renamed into place, so ``path`` is never a half-written package."""
     device = torch.device(device)
     if not str(path).endswith(".pt2"):
         raise ValueError(f"--aoti {path}: AOTInductor packages must end in .pt2")
     spec = spec.replace(dtype=str(dtype).replace("torch.", ""), static_hw=tuple(static_hw) if static_hw else None)
     ep = export_program(model, spec, device, dtype, static_hw)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(folder, exist_ok=True)
     opts = inductor_options(device, freezing=freezing, max_autotune=max_autotune)
     compile_and_package = getattr(torch._inductor, "aoti_compile_and_package", None)
     if compile_and_package is None:  # pragma: no cover - torch < 2.6
         raise RuntimeError(f"torch {torch.__version__} has no torch._inductor.aoti_compile_and_package (need >= 2.6)")
-    try:
-        compile_and_package(ep, package_path=path,
-                            inductor_configs={**opts, "aot_inductor.metadata": {METADATA_KEY: spec.to_json()}})
-    except Exception as e:
-        # Older torch builds reject some config keys (metadata, freezing on AOTI); keep a working
-        # package and put the spec beside it instead.
-        if "metadata" not in str(e) and "freezing" not in str(e):
-            raise
-        warnings.warn(f"AOTInductor rejected an option ({e}); compiling without it, spec in {path}.json")
-        compile_and_package(ep, package_path=path)
-        with open(path + ".json", "w") as f:
-            f.write(spec.to_json())
+    from fastcgan.fileio import atomic_write
+
+    with tempfile.TemporaryDirectory(prefix=".fastcgan-export-", dir=folder) as work:
+        tmp_pkg = os.path.join(work, os.path.basename(path))
+        try:
+            compile_and_package(ep, package_path=tmp_pkg,
+                                inductor_configs={**opts, "aot_inductor.metadata": {METADATA_KEY: spec.to_json()}})
+        except Exception as e:
+            # Older torch builds reject some config keys (metadata, freezing on AOTI); keep a working
+            # package and put the spec beside it instead.
+            if "metadata" not in str(e) and "freezing" not in str(e):
+                raise
+            warnings.warn(f"AOTInductor rejected an option ({e}); compiling without it, spec in {path}.json")
+            compile_and_package(ep, package_path=tmp_pkg)
+            atomic_write(path + ".json", spec.to_json().encode())
+        install(tmp_pkg, path)
+    write_manifest(path, "aoti", spec, device=device.type)
     return spec
 
 
-def load_aoti(path: str, device: torch.device | None = None):
-    """(callable, spec) for an AOTInductor package. The callable takes and returns a tensor."""
+def load_aoti(path: str, device: torch.device | None = None, *, trust_artifact: bool = False):
+    """(callable, spec) for an AOTInductor package. The callable takes and returns a tensor; its
+    ``trust`` attribute says how the package was admitted.
+
+    The package is loaded (its shared library run) only when its manifest verifies, or with
+    ``trust_artifact=True``; otherwise :class:`~fastcgan.deploy.manifest.UntrustedArtifactError`
+    is raised and nothing from the file is executed."""
     import zipfile
 
-    if not zipfile.is_zipfile(path):
-        raise ArtifactError(path, "not an AOTInductor package (.pt2 files are zip archives; this one is not)")
-    load_package = getattr(torch._inductor, "aoti_load_package", None)
-    if load_package is None:  # pragma: no cover
-        raise RuntimeError(f"torch {torch.__version__} has no torch._inductor.aoti_load_package (need >= 2.6)")
+    copy, note, keep = verified_copy(path, "aoti", trust=trust_artifact)
     try:
-        model = load_package(path)
-    except Exception as e:
-        raise ArtifactError(path, f"cannot load AOTInductor package ({type(e).__name__}: {e})") from e
+        if not zipfile.is_zipfile(copy):
+            raise ArtifactError(path, "not an AOTInductor package (.pt2 files are zip archives; this one is not)")
+        load_package = getattr(torch._inductor, "aoti_load_package", None)
+        if load_package is None:  # pragma: no cover
+            raise RuntimeError(f"torch {torch.__version__} has no torch._inductor.aoti_load_package (need >= 2.6)")
+        try:
+            model = load_package(copy)
+        except Exception as e:
+            raise ArtifactError(path, f"cannot load AOTInductor package ({type(e).__name__}: {e})") from e
+    except BaseException:
+        keep.cleanup()
+        raise
     meta = {}
     try:
         meta = dict(model.get_metadata())
@@ -115,11 +140,14 @@ def load_aoti(path: str, device: torch.device | None = None):
         return out[0] if isinstance(out, (list, tuple)) else out
 
     run.device = pkg_device
+    run.trust = note
+    run._keep = keep  # the verified copy lives as long as the loaded package
     return run, spec
 
 
-def run_package_isolated(path: str, inputs: list, device: torch.device) -> list:
-    """Outputs of the package at ``path`` for ``inputs``, computed in a fresh Python process.
+def run_package_isolated(path: str, inputs: list, device: torch.device, *, trust_artifact: bool = False) -> list:
+    """Outputs of the package at ``path`` for ``inputs``, computed in a fresh Python process
+    (from a verified private copy; the manifest rule of :func:`load_aoti` applies).
 
     Loading a CUDA package in the process that just compiled it segfaulted with torch 2.11
     (inside ``aoti_load_package``), so the CLI verifies CUDA packages this way; it is also
@@ -128,7 +156,8 @@ def run_package_isolated(path: str, inputs: list, device: torch.device) -> list:
     import sys
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="fastcgan-aoti-") as tmp:
+    copy, _, keep = verified_copy(path, "aoti", trust=trust_artifact)
+    with keep, tempfile.TemporaryDirectory(prefix="fastcgan-aoti-") as tmp:
         src, dst = os.path.join(tmp, "in.pt"), os.path.join(tmp, "out.pt")
         torch.save([x.cpu() for x in inputs], src)
         code = (
@@ -142,7 +171,7 @@ def run_package_isolated(path: str, inputs: list, device: torch.device) -> list:
             "    outs.append(y.float().cpu())\n"
             "torch.save(outs, dst)\n"
         )
-        proc = subprocess.run([sys.executable, "-c", code, path, src, dst, str(device)],
+        proc = subprocess.run([sys.executable, "-c", code, copy, src, dst, str(device)],
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{path}: running the package in a fresh process failed:\n{proc.stderr[-3000:]}")

@@ -7,6 +7,11 @@ Every artifact is run right after it is written and compared with the PyTorch ge
 several input sizes; the max abs error is printed and the exit status is non-zero when it is
 over tolerance. Steps are independent: a missing TensorRT fails ``--trt`` (exit status 3,
 with what to install) but the ONNX and AOTInductor files of the same command are still made.
+
+AOTInductor packages and TensorRT engines hold native code; each gets a manifest beside it
+(``g.pt2.manifest.json``: sha256, fastcgan version, arch, shapes, dtype) without which
+``fastcgan-translate`` and :func:`fastcgan.deploy.load` refuse to run it. Every file is written
+atomically (never half-written under its final name).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from fastcgan.deploy._common import (
     load_torch_generator,
     resolve_device,
 )
+from fastcgan.devices import DeviceUnavailableError
 
 # Max abs error on outputs in [-1, 1], against the fp32 PyTorch generator.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 1.5e-1}
@@ -133,9 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         shapes = {k: parse_shape(v, "--" + k.replace("_", "-")) if v else None
                   for k, v in (("min_shape", args.min_shape), ("opt_shape", args.opt_shape),
                                ("max_shape", args.max_shape))}
-        device = resolve_device(args.device)
-    except (ValueError, RuntimeError) as e:
+    except ValueError as e:
         parser.error(str(e))
+    try:
+        device = resolve_device(args.device)
+    except (DeviceUnavailableError, ValueError) as e:
+        print(f"fastcgan-export: error: --device: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
     try:
         # The reference backend: exports trace it anyway (fastcgan.ops routes to the reference
@@ -211,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             aspec = export_aoti(model, args.aoti, spec, device=device, dtype=dtype, static_hw=args.static,
                                 max_autotune=args.max_autotune)
-            print(f"aoti: wrote {args.aoti} in {time.perf_counter() - t0:.1f}s ({device.type}, {precision})")
+            print(f"aoti: wrote {args.aoti} in {time.perf_counter() - t0:.1f}s ({device.type}, {precision}); "
+                  f"manifest {args.aoti}.manifest.json (the package holds native code)")
             if not args.no_verify:
                 if device.type == "cuda":
                     run_aoti = _isolated_runner(args.aoti, device, dtype)
@@ -239,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                          min_shape=shapes["min_shape"], opt_shape=shapes["opt_shape"],
                          max_shape=shapes["max_shape"], workspace_gb=args.workspace_gb,
                          timing_cache=args.timing_cache)
-            print(f"trt: wrote {args.trt} in {time.perf_counter() - t0:.1f}s ({precision})")
+            print(f"trt: wrote {args.trt} in {time.perf_counter() - t0:.1f}s ({precision}); "
+                  f"manifest {args.trt}.manifest.json (engines hold native code)")
             if not args.no_verify:
                 runner = TrtRunner(args.trt)
                 prof = runner.profile

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import io
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 
@@ -88,20 +89,24 @@ def export_onnx(
     model = reference_copy(model).to(device="cpu", dtype=dtype)
     spec = spec.replace(dtype="float16" if fp16 else "float32", static_hw=tuple(static_hw) if static_hw else None)
     x = _example_input(spec, dtype, static_hw, "cpu")
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(folder, exist_ok=True)
     order = {"auto": ("dynamo", "torchscript"), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[exporter]
     errors = []
-    for which in order:
-        try:
-            _run_exporter(which, model, x, path, spec, opset, static_hw, verbose)
-            break
-        except Exception as e:  # noqa: BLE001 - report and try the next exporter
-            errors.append(f"{which}: {type(e).__name__}: {e}")
-            if len(order) > 1 and which != order[-1]:
-                warnings.warn(f"ONNX {which} exporter failed ({e}); falling back to the TorchScript exporter")
-    else:
-        raise RuntimeError("ONNX export failed:\n  " + "\n  ".join(errors))
-    _finalise(path, spec)
+    # The exporters write into a private folder; the finished model replaces ``path`` atomically.
+    with tempfile.TemporaryDirectory(prefix=".fastcgan-export-", dir=folder) as work:
+        raw = os.path.join(work, "g.onnx")
+        for which in order:
+            try:
+                _run_exporter(which, model, x, raw, spec, opset, static_hw, verbose)
+                break
+            except Exception as e:  # noqa: BLE001 - report and try the next exporter
+                errors.append(f"{which}: {type(e).__name__}: {e}")
+                if len(order) > 1 and which != order[-1]:
+                    warnings.warn(f"ONNX {which} exporter failed ({e}); falling back to the TorchScript exporter")
+        else:
+            raise RuntimeError("ONNX export failed:\n  " + "\n  ".join(errors))
+        _finalise(raw, spec, dest=path)
     return spec
 
 
@@ -153,20 +158,24 @@ def _quiet():
             lg.setLevel(lv)
 
 
-def _finalise(path: str, spec: GeneratorSpec) -> None:
-    """Fold any external-data file back in, store the spec, and run the ONNX checker."""
+def _finalise(path: str, spec: GeneratorSpec, dest: str | None = None) -> None:
+    """Fold any external-data file back in, store the spec, run the ONNX checker, and write the
+    model to ``dest`` (default: ``path``) atomically."""
     import onnx
+
+    from fastcgan.fileio import atomic_write
 
     proto = onnx.load(path, load_external_data=True)
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, spec.to_json()
     proto.producer_name = "fastcgan"
-    onnx.save(proto, path, save_as_external_data=False)
+    onnx.checker.check_model(proto, full_check=True)
+    dest = path if dest is None else dest
+    atomic_write(dest, proto.SerializeToString())
     for extra in (path + ".data", path + "_data"):
         if os.path.exists(extra):
             os.remove(extra)
-    onnx.checker.check_model(path, full_check=True)
 
 
 def read_spec(path: str) -> GeneratorSpec:

@@ -9,6 +9,11 @@ to [-1, 1] on the engine's device, reflection-pads H and W up to the generator's
 Engines: ``torch`` (eager), ``compiled`` (``torch.compile``), ``onnx`` (onnxruntime: CPU, or
 the CUDA / TensorRT execution providers of onnxruntime-gpu), ``trt`` (a TensorRT engine) and
 ``aoti`` (an AOTInductor package).
+
+AOTInductor packages and TensorRT engines hold native code that runs when they are loaded:
+:func:`load` runs one only when its manifest (written by ``fastcgan-export``) verifies, or with
+``trust_artifact=True``, and ``translator.trust`` says which (:mod:`fastcgan.deploy.manifest`).
+ONNX models and ``.safetensors`` generators are data and always load.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from fastcgan.deploy._common import (
     load_torch_generator,
     resolve_device,
 )
-from fastcgan.deploy.tiling import tiled_apply
+from fastcgan.deploy.tiling import MAX_TILES, check_tile_args, tiled_apply
 from torch import Tensor, nn
 
 ENGINES = ("torch", "compiled", "onnx", "trt", "aoti")
@@ -191,13 +196,18 @@ class Translator:
     """Callable image translator around one runner; see the module docstring for input kinds."""
 
     def __init__(self, runner: _Runner, spec: GeneratorSpec, *, engine: str, path: str = "",
-                 tile: int | None = None, tile_overlap: int = 32, batch_size: int = 8):
+                 tile: int | None = None, tile_overlap: int = 32, batch_size: int = 8,
+                 max_tiles: int = MAX_TILES, trust: str = "data artifact (no code)"):
         self.runner, self.spec, self.engine, self.path = runner, spec, engine, path
         if tile is not None and tile < spec.min_size:
             raise ValueError(f"tile={tile} is smaller than the generator's minimum size {spec.min_size}")
+        if tile is not None or spec.static_hw is not None:
+            check_tile_args(tile if tile is not None else tuple(spec.static_hw), tile_overlap)
         self.tile = tile
         self.tile_overlap = int(tile_overlap)
+        self.max_tiles = int(max_tiles)
         self.batch_size = max(1, int(batch_size))
+        self.trust = trust  # how the artifact was admitted: data, verified manifest, or trusted explicitly
         self._keep: list[Any] = []  # temporary directories holding derived artifacts
 
     # -- properties --------------------------------------------------------------------------
@@ -263,7 +273,8 @@ class Translator:
             tile_hw = (tile, tile) if tile else None
             need_tiles = tile is not None and (h > tile or w > tile)
         if need_tiles:
-            y = tiled_apply(self._run_padded, xr, tile_hw, self.tile_overlap, batch_size=self.batch_size)
+            y = tiled_apply(self._run_padded, xr, tile_hw, self.tile_overlap, batch_size=self.batch_size,
+                            max_tiles=self.max_tiles)
         else:
             y = self._run_padded(xr)
         return y.to(device=src_device, dtype=src_dtype if src_dtype.is_floating_point else torch.float32)
@@ -288,8 +299,23 @@ class Translator:
             y = self.translate_tensor(x)
         return restore(y)
 
+    def needs_tiles(self, h: int, w: int) -> bool:
+        """Whether an ``h x w`` image runs in tiles."""
+        if self.spec.static_hw is not None:
+            return h > self.spec.static_hw[0] or w > self.spec.static_hw[1]
+        return self.tile is not None and (h > self.tile or w > self.tile)
+
+    @property
+    def tile_hw(self) -> tuple[int, int] | None:
+        """The tile size used for large images (the engine's static size, else ``tile``)."""
+        if self.spec.static_hw is not None:
+            return tuple(self.spec.static_hw)  # type: ignore[return-value]
+        return (self.tile, self.tile) if self.tile else None
+
     def translate_batch(self, images: Sequence, batch_size: int | None = None) -> list:
         """Translate a list of images (any kinds and sizes); same-size images run together.
+        Images that run in tiles go one at a time (their tiles are batched), so memory holds one
+        large image, not ``batch_size`` of them.
 
         Returns a list in input order, each item of its input's kind."""
         bs = self.batch_size if batch_size is None else max(1, int(batch_size))
@@ -302,9 +328,10 @@ class Translator:
         old = self.batch_size
         self.batch_size = bs
         try:
-            for (_, dtype, _), idx in groups.items():
-                for s in range(0, len(idx), bs):
-                    part = idx[s:s + bs]
+            for (shape, dtype, _), idx in groups.items():
+                step = 1 if self.needs_tiles(shape[-2], shape[-1]) else bs
+                for s in range(0, len(idx), step):
+                    part = idx[s:s + step]
                     x = torch.cat([items[i][0] for i in part], 0)
                     if dtype == torch.uint8:
                         y = self._model_to_uint8(self.translate_tensor(self._uint8_to_model(x))).cpu()
@@ -398,9 +425,17 @@ def load(
     channels_last: bool = False,
     threads: int | None = None,
     backend: str = "auto",
+    trust_artifact: bool = False,
+    max_tiles: int = MAX_TILES,
 ) -> Translator:
     """A :class:`Translator` for any artifact: run directory, ``.safetensors``, ``.onnx``,
     TensorRT ``.engine`` or AOTInductor ``.pt2``.
+
+    ``.pt2`` and ``.engine`` files hold native code: they are loaded only when their manifest
+    (``<file>.manifest.json``, written by ``fastcgan-export``) verifies, or with
+    ``trust_artifact=True``; otherwise :class:`~fastcgan.deploy.manifest.UntrustedArtifactError`
+    (an :class:`ArtifactError`) is raised before anything from the file runs.
+    ``translator.trust`` says how the artifact was admitted.
 
     ``engine`` (default: the artifact's own) picks how a torch-loadable artifact runs:
     ``torch`` | ``compiled`` | ``onnx`` | ``trt`` | ``aoti`` (the last three export on the fly
@@ -416,6 +451,14 @@ def load(
                             f"(possible: {', '.join(_ALLOWED[kind])})")
     if fp16 and bf16:
         raise ValueError("choose one of fp16 and bf16")
+    if tile is not None:
+        check_tile_args(tile, tile_overlap)
+    trust = "data artifact (no code)"
+    if kind in ("aoti", "engine"):
+        from fastcgan.deploy.manifest import check_artifact
+
+        # First gate, before any device or library set-up; the loader checks the bytes it loads again.
+        trust = check_artifact(path, kind, trust_artifact)
     if engine == "trt":
         from fastcgan.deploy.tensorrt import INSTALL_HINT, TensorRTUnavailable
 
@@ -459,12 +502,14 @@ def load(
     elif kind == "engine":
         from fastcgan.deploy.tensorrt import TrtRunner
 
-        runner = TrtRunner(path, dev)  # type: ignore[assignment]
+        runner = TrtRunner(path, dev, trust_artifact=trust_artifact)  # type: ignore[assignment]
         spec = runner.spec  # type: ignore[attr-defined]
+        trust = runner.trust  # type: ignore[attr-defined]
     else:  # aoti
-        runner, spec = _aoti_runner(path, dev)
+        runner, spec = _aoti_runner(path, dev, trust_artifact=trust_artifact)
+        trust = runner.trust  # type: ignore[attr-defined]
     tr = Translator(runner, spec, engine=engine, path=path, tile=tile, tile_overlap=tile_overlap,
-                    batch_size=batch_size)
+                    batch_size=batch_size, max_tiles=max_tiles, trust=trust)
     tr._keep = keep
     return tr
 
@@ -493,12 +538,15 @@ def from_model(
                       tile=tile, tile_overlap=tile_overlap, batch_size=batch_size)
 
 
-def _aoti_runner(path: str, dev: torch.device):
+def _aoti_runner(path: str, dev: torch.device, *, trust_artifact: bool = False):
     from fastcgan.deploy.aoti import load_aoti
 
-    fn, spec = load_aoti(path, dev)
+    fn, spec = load_aoti(path, dev, trust_artifact=trust_artifact)
     dtype = getattr(torch, spec.dtype, torch.float32)
-    return CallableRunner(fn, fn.device, dtype, "aoti"), spec
+    runner = CallableRunner(fn, fn.device, dtype, "aoti")
+    runner.trust = fn.trust
+    runner._keep = fn._keep
+    return runner, spec
 
 
 def _onnx_like_runner(path, engine, dev, spec, fp16, bf16, threads, keep):

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 from fastcgan.deploy._common import ArtifactError, GeneratorSpec
+from fastcgan.deploy.manifest import verified_bytes, write_manifest
 
 INSTALL_HINT = (
     "TensorRT export needs the TensorRT Python package and a CUDA GPU: `pip install tensorrt` "
@@ -98,7 +99,9 @@ def build_engine(
     """Build a serialized TensorRT engine from ``onnx_path`` and write it to ``engine_path``.
 
     A JSON file beside the engine (``<engine>.json``) carries the spec and the profile, since
-    engines have no metadata field."""
+    engines have no metadata field; ``<engine>.manifest.json`` carries its sha256, without which
+    :class:`TrtRunner` refuses to deserialize it (engines are native code). Every file is written
+    atomically."""
     trt = import_tensorrt()
     d_min, d_opt, d_max = default_profile(spec)
     shapes = (tuple(min_shape or d_min), tuple(opt_shape or d_opt), tuple(max_shape or d_max))
@@ -145,16 +148,17 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-    os.makedirs(os.path.dirname(os.path.abspath(engine_path)) or ".", exist_ok=True)
-    with open(engine_path, "wb") as f:
-        f.write(serialized)
+    from fastcgan.fileio import atomic_write
+
+    precision = "bf16" if bf16 else ("fp16" if fp16 else "fp32")
+    atomic_write(engine_path, memoryview(serialized))
     if timing_cache:
-        with open(timing_cache, "wb") as f:
-            f.write(memoryview(config.get_timing_cache().serialize()))
-    with open(engine_path + ".json", "w") as f:
-        json.dump({"spec": json.loads(spec.to_json()), "profile": [list(s) for s in shapes],
-                   "precision": "bf16" if bf16 else ("fp16" if fp16 else "fp32"),
-                   "tensorrt": trt.__version__}, f, indent=1)
+        atomic_write(timing_cache, memoryview(config.get_timing_cache().serialize()))
+    atomic_write(engine_path + ".json", json.dumps(
+        {"spec": json.loads(spec.to_json()), "profile": [list(s) for s in shapes], "precision": precision,
+         "tensorrt": trt.__version__}, indent=1).encode())
+    write_manifest(engine_path, "engine", spec, profile=[list(s) for s in shapes], precision=precision,
+                   tensorrt_version=trt.__version__)
     return engine_path
 
 
@@ -168,17 +172,19 @@ def read_engine_spec(path: str) -> tuple[GeneratorSpec, list | None]:
 
 
 class TrtRunner:
-    """Runs a serialized engine on CUDA tensors (any batch/H/W inside its profile)."""
+    """Runs a serialized engine on CUDA tensors (any batch/H/W inside its profile).
 
-    def __init__(self, engine_path: str, device: torch.device | None = None):
+    The engine is deserialized only when its manifest verifies (or ``trust_artifact=True``); the
+    bytes hashed are the bytes deserialized. ``trust`` says which."""
+
+    def __init__(self, engine_path: str, device: torch.device | None = None, *, trust_artifact: bool = False):
+        blob, self.trust = verified_bytes(engine_path, "engine", trust=trust_artifact)
         trt = import_tensorrt()
         self.path = engine_path
         self.device = device or torch.device("cuda", torch.cuda.current_device())
         self.spec, self.profile = read_engine_spec(engine_path)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        with open(engine_path, "rb") as f:
-            blob = f.read()
         with torch.cuda.device(self.device):
             self.engine = self._runtime.deserialize_cuda_engine(blob)
         if self.engine is None:

@@ -11,10 +11,18 @@ jumping at a seam.
 Generators with InstanceNorm compute statistics per tile, so a tiled result differs from the
 whole-image result by how much the tile statistics differ from the image's; use tiles of at
 least 512 px where memory allows.
+
+Limits: the overlap must be less than half the tile (``2 * overlap < tile``; larger overlaps
+only multiply the work), and one image is cut into at most :data:`MAX_TILES` tiles; both are
+checked before any tile runs (:func:`check_tiling`, ``ValueError`` naming the numbers). Memory
+beyond the image's own input and output buffers is bounded by the tile: the blend weights
+depend only on which edges of a tile touch a neighbour (at most 16 distinct tiles of weights),
+and tiles are cut, run and accumulated into the output ``batch_size`` at a time.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -22,6 +30,48 @@ import torch
 from torch import Tensor
 
 RAMPS = ("cosine", "linear")
+MAX_TILES = 16384  # per image: e.g. a 9459 x 9459 (89 Mpx) image in 128-px tiles with a 32-px overlap
+
+
+def check_tile_args(tile, overlap, *, names: tuple[str, str] = ("tile", "tile_overlap")) -> None:
+    """``tile`` >= 1 (an int or an (h, w) pair) and 0 <= ``overlap`` < tile / 2; ValueError naming
+    the arguments (``names``, e.g. ``("--tile", "--tile-overlap")``) otherwise."""
+    tn, on = names
+    sizes = (tile, tile) if isinstance(tile, int) else tuple(tile)
+    if len(sizes) != 2 or any(not isinstance(t, int) or t < 1 for t in sizes):
+        raise ValueError(f"{tn} must be a positive number of pixels, got {tile!r}")
+    if not isinstance(overlap, int) or overlap < 0:
+        raise ValueError(f"{on} must be >= 0, got {overlap!r}")
+    t = min(sizes)
+    if 2 * overlap >= t:
+        raise ValueError(f"{on} {overlap} must be less than half of {tn} {t} (at most {(t - 1) // 2}): "
+                         "a larger overlap multiplies the number of tiles without improving the blend")
+
+
+def count_tiles(h: int, w: int, tile, overlap: int) -> int:
+    """How many tiles :func:`tiled_apply` cuts an ``h x w`` image into (1 when it fits one tile)."""
+    th, tw = (tile, tile) if isinstance(tile, int) else tile
+    th, tw = min(th, h), min(tw, w)
+    if th == h and tw == w:
+        return 1
+    return _axis_count(h, th, overlap) * _axis_count(w, tw, overlap)
+
+
+def _axis_count(size: int, tile: int, overlap: int) -> int:
+    return 1 if tile >= size else len(tile_starts(size, tile, overlap))
+
+
+def check_tiling(h: int, w: int, tile, overlap: int, *, max_tiles: int = MAX_TILES,
+                 names: tuple[str, str] = ("tile", "tile_overlap"), what: str = "the image") -> int:
+    """:func:`check_tile_args`, then the tile count of an ``h x w`` image, at most ``max_tiles``
+    (ValueError naming the arguments otherwise). Returns the count."""
+    check_tile_args(tile, overlap, names=names)
+    n = count_tiles(h, w, tile, overlap)
+    if max_tiles and n > max_tiles:
+        tn, on = names
+        raise ValueError(f"{tn} {tile} {on} {overlap} would cut {what} ({w}x{h}) into {n:,} tiles, more than "
+                         f"the limit of {max_tiles:,}: use a larger {tn} (or a smaller {on})")
+    return n
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -70,39 +120,52 @@ def tiled_apply(
     *,
     batch_size: int = 8,
     ramp: str = "cosine",
+    max_tiles: int = MAX_TILES,
 ) -> Tensor:
     """``fn`` applied to ``x`` (B, C, H, W) tile by tile, blended; ``fn`` maps (N, C, th, tw) to
-    (N, C_out, th, tw). Tiles of all images are batched ``batch_size`` at a time."""
+    (N, C_out, th, tw). Tiles of all images are batched ``batch_size`` at a time.
+
+    ``overlap`` must be less than half the tile and the tile count at most ``max_tiles``
+    (ValueError before any tile runs, see :func:`check_tiling`)."""
     if ramp not in RAMPS:
         raise ValueError(f"ramp must be one of {RAMPS}, got {ramp!r}")
     th, tw = (tile, tile) if isinstance(tile, int) else tile
     b, _, h, w = x.shape
+    check_tiling(h, w, (th, tw), overlap, max_tiles=max_tiles)
     th, tw = min(th, h), min(tw, w)
     if th == h and tw == w:
         return fn(x)
-    overlap = max(0, min(overlap, th - 1, tw - 1))
     ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
-    boxes = [(y0, x0) for y0 in ys for x0 in xs]
+    # A tile's weights depend only on which of its edges touch a neighbour (16 cases at most),
+    # so they are cached by those flags, not stored per tile. The overlap actually used between
+    # the last tile and its neighbour may exceed ``overlap`` (flush end), which only widens the
+    # region where both contribute.
+    cache: dict[tuple[bool, bool, bool, bool], Tensor] = {}
+
+    def weight(y0: int, x0: int) -> Tensor:
+        key = (y0 > 0, y0 + th < h, x0 > 0, x0 + tw < w)
+        if key not in cache:
+            cache[key] = blend_weights(th, tw, overlap, *key, kind=ramp, device=x.device)
+        return cache[key]
+
+    def boxes():
+        for y0 in ys:
+            for x0 in xs:
+                yield y0, x0
+
     out = None
     wsum = torch.zeros(h, w, dtype=torch.float32, device=x.device)
-    # Tile weights depend on the tile's position only; the overlap actually used between the
-    # last tile and its neighbour may exceed ``overlap`` (flush end), which only widens the
-    # region where both contribute.
-    weights = {}
-    for y0, x0 in boxes:
-        weights[(y0, x0)] = blend_weights(
-            th, tw, overlap, top=y0 > 0, bottom=y0 + th < h, left=x0 > 0, right=x0 + tw < w,
-            kind=ramp, device=x.device,
-        )
-        wsum[y0:y0 + th, x0:x0 + tw] += weights[(y0, x0)]
     per_call = max(1, batch_size // max(1, b))
-    for i in range(0, len(boxes), per_call):
-        chunk = boxes[i:i + per_call]
+    it = boxes()
+    while chunk := list(itertools.islice(it, per_call)):
         crops = torch.cat([x[:, :, y0:y0 + th, x0:x0 + tw] for y0, x0 in chunk], 0)
         ys_out = fn(crops)
         if out is None:
             out = torch.zeros(b, ys_out.shape[1], h, w, dtype=torch.float32, device=x.device)
         ys_out = ys_out.float().to(x.device)
         for j, (y0, x0) in enumerate(chunk):
-            out[:, :, y0:y0 + th, x0:x0 + tw] += ys_out[j * b:(j + 1) * b] * weights[(y0, x0)]
-    return (out / wsum).to(x.dtype if x.is_floating_point() else torch.float32)
+            wt = weight(y0, x0)
+            out[:, :, y0:y0 + th, x0:x0 + tw].addcmul_(ys_out[j * b:(j + 1) * b], wt)
+            wsum[y0:y0 + th, x0:x0 + tw] += wt
+        del crops, ys_out
+    return out.div_(wsum).to(x.dtype if x.is_floating_point() else torch.float32)

@@ -4,13 +4,36 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["DeviceUnavailableError", "resolve_device"]
+
+
+class DeviceUnavailableError(ValueError, RuntimeError):
+    """The requested device does not exist on this machine (e.g. ``--device cuda`` without a GPU).
+
+    A configuration error: the command-line tools report it in one line and exit with status 2.
+    It is a ``ValueError`` (bad argument) and, for callers written against the earlier behaviour,
+    still a ``RuntimeError``."""
+
+    def __init__(self, spec: str, reason: str):
+        super().__init__(f"device {spec!r} requested but {reason}")
+        self.spec = spec
+        self.reason = reason
+
 
 def resolve_device(spec: str) -> torch.device:
     """``"auto"`` -> CUDA when a GPU is visible, else CPU; an explicit CUDA device without a GPU
-    is a clear error (queried here, on use, never at import time)."""
+    (or with fewer GPUs than its index) raises :class:`DeviceUnavailableError` (queried here, on
+    use, never at import time). A malformed spec (``"gpu"``) is a ``ValueError`` too."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec!r} requested but no CUDA GPU is visible to torch")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {spec!r} is not a device name (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(spec, "no CUDA GPU is visible to torch (use --device cpu or auto)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise DeviceUnavailableError(spec, f"only {n} CUDA GPU(s) are visible (cuda:0..cuda:{n - 1})")
     return dev

@@ -6,6 +6,15 @@
 Outputs are PNG files with the input's size and file name (``a.jpg`` -> ``a.png``; sub-folders
 of an input directory are kept). Images of the same size are batched together. Unreadable
 images are skipped with a warning and counted, like the data loader does.
+
+Nothing is lost and nothing unexpected runs. Before anything is written (exit status 2, naming
+the files): an output that is, or would write over, an input file is refused (symlinks and
+hard links resolved; ``--output`` equal to ``--input`` included); existing outputs are refused
+unless ``--overwrite``; images over ``--max-image-pixels`` (default 89,478,485, read from the
+file header, not decoded) are refused; ``--tile-overlap`` must be less than half of ``--tile``
+and no image may need more than 16,384 tiles. AOTInductor ``.pt2`` packages and TensorRT
+engines hold native code and run only when the manifest ``fastcgan-export`` wrote beside them
+verifies, or with ``--trust-artifact``. Outputs are written atomically.
 """
 
 from __future__ import annotations
@@ -17,21 +26,34 @@ import warnings
 
 import numpy as np
 
+from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from fastcgan.deploy._common import DIRECTIONS, ArtifactError
 from fastcgan.deploy.runtime import ENGINES
+
+# Images decoded at once (besides --batch-size): a window of files closes at this many pixels.
+WINDOW_PIXELS = 64 * 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastcgan-translate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
-                   help="run directory, generator .safetensors, .onnx, TensorRT .engine or AOTInductor .pt2")
+                   help="run directory, generator .safetensors, .onnx, TensorRT .engine or AOTInductor .pt2 "
+                   "(the last two hold native code: see --trust-artifact)")
     p.add_argument("--input", required=True, help="an image file or a directory of images (searched recursively)")
-    p.add_argument("--output", required=True, help="output directory (created)")
+    p.add_argument("--output", required=True,
+                   help="output directory (created); never an input's directory, never over an input file")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (never inputs)")
     p.add_argument("--direction", choices=DIRECTIONS, default="AtoB", help="generator of a run directory")
     p.add_argument("--engine", choices=ENGINES, default=None, help="default: the artifact's own")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tile", type=int, default=None, help="translate images larger than this in overlapping tiles")
-    p.add_argument("--tile-overlap", type=int, default=32)
+    p.add_argument("--tile-overlap", type=int, default=32, help="pixels shared by neighbouring tiles, < tile/2")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"refuse images with more than N pixels, checked on the file header before decoding "
+                   f"(default {DEFAULT_MAX_IMAGE_PIXELS:,}, Pillow's threshold; 0 = no limit)")
+    p.add_argument("--trust-artifact", action="store_true",
+                   help="run a .pt2 / .engine (native code) even without a manifest that verifies; only for "
+                   "files from a source you trust")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--fp16", action="store_true", help="half precision where the engine supports it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,42 +70,152 @@ def _output_names(files: list[str], root: str | None) -> list[str]:
     return [s if counts[s] == 1 else r + ".png" for s, r in zip(stems, rel)]
 
 
+def _error(msg: str) -> int:
+    print(f"fastcgan-translate: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _identity(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
+    """Why writing ``dests`` would lose data (an input overwritten, an output replaced without
+    --overwrite), or None. Symlinks are resolved and hard links compared by inode."""
+    out = args.output
+    in_real = os.path.realpath(args.input)
+    out_real = os.path.realpath(out)
+    if os.path.isfile(args.input) and (out_real == in_real or _identity(out) == _identity(args.input)):
+        return f"--output {out} is the input file {args.input}: give an output directory"
+    if os.path.isdir(args.input) and out_real == in_real:
+        return (f"--output {out} is the input directory {args.input}: the translated images would be written "
+                "among (and possibly over) the inputs; choose another output directory")
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--output {out} exists and is not a directory"
+    reals = {os.path.realpath(f): f for f in files}
+    ids = {i: f for f in files if (i := _identity(f)) is not None}
+    clashes = []
+    for d in dests:
+        src = reals.get(os.path.realpath(d)) or (ids.get(_identity(d)) if os.path.lexists(d) else None)
+        if src is not None:
+            clashes.append((d, src))
+    if clashes:
+        d, src = clashes[0]
+        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+        return (f"writing {d} would overwrite the input file {src}{more}; inputs are never overwritten, "
+                "choose an output directory outside the inputs")
+    existing = [d for d in dests if os.path.lexists(d)]
+    if existing and not args.overwrite:
+        shown = ", ".join(existing[:3]) + (" ..." if len(existing) > 3 else "")
+        return f"--output {out} already holds {len(existing)} of the outputs ({shown}); pass --overwrite to replace them"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fastcgan.data import images as _images
+
+    saved_limit = _images.get_max_image_pixels()
+    try:
+        return _main(args)
+    finally:
+        _images.set_max_image_pixels(saved_limit)
+
+
+def _main(args) -> int:
     from PIL import Image
 
-    from fastcgan.data import BadImageError, is_image_file, load_image, make_dataset
+    from fastcgan.data import BadImageError, image_size, is_image_file, load_image, make_dataset
+    from fastcgan.data.images import set_max_image_pixels
     from fastcgan.deploy import load
+    from fastcgan.deploy.tiling import check_tile_args, check_tiling
+    from fastcgan.devices import DeviceUnavailableError
+    from fastcgan.fileio import WriteError, atomic_writer
 
     if args.batch_size < 1:
-        print("fastcgan-translate: error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
+        return _error("--batch-size must be >= 1")
+    if args.max_image_pixels < 0:
+        return _error(f"--max-image-pixels must be >= 0 (0 = no limit), got {args.max_image_pixels}")
+    try:
+        if args.tile is not None:
+            check_tile_args(args.tile, args.tile_overlap, names=("--tile", "--tile-overlap"))
+        elif args.tile_overlap < 0:
+            raise ValueError(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
+    except ValueError as e:
+        return _error(str(e))
     if not os.path.exists(args.input):
-        print(f"fastcgan-translate: error: --input {args.input}: no such file or directory", file=sys.stderr)
-        return 2
+        return _error(f"--input {args.input}: no such file or directory")
     if os.path.isdir(args.input):
         files, root = make_dataset(args.input), args.input
+        # An output folder inside the input folder: what is already there is output, not input.
+        out_real = os.path.realpath(args.output)
+        if out_real != os.path.realpath(args.input):
+            files = [f for f in files if not _inside(os.path.realpath(f), out_real)]
         if not files:
-            print(f"fastcgan-translate: error: --input {args.input}: no image files found", file=sys.stderr)
-            return 2
+            return _error(f"--input {args.input}: no image files found")
     else:
         if not is_image_file(args.input):
             warnings.warn(f"{args.input}: extension is not a known image type; trying to decode it anyway")
         files, root = [args.input], None
+    names = _output_names(files, root)
+    dests = [os.path.join(args.output, n) for n in names]
+    why = _check_outputs(args, files, dests)
+    if why:
+        return _error(why)
+
+    # Image sizes from the headers (nothing decoded): the pixel limit and the tile count are
+    # checked for every file before anything is written.
+    limit = args.max_image_pixels
+    set_max_image_pixels(limit)  # also lifts Pillow's own backstop above a raised limit
+    sizes: dict[int, tuple[int, int]] = {}
+    too_big = []
+    for i, f in enumerate(files):
+        wh = image_size(f)
+        if wh is None:
+            continue  # unreadable: reported (and skipped) when decoded
+        sizes[i] = wh
+        if limit and wh[0] * wh[1] > limit:
+            too_big.append((f, wh))
+    if too_big:
+        f, (w, h) = too_big[0]
+        more = f" (and {len(too_big) - 1} more)" if len(too_big) > 1 else ""
+        return _error(f"{f}: {w}x{h} = {w * h:,} pixels is over the image pixel limit of {limit:,}{more}; "
+                      "raise it with --max-image-pixels N (0 = no limit) if the machine has the memory")
+
     try:
         translator = load(args.checkpoint, device=args.device, engine=args.engine, fp16=args.fp16,
                           tile=args.tile, tile_overlap=args.tile_overlap, direction=args.direction,
-                          batch_size=args.batch_size)
-    except (ArtifactError, ValueError, RuntimeError) as e:
-        print(f"fastcgan-translate: error: --checkpoint {e}", file=sys.stderr)
-        return 2
+                          batch_size=args.batch_size, trust_artifact=args.trust_artifact)
+    except DeviceUnavailableError as e:
+        return _error(f"--device {args.device}: {e.reason}")
+    except ArtifactError as e:
+        return _error(f"--checkpoint {e}")
+    except (ValueError, RuntimeError) as e:
+        return _error(str(e))
     if translator.input_nc not in (1, 3) or translator.output_nc not in (1, 3):
-        print(f"fastcgan-translate: error: image files need 1- or 3-channel generators, this one is "
-              f"{translator.input_nc}->{translator.output_nc}", file=sys.stderr)
-        return 2
-    os.makedirs(args.output, exist_ok=True)
-    names = _output_names(files, root)
+        return _error(f"image files need 1- or 3-channel generators, this one is "
+                      f"{translator.input_nc}->{translator.output_nc}")
+    if translator.trust != "data artifact (no code)":
+        print(f"{args.checkpoint}: {translator.trust}", file=sys.stderr)
+    tile_names = ("--tile", "--tile-overlap") if args.tile is not None else (
+        "the engine's static tile", "--tile-overlap")
+    try:
+        for i, (w, h) in sizes.items():
+            if translator.needs_tiles(h, w):
+                check_tiling(h, w, translator.tile_hw, args.tile_overlap, max_tiles=translator.max_tiles,
+                             names=tile_names, what=files[i])
+    except ValueError as e:
+        return _error(str(e))
 
+    os.makedirs(args.output, exist_ok=True)
     try:
         from tqdm import tqdm
 
@@ -92,19 +224,27 @@ def main(argv: list[str] | None = None) -> int:
         bar = None
     skipped: list[str] = []
     done = 0
-    # Files are read in windows of a few batches; each window is grouped by size so same-size
-    # images share a forward pass (memory stays bounded for large folders).
+    # Files are read in windows of a few batches (and at most WINDOW_PIXELS pixels, one large
+    # image at least); each window is grouped by size so same-size images share a forward pass,
+    # and memory stays bounded for large folders and large images.
     window = max(args.batch_size * 4, 16)
-    for start in range(0, len(files), window):
+    start = 0
+    while start < len(files):
+        stop, pixels = start, 0
+        while stop < len(files) and stop - start < window and (stop == start or pixels < WINDOW_PIXELS):
+            w, h = sizes.get(stop, (0, 0))
+            pixels += w * h
+            stop += 1
         loaded = []
-        for i in range(start, min(start + window, len(files))):
+        for i in range(start, stop):
             try:
-                loaded.append((i, load_image(files[i], channels=translator.input_nc)))
+                loaded.append((i, load_image(files[i], channels=translator.input_nc, max_pixels=limit)))
             except BadImageError as e:
                 warnings.warn(f"skipping unreadable image {e.path}: {e.reason}")
                 skipped.append(files[i])
                 if bar is not None:
                     bar.update(1)
+        start = stop
         if not loaded:
             continue
         outs = translator.translate_batch([t for _, t in loaded], batch_size=args.batch_size)
@@ -112,12 +252,20 @@ def main(argv: list[str] | None = None) -> int:
             arr = y[0].permute(1, 2, 0).numpy() if y.dim() == 4 else y.permute(1, 2, 0).numpy()
             arr = np.ascontiguousarray(arr)
             img = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
-            dst = os.path.join(args.output, names[i])
-            os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-            img.save(dst)
+            try:
+                # Atomic: a crash leaves the previous file or the complete new one; a symlink at the
+                # destination is replaced, never written through.
+                with atomic_writer(dests[i]) as f:
+                    img.save(f, format="PNG")
+            except WriteError as e:
+                if bar is not None:
+                    bar.close()
+                print(f"fastcgan-translate: error: {e}", file=sys.stderr)
+                return 1
             done += 1
             if bar is not None:
                 bar.update(1)
+        del loaded, outs
     if bar is not None:
         bar.close()
     msg = f"translated {done} image(s) into {args.output} with {translator.engine} on {translator.device}"

@@ -1,11 +1,14 @@
 """AOTInductor package on CPU: export with dynamic batch/H/W, load without fastcgan, parity."""
 
+import hashlib
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
 from fastcgan.deploy import cli, load
+from fastcgan.deploy.manifest import UntrustedArtifactError
 
 from fastcgan.models import build_generator, save_generator
 
@@ -36,6 +39,25 @@ def test_aoti_package_cpu(tmp_path):
     assert out.stdout.strip().endswith("(2, 3, 40, 56)")
     tr = load(str(pt2), device="cpu")
     assert tr.engine == "aoti" and tr.spec.arch == "resnet_6blocks"
+    assert tr.trust.startswith("verified")  # the manifest fastcgan-export wrote beside the package
     x = torch.rand(2, 3, 37, 50) * 2 - 1  # not a multiple of 4: padded and cropped by the Translator
     ref = load(str(st), device="cpu")(x)
     assert (tr(x) - ref).abs().max().item() <= 1e-4
+
+    # The manifest: sha256 of the package, versions, arch, shapes, dtype.
+    import fastcgan
+
+    manifest = json.loads((tmp_path / "g.pt2.manifest.json").read_text())
+    assert manifest["sha256"] == hashlib.sha256(pt2.read_bytes()).hexdigest()
+    assert manifest["kind"] == "aoti" and manifest["holds_code"] is True
+    assert manifest["fastcgan_version"] == fastcgan.__version__ and manifest["arch"] == "resnet_6blocks"
+    assert manifest["dtype"] == "float32" and manifest["input_nc"] == 3 and manifest["shapes"]
+    # A package changed after export (here: one byte appended) is refused; trusted explicitly, it runs.
+    with open(pt2, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UntrustedArtifactError, match="g.pt2.*differs from the manifest"):
+        load(str(pt2), device="cpu")
+    with pytest.warns(UserWarning, match="--trust-artifact"):
+        trusted = load(str(pt2), device="cpu", trust_artifact=True)
+    assert trusted.trust.startswith("trusted explicitly")
+    assert (trusted(x) - ref).abs().max().item() <= 1e-4

@@ -7,8 +7,11 @@ API summary (the trainer builds on this)::
     IMG_EXTENSIONS: frozenset[str]                      # lower-case, with dot
     is_image_file(name: str) -> bool
     make_dataset(directory, max_size=inf) -> list[str]  # recursive, sorted, skips hidden files
-    open_image(path, channels=3) -> PIL.Image           # "RGB" or "L"; raises BadImageError
-    load_image(path, channels=3) -> torch.uint8 (C,H,W) # C = channels (3 or 1)
+    open_image(path, channels=3, max_pixels=None) -> PIL.Image  # "RGB" or "L"; raises BadImageError
+    load_image(path, channels=3, max_pixels=None) -> torch.uint8 (C,H,W) # C = channels (3 or 1)
+    DEFAULT_MAX_IMAGE_PIXELS = 89_478_485               # checked on the header, before decoding
+    set_max_image_pixels(n) / get_max_image_pixels()    # process default (0 = no limit)
+    image_size(path) -> (w, h) | None                   # header only
 
     # datasets.py
     class DatasetError(ValueError)                      # bad layout/arguments, names the folder
@@ -89,12 +92,16 @@ from fastcgan.data.datasets import (
 )
 from fastcgan.data.device import DeviceImageBank, preload_to_device
 from fastcgan.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     IMG_EXTENSIONS,
     BadImageError,
+    get_max_image_pixels,
+    image_size,
     is_image_file,
     load_image,
     make_dataset,
     open_image,
+    set_max_image_pixels,
 )
 
 
@@ -120,8 +127,12 @@ __all__ = [
     "make_synthetic_aligned_dataset",
     "preload_aligned_to_device",
     "split_pair",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "IMG_EXTENSIONS",
     "PREPROCESS_MODES",
+    "get_max_image_pixels",
+    "image_size",
+    "set_max_image_pixels",
     "BadImageError",
     "DatasetError",
     "DeviceImageBank",

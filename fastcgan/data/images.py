@@ -13,8 +13,15 @@ Conversion rules (every input mode ends as 8-bit ``RGB`` or ``L``):
 * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``1`` go through Pillow's own conversion.
 * Animated files give their first frame.
 
-Anything that cannot be decoded completely (unknown format, zero bytes, truncated data,
-decompression bomb) raises :class:`BadImageError`; the datasets catch it and skip the file.
+Anything that cannot be decoded completely (unknown format, zero bytes, truncated data) or is
+larger than the pixel limit raises :class:`BadImageError`; the datasets catch it and skip the file.
+
+The pixel limit (width x height, :data:`DEFAULT_MAX_IMAGE_PIXELS` = 89,478,485 -- Pillow's own
+warning threshold, e.g. 9459 x 9459 -- unless changed) is checked against the size in the file's
+header *before* any pixel is decoded: a 140 KB PNG that claims 12000 x 12000 costs a header read,
+not 1.5 GB of memory. ``open_image(..., max_pixels=N)`` sets it per call; ``set_max_image_pixels(N)``
+sets the process default (``0`` = no limit), which DataLoader worker processes inherit when they
+are forked after the call.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import threading
 import warnings
 
 import numpy as np
@@ -34,7 +43,6 @@ IMG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".t
 _WHITE = (255, 255, 255)
 logger = logging.getLogger("fastcgan.data")
 
-
 class BadImageError(OSError):
     """A file that cannot be decoded as an image. ``path`` and ``reason`` say which and why."""
 
@@ -45,6 +53,65 @@ class BadImageError(OSError):
 
     def __reduce__(self):  # survive pickling across DataLoader worker processes
         return (type(self), (self.path, self.reason))
+
+
+# Pillow's default warning threshold (1024**3 // 4 // 3 pixels, ~ 89.5 Mpx, e.g. 9459 x 9459).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+_max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+_PIL_LIMIT_LOCK = threading.Lock()
+_PIL_DEFAULT = Image.MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Set the process-wide pixel limit of :func:`open_image` (``0`` or ``None``: no limit).
+
+    Pillow refuses on its own at twice ``PIL.Image.MAX_IMAGE_PIXELS``; a limit above that raises
+    Pillow's threshold with it (the only global this changes), so the limit given here is the one
+    in force."""
+    global _max_image_pixels
+    limit = int(limit or 0)
+    if limit < 0:
+        raise ValueError(f"the image pixel limit must be >= 0 (0 = no limit), got {limit}")
+    _max_image_pixels = limit
+    if limit == 0:
+        Image.MAX_IMAGE_PIXELS = None
+    elif _PIL_DEFAULT is not None:
+        Image.MAX_IMAGE_PIXELS = max(_PIL_DEFAULT, limit // 2 + 1)
+
+
+def get_max_image_pixels() -> int:
+    """The process-wide pixel limit of :func:`open_image` (``0``: no limit)."""
+    return _max_image_pixels
+
+
+def check_image_pixels(path: str, size: tuple[int, int], max_pixels: int | None = None) -> None:
+    """:class:`BadImageError` when ``size`` (width, height) is over the pixel limit."""
+    limit = _max_image_pixels if max_pixels is None else int(max_pixels)
+    w, h = size
+    if limit > 0 and w * h > limit:
+        raise BadImageError(
+            path, f"{w}x{h} = {w * h:,} pixels is over the image pixel limit of {limit:,} "
+            "(not decoded; raise the limit with --max-image-pixels, 0 = no limit)"
+        )
+
+
+def image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header without decoding the pixels (EXIF rotation not
+    applied); ``None`` when the header cannot be read (the decoder reports why later)."""
+    try:
+        with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Only the header is read here, so Pillow's own refusal (which hides the size) is
+            # lifted for the open; open_image applies the limit before it decodes anything.
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                src = Image.open(os.fspath(path))
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+            with src:
+                return (int(src.size[0]), int(src.size[1]))
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return None
 
 
 def is_image_file(name: str) -> bool:
@@ -92,8 +159,11 @@ def _has_transparency(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
-def open_image(path: str, channels: int = 3) -> Image.Image:
-    """Decode ``path`` fully into an 8-bit ``RGB`` (``channels=3``) or ``L`` (``channels=1``) image."""
+def open_image(path: str, channels: int = 3, max_pixels: int | None = None) -> Image.Image:
+    """Decode ``path`` fully into an 8-bit ``RGB`` (``channels=3``) or ``L`` (``channels=1``) image.
+
+    ``max_pixels`` (default: :func:`get_max_image_pixels`, ``0`` = no limit) is checked against
+    the header's size before decoding; a larger image raises :class:`BadImageError`."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     path = os.fspath(path)
@@ -101,9 +171,11 @@ def open_image(path: str, channels: int = 3) -> Image.Image:
         if os.path.getsize(path) == 0:
             raise BadImageError(path, "empty file (0 bytes)")
         with warnings.catch_warnings():
-            # Pillow warns (DecompressionBombWarning) before it errors; the error is what we act on.
+            # Pillow's DecompressionBombWarning is replaced by our own limit, checked just below
+            # on the header's size before load() decodes anything.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as src:
+                check_image_pixels(path, src.size, max_pixels)
                 src.load()  # force a full decode here: truncated data fails now, not in a worker later
                 img = src
                 try:
@@ -118,7 +190,11 @@ def open_image(path: str, channels: int = 3) -> Image.Image:
     except UnidentifiedImageError:
         raise BadImageError(path, "not a recognised image format") from None
     except Image.DecompressionBombError as e:
-        raise BadImageError(path, f"refused: {e}") from None
+        # Pillow's own backstop (twice PIL.Image.MAX_IMAGE_PIXELS), met before our check.
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        what = f"{int(m.group(1)):,} pixels" if m else "the image"
+        raise BadImageError(path, f"{what} is over Pillow's decompression-bomb limit (not decoded; raise "
+                            "the limit with --max-image-pixels / set_max_image_pixels, 0 = no limit)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImageError(path, f"cannot decode ({type(e).__name__}: {e})") from None
 
@@ -146,6 +222,7 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # HWC -> CHW copy
 
 
-def load_image(path: str, channels: int = 3) -> torch.Tensor:
-    """Decode ``path`` into a uint8 tensor (channels, H, W); raises :class:`BadImageError`."""
-    return pil_to_tensor(open_image(path, channels))
+def load_image(path: str, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor:
+    """Decode ``path`` into a uint8 tensor (channels, H, W); raises :class:`BadImageError`
+    (``max_pixels`` as in :func:`open_image`)."""
+    return pil_to_tensor(open_image(path, channels, max_pixels))

@@ -1,17 +1,28 @@
 """Self-describing generator files: a ``.safetensors`` state dict whose metadata holds the
-``build_generator`` arguments, so ``load_generator(path)`` needs nothing else."""
+``build_generator`` arguments, so ``load_generator(path)`` needs nothing else.
+
+Integrity: the metadata also holds ``tensors_sha256``, a JSON map from each tensor's name to the
+sha256 of its raw bytes (the bytes safetensors stores, little-endian, row-major). Loading checks
+every tensor against it, so one flipped bit in the weights is a :class:`GeneratorIntegrityError`
+naming the file and the tensor, never a silently different model. Files written before digests
+existed (no ``tensors_sha256``) still load. Writes are atomic (:mod:`fastcgan.fileio`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 from typing import Any, Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 from torch import nn
 
+from fastcgan.fileio import atomic_write, remove_stale_temporaries
 from fastcgan.models.generators import GENERATOR_ARCHS, build_generator
 
 FORMAT = "fastcgan.generator"
@@ -21,6 +32,36 @@ CONFIG_KEYS = ("arch", "input_nc", "output_nc", "ngf", "norm", "use_dropout")
 # bn_inference: eval-mode BatchNorm statistics, "running" or "per_image" (BN_INFERENCE_MODES).
 OPTIONAL_CONFIG_KEYS = ("bn_inference",)
 DIRECTIONS = ("AtoB", "BtoA")
+DIGEST_KEY = "tensors_sha256"
+
+
+class GeneratorIntegrityError(ValueError):
+    """A generator file whose tensors do not match the digests stored in it (corrupted or modified)."""
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 (hex) of a tensor's raw bytes in row-major order, as safetensors stores them."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    if t.numel() == 0:
+        return hashlib.sha256(b"").hexdigest()
+    return hashlib.sha256(t.view(torch.uint8).numpy().data).hexdigest()
+
+
+def describe_load_error(e: BaseException) -> str:
+    """The cause of a failed ``torch.load(..., weights_only=True)``, without PyTorch's advice to
+    retry with ``weights_only=False`` or to allow-list globals (both would run code from the file)."""
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\s*\nCheck the documentation|$)", text, re.S)
+    if m:
+        core = m.group(1)
+        core = re.sub(r"\s*Please use `torch\.serialization\..*", "", core, flags=re.S)
+        core = " ".join(core.split()) or "unsupported content"
+        return (f"not a plain weights file: {core} (fastcgan loads tensors only and never unpickles "
+                "code from a checkpoint)")
+    if "weights_only" in text:
+        keep = [ln for ln in re.split(r"(?<=[.!?])\s+|\n", text) if "weights_only" not in ln and ln.strip()]
+        text = " ".join(keep) or "not a plain weights file"
+    return f"{type(e).__name__}: {text}"
 
 
 def generator_filename(direction: str) -> str:
@@ -48,8 +89,10 @@ def _check_config(config: Any, where: str) -> dict:
 def save_generator(model: nn.Module, path: Union[str, os.PathLike], config: Optional[dict] = None) -> None:
     """Write ``model``'s state dict to ``path`` (``.safetensors``) with ``config`` (the
     ``build_generator`` arguments: arch, input_nc, output_nc, ngf, norm, use_dropout) in its
-    metadata. ``config=None`` uses ``model.config``, set by :func:`build_generator`. The file is
-    written to a temporary name and renamed, so a crash never leaves a half-written generator."""
+    metadata. ``config=None`` uses ``model.config``, set by :func:`build_generator`. The metadata
+    also carries the sha256 of every tensor (``tensors_sha256``), verified by :func:`load_generator`.
+    The file is written atomically (:func:`fastcgan.fileio.atomic_write`), so a crash never leaves
+    a half-written generator; temporaries that killed writers left beside it are removed."""
     path = os.fspath(path)
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper saves its module's keys
     if config is None:
@@ -58,14 +101,44 @@ def save_generator(model: nn.Module, path: Union[str, os.PathLike], config: Opti
             raise ValueError(f"save_generator({path}): pass config= (model was not built by build_generator)")
     config = _check_config(config, f"save_generator({path})")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config, sort_keys=True)}
-    tmp = f"{path}.tmp.{os.getpid()}"
+    digests = {k: tensor_sha256(v) for k, v in state.items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config, sort_keys=True),
+            DIGEST_KEY: json.dumps(digests, sort_keys=True)}
+    remove_stale_generator_temporaries(os.path.dirname(os.path.abspath(path)))
+    atomic_write(path, save_bytes(state, metadata=meta))
+
+
+def remove_stale_generator_temporaries(folder: Union[str, os.PathLike]) -> list[str]:
+    """Delete temporaries that killed writers left in ``folder``: the current
+    ``.<name>.<pid>.tmp`` files (:func:`fastcgan.fileio.remove_stale_temporaries`) and the
+    ``<name>.safetensors.tmp.<pid>`` files of the writer before it -- those of processes that no
+    longer run. Returns the paths removed."""
+    folder = os.fspath(folder)
+    removed = remove_stale_temporaries(folder)
+    if not os.path.isdir(folder):
+        return removed
+    for n in os.listdir(folder):
+        m = re.fullmatch(r".+\.safetensors\.tmp\.(\d+)", n)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        p = os.path.join(folder, n)
+        with contextlib.suppress(OSError):
+            os.remove(p)
+            removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_generator_config(path: Union[str, os.PathLike]) -> dict:
@@ -88,6 +161,36 @@ def read_generator_config(path: Union[str, os.PathLike]) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: generator config metadata is not valid JSON: {e}") from e
     return _check_config(config, path)
+
+
+def verify_tensor_digests(path: str, state: dict, meta: dict) -> bool:
+    """Check ``state`` against the ``tensors_sha256`` metadata of ``path``. False when the file
+    has no digests (written before they existed); :class:`GeneratorIntegrityError` naming the file
+    and the first differing tensor on a mismatch."""
+    raw = meta.get(DIGEST_KEY)
+    if raw is None:
+        return False
+    try:
+        digests = json.loads(raw)
+        if not isinstance(digests, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise GeneratorIntegrityError(f"{path}: the {DIGEST_KEY} metadata is unreadable ({e})") from e
+    missing = sorted(set(state) - set(digests))
+    extra = sorted(set(digests) - set(state))
+    if missing or extra:
+        raise GeneratorIntegrityError(
+            f"{path}: tensors and stored digests disagree (no digest for {missing[:4]}, digests without a "
+            f"tensor {extra[:4]}): the file was modified after it was written"
+        )
+    for k in sorted(state):
+        got = tensor_sha256(state[k])
+        if got != digests[k]:
+            raise GeneratorIntegrityError(
+                f"{path}: tensor {k!r} does not match its stored sha256 (stored {str(digests[k])[:16]}..., "
+                f"read {got[:16]}...): the file is corrupted or was modified; use another copy"
+            )
+    return True
 
 
 def resolve_generator_path(path: Union[str, os.PathLike], direction: str = "AtoB") -> str:
@@ -123,9 +226,14 @@ def load_generator(
         raise ValueError(f"{file}: cannot build the stored generator config {config}: {e}") from e
     device = torch.device(map_location)
     state = {}
-    with safe_open(file, framework="pt", device="cpu") as f:
-        for k in f.keys():
-            state[k] = f.get_tensor(k)
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                state[k] = f.get_tensor(k)
+    except Exception as e:
+        raise ValueError(f"{file}: cannot read the tensors ({type(e).__name__}: {e})") from e
+    verify_tensor_digests(file, state, meta)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -108,7 +108,9 @@ def _load_state_dict(src: Union[str, os.PathLike, Mapping]) -> tuple[dict[str, T
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a PyTorch state dict: {e}") from e
+        from fastcgan.models.io import describe_load_error
+
+        raise ValueError(f"cannot read {path} as a PyTorch state dict: {describe_load_error(e)}") from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping):
@@ -263,4 +265,7 @@ def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def save_official_generator(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write ``model`` (a ResNet or U-Net generator) as an official-layout ``torch.save`` state
     dict, loadable by the official repository's ``--netG`` of the same arch, norm and dropout."""
-    torch.save(official_state_dict(model), os.fspath(path))
+    from fastcgan.fileio import atomic_writer
+
+    with atomic_writer(os.fspath(path)) as f:  # never a half-written file under the final name
+        torch.save(official_state_dict(model), f)

@@ -1,0 +1,460 @@
+"""Nothing lost, nothing run (issue 12, the translate / deploy / data / model-file part).
+
+Each test reproduces a case that lost data, grew without bound or ran foreign code before:
+translate writing over its inputs, an overlap that made millions of tiles, a 12000 x 12000 PNG
+decoded in full, a tampered ``.pt2`` whose shared library ran on load, a flipped byte in a
+generator file, raw tracebacks and advice to load pickles with ``weights_only=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastcgan.data import BadImageError, open_image
+from fastcgan.data import images as image_mod
+from fastcgan.data.datasets import SkippedImageWarning, UnalignedDataset
+from fastcgan.deploy import ArtifactError, load
+from fastcgan.deploy import tiling
+from fastcgan.deploy.manifest import UntrustedArtifactError, manifest_path, write_manifest
+from fastcgan.models import build_generator, load_generator, save_generator
+from fastcgan.models.io import GeneratorIntegrityError, remove_stale_generator_temporaries
+from fastcgan.translate import main as translate
+
+NO_GPU = not torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def gen_file(tmp_path):
+    torch.manual_seed(0)
+    d = tmp_path / "run"
+    d.mkdir()
+    save_generator(build_generator("resnet_6blocks", ngf=4), d / "generator_AtoB.safetensors")
+    return d / "generator_AtoB.safetensors"
+
+
+def _pngs(folder, n=2, size=(40, 32)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def _digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _png_bomb(path, w, h):
+    """A valid grayscale PNG of w x h zero pixels in a few hundred KB (no pixel buffer built)."""
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    c = zlib.compressobj(1)
+    row = b"\x00" * (w + 1)
+    data = b"".join(c.compress(row) for _ in range(h)) + c.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory):
+    return _png_bomb(tmp_path_factory.mktemp("bomb") / "bomb.png", 12000, 12000)
+
+
+def _run(args, tmp_path, *extra):
+    return translate(["--checkpoint", str(args), *extra, "--device", "cpu", "--no-progress"])
+
+
+# --------------------------------------------------------------------------------------------
+# 1. inputs are never overwritten
+# --------------------------------------------------------------------------------------------
+def test_translate_in_place_is_refused_and_inputs_unchanged(gen_file, tmp_path, capsys):
+    src = _pngs(tmp_path / "photos")
+    before = _digests(src)
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(src), "--device", "cpu",
+                    "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "is the input directory" in err and str(src) in err
+    assert _digests(src) == before
+    # The same folder through a symlink, and with --overwrite: still refused.
+    link = tmp_path / "link"
+    link.symlink_to(src, target_is_directory=True)
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(link), "--overwrite",
+                    "--device", "cpu", "--no-progress"])
+    assert rc == 2 and "input directory" in capsys.readouterr().err
+    assert _digests(src) == before
+
+
+def test_translate_output_file_is_the_input_file(gen_file, tmp_path, capsys):
+    src = _pngs(tmp_path / "photos", n=1)
+    f = src / "im0.png"
+    before = _digests(src)
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(f), "--output", str(f), "--device", "cpu",
+                    "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is the input file" in err and "Traceback" not in err
+    assert _digests(src) == before
+
+
+def test_translate_never_writes_through_a_symlink_to_an_input(gen_file, tmp_path, capsys):
+    src = _pngs(tmp_path / "photos", n=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "im0.png").symlink_to(src / "im0.png")  # the output name points at the input
+    before = _digests(src)
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--overwrite",
+                    "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "would overwrite the input file" in err and "im0.png" in err
+    assert _digests(src) == before
+
+
+def test_translate_existing_outputs_need_overwrite(gen_file, tmp_path, capsys):
+    src = _pngs(tmp_path / "photos")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "im1.png").write_bytes(b"previous result")
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--device", "cpu",
+                    "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--overwrite" in err and "im1.png" in err
+    assert (out / "im1.png").read_bytes() == b"previous result" and not (out / "im0.png").exists()
+    assert translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--overwrite",
+                      "--device", "cpu", "--no-progress"]) == 0
+    assert Image.open(out / "im1.png").size == (40, 32)
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]  # atomic writes leave no temporaries
+
+
+def test_translate_output_inside_input_skips_earlier_outputs(gen_file, tmp_path, capsys):
+    src = _pngs(tmp_path / "photos")
+    out = src / "translated"
+    args = ["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--device", "cpu",
+            "--no-progress"]
+    assert translate(args) == 0
+    assert translate(args + ["--overwrite"]) == 0
+    assert "translated 2 image(s)" in capsys.readouterr().out  # not 4: earlier outputs are not inputs
+    assert sorted(os.listdir(out)) == ["im0.png", "im1.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. resource limits with names
+# --------------------------------------------------------------------------------------------
+def test_tile_overlap_over_half_the_tile_is_refused(gen_file, tmp_path, capsys):
+    src = _pngs(tmp_path / "photos", n=1, size=(600, 40))
+    out = tmp_path / "out"
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--tile", "512",
+                    "--tile-overlap", "600", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--tile-overlap 600" in err and "--tile 512" in err and "--checkpoint" not in err
+    assert not out.exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="tile_overlap 600 must be less than half of tile 512"):
+        tiling.tiled_apply(lambda x: x, torch.zeros(1, 3, 600, 600), 512, 600)
+
+
+def test_tile_errors_are_not_blamed_on_the_checkpoint(gen_file, tmp_path, capsys):
+    src = _pngs(tmp_path / "photos", n=1)
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(tmp_path / "o"),
+                    "--tile", "4", "--tile-overlap", "1", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tile" in err and "--checkpoint" not in err
+
+
+def test_tile_count_is_bounded_before_decoding(gen_file, tmp_path, capsys):
+    src = tmp_path / "photos"
+    src.mkdir()
+    _png_bomb(src / "wide.png", 2000, 2000)  # header says 2000x2000
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(tmp_path / "o"),
+                    "--tile", "8", "--tile-overlap", "3", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "wide.png" in err and "tiles" in err and "--tile" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_tiled_memory_is_bounded_by_the_tile(monkeypatch):
+    """Many tiles: blend weights are made once per edge configuration (<= 16), not per tile,
+    and the model sees at most batch_size tiles at once."""
+    calls, widest = [], []
+    real = tiling.blend_weights
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    def fn(x):
+        widest.append(x.shape[0])
+        return x * 2
+
+    monkeypatch.setattr(tiling, "blend_weights", counting)
+    x = torch.rand(1, 3, 300, 310) * 2 - 1
+    out = tiling.tiled_apply(fn, x, 16, 7, batch_size=4)
+    n = tiling.count_tiles(300, 310, 16, 7)
+    assert n > 1000 and len(widest) >= n // 4
+    assert len(calls) <= 16 and max(widest) <= 4
+    torch.testing.assert_close(out, x * 2, atol=1e-5, rtol=1e-5)  # a per-pixel model is still exact
+    with pytest.raises(ValueError, match="tiles, more than the limit"):
+        tiling.tiled_apply(fn, x, 16, 7, max_tiles=100)
+
+
+def test_pixel_bomb_not_decoded(bomb, monkeypatch):
+    from PIL import ImageFile
+
+    def no_decode(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    with pytest.raises(BadImageError, match=r"12000x12000 = 144,000,000 pixels is over the image pixel limit "
+                                            r"of 89,478,485.*--max-image-pixels"):
+        open_image(str(bomb))
+    assert image_mod.image_size(str(bomb)) == (12000, 12000)
+    # Per call and per process, 0 = no limit; small images are unaffected.
+    with pytest.raises(BadImageError, match="limit of 1,000"):
+        open_image(str(bomb), max_pixels=1000)
+    saved = image_mod.get_max_image_pixels()
+    try:
+        image_mod.set_max_image_pixels(500)
+        assert image_mod.get_max_image_pixels() == 500
+        with pytest.raises(ValueError):
+            image_mod.set_max_image_pixels(-1)
+    finally:
+        image_mod.set_max_image_pixels(saved)
+    assert image_mod.get_max_image_pixels() == image_mod.DEFAULT_MAX_IMAGE_PIXELS
+
+
+def test_pixel_bomb_skipped_in_training_data(bomb, tmp_path):
+    root = tmp_path / "ds"
+    _pngs(root / "trainA", n=1, size=(32, 32))
+    shutil.copy(bomb, root / "trainA" / "aaa_bomb.png")  # sorts first: index 0
+    _pngs(root / "trainB", n=1, size=(32, 32))
+    ds = UnalignedDataset(str(root), load_size=32, crop_size=32, serial_batches=True)
+    with pytest.warns(SkippedImageWarning, match="aaa_bomb.png.*pixel limit"):
+        item = ds[0]
+    assert item["A_path"].endswith("im0.png") and item["A"].shape == (3, 32, 32)
+    assert any(p.endswith("aaa_bomb.png") for p in ds.skipped)
+
+
+def test_pixel_bomb_refused_by_translate(bomb, gen_file, tmp_path, capsys):
+    src = _pngs(tmp_path / "photos", n=1)
+    shutil.copy(bomb, src / "bomb.png")
+    out = tmp_path / "out"
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--device", "cpu",
+                    "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bomb.png" in err and "--max-image-pixels" in err and "89,478,485" in err
+    assert not out.exists()
+    assert image_mod.get_max_image_pixels() == image_mod.DEFAULT_MAX_IMAGE_PIXELS  # flag did not leak
+
+
+# --------------------------------------------------------------------------------------------
+# 3. artifacts that hold code are trusted explicitly
+# --------------------------------------------------------------------------------------------
+_CONSTRUCTOR = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void fastcgan_test_marker(void) {
+    const char *p = getenv("FASTCGAN_TEST_MARKER");
+    if (!p) return;
+    FILE *f = fopen(p, "w");
+    if (f) { fputs("native code ran\n", f); fclose(f); }
+}
+"""
+
+
+def _compile(tmp_path, source, name):
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler to build the marker library")
+    c = tmp_path / f"{name}.c"
+    c.write_text(source)
+    so = tmp_path / f"{name}.so"
+    proc = subprocess.run([cc, "-shared", "-fPIC", "-o", str(so), str(c)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot build a shared library here: {proc.stderr[-300:]}")
+    return so
+
+
+def _fake_pt2(path, so):
+    """An archive laid out like an AOTInductor package, its model library being ``so``."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("g/.data/version", "1\n")
+        z.writestr("g/data/aotinductor/model/model_metadata.json", json.dumps({"AOTI_DEVICE_KEY": "cpu"}))
+        z.write(so, "g/data/aotinductor/model/model.so")
+        z.writestr("g/data/aotinductor/model/model.cpp", "")
+    return path
+
+
+def test_tampered_pt2_is_refused_without_running_its_code(tmp_path, monkeypatch, capsys):
+    evil = _compile(tmp_path, _CONSTRUCTOR, "evil")
+    benign = _compile(tmp_path, "int fastcgan_nothing(void) { return 0; }\n", "benign")
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("FASTCGAN_TEST_MARKER", str(marker))
+    pt2 = tmp_path / "g.pt2"
+
+    # Manifest-less: refused by load(), by translate (exit 2) and by the package loaders.
+    _fake_pt2(pt2, evil)
+    with pytest.raises(UntrustedArtifactError, match=r"g\.pt2.*no manifest.*--trust-artifact"):
+        load(str(pt2), device="cpu")
+    src = _pngs(tmp_path / "photos", n=1)
+    rc = translate(["--checkpoint", str(pt2), "--input", str(src), "--output", str(tmp_path / "o"),
+                    "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "g.pt2" in err and "--trust-artifact" in err
+    from fastcgan.deploy.aoti import load_aoti, run_package_isolated
+
+    with pytest.raises(UntrustedArtifactError):
+        load_aoti(str(pt2), torch.device("cpu"))
+    with pytest.raises(UntrustedArtifactError):
+        run_package_isolated(str(pt2), [torch.zeros(1, 3, 8, 8)], torch.device("cpu"))
+    assert not marker.exists()
+
+    # Tampered: the manifest was written for the benign package, the library was swapped after.
+    _fake_pt2(pt2, benign)
+    write_manifest(str(pt2), "aoti")
+    _fake_pt2(pt2, evil)
+    with pytest.raises(UntrustedArtifactError, match="differs from the manifest.*modified"):
+        load(str(pt2), device="cpu")
+    assert not marker.exists()
+
+    # Positive control: the same file with explicit trust does reach the native loader, and its
+    # constructor runs -- so the refusals above are what kept it from running.
+    with pytest.warns(UserWarning, match="without a verified manifest"), pytest.raises(ArtifactError):
+        load(str(pt2), device="cpu", trust_artifact=True)
+    if not marker.exists():  # pragma: no cover - a torch whose loader rejects the fake layout before dlopen
+        code = f"import ctypes; ctypes.CDLL({str(evil)!r})"
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+    assert marker.exists()
+
+
+def test_engine_without_manifest_is_refused_before_tensorrt(tmp_path):
+    engine = tmp_path / "g.engine"
+    engine.write_bytes(b"serialized engine bytes")
+    from fastcgan.deploy.tensorrt import TrtRunner
+
+    with pytest.raises(UntrustedArtifactError, match="g.engine.*TensorRT engine"):
+        TrtRunner(str(engine))
+    with pytest.raises(UntrustedArtifactError):
+        load(str(engine))
+    write_manifest(str(engine), "engine")
+    m = json.loads(open(manifest_path(str(engine))).read())
+    assert m["sha256"] == hashlib.sha256(engine.read_bytes()).hexdigest() and m["holds_code"]
+    engine.write_bytes(b"serialized engine bytes!")
+    with pytest.raises(UntrustedArtifactError, match="differs from the manifest"):
+        TrtRunner(str(engine))
+
+
+# --------------------------------------------------------------------------------------------
+# 4. model files carry and verify digests; stale temporaries go
+# --------------------------------------------------------------------------------------------
+def _flip_byte_of(path, tensor_name):
+    raw = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    start, end = header[tensor_name]["data_offsets"]
+    raw[8 + n + (start + end) // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_flipped_byte_in_generator_is_detected(gen_file, tmp_path, capsys):
+    g = load_generator(gen_file)
+    name = next(k for k, v in g.state_dict().items() if v.numel() > 100)
+    _flip_byte_of(gen_file, name)
+    with pytest.raises(GeneratorIntegrityError, match=rf"generator_AtoB\.safetensors: tensor '{name}' does not "
+                                                      "match its stored sha256"):
+        load_generator(gen_file)
+    src = _pngs(tmp_path / "photos", n=1)
+    rc = translate(["--checkpoint", str(gen_file.parent), "--input", str(src), "--output", str(tmp_path / "o"),
+                    "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and name in err and not (tmp_path / "o").exists()
+
+
+def test_generator_without_digests_still_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    g = build_generator("resnet_6blocks", ngf=4)
+    meta = {"format": "fastcgan.generator", "format_version": "1", "config": json.dumps(g.config, sort_keys=True)}
+    old = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in g.state_dict().items()}, str(old), metadata=meta)
+    load_generator(old)
+
+
+def test_stale_generator_temporaries_are_removed(tmp_path):
+    dead = 2**22 + 12345  # above the default pid_max: never a running process
+    old_style = tmp_path / f"generator_AtoB.safetensors.tmp.{dead}"
+    new_style = tmp_path / f".generator_AtoB.safetensors.{dead}.tmp"
+    live = tmp_path / f"generator_BtoA.safetensors.tmp.{os.getppid()}"  # a running writer: kept
+    for p in (old_style, new_style, live):
+        p.write_bytes(b"partial")
+    save_generator(build_generator("resnet_6blocks", ngf=4), tmp_path / "generator_AtoB.safetensors")
+    assert not old_style.exists() and not new_style.exists() and live.exists()
+    assert remove_stale_generator_temporaries(tmp_path) == []
+    names = os.listdir(tmp_path)
+    assert sorted(names) == sorted(["generator_AtoB.safetensors", live.name])
+
+
+# --------------------------------------------------------------------------------------------
+# 5. clear errors, exit 2
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not NO_GPU, reason="a GPU is present")
+def test_device_cuda_without_gpu_exits_2(gen_file, tmp_path, capsys):
+    from fastcgan.deploy import cli
+    from fastcgan.devices import DeviceUnavailableError, resolve_device
+
+    with pytest.raises(DeviceUnavailableError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    src = _pngs(tmp_path / "photos", n=1)
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(tmp_path / "o"),
+                    "--device", "cuda", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--device cuda" in err and "no CUDA GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    rc = cli.main([str(gen_file), "--onnx", str(tmp_path / "g.onnx"), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE and "no CUDA GPU" in err and not (tmp_path / "g.onnx").exists()
+
+
+def test_garbage_checkpoints_never_advise_weights_only_false(tmp_path, capsys):
+    import pickle
+
+    from fastcgan.deploy import cli
+    from fastcgan.models import load_official_generator
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00not a checkpoint" * 64)
+    pickled = tmp_path / "pickled.pth"
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("never run",))
+
+    torch.save({"x": Payload()}, pickled)
+    plain = tmp_path / "plain.pth"
+    plain.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    for f in (garbage, pickled, plain):
+        with pytest.raises(ValueError) as e:
+            load_official_generator(str(f), arch="resnet_6blocks")
+        msg = str(e.value)
+        assert f.name in msg and "weights_only" not in msg and "add_safe_globals" not in msg, msg
+        rc = cli.main(["--from-official", str(f), "--arch", "resnet_6blocks", "--ngf", "4", "--onnx",
+                       str(tmp_path / "g.onnx")])
+        err = capsys.readouterr().err
+        assert rc == cli.EXIT_USAGE and f.name in err and "weights_only" not in err

@@ -226,6 +226,15 @@ def test_pixel_bomb_not_decoded(bomb, monkeypatch):
                                             r"of 89,478,485.*--max-image-pixels"):
         open_image(str(bomb))
     assert image_mod.image_size(str(bomb)) == (12000, 12000)
+    # Past Pillow's own backstop (2 x 89.5 Mpx) the message still names our limit and the flag.
+    huge = bomb.parent / "huge.png"
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1000)
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+        for t, d in ((b"IHDR", ihdr), (b"IDAT", idat), (b"IEND", b""))))
+    with pytest.raises(BadImageError, match="20000x20000 = 400,000,000 pixels is over the image pixel limit"):
+        open_image(str(huge))
     # Per call and per process, 0 = no limit; small images are unaffected.
     with pytest.raises(BadImageError, match="limit of 1,000"):
         open_image(str(bomb), max_pixels=1000)

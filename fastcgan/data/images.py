@@ -190,7 +190,15 @@ def open_image(path: str, channels: int = 3, max_pixels: int | None = None) -> I
     except UnidentifiedImageError:
         raise BadImageError(path, "not a recognised image format") from None
     except Image.DecompressionBombError as e:
-        # Pillow's own backstop (twice PIL.Image.MAX_IMAGE_PIXELS), met before our check.
+        # Pillow's own backstop (twice PIL.Image.MAX_IMAGE_PIXELS), met before our check: report
+        # our limit when it is the one exceeded, Pillow's when a per-call limit is above it.
+        wh = image_size(path)
+        limit = _max_image_pixels if max_pixels is None else int(max_pixels)
+        if wh is not None and limit > 0 and wh[0] * wh[1] > limit:
+            try:
+                check_image_pixels(path, wh, limit)
+            except BadImageError as ours:
+                raise ours from None
         m = re.search(r"\((\d+) pixels\)", str(e))
         what = f"{int(m.group(1)):,} pixels" if m else "the image"
         raise BadImageError(path, f"{what} is over Pillow's decompression-bomb limit (not decoded; raise "

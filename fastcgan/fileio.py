@@ -67,6 +67,25 @@ def _free_space_hint(folder: str) -> str:
     return f"the write failed ({free / 2**30:.1f} GiB free)"
 
 
+class _WriteRecorder:
+    """A binary file that remembers the first ``OSError`` its ``write`` raised: torch.save's C++
+    writer turns that error into a RuntimeError ("unexpected pos") that has lost the errno."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, b) -> int:
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str) -> Iterator[BinaryIO]:
     """A binary file object whose content replaces ``path`` atomically when the block exits
@@ -74,9 +93,11 @@ def atomic_writer(path: str) -> Iterator[BinaryIO]:
     ``OSError`` from writing becomes :class:`WriteError`)."""
     d = os.path.dirname(os.path.abspath(path))
     tmp = temporary_name(path)
+    f = None
     try:
         os.makedirs(d, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as raw:
+            f = _WriteRecorder(raw)
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -90,8 +111,10 @@ def atomic_writer(path: str) -> Iterator[BinaryIO]:
         # ("PytorchStreamWriter failed writing file ...: unexpected pos ...") with no errno.
         if "failed writing" not in str(e) and "unexpected pos" not in str(e):
             raise
-        why = _free_space_hint(d)
-        raise WriteError(errno.EIO, f"could not write {path}: {why} (previous file unchanged)") from e
+        cause = f.error if f is not None else None
+        why = _describe(cause) if cause is not None else _free_space_hint(d)
+        code = cause.errno if cause is not None else errno.EIO
+        raise WriteError(code, f"could not write {path}: {why} (previous file unchanged)") from e
     finally:
         with contextlib.suppress(OSError):
             if os.path.exists(tmp):

@@ -3,6 +3,8 @@
 * Without a GPU, Triton kernels run under the interpreter: ``TRITON_INTERPRET=1`` must be set
   before any ``@triton.jit`` function is defined, so it is set here, first.
 * Tests marked ``cuda`` are skipped cleanly when no CUDA device is visible.
+* ``FASTCGAN_REQUIRE_NATIVE=1`` (set by ``make test``, so CI) makes a missing ``fastcgan._C`` an
+  error rather than a reason to skip the native tests.
 """
 
 import os
@@ -15,6 +17,21 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+def pytest_sessionstart(session):
+    """With ``FASTCGAN_REQUIRE_NATIVE=1`` (CI: ``make test``) a missing or broken native library
+    fails the run at once, with the loader's reason, instead of skipping every native test."""
+    if os.environ.get("FASTCGAN_REQUIRE_NATIVE", "0") != "1":
+        return
+    from fastcgan.ops import available_backends
+
+    cpp = available_backends()["cpp"]
+    if not cpp.available:
+        pytest.exit(
+            f"FASTCGAN_REQUIRE_NATIVE=1 but the native op library cannot be used: {cpp.reason}",
+            returncode=pytest.ExitCode.TESTS_FAILED,
+        )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,3 +60,42 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def tiny_train_config(root=None, out=None, **overrides):
+    """The one tiny training config of the suite (CPU, ngf/ndf 4, 32² synthetic data, no
+    periodic samples/checkpoints/FID, quiet); each test overrides only what it is about."""
+    from fastcgan.train import TrainConfig
+
+    base = dict(
+        dataset="synthetic",
+        load_size=32,
+        crop_size=32,
+        ngf=4,
+        ndf=4,
+        num_workers=0,
+        name="run",
+        log_every=1,
+        sample_every=1000,
+        checkpoint_every=1000,
+        eval_every=0,
+        tensorboard=False,
+        progress=False,
+        device="cpu",
+        n_samples=2,
+        synthetic_train=8,
+        synthetic_test=4,
+    )
+    if root is not None:
+        base["dataroot"] = str(root)
+    if out is not None:
+        base["output_dir"] = str(out)
+    base.update(overrides)
+    preset = base.pop("preset", "cyclegan128")
+    return TrainConfig.from_preset(preset, **base)
+
+
+@pytest.fixture
+def tiny_config():
+    """:func:`tiny_train_config` as a fixture."""
+    return tiny_train_config

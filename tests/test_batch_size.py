@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from fastcgan.data import ensure_synthetic_dataset
-from fastcgan.train import TrainConfig, build_state, train, train_step
+from fastcgan.train import TrainConfig, build_state, build_step, train
+from fastcgan.train.cli import evaluate_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +51,7 @@ def _grads(st):
     """Every parameter's ``.grad`` after the step (G's survive the D phase: each phase zeroes only
     its own optimizer's parameters)."""
     out = {}
-    for name, net in st.nets().items():
+    for name, net in st.nets.items():
         out[name] = {}
         for k, p in net.named_parameters():
             assert p.grad is not None, f"{name}.{k} has no gradient after the step"
@@ -65,17 +66,17 @@ def _batch_vs_singles(norm):
     cfg = _cfg(norm)
     torch.manual_seed(0)
     st0 = build_state(cfg)
-    train_step(st0, _images(seed=7), cfg)
+    build_step(st0, cfg)(_images(seed=7))
     batch = _images(seed=1)
 
     st = copy.deepcopy(st0)
-    out_b = train_step(st, batch, cfg)
+    out_b = build_step(st, cfg)(batch)
     grads_b = _grads(st)
 
     outs, grads = [], []
     for i in range(B):
         st = copy.deepcopy(st0)
-        outs.append(train_step(st, {d: x[i : i + 1] for d, x in batch.items()}, cfg))
+        outs.append(build_step(st, cfg)({d: x[i : i + 1] for d, x in batch.items()}))
         grads.append(_grads(st))
     out_m = {k: sum(o[k] for o in outs) / B for k in out_b}
     grads_m = {n: {k: sum(g[n][k] for g in grads) / B for k in grads_b[n]} for n in grads_b}
@@ -150,10 +151,11 @@ def _one_epoch(tmp_path, root, name, batch_size, lr):
         num_workers=0,
         synthetic_train=100,
         synthetic_test=50,
+        eval_every=0,
     )
     s = train(cfg)
     assert s["epoch"] == 1 and s["step"] == 100 // batch_size
-    return s["eval"]
+    return evaluate_run(s)
 
 
 @pytest.mark.slow

@@ -13,42 +13,29 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_train_config
 from fastcgan.data import augment_batch
-from fastcgan.train import TrainConfig, build_state, train_step
+from fastcgan.fileio import atomic_write
+from fastcgan.train import TrainConfig, build_state, build_step
 from fastcgan.train.checkpoint import (
     CheckpointError,
-    atomic_write,
     checkpoint_path,
+    find_resume_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    resolve_resume,
     restore_state,
     run_dir_of,
     save_checkpoint,
 )
-from fastcgan.train.state import NETS
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 DEV = torch.device("cpu")
 
 
 def tiny_cfg(**kw) -> TrainConfig:
-    base = {
-        "dataset": "synthetic",
-        "load_size": 36,
-        "crop_size": 32,
-        "ngf": 4,
-        "ndf": 4,
-        "pool_size": 2,
-        "use_dropout": True,
-        "epochs": 1,
-        "epochs_decay": 3,
-        "device": "cpu",
-        "keep_last": 3,
-    }
-    base.update(kw)
-    return TrainConfig.from_preset("cyclegan128", **base)
+    base = dict(load_size=36, pool_size=2, use_dropout=True, epochs=1, epochs_decay=3, keep_last=3)
+    return tiny_train_config(**{**base, **kw})
 
 
 def batch_for(step: int, state, data_gen: torch.Generator, b: int = 1) -> dict:
@@ -64,15 +51,13 @@ def batch_for(step: int, state, data_gen: torch.Generator, b: int = 1) -> dict:
 
 
 def run_steps(state, cfg, data_gen, n: int, steps_per_epoch: int = 2) -> None:
+    step = build_step(state, cfg)
     for _ in range(n):
-        train_step(state, batch_for(state.step, state, data_gen), cfg)
+        step(batch_for(state.step, state, data_gen))
         state.step += 1
         state.batch_in_epoch += 1
         if state.batch_in_epoch == steps_per_epoch:  # as the loop: schedules step per epoch
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            state.sched_G.step()
-            state.sched_D.step()
+            state.end_epoch()
 
 
 def fresh(cfg, seed: int = 0):
@@ -83,19 +68,20 @@ def fresh(cfg, seed: int = 0):
 
 
 def assert_states_equal(a, b):
-    for n in NETS:
-        sa, sb = getattr(a, n).state_dict(), getattr(b, n).state_dict()
+    assert a.nets.keys() == b.nets.keys() == {"G_AB", "G_BA", "D_A", "D_B"}
+    for n in a.nets:
+        sa, sb = a.nets[n].state_dict(), b.nets[n].state_dict()
         assert sa.keys() == sb.keys()
         for k in sa:
             assert torch.equal(sa[k], sb[k]), f"{n}.{k} differs"
-    for opt in ("opt_G", "opt_D"):
-        da, db = getattr(a, opt).state_dict()["state"], getattr(b, opt).state_dict()["state"]
+    for opt in ("G", "D"):
+        da, db = a.optimizers[opt].state_dict()["state"], b.optimizers[opt].state_dict()["state"]
         assert da.keys() == db.keys()
         for i in da:
             for k in da[i]:
                 assert torch.equal(torch.as_tensor(da[i][k]), torch.as_tensor(db[i][k])), f"{opt}[{i}].{k}"
     for p in ("pool_A", "pool_B"):
-        pa, pb = getattr(a, p), getattr(b, p)
+        pa, pb = a.pools[p], b.pools[p]
         assert torch.equal(pa.images, pb.images) and torch.equal(pa.num_imgs, pb.num_imgs)
     assert (a.step, a.epoch, a.batch_in_epoch) == (b.step, b.epoch, b.batch_in_epoch)
     assert a.lr() == b.lr()
@@ -147,11 +133,11 @@ def test_restore_from_step_zero_with_empty_pools(tmp_path):
     """Pools that were never queried have no image buffer yet; restoring and training works."""
     cfg = tiny_cfg()
     st = fresh(cfg)
-    assert st.pool_A.images is None
+    assert st.pools["pool_A"].images is None
     path = save_checkpoint(st, cfg, str(tmp_path), {}, {})
     st2 = restore_state(load_checkpoint(path), cfg, DEV, {}, path=path)
     run_steps(st2, cfg, torch.Generator().manual_seed(0), 1)
-    assert st2.pool_A.images is not None and int(st2.pool_A.num_imgs) == 1
+    assert st2.pools["pool_A"].images is not None and int(st2.pools["pool_A"].num_imgs) == 1
 
 
 def test_mismatched_config_rejected_before_anything_applies(tmp_path):
@@ -189,7 +175,7 @@ def test_bad_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, damage):
         torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
     else:
         payload = torch.load(path, weights_only=True)
-        del payload["opt_D"]
+        del payload["optimizers"]
         torch.save(payload, path)
     before = sorted((p, os.path.getsize(os.path.join(dp, p))) for dp, _, fs in os.walk(run) for p in fs)
     with pytest.raises(CheckpointError) as e:
@@ -202,6 +188,10 @@ def test_bad_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, damage):
 def test_missing_checkpoint_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         load_checkpoint(str(tmp_path / "nope.ckpt"))
+
+
+def resolve_resume(resume, run_dir):
+    return find_resume_checkpoint(resume, run_dir)[0]
 
 
 def test_keep_last_listing_and_resolve(tmp_path):
@@ -219,7 +209,8 @@ def test_keep_last_listing_and_resolve(tmp_path):
         "step_000000011.ckpt",
     ]
     # Temporary files and other names are never listed.
-    open(os.path.join(run, "checkpoints", ".step_000000012.ckpt.999.tmp"), "wb").close()
+    # (pid 4999999 is above Linux's largest pid_max: that writer is certainly dead)
+    open(os.path.join(run, "checkpoints", ".step_000000012.ckpt.4999999.tmp"), "wb").close()
     open(os.path.join(run, "checkpoints", "notes.txt"), "w").close()
     latest = latest_checkpoint(run)
     assert latest.endswith("step_000000011.ckpt")

@@ -6,15 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastcgan.train import ConfigError, TrainConfig, build_state, train_step
+from conftest import tiny_train_config
+from fastcgan.train import ConfigError, build_state, build_step, resolve_fast_path
 from fastcgan.train.cli import main as cli_main
 from fastcgan.train.cuda_graphs import CUDAGraphStep, cuda_graphs_blocker, use_cuda_graphs
 
 
 def _cfg(**kw):
-    base = dict(dataset="synthetic", load_size=32, crop_size=32, ngf=8, ndf=8, netD="n_layers", n_layers_D=2)
-    base.update(kw)
-    return TrainConfig.from_preset("cyclegan128", **base)
+    return tiny_train_config(**{"ngf": 8, "ndf": 8, "netD": "n_layers", "n_layers_D": 2, **kw})
+
+
+def _default(cfg, device, world=1):
+    """What --cuda-graphs resolves to when not given (the fast-path defaults)."""
+    return resolve_fast_path(cfg, device, world, free_memory=1 << 34)[0].run.cuda_graphs
 
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -26,16 +30,17 @@ def bf16_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
 
 
-def test_default_is_on_only_with_amp_compile_on_a_gpu(bf16_gpu, monkeypatch):
-    assert use_cuda_graphs(_cfg(amp=True, compile=True), GPU) is True
-    assert use_cuda_graphs(_cfg(amp=True), GPU) is False
-    assert use_cuda_graphs(_cfg(amp=True, compile=True), CPU) is False
-    assert use_cuda_graphs(_cfg(amp=True, compile=True), GPU, world_size=2) is False
-    assert use_cuda_graphs(_cfg(amp=True, compile=True, gan_mode="wgangp"), GPU) is False
+def test_default_is_on_on_a_gpu_when_capturable(bf16_gpu, monkeypatch):
+    assert _default(_cfg(amp=True), GPU) is True  # compile is on by default on a GPU
+    assert _default(_cfg(), GPU) is True  # fp32 is capturable too
+    assert _default(_cfg(amp=True, compile=False), GPU) is False  # --no-compile: eager step
+    assert _default(_cfg(amp=True), CPU) is False
+    assert _default(_cfg(amp=True), GPU, world=2) is False
+    assert _default(_cfg(amp=True, gan_mode="wgangp"), GPU) is False
     assert use_cuda_graphs(_cfg(cuda_graphs=True), GPU) is True  # fp32 eager can be captured too
-    assert use_cuda_graphs(_cfg(amp=True, compile=True, cuda_graphs=False), GPU) is False
+    assert _default(_cfg(amp=True, cuda_graphs=False), GPU) is False
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # fp16 + scaler
-    assert use_cuda_graphs(_cfg(amp=True, compile=True), GPU) is False
+    assert _default(_cfg(amp=True), GPU) is False
     assert "fp16" in cuda_graphs_blocker(_cfg(amp=True), GPU)
 
 
@@ -87,21 +92,23 @@ def test_replayed_step_equals_eager_step(compile_):
         torch.manual_seed(0)
         states.append(build_state(cfg, GPU))
     eager, graphed = states
-    step = CUDAGraphStep(graphed, cfg, warmup=3)
+    step = build_step(graphed, cfg.replace(cuda_graphs=True))
+    eager_step = build_step(eager, cfg.replace(cuda_graphs=False))
+    assert isinstance(step, CUDAGraphStep) and step.warmup == 3
     g = torch.Generator(device="cuda").manual_seed(1)
     for i in range(8):
         batch = {d: torch.rand(1, 3, 32, 32, device="cuda", generator=g) * 2 - 1 for d in "AB"}
         if i == 5:  # an epoch boundary after the capture: the schedule changes the lr
             for st in states:
-                _halve_lr(st.opt_G)
-                _halve_lr(st.opt_D)
-        out_e = {k: v.clone() for k, v in train_step(eager, batch, cfg).items()}
+                _halve_lr(st.optimizers["G"])
+                _halve_lr(st.optimizers["D"])
+        out_e = {k: v.clone() for k, v in eager_step(batch).items()}
         out_g = {k: v.clone() for k, v in step(batch).items()}
         for k in out_e:
             torch.testing.assert_close(out_g[k], out_e[k], rtol=2e-3, atol=2e-3, msg=f"step {i} {k}")
     assert step.graph is not None
     assert graphed.lr() == pytest.approx(eager.lr())
-    for (n, p), q in zip(eager.G_AB.named_parameters(), graphed.G_AB.parameters()):
+    for (n, p), q in zip(eager.nets["G_AB"].named_parameters(), graphed.nets["G_AB"].parameters()):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=n)
 
 
@@ -111,7 +118,7 @@ def test_captured_step_with_pool_trains():
     cfg = _cfg(device="cuda", amp=True, pool_size=4)
     torch.manual_seed(0)
     st = build_state(cfg, GPU)
-    step = CUDAGraphStep(st, cfg, warmup=3)
+    step = build_step(st, cfg.replace(cuda_graphs=True))
     g = torch.Generator(device="cuda").manual_seed(1)
     batch = {d: torch.rand(1, 3, 32, 32, device="cuda", generator=g) * 2 - 1 for d in "AB"}
     first = {k: v.clone() for k, v in step(batch).items()}

@@ -15,9 +15,13 @@ import pytest
 import torch
 
 from fastcgan.data import ensure_synthetic_dataset
-from fastcgan.train import TrainConfig, build_state, loss_names, train, train_step
+from conftest import tiny_train_config
+from fastcgan.recipes import get_recipe
+from fastcgan.train import TrainConfig, build_state, build_step, resolve_fast_path, train
+from fastcgan.train.cli import evaluate_run, parse_config
 from fastcgan.train.cli import main as cli_main
-from fastcgan.train.cli import parse_config
+
+loss_names = get_recipe("cyclegan").loss_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,30 +37,7 @@ def synth64(tmp_path_factory):
 
 
 def tiny(root, out, **kw):
-    base = dict(
-        dataroot=root,
-        dataset="synthetic",
-        load_size=64,
-        crop_size=64,
-        ngf=4,
-        ndf=4,
-        num_workers=0,
-        output_dir=str(out),
-        name="run",
-        max_steps=2,
-        log_every=1,
-        sample_every=1000,
-        checkpoint_every=1000,
-        tensorboard=False,
-        progress=False,
-        device="cpu",
-        n_samples=2,
-        synthetic_train=8,
-        synthetic_test=4,
-    )
-    base.update(kw)
-    preset = base.pop("preset", "cyclegan128")
-    return TrainConfig.from_preset(preset, **base)
+    return tiny_train_config(root, out, **{"load_size": 64, "crop_size": 64, "max_steps": 2, **kw})
 
 
 def _batch(cfg, seed=1):
@@ -119,7 +100,7 @@ def test_linear_schedule_matches_official():
     lrs = []
     for _ in range(5):
         lrs.append(st.lr())
-        st.sched_G.step()
+        st.schedulers["G"].step()
     assert lrs == pytest.approx([2e-4, 2e-4, 2e-4 * 3 / 4, 2e-4 * 2 / 4, 2e-4 * 1 / 4])
 
 
@@ -150,7 +131,8 @@ def test_preset_trains_two_steps(preset, amp, synth64, tmp_path):
         "summary.json",
     ):
         assert (run / f).is_file(), f
-    assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())) == cfg
+    resolved = resolve_fast_path(cfg, torch.device("cpu"))[0]  # "auto" flags as the run resolved them
+    assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())) == resolved
 
 
 def test_wgangp_and_hinge_step(synth64):
@@ -159,7 +141,7 @@ def test_wgangp_and_hinge_step(synth64):
         cfg = tiny(synth64, "unused", gan_mode=mode)
         torch.manual_seed(0)
         st = build_state(cfg)
-        out = train_step(st, _batch(cfg), cfg)
+        out = build_step(st, cfg)(_batch(cfg))
         assert set(out) == set(loss_names(cfg))
         assert all(torch.isfinite(v) for v in out.values())
         outs[mode] = out
@@ -175,7 +157,7 @@ def _official_losses(st, batch, cfg):
 
     from fastcgan.losses import cycle_loss, discriminator_loss, generator_gan_loss, identity_loss
 
-    G_AB, G_BA, D_A, D_B = (copy.deepcopy(n) for n in (st.G_AB, st.G_BA, st.D_A, st.D_B))
+    G_AB, G_BA, D_A, D_B = (copy.deepcopy(st.nets[n]) for n in ("G_AB", "G_BA", "D_A", "D_B"))
     a, b = batch["A"], batch["B"]
     fake_B, fake_A = G_AB(a), G_BA(b)
     rec_A, rec_B = G_BA(fake_B), G_AB(fake_A)
@@ -201,7 +183,7 @@ def test_step_matches_official_arithmetic(synth64):
     st = build_state(cfg)
     batch = _batch(cfg)
     G, D = _official_losses(st, batch, cfg)
-    out = train_step(st, batch, cfg)
+    out = build_step(st, cfg)(batch)
     torch.testing.assert_close(out["G"], G.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["D_A"] + out["D_B"], D.detach(), rtol=1e-5, atol=1e-5)
 
@@ -233,12 +215,13 @@ def test_step_has_no_host_sync(synth64, monkeypatch, amp):
     cfg = tiny(synth64, "unused", amp=amp, pool_size=3)
     torch.manual_seed(0)
     st = build_state(cfg)
+    step = build_step(st, cfg)
     batch = _batch(cfg)
-    train_step(st, batch, cfg)  # first step allocates the pools
+    step(batch)  # first step allocates the pools
     with monkeypatch.context() as m:
         _forbid_host_reads(m)
         for _ in range(3):  # past the pool's fill: the swap branch runs too
-            out = train_step(st, batch, cfg)
+            out = step(batch)
     assert all(torch.isfinite(v) for v in out.values())
     # the guard is live: a read in the step would have raised
     with monkeypatch.context() as m:
@@ -254,13 +237,14 @@ def test_step_has_no_host_sync_cuda():
     )
     torch.manual_seed(0)
     st = build_state(cfg)
+    step = build_step(st, cfg)
     batch = {k: v.cuda() for k, v in _batch(cfg).items()}
-    train_step(st, batch, cfg)
+    step(batch)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            out = train_step(st, batch, cfg)
+            out = step(batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(v).item() for v in out.values())
@@ -282,17 +266,18 @@ def _compiled_vs_eager(synth64, backend, **kw):
         )
         torch.manual_seed(0)
         st = build_state(cfg)
-        # compile_step compiled both forward phases with fullgraph=True: a graph break raises.
-        assert set(st.compiled) == ({"generator", "discriminator"} if comp else set())
+        step = build_step(st, cfg)
+        # build_step compiled both forward phases with fullgraph=True: a graph break raises.
+        assert set(step.exe.compiled) == ({"generator", "discriminator"} if comp else set())
         torch.manual_seed(5)
-        out = train_step(st, _batch(cfg), cfg)
+        out = step(_batch(cfg))
         grads = {
             f"{n}.{k}": p.grad.clone()
-            for n, net in st.nets().items()
+            for n, net in st.nets.items()
             for k, p in net.named_parameters()
             if p.grad is not None
         }
-        out2 = train_step(st, _batch(cfg, seed=2), cfg)
+        out2 = step(_batch(cfg, seed=2))
         res[comp] = (out, grads, out2)
     return res
 
@@ -332,7 +317,7 @@ def test_channels_last_step_matches(synth64):
         torch.manual_seed(0)
         st = build_state(cfg)
         torch.manual_seed(3)
-        outs.append(train_step(st, _batch(cfg), cfg))
+        outs.append(build_step(st, cfg)(_batch(cfg)))
     for k in outs[0]:
         torch.testing.assert_close(outs[1][k], outs[0][k], rtol=1e-4, atol=1e-4)
 
@@ -484,8 +469,9 @@ def test_run_outputs_samples_metrics_tensorboard(tmp_path, synth64):
     assert (w, h) == (3 * 66 + 2, 4 * 66 + 2)
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tb"))
     assert s["images_per_s"] > 0 and s["wall_time_s"] > 0
-    # the synthetic run ends with a test-set evaluation
-    assert s["eval"]["AtoB"]["n"] == 4 and "truth_l1" in s["eval"]["AtoB"]
+    # the synthetic run is evaluated on its test set (as the CLI does after training)
+    ev = evaluate_run(s)
+    assert ev["AtoB"]["n"] == 4 and "truth_l1" in ev["AtoB"]
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, synth64):

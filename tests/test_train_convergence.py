@@ -24,6 +24,7 @@ import torch
 from fastcgan.data import ensure_synthetic_dataset
 from fastcgan.evaluate import evaluate_generators
 from fastcgan.train import TrainConfig, build_state, train
+from fastcgan.train.cli import evaluate_run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,11 +52,12 @@ def _converge(tmp_path, steps, ngf, n_train):
         device="cpu",
         synthetic_train=n_train,
         synthetic_test=50,
+        eval_every=0,
     )
     torch.manual_seed(cfg.run.seed)  # train() seeds the same way: this is its initial state
     st = build_state(cfg)
-    before = evaluate_generators(st.G_AB, st.G_BA, root)
-    after = train(cfg)["eval"]
+    before = evaluate_generators(st.nets["G_AB"], st.nets["G_BA"], root)
+    after = evaluate_run(train(cfg))
     return before, after
 
 
@@ -106,6 +108,7 @@ def _monet(tmp_path, root, steps, size, ngf):
         device="cpu",
         num_workers=0,
         n_samples=2,
+        eval_every=0,
     )
     s = train(cfg)
     run = tmp_path / "monet"

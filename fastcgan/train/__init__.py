@@ -1,13 +1,14 @@
-"""The trainer: config presets, the train step, atomic checkpoints, the loop and its logs.
+"""The trainer: one fast machine for every recipe (``fastcgan.recipes``).
 
     from fastcgan.train import TrainConfig, train
     summary = train(TrainConfig.from_preset("cyclegan", dataroot="datasets/horse2zebra", amp=True))
 
-Pieces: :mod:`.config` (frozen dataclasses, presets), :mod:`.state` (networks, optimizers,
-pools), :mod:`.step` (``train_step(state, batch, cfg)``, ``--compile`` of its two phases),
-:mod:`.cuda_graphs` (``--cuda-graphs``: the whole step captured and replayed),
-:mod:`.distributed` (``torchrun``: DDP, sharded global batches), :mod:`.checkpoint`,
-:mod:`.loop` (``train``), :mod:`.logging` (progress, TensorBoard, metrics.jsonl, sample grids),
+Pieces: :mod:`.config` (frozen dataclasses, presets), :mod:`.state` (``TrainState``: exactly what
+a checkpoint holds), :mod:`.execution` (how the step runs: fast defaults, compiled phases, DDP
+wrappers, autocast, CUDA graph -- ``build_step``), :mod:`.step` (``train_step``: the recipe's
+phases), :mod:`.cuda_graphs`, :mod:`.distributed` (``torchrun``), :mod:`.checkpoint` (verified
+atomic checkpoints, the resume policy), :mod:`.runlock`, :mod:`.signals`, :mod:`.data`,
+:mod:`.logging` (progress, TensorBoard, metrics.jsonl, sample grids), :mod:`.loop` (``train``),
 :mod:`.cli`.
 """
 
@@ -29,27 +30,31 @@ from fastcgan.train.config import (
     RunConfig,
     TrainConfig,
 )
+from fastcgan.train.execution import Execution, TrainStep, build_step, resolve_fast_path
 from fastcgan.train.loop import TrainingError, train
 from fastcgan.train.state import TrainState, build_state
-from fastcgan.train.step import loss_names, train_step
+from fastcgan.train.step import train_step
 
 __all__ = [
     "PRESETS",
     "CheckpointError",
     "ConfigError",
     "DataConfig",
+    "Execution",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
     "TrainState",
+    "TrainStep",
     "TrainingError",
     "build_state",
+    "build_step",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
-    "loss_names",
+    "resolve_fast_path",
     "restore_state",
     "save_checkpoint",
     "train",

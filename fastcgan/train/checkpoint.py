@@ -1,34 +1,39 @@
-"""Complete, atomic training checkpoints.
+"""Complete, atomic, verified training checkpoints, and the resume policy.
 
 ``RUN/checkpoints/step_<step:09d>.ckpt`` (``torch.save`` of plain containers and tensors, read
-back with ``weights_only=True``) holds everything a run needs to continue bit-exactly: the four
-networks, both optimizers and LR schedules, the grad scaler, both image pools, every RNG stream
-the step and the data path draw from (python ``random``, numpy, torch CPU, CUDA, the
+back with ``weights_only=True``) holds everything a run needs to continue bit-exactly: the
+recipe's networks, optimizers and LR schedules, the grad scaler, the image pools, every RNG
+stream the step and the data path draw from (python ``random``, numpy, torch CPU, CUDA, the
 augmentation generator, the data path's generators such as the GPU image bank's), the
 step / epoch / data position, and the config.
 
-Writes are atomic: a temporary file in the same folder, flush + fsync, ``os.replace``, fsync of
-the folder. A crash (even SIGKILL) mid-write leaves the previous checkpoint intact plus at most a
-hidden ``*.tmp`` file, which listing ignores. :func:`restore_state` validates the whole payload
+Integrity: every checkpoint carries a SHA-256 digest of each tensor and one of the rest of the
+payload; :func:`load_checkpoint` recomputes them, so a flipped byte anywhere in the tensor data
+or the metadata is an error naming the file and the tensor (torch's zip reader checks no CRC).
+Writes are atomic (:mod:`fastcgan.fileio`); a new checkpoint is read back and verified before
+any older one is rotated away, so the newest verified checkpoint is never deleted.
+``--resume`` (auto or a run directory) falls back to the newest checkpoint that verifies and
+says which newer ones it skipped and why. :func:`restore_state` validates the whole payload
 against a freshly built state before it applies anything, so a bad file never half-applies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from fastcgan.train.config import TrainConfig
-from fastcgan.train.state import NETS, TrainState, build_state
+from fastcgan.fileio import atomic_writer, remove_stale_temporaries
+from fastcgan.train.config import TRAINING_FIELDS, ConfigError, TrainConfig
+from fastcgan.train.state import TrainState, build_state
 
 FORMAT = "fastcgan.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: recipe-generic (nets/optimizers/schedulers/pools dicts) + digests
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d+)\.ckpt$")
 
@@ -49,7 +54,7 @@ def checkpoint_path(run_dir: str, step: int) -> str:
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoints of a run, oldest first (temporary files are ignored)."""
+    """Checkpoint files of a run, oldest first (temporary files are ignored)."""
     d = checkpoint_dir(run_dir)
     if not os.path.isdir(d):
         return []
@@ -57,7 +62,7 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(d, n) for _, n in found]
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
+def latest_checkpoint(run_dir: str) -> Optional[str]:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
@@ -68,74 +73,62 @@ def run_dir_of(ckpt_file: str) -> str:
     return os.path.dirname(d) if os.path.basename(d) == CKPT_DIR else d
 
 
-def resolve_resume(resume: str, run_dir: str) -> str | None:
-    """``--resume`` -> checkpoint file. ``"auto"``: the latest checkpoint of ``run_dir`` or
-    ``None`` (a new run); a file: itself; a run directory (or its ``checkpoints/``): its latest."""
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    if os.path.isfile(resume):
-        return resume
-    if os.path.isdir(resume):
-        base = resume
-        if os.path.basename(os.path.normpath(resume)) == CKPT_DIR:
-            base = os.path.dirname(os.path.normpath(resume))
-        latest = latest_checkpoint(base)
-        if latest is None:
-            raise CheckpointError(
-                f"--resume {resume}: no checkpoint ({CKPT_DIR}/step_*.ckpt) in this directory"
-            )
-        return latest
-    raise CheckpointError(f"--resume {resume}: no such file or directory")
+# ---------------------------------------------------------------------------------------------
+# digests
+# ---------------------------------------------------------------------------------------------
+def _tensor_digest(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    h = hashlib.sha256(f"{t.dtype}|{t.numel()}|".encode())
+    if t.numel():
+        h.update(t.view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # platforms that cannot open folders; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _digests(obj: Any, path: str, out: dict[str, str]) -> Any:
+    """A tensor-free canonical form of ``obj`` (tensors replaced by their digests, collected in
+    ``out`` by their path in the payload, e.g. ``nets/G_AB/model.1.weight``)."""
+    if isinstance(obj, torch.Tensor):
+        out[path] = d = _tensor_digest(obj)
+        return ["tensor", str(obj.dtype), list(obj.shape), d]
+    if isinstance(obj, dict):
+        return ["dict", [[repr(k), _digests(obj[k], f"{path}/{k}", out)] for k in sorted(obj, key=repr)]]
+    if isinstance(obj, (list, tuple)):
+        return [type(obj).__name__, [_digests(v, f"{path}/{i}", out) for i, v in enumerate(obj)]]
+    return repr(obj)
 
 
-def atomic_write(path: str, chunks: Iterable[bytes]) -> None:
-    """Write ``chunks`` to ``path`` so that it is either the old file or the complete new one."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.writelines(chunks)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(d)
+def payload_digest(payload: dict) -> dict:
+    """``{"tensors": {path: sha256}, "structure": sha256}`` of everything but ``digest``."""
+    tensors: dict[str, str] = {}
+    canon = _digests({k: v for k, v in payload.items() if k != "digest"}, "", tensors)
+    structure = hashlib.sha256(repr(canon).encode()).hexdigest()
+    return {"algorithm": "sha256", "tensors": {k.lstrip("/"): v for k, v in tensors.items()}, "structure": structure}
 
 
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(d)
+def verify_digest(payload: dict, path: str) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` and the first damaged tensor (or the
+    metadata) when the payload does not match the digest it carries."""
+    saved = payload.get("digest")
+    if not isinstance(saved, dict) or not isinstance(saved.get("tensors"), dict):
+        raise CheckpointError(f"checkpoint {path} carries no content digest (written by an older fastcgan?)")
+    now = payload_digest(payload)
+    bad = [k for k, v in now["tensors"].items() if saved["tensors"].get(k) != v]
+    missing = [k for k in saved["tensors"] if k not in now["tensors"]]
+    if bad or missing:
+        which = ", ".join((bad + missing)[:3])
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: tensor {which} does not match its stored SHA-256 digest "
+            f"({len(bad) + len(missing)} tensor(s) differ); the file was modified or corrupted on disk"
+        )
+    if saved.get("structure") != now["structure"]:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its metadata (config, counters, RNG states) does not match "
+            "the stored SHA-256 digest"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
-# capture
+# capture / save
 # ---------------------------------------------------------------------------------------------
 def _cpu(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
@@ -162,40 +155,6 @@ def _numpy_state() -> dict:
     }
 
 
-def capture(
-    state: TrainState, config: dict, data_generators: dict | None = None, extra: dict | None = None
-) -> dict:
-    """The checkpoint payload of ``state`` (tensors copied to CPU)."""
-    py = random.getstate()
-    rng = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": _numpy_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-        "aug": state.aug_generator.get_state() if state.aug_generator is not None else None,
-        "data": {k: g.get_state() for k, g in (data_generators or {}).items()},
-    }
-    payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "config": config,
-        "step": state.step,
-        "epoch": state.epoch,
-        "batch_in_epoch": state.batch_in_epoch,
-        "nets": {n: _module(getattr(state, n)).state_dict() for n in NETS},
-        "opt_G": _optimizer_state(state.opt_G),
-        "opt_D": _optimizer_state(state.opt_D),
-        "sched_G": state.sched_G.state_dict(),
-        "sched_D": state.sched_D.state_dict(),
-        "scaler": state.scaler.state_dict(),
-        "pool_A": state.pool_A.state_dict(),
-        "pool_B": state.pool_B.state_dict(),
-        "rng": rng,
-        "extra": dict(extra or {}),
-    }
-    return _cpu(payload)
-
-
 def _optimizer_state(opt: torch.optim.Optimizer) -> dict:
     """``opt.state_dict()`` with the CUDA-graph settings undone (plain float lr, not capturable),
     so the checkpoint resumes with or without --cuda-graphs (which re-applies them)."""
@@ -207,6 +166,38 @@ def _optimizer_state(opt: torch.optim.Optimizer) -> dict:
     return sd
 
 
+def capture(state: TrainState, config: dict, data_generators: dict | None = None, extra: dict | None = None) -> dict:
+    """The checkpoint payload of ``state`` (tensors copied to CPU), with its digest."""
+    py = random.getstate()
+    rng = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": _numpy_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "aug": state.aug_generator.get_state(),
+        "data": {k: g.get_state() for k, g in (data_generators or {}).items()},
+    }
+    payload = _cpu(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": config,
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "nets": {n: _module(net).state_dict() for n, net in state.nets.items()},
+            "optimizers": {n: _optimizer_state(o) for n, o in state.optimizers.items()},
+            "schedulers": {n: s.state_dict() for n, s in state.schedulers.items()},
+            "scaler": state.scaler.state_dict(),
+            "pools": {n: p.state_dict() for n, p in state.pools.items()},
+            "rng": rng,
+            "extra": dict(extra or {}),
+        }
+    )
+    payload["digest"] = payload_digest(payload)
+    return payload
+
+
 def save_checkpoint(
     state: TrainState,
     cfg: TrainConfig,
@@ -214,36 +205,22 @@ def save_checkpoint(
     data_generators: dict | None = None,
     extra: dict | None = None,
 ) -> str:
-    """Write ``RUN/checkpoints/step_<step>.ckpt`` atomically, then delete all but the newest
-    ``cfg.run.keep_last``. Returns the path written."""
+    """Write ``RUN/checkpoints/step_<step>.ckpt`` atomically, read it back and verify it, then
+    delete all but the newest ``cfg.run.keep_last`` (never the one just verified). Returns the
+    path written. A failed write (disk full) raises ``fastcgan.fileio.WriteError`` naming the
+    file and cause, and leaves every earlier checkpoint in place."""
     path = checkpoint_path(run_dir, state.step)
-    remove_stale_temporaries(run_dir)
-    _atomic_torch_save(capture(state, cfg.to_dict(), data_generators, extra), path)
+    remove_stale_temporaries(checkpoint_dir(run_dir))
+    with atomic_writer(path) as f:
+        torch.save(capture(state, cfg.to_dict(), data_generators, extra), f)
+    load_checkpoint(path)  # verified before anything older is rotated away
     for old in list_checkpoints(run_dir)[: -cfg.run.keep_last]:
-        try:
-            os.remove(old)
-        except OSError:
-            pass
+        if old != path:
+            try:
+                os.remove(old)
+            except OSError:
+                pass
     return path
-
-
-def remove_stale_temporaries(run_dir: str) -> list[str]:
-    """Delete temporary checkpoint files that a killed writer (another process id) left behind."""
-    d = checkpoint_dir(run_dir)
-    if not os.path.isdir(d):
-        return []
-    mine = f".{os.getpid()}.tmp"
-    stale = [
-        os.path.join(d, n)
-        for n in os.listdir(d)
-        if n.startswith(".step_") and n.endswith(".tmp") and not n.endswith(mine)
-    ]
-    for p in stale:
-        try:
-            os.remove(p)
-        except OSError:
-            pass
-    return stale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,27 +232,35 @@ _REQUIRED = (
     "epoch",
     "batch_in_epoch",
     "nets",
-    "opt_G",
-    "opt_D",
-    "sched_G",
-    "sched_D",
+    "optimizers",
+    "schedulers",
     "scaler",
-    "pool_A",
-    "pool_B",
+    "pools",
     "rng",
     "extra",
+    "digest",
 )
 
 
+def _strip_torch_advice(msg: str) -> str:
+    """torch.load's refusal explains how to load the file *unsafely*; a checkpoint we cannot read
+    safely is corrupt or foreign, and that advice must not reach the user."""
+    cut = [i for i in (msg.find("\n"), msg.find("(1) ")) if i >= 0]
+    return msg[: min(cut)].strip() if cut else msg.strip()
+
+
 def load_checkpoint(path: str) -> dict:
-    """Read and structurally check a checkpoint; any problem -> :class:`CheckpointError`
+    """Read, structurally check and verify a checkpoint; any problem -> :class:`CheckpointError`
     naming the file. Nothing is applied here."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, refused unpickling ...
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be loaded: {e}") from e
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated and cannot be loaded safely: "
+            f"{type(e).__name__}: {_strip_torch_advice(str(e))}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a fastcgan training checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:
@@ -285,12 +270,17 @@ def load_checkpoint(path: str) -> dict:
     missing = [k for k in _REQUIRED if k not in payload]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
-    if not isinstance(payload["nets"], dict) or set(payload["nets"]) != set(NETS):
-        raise CheckpointError(f"checkpoint {path} is incomplete: networks {sorted(payload['nets'])}")
+    verify_digest(payload, path)
     rng = payload["rng"]
     if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
         raise CheckpointError(f"checkpoint {path}: RNG state is missing")
     return payload
+
+
+def _check_names(path: str, what: str, saved: dict, own: dict) -> None:
+    if not isinstance(saved, dict) or set(saved) != set(own):
+        got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointError(f"checkpoint {path}: {what} {got} do not match this recipe's {sorted(own)}")
 
 
 def _check_net(path: str, name: str, net: torch.nn.Module, sd: dict) -> None:
@@ -333,10 +323,14 @@ def restore_state(
     state = build_state(cfg, device)  # draws from the global RNG for init: restored below
     random.setstate(py_before)
     torch.set_rng_state(torch_before)
-    for n in NETS:
-        _check_net(path, n, getattr(state, n), payload["nets"][n])
-    _check_opt(path, "opt_G", state.opt_G, payload["opt_G"])
-    _check_opt(path, "opt_D", state.opt_D, payload["opt_D"])
+    _check_names(path, "networks", payload["nets"], state.nets)
+    _check_names(path, "optimizers", payload["optimizers"], state.optimizers)
+    _check_names(path, "schedulers", payload["schedulers"], state.schedulers)
+    _check_names(path, "image pools", payload["pools"], state.pools)
+    for n, net in state.nets.items():
+        _check_net(path, n, net, payload["nets"][n])
+    for n, opt in state.optimizers.items():
+        _check_opt(path, n, opt, payload["optimizers"][n])
     rng = payload["rng"]
     saved_data = rng.get("data") or {}
     if set(saved_data) != set(data_generators):
@@ -345,18 +339,17 @@ def restore_state(
             f"run's {sorted(data_generators)} (was --data-on-gpu changed?)"
         )
 
-    for n in NETS:
-        _module(getattr(state, n)).load_state_dict(payload["nets"][n])
+    for n, net in state.nets.items():
+        _module(net).load_state_dict(payload["nets"][n])
     # Optimizer.load_state_dict casts the moments to each parameter's device and dtype.
-    state.opt_G.load_state_dict(payload["opt_G"])
-    state.opt_D.load_state_dict(payload["opt_D"])
-    state.sched_G.load_state_dict(payload["sched_G"])
-    state.sched_D.load_state_dict(payload["sched_D"])
+    for n, opt in state.optimizers.items():
+        opt.load_state_dict(payload["optimizers"][n])
+    for n, sched in state.schedulers.items():
+        sched.load_state_dict(payload["schedulers"][n])
     if payload["scaler"]:
         state.scaler.load_state_dict(payload["scaler"])
-    for name in ("pool_A", "pool_B"):
-        pool = getattr(state, name)
-        pool.load_state_dict(payload[name])
+    for n, pool in state.pools.items():
+        pool.load_state_dict(payload["pools"][n])
         pool.to(device)
     state.step = int(payload["step"])
     state.epoch = int(payload["epoch"])
@@ -370,23 +363,120 @@ def restore_state(
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state_all(rng["cuda"])
-    if rng.get("aug") is not None and state.aug_generator is not None:
+    if rng.get("aug") is not None:
         state.aug_generator.set_state(rng["aug"])
     for k, g in data_generators.items():
         g.set_state(saved_data[k])
     return state
 
 
+# ---------------------------------------------------------------------------------------------
+# the resume policy
+# ---------------------------------------------------------------------------------------------
+def newest_valid_checkpoint(run_dir: str) -> tuple[Optional[str], Optional[dict], list[str]]:
+    """``(path, payload, skipped)``: the newest checkpoint of ``run_dir`` that loads and verifies
+    (``None`` if there is none), and one message per newer checkpoint skipped, saying why."""
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path), skipped
+        except CheckpointError as e:
+            skipped.append(f"skipped {path}: {e}")
+    return None, None, skipped
+
+
+def find_resume_checkpoint(resume: str, run_dir: str) -> tuple[Optional[str], Optional[dict], list[str]]:
+    """``--resume`` -> ``(checkpoint file, verified payload, skipped messages)``. ``"auto"``: the
+    newest valid checkpoint of ``run_dir`` or ``(None, None, ...)`` (a new run); a run directory
+    (or its ``checkpoints/``): its newest valid one; a file: that file, verified (no fallback --
+    the user named it)."""
+    if resume == "auto":
+        path, payload, skipped = newest_valid_checkpoint(run_dir)
+        if path is None and skipped:
+            raise CheckpointError(f"--resume: no checkpoint of {run_dir} verifies: " + "; ".join(skipped))
+        return path, payload, skipped
+    if os.path.isfile(resume):
+        return resume, load_checkpoint(resume), []
+    if os.path.isdir(resume):
+        base = resume
+        if os.path.basename(os.path.normpath(resume)) == CKPT_DIR:
+            base = os.path.dirname(os.path.normpath(resume))
+        path, payload, skipped = newest_valid_checkpoint(base)
+        if path is None:
+            why = ("; ".join(skipped)) if skipped else f"no checkpoint ({CKPT_DIR}/step_*.ckpt) in this directory"
+            raise CheckpointError(f"--resume {resume}: {why}")
+        return path, payload, skipped
+    raise CheckpointError(f"--resume {resume}: no such file or directory")
+
+
+def config_for_resume(ckpt_cfg: TrainConfig, cfg: TrainConfig, run_dir: str) -> TrainConfig:
+    """The checkpoint's training fields with ``cfg``'s run-control fields (device, amp, compile,
+    cadences, max_steps, data location and workers) and the checkpoint's run directory."""
+    keep = {k: v for k, v in cfg.flat().items() if k not in TRAINING_FIELDS}
+    keep.update(
+        name=os.path.basename(os.path.abspath(run_dir)), output_dir=os.path.dirname(os.path.abspath(run_dir))
+    )
+    return ckpt_cfg.replace(**keep)
+
+
+def training_field_conflicts(ckpt_cfg: TrainConfig, overrides: dict) -> list[str]:
+    a = ckpt_cfg.flat()
+    return [
+        f"{k}={overrides[k]!r} (checkpoint: {a[k]!r})"
+        for k in overrides
+        if k in TRAINING_FIELDS and overrides[k] != a[k]
+    ]
+
+
+def resume_plan(cfg: TrainConfig, requested: Optional[dict] = None):
+    """Decide what a run starts from, before anything is written.
+
+    Returns ``(cfg, run_dir, payload, ckpt_path, messages)``: with ``cfg.run.resume`` the
+    checkpoint's config (which decides what is trained; ``cfg`` may change only how it runs) and
+    its verified payload; else ``cfg`` itself and ``None``. ``requested``: the flat fields the
+    user set explicitly; one that would change what is trained is a :class:`ConfigError`. A run
+    directory that already has checkpoints is never started afresh (that would mix two runs)."""
+    run_dir = cfg.run_dir
+    if not cfg.run.resume:
+        if list_checkpoints(run_dir):
+            raise CheckpointError(
+                f"run directory {run_dir} already has checkpoints; pass --resume to continue it "
+                "or choose another --name / --output-dir"
+            )
+        return cfg, run_dir, None, None, []
+    ckpt_path, payload, messages = find_resume_checkpoint(cfg.run.resume, run_dir)
+    if ckpt_path is None:
+        return cfg, run_dir, None, None, messages + [f"fastcgan: nothing to resume in {run_dir}; starting a new run"]
+    if cfg.run.resume != "auto":
+        run_dir = run_dir_of(ckpt_path)
+    try:
+        ckpt_cfg = TrainConfig.from_dict(payload["config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt_path}: stored config is invalid: {e}") from e
+    conflicts = training_field_conflicts(ckpt_cfg, requested or {})
+    if conflicts:
+        raise ConfigError(
+            f"--resume {ckpt_path}: these settings differ from the checkpoint's and cannot change "
+            f"when resuming: {'; '.join(conflicts)}"
+        )
+    return config_for_resume(ckpt_cfg, cfg, run_dir), run_dir, payload, ckpt_path, messages
+
+
 __all__ = [
     "CheckpointError",
-    "atomic_write",
+    "capture",
     "checkpoint_path",
+    "config_for_resume",
+    "find_resume_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
-    "remove_stale_temporaries",
-    "resolve_resume",
+    "newest_valid_checkpoint",
+    "payload_digest",
     "restore_state",
+    "resume_plan",
     "run_dir_of",
     "save_checkpoint",
+    "training_field_conflicts",
+    "verify_digest",
 ]

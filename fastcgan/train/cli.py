@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="cyclegan",
         help="named recipe; other flags override it (default: cyclegan, the official recipe)",
     )
+    from fastcgan.recipes import RECIPES
+
+    p.add_argument(
+        "--model",
+        "--recipe",
+        dest="recipe",
+        choices=tuple(RECIPES),
+        default=S,
+        help="training recipe (default: cyclegan; as the official --model)",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--dataroot", default=S, help="folder with trainA/ trainB/ (and testA/ testB/)")
     g.add_argument(
@@ -89,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--serial-batches", action="store_true", default=S)
     g.add_argument(
         "--data-on-gpu",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=S,
-        help="decode every image once and keep them on the device (no loader in the step)",
+        help="decode every image once and keep them on the device (no loader in the step); "
+        "default: on a GPU when the decoded set fits in a quarter of the free memory",
     )
     g = p.add_argument_group("model")
     g.add_argument("--netG", choices=GENERATOR_ARCHS, default=S)
@@ -131,16 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=S,
         help="bf16 autocast (fp16 + loss scaling on GPUs without bf16)",
     )
-    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the networks")
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="torch.compile each phase of the step as one graph (default: on a GPU)",
+    )
     g.add_argument("--compile-backend", default=S, help="torch.compile backend (default inductor)")
     g.add_argument(
         "--cuda-graphs",
         dest="cuda_graphs",
         action=argparse.BooleanOptionalAction,
         default=S,
-        help="replay the whole step as one CUDA graph (default: on with --amp --compile on a GPU)",
+        help="replay the whole step as one CUDA graph (default: on a GPU with --compile when capturable)",
     )
-    g.add_argument("--channels-last", action="store_true", default=S)
+    g.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="NHWC activations end to end (default: on a GPU)",
+    )
+    g.add_argument(
+        "--faithful",
+        action="store_true",
+        default=S,
+        help="the official numerics for comparisons: fp32, eager, reference kernels, unfused Adam",
+    )
     g.add_argument("--kernels", choices=KERNELS, default=S, help="InstanceNorm kernel backend (default auto)")
     g.add_argument("--device", default=S, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--seed", type=_int(0), default=S)
@@ -157,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-every", type=_int(1), default=S)
     g.add_argument("--checkpoint-every", type=_int(1), default=S)
     g.add_argument("--keep-last", type=_int(1), default=S, help="checkpoints kept")
+    g.add_argument(
+        "--eval-every",
+        type=_int(0),
+        default=S,
+        help="FID/KID on the test split every N steps (0: never; default: every --checkpoint-every "
+        "steps and at the end when the metrics extra is installed)",
+    )
+    g.add_argument("--eval-max-images", type=_int(1), default=S, help="test images per domain for --eval-every")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S)
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
     return p
@@ -176,18 +211,37 @@ def parse_config(argv: Optional[list[str]] = None) -> tuple[TrainConfig, dict]:
     return cfg, a
 
 
+def evaluate_run(summary: dict) -> dict:
+    """Test-split metrics of a finished run's saved generators (through the deploy runtime, the
+    code that ships), recorded in its summary.json. Used after training on data with ground
+    truth (``--dataset synthetic``)."""
+    import os
+
+    from fastcgan.evaluate import evaluate
+    from fastcgan.fileio import atomic_write
+
+    ev = evaluate(summary["run_dir"], summary["dataroot"], phase="test", device=summary["device"])
+    summary = {**summary, "eval": ev}
+    atomic_write(os.path.join(summary["run_dir"], "summary.json"), json.dumps(summary, indent=2).encode())
+    return ev
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     cfg, requested = parse_config(argv)
     from fastcgan.data import DatasetError
+    from fastcgan.fileio import WriteError
     from fastcgan.train.checkpoint import CheckpointError
     from fastcgan.train.loop import TrainingError, train
+    from fastcgan.train.runlock import RunInUseError
 
     try:
         summary = train(cfg, requested=requested)
-    except (ConfigError, DatasetError, CheckpointError, FileExistsError) as e:
+        if summary.get("rank", 0) == 0 and cfg.data.dataset == "synthetic" and not summary["interrupted"]:
+            summary["eval"] = evaluate_run(summary)
+    except (ConfigError, DatasetError, CheckpointError, RunInUseError, FileExistsError) as e:
         print(f"fastcgan-train: error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, WriteError) as e:
         print(f"fastcgan-train: error: {e}", file=sys.stderr)
         return 1
     s = summary

@@ -36,8 +36,14 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"{name} ({_flag(name)}): {msg}")
 
 
+# Largest image side accepted for --load-size / --crop-size: far above any real training size,
+# small enough that the buffers it implies stay allocatable (and ints stay ints).
+MAX_IMAGE_SIDE = 16384
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    recipe: str = "cyclegan"  # --model: the training recipe (fastcgan.recipes)
     netG: str = "resnet_9blocks"
     netD: str = "basic"
     ngf: int = 64
@@ -51,6 +57,9 @@ class ModelConfig:
     init_gain: float = 0.02
 
     def validate(self) -> None:
+        from fastcgan.recipes import RECIPES
+
+        _check(self.recipe in RECIPES, "recipe", f"must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         _check(self.netG in GENERATOR_ARCHS, "netG", f"must be one of {GENERATOR_ARCHS}, got {self.netG!r}")
         _check(
             self.netD in DISCRIMINATOR_ARCHS,
@@ -83,7 +92,7 @@ class DataConfig:
         None  # None: 0 on CPU (workers would compete with the step), else min(4, cores - 1)
     )
     serial_batches: bool = False
-    data_on_gpu: bool = False
+    data_on_gpu: Optional[bool] = None  # None: auto (on a GPU when the dataset fits, see execution.py)
     synthetic_train: int = 200  # images per domain generated for --dataset synthetic
     synthetic_test: int = 50
 
@@ -96,6 +105,8 @@ class DataConfig:
         )
         for n in ("load_size", "crop_size", "batch_size", "synthetic_train", "synthetic_test"):
             _check(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an int >= 1")
+        for n in ("load_size", "crop_size"):
+            _check(getattr(self, n) <= MAX_IMAGE_SIDE, n, f"{getattr(self, n)} is larger than {MAX_IMAGE_SIDE}")
         _check(
             self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0),
             "num_workers",
@@ -173,10 +184,12 @@ class RunConfig:
     output_dir: str = "runs"
     max_steps: Optional[int] = None  # stop after this many steps in total (default: all epochs)
     amp: bool = False
-    compile: bool = False
+    # None = auto: the fastest measured for the device (fastcgan.train.execution.resolve_fast_path).
+    compile: Optional[bool] = None
     compile_backend: str = "inductor"
-    cuda_graphs: Optional[bool] = None  # None: on with amp + compile on a GPU when capturable
-    channels_last: bool = False
+    cuda_graphs: Optional[bool] = None
+    channels_last: Optional[bool] = None
+    faithful: bool = False  # the official numerics: fp32, eager, reference kernels, unfused Adam
     kernels: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -188,6 +201,10 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True
     n_samples: int = 4  # images per domain in the sample grids
+    # FID/KID on the test split every this many steps (0: never; None: auto -- every
+    # checkpoint_every steps and at the end when the metrics extra is installed).
+    eval_every: Optional[int] = None
+    eval_max_images: int = 200  # test images per domain used for FID/KID during training
 
     def validate(self) -> None:
         _check(self.kernels in KERNELS, "kernels", f"must be one of {KERNELS}, got {self.kernels!r}")
@@ -201,7 +218,12 @@ class RunConfig:
             "max_steps",
             "must be an int >= 0",
         )
-        for n in ("log_every", "sample_every", "checkpoint_every", "keep_last", "n_samples"):
+        _check(
+            self.eval_every is None or (isinstance(self.eval_every, int) and self.eval_every >= 0),
+            "eval_every",
+            "must be an int >= 0",
+        )
+        for n in ("log_every", "sample_every", "checkpoint_every", "keep_last", "n_samples", "eval_max_images"):
             _check(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an int >= 1")
         _check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
@@ -278,6 +300,17 @@ class TrainConfig:
     def __post_init__(self):
         for sec in SECTIONS:
             getattr(self, sec).validate()
+        m, d = self.model, self.data
+        crops = d.preprocess in ("resize_and_crop", "crop", "scale_width_and_crop")
+        if crops and m.netG.startswith("unet_"):
+            mult = 2 ** (7 if m.netG == "unet_128" else 8)
+            if d.crop_size % mult:
+                raise ConfigError(
+                    f"crop_size (--crop-size) {d.crop_size}: netG {m.netG} needs a multiple of {mult} "
+                    f"(its {mult.bit_length() - 1} stride-2 levels end at 1x1)"
+                )
+        elif crops and d.crop_size % 4:
+            raise ConfigError(f"crop_size (--crop-size) {d.crop_size}: netG {m.netG} needs a multiple of 4")
         if self.loss.gan_mode == "wgangp" and self.model.netD == "udacity" and self.model.norm == "batch":
             raise ConfigError(
                 "gan_mode (--gan-mode) wgangp: the gradient penalty is ill-defined with BatchNorm "
@@ -352,3 +385,4 @@ TRAINING_FIELDS = tuple(
     for f in fields(SECTIONS[sec])
     if f.name not in ("dataroot", "num_workers", "data_on_gpu", "dataset")
 )
+

@@ -25,17 +25,17 @@ The returned losses live in the graph's static outputs: read (or copy) them befo
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fastcgan.train.config import ConfigError, TrainConfig
-from fastcgan.train.state import TrainState
+from fastcgan.train.execution import Execution, TrainStep
+from fastcgan.train.state import TrainState, amp_dtype_for
 from fastcgan.train.step import train_step
 
-__all__ = ["CUDAGraphStep", "cuda_graphs_blocker", "make_step_fn", "use_cuda_graphs"]
+__all__ = ["CUDAGraphStep", "cuda_graphs_blocker", "use_cuda_graphs"]
 
 
 def cuda_graphs_blocker(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> Optional[str]:
@@ -46,55 +46,51 @@ def cuda_graphs_blocker(cfg: TrainConfig, device: torch.device, world_size: int 
         return "DDP's gradient all-reduce is not captured (run without torchrun, or drop --cuda-graphs)"
     if cfg.loss.gan_mode == "wgangp":
         return "the WGAN-GP penalty's double backward is not captured"
-    from fastcgan.train.state import amp_dtype_for
-
     if amp_dtype_for(device, cfg.run.amp) == torch.float16:
         return "fp16 loss scaling reads its inf check on the host (this GPU has no bf16)"
     return None
 
 
 def use_cuda_graphs(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> bool:
-    """``--cuda-graphs`` / ``--no-cuda-graphs``; unset: on with ``--amp --compile`` on a GPU
-    whenever the step can be captured. An explicit request that cannot be met is a
-    :class:`ConfigError` naming the flag."""
+    """``--cuda-graphs`` / ``--no-cuda-graphs`` (``None``, auto, is resolved by
+    ``fastcgan.train.execution.resolve_fast_path``; unresolved it means off). An explicit
+    request that cannot be met is a :class:`ConfigError` naming the flag."""
     why = cuda_graphs_blocker(cfg, device, world_size)
-    flag = cfg.run.cuda_graphs
-    if flag is None:
-        return why is None and cfg.run.amp and cfg.run.compile
-    if flag and why is not None:
+    if cfg.run.cuda_graphs and why is not None:
         raise ConfigError(f"cuda_graphs (--cuda-graphs): cannot capture the step: {why}")
-    return bool(flag)
+    return bool(cfg.run.cuda_graphs)
 
 
 def _make_capturable(state: TrainState) -> None:
-    for opt in (state.opt_G, state.opt_D):
+    for opt in state.optimizers.values():
         for g in opt.param_groups:
             if not isinstance(g["lr"], Tensor):
                 g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=state.device)
             g["capturable"] = True
 
 
-class CUDAGraphStep:
+class CUDAGraphStep(TrainStep):
     """``step(batch) -> losses`` that captures :func:`train_step` after ``warmup`` eager steps."""
 
-    def __init__(self, state: TrainState, cfg: TrainConfig, warmup: int = 3):
-        if state.device.type != "cuda":
+    def __init__(self, exe: Execution, recipe, cfg: TrainConfig, warmup: int = 3):
+        if exe.device.type != "cuda":
             raise ValueError("CUDAGraphStep needs a CUDA device")
-        self.state, self.cfg, self.warmup = state, cfg, warmup
+        super().__init__(exe, recipe, cfg)
+        self.warmup = warmup
         self.calls = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static_in: dict[str, Tensor] = {}
         self.static_out: dict[str, Tensor] = {}
-        _make_capturable(state)
-        state.autocast_cache = False  # set before the warm-up, so compiled phases see it too
+        _make_capturable(exe.state)
+        exe.autocast_cache = False  # set before the warm-up, so compiled phases see it too
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         self.calls += 1
         if self.graph is None and self.calls <= self.warmup:
-            side = torch.cuda.Stream(device=self.state.device)
+            side = torch.cuda.Stream(device=self.exe.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                out = train_step(self.state, batch, self.cfg)
+                out = train_step(self.exe, batch, self.recipe, self.cfg)
             torch.cuda.current_stream().wait_stream(side)
             return out
         if self.graph is None:
@@ -106,22 +102,12 @@ class CUDAGraphStep:
 
     def _capture(self, batch: dict[str, Tensor]) -> None:
         self.static_in = {k: v.clone() for k, v in batch.items()}  # same shape and memory format
-        torch.cuda.synchronize(self.state.device)
+        torch.cuda.synchronize(self.exe.device)
         # Gradients from the warm-up steps are dropped now, so the captured backward allocates
         # them from the graph's private pool (where every replay rewrites them).
-        self.state.opt_G.zero_grad(set_to_none=True)
-        self.state.opt_D.zero_grad(set_to_none=True)
+        for opt in self.exe.state.optimizers.values():
+            opt.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         # Capture records the kernels without running them; the replay in __call__ runs this step.
         with torch.cuda.graph(self.graph):
-            self.static_out = train_step(self.state, self.static_in, self.cfg)
-
-
-def make_step_fn(
-    state: TrainState, cfg: TrainConfig, world_size: int = 1
-) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
-    """The step the loop calls: the captured one (:class:`CUDAGraphStep`) or plain
-    :func:`train_step` (compiled phases included when ``--compile``)."""
-    if use_cuda_graphs(cfg, state.device, world_size):
-        return CUDAGraphStep(state, cfg)
-    return functools.partial(train_step, state, cfg=cfg)
+            self.static_out = train_step(self.exe, self.static_in, self.recipe, self.cfg)

@@ -119,15 +119,13 @@ def from_environment(device_flag: str) -> tuple[DistContext, Optional[torch.devi
     return DistContext(rank, world, local_rank, stop_group), device
 
 
-def wrap_ddp(state, ctx: DistContext) -> None:
-    """DDP wrappers for the four networks, used by the step (``state.train_net``). The plain
-    modules stay in ``state`` for checkpoints and samples. DDP broadcasts process 0's parameters
-    at construction, so every process starts from the same weights (they are seeded identically
-    anyway). In the generator phase the frozen discriminators are called unwrapped: a DDP
+def wrap_ddp(nets: dict, ctx: DistContext, device: torch.device) -> dict:
+    """DDP wrappers of ``nets``, called by the step (``Execution.net``). The plain modules stay
+    in the state for checkpoints and samples. DDP broadcasts process 0's parameters at
+    construction, so every process starts from the same weights (they are seeded identically
+    anyway). Networks a phase only reads are called unwrapped (``Execution.frozen``): a DDP
     forward there would wait for gradients that never come."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    state.dist = ctx
-    dev = state.device
-    kw = dict(device_ids=[dev.index], output_device=dev.index) if dev.type == "cuda" else {}
-    state.ddp = {name: DDP(net, **kw) for name, net in state.nets().items()}
+    kw = dict(device_ids=[device.index], output_device=device.index) if device.type == "cuda" else {}
+    return {name: DDP(net, **kw) for name, net in nets.items()}

@@ -1,7 +1,8 @@
 """What a person sees during a run: progress bar, TensorBoard, ``metrics.jsonl``, sample grids.
 
-Nothing here touches the training state: the loop hands over host numbers (read from the device
-every ``log_every`` steps) and image tensors, so logging can never change what is trained.
+Nothing here changes the training state: losses are summed on the device and read to the host
+once every ``log_every`` steps (:class:`LossAccumulator`), sample grids run the networks in eval
+mode without gradients and draw no random numbers, so logging can never change what is trained.
 """
 
 from __future__ import annotations
@@ -14,6 +15,54 @@ import time
 import warnings
 
 import torch
+
+class LossAccumulator:
+    """Sums the step's device-scalar losses on the device; :meth:`read` is the one host read
+    (under DDP the mean over processes, so every process sees the same numbers)."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.total = None
+        self.count = 0
+
+    def add(self, losses: dict) -> None:
+        vec = torch.stack([losses[k] for k in self.names])
+        self.total = vec if self.total is None else self.total + vec
+        self.count += 1
+
+    def read(self, mean=lambda x: x) -> dict[str, float]:
+        """The means since the last read (empty if nothing was added); resets."""
+        if self.total is None:
+            return {}
+        vals = mean(self.total / self.count).tolist()  # device -> host: the sync point
+        self.total, self.count = None, 0
+        return dict(zip(self.names, vals))
+
+
+@torch.no_grad()
+def sample_grid(exe, recipe, images: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A [0, 1] grid of the recipe's sample rows (``recipe.sample_rows``) for uint8 ``images``.
+
+    The networks run in eval mode through their plain ``forward`` (eager even when compiled) and
+    are put back in train mode: sampling draws no random numbers and changes no buffers."""
+    from torchvision.utils import make_grid
+
+    from fastcgan.data import to_model_range
+
+    nets = list(exe.state.nets.values())
+    modes = [n.training for n in nets]
+    for n in nets:
+        n.eval()
+    try:
+        with exe.autocast():
+            rows = recipe.sample_rows(exe, {k: exe.fmt(to_model_range(v.to(exe.device))) for k, v in images.items()})
+    finally:
+        for n, m in zip(nets, modes):
+            n.train(m)
+    tiles = [t.float().expand(3, -1, -1) if t.shape[0] == 1 else t.float() for row in rows for t in row]
+    grid = make_grid(torch.stack(tiles), nrow=len(rows[0]), padding=2, pad_value=1.0)
+    return ((grid + 1) / 2).clamp(0, 1).cpu()
+
 
 # Loss keys shown in the progress bar (short), the rest go to TensorBoard / metrics.jsonl only.
 _BAR_KEYS = ("G", "cycle_A", "cycle_B", "D_A", "D_B")
@@ -118,8 +167,11 @@ class RunLogger:
         """Save a [0, 1] image grid as ``samples/step_<step>.png`` (and to TensorBoard)."""
         from torchvision.utils import save_image
 
+        from fastcgan.fileio import atomic_writer
+
         path = os.path.join(self.run_dir, "samples", f"step_{step:09d}.png")
-        save_image(grid, path)
+        with atomic_writer(path) as f:
+            save_image(grid, f, format="png")
         if self.tb is not None:
             self.tb.add_image("samples", grid, step)
         return path

@@ -1,16 +1,9 @@
-"""Everything a training run owns, in one plain object: four networks, two optimizers, their LR
-schedules, the grad scaler, the two image pools and the data-position counters.
-
-Naming (explicit, unlike the official ``G_A``/``D_A``): ``G_AB`` translates A -> B, ``G_BA``
-B -> A; ``D_A`` scores domain-A images (real A vs ``G_BA`` fakes), ``D_B`` scores domain-B images.
-``pool_A`` holds past fake A images (for ``D_A``), ``pool_B`` past fake B images. (The official
-``D_A`` is our ``D_B``: it judges ``G_A(A)``, i.e. B images.)
-"""
+"""Everything a training run owns, in one plain object -- exactly what a checkpoint holds: the
+recipe's networks, optimizers, LR schedules, grad scaler, image pools and data position."""
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -18,10 +11,7 @@ from torch import nn
 
 from fastcgan.devices import resolve_device
 from fastcgan.image_pool import ImagePool
-from fastcgan.models import build_discriminator, build_generator
 from fastcgan.train.config import TrainConfig
-
-NETS = ("G_AB", "G_BA", "D_A", "D_B")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -69,7 +59,9 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
 def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     o = cfg.optim
     kw: dict = {}
-    if device.type == "cuda":
+    if cfg.run.faithful:
+        pass  # torch's default Adam implementation, as the official code
+    elif device.type == "cuda":
         # One fused kernel for the whole parameter list, and its step counters stay on the GPU
         # (the default path keeps them on the CPU and reads them with .item() each step).
         kw["fused"] = True
@@ -80,115 +72,63 @@ def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opt
 
 @dataclass
 class TrainState:
-    G_AB: nn.Module
-    G_BA: nn.Module
-    D_A: nn.Module
-    D_B: nn.Module
-    opt_G: torch.optim.Optimizer
-    opt_D: torch.optim.Optimizer
-    sched_G: object
-    sched_D: object
+    """Exactly what a checkpoint holds: the recipe's networks, optimizers and their LR schedules,
+    the grad scaler, the image pools, the augmentation generator and the data position. How the
+    step executes (compiled phases, DDP wrappers, CUDA graph, autocast) is not here: see
+    :func:`fastcgan.train.execution.build_step`."""
+
+    nets: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, object]
     scaler: torch.amp.GradScaler
-    pool_A: ImagePool
-    pool_B: ImagePool
-    device: torch.device
-    amp_dtype: Optional[torch.dtype] = None
-    channels_last: bool = False
+    pools: dict[str, ImagePool]
+    # Device generator for the batch augmentation (crop offsets, flips).
+    aug_generator: torch.Generator
     step: int = 0  # optimisation steps done
     epoch: int = 0  # epochs finished
     batch_in_epoch: int = 0  # batches of the current epoch already consumed (data position)
-    # Device generator for the batch augmentation (crop offsets, flips); saved in checkpoints.
-    aug_generator: Optional[torch.Generator] = None
-    extra: dict = field(default_factory=dict)
-    # Under torchrun: this process's place in the job and the DDP wrappers the step trains
-    # through (the plain networks above stay what checkpoints, samples and exports use).
-    dist: Optional[object] = None  # fastcgan.train.distributed.DistContext
-    ddp: dict = field(default_factory=dict)
-    # --compile: the compiled forward phases of the step (see fastcgan.train.step.compile_step).
-    compiled: dict = field(default_factory=dict)
-    autocast_cache: bool = True
 
-    def nets(self) -> dict[str, nn.Module]:
-        return {"G_AB": self.G_AB, "G_BA": self.G_BA, "D_A": self.D_A, "D_B": self.D_B}
-
-    def train_net(self, name: str) -> nn.Module:
-        """The module the step calls for network ``name``: its DDP wrapper when distributed."""
-        return self.ddp.get(name) or getattr(self, name)
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        # Under CUDA-graph capture autocast must not cache weight casts across the region
-        # (PyTorch's CUDA-graph notes): CUDAGraphStep turns the cache off.
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=self.autocast_cache)
+    @property
+    def device(self) -> torch.device:
+        return self.aug_generator.device
 
     def lr(self) -> float:
-        return float(self.opt_G.param_groups[0]["lr"])  # a device tensor under --cuda-graphs
+        """The current learning rate (of the first optimizer; all share one schedule)."""
+        return float(next(iter(self.optimizers.values())).param_groups[0]["lr"])
+
+    def end_epoch(self) -> None:
+        """The data position moves to the next epoch; the LR schedules step once per epoch (as the
+        official ``update_learning_rate``)."""
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        for sched in self.schedulers.values():
+            sched.step()
 
 
-def build_state(cfg: TrainConfig, device: Optional[torch.device] = None) -> TrainState:
+def build_state(cfg: TrainConfig, device: Optional[torch.device] = None, recipe=None) -> TrainState:
     """Fresh networks (initialised from the global torch RNG: seed it first), optimizers, schedules,
-    scaler and pools on ``device`` (default: ``cfg.run.device``)."""
+    scaler and pools of ``recipe`` (default: ``cfg.model.recipe``) on ``device`` (default:
+    ``cfg.run.device``). Builds nothing about execution (no compile, no DDP)."""
+    from fastcgan.recipes import get_recipe
+
+    recipe = recipe or get_recipe(cfg.model.recipe)
     device = resolve_device(cfg.run.device) if device is None else device
-    m = cfg.model
-    kernels = cfg.run.kernels
-    g_kw = dict(
-        ngf=m.ngf,
-        norm=m.norm,
-        use_dropout=m.use_dropout,
-        init_type=m.init_type,
-        init_gain=m.init_gain,
-        backend=kernels,
-    )
-    G_AB = build_generator(m.netG, m.input_nc, m.output_nc, **g_kw)
-    G_BA = build_generator(m.netG, m.output_nc, m.input_nc, **g_kw)
-    # WGAN-GP differentiates D's input gradient again: only the torch reference has a double
-    # backward (the fused kernels' backward is not differentiable), so D uses it then.
-    d_backend = "torch" if cfg.loss.gan_mode == "wgangp" else kernels
-    d_kw = dict(
-        ndf=m.ndf,
-        n_layers=m.n_layers_D,
-        norm=m.norm,
-        init_type=m.init_type,
-        init_gain=m.init_gain,
-        backend=d_backend,
-    )
-    D_A = build_discriminator(m.netD, m.input_nc, **d_kw)
-    D_B = build_discriminator(m.netD, m.output_nc, **d_kw)
     fmt = torch.channels_last if cfg.run.channels_last else torch.preserve_format
-    nets = [n.to(device=device, memory_format=fmt) for n in (G_AB, G_BA, D_A, D_B)]
-    G_AB, G_BA, D_A, D_B = nets
-    for n in nets:
-        n.train()
-    opt_G = build_optimizer(list(G_AB.parameters()) + list(G_BA.parameters()), cfg, device)
-    opt_D = build_optimizer(list(D_A.parameters()) + list(D_B.parameters()), cfg, device)
-    amp_dtype = amp_dtype_for(device, cfg.run.amp)
+    nets = {name: net.to(device=device, memory_format=fmt).train() for name, net in recipe.networks(cfg).items()}
+    optimizers = {
+        name: build_optimizer([p for n in members for p in nets[n].parameters()], cfg, device)
+        for name, members in recipe.optimizers.items()
+    }
     # Loss scaling only for fp16 (bf16 has fp32's exponent range). Note: an enabled GradScaler
     # reads its inf check back to the host in step(): the fp16 path syncs once per optimizer step.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    pool_A = ImagePool(cfg.loss.pool_size).to(device)
-    pool_B = ImagePool(cfg.loss.pool_size).to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype_for(device, cfg.run.amp) == torch.float16)
     aug = torch.Generator(device=device)
     aug.manual_seed(cfg.run.seed + 1)
-    state = TrainState(
-        G_AB=G_AB,
-        G_BA=G_BA,
-        D_A=D_A,
-        D_B=D_B,
-        opt_G=opt_G,
-        opt_D=opt_D,
-        sched_G=build_scheduler(opt_G, cfg),
-        sched_D=build_scheduler(opt_D, cfg),
+    return TrainState(
+        nets=nets,
+        optimizers=optimizers,
+        schedulers={name: build_scheduler(opt, cfg) for name, opt in optimizers.items()},
         scaler=scaler,
-        pool_A=pool_A,
-        pool_B=pool_B,
-        device=device,
-        amp_dtype=amp_dtype,
-        channels_last=cfg.run.channels_last,
+        pools={name: ImagePool(size).to(device) for name, (size, _) in recipe.pools(cfg).items()},
         aug_generator=aug,
     )
-    if cfg.run.compile:
-        from fastcgan.train.step import compile_step
-
-        compile_step(state, cfg)
-    return state

@@ -1,0 +1,91 @@
+"""What a training recipe is: the small module that says *what* is trained.
+
+The trainer (``fastcgan.train``) owns everything shared -- data, AMP, compile, CUDA graphs, DDP,
+checkpoints, logging, export. A recipe owns only:
+
+* ``networks(cfg)``: its modules by name (``{"G_AB": ..., "D_B": ...}``);
+* ``optimizers``: which networks each optimizer updates (``{"G": ("G_AB", "G_BA"), ...}``);
+* ``pools(cfg)``: its image pools: name -> (size, image channels), part of the state;
+* ``phases``: the step, as an ordered tuple of :class:`Phase` -- each a pure forward function
+  returning the loss one optimizer minimises (the trainer runs backward and the update);
+* ``loss_names(cfg)``: the keys of the losses the step reports, in order;
+* ``sample_rows(run, images)``: the rows of its sample grid;
+* ``exports``: which networks are the deployable generators (``{"AtoB": "G_AB"}``).
+
+A new method (pix2pix, CUT) is one new file in ``fastcgan/recipes/`` that builds a
+:class:`Recipe`, plus its line in ``RECIPES`` -- never an edit of the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class StepRun(Protocol):
+    """The view of the state a phase's forward function gets (built by ``fastcgan.train.execution``).
+
+    ``net(name)``: the module to call (its DDP wrapper when distributed, the plain one otherwise);
+    ``frozen(name)``: the plain module, for networks this phase does not update;
+    ``pool(name)`` + ``pool_query(pool, fakes)``: the image pools (global batch under DDP);
+    ``autocast()``: the mixed-precision context; ``fmt(x)``: x in the run's memory format."""
+
+    def net(self, name: str) -> nn.Module: ...
+
+    def frozen(self, name: str) -> nn.Module: ...
+
+    def pool_query(self, pool: str, fakes: Tensor) -> Tensor: ...
+
+    def autocast(self): ...
+
+    def fmt(self, x: Tensor) -> Tensor: ...
+
+
+# forward(run, batch, carry, cfg) -> (loss to minimise, {name: loss tensor}, carry for later phases)
+PhaseForward = Callable[[StepRun, Mapping[str, Tensor], dict, object], tuple[Tensor, dict, dict]]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One optimizer update of the step. ``frozen``: networks the forward calls but must not
+    update (their parameters' ``requires_grad`` is off for this phase, which skips their weight
+    gradients while the gradient still flows through them to the inputs). ``compilable``: the
+    forward may be ``torch.compile``d with ``fullgraph=True`` for this config."""
+
+    name: str
+    optimizer: str
+    forward: PhaseForward
+    frozen: tuple[str, ...] = ()
+    compilable: Callable[[object], bool] = lambda cfg: True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    networks: Callable[[object], dict[str, nn.Module]]
+    optimizers: Mapping[str, tuple[str, ...]]
+    pools: Callable[[object], dict[str, tuple[int, int]]]
+    phases: tuple[Phase, ...]
+    loss_names: Callable[[object], tuple[str, ...]]
+    sample_rows: Callable[[StepRun, dict[str, Tensor]], list[list[Tensor]]]
+    exports: Mapping[str, str]
+
+    def check(self) -> None:
+        """Structural consistency (run by the registry, so a broken recipe fails at import)."""
+        opts = set(self.optimizers)
+        for ph in self.phases:
+            if ph.optimizer not in opts:
+                raise ValueError(f"recipe {self.name}: phase {ph.name} uses unknown optimizer {ph.optimizer}")
+
+
+def set_requires_grad(nets, flag: bool) -> None:
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+def zero_loss(like: Tensor) -> Tensor:
+    return like.new_zeros((), dtype=torch.float32)

@@ -1,0 +1,100 @@
+"""The run's data: dataset folder (or built-in synthetic data), the training batch stream, the
+fixed images of the sample grids. Raises ``DatasetError`` naming the folder for a bad layout."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastcgan.data import DatasetError, UnalignedDataset, preload_to_device
+from fastcgan.data.sampler import TrainBatches
+from fastcgan.train.config import TrainConfig
+
+__all__ = ["build_batches", "build_dataset", "dataset_nbytes", "prepare_dataroot", "sample_images"]
+
+
+def synthetic_root(cfg: TrainConfig) -> str:
+    return cfg.data.dataroot or os.path.join(cfg.run.output_dir, f"synthetic_{cfg.data.load_size}")
+
+
+def prepare_dataroot(cfg: TrainConfig) -> str:
+    """The dataset folder; for ``dataset="synthetic"`` generated (once) at ``load_size``."""
+    if cfg.data.dataset == "synthetic":
+        from fastcgan.data import ensure_synthetic_dataset
+
+        return ensure_synthetic_dataset(
+            synthetic_root(cfg), size=cfg.data.load_size, n_train=cfg.data.synthetic_train, n_test=cfg.data.synthetic_test
+        )
+    root = cfg.data.dataroot
+    if not os.path.isdir(root):
+        raise DatasetError(f"--dataroot {root}: no such directory")
+    return root
+
+
+def build_dataset(cfg: TrainConfig, root: str, phase: str = "train") -> UnalignedDataset:
+    d, m = cfg.data, cfg.model
+    return UnalignedDataset(
+        root,
+        phase,
+        preprocess=d.preprocess,
+        load_size=d.load_size,
+        crop_size=d.crop_size,
+        flip=d.flip,
+        input_nc=m.input_nc,
+        output_nc=m.output_nc,
+        serial_batches=d.serial_batches,
+        seed=cfg.run.seed,
+    )
+
+
+def dataset_nbytes(cfg: TrainConfig, ds: UnalignedDataset):
+    """Bytes of the decoded uint8 training set on the device (``--data-on-gpu``), or ``None`` when
+    the preprocessing keeps per-image sizes (the bank needs one size)."""
+    if cfg.data.preprocess != "resize_and_crop":
+        return None
+    s = cfg.data.load_size
+    return (ds.A_size * cfg.model.input_nc + ds.B_size * cfg.model.output_nc) * s * s
+
+
+def build_batches(cfg: TrainConfig, ds: UnalignedDataset, device: torch.device, shard=(0, 1)) -> TrainBatches:
+    bank = preload_to_device(ds, device) if cfg.data.data_on_gpu else None
+    workers = cfg.data.num_workers
+    if workers is None:  # on the CPU workers would compete with the step for the cores
+        workers = 0 if device.type == "cpu" else min(4, max(0, (os.cpu_count() or 1) - 1))
+    batches = TrainBatches(
+        ds, bank, cfg.data.batch_size, cfg.run.seed, shuffle=not cfg.data.serial_batches, workers=workers,
+        shard=shard, pin_memory=device.type == "cuda",
+    )
+    if len(batches) == 0:
+        n = len(bank) if bank is not None else len(ds)
+        raise DatasetError(f"{ds.root}: {n} training items is fewer than --batch-size {cfg.data.batch_size}")
+    return batches
+
+
+def _center(img, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    from fastcgan.data.images import pil_to_tensor
+
+    w, h = img.size
+    if w < size or h < size:
+        img = img.resize((max(w, size), max(h, size)), Image.BICUBIC)
+        w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return pil_to_tensor(img.crop((left, top, left + size, top + size)))
+
+
+def sample_images(cfg: TrainConfig, root: str) -> dict[str, torch.Tensor]:
+    """Fixed uint8 images for the sample grids: the first ``n_samples`` of each domain of the test
+    split when there is one, else of the training split; center crops of ``crop_size``."""
+    phase = "test" if all(os.path.isdir(os.path.join(root, "test" + s)) for s in "AB") else "train"
+    try:
+        ds = build_dataset(cfg, root, phase)
+    except DatasetError:
+        ds = build_dataset(cfg, root, "train")
+    out = {}
+    for dom, size in (("A", ds.A_size), ("B", ds.B_size)):
+        n = min(cfg.run.n_samples, size)
+        out[dom] = torch.stack([_center(ds.load_resized(dom, i)[0], cfg.data.crop_size) for i in range(n)])
+    return out

@@ -1,0 +1,73 @@
+"""One trainer per run directory: an OS lock held for the trainer's lifetime.
+
+``RUN/.lock`` is locked with ``fcntl.flock`` (exclusive, non-blocking) and holds the owner's PID
+for the error message. The kernel releases the lock when the process dies, however it dies, so
+a killed trainer never blocks the next one (the stale PID in the file is just text). Under DDP
+process 0 holds it: the other processes never write the run directory. The lock is taken before
+anything else is written (even the built-in synthetic data); a run that then fails before writing
+anything removes the folder it created for the lock.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock, as before
+    fcntl = None
+
+LOCK_NAME = ".lock"
+
+
+class RunInUseError(RuntimeError):
+    """Another live process trains this run directory."""
+
+
+class RunLock:
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.path = os.path.join(run_dir, LOCK_NAME)
+        self._fd: Optional[int] = None
+        self._created_dir = False
+
+    def acquire(self) -> "RunLock":
+        if fcntl is None:
+            return self
+        self._created_dir = not os.path.isdir(self.run_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunInUseError(
+                f"run {self.run_dir} is being trained by another process (pid {holder}); wait for it, "
+                "stop it, or choose another --name / --output-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, exc_type, *exc) -> bool:
+        self.release()
+        if exc_type is not None and self._created_dir:
+            # A run that failed before writing anything (bad data, config) leaves no trace.
+            try:
+                if os.listdir(self.run_dir) == [LOCK_NAME]:
+                    os.remove(self.path)
+                    os.rmdir(self.run_dir)
+            except OSError:
+                pass
+        return False

@@ -44,7 +44,8 @@ VARIANTS = {
     "auto-fp32-cl-compile": dict(kernels="auto", channels_last=True, compile=True),  # CPUs without bf16
     "auto-amp": dict(kernels="auto", amp=True),
     "auto-amp-cl": dict(kernels="auto", amp=True, channels_last=True),
-    "auto-amp-cl-compile": dict(kernels="auto", amp=True, channels_last=True, compile=True),
+    # cuda_graphs=False: with --amp --compile on a GPU the trainer captures the step by default.
+    "auto-amp-cl-compile": dict(kernels="auto", amp=True, channels_last=True, compile=True, cuda_graphs=False),
     "auto-amp-cl-compile-graphs": dict(
         kernels="auto", amp=True, channels_last=True, compile=True, cuda_graphs=True
     ),
@@ -71,14 +72,11 @@ def _peak_mb(device):
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
 
-def _run(record, device, size, batch, ngf, n_blocks, variants, warmup, iters, tag):
-    from fastcgan.data import augment_batch
+def make_inputs(device, batch, size):
+    """(float batch for the baseline, pinned uint8 host batch at load size, device image bank):
+    the data every row of one (batch, size) is timed on, built from fixed seeds."""
     from fastcgan.data.device import DeviceImageBank
-    from fastcgan.train import TrainConfig, build_state
-    from fastcgan.train.cuda_graphs import make_step_fn
 
-    torch.manual_seed(0)
-    random.seed(0)
     data = _batch(device, batch, size)
     # uint8 images at load size (crop to ``size``), as the dataset/bank hands them over.
     load = size + size // 8
@@ -92,7 +90,64 @@ def _run(record, device, size, batch, ngf, n_blocks, variants, warmup, iters, ta
         length=64,
         batch_augment={"crop_size": size, "flip": True},
     )
-    netG = "resnet_9blocks" if n_blocks == 9 else "resnet_6blocks"
+    return data, host_u8, bank
+
+
+def make_fastcgan_step(flags, device, batch, size, ngf, n_blocks, host_u8, bank):
+    """``(one_step, warmup)`` for fastcgan configured by ``flags`` (a ``VARIANTS`` value, plus any
+    ``RunConfig`` override such as ``compile_backend``): a fresh seeded state and a closure that
+    runs one training step *including the data path*, and how many untimed calls it needs first
+    (compile, CUDA-graph capture). The only place the benchmarks touch ``fastcgan.train``
+    internals (``bench/gpu_check.py`` uses it too): adapt it here when they change."""
+    from fastcgan.data import augment_batch
+    from fastcgan.train import TrainConfig, build_state
+
+    try:
+        from fastcgan.train import build_step  # the trainer restructured around recipes
+    except ImportError:  # the trainer before it; drop this fallback once that is committed
+        from fastcgan.train.cuda_graphs import make_step_fn as build_step
+
+    flags = dict(flags)
+    on_gpu_data = flags.pop("data_on_gpu", False)
+    load = size + size // 8
+    cfg = TrainConfig.from_preset(
+        "cyclegan",
+        dataset="synthetic",
+        netG="resnet_9blocks" if n_blocks == 9 else "resnet_6blocks",
+        ngf=ngf,
+        ndf=ngf,
+        load_size=load,
+        crop_size=size,
+        batch_size=batch,
+        device=str(device),
+        **flags,
+    )
+    torch.manual_seed(0)
+    state = build_state(cfg, device)
+    step = build_step(state, cfg)  # flags left None ("auto") stay off: resolve_fast_path is not called
+    it = [0]
+
+    def one_step():
+        if on_gpu_data:
+            u8 = bank.sample_batch(batch, it[0])
+        else:
+            u8 = {d: v.to(device, non_blocking=True) for d, v in host_u8.items()}
+        it[0] += 1
+        real = {
+            d: augment_batch(u8[d], size, True, generator=state.aug_generator, channels_last=cfg.run.channels_last)
+            for d in "AB"
+        }
+        return step(real)
+
+    # A captured step (CUDAGraphStep) runs ``warmup`` eager calls, then captures on the next.
+    graph_warmup = getattr(step, "warmup", None)
+    return one_step, (3 if cfg.run.compile else 0) + (graph_warmup + 1 if graph_warmup is not None else 0)
+
+
+def _run(record, device, size, batch, ngf, n_blocks, variants, warmup, iters, tag):
+    torch.manual_seed(0)
+    random.seed(0)
+    data, host_u8, bank = make_inputs(device, batch, size)
 
     _reset_mem(device)
     official = OfficialCycleGAN(device, ngf=ngf, ndf=ngf, n_blocks=n_blocks)
@@ -103,48 +158,11 @@ def _run(record, device, size, batch, ngf, n_blocks, variants, warmup, iters, ta
     official = None
 
     for name in variants:
-        flags = dict(VARIANTS[name])
-        on_gpu_data = flags.pop("data_on_gpu", False)
-        cfg = TrainConfig.from_preset(
-            "cyclegan",
-            dataset="synthetic",
-            netG=netG,
-            ngf=ngf,
-            ndf=ngf,
-            load_size=load,
-            crop_size=size,
-            batch_size=batch,
-            device=str(device),
-            **flags,
-        )
         _reset_mem(device)
-        torch.manual_seed(0)
-        state = build_state(cfg, device)
-        step = make_step_fn(state, cfg)
-        it = [0]
-
-        def one_step():
-            if on_gpu_data:
-                u8 = bank.sample_batch(batch, it[0])
-            else:
-                u8 = {d: v.to(device, non_blocking=True) for d, v in host_u8.items()}
-            it[0] += 1
-            real = {
-                d: augment_batch(
-                    u8[d], size, True, generator=state.aug_generator, channels_last=cfg.run.channels_last
-                )
-                for d in "AB"
-            }
-            return step(real)
-
-        t = median_time(
-            one_step,
-            device,
-            warmup=warmup + (3 if cfg.run.compile else 0) + (4 if cfg.run.cuda_graphs else 0),
-            iters=iters,
-        )
+        one_step, extra_warmup = make_fastcgan_step(VARIANTS[name], device, batch, size, ngf, n_blocks, host_u8, bank)
+        t = median_time(one_step, device, warmup=warmup + extra_warmup, iters=iters)
         rows.append((name, t, _peak_mb(device)))
-        state = None  # free the networks before the next variant
+        one_step = None  # free the networks before the next variant
     for name, t, mem in rows:
         ips = batch / t
         mfu = ips * TFLOP_PER_IMAGE * (size / 256) ** 2 / PEAK_BF16_TFLOPS if device.type == "cuda" else None

@@ -1,0 +1,795 @@
+"""The stages of ``bench/gpu_check.sh`` that measure (3 kernels, 4 training, 5 inference), the
+environment record (1), the AOTInductor package check (2) and the report.
+
+Each stage is one process (``python bench/gpu_check.py STAGE --out OUTDIR [--dry-run]``) so the
+shell script can put each under its own ``timeout``. Every measured row is appended to
+``OUTDIR/rows.jsonl`` the moment it exists, so a stage killed half-way keeps what it finished;
+``report`` turns the rows into ``OUTDIR/<device>.json`` in the format of ``bench/results/*.json``
+(one entry tagged with device, torch, triton, commit; see ``bench/conftest.py``) and prints the
+targets met or missed; ``merge OUTDIR`` appends that entry to ``bench/results/<device>.json``.
+
+``--dry-run`` runs the same code on the CPU at tiny sizes (Triton under its interpreter,
+``torch.compile`` with the ``eager`` backend, no CUDA graphs) so ``tests/test_gpu_check.py`` can
+keep the whole path working between GPU sessions. Numbers from a dry run mean nothing.
+
+The measuring code is the benchmark suite's own (``bench/_timing.py``, the variant table and
+step factory of ``bench/test_train_step.py``, the helpers of ``bench/test_instance_norm_act.py``);
+only the trimmed sizes and the one-compile-per-variant ordering live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import random
+import sys
+import time
+import types
+import warnings
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+try:  # the bench modules import pytest for their decorators; the GPU machine may lack it
+    import pytest  # noqa: F401
+except ImportError:  # pragma: no cover - only where pytest is not installed
+
+    def _identity_decorator(*args, **kwargs):
+        if len(args) == 1 and callable(args[0]) and not kwargs:
+            return args[0]
+        return lambda f: f
+
+    _stub = types.ModuleType("pytest")
+    _stub.mark = types.SimpleNamespace(
+        **{k: _identity_decorator for k in ("cuda", "slow", "parametrize", "skipif")}
+    )
+    _stub.fixture = _identity_decorator
+    sys.modules["pytest"] = _stub
+
+import torch
+
+from fastcgan.fileio import atomic_write
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes: the GPU run and its CPU dry run differ only here
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    device: str
+    compile_backend: str  # "inductor" on the GPU; "eager" in the dry run (Dynamo tracing only)
+    # stage 3: instance_norm_act relu + pad 1, forward+backward (bench/test_instance_norm_act.py)
+    kernel_planes: tuple  # (C, H, W) of the ResNet-9 256² norms
+    kernel_batches: tuple
+    kernel_cases: tuple  # (dtype name, layout): fp32 as the official/faithful run, bf16 as the fast one
+    kernel_iters: int
+    kernel_warmup: int
+    copy_bytes: int
+    aoti: bool  # build, check and time the AOTInductor package (a ~30 s C++ build on a small CPU)
+    # stage 4: training step (bench/test_train_step.py)
+    train_size: int
+    train_ngf: int
+    train_blocks: int
+    train_batches: tuple
+    train_variant: str  # fastcgan's fastest configuration, a key of VARIANTS
+    train_overrides: tuple  # (key, value) RunConfig overrides of that variant
+    train_extra: tuple  # cheap eager variants measured after the fastest (no compile)
+    train_iters: int
+    train_warmup: int
+    # stage 5: inference (bench/test_inference.py)
+    infer_size: int
+    infer_ngf: int
+    infer_batches: tuple
+    infer_iters: int
+    infer_warmup: int
+
+
+GPU = Sizes(
+    device="cuda",
+    compile_backend="inductor",
+    kernel_planes=((64, 256, 256), (128, 128, 128), (256, 64, 64)),
+    kernel_batches=(1, 8),
+    kernel_cases=(("float32", "nchw"), ("bfloat16", "nhwc")),
+    kernel_iters=20,
+    kernel_warmup=5,
+    copy_bytes=1 << 30,
+    aoti=True,
+    train_size=256,
+    train_ngf=64,
+    train_blocks=9,
+    train_batches=(1, 8),
+    train_variant="auto-amp-cl-compile-graphs-gpudata",
+    train_overrides=(),
+    train_extra=("auto-amp-cl",),
+    train_iters=20,
+    train_warmup=3,
+    infer_size=256,
+    infer_ngf=64,
+    infer_batches=(1, 32),
+    infer_iters=20,
+    infer_warmup=5,
+)
+
+DRY = Sizes(
+    device="cpu",
+    compile_backend="eager",
+    kernel_planes=((4, 8, 8),),
+    kernel_batches=(1, 2),
+    kernel_cases=(("float32", "nchw"), ("bfloat16", "nhwc")),
+    kernel_iters=2,
+    kernel_warmup=1,
+    copy_bytes=1 << 20,
+    aoti=os.environ.get("GPU_CHECK_DRY_AOTI", "0") == "1",  # tests/test_deploy_aoti.py covers it on CPU
+    train_size=32,
+    train_ngf=4,
+    train_blocks=6,
+    train_batches=(2,),  # one compile: batch 1 runs the same code
+    train_variant="auto-amp-cl-compile-graphs-gpudata",
+    # No CUDA graphs without CUDA; fp32 because bf16 is emulated (slow) on most CPUs.
+    train_overrides=(("cuda_graphs", False), ("amp", False), ("compile_backend", "eager")),
+    train_extra=(),  # the same function as the fastest variant's rows
+    train_iters=2,
+    train_warmup=1,
+    infer_size=32,
+    infer_ngf=4,
+    infer_batches=(1, 2),
+    infer_iters=2,
+    infer_warmup=1,
+)
+
+# Targets stated by the project (DESIGN.md, README "Not yet verified"); reported, never asserted.
+KERNEL_X_EAGER, KERNEL_X_COMPILED, KERNEL_PCT_COPY = 3.0, 1.3, 80.0
+TRAIN_X_OFFICIAL_B1, TRAIN_IPS_B8 = 6.0, 200.0
+
+
+# --------------------------------------------------------------------------------------------
+# Output: rows appended as they are measured
+# --------------------------------------------------------------------------------------------
+def _jsonable(v):
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, (torch.dtype, torch.device)):
+        return str(v).replace("torch.", "")
+    return v
+
+
+def append_row(out: str, stage: str, name: str, **fields) -> dict:
+    """Add one result row to ``out/rows.jsonl`` now (atomically: a kill keeps every earlier row)."""
+    row = {"name": name, "stage": stage, **{k: _jsonable(v) for k, v in fields.items()}}
+    path = os.path.join(out, "rows.jsonl")
+    old = b""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            old = f.read()
+    atomic_write(path, old + (json.dumps(row) + "\n").encode())
+    return row
+
+
+def read_rows(out: str) -> list[dict]:
+    path = os.path.join(out, "rows.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _raise_recompile_limit():
+    """Every composition in stage 3 is an ``nn.Sequential`` (one code object): let Dynamo keep a
+    graph per shape/dtype instead of silently falling back to eager after 8."""
+    cfg = torch._dynamo.config
+    for k in ("cache_size_limit", "recompile_limit"):
+        if hasattr(cfg, k):
+            setattr(cfg, k, max(getattr(cfg, k), 128))
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: environment
+# --------------------------------------------------------------------------------------------
+def stage_env(S: Sizes, out: str) -> int:
+    from conftest import environment_tags
+
+    from fastcgan import ops
+
+    tags = environment_tags()
+    if tags.get("commit") == "unknown" and os.environ.get("GPU_CHECK_COMMIT"):
+        tags["commit"] = os.environ["GPU_CHECK_COMMIT"]  # the device copy of the tree has no .git
+    tags["cuda_runtime"] = torch.version.cuda
+    tags["dry_run"] = S.device == "cpu"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        tags.update(
+            capability=f"{p.major}.{p.minor}",
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            sm_count=p.multi_processor_count,
+        )
+    for k in ("driver", "nvcc", "cuda_archs"):
+        v = os.environ.get(f"GPU_CHECK_{k.upper()}")
+        if v:
+            tags[k] = v
+    backends = {
+        k: {"available": v.available, "reason": v.reason, "devices": list(v.devices)}
+        for k, v in ops.available_backends().items()
+    }
+    atomic_write(os.path.join(out, "env.json"), json.dumps({**tags, "backends": backends}, indent=1).encode())
+    append_row(
+        out, "1", "gpu_check/backends", device=S.device, **{k: v["available"] for k, v in backends.items()}
+    )
+    for k, v in tags.items():
+        print(f"{k:>15}: {v}")
+    for k, v in backends.items():
+        print(f"{k:>15}: {'yes' if v['available'] else 'no '} {v['reason']}")
+    if S.device == "cuda":
+        missing = [b for b in ("triton", "cuda") if not backends[b]["available"]]
+        if missing:
+            print(f"GPU backends unavailable: {missing}")
+            return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2 (part): the AOTInductor package of the ResNet-9 generator, built in the background
+# --------------------------------------------------------------------------------------------
+def _generator(S: Sizes):
+    from fastcgan.models import build_generator
+
+    torch.manual_seed(0)
+    return build_generator("resnet_9blocks", ngf=S.infer_ngf, backend="auto").eval()
+
+
+_NO_DRY_AOTI = "AOTInductor skipped in this dry run (GPU_CHECK_DRY_AOTI=1 includes its ~30 s CPU build)"
+
+
+def _aoti_paths(work: str):
+    return os.path.join(work, "g.safetensors"), os.path.join(work, "g_bf16.pt2")
+
+
+def stage_aoti_build(S: Sizes, out: str, work: str) -> int:
+    """Compile the bf16 package once (in a child process, as ``fastcgan-export`` does: torch
+    2.11 crashed loading a CUDA package in the process that compiled it). Stage 2 checks it,
+    stage 5 times it."""
+    if not S.aoti:
+        print(_NO_DRY_AOTI)
+        return 0
+    from fastcgan.deploy.aoti import compile_isolated
+
+    from fastcgan.models import save_generator
+
+    os.makedirs(work, exist_ok=True)
+    st, pt2 = _aoti_paths(work)
+    if os.path.exists(pt2):  # never check or time a package left by an earlier run
+        os.remove(pt2)
+    save_generator(_generator(S), st)
+    t0 = time.perf_counter()
+    compile_isolated(st, pt2, torch.device(S.device), dtype=torch.bfloat16)
+    secs = time.perf_counter() - t0
+    append_row(
+        out,
+        "2",
+        "gpu_check/aoti-build",
+        device=S.device,
+        dtype="bfloat16",
+        compile_s=secs,
+        package_mb=os.path.getsize(pt2) / 2**20,
+    )
+    print(f"AOTInductor bf16 package for {S.device}: compiled in {secs:.0f} s")
+    return 0
+
+
+def stage_aoti_check(S: Sizes, out: str, work: str) -> int:
+    """The package loads and runs in a fresh process (torch alone) and matches eager fp32."""
+    if not S.aoti:
+        print(_NO_DRY_AOTI)
+        return 0
+    from fastcgan.deploy.aoti import run_package_isolated
+
+    _, pt2 = _aoti_paths(work)
+    if not os.path.exists(pt2):
+        append_row(
+            out,
+            "2",
+            "correctness/aoti-load",
+            device=S.device,
+            passed=False,
+            error="no package (aoti-build failed or timed out; see aoti-build.log)",
+        )
+        print(f"no AOTInductor package at {pt2}")
+        return 1
+    g = torch.Generator().manual_seed(3)
+    xs = [
+        torch.rand(1, 3, S.infer_size, S.infer_size, generator=g) * 2 - 1,
+        torch.rand(2, 3, S.infer_size // 2, S.infer_size, generator=g) * 2 - 1,
+    ]  # other batch and H
+    model = _generator(S)
+    with torch.no_grad():
+        refs = [model(x) for x in xs]
+    outs = run_package_isolated(pt2, [x.to(torch.bfloat16) for x in xs], torch.device(S.device))
+    err = max(float((o.float() - r).abs().max()) for o, r in zip(outs, refs))
+    shapes_ok = all(o.shape == r.shape for o, r in zip(outs, refs))
+    passed = shapes_ok and err <= 0.25  # bf16 end to end vs fp32 eager: ~0.07 measured on an H100
+    append_row(
+        out,
+        "2",
+        "correctness/aoti-load",
+        device=S.device,
+        passed=passed,
+        max_abs_err=err,
+        shapes=[list(o.shape) for o in outs],
+    )
+    print(
+        f"AOTInductor package runs in a fresh process: {'PASS' if passed else 'FAIL'} "
+        f"(max |err| vs eager fp32 {err:.3g}, shapes ok: {shapes_ok})"
+    )
+    return 0 if passed else 1
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: instance_norm_act kernel table
+# --------------------------------------------------------------------------------------------
+def stage_kernels(S: Sizes, out: str) -> int:
+    import test_instance_norm_act as kb
+    from _timing import copy_bandwidth, median_time
+
+    from fastcgan.ops import _backends
+
+    _raise_recompile_limit()
+    device = S.device
+    backends = [
+        b
+        for b in ("triton", "cuda", "cpp")
+        if _backends.status(b).available and device in _backends.status(b).devices
+    ]
+    graphs = device == "cuda"
+    copy_bw = copy_bandwidth(device, S.copy_bytes)
+    append_row(out, "3", "copy_bandwidth", device=device, nbytes=S.copy_bytes, gbps=copy_bw / 1e9)
+    print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write); backends: {backends}")
+    mode, failed = "fwd+bwd", []
+    for dtype_name, layout in S.kernel_cases:
+        dtype = _dtype(dtype_name)
+        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+        for batch in S.kernel_batches:
+            for plane in S.kernel_planes:
+                shape = (batch, *plane)
+                n, c, h, w = shape
+                torch.manual_seed(0)
+                x = (
+                    torch.randn(shape, device=device, dtype=dtype)
+                    .contiguous(memory_format=fmt)
+                    .requires_grad_()
+                )
+                dy = torch.randn((n, c, h + 2 * kb.PAD, w + 2 * kb.PAD), device=device, dtype=dtype)
+                dy = dy.contiguous(memory_format=fmt)
+                eager = kb._composition(c).to(device)
+                variants = {
+                    "eager": eager,
+                    "compiled": torch.compile(
+                        eager, fullgraph=True, dynamic=False, backend=S.compile_backend
+                    ),
+                }
+                variants.update({f"fastcgan-{b}": kb._fused(b) for b in backends})
+                times = {}
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for name, fn in variants.items():
+                        try:
+                            step = kb._steps(fn, x, dy)[mode]
+                            times[name] = median_time(
+                                step, device, warmup=S.kernel_warmup, iters=S.kernel_iters
+                            )
+                            if graphs and name != "compiled":
+                                replay = kb._graphed(fn, x, dy, mode)
+                                if replay is not None:
+                                    times[name + "-graph"] = median_time(
+                                        replay, device, warmup=S.kernel_warmup, iters=S.kernel_iters
+                                    )
+                        except Exception as e:  # noqa: BLE001 - one broken variant must not cost the rest
+                            print(
+                                f"[gpu_check] {name} {shape} {dtype_name} {layout} failed: "
+                                f"{type(e).__name__}: {str(e)[:400]}"
+                            )
+                            failed.append(f"{name} {shape} {dtype_name} {layout}")
+                nbytes = kb._min_bytes(shape, dtype, mode)
+                for name, t in times.items():
+                    base = "eager-graph" if name.endswith("-graph") else "eager"
+                    row = append_row(
+                        out,
+                        "3",
+                        f"instance_norm_act/{mode}/{name}",
+                        shape="x".join(map(str, shape)),
+                        dtype=dtype_name,
+                        layout=layout,
+                        device=device,
+                        variant=name,
+                        mode=mode,
+                        time_us=t * 1e6,
+                        gbps=nbytes / t / 1e9,
+                        pct_copy_bw=100 * nbytes / t / copy_bw,
+                        x_vs_eager=kb._ratio(times.get(base), t),
+                        x_vs_compiled=kb._ratio(times.get("compiled"), t),
+                    )
+                    kb._rows.append(row)
+                print(
+                    f"{'x'.join(map(str, shape)):>14} {dtype_name:>8} {layout}: "
+                    + "  ".join(f"{k} {v * 1e6:.0f}us" for k, v in times.items()),
+                    flush=True,
+                )
+                del variants, eager, x, dy
+    kb._table()  # the bench's own table and bf16 targets
+    if failed:
+        print(f"variants failed: {failed}")
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 4: training step
+# --------------------------------------------------------------------------------------------
+def stage_train(S: Sizes, out: str) -> int:
+    import test_train_step as tb
+    from _timing import median_time
+    from baselines.official_step import OfficialCycleGAN
+
+    device = torch.device(S.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    size, ngf, blocks = S.train_size, S.train_ngf, S.train_blocks
+    base_ips: dict[int, float] = {}
+
+    def record(name, batch, seconds, peak_mb, **extra):
+        ips = batch / seconds
+        mfu = (
+            ips * tb.TFLOP_PER_IMAGE * (size / 256) ** 2 / tb.PEAK_BF16_TFLOPS
+            if device.type == "cuda" and ngf == 64 and blocks == 9
+            else None
+        )
+        ratio = ips / base_ips[batch] if batch in base_ips else None
+        append_row(
+            out,
+            "4",
+            f"train_step/{device.type}-{size}-b{batch}/{name}",
+            device=str(device),
+            size=size,
+            batch=batch,
+            ngf=ngf,
+            n_blocks=blocks,
+            seconds=seconds,
+            images_per_s=ips,
+            ratio_to_official=ratio,
+            peak_memory_mb=peak_mb,
+            mfu=mfu,
+            **extra,
+        )
+        print(
+            f"b{batch} {name:<36} {ips:9.2f} img/s"
+            + (f"  x{ratio:5.2f} vs official" if ratio else "")
+            + (f"  peak {peak_mb:7.0f} MB" if peak_mb is not None else "")
+            + (f"  MFU {100 * mfu:5.1f} %" if mfu is not None else "")
+            + "".join(f"  {k} {v:.1f}" for k, v in extra.items() if isinstance(v, float)),
+            flush=True,
+        )
+
+    def fastcgan(variant, batch, overrides=()):
+        random.seed(0)
+        torch.manual_seed(0)
+        _, host_u8, bank = tb.make_inputs(device, batch, size)
+        tb._reset_mem(device)
+        flags = {**tb.VARIANTS[variant], **dict(overrides)}
+        t0 = time.perf_counter()
+        one_step, extra_warmup = tb.make_fastcgan_step(flags, device, batch, size, ngf, blocks, host_u8, bank)
+        one_step()  # the first call compiles (lazily, per phase) when the variant compiles
+        _sync(device)
+        first_s = time.perf_counter() - t0
+        t = median_time(
+            one_step, device, warmup=max(0, extra_warmup - 1) + S.train_warmup, iters=S.train_iters
+        )
+        record(variant, batch, t, tb._peak_mb(device), build_and_first_step_s=first_s, flags=flags)
+
+    # Priority order: the baseline and the fastest configuration at each batch (one compile per
+    # batch size: the step is compiled with static shapes), then the cheap eager variants.
+    for batch in S.train_batches:
+        random.seed(0)
+        torch.manual_seed(0)
+        data, _, _ = tb.make_inputs(device, batch, size)
+        tb._reset_mem(device)
+        official = OfficialCycleGAN(device, ngf=ngf, ndf=ngf, n_blocks=blocks)
+        official.set_input(data["A"], data["B"])
+        t = median_time(official.optimize_parameters, device, warmup=S.train_warmup, iters=S.train_iters)
+        base_ips[batch] = batch / t
+        record("official-eager-fp32", batch, t, tb._peak_mb(device))
+        del official, data
+        gc.collect()
+        fastcgan(S.train_variant, batch, S.train_overrides)
+    for variant in S.train_extra:
+        for batch in S.train_batches:
+            fastcgan(variant, batch)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 5: inference
+# --------------------------------------------------------------------------------------------
+def stage_infer(S: Sizes, out: str, work: str) -> int:
+    from _timing import median_time
+    from test_inference import GFLOP_PER_IMAGE
+
+    device = S.device
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    size = S.infer_size
+    model = _generator(S).to(device)
+    g = torch.Generator().manual_seed(0)
+    xs = {b: (torch.rand(b, 3, size, size, generator=g) * 2 - 1).to(device) for b in S.infer_batches}
+    refs, base = {}, {}
+
+    def row(engine, b, fn, x):
+        with torch.inference_mode():
+            err = float((fn(x).float() - refs[b]).abs().max()) if b in refs else 0.0
+            t = median_time(lambda: fn(x), device, warmup=S.infer_warmup, iters=S.infer_iters)
+        if engine == "eager-fp32":
+            base[b] = t
+        ips = b / t
+        tflops = GFLOP_PER_IMAGE * (size / 256) ** 2 * ips / 1e3 if S.infer_ngf == 64 else None
+        append_row(
+            out,
+            "5",
+            f"inference/{engine}",
+            device=device,
+            batch=b,
+            size=size,
+            ngf=S.infer_ngf,
+            latency_ms=t * 1e3,
+            images_per_s=ips,
+            tflops=tflops,
+            speedup_vs_eager_fp32=base[b] / t if b in base else None,
+            max_abs_err=err,
+        )
+        print(
+            f"{engine:<26} batch {b:>2}: {t * 1e3:8.2f} ms {ips:9.1f} img/s {_fmt(tflops, '7.2f')} TFLOP/s"
+            + (f"  x{base[b] / t:5.2f} vs eager fp32" if b in base else "")
+            + f"  max|err| {err:.2e}",
+            flush=True,
+        )
+
+    with torch.inference_mode():
+        for b, x in xs.items():
+            refs[b] = model(x).float()
+            row("eager-fp32", b, model, x)
+
+    # torch.compile + CUDA graphs (mode="reduce-overhead"), bf16, channels_last: one compile per
+    # batch size (static shapes), as bench/test_inference.py times it.
+    mb = _generator(S).to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    if device == "cuda":
+        compiled = torch.compile(mb, mode="reduce-overhead", dynamic=False)
+    else:
+        compiled = torch.compile(mb, backend=S.compile_backend, dynamic=False)
+    name = "compiled-cudagraphs-bf16" if device == "cuda" else "compiled-bf16"
+
+    def run_compiled(x):
+        if device == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(x.contiguous(memory_format=torch.channels_last))
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in S.infer_batches:
+            run_compiled(xs[b].to(torch.bfloat16))
+    _sync(device)
+    print(f"{name}: compiled {len(S.infer_batches)} batch sizes in {time.perf_counter() - t0:.0f} s")
+    for b, x in xs.items():
+        row(name, b, run_compiled, x.to(torch.bfloat16))
+
+    if not S.aoti:
+        print(_NO_DRY_AOTI)
+        return 0
+    from fastcgan.deploy.aoti import load_aoti
+
+    _, pt2 = _aoti_paths(work)
+    if not os.path.exists(pt2):
+        print(f"no AOTInductor package at {pt2} (aoti-build failed or timed out): no AOTI rows")
+        return 1
+    fn, _ = load_aoti(pt2, torch.device(device))
+    for b, x in xs.items():
+        row("aoti-bf16", b, fn, x.to(torch.bfloat16))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Report and merge
+# --------------------------------------------------------------------------------------------
+def _entry(out: str) -> dict:
+    env_path = os.path.join(out, "env.json")
+    if os.path.exists(env_path):
+        with open(env_path) as f:
+            tags = json.load(f)
+    else:  # stage 1 did not run: tag with this process's view
+        from conftest import environment_tags
+
+        tags = environment_tags()
+    tags.pop("backends", None)
+    stages = []
+    path = os.path.join(out, "stages.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            stages = [json.loads(line) for line in f if line.strip()]
+    return {**tags, "source": "bench/gpu_check.sh", "stages": stages, "results": read_rows(out)}
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in s).strip("-").lower()
+
+
+def _fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def stage_report(out: str) -> int:
+    entry = _entry(out)
+    rows = entry["results"]
+    path = os.path.join(out, f"{_slug(entry['device'])}.json")
+    atomic_write(path, json.dumps([entry], indent=1).encode())
+    print(
+        f"device {entry['device']}  torch {entry['torch']}  triton {entry['triton']}  "
+        f"commit {entry['commit']}"
+    )
+    for s in entry["stages"]:
+        state = "ok" if s["rc"] == 0 else ("TIMEOUT" if s.get("timed_out") else f"FAILED rc={s['rc']}")
+        print(f"  stage {s['stage']:<16} {state:<14} {s['seconds']:7.1f} s")
+    for r in rows:
+        if r["name"].startswith("correctness/"):
+            print(f"  {r['name']}: {'PASS' if r.get('passed') else 'FAIL'}")
+
+    k = [r for r in rows if r["name"].startswith("instance_norm_act/")]
+    if k:
+        print(
+            "\nkernels, forward+backward (best fastcgan backend per shape; -graph rows: CUDA-graph replay):"
+        )
+        for key in sorted({(r["dtype"], r["layout"], r["shape"]) for r in k}):
+            rs = [r for r in k if (r["dtype"], r["layout"], r["shape"]) == key]
+            fused = [
+                r for r in rs if r["variant"].startswith("fastcgan") and not r["variant"].endswith("-graph")
+            ]
+            if not fused:
+                continue
+            best = max(fused, key=lambda r: r["x_vs_eager"] or 0)
+            bw = max(rs, key=lambda r: r["pct_copy_bw"] if r["variant"].startswith("fastcgan") else 0)
+            ve, vc = best["x_vs_eager"] or 0, best["x_vs_compiled"] or 0
+            met_e = "met" if ve >= KERNEL_X_EAGER else "missed"
+            met_c = "met" if vc >= KERNEL_X_COMPILED else "missed"
+            print(
+                f"  {key[0]:>8} {key[1]} {key[2]:>14}: {best['variant']:<15} {best['time_us']:8.1f} us  "
+                f"x{ve:.2f} eager ({met_e} >={KERNEL_X_EAGER})  "
+                f"x{vc:.2f} compiled ({met_c} >={KERNEL_X_COMPILED})  "
+                f"{bw['pct_copy_bw']:.0f} % copy bw ({bw['variant']})"
+            )
+        per_backend: dict[str, list[float]] = {}
+        for r in k:
+            v = r["variant"]
+            if v.startswith("fastcgan") and not v.endswith("-graph"):
+                per_backend.setdefault(v[len("fastcgan-") :], []).append(r["time_us"])
+        if per_backend:
+            order = sorted(per_backend, key=lambda b: sum(per_backend[b]))
+            print(
+                "  total time over the table by backend: "
+                + ", ".join(f"{b} {sum(per_backend[b]) / 1e3:.2f} ms" for b in order)
+                + f"  -> AUTO_ORDER_CUDA candidate {tuple(b for b in order if b != 'cpp')}"
+            )
+
+    t = [r for r in rows if r["name"].startswith("train_step/")]
+    if t:
+        print("\ntraining step:")
+        for r in t:
+            print(
+                f"  b{r['batch']} {r['name'].rsplit('/', 1)[1]:<36} {r['images_per_s']:9.2f} img/s  "
+                f"x{_fmt(r['ratio_to_official'])} official  peak {_fmt(r['peak_memory_mb'], '.0f')} MB  "
+                f"MFU {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')} %"
+            )
+        for r in t:
+            if r["name"].endswith("/official-eager-fp32") or "compile" not in r["name"]:
+                continue
+            if r["batch"] == 1:
+                x = r["ratio_to_official"] or 0
+                print(
+                    f"  target batch 1 >= {TRAIN_X_OFFICIAL_B1}x official: x{x:.2f} "
+                    f"{'met' if x >= TRAIN_X_OFFICIAL_B1 else 'missed'}"
+                )
+            if r["batch"] == 8:
+                print(
+                    f"  target batch 8 >= {TRAIN_IPS_B8} img/s: {r['images_per_s']:.0f} "
+                    f"{'met' if r['images_per_s'] >= TRAIN_IPS_B8 else 'missed'}"
+                )
+
+    i = [r for r in rows if r["name"].startswith("inference/")]
+    if i:
+        print("\ninference (ResNet-9):")
+        for r in i:
+            print(
+                f"  {r['name'][len('inference/') :]:<26} batch {r['batch']:>2}: {r['latency_ms']:8.2f} ms "
+                f"{r['images_per_s']:9.1f} img/s  x{_fmt(r['speedup_vs_eager_fp32'])} eager fp32  "
+                f"max|err| {r['max_abs_err']:.2e}"
+            )
+    print(f"\n{len(rows)} rows -> {path}")
+    return 0
+
+
+def merge(out: str, results_dir: str) -> int:
+    """Append the run in ``out`` as one entry to ``results_dir/<device>.json`` (run on the machine
+    holding the repository; the commit comes from ``GPU_CHECK_COMMIT`` when the device had no git)."""
+    entry = _entry(out)
+    if entry.get("dry_run"):
+        print("refusing to merge a --dry-run (its numbers mean nothing)", file=sys.stderr)
+        return 2
+    if not entry["results"]:
+        print(f"no rows in {out}/rows.jsonl", file=sys.stderr)
+        return 1
+    path = os.path.join(results_dir, f"{_slug(entry['device'])}.json")
+    existing = []
+    if os.path.exists(path):
+        with open(path) as f:
+            existing = json.load(f)
+    existing.append(entry)
+    atomic_write(path, json.dumps(existing, indent=1).encode())
+    print(f"appended {len(entry['results'])} rows to {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "stage", choices=["env", "aoti-build", "aoti-check", "kernels", "train", "infer", "report", "merge"]
+    )
+    p.add_argument("--out", required=True, help="OUTDIR of bench/gpu_check.sh")
+    p.add_argument(
+        "--work",
+        default=None,
+        help="scratch folder for the AOTI package (default /tmp/fastcgan-gpu-check-work)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
+    p.add_argument("--results-dir", default=os.path.join(BENCH, "results"), help="for merge")
+    a = p.parse_args(argv)
+    S = DRY if a.dry_run else GPU
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    work = os.path.abspath(
+        a.work or os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastcgan-gpu-check-work")
+    )
+    needs_gpu = a.stage in ("kernels", "train", "infer", "aoti-build", "aoti-check") and S.device == "cuda"
+    if needs_gpu and not torch.cuda.is_available():
+        print("no CUDA device: use --dry-run on a CPU machine", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    print(
+        f"[gpu_check] {a.stage} ({'dry run, CPU' if a.dry_run else 'GPU'}) "
+        f"{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}",
+        flush=True,
+    )
+    rc = {
+        "env": lambda: stage_env(S, out),
+        "aoti-build": lambda: stage_aoti_build(S, out, work),
+        "aoti-check": lambda: stage_aoti_check(S, out, work),
+        "kernels": lambda: stage_kernels(S, out),
+        "train": lambda: stage_train(S, out),
+        "infer": lambda: stage_infer(S, out, work),
+        "report": lambda: stage_report(out),
+        "merge": lambda: merge(out, a.results_dir),
+    }[a.stage]()
+    print(f"[gpu_check] {a.stage} done in {time.perf_counter() - t0:.1f} s (rc {rc})", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# The budgeted GPU proof: build, correctness, kernel table, training, inference in ~6 minutes on
+# one H100/H200 (a session has 15 device-minutes, <= 10 per command: run it, fix, run it again).
+#
+#   bash bench/gpu_check.sh OUTDIR                 # on the GPU machine, from the repo root
+#   bash bench/gpu_check.sh OUTDIR --dry-run       # the same stages at tiny sizes on the CPU
+#   bash bench/gpu_check.sh OUTDIR --stages 3,5    # rerun some stages (1 = build + environment)
+#   bash bench/gpu_check.sh OUTDIR --skip-build    # reuse fastcgan._C as installed
+#   python bench/gpu_check.py merge --out OUTDIR   # back home: append to bench/results/<device>.json
+#
+# Stages, in priority order, each under its own `timeout` (GPU_CHECK_T_<STAGE>=secs overrides one,
+# e.g. GPU_CHECK_T_TRAIN=240, GPU_CHECK_T_CORRECT_TRITON=200):
+#   1 build    fastcgan._C for this GPU's architecture only; versions; available_backends()
+#   2 correct  pytest -m cuda, trimmed (triton | native CUDA + CUDA-graph replay, in parallel);
+#              the AOTInductor bf16 package (compiled in the background from stage 1 on) loads
+#   3 kernels  instance_norm_act fwd+bwd at the ResNet-9 256² shapes, batch 1/8, fp32/bf16
+#   4 train    official eager fp32 step vs fastcgan's fastest configuration, batch 1 and 8
+#   5 infer    ResNet-9 256², batch 1 and 32: eager fp32, compiled + CUDA graphs bf16, AOTInductor
+# Every measured row lands in OUTDIR/rows.jsonl as soon as it exists, each stage's log in
+# OUTDIR/<stage>.log and its exit status in OUTDIR/stages.jsonl, so a kill at any point keeps
+# every finished stage. The last step (report) writes OUTDIR/<device>.json and prints the targets.
+# Environment: PYTHON (default python3); GPU_CHECK_COMMIT (the device copy has no .git: pass
+# the commit that was copied); GPU_CHECK_WORK (scratch for the AOTI package, default
+# /tmp/fastcgan-gpu-check-work); GPU_CHECK_BUDGET_S (the whole run, default 480 s: leaves room in
+# 15 device-minutes for start-up and a rerun); FASTCGAN_CUDA_ARCHS (default: this GPU's);
+# GPU_CHECK_DRY_AOTI=1 (the dry run also builds the AOTInductor package: +30 s on a small CPU).
+set -uo pipefail
+
+usage() { sed -n '2,9p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+OUT=$1; shift
+DRY=0; SKIP_BUILD=0; STAGES=1,2,3,4,5
+while [ $# -gt 0 ]; do
+  case $1 in
+    --dry-run) DRY=1 ;;
+    --skip-build) SKIP_BUILD=1 ;;
+    --stages) STAGES=$2; shift ;;
+    --stages=*) STAGES=${1#--stages=} ;;
+    *) usage ;;
+  esac
+  shift
+done
+
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/fastcgan-gpu-check-work}
+mkdir -p "$WORK"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+DRYFLAG=()
+if [ "$DRY" = 1 ]; then
+  DRYFLAG=(--dry-run)
+  # Tiny tensors gain nothing from threads; on a shared small CPU a second OpenMP thread per
+  # process makes every step several times slower.
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+fi
+LOG=$OUT/gpu_check.log
+T_START=$(date +%s)
+
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
+say() { echo "[gpu_check +$(( $(date +%s) - T_START ))s] $*" | tee -a "$LOG"; }
+
+# Stages stop short of the device tool's 10-minute limit per command: every stage's timeout is cut
+# to what is left of GPU_CHECK_BUDGET_S (default 480) less a reserve for the report, and a stage
+# with under 20 s left is skipped (recorded as rc 125).
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
+
+# run_stage NAME TIMEOUT_S CMD...: CMD's output to OUTDIR/NAME.log, its status to stages.jsonl.
+run_stage() {
+  local name=$1 limit=$2; shift 2
+  local var="GPU_CHECK_T_${name^^}"; var=${var//-/_}
+  limit=${!var:-$limit}
+  local left=$(( T_START + BUDGET - 15 - $(date +%s) ))
+  if [ $left -lt 20 ]; then
+    say "stage $name: SKIPPED (${left}s of the ${BUDGET}s budget left)"
+    printf '{"stage": "%s", "rc": 125, "timed_out": false, "skipped": true, "seconds": 0.0, "timeout_s": 0}\n' \
+      "$name" >>"$OUT/stages.jsonl"
+    return 125
+  fi
+  [ $left -lt $limit ] && limit=$left
+  local t0; t0=$(date +%s%N)
+  say "stage $name: start (timeout ${limit}s)"
+  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  local to=false; { [ $rc = 124 ] || [ $rc = 137 ]; } && to=true
+  printf '{"stage": "%s", "rc": %d, "timed_out": %s, "seconds": %d.%d, "timeout_s": %d}\n' \
+    "$name" "$rc" "$to" $((ms / 1000)) $(((ms % 1000) / 100)) "$limit" >>"$OUT/stages.jsonl"
+  say "stage $name: rc $rc$([ $to = true ] && echo ' (TIMED OUT)') in $((ms / 1000))s"
+  if [ $rc != 0 ]; then tail -n 25 "$OUT/$name.log" | sed "s/^/  $name| /"; fi
+  return $rc
+}
+
+gpu_info() {  # driver and the architecture to build for, from nvidia-smi (torch as the fallback)
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader 2>/dev/null | head -1
+  fi
+}
+
+# ---------------------------------------------------------------------------------------- 1
+if want 1; then
+  if [ "$DRY" = 0 ]; then
+    info=$(gpu_info)
+    say "GPU: ${info:-nvidia-smi unavailable}"
+    export GPU_CHECK_DRIVER=$(echo "$info" | cut -d, -f2 | tr -d ' ')
+    cap=$(echo "$info" | cut -d, -f3 | tr -d ' .')
+    [ -n "$cap" ] || cap=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+    export FASTCGAN_CUDA_ARCHS=${FASTCGAN_CUDA_ARCHS:-$cap}
+    export GPU_CHECK_CUDA_ARCHS=$FASTCGAN_CUDA_ARCHS
+    export GPU_CHECK_NVCC=$(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+    if [ "$SKIP_BUILD" = 0 ]; then
+      if ! run_stage build 150 $PY -m pip install --no-build-isolation --no-deps -e .; then
+        # Without fastcgan installed nothing runs: install it without the native library, so
+        # the Triton and PyTorch rows still come (the cuda backend then reports unavailable).
+        say "native build failed (OUTDIR/build.log): installing without fastcgan._C"
+        FASTCGAN_BUILD_NATIVE=OFF run_stage build-python-only 60 \
+          $PY -m pip install --no-build-isolation --no-deps -e . || exit 1
+      fi
+    fi
+  fi
+  run_stage env 45 $PY bench/gpu_check.py env --out "$OUT" "${DRYFLAG[@]}"
+  cat "$OUT/env.log" 2>/dev/null | grep -v '^\[gpu_check\]'
+fi
+
+# The AOTInductor package compiles on the CPU (Inductor codegen + C++) while stages 2-4 use the
+# GPU: start it now, wait for it before its check.
+AOTI_PID=
+if want 2 || want 5; then
+  run_stage aoti-build 240 $PY bench/gpu_check.py aoti-build --out "$OUT" --work "$WORK" "${DRYFLAG[@]}" &
+  AOTI_PID=$!
+fi
+
+# ---------------------------------------------------------------------------------------- 2
+if want 2; then
+  PYTEST=($PY -m pytest -q -rfE -p no:cacheprovider --durations=10 -m cuda)
+  $PY -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=150)
+  # Triton: every backend test except the two full 180-binary option sweeps of the 3x5 plane
+  # (JIT time; bash bench/run_gpu.sh runs them); the layer's real option sets on every named
+  # shape, all dtypes and layouts, and the real 256² shapes.
+  run_stage correct-triton 150 "${PYTEST[@]}" tests/test_instance_norm_act.py \
+    -k "triton and not (nchw-fp32-3x5 or nhwc-bf16-3x5)" &
+  P_TRITON=$!
+  # Native CUDA (no JIT: every option on every shape), then the whole-step CUDA-graph capture.
+  run_stage correct-cuda 150 "${PYTEST[@]}" tests/test_instance_norm_act.py tests/test_native.py \
+    tests/test_cuda_graphs.py -k "not triton" &
+  P_CUDA=$!
+  wait $P_TRITON; wait $P_CUDA
+  if [ -n "$AOTI_PID" ]; then wait $AOTI_PID; fi
+  run_stage correct-aoti 60 $PY bench/gpu_check.py aoti-check --out "$OUT" --work "$WORK" "${DRYFLAG[@]}"
+fi
+
+# ---------------------------------------------------------------------------------------- 3-5
+want 3 && run_stage kernels 90 $PY bench/gpu_check.py kernels --out "$OUT" "${DRYFLAG[@]}"
+want 4 && run_stage train 180 $PY bench/gpu_check.py train --out "$OUT" "${DRYFLAG[@]}"
+if want 5; then
+  if [ -n "$AOTI_PID" ]; then wait $AOTI_PID; fi
+  run_stage infer 120 $PY bench/gpu_check.py infer --out "$OUT" --work "$WORK" "${DRYFLAG[@]}"
+fi
+
+# ---------------------------------------------------------------------------------------- report
+wait
+$PY bench/gpu_check.py report --out "$OUT" 2>&1 | grep -v '^\[gpu_check\]' | tee "$OUT/report.txt"
+say "done in $(( $(date +%s) - T_START ))s; results: $OUT"
+# Non-zero when any stage failed or timed out (the report above says which).
+! grep -q '"rc": [1-9]' "$OUT/stages.jsonl" 2>/dev/null

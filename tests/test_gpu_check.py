@@ -1,0 +1,110 @@
+"""``bench/gpu_check.sh --dry-run``: the budgeted GPU check runs end to end on the CPU, so the
+script a GPU session depends on cannot rot between the (rare) sessions that have a GPU.
+
+One dry run (all five stages at tiny sizes, Triton under its interpreter, ~40 s on an idle
+2-core machine) is shared by the tests of this module."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
+DRIVER = os.path.join(ROOT, "bench", "gpu_check.py")
+STAGES = ["env", "aoti-build", "correct-triton", "correct-cuda", "correct-aoti", "kernels", "train", "infer"]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check") / "out"
+    work = tmp_path_factory.mktemp("gpu_check_work")
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORK": str(work)}
+    env.pop("GPU_CHECK_DRY_AOTI", None)
+    proc = subprocess.run(
+        ["bash", SCRIPT, str(out), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    return out, proc
+
+
+def _lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_dry_run_every_stage_passes(dry_run):
+    out, proc = dry_run
+    logs = "".join(f"\n--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(out.glob("*.log")))
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}{logs}"
+    stages = {s["stage"]: s for s in _lines(out / "stages.jsonl")}
+    assert sorted(stages) == sorted(STAGES)
+    assert all(s["rc"] == 0 and not s["timed_out"] for s in stages.values()), stages
+
+
+def test_dry_run_pytest_selections_collect_tests(dry_run):
+    """The trimmed ``pytest -m cuda`` selections of stage 2 still name tests (all skip on a CPU):
+    a renamed test or parameter id must not silently empty the GPU correctness stage."""
+    out, _ = dry_run
+    for name in ("correct-triton", "correct-cuda"):
+        log = (out / f"{name}.log").read_text()
+        assert "skipped" in log and "error" not in log.lower(), log[-2000:]
+
+
+def test_dry_run_rows_and_report(dry_run):
+    out, _ = dry_run
+    rows = _lines(out / "rows.jsonl")
+    names = {r["name"] for r in rows}
+    assert "gpu_check/backends" in names
+    assert "copy_bandwidth" in names
+    kernel = [r for r in rows if r["name"].startswith("instance_norm_act/fwd+bwd/")]
+    assert {r["variant"] for r in kernel} >= {"eager", "compiled", "fastcgan-triton"}
+    assert {(r["dtype"], r["layout"]) for r in kernel} == {("float32", "nchw"), ("bfloat16", "nhwc")}
+    assert all(r["time_us"] > 0 and r["gbps"] > 0 for r in kernel)
+    train = [r for r in rows if r["name"].startswith("train_step/")]
+    assert {r["name"].rsplit("/", 1)[1] for r in train} == {
+        "official-eager-fp32",
+        "auto-amp-cl-compile-graphs-gpudata",
+    }
+    assert all(r["images_per_s"] > 0 and r["ratio_to_official"] > 0 for r in train)
+    infer = [r for r in rows if r["name"].startswith("inference/")]
+    assert {(r["name"], r["batch"]) for r in infer} == {
+        (f"inference/{e}", b) for e in ("eager-fp32", "compiled-bf16") for b in (1, 2)
+    }
+    # The report: one entry in the bench/results format, tagged like bench/conftest.py's rows.
+    (entry,) = json.loads(next(out.glob("cpu-*.json")).read_text())
+    for key in ("device", "torch", "triton", "commit", "python", "date", "cpu_model"):
+        assert key in entry
+    assert entry["dry_run"] is True and len(entry["results"]) == len(rows)
+    assert "training step:" in (out / "report.txt").read_text()
+
+
+def test_merge_appends_a_gpu_entry_and_refuses_a_dry_run(dry_run, tmp_path):
+    out, _ = dry_run
+    results = tmp_path / "results"
+    cmd = [sys.executable, DRIVER, "merge", "--out", str(out), "--results-dir", str(results)]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 2 and "dry-run" in refused.stderr
+    # The same rows as if a GPU had produced them: merged, and merged again beside the first.
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    env = json.loads((out / "env.json").read_text())
+    env.update(device="NVIDIA H100 80GB HBM3", dry_run=False)
+    (gpu / "env.json").write_text(json.dumps(env))
+    (gpu / "rows.jsonl").write_text((out / "rows.jsonl").read_text())
+    cmd[4] = str(gpu)
+    for n in (1, 2):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        entries = json.loads((results / "nvidia-h100-80gb-hbm3.json").read_text())
+        assert len(entries) == n and entries[-1]["device"] == "NVIDIA H100 80GB HBM3"
+        assert "backends" not in entries[-1] and entries[-1]["results"]

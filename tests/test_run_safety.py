@@ -239,3 +239,27 @@ def test_config_errors_exit_2_before_anything_is_written(tmp_path, synth, extra,
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_oversized_training_image_is_skipped_by_its_header(tmp_path, synth, capsys):
+    """--max-image-pixels: an image above the limit is skipped (and counted) without decoding,
+    the way a decompression bomb (a 140 KB 12000x12000 PNG) would be at the default limit."""
+    import shutil
+
+    from PIL import Image
+
+    from fastcgan.data import get_max_image_pixels, set_max_image_pixels
+
+    root = tmp_path / "data"
+    for sub in ("trainA", "trainB"):
+        shutil.copytree(os.path.join(synth, sub), root / sub)
+    Image.new("RGB", (48, 48)).save(root / "trainA" / "a_big.png")  # 2304 px > 1500
+    before = get_max_image_pixels()
+    try:
+        cfg = tiny_train_config(str(root), tmp_path, dataset="folder", max_steps=9, serial_batches=True,
+                                max_image_pixels=1500)  # fmt: skip
+        s = train(cfg)
+    finally:
+        set_max_image_pixels(before)
+    assert s["skipped_images"] == 1 and s["skipped"][0].endswith("a_big.png")
+    assert "a_big.png" in capsys.readouterr().err

@@ -10,7 +10,10 @@ checkpoints, logging, export. A recipe owns only:
   returning the loss one optimizer minimises (the trainer runs backward and the update);
 * ``loss_names(cfg)``: the keys of the losses the step reports, in order;
 * ``sample_rows(run, images)``: the rows of its sample grid;
-* ``exports``: which networks are the deployable generators (``{"AtoB": "G_AB"}``).
+* ``exports``: which networks are the deployable generators (``{"AtoB": "G_AB"}``);
+* its data, when it is not unpaired A/B folders: ``dataset(cfg, root, phase)``,
+  ``synthetic(cfg, root)`` (the built-in data with ground truth) and ``augment(batch, **kw)``
+  (uint8 batch -> model inputs; pix2pix crops both halves of a pair alike).
 
 A new method (pix2pix, CUT) is one new file in ``fastcgan/recipes/`` that builds a
 :class:`Recipe`, plus its line in ``RECIPES`` -- never an edit of the trainer.
@@ -72,6 +75,37 @@ class Recipe:
     loss_names: Callable[[object], tuple[str, ...]]
     sample_rows: Callable[[StepRun, dict[str, Tensor]], list[list[Tensor]]]
     exports: Mapping[str, str]
+    dataset: Callable = None  # (cfg, root, phase) -> dataset; None: unaligned A/B folders
+    synthetic: Callable = None  # (cfg, root) -> root of the built-in data; None: unpaired synthetic
+    augment: Callable = None  # (uint8 batch, generator=, channels_last=, shard=, **aug) -> inputs
+
+    def build_dataset(self, cfg, root: str, phase: str = "train"):
+        if self.dataset is not None:
+            return self.dataset(cfg, root, phase)
+        from fastcgan.data import UnalignedDataset
+
+        d, m = cfg.data, cfg.model
+        return UnalignedDataset(
+            root, phase, preprocess=d.preprocess, load_size=d.load_size, crop_size=d.crop_size, flip=d.flip,
+            input_nc=m.input_nc, output_nc=m.output_nc, serial_batches=d.serial_batches, seed=cfg.run.seed,
+        )
+
+    def make_synthetic(self, cfg, root: str) -> str:
+        if self.synthetic is not None:
+            return self.synthetic(cfg, root)
+        from fastcgan.data import ensure_synthetic_dataset
+
+        d = cfg.data
+        return ensure_synthetic_dataset(root, size=d.load_size, n_train=d.synthetic_train, n_test=d.synthetic_test)
+
+    def augment_batch(self, batch: Mapping[str, Tensor], **kw) -> dict[str, Tensor]:
+        """uint8 ``{"A", "B"}`` on the device -> float model inputs in [-1, 1] (random crop/flip
+        drawn from ``kw["generator"]``)."""
+        if self.augment is not None:
+            return self.augment(batch, **kw)
+        from fastcgan.data import augment_batch
+
+        return {d: augment_batch(batch[d], **kw) for d in ("A", "B")}
 
     def check(self) -> None:
         """Structural consistency (run by the registry, so a broken recipe fails at import)."""

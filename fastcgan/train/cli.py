@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-flip", dest="flip", action="store_false", default=S)
     g.add_argument("--batch-size", type=_int(1), default=S)
     g.add_argument("--num-workers", type=_int(0), default=S)
+    g.add_argument(
+        "--max-image-pixels",
+        type=_int(0),
+        default=S,
+        help="skip training images larger than this (read from the header, never decoded); "
+        "default 89,478,485 (Pillow's limit), 0: no limit",
+    )
     g.add_argument("--serial-batches", action="store_true", default=S)
     g.add_argument(
         "--data-on-gpu",

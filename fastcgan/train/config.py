@@ -93,6 +93,9 @@ class DataConfig:
     )
     serial_batches: bool = False
     data_on_gpu: Optional[bool] = None  # None: auto (on a GPU when the dataset fits, see execution.py)
+    # Images above this many pixels are skipped (checked on the header, before decoding);
+    # None: fastcgan.data's default (Pillow's 89.5 Mpx), 0: no limit.
+    max_image_pixels: Optional[int] = None
     synthetic_train: int = 200  # images per domain generated for --dataset synthetic
     synthetic_test: int = 50
 
@@ -107,6 +110,11 @@ class DataConfig:
             _check(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an int >= 1")
         for n in ("load_size", "crop_size"):
             _check(getattr(self, n) <= MAX_IMAGE_SIDE, n, f"{getattr(self, n)} is larger than {MAX_IMAGE_SIDE}")
+        _check(
+            self.max_image_pixels is None or (isinstance(self.max_image_pixels, int) and self.max_image_pixels >= 0),
+            "max_image_pixels",
+            "must be an int >= 0 (0: no limit)",
+        )
         _check(
             self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0),
             "num_workers",
@@ -383,6 +391,6 @@ TRAINING_FIELDS = tuple(
     f.name
     for sec in ("model", "optim", "loss", "data")
     for f in fields(SECTIONS[sec])
-    if f.name not in ("dataroot", "num_workers", "data_on_gpu", "dataset")
+    if f.name not in ("dataroot", "num_workers", "data_on_gpu", "dataset", "max_image_pixels")
 )
 

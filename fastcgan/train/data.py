@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from fastcgan.data import DatasetError, UnalignedDataset, preload_to_device
+from fastcgan.data import DatasetError, preload_to_device
 from fastcgan.data.sampler import TrainBatches
 from fastcgan.train.config import TrainConfig
 
@@ -18,37 +18,24 @@ def synthetic_root(cfg: TrainConfig) -> str:
     return cfg.data.dataroot or os.path.join(cfg.run.output_dir, f"synthetic_{cfg.data.load_size}")
 
 
-def prepare_dataroot(cfg: TrainConfig) -> str:
-    """The dataset folder; for ``dataset="synthetic"`` generated (once) at ``load_size``."""
+def prepare_dataroot(cfg: TrainConfig, recipe) -> str:
+    """The dataset folder; for ``dataset="synthetic"`` the recipe's built-in data, generated
+    (once) at ``load_size``."""
     if cfg.data.dataset == "synthetic":
-        from fastcgan.data import ensure_synthetic_dataset
-
-        return ensure_synthetic_dataset(
-            synthetic_root(cfg), size=cfg.data.load_size, n_train=cfg.data.synthetic_train, n_test=cfg.data.synthetic_test
-        )
+        return recipe.make_synthetic(cfg, synthetic_root(cfg))
     root = cfg.data.dataroot
     if not os.path.isdir(root):
         raise DatasetError(f"--dataroot {root}: no such directory")
     return root
 
 
-def build_dataset(cfg: TrainConfig, root: str, phase: str = "train") -> UnalignedDataset:
-    d, m = cfg.data, cfg.model
-    return UnalignedDataset(
-        root,
-        phase,
-        preprocess=d.preprocess,
-        load_size=d.load_size,
-        crop_size=d.crop_size,
-        flip=d.flip,
-        input_nc=m.input_nc,
-        output_nc=m.output_nc,
-        serial_batches=d.serial_batches,
-        seed=cfg.run.seed,
-    )
+def build_dataset(cfg: TrainConfig, root: str, phase: str = "train", recipe=None):
+    from fastcgan.recipes import get_recipe
+
+    return (recipe or get_recipe(cfg.model.recipe)).build_dataset(cfg, root, phase)
 
 
-def dataset_nbytes(cfg: TrainConfig, ds: UnalignedDataset):
+def dataset_nbytes(cfg: TrainConfig, ds):
     """Bytes of the decoded uint8 training set on the device (``--data-on-gpu``), or ``None`` when
     the preprocessing keeps per-image sizes (the bank needs one size)."""
     if cfg.data.preprocess != "resize_and_crop":
@@ -57,7 +44,7 @@ def dataset_nbytes(cfg: TrainConfig, ds: UnalignedDataset):
     return (ds.A_size * cfg.model.input_nc + ds.B_size * cfg.model.output_nc) * s * s
 
 
-def build_batches(cfg: TrainConfig, ds: UnalignedDataset, device: torch.device, shard=(0, 1)) -> TrainBatches:
+def build_batches(cfg: TrainConfig, ds, device: torch.device, shard=(0, 1)) -> TrainBatches:
     bank = preload_to_device(ds, device) if cfg.data.data_on_gpu else None
     workers = cfg.data.num_workers
     if workers is None:  # on the CPU workers would compete with the step for the cores
@@ -85,14 +72,13 @@ def _center(img, size: int) -> torch.Tensor:
     return pil_to_tensor(img.crop((left, top, left + size, top + size)))
 
 
-def sample_images(cfg: TrainConfig, root: str) -> dict[str, torch.Tensor]:
+def sample_images(cfg: TrainConfig, root: str, recipe=None) -> dict[str, torch.Tensor]:
     """Fixed uint8 images for the sample grids: the first ``n_samples`` of each domain of the test
     split when there is one, else of the training split; center crops of ``crop_size``."""
-    phase = "test" if all(os.path.isdir(os.path.join(root, "test" + s)) for s in "AB") else "train"
     try:
-        ds = build_dataset(cfg, root, phase)
+        ds = build_dataset(cfg, root, "test", recipe)
     except DatasetError:
-        ds = build_dataset(cfg, root, "train")
+        ds = build_dataset(cfg, root, "train", recipe)
     out = {}
     for dom, size in (("A", ds.A_size), ("B", ds.B_size)):
         n = min(cfg.run.n_samples, size)

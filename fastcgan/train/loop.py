@@ -33,7 +33,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from fastcgan.data import augment_batch
 from fastcgan.data.datasets import SkippedImageWarning
 from fastcgan.devices import resolve_device
 from fastcgan.fileio import atomic_write
@@ -101,12 +100,17 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
         check_kernels(cfg.run.kernels, device)
         if cfg.run.faithful:  # its conflicts are config errors: before anything is written
             resolve_fast_path(cfg, device, ctx.world_size)
+        if cfg.data.max_image_pixels is not None:  # before any image is opened (workers inherit it)
+            from fastcgan.data import set_max_image_pixels
+
+            set_max_image_pixels(cfg.data.max_image_pixels)
         with RunLock(run_dir) if ctx.is_main else contextlib.nullcontext():
             # Process 0 first: it may generate the synthetic dataset, which the others then read.
-            root = prepare_dataroot(cfg) if ctx.is_main else None
+            recipe = get_recipe(cfg.model.recipe)
+            root = prepare_dataroot(cfg, recipe) if ctx.is_main else None
             ctx.barrier()
-            root = root or prepare_dataroot(cfg)
-            ds = build_dataset(cfg, root)  # bad layout / empty domain: DatasetError before training
+            root = root or prepare_dataroot(cfg, recipe)
+            ds = build_dataset(cfg, root, "train", recipe)  # bad layout: DatasetError before training
             cfg, fast_line = resolve_fast_path(cfg, device, ctx.world_size, dataset_nbytes(cfg, ds))
             use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
             run = _Run(cfg, ctx, device, run_dir, root, ds)
@@ -158,7 +162,7 @@ class _Run:
                         "several times slower than fp32; drop --amp for CPU training here")
         if payload is not None:
             log.message(f"fastcgan: resumed {ckpt_path} at step {state.step} (epoch {state.epoch})")
-        samples = sample_images(cfg, self.root) if main else None
+        samples = sample_images(cfg, self.root, self.recipe) if main else None
         losses = LossAccumulator(self.recipe.loss_names(cfg))
         last: dict[str, float] = {}
         start_step, t0, data_wait, n_skipped = state.step, time.perf_counter(), 0.0, len(self.batches.skipped)
@@ -175,10 +179,11 @@ class _Run:
                         data_wait += time.perf_counter() - t_wait
                         if batch is None:
                             break
-                        real = {d: augment_batch(batch[d].to(self.device, non_blocking=True),
-                                                 generator=state.aug_generator, channels_last=bool(cfg.run.channels_last),
-                                                 shard=(ctx.rank, ctx.world_size), **self.batches.augment_kw)
-                                for d in ("A", "B")}
+                        real = self.recipe.augment_batch(
+                            {d: batch[d].to(self.device, non_blocking=True) for d in ("A", "B")},
+                            generator=state.aug_generator, channels_last=bool(cfg.run.channels_last),
+                            shard=(ctx.rank, ctx.world_size), **self.batches.augment_kw,
+                        )
                         losses.add(step_fn(real))
                         state.step += 1
                         state.batch_in_epoch += 1

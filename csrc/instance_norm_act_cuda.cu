@@ -74,16 +74,16 @@ struct VecOf {
   };
 };
 
-template <Act ACT, typename A>
+template <Activation ACT, typename A>
 __device__ __forceinline__ A act_fwd(A z, A slope) {
-  if constexpr (ACT == Act::ReLU) return z > A(0) ? z : A(0);
-  if constexpr (ACT == Act::LeakyReLU) return z > A(0) ? z : z * slope;
+  if constexpr (ACT == Activation::RELU) return z > A(0) ? z : A(0);
+  if constexpr (ACT == Activation::LEAKY_RELU) return z > A(0) ? z : z * slope;
   return z;
 }
-template <Act ACT, typename A>
+template <Activation ACT, typename A>
 __device__ __forceinline__ A act_bwd(A z, A g, A slope) {
-  if constexpr (ACT == Act::ReLU) return z > A(0) ? g : A(0);
-  if constexpr (ACT == Act::LeakyReLU) return z > A(0) ? g : g * slope;
+  if constexpr (ACT == Activation::RELU) return z > A(0) ? g : A(0);
+  if constexpr (ACT == Activation::LEAKY_RELU) return z > A(0) ? g : g * slope;
   return g;
 }
 
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nchw(const T* __restrict__
   }
 }
 
-template <typename T, Act ACT, bool PAD>
+template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     fwd_apply_nchw(const T* __restrict__ x, const T* __restrict__ res, const typename AccOf<T>::type* __restrict__ wt,
                    const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, float* __restrict__ mean_out,
@@ -301,7 +301,7 @@ __device__ __forceinline__ typename AccOf<T>::type gather_g(const T* dyp, int i,
   return s;
 }
 
-template <typename T, Act ACT, bool PAD>
+template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     bwd_sums_nchw(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
                   const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
@@ -349,7 +349,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, Act ACT, bool PAD>
+template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     bwd_dx_nchw(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
                 const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
@@ -450,7 +450,7 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nhwc(const T* __restrict__
   }
 }
 
-template <typename T, Act ACT, bool PAD>
+template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     fwd_apply_nhwc(const T* __restrict__ x, const T* __restrict__ res, const typename AccOf<T>::type* __restrict__ wt,
                    const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, float* __restrict__ mean_out,
@@ -529,7 +529,7 @@ __device__ __forceinline__ typename AccOf<T>::type gather_g_nhwc(const T* dyp, i
   return s;
 }
 
-template <typename T, Act ACT, bool PAD>
+template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     bwd_sums_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
                   const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
@@ -570,7 +570,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, Act ACT, bool PAD>
+template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     bwd_dx_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
                 const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
@@ -663,7 +663,7 @@ Plan make_plan(bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W, i
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
-template <typename T, Act ACT, bool PAD>
+template <typename T, Activation ACT, bool PAD>
 void launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream, const Plan& plan) {
   using A = typename AccOf<T>::type;
   const T* x = static_cast<const T*>(p.x);
@@ -686,7 +686,7 @@ void launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream, const 
   }
 }
 
-template <typename T, Act ACT, bool PAD>
+template <typename T, Activation ACT, bool PAD>
 void launch_bwd(const BwdParams& p, void* workspace, cudaStream_t stream, const Plan& plan) {
   using A = typename AccOf<T>::type;
   const T* dy = static_cast<const T*>(p.dy);
@@ -719,7 +719,7 @@ struct FwdLaunch {
   void* ws;
   cudaStream_t stream;
   const Plan& plan;
-  template <typename T, Act ACT, bool PAD>
+  template <typename T, Activation ACT, bool PAD>
   void run() const {
     launch_fwd<T, ACT, PAD>(p, ws, stream, plan);
   }
@@ -729,7 +729,7 @@ struct BwdLaunch {
   void* ws;
   cudaStream_t stream;
   const Plan& plan;
-  template <typename T, Act ACT, bool PAD>
+  template <typename T, Activation ACT, bool PAD>
   void run() const {
     launch_bwd<T, ACT, PAD>(p, ws, stream, plan);
   }
@@ -739,10 +739,10 @@ template <typename T, typename Params, typename F>
 void dispatch_act_pad(const Params& p, const F& f) {
   const bool pad = p.pad > 0;
   switch (p.act) {
-    case Act::ReLU: return pad ? f.template run<T, Act::ReLU, true>() : f.template run<T, Act::ReLU, false>();
-    case Act::LeakyReLU:
-      return pad ? f.template run<T, Act::LeakyReLU, true>() : f.template run<T, Act::LeakyReLU, false>();
-    case Act::None: return pad ? f.template run<T, Act::None, true>() : f.template run<T, Act::None, false>();
+    case Activation::RELU: return pad ? f.template run<T, Activation::RELU, true>() : f.template run<T, Activation::RELU, false>();
+    case Activation::LEAKY_RELU:
+      return pad ? f.template run<T, Activation::LEAKY_RELU, true>() : f.template run<T, Activation::LEAKY_RELU, false>();
+    case Activation::NONE: return pad ? f.template run<T, Activation::NONE, true>() : f.template run<T, Activation::NONE, false>();
   }
 }
 

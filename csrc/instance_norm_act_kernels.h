@@ -13,7 +13,12 @@
 namespace fastcgan {
 
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
-enum class Act : int { None = 0, ReLU = 1, LeakyReLU = 2 };
+// The activations, named and numbered as Python's fastcgan.ops.Activation (the Triton kernels'
+// ACT codes); kActivationNames[code] is the name the ops take. tests/test_native.py checks the
+// two lists against each other through fastcgan._C.activations().
+enum class Activation : int { NONE = 0, RELU = 1, LEAKY_RELU = 2 };
+constexpr const char* kActivationNames[] = {"none", "relu", "leaky_relu"};
+constexpr int kNumActivations = int(sizeof(kActivationNames) / sizeof(kActivationNames[0]));
 
 // Accumulation ("acc") type: double for Float64 input, float otherwise. weight/bias are passed
 // already converted to it; the per-plane backward partial sums are written in it.
@@ -29,7 +34,7 @@ struct FwdParams {
   double eps = 1e-5, slope = 0.0;
   bool channels_last = false;
   DType dtype = DType::Float32;
-  Act act = Act::ReLU;
+  Activation act = Activation::RELU;
 };
 
 struct BwdParams {
@@ -47,7 +52,7 @@ struct BwdParams {
   double slope = 0.0;
   bool channels_last = false;
   DType dtype = DType::Float32;
-  Act act = Act::ReLU;
+  Activation act = Activation::RELU;
 };
 
 // ---- CPU ----------------------------------------------------------------------------------

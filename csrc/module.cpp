@@ -2,8 +2,10 @@
 // ops (static TORCH_LIBRARY_* initialisers in the other translation units); the functions here
 // only describe the build. No torch headers: this file compiles in a second.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
+#include <vector>
 
 #include "build_info.h"
 #include "instance_norm_act_kernels.h"
@@ -13,6 +15,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_built", [] { return FASTCGAN_CUDA_BUILT != 0; }, "True when the CUDA kernels were compiled in.");
   m.def("build_info", [] { return std::string(FASTCGAN_BUILD_INFO); },
         "Compiler, CUDA version/architectures, CPU ISAs and the torch version this library was built against.");
+  m.def(
+      "activations",
+      [] {
+        std::vector<std::string> names(fastcgan::kActivationNames,
+                                       fastcgan::kActivationNames + fastcgan::kNumActivations);
+        return names;
+      },
+      "The activation names the ops accept, indexed by their code (fastcgan::Activation).");
   m.def("cpu_isa", [] { return std::string(fastcgan::cpu_isa_active()); },
         "The CPU kernel variant the next call uses: 'avx2' or 'default'.");
   m.def(

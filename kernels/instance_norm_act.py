@@ -1,6 +1,6 @@
 """Triton kernels of ``instance_norm_act`` (the ``"triton"`` backend).
 
-Implements the kernel contract of :mod:`fastcgan.ops._torch_impl`::
+Implements the kernel contract of :mod:`fastcgan.ops.instance_norm_act`::
 
     forward(x, weight, bias, residual, activation, negative_slope, pad, eps) -> (y, mean, rstd)
     backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, has_residual)
@@ -47,9 +47,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcgan.ops.instance_norm_act import output_memory_format
+from fastcgan.ops._activation import Activation, parse_activation
+from fastcgan.ops.instance_norm_act import SUPPORTED_DTYPES, output_memory_format
 
-_ACT_CODE = {"none": 0, "relu": 1, "leaky_relu": 2}
+# The activation codes (fastcgan.ops.Activation) as compile-time constants: ACT is a
+# tl.constexpr, so each activation compiles to its own binary with the branch folded away.
+_RELU: tl.constexpr = tl.constexpr(int(Activation.RELU))
+_LEAKY_RELU: tl.constexpr = tl.constexpr(int(Activation.LEAKY_RELU))
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,9 +61,9 @@ _ACT_CODE = {"none": 0, "relu": 1, "leaky_relu": 2}
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _act_fwd(z, slope, ACT: tl.constexpr):
-    if ACT == 1:
+    if ACT == _RELU:
         z = tl.maximum(z, 0.0)
-    elif ACT == 2:
+    elif ACT == _LEAKY_RELU:
         z = tl.where(z > 0, z, z * slope)
     return z
 
@@ -67,9 +71,9 @@ def _act_fwd(z, slope, ACT: tl.constexpr):
 @triton.jit
 def _act_bwd(g, z, slope, ACT: tl.constexpr):
     # Same convention as the reference: the derivative at z == 0 is the negative side's.
-    if ACT == 1:
+    if ACT == _RELU:
         g = tl.where(z > 0, g, 0.0)
-    elif ACT == 2:
+    elif ACT == _LEAKY_RELU:
         g = tl.where(z > 0, g, g * slope)
     return g
 
@@ -414,7 +418,7 @@ def _as_nchw_view(t: Tensor) -> tuple[Tensor, int, int, int]:
     # int32 (cheaper address math). A plane whose span exceeds that is far beyond any image.
     if t.shape[2] * t.shape[3] * abs(s) >= 2**31:
         raise ValueError(
-            f"fastcgan.kernels.instance_norm: an H*W plane spanning {t.shape[2] * t.shape[3] * abs(s)} "
+            f"fastcgan.kernels.instance_norm_act: an H*W plane spanning {t.shape[2] * t.shape[3] * abs(s)} "
             f"elements (shape {tuple(t.shape)}, strides {t.stride()}) exceeds int32 offsets"
         )
     return t, t.stride(0), t.stride(1), s
@@ -470,6 +474,8 @@ def _merged_sums(pa: Tensor, pb: Tensor) -> tuple[Tensor, Tensor]:
         pa, pb, oa, ob, n * c, k, BLOCK_R=_MERGE_BLOCK_R, BLOCK_K=_merge_block_k(k),
     )
     return oa, ob
+
+
 _MAX_CHUNKS = 256
 
 
@@ -504,10 +510,11 @@ def _launch_plan(x_shape, hw, c_minor, device):
 
 
 def _check(x: Tensor) -> None:
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"fastcgan.kernels.instance_norm: unsupported dtype {x.dtype} (fp16, bf16, fp32)")
+    if x.dtype not in SUPPORTED_DTYPES["triton"]:
+        supported = SUPPORTED_DTYPES["triton"]
+        raise TypeError(f"fastcgan.kernels.instance_norm_act: unsupported dtype {x.dtype} (supports {supported})")
     if x.dim() != 4:
-        raise ValueError(f"fastcgan.kernels.instance_norm: x must be 4-D, got shape {tuple(x.shape)}")
+        raise ValueError(f"fastcgan.kernels.instance_norm_act: x must be 4-D, got shape {tuple(x.shape)}")
 
 
 def forward(x, weight, bias, residual, activation, negative_slope, pad, eps):
@@ -547,7 +554,7 @@ def forward(x, weight, bias, residual, activation, negative_slope, pad, eps):
         c, h, w, hw, wp, hwp,
         s_xn, s_xc, s_xhw, s_rn, s_rc, s_rhw, s_yn, s_yc, s_yhw,
         ncb2, chunk, k, ochunk, otiles, float(eps), float(negative_slope),
-        PAD=int(pad), ACT=_ACT_CODE[activation], HAS_W=weight is not None, HAS_B=bias is not None,
+        PAD=int(pad), ACT=int(parse_activation(activation)), HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_R=residual is not None, BLOCK_C=bc2, BLOCK_HW=bhw2, BLOCK_K=triton.next_power_of_2(k),
         num_warps=nw2,
     )
@@ -561,7 +568,7 @@ def backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, h
     hp, wp = h + 2 * pad, w + 2 * pad
     if tuple(dy.shape) != (n, c, hp, wp):
         raise ValueError(
-            f"fastcgan.kernels.instance_norm.backward: dy has shape {tuple(dy.shape)}, expected {(n, c, hp, wp)}"
+            f"fastcgan.kernels.instance_norm_act.backward: dy has shape {tuple(dy.shape)}, expected {(n, c, hp, wp)}"
         )
     fmt = output_memory_format(x)
     xv, s_xn, s_xc, s_xhw = _as_nchw_view(x)
@@ -579,7 +586,7 @@ def backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, h
     wt = weight if weight is not None else xv
     bt = bias if bias is not None else xv
     common = dict(
-        PAD=int(pad), ACT=_ACT_CODE[activation], HAS_W=weight is not None, HAS_B=bias is not None,
+        PAD=int(pad), ACT=int(parse_activation(activation)), HAS_W=weight is not None, HAS_B=bias is not None,
         BLOCK_C=bc, BLOCK_HW=bhw, num_warps=nw,
     )
     _bwd_reduce_kernel[(n * ncb, k)](

@@ -19,9 +19,14 @@ from torch import nn
 
 import fastcgan.ops as ops
 from fastcgan.ops import _backends
-from fastcgan.ops.instance_norm_act import instance_norm_act, instance_norm_act_ref, output_memory_format
+from fastcgan.ops.instance_norm_act import (
+    SUPPORTED_DTYPES,
+    instance_norm_act,
+    instance_norm_act_ref,
+    output_memory_format,
+)
 
-ACTS = ("relu", "leaky_relu", "none")
+ACTS = ops.ACTIVATIONS
 AFFINE = ("none", "weight", "weight+bias", "bias")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = ("fp32", "fp16", "bf16")
@@ -31,6 +36,17 @@ DTYPE_IDS = ("fp32", "fp16", "bf16")
 KERNEL_DTYPES = DTYPES + (torch.float64,)
 KERNEL_DTYPE_IDS = DTYPE_IDS + ("fp64",)
 SLOPE = 0.2
+
+
+def _backend_dtypes(backends):
+    """("backend, dtype") parameters for the dtypes each backend's kernels compute: a pair a
+    backend cannot run (fp64 on Triton) is never generated, so it is never skipped either."""
+    return [
+        pytest.param(b, d, id=f"{b}-{i}")
+        for b in backends
+        for d, i in zip(KERNEL_DTYPES, KERNEL_DTYPE_IDS)
+        if d in SUPPORTED_DTYPES[b]
+    ]
 
 # Named odd shapes (N, C, H, W).
 SHAPES = {
@@ -58,11 +74,9 @@ def _usable(backend: str, device: str) -> bool:
     return st.available and device in st.devices
 
 
-def _need(backend: str, device: str, dtype=None):
+def _need(backend: str, device: str):
     if not _usable(backend, device):
         pytest.skip(f"backend {backend!r} not usable on {device}: {_backends.status(backend).reason}")
-    if dtype is not None and dtype not in _backends.SUPPORTED_DTYPES[backend]:
-        pytest.skip(f"backend {backend!r} does not compute {dtype}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,22 +299,20 @@ def test_opcheck(backend, case):
 CPU_BACKENDS = ("triton", "cpp")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_DTYPE_IDS)
+@pytest.mark.parametrize("backend, dtype", _backend_dtypes(CPU_BACKENDS))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_cpu_backend_all_options_3x5(backend, dtype, channels_last):
     """Every option combination (activation x affine x residual x pad 0/1/2) on a 3x5 plane."""
-    _need(backend, "cpu", dtype)
+    _need(backend, "cpu")
     for act, affine, residual, pad in _all_options(SHAPES["3x5"]):
         _check_backend(backend, SHAPES["3x5"], dtype, "cpu", channels_last, act, affine, residual, pad)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend, dtype", _backend_dtypes(CPU_BACKENDS))
 @pytest.mark.parametrize("shape_id", ["1x1", "7x257", "1x1024", "batch3"])
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_DTYPE_IDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_cpu_backend_shapes(backend, shape_id, dtype, channels_last):
-    _need(backend, "cpu", dtype)
+    _need(backend, "cpu")
     shape = SHAPES[shape_id]
     for act, affine, residual, pad in _few_options(shape):
         _check_backend(backend, shape, dtype, "cpu", channels_last, act, affine, residual, pad)
@@ -313,7 +325,7 @@ def test_triton_split_planes_cpu(monkeypatch, channels_last, merge):
     on a GPU it is what large planes take. The chunk partials are merged either inline by the
     next kernel or, when there are many (channels_last at batch 1), by a merge kernel first."""
     _need("triton", "cpu")
-    from fastcgan.kernels import instance_norm as kin
+    from fastcgan.kernels import instance_norm_act as kin
 
     monkeypatch.setattr(kin, "_TILE_INTERPRET", 32)
     monkeypatch.setattr(kin, "_MIN_CHUNK", 16)
@@ -353,12 +365,11 @@ def _gpu_options(backend, shape_id, dtype, channels_last):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend, dtype", _backend_dtypes(GPU_BACKENDS))
 @pytest.mark.parametrize("shape_id", list(GPU_SHAPES))
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_DTYPE_IDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_gpu_backend_options(backend, shape_id, dtype, channels_last):
-    _need(backend, "cuda", dtype)
+    _need(backend, "cuda")
     shape = GPU_SHAPES[shape_id]
     for act, affine, residual, pad in _gpu_options(backend, shape_id, dtype, channels_last):
         _check_backend(backend, shape, dtype, "cuda", channels_last, act, affine, residual, pad)
@@ -464,6 +475,43 @@ def test_bad_calls_raise_clear_errors(make, exc, match):
     x = kw.pop("x")
     with pytest.raises(exc, match=match):
         instance_norm_act(x, **kw)
+
+
+def _activation_check(backend, device):
+    x = torch.randn(2, 3, 4, 5, device=device)
+    for act in ops.Activation:
+        want = instance_norm_act_ref(x, activation=act.label, negative_slope=SLOPE, pad=1)
+        for given in (act, act.label):  # the member and its name
+            y = instance_norm_act(x, activation=given, negative_slope=SLOPE, pad=1, backend=backend)
+            torch.testing.assert_close(y, want, **tol(torch.float32), msg=lambda m, a=given: f"{backend} {a!r}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
+def test_every_activation_accepted_by_every_backend_cpu(backend):
+    """One activation list (fastcgan.ops.Activation) for the reference, the dispatcher, the Triton
+    launcher and the native ops: every name and member runs on every backend. (The C++ list
+    itself is checked against the Python one in test_native.py.)"""
+    _need(backend, "cpu")
+    _activation_check(backend, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_every_activation_accepted_by_every_backend_gpu(backend):
+    _need(backend, "cuda")
+    _activation_check(backend, "cuda")
+
+
+def test_activation_enum():
+    assert [(a.label, int(a)) for a in ops.Activation] == [("none", 0), ("relu", 1), ("leaky_relu", 2)]
+    assert ops.ACTIVATIONS == tuple(a.label for a in ops.Activation)
+    from fastcgan.nn import InstanceNormAct
+
+    assert InstanceNormAct(3, ops.Activation.LEAKY_RELU).activation == "leaky_relu"
+    with pytest.raises(ValueError, match=r"activation must be one of \('none', 'relu', 'leaky_relu'\), got 'gelu'"):
+        InstanceNormAct(3, "gelu")  # at construction, not at the first forward
+    with pytest.raises(ValueError, match="activation must be one of"):
+        instance_norm_act_ref(torch.randn(1, 3, 4, 4), activation="Relu")
 
 
 def test_unavailable_backend_raises():
@@ -627,7 +675,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastcgan.kernels import instance_norm as K
+from fastcgan.kernels import instance_norm_act as K
 
 def build(fn, ptrs, consts):
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in ("eps", "slope") else "i32")

@@ -8,22 +8,30 @@ NHWC/chunked code paths, and clear errors from the native ops themselves.
 
 import itertools
 import os
+import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
 from tolerances import TOL, assert_matches_reference, tol
 
 import fastcgan.ops as ops
-from fastcgan.ops import _native, _torch_impl
-from fastcgan.ops.instance_norm_act import instance_norm_act_ref
+from fastcgan.ops import _backends
+from fastcgan.ops.instance_norm_act import (
+    contract_backward,
+    contract_forward,
+    instance_norm_act_ref,
+    native_backward,
+    native_forward,
+)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-ACTS = ("relu", "leaky_relu", "none")
+ACTS = ops.ACTIVATIONS
 AFFINE = ("none", "weight", "weight+bias", "bias")
 
-native_ok, native_reason = _native.load()
+native_ok, native_reason = _backends.load_native()
 needs_native = pytest.mark.skipif(not native_ok, reason=f"fastcgan._C not built: {native_reason}")
 
 
@@ -79,6 +87,45 @@ def test_extension_loads_and_describes_its_build():
         _C().set_cpu_isa("sse9")
     assert hasattr(torch.ops.fastcgan, "instance_norm_act_native_fwd")
     assert hasattr(torch.ops.fastcgan, "instance_norm_act_native_bwd")
+
+
+_RUN_WITHOUT_NATIVE = r"""
+import sys
+sys.modules["fastcgan._C"] = None  # the library missing, as after a failed or skipped build
+import pytest
+test = "tests/test_native.py::test_extension_loads_and_describes_its_build"
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", test]))
+"""
+
+
+@pytest.mark.parametrize("require", ["1", "0"], ids=["required", "optional"])
+def test_missing_library_fails_the_run_when_required(require):
+    """CI sets FASTCGAN_REQUIRE_NATIVE=1 (`make test`): without fastcgan._C the run then fails at
+    once with the loader's reason (tests/conftest.py) instead of skipping every native test."""
+    env = {**os.environ, "FASTCGAN_REQUIRE_NATIVE": require}
+    r = subprocess.run([sys.executable, "-c", _RUN_WITHOUT_NATIVE], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    out = r.stdout + r.stderr
+    if require == "1":
+        assert r.returncode != 0, out[-3000:]
+        assert "FASTCGAN_REQUIRE_NATIVE=1" in out and "fastcgan._C is not available" in out, out[-3000:]
+    else:
+        assert r.returncode == 0 and "1 skipped" in out, out[-3000:]
+
+
+@needs_native
+def test_activation_list_matches_python():
+    """fastcgan::Activation (csrc/instance_norm_act_kernels.h) and fastcgan.ops.Activation: the
+    same names with the same codes; the native op accepts each and names them all otherwise."""
+    assert _C().activations() == [a.label for a in sorted(ops.Activation)]  # index = code
+    x = torch.randn(1, 2, 3, 3)
+    for act in ops.Activation:
+        y, _, _ = native_forward(x, None, None, None, act.label, 0.2, 0, 1e-5)
+        want = instance_norm_act_ref(x, activation=act, negative_slope=0.2)
+        torch.testing.assert_close(y, want, **tol(torch.float32))
+    message = f"activation must be one of {ops.ACTIVATIONS}, got 'gelu'"  # the Python check's words
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        _fwd(x, act="gelu")
 
 
 def _nvcc():
@@ -141,10 +188,10 @@ def test_cpp_gradcheck_fp64_all_options(activation, channels_last):
 
 
 def _contract_check(x, wt, bs, res, activation, pad):
-    """Native forward/backward vs the contract spelled out in plain torch (_torch_impl, which
+    """Native forward/backward vs the contract spelled out in plain torch (contract_*, which
     computes fp64 input in fp32: fp64 is judged at fp32 tolerance here, by gradcheck above)."""
-    y, mean, rstd = _native.forward(x, wt, bs, res, activation, 0.2, pad, 1e-5)
-    y0, mean0, rstd0 = _torch_impl.forward(x, wt, bs, res, activation, 0.2, pad, 1e-5)
+    y, mean, rstd = native_forward(x, wt, bs, res, activation, 0.2, pad, 1e-5)
+    y0, mean0, rstd0 = contract_forward(x, wt, bs, res, activation, 0.2, pad, 1e-5)
     t = tol(torch.float32 if x.dtype == torch.float64 else x.dtype)
     assert y.dtype == y0.dtype and y.shape == y0.shape and y.stride() == y0.stride()
     assert mean.dtype == torch.float32 and rstd.dtype == torch.float32 and mean.shape == (x.shape[0], x.shape[1])
@@ -152,8 +199,8 @@ def _contract_check(x, wt, bs, res, activation, pad):
     torch.testing.assert_close(rstd, rstd0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y, y0, **t)
     dy = torch.randn_like(y0)
-    got = _native.backward(dy, x, wt, bs, mean0, rstd0, activation, 0.2, pad, res is not None)
-    want = _torch_impl.backward(dy, x, wt, bs, mean0, rstd0, activation, 0.2, pad, res is not None)
+    got = native_backward(dy, x, wt, bs, mean0, rstd0, activation, 0.2, pad, res is not None)
+    want = contract_backward(dy, x, wt, bs, mean0, rstd0, activation, 0.2, pad, res is not None)
     for name, a, b in zip(("dx", "dweight", "dbias", "dresidual"), got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
         if name == "dbias" and bs is None:
@@ -237,11 +284,11 @@ def test_cpp_zero_variance_and_noncontiguous(cpu_isa):
     x = torch.full((2, 3, 6, 5), 3.25)
     x[1] = torch.randn(3, 6, 5)
     wt, bs = torch.tensor([1.0, 2.0, -1.0]), torch.tensor([0.5, -0.5, 0.25])
-    y, mean, rstd = _native.forward(x, wt, bs, None, "relu", 0.2, 1, 1e-5)
+    y, mean, rstd = native_forward(x, wt, bs, None, "relu", 0.2, 1, 1e-5)
     assert torch.isfinite(y).all() and torch.isfinite(rstd).all()
     # a constant plane normalises to 0, so y = act(bias) everywhere, padding included
     torch.testing.assert_close(y[0], torch.relu(bs)[:, None, None].expand(3, 8, 7), atol=0, rtol=0)
-    dx, dw, db, _ = _native.backward(torch.randn_like(y), x, wt, bs, mean, rstd, "relu", 0.2, 1, False)
+    dx, dw, db, _ = native_backward(torch.randn_like(y), x, wt, bs, mean, rstd, "relu", 0.2, 1, False)
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
     # non-contiguous (neither NCHW nor NHWC dense) input: computed as NCHW
     base = torch.randn(2, 3, 12, 10)
@@ -260,8 +307,8 @@ def test_cpp_is_deterministic_and_threaded():
         prev = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            y, m, s = _native.forward(x, w, None, None, "relu", 0.2, 1, 1e-5)
-            g = _native.backward(dy, x, w, None, m, s, "relu", 0.2, 1, False)
+            y, m, s = native_forward(x, w, None, None, "relu", 0.2, 1, 1e-5)
+            g = native_backward(dy, x, w, None, m, s, "relu", 0.2, 1, False)
         finally:
             torch.set_num_threads(prev)
         outs.append((y, m, s) + tuple(g[:2]))
@@ -416,16 +463,16 @@ def test_cuda_zero_variance_matches_cpu_and_is_deterministic():
     x[0, 3] = 1.5  # a constant plane: finite output, y = act(bias)
     wt, bs = torch.randn(8), torch.randn(8)
     dy = torch.randn(2, 8, 302, 303)
-    cpu = _native.forward(x, wt, bs, None, "leaky_relu", 0.2, 1, 1e-5)
+    cpu = native_forward(x, wt, bs, None, "leaky_relu", 0.2, 1, 1e-5)
     xc, wc, bc, dyc = x.cuda(), wt.cuda(), bs.cuda(), dy.cuda()
-    gpu = _native.forward(xc, wc, bc, None, "leaky_relu", 0.2, 1, 1e-5)
-    gpu2 = _native.forward(xc, wc, bc, None, "leaky_relu", 0.2, 1, 1e-5)
+    gpu = native_forward(xc, wc, bc, None, "leaky_relu", 0.2, 1, 1e-5)
+    gpu2 = native_forward(xc, wc, bc, None, "leaky_relu", 0.2, 1, 1e-5)
     for a, b, b2 in zip(cpu, gpu, gpu2):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b.cpu(), a, **tol(torch.float32))
         assert torch.equal(b, b2)
-    g1 = _native.backward(dyc, xc, wc, bc, gpu[1], gpu[2], "leaky_relu", 0.2, 1, False)
-    g2 = _native.backward(dyc, xc, wc, bc, gpu[1], gpu[2], "leaky_relu", 0.2, 1, False)
+    g1 = native_backward(dyc, xc, wc, bc, gpu[1], gpu[2], "leaky_relu", 0.2, 1, False)
+    g2 = native_backward(dyc, xc, wc, bc, gpu[1], gpu[2], "leaky_relu", 0.2, 1, False)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
 

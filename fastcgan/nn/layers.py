@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from fastcgan.ops import instance_norm_act
+from fastcgan.ops import Activation, activation_label, instance_norm_act
 
 
 class InstanceNormAct(nn.Module):
@@ -17,7 +17,7 @@ class InstanceNormAct(nn.Module):
     def __init__(
         self,
         num_features: int,
-        activation: str = "relu",
+        activation: Union[str, Activation] = "relu",
         *,
         negative_slope: float = 0.2,
         affine: bool = False,
@@ -27,7 +27,7 @@ class InstanceNormAct(nn.Module):
     ):
         super().__init__()
         self.num_features = num_features
-        self.activation = activation
+        self.activation = activation_label(activation)  # validated here, not at the first forward
         self.negative_slope = negative_slope
         self.pad = pad
         self.eps = eps

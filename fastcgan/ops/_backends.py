@@ -1,33 +1,30 @@
-"""Which backends exist here, why the others don't, and which one ``"auto"`` picks.
+"""The backend registry: which backends exist, whether each works on this machine and why (or
+why not), and which one ``"auto"`` picks for a tensor.
 
-Nothing here touches CUDA or imports Triton at import time: availability is probed on first
-use and cached, so ``import fastcgan`` stays cheap and never fails for lack of a GPU, a
-compiler or the native extension.
+Backends are shared by every op; what differs per op — which dtypes its kernels compute on each
+backend, and the kernels themselves — lives in the op's own module (``fastcgan/ops/<op>.py``).
+
+Nothing here touches CUDA, imports Triton or loads the native library at import time:
+availability is probed on first use and cached, so ``import fastcgan`` stays cheap and never
+fails for lack of a GPU, a compiler or the native extension.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 
-# dtypes each kernel backend computes (statistics are fp32 in all of them).
-SUPPORTED_DTYPES = {
-    "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    "triton": (torch.float16, torch.bfloat16, torch.float32),
-    "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    "cpp": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-}
-
-# "auto" on a GPU tries these in order (set from bench/results: the fastest first). No GPU
-# table exists yet: the native CUDA kernels go first (no JIT compile on first call, fp64 too),
-# Triton second; bench/test_instance_norm_act.py prints which is faster per shape on an H100.
+# "auto" tries these in order (set from bench/results: the fastest first) and falls back to
+# "torch". No GPU table exists yet: the native CUDA kernels go first on a GPU (no JIT compile on
+# first call, fp64 too), Triton second; bench/test_instance_norm_act.py prints which is faster
+# per shape on an H100. On the CPU the Triton interpreter is for tests only, never picked.
 AUTO_ORDER_CUDA = ("cuda", "triton")
+AUTO_ORDER_CPU = ("cpp",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +35,38 @@ class BackendStatus:
     devices: tuple[str, ...] = ()
 
 
-_status_cache: dict[str, BackendStatus] = {}
+# --------------------------------------------------------------------------------------------
+# The native op library fastcgan._C (csrc/), loaded defensively on first use
+# --------------------------------------------------------------------------------------------
+_native_lib = None
+_native_error: Optional[str] = None
 
 
+def load_native() -> tuple[bool, str]:
+    """Import ``fastcgan._C`` (which registers the ``fastcgan::*_native_*`` ops with their CPU and,
+    when built with a CUDA toolkit, CUDA kernels). ``(False, reason)`` when it is missing or broken;
+    never raises."""
+    global _native_lib, _native_error
+    if _native_lib is not None:
+        return True, "loaded"
+    if _native_error is not None:
+        return False, _native_error
+    try:
+        from fastcgan import _C as lib  # noqa: PLC0415 - loaded on first use, never at import
+
+        _native_lib = lib
+        return True, "loaded"
+    except Exception as e:  # ImportError, or an undefined symbol from a torch mismatch
+        _native_error = (
+            f"fastcgan._C is not available ({type(e).__name__}: {e}); "
+            "rebuild with `pip install -e .` (FASTCGAN_BUILD_NATIVE=ON, the default)"
+        )
+        return False, _native_error
+
+
+# --------------------------------------------------------------------------------------------
+# Availability
+# --------------------------------------------------------------------------------------------
 def _probe_triton() -> BackendStatus:
     try:
         import triton  # noqa: F401
@@ -56,30 +82,24 @@ def _probe_triton() -> BackendStatus:
         reasons.append("CUDA GPU present")
     if not devices:
         return BackendStatus("triton", False, "no CUDA GPU and TRITON_INTERPRET is not set")
-    try:
-        # Defines the @triton.jit kernels (no compilation, no CUDA query); a Triton too old for
-        # the language features used there shows up here rather than at the first call.
-        importlib.import_module("fastcgan.kernels.instance_norm")
-    except Exception as e:  # pragma: no cover - depends on the install
-        return BackendStatus(
-            "triton", False, f"fastcgan.kernels.instance_norm cannot be imported ({type(e).__name__}: {e})"
-        )
     return BackendStatus("triton", True, "; ".join(reasons), tuple(devices))
 
 
 def _probe_native(name: str) -> BackendStatus:
-    from fastcgan.ops import _native
-
-    ok, reason = _native.load()
+    ok, reason = load_native()
     if not ok:
         return BackendStatus(name, False, reason)
+    info = _native_lib.build_info()
     if name == "cpp":
-        return BackendStatus("cpp", True, f"fastcgan._C loaded ({_native.build_info()})", ("cpu",))
-    if not _native.cuda_built():
+        return BackendStatus("cpp", True, f"fastcgan._C loaded ({info})", ("cpu",))
+    if not _native_lib.cuda_built():
         return BackendStatus("cuda", False, "fastcgan._C was built without CUDA (no toolkit at build time)")
     if not torch.cuda.is_available():
         return BackendStatus("cuda", False, "fastcgan._C has CUDA kernels but no CUDA GPU is visible")
-    return BackendStatus("cuda", True, f"fastcgan._C loaded with CUDA kernels ({_native.build_info()})", ("cuda",))
+    return BackendStatus("cuda", True, f"fastcgan._C loaded with CUDA kernels ({info})", ("cuda",))
+
+
+_status_cache: dict[str, BackendStatus] = {}
 
 
 def status(name: str) -> BackendStatus:
@@ -101,57 +121,37 @@ def available_backends() -> dict[str, BackendStatus]:
 
 
 def _usable(name: str, x: torch.Tensor) -> Optional[str]:
-    """None if ``name`` can run ``x``, else the reason it cannot."""
+    """None if backend ``name`` works here for ``x``'s device, else the reason it does not."""
     st = status(name)
     if not st.available:
         return st.reason
     if x.device.type not in st.devices:
         return f"backend {name!r} runs on {', '.join(st.devices)} tensors, not {x.device.type}"
-    if x.dtype not in SUPPORTED_DTYPES[name]:
-        return f"backend {name!r} does not support {x.dtype} (supports {SUPPORTED_DTYPES[name]})"
     return None
 
 
-def resolve(backend: str, x: torch.Tensor) -> str:
-    """Turn ``"auto"`` into a concrete backend for ``x``; check an explicit one can run it."""
+def resolve(backend: str, x: torch.Tensor, op: str, dtypes: Mapping[str, tuple[torch.dtype, ...]]) -> str:
+    """The backend ``op`` runs ``x`` on: ``"auto"`` made concrete (the first usable one of
+    :data:`AUTO_ORDER_CUDA` / :data:`AUTO_ORDER_CPU` for ``x``'s device, else ``"torch"``), an
+    explicit one checked. ``dtypes``: the dtypes the op's kernels compute on each backend."""
+
+    def why_not(name: str) -> Optional[str]:
+        reason = _usable(name, x)
+        if reason is None and x.dtype not in dtypes[name]:
+            reason = f"{op} on backend {name!r} does not support {x.dtype} (supports {dtypes[name]})"
+        return reason
+
     if backend == "auto":
-        order = AUTO_ORDER_CUDA if x.device.type == "cuda" else ("cpp",)
-        for name in order:
-            if _usable(name, x) is None:
+        for name in AUTO_ORDER_CUDA if x.device.type == "cuda" else AUTO_ORDER_CPU:
+            if why_not(name) is None:
                 return name
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
-    why_not = _usable(backend, x)
-    if why_not is not None:
-        raise RuntimeError(f"instance_norm_act backend {backend!r} is unavailable: {why_not}")
+    reason = why_not(backend)
+    if reason is not None:
+        raise RuntimeError(f"{op} backend {backend!r} is unavailable: {reason}")
     return backend
-
-
-_impl_cache: dict = {}
-
-
-def kernel_impl(backend: str):
-    """The module implementing ``forward``/``backward`` for a kernel backend (cached: this is
-    on the per-call path)."""
-    impl = _impl_cache.get(backend)
-    if impl is None:
-        impl = _impl_cache[backend] = _load_impl(backend)
-    return impl
-
-
-def _load_impl(backend: str):
-    if backend == "triton":
-        return importlib.import_module("fastcgan.kernels.instance_norm")
-    if backend in ("cpp", "cuda"):
-        from fastcgan.ops import _native
-
-        return _native
-    if backend == "torch":
-        from fastcgan.ops import _torch_impl
-
-        return _torch_impl
-    raise ValueError(f"unknown kernel backend {backend!r}")
 
 
 def is_exporting() -> bool:

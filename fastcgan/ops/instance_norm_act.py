@@ -6,38 +6,58 @@ Statistics are per (n, c) plane, biased variance, computed in fp32 whatever the 
 The padding lets the next 3x3 (or 7x7) convolution run with ``padding=0``: the pad that a
 ResNet generator otherwise spends a whole extra read+write on is written by the norm kernel.
 
-Layers (``fastcgan.nn``) call :func:`instance_norm_act`; it validates the call, picks a
-backend and routes to
+The op under one name in every layer of the library:
 
-* ``torch``  -- :func:`instance_norm_act_ref`, the specification, fallback and export path;
-* ``triton`` -- ``fastcgan.kernels.instance_norm`` (GPU, or CPU under ``TRITON_INTERPRET=1``);
-* ``cpp`` / ``cuda`` -- the ``fastcgan._C`` op library (``csrc/``), CPU and CUDA dispatch keys.
+* here          -- :func:`instance_norm_act_ref` (the specification, fallback and export path),
+                   the kernel contract in plain torch, the custom ops and :func:`instance_norm_act`;
+* ``kernels/instance_norm_act.py``    -- the Triton kernels (``backend="triton"``: GPU, or CPU
+                                         under ``TRITON_INTERPRET=1``);
+* ``csrc/instance_norm_act*.{h,cpp,cu}`` -- the C++/CUDA kernels in ``fastcgan._C``
+                                         (``backend="cpp"`` / ``"cuda"``: CPU / CUDA dispatch keys);
+* ``tests/test_instance_norm_act.py``, ``bench/test_instance_norm_act.py``.
 
 Kernel backends go through one pair of ``torch.library`` custom ops
 (``fastcgan::instance_norm_act_fwd`` / ``_bwd``) with fake implementations and autograd, so
 ``torch.compile(fullgraph=True)`` traces through them and ``torch.library.opcheck`` checks them.
-Every kernel backend implements the same two functions::
+Every kernel backend implements the same two functions (:data:`KERNELS`)::
 
     forward(x, weight, bias, residual, activation, negative_slope, pad, eps) -> (y, mean, rstd)
     backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, has_residual)
         -> (dx, dweight, dbias, dresidual)
 
-``mean``/``rstd`` are fp32 ``(N, C)``; ``y``, ``dx`` and ``dresidual`` use
-:func:`output_memory_format` of ``x``; gradients that are not needed (no weight, no residual)
-are returned as empty tensors, since custom ops cannot return ``None``.
+``activation`` is the name (:class:`fastcgan.ops.Activation`); ``mean``/``rstd`` are fp32
+``(N, C)``; ``y``, ``dx`` and ``dresidual`` use :func:`output_memory_format` of ``x``; gradients
+that are not needed (no weight, no residual) are returned as empty tensors, since custom ops
+cannot return ``None``. :func:`contract_forward` / :func:`contract_backward` spell the contract
+out in plain torch (backend ``"torch"`` of the custom ops, for tests on any machine).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import importlib
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastcgan.ops import _backends
+from fastcgan.ops._activation import (
+    ACTIVATIONS,
+    Activation,
+    activation_label,
+    apply_activation,
+    parse_activation,
+)
 
-ACTIVATIONS = ("relu", "leaky_relu", "none")
+_ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# dtypes the kernels compute on each backend (statistics are fp32 in all of them).
+SUPPORTED_DTYPES = {
+    "torch": _ALL_FLOATS,
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+    "cuda": _ALL_FLOATS,
+    "cpp": _ALL_FLOATS,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,7 +68,7 @@ def instance_norm_act_ref(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     *,
-    activation: str = "relu",
+    activation: Union[str, Activation] = "relu",
     negative_slope: float = 0.2,
     residual: Optional[Tensor] = None,
     pad: int = 0,
@@ -73,12 +93,7 @@ def instance_norm_act_ref(
         # .contiguous(): torch 2.14's CPU instance_norm backward is wrong for channels_last
         # input with H == 1; NCHW input (and so export) is unaffected.
         y = F.instance_norm(xf.contiguous(), weight=w, bias=b, eps=eps)
-    if activation == "relu":
-        y = F.relu(y)
-    elif activation == "leaky_relu":
-        y = F.leaky_relu(y, negative_slope)
-    elif activation != "none":
-        raise ValueError(f"instance_norm_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    y = apply_activation(y, activation, negative_slope)
     if residual is not None:
         y = y + residual.to(y.dtype)
     if pad > 0:
@@ -102,7 +117,7 @@ def check_instance_norm_act_args(
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     residual: Optional[Tensor],
-    activation: str,
+    activation: Union[str, Activation],
     pad: int,
     eps: float,
 ) -> None:
@@ -132,7 +147,7 @@ def check_instance_norm_act_args(
             )
         if residual.device != x.device:
             raise ValueError(f"instance_norm_act: residual is on {residual.device} but x is on {x.device}")
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, Activation) and activation not in ACTIVATIONS:
         raise ValueError(f"instance_norm_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if not isinstance(pad, int) or pad < 0:
         raise ValueError(f"instance_norm_act: pad must be a non-negative int, got {pad!r}")
@@ -142,6 +157,139 @@ def check_instance_norm_act_args(
         )
     if not eps > 0:
         raise ValueError(f"instance_norm_act: eps must be positive, got {eps}")
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel contract in plain torch (backend "torch" of the custom ops)
+# --------------------------------------------------------------------------------------------
+def fold_reflection_pad(dy: Tensor, pad: int) -> Tensor:
+    """Adjoint of reflection padding: add each padded-border gradient to the pixel it mirrors."""
+    if pad == 0:
+        return dy
+    h, w = dy.shape[-2] - 2 * pad, dy.shape[-1] - 2 * pad
+    # Rows: interior plus the mirrored top rows (pad..1) and bottom rows (h-2..h-1-pad).
+    g = dy[..., pad : pad + h, :].clone()
+    g[..., 1 : pad + 1, :] += dy[..., :pad, :].flip(-2)
+    g[..., h - 1 - pad : h - 1, :] += dy[..., pad + h :, :].flip(-2)
+    out = g[..., :, pad : pad + w].clone()
+    out[..., :, 1 : pad + 1] += g[..., :, :pad].flip(-1)
+    out[..., :, w - 1 - pad : w - 1] += g[..., :, pad + w :].flip(-1)
+    return out
+
+
+def contract_forward(x, weight, bias, residual, activation, negative_slope, pad, eps):
+    """What the Triton, CUDA and C++ forward kernels compute, step by step in fp32."""
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=(2, 3), unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    xhat = (xf - mean[:, :, None, None]) * rstd[:, :, None, None]
+    z = xhat
+    if weight is not None:
+        z = z * weight.float()[None, :, None, None]
+    if bias is not None:
+        z = z + bias.float()[None, :, None, None]
+    y = apply_activation(z, activation, negative_slope)
+    if residual is not None:
+        y = y + residual.float()
+    if pad > 0:
+        y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
+    y = y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
+    return y, mean.contiguous(), rstd.contiguous()
+
+
+def contract_backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, has_residual):
+    """What the Triton, CUDA and C++ backward kernels compute, step by step in fp32."""
+    fmt = output_memory_format(x)
+    g = fold_reflection_pad(dy.float(), pad)  # d(loss)/d(act(...) + residual)
+    xhat = (x.float() - mean[:, :, None, None]) * rstd[:, :, None, None]
+    z = xhat
+    if weight is not None:
+        z = z * weight.float()[None, :, None, None]
+    if bias is not None:
+        z = z + bias.float()[None, :, None, None]
+    # The derivative at z == 0 is the negative side's, in every backend.
+    act = parse_activation(activation)
+    if act == Activation.RELU:
+        gz = torch.where(z > 0, g, torch.zeros_like(g))
+    elif act == Activation.LEAKY_RELU:
+        gz = torch.where(z > 0, g, g * negative_slope)
+    else:
+        gz = g
+    # Custom-op outputs may not alias each other: a fresh (0,) tensor for each unneeded grad.
+    dw = (gz * xhat).sum((0, 2, 3)).to(weight.dtype) if weight is not None else x.new_empty((0,))
+    if bias is not None:
+        db = gz.sum((0, 2, 3)).to(bias.dtype)
+    elif weight is not None:
+        db = weight.new_zeros(weight.shape)  # unused; keeps the fake's shape contract
+    else:
+        db = x.new_empty((0,))
+    gxhat = gz * weight.float()[None, :, None, None] if weight is not None else gz
+    # d/dx of (x - mean) * rstd with biased variance over the plane:
+    #   dx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat))
+    m1 = gxhat.mean((2, 3), keepdim=True)
+    m2 = (gxhat * xhat).mean((2, 3), keepdim=True)
+    dx = (rstd[:, :, None, None] * (gxhat - m1 - xhat * m2)).to(x.dtype).contiguous(memory_format=fmt)
+    # copy=True: with pad == 0 and fp32, g *is* dy, and an output may not alias an input.
+    dres = g.to(dtype=x.dtype, memory_format=fmt, copy=True) if has_residual else x.new_empty((0,))
+    return dx, dw, db, dres
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels of each backend
+# --------------------------------------------------------------------------------------------
+def native_forward(x, weight, bias, residual, activation, negative_slope, pad, eps):
+    """``fastcgan._C`` (csrc/instance_norm_act.cpp): the CPU or CUDA kernel, by x's device."""
+    return torch.ops.fastcgan.instance_norm_act_native_fwd(
+        x, weight, bias, residual, activation, negative_slope, pad, eps
+    )
+
+
+def native_backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, has_residual):
+    return torch.ops.fastcgan.instance_norm_act_native_bwd(
+        dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, has_residual
+    )
+
+
+class Kernels(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+TRITON_MODULE = "fastcgan.kernels.instance_norm_act"
+
+# backend -> its kernels. Triton's are added on first use: importing the module defines the
+# @triton.jit functions (no compilation, no CUDA query), and an import error surfaces as the
+# backend being unavailable for this op.
+KERNELS: dict[str, Kernels] = {
+    "torch": Kernels(contract_forward, contract_backward),
+    "cpp": Kernels(native_forward, native_backward),
+    "cuda": Kernels(native_forward, native_backward),
+}
+
+
+def kernels(backend: str) -> Kernels:
+    """The forward/backward pair implementing the kernel contract on ``backend`` (a dict lookup:
+    this is on the per-call path)."""
+    k = KERNELS.get(backend)
+    if k is None:
+        if backend != "triton":
+            raise ValueError(f"instance_norm_act has no kernels for backend {backend!r}")
+        try:
+            mod = importlib.import_module(TRITON_MODULE)
+        except Exception as e:  # a Triton too old for the language features the kernels use
+            raise RuntimeError(
+                f"instance_norm_act backend 'triton' is unavailable: {TRITON_MODULE} cannot be imported "
+                f"({type(e).__name__}: {e})"
+            ) from e
+        k = KERNELS[backend] = Kernels(mod.forward, mod.backward)
+    return k
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The backend :func:`instance_norm_act` runs ``x`` on: ``"auto"`` made concrete (the fastest
+    usable one for x's device and dtype), an explicit one checked (``RuntimeError`` with the reason
+    when it cannot run ``x``)."""
+    return _backends.resolve(backend, x, "instance_norm_act", SUPPORTED_DTYPES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,8 +307,7 @@ def _fwd_op(
     eps: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    impl = _backends.kernel_impl(backend)
-    return impl.forward(x, weight, bias, residual, activation, negative_slope, pad, eps)
+    return kernels(backend).forward(x, weight, bias, residual, activation, negative_slope, pad, eps)
 
 
 @_fwd_op.register_fake
@@ -185,8 +332,9 @@ def _bwd_op(
     has_residual: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _backends.kernel_impl(backend)
-    return impl.backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, has_residual)
+    return kernels(backend).backward(
+        dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, has_residual
+    )
 
 
 @_bwd_op.register_fake
@@ -235,9 +383,7 @@ class _EagerInstanceNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, activation, negative_slope, pad, eps, backend):
-        y, mean, rstd = _backends.kernel_impl(backend).forward(
-            x, weight, bias, residual, activation, negative_slope, pad, eps
-        )
+        y, mean, rstd = kernels(backend).forward(x, weight, bias, residual, activation, negative_slope, pad, eps)
         _setup_context(ctx, (x, weight, bias, residual, activation, negative_slope, pad, eps, backend), (y, mean, rstd))
         return y
 
@@ -245,7 +391,7 @@ class _EagerInstanceNormAct(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db, dres = _backends.kernel_impl(ctx.backend).backward(
+        dx, dw, db, dres = kernels(ctx.backend).backward(
             dy, x, weight, bias, mean, rstd, ctx.activation, ctx.negative_slope, ctx.pad, ctx.has_residual
         )
         return (
@@ -265,7 +411,7 @@ def instance_norm_act(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     *,
-    activation: str = "relu",
+    activation: Union[str, Activation] = "relu",
     negative_slope: float = 0.2,
     residual: Optional[Tensor] = None,
     pad: int = 0,
@@ -274,15 +420,17 @@ def instance_norm_act(
 ) -> Tensor:
     """Fused ``reflection_pad(act(instance_norm(x) * weight + bias) + residual, pad)``.
 
-    ``backend``: ``"auto"`` (fastest available for ``x``'s device and dtype), ``"torch"``,
-    ``"triton"``, ``"cuda"`` or ``"cpp"``; see :func:`fastcgan.ops.available_backends`.
-    During ONNX export or ``torch.export`` the reference is always used, so exported graphs
-    hold standard operators."""
+    ``activation``: ``"relu"``, ``"leaky_relu"`` (with ``negative_slope``) or ``"none"``, or the
+    :class:`fastcgan.ops.Activation` member. ``backend``: ``"auto"`` (fastest available for
+    ``x``'s device and dtype), ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpp"``; see
+    :func:`fastcgan.ops.available_backends`. During ONNX export or ``torch.export`` the reference
+    is always used, so exported graphs hold standard operators."""
     check_instance_norm_act_args(x, weight, bias, residual, activation, pad, eps)
+    activation = activation_label(activation)
     if _backends.is_exporting():
         backend = "torch"
     else:
-        backend = _backends.resolve(backend, x)
+        backend = resolve_backend(backend, x)
     if backend == "torch":
         return instance_norm_act_ref(
             x, weight, bias, activation=activation, negative_slope=negative_slope,

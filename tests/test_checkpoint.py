@@ -12,8 +12,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_train_config
+
 from fastcgan.data import augment_batch
 from fastcgan.fileio import atomic_write
 from fastcgan.train import TrainConfig, build_state, build_step

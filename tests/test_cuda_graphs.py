@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_train_config
+
 from fastcgan.train import ConfigError, build_state, build_step, resolve_fast_path
 from fastcgan.train.cli import main as cli_main
 from fastcgan.train.cuda_graphs import CUDAGraphStep, cuda_graphs_blocker, use_cuda_graphs

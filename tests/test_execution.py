@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import tiny_train_config
+
 from fastcgan.train import ConfigError, TrainState, build_state, build_step, resolve_fast_path
 from fastcgan.train.checkpoint import capture
 from fastcgan.train.cli import parse_config

@@ -15,8 +15,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import tiny_train_config
+
 from fastcgan.data import ensure_synthetic_dataset
 from fastcgan.fileio import WriteError, atomic_write
 from fastcgan.train import CheckpointError, list_checkpoints, load_checkpoint, train

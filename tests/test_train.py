@@ -13,9 +13,9 @@ import traceback
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from fastcgan.data import ensure_synthetic_dataset
-from conftest import tiny_train_config
 from fastcgan.recipes import get_recipe
 from fastcgan.train import TrainConfig, build_state, build_step, resolve_fast_path, train
 from fastcgan.train.cli import evaluate_run, parse_config

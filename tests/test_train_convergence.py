@@ -26,7 +26,6 @@ from fastcgan.evaluate import evaluate_generators
 from fastcgan.train import TrainConfig, build_state, train
 from fastcgan.train.cli import evaluate_run
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -15,8 +15,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import tiny_train_config
+
 from fastcgan.data import ensure_synthetic_dataset
 from fastcgan.train import latest_checkpoint, load_checkpoint, train
 from fastcgan.train.cli import main as cli_main

@@ -4,7 +4,7 @@ and the per-epoch batch stream the trainer reads (a DataLoader, or the GPU image
 from __future__ import annotations
 
 import signal
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Sampler

@@ -25,7 +25,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastcgan.losses import cycle_loss, discriminator_loss, generator_gan_loss, gradient_penalty, identity_loss
+from fastcgan.losses import (
+    cycle_loss,
+    discriminator_loss,
+    generator_gan_loss,
+    gradient_penalty,
+    identity_loss,
+)
 from fastcgan.recipes.base import Phase, Recipe, StepRun, zero_loss
 
 LOSS_NAMES = ("G_AB", "G_BA", "cycle_A", "cycle_B", "idt_A", "idt_B", "G", "D_A", "D_B")

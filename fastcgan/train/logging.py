@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+
 class LossAccumulator:
     """Sums the step's device-scalar losses on the device; :meth:`read` is the one host read
     (under DDP the mean over processes, so every process sees the same numbers)."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcgan.nn import InstanceNormAct
-from fastcgan.ops import instance_norm_act
+from fastcgan.ops import activation_label, apply_activation, instance_norm_act
 
 NORMS = ("instance", "batch", "none")
 
@@ -39,19 +39,6 @@ def check_bn_inference(mode: str) -> str:
     if mode not in BN_INFERENCE_MODES:
         raise ValueError(f"bn_inference must be one of {BN_INFERENCE_MODES}, got {mode!r}")
     return mode
-
-
-def _act(x: Tensor, activation: str, negative_slope: float) -> Tensor:
-    if activation == "relu":
-        return F.relu(x)
-    if activation == "leaky_relu":
-        return F.leaky_relu(x, negative_slope)
-    return x
-
-
-def _check_activation(activation: str) -> None:
-    if activation not in ("relu", "leaky_relu", "none"):
-        raise ValueError(f"activation must be 'relu', 'leaky_relu' or 'none', got {activation!r}")
 
 
 class BatchNormAct(nn.BatchNorm2d):
@@ -75,8 +62,7 @@ class BatchNormAct(nn.BatchNorm2d):
         backend: str = "auto",
     ):
         super().__init__(num_features)
-        _check_activation(activation)
-        self.activation = activation
+        self.activation = activation_label(activation)
         self.negative_slope = negative_slope
         self.pad = pad
         self.inference = check_bn_inference(inference)
@@ -88,7 +74,7 @@ class BatchNormAct(nn.BatchNorm2d):
                 x, self.weight, self.bias, activation=self.activation, negative_slope=self.negative_slope,
                 residual=residual, pad=self.pad, eps=self.eps, backend=self.backend,
             )
-        y = _act(super().forward(x), self.activation, self.negative_slope)
+        y = apply_activation(super().forward(x), self.activation, self.negative_slope)
         if residual is not None:
             y = y + residual
         if self.pad > 0:
@@ -109,14 +95,13 @@ class ActPad(nn.Module):
         self, num_features: int, activation: str = "relu", *, negative_slope: float = 0.2, pad: int = 0
     ):
         super().__init__()
-        _check_activation(activation)
         self.num_features = num_features
-        self.activation = activation
+        self.activation = activation_label(activation)
         self.negative_slope = negative_slope
         self.pad = pad
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        y = _act(x, self.activation, self.negative_slope)
+        y = apply_activation(x, self.activation, self.negative_slope)
         if residual is not None:
             y = y + residual
         if self.pad > 0:

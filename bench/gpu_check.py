@@ -160,9 +160,14 @@ def _jsonable(v):
     return v
 
 
+_DRY_RUN = False  # set by main(): dry-run rows are marked, and merge refuses them
+
+
 def append_row(out: str, stage: str, name: str, **fields) -> dict:
     """Add one result row to ``out/rows.jsonl`` now (atomically: a kill keeps every earlier row)."""
     row = {"name": name, "stage": stage, **{k: _jsonable(v) for k, v in fields.items()}}
+    if _DRY_RUN:
+        row["dry_run"] = True
     path = os.path.join(out, "rows.jsonl")
     old = b""
     if os.path.exists(path):
@@ -201,14 +206,20 @@ def _raise_recompile_limit():
 # --------------------------------------------------------------------------------------------
 # Stage 1: environment
 # --------------------------------------------------------------------------------------------
-def stage_env(S: Sizes, out: str) -> int:
+def _tags() -> dict:
+    """bench/conftest.py's tags (device, cpu_model, torch, triton, commit, python, date)."""
     from conftest import environment_tags
-
-    from fastcgan import ops
 
     tags = environment_tags()
     if tags.get("commit") == "unknown" and os.environ.get("GPU_CHECK_COMMIT"):
         tags["commit"] = os.environ["GPU_CHECK_COMMIT"]  # the device copy of the tree has no .git
+    return tags
+
+
+def stage_env(S: Sizes, out: str) -> int:
+    from fastcgan import ops
+
+    tags = _tags()
     tags["cuda_runtime"] = torch.version.cuda
     tags["dry_run"] = S.device == "cpu"
     if torch.cuda.is_available():
@@ -341,94 +352,81 @@ def stage_aoti_check(S: Sizes, out: str, work: str) -> int:
 # --------------------------------------------------------------------------------------------
 # Stage 3: instance_norm_act kernel table
 # --------------------------------------------------------------------------------------------
+def _time_kernel_case(kb, S: Sizes, shape, dtype, layout, backends) -> tuple[dict, list]:
+    """Median seconds of forward+backward per variant at one (shape, dtype, layout): the eager
+    composition, its ``torch.compile``, each fastcgan backend, and (GPU) CUDA-graph replays of
+    all but the compiled one. Returns (times, failed variant names)."""
+    from _timing import median_time
+
+    device, mode = S.device, "fwd+bwd"
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    n, c, h, w = shape
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    dy = torch.randn((n, c, h + 2 * kb.PAD, w + 2 * kb.PAD), device=device, dtype=dtype)
+    dy = dy.contiguous(memory_format=fmt)
+    eager = kb._composition(c).to(device)
+    compiled = torch.compile(eager, fullgraph=True, dynamic=False, backend=S.compile_backend)
+    variants = {"eager": eager, "compiled": compiled, **{f"fastcgan-{b}": kb._fused(b) for b in backends}}
+    times, failed = {}, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, fn in variants.items():
+            try:
+                step = kb._steps(fn, x, dy)[mode]
+                times[name] = median_time(step, device, warmup=S.kernel_warmup, iters=S.kernel_iters)
+                if device == "cuda" and name != "compiled":
+                    replay = kb._graphed(fn, x, dy, mode)
+                    if replay is not None:
+                        times[name + "-graph"] = median_time(
+                            replay, device, warmup=S.kernel_warmup, iters=S.kernel_iters
+                        )
+            except Exception as e:  # noqa: BLE001 - one broken variant must not cost the rest
+                print(
+                    f"[gpu_check] {name} {shape} {dtype} {layout} failed: {type(e).__name__}: {str(e)[:400]}"
+                )
+                failed.append(name)
+    return times, failed
+
+
 def stage_kernels(S: Sizes, out: str) -> int:
     import test_instance_norm_act as kb
-    from _timing import copy_bandwidth, median_time
+    from _timing import copy_bandwidth
 
     from fastcgan.ops import _backends
 
     _raise_recompile_limit()
-    device = S.device
+    device, mode = S.device, "fwd+bwd"
     backends = [
         b
         for b in ("triton", "cuda", "cpp")
         if _backends.status(b).available and device in _backends.status(b).devices
     ]
-    graphs = device == "cuda"
     copy_bw = copy_bandwidth(device, S.copy_bytes)
     append_row(out, "3", "copy_bandwidth", device=device, nbytes=S.copy_bytes, gbps=copy_bw / 1e9)
     print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write); backends: {backends}")
-    mode, failed = "fwd+bwd", []
+    failed = []
     for dtype_name, layout in S.kernel_cases:
         dtype = _dtype(dtype_name)
-        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
         for batch in S.kernel_batches:
             for plane in S.kernel_planes:
                 shape = (batch, *plane)
-                n, c, h, w = shape
-                torch.manual_seed(0)
-                x = (
-                    torch.randn(shape, device=device, dtype=dtype)
-                    .contiguous(memory_format=fmt)
-                    .requires_grad_()
-                )
-                dy = torch.randn((n, c, h + 2 * kb.PAD, w + 2 * kb.PAD), device=device, dtype=dtype)
-                dy = dy.contiguous(memory_format=fmt)
-                eager = kb._composition(c).to(device)
-                variants = {
-                    "eager": eager,
-                    "compiled": torch.compile(
-                        eager, fullgraph=True, dynamic=False, backend=S.compile_backend
-                    ),
-                }
-                variants.update({f"fastcgan-{b}": kb._fused(b) for b in backends})
-                times = {}
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    for name, fn in variants.items():
-                        try:
-                            step = kb._steps(fn, x, dy)[mode]
-                            times[name] = median_time(
-                                step, device, warmup=S.kernel_warmup, iters=S.kernel_iters
-                            )
-                            if graphs and name != "compiled":
-                                replay = kb._graphed(fn, x, dy, mode)
-                                if replay is not None:
-                                    times[name + "-graph"] = median_time(
-                                        replay, device, warmup=S.kernel_warmup, iters=S.kernel_iters
-                                    )
-                        except Exception as e:  # noqa: BLE001 - one broken variant must not cost the rest
-                            print(
-                                f"[gpu_check] {name} {shape} {dtype_name} {layout} failed: "
-                                f"{type(e).__name__}: {str(e)[:400]}"
-                            )
-                            failed.append(f"{name} {shape} {dtype_name} {layout}")
+                times, bad = _time_kernel_case(kb, S, shape, dtype, layout, backends)
+                failed += [f"{name} {shape} {dtype_name} {layout}" for name in bad]
                 nbytes = kb._min_bytes(shape, dtype, mode)
                 for name, t in times.items():
                     base = "eager-graph" if name.endswith("-graph") else "eager"
                     row = append_row(
-                        out,
-                        "3",
-                        f"instance_norm_act/{mode}/{name}",
-                        shape="x".join(map(str, shape)),
-                        dtype=dtype_name,
-                        layout=layout,
-                        device=device,
-                        variant=name,
-                        mode=mode,
-                        time_us=t * 1e6,
-                        gbps=nbytes / t / 1e9,
+                        out, "3", f"instance_norm_act/{mode}/{name}",
+                        shape="x".join(map(str, shape)), dtype=dtype_name, layout=layout, device=device,
+                        variant=name, mode=mode, time_us=t * 1e6, gbps=nbytes / t / 1e9,
                         pct_copy_bw=100 * nbytes / t / copy_bw,
                         x_vs_eager=kb._ratio(times.get(base), t),
                         x_vs_compiled=kb._ratio(times.get("compiled"), t),
-                    )
+                    )  # fmt: skip
                     kb._rows.append(row)
-                print(
-                    f"{'x'.join(map(str, shape)):>14} {dtype_name:>8} {layout}: "
-                    + "  ".join(f"{k} {v * 1e6:.0f}us" for k, v in times.items()),
-                    flush=True,
-                )
-                del variants, eager, x, dy
+                cells = "  ".join(f"{k} {v * 1e6:.0f}us" for k, v in times.items())
+                print(f"{'x'.join(map(str, shape)):>14} {dtype_name:>8} {layout}: {cells}", flush=True)
     kb._table()  # the bench's own table and bf16 targets
     if failed:
         print(f"variants failed: {failed}")
@@ -616,10 +614,8 @@ def _entry(out: str) -> dict:
     if os.path.exists(env_path):
         with open(env_path) as f:
             tags = json.load(f)
-    else:  # stage 1 did not run: tag with this process's view
-        from conftest import environment_tags
-
-        tags = environment_tags()
+    else:  # stage 1 did not run (--stages without 1): tag with this process's view
+        tags = _tags()
     tags.pop("backends", None)
     stages = []
     path = os.path.join(out, "stages.jsonl")
@@ -648,7 +644,7 @@ def stage_report(out: str) -> int:
     )
     for s in entry["stages"]:
         state = "ok" if s["rc"] == 0 else ("TIMEOUT" if s.get("timed_out") else f"FAILED rc={s['rc']}")
-        print(f"  stage {s['stage']:<16} {state:<14} {s['seconds']:7.1f} s")
+        print(f"  stage {s['stage']:<20} {state:<14} {s['seconds']:7.1f} s")
     for r in rows:
         if r["name"].startswith("correctness/"):
             print(f"  {r['name']}: {'PASS' if r.get('passed') else 'FAIL'}")
@@ -670,22 +666,31 @@ def stage_report(out: str) -> int:
             ve, vc = best["x_vs_eager"] or 0, best["x_vs_compiled"] or 0
             met_e = "met" if ve >= KERNEL_X_EAGER else "missed"
             met_c = "met" if vc >= KERNEL_X_COMPILED else "missed"
+            graph = [r for r in rs if r["variant"].startswith("fastcgan") and r["variant"].endswith("-graph")]
+            g = max(graph, key=lambda r: r["x_vs_eager"] or 0) if graph else None
             print(
                 f"  {key[0]:>8} {key[1]} {key[2]:>14}: {best['variant']:<15} {best['time_us']:8.1f} us  "
                 f"x{ve:.2f} eager ({met_e} >={KERNEL_X_EAGER})  "
                 f"x{vc:.2f} compiled ({met_c} >={KERNEL_X_COMPILED})  "
                 f"{bw['pct_copy_bw']:.0f} % copy bw ({bw['variant']})"
+                + (f"  replayed: {g['variant']} x{g['x_vs_eager'] or 0:.2f} eager-graph" if g else "")
             )
-        per_backend: dict[str, list[float]] = {}
+        # AUTO_ORDER_CUDA: the backend with the least total time over the cases every backend ran.
+        per_case: dict[tuple, dict[str, float]] = {}
         for r in k:
             v = r["variant"]
             if v.startswith("fastcgan") and not v.endswith("-graph"):
-                per_backend.setdefault(v[len("fastcgan-") :], []).append(r["time_us"])
-        if per_backend:
-            order = sorted(per_backend, key=lambda b: sum(per_backend[b]))
+                per_case.setdefault((r["dtype"], r["layout"], r["shape"]), {})[v[len("fastcgan-") :]] = r[
+                    "time_us"
+                ]
+        names = set.union(*(set(c) for c in per_case.values())) if per_case else set()
+        common = [c for c in per_case.values() if set(c) == names]
+        if names and common:
+            total = {b: sum(c[b] for c in common) for b in names}
+            order = sorted(total, key=total.get)
             print(
-                "  total time over the table by backend: "
-                + ", ".join(f"{b} {sum(per_backend[b]) / 1e3:.2f} ms" for b in order)
+                f"  total over the {len(common)} cases every backend ran: "
+                + ", ".join(f"{b} {total[b] / 1e3:.2f} ms" for b in order)
                 + f"  -> AUTO_ORDER_CUDA candidate {tuple(b for b in order if b != 'cpp')}"
             )
 
@@ -730,7 +735,7 @@ def merge(out: str, results_dir: str) -> int:
     """Append the run in ``out`` as one entry to ``results_dir/<device>.json`` (run on the machine
     holding the repository; the commit comes from ``GPU_CHECK_COMMIT`` when the device had no git)."""
     entry = _entry(out)
-    if entry.get("dry_run"):
+    if entry.get("dry_run") or any(r.get("dry_run") for r in entry["results"]):
         print("refusing to merge a --dry-run (its numbers mean nothing)", file=sys.stderr)
         return 2
     if not entry["results"]:
@@ -762,6 +767,8 @@ def main(argv=None) -> int:
     p.add_argument("--results-dir", default=os.path.join(BENCH, "results"), help="for merge")
     a = p.parse_args(argv)
     S = DRY if a.dry_run else GPU
+    global _DRY_RUN
+    _DRY_RUN = a.dry_run
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     work = os.path.abspath(

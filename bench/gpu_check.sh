@@ -11,7 +11,8 @@
 # Stages, in priority order, each under its own `timeout` (GPU_CHECK_T_<STAGE>=secs overrides one,
 # e.g. GPU_CHECK_T_TRAIN=240, GPU_CHECK_T_CORRECT_TRITON=200):
 #   1 build    fastcgan._C for this GPU's architecture only; versions; available_backends()
-#   2 correct  pytest -m cuda, trimmed (triton | native CUDA + CUDA-graph replay, in parallel);
+#   2 correct  pytest -m cuda, trimmed (triton NCHW | triton NHWC | native CUDA + CUDA-graph replay,
+#              in parallel);
 #              the AOTInductor bf16 package (compiled in the background from stage 1 on) loads
 #   3 kernels  instance_norm_act fwd+bwd at the ResNet-9 256² shapes, batch 1/8, fp32/bf16
 #   4 train    official eager fp32 step vs fastcgan's fastest configuration, batch 1 and 8
@@ -88,7 +89,7 @@ run_stage() {
   printf '{"stage": "%s", "rc": %d, "timed_out": %s, "seconds": %d.%d, "timeout_s": %d}\n' \
     "$name" "$rc" "$to" $((ms / 1000)) $(((ms % 1000) / 100)) "$limit" >>"$OUT/stages.jsonl"
   say "stage $name: rc $rc$([ $to = true ] && echo ' (TIMED OUT)') in $((ms / 1000))s"
-  if [ $rc != 0 ]; then tail -n 25 "$OUT/$name.log" | sed "s/^/  $name| /"; fi
+  if [ $rc != 0 ]; then tail -n 15 "$OUT/$name.log" | sed "s/^/  $name| /"; fi
   return $rc
 }
 
@@ -123,29 +124,35 @@ if want 1; then
   cat "$OUT/env.log" 2>/dev/null | grep -v '^\[gpu_check\]'
 fi
 
-# The AOTInductor package compiles on the CPU (Inductor codegen + C++) while stages 2-4 use the
-# GPU: start it now, wait for it before its check.
+# The AOTInductor package compiles on the CPU (Inductor codegen + C++) while stage 2's tests run:
+# start it now, wait for it before its check. (Without stage 2 it is built just before stage 5,
+# so that no compile competes with the timed stages for the CPU.)
+AOTI=(run_stage aoti-build 240 $PY bench/gpu_check.py aoti-build --out "$OUT" --work "$WORK" "${DRYFLAG[@]}")
 AOTI_PID=
-if want 2 || want 5; then
-  run_stage aoti-build 240 $PY bench/gpu_check.py aoti-build --out "$OUT" --work "$WORK" "${DRYFLAG[@]}" &
+if want 2; then
+  "${AOTI[@]}" &
   AOTI_PID=$!
 fi
 
 # ---------------------------------------------------------------------------------------- 2
 if want 2; then
-  PYTEST=($PY -m pytest -q -rfE -p no:cacheprovider --durations=10 -m cuda)
+  PYTEST=($PY -m pytest -q -rfE --tb=short --maxfail=40 -p no:cacheprovider --durations=10 -m cuda)
   $PY -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=150)
   # Triton: every backend test except the two full 180-binary option sweeps of the 3x5 plane
-  # (JIT time; bash bench/run_gpu.sh runs them); the layer's real option sets on every named
-  # shape, all dtypes and layouts, and the real 256² shapes.
-  run_stage correct-triton 150 "${PYTEST[@]}" tests/test_instance_norm_act.py \
-    -k "triton and not (nchw-fp32-3x5 or nhwc-bf16-3x5)" &
-  P_TRITON=$!
+  # (JIT time; bash bench/run_gpu.sh runs them): the layer's real option sets on every named
+  # shape, all dtypes and layouts, and the real 256² shapes. JIT compiling is single-threaded per
+  # process, so the Triton tests run as two processes (NCHW | channels_last and the rest).
+  run_stage correct-triton-nchw 150 "${PYTEST[@]}" tests/test_instance_norm_act.py \
+    -k "triton and nchw and not nchw-fp32-3x5" &
+  P1=$!
+  run_stage correct-triton-nhwc 150 "${PYTEST[@]}" tests/test_instance_norm_act.py \
+    -k "triton and not nchw and not nhwc-bf16-3x5" &
+  P2=$!
   # Native CUDA (no JIT: every option on every shape), then the whole-step CUDA-graph capture.
   run_stage correct-cuda 150 "${PYTEST[@]}" tests/test_instance_norm_act.py tests/test_native.py \
     tests/test_cuda_graphs.py -k "not triton" &
-  P_CUDA=$!
-  wait $P_TRITON; wait $P_CUDA
+  P3=$!
+  wait $P1; wait $P2; wait $P3
   if [ -n "$AOTI_PID" ]; then wait $AOTI_PID; fi
   run_stage correct-aoti 60 $PY bench/gpu_check.py aoti-check --out "$OUT" --work "$WORK" "${DRYFLAG[@]}"
 fi
@@ -154,7 +161,7 @@ fi
 want 3 && run_stage kernels 90 $PY bench/gpu_check.py kernels --out "$OUT" "${DRYFLAG[@]}"
 want 4 && run_stage train 180 $PY bench/gpu_check.py train --out "$OUT" "${DRYFLAG[@]}"
 if want 5; then
-  if [ -n "$AOTI_PID" ]; then wait $AOTI_PID; fi
+  if [ -z "$AOTI_PID" ]; then "${AOTI[@]}"; fi
   run_stage infer 120 $PY bench/gpu_check.py infer --out "$OUT" --work "$WORK" "${DRYFLAG[@]}"
 fi
 

@@ -45,7 +45,9 @@ VARIANTS = {
     "auto-amp": dict(kernels="auto", amp=True),
     "auto-amp-cl": dict(kernels="auto", amp=True, channels_last=True),
     # cuda_graphs=False: with --amp --compile on a GPU the trainer captures the step by default.
-    "auto-amp-cl-compile": dict(kernels="auto", amp=True, channels_last=True, compile=True, cuda_graphs=False),
+    "auto-amp-cl-compile": dict(
+        kernels="auto", amp=True, channels_last=True, compile=True, cuda_graphs=False
+    ),
     "auto-amp-cl-compile-graphs": dict(
         kernels="auto", amp=True, channels_last=True, compile=True, cuda_graphs=True
     ),
@@ -100,12 +102,7 @@ def make_fastcgan_step(flags, device, batch, size, ngf, n_blocks, host_u8, bank)
     (compile, CUDA-graph capture). The only place the benchmarks touch ``fastcgan.train``
     internals (``bench/gpu_check.py`` uses it too): adapt it here when they change."""
     from fastcgan.data import augment_batch
-    from fastcgan.train import TrainConfig, build_state
-
-    try:
-        from fastcgan.train import build_step  # the trainer restructured around recipes
-    except ImportError:  # the trainer before it; drop this fallback once that is committed
-        from fastcgan.train.cuda_graphs import make_step_fn as build_step
+    from fastcgan.train import TrainConfig, build_state, build_step
 
     flags = dict(flags)
     on_gpu_data = flags.pop("data_on_gpu", False)
@@ -126,6 +123,7 @@ def make_fastcgan_step(flags, device, batch, size, ngf, n_blocks, host_u8, bank)
     state = build_state(cfg, device)
     step = build_step(state, cfg)  # flags left None ("auto") stay off: resolve_fast_path is not called
     it = [0]
+    cl = bool(cfg.run.channels_last)
 
     def one_step():
         if on_gpu_data:
@@ -133,10 +131,8 @@ def make_fastcgan_step(flags, device, batch, size, ngf, n_blocks, host_u8, bank)
         else:
             u8 = {d: v.to(device, non_blocking=True) for d, v in host_u8.items()}
         it[0] += 1
-        real = {
-            d: augment_batch(u8[d], size, True, generator=state.aug_generator, channels_last=cfg.run.channels_last)
-            for d in "AB"
-        }
+        gen = state.aug_generator
+        real = {d: augment_batch(u8[d], size, True, generator=gen, channels_last=cl) for d in "AB"}
         return step(real)
 
     # A captured step (CUDAGraphStep) runs ``warmup`` eager calls, then captures on the next.
@@ -159,7 +155,9 @@ def _run(record, device, size, batch, ngf, n_blocks, variants, warmup, iters, ta
 
     for name in variants:
         _reset_mem(device)
-        one_step, extra_warmup = make_fastcgan_step(VARIANTS[name], device, batch, size, ngf, n_blocks, host_u8, bank)
+        one_step, extra_warmup = make_fastcgan_step(
+            VARIANTS[name], device, batch, size, ngf, n_blocks, host_u8, bank
+        )
         t = median_time(one_step, device, warmup=warmup + extra_warmup, iters=iters)
         rows.append((name, t, _peak_mb(device)))
         one_step = None  # free the networks before the next variant

@@ -16,7 +16,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 DRIVER = os.path.join(ROOT, "bench", "gpu_check.py")
-STAGES = ["env", "aoti-build", "correct-triton", "correct-cuda", "correct-aoti", "kernels", "train", "infer"]
+STAGES = ["env", "aoti-build", "correct-triton-nchw", "correct-triton-nhwc", "correct-cuda", "correct-aoti"]
+STAGES += ["kernels", "train", "infer"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_dry_run_pytest_selections_collect_tests(dry_run):
     """The trimmed ``pytest -m cuda`` selections of stage 2 still name tests (all skip on a CPU):
     a renamed test or parameter id must not silently empty the GPU correctness stage."""
     out, _ = dry_run
-    for name in ("correct-triton", "correct-cuda"):
+    for name in ("correct-triton-nchw", "correct-triton-nhwc", "correct-cuda"):
         log = (out / f"{name}.log").read_text()
         assert "skipped" in log and "error" not in log.lower(), log[-2000:]
 
@@ -85,6 +86,7 @@ def test_dry_run_rows_and_report(dry_run):
     for key in ("device", "torch", "triton", "commit", "python", "date", "cpu_model"):
         assert key in entry
     assert entry["dry_run"] is True and len(entry["results"]) == len(rows)
+    assert all(r["dry_run"] for r in rows)  # so merge refuses them even without env.json
     assert "training step:" in (out / "report.txt").read_text()
 
 
@@ -100,7 +102,8 @@ def test_merge_appends_a_gpu_entry_and_refuses_a_dry_run(dry_run, tmp_path):
     env = json.loads((out / "env.json").read_text())
     env.update(device="NVIDIA H100 80GB HBM3", dry_run=False)
     (gpu / "env.json").write_text(json.dumps(env))
-    (gpu / "rows.jsonl").write_text((out / "rows.jsonl").read_text())
+    rows = [{k: v for k, v in r.items() if k != "dry_run"} for r in _lines(out / "rows.jsonl")]
+    (gpu / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cmd[4] = str(gpu)
     for n in (1, 2):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)

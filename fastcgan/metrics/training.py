@@ -87,15 +87,18 @@ class TrainingEvaluator:
     def num_images(self) -> dict[str, int]:
         return {d: len(v) for d, v in self.images.items()}
 
-    def __call__(self, G_AB: nn.Module, G_BA: nn.Module) -> dict[str, float]:
+    def __call__(self, G_AB: nn.Module | None, G_BA: nn.Module | None) -> dict[str, float]:
         """``fid_AtoB, kid_AtoB_mean, kid_AtoB_std, fid_BtoA, kid_BtoA_mean, kid_BtoA_std`` (A->B
-        against the real B images, B->A against the real A images) and ``eval_seconds``."""
+        against the real B images, B->A against the real A images) and ``eval_seconds``. A
+        direction whose generator is ``None`` (one-way recipes: CUT, pix2pix) is left out."""
         from fastcgan.evaluate import eval_mode, module_translator
 
         t0 = time.perf_counter()
         out: dict[str, float] = {}
         with private_rng(0, self.device), eval_mode(G_AB, G_BA), torch.inference_mode():
             for name, g, src, dst in (("AtoB", G_AB, "A", "B"), ("BtoA", G_BA, "B", "A")):
+                if g is None:
+                    continue
                 tr = module_translator(g, self.device, self.amp_dtype, self.batch_size)
                 # uint8 in, uint8 out: the deploy runtime's own conversion and rounding.
                 fakes = tr.translate_batch(self.images[src])

@@ -18,6 +18,7 @@ from typing import Optional
 
 from fastcgan.train.config import (
     DATASETS,
+    DIRECTIONS,
     INIT_TYPES,
     KERNELS,
     LR_POLICIES,
@@ -69,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         choices=tuple(PRESETS),
-        default="cyclegan",
-        help="named recipe; other flags override it (default: cyclegan, the official recipe)",
+        default=None,
+        help="named configuration; other flags override it (default: the preset named like --model "
+        "if there is one, e.g. --model pix2pix -> pix2pix, else cyclegan, the official CycleGAN)",
     )
     from fastcgan.recipes import RECIPES
 
@@ -105,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--serial-batches", action="store_true", default=S)
     g.add_argument(
+        "--direction",
+        choices=DIRECTIONS,
+        default=S,
+        help="paired data (pix2pix): AtoB = the left half of each image is the input (default), BtoA swaps",
+    )
+    g.add_argument(
         "--data-on-gpu",
         action=argparse.BooleanOptionalAction,
         default=S,
@@ -137,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda-cycle", type=_float(0.0), default=S)
     g.add_argument("--lambda-identity", type=_float(0.0), default=S)
     g.add_argument("--lambda-gp", type=_float(0.0), default=S)
+    g.add_argument(
+        "--lambda-L1", dest="lambda_L1", type=_float(0.0), default=S, help="pix2pix: weight of L1 to the target"
+    )
     g.add_argument("--cycle-kind", choices=("l1", "l2"), default=S)
     g.add_argument("--pool-size", type=_int(0), default=S)
     g = p.add_argument_group("run")
@@ -204,11 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_preset(recipe: Optional[str]) -> str:
+    """The preset used without ``--preset``: the one named like the recipe (``--model pix2pix``
+    gets the official pix2pix defaults), else ``cyclegan``."""
+    return recipe if recipe in PRESETS else "cyclegan"
+
+
 def parse_config(argv: Optional[list[str]] = None) -> tuple[TrainConfig, dict]:
     """Flags -> (config, the explicitly given fields). Invalid values exit via argparse."""
     p = build_parser()
     a = vars(p.parse_args(argv))
-    preset = a.pop("preset")
+    preset = a.pop("preset") or default_preset(a.get("recipe"))
     try:
         cfg = TrainConfig.from_preset(preset, **a)
     except ConfigError as e:

@@ -19,6 +19,7 @@ from fastcgan.models import DISCRIMINATOR_ARCHS, GENERATOR_ARCHS, NORMS
 LR_POLICIES = ("linear", "step", "cosine")
 KERNELS = ("auto", "torch", "triton", "cuda", "cpp")
 DATASETS = ("folder", "synthetic")
+DIRECTIONS = ("AtoB", "BtoA")  # paired data: AtoB = left half is the input
 PREPROCESS = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
 INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
 
@@ -98,9 +99,12 @@ class DataConfig:
     max_image_pixels: Optional[int] = None
     synthetic_train: int = 200  # images per domain generated for --dataset synthetic
     synthetic_test: int = 50
+    # Paired data (pix2pix): which half of each A|B image is the input; BtoA swaps them.
+    direction: str = "AtoB"
 
     def validate(self) -> None:
         _check(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}, got {self.dataset!r}")
+        _check(self.direction in DIRECTIONS, "direction", f"must be one of {DIRECTIONS}, got {self.direction!r}")
         _check(
             self.preprocess in PREPROCESS,
             "preprocess",
@@ -174,6 +178,7 @@ class LossConfig:
     cycle_kind: str = "l1"
     pool_size: int = 50
     lambda_gp: float = 10.0  # wgangp only
+    lambda_L1: float = 100.0  # pix2pix: weight of the L1 to the target
 
     def validate(self) -> None:
         _check(self.gan_mode in GAN_MODES, "gan_mode", f"must be one of {GAN_MODES}, got {self.gan_mode!r}")
@@ -181,6 +186,7 @@ class LossConfig:
         _check(self.lambda_cycle >= 0, "lambda_cycle", f"must be >= 0, got {self.lambda_cycle}")
         _check(self.lambda_identity >= 0, "lambda_identity", f"must be >= 0, got {self.lambda_identity}")
         _check(self.lambda_gp >= 0, "lambda_gp", f"must be >= 0, got {self.lambda_gp}")
+        _check(self.lambda_L1 >= 0, "lambda_L1", f"must be >= 0, got {self.lambda_L1}")
         _check(isinstance(self.pool_size, int) and self.pool_size >= 0, "pool_size", "must be an int >= 0")
 
 
@@ -293,6 +299,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pool_size": 0,
         "batch_size": 16,
     },
+    # The official pix2pix (paired): U-Net 256 with BatchNorm and dropout 0.5, the conditional
+    # 70x70 PatchGAN (sees input and output, 6 channels), vanilla GAN + 100 x L1, no pool,
+    # 286 -> 256 crops with flips, Adam 2e-4 (0.5, 0.999), 100 + 100 epochs linear, batch 1.
+    "pix2pix": {
+        "recipe": "pix2pix",
+        "netG": "unet_256",
+        "netD": "basic",
+        "norm": "batch",
+        "use_dropout": True,
+        "gan_mode": "vanilla",
+        "lambda_L1": 100.0,
+        "pool_size": 0,
+        "lambda_identity": 0.0,
+        "load_size": 286,
+        "crop_size": 256,
+        "flip": True,
+    },
 }
 
 
@@ -319,6 +342,9 @@ class TrainConfig:
                 )
         elif crops and d.crop_size % 4:
             raise ConfigError(f"crop_size (--crop-size) {d.crop_size}: netG {m.netG} needs a multiple of 4")
+        if self.loss.gan_mode == "wgangp" and self.model.recipe == "pix2pix":
+            raise ConfigError("gan_mode (--gan-mode) wgangp: pix2pix has no gradient penalty (as the official); "
+                              "use vanilla (its default), lsgan or hinge")
         if self.loss.gan_mode == "wgangp" and self.model.netD == "udacity" and self.model.norm == "batch":
             raise ConfigError(
                 "gan_mode (--gan-mode) wgangp: the gradient penalty is ill-defined with BatchNorm "

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from fastcgan.data import DatasetError, preload_to_device
+from fastcgan.data import AlignedDataset, DatasetError, preload_to_device
 from fastcgan.data.sampler import TrainBatches
 from fastcgan.train.config import TrainConfig
 
@@ -41,6 +41,8 @@ def dataset_nbytes(cfg: TrainConfig, ds):
     if cfg.data.preprocess != "resize_and_crop":
         return None
     s = cfg.data.load_size
+    if isinstance(ds, AlignedDataset):  # one pair image holds one A and one B
+        return len(ds) * (cfg.model.input_nc + cfg.model.output_nc) * s * s
     return (ds.A_size * cfg.model.input_nc + ds.B_size * cfg.model.output_nc) * s * s
 
 
@@ -79,6 +81,9 @@ def sample_images(cfg: TrainConfig, root: str, recipe=None) -> dict[str, torch.T
         ds = build_dataset(cfg, root, "test", recipe)
     except DatasetError:
         ds = build_dataset(cfg, root, "train", recipe)
+    if isinstance(ds, AlignedDataset):  # pairs: B[i] is the target of A[i] (same center crop)
+        pairs = [ds.load_resized(i)[:2] for i in range(min(cfg.run.n_samples, len(ds)))]
+        return {d: torch.stack([_center(p[k], cfg.data.crop_size) for p in pairs]) for k, d in enumerate("AB")}
     out = {}
     for dom, size in (("A", ds.A_size), ("B", ds.B_size)):
         n = min(cfg.run.n_samples, size)

@@ -122,7 +122,7 @@ def compile_phases(exe: Execution, cfg: TrainConfig, recipe: Recipe) -> None:
     opts = dict(backend=cfg.run.compile_backend, fullgraph=True, dynamic=False)
     phases = [ph for ph in recipe.phases if ph.compilable(cfg)]
     if exe.dist.enabled:
-        names = {n for ph in phases for n in recipe.optimizers[ph.optimizer]}
+        names = {n for ph in phases if ph.optimizer is not None for n in recipe.optimizers[ph.optimizer]}
         for name in sorted(names):
             exe.state.nets[name].compile(**opts)
         return

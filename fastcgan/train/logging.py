@@ -164,6 +164,16 @@ class RunLogger:
             self.bar.set_postfix(post, refresh=False)
         return rec
 
+    def log_eval(self, step: int, metrics: dict[str, float], network: str) -> None:
+        """FID/KID of the current generators: a ``metrics.jsonl`` line and TensorBoard scalars."""
+        if not self.enabled:
+            return
+        self._metrics.write(json.dumps({"step": step, "eval": metrics, "eval_network": network}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"eval/{k}", v, step)
+        self.message(f"fastcgan: step {step}: " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
     def sample(self, step: int, grid: torch.Tensor) -> str:
         """Save a [0, 1] image grid as ``samples/step_<step>.png`` (and to TensorBoard)."""
         from torchvision.utils import save_image

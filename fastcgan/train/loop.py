@@ -130,13 +130,59 @@ class _Run:
         self.total = schedule if cfg.run.max_steps is None else min(cfg.run.max_steps, schedule)
         self.last_ckpt: Optional[str] = None
         self.logger = None
+        self.eval_every = self._eval_every()
+        self.evaluator = None  # built at the first evaluation (real-image features, once per run)
+        self.eval_seconds, self.last_eval, self.best_fid = 0.0, {}, None
+
+    def _eval_every(self) -> int:
+        """``--eval-every``: FID/KID on the test split. Auto: every checkpoint when the metrics
+        extra is installed and the data has unpaired ``testA/ testB/`` folders; an explicit
+        request that cannot run is a config error before training."""
+        from fastcgan.metrics import metrics_status
+
+        n, cfg = self.cfg.run.eval_every, self.cfg
+        has_split = all(os.path.isdir(os.path.join(self.root, "test" + d)) for d in "AB")
+        if n == 0 or not self.ctx.is_main:
+            return 0
+        ok, why = metrics_status()
+        if n is None:
+            return cfg.run.checkpoint_every if ok and has_split else 0
+        if not ok or not has_split:
+            why = why if not ok else f"{self.root} has no testA/ and testB/ folders"
+            raise ConfigError(f"eval_every (--eval-every) {n}: FID/KID cannot run: {why}; use --eval-every 0")
+        return n
+
+    def evaluate(self, state, exe) -> None:
+        """FID/KID of the current generators (outside the step: eval mode, no grad, no global RNG
+        draws, so training is unchanged); the best mean FID's generators are kept as
+        ``generator_<dir>_best.safetensors``."""
+        from fastcgan.metrics import TrainingEvaluator
+        from fastcgan.models import save_generator
+
+        cfg, gens = self.cfg, {d: state.nets[n] for d, n in self.recipe.exports.items()}
+        if self.evaluator is None:
+            self.evaluator = TrainingEvaluator(
+                self.root, "test", self.device, image_size=cfg.data.crop_size, max_images=cfg.run.eval_max_images,
+                amp_dtype=exe.amp_dtype, input_nc=cfg.model.input_nc, output_nc=cfg.model.output_nc,
+            )
+            self.eval_seconds += self.evaluator.setup_seconds
+        m = self.evaluator(gens.get("AtoB"), gens.get("BtoA"))
+        self.eval_seconds += m.pop("eval_seconds")
+        self.last_eval = {"step": state.step, **m}
+        self.logger.log_eval(state.step, m, self.evaluator.network)
+        fids = [v for k, v in m.items() if k.startswith("fid_")]
+        score = sum(fids) / len(fids)
+        if self.best_fid is None or score < self.best_fid["fid"]:
+            self.best_fid = {"step": state.step, "fid": score}
+            for direction, net in gens.items():
+                save_generator(net, os.path.join(self.run_dir, f"generator_{direction}_best.safetensors"))
 
     def save(self, state) -> None:
         if not self.ctx.is_main:
             return
         from fastcgan.models import save_generator
 
-        extra = {"skipped": self.batches.skipped}
+        extra = {"skipped": self.batches.skipped, "best_fid": self.best_fid}
         self.last_ckpt = save_checkpoint(state, self.cfg, self.run_dir, self.batches.generators, extra)
         for direction, net in self.recipe.exports.items():
             save_generator(state.nets[net], os.path.join(self.run_dir, f"generator_{direction}.safetensors"))
@@ -145,6 +191,7 @@ class _Run:
         cfg, ctx, main = self.cfg, self.ctx, self.ctx.is_main
         if payload is not None:
             state = restore_state(payload, cfg, self.device, self.batches.generators, path=ckpt_path)
+            self.best_fid = payload["extra"].get("best_fid")
         else:
             _seed_everything(cfg.run.seed)
             state = build_state(cfg, self.device, self.recipe)
@@ -197,6 +244,8 @@ class _Run:
                             n_skipped = self._report_skipped(n_skipped)
                         if main and (s % cfg.run.sample_every == 0 or s == self.total):
                             log.sample(s, sample_grid(step_fn.exe, self.recipe, samples))
+                        if self.eval_every and s % self.eval_every == 0:
+                            self.evaluate(state, step_fn.exe)
                         if s % cfg.run.checkpoint_every == 0 or s == self.total:
                             self.save(state)
                         # Every process stops after the same step (any of them may get the signal).
@@ -251,6 +300,10 @@ class _Run:
             "exit_code": EXIT_CODES.get(signum, 0) if signum is not None else 0,
             "device": str(self.device),
             "execution": describe(self.cfg, self.device),
+            "fid": self.last_eval or None,
+            "best_fid": self.best_fid,
+            "eval_time_s": round(self.eval_seconds, 3),
+            "eval_time_share": round(self.eval_seconds / wall, 4) if wall > 0 else None,
             "dataroot": self.root,
         }
         if self.ctx.is_main:

@@ -28,11 +28,14 @@ def train_step(exe, batch: dict[str, Tensor], recipe: Recipe, cfg) -> dict[str, 
         forward = exe.compiled.get(phase.name, phase.forward)
         frozen = [state.nets[n] for n in phase.frozen]
         set_requires_grad(frozen, False)
-        opt = state.optimizers[phase.optimizer]
-        opt.zero_grad(set_to_none=True)
-        loss, phase_losses, carry = forward(exe, batch, carry, cfg)
-        state.scaler.scale(loss).backward()
-        state.scaler.step(opt)
+        if phase.optimizer is None:  # forward only: later phases backpropagate through its carry
+            _, phase_losses, carry = forward(exe, batch, carry, cfg)
+        else:
+            opt = state.optimizers[phase.optimizer]
+            opt.zero_grad(set_to_none=True)
+            loss, phase_losses, carry = forward(exe, batch, carry, cfg)
+            state.scaler.scale(loss).backward()
+            state.scaler.step(opt)
         set_requires_grad(frozen, True)
         losses.update(phase_losses)
     state.scaler.update()

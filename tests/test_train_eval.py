@@ -1,0 +1,75 @@
+"""--eval-every: FID/KID during training at the right steps, without changing what is trained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_train_config
+
+from fastcgan.data import ensure_synthetic_dataset
+from fastcgan.metrics import metrics_available
+from fastcgan.train import ConfigError, latest_checkpoint, load_checkpoint, train
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not metrics_available(), reason="the metrics extra (FID weights) is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return ensure_synthetic_dataset(str(tmp_path_factory.mktemp("synth") / "s32"), size=32, n_train=8, n_test=4)
+
+
+def _run(synth, out, eval_every):
+    return train(tiny_train_config(synth, out, max_steps=4, eval_every=eval_every, eval_max_images=4,
+                                   synthetic_test=4))  # fmt: skip
+
+
+def test_eval_every_logs_fid_and_keeps_training_unchanged(tmp_path, synth):
+    with_eval = _run(synth, tmp_path / "a", 2)
+    without = _run(synth, tmp_path / "b", 0)
+    run = tmp_path / "a" / "run"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert {"fid_AtoB", "fid_BtoA", "kid_AtoB_mean", "kid_BtoA_mean"} <= set(r["eval"])
+        assert all(v == v and v >= -1e-3 for v in r["eval"].values())  # finite; KID may dip below 0
+        assert "Inception" in r["eval_network"] or "inception" in r["eval_network"].lower()
+    assert with_eval["fid"]["step"] == 4 and with_eval["best_fid"]["step"] in (2, 4)
+    assert 0 < with_eval["eval_time_share"] < 1
+    assert (run / "generator_AtoB_best.safetensors").is_file() and (run / "generator_BtoA_best.safetensors").is_file()
+    # the weights, optimizer moments and RNG streams are those of the run without evaluation
+    a = load_checkpoint(latest_checkpoint(str(run)))
+    b = load_checkpoint(latest_checkpoint(str(tmp_path / "b" / "run")))
+    for key in ("nets", "optimizers", "pools", "rng"):
+        _assert_equal(a[key], b[key], key)
+    assert without["fid"] is None and without["eval_time_s"] == 0
+
+
+def _assert_equal(a, b, path):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_explicit_eval_without_a_test_split_is_a_config_error(tmp_path, synth):
+    import shutil
+
+    root = tmp_path / "data"
+    for sub in ("trainA", "trainB"):
+        shutil.copytree(f"{synth}/{sub}", root / sub)
+    with pytest.raises(ConfigError, match="--eval-every"):
+        train(tiny_train_config(str(root), tmp_path, dataset="folder", max_steps=1, eval_every=1))
+    assert not (tmp_path / "run").exists()

@@ -7,7 +7,8 @@ checkpoints, logging, export. A recipe owns only:
 * ``optimizers``: which networks each optimizer updates (``{"G": ("G_AB", "G_BA"), ...}``);
 * ``pools(cfg)``: its image pools: name -> (size, image channels), part of the state;
 * ``phases``: the step, as an ordered tuple of :class:`Phase` -- each a pure forward function
-  returning the loss one optimizer minimises (the trainer runs backward and the update);
+  returning the loss one optimizer minimises (the trainer runs backward and the update), or,
+  with no optimizer, only tensors for later phases (pix2pix's generator forward);
 * ``loss_names(cfg)``: the keys of the losses the step reports, in order;
 * ``sample_rows(run, images)``: the rows of its sample grid;
 * ``exports``: which networks are the deployable generators (``{"AtoB": "G_AB"}``);
@@ -22,7 +23,7 @@ A new method (pix2pix, CUT) is one new file in ``fastcgan/recipes/`` that builds
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -56,10 +57,15 @@ class Phase:
     """One optimizer update of the step. ``frozen``: networks the forward calls but must not
     update (their parameters' ``requires_grad`` is off for this phase, which skips their weight
     gradients while the gradient still flows through them to the inputs). ``compilable``: the
-    forward may be ``torch.compile``d with ``fullgraph=True`` for this config."""
+    forward may be ``torch.compile``d with ``fullgraph=True`` for this config.
+
+    ``optimizer=None``: a forward-only phase -- no backward, no update; its carry (with autograd
+    history) goes to later phases, whose backward runs through it. A tensor that one phase's
+    backward needs must not come from the compiled graph of an *earlier phase with a backward*:
+    that graph is one autograd node, freed by the first backward through it."""
 
     name: str
-    optimizer: str
+    optimizer: Optional[str]
     forward: PhaseForward
     frozen: tuple[str, ...] = ()
     compilable: Callable[[object], bool] = lambda cfg: True
@@ -111,7 +117,7 @@ class Recipe:
         """Structural consistency (run by the registry, so a broken recipe fails at import)."""
         opts = set(self.optimizers)
         for ph in self.phases:
-            if ph.optimizer not in opts:
+            if ph.optimizer is not None and ph.optimizer not in opts:
                 raise ValueError(f"recipe {self.name}: phase {ph.name} uses unknown optimizer {ph.optimizer}")
 
 

@@ -285,9 +285,16 @@ def evaluate(
 ) -> dict:
     """Load generators with :func:`fastcgan.deploy.load` -- both from a run directory, or one
     artifact (``direction``, default AtoB) -- and evaluate them. ``kw`` goes to
-    :func:`evaluate_generators` (``amp_dtype`` becomes the runtime's bf16/fp16 weights)."""
+    :func:`evaluate_generators` (``amp_dtype`` becomes the runtime's bf16/fp16 weights). Paired
+    data (pix2pix: ``dataroot/<phase>/`` of A|B images) goes to
+    :func:`fastcgan.evaluate_paired.evaluate_paired` (L1/PSNR/SSIM to the targets; ``direction``
+    then says which half is the input, default: the run's own)."""
     from fastcgan.deploy import load
+    from fastcgan.evaluate_paired import evaluate_paired, is_paired_root
 
+    if is_paired_root(dataroot, phase):  # pix2pix pairs: one generator scored against the targets
+        return evaluate_paired(checkpoint, dataroot, phase, resolve_device(device), direction, engine,
+                               trust_artifact, **kw)
     dev = resolve_device(device)
     amp = kw.pop("amp_dtype", None)
     opts = {
@@ -300,7 +307,9 @@ def evaluate(
     }
     if os.path.isdir(checkpoint):
         G_AB = load(checkpoint, direction="AtoB", **opts)
-        G_BA = load(checkpoint, direction="BtoA", **opts)
+        # One-way recipes (CUT) save only generator_AtoB.safetensors.
+        has_BA = os.path.isfile(os.path.join(checkpoint, "generator_BtoA.safetensors"))
+        G_BA = load(checkpoint, direction="BtoA", **opts) if has_BA else None
     else:
         g = load(checkpoint, direction=direction or "AtoB", **opts)
         G_AB, G_BA = (g, None) if direction in (None, "AtoB") else (None, g)

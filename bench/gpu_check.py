@@ -534,7 +534,7 @@ def stage_infer(S: Sizes, out: str, work: str) -> int:
     xs = {b: (torch.rand(b, 3, size, size, generator=g) * 2 - 1).to(device) for b in S.infer_batches}
     refs, base = {}, {}
 
-    def row(engine, b, fn, x):
+    def row(engine, b, fn, x, **extra):
         with torch.inference_mode():
             err = float((fn(x).float() - refs[b]).abs().max()) if b in refs else 0.0
             t = median_time(lambda: fn(x), device, warmup=S.infer_warmup, iters=S.infer_iters)
@@ -555,6 +555,7 @@ def stage_infer(S: Sizes, out: str, work: str) -> int:
             tflops=tflops,
             speedup_vs_eager_fp32=base[b] / t if b in base else None,
             max_abs_err=err,
+            **extra,
         )
         print(
             f"{engine:<26} batch {b:>2}: {t * 1e3:8.2f} ms {ips:9.1f} img/s {_fmt(tflops, '7.2f')} TFLOP/s"
@@ -566,7 +567,7 @@ def stage_infer(S: Sizes, out: str, work: str) -> int:
     with torch.inference_mode():
         for b, x in xs.items():
             refs[b] = model(x).float()
-            row("eager-fp32", b, model, x)
+            row("eager-fp32", b, model, x, kernels="auto")
 
     # torch.compile + CUDA graphs (mode="reduce-overhead"), bf16, channels_last: one compile per
     # batch size (static shapes), as bench/test_inference.py times it.
@@ -587,9 +588,13 @@ def stage_infer(S: Sizes, out: str, work: str) -> int:
         for b in S.infer_batches:
             run_compiled(xs[b].to(torch.bfloat16))
     _sync(device)
-    print(f"{name}: compiled {len(S.infer_batches)} batch sizes in {time.perf_counter() - t0:.0f} s")
+    secs = time.perf_counter() - t0
+    append_row(
+        out, "5", f"inference/{name}/compile", device=device, batches=list(S.infer_batches), seconds=secs
+    )
+    print(f"{name}: compiled {len(S.infer_batches)} batch sizes in {secs:.0f} s")
     for b, x in xs.items():
-        row(name, b, run_compiled, x.to(torch.bfloat16))
+        row(name, b, run_compiled, x.to(torch.bfloat16), kernels="auto")
 
     if not S.aoti:
         print(_NO_DRY_AOTI)
@@ -602,7 +607,7 @@ def stage_infer(S: Sizes, out: str, work: str) -> int:
         return 1
     fn, _ = load_aoti(pt2, torch.device(device))
     for b, x in xs.items():
-        row("aoti-bf16", b, fn, x.to(torch.bfloat16))
+        row("aoti-bf16", b, fn, x.to(torch.bfloat16), dynamic_shapes=True)  # batch, H, W (fastcgan-export)
     return 0
 
 
@@ -702,6 +707,11 @@ def stage_report(out: str) -> int:
                 f"  b{r['batch']} {r['name'].rsplit('/', 1)[1]:<36} {r['images_per_s']:9.2f} img/s  "
                 f"x{_fmt(r['ratio_to_official'])} official  peak {_fmt(r['peak_memory_mb'], '.0f')} MB  "
                 f"MFU {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')} %"
+                + (
+                    f"  build+compile {r['build_and_first_step_s']:.0f} s"
+                    if "build_and_first_step_s" in r
+                    else ""
+                )
             )
         for r in t:
             if r["name"].endswith("/official-eager-fp32") or "compile" not in r["name"]:
@@ -718,7 +728,7 @@ def stage_report(out: str) -> int:
                     f"{'met' if r['images_per_s'] >= TRAIN_IPS_B8 else 'missed'}"
                 )
 
-    i = [r for r in rows if r["name"].startswith("inference/")]
+    i = [r for r in rows if r["name"].startswith("inference/") and "batch" in r]
     if i:
         print("\ninference (ResNet-9):")
         for r in i:

@@ -42,9 +42,9 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+OUT=$(cd "$OUT" && pwd)  # before leaving the caller's folder
+cd "$(dirname "$0")/.."
 WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/fastcgan-gpu-check-work}
 mkdir -p "$WORK"
 PY=${PYTHON:-python3}
@@ -58,6 +58,10 @@ if [ "$DRY" = 1 ]; then
 fi
 LOG=$OUT/gpu_check.log
 T_START=$(date +%s)
+if [ "$DRY" = 0 ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "gpu_check: $PY sees no CUDA GPU (torch.cuda.is_available() is False); on a CPU use --dry-run" >&2
+  exit 2
+fi
 
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 say() { echo "[gpu_check +$(( $(date +%s) - T_START ))s] $*" | tee -a "$LOG"; }

@@ -77,7 +77,7 @@ def test_dry_run_rows_and_report(dry_run):
         "auto-amp-cl-compile-graphs-gpudata",
     }
     assert all(r["images_per_s"] > 0 and r["ratio_to_official"] > 0 for r in train)
-    infer = [r for r in rows if r["name"].startswith("inference/")]
+    infer = [r for r in rows if r["name"].startswith("inference/") and "batch" in r]
     assert {(r["name"], r["batch"]) for r in infer} == {
         (f"inference/{e}", b) for e in ("eager-fp32", "compiled-bf16") for b in (1, 2)
     }
@@ -111,3 +111,35 @@ def test_merge_appends_a_gpu_entry_and_refuses_a_dry_run(dry_run, tmp_path):
         entries = json.loads((results / "nvidia-h100-80gb-hbm3.json").read_text())
         assert len(entries) == n and entries[-1]["device"] == "NVIDIA H100 80GB HBM3"
         assert "backends" not in entries[-1] and entries[-1]["results"]
+
+
+def test_gpu_sizes_name_what_the_bench_modules_define(tmp_path):
+    """The GPU run is never executed here: check that what it names still exists (the train
+    variants, the ResNet-9 norm shapes of the kernel bench) and that without a GPU the script
+    refuses to run (it would rebuild the package) instead of measuring the CPU."""
+    code = (
+        "import sys; sys.path.insert(0, 'bench')\n"
+        "import gpu_check as g, test_train_step as t, test_instance_norm_act as k\n"
+        "S = g.GPU\n"
+        "assert S.train_variant in t.VARIANTS and all(v in t.VARIANTS for v in S.train_extra)\n"
+        "assert 'cuda_graphs' in t.VARIANTS[S.train_variant] and t.VARIANTS[S.train_variant]['compile']\n"
+        "assert set(S.kernel_planes) == set(k.BASE_SHAPES) and S.kernel_batches == (1, 8)\n"
+        "assert S.train_batches == (1, 8) and S.infer_batches == (1, 32) and S.aoti\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    if not _cuda_visible():
+        env = {**os.environ, "PYTHON": sys.executable}
+        cmd = ["bash", SCRIPT, str(tmp_path / "out")]
+        refused = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert refused.returncode == 2 and "--dry-run" in refused.stderr
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -143,3 +143,53 @@ def _cuda_visible() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_report_of_gpu_rows_states_every_target(tmp_path):
+    """The report's GPU-only branches (CUDA-graph rows, batch-8 bandwidth, MFU, the training and
+    kernel targets, the AUTO_ORDER_CUDA candidate) on rows shaped as a GPU run writes them."""
+
+    def kernel(variant, t_us, shape, base_us, compiled_us):
+        bw = 85.0 if variant.startswith("fastcgan-cuda") else 40.0
+        return {
+            "name": f"instance_norm_act/fwd+bwd/{variant}", "stage": "3", "shape": shape, "dtype": "bfloat16",
+            "layout": "nhwc", "device": "cuda", "variant": variant, "mode": "fwd+bwd", "time_us": t_us,
+            "gbps": 1.0, "pct_copy_bw": bw, "x_vs_eager": base_us / t_us, "x_vs_compiled": compiled_us / t_us,
+        }  # fmt: skip
+
+    rows = []
+    for shape in ("1x64x256x256", "8x64x256x256"):
+        rows += [kernel("eager", 300, shape, 300, 200), kernel("compiled", 200, shape, 300, 200)]
+        rows += [
+            kernel("fastcgan-cuda", 90, shape, 300, 200),
+            kernel("fastcgan-triton", 120, shape, 300, 200),
+        ]
+        rows += [
+            kernel("eager-graph", 250, shape, 250, 200),
+            kernel("fastcgan-cuda-graph", 50, shape, 250, 200),
+        ]
+    for b, ips, ratio in ((1, 60.0, 7.0), (8, 150.0, 3.0)):
+        rows.append({
+            "name": f"train_step/cuda-256-b{b}/auto-amp-cl-compile-graphs-gpudata", "stage": "4", "batch": b,
+            "images_per_s": ips, "ratio_to_official": ratio, "peak_memory_mb": 5000.0, "mfu": 0.12,
+            "build_and_first_step_s": 61.0,
+        })  # fmt: skip
+    rows.append({
+        "name": "inference/aoti-bf16", "stage": "5", "batch": 32, "latency_ms": 10.0, "images_per_s": 3200.0,
+        "speedup_vs_eager_fp32": 3.5, "max_abs_err": 0.07,
+    })  # fmt: skip
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {"device": "NVIDIA H100", "torch": "2.11", "triton": "3.6", "commit": "c"}
+    (tmp_path / "env.json").write_text(json.dumps(env))
+    done = subprocess.run([sys.executable, DRIVER, "report", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = done.stdout
+    assert "x3.33 eager (met >=3.0)" in text and "x2.22 compiled (met >=1.3)" in text
+    assert "85 % copy bw (fastcgan-cuda; met >=80 % at batch 8)" in text
+    assert "replayed: fastcgan-cuda-graph x5.00 eager-graph" in text
+    assert "AUTO_ORDER_CUDA candidate ('cuda', 'triton')" in text
+    assert "target batch 1 >= 6.0x official: x7.00 met" in text
+    assert "target batch 8 >= 200.0 img/s: 150 missed" in text
+    assert "MFU 12.0 %" in text and "build+compile 61 s" in text
+    assert json.loads((tmp_path / "nvidia-h100.json").read_text())[0]["results"] == rows

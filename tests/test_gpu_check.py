@@ -6,6 +6,7 @@ One dry run (all five stages at tiny sizes, Triton under its interpreter, ~40 s 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -36,6 +37,19 @@ def dry_run(tmp_path_factory):
         check=False,
     )
     return out, proc
+
+
+@pytest.fixture(scope="module")
+def driver():
+    """bench/gpu_check.py imported in this process, for ``report`` and ``merge`` (which need no
+    GPU and none of the bench modules); the bench folder it puts on sys.path is taken off again."""
+    saved = list(sys.path)
+    spec = importlib.util.spec_from_file_location("fastcgan_bench_gpu_check", DRIVER)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    sys.path[:] = saved
+    return mod
 
 
 def _lines(path):
@@ -90,12 +104,11 @@ def test_dry_run_rows_and_report(dry_run):
     assert "training step:" in (out / "report.txt").read_text()
 
 
-def test_merge_appends_a_gpu_entry_and_refuses_a_dry_run(dry_run, tmp_path):
+def test_merge_appends_a_gpu_entry_and_refuses_a_dry_run(dry_run, driver, tmp_path, capsys):
     out, _ = dry_run
     results = tmp_path / "results"
-    cmd = [sys.executable, DRIVER, "merge", "--out", str(out), "--results-dir", str(results)]
-    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    assert refused.returncode == 2 and "dry-run" in refused.stderr
+    args = ["merge", "--out", str(out), "--results-dir", str(results)]
+    assert driver.main(args) == 2 and "dry-run" in capsys.readouterr().err
     # The same rows as if a GPU had produced them: merged, and merged again beside the first.
     gpu = tmp_path / "gpu"
     gpu.mkdir()
@@ -104,10 +117,9 @@ def test_merge_appends_a_gpu_entry_and_refuses_a_dry_run(dry_run, tmp_path):
     (gpu / "env.json").write_text(json.dumps(env))
     rows = [{k: v for k, v in r.items() if k != "dry_run"} for r in _lines(out / "rows.jsonl")]
     (gpu / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cmd[4] = str(gpu)
+    args[2] = str(gpu)
     for n in (1, 2):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        assert done.returncode == 0, done.stderr
+        assert driver.main(args) == 0, capsys.readouterr().err
         entries = json.loads((results / "nvidia-h100-80gb-hbm3.json").read_text())
         assert len(entries) == n and entries[-1]["device"] == "NVIDIA H100 80GB HBM3"
         assert "backends" not in entries[-1] and entries[-1]["results"]
@@ -145,7 +157,7 @@ def _cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
-def test_report_of_gpu_rows_states_every_target(tmp_path):
+def test_report_of_gpu_rows_states_every_target(driver, tmp_path, capsys):
     """The report's GPU-only branches (CUDA-graph rows, batch-8 bandwidth, MFU, the training and
     kernel targets, the AUTO_ORDER_CUDA candidate) on rows shaped as a GPU run writes them."""
 
@@ -181,10 +193,8 @@ def test_report_of_gpu_rows_states_every_target(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {"device": "NVIDIA H100", "torch": "2.11", "triton": "3.6", "commit": "c"}
     (tmp_path / "env.json").write_text(json.dumps(env))
-    done = subprocess.run([sys.executable, DRIVER, "report", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=120, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    text = done.stdout
+    assert driver.main(["report", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
     assert "x3.33 eager (met >=3.0)" in text and "x2.22 compiled (met >=1.3)" in text
     assert "85 % copy bw (fastcgan-cuda; met >=80 % at batch 8)" in text
     assert "replayed: fastcgan-cuda-graph x5.00 eager-graph" in text

@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         "--recipe",
         dest="recipe",
-        choices=tuple(RECIPES),
+        choices=tuple(RECIPES) + tuple(MODEL_ALIASES),
         default=S,
-        help="training recipe (default: cyclegan; as the official --model)",
+        help="training recipe (default: cyclegan; as the official --model); a preset that names its "
+        "recipe works too (fastcut = --model cut --preset fastcut)",
     )
     g = p.add_argument_group("data")
     g.add_argument("--dataroot", default=S, help="folder with trainA/ trainB/ (and testA/ testB/)")
@@ -150,6 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--cycle-kind", choices=("l1", "l2"), default=S)
     g.add_argument("--pool-size", type=_int(0), default=S)
+    g = p.add_argument_group("CUT / FastCUT (--model cut; presets cut, fastcut)")
+    g.add_argument("--lambda-gan", type=_float(0.0), default=S, help="weight of the GAN loss (default 1)")
+    g.add_argument("--lambda-nce", type=_float(0.0), default=S, help="weight of PatchNCE (cut 1, fastcut 10)")
+    g.add_argument(
+        "--nce-idt", action=argparse.BooleanOptionalAction, default=S,
+        help="the NCE identity loss on G(B) vs B (cut: on, fastcut: off)",
+    )
+    g.add_argument("--nce-layers", default=S, help="generator layers for PatchNCE (default 0,4,8,12,16)")
+    g.add_argument("--num-patches", type=_int(1), default=S, help="patches per NCE layer (default 256)")
+    g.add_argument("--netF-nc", dest="netF_nc", type=_int(1), default=S, help="projection head width (256)")
+    g.add_argument("--nce-T", dest="nce_T", type=_float(0.0, strict=True), default=S, help="temperature (0.07)")
+    g.add_argument(
+        "--flip-equivariance", action=argparse.BooleanOptionalAction, default=S,
+        help="flip G's input left-right half the time, NCE against the unflipped input (fastcut: on)",
+    )
+    g.add_argument("--nce-includes-all-negatives-from-minibatch", action="store_true", default=S)
     g = p.add_argument_group("run")
     g.add_argument("--name", default=S, help="run name: the run directory is OUTPUT_DIR/NAME (default: run)")
     g.add_argument("--output-dir", default=S, help="default: runs")
@@ -215,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# --model NAME for a preset that sets another recipe: --model fastcut = --model cut --preset fastcut.
+MODEL_ALIASES = {n: p["recipe"] for n, p in PRESETS.items() if p.get("recipe", n) != n}
+
+
 def default_preset(recipe: Optional[str]) -> str:
     """The preset used without ``--preset``: the one named like the recipe (``--model pix2pix``
     gets the official pix2pix defaults), else ``cyclegan``."""
@@ -226,6 +247,8 @@ def parse_config(argv: Optional[list[str]] = None) -> tuple[TrainConfig, dict]:
     p = build_parser()
     a = vars(p.parse_args(argv))
     preset = a.pop("preset") or default_preset(a.get("recipe"))
+    if a.get("recipe") in MODEL_ALIASES:
+        a["recipe"] = MODEL_ALIASES[a["recipe"]]
     try:
         cfg = TrainConfig.from_preset(preset, **a)
     except ConfigError as e:

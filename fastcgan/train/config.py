@@ -56,6 +56,10 @@ class ModelConfig:
     output_nc: int = 3
     init_type: str = "normal"
     init_gain: float = 0.02
+    # CUT: the generator layers PatchNCE ties (official --nce_layers syntax) and the projection
+    # heads' width (official --netF_nc).
+    nce_layers: str = "0,4,8,12,16"
+    netF_nc: int = 256
 
     def validate(self) -> None:
         from fastcgan.recipes import RECIPES
@@ -77,6 +81,18 @@ class ModelConfig:
             _check(getattr(self, n) in (1, 3), n, "must be 1 or 3")
         _check(
             not (self.netG == "udacity" and self.use_dropout), "use_dropout", "netG udacity has no dropout"
+        )
+        _check(isinstance(self.netF_nc, int) and self.netF_nc >= 1, "netF_nc", "must be an int >= 1")
+        try:
+            from fastcgan.recipes.cut import parse_nce_layers
+
+            layers = parse_nce_layers(self.nce_layers)
+        except ValueError as e:
+            raise ConfigError(f"nce_layers (--nce-layers): {e}") from None
+        _check(
+            list(layers) == sorted(set(layers)) and layers[0] >= 0,
+            "nce_layers",
+            f"must be strictly increasing layer indices >= 0, got {self.nce_layers!r}",
         )
 
 
@@ -179,6 +195,14 @@ class LossConfig:
     pool_size: int = 50
     lambda_gp: float = 10.0  # wgangp only
     lambda_L1: float = 100.0  # pix2pix: weight of the L1 to the target
+    # CUT / FastCUT (official option names; fastcgan.recipes.cut).
+    lambda_gan: float = 1.0  # weight of the GAN loss
+    lambda_nce: float = 1.0  # weight of PatchNCE
+    nce_idt: bool = True  # the NCE identity term PatchNCE(G(B), B) (CUT; FastCUT: off)
+    nce_T: float = 0.07  # PatchNCE temperature
+    num_patches: int = 256  # patches sampled per NCE layer
+    flip_equivariance: bool = False  # FastCUT: G's input flipped left-right half the time
+    nce_includes_all_negatives_from_minibatch: bool = False  # else negatives from the same image only
 
     def validate(self) -> None:
         _check(self.gan_mode in GAN_MODES, "gan_mode", f"must be one of {GAN_MODES}, got {self.gan_mode!r}")
@@ -187,6 +211,10 @@ class LossConfig:
         _check(self.lambda_identity >= 0, "lambda_identity", f"must be >= 0, got {self.lambda_identity}")
         _check(self.lambda_gp >= 0, "lambda_gp", f"must be >= 0, got {self.lambda_gp}")
         _check(self.lambda_L1 >= 0, "lambda_L1", f"must be >= 0, got {self.lambda_L1}")
+        _check(self.lambda_gan >= 0, "lambda_gan", f"must be >= 0, got {self.lambda_gan}")
+        _check(self.lambda_nce >= 0, "lambda_nce", f"must be >= 0, got {self.lambda_nce}")
+        _check(self.nce_T > 0, "nce_T", f"must be > 0, got {self.nce_T}")
+        _check(isinstance(self.num_patches, int) and self.num_patches >= 1, "num_patches", "must be an int >= 1")
         _check(isinstance(self.pool_size, int) and self.pool_size >= 0, "pool_size", "must be an int >= 0")
 
 
@@ -266,6 +294,15 @@ def _field_index() -> dict[str, str]:
 
 FIELD_SECTION = _field_index()
 
+
+def _cut_preset(name: str) -> dict[str, Any]:
+    from fastcgan.models.patchnce import CUT_PRESETS
+
+    p = dict(CUT_PRESETS[name], recipe="cut")
+    p["nce_layers"] = ",".join(str(i) for i in p["nce_layers"])
+    return p
+
+
 # Presets: overrides of the defaults above (which are the official CycleGAN recipe).
 PRESETS: dict[str, dict[str, Any]] = {
     # The official CycleGAN: ResNet-9 + 70x70 PatchGAN, 286 -> 256 crops, LSGAN, lambda 10 / 0.5,
@@ -316,6 +353,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "crop_size": 256,
         "flip": True,
     },
+    # CUT / FastCUT (Park et al. 2020), the official hyper-parameters (fastcgan.models.patchnce):
+    # ResNet-9 + 70x70 PatchGAN + 2-layer MLP heads (256), xavier(0.02) init, LSGAN, no pool,
+    # PatchNCE on layers 0,4,8,12,16 with 256 patches and tau 0.07, batch 1, 286 -> 256.
+    # cut: lambda_NCE 1 + NCE identity, 200 + 200 epochs; fastcut: lambda_NCE 10, no identity,
+    # flip-equivariance, 150 + 50 epochs.
+    **{name: _cut_preset(name) for name in ("cut", "fastcut")},
 }
 
 
@@ -342,6 +385,16 @@ class TrainConfig:
                 )
         elif crops and d.crop_size % 4:
             raise ConfigError(f"crop_size (--crop-size) {d.crop_size}: netG {m.netG} needs a multiple of 4")
+        if m.recipe == "cut":
+            if not m.netG.startswith("resnet_"):
+                raise ConfigError(f"netG (--netG) {m.netG}: CUT's PatchNCE needs a ResNet generator's "
+                                  "encoder features (resnet_9blocks or resnet_6blocks)")
+            n_official = 19 + int(m.netG[len("resnet_"):-len("blocks")])
+            if max(int(i) for i in m.nce_layers.split(",") if i.strip()) >= n_official:
+                raise ConfigError(f"nce_layers (--nce-layers) {m.nce_layers}: {m.netG} has layers 0..{n_official - 1}")
+            if self.loss.gan_mode == "wgangp":
+                raise ConfigError("gan_mode (--gan-mode) wgangp: CUT has no gradient penalty; use lsgan "
+                                  "(its default), vanilla or hinge")
         if self.loss.gan_mode == "wgangp" and self.model.recipe == "pix2pix":
             raise ConfigError("gan_mode (--gan-mode) wgangp: pix2pix has no gradient penalty (as the official); "
                               "use vanilla (its default), lsgan or hinge")

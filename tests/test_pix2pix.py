@@ -334,7 +334,22 @@ def test_cli_end_to_end_with_evaluation_and_onnx(tmp_path, capsys):
     assert eval_main(["--checkpoint", str(run), "--dataroot", summary["dataroot"], "--device", "cpu",
                       "--no-fid", "--json", str(tmp_path / "e.json")]) == 0
     again = json.loads((tmp_path / "e.json").read_text())["AtoB"]
-    assert again["l1"] == pytest.approx(ev["l1"], rel=1e-6) and again["ssim"] == pytest.approx(ev["ssim"], rel=1e-6)
+    assert again["l1"] == pytest.approx(ev["l1"], rel=1e-6)
+    assert again["ssim"] == pytest.approx(ev["ssim"], rel=1e-6)
+    # The input half comes from the run's config.json (here AtoB); --direction BtoA reads the other
+    # half as input: doing nothing scores the same, the generator differently.
+    from fastcgan.evaluate import evaluate
+
+    flipped = evaluate(str(run), summary["dataroot"], device="cpu", direction="BtoA", max_images=8)["AtoB"]
+    straight = evaluate(str(run), summary["dataroot"], device="cpu", max_images=8)["AtoB"]
+    assert (flipped["direction"], straight["direction"]) == ("BtoA", "AtoB")
+    assert flipped["identity_l1"] == pytest.approx(straight["identity_l1"], rel=1e-6)
+    assert flipped["l1"] != pytest.approx(straight["l1"], rel=1e-3)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"]["direction"] = "BtoA"
+    (run / "config.json").write_text(json.dumps(cfg))
+    from_run = evaluate(str(run), summary["dataroot"], device="cpu", max_images=8)["AtoB"]
+    assert from_run["direction"] == "BtoA" and from_run["l1"] == pytest.approx(flipped["l1"], rel=1e-6)
 
     # ONNX export of the trained generator, verified against PyTorch by the exporter and here.
     onnx_path = tmp_path / "g.onnx"

@@ -152,9 +152,12 @@ if want 2; then
   run_stage correct-triton-nhwc 150 "${PYTEST[@]}" tests/test_instance_norm_act.py \
     -k "triton and not nchw and not nhwc-bf16-3x5" &
   P2=$!
-  # Native CUDA (no JIT: every option on every shape), then the whole-step CUDA-graph capture.
+  # Native CUDA (no JIT: every option on every shape), the whole-step CUDA-graph capture, then
+  # the other GPU tests (no host sync in the step, pool and losses; device data bank; official
+  # checkpoints on the GPU; onnxruntime/TensorRT skip or say what is missing).
   run_stage correct-cuda 150 "${PYTEST[@]}" tests/test_instance_norm_act.py tests/test_native.py \
-    tests/test_cuda_graphs.py -k "not triton" &
+    tests/test_cuda_graphs.py tests/test_train.py tests/test_image_pool.py tests/test_losses.py \
+    tests/test_data.py tests/test_official_checkpoint.py tests/test_deploy.py -k "not triton" &
   P3=$!
   wait $P1; wait $P2; wait $P3
   if [ -n "$AOTI_PID" ]; then wait $AOTI_PID; fi

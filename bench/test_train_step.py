@@ -20,6 +20,8 @@ gets its float batch for free, so the ratios are conservative.
                               FASTCGAN_BENCH_CPU_COMPILE=1)
     ...-graphs              + CUDA graphs of the whole step (GPU only)
     ...-graphs-gpudata      + --data-on-gpu (GPU only)
+    default / default-amp   the bare command / `--amp` alone, every speed flag left to the
+                              trainer's defaults (must match the best hand-flagged row)
 
     pytest bench/test_train_step.py -s            # CPU rows here; GPU rows on a CUDA machine
 """
@@ -56,6 +58,13 @@ VARIANTS = {
     ),
 }
 GPU_ONLY = ("auto-amp-cl-compile-graphs", "auto-amp-cl-compile-graphs-gpudata")
+# What the product's own commands give with no speed flag: every "auto" flag resolved by
+# fastcgan.train.execution.resolve_fast_path for the device (they must match the best
+# hand-flagged row: on a GPU auto-amp-cl-compile-graphs-gpudata, on a CPU auto-fp32).
+DEFAULT_VARIANTS = {
+    "default": dict(resolve_defaults=True),  # python -m fastcgan.train
+    "default-amp": dict(resolve_defaults=True, amp=True),  # python -m fastcgan.train --amp
+}
 
 
 def _batch(device, b, size):
@@ -104,7 +113,10 @@ def make_fastcgan_step(flags, device, batch, size, ngf, n_blocks, host_u8, bank)
     from fastcgan.data import augment_batch
     from fastcgan.train import TrainConfig, build_state, build_step
 
+    from fastcgan.train import resolve_fast_path
+
     flags = dict(flags)
+    resolve_defaults = flags.pop("resolve_defaults", False)
     on_gpu_data = flags.pop("data_on_gpu", False)
     load = size + size // 8
     cfg = TrainConfig.from_preset(
@@ -119,9 +131,12 @@ def make_fastcgan_step(flags, device, batch, size, ngf, n_blocks, host_u8, bank)
         device=str(device),
         **flags,
     )
+    if resolve_defaults:  # the trainer's own choice for this device (the bank's 64 images fit anywhere)
+        cfg = resolve_fast_path(cfg, device, dataset_nbytes=bank.nbytes)[0]
+        on_gpu_data = bool(cfg.data.data_on_gpu)
     torch.manual_seed(0)
     state = build_state(cfg, device)
-    step = build_step(state, cfg)  # flags left None ("auto") stay off: resolve_fast_path is not called
+    step = build_step(state, cfg)  # flags left None ("auto") stay off unless resolved above
     it = [0]
     cl = bool(cfg.run.channels_last)
 
@@ -156,7 +171,7 @@ def _run(record, device, size, batch, ngf, n_blocks, variants, warmup, iters, ta
     for name in variants:
         _reset_mem(device)
         one_step, extra_warmup = make_fastcgan_step(
-            VARIANTS[name], device, batch, size, ngf, n_blocks, host_u8, bank
+            {**VARIANTS, **DEFAULT_VARIANTS}[name], device, batch, size, ngf, n_blocks, host_u8, bank
         )
         t = median_time(one_step, device, warmup=warmup + extra_warmup, iters=iters)
         rows.append((name, t, _peak_mb(device)))
@@ -185,7 +200,7 @@ def _run(record, device, size, batch, ngf, n_blocks, variants, warmup, iters, ta
 
 def test_train_step_cpu(bench_record):
     """CPU at a small size: 64x64, ngf 16, ResNet-9 + PatchGAN, batch 1."""
-    variants = ["torch-fp32", "auto-fp32", "auto-amp", "auto-amp-cl"]  # no CUDA graphs on a CPU
+    variants = ["torch-fp32", "auto-fp32", "auto-amp", "auto-amp-cl", "default"]  # no CUDA graphs on a CPU
     if os.environ.get("FASTCGAN_BENCH_CPU_COMPILE") == "1":
         variants += ["auto-fp32-cl-compile", "auto-amp-cl-compile"]
     _run(
@@ -214,7 +229,7 @@ def test_train_step_gpu(bench_record, batch):
         batch=batch,
         ngf=64,
         n_blocks=9,
-        variants=[v for v in VARIANTS if v != "auto-fp32-cl-compile"],
+        variants=[v for v in VARIANTS if v != "auto-fp32-cl-compile"] + ["default-amp"],
         warmup=5,
         iters=20,
         tag=f"gpu-256-b{batch}",

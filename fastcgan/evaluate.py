@@ -23,6 +23,9 @@ Metrics, per direction (``AtoB`` = ``G_AB`` on ``{phase}A``, ``BtoA`` = ``G_BA``
   to install it; a weights file that is missing or fails its checksum is an error naming it.
   Nothing is ever downloaded.
 
+Paired data (pix2pix: ``{phase}/`` of A|B images, no ``{phase}A/``) is scored by
+:mod:`fastcgan.evaluate_paired` instead: the one generator's L1 / PSNR / SSIM to the targets.
+
 L1 is the mean absolute error on [0, 1] intensities; PSNR is ``10 log10(1 / MSE)`` on [0, 1],
 averaged over images. Images are evaluated at their own size, or resized to a square
 ``--load-size`` first (bicubic, rounded to uint8) -- real and translated images alike.
@@ -339,13 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="run directory (both generators), or one artifact: .safetensors, .onnx, .pt2, .engine",
     )
-    p.add_argument("--dataroot", required=True, help="dataset folder with {phase}A/ and {phase}B/")
+    p.add_argument(
+        "--dataroot", required=True,
+        help="dataset folder with {phase}A/ and {phase}B/, or {phase}/ of A|B pairs (pix2pix: L1/PSNR/SSIM)",
+    )
     p.add_argument("--phase", default="test")
     p.add_argument(
         "--direction",
         choices=("AtoB", "BtoA"),
         default=None,
-        help="which direction a single artifact translates (default AtoB)",
+        help="which direction a single artifact translates (default AtoB); on pairs: which half is the "
+        "input (default: the run's --direction, else AtoB)",
     )
     p.add_argument("--engine", choices=ENGINES, default=None, help="runtime engine (default: the artifact's own)")
     p.add_argument("--device", default="auto")

@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda-identity", type=_float(0.0), default=S)
     g.add_argument("--lambda-gp", type=_float(0.0), default=S)
     g.add_argument(
-        "--lambda-L1", dest="lambda_L1", type=_float(0.0), default=S, help="pix2pix: weight of L1 to the target"
+        "--lambda-L1", dest="lambda_L1", type=_float(0.0), default=S,
+        help="pix2pix: weight of the L1 to the target (default 100)",
     )
     g.add_argument("--cycle-kind", choices=("l1", "l2"), default=S)
     g.add_argument("--pool-size", type=_int(0), default=S)

@@ -120,7 +120,9 @@ class DataConfig:
 
     def validate(self) -> None:
         _check(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}, got {self.dataset!r}")
-        _check(self.direction in DIRECTIONS, "direction", f"must be one of {DIRECTIONS}, got {self.direction!r}")
+        _check(
+            self.direction in DIRECTIONS, "direction", f"must be one of {DIRECTIONS}, got {self.direction!r}"
+        )
         _check(
             self.preprocess in PREPROCESS,
             "preprocess",
@@ -396,8 +398,10 @@ class TrainConfig:
                 raise ConfigError("gan_mode (--gan-mode) wgangp: CUT has no gradient penalty; use lsgan "
                                   "(its default), vanilla or hinge")
         if self.loss.gan_mode == "wgangp" and self.model.recipe == "pix2pix":
-            raise ConfigError("gan_mode (--gan-mode) wgangp: pix2pix has no gradient penalty (as the official); "
-                              "use vanilla (its default), lsgan or hinge")
+            raise ConfigError(
+                "gan_mode (--gan-mode) wgangp: pix2pix has no gradient penalty (as the official); "
+                "use vanilla (its default), lsgan or hinge"
+            )
         if self.loss.gan_mode == "wgangp" and self.model.netD == "udacity" and self.model.norm == "batch":
             raise ConfigError(
                 "gan_mode (--gan-mode) wgangp: the gradient penalty is ill-defined with BatchNorm "

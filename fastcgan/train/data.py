@@ -76,14 +76,16 @@ def _center(img, size: int) -> torch.Tensor:
 
 def sample_images(cfg: TrainConfig, root: str, recipe=None) -> dict[str, torch.Tensor]:
     """Fixed uint8 images for the sample grids: the first ``n_samples`` of each domain of the test
-    split when there is one, else of the training split; center crops of ``crop_size``."""
+    split when there is one, else of the training split (paired data: the first pairs, ``B[i]``
+    the target of ``A[i]``); center crops of ``crop_size``."""
     try:
         ds = build_dataset(cfg, root, "test", recipe)
     except DatasetError:
         ds = build_dataset(cfg, root, "train", recipe)
     if isinstance(ds, AlignedDataset):  # pairs: B[i] is the target of A[i] (same center crop)
         pairs = [ds.load_resized(i)[:2] for i in range(min(cfg.run.n_samples, len(ds)))]
-        return {d: torch.stack([_center(p[k], cfg.data.crop_size) for p in pairs]) for k, d in enumerate("AB")}
+        s = cfg.data.crop_size
+        return {d: torch.stack([_center(p[k], s) for p in pairs]) for k, d in enumerate("AB")}
     out = {}
     for dom, size in (("A", ds.A_size), ("B", ds.B_size)):
         n = min(cfg.run.n_samples, size)

@@ -81,6 +81,7 @@ class Recipe:
     loss_names: Callable[[object], tuple[str, ...]]
     sample_rows: Callable[[StepRun, dict[str, Tensor]], list[list[Tensor]]]
     exports: Mapping[str, str]
+    progress_keys: tuple[str, ...] = ("G", "D")  # the losses the progress bar shows
     dataset: Callable = None  # (cfg, root, phase) -> dataset; None: unaligned A/B folders
     synthetic: Callable = None  # (cfg, root) -> root of the built-in data; None: unpaired synthetic
     augment: Callable = None  # (uint8 batch, generator=, channels_last=, shard=, **aug) -> inputs

@@ -164,4 +164,5 @@ RECIPE = Recipe(
     loss_names=loss_names,
     sample_rows=sample_rows,
     exports={"AtoB": "G_AB", "BtoA": "G_BA"},
+    progress_keys=("G", "cycle_A", "cycle_B", "D_A", "D_B"),
 )

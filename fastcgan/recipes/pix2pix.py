@@ -157,6 +157,7 @@ RECIPE = Recipe(
     loss_names=loss_names,
     sample_rows=sample_rows,
     exports={"AtoB": "G"},
+    progress_keys=("G", "G_L1", "D"),
     dataset=dataset,
     synthetic=synthetic,
     augment=augment,

@@ -65,8 +65,6 @@ def sample_grid(exe, recipe, images: dict[str, torch.Tensor]) -> torch.Tensor:
     return ((grid + 1) / 2).clamp(0, 1).cpu()
 
 
-# Loss keys shown in the progress bar (short), the rest go to TensorBoard / metrics.jsonl only.
-_BAR_KEYS = ("G", "cycle_A", "cycle_B", "D_A", "D_B")
 
 
 def _fmt_num(x: float) -> str:
@@ -83,8 +81,11 @@ class RunLogger:
         tensorboard: bool = True,
         progress: bool = True,
         enabled: bool = True,
+        bar_keys: tuple[str, ...] = ("G", "D"),
     ):
-        """``enabled=False`` (DDP processes other than 0): no files, no bar, no messages."""
+        """``enabled=False`` (DDP processes other than 0): no files, no bar, no messages.
+        ``bar_keys``: the losses shown in the progress bar."""
+        self.bar_keys = bar_keys
         self.run_dir = run_dir
         self.enabled = enabled
         self.batch_size = batch_size
@@ -156,7 +157,8 @@ class RunLogger:
             self.tb.add_scalar("images_per_s", ips, step)
             self.tb.add_scalar("data_wait_frac", data_frac, step)
         if self.bar is not None:
-            post = {k: _fmt_num(losses[k]) for k in _BAR_KEYS if k in losses}
+            # The recipe's headline losses (short); every loss goes to TensorBoard / metrics.jsonl.
+            post = {k: _fmt_num(losses[k]) for k in self.bar_keys if k in losses}
             post["img/s"] = f"{ips:.1f}"
             # More than a fifth of the time waiting for batches: the loader bounds the step
             # (try --data-on-gpu or more --num-workers); otherwise compute does.

@@ -200,7 +200,7 @@ class _Run:
             atomic_write(os.path.join(self.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2).encode())
         self.logger = log = RunLogger(
             self.run_dir, self.total, state.step, cfg.data.batch_size, tensorboard=cfg.run.tensorboard,
-            progress=cfg.run.progress, enabled=main,
+            progress=cfg.run.progress, enabled=main, bar_keys=self.recipe.progress_keys,
         )
         for m in messages:
             log.message(m)

@@ -330,7 +330,7 @@ def test_short_cut_run_learns_the_translation(tmp_path):
     """A short CUT run on the synthetic data (ground truth in testA_truth_B/) brings the test-set
     L1 to the truth well below the identity mapping's *and* the untrained generator's (which
     outputs ~grey, already about half the identity's error)."""
-    root = ensure_synthetic_dataset(str(tmp_path / "s32"), size=32, n_train=64, n_test=50)
+    root = ensure_synthetic_dataset(str(tmp_path / "s32"), size=32, n_train=200, n_test=50)  # the CLI's
     cfg = TrainConfig.from_preset(
         "cut", dataset="synthetic", dataroot=root, load_size=32, crop_size=32, ngf=8, ndf=8,
         netG="resnet_6blocks", num_patches=64, max_steps=CONVERGE_STEPS, output_dir=str(tmp_path), name="run",

@@ -201,12 +201,13 @@ def test_compiled_step_matches_eager():
 )
 def test_step_has_no_host_sync(preset, amp, monkeypatch):
     """No tensor is read back to the host in the step (patch sampling, the flip coin, the image pool
-    with --pool-size: all on the device) -- what CUDA graphs need."""
+    with --pool-size: all on the device) -- what CUDA graphs need. FastCUT runs channels_last."""
     cfg = tiny_cut(
         preset=preset,
         amp=amp,
         pool_size=3,
         batch_size=2,
+        channels_last=preset == "fastcut",
         nce_includes_all_negatives_from_minibatch=preset == "cut" and not amp,
     )
     torch.manual_seed(0)
@@ -305,15 +306,20 @@ def test_resume_is_exact(tmp_path, synth):
 
 def test_fastcut_cli_end_to_end(tmp_path):
     """``--model fastcut --dataset synthetic``: generates the data, trains, writes the sample grid
-    (input | output | B | G(B)), the one exported generator and the test-set evaluation of it."""
+    (input | output | B | G(B)), the one exported generator, FID/KID of it during training (when the
+    metrics extra is installed) and the test-set evaluation of it at the end."""
+    from fastcgan.metrics import metrics_status
+
+    fid = metrics_status()[0]
     args = ["--model", "fastcut", "--dataset", "synthetic", "--dataroot", str(tmp_path / "s32"), "--load-size", "32",
             "--crop-size", "32", "--ngf", "4", "--ndf", "4", "--netG", "resnet_6blocks", "--num-patches", "16",
             "--netF-nc", "8", "--max-steps", "3", "--sample-every", "3", "--output-dir", str(tmp_path),
             "--name", "fc", "--device", "cpu", "--num-workers", "0", "--no-progress", "--no-tensorboard",
-            "--eval-every", "0"]  # fmt: skip
+            "--eval-every", "3" if fid else "0", "--eval-max-images", "4"]  # fmt: skip
     assert cli_main(args) == 0
     run = tmp_path / "fc"
-    assert sorted(p.name for p in run.glob("generator_*.safetensors")) == ["generator_AtoB.safetensors"]
+    assert not list(run.glob("generator_BtoA*"))
+    assert (run / "generator_AtoB.safetensors").is_file()
     from PIL import Image
 
     grid = Image.open(run / "samples" / "step_000000003.png")
@@ -324,6 +330,11 @@ def test_fastcut_cli_end_to_end(tmp_path):
     )
     ev = summary["eval"]["AtoB"]
     assert ev["n"] == 50 and "truth_l1" in ev and "BtoA" not in summary["eval"]
+    if fid:  # one direction: FID/KID of G only
+        assert (
+            summary["fid"]["step"] == 3 and "fid_AtoB" in summary["fid"] and "fid_BtoA" not in summary["fid"]
+        )
+        assert (run / "generator_AtoB_best.safetensors").is_file()
 
 
 def test_short_cut_run_learns_the_translation(tmp_path):

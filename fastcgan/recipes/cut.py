@@ -254,4 +254,5 @@ RECIPE = Recipe(
     loss_names=loss_names,
     sample_rows=sample_rows,
     exports={"AtoB": "G"},
+    progress_keys=("G", "G_GAN", "NCE", "D"),
 )

@@ -515,6 +515,16 @@ def stage_train(S: Sizes, out: str) -> int:
     for variant in S.train_extra:
         for batch in S.train_batches:
             fastcgan(variant, batch)
+    # Last (cheapest to lose): CUT / FastCUT vs the CycleGAN recipe, batch 1, bf16 eager (no
+    # compile: seconds), speed and step peak memory (bench/test_cut_step.py).
+    import test_cut_step as tc
+
+    tc._run(
+        lambda name, **f: append_row(out, "4", name, **f), device, size, 1, ngf,
+        f"{device.type}-{size}-{'amp' if device.type == 'cuda' else 'fp32'}",
+        S.train_warmup, S.train_iters, amp=device.type == "cuda", channels_last=True, compile=False,
+        cuda_graphs=False,
+    )  # fmt: skip
     return 0
 
 
@@ -728,6 +738,18 @@ def stage_report(out: str) -> int:
                     f"  target batch 8 >= {TRAIN_IPS_B8} img/s: {r['images_per_s']:.0f} "
                     f"{'met' if r['images_per_s'] >= TRAIN_IPS_B8 else 'missed'}"
                 )
+
+    c = [r for r in rows if r["name"].startswith("cut_step/")]
+    if c:
+        print(
+            "\nCUT / FastCUT vs the CycleGAN recipe (the CUT authors: FastCUT ~2x faster, ~half the memory):"
+        )
+        for r in c:
+            print(
+                f"  {r['name'][len('cut_step/') :]:<26} {r['images_per_s']:9.2f} img/s  "
+                f"x{_fmt(r['speed_vs_cyclegan'])} speed  step peak {_fmt(r['step_peak_mb'], '.0f')} MB "
+                f"(x{_fmt(r['step_peak_vs_cyclegan'])})"
+            )
 
     i = [r for r in rows if r["name"].startswith("inference/") and "batch" in r]
     if i:

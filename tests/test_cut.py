@@ -139,6 +139,7 @@ def test_presets_and_flags():
         ({"nce_T": 0.0}, "--nce-T"),
         ({"num_patches": 0}, "--num-patches"),
         ({"lambda_nce": -1.0}, "--lambda-nce"),
+        ({"input_nc": 1}, "--output-nc"),  # PatchNCE runs G's encoder on G's output
     ],
 )
 def test_bad_cut_config_names_the_flag(kw, flag):

@@ -234,11 +234,12 @@ def generator_forward(run: StepRun, batch, carry: dict, cfg) -> tuple[Tensor, di
 def sample_rows(run: StepRun, images: dict[str, Tensor]) -> list[list[Tensor]]:
     """One row per image pair: input A | G(A) | B | G(B). For CUT, G(B) is the NCE-identity image
     (it should look like B); FastCUT does not train it, and the column shows what G does to an
-    image that is already in B."""
+    image that is already in B (left out when B's channels are not G's input channels)."""
     G = run.frozen("G")
-    fake_B = G.forward(images["A"])
-    idt_B = G.forward(images["B"])
-    return [list(t) for t in zip(images["A"], fake_B, images["B"], idt_B)]
+    cols = [images["A"], G.forward(images["A"]), images["B"]]
+    if images["B"].shape[1] == images["A"].shape[1]:
+        cols.append(G.forward(images["B"]))
+    return [list(t) for t in zip(*cols)]
 
 
 RECIPE = Recipe(

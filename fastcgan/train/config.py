@@ -397,6 +397,9 @@ class TrainConfig:
             if self.loss.gan_mode == "wgangp":
                 raise ConfigError("gan_mode (--gan-mode) wgangp: CUT has no gradient penalty; use lsgan "
                                   "(its default), vanilla or hinge")
+            if self.loss.lambda_nce > 0 and m.input_nc != m.output_nc:
+                raise ConfigError(f"output_nc (--output-nc) {m.output_nc}: PatchNCE encodes G's output with G's "
+                                  f"own encoder, so it needs input_nc == output_nc (got {m.input_nc})")
         if self.loss.gan_mode == "wgangp" and self.model.recipe == "pix2pix":
             raise ConfigError(
                 "gan_mode (--gan-mode) wgangp: pix2pix has no gradient penalty (as the official); "

@@ -269,16 +269,19 @@ def test_flip_equivariance_is_the_official_objective():
 # --------------------------------------------------------------------------------------------
 # runs
 # --------------------------------------------------------------------------------------------
-def test_resume_is_exact(tmp_path, synth):
+@pytest.mark.parametrize("data_on_gpu", [False, True], ids=["loader", "device-bank"])
+def test_resume_is_exact(tmp_path, synth, data_on_gpu):
     """2N steps straight == N steps, resume, N steps: G, D and the heads F, both optimizers (F's
     Adam moments included), schedules, RNG (patch draws, flip coins) bitwise equal. CUT with
-    flip-equivariance, across an epoch boundary (8 images, N = 5)."""
+    flip-equivariance, across an epoch boundary (8 images, N = 5), from the loader and from the
+    device-resident data bank."""
     n = 5
 
     def cfg(name, **kw):
         return tiny_cut(
             synth,
             tmp_path,
+            data_on_gpu=data_on_gpu,
             name=name,
             crop_size=28,
             log_every=2,

@@ -7,8 +7,8 @@ Two runs in this process on the built-in synthetic set (``--dataset synthetic``,
 has the true translation of every image in ``testA_truth_B/`` and ``testB_truth_A/``), identical
 in everything (config, seed, data order, augmentation, initial weights) except ``amp``: fp32 vs
 ``amp=True`` (bf16 autocast; on a GPU without bf16 it would be fp16, the row says which). Each
-records steps, wall seconds, images/s and, from ``train()``'s ``summary["eval"]``
-(:func:`fastcgan.evaluate.evaluate_generators`, run with the run's own autocast dtype), per
+records steps, wall seconds, images/s and, from the after-training evaluation (``evaluate_run``)
+(the saved generators through the deploy runtime), per
 direction the ground-truth L1 (``truth_l1``, mean |.| on [0, 1] intensities), its PSNR, the cycle
 L1 and the identity-mapping baseline ``identity_truth_l1`` (the score of not translating at all).
 The amp run is also re-evaluated in fp32 (``truth_l1_fp32_eval``) to tell the training from the
@@ -103,6 +103,7 @@ def threads_from_env():
 def _train(tmp_path, device: str, recipe: dict, amp: bool) -> dict:
     from fastcgan.evaluate import evaluate
     from fastcgan.train import TrainConfig, train
+    from fastcgan.train.cli import evaluate_run
 
     r = dict(recipe)
     preset = r.pop("preset")
@@ -127,7 +128,7 @@ def _train(tmp_path, device: str, recipe: dict, amp: bool) -> dict:
     s = train(cfg, install_signal_handlers=False)
     total = time.perf_counter() - t0
     assert s["steps"] == cfg.run.max_steps and s["exit_code"] == 0
-    ev = s["eval"]
+    ev = evaluate_run(s)  # the test-set evaluation the CLI runs after training
     out = {
         "steps": s["steps"],
         "wall_s": s["wall_time_s"],

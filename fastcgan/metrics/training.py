@@ -1,7 +1,7 @@
 """FID/KID during training: real-image features computed once per run, generated ones per call.
 
     ev = TrainingEvaluator("datasets/horse2zebra", phase="test", device=device, image_size=256)
-    metrics = ev(state.G_AB, state.G_BA)   # {"fid_AtoB": ..., "kid_AtoB_mean": ..., ...}
+    metrics = ev(state.nets["G_AB"], state.nets["G_BA"])   # {"fid_AtoB": ..., "kid_AtoB_mean": ...}
 
 A call puts the generators in eval mode and restores every submodule's previous mode, runs
 under ``torch.inference_mode`` (no autograd state, no gradients touched), draws no random number

@@ -525,6 +525,16 @@ def stage_train(S: Sizes, out: str) -> int:
         S.train_warmup, S.train_iters, amp=device.type == "cuda", channels_last=True, compile=False,
         cuda_graphs=False,
     )  # fmt: skip
+    # pix2pix (bench/test_pix2pix_step.py): the official eager step vs the recipe's eager bf16 step,
+    # batch 1, no compile. The smallest official U-Net is unet_128: the dry run uses it at ngf 4.
+    import test_pix2pix_step as tp
+
+    p2p_size = size if size in (128, 256) else 128
+    tp._run(
+        lambda name, **f: append_row(out, "4", name, **f), device, p2p_size, 1, ngf,
+        ["auto-amp-cl" if device.type == "cuda" else "auto-fp32"], S.train_warmup, S.train_iters,
+        f"{device.type}-{p2p_size}-b1",
+    )  # fmt: skip
     return 0
 
 
@@ -750,6 +760,13 @@ def stage_report(out: str) -> int:
                 f"x{_fmt(r['speed_vs_cyclegan'])} speed  step peak {_fmt(r['step_peak_mb'], '.0f')} MB "
                 f"(x{_fmt(r['step_peak_vs_cyclegan'])})"
             )
+
+    p = [r for r in rows if r["name"].startswith("pix2pix_step/")]
+    if p:
+        print("\npix2pix step vs the official eager fp32 step:")
+        for r in p:
+            print(f"  {r['name'][len('pix2pix_step/') :]:<36} {r['images_per_s']:9.2f} img/s  "
+                  f"x{_fmt(r['ratio_to_official'])}")
 
     i = [r for r in rows if r["name"].startswith("inference/") and "batch" in r]
     if i:

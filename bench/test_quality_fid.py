@@ -23,11 +23,15 @@ every row), FID and KID (subset = all images, so ``kid_std`` is 0) from the pack
 network. With 21 and 40 test images the FIDs carry a large small-sample bias: compare rows of this
 table with each other, not with published FIDs (which use thousands of images at 256x256).
 
-    pytest bench/test_quality_fid.py -s              # N = 300, one thread
-    FASTCGAN_BENCH_FID_STEPS=600 pytest bench/test_quality_fid.py -s
+    pytest bench/test_quality_fid.py -s              # N = 1000, one thread
+    FASTCGAN_BENCH_FID_STEPS=300 pytest bench/test_quality_fid.py -s
+    FASTCGAN_BENCH_FID_IDENTITY=1 ...                # also score the untranslated test sets
 
-N is small because ``--amp`` on a CPU is slow: bf16 autocast ran ~4x slower than fp32 on this
-2-core AMD EPYC (1.0 vs 4.2 img/s at 64², ResNet-6 ngf 16), ~9x on AVX2-only CPUs.
+Measured on the 2-core AMD EPYC (AVX512-BF16) of the development machines, one thread: N = 1000
+took 10.0 min wall / 8.0 min CPU (training 3 x 2-3 min, each evaluation ~20-25 s); N = 300 3.9 min
+CPU. With one thread bf16 autocast trained *faster* than fp32 there (8.0 vs 5.4 img/s); with two
+threads on the loaded machine it measured 4x slower (1.0 vs 4.2 img/s), and on AVX2-only CPUs it
+is ~9x slower -- lower N there.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shar
 SIZE = 64
 NGF = NDF = 16
 SEED = 0
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 1000
 DIRECTIONS = ("AtoB", "BtoA")
 
 

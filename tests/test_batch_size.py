@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from fastcgan.data import ensure_synthetic_dataset
 from fastcgan.train import TrainConfig, build_state, build_step, train
@@ -26,20 +27,8 @@ B = 3
 
 
 def _cfg(norm="instance"):
-    return TrainConfig.from_preset(
-        "cyclegan128",
-        dataset="synthetic",
-        netG="resnet_6blocks",
-        ngf=8,
-        ndf=8,
-        load_size=32,
-        crop_size=32,
-        norm=norm,
-        pool_size=0,  # the discriminators see exactly this step's fakes
-        kernels="torch",
-        device="cpu",
-        batch_size=B,
-    )
+    # pool_size 0: the discriminators see exactly this step's fakes
+    return tiny_train_config(ngf=8, ndf=8, norm=norm, pool_size=0, kernels="torch", batch_size=B)
 
 
 def _images(seed):

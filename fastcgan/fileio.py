@@ -131,19 +131,24 @@ def atomic_write(path: str, data: Union[bytes, bytearray, memoryview, Iterable[b
             f.writelines(data)
 
 
-def remove_stale_temporaries(folder: str) -> list[str]:
-    """Delete the temporary files (``.<name>.<pid>.tmp``) that a killed writer left in ``folder``
-    -- those of other process ids whose process no longer runs. Returns the paths removed."""
+# A temporary of this module: ``.<name>.<pid>.tmp`` (the pid is the group).
+TEMPORARY_PATTERN = r"\..+\.(\d+)\.tmp"
+
+
+def remove_stale_temporaries(folder: str, pattern: str = TEMPORARY_PATTERN) -> list[str]:
+    """Delete the temporary files that killed writers left in ``folder``: names matching
+    ``pattern`` (a regex whose one group is the writer's pid) whose process no longer runs.
+    Returns the paths removed."""
+    import re
+
     if not os.path.isdir(folder):
         return []
     removed = []
     for n in os.listdir(folder):
-        if not (n.startswith(".") and n.endswith(".tmp")):
+        m = re.fullmatch(pattern, n)
+        if not m:
             continue
-        pid_s = n[: -len(".tmp")].rsplit(".", 1)[-1]
-        if not pid_s.isdigit():
-            continue
-        pid = int(pid_s)
+        pid = int(m.group(1))
         if pid == os.getpid() or _alive(pid):
             continue
         p = os.path.join(folder, n)

@@ -10,7 +10,6 @@ existed (no ``tensors_sha256``) still load. Writes are atomic (:mod:`fastcgan.fi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -114,31 +113,7 @@ def remove_stale_generator_temporaries(folder: Union[str, os.PathLike]) -> list[
     ``<name>.safetensors.tmp.<pid>`` files of the writer before it -- those of processes that no
     longer run. Returns the paths removed."""
     folder = os.fspath(folder)
-    removed = remove_stale_temporaries(folder)
-    if not os.path.isdir(folder):
-        return removed
-    for n in os.listdir(folder):
-        m = re.fullmatch(r".+\.safetensors\.tmp\.(\d+)", n)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        p = os.path.join(folder, n)
-        with contextlib.suppress(OSError):
-            os.remove(p)
-            removed.append(p)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return remove_stale_temporaries(folder) + remove_stale_temporaries(folder, r".+\.safetensors\.tmp\.(\d+)")
 
 
 def read_generator_config(path: Union[str, os.PathLike]) -> dict:

@@ -63,8 +63,11 @@ class DistContext:
         """Concatenate every process's ``x`` along dim 0, in rank order (the global batch)."""
         if not self.enabled:
             return x
+        # Plain contiguous buffers on both sides (fakes may be channels_last): collectives move
+        # raw storage, so input and outputs must share one layout.
+        x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x)
         return torch.cat(parts)
 
     def mean(self, x: Tensor) -> Tensor:

@@ -12,10 +12,15 @@ resumes with any execution settings.
 Fast by default: ``--compile``, ``--channels-last``, ``--cuda-graphs`` and ``--data-on-gpu`` are
 "auto" unless given. On a CUDA device auto means on (the data bank when it fits in
 ``DATA_ON_GPU_SHARE`` of the free memory; CUDA graphs when the step can be captured). On the CPU
-auto means off: measured on a 2-core AMD EPYC (AVX2), ResNet-6 128² ngf 64, ``--channels-last
---compile`` ran at 0.91x the eager fp32 step (and costs minutes of compilation), and bf16 there
-is emulated (~9x slower), so the CPU default is eager fp32 on the C++ kernels. ``--faithful``
-gives the official numerics: fp32, eager, reference kernels, no fused optimizer.
+auto means off. Compile: ``--channels-last --compile`` ran at 0.91x the eager fp32 step at 128²
+ngf 64 on an AVX2 EPYC and costs minutes of compilation. channels_last alone measured faster on
+an AVX512-BF16 EPYC (1.17x fp32 / 1.18x bf16 at 64² ngf 16, 1.04x / 1.05x at 128² ngf 64) but is
+not the default there yet: with the torch reference kernels, channels_last batch-2 weight
+gradients of the first convolutions differ from the per-image sum on the CPU (torch 2.14), and
+two-process DDP drifts 6x more than in NCHW; the C++ kernels match, but the cause is open.
+``--amp`` stays the user's choice (bf16 is emulated, ~9x slower, on CPUs without
+AVX512-BF16/AMX: the trainer warns). ``--faithful`` gives the official numerics: fp32, eager,
+reference kernels, no fused optimizer.
 """
 
 from __future__ import annotations
@@ -195,7 +200,7 @@ def resolve_fast_path(
     if r.compile is None:
         resolved["compile"] = gpu
     if r.channels_last is None:
-        resolved["channels_last"] = gpu
+        resolved["channels_last"] = gpu  # CPU: see the module docstring
     if cfg.data.data_on_gpu is None:
         fits = False
         if gpu and dataset_nbytes is not None:
@@ -232,7 +237,7 @@ def resolve_fast_path(
     if offs:
         line += f" (turn off with {', '.join(offs)}; --faithful for the official numerics)"
     elif not gpu:
-        line += " (the fastest measured on a CPU; --compile / --channels-last to try more)"
+        line += " (the fastest measured on a CPU; --channels-last to try more)"
     return cfg, line
 
 

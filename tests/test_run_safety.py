@@ -259,6 +259,7 @@ def test_oversized_training_image_is_skipped_by_its_header(tmp_path, synth, caps
         cfg = tiny_train_config(str(root), tmp_path, dataset="folder", max_steps=9, serial_batches=True,
                                 max_image_pixels=1500)  # fmt: skip
         s = train(cfg)
+        assert get_max_image_pixels() == before  # the process-wide limit is restored after the run
     finally:
         set_max_image_pixels(before)
     assert s["skipped_images"] == 1 and s["skipped"][0].endswith("a_big.png")

@@ -90,6 +90,7 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
     and checkpoint error is raised before anything is written."""
     cfg, run_dir, payload, ckpt_path, messages = resume_plan(cfg, requested)
     ctx, dist_device = from_environment(cfg.run.device)
+    cleanup = contextlib.ExitStack()
     try:
         device = dist_device if dist_device is not None else _device(cfg.run.device)
         if cfg.data.batch_size % ctx.world_size:
@@ -101,9 +102,11 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
         if cfg.run.faithful:  # its conflicts are config errors: before anything is written
             resolve_fast_path(cfg, device, ctx.world_size)
         if cfg.data.max_image_pixels is not None:  # before any image is opened (workers inherit it)
-            from fastcgan.data import set_max_image_pixels
+            from fastcgan.data import get_max_image_pixels, set_max_image_pixels
 
+            previous_limit = get_max_image_pixels()
             set_max_image_pixels(cfg.data.max_image_pixels)
+            cleanup.callback(set_max_image_pixels, previous_limit)  # the process limit as it was
         with RunLock(run_dir) if ctx.is_main else contextlib.nullcontext():
             # Process 0 first: it may generate the synthetic dataset, which the others then read.
             recipe = get_recipe(cfg.model.recipe)
@@ -116,6 +119,7 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             run = _Run(cfg, ctx, device, run_dir, root, ds)
             return run.loop(payload, ckpt_path, install_signal_handlers, messages + [fast_line])
     finally:
+        cleanup.close()
         ctx.shutdown()
 
 

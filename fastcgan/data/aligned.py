@@ -37,10 +37,10 @@ from torch.utils.data import Dataset
 from fastcgan.data.augment import augment_batch
 from fastcgan.data.datasets import (
     DatasetError,
+    SkippedFiles,
     _check_common_args,
     _list_domain,
     _warn_skip,
-    logger,
     resize_deterministic,
 )
 from fastcgan.data.device import DeviceImageBank
@@ -118,7 +118,7 @@ def augment_pair(
     return a, b
 
 
-class AlignedDataset(Dataset):
+class AlignedDataset(SkippedFiles, Dataset):
     """Pairs from ``root/<phase>/`` (A|B side by side; see the module docstring).
 
     ``ds[i] -> {"A": uint8 (input_nc,h,w), "B": uint8 (output_nc,h,w), "A_path": p, "B_path": p,
@@ -127,6 +127,8 @@ class AlignedDataset(Dataset):
     ``ds.batch_augment`` holds the :func:`augment_pair` arguments; ``set_epoch``,
     ``record_skipped``, ``validate`` and ``skipped`` work as in :class:`UnalignedDataset`.
     """
+
+    _skip_noun = "unusable pair image"
 
     def __init__(
         self,
@@ -187,20 +189,6 @@ class AlignedDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """New CPU crop offsets for a new epoch (the crop-on-CPU modes only)."""
         self.epoch = int(epoch)
-
-    def _record(self, path: str) -> bool:
-        if path in self._bad:
-            return False
-        self._bad.add(path)
-        self.skipped.append(path)
-        return True
-
-    def record_skipped(self, batch: dict) -> list[str]:
-        """Merge the paths a (worker-side) batch reports as skipped; returns the new ones."""
-        new = [p for p in batch.get("skipped", ()) if self._record(p)]
-        for p in new:
-            logger.warning("skipped unusable pair image %r (reported by a loader worker)", p)
-        return new
 
     def validate(self) -> list[str]:
         """Decode and split every file now; drop and record unusable ones. Returns the skipped paths."""

@@ -123,7 +123,31 @@ def _list_domain(folder: str, max_size: float) -> list[str]:
     return paths
 
 
-class UnalignedDataset(Dataset):
+class SkippedFiles:
+    """Bookkeeping of the bad files a dataset met: ``skipped`` (in order, each once) and the merge
+    of what DataLoader workers report in their batches. The dataset sets ``skipped = []`` and
+    ``_bad = set()``; ``_skip_noun`` names a bad item in the log."""
+
+    _skip_noun = "unreadable image"
+    skipped: list
+    _bad: set
+
+    def _record(self, path: str) -> bool:
+        if path in self._bad:
+            return False
+        self._bad.add(path)
+        self.skipped.append(path)
+        return True
+
+    def record_skipped(self, batch: dict) -> list[str]:
+        """Merge the paths a (worker-side) batch reports as skipped; returns the new ones."""
+        new = [p for p in batch.get("skipped", ()) if self._record(p)]
+        for p in new:
+            logger.warning("skipped %s %r (reported by a loader worker)", self._skip_noun, p)
+        return new
+
+
+class UnalignedDataset(SkippedFiles, Dataset):
     """Unpaired images from ``root/{phase}A`` and ``root/{phase}B`` (the official CycleGAN layout).
 
     Item ``i`` pairs ``A_paths[i % len(A)]`` with a random B image (``B_paths[i % len(B)]`` when
@@ -197,20 +221,6 @@ class UnalignedDataset(Dataset):
         """Re-draw B partners and CPU crops for a new epoch (call before creating the epoch's
         iterator; DataLoader workers copy the dataset then, so ``persistent_workers`` must be off)."""
         self.epoch = int(epoch)
-
-    def _record(self, path: str) -> bool:
-        if path in self._bad:
-            return False
-        self._bad.add(path)
-        self.skipped.append(path)
-        return True
-
-    def record_skipped(self, batch: dict) -> list[str]:
-        """Merge the paths a (worker-side) batch reports as skipped; returns the new ones."""
-        new = [p for p in batch.get("skipped", ()) if self._record(p)]
-        for p in new:
-            logger.warning("skipped unreadable image %r (reported by a loader worker)", p)
-        return new
 
     def validate(self) -> list[str]:
         """Decode every file now; drop and record unreadable ones. Returns the skipped paths."""

@@ -140,24 +140,27 @@ fi
 
 # ---------------------------------------------------------------------------------------- 2
 if want 2; then
-  PYTEST=($PY -m pytest -q -rfE --tb=short --maxfail=40 -p no:cacheprovider --durations=10 -m cuda)
+  # -p live_failures: a traceback as soon as a test fails (a timed-out stage prints no summary).
+  PYTEST=(env PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" $PY -m pytest -q -rfE --tb=short --maxfail=40
+          -p no:cacheprovider -p live_failures --durations=10 -m cuda)
   $PY -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=150)
   # Triton: every backend test except the two full 180-binary option sweeps of the 3x5 plane
   # (JIT time; bash bench/run_gpu.sh runs them): the layer's real option sets on every named
   # shape, all dtypes and layouts, and the real 256² shapes. JIT compiling is single-threaded per
   # process, so the Triton tests run as two processes (NCHW | channels_last and the rest).
   run_stage correct-triton-nchw 150 "${PYTEST[@]}" tests/test_instance_norm_act.py \
-    -k "triton and nchw and not nchw-fp32-3x5" &
+    -k "triton and nchw and not nchw-3x5-triton-fp32" &
   P1=$!
   run_stage correct-triton-nhwc 150 "${PYTEST[@]}" tests/test_instance_norm_act.py \
-    -k "triton and not nchw and not nhwc-bf16-3x5" &
+    -k "triton and not nchw and not nhwc-3x5-triton-bf16" &
   P2=$!
   # Native CUDA (no JIT: every option on every shape), the whole-step CUDA-graph capture, then
   # the other GPU tests (no host sync in the step, pool and losses; device data bank; official
   # checkpoints on the GPU; onnxruntime/TensorRT skip or say what is missing).
-  run_stage correct-cuda 150 "${PYTEST[@]}" tests/test_instance_norm_act.py tests/test_native.py \
-    tests/test_cuda_graphs.py tests/test_train.py tests/test_image_pool.py tests/test_losses.py \
-    tests/test_data.py tests/test_official_checkpoint.py tests/test_deploy.py -k "not triton" &
+  # The whole-step tests first: they compile, and a kernel sweep must not starve them of time.
+  run_stage correct-cuda 150 "${PYTEST[@]}" tests/test_cuda_graphs.py tests/test_train.py \
+    tests/test_image_pool.py tests/test_losses.py tests/test_data.py tests/test_official_checkpoint.py \
+    tests/test_deploy.py tests/test_native.py tests/test_instance_norm_act.py -k "not triton" &
   P3=$!
   wait $P1; wait $P2; wait $P3
   if [ -n "$AOTI_PID" ]; then wait $AOTI_PID; fi

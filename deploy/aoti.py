@@ -171,10 +171,14 @@ def run_package_isolated(path: str, inputs: list, device: torch.device, *, trust
             "    outs.append(y.float().cpu())\n"
             "torch.save(outs, dst)\n"
         )
-        proc = subprocess.run([sys.executable, "-c", code, copy, src, dst, str(device)],
+        # -X faulthandler: a crash inside the loader leaves a Python stack on stderr, not nothing.
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, copy, src, dst, str(device)],
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"{path}: running the package in a fresh process failed:\n{proc.stderr[-3000:]}")
+            how = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
+                   else f"exit status {proc.returncode}")
+            raise RuntimeError(f"{path}: running the package in a fresh process failed ({how}):\n"
+                               f"{(proc.stdout + proc.stderr)[-3000:]}")
         return torch.load(dst)
 
 

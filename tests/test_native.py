@@ -398,9 +398,8 @@ def _check_cuda_case(shape, dtype, channels_last, activation, affine, residual, 
         kw = dict(activation=activation, negative_slope=0.2, residual=r, pad=pad)
         if backend:
             y = ops.instance_norm_act(x, wt, bs, backend=backend, **kw)
-        else:  # eager CUDA instance_norm cannot backprop a bias without a weight: use weight = 1
-            w_ref = torch.ones(c, dtype=pdt, device=dev) if wt is None and bs is not None else wt
-            y = instance_norm_act_ref(x, w_ref, bs, **kw)
+        else:
+            y = instance_norm_act_ref(x, wt, bs, **kw)
         y.backward(dy64.to(dt))
         grads = [x.grad] + [t.grad for t in (wt, bs, r) if t is not None]
         return [y] + grads
@@ -413,7 +412,7 @@ def _check_cuda_case(shape, dtype, channels_last, activation, affine, residual, 
     for i, (a, b, t) in enumerate(zip(got, ref, truth)):
         name = f"{label} out{i}"
         assert torch.isfinite(a).all(), name
-        if a.dtype != dtype:  # fp32 weight/bias grads of a low-precision input: sums over N*H*W
+        if a.dim() == 1:  # weight/bias grads: sums over N*H*W, judged relative to their magnitude
             bound = TOL[dtype][0] * max(1.0, t.abs().max().item()) * 4
             assert (a.double() - t).abs().max().item() <= bound + 2 * (b.double() - t).abs().max().item(), name
         else:

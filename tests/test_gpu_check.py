@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 DRIVER = os.path.join(ROOT, "bench", "gpu_check.py")
 STAGES = ["env", "aoti-build", "correct-triton-nchw", "correct-triton-nhwc", "correct-cuda", "correct-aoti"]
-STAGES += ["kernels", "train", "infer"]
+STAGES += ["train-warm-b2", "kernels", "train", "infer"]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,9 @@ def dry_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("gpu_check_work")
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORK": str(work)}
     env.pop("GPU_CHECK_DRY_AOTI", None)
+    bundle = out.parent / "bundle" / "gc.tgz"
     proc = subprocess.run(
-        ["bash", SCRIPT, str(out), "--dry-run"],
+        ["bash", SCRIPT, str(out), "--dry-run", "--bundle", str(bundle)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -73,6 +74,36 @@ def test_dry_run_pytest_selections_collect_tests(dry_run):
     for name in ("correct-triton-nchw", "correct-triton-nhwc", "correct-cuda"):
         log = (out / f"{name}.log").read_text()
         assert "skipped" in log and "error" not in log.lower(), log[-2000:]
+
+
+def test_dry_run_bundle_holds_the_whole_outdir(dry_run):
+    """--bundle: one archive for the device tool (which brings back at most 8 files)."""
+    import tarfile
+
+    out, _ = dry_run
+    with tarfile.open(out.parent / "bundle" / "gc.tgz") as tar:
+        names = {os.path.relpath(n, out.name) for n in tar.getnames()}
+    assert {"stages.jsonl", "rows.jsonl", "report.txt", "kernels.log"} <= names, names
+    assert not list((out.parent / "bundle").glob("*.tmp"))
+
+
+def test_stage2_exclusions_name_real_tests():
+    """Each ``not <id part>`` in stage 2's ``-k`` filters names a collected GPU test: the first H200
+    run swept what the script meant to skip because ids had been written in another order."""
+    import re
+
+    text = open(SCRIPT).read()
+    parts = {m for k in re.findall(r'-k "([^"]+)"', text) for m in re.findall(r"not ([\w\[\]-]+-[\w\[\]-]*)", k)}
+    assert len(parts) >= 7, parts
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+         "tests/test_instance_norm_act.py", "tests/test_native.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert ids, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for part in parts:
+        assert any(part in i for i in ids), f"gpu_check.sh -k excludes {part!r}, which names no test"
 
 
 def test_dry_run_rows_and_report(dry_run):

@@ -56,8 +56,12 @@ VARIANTS = {
     "auto-amp-cl-compile-graphs-gpudata": dict(
         kernels="auto", amp=True, channels_last=True, compile=True, cuda_graphs=True, data_on_gpu=True
     ),
+    # The same with the native CUDA kernels forced: "auto" picks Triton for a replayed bf16 step
+    # (the H200 kernel table); this row checks that choice on the whole step.
+    "cuda-amp-cl-compile-graphs-gpudata": dict(
+        kernels="cuda", amp=True, channels_last=True, compile=True, cuda_graphs=True, data_on_gpu=True
+    ),
 }
-GPU_ONLY = ("auto-amp-cl-compile-graphs", "auto-amp-cl-compile-graphs-gpudata")
 # What the product's own commands give with no speed flag: every "auto" flag resolved by
 # fastcgan.train.execution.resolve_fast_path for the device (they must match the best
 # hand-flagged row: on a GPU auto-amp-cl-compile-graphs-gpudata, on a CPU auto-fp32).

@@ -92,7 +92,8 @@ def test_stage2_exclusions_name_real_tests():
     run swept what the script meant to skip because ids had been written in another order."""
     import re
 
-    text = open(SCRIPT).read()
+    with open(SCRIPT) as f:
+        text = f.read()
     parts = {m for k in re.findall(r'-k "([^"]+)"', text) for m in re.findall(r"not ([\w\[\]-]+-[\w\[\]-]*)", k)}
     assert len(parts) >= 7, parts
     proc = subprocess.run(

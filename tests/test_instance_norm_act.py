@@ -533,6 +533,26 @@ def test_backends_report_status():
     assert ops.resolve("auto", torch.randn(1, 1, 2, 2)) in ("cpp", "torch")
 
 
+def test_auto_order_on_a_gpu_is_per_call_unless_the_step_is_replayed(monkeypatch):
+    """Eager calls pay the host launch: the native CUDA kernels first. Inside a replayed step
+    (cuda_graph_replayed, or while a stream captures) only device time counts: Triton first for
+    bf16, as the H200 kernel table measured; fp32 keeps the per-call order there too."""
+    import types
+
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    gpu = lambda dtype: types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)  # noqa: E731
+    bf16, fp32 = gpu(torch.bfloat16), gpu(torch.float32)
+    assert _backends.auto_order(bf16) == _backends.auto_order(fp32) == ("cuda", "triton")
+    with _backends.cuda_graph_replayed():
+        assert _backends.auto_order(bf16) == ("triton", "cuda")
+        assert _backends.auto_order(fp32) == ("cuda", "triton")
+    assert _backends.auto_order(bf16) == ("cuda", "triton")
+    capturing[0] = True
+    assert _backends.auto_order(bf16) == ("triton", "cuda")
+    assert _backends.auto_order(torch.randn(1, 1, 2, 2)) == ("cpp",)
+
+
 # --------------------------------------------------------------------------------------------
 # 6. torch.compile, ONNX export, convergence
 # --------------------------------------------------------------------------------------------

@@ -11,20 +11,54 @@ fails for lack of a GPU, a compiler or the native extension.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 
-# "auto" tries these in order (set from bench/results: the fastest first) and falls back to
-# "torch". No GPU table exists yet: the native CUDA kernels go first on a GPU (no JIT compile on
-# first call, fp64 too), Triton second; bench/test_instance_norm_act.py prints which is faster
-# per shape on an H100. On the CPU the Triton interpreter is for tests only, never picked.
+# "auto" tries these in order (the fastest first) and falls back to "torch". From the H200 kernel
+# table (bench/results/nvidia-h200.json, 2026-11-27; instance_norm_act fwd+bwd, ResNet-9 256²
+# shapes, batch 1 and 8):
+# * called one at a time (eager; the host launch counts) the native CUDA kernels win every case,
+#   3.95 ms against Triton's 8.15 ms over 12 cases: Triton's Python launch costs ~0.4 ms per
+#   forward+backward;
+# * replayed as a CUDA graph (the trainer's default on a GPU) only device time counts: Triton is
+#   2.0x faster in bf16 (0.81 ms against 1.64 ms over 6 cases; the CUDA NHWC kernel keeps few
+#   blocks busy at batch 1), CUDA 1.18x faster in fp32. fp16 was not measured: per-call order.
+# On the CPU the Triton interpreter is for tests only, never picked.
 AUTO_ORDER_CUDA = ("cuda", "triton")
+AUTO_ORDER_CUDA_REPLAYED = {torch.bfloat16: ("triton", "cuda")}
 AUTO_ORDER_CPU = ("cpp",)
+
+_replayed = 0  # depth of cuda_graph_replayed() contexts
+
+
+@contextlib.contextmanager
+def cuda_graph_replayed() -> Iterator[None]:
+    """Within this context ``"auto"`` picks for device time (:data:`AUTO_ORDER_CUDA_REPLAYED`):
+    the calls made (or traced by ``torch.compile``) here will be captured and replayed as a CUDA
+    graph, where no host launch cost remains. Also in effect while a stream is capturing."""
+    global _replayed
+    _replayed += 1
+    try:
+        yield
+    finally:
+        _replayed -= 1
+
+
+def auto_order(x: torch.Tensor) -> tuple[str, ...]:
+    """The backends ``"auto"`` tries for ``x``, fastest first."""
+    if x.device.type != "cuda":
+        return AUTO_ORDER_CPU
+    # is_current_stream_capturing() is asked only outside torch.compile's tracing, which would
+    # put the query into the graph; code traced for a replayed step runs in the context instead.
+    if _replayed or (not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()):
+        return AUTO_ORDER_CUDA_REPLAYED.get(x.dtype, AUTO_ORDER_CUDA)
+    return AUTO_ORDER_CUDA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +166,7 @@ def _usable(name: str, x: torch.Tensor) -> Optional[str]:
 
 def resolve(backend: str, x: torch.Tensor, op: str, dtypes: Mapping[str, tuple[torch.dtype, ...]]) -> str:
     """The backend ``op`` runs ``x`` on: ``"auto"`` made concrete (the first usable one of
-    :data:`AUTO_ORDER_CUDA` / :data:`AUTO_ORDER_CPU` for ``x``'s device, else ``"torch"``), an
+    :func:`auto_order` for ``x``, else ``"torch"``), an
     explicit one checked. ``dtypes``: the dtypes the op's kernels compute on each backend."""
 
     def why_not(name: str) -> Optional[str]:
@@ -142,7 +176,7 @@ def resolve(backend: str, x: torch.Tensor, op: str, dtypes: Mapping[str, tuple[t
         return reason
 
     if backend == "auto":
-        for name in AUTO_ORDER_CUDA if x.device.type == "cuda" else AUTO_ORDER_CPU:
+        for name in auto_order(x):
             if why_not(name) is None:
                 return name
         return "torch"

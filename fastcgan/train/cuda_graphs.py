@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastcgan.ops._backends import cuda_graph_replayed
 from fastcgan.train.config import ConfigError, TrainConfig
 from fastcgan.train.execution import Execution, TrainStep
 from fastcgan.train.state import TrainState, amp_dtype_for
@@ -89,7 +90,9 @@ class CUDAGraphStep(TrainStep):
         if self.graph is None and self.calls <= self.warmup:
             side = torch.cuda.Stream(device=self.exe.device)
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            # The warm-up traces (compiled phases) and runs what the graph will hold: "auto"
+            # kernels are chosen for replay (device time), as during the capture.
+            with torch.cuda.stream(side), cuda_graph_replayed():
                 out = train_step(self.exe, batch, self.recipe, self.cfg)
             torch.cuda.current_stream().wait_stream(side)
             return out
@@ -109,5 +112,5 @@ class CUDAGraphStep(TrainStep):
             opt.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         # Capture records the kernels without running them; the replay in __call__ runs this step.
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), cuda_graph_replayed():
             self.static_out = train_step(self.exe, self.static_in, self.recipe, self.cfg)

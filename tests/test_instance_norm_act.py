@@ -240,6 +240,32 @@ def test_reference_gradcheck_fp64():
     assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (x, w, b, r)])
 
 
+@pytest.mark.parametrize("act, pad", [("none", 0), ("relu", 0), ("none", 1)])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("x_layout", ["nchw", "nhwc"])
+def test_reference_backward_takes_any_gradient_layout(act, pad, batch, x_layout):
+    """torch 2.14's CPU instance_norm backward is wrong (dx off by ~100 %) for a batch of one when
+    the gradient reaching it is channels_last — what a channels_last conv sends to a residual
+    block's last norm (activation none, no pad). The reference hands it an NCHW copy: its dx must
+    not depend on the gradient's layout. (Found as batch-size-dependent weight gradients of a
+    channels_last ResNet generator with the torch kernels.)"""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, 5, 6, generator=g)
+    if x_layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(batch, 4, 5 + 2 * pad, 6 + 2 * pad, generator=g)
+    grads = []
+    for dy_layout in (torch.contiguous_format, torch.channels_last):
+        xx = x.clone(memory_format=torch.preserve_format).requires_grad_()
+        y = instance_norm_act_ref(xx, activation=act, pad=pad)
+        (gx,) = torch.autograd.grad(y, xx, dy.contiguous(memory_format=dy_layout))
+        grads.append(gx)
+    x64 = x.double().contiguous().requires_grad_()
+    (truth,) = torch.autograd.grad(instance_norm_act_ref(x64, activation=act, pad=pad), x64, dy.double())
+    for gx in grads:
+        torch.testing.assert_close(gx.double(), truth, **tol(torch.float32))
+
+
 # --------------------------------------------------------------------------------------------
 # 2. The custom-op path with the torch kernel contract
 # --------------------------------------------------------------------------------------------

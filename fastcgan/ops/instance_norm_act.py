@@ -63,6 +63,10 @@ SUPPORTED_DTYPES = {
 # --------------------------------------------------------------------------------------------
 # Reference (the specification)
 # --------------------------------------------------------------------------------------------
+def _contiguous_grad(grad: Optional[Tensor]) -> Optional[Tensor]:
+    return grad.contiguous() if grad is not None else None
+
+
 def instance_norm_act_ref(
     x: Tensor,
     weight: Optional[Tensor] = None,
@@ -97,6 +101,12 @@ def instance_norm_act_ref(
         # .contiguous(): torch 2.14's CPU instance_norm backward is wrong for channels_last
         # input with H == 1; NCHW input (and so export) is unaffected.
         y = F.instance_norm(xf.contiguous(), weight=w, bias=b, eps=eps)
+        if y.requires_grad and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            # It is also wrong (torch 2.14, CPU) for a batch of one when the incoming gradient is
+            # channels_last, as it is under a channels_last conv: dx off by ~100 % of its scale.
+            # An NCHW copy of that gradient is exact. (Compiled code differentiates the
+            # decomposed ops instead and is unaffected; export runs without gradients.)
+            y.register_hook(_contiguous_grad)
     y = apply_activation(y, activation, negative_slope)
     if residual is not None:
         y = y + residual.to(y.dtype)

@@ -15,9 +15,13 @@ Fast by default: ``--compile``, ``--channels-last``, ``--cuda-graphs`` and ``--d
 auto means off. Compile: ``--channels-last --compile`` ran at 0.91x the eager fp32 step at 128²
 ngf 64 on an AVX2 EPYC and costs minutes of compilation. channels_last alone measured faster on
 an AVX512-BF16 EPYC (1.17x fp32 / 1.18x bf16 at 64² ngf 16, 1.04x / 1.05x at 128² ngf 64) but is
-not the default there yet: with the torch reference kernels, channels_last batch-2 weight
-gradients of the first convolutions differ from the per-image sum on the CPU (torch 2.14), and
-two-process DDP drifts 6x more than in NCHW; the C++ kernels match, but the cause is open.
+not the default there: in NCHW the CPU's fp32 step is the same arithmetic at any batch split, in
+channels_last the convolutions round differently per batch size, and where a ReLU input sits
+within that rounding of 0 the gradient jumps (measured: a 1e-6 relative input change in fp64
+moves a generator's weight gradients by ~1e-2, exactly the channels_last-vs-NCHW gap), which Adam
+then carries: 2-process DDP drifts 2.3e-3 from 1 process after 6 steps, 3.8e-4 in NCHW. (The
+batch-size bug first blamed on channels_last was torch's instance_norm backward, worked around in
+the reference kernels.)
 ``--amp`` stays the user's choice (bf16 is emulated, ~9x slower, on CPUs without
 AVX512-BF16/AMX: the trainer warns). ``--faithful`` gives the official numerics: fp32, eager,
 reference kernels, no fused optimizer.

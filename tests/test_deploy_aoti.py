@@ -61,3 +61,15 @@ def test_aoti_package_cpu(tmp_path):
         trusted = load(str(pt2), device="cpu", trust_artifact=True)
     assert trusted.trust.startswith("trusted explicitly")
     assert (trusted(x) - ref).abs().max().item() <= 1e-4
+
+
+def test_isolated_run_failure_names_how_the_child_ended(tmp_path):
+    """A package the fresh process cannot run is reported with the child's exit status or signal
+    and its output (the first H200 run got an empty message from a child that died silently)."""
+    from fastcgan.deploy.aoti import run_package_isolated
+
+    bad = tmp_path / "g.pt2"
+    bad.write_bytes(b"not a zip archive")
+    failed = r"(?s)g\.pt2: running the package in a fresh process failed \(exit status \d+\):\n.*Error"
+    with pytest.raises(RuntimeError, match=failed):
+        run_package_isolated(str(bad), [torch.zeros(1, 3, 8, 8)], torch.device("cpu"), trust_artifact=True)

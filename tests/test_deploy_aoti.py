@@ -71,5 +71,5 @@ def test_isolated_run_failure_names_how_the_child_ended(tmp_path):
     bad = tmp_path / "g.pt2"
     bad.write_bytes(b"not a zip archive")
     failed = r"(?s)g\.pt2: running the package in a fresh process failed \(exit status \d+\):\n.*Error"
-    with pytest.raises(RuntimeError, match=failed):
+    with pytest.raises(RuntimeError, match=failed), pytest.warns(UserWarning, match="without a verified manifest"):
         run_package_isolated(str(bad), [torch.zeros(1, 3, 8, 8)], torch.device("cpu"), trust_artifact=True)

@@ -23,8 +23,8 @@ BACKENDS = ("torch", "triton", "cuda", "cpp")
 # "auto" tries these in order (the fastest first) and falls back to "torch". From the H200 kernel
 # table (bench/results/nvidia-h200.json, 2026-11-27; instance_norm_act fwd+bwd, ResNet-9 256²
 # shapes, batch 1 and 8):
-# * called one at a time (eager; the host launch counts) the native CUDA kernels win every case,
-#   3.95 ms against Triton's 8.15 ms over 12 cases: Triton's Python launch costs ~0.4 ms per
+# * called one at a time (eager; the host launch counts) the native CUDA kernels beat Triton in
+#   every case, 3.95 ms against 8.15 ms over 12 cases: Triton's Python launch costs ~0.4 ms per
 #   forward+backward;
 # * replayed as a CUDA graph (the trainer's default on a GPU) only device time counts: Triton is
 #   2.0x faster in bf16 (0.81 ms against 1.64 ms over 6 cases; the CUDA NHWC kernel keeps few

@@ -484,16 +484,7 @@ def stage_train(S: Sizes, out: str) -> int:
         )
 
     def fastcgan(variant, batch, overrides=()):
-        random.seed(0)
-        torch.manual_seed(0)
-        _, host_u8, bank = tb.make_inputs(device, batch, size)
-        tb._reset_mem(device)
-        flags = {**tb.VARIANTS[variant], **dict(overrides)}
-        t0 = time.perf_counter()
-        one_step, extra_warmup = tb.make_fastcgan_step(flags, device, batch, size, ngf, blocks, host_u8, bank)
-        one_step()  # the first call compiles (lazily, per phase) when the variant compiles
-        _sync(device)
-        first_s = time.perf_counter() - t0
+        one_step, extra_warmup, flags, first_s = _build_and_first_step(S, variant, batch, overrides)
         t = median_time(
             one_step, device, warmup=max(0, extra_warmup - 1) + S.train_warmup, iters=S.train_iters
         )
@@ -540,24 +531,34 @@ def stage_train(S: Sizes, out: str) -> int:
     return 0
 
 
+def _build_and_first_step(S: Sizes, variant: str, batch: int, overrides=()):
+    """(one_step, extra warm-up calls, flags, seconds to build and run the first step) of fastcgan's
+    ``variant`` at ``batch``: seeded inputs and state, memory stats reset, the first call (which
+    compiles when the variant compiles) synchronised."""
+    import test_train_step as tb
+
+    device = torch.device(S.device)
+    random.seed(0)
+    torch.manual_seed(0)
+    _, host_u8, bank = tb.make_inputs(device, batch, S.train_size)
+    tb._reset_mem(device)
+    flags = {**tb.VARIANTS[variant], **dict(overrides)}
+    t0 = time.perf_counter()
+    one_step, extra_warmup = tb.make_fastcgan_step(
+        flags, device, batch, S.train_size, S.train_ngf, S.train_blocks, host_u8, bank
+    )
+    one_step()
+    _sync(device)
+    return one_step, extra_warmup, flags, time.perf_counter() - t0
+
+
 def stage_train_warm(S: Sizes, out: str, batch: int) -> int:
     """Compile stage 4's fastest configuration at ``batch`` once, in the background while stage 2
     runs, so that stage 4 finds Inductor's on-disk caches (FX graph, AOT autograd, Triton) warm:
     on the first H200 run this compile took 120 s of stage 4's 143 s at batch 1 and left no time
     for batch 8. The cold compile time is a row of its own; nothing here is timed as a step."""
-    import test_train_step as tb
-
-    device = torch.device(S.device)
-    size = S.train_size
-    random.seed(0)
-    torch.manual_seed(0)
-    _, host_u8, bank = tb.make_inputs(device, batch, size)
-    flags = {**tb.VARIANTS[S.train_variant], **dict(S.train_overrides)}
-    t0 = time.perf_counter()
-    one_step, _ = tb.make_fastcgan_step(flags, device, batch, size, S.train_ngf, S.train_blocks, host_u8, bank)
-    one_step()  # the first call compiles
-    _sync(device)
-    secs = time.perf_counter() - t0
+    device, size = torch.device(S.device), S.train_size
+    *_, secs = _build_and_first_step(S, S.train_variant, batch, S.train_overrides)
     append_row(out, "4", f"train_compile/{device.type}-{size}-b{batch}/{S.train_variant}",
                device=str(device), batch=batch, size=size, seconds=secs)
     print(f"b{batch} {S.train_variant}: built and compiled cold in {secs:.0f} s", flush=True)
@@ -865,21 +866,25 @@ def main(argv=None) -> int:
     S = DRY if a.dry_run else GPU
     global _DRY_RUN
     _DRY_RUN = a.dry_run
+    # Checked before anything is written: the batch sizes of stages 4 and train-warm (e.g. "8").
+    batches = os.environ.get("GPU_CHECK_TRAIN_BATCHES")
+    if batches:
+        try:
+            sizes = tuple(int(b) for b in batches.split(","))
+        except ValueError:
+            sizes = ()
+        if not sizes or not all(1 <= b <= 256 for b in sizes):
+            print(f"GPU_CHECK_TRAIN_BATCHES={batches!r}: expected batch sizes 1..256 like 1,8", file=sys.stderr)
+            return 2
+        S = dataclasses.replace(S, train_batches=sizes)
+    if a.stage == "train-warm" and a.batch not in S.train_batches:
+        print(f"train-warm --batch {a.batch}: not one of the train batches {S.train_batches}", file=sys.stderr)
+        return 2
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     work = os.path.abspath(
         a.work or os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastcgan-gpu-check-work")
     )
-    batches = os.environ.get("GPU_CHECK_TRAIN_BATCHES")
-    if batches:  # e.g. "8": the batch sizes of stages 4 and train-warm
-        try:
-            S = dataclasses.replace(S, train_batches=tuple(int(b) for b in batches.split(",")))
-        except ValueError:
-            print(f"GPU_CHECK_TRAIN_BATCHES={batches!r}: expected batch sizes like 1,8", file=sys.stderr)
-            return 2
-    if a.stage == "train-warm" and a.batch not in S.train_batches:
-        print(f"train-warm --batch {a.batch}: not one of the train batches {S.train_batches}", file=sys.stderr)
-        return 2
     needs_gpu = a.stage in ("kernels", "train-warm", "train", "infer", "aoti-build", "aoti-check") and S.device == "cuda"
     if needs_gpu and not torch.cuda.is_available():
         print("no CUDA device: use --dry-run on a CPU machine", file=sys.stderr)

@@ -15,7 +15,14 @@ walks a chunk of the plane in ``BLOCK_C x BLOCK_HW`` tiles: for NCHW the tile is
 loads along C). Tensors whose H and W strides cannot be merged into one HW stride (exotic
 views such as ``x[..., ::2]`` or a transposed H/W) are copied with ``.contiguous()`` first.
 
-Work split. Large planes are split into ``K`` chunks so that one 256x256 plane per channel
+Small planes: one pass. When a whole plane of ``BLOCK_C`` channels fits in one program's
+registers (``next_pow2(H*W) <= _ONE_PASS_MAX`` elements, 16 per thread), forward and backward
+are one kernel each: the program loads x (and dy) once, reduces, and writes y (dx) from the
+values it holds -- one read and one write per pass, two launches per forward+backward instead
+of four to six. That is every ResNet plane up to 128x128. Fewer, longer programs are fine there:
+at these sizes the time is launch latency, not bandwidth.
+
+Work split. Larger planes are split into ``K`` chunks so that one 256x256 plane per channel
 (batch 1) fills the GPU as well as batch 8 does; the chunk partials are merged by the next
 kernel, never on the host (inline when the partial tile is small, otherwise by one tiny
 ``_merge_*`` kernel launched in between, so that hundreds of programs do not each re-read
@@ -121,8 +128,126 @@ def _fold_pad(dy_base, hw, mask, H, W, Wp, s_dyhw, PAD: tl.constexpr):
     return g
 
 
+@triton.jit
+def _store_padded(y_base, hw, mask, v, H, W, Wp, s_yhw, PAD: tl.constexpr):
+    """Reflection padding by scatter: store the value of interior pixel ``hw`` at every padded
+    position that mirrors it (the transpose of ``_fold_pad``'s gather; same index sets)."""
+    if PAD == 0:
+        tl.store(y_base + hw[None, :] * s_yhw, v, mask=mask)
+    else:
+        i = hw // W
+        j = hw - i * W
+        r0 = i + PAD
+        r1 = PAD - i
+        r2 = PAD + 2 * (H - 1) - i
+        vr1 = (i >= 1) & (i <= PAD)
+        vr2 = (i >= H - 1 - PAD) & (i <= H - 2)
+        c0 = j + PAD
+        c1 = PAD - j
+        c2 = PAD + 2 * (W - 1) - j
+        vc1 = (j >= 1) & (j <= PAD)
+        vc2 = (j >= W - 1 - PAD) & (j <= W - 2)
+        tl.store(y_base + (r0 * Wp + c0)[None, :] * s_yhw, v, mask=mask)
+        tl.store(y_base + (r0 * Wp + c1)[None, :] * s_yhw, v, mask=mask & vc1[None, :])
+        tl.store(y_base + (r0 * Wp + c2)[None, :] * s_yhw, v, mask=mask & vc2[None, :])
+        tl.store(y_base + (r1 * Wp + c0)[None, :] * s_yhw, v, mask=mask & vr1[None, :])
+        tl.store(y_base + (r1 * Wp + c1)[None, :] * s_yhw, v, mask=mask & (vr1 & vc1)[None, :])
+        tl.store(y_base + (r1 * Wp + c2)[None, :] * s_yhw, v, mask=mask & (vr1 & vc2)[None, :])
+        tl.store(y_base + (r2 * Wp + c0)[None, :] * s_yhw, v, mask=mask & vr2[None, :])
+        tl.store(y_base + (r2 * Wp + c1)[None, :] * s_yhw, v, mask=mask & (vr2 & vc1)[None, :])
+        tl.store(y_base + (r2 * Wp + c2)[None, :] * s_yhw, v, mask=mask & (vr2 & vc2)[None, :])
+
+
 # --------------------------------------------------------------------------------------------
-# Forward kernels
+# One-pass kernels (a whole plane per program)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_one_pass_kernel(
+    X, R, Wt, B, Y, MEAN, RSTD,
+    C, H, W, HW, Wp,
+    s_xn, s_xc, s_xhw, s_rn, s_rc, s_rhw, s_yn, s_yc, s_yhw,
+    n_cblocks, eps, slope,
+    PAD: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """x read once: exact two-pass statistics on the values in registers (mean, then the sum of
+    squared deviations), then the padded output scattered from the same values."""
+    pid = tl.program_id(0)
+    n = pid // n_cblocks
+    c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    hw = tl.arange(0, BLOCK_HW)
+    m = cmask[:, None] & (hw < HW)[None, :]
+    x_base = X + n.to(tl.int64) * s_xn + c.to(tl.int64)[:, None] * s_xc
+    xv = tl.load(x_base + hw[None, :] * s_xhw, mask=m, other=0.0).to(tl.float32)
+    hw_f = HW * 1.0  # not HW.to(): an int argument equal to 1 arrives as a constexpr
+    mean = tl.sum(xv, axis=1) / hw_f
+    d = tl.where(m, xv - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / hw_f + eps)
+    tl.store(MEAN + n * C + c, mean, mask=cmask)
+    tl.store(RSTD + n * C + c, rstd, mask=cmask)
+    scale = rstd
+    if HAS_W:
+        scale = scale * tl.load(Wt + c, mask=cmask, other=0.0).to(tl.float32)
+    z = d * scale[:, None]
+    if HAS_B:
+        z += tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+    yv = _act_fwd(z, slope, ACT)
+    if HAS_R:
+        r_base = R + n.to(tl.int64) * s_rn + c.to(tl.int64)[:, None] * s_rc
+        yv += tl.load(r_base + hw[None, :] * s_rhw, mask=m, other=0.0).to(tl.float32)
+    y_base = Y + n.to(tl.int64) * s_yn + c.to(tl.int64)[:, None] * s_yc
+    _store_padded(y_base, hw, m, yv.to(Y.dtype.element_ty), H, W, Wp, s_yhw, PAD)
+
+
+@triton.jit
+def _bwd_one_pass_kernel(
+    DY, X, Wt, B, MEAN, RSTD, PSG, PSGX, DX, DRES,
+    C, H, W, HW, Wp,
+    s_dyn, s_dyc, s_dyhw, s_xn, s_xc, s_xhw, s_dxn, s_dxc, s_dxhw,
+    n_cblocks, slope,
+    PAD: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """dy (folded) and x read once: the plane sums of gz and gz * xhat, then dx (and dresidual)
+    from the values in registers. The sums are stored per (sample, channel) for dweight/dbias."""
+    pid = tl.program_id(0)
+    n = pid // n_cblocks
+    c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    hw = tl.arange(0, BLOCK_HW)
+    m = cmask[:, None] & (hw < HW)[None, :]
+    mean = tl.load(MEAN + n * C + c, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + n * C + c, mask=cmask, other=0.0)
+    if HAS_W:
+        w = tl.load(Wt + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    if HAS_B:
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    x_base = X + n.to(tl.int64) * s_xn + c.to(tl.int64)[:, None] * s_xc
+    dy_base = DY + n.to(tl.int64) * s_dyn + c.to(tl.int64)[:, None] * s_dyc
+    g = _fold_pad(dy_base, hw, m, H, W, Wp, s_dyhw, PAD)
+    xv = tl.load(x_base + hw[None, :] * s_xhw, mask=m, other=0.0).to(tl.float32)
+    xhat = (xv - mean[:, None]) * rstd[:, None]
+    gz = _act_bwd(g, xhat * w[:, None] + b[:, None], slope, ACT)
+    gz = tl.where(m, gz, 0.0)
+    sum_g = tl.sum(gz, axis=1)
+    sum_gx = tl.sum(gz * xhat, axis=1)
+    tl.store(PSG + n * C + c, sum_g, mask=cmask)
+    tl.store(PSGX + n * C + c, sum_gx, mask=cmask)
+    hw_f = HW * 1.0
+    dx = (rstd * w)[:, None] * (gz - (sum_g / hw_f)[:, None] - xhat * (sum_gx / hw_f)[:, None])
+    off = n.to(tl.int64) * s_dxn + c.to(tl.int64)[:, None] * s_dxc + hw[None, :] * s_dxhw
+    tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
+    if HAS_R:
+        tl.store(DRES + off, g.to(DRES.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------------------------
+# Split-plane forward kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_stats_kernel(
@@ -237,7 +362,7 @@ def _fwd_apply_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward kernels
+# Split-plane backward kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_reduce_kernel(
@@ -477,6 +602,25 @@ def _merged_sums(pa: Tensor, pb: Tensor) -> tuple[Tensor, Tensor]:
 
 
 _MAX_CHUNKS = 256
+# One-pass kernels hold BLOCK_C x next_pow2(H*W) fp32 values per loaded tensor, 16 per thread
+# (num_warps = elements / 512, at most 32): up to 128x128 planes, one channel per program.
+_ONE_PASS_MAX = 16384
+
+
+@functools.lru_cache(maxsize=4096)
+def _one_pass_plan(n: int, c: int, hw: int, target: int, max_elems: int):
+    """(BLOCK_C, BLOCK_HW, n_cblocks, num_warps) when a whole plane fits one program, else None.
+
+    BLOCK_C starts at every channel that fits and halves while the grid is smaller than
+    ``target`` programs (batch 1 has few planes; a one-channel program is still a whole plane)."""
+    block_hw = triton.next_power_of_2(hw)
+    if block_hw > max_elems:
+        return None
+    block_c = min(triton.next_power_of_2(c), max_elems // block_hw)
+    while block_c > 1 and n * triton.cdiv(c, block_c) < target:
+        block_c //= 2
+    num_warps = max(4, min(32, block_c * block_hw // 512))
+    return block_c, block_hw, triton.cdiv(c, block_c), num_warps
 
 
 @functools.lru_cache(maxsize=4096)
@@ -501,6 +645,10 @@ def _plan(n: int, c: int, hw: int, c_minor: bool, tile: int, target: int, min_ch
     tiles = chunk // block_hw
     num_warps = 8 if block_c * block_hw >= 4096 else 4
     return block_c, block_hw, n_cblocks, k, chunk, tiles, num_warps
+
+
+def _one_pass_launch_plan(x_shape, hw, device):
+    return _one_pass_plan(x_shape[0], x_shape[1], hw, _target_programs(device), _ONE_PASS_MAX)
 
 
 def _launch_plan(x_shape, hw, c_minor, device):
@@ -533,8 +681,24 @@ def forward(x, weight, bias, residual, activation, negative_slope, pad, eps):
     mean = torch.empty((n, c), dtype=torch.float32, device=x.device)
     rstd = torch.empty((n, c), dtype=torch.float32, device=x.device)
     hw, hwp = h * w, hp * wp
-    c_minor = s_xc == 1 and c > 1 and s_xhw != 1
+    flags = dict(
+        PAD=int(pad), ACT=int(parse_activation(activation)), HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_R=residual is not None,
+    )
+    wt = weight if weight is not None else xv
+    bt = bias if bias is not None else xv
 
+    one_pass = _one_pass_launch_plan(x.shape, hw, x.device)
+    if one_pass is not None:
+        bc, bhw, ncb, nw = one_pass
+        _fwd_one_pass_kernel[(n * ncb,)](
+            xv, rv, wt, bt, y, mean, rstd, c, h, w, hw, wp,
+            s_xn, s_xc, s_xhw, s_rn, s_rc, s_rhw, s_yn, s_yc, s_yhw,
+            ncb, float(eps), float(negative_slope), BLOCK_C=bc, BLOCK_HW=bhw, num_warps=nw, **flags,
+        )
+        return y, mean, rstd
+
+    c_minor = s_xc == 1 and c > 1 and s_xhw != 1
     bc, bhw, ncb, k, chunk, tiles, nw = _launch_plan(x.shape, hw, c_minor, x.device)
     pmean = torch.empty((n, c, k), dtype=torch.float32, device=x.device)
     pm2 = torch.empty_like(pmean)
@@ -549,14 +713,11 @@ def forward(x, weight, bias, residual, activation, negative_slope, pad, eps):
         pmean, pm2 = _merged_stats(pmean, pm2, hw, chunk)
         k, chunk = 1, hw
     _fwd_apply_kernel[(n * ncb2, ko)](
-        xv, rv, weight if weight is not None else xv, bias if bias is not None else xv, y,
-        pmean, pm2, mean, rstd,
+        xv, rv, wt, bt, y, pmean, pm2, mean, rstd,
         c, h, w, hw, wp, hwp,
         s_xn, s_xc, s_xhw, s_rn, s_rc, s_rhw, s_yn, s_yc, s_yhw,
         ncb2, chunk, k, ochunk, otiles, float(eps), float(negative_slope),
-        PAD=int(pad), ACT=int(parse_activation(activation)), HAS_W=weight is not None, HAS_B=bias is not None,
-        HAS_R=residual is not None, BLOCK_C=bc2, BLOCK_HW=bhw2, BLOCK_K=triton.next_power_of_2(k),
-        num_warps=nw2,
+        BLOCK_C=bc2, BLOCK_HW=bhw2, BLOCK_K=triton.next_power_of_2(k), num_warps=nw2, **flags,
     )
     return y, mean, rstd
 
@@ -579,16 +740,28 @@ def backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, h
     dres = torch.empty_like(x, memory_format=fmt) if has_residual else x.new_empty((0,))
     _, s_dxn, s_dxc, s_dxhw = _as_nchw_view(dx)
     hw = h * w
+    wt = weight if weight is not None else xv
+    bt = bias if bias is not None else xv
+    flags = dict(
+        PAD=int(pad), ACT=int(parse_activation(activation)), HAS_W=weight is not None, HAS_B=bias is not None,
+    )
+    one_pass = _one_pass_launch_plan(x.shape, hw, x.device)
+    if one_pass is not None:
+        bc, bhw, ncb, nw = one_pass
+        psg = torch.empty((n, c, 1), dtype=torch.float32, device=x.device)
+        psgx = torch.empty_like(psg)
+        _bwd_one_pass_kernel[(n * ncb,)](
+            dyv, xv, wt, bt, mean, rstd, psg, psgx, dx, dres if has_residual else dx,
+            c, h, w, hw, wp, s_dyn, s_dyc, s_dyhw, s_xn, s_xc, s_xhw, s_dxn, s_dxc, s_dxhw,
+            ncb, float(negative_slope), HAS_R=bool(has_residual), BLOCK_C=bc, BLOCK_HW=bhw, num_warps=nw, **flags,
+        )
+        return (dx, *_affine_grads(x, weight, bias, psg, psgx), dres)
+
     c_minor = s_xc == 1 and c > 1 and s_xhw != 1
     bc, bhw, ncb, k, chunk, tiles, nw = _launch_plan(x.shape, hw, c_minor, x.device)
     psg = torch.empty((n, c, k), dtype=torch.float32, device=x.device)
     psgx = torch.empty_like(psg)
-    wt = weight if weight is not None else xv
-    bt = bias if bias is not None else xv
-    common = dict(
-        PAD=int(pad), ACT=int(parse_activation(activation)), HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_C=bc, BLOCK_HW=bhw, num_warps=nw,
-    )
+    common = dict(BLOCK_C=bc, BLOCK_HW=bhw, num_warps=nw, **flags)
     _bwd_reduce_kernel[(n * ncb, k)](
         dyv, xv, wt, bt, mean, rstd, psg, psgx,
         c, h, w, hw, wp, s_dyn, s_dyc, s_dyhw, s_xn, s_xc, s_xhw,
@@ -604,8 +777,14 @@ def backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, h
         ncb, chunk, tiles, kp, float(negative_slope),
         HAS_R=bool(has_residual), BLOCK_K=triton.next_power_of_2(kp), **common,
     )
-    # Custom-op outputs must not alias each other: a fresh (0,) tensor for each unneeded grad.
-    # Deterministic: per-(sample, chunk) partials summed by one reduction, no atomics.
+    return (dx, *_affine_grads(x, weight, bias, psg, psgx), dres)
+
+
+def _affine_grads(x, weight, bias, psg: Tensor, psgx: Tensor) -> tuple[Tensor, Tensor]:
+    """(dweight, dbias) from the (N, C, K) partial sums of gz * xhat and gz.
+
+    Custom-op outputs must not alias each other: a fresh (0,) tensor for each unneeded grad.
+    Deterministic: per-(sample, chunk) partials summed by one reduction, no atomics."""
     dw = psgx.sum((0, 2)).to(weight.dtype) if weight is not None else x.new_empty((0,))
     if bias is not None:
         db = psg.sum((0, 2)).to(bias.dtype)
@@ -613,4 +792,4 @@ def backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, h
         db = weight.new_zeros(weight.shape)  # unused; zeros (not empty) keep the output deterministic
     else:
         db = x.new_empty((0,))
-    return dx, dw, db, dres
+    return dw, db

@@ -344,6 +344,42 @@ def test_cpu_backend_shapes(backend, shape_id, dtype, channels_last):
         _check_backend(backend, shape, dtype, "cpu", channels_last, act, affine, residual, pad)
 
 
+@pytest.mark.parametrize("shape_id", ["1x1", "7x257", "1x1024", "batch3"])
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32-nchw", "bf16-nhwc"])
+def test_triton_two_pass_path_cpu(monkeypatch, shape_id, dtype, channels_last):
+    """Planes too large for one program (over 128x128 on a GPU) take the statistics/apply and
+    reduce/dx kernel pairs; forced here on the named shapes, which otherwise run one-pass."""
+    _need("triton", "cpu")
+    from fastcgan.kernels import instance_norm_act as kin
+
+    shape = SHAPES[shape_id]
+    monkeypatch.setattr(kin, "_ONE_PASS_MAX", 0)
+    assert kin._one_pass_launch_plan(shape, shape[2] * shape[3], torch.device("cpu")) is None
+    for act, affine, residual, pad in _few_options(shape):
+        _check_backend("triton", shape, dtype, "cpu", channels_last, act, affine, residual, pad)
+
+
+def test_triton_one_pass_plan_covers_resnet_planes_up_to_128():
+    """The planner's choices at a GPU's grid target (132 SMs x 4): a whole plane per program up
+    to 128x128 (ResNet-9's 64x64 and 128x128 layers), channels packed only while the grid stays
+    full, at most 16 fp32 values per thread per tensor; 256x256 planes are split."""
+    pytest.importorskip("triton")
+    from fastcgan.kernels import instance_norm_act as kin
+
+    target = 4 * 132
+    one = lambda n, c, h, w: kin._one_pass_plan(n, c, h * w, target, kin._ONE_PASS_MAX)  # noqa: E731
+    assert one(1, 64, 256, 256) is None and one(8, 64, 256, 256) is None and one(1, 3, 1024, 1024) is None
+    for n, c, h, w in [(1, 256, 64, 64), (8, 256, 64, 64), (1, 128, 128, 128), (8, 128, 128, 128), (2, 3, 3, 5),
+                       (1, 4, 7, 257), (1, 2, 1, 1024), (4, 1000, 1, 1)]:
+        bc, bhw, ncb, nw = one(n, c, h, w)
+        assert bhw >= h * w and bc * bhw <= kin._ONE_PASS_MAX and ncb * bc >= c
+        assert 4 <= nw <= 32 and bc * bhw <= 16 * 32 * nw, (n, c, h, w, bc, bhw, nw)
+        assert bc == 1 or n * ncb >= target, f"channels packed although the grid is short: {(n, c, h, w, bc)}"
+    assert one(1, 256, 64, 64)[0] == 1 and one(8, 256, 64, 64)[0] == 2  # 256 and 1024 programs
+    assert one(1, 128, 128, 128)[:2] == (1, 16384)
+
+
 @pytest.mark.parametrize("merge", ["inline", "kernel"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_triton_split_planes_cpu(monkeypatch, channels_last, merge):
@@ -357,8 +393,10 @@ def test_triton_split_planes_cpu(monkeypatch, channels_last, merge):
     monkeypatch.setattr(kin, "_MIN_CHUNK", 16)
     monkeypatch.setattr(kin, "_target_programs", lambda device: 24)
     monkeypatch.setattr(kin, "_MERGE_INLINE", 1 << 30 if merge == "inline" else 0)
+    monkeypatch.setattr(kin, "_ONE_PASS_MAX", 0)
     kin._plan.cache_clear()
     try:
+        assert kin._one_pass_launch_plan((1, 3, 9, 23), 9 * 23, torch.device("cpu")) is None
         plan = kin._launch_plan((1, 3, 9, 23), 9 * 23, channels_last, torch.device("cpu"))
         assert plan[3] > 1, f"expected a split plane, got plan {plan}"
         for act, affine, residual, pad in [("relu", "weight+bias", True, 2), ("leaky_relu", "none", False, 0)]:

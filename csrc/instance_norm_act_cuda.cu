@@ -8,9 +8,12 @@
 //                then writes its chunk of the padded output: each interior value is stored to its
 //                own position and to every border position that mirrors it; no second pass).
 //   backward: sums (per-chunk sum(gz), sum(gz*xhat); dresidual) -> dx (merge the sums, write dx).
-// Chunk partials go to a small workspace; merges run in a fixed order, so results are
-// deterministic (no atomics). Reductions are warp shuffles + shared memory in fp32 (fp64 input:
-// double). fp16/bf16 load/store through conversions, arithmetic in fp32.
+// Chunk partials go to a small workspace. The second kernel merges a plane's S partials inline
+// while S <= kInlineMerge; beyond that (channels_last at batch 1: S = 64..256 chunks, which
+// every one of the S second-kernel blocks would re-read, O(S^2) loads per plane) a small merge
+// kernel reduces them once per plane first, one warp per plane. Merges run in a fixed order, so
+// results are deterministic (no atomics). Reductions are warp shuffles + shared memory in fp32
+// (fp64 input: double). fp16/bf16 load/store through conversions, arithmetic in fp32.
 //
 // NCHW indexing: plane base offsets are 64-bit; positions inside a (padded) plane fit in 32 bits
 // (the wrapper checks (H+2p)*(W+2p) < 2^31). NCHW without padding uses 16-byte vector loads and
@@ -31,6 +34,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxSplits = 256;
+constexpr int kInlineMerge = 32;
 
 // ---- conversions ---------------------------------------------------------------------------
 __device__ __forceinline__ float to_acc(float v) { return v; }
@@ -133,12 +137,64 @@ struct Geo {
   int64_t C;
   int S;             // chunks per plane / tile
   int64_t cs;        // pixels per chunk (multiple of 8), chunk k = [k*cs, min(HW, (k+1)*cs))
+  int Sp;            // partials per plane that the second kernel reads: S, or 1 once merged
+  int64_t csp;       // pixels per partial: cs, or HW once merged
   float invW;
 };
 
-__device__ __forceinline__ int64_t chunk_count(const Geo& g, int k) {
-  const int64_t s = int64_t(k) * g.cs;
-  return (g.HW < s + g.cs ? g.HW : s + g.cs) - s;
+__host__ __device__ __forceinline__ int64_t span_count(int64_t HW, int64_t size, int k) {
+  const int64_t s = int64_t(k) * size;
+  return (HW < s + size ? HW : s + size) - s;
+}
+__device__ __forceinline__ int64_t chunk_count(const Geo& g, int k) { return span_count(g.HW, g.cs, k); }
+__device__ __forceinline__ int64_t partial_count(const Geo& g, int k) { return span_count(g.HW, g.csp, k); }
+
+// Merge of one plane's S (mean, M2) partials (row[2j], row[2j+1], j-th covering span_count(HW,
+// span, j) pixels) by a whole warp: lanes stride over j, then a shuffle tree; lane 0 ends with
+// the total (the other lanes' values are partial).
+template <typename A>
+__device__ __forceinline__ void warp_merge_stats(const A* row, int S, int64_t HW, int64_t span, A& n, A& mu,
+                                                 A& m2) {
+  const int lane = threadIdx.x & 31;
+  n = 0, mu = 0, m2 = 0;
+  for (int j = lane; j < S; j += 32) chan_merge(n, mu, m2, A(span_count(HW, span, j)), row[2 * j], row[2 * j + 1]);
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const A nb = __shfl_down_sync(0xffffffffu, n, o), mb = __shfl_down_sync(0xffffffffu, mu, o),
+            m2b = __shfl_down_sync(0xffffffffu, m2, o);
+    if ((lane & (2 * o - 1)) == 0) chan_merge(n, mu, m2, nb, mb, m2b);
+  }
+}
+
+// Sums of one plane's S (a, b) partials by a whole warp, the totals in every lane.
+template <typename A>
+__device__ __forceinline__ void warp_sum_partials(const A* row, int S, A& a, A& b) {
+  a = 0, b = 0;
+  for (int j = threadIdx.x & 31; j < S; j += 32) a += row[2 * j], b += row[2 * j + 1];
+  a = warp_sum(a);
+  b = warp_sum(b);
+}
+
+// The merge kernels: one warp per (n, c) plane, (rows, S) partials -> (rows, 1) in `out`
+// (stats: mean and M2 over the whole plane; sums: the two totals). Grid ceil(rows / kWarps).
+template <typename A>
+__global__ void __launch_bounds__(kThreads) merge_stats(const A* __restrict__ part, A* __restrict__ out, Geo g,
+                                                        int64_t rows) {
+  const int64_t row = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps exit together
+  A n, mu, m2;
+  warp_merge_stats(part + row * g.S * 2, g.S, g.HW, g.cs, n, mu, m2);
+  if ((threadIdx.x & 31) == 0) out[row * 2] = mu, out[row * 2 + 1] = m2;
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads) merge_sums(const A* __restrict__ part, A* __restrict__ out, Geo g,
+                                                       int64_t rows) {
+  const int64_t row = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  A a, b;
+  warp_sum_partials(part + row * g.S * 2, g.S, a, b);
+  if ((threadIdx.x & 31) == 0) out[row * 2] = a, out[row * 2 + 1] = b;
 }
 
 // i -> (h, w) with a float reciprocal and an exact correction (no integer division).
@@ -219,15 +275,8 @@ __global__ void __launch_bounds__(kThreads)
   const int k = blockIdx.y;
   __shared__ A sm[2];
   if (threadIdx.x < 32) {  // warp 0 merges the plane's chunk statistics
-    A n = 0, mu = 0, m2 = 0;
-    for (int j = threadIdx.x; j < g.S; j += 32)
-      chan_merge(n, mu, m2, A(chunk_count(g, j)), part[(plane * g.S + j) * 2], part[(plane * g.S + j) * 2 + 1]);
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {  // tree merge; lane 0 ends with the total
-      const A nb = __shfl_down_sync(0xffffffffu, n, o), mb = __shfl_down_sync(0xffffffffu, mu, o),
-              m2b = __shfl_down_sync(0xffffffffu, m2, o);
-      if ((threadIdx.x & (2 * o - 1)) == 0) chan_merge(n, mu, m2, nb, mb, m2b);
-    }
+    A n, mu, m2;
+    warp_merge_stats(part + plane * g.Sp * 2, g.Sp, g.HW, g.csp, n, mu, m2);
     if (threadIdx.x == 0) {
       const A rstd = A(1) / sqrt(m2 / A(g.HW) + A(eps));
       sm[0] = mu;
@@ -365,13 +414,8 @@ __global__ void __launch_bounds__(kThreads)
   const A m = mean[plane], r = rstd[plane], w = wt ? wt[c] : A(1), b = bs ? bs[c] : A(0), slope = A(slope_d);
   __shared__ A sm[2];
   if (threadIdx.x < 32) {
-    A a = 0, cc = 0;
-    for (int j = threadIdx.x; j < g.S; j += 32) {
-      a += part[(plane * g.S + j) * 2];
-      cc += part[(plane * g.S + j) * 2 + 1];
-    }
-    a = warp_sum(a);
-    cc = warp_sum(cc);
+    A a, cc;
+    warp_sum_partials(part + plane * g.Sp * 2, g.Sp, a, cc);
     if (threadIdx.x == 0) {
       if (k == 0 && sum_gz) sum_gz[plane] = a;
       if (k == 0 && sum_gzx) sum_gzx[plane] = cc;
@@ -466,9 +510,9 @@ __global__ void __launch_bounds__(kThreads)
   {  // merge the chunk statistics of channel c: warp ty takes chunks ty, ty + 8, ...
     A cn = 0, mu = 0, m2 = 0;
     if (valid)
-      for (int j = ty; j < g.S; j += kWarps)
-        chan_merge(cn, mu, m2, A(chunk_count(g, j)), part[((n * g.C + c) * g.S + j) * 2],
-                   part[((n * g.C + c) * g.S + j) * 2 + 1]);
+      for (int j = ty; j < g.Sp; j += kWarps)
+        chan_merge(cn, mu, m2, A(partial_count(g, j)), part[((n * g.C + c) * g.Sp + j) * 2],
+                   part[((n * g.C + c) * g.Sp + j) * 2 + 1]);
     sn[ty][tx] = cn, smu[ty][tx] = mu, sm2[ty][tx] = m2;
     __syncthreads();
     if (ty == 0) {
@@ -585,9 +629,9 @@ __global__ void __launch_bounds__(kThreads)
   const int k = blockIdx.y;
   A a = 0, cc = 0;
   if (valid)
-    for (int j = ty; j < g.S; j += kWarps) {
-      a += part[((n * g.C + c) * g.S + j) * 2];
-      cc += part[((n * g.C + c) * g.S + j) * 2 + 1];
+    for (int j = ty; j < g.Sp; j += kWarps) {
+      a += part[((n * g.C + c) * g.Sp + j) * 2];
+      cc += part[((n * g.C + c) * g.Sp + j) * 2 + 1];
     }
   r1[ty][tx] = a;
   r2[ty][tx] = cc;
@@ -658,10 +702,32 @@ Plan make_plan(bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W, i
   cs = (cs + 7) / 8 * 8;  // a multiple of every vector width, so vector chunks stay aligned
   g.cs = cs;
   g.S = int((g.HW + cs - 1) / cs);  // every chunk non-empty
+  g.Sp = g.S, g.csp = g.cs;         // the launcher sets 1 / HW when it merges first
   return p;
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// Workspace: the (N*C, S) chunk partials, then (N*C, 1) merged ones when S > kInlineMerge.
+int64_t workspace_elems(const Plan& plan, int64_t N, int64_t C) {
+  const int64_t rows = N * C;
+  return 2 * rows * int64_t(plan.g.S) + (plan.g.S > kInlineMerge ? 2 * rows : 0);
+}
+
+// After the first kernel: when S is large, merge the partials once per plane and hand the second
+// kernel a geometry that reads one partial per plane. Returns the partials it should read.
+template <typename A, bool STATS>
+A* merge_if_many(A* part, int64_t rows, Geo& g, cudaStream_t stream) {
+  if (g.S <= kInlineMerge) return part;
+  A* merged = part + 2 * rows * int64_t(g.S);
+  const unsigned blocks = unsigned((rows + kWarps - 1) / kWarps);
+  if (STATS)
+    merge_stats<A><<<blocks, kThreads, 0, stream>>>(part, merged, g, rows);
+  else
+    merge_sums<A><<<blocks, kThreads, 0, stream>>>(part, merged, g, rows);
+  g.Sp = 1, g.csp = g.HW;
+  return merged;
+}
 
 template <typename T, Activation ACT, bool PAD>
 void launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream, const Plan& plan) {
@@ -673,15 +739,18 @@ void launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream, const 
   const A* bs = static_cast<const A*>(p.bias);
   A* part = static_cast<A*>(workspace);
   const dim3 grid(unsigned(plan.units), unsigned(plan.g.S));
+  Geo g = plan.g;
   if (!p.channels_last) {
-    const bool vin = plan.g.HW % VecOf<T>::V == 0 && aligned16(x);
+    const bool vin = g.HW % VecOf<T>::V == 0 && aligned16(x);
     const bool vall = vin && aligned16(y) && (!res || aligned16(res));
-    fwd_stats_nchw<T><<<grid, kThreads, 0, stream>>>(x, part, plan.g, vin);
-    fwd_apply_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(x, res, wt, bs, y, p.mean, p.rstd, part, plan.g,
-                                                              p.eps, p.slope, vall);
+    fwd_stats_nchw<T><<<grid, kThreads, 0, stream>>>(x, part, g, vin);
+    const A* merged = merge_if_many<A, true>(part, p.N * p.C, g, stream);
+    fwd_apply_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(x, res, wt, bs, y, p.mean, p.rstd, merged, g, p.eps,
+                                                              p.slope, vall);
   } else {
-    fwd_stats_nhwc<T><<<grid, kThreads, 0, stream>>>(x, part, plan.g, plan.tiles);
-    fwd_apply_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(x, res, wt, bs, y, p.mean, p.rstd, part, plan.g,
+    fwd_stats_nhwc<T><<<grid, kThreads, 0, stream>>>(x, part, g, plan.tiles);
+    const A* merged = merge_if_many<A, true>(part, p.N * p.C, g, stream);
+    fwd_apply_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(x, res, wt, bs, y, p.mean, p.rstd, merged, g,
                                                               plan.tiles, p.eps, p.slope);
   }
 }
@@ -699,18 +768,21 @@ void launch_bwd(const BwdParams& p, void* workspace, cudaStream_t stream, const 
   A* sgx = static_cast<A*>(p.sum_gzx);
   A* part = static_cast<A*>(workspace);
   const dim3 grid(unsigned(plan.units), unsigned(plan.g.S));
+  Geo g = plan.g;
   if (!p.channels_last) {
-    const bool vec = plan.g.HW % VecOf<T>::V == 0 && aligned16(x) && aligned16(dy) && aligned16(dx) &&
+    const bool vec = g.HW % VecOf<T>::V == 0 && aligned16(x) && aligned16(dy) && aligned16(dx) &&
                      (!dres || aligned16(dres));
-    bwd_sums_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dres, part, plan.g,
-                                                             p.slope, vec);
-    bwd_dx_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dx, part, sg, sgx,
-                                                           plan.g, p.slope, vec);
+    bwd_sums_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dres, part, g, p.slope,
+                                                             vec);
+    const A* merged = merge_if_many<A, false>(part, p.N * p.C, g, stream);
+    bwd_dx_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dx, merged, sg, sgx, g,
+                                                           p.slope, vec);
   } else {
-    bwd_sums_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dres, part, plan.g,
+    bwd_sums_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dres, part, g,
                                                              plan.tiles, p.slope);
-    bwd_dx_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dx, part, sg, sgx,
-                                                           plan.g, plan.tiles, p.slope);
+    const A* merged = merge_if_many<A, false>(part, p.N * p.C, g, stream);
+    bwd_dx_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dx, merged, sg, sgx, g,
+                                                           plan.tiles, p.slope);
   }
 }
 
@@ -759,13 +831,11 @@ void dispatch(const Params& p, const F& f) {
 }  // namespace
 
 int64_t cuda_fwd_workspace_elems(const FwdParams& p, int device) {
-  const Plan plan = make_plan(p.channels_last, p.N, p.C, p.H, p.W, p.pad, device);
-  return 2 * p.N * p.C * int64_t(plan.g.S);
+  return workspace_elems(make_plan(p.channels_last, p.N, p.C, p.H, p.W, p.pad, device), p.N, p.C);
 }
 
 int64_t cuda_bwd_workspace_elems(const BwdParams& p, int device) {
-  const Plan plan = make_plan(p.channels_last, p.N, p.C, p.H, p.W, p.pad, device);
-  return 2 * p.N * p.C * int64_t(plan.g.S);
+  return workspace_elems(make_plan(p.channels_last, p.N, p.C, p.H, p.W, p.pad, device), p.N, p.C);
 }
 
 int cuda_fwd(const FwdParams& p, void* workspace, int device, void* stream) {

@@ -354,10 +354,37 @@ def stage_aoti_check(S: Sizes, out: str, work: str) -> int:
 # --------------------------------------------------------------------------------------------
 # Stage 3: instance_norm_act kernel table
 # --------------------------------------------------------------------------------------------
-def _time_kernel_case(kb, S: Sizes, shape, dtype, layout, backends) -> tuple[dict, list]:
+def _kernel_breakdown(step, iters: int = 5) -> dict:
+    """Device microseconds per call of each CUDA kernel that ``step`` launches, by kernel name
+    (torch.profiler's CUPTI activity records: no hardware counters or ncu permissions needed).
+    Says which kernel of a backend's forward+backward holds the time; {} if profiling fails."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                step()
+            torch.cuda.synchronize()
+        out = {}
+        for ev in prof.key_averages():
+            us = getattr(ev, "self_device_time_total", None)
+            if us is None:
+                us = getattr(ev, "self_cuda_time_total", 0)
+            if us > 0:
+                out[ev.key[:120]] = round(us / iters, 2)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    except Exception as e:  # noqa: BLE001 - a profile is extra information, never a failure
+        print(f"[gpu_check] kernel profile failed: {type(e).__name__}: {str(e)[:200]}")
+        return {}
+
+
+def _time_kernel_case(kb, S: Sizes, shape, dtype, layout, backends) -> tuple[dict, list, dict]:
     """Median seconds of forward+backward per variant at one (shape, dtype, layout): the eager
     composition, its ``torch.compile``, each fastcgan backend, and (GPU) CUDA-graph replays of
-    all but the compiled one. Returns (times, failed variant names)."""
+    all but the compiled one. Returns (times, failed variant names, per-kernel profile of each
+    fastcgan backend on a GPU)."""
     from _timing import median_time
 
     device, mode = S.device, "fwd+bwd"
@@ -370,13 +397,15 @@ def _time_kernel_case(kb, S: Sizes, shape, dtype, layout, backends) -> tuple[dic
     eager = kb._composition(c).to(device)
     compiled = torch.compile(eager, fullgraph=True, dynamic=False, backend=S.compile_backend)
     variants = {"eager": eager, "compiled": compiled, **{f"fastcgan-{b}": kb._fused(b) for b in backends}}
-    times, failed = {}, []
+    times, failed, profiles = {}, [], {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, fn in variants.items():
             try:
                 step = kb._steps(fn, x, dy)[mode]
                 times[name] = median_time(step, device, warmup=S.kernel_warmup, iters=S.kernel_iters)
+                if device == "cuda" and name.startswith("fastcgan-"):
+                    profiles[name] = _kernel_breakdown(step)
                 if device == "cuda" and name != "compiled":
                     replay = kb._graphed(fn, x, dy, mode)
                     if replay is not None:
@@ -388,7 +417,7 @@ def _time_kernel_case(kb, S: Sizes, shape, dtype, layout, backends) -> tuple[dic
                     f"[gpu_check] {name} {shape} {dtype} {layout} failed: {type(e).__name__}: {str(e)[:400]}"
                 )
                 failed.append(name)
-    return times, failed
+    return times, failed, profiles
 
 
 def stage_kernels(S: Sizes, out: str) -> int:
@@ -413,7 +442,7 @@ def stage_kernels(S: Sizes, out: str) -> int:
         for batch in S.kernel_batches:
             for plane in S.kernel_planes:
                 shape = (batch, *plane)
-                times, bad = _time_kernel_case(kb, S, shape, dtype, layout, backends)
+                times, bad, profiles = _time_kernel_case(kb, S, shape, dtype, layout, backends)
                 failed += [f"{name} {shape} {dtype_name} {layout}" for name in bad]
                 nbytes = kb._min_bytes(shape, dtype, mode)
                 for name, t in times.items():
@@ -425,10 +454,14 @@ def stage_kernels(S: Sizes, out: str) -> int:
                         pct_copy_bw=100 * nbytes / t / copy_bw,
                         x_vs_eager=kb._ratio(times.get(base), t),
                         x_vs_compiled=kb._ratio(times.get("compiled"), t),
+                        **({"kernels_us": profiles[name]} if profiles.get(name) else {}),
                     )  # fmt: skip
                     kb._rows.append(row)
                 cells = "  ".join(f"{k} {v * 1e6:.0f}us" for k, v in times.items())
                 print(f"{'x'.join(map(str, shape)):>14} {dtype_name:>8} {layout}: {cells}", flush=True)
+                for name, prof in profiles.items():
+                    top = ", ".join(f"{k[:48]} {v:.1f}" for k, v in list(prof.items())[:6])
+                    print(f"{'':>14} {name} kernels (us/call): {top}", flush=True)
     kb._table()  # the bench's own table and bf16 targets
     if failed:
         print(f"variants failed: {failed}")

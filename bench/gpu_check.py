@@ -380,6 +380,26 @@ def _kernel_breakdown(step, iters: int = 5) -> dict:
         return {}
 
 
+# Kernel-name fragments -> where a training step's device time goes (first match wins).
+_STEP_CATEGORIES = (
+    ("instance_norm_act", ("fwd_stats", "fwd_apply", "bwd_sums", "bwd_dx", "merge_stats", "merge_sums",
+                           "_one_pass_kernel", "_reduce_kernel", "_dx_kernel", "_merge_")),
+    ("conv / gemm", ("conv", "gemm", "xmma", "cutlass", "cudnn", "nvjet", "wgrad", "dgrad", "implicit")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("inductor fused", ("triton_",)),
+)
+
+
+def _step_categories(kernels_us: dict) -> dict:
+    """Device microseconds per step by category (``_STEP_CATEGORIES``, the rest "other")."""
+    totals: dict = {}
+    for name, us in kernels_us.items():
+        low = name.lower()
+        cat = next((c for c, frags in _STEP_CATEGORIES if any(f.lower() in low for f in frags)), "other")
+        totals[cat] = round(totals.get(cat, 0.0) + us, 1)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def _time_kernel_case(kb, S: Sizes, shape, dtype, layout, backends) -> tuple[dict, list, dict]:
     """Median seconds of forward+backward per variant at one (shape, dtype, layout): the eager
     composition, its ``torch.compile``, each fastcgan backend, and (GPU) CUDA-graph replays of
@@ -521,7 +541,14 @@ def stage_train(S: Sizes, out: str) -> int:
         t = median_time(
             one_step, device, warmup=max(0, extra_warmup - 1) + S.train_warmup, iters=S.train_iters
         )
-        record(variant, batch, t, tb._peak_mb(device), build_and_first_step_s=first_s, flags=flags)
+        profile = {}
+        if device.type == "cuda":  # where the step's device time goes (the MFU gap)
+            kernels = _kernel_breakdown(one_step, iters=3)
+            if kernels:
+                cats = _step_categories(kernels)
+                profile = {"device_us_by_category": cats, "top_kernels_us": dict(list(kernels.items())[:15])}
+                print(f"b{batch} {variant} device us/step: {cats}", flush=True)
+        record(variant, batch, t, tb._peak_mb(device), build_and_first_step_s=first_s, flags=flags, **profile)
 
     # Priority order: the baseline and the fastest configuration at each batch (one compile per
     # batch size: the step is compiled with static shapes), then the cheap eager variants.
@@ -812,6 +839,10 @@ def stage_report(out: str) -> int:
         for r in rows:
             if r["name"].startswith("train_compile/"):
                 print(f"  b{r['batch']} build + first step with a cold compile cache: {r['seconds']:.0f} s")
+        for r in t:
+            if r.get("device_us_by_category"):
+                cats = ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in r["device_us_by_category"].items())
+                print(f"  b{r['batch']} {r['name'].rsplit('/', 1)[1]} device time per step: {cats}")
         for r in t:
             if r["name"].endswith("/official-eager-fp32") or "compile" not in r["name"]:
                 continue

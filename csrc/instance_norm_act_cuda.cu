@@ -1,6 +1,9 @@
 // CUDA kernels of instance_norm_act (no torch headers: the wrapper is instance_norm_act_cuda.cpp).
 //
-// Work split: a (n, c) plane (NCHW), or a tile of 32 channels of one image (NHWC), is cut into
+// Planes up to 128x128 (every ResNet-9 layer but the 256x256 ones) take the one-pass kernels
+// (section "One pass" below): one kernel per direction, each value read once into registers.
+//
+// Larger planes: a (n, c) plane (NCHW), or a tile of 32 channels of one image (NHWC), is cut into
 // S contiguous pixel chunks, one 256-thread block per (plane or tile, chunk), so that even
 // N*C = 64 planes of 256x256 fill all SMs. Each op is two kernels:
 //   forward : stats (per-chunk mean and M2, two-pass over the chunk, which is then in L2)
@@ -25,6 +28,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "instance_norm_act_kernels.h"
 
@@ -89,6 +93,15 @@ __device__ __forceinline__ A act_bwd(A z, A g, A slope) {
   if constexpr (ACT == Activation::RELU) return z > A(0) ? g : A(0);
   if constexpr (ACT == Activation::LEAKY_RELU) return z > A(0) ? g : g * slope;
   return g;
+}
+
+// Run-time activation for the one-pass backward (one binary for all three activations: fewer
+// instantiations keep the build time down; the forward keeps ACT as a template parameter, whose
+// tighter code spilled far less under the 128-register cap). Same values as act_bwd.
+template <typename A>
+__device__ __forceinline__ A act_bwd_rt(Activation act, A z, A g, A slope) {
+  const A neg = act == Activation::LEAKY_RELU ? slope : A(1);
+  return z > A(0) || act == Activation::NONE ? g : act == Activation::RELU ? A(0) : g * neg;
 }
 
 // ---- reductions ----------------------------------------------------------------------------
@@ -213,6 +226,54 @@ __device__ __forceinline__ void mirrors(int h, int H, int pad, int out[3]) {
   out[2] = (h >= H - 1 - pad && h <= H - 2) ? 2 * H - 2 + pad - h : -1;
 }
 
+// Element q of a plane (flat interior index) sits at q * ps from the plane's base: ps = 1 (NCHW)
+// or C (NHWC). I, the offset type: int where the caller knows the padded plane's span fits in
+// 32 bits (NCHW: checked by the wrapper; the one-pass plan checks NHWC), else int64_t.
+// g = dy folded by reflection at interior pixel q: the sum over every padded position that
+// copies it (dyp: the padded plane's base).
+template <typename T, bool PAD, typename I>
+__device__ __forceinline__ typename AccOf<T>::type gather_folded(const T* dyp, int q, I ps, const Geo& g) {
+  if (!PAD) return to_acc(dyp[I(q) * ps]);
+  int h, wc, rows[3], cols[3];
+  split_hw(q, g, h, wc);
+  mirrors(h, g.H, g.pad, rows);
+  mirrors(wc, g.W, g.pad, cols);
+  typename AccOf<T>::type s = 0;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    if (rows[a] < 0) continue;
+#pragma unroll
+    for (int bb = 0; bb < 3; ++bb)
+      if (cols[bb] >= 0) s += to_acc(dyp[(I(rows[a]) * g.Wp + cols[bb]) * ps]);
+  }
+  return s;
+}
+
+// The transpose: interior pixel q's output value stored at its own padded position and at every
+// border position that mirrors it (yp: the padded plane's base). Only pixels within `pad` of an
+// edge have mirrors; that rare branch keeps the common path to one store (and few registers).
+template <typename T, bool PAD, typename I>
+__device__ __forceinline__ void store_padded(T* yp, int q, I ps, T v, const Geo& g) {
+  if (!PAD) {
+    yp[I(q) * ps] = v;
+    return;
+  }
+  int h, wc;
+  split_hw(q, g, h, wc);
+  yp[(I(h + g.pad) * g.Wp + wc + g.pad) * ps] = v;
+  if (h > g.pad && h < g.H - 1 - g.pad && wc > g.pad && wc < g.W - 1 - g.pad) return;
+  int rows[3], cols[3];
+  mirrors(h, g.H, g.pad, rows);
+  mirrors(wc, g.W, g.pad, cols);
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    if (rows[a] < 0) continue;
+#pragma unroll
+    for (int bb = 0; bb < 3; ++bb)
+      if ((a | bb) != 0 && cols[bb] >= 0) yp[(I(rows[a]) * g.Wp + cols[bb]) * ps] = v;
+  }
+}
+
 // ================================================================================================
 // NCHW
 // ================================================================================================
@@ -312,42 +373,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = start + threadIdx.x; i < end; i += kThreads) {
     A v = act_fwd<ACT>((to_acc(xp[i]) - m) * r * w + b, slope);
     if (rp) v += to_acc(rp[i]);
-    const T o = From<T>::cvt(v);
-    if (!PAD) {
-      yp[i] = o;
-    } else {
-      int h, wc, rows[3], cols[3];
-      split_hw(i, g, h, wc);
-      mirrors(h, g.H, g.pad, rows);
-      mirrors(wc, g.W, g.pad, cols);
-#pragma unroll
-      for (int a = 0; a < 3; ++a) {
-        if (rows[a] < 0) continue;
-#pragma unroll
-        for (int bb = 0; bb < 3; ++bb)
-          if (cols[bb] >= 0) yp[rows[a] * g.Wp + cols[bb]] = o;
-      }
-    }
+    store_padded<T, PAD>(yp, i, 1, From<T>::cvt(v), g);
   }
-}
-
-// g = dy folded by reflection at interior (h, w): the sum over every padded position that copies it.
-template <typename T, bool PAD>
-__device__ __forceinline__ typename AccOf<T>::type gather_g(const T* dyp, int i, const Geo& g) {
-  if (!PAD) return to_acc(dyp[i]);
-  int h, wc, rows[3], cols[3];
-  split_hw(i, g, h, wc);
-  mirrors(h, g.H, g.pad, rows);
-  mirrors(wc, g.W, g.pad, cols);
-  typename AccOf<T>::type s = 0;
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    if (rows[a] < 0) continue;
-#pragma unroll
-    for (int bb = 0; bb < 3; ++bb)
-      if (cols[bb] >= 0) s += to_acc(dyp[rows[a] * g.Wp + cols[bb]]);
-  }
-  return s;
 }
 
 template <typename T, Activation ACT, bool PAD>
@@ -383,7 +410,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   } else {
     for (int i = start + threadIdx.x; i < end; i += kThreads) {
-      const A gi = gather_g<T, PAD>(dyp, i, g);
+      const A gi = gather_folded<T, PAD>(dyp, i, 1, g);
       const A xh = (to_acc(xp[i]) - m) * r;
       const A gz = act_bwd<ACT>(xh * w + b, gi, slope);
       s1 += gz;
@@ -445,7 +472,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   for (int i = start + threadIdx.x; i < end; i += kThreads) {
-    const A gi = gather_g<T, PAD>(dyp, i, g);
+    const A gi = gather_folded<T, PAD>(dyp, i, 1, g);
     const A xh = (to_acc(xp[i]) - m) * r;
     const A gz = act_bwd<ACT>(xh * w + b, gi, slope);
     dxp[i] = From<T>::cvt(r * (w * gz - c1 - xh * c2));
@@ -536,41 +563,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t q = start + ty; q < end; q += kWarps) {
     A v = act_fwd<ACT>((to_acc(xp[q * g.C]) - m) * r * w + b, slope);
     if (rp) v += to_acc(rp[q * g.C]);
-    const T o = From<T>::cvt(v);
-    if (!PAD) {
-      yp[q * g.C] = o;
-    } else {
-      int h, wc, rows[3], cols[3];
-      split_hw(int(q), g, h, wc);
-      mirrors(h, g.H, g.pad, rows);
-      mirrors(wc, g.W, g.pad, cols);
-#pragma unroll
-      for (int a = 0; a < 3; ++a) {
-        if (rows[a] < 0) continue;
-#pragma unroll
-        for (int bb = 0; bb < 3; ++bb)
-          if (cols[bb] >= 0) yp[(int64_t(rows[a]) * g.Wp + cols[bb]) * g.C] = o;
-      }
-    }
+    store_padded<T, PAD>(yp, int(q), g.C, From<T>::cvt(v), g);
   }
-}
-
-template <typename T, bool PAD>
-__device__ __forceinline__ typename AccOf<T>::type gather_g_nhwc(const T* dyp, int64_t q, const Geo& g) {
-  if (!PAD) return to_acc(dyp[q * g.C]);
-  int h, wc, rows[3], cols[3];
-  split_hw(int(q), g, h, wc);
-  mirrors(h, g.H, g.pad, rows);
-  mirrors(wc, g.W, g.pad, cols);
-  typename AccOf<T>::type s = 0;
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    if (rows[a] < 0) continue;
-#pragma unroll
-    for (int bb = 0; bb < 3; ++bb)
-      if (cols[bb] >= 0) s += to_acc(dyp[(int64_t(rows[a]) * g.Wp + cols[bb]) * g.C]);
-  }
-  return s;
 }
 
 template <typename T, Activation ACT, bool PAD>
@@ -594,7 +588,7 @@ __global__ void __launch_bounds__(kThreads)
     const T* dyp = dy + n * int64_t(g.Hp) * g.Wp * g.C + c;
     T* drp = dres ? dres + n * g.HW * g.C + c : nullptr;
     for (int64_t q = start + ty; q < end; q += kWarps) {
-      const A gi = gather_g_nhwc<T, PAD>(dyp, q, g);
+      const A gi = gather_folded<T, PAD>(dyp, int(q), g.C, g);
       const A xh = (to_acc(xp[q * g.C]) - m) * r;
       const A gz = act_bwd<ACT>(xh * w + b, gi, slope);
       s1 += gz;
@@ -652,10 +646,160 @@ __global__ void __launch_bounds__(kThreads)
   const T* dyp = dy + n * int64_t(g.Hp) * g.Wp * g.C + c;
   T* dxp = dx + n * g.HW * g.C + c;
   for (int64_t q = start + ty; q < end; q += kWarps) {
-    const A gi = gather_g_nhwc<T, PAD>(dyp, q, g);
+    const A gi = gather_folded<T, PAD>(dyp, int(q), g.C, g);
     const A xh = (to_acc(xp[q * g.C]) - m) * r;
     const A gz = act_bwd<ACT>(xh * w + b, gi, slope);
     dxp[q * g.C] = From<T>::cvt(r * (w * gz - c1 - xh * c2));
+  }
+}
+
+// ================================================================================================
+// One pass: planes of up to kOnePassItems * kOnePassThreads pixels (128x128). A block holds whole
+// planes of TC channels in registers, kOnePassItems pixels per thread, so the forward reads x
+// once and the backward reads x and dy once: one kernel each, no workspace.
+// Thread t -> (channel lane cl, pixel row r), R rows per channel (a power of two), T = TC * R:
+//   NCHW: cl = t / R, r = t % R  (a warp walks consecutive pixels of one plane);
+//   NHWC: cl = t % TC, r = t / TC (a warp reads TC consecutive channels of 32 / TC pixels).
+// Row r holds pixels q = r + j * R, j < kOnePassItems. Per-channel sums: a shared-memory tree
+// over the R rows, the same order every time (deterministic).
+// ================================================================================================
+constexpr int kOnePassItems = 32;
+constexpr int kOnePassThreads = 512;
+
+struct OnePass {
+  int TC, R;  // channels per block, pixel rows per channel
+  int tiles;  // channel tiles per image, ceil(C / TC)
+};
+
+// Slot of (channel lane, row) in the block: the inverse of the thread mapping above.
+template <bool CL>
+__device__ __forceinline__ int one_pass_slot(int cl, int r, const OnePass& op) {
+  return CL ? r * op.TC + cl : cl * op.R + r;
+}
+
+// Sums a and b over the R rows of each channel lane; every thread gets its channel's totals.
+template <bool CL, typename A>
+__device__ __forceinline__ void rows_sum2(A& a, A& b, int cl, int r, const OnePass& op, A* sa, A* sb) {
+  const int t = threadIdx.x;  // == one_pass_slot(cl, r)
+  sa[t] = a;
+  sb[t] = b;
+  __syncthreads();
+  for (int half = op.R >> 1; half > 0; half >>= 1) {
+    if (r < half) {
+      const int o = one_pass_slot<CL>(cl, r + half, op);
+      sa[t] += sa[o];
+      sb[t] += sb[o];
+    }
+    __syncthreads();
+  }
+  const int root = one_pass_slot<CL>(cl, 0, op);
+  a = sa[root];
+  b = sb[root];
+  __syncthreads();  // every thread has read the roots before sa/sb are reused
+}
+
+template <typename T, Activation ACT, bool PAD, bool CL>
+__global__ void __launch_bounds__(kOnePassThreads)
+    one_pass_fwd(const T* __restrict__ x, const T* __restrict__ res, const typename AccOf<T>::type* __restrict__ wt,
+                 const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, float* __restrict__ mean_out,
+                 float* __restrict__ rstd_out, Geo g, OnePass op, double eps, double slope_d) {
+  using A = typename AccOf<T>::type;
+  __shared__ A sa[kOnePassThreads], sb[kOnePassThreads];
+  const int t = threadIdx.x;
+  const int cl = CL ? t % op.TC : t / op.R, r = CL ? t / op.TC : t % op.R;
+  const int64_t n = blockIdx.x / op.tiles, c = int64_t(blockIdx.x % op.tiles) * op.TC + cl;
+  const bool valid = c < g.C;
+  // Plane bases (64-bit); element (n, c, q) at base + q * ps with 32-bit in-plane offsets (the
+  // plan checks the padded plane's span), the padded output likewise over Hp * Wp.
+  const int ps = CL ? int(g.C) : 1;
+  const int64_t base = CL ? n * g.HW * g.C + c : (n * g.C + c) * g.HW;
+  const int64_t ybase = CL ? n * int64_t(g.Hp) * g.Wp * g.C + c : (n * g.C + c) * int64_t(g.Hp) * g.Wp;
+  const T* xp = x + base;
+  const T* rp = res ? res + base : nullptr;
+  A v[kOnePassItems];
+  A s = 0, none = 0;
+#pragma unroll
+  for (int j = 0; j < kOnePassItems; ++j) {
+    const int q = r + j * op.R;
+    v[j] = valid && q < g.HW ? to_acc(xp[q * ps]) : A(0);
+    s += v[j];
+  }
+  rows_sum2<CL>(s, none, cl, r, op, sa, sb);
+  const A mean = s / A(g.HW);
+  A m2 = 0;
+#pragma unroll
+  for (int j = 0; j < kOnePassItems; ++j) {
+    const A d = r + j * op.R < g.HW ? v[j] - mean : A(0);
+    m2 += d * d;
+  }
+  none = 0;
+  rows_sum2<CL>(m2, none, cl, r, op, sa, sb);
+  if (!valid) return;  // no barrier below
+  const A rstd = A(1) / sqrt(m2 / A(g.HW) + A(eps));
+  if (r == 0) {
+    mean_out[n * g.C + c] = float(mean);
+    rstd_out[n * g.C + c] = float(rstd);
+  }
+  const A w = wt ? wt[c] : A(1), b = bs ? bs[c] : A(0), slope = A(slope_d);
+#pragma unroll
+  for (int j = 0; j < kOnePassItems; ++j) {
+    const int q = r + j * op.R;
+    if (q >= g.HW) break;
+    A o = act_fwd<ACT>((v[j] - mean) * rstd * w + b, slope);
+    if (rp) o += to_acc(rp[q * ps]);
+    store_padded<T, PAD>(y + ybase, q, ps, From<T>::cvt(o), g);
+  }
+}
+
+template <typename T, bool PAD, bool CL>
+__global__ void __launch_bounds__(kOnePassThreads)
+    one_pass_bwd(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
+                 const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
+                 const float* __restrict__ rstd, T* __restrict__ dx, T* __restrict__ dres,
+                 typename AccOf<T>::type* __restrict__ sum_gz, typename AccOf<T>::type* __restrict__ sum_gzx, Geo g,
+                 OnePass op, Activation act, double slope_d) {
+  using A = typename AccOf<T>::type;
+  __shared__ A sa[kOnePassThreads], sb[kOnePassThreads];
+  const int t = threadIdx.x;
+  const int cl = CL ? t % op.TC : t / op.R, r = CL ? t / op.TC : t % op.R;
+  const int64_t n = blockIdx.x / op.tiles, c = int64_t(blockIdx.x % op.tiles) * op.TC + cl;
+  const bool valid = c < g.C;
+  const int ps = CL ? int(g.C) : 1;  // 32-bit in-plane offsets, as in one_pass_fwd
+  const int64_t base = CL ? n * g.HW * g.C + c : (n * g.C + c) * g.HW;
+  const int64_t dybase = CL ? n * int64_t(g.Hp) * g.Wp * g.C + c : (n * g.C + c) * int64_t(g.Hp) * g.Wp;
+  const T* xp = x + base;
+  const T* dyp = dy + dybase;
+  T* dxp = dx + base;
+  T* drp = dres ? dres + base : nullptr;
+  const A m = valid ? A(mean[n * g.C + c]) : A(0), rs = valid ? A(rstd[n * g.C + c]) : A(0);
+  const A w = valid && wt ? wt[c] : A(1), b = valid && bs ? bs[c] : A(0), slope = A(slope_d);
+  A xh[kOnePassItems], gz[kOnePassItems];
+  A s1 = 0, s2 = 0;
+#pragma unroll
+  for (int j = 0; j < kOnePassItems; ++j) {
+    const int q = r + j * op.R;
+    xh[j] = 0, gz[j] = 0;
+    if (valid && q < g.HW) {
+      const A gi = gather_folded<T, PAD>(dyp, q, ps, g);
+      xh[j] = (to_acc(xp[q * ps]) - m) * rs;
+      gz[j] = act_bwd_rt(act, xh[j] * w + b, gi, slope);
+      if (drp) drp[q * ps] = From<T>::cvt(gi);
+      s1 += gz[j];
+      s2 += gz[j] * xh[j];
+    }
+  }
+  rows_sum2<CL>(s1, s2, cl, r, op, sa, sb);
+  if (!valid) return;
+  if (r == 0) {
+    if (sum_gz) sum_gz[n * g.C + c] = s1;
+    if (sum_gzx) sum_gzx[n * g.C + c] = s2;
+  }
+  const A c1 = w * s1 / A(g.HW), c2 = w * s2 / A(g.HW);
+#pragma unroll
+  for (int j = 0; j < kOnePassItems; ++j) {
+    const int q = r + j * op.R;
+    if (q >= g.HW) break;
+    dxp[q * ps] = From<T>::cvt(rs * (w * gz[j] - c1 - xh[j] * c2));
   }
 }
 
@@ -680,15 +824,35 @@ struct Plan {
   Geo g;
   int64_t units;  // planes (NCHW) or channel tiles (NHWC) -> grid.x
   int tiles;      // NHWC channel tiles per image
+  bool one_pass;  // planes fit the one-pass kernels: grid.x = N * op.tiles blocks of op.TC * op.R
+  OnePass op;
 };
 
-Plan make_plan(bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W, int64_t pad, int device) {
+// fp64 (tests, gradcheck) always takes the split kernels: 32 doubles per thread would spill, and
+// fewer one-pass instantiations keep the build time down.
+Plan make_plan(bool channels_last, DType dtype, int64_t N, int64_t C, int64_t H, int64_t W, int64_t pad, int device) {
   Plan p{};
   Geo& g = p.g;
   g.HW = H * W;
   g.H = int(H), g.W = int(W), g.pad = int(pad), g.Hp = int(H + 2 * pad), g.Wp = int(W + 2 * pad);
   g.C = C;
   g.invW = 1.0f / float(W);
+  const int64_t span = int64_t(g.Hp) * g.Wp * (channels_last ? C : 1);  // one-pass offsets are 32-bit
+  if (dtype != DType::Float64 && g.HW <= int64_t(kOnePassItems) * kOnePassThreads && span < (int64_t(1) << 31)) {
+    // Rows: enough for kOnePassItems pixels each. Channels per block: all that fit in
+    // kOnePassThreads, halved while the grid is under ~4 blocks per SM (batch 1 has few planes).
+    int R = 1;
+    while (int64_t(R) * kOnePassItems < g.HW) R <<= 1;
+    int64_t tc = 1;
+    while (tc < C && tc * 2 * R <= kOnePassThreads) tc *= 2;
+    const int64_t target = 4LL * sm_count(device);
+    while (tc > 1 && N * ((C + tc - 1) / tc) < target) tc /= 2;
+    p.one_pass = true;
+    p.op = OnePass{int(tc), R, int((C + tc - 1) / tc)};
+    p.units = N * p.op.tiles;
+    g.S = g.Sp = 1, g.cs = g.csp = g.HW;
+    return p;
+  }
   p.tiles = int((C + 31) / 32);
   p.units = channels_last ? N * p.tiles : N * C;
   // About 8 resident 256-thread blocks per SM; chunks of at least 2048 values (NCHW) or 64
@@ -708,8 +872,10 @@ Plan make_plan(bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W, i
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
-// Workspace: the (N*C, S) chunk partials, then (N*C, 1) merged ones when S > kInlineMerge.
+// Workspace: the (N*C, S) chunk partials, then (N*C, 1) merged ones when S > kInlineMerge; none
+// for the one-pass kernels.
 int64_t workspace_elems(const Plan& plan, int64_t N, int64_t C) {
+  if (plan.one_pass) return 0;
   const int64_t rows = N * C;
   return 2 * rows * int64_t(plan.g.S) + (plan.g.S > kInlineMerge ? 2 * rows : 0);
 }
@@ -737,6 +903,18 @@ void launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream, const 
   T* y = static_cast<T*>(p.y);
   const A* wt = static_cast<const A*>(p.weight);
   const A* bs = static_cast<const A*>(p.bias);
+  if constexpr (!std::is_same_v<T, double>) {
+    if (plan.one_pass) {
+      const unsigned threads = unsigned(plan.op.TC * plan.op.R);
+      if (p.channels_last)
+        one_pass_fwd<T, ACT, PAD, true><<<unsigned(plan.units), threads, 0, stream>>>(
+            x, res, wt, bs, y, p.mean, p.rstd, plan.g, plan.op, p.eps, p.slope);
+      else
+        one_pass_fwd<T, ACT, PAD, false><<<unsigned(plan.units), threads, 0, stream>>>(
+            x, res, wt, bs, y, p.mean, p.rstd, plan.g, plan.op, p.eps, p.slope);
+      return;
+    }
+  }
   A* part = static_cast<A*>(workspace);
   const dim3 grid(unsigned(plan.units), unsigned(plan.g.S));
   Geo g = plan.g;
@@ -766,6 +944,18 @@ void launch_bwd(const BwdParams& p, void* workspace, cudaStream_t stream, const 
   const A* bs = static_cast<const A*>(p.bias);
   A* sg = static_cast<A*>(p.sum_gz);
   A* sgx = static_cast<A*>(p.sum_gzx);
+  if constexpr (!std::is_same_v<T, double>) {
+    if (plan.one_pass) {
+      const unsigned threads = unsigned(plan.op.TC * plan.op.R);
+      if (p.channels_last)
+        one_pass_bwd<T, PAD, true><<<unsigned(plan.units), threads, 0, stream>>>(
+            dy, x, wt, bs, p.mean, p.rstd, dx, dres, sg, sgx, plan.g, plan.op, ACT, p.slope);
+      else
+        one_pass_bwd<T, PAD, false><<<unsigned(plan.units), threads, 0, stream>>>(
+            dy, x, wt, bs, p.mean, p.rstd, dx, dres, sg, sgx, plan.g, plan.op, ACT, p.slope);
+      return;
+    }
+  }
   A* part = static_cast<A*>(workspace);
   const dim3 grid(unsigned(plan.units), unsigned(plan.g.S));
   Geo g = plan.g;
@@ -831,22 +1021,22 @@ void dispatch(const Params& p, const F& f) {
 }  // namespace
 
 int64_t cuda_fwd_workspace_elems(const FwdParams& p, int device) {
-  return workspace_elems(make_plan(p.channels_last, p.N, p.C, p.H, p.W, p.pad, device), p.N, p.C);
+  return workspace_elems(make_plan(p.channels_last, p.dtype, p.N, p.C, p.H, p.W, p.pad, device), p.N, p.C);
 }
 
 int64_t cuda_bwd_workspace_elems(const BwdParams& p, int device) {
-  return workspace_elems(make_plan(p.channels_last, p.N, p.C, p.H, p.W, p.pad, device), p.N, p.C);
+  return workspace_elems(make_plan(p.channels_last, p.dtype, p.N, p.C, p.H, p.W, p.pad, device), p.N, p.C);
 }
 
 int cuda_fwd(const FwdParams& p, void* workspace, int device, void* stream) {
-  const Plan plan = make_plan(p.channels_last, p.N, p.C, p.H, p.W, p.pad, device);
+  const Plan plan = make_plan(p.channels_last, p.dtype, p.N, p.C, p.H, p.W, p.pad, device);
   auto s = static_cast<cudaStream_t>(stream);
   dispatch(p, FwdLaunch{p, workspace, s, plan});
   return int(cudaGetLastError());
 }
 
 int cuda_bwd(const BwdParams& p, void* workspace, int device, void* stream) {
-  const Plan plan = make_plan(p.channels_last, p.N, p.C, p.H, p.W, p.pad, device);
+  const Plan plan = make_plan(p.channels_last, p.dtype, p.N, p.C, p.H, p.W, p.pad, device);
   auto s = static_cast<cudaStream_t>(stream);
   dispatch(p, BwdLaunch{p, workspace, s, plan});
   return int(cudaGetLastError());

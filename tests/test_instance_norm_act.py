@@ -135,10 +135,11 @@ def _plane_ref(x, w, b, residual=None, *, activation, negative_slope, pad):
 BF16_ULP = 2.0**-7
 
 
-def _check_backend(backend, shape, dtype, device, channels_last, act, affine, residual, pad, seed=0):
+def _check_backend(backend, shape, dtype, device, channels_last, act, affine, residual, pad, seed=0, fn=None):
     """Forward and every gradient of ``backend`` against the reference (fp64 truth computed from
     the same rounded low-precision inputs; low precision also judged against the reference's own
-    error in that dtype).
+    error in that dtype). ``fn``: an ``instance_norm_act``-like function to test instead of the
+    op with ``backend`` (the emulated CUDA kernels; ``backend`` then only names it).
 
     The references run on NCHW-contiguous copies: on CPU, torch's instance-norm backward is
     wrong for channels_last input with H == 1 (shape (1, 2, 1, 16): dx differs from the NCHW
@@ -149,7 +150,7 @@ def _check_backend(backend, shape, dtype, device, channels_last, act, affine, re
     hi = [t.double() if t is not None else None for t in lo_nchw]  # exact upcast of the rounded inputs
     ref = _plane_ref if shape[2] * shape[3] == 1 else instance_norm_act_ref
     kw = dict(activation=act, negative_slope=SLOPE, pad=pad)
-    y, grads = _run(instance_norm_act, *lo, backend=backend, **kw)
+    y, grads = _run(fn, *lo, **kw) if fn is not None else _run(instance_norm_act, *lo, backend=backend, **kw)
     y64, grads64 = _run(ref, *hi, **kw)
     what = f"{backend} {shape} {dtype} cl={channels_last} {act} {affine} res={residual} pad={pad}"
     fmt = output_memory_format(lo[0])

@@ -1,0 +1,80 @@
+"""The CUDA kernels, run on the CPU by the emulator of ``tests/cuda_emu.py``, against the reference.
+
+The native CUDA kernels otherwise run only where a GPU is lent (about one session in five); this
+is how a change to ``csrc/instance_norm_act_cuda.cu`` gets tested everywhere else: the same
+source, the same launch plans as on an H100 (132 SMs), ``__syncthreads`` and warp shuffles with
+their CUDA meaning, undefined barriers reported as errors. It checks indexing, reductions,
+merges, padding and every code path the plans choose; not speed, and not the GPU's own fp32
+arithmetic (the ``cuda``-marked tests of test_instance_norm_act.py / test_native.py do that).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_instance_norm_act import (
+    KERNEL_DTYPE_IDS,
+    KERNEL_DTYPES,
+    SHAPES,
+    _all_options,
+    _check_backend,
+    _few_options,
+)
+
+import cuda_emu
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    try:
+        cuda_emu.load()
+    except cuda_emu.Unavailable as e:
+        # `make test` (CI) sets FASTCGAN_REQUIRE_NATIVE=1: the compiler that built fastcgan._C
+        # builds this too, so a failure there is a failure, not a skip.
+        if os.environ.get("FASTCGAN_REQUIRE_NATIVE") == "1":
+            raise
+        pytest.skip(f"CUDA emulator unavailable: {e}")
+    return cuda_emu.instance_norm_act
+
+
+def _check(fn, shape, dtype, channels_last, options):
+    for act, affine, residual, pad in options:
+        _check_backend("cuda-emulated", shape, dtype, "cpu", channels_last, act, affine, residual, pad, fn=fn)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_DTYPE_IDS)
+def test_emulated_cuda_all_options_3x5(emulated, dtype, channels_last):
+    """Every activation x affine x residual x pad 0/1/2 on a 3x5 plane (one-pass kernels; fp64
+    takes the split kernels)."""
+    _check(emulated, SHAPES["3x5"], dtype, channels_last, _all_options(SHAPES["3x5"]))
+
+
+# Beyond the named shapes: several channel tiles per block with a ragged last tile (one-pass),
+# a 128x128 plane (the one-pass limit: 512 threads x 32 pixels), and planes above it, which are
+# split into chunks: NCHW merges 9 chunk partials inline, NHWC 256 of them with the merge kernel.
+EXTRA_SHAPES = {"ragged-tiles": (2, 37, 6, 7), "128x128": (1, 2, 128, 128), "split-130x130": (1, 3, 130, 130)}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("shape_id", ["1x1", "7x257", "1x1024", "batch3", *EXTRA_SHAPES])
+def test_emulated_cuda_shapes(emulated, shape_id, dtype, channels_last):
+    shape = SHAPES.get(shape_id) or EXTRA_SHAPES[shape_id]
+    options = _few_options(shape)
+    if shape_id.startswith("split") or shape_id == "128x128":
+        options = options[:2]  # relu + pad, and none + residual + pad: every kernel, fewer calls
+    _check(emulated, shape, dtype, channels_last, options)
+
+
+def test_emulated_cuda_reports_launch_failures(emulated):
+    """A failed emulated launch surfaces as the op's error (the emulator's checks are live), and
+    the next call starts clean."""
+    m = cuda_emu.load()
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(RuntimeError, match="activation must be one of"):
+        m.fwd(x, None, None, None, "gelu", 0.2, 0, 1e-5)
+    y, mean, rstd = m.fwd(x, None, None, None, "relu", 0.2, 1, 1e-5)
+    assert torch.isfinite(y).all() and y.shape == (1, 2, 6, 6)

@@ -698,6 +698,30 @@ __device__ __forceinline__ void rows_sum2(A& a, A& b, int cl, int r, const OnePa
   __syncthreads();  // every thread has read the roots before sa/sb are reused
 }
 
+// What a one-pass thread works on: its channel lane and pixel row, the channel, and the bases of
+// its plane in the interior tensors (x, residual, dx, dresidual) and the padded ones (y, dy).
+// Plane bases are 64-bit; in-plane offsets q * ps are 32-bit (the plan checks the padded span).
+struct OnePassLane {
+  int cl, r, ps;
+  int64_t n, c, base, pbase;
+  bool valid;
+};
+
+template <bool CL>
+__device__ __forceinline__ OnePassLane one_pass_lane(const Geo& g, const OnePass& op) {
+  OnePassLane l;
+  const int t = threadIdx.x;
+  l.cl = CL ? t % op.TC : t / op.R;
+  l.r = CL ? t / op.TC : t % op.R;
+  l.n = blockIdx.x / op.tiles;
+  l.c = int64_t(blockIdx.x % op.tiles) * op.TC + l.cl;
+  l.valid = l.c < g.C;
+  l.ps = CL ? int(g.C) : 1;
+  l.base = CL ? l.n * g.HW * g.C + l.c : (l.n * g.C + l.c) * g.HW;
+  l.pbase = CL ? l.n * int64_t(g.Hp) * g.Wp * g.C + l.c : (l.n * g.C + l.c) * int64_t(g.Hp) * g.Wp;
+  return l;
+}
+
 template <typename T, Activation ACT, bool PAD, bool CL>
 __global__ void __launch_bounds__(kOnePassThreads)
     one_pass_fwd(const T* __restrict__ x, const T* __restrict__ res, const typename AccOf<T>::type* __restrict__ wt,
@@ -705,17 +729,12 @@ __global__ void __launch_bounds__(kOnePassThreads)
                  float* __restrict__ rstd_out, Geo g, OnePass op, double eps, double slope_d) {
   using A = typename AccOf<T>::type;
   __shared__ A sa[kOnePassThreads], sb[kOnePassThreads];
-  const int t = threadIdx.x;
-  const int cl = CL ? t % op.TC : t / op.R, r = CL ? t / op.TC : t % op.R;
-  const int64_t n = blockIdx.x / op.tiles, c = int64_t(blockIdx.x % op.tiles) * op.TC + cl;
-  const bool valid = c < g.C;
-  // Plane bases (64-bit); element (n, c, q) at base + q * ps with 32-bit in-plane offsets (the
-  // plan checks the padded plane's span), the padded output likewise over Hp * Wp.
-  const int ps = CL ? int(g.C) : 1;
-  const int64_t base = CL ? n * g.HW * g.C + c : (n * g.C + c) * g.HW;
-  const int64_t ybase = CL ? n * int64_t(g.Hp) * g.Wp * g.C + c : (n * g.C + c) * int64_t(g.Hp) * g.Wp;
-  const T* xp = x + base;
-  const T* rp = res ? res + base : nullptr;
+  const OnePassLane l = one_pass_lane<CL>(g, op);
+  const int cl = l.cl, r = l.r, ps = l.ps;
+  const int64_t n = l.n, c = l.c;
+  const bool valid = l.valid;
+  const T* xp = x + l.base;
+  const T* rp = res ? res + l.base : nullptr;
   A v[kOnePassItems];
   A s = 0, none = 0;
 #pragma unroll
@@ -747,7 +766,7 @@ __global__ void __launch_bounds__(kOnePassThreads)
     if (q >= g.HW) break;
     A o = act_fwd<ACT>((v[j] - mean) * rstd * w + b, slope);
     if (rp) o += to_acc(rp[q * ps]);
-    store_padded<T, PAD>(y + ybase, q, ps, From<T>::cvt(o), g);
+    store_padded<T, PAD>(y + l.pbase, q, ps, From<T>::cvt(o), g);
   }
 }
 
@@ -760,17 +779,14 @@ __global__ void __launch_bounds__(kOnePassThreads)
                  OnePass op, Activation act, double slope_d) {
   using A = typename AccOf<T>::type;
   __shared__ A sa[kOnePassThreads], sb[kOnePassThreads];
-  const int t = threadIdx.x;
-  const int cl = CL ? t % op.TC : t / op.R, r = CL ? t / op.TC : t % op.R;
-  const int64_t n = blockIdx.x / op.tiles, c = int64_t(blockIdx.x % op.tiles) * op.TC + cl;
-  const bool valid = c < g.C;
-  const int ps = CL ? int(g.C) : 1;  // 32-bit in-plane offsets, as in one_pass_fwd
-  const int64_t base = CL ? n * g.HW * g.C + c : (n * g.C + c) * g.HW;
-  const int64_t dybase = CL ? n * int64_t(g.Hp) * g.Wp * g.C + c : (n * g.C + c) * int64_t(g.Hp) * g.Wp;
-  const T* xp = x + base;
-  const T* dyp = dy + dybase;
-  T* dxp = dx + base;
-  T* drp = dres ? dres + base : nullptr;
+  const OnePassLane l = one_pass_lane<CL>(g, op);
+  const int cl = l.cl, r = l.r, ps = l.ps;
+  const int64_t n = l.n, c = l.c;
+  const bool valid = l.valid;
+  const T* xp = x + l.base;
+  const T* dyp = dy + l.pbase;
+  T* dxp = dx + l.base;
+  T* drp = dres ? dres + l.base : nullptr;
   const A m = valid ? A(mean[n * g.C + c]) : A(0), rs = valid ? A(rstd[n * g.C + c]) : A(0);
   const A w = valid && wt ? wt[c] : A(1), b = valid && bs ? bs[c] : A(0), slope = A(slope_d);
   A xh[kOnePassItems], gz[kOnePassItems];

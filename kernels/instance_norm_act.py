@@ -86,6 +86,40 @@ def _act_bwd(g, z, slope, ACT: tl.constexpr):
 
 
 @triton.jit
+def _affine(Wt, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(weight, bias) of channels ``c`` in fp32: ones / zeros where the layer has none."""
+    if HAS_W:
+        w = tl.load(Wt + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    if HAS_B:
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    return w, b
+
+
+@triton.jit
+def _mirrors(hw, H, W, PAD: tl.constexpr):
+    """Padded rows r0..r2 and columns c0..c2 that hold a copy of interior pixel ``hw`` (flat
+    index into H x W): r0 = i+PAD always, r1 = PAD-i if 1<=i<=PAD (valid: vr1), r2 =
+    PAD+2(H-1)-i if H-1-PAD<=i<=H-2 (vr2); likewise for columns."""
+    i = hw // W
+    j = hw - i * W
+    r0 = i + PAD
+    r1 = PAD - i
+    r2 = PAD + 2 * (H - 1) - i
+    vr1 = (i >= 1) & (i <= PAD)
+    vr2 = (i >= H - 1 - PAD) & (i <= H - 2)
+    c0 = j + PAD
+    c1 = PAD - j
+    c2 = PAD + 2 * (W - 1) - j
+    vc1 = (j >= 1) & (j <= PAD)
+    vc2 = (j >= W - 1 - PAD) & (j <= W - 2)
+    return r0, r1, r2, vr1, vr2, c0, c1, c2, vc1, vc2
+
+
+@triton.jit
 def _fold_pad(dy_base, hw, mask, H, W, Wp, s_dyhw, PAD: tl.constexpr):
     """Adjoint of reflection padding at interior pixels ``hw`` (flat index into H x W).
 
@@ -96,18 +130,7 @@ def _fold_pad(dy_base, hw, mask, H, W, Wp, s_dyhw, PAD: tl.constexpr):
     if PAD == 0:
         g = tl.load(dy_base + hw[None, :] * s_dyhw, mask=mask, other=0.0).to(tl.float32)
     else:
-        i = hw // W
-        j = hw - i * W
-        r0 = i + PAD
-        r1 = PAD - i
-        r2 = PAD + 2 * (H - 1) - i
-        vr1 = (i >= 1) & (i <= PAD)
-        vr2 = (i >= H - 1 - PAD) & (i <= H - 2)
-        c0 = j + PAD
-        c1 = PAD - j
-        c2 = PAD + 2 * (W - 1) - j
-        vc1 = (j >= 1) & (j <= PAD)
-        vc2 = (j >= W - 1 - PAD) & (j <= W - 2)
+        r0, r1, r2, vr1, vr2, c0, c1, c2, vc1, vc2 = _mirrors(hw, H, W, PAD)
         g = tl.load(dy_base + (r0 * Wp + c0)[None, :] * s_dyhw, mask=mask, other=0.0).to(tl.float32)
         g += tl.load(dy_base + (r0 * Wp + c1)[None, :] * s_dyhw, mask=mask & vc1[None, :], other=0.0).to(tl.float32)
         g += tl.load(dy_base + (r0 * Wp + c2)[None, :] * s_dyhw, mask=mask & vc2[None, :], other=0.0).to(tl.float32)
@@ -135,18 +158,7 @@ def _store_padded(y_base, hw, mask, v, H, W, Wp, s_yhw, PAD: tl.constexpr):
     if PAD == 0:
         tl.store(y_base + hw[None, :] * s_yhw, v, mask=mask)
     else:
-        i = hw // W
-        j = hw - i * W
-        r0 = i + PAD
-        r1 = PAD - i
-        r2 = PAD + 2 * (H - 1) - i
-        vr1 = (i >= 1) & (i <= PAD)
-        vr2 = (i >= H - 1 - PAD) & (i <= H - 2)
-        c0 = j + PAD
-        c1 = PAD - j
-        c2 = PAD + 2 * (W - 1) - j
-        vc1 = (j >= 1) & (j <= PAD)
-        vc2 = (j >= W - 1 - PAD) & (j <= W - 2)
+        r0, r1, r2, vr1, vr2, c0, c1, c2, vc1, vc2 = _mirrors(hw, H, W, PAD)
         tl.store(y_base + (r0 * Wp + c0)[None, :] * s_yhw, v, mask=mask)
         tl.store(y_base + (r0 * Wp + c1)[None, :] * s_yhw, v, mask=mask & vc1[None, :])
         tl.store(y_base + (r0 * Wp + c2)[None, :] * s_yhw, v, mask=mask & vc2[None, :])
@@ -219,14 +231,7 @@ def _bwd_one_pass_kernel(
     m = cmask[:, None] & (hw < HW)[None, :]
     mean = tl.load(MEAN + n * C + c, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + n * C + c, mask=cmask, other=0.0)
-    if HAS_W:
-        w = tl.load(Wt + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        w = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
-    if HAS_B:
-        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    w, b = _affine(Wt, B, c, cmask, HAS_W, HAS_B, BLOCK_C)
     x_base = X + n.to(tl.int64) * s_xn + c.to(tl.int64)[:, None] * s_xc
     dy_base = DY + n.to(tl.int64) * s_dyn + c.to(tl.int64)[:, None] * s_dyc
     g = _fold_pad(dy_base, hw, m, H, W, Wp, s_dyhw, PAD)
@@ -381,14 +386,7 @@ def _bwd_reduce_kernel(
     cmask = c < C
     mean = tl.load(MEAN + n * C + c, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + n * C + c, mask=cmask, other=0.0)
-    if HAS_W:
-        w = tl.load(Wt + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        w = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
-    if HAS_B:
-        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    w, b = _affine(Wt, B, c, cmask, HAS_W, HAS_B, BLOCK_C)
     x_base = X + n.to(tl.int64) * s_xn + c.to(tl.int64)[:, None] * s_xc
     dy_base = DY + n.to(tl.int64) * s_dyn + c.to(tl.int64)[:, None] * s_dyc
     start = k * CHUNK
@@ -436,14 +434,7 @@ def _bwd_dx_kernel(
     m_gx = tl.sum(tl.load(PSGX + poff, mask=pmask, other=0.0), axis=1) / hw_f
     mean = tl.load(MEAN + n * C + c, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + n * C + c, mask=cmask, other=0.0)
-    if HAS_W:
-        w = tl.load(Wt + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        w = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
-    if HAS_B:
-        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    w, b = _affine(Wt, B, c, cmask, HAS_W, HAS_B, BLOCK_C)
     coef = rstd * w
     x_base = X + n.to(tl.int64) * s_xn + c.to(tl.int64)[:, None] * s_xc
     dy_base = DY + n.to(tl.int64) * s_dyn + c.to(tl.int64)[:, None] * s_dyc

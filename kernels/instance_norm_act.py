@@ -16,10 +16,11 @@ loads along C). Tensors whose H and W strides cannot be merged into one HW strid
 views such as ``x[..., ::2]`` or a transposed H/W) are copied with ``.contiguous()`` first.
 
 Small planes: one pass. When a whole plane of ``BLOCK_C`` channels fits in one program's
-registers (``next_pow2(H*W) <= _ONE_PASS_MAX`` elements, 16 per thread), forward and backward
+registers (``next_pow2(H*W) <= _ONE_PASS_MAX`` elements, 8192 with padding), forward and backward
 are one kernel each: the program loads x (and dy) once, reduces, and writes y (dx) from the
 values it holds -- one read and one write per pass, two launches per forward+backward instead
-of four to six. That is every ResNet plane up to 128x128. Fewer, longer programs are fine there:
+of four to six. That is every ResNet-9 plane at 256x256 input but the two 256x256 ones (its
+padded norms are at 64x64). Fewer, longer programs are fine there:
 at these sizes the time is launch latency, not bandwidth.
 
 Work split. Larger planes are split into ``K`` chunks so that one 256x256 plane per channel
@@ -593,9 +594,14 @@ def _merged_sums(pa: Tensor, pb: Tensor) -> tuple[Tensor, Tensor]:
 
 
 _MAX_CHUNKS = 256
-# One-pass kernels hold BLOCK_C x next_pow2(H*W) fp32 values per loaded tensor, 16 per thread
-# (num_warps = elements / 512, at most 32): up to 128x128 planes, one channel per program.
+# One-pass kernels hold BLOCK_C x next_pow2(H*W) fp32 values per loaded tensor: 8 per thread
+# (num_warps = elements / 256) up to 8192 elements, 16 per thread at 32 warps for 16384 (128x128
+# planes, one channel per program). With reflection padding the 9-tap gather / scatter costs
+# registers: compiled for sm_90 (cuobjdump, Triton 3.8) a 4096-element program with 16 per
+# thread took 230 registers in the backward, with 8 per thread 100, and 16384 elements at 32
+# warps (64-register cap) spilled 1.2 kB per thread -- so padded planes stop at 8192.
 _ONE_PASS_MAX = 16384
+_ONE_PASS_MAX_PADDED = 8192
 
 
 @functools.lru_cache(maxsize=4096)
@@ -610,7 +616,7 @@ def _one_pass_plan(n: int, c: int, hw: int, target: int, max_elems: int):
     block_c = min(triton.next_power_of_2(c), max_elems // block_hw)
     while block_c > 1 and n * triton.cdiv(c, block_c) < target:
         block_c //= 2
-    num_warps = max(4, min(32, block_c * block_hw // 512))
+    num_warps = max(4, min(32, block_c * block_hw // 256))
     return block_c, block_hw, triton.cdiv(c, block_c), num_warps
 
 
@@ -638,8 +644,9 @@ def _plan(n: int, c: int, hw: int, c_minor: bool, tile: int, target: int, min_ch
     return block_c, block_hw, n_cblocks, k, chunk, tiles, num_warps
 
 
-def _one_pass_launch_plan(x_shape, hw, device):
-    return _one_pass_plan(x_shape[0], x_shape[1], hw, _target_programs(device), _ONE_PASS_MAX)
+def _one_pass_launch_plan(x_shape, hw, pad, device):
+    limit = _ONE_PASS_MAX_PADDED if pad else _ONE_PASS_MAX
+    return _one_pass_plan(x_shape[0], x_shape[1], hw, _target_programs(device), min(limit, _ONE_PASS_MAX))
 
 
 def _launch_plan(x_shape, hw, c_minor, device):
@@ -679,7 +686,7 @@ def forward(x, weight, bias, residual, activation, negative_slope, pad, eps):
     wt = weight if weight is not None else xv
     bt = bias if bias is not None else xv
 
-    one_pass = _one_pass_launch_plan(x.shape, hw, x.device)
+    one_pass = _one_pass_launch_plan(x.shape, hw, pad, x.device)
     if one_pass is not None:
         bc, bhw, ncb, nw = one_pass
         _fwd_one_pass_kernel[(n * ncb,)](
@@ -736,7 +743,7 @@ def backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, h
     flags = dict(
         PAD=int(pad), ACT=int(parse_activation(activation)), HAS_W=weight is not None, HAS_B=bias is not None,
     )
-    one_pass = _one_pass_launch_plan(x.shape, hw, x.device)
+    one_pass = _one_pass_launch_plan(x.shape, hw, pad, x.device)
     if one_pass is not None:
         bc, bhw, ncb, nw = one_pass
         psg = torch.empty((n, c, 1), dtype=torch.float32, device=x.device)

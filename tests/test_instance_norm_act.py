@@ -356,15 +356,16 @@ def test_triton_two_pass_path_cpu(monkeypatch, shape_id, dtype, channels_last):
 
     shape = SHAPES[shape_id]
     monkeypatch.setattr(kin, "_ONE_PASS_MAX", 0)
-    assert kin._one_pass_launch_plan(shape, shape[2] * shape[3], torch.device("cpu")) is None
+    assert kin._one_pass_launch_plan(shape, shape[2] * shape[3], 1, torch.device("cpu")) is None
     for act, affine, residual, pad in _few_options(shape):
         _check_backend("triton", shape, dtype, "cpu", channels_last, act, affine, residual, pad)
 
 
-def test_triton_one_pass_plan_covers_resnet_planes_up_to_128():
+def test_triton_one_pass_plan_covers_resnet_planes_up_to_128(monkeypatch):
     """The planner's choices at a GPU's grid target (132 SMs x 4): a whole plane per program up
     to 128x128 (ResNet-9's 64x64 and 128x128 layers), channels packed only while the grid stays
-    full, at most 16 fp32 values per thread per tensor; 256x256 planes are split."""
+    full, at most 8 fp32 values per thread per tensor (16 at the 32-warp cap); padded planes
+    stop at 8192 elements (register pressure of the 9-tap gather); 256x256 planes are split."""
     pytest.importorskip("triton")
     from fastcgan.kernels import instance_norm_act as kin
 
@@ -375,10 +376,14 @@ def test_triton_one_pass_plan_covers_resnet_planes_up_to_128():
                        (1, 4, 7, 257), (1, 2, 1, 1024), (4, 1000, 1, 1)]:
         bc, bhw, ncb, nw = one(n, c, h, w)
         assert bhw >= h * w and bc * bhw <= kin._ONE_PASS_MAX and ncb * bc >= c
-        assert 4 <= nw <= 32 and bc * bhw <= 16 * 32 * nw, (n, c, h, w, bc, bhw, nw)
+        assert 4 <= nw <= 32 and bc * bhw <= (8 if nw < 32 else 16) * 32 * nw, (n, c, h, w, bc, bhw, nw)
         assert bc == 1 or n * ncb >= target, f"channels packed although the grid is short: {(n, c, h, w, bc)}"
     assert one(1, 256, 64, 64)[0] == 1 and one(8, 256, 64, 64)[0] == 2  # 256 and 1024 programs
     assert one(1, 128, 128, 128)[:2] == (1, 16384)
+    monkeypatch.setattr(kin, "_target_programs", lambda device: target)
+    padded = lambda n, c, h, w: kin._one_pass_launch_plan((n, c, h, w), h * w, 1, torch.device("cuda"))  # noqa: E731
+    assert padded(1, 256, 64, 64) == (1, 4096, 256, 16)  # the residual blocks' padded norm
+    assert padded(1, 128, 128, 128) is None  # split: 16 k elements with a 9-tap gather spill
 
 
 @pytest.mark.parametrize("merge", ["inline", "kernel"])
@@ -397,7 +402,7 @@ def test_triton_split_planes_cpu(monkeypatch, channels_last, merge):
     monkeypatch.setattr(kin, "_ONE_PASS_MAX", 0)
     kin._plan.cache_clear()
     try:
-        assert kin._one_pass_launch_plan((1, 3, 9, 23), 9 * 23, torch.device("cpu")) is None
+        assert kin._one_pass_launch_plan((1, 3, 9, 23), 9 * 23, 0, torch.device("cpu")) is None
         plan = kin._launch_plan((1, 3, 9, 23), 9 * 23, channels_last, torch.device("cpu"))
         assert plan[3] > 1, f"expected a split plane, got plan {plan}"
         for act, affine, residual, pad in [("relu", "weight+bias", True, 2), ("leaky_relu", "none", False, 0)]:

@@ -820,3 +820,73 @@ def test_triton_kernels_compile_for_sm90():
     env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
     res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# 6. The Triton one-pass kernels compiled for a GPU, on the CPU: registers and spills
+# --------------------------------------------------------------------------------------------
+# Run in a child process: this session's Triton is in interpreter mode (TRITON_INTERPRET=1),
+# whose kernels cannot be compiled. The child compiles for sm_90 with Triton's bundled ptxas and
+# reads the cubin's resource usage with its bundled cuobjdump.
+_SM90_USAGE = r"""
+import json, os, re, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastcgan.kernels import instance_norm_act as kin
+
+shape, pad, dtype = json.loads(sys.argv[1])
+kin._target_programs = lambda device: 4 * 132  # an H100's grid target
+n, c, h, w = shape
+bc, bhw, _, nw = kin._one_pass_launch_plan(shape, h * w, pad, torch.device("cuda"))
+consts = dict(PAD=pad, ACT=1, HAS_W=True, HAS_B=True, HAS_R=True, BLOCK_C=bc, BLOCK_HW=bhw)
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = {"plan": [bc, bhw, nw]}
+for fn, data, strides, floats in [
+    (kin._fwd_one_pass_kernel, ("X", "R", "Y"), ("x", "r", "y"), ("eps", "slope")),
+    (kin._bwd_one_pass_kernel, ("DY", "X", "DX", "DRES"), ("dy", "x", "dx"), ("slope",)),
+]:
+    types = {p: "*" + dtype for p in data}
+    types.update({p: "*fp32" for p in ("Wt", "B", "MEAN", "RSTD", "PSG", "PSGX")})
+    types.update({i: "i32" for i in ("C", "H", "W", "HW", "Wp", "n_cblocks")})
+    types.update({f: "fp32" for f in floats})
+    types.update({"s_" + t + k: "i32" for t in strides for k in ("n", "c", "hw")})
+    sig = {a: "constexpr" if a in consts else types[a] for a in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw}).asm["cubin"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    out[fn.__name__] = {"REG": int(m.group(1)), "STACK": int(m.group(2))}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize(
+    "shape, pad", [((1, 256, 64, 64), 1), ((1, 128, 128, 128), 0)], ids=["resblock-64x64-pad1", "128x128"]
+)
+def test_triton_one_pass_kernels_fit_registers_on_sm90(shape, pad, dtype):
+    """The plans the one-pass planner picks for ResNet-9's planes at 256^2 (the residual blocks'
+    padded 64x64 norm; the 128x128 up/down-sampling norms), compiled for an H100: at most a little
+    local-memory spill (the 16k-element backward at the 32-warp, 64-register cap spills 24 bytes
+    per thread with Triton 3.8; a planner that packs too much per thread spills kilobytes), and at
+    most 128 registers per thread, so that at least 16 warps stay resident per SM (the padded
+    backward at 16 values per thread took 230: one 8-warp program per SM)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _SM90_USAGE, json.dumps([list(shape), pad, dtype])],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0 and ("cuobjdump" in proc.stderr or "ptxas" in proc.stderr):
+        pytest.skip(f"Triton cannot compile for sm_90 here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    usage = json.loads(proc.stdout.strip().splitlines()[-1])
+    for kernel in ("_fwd_one_pass_kernel", "_bwd_one_pass_kernel"):
+        assert usage[kernel]["STACK"] <= 64 and usage[kernel]["REG"] <= 128, f"{shape} pad={pad} {dtype}: {usage}"

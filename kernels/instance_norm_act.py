@@ -20,8 +20,8 @@ registers (``next_pow2(H*W) <= _ONE_PASS_MAX`` elements, 8192 with padding), for
 are one kernel each: the program loads x (and dy) once, reduces, and writes y (dx) from the
 values it holds -- one read and one write per pass, two launches per forward+backward instead
 of four to six. That is every ResNet-9 plane at 256x256 input but the two 256x256 ones (its
-padded norms are at 64x64). Fewer, longer programs are fine there:
-at these sizes the time is launch latency, not bandwidth.
+padded norms are at 64x64). Fewer, longer programs are fine there: at these sizes the time is
+launch latency, not bandwidth.
 
 Work split. Larger planes are split into ``K`` chunks so that one 256x256 plane per channel
 (batch 1) fills the GPU as well as batch 8 does; the chunk partials are merged by the next

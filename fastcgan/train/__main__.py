@@ -1,7 +1,5 @@
-"""``python -m fastcgan.train``."""
+"""``python -m fastcgan.train`` (also what ``torchrun -m fastcgan.train`` runs in each process)."""
 
-import sys
+from fastcgan.train.cli import exit_after, main
 
-from fastcgan.train.cli import main
-
-sys.exit(main())
+exit_after(main())

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Optional
+from typing import NoReturn, Optional
 
 from fastcgan.train.config import (
     DATASETS,
@@ -319,5 +320,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     return s["exit_code"]
 
 
+def exit_after(code: int) -> NoReturn:
+    """Leave the process with ``code``. Under torchrun (``WORLD_SIZE`` > 1) without interpreter
+    finalization: with torch 2.14 on gloo, a rank whose run had completed (checkpoint, samples,
+    metrics all written) was aborted in static destruction ('terminate called without an active
+    exception', SIGABRT, no Python frame left: 5 of ~115 two-process runs on a 2-core CPU, 0 of 45
+    with this exit), which torchrun reports as a failed job. By the time ``main`` returns, ``train`` has destroyed the
+    process group and closed every file it wrote, so only the crash is skipped."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main())

@@ -425,7 +425,7 @@ def _time_kernel_case(kb, S: Sizes, shape, dtype, layout, backends) -> tuple[dic
                 step = kb._steps(fn, x, dy)[mode]
                 times[name] = median_time(step, device, warmup=S.kernel_warmup, iters=S.kernel_iters)
                 if device == "cuda" and name.startswith("fastcgan-"):
-                    profiles[name] = _kernel_breakdown(step)
+                    profiles[name] = _kernel_breakdown(step, iters=3)
                 if device == "cuda" and name != "compiled":
                     replay = kb._graphed(fn, x, dy, mode)
                     if replay is not None:

@@ -198,7 +198,7 @@ fi
 
 # ---------------------------------------------------------------------------------------- 3-5
 for p in "${WARM_PIDS[@]}"; do wait "$p"; done
-want 3 && run_stage kernels 90 $PY bench/gpu_check.py kernels --out "$OUT" "${DRYFLAG[@]}"
+want 3 && run_stage kernels 110 $PY bench/gpu_check.py kernels --out "$OUT" "${DRYFLAG[@]}"
 want 4 && run_stage train 180 $PY bench/gpu_check.py train --out "$OUT" "${DRYFLAG[@]}"
 if want 5; then
   if [ -z "$AOTI_PID" ]; then "${AOTI[@]}"; fi

@@ -1,7 +1,8 @@
 // CUDA kernels of instance_norm_act (no torch headers: the wrapper is instance_norm_act_cuda.cpp).
 //
-// Planes up to 128x128 (every ResNet-9 layer but the 256x256 ones) take the one-pass kernels
-// (section "One pass" below): one kernel per direction, each value read once into registers.
+// fp16/bf16/fp32 planes up to 128x128 (every ResNet-9 layer but the 256x256 ones) take the
+// one-pass kernels (section "One pass" below): one kernel per direction, each value read once
+// into registers. fp64 and larger planes take the split kernels described next.
 //
 // Larger planes: a (n, c) plane (NCHW), or a tile of 32 channels of one image (NHWC), is cut into
 // S contiguous pixel chunks, one 256-thread block per (plane or tile, chunk), so that even

@@ -354,7 +354,7 @@ def stage_aoti_check(S: Sizes, out: str, work: str) -> int:
 # --------------------------------------------------------------------------------------------
 # Stage 3: instance_norm_act kernel table
 # --------------------------------------------------------------------------------------------
-def _kernel_breakdown(step, iters: int = 5) -> dict:
+def _kernel_breakdown(step, iters: int = 3) -> dict:
     """Device microseconds per call of each CUDA kernel that ``step`` launches, by kernel name
     (torch.profiler's CUPTI activity records: no hardware counters or ncu permissions needed).
     Says which kernel of a backend's forward+backward holds the time; {} if profiling fails."""
@@ -425,7 +425,7 @@ def _time_kernel_case(kb, S: Sizes, shape, dtype, layout, backends) -> tuple[dic
                 step = kb._steps(fn, x, dy)[mode]
                 times[name] = median_time(step, device, warmup=S.kernel_warmup, iters=S.kernel_iters)
                 if device == "cuda" and name.startswith("fastcgan-"):
-                    profiles[name] = _kernel_breakdown(step, iters=3)
+                    profiles[name] = _kernel_breakdown(step)
                 if device == "cuda" and name != "compiled":
                     replay = kb._graphed(fn, x, dy, mode)
                     if replay is not None:
@@ -543,7 +543,7 @@ def stage_train(S: Sizes, out: str) -> int:
         )
         profile = {}
         if device.type == "cuda":  # where the step's device time goes (the MFU gap)
-            kernels = _kernel_breakdown(one_step, iters=3)
+            kernels = _kernel_breakdown(one_step)
             if kernels:
                 cats = _step_categories(kernels)
                 profile = {"device_us_by_category": cats, "top_kernels_us": dict(list(kernels.items())[:15])}

@@ -139,6 +139,20 @@ def test_batch_must_divide_among_processes(synth, tmp_path):
     assert not (tmp_path / "odd" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("world, message", [("2", "RANK is not set"), ("abc", "not a process count"),
+                                            ("0", "not a process count")])
+def test_stray_world_size_is_a_clear_error(synth, tmp_path, world, message):
+    """WORLD_SIZE left in a shell's environment without torchrun (no RANK), or not a count: exit 2
+    naming it, before anything is written (was a KeyError / ValueError traceback)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "WORLD_SIZE": world}
+    env.pop("RANK", None)
+    r = subprocess.run([sys.executable, "-m", "fastcgan.train", *_args(synth, tmp_path, "stray", 1)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "WORLD_SIZE" in r.stderr and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "stray").exists()
+
+
 @pytest.mark.slow
 def test_sigterm_stops_every_process_after_the_same_step_with_a_checkpoint(synth, tmp_path):
     """SIGTERM to torchrun (a scheduler's preemption) reaches both processes; they agree on the

@@ -327,7 +327,7 @@ def exit_after(code: int) -> NoReturn:
     exception', SIGABRT, no Python frame left: 5 of ~115 two-process runs on a 2-core CPU, 0 of 45
     with this exit), which torchrun reports as a failed job. By the time ``main`` returns, ``train`` has destroyed the
     process group and closed every file it wrote, so only the crash is skipped."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

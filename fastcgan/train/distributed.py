@@ -33,7 +33,16 @@ __all__ = ["DistContext", "from_environment", "world_size_from_env", "wrap_ddp"]
 
 
 def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(raw)
+    except ValueError:
+        world = 0
+    if world < 1:
+        from fastcgan.train.config import ConfigError
+
+        raise ConfigError(f"WORLD_SIZE={raw!r} in the environment is not a process count (an integer >= 1)")
+    return world
 
 
 @dataclass
@@ -102,12 +111,17 @@ def from_environment(device_flag: str) -> tuple[DistContext, Optional[torch.devi
     world = world_size_from_env()
     if world <= 1:
         return DistContext(), None
+    from fastcgan.train.config import ConfigError
+
+    if "RANK" not in os.environ:  # WORLD_SIZE left in the environment, not a torchrun process
+        raise ConfigError(
+            f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but RANK is not set: start distributed runs with "
+            "`torchrun --nproc-per-node N -m fastcgan.train ...`, or unset WORLD_SIZE"
+        )
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_flag != "cpu" and torch.cuda.is_available()
     if device_flag.startswith("cuda") and not torch.cuda.is_available():
-        from fastcgan.train.config import ConfigError
-
         raise ConfigError(f"device (--device) {device_flag}: no CUDA device is available")
     if use_cuda:
         device = torch.device("cuda", local_rank)

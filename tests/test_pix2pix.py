@@ -301,6 +301,10 @@ def test_data_helpers_for_pairs(pairs):
     assert imgs["A"].float().mean() > imgs["B"].float().mean() + 50
     flipped = sample_images(cfg.replace(direction="BtoA"), pairs)
     assert torch.equal(flipped["A"], imgs["B"]) and torch.equal(flipped["B"], imgs["A"])
+    # --max-dataset-size keeps the first pairs (sorted by path) for training, every test pair
+    few = cfg.replace(max_dataset_size=5)
+    assert build_dataset(few, pairs).AB_paths == ds.AB_paths[:5]
+    assert len(build_dataset(few, pairs, "test")) == 4
 
 
 def test_cli_end_to_end_with_evaluation_and_onnx(tmp_path, capsys):

@@ -19,6 +19,7 @@ from fastcgan.data import ensure_synthetic_dataset
 from fastcgan.recipes import get_recipe
 from fastcgan.train import TrainConfig, build_state, build_step, resolve_fast_path, train
 from fastcgan.train.cli import evaluate_run, parse_config
+from fastcgan.train.config import ConfigError
 from fastcgan.train.cli import main as cli_main
 
 loss_names = get_recipe("cyclegan").loss_names
@@ -333,6 +334,8 @@ def test_channels_last_step_matches(synth64):
         (["--gan-mode", "wgan"], "--gan-mode"),
         (["--lr", "-1"], "--lr"),
         (["--crop-size", "300", "--load-size", "286"], "--crop-size"),
+        (["--max-dataset-size", "0"], "--max-dataset-size"),
+        (["--max-dataset-size", "1e9"], "--max-dataset-size"),
         ([], "--dataroot"),
     ],
 )
@@ -407,6 +410,25 @@ def test_cli_parses_into_config():
         "flip": False,
         "netD": "pixel",
     }
+
+
+def test_max_dataset_size_trains_on_the_first_images(tmp_path, synth64):
+    """--max-dataset-size N (the official --max_dataset_size): the first N images of each domain
+    by sorted path make the training set -- an epoch is N batch-1 steps -- and the test split
+    keeps every image; in a config it must be an int >= 1."""
+    from fastcgan.train.data import build_dataset
+
+    cfg, _ = parse_config(["--dataroot", synth64, "--max-dataset-size", "3"])
+    assert cfg.data.max_dataset_size == 3
+    cfg = tiny(synth64, tmp_path, dataset="folder", max_dataset_size=3, max_steps=4, serial_batches=True)
+    ds = build_dataset(cfg, synth64, "train")
+    assert [os.path.basename(p) for p in ds.A_paths] == sorted(os.listdir(os.path.join(synth64, "trainA")))[:3]
+    assert (ds.A_size, ds.B_size) == (3, 3)
+    assert build_dataset(cfg, synth64, "test").A_size == 4
+    assert train(cfg)["epoch"] == 1  # 4 steps over 3 images (all 8: still epoch 0)
+    for bad in (0, -2, 2.5, "3"):
+        with pytest.raises(ConfigError, match="max_dataset_size"):
+            tiny(synth64, tmp_path, max_dataset_size=bad)
 
 
 def test_bad_dataroot_fails_before_training(tmp_path, capsys):

@@ -22,6 +22,7 @@ A new method (pix2pix, CUT) is one new file in ``fastcgan/recipes/`` that builds
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Protocol
 
@@ -50,6 +51,13 @@ class StepRun(Protocol):
 
 # forward(run, batch, carry, cfg) -> (loss to minimise, {name: loss tensor}, carry for later phases)
 PhaseForward = Callable[[StepRun, Mapping[str, Tensor], dict, object], tuple[Tensor, dict, dict]]
+
+
+def max_dataset_size(cfg, phase: str) -> float:
+    """Images per domain a dataset of ``phase`` may hold: ``--max-dataset-size`` for training,
+    every image of a test split (evaluation has its own ``--eval-max-images``)."""
+    n = cfg.data.max_dataset_size
+    return n if phase == "train" and n is not None else math.inf
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ class Recipe:
         return UnalignedDataset(
             root, phase, preprocess=d.preprocess, load_size=d.load_size, crop_size=d.crop_size, flip=d.flip,
             input_nc=m.input_nc, output_nc=m.output_nc, serial_batches=d.serial_batches, seed=cfg.run.seed,
+            max_size=max_dataset_size(cfg, phase),
         )
 
     def make_synthetic(self, cfg, root: str) -> str:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from fastcgan.losses import conditional_input, pix2pix_discriminator_loss, pix2pix_generator_loss
-from fastcgan.recipes.base import Phase, Recipe, StepRun
+from fastcgan.recipes.base import Phase, Recipe, StepRun, max_dataset_size
 
 LOSS_NAMES = ("G_GAN", "G_L1", "G", "D_real", "D_fake", "D")
 
@@ -116,7 +116,7 @@ def dataset(cfg, root: str, phase: str = "train"):
     return AlignedDataset(
         root, phase, direction=d.direction, preprocess=d.preprocess, load_size=d.load_size,
         crop_size=d.crop_size, flip=d.flip, input_nc=m.input_nc, output_nc=m.output_nc,
-        serial_batches=d.serial_batches, seed=cfg.run.seed,
+        serial_batches=d.serial_batches, seed=cfg.run.seed, max_size=max_dataset_size(cfg, phase),
     )
 
 

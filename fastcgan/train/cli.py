@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip training images larger than this (read from the header, never decoded); "
         "default 89,478,485 (Pillow's limit), 0: no limit",
     )
+    g.add_argument(
+        "--max-dataset-size",
+        type=_int(1),
+        default=S,
+        help="train on the first N images of each domain (sorted by path; pairs for pix2pix), as the "
+        "official --max_dataset_size; default: every image",
+    )
     g.add_argument("--serial-batches", action="store_true", default=S)
     g.add_argument(
         "--direction",

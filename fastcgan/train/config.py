@@ -113,6 +113,9 @@ class DataConfig:
     # Images above this many pixels are skipped (checked on the header, before decoding);
     # None: fastcgan.data's default (Pillow's 89.5 Mpx), 0: no limit.
     max_image_pixels: Optional[int] = None
+    # The official --max_dataset_size: train on the first N images of each domain (sorted by
+    # path; pairs for pix2pix). None: every image. Test splits are never truncated by it.
+    max_dataset_size: Optional[int] = None
     synthetic_train: int = 200  # images per domain generated for --dataset synthetic
     synthetic_test: int = 50
     # Paired data (pix2pix): which half of each A|B image is the input; BtoA swaps them.
@@ -136,6 +139,11 @@ class DataConfig:
             self.max_image_pixels is None or (isinstance(self.max_image_pixels, int) and self.max_image_pixels >= 0),
             "max_image_pixels",
             "must be an int >= 0 (0: no limit)",
+        )
+        _check(
+            self.max_dataset_size is None or (isinstance(self.max_dataset_size, int) and self.max_dataset_size >= 1),
+            "max_dataset_size",
+            "must be an int >= 1 (omit it for every image)",
         )
         _check(
             self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0),

@@ -157,6 +157,53 @@ def test_cuda_sources_compile(tmp_path):
     assert out.stat().st_size > 0
 
 
+def _cuobjdump():
+    try:
+        import triton
+    except ImportError:
+        return shutil.which("cuobjdump")
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.access(bundled, os.X_OK) else shutil.which("cuobjdump")
+
+
+def _resource_usage(library: str, cuobjdump: str) -> dict:
+    """{(arch, kernel): {"REG": n, "STACK": bytes, ...}} of every kernel in ``library``'s cubins."""
+    text = subprocess.run([cuobjdump, "--dump-resource-usage", library], capture_output=True, text=True,
+                          timeout=120, check=True).stdout
+    usage, arch, kernel = {}, None, None
+    for line in text.splitlines():
+        if m := re.match(r"\s*arch = (sm_\d+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function (\S+):", line):
+            kernel = m.group(1)
+        elif kernel and "REG:" in line:
+            usage[(arch, kernel)] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+            kernel = None
+    return usage
+
+
+@needs_native
+def test_cuda_kernels_fit_registers_and_barely_spill():
+    """ptxas' resource use of every CUDA kernel built into fastcgan._C, per architecture, read
+    from the library with cuobjdump (no GPU needed). Every kernel launches kThreads = 512 threads
+    (__launch_bounds__), so 128 registers is the cap; what matters is spill (STACK = local memory
+    per thread): the one-pass forward keeps its activation a template parameter because as a
+    run-time value it spilled 92-200 bytes; today no kernel spills more than 48. A change that
+    pushes a kernel past 64 bytes fails here before any GPU time is spent on it."""
+    if not _C().cuda_built():
+        pytest.skip("fastcgan._C was built without CUDA kernels")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (Triton's bundled copy or the CUDA toolkit's)")
+    usage = _resource_usage(_C().__file__, tool)
+    archs = {arch for arch, _ in usage}
+    assert "sm_90" in archs or "sm_80" in archs, sorted(archs)
+    one_pass = [k for k in usage if "one_pass" in k[1]]
+    assert one_pass and len(usage) > 100, f"{len(usage)} kernels, {len(one_pass)} one-pass"
+    over = {f"{a} {k[:120]}": u for (a, k), u in usage.items() if u["REG"] > 128 or u["STACK"] > 64}
+    assert not over, over
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU: gradcheck and agreement with the contract
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ file header, not decoded) are refused; ``--tile-overlap`` must be less than half
 and no image may need more than 16,384 tiles. AOTInductor ``.pt2`` packages and TensorRT
 engines hold native code and run only when the manifest ``fastcgan-export`` wrote beside them
 verifies, or with ``--trust-artifact``. Outputs are written atomically.
+
+``--html`` also writes ``OUTPUT/index.html`` (the official ``test.py`` results page): each input
+(linked where it is, not copied) beside its translation; it is an output like the images.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fastcgan.deploy.runtime import ENGINES
 
 # Images decoded at once (besides --batch-size): a window of files closes at this many pixels.
 WINDOW_PIXELS = 64 * 2**20
+HTML_NAME = "index.html"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--fp16", action="store_true", help="half precision where the engine supports it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--html", action="store_true",
+                   help=f"also write OUTPUT/{HTML_NAME}: every input beside its translation (as the official "
+                   "test.py's results page; the inputs are linked where they are, not copied)")
     return p
 
 
@@ -68,6 +75,34 @@ def _output_names(files: list[str], root: str | None) -> list[str]:
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
     return [s if counts[s] == 1 else r + ".png" for s, r in zip(stems, rel)]
+
+
+def _url(path: str, start: str) -> str:
+    """``path`` relative to the folder ``start`` as a URL (spaces, ``#``, ``?``, quotes escaped)."""
+    from urllib.parse import quote
+
+    return quote(os.path.relpath(os.path.abspath(path), os.path.abspath(start)).replace(os.sep, "/"))
+
+
+def _results_page(title: str, rows: list[tuple[str, str]], skipped: list[str], folder: str) -> bytes:
+    """The results page: one row per image (input | translation, each linking to itself). File
+    names are escaped: a name is text, never markup."""
+    from html import escape
+
+    cells = "\n".join(
+        f'<tr><td><a href="{_url(src, folder)}"><img src="{_url(src, folder)}"></a><br>{escape(os.path.basename(src))}'
+        f'</td><td><a href="{_url(dst, folder)}"><img src="{_url(dst, folder)}"></a><br>'
+        f"{escape(os.path.relpath(dst, folder))}</td></tr>"
+        for src, dst in rows
+    )
+    note = "".join(f"<li>{escape(s)}</li>" for s in skipped)
+    note = f"<p>Skipped (unreadable):</p><ul>{note}</ul>" if skipped else ""
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + escape(title) + "</title><style>"
+        "img{max-width:256px;max-height:256px}td{vertical-align:top;padding:4px;font:12px sans-serif}</style>"
+        "</head><body><h3>" + escape(title) + "</h3>\n<table><tr><th>input</th><th>translation</th></tr>\n"
+        + cells + "\n</table>" + note + "</body></html>\n"
+    ).encode()
 
 
 def _error(msg: str) -> int:
@@ -138,7 +173,7 @@ def _main(args) -> int:
     from fastcgan.deploy import load
     from fastcgan.deploy.tiling import check_tile_args, check_tiling
     from fastcgan.devices import DeviceUnavailableError
-    from fastcgan.fileio import WriteError, atomic_writer
+    from fastcgan.fileio import WriteError, atomic_write, atomic_writer
 
     if args.batch_size < 1:
         return _error("--batch-size must be >= 1")
@@ -167,7 +202,8 @@ def _main(args) -> int:
         files, root = [args.input], None
     names = _output_names(files, root)
     dests = [os.path.join(args.output, n) for n in names]
-    why = _check_outputs(args, files, dests)
+    page = os.path.join(args.output, HTML_NAME) if args.html else None  # checked like an output
+    why = _check_outputs(args, files, dests + ([page] if page else []))
     if why:
         return _error(why)
 
@@ -268,6 +304,15 @@ def _main(args) -> int:
         del loaded, outs
     if bar is not None:
         bar.close()
+    if page is not None:
+        unread = set(skipped)
+        rows = [(f, d) for f, d in zip(files, dests) if f not in unread]
+        title = f"{args.checkpoint} ({args.direction}, {translator.engine}): {args.input}"
+        try:
+            atomic_write(page, _results_page(title, rows, skipped, args.output))
+        except WriteError as e:
+            print(f"fastcgan-translate: error: {e}", file=sys.stderr)
+            return 1
     msg = f"translated {done} image(s) into {args.output} with {translator.engine} on {translator.device}"
     if skipped:
         msg += f"; skipped {len(skipped)} unreadable: " + ", ".join(os.path.basename(s) for s in skipped[:5])

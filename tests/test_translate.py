@@ -90,3 +90,45 @@ def test_translate_errors(run_dir, tmp_path, capsys):
     with pytest.warns(UserWarning, match="x.png"):
         assert main(["--checkpoint", str(run_dir), "--input", str(empty), "--output", str(tmp_path / "o"),
                      "--no-progress"]) == 1
+
+
+def test_translate_html_results_page(run_dir, images, tmp_path, capsys):
+    """--html: OUTPUT/index.html shows every translated input beside its output (links relative
+    to the page, URL-quoted); a file name is text, never markup; the page is an output like the
+    images (refused over an existing one without --overwrite, never written over an input)."""
+    import re
+    from urllib.parse import unquote
+
+    hostile = images / 'x"><b onmouseover=alert(1)>#?.png'
+    shutil.copy(images / "gray.png", hostile)
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(run_dir), "--input", str(images), "--output", str(out), "--device", "cpu",
+            "--no-progress", "--html"]
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        assert main(argv) == 0
+    page = (out / "index.html").read_text()
+    assert "<b " not in page and "&lt;b onmouseover" in page
+    links = [unquote(u) for u in re.findall(r'<img src="([^"]+)"', page)]
+    assert len(links) == 2 * 5  # 5 readable inputs, each with its translation
+    for link in links:
+        assert (out / link).resolve().is_file(), link
+    assert {os.path.basename(u) for u in links[1::2]} == {"with space.png", "b.png", "odd size.png", "gray.png",
+                                                          'x"><b onmouseover=alert(1)>#?.png'}
+    assert "broken.jpg" in page  # listed as skipped
+    capsys.readouterr()
+    # An existing page is an existing output.
+    before = (out / "index.html").read_bytes()
+    for png in out.rglob("*.png"):
+        png.unlink()
+    assert main(argv) == 2
+    assert "index.html" in capsys.readouterr().err and (out / "index.html").read_bytes() == before
+    # An input that is called index.html (a single file, decoded whatever its name) in the output
+    # folder is never replaced by the page.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(images / "gray.png", lone / "index.html")
+    with pytest.warns(UserWarning, match="extension"):
+        rc = main(["--checkpoint", str(run_dir), "--input", str(lone / "index.html"), "--output", str(lone),
+                   "--device", "cpu", "--no-progress", "--html"])
+    assert rc == 2 and "input file" in capsys.readouterr().err
+    assert (lone / "index.html").read_bytes() == (images / "gray.png").read_bytes()

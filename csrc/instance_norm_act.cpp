@@ -125,8 +125,8 @@ FwdCall prepare_fwd(const at::Tensor& x, const OptTensor& weight, const OptTenso
   call.weight = acc_param(weight, acc);
   call.bias = acc_param(bias, acc);
   call.y = at::empty({N, C, H + 2 * pad, W + 2 * pad}, x.options().memory_format(fmt));
-  call.mean = at::empty({N, C}, x.options().dtype(at::kFloat));
-  call.rstd = at::empty({N, C}, x.options().dtype(at::kFloat));
+  call.mean = at::empty({N, C}, x.options().dtype(acc));  // fp64 statistics for fp64 input
+  call.rstd = at::empty({N, C}, x.options().dtype(acc));
 
   FwdParams& p = call.params;
   p.x = call.x.const_data_ptr();
@@ -134,8 +134,8 @@ FwdCall prepare_fwd(const at::Tensor& x, const OptTensor& weight, const OptTenso
   p.weight = ptr_or_null(call.weight);
   p.bias = ptr_or_null(call.bias);
   p.y = call.y.data_ptr();
-  p.mean = call.mean.data_ptr<float>();
-  p.rstd = call.rstd.data_ptr<float>();
+  p.mean = call.mean.data_ptr();
+  p.rstd = call.rstd.data_ptr();
   p.N = N, p.C = C, p.H = H, p.W = W, p.pad = pad;
   p.eps = eps;
   p.slope = negative_slope;
@@ -179,8 +179,8 @@ BwdCall prepare_bwd(const at::Tensor& dy, const at::Tensor& x, const OptTensor& 
   call.dy = dy.to(x.scalar_type()).contiguous(fmt);
   call.weight = acc_param(weight, acc);
   call.bias = acc_param(bias, acc);
-  call.mean = mean.to(at::kFloat).contiguous();
-  call.rstd = rstd.to(at::kFloat).contiguous();
+  call.mean = mean.to(acc).contiguous();
+  call.rstd = rstd.to(acc).contiguous();
   call.dx = at::empty(x.sizes(), x.options().memory_format(fmt));
   if (has_residual) call.dres = at::empty(x.sizes(), x.options().memory_format(fmt));
   if (defined(weight) || defined(bias)) call.sum_gz = at::empty({N, C}, x.options().dtype(acc));
@@ -191,8 +191,8 @@ BwdCall prepare_bwd(const at::Tensor& dy, const at::Tensor& x, const OptTensor& 
   p.x = call.x.const_data_ptr();
   p.weight = ptr_or_null(call.weight);
   p.bias = ptr_or_null(call.bias);
-  p.mean = call.mean.const_data_ptr<float>();
-  p.rstd = call.rstd.const_data_ptr<float>();
+  p.mean = call.mean.const_data_ptr();
+  p.rstd = call.rstd.const_data_ptr();
   p.dx = call.dx.data_ptr();
   p.dres = call.dres.defined() ? call.dres.data_ptr() : nullptr;
   p.sum_gz = call.sum_gz.defined() ? call.sum_gz.data_ptr() : nullptr;

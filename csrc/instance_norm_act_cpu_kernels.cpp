@@ -192,8 +192,8 @@ void nchw_fwd(const FwdParams& p, int64_t begin, int64_t end) {
       cnt += double(k);
     }
     const double rstd = 1.0 / std::sqrt(m2 / double(HW) + p.eps);
-    p.mean[t] = float(mu);
-    p.rstd[t] = float(rstd);
+    static_cast<A*>(p.mean)[t] = A(mu);
+    static_cast<A*>(p.rstd)[t] = A(rstd);
     const A m = A(mu), r = A(rstd), w = Wt ? Wt[c] : A(1), b = Bs ? Bs[c] : A(0);
 
     auto apply = [&](const A* x, const A* res, int64_t k, A* y) {
@@ -252,7 +252,8 @@ void nchw_bwd(const BwdParams& p, int64_t begin, int64_t end) {
     const T* xb = static_cast<const T*>(p.x) + t * HW;
     T* dxb = static_cast<T*>(p.dx) + t * HW;
     T* drb = p.dres ? static_cast<T*>(p.dres) + t * HW : nullptr;
-    const A m = A(p.mean[t]), r = A(p.rstd[t]), w = Wt ? Wt[c] : A(1), b = Bs ? Bs[c] : A(0);
+    const A m = static_cast<const A*>(p.mean)[t], r = static_cast<const A*>(p.rstd)[t];
+    const A w = Wt ? Wt[c] : A(1), b = Bs ? Bs[c] : A(0);
 
     // g = dL/d(act + residual) on step s (a span of pixels, or interior row s when padded): dy,
     // or dy folded by reflection, the adjoint of the padding: every padded position adds into the
@@ -360,7 +361,8 @@ void nhwc_fwd_stats(const FwdParams& p, const CpuPlan& plan, double* scratch, in
   }
 }
 
-// Phase 1: merge the chunks of image n; (mean, rstd) in double into scratch, fp32 to p.mean/rstd.
+// Phase 1: merge the chunks of image n; (mean, rstd) in double into scratch and, in the acc
+// dtype, to p.mean/rstd.
 inline void nhwc_fwd_merge(const FwdParams& p, const CpuPlan& plan, double* scratch, int64_t begin, int64_t end) {
   const int64_t C = p.C, HW = p.H * p.W, cp = plan.chunk_pixels, nch = plan.num_chunks;
   double* stats = scratch + 2 * p.N * nch * C;
@@ -378,8 +380,13 @@ inline void nhwc_fwd_merge(const FwdParams& p, const CpuPlan& plan, double* scra
     }
     for (int64_t c = 0; c < C; ++c) {
       m2[c] = 1.0 / std::sqrt(m2[c] / double(HW) + p.eps);  // now rstd
-      p.mean[n * C + c] = float(mu[c]);
-      p.rstd[n * C + c] = float(m2[c]);
+      if (p.dtype == DType::Float64) {
+        static_cast<double*>(p.mean)[n * C + c] = mu[c];
+        static_cast<double*>(p.rstd)[n * C + c] = m2[c];
+      } else {
+        static_cast<float*>(p.mean)[n * C + c] = float(mu[c]);
+        static_cast<float*>(p.rstd)[n * C + c] = float(m2[c]);
+      }
     }
   }
 }
@@ -466,8 +473,8 @@ inline const A* nhwc_fold_g(const BwdParams& p, int64_t n, int64_t h, A* dbuf, A
 template <typename A>
 inline void load_channel_stats(const BwdParams& p, int64_t n, ChannelParams<A>& cp) {
   for (int64_t c = 0; c < p.C; ++c) {
-    cp.m[c] = A(p.mean[n * p.C + c]);
-    cp.r[c] = A(p.rstd[n * p.C + c]);
+    cp.m[c] = static_cast<const A*>(p.mean)[n * p.C + c];
+    cp.r[c] = static_cast<const A*>(p.rstd)[n * p.C + c];
   }
 }
 

@@ -327,8 +327,8 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nchw(const T* __restrict__
 template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     fwd_apply_nchw(const T* __restrict__ x, const T* __restrict__ res, const typename AccOf<T>::type* __restrict__ wt,
-                   const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, float* __restrict__ mean_out,
-                   float* __restrict__ rstd_out, const typename AccOf<T>::type* __restrict__ part, Geo g, double eps,
+                   const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, typename AccOf<T>::type* __restrict__ mean_out,
+                   typename AccOf<T>::type* __restrict__ rstd_out, const typename AccOf<T>::type* __restrict__ part, Geo g, double eps,
                    double slope_d, bool vec) {
   using A = typename AccOf<T>::type;
   constexpr int V = VecOf<T>::V;
@@ -344,8 +344,8 @@ __global__ void __launch_bounds__(kThreads)
       sm[0] = mu;
       sm[1] = rstd;
       if (k == 0) {
-        mean_out[plane] = float(mu);
-        rstd_out[plane] = float(rstd);
+        mean_out[plane] = mu;
+        rstd_out[plane] = rstd;
       }
     }
   }
@@ -381,8 +381,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     bwd_sums_nchw(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
-                  const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
-                  const float* __restrict__ rstd, T* __restrict__ dres, typename AccOf<T>::type* __restrict__ part,
+                  const typename AccOf<T>::type* __restrict__ bs, const typename AccOf<T>::type* __restrict__ mean,
+                  const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dres, typename AccOf<T>::type* __restrict__ part,
                   Geo g, double slope_d, bool vec) {
   using A = typename AccOf<T>::type;
   constexpr int V = VecOf<T>::V;
@@ -429,8 +429,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     bwd_dx_nchw(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
-                const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
-                const float* __restrict__ rstd, T* __restrict__ dx, const typename AccOf<T>::type* __restrict__ part,
+                const typename AccOf<T>::type* __restrict__ bs, const typename AccOf<T>::type* __restrict__ mean,
+                const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dx, const typename AccOf<T>::type* __restrict__ part,
                 typename AccOf<T>::type* __restrict__ sum_gz, typename AccOf<T>::type* __restrict__ sum_gzx, Geo g,
                 double slope_d, bool vec) {
   using A = typename AccOf<T>::type;
@@ -525,8 +525,8 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nhwc(const T* __restrict__
 template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     fwd_apply_nhwc(const T* __restrict__ x, const T* __restrict__ res, const typename AccOf<T>::type* __restrict__ wt,
-                   const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, float* __restrict__ mean_out,
-                   float* __restrict__ rstd_out, const typename AccOf<T>::type* __restrict__ part, Geo g, int tiles,
+                   const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, typename AccOf<T>::type* __restrict__ mean_out,
+                   typename AccOf<T>::type* __restrict__ rstd_out, const typename AccOf<T>::type* __restrict__ part, Geo g, int tiles,
                    double eps, double slope_d) {
   using A = typename AccOf<T>::type;
   __shared__ A sn[kWarps][33], smu[kWarps][33], sm2[kWarps][33];
@@ -549,8 +549,8 @@ __global__ void __launch_bounds__(kThreads)
       s_m[tx] = mu;
       s_r[tx] = rstd;
       if (k == 0 && valid) {
-        mean_out[n * g.C + c] = float(mu);
-        rstd_out[n * g.C + c] = float(rstd);
+        mean_out[n * g.C + c] = mu;
+        rstd_out[n * g.C + c] = rstd;
       }
     }
     __syncthreads();
@@ -571,8 +571,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     bwd_sums_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
-                  const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
-                  const float* __restrict__ rstd, T* __restrict__ dres, typename AccOf<T>::type* __restrict__ part,
+                  const typename AccOf<T>::type* __restrict__ bs, const typename AccOf<T>::type* __restrict__ mean,
+                  const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dres, typename AccOf<T>::type* __restrict__ part,
                   Geo g, int tiles, double slope_d) {
   using A = typename AccOf<T>::type;
   __shared__ A r1[kWarps][33], r2[kWarps][33];
@@ -612,8 +612,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     bwd_dx_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
-                const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
-                const float* __restrict__ rstd, T* __restrict__ dx, const typename AccOf<T>::type* __restrict__ part,
+                const typename AccOf<T>::type* __restrict__ bs, const typename AccOf<T>::type* __restrict__ mean,
+                const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dx, const typename AccOf<T>::type* __restrict__ part,
                 typename AccOf<T>::type* __restrict__ sum_gz, typename AccOf<T>::type* __restrict__ sum_gzx, Geo g,
                 int tiles, double slope_d) {
   using A = typename AccOf<T>::type;
@@ -726,8 +726,8 @@ __device__ __forceinline__ OnePassLane one_pass_lane(const Geo& g, const OnePass
 template <typename T, Activation ACT, bool PAD, bool CL>
 __global__ void __launch_bounds__(kOnePassThreads)
     one_pass_fwd(const T* __restrict__ x, const T* __restrict__ res, const typename AccOf<T>::type* __restrict__ wt,
-                 const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, float* __restrict__ mean_out,
-                 float* __restrict__ rstd_out, Geo g, OnePass op, double eps, double slope_d) {
+                 const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, typename AccOf<T>::type* __restrict__ mean_out,
+                 typename AccOf<T>::type* __restrict__ rstd_out, Geo g, OnePass op, double eps, double slope_d) {
   using A = typename AccOf<T>::type;
   __shared__ A sa[kOnePassThreads], sb[kOnePassThreads];
   const OnePassLane l = one_pass_lane<CL>(g, op);
@@ -757,8 +757,8 @@ __global__ void __launch_bounds__(kOnePassThreads)
   if (!valid) return;  // no barrier below
   const A rstd = A(1) / sqrt(m2 / A(g.HW) + A(eps));
   if (r == 0) {
-    mean_out[n * g.C + c] = float(mean);
-    rstd_out[n * g.C + c] = float(rstd);
+    mean_out[n * g.C + c] = mean;
+    rstd_out[n * g.C + c] = rstd;
   }
   const A w = wt ? wt[c] : A(1), b = bs ? bs[c] : A(0), slope = A(slope_d);
 #pragma unroll
@@ -774,8 +774,8 @@ __global__ void __launch_bounds__(kOnePassThreads)
 template <typename T, bool PAD, bool CL>
 __global__ void __launch_bounds__(kOnePassThreads)
     one_pass_bwd(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
-                 const typename AccOf<T>::type* __restrict__ bs, const float* __restrict__ mean,
-                 const float* __restrict__ rstd, T* __restrict__ dx, T* __restrict__ dres,
+                 const typename AccOf<T>::type* __restrict__ bs, const typename AccOf<T>::type* __restrict__ mean,
+                 const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dx, T* __restrict__ dres,
                  typename AccOf<T>::type* __restrict__ sum_gz, typename AccOf<T>::type* __restrict__ sum_gzx, Geo g,
                  OnePass op, Activation act, double slope_d) {
   using A = typename AccOf<T>::type;
@@ -920,15 +920,17 @@ void launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream, const 
   T* y = static_cast<T*>(p.y);
   const A* wt = static_cast<const A*>(p.weight);
   const A* bs = static_cast<const A*>(p.bias);
+  A* mean = static_cast<A*>(p.mean);
+  A* rstd = static_cast<A*>(p.rstd);
   if constexpr (!std::is_same_v<T, double>) {
     if (plan.one_pass) {
       const unsigned threads = unsigned(plan.op.TC * plan.op.R);
       if (p.channels_last)
         one_pass_fwd<T, ACT, PAD, true><<<unsigned(plan.units), threads, 0, stream>>>(
-            x, res, wt, bs, y, p.mean, p.rstd, plan.g, plan.op, p.eps, p.slope);
+            x, res, wt, bs, y, mean, rstd, plan.g, plan.op, p.eps, p.slope);
       else
         one_pass_fwd<T, ACT, PAD, false><<<unsigned(plan.units), threads, 0, stream>>>(
-            x, res, wt, bs, y, p.mean, p.rstd, plan.g, plan.op, p.eps, p.slope);
+            x, res, wt, bs, y, mean, rstd, plan.g, plan.op, p.eps, p.slope);
       return;
     }
   }
@@ -940,12 +942,12 @@ void launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream, const 
     const bool vall = vin && aligned16(y) && (!res || aligned16(res));
     fwd_stats_nchw<T><<<grid, kThreads, 0, stream>>>(x, part, g, vin);
     const A* merged = merge_if_many<A, true>(part, p.N * p.C, g, stream);
-    fwd_apply_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(x, res, wt, bs, y, p.mean, p.rstd, merged, g, p.eps,
+    fwd_apply_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(x, res, wt, bs, y, mean, rstd, merged, g, p.eps,
                                                               p.slope, vall);
   } else {
     fwd_stats_nhwc<T><<<grid, kThreads, 0, stream>>>(x, part, g, plan.tiles);
     const A* merged = merge_if_many<A, true>(part, p.N * p.C, g, stream);
-    fwd_apply_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(x, res, wt, bs, y, p.mean, p.rstd, merged, g,
+    fwd_apply_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(x, res, wt, bs, y, mean, rstd, merged, g,
                                                               plan.tiles, p.eps, p.slope);
   }
 }
@@ -961,15 +963,17 @@ void launch_bwd(const BwdParams& p, void* workspace, cudaStream_t stream, const 
   const A* bs = static_cast<const A*>(p.bias);
   A* sg = static_cast<A*>(p.sum_gz);
   A* sgx = static_cast<A*>(p.sum_gzx);
+  const A* mean = static_cast<const A*>(p.mean);
+  const A* rstd = static_cast<const A*>(p.rstd);
   if constexpr (!std::is_same_v<T, double>) {
     if (plan.one_pass) {
       const unsigned threads = unsigned(plan.op.TC * plan.op.R);
       if (p.channels_last)
         one_pass_bwd<T, PAD, true><<<unsigned(plan.units), threads, 0, stream>>>(
-            dy, x, wt, bs, p.mean, p.rstd, dx, dres, sg, sgx, plan.g, plan.op, ACT, p.slope);
+            dy, x, wt, bs, mean, rstd, dx, dres, sg, sgx, plan.g, plan.op, ACT, p.slope);
       else
         one_pass_bwd<T, PAD, false><<<unsigned(plan.units), threads, 0, stream>>>(
-            dy, x, wt, bs, p.mean, p.rstd, dx, dres, sg, sgx, plan.g, plan.op, ACT, p.slope);
+            dy, x, wt, bs, mean, rstd, dx, dres, sg, sgx, plan.g, plan.op, ACT, p.slope);
       return;
     }
   }
@@ -979,16 +983,16 @@ void launch_bwd(const BwdParams& p, void* workspace, cudaStream_t stream, const 
   if (!p.channels_last) {
     const bool vec = g.HW % VecOf<T>::V == 0 && aligned16(x) && aligned16(dy) && aligned16(dx) &&
                      (!dres || aligned16(dres));
-    bwd_sums_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dres, part, g, p.slope,
+    bwd_sums_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, mean, rstd, dres, part, g, p.slope,
                                                              vec);
     const A* merged = merge_if_many<A, false>(part, p.N * p.C, g, stream);
-    bwd_dx_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dx, merged, sg, sgx, g,
+    bwd_dx_nchw<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, mean, rstd, dx, merged, sg, sgx, g,
                                                            p.slope, vec);
   } else {
-    bwd_sums_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dres, part, g,
+    bwd_sums_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, mean, rstd, dres, part, g,
                                                              plan.tiles, p.slope);
     const A* merged = merge_if_many<A, false>(part, p.N * p.C, g, stream);
-    bwd_dx_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, p.mean, p.rstd, dx, merged, sg, sgx, g,
+    bwd_dx_nhwc<T, ACT, PAD><<<grid, kThreads, 0, stream>>>(dy, x, wt, bs, mean, rstd, dx, merged, sg, sgx, g,
                                                            plan.tiles, p.slope);
   }
 }

@@ -21,15 +21,16 @@ constexpr const char* kActivationNames[] = {"none", "relu", "leaky_relu"};
 constexpr int kNumActivations = int(sizeof(kActivationNames) / sizeof(kActivationNames[0]));
 
 // Accumulation ("acc") type: double for Float64 input, float otherwise. weight/bias are passed
-// already converted to it; the per-plane backward partial sums are written in it.
+// already converted to it; the saved statistics (mean, rstd) and the per-plane backward partial
+// sums are written in it (fp32 statistics would limit an fp64 backward to fp32 accuracy).
 struct FwdParams {
   const void* x = nullptr;
   const void* residual = nullptr;  // same dtype and layout as x, or null
   const void* weight = nullptr;    // (C,) acc dtype, or null (= 1)
   const void* bias = nullptr;      // (C,) acc dtype, or null (= 0)
   void* y = nullptr;
-  float* mean = nullptr;  // (N, C) fp32
-  float* rstd = nullptr;  // (N, C) fp32
+  void* mean = nullptr;  // (N, C) acc dtype
+  void* rstd = nullptr;  // (N, C) acc dtype
   int64_t N = 0, C = 0, H = 0, W = 0, pad = 0;
   double eps = 1e-5, slope = 0.0;
   bool channels_last = false;
@@ -42,8 +43,8 @@ struct BwdParams {
   const void* x = nullptr;
   const void* weight = nullptr;  // acc dtype or null
   const void* bias = nullptr;    // acc dtype or null (needed for the activation mask)
-  const float* mean = nullptr;   // (N, C)
-  const float* rstd = nullptr;   // (N, C)
+  const void* mean = nullptr;    // (N, C) acc dtype
+  const void* rstd = nullptr;    // (N, C) acc dtype
   void* dx = nullptr;
   void* dres = nullptr;     // dL/dresidual = folded dy, dtype of x; null when there is no residual
   void* sum_gz = nullptr;   // (N, C) acc dtype: per-plane sum(gz) (for dbias), or null

@@ -21,6 +21,7 @@ from test_instance_norm_act import (
     _all_options,
     _check_backend,
     _few_options,
+    _fp64_backward_check,
 )
 
 import cuda_emu
@@ -67,6 +68,12 @@ def test_emulated_cuda_shapes(emulated, shape_id, dtype, channels_last):
     if shape_id.startswith("split") or shape_id == "128x128":
         options = options[:2]  # relu + pad, and none + residual + pad: every kernel, fewer calls
     _check(emulated, shape, dtype, channels_last, options)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_emulated_cuda_fp64_backward_keeps_fp64_accuracy(emulated, channels_last):
+    """fp64 statistics are saved as fp64 (they were fp32, which capped the backward's accuracy)."""
+    _fp64_backward_check("cuda-emulated", "cpu", channels_last, fn=emulated)
 
 
 def test_emulated_cuda_reports_launch_failures(emulated):

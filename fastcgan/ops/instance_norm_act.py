@@ -25,8 +25,8 @@ Every kernel backend implements the same two functions (:data:`KERNELS`)::
     backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, has_residual)
         -> (dx, dweight, dbias, dresidual)
 
-``activation`` is the name (:class:`fastcgan.ops.Activation`); ``mean``/``rstd`` are fp32
-``(N, C)``; ``y``, ``dx`` and ``dresidual`` use :func:`output_memory_format` of ``x``; gradients
+``activation`` is the name (:class:`fastcgan.ops.Activation`); ``mean``/``rstd`` are ``(N, C)``
+in the accumulation dtype (:func:`stats_dtype`: fp64 for fp64 input, else fp32); ``y``, ``dx`` and ``dresidual`` use :func:`output_memory_format` of ``x``; gradients
 that are not needed (no weight, no residual) are returned as empty tensors, since custom ops
 cannot return ``None``. :func:`contract_forward` / :func:`contract_backward` spell the contract
 out in plain torch (backend ``"torch"`` of the custom ops, for tests on any machine).
@@ -191,20 +191,28 @@ def fold_reflection_pad(dy: Tensor, pad: int) -> Tensor:
     return out
 
 
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation dtype, also that of the saved ``mean``/``rstd``: fp32 for
+    fp16/bf16/fp32, fp64 for fp64 (fp32 statistics would cap an fp64 backward at fp32 accuracy:
+    its per-plane sum(dx) = 0 identity held only to ~1e-8)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def contract_forward(x, weight, bias, residual, activation, negative_slope, pad, eps):
-    """What the Triton, CUDA and C++ forward kernels compute, step by step in fp32."""
-    xf = x.float()
+    """What the Triton, CUDA and C++ forward kernels compute, step by step in :func:`stats_dtype`."""
+    acc = stats_dtype(x.dtype)
+    xf = x.to(acc)
     var, mean = torch.var_mean(xf, dim=(2, 3), unbiased=False)
     rstd = torch.rsqrt(var + eps)
     xhat = (xf - mean[:, :, None, None]) * rstd[:, :, None, None]
     z = xhat
     if weight is not None:
-        z = z * weight.float()[None, :, None, None]
+        z = z * weight.to(acc)[None, :, None, None]
     if bias is not None:
-        z = z + bias.float()[None, :, None, None]
+        z = z + bias.to(acc)[None, :, None, None]
     y = apply_activation(z, activation, negative_slope)
     if residual is not None:
-        y = y + residual.float()
+        y = y + residual.to(acc)
     if pad > 0:
         y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
     y = y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
@@ -212,15 +220,17 @@ def contract_forward(x, weight, bias, residual, activation, negative_slope, pad,
 
 
 def contract_backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, has_residual):
-    """What the Triton, CUDA and C++ backward kernels compute, step by step in fp32."""
+    """What the Triton, CUDA and C++ backward kernels compute, step by step in :func:`stats_dtype`."""
     fmt = output_memory_format(x)
-    g = fold_reflection_pad(dy.float(), pad)  # d(loss)/d(act(...) + residual)
-    xhat = (x.float() - mean[:, :, None, None]) * rstd[:, :, None, None]
+    acc = stats_dtype(x.dtype)
+    mean, rstd = mean.to(acc), rstd.to(acc)
+    g = fold_reflection_pad(dy.to(acc), pad)  # d(loss)/d(act(...) + residual)
+    xhat = (x.to(acc) - mean[:, :, None, None]) * rstd[:, :, None, None]
     z = xhat
     if weight is not None:
-        z = z * weight.float()[None, :, None, None]
+        z = z * weight.to(acc)[None, :, None, None]
     if bias is not None:
-        z = z + bias.float()[None, :, None, None]
+        z = z + bias.to(acc)[None, :, None, None]
     # The derivative at z == 0 is the negative side's, in every backend.
     act = parse_activation(activation)
     if act == Activation.RELU:
@@ -237,7 +247,7 @@ def contract_backward(dy, x, weight, bias, mean, rstd, activation, negative_slop
         db = weight.new_zeros(weight.shape)  # unused; keeps the fake's shape contract
     else:
         db = x.new_empty((0,))
-    gxhat = gz * weight.float()[None, :, None, None] if weight is not None else gz
+    gxhat = gz * weight.to(acc)[None, :, None, None] if weight is not None else gz
     # d/dx of (x - mean) * rstd with biased variance over the plane:
     #   dx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat))
     m1 = gxhat.mean((2, 3), keepdim=True)
@@ -328,7 +338,7 @@ def _fwd_op(
 def _fwd_fake(x, weight, bias, residual, activation, negative_slope, pad, eps, backend):
     n, c, h, w = x.shape
     y = x.new_empty((n, c, h + 2 * pad, w + 2 * pad)).contiguous(memory_format=output_memory_format(x))
-    stats = x.new_empty((n, c), dtype=torch.float32)
+    stats = x.new_empty((n, c), dtype=stats_dtype(x.dtype))
     return y, stats, stats.clone()
 
 

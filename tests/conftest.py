@@ -7,6 +7,7 @@
   error rather than a reason to skip the native tests.
 """
 
+import contextlib
 import os
 
 import torch
@@ -93,6 +94,49 @@ def tiny_train_config(root=None, out=None, **overrides):
     base.update(overrides)
     preset = base.pop("preset", "cyclegan128")
     return TrainConfig.from_preset(preset, **base)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Networks and batches built inside are ``dtype`` (fp64: compare two code paths' arithmetic
+    without fp32 rounding, which an ill-conditioned tiny network amplifies ~1000x)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def assert_grads_close(got: dict, want: dict, rtol: float, atol: float) -> None:
+    """Gradients equal up to fp32 reduction order: each tensor's tolerance is relative to its own
+    scale (an element near zero in a tensor of scale 1 may differ by rtol, not rtol of itself),
+    plus ``atol`` for tensors that are rounding noise (a conv bias before InstanceNorm)."""
+    assert got.keys() == want.keys()
+    for k, ref in want.items():
+        torch.testing.assert_close(got[k], ref, rtol=rtol, atol=rtol * ref.abs().max().item() + atol,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
+def copy_training_state(dst, src) -> None:
+    """Make ``dst`` (a TrainState) continue from ``src``'s weights and optimizer moments, in place
+    (a compiled step keeps referencing ``dst``'s tensors). Two runs compared over several steps
+    otherwise drift apart through Adam: its first update is ~lr * sign(g), so a gradient element
+    near zero whose rounding differs flips a whole lr-sized step."""
+    with torch.no_grad():
+        for name, net in dst.nets.items():
+            for t, s in zip(net.state_dict().values(), src.nets[name].state_dict().values()):
+                t.copy_(s)
+    for name, opt in dst.optimizers.items():
+        theirs = src.optimizers[name]
+        for p, q in zip((p for g in opt.param_groups for p in g["params"]),
+                        (q for g in theirs.param_groups for q in g["params"])):
+            mine = opt.state[p]
+            for key, v in theirs.state.get(q, {}).items():
+                if torch.is_tensor(v) and torch.is_tensor(mine.get(key)):
+                    mine[key].copy_(v)
+                else:
+                    mine[key] = v.clone() if torch.is_tensor(v) else v
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CUDA kernels are compiled when nvcc is found (CMake looks on PATH / CUDA_HOME); they run only on a GPU.
 export CUDA_HOME ?= $(shell nvcc --dryrun -v x.cu 2>&1 | sed -n 's/^#\$$ TOP=\(.*\)\/bin\/\.\.$$/\1/p' | head -1)
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all test-gpu-stack bench clean
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,22 @@ test: venv
 
 test-all: venv
 	$(PY) -m pytest tests -q -m "slow or not slow"
+
+# The GPU machine's software (torch 2.11 + cu130, Triton 3.6; see DESIGN.md), checked on a CPU
+# before a rare device session spends its minutes on an API difference: builds fastcgan._C
+# against torch 2.11 (CUDA kernels included), compiles the Triton kernels for sm_90 with Triton
+# 3.6, runs the kernel tests (Triton 3.6's interpreter, the CUDA emulator) and the gpu_check dry
+# run. A separate venv (~5 GB) and build folder. numpy < 2.4: Triton 3.6's interpreter calls
+# int() on one-element arrays, an error since NumPy 2.4.
+GPU_STACK_VENV ?= .venv-gpu-stack
+GPU_STACK_PY := $(GPU_STACK_VENV)/bin/python
+test-gpu-stack:
+	test -x $(GPU_STACK_PY) || $(PYTHON) -m venv $(GPU_STACK_VENV)
+	$(GPU_STACK_PY) -m pip install -q torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy<2.4"
+	$(GPU_STACK_PY) -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
+	$(GPU_STACK_PY) -m pip install -q --no-build-isolation --config-settings=build-dir=build/gpu-stack -e ".[test]"
+	FASTCGAN_REQUIRE_NATIVE=1 $(GPU_STACK_PY) -m pytest -q --timeout=900 -p no:cacheprovider \
+	    tests/test_instance_norm_act.py tests/test_cuda_emulated.py tests/test_native.py tests/test_gpu_check.py
 
 bench: venv
 	$(PY) -m pytest bench -q -s

@@ -118,7 +118,26 @@ def assert_grads_close(got: dict, want: dict, rtol: float, atol: float) -> None:
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
-def copy_training_state(dst, src) -> None:
+def two_steps_in_lockstep(states: dict, steps: dict, make_batch) -> dict:
+    """``{compiled: (losses of step 1, gradients of step 1, losses of step 2)}`` for the eager
+    (``False``) and compiled (``True``) states and steps, built alike; batches from
+    ``make_batch(seed)``. Before step 2 the compiled state takes the eager one's weights and Adam
+    moments, so that step 2 compares the steps, not Adam's amplified rounding."""
+    res = {}
+    for comp, st in states.items():
+        torch.manual_seed(5)
+        out = steps[comp](make_batch(1))
+        grads = {f"{n}.{k}": p.grad.clone() for n, net in st.nets.items() for k, p in net.named_parameters()
+                 if p.grad is not None}
+        res[comp] = (out, grads)
+    _copy_training_state(states[True], states[False])
+    for comp in states:
+        torch.manual_seed(6)
+        res[comp] += (steps[comp](make_batch(2)),)
+    return res
+
+
+def _copy_training_state(dst, src) -> None:
     """Make ``dst`` (a TrainState) continue from ``src``'s weights and optimizer moments, in place
     (a compiled step keeps referencing ``dst``'s tensors). Two runs compared over several steps
     otherwise drift apart through Adam: its first update is ~lr * sign(g), so a gradient element

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_grads_close, copy_training_state, default_dtype, tiny_train_config
+from conftest import assert_grads_close, default_dtype, tiny_train_config, two_steps_in_lockstep
 from test_train import _forbid_host_reads, _HostSync
 from test_train_resume import _assert_same, _final
 
@@ -191,22 +191,7 @@ def _compiled_and_eager_cut_steps():
         states[comp] = build_state(cfg)
         steps[comp] = build_step(states[comp], cfg)
         assert set(steps[comp].exe.compiled) == ({"forward", "discriminator", "generator"} if comp else set())
-    res = {}
-    for comp, st in states.items():
-        torch.manual_seed(5)
-        out = steps[comp](_batch(cfg))
-        grads = {
-            f"{n}.{k}": p.grad.clone()
-            for n, net in st.nets.items()
-            for k, p in net.named_parameters()
-            if p.grad is not None
-        }
-        res[comp] = (out, grads)
-    copy_training_state(states[True], states[False])
-    for comp in states:
-        torch.manual_seed(6)
-        res[comp] += (steps[comp](_batch(cfg, seed=2)),)
-    return res
+    return two_steps_in_lockstep(states, steps, lambda seed: _batch(cfg, seed=seed))
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import traceback
 
 import pytest
 import torch
-from conftest import assert_grads_close, copy_training_state, default_dtype, tiny_train_config
+from conftest import assert_grads_close, default_dtype, tiny_train_config, two_steps_in_lockstep
 
 from fastcgan.data import ensure_synthetic_dataset
 from fastcgan.recipes import get_recipe
@@ -252,48 +252,27 @@ def test_step_has_no_host_sync_cuda():
 
 
 def _compiled_vs_eager(synth64, backend, dtype=torch.float32, **kw):
-    """``{compiled: (losses of step 1, gradients of step 1, losses of step 2)}`` from one initial
-    state and the same batches; before step 2 the compiled state takes the eager one's weights and
-    Adam moments, so that step 2 compares the steps, not Adam's amplified rounding."""
+    """:func:`two_steps_in_lockstep` of an eager and a compiled step built alike, in ``dtype``."""
     with default_dtype(dtype):
-        return _compiled_and_eager_steps(synth64, backend, **kw)
-
-
-def _compiled_and_eager_steps(synth64, backend, **kw):
-    states, steps = {}, {}
-    for comp in (False, True):
-        cfg = tiny(
-            synth64,
-            "unused",
-            load_size=32,
-            crop_size=32,
-            netD="n_layers",
-            n_layers_D=2,
-            compile=comp,
-            compile_backend=backend,
-            **kw,
-        )
-        torch.manual_seed(0)
-        states[comp] = build_state(cfg)
-        steps[comp] = build_step(states[comp], cfg)
-        # build_step compiled both forward phases with fullgraph=True: a graph break raises.
-        assert set(steps[comp].exe.compiled) == ({"generator", "discriminator"} if comp else set())
-    res = {}
-    for comp, st in states.items():
-        torch.manual_seed(5)
-        out = steps[comp](_batch(cfg))
-        grads = {
-            f"{n}.{k}": p.grad.clone()
-            for n, net in st.nets.items()
-            for k, p in net.named_parameters()
-            if p.grad is not None
-        }
-        res[comp] = (out, grads)
-    copy_training_state(states[True], states[False])
-    for comp in states:
-        torch.manual_seed(6)
-        res[comp] += (steps[comp](_batch(cfg, seed=2)),)
-    return res
+        states, steps = {}, {}
+        for comp in (False, True):
+            cfg = tiny(
+                synth64,
+                "unused",
+                load_size=32,
+                crop_size=32,
+                netD="n_layers",
+                n_layers_D=2,
+                compile=comp,
+                compile_backend=backend,
+                **kw,
+            )
+            torch.manual_seed(0)
+            states[comp] = build_state(cfg)
+            steps[comp] = build_step(states[comp], cfg)
+            # build_step compiled both forward phases with fullgraph=True: a graph break raises.
+            assert set(steps[comp].exe.compiled) == ({"generator", "discriminator"} if comp else set())
+        return two_steps_in_lockstep(states, steps, lambda seed: _batch(cfg, seed=seed))
 
 
 def test_compiled_step_matches_eager(synth64):

@@ -14,7 +14,7 @@
 # Stages, in priority order, each under its own `timeout` (GPU_CHECK_T_<STAGE>=secs overrides one,
 # e.g. GPU_CHECK_T_TRAIN=240, GPU_CHECK_T_CORRECT_TRITON=200):
 #   1 build    fastcgan._C for this GPU's architecture only; versions; available_backends()
-#   2 correct  pytest -m cuda, trimmed (triton NCHW | triton NHWC | native CUDA + CUDA-graph replay,
+#   2 correct  pytest -m cuda, trimmed (triton in 4 processes | native CUDA + CUDA-graph replay,
 #              in parallel);
 #              the AOTInductor bf16 package (compiled in the background from stage 1 on) loads
 #   3 kernels  instance_norm_act fwd+bwd at the ResNet-9 256² shapes, batch 1/8, fp32/bf16
@@ -174,13 +174,23 @@ if want 2; then
   # Triton: every backend test except the two full 180-binary option sweeps of the 3x5 plane
   # (JIT time; bash bench/run_gpu.sh runs them): the layer's real option sets on every named
   # shape, all dtypes and layouts, and the real 256² shapes. JIT compiling is single-threaded per
-  # process, so the Triton tests run as two processes (NCHW | channels_last and the rest).
+  # process and dominates these tests: with the one-pass kernels (one binary per plane-size class)
+  # each layout needs ~215 distinct binaries (counted on the CPU, 2026-11-28), ~70 per dtype, so
+  # the Triton tests run as four processes of <= ~150 binaries: NCHW fp32+fp16 | NCHW bf16 |
+  # NHWC fp32+fp16 | NHWC bf16 and the other Triton tests (tests/test_gpu_check.py checks that
+  # these filters split the Triton tests without gap or overlap).
   run_stage correct-triton-nchw 150 "${PYTEST[@]}" tests/test_instance_norm_act.py \
-    -k "triton and nchw and not nchw-3x5-triton-fp32" &
+    -k "triton and nchw and not bf16 and not nchw-3x5-triton-fp32" &
   P1=$!
+  run_stage correct-triton-nchw-bf16 150 "${PYTEST[@]}" tests/test_instance_norm_act.py \
+    -k "triton and nchw and bf16" &
+  P1B=$!
   run_stage correct-triton-nhwc 150 "${PYTEST[@]}" tests/test_instance_norm_act.py \
-    -k "triton and not nchw and not nhwc-3x5-triton-bf16" &
+    -k "triton and nhwc and not bf16" &
   P2=$!
+  run_stage correct-triton-other 150 "${PYTEST[@]}" tests/test_instance_norm_act.py \
+    -k "triton and not nchw and not (nhwc and not bf16) and not nhwc-3x5-triton-bf16" &
+  P2B=$!
   # Native CUDA (no JIT: every option on every shape), the whole-step CUDA-graph capture, then
   # the other GPU tests (no host sync in the step, pool and losses; device data bank; official
   # checkpoints on the GPU; onnxruntime/TensorRT skip or say what is missing).
@@ -191,7 +201,7 @@ if want 2; then
     tests/test_deploy.py tests/test_native.py tests/test_instance_norm_act.py \
     -k "not triton and not all_options[1x1- and not all_options[3x5- and not all_options[7x257- and not all_options[1x1024- and not all_options[batch3-" &
   P3=$!
-  wait $P1; wait $P2; wait $P3
+  wait $P1; wait $P1B; wait $P2; wait $P2B; wait $P3
   if [ -n "$AOTI_PID" ]; then wait $AOTI_PID; fi
   run_stage correct-aoti 60 $PY bench/gpu_check.py aoti-check --out "$OUT" --work "$WORK" "${DRYFLAG[@]}"
 fi

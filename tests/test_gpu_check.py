@@ -17,7 +17,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 DRIVER = os.path.join(ROOT, "bench", "gpu_check.py")
-STAGES = ["env", "aoti-build", "correct-triton-nchw", "correct-triton-nhwc", "correct-cuda", "correct-aoti"]
+TRITON_STAGES = ["correct-triton-nchw", "correct-triton-nchw-bf16", "correct-triton-nhwc", "correct-triton-other"]
+STAGES = ["env", "aoti-build", *TRITON_STAGES, "correct-cuda", "correct-aoti"]
 STAGES += ["train-warm-b2", "kernels", "train", "infer"]
 
 
@@ -71,7 +72,7 @@ def test_dry_run_pytest_selections_collect_tests(dry_run):
     """The trimmed ``pytest -m cuda`` selections of stage 2 still name tests (all skip on a CPU):
     a renamed test or parameter id must not silently empty the GPU correctness stage."""
     out, _ = dry_run
-    for name in ("correct-triton-nchw", "correct-triton-nhwc", "correct-cuda"):
+    for name in (*TRITON_STAGES, "correct-cuda"):
         log = (out / f"{name}.log").read_text()
         assert "skipped" in log and "error" not in log.lower(), log[-2000:]
 
@@ -105,6 +106,33 @@ def test_stage2_exclusions_name_real_tests():
     assert ids, proc.stdout[-2000:] + proc.stderr[-2000:]
     for part in parts:
         assert any(part in i for i in ids), f"gpu_check.sh -k excludes {part!r}, which names no test"
+
+
+def _collect(*args):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p", "no:cacheprovider", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    return {line for line in proc.stdout.splitlines() if "::" in line}
+
+
+def test_stage2_triton_processes_split_the_triton_tests():
+    """Stage 2's Triton processes (one per -k filter on tests/test_instance_norm_act.py) select
+    every Triton GPU test but the two deliberate full sweeps exactly once: splitting the JIT work
+    over more processes must not drop or repeat a test."""
+    import re
+
+    with open(SCRIPT) as f:
+        text = f.read()
+    filters = re.findall(r'-k "(triton and [^"]+)"', text)
+    assert len(filters) == len(TRITON_STAGES), filters
+    path = "tests/test_instance_norm_act.py"
+    selected = [_collect(path, "-k", k) for k in filters]
+    every = _collect(path, "-k", "triton")
+    sweeps = {i for i in every if "[nchw-3x5-triton-fp32]" in i or "[nhwc-3x5-triton-bf16]" in i}
+    assert len(sweeps) == 2 and all(selected), (sweeps, [len(s) for s in selected])
+    assert sum(len(s) for s in selected) == len(set().union(*selected)), "a test runs in two processes"
+    assert set().union(*selected) == every - sweeps, sorted((every - sweeps) ^ set().union(*selected))
 
 
 def test_dry_run_rows_and_report(dry_run):

@@ -327,9 +327,9 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nchw(const T* __restrict__
 template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     fwd_apply_nchw(const T* __restrict__ x, const T* __restrict__ res, const typename AccOf<T>::type* __restrict__ wt,
-                   const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, typename AccOf<T>::type* __restrict__ mean_out,
-                   typename AccOf<T>::type* __restrict__ rstd_out, const typename AccOf<T>::type* __restrict__ part, Geo g, double eps,
-                   double slope_d, bool vec) {
+                   const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y,
+                   typename AccOf<T>::type* __restrict__ mean_out, typename AccOf<T>::type* __restrict__ rstd_out,
+                   const typename AccOf<T>::type* __restrict__ part, Geo g, double eps, double slope_d, bool vec) {
   using A = typename AccOf<T>::type;
   constexpr int V = VecOf<T>::V;
   using Pack = typename VecOf<T>::Pack;
@@ -382,7 +382,8 @@ template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     bwd_sums_nchw(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
                   const typename AccOf<T>::type* __restrict__ bs, const typename AccOf<T>::type* __restrict__ mean,
-                  const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dres, typename AccOf<T>::type* __restrict__ part,
+                  const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dres,
+                  typename AccOf<T>::type* __restrict__ part,
                   Geo g, double slope_d, bool vec) {
   using A = typename AccOf<T>::type;
   constexpr int V = VecOf<T>::V;
@@ -430,7 +431,8 @@ template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     bwd_dx_nchw(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
                 const typename AccOf<T>::type* __restrict__ bs, const typename AccOf<T>::type* __restrict__ mean,
-                const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dx, const typename AccOf<T>::type* __restrict__ part,
+                const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dx,
+                const typename AccOf<T>::type* __restrict__ part,
                 typename AccOf<T>::type* __restrict__ sum_gz, typename AccOf<T>::type* __restrict__ sum_gzx, Geo g,
                 double slope_d, bool vec) {
   using A = typename AccOf<T>::type;
@@ -525,9 +527,9 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nhwc(const T* __restrict__
 template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     fwd_apply_nhwc(const T* __restrict__ x, const T* __restrict__ res, const typename AccOf<T>::type* __restrict__ wt,
-                   const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, typename AccOf<T>::type* __restrict__ mean_out,
-                   typename AccOf<T>::type* __restrict__ rstd_out, const typename AccOf<T>::type* __restrict__ part, Geo g, int tiles,
-                   double eps, double slope_d) {
+                   const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y,
+                   typename AccOf<T>::type* __restrict__ mean_out, typename AccOf<T>::type* __restrict__ rstd_out,
+                   const typename AccOf<T>::type* __restrict__ part, Geo g, int tiles, double eps, double slope_d) {
   using A = typename AccOf<T>::type;
   __shared__ A sn[kWarps][33], smu[kWarps][33], sm2[kWarps][33];
   __shared__ A s_m[32], s_r[32];
@@ -572,7 +574,8 @@ template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     bwd_sums_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
                   const typename AccOf<T>::type* __restrict__ bs, const typename AccOf<T>::type* __restrict__ mean,
-                  const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dres, typename AccOf<T>::type* __restrict__ part,
+                  const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dres,
+                  typename AccOf<T>::type* __restrict__ part,
                   Geo g, int tiles, double slope_d) {
   using A = typename AccOf<T>::type;
   __shared__ A r1[kWarps][33], r2[kWarps][33];
@@ -613,7 +616,8 @@ template <typename T, Activation ACT, bool PAD>
 __global__ void __launch_bounds__(kThreads)
     bwd_dx_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const typename AccOf<T>::type* __restrict__ wt,
                 const typename AccOf<T>::type* __restrict__ bs, const typename AccOf<T>::type* __restrict__ mean,
-                const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dx, const typename AccOf<T>::type* __restrict__ part,
+                const typename AccOf<T>::type* __restrict__ rstd, T* __restrict__ dx,
+                const typename AccOf<T>::type* __restrict__ part,
                 typename AccOf<T>::type* __restrict__ sum_gz, typename AccOf<T>::type* __restrict__ sum_gzx, Geo g,
                 int tiles, double slope_d) {
   using A = typename AccOf<T>::type;
@@ -726,7 +730,8 @@ __device__ __forceinline__ OnePassLane one_pass_lane(const Geo& g, const OnePass
 template <typename T, Activation ACT, bool PAD, bool CL>
 __global__ void __launch_bounds__(kOnePassThreads)
     one_pass_fwd(const T* __restrict__ x, const T* __restrict__ res, const typename AccOf<T>::type* __restrict__ wt,
-                 const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y, typename AccOf<T>::type* __restrict__ mean_out,
+                 const typename AccOf<T>::type* __restrict__ bs, T* __restrict__ y,
+                 typename AccOf<T>::type* __restrict__ mean_out,
                  typename AccOf<T>::type* __restrict__ rstd_out, Geo g, OnePass op, double eps, double slope_d) {
   using A = typename AccOf<T>::type;
   __shared__ A sa[kOnePassThreads], sb[kOnePassThreads];

@@ -78,29 +78,37 @@ def _output_names(files: list[str], root: str | None) -> list[str]:
 
 
 def _url(path: str, start: str) -> str:
-    """``path`` relative to the folder ``start`` as a URL (spaces, ``#``, ``?``, quotes escaped)."""
+    """``path`` relative to the folder ``start`` as a URL (spaces, ``#``, ``?``, quotes escaped;
+    a name that is not UTF-8 keeps its own bytes, percent-encoded)."""
     from urllib.parse import quote
 
-    return quote(os.path.relpath(os.path.abspath(path), os.path.abspath(start)).replace(os.sep, "/"))
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(start)).replace(os.sep, "/")
+    return quote(rel, errors="surrogateescape")
+
+
+def _shown(name: str) -> str:
+    """A file name as page text: escaped, undecodable bytes shown as U+FFFD."""
+    from html import escape
+
+    return escape(name.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
 
 def _results_page(title: str, rows: list[tuple[str, str]], skipped: list[str], folder: str) -> bytes:
     """The results page: one row per image (input | translation, each linking to itself). File
     names are escaped: a name is text, never markup."""
-    from html import escape
+    def cell(path: str, name: str) -> str:
+        url = _url(path, folder)
+        return f'<td><a href="{url}"><img src="{url}"></a><br>{_shown(name)}</td>'
 
     cells = "\n".join(
-        f'<tr><td><a href="{_url(src, folder)}"><img src="{_url(src, folder)}"></a><br>{escape(os.path.basename(src))}'
-        f'</td><td><a href="{_url(dst, folder)}"><img src="{_url(dst, folder)}"></a><br>'
-        f"{escape(os.path.relpath(dst, folder))}</td></tr>"
-        for src, dst in rows
+        f"<tr>{cell(src, os.path.basename(src))}{cell(dst, os.path.relpath(dst, folder))}</tr>" for src, dst in rows
     )
-    note = "".join(f"<li>{escape(s)}</li>" for s in skipped)
+    note = "".join(f"<li>{_shown(s)}</li>" for s in skipped)
     note = f"<p>Skipped (unreadable):</p><ul>{note}</ul>" if skipped else ""
     return (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + escape(title) + "</title><style>"
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + _shown(title) + "</title><style>"
         "img{max-width:256px;max-height:256px}td{vertical-align:top;padding:4px;font:12px sans-serif}</style>"
-        "</head><body><h3>" + escape(title) + "</h3>\n<table><tr><th>input</th><th>translation</th></tr>\n"
+        "</head><body><h3>" + _shown(title) + "</h3>\n<table><tr><th>input</th><th>translation</th></tr>\n"
         + cells + "\n</table>" + note + "</body></html>\n"
     ).encode()
 

@@ -97,10 +97,12 @@ def test_translate_html_results_page(run_dir, images, tmp_path, capsys):
     to the page, URL-quoted); a file name is text, never markup; the page is an output like the
     images (refused over an existing one without --overwrite, never written over an input)."""
     import re
-    from urllib.parse import unquote
+    from urllib.parse import unquote, unquote_to_bytes
 
     hostile = images / 'x"><b onmouseover=alert(1)>#?.png'
     shutil.copy(images / "gray.png", hostile)
+    latin1 = os.path.join(os.fsencode(images), b"caf\xe9.png")  # not UTF-8: a surrogate-escaped str
+    shutil.copy(os.fsencode(images / "gray.png"), latin1)
     out = tmp_path / "out"
     argv = ["--checkpoint", str(run_dir), "--input", str(images), "--output", str(out), "--device", "cpu",
             "--no-progress", "--html"]
@@ -108,12 +110,13 @@ def test_translate_html_results_page(run_dir, images, tmp_path, capsys):
         assert main(argv) == 0
     page = (out / "index.html").read_text()
     assert "<b " not in page and "&lt;b onmouseover" in page
-    links = [unquote(u) for u in re.findall(r'<img src="([^"]+)"', page)]
-    assert len(links) == 2 * 5  # 5 readable inputs, each with its translation
+    links = re.findall(r'<img src="([^"]+)"', page)
+    assert len(links) == 2 * 6  # 6 readable inputs, each with its translation
     for link in links:
-        assert (out / link).resolve().is_file(), link
-    assert {os.path.basename(u) for u in links[1::2]} == {"with space.png", "b.png", "odd size.png", "gray.png",
-                                                          'x"><b onmouseover=alert(1)>#?.png'}
+        assert os.path.isfile(os.path.join(os.fsencode(out), unquote_to_bytes(link))), link
+    assert {os.path.basename(unquote(u)) for u in links[1::2]} == {
+        "with space.png", "b.png", "odd size.png", "gray.png", 'x"><b onmouseover=alert(1)>#?.png', "caf\ufffd.png"}
+    assert "caf%E9.png" in page and "caf\ufffd.png" in page  # the file's own bytes; shown readable
     assert "broken.jpg" in page  # listed as skipped
     capsys.readouterr()
     # An existing page is an existing output.

@@ -12,7 +12,7 @@
 #   python bench/gpu_check.py merge --out OUTDIR   # back home: append to bench/results/<device>.json
 #
 # Stages, in priority order, each under its own `timeout` (GPU_CHECK_T_<STAGE>=secs overrides one,
-# e.g. GPU_CHECK_T_TRAIN=240, GPU_CHECK_T_CORRECT_TRITON=200):
+# e.g. GPU_CHECK_T_TRAIN=240, GPU_CHECK_T_CORRECT_TRITON_NCHW=200):
 #   1 build    fastcgan._C for this GPU's architecture only; versions; available_backends()
 #   2 correct  pytest -m cuda, trimmed (triton in 4 processes | native CUDA + CUDA-graph replay,
 #              in parallel);

@@ -481,9 +481,9 @@ def test_zero_variance_planes_finite_gpu(backend, dtype):
 
 def _fp64_backward_check(backend, device, channels_last, fn=None):
     """fp64 keeps fp64 accuracy through the saved statistics: dx = d/dx of a function of
-    (x - mean) sums to zero over each plane. With fp32 mean/rstd saved (as every backend did
-    before 2026-11-28) the cpp backend's sums were ~9e-6 for dy of scale 100 on a 16x16 plane;
-    fp64 rounding leaves ~1e-12. Weight, leaky ReLU, pad and residual on, both layouts."""
+    (x - mean) sums to zero over each plane. With fp32 mean/rstd saved (as the cpp and cuda
+    kernels did before 2026-11-28) these sums were 5.6e-6 for dy of scale 100; fp64 rounding
+    leaves ~1e-12. Weight, leaky ReLU, pad and residual on, both layouts."""
     g = torch.Generator().manual_seed(11)
     x = (torch.randn(2, 5, 16, 13, generator=g, dtype=torch.float64) * 3 + 1).to(device)
     res = torch.randn(2, 5, 16, 13, generator=g, dtype=torch.float64).to(device)

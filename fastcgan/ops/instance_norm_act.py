@@ -26,10 +26,11 @@ Every kernel backend implements the same two functions (:data:`KERNELS`)::
         -> (dx, dweight, dbias, dresidual)
 
 ``activation`` is the name (:class:`fastcgan.ops.Activation`); ``mean``/``rstd`` are ``(N, C)``
-in the accumulation dtype (:func:`stats_dtype`: fp64 for fp64 input, else fp32); ``y``, ``dx`` and ``dresidual`` use :func:`output_memory_format` of ``x``; gradients
-that are not needed (no weight, no residual) are returned as empty tensors, since custom ops
-cannot return ``None``. :func:`contract_forward` / :func:`contract_backward` spell the contract
-out in plain torch (backend ``"torch"`` of the custom ops, for tests on any machine).
+in the accumulation dtype (:func:`stats_dtype`: fp64 for fp64 input, else fp32); ``y``, ``dx``
+and ``dresidual`` use :func:`output_memory_format` of ``x``; gradients that are not needed (no
+weight, no residual) are returned as empty tensors, since custom ops cannot return ``None``.
+:func:`contract_forward` / :func:`contract_backward` spell the contract out in plain torch
+(backend ``"torch"`` of the custom ops, for tests on any machine).
 """
 
 from __future__ import annotations
@@ -81,10 +82,10 @@ def instance_norm_act_ref(
     """Pure-PyTorch reference. Built from standard operators only, so ONNX and torch.export
     of a network that uses it hold InstanceNormalization, Relu/LeakyRelu, Add and Pad(reflect).
 
-    Statistics are computed in fp32 (the input is upcast; for fp32 input the cast is a no-op
-    and does not appear in an exported graph)."""
+    Statistics are computed in :func:`stats_dtype` (half-precision input is upcast to fp32; for
+    fp32 input the cast is a no-op and does not appear in an exported graph)."""
     dtype = x.dtype
-    xf = x if dtype in (torch.float32, torch.float64) else x.float()
+    xf = x.to(stats_dtype(dtype))
     w = weight.to(xf.dtype) if weight is not None else None
     b = bias.to(xf.dtype) if bias is not None else None
     if w is None and b is not None:

@@ -30,12 +30,15 @@ class RunLock:
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, LOCK_NAME)
         self._fd: Optional[int] = None
-        self._created_dir = False
+        self._created: list[str] = []  # directories acquire() made, deepest first
 
     def acquire(self) -> "RunLock":
         if fcntl is None:
             return self
-        self._created_dir = not os.path.isdir(self.run_dir)
+        d = os.path.abspath(self.run_dir)
+        while not os.path.isdir(d) and os.path.dirname(d) != d:
+            self._created.append(d)
+            d = os.path.dirname(d)
         os.makedirs(self.run_dir, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -62,12 +65,14 @@ class RunLock:
 
     def __exit__(self, exc_type, *exc) -> bool:
         self.release()
-        if exc_type is not None and self._created_dir:
-            # A run that failed before writing anything (bad data, config) leaves no trace.
+        if exc_type is not None and self._created:
+            # A run that failed before writing anything (bad data, config) leaves no trace: not its
+            # directory, nor the --output-dir folders made for it (rmdir only removes empty ones).
             try:
                 if os.listdir(self.run_dir) == [LOCK_NAME]:
                     os.remove(self.path)
-                    os.rmdir(self.run_dir)
+                    for d in self._created:
+                        os.rmdir(d)
             except OSError:
                 pass
         return False

@@ -210,19 +210,20 @@ def load_torch_generator(
 
 def load_official(
     path: str, arch: str, ngf: int = 64, norm: str = "instance", use_dropout: bool | None = None,
-    backend: str = "auto", bn_inference: str = "per_image",
+    backend: str = "auto", bn_inference: str = "per_image", color_space: str = "rgb",
 ) -> tuple[nn.Module, GeneratorSpec]:
     """An official CycleGAN/pix2pix ``latest_net_G_*.pth`` as a fastcgan generator.
 
     ``bn_inference`` (BatchNorm generators): ``per_image`` reproduces the official ``test.py``
-    (batch statistics at batch 1), ``running`` its ``--eval``; recorded in the spec's config."""
+    (batch statistics at batch 1), ``running`` its ``--eval``; recorded in the spec's config.
+    ``color_space="lab"``: the official colorization model's G (L -> ab), exported RGB -> RGB."""
     if not os.path.isfile(path):
         raise ArtifactError(path, "no such file (--from-official)")
     from fastcgan.models import load_official_generator
 
     try:
         model = load_official_generator(path, arch=arch, ngf=ngf, norm=norm, use_dropout=use_dropout,
-                                        backend=backend, bn_inference=bn_inference)
+                                        backend=backend, bn_inference=bn_inference, color_space=color_space)
     except Exception as e:
         raise ArtifactError(
             path, f"cannot load as an official {arch} generator (ngf={ngf}, norm={norm}): {type(e).__name__}: {e}"
@@ -231,8 +232,11 @@ def load_official(
     config = dict(arch=arch, ngf=ngf, norm=norm, use_dropout=bool(use_dropout))
     if norm == "batch":
         config["bn_inference"] = bn_inference
-    in_nc, out_nc = channels_of(model)
-    config.update(input_nc=in_nc, output_nc=out_nc)
+    if color_space == "lab":  # the network's channels (L -> ab); the colorizer's are RGB -> RGB
+        config.update(input_nc=1, output_nc=2, color_space="lab")
+    else:
+        in_nc, out_nc = channels_of(model)
+        config.update(input_nc=in_nc, output_nc=out_nc)
     return model, spec_for_model(model, arch=arch, config=config)
 
 

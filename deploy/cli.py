@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = g.add_mutually_exclusive_group()
     d.add_argument("--no-dropout", dest="dropout", action="store_false", default=False)
     d.add_argument("--dropout", dest="dropout", action="store_true")
+    g.add_argument("--colorization", action="store_true",
+                   help="the checkpoint is the official --model colorization G (L -> ab, 1 -> 2 channels): "
+                        "export it as an RGB -> RGB colorizer (the input's lightness, colours predicted)")
     g.add_argument("--bn-inference", choices=("per_image", "running"), default=None,
                    help="BatchNorm statistics at inference: per_image = the official test.py (batch "
                         "statistics at batch 1; default for --from-official), running = test.py --eval; "
@@ -128,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give exactly one of RUN (run directory / .safetensors) and --from-official PTH")
     if args.from_official and not args.arch:
         parser.error("--from-official needs --arch (e.g. --arch resnet_9blocks)")
+    if args.colorization and not args.from_official:
+        parser.error("--colorization describes an official checkpoint (--from-official); fastcgan "
+                     "generator files already say whether they colorize")
     for flag, val, ext in (("--onnx", args.onnx, ".onnx"), ("--aoti", args.aoti, ".pt2")):
         if val and not val.endswith(ext):
             parser.error(f"{flag} {val}: the file name must end in {ext}")
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         # while exporting), and it is the specification the artifacts are verified against.
         if args.from_official:
             model, spec = load_official(args.from_official, args.arch, args.ngf, args.norm, args.dropout,
-                                        backend="torch", bn_inference=args.bn_inference or "per_image")
+                                        backend="torch", bn_inference=args.bn_inference or "per_image",
+                                        color_space="lab" if args.colorization else "rgb")
             source = args.from_official
         else:
             model, spec = load_torch_generator(args.run, direction=args.direction, backend="torch")

@@ -22,6 +22,11 @@ Metrics, under ``"AtoB"`` (the one generator), on [0, 1] intensities, averaged o
 
 Images are evaluated at their own size, or resized to a square ``load_size`` first (bicubic,
 rounded to uint8), inputs and targets alike.
+
+Colorization generators (``color_space="lab"`` in the artifact's config): ``<phase>/`` holds plain
+colour images, each its own target; the generator sees the image (and keeps only its lightness),
+and the baseline is ``grey_l1`` / ``grey_psnr`` / ``grey_ssim``: the image with its colour removed
+(a* = b* = 0), the score of not colorizing at all.
 """
 
 from __future__ import annotations
@@ -57,9 +62,11 @@ def load_pairs(
     output_nc: int = 3,
     size: Optional[int] = None,
     max_images: Optional[int] = None,
+    self_paired: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str], list[str]]:
     """(uint8 inputs, uint8 targets, pair paths, skipped paths) of ``dataroot/<phase>/``, sorted;
-    unreadable and odd-width files are skipped (as by :class:`fastcgan.data.AlignedDataset`)."""
+    unreadable and odd-width files are skipped (as by :class:`fastcgan.data.AlignedDataset`).
+    ``self_paired`` (colorization): every image is its own pair, input and target alike."""
     from fastcgan.data import make_dataset, split_pair
     from fastcgan.data.images import BadImageError, open_image, pil_to_tensor
     from fastcgan.evaluate import resize_uint8
@@ -73,7 +80,8 @@ def load_pairs(
     inputs, targets, names, skipped = [], [], [], []
     for p in paths:
         try:
-            left, right = split_pair(open_image(p, 3), p)
+            img = open_image(p, 3)
+            left, right = (img, img) if self_paired else split_pair(img, p)
         except BadImageError:
             skipped.append(p)
             continue
@@ -85,6 +93,15 @@ def load_pairs(
     if not inputs:
         raise FileNotFoundError(f"{folder}: no readable pair images")
     return inputs, targets, names, skipped
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """An RGB image in [-1, 1] with its colour removed (a* = b* = 0, L* kept), as 8-bit output."""
+    from fastcgan.color import lab_to_rgb, rgb_to_lab
+
+    lab = rgb_to_lab((x + 1) / 2)
+    lab[..., 1:, :, :] = 0
+    return (lab_to_rgb(lab) * 255).round().div(127.5).sub(1.0)
 
 
 def paired_metrics(pred: list[torch.Tensor], target: list[torch.Tensor]) -> dict:
@@ -145,15 +162,19 @@ def evaluate_paired(
     direction = direction or "AtoB"
     if direction not in ("AtoB", "BtoA"):
         raise ValueError(f"direction must be AtoB or BtoA, got {direction!r}")
+    colorizer = (tr.spec.config or {}).get("color_space") == "lab"
     inputs, targets, _, skipped = load_pairs(
-        dataroot, phase, direction, tr.input_nc, tr.output_nc or tr.input_nc, load_size, max_images
+        dataroot, phase, direction, tr.input_nc, tr.output_nc or tr.input_nc, load_size, max_images,
+        self_paired=colorizer,
     )
     fake = translate_images(tr, inputs)
     real_in = [x.float().div(127.5).sub(1.0) for x in inputs]
     real_out = [x.float().div(127.5).sub(1.0) for x in targets]
     r: dict = {"n": len(inputs), "skipped": len(skipped), "direction": direction}
     r.update(paired_metrics(fake, real_out))
-    if all(x.shape == t.shape for x, t in zip(real_in, real_out)):
+    if colorizer:  # the baseline: the input without its colour
+        r.update({f"grey_{k}": v for k, v in paired_metrics([_grey(x) for x in real_in], real_out).items()})
+    elif all(x.shape == t.shape for x, t in zip(real_in, real_out)):
         r.update({f"identity_{k}": v for k, v in paired_metrics(real_in, real_out).items()})
     results: dict = {}
     if fid:

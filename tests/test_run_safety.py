@@ -223,13 +223,14 @@ def test_lock_is_exclusive_in_process(tmp_path):
         (["--load-size", "100000000000000000000"], "--load-size"),
         (["--crop-size", "30", "--load-size", "32"], "--crop-size"),
         (["--faithful", "--amp"], "--faithful"),
+        (["--dataset", "folder", "--model", "colorization"], "colour images in train/"),
     ],
-    ids=["no-gpu", "unet-multiple", "absurd-size", "resnet-multiple", "faithful-amp"],
+    ids=["no-gpu", "unet-multiple", "absurd-size", "resnet-multiple", "faithful-amp", "data-layout"],
 )
 def test_config_errors_exit_2_before_anything_is_written(tmp_path, synth, extra, flag, capsys):
     if extra[:2] == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    args = ["--dataset", "synthetic", "--dataroot", synth, "--output-dir", str(tmp_path / "out"), "--name", "r",
+    args = ["--dataset", "synthetic", "--dataroot", synth, "--output-dir", str(tmp_path / "out" / "sub"), "--name", "r",
             "--ngf", "4", "--ndf", "4", "--max-steps", "1", "--no-progress"]  # fmt: skip
     try:
         code = cli_main(args + extra)

@@ -66,11 +66,14 @@ API summary (the trainer builds on this)::
                  return_params=False, shard=(0, 1)) -> (A float32, B float32)   # same crop/flip
     preload_aligned_to_device(ds, device, shuffle=None) -> DeviceImageBank   # A[i] pairs B[i]
     split_pair(pil_image, path) -> (left, right)
+    ColorizationDataset(root, phase, preprocess, ...)   # root/<phase>/ colour images, each its
+        ds[i] -> {"A": uint8 RGB, "B": uint8 (0,h,w), ...}  # own pair (target_from_input)
 
     # synthetic.py   (python -m fastcgan.data.synthetic OUT [--size --n-train --n-test --seed])
     make_synthetic_dataset(out_dir, size=64, n_train=200, n_test=50, seed=0) -> str
     ensure_synthetic_dataset(root, size=64, n_train=200, n_test=50, seed=0) -> str  # idempotent
     make_synthetic_aligned_dataset / ensure_synthetic_aligned_dataset(same args) -> str
+    make_synthetic_color_dataset / ensure_synthetic_color_dataset(same args) -> str  # colorization
         # pairs: train/ test/ of A|B images (A = domain A rendering, B = its domain B rendering)
 
     # download.py   (fastcgan-download NAME [--root datasets] [--url URL] [--sha256 HEX])
@@ -81,7 +84,13 @@ API summary (the trainer builds on this)::
     main(argv=None) -> int
 """
 
-from fastcgan.data.aligned import AlignedDataset, augment_pair, preload_aligned_to_device, split_pair
+from fastcgan.data.aligned import (
+    AlignedDataset,
+    ColorizationDataset,
+    augment_pair,
+    preload_aligned_to_device,
+    split_pair,
+)
 from fastcgan.data.augment import augment_batch, to_model_range, to_uint8
 from fastcgan.data.datasets import (
     PREPROCESS_MODES,
@@ -112,6 +121,7 @@ def __getattr__(name):
         "ensure_synthetic_dataset",
         "make_synthetic_dataset",
         "ensure_synthetic_aligned_dataset",
+        "ensure_synthetic_color_dataset",
         "make_synthetic_aligned_dataset",
     ):
         from fastcgan.data import synthetic
@@ -122,8 +132,10 @@ def __getattr__(name):
 
 __all__ = [
     "AlignedDataset",
+    "ColorizationDataset",
     "augment_pair",
     "ensure_synthetic_aligned_dataset",
+    "ensure_synthetic_color_dataset",
     "make_synthetic_aligned_dataset",
     "preload_aligned_to_device",
     "split_pair",

@@ -49,6 +49,7 @@ from fastcgan.data.images import BadImageError, open_image, pil_to_tensor
 __all__ = [
     "ALIGNED_DIRECTIONS",
     "AlignedDataset",
+    "ColorizationDataset",
     "augment_pair",
     "preload_aligned_to_device",
     "split_pair",
@@ -129,6 +130,9 @@ class AlignedDataset(SkippedFiles, Dataset):
     """
 
     _skip_noun = "unusable pair image"
+    # True: the target is computed from the input image on the device (colorization), so items
+    # carry an empty (0, h, w) "B" and the image is held once, in the loader and the device bank.
+    target_from_input = False
 
     def __init__(
         self,
@@ -167,14 +171,18 @@ class AlignedDataset(SkippedFiles, Dataset):
         self.dir_AB = os.path.join(root, phase)
         if not os.path.isdir(self.dir_AB) and os.path.isdir(os.path.join(root, phase + "A")):
             raise DatasetError(
-                f"{root!r} has the unpaired layout ({phase}A/, {phase}B/), not pairs in {phase}/: use "
-                "UnalignedDataset, or build pairs with `python -m fastcgan.data.combine A_DIR B_DIR OUT`"
+                f"{root!r} has the unpaired layout ({phase}A/, {phase}B/), not {self._layout_hint(phase)}"
             )
         self.AB_paths = _list_domain(self.dir_AB, max_size)
         self.skipped: list[str] = []
         self._bad: set[str] = set()
         if validate:
             self.validate()
+
+    @staticmethod
+    def _layout_hint(phase: str) -> str:
+        return (f"pairs in {phase}/: use UnalignedDataset, or build pairs with "
+                "`python -m fastcgan.data.combine A_DIR B_DIR OUT`")
 
     # -- bookkeeping (as UnalignedDataset) ---------------------------------------------------
     def __len__(self) -> int:
@@ -227,9 +235,9 @@ class AlignedDataset(SkippedFiles, Dataset):
             if p in self._bad:
                 continue
             try:
-                a, b = self._open_pair(p)
-                a = resize_deterministic(a, self.preprocess, self.load_size, self.crop_size)
-                b = resize_deterministic(b, self.preprocess, self.load_size, self.crop_size)
+                a0, b0 = self._open_pair(p)
+                a = resize_deterministic(a0, self.preprocess, self.load_size, self.crop_size)
+                b = a if b0 is a0 else resize_deterministic(b0, self.preprocess, self.load_size, self.crop_size)
                 if self.preprocess in ("crop", "scale_width_and_crop"):
                     w, h = a.size
                     if w < self.crop_size or h < self.crop_size:
@@ -258,9 +266,10 @@ class AlignedDataset(SkippedFiles, Dataset):
             raise IndexError(index)
         a, b, path, skipped = self.load_resized(index)
         a, b = self._cpu_crop(a, b, np.random.default_rng((self.seed, self.epoch, int(index))))
+        ta = pil_to_tensor(a)
         return {
-            "A": pil_to_tensor(a),
-            "B": pil_to_tensor(b),
+            "A": ta,
+            "B": ta[:0] if self.target_from_input else pil_to_tensor(b),
             "A_path": path,
             "B_path": path,
             "skipped": skipped,
@@ -293,7 +302,8 @@ def preload_aligned_to_device(
         skipped.extend(skip)
         if path != p:  # p was unusable and a later file stood in; that file is loaded on its own turn
             continue
-        ta, tb = pil_to_tensor(a), pil_to_tensor(b)
+        ta = pil_to_tensor(a)
+        tb = ta[:0] if dataset.target_from_input else pil_to_tensor(b)
         if first is None:
             first = (p, tuple(ta.shape))
         elif tuple(ta.shape) != first[1]:
@@ -324,3 +334,36 @@ def preload_aligned_to_device(
         seed=dataset.seed,
         skipped=skipped,
     )
+
+
+class ColorizationDataset(AlignedDataset):
+    """Colour images for colorization (the official ``--dataset_mode colorization``): the files of
+    ``root/<phase>/`` are plain RGB images, each its own pair -- the input (L*) and the target
+    (a*b*) are both computed from it on the device by the recipe (:func:`fastcgan.color.rgb_to_model`),
+    after the random crop and flip. Items hold the RGB image as ``"A"`` and an empty ``(0, h, w)``
+    ``"B"`` (``target_from_input``); everything else (layout checks, bad files, resize, CPU crops,
+    ``max_size``, the device bank) is :class:`AlignedDataset`'s."""
+
+    _skip_noun = "unusable image"
+    target_from_input = True
+
+    def __init__(self, root: str, phase: str = "train", **kw):
+        for k in ("direction", "input_nc", "output_nc"):
+            if k in kw:
+                raise TypeError(f"ColorizationDataset takes no {k!r}: it reads RGB images, L -> ab")
+        super().__init__(root, phase, direction="AtoB", input_nc=3, output_nc=3, **kw)
+
+    @staticmethod
+    def _layout_hint(phase: str) -> str:
+        return (f"colour images in {phase}/: colorization learns from one folder of images per split "
+                f"(e.g. a {phase}/ beside them that is a link to {phase}B/)")
+
+    def _open_pair(self, path: str) -> tuple[Image.Image, Image.Image]:
+        img = open_image(path, 3)
+        return img, img  # the same object: resized once (load_resized)
+
+    def __repr__(self) -> str:
+        return (
+            f"ColorizationDataset(root={self.root!r}, phase={self.phase!r}, images={len(self)}, "
+            f"preprocess={self.preprocess!r}, load_size={self.load_size}, crop_size={self.crop_size})"
+        )

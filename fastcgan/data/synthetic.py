@@ -15,9 +15,11 @@ unpaired); the evaluation-only folders ``testA_truth_B`` / ``testB_truth_A`` hol
 rendered in the other domain, under the same file name.
 
 The paired form (:func:`make_synthetic_aligned_dataset`, ``--aligned``) writes the official pix2pix
-layout instead: ``train/`` and ``test/`` of images holding a scene's A and B renderings side by side.
+layout instead: ``train/`` and ``test/`` of images holding a scene's A and B renderings side by side;
+the colorization form (:func:`make_synthetic_color_dataset`, ``--color``) ``train/`` and ``test/`` of
+B renderings, whose colours follow from their lightness.
 
-``python -m fastcgan.data.synthetic OUT [--size 64 --n-train 200 --n-test 50 --seed 0] [--aligned]``
+``python -m fastcgan.data.synthetic OUT [--size 64 --n-train 200 --n-test 50 --seed 0] [--aligned | --color]``
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from PIL import Image
 __all__ = [
     "MANIFEST",
     "ensure_synthetic_aligned_dataset",
+    "ensure_synthetic_color_dataset",
     "ensure_synthetic_dataset",
     "make_synthetic_aligned_dataset",
+    "make_synthetic_color_dataset",
     "make_synthetic_dataset",
     "random_scene",
     "render_scene",
@@ -237,6 +241,27 @@ def make_synthetic_aligned_dataset(
     pair ``i`` is ``testA/a_<i>.png`` beside ``testA_truth_B/a_<i>.png``), so pix2pix and
     CycleGAN runs are scored on the same test scenes. Same safety as :func:`make_synthetic_dataset`.
     """
+    def pair(labels: np.ndarray) -> np.ndarray:
+        return np.concatenate([render_scene(labels, "A"), render_scene(labels, "B")], axis=1)
+
+    return _write_split_dataset(out_dir, size, n_train, n_test, seed, "aligned", "A", pair, "pair")
+
+
+def make_synthetic_color_dataset(
+    out_dir: str, size: int = 64, n_train: int = 200, n_test: int = 50, seed: int = 0
+) -> str:
+    """The colorization form: ``train/`` and ``test/`` of ``img_<i>.png``, the unpaired dataset's
+    B scenes (``testB/b_<i>.png`` is ``test/img_<i>.png``). Palette B gives every class its own
+    lightness (L* 14, 54, 69, 86, 93; outlines 2), so a pixel's colour follows from its grey level: the exact
+    answer a colorizer can learn, and the test images are their own ground truth. Same safety as
+    :func:`make_synthetic_dataset`."""
+    return _write_split_dataset(
+        out_dir, size, n_train, n_test, seed, "color", "B", lambda labels: render_scene(labels, "B"), "img"
+    )
+
+
+def _write_split_dataset(out_dir, size, n_train, n_test, seed, layout: str, domain: str, image, name: str) -> str:
+    """``train/`` and ``test/`` of ``<name>_<i>.png`` = ``image(labels)`` for the scenes of ``domain``."""
     _check_args(size, n_train, n_test)
 
     def fill(tmp: str) -> dict:
@@ -245,13 +270,11 @@ def make_synthetic_aligned_dataset(
             folder = os.path.join(tmp, split)
             os.makedirs(folder)
             for i in range(n):
-                labels = _scene(seed, split, "A", i, size)
-                pair = np.concatenate([render_scene(labels, "A"), render_scene(labels, "B")], axis=1)
-                _save(pair, os.path.join(folder, f"pair_{i:05d}.png"))
+                _save(image(_scene(seed, split, domain, i, size)), os.path.join(folder, f"{name}_{i:05d}.png"))
             counts[split] = n
         return counts
 
-    return _write_dataset(out_dir, _ALIGNED_FOLDERS, _params(size, n_train, n_test, seed, "aligned"), fill)
+    return _write_dataset(out_dir, _ALIGNED_FOLDERS, _params(size, n_train, n_test, seed, layout), fill)
 
 
 def _complete(root: str, params: dict, folders: tuple[str, ...] = _FOLDERS) -> bool:
@@ -291,6 +314,17 @@ def ensure_synthetic_aligned_dataset(
     return root
 
 
+def ensure_synthetic_color_dataset(
+    root: str, size: int = 64, n_train: int = 200, n_test: int = 50, seed: int = 0
+) -> str:
+    """Generate the colorization dataset into ``root`` unless a complete one with these parameters is there."""
+    _check_args(size, n_train, n_test)
+    root = os.path.abspath(os.fspath(root))
+    if not _complete(root, _params(size, n_train, n_test, seed, "color"), _ALIGNED_FOLDERS):
+        make_synthetic_color_dataset(root, size=size, n_train=n_train, n_test=n_test, seed=seed)
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastcgan.data.synthetic", description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -304,10 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--aligned", action="store_true", help="the paired (pix2pix) layout: train/ test/ of A|B images"
     )
+    ap.add_argument(
+        "--color", action="store_true", help="the colorization layout: train/ test/ of colour images"
+    )
     a = ap.parse_args(argv)
+    if a.aligned and a.color:
+        ap.error("--aligned and --color are two layouts: pick one")
     make, ensure = (
-        (make_synthetic_aligned_dataset, ensure_synthetic_aligned_dataset)
-        if a.aligned
+        (make_synthetic_aligned_dataset, ensure_synthetic_aligned_dataset) if a.aligned
+        else (make_synthetic_color_dataset, ensure_synthetic_color_dataset) if a.color
         else (make_synthetic_dataset, ensure_synthetic_dataset)
     )
     try:

@@ -18,7 +18,9 @@ from fastcgan.models.discriminators import (
     build_discriminator,
 )
 from fastcgan.models.generators import (
+    COLOR_SPACES,
     GENERATOR_ARCHS,
+    LabColorizer,
     PaddedResidualBlock,
     ResnetGenerator,
     UdacityGenerator,
@@ -48,7 +50,9 @@ __all__ = [
     "PixelDiscriminator",
     "UdacityDiscriminator",
     "build_discriminator",
+    "COLOR_SPACES",
     "GENERATOR_ARCHS",
+    "LabColorizer",
     "PaddedResidualBlock",
     "ResnetGenerator",
     "UdacityGenerator",

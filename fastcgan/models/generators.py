@@ -415,6 +415,45 @@ class UdacityGenerator(nn.Module):
         return torch.tanh(self.head(x))
 
 
+COLOR_SPACES = ("rgb", "lab")
+
+
+class LabColorizer(nn.Module):
+    """A colorization generator as a deployable image-to-image generator (``color_space="lab"``).
+
+    ``net`` is what pix2pix trains for colorization (the official ``--model colorization``): it maps
+    the lightness ``L/50 - 1`` (1 channel) to ``ab/110`` (2 channels). This module wraps it into an
+    RGB -> RGB generator in [-1, 1], like every other fastcgan generator: it takes L* of the input
+    image (a colour image loses its colour, a grey one is used as it is), predicts a*b* and converts
+    L*a*b* back to sRGB. So translate, export (ONNX / TensorRT / AOTInductor), evaluation and the
+    tiled runtime treat it as an ordinary 3 -> 3 generator, and the input's lightness is kept exactly
+    (up to 8-bit rounding). The colour conversion runs in float32 (:mod:`fastcgan.color`) whatever
+    the network's dtype. Keys: ``net.*``; ``config`` is the network's plus ``color_space="lab"``."""
+
+    input_nc = 3
+    output_nc = 3
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        if (getattr(net, "input_nc", None), getattr(net, "output_nc", None)) != (1, 2):
+            raise ValueError(
+                "LabColorizer: the network must map L (input_nc=1) to ab (output_nc=2), got "
+                f"input_nc={getattr(net, 'input_nc', None)}, output_nc={getattr(net, 'output_nc', None)}"
+            )
+        self.net = net
+        self.config = dict(getattr(net, "config", {}), color_space="lab")
+
+    def forward(self, x: Tensor) -> Tensor:
+        from fastcgan.color import lab_to_rgb, lightness, model_to_lab
+
+        if x.shape[-3] != 3:
+            raise ValueError(f"LabColorizer: expected RGB input (3 channels), got shape {tuple(x.shape)}")
+        lum = lightness((x.float() + 1.0) * 0.5)  # L* 0..100, float32
+        l_in = lum / 50.0 - 1.0
+        ab = self.net(l_in.to(x.dtype))
+        return (lab_to_rgb(model_to_lab(l_in, ab)) * 2.0 - 1.0).to(x.dtype)
+
+
 def generator_size_multiple(arch: str) -> int:
     """H and W of a generator's input must be multiples of this (pad-and-crop other sizes)."""
     if arch in ("resnet_9blocks", "resnet_6blocks"):
@@ -439,6 +478,7 @@ def build_generator(
     init_gain: float = 0.02,
     backend: str = "auto",
     bn_inference: str = "running",
+    color_space: str = "rgb",
 ) -> nn.Module:
     """Build and initialise a generator by its official name (``resnet_9blocks``, ``resnet_6blocks``,
     ``unet_128``, ``unet_256``) or ``udacity`` (the tutorial's; ``use_dropout`` not supported).
@@ -447,11 +487,15 @@ def build_generator(
     change it later with :func:`fastcgan.nn.set_backend`. ``bn_inference`` (``norm="batch"``
     only): the eval-mode BatchNorm statistics, ``"running"`` or ``"per_image"`` (the official
     test.py's behaviour; see :data:`fastcgan.models.BN_INFERENCE_MODES`), changed later with
-    :func:`fastcgan.models.set_bn_inference`. The build arguments (without init and backend; with
-    ``bn_inference`` for BatchNorm) are kept on ``model.config`` for
+    :func:`fastcgan.models.set_bn_inference`. ``color_space="lab"`` (colorization): the network
+    maps L (``input_nc=1``) to ab (``output_nc=2``) and is returned inside a :class:`LabColorizer`,
+    an RGB -> RGB generator. The build arguments (without init and backend; with ``bn_inference``
+    for BatchNorm, ``color_space`` for colorization) are kept on ``model.config`` for
     :func:`fastcgan.models.save_generator`."""
     check_norm(norm)
     check_bn_inference(bn_inference)
+    if color_space not in COLOR_SPACES:
+        raise ValueError(f"build_generator: color_space must be one of {COLOR_SPACES}, got {color_space!r}")
     if arch in ("resnet_9blocks", "resnet_6blocks"):
         net: nn.Module = ResnetGenerator(
             input_nc,
@@ -484,4 +528,4 @@ def build_generator(
     )
     if norm == "batch":
         set_bn_inference(net, bn_inference)  # also records it in net.config
-    return net
+    return LabColorizer(net) if color_space == "lab" else net

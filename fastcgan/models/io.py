@@ -28,8 +28,9 @@ FORMAT = "fastcgan.generator"
 FORMAT_VERSION = "1"
 CONFIG_KEYS = ("arch", "input_nc", "output_nc", "ngf", "norm", "use_dropout")
 # Keys a config may hold besides CONFIG_KEYS (absent in older files: build_generator's default).
-# bn_inference: eval-mode BatchNorm statistics, "running" or "per_image" (BN_INFERENCE_MODES).
-OPTIONAL_CONFIG_KEYS = ("bn_inference",)
+# bn_inference: eval-mode BatchNorm statistics, "running" or "per_image" (BN_INFERENCE_MODES);
+# color_space: "lab" for a colorization generator (an L -> ab network inside a LabColorizer).
+OPTIONAL_CONFIG_KEYS = ("bn_inference", "color_space")
 DIRECTIONS = ("AtoB", "BtoA")
 DIGEST_KEY = "tensors_sha256"
 

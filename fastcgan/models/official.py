@@ -27,7 +27,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from fastcgan.models.generators import ResnetGenerator, UnetGenerator, build_generator
+from fastcgan.models.generators import COLOR_SPACES, LabColorizer, ResnetGenerator, UnetGenerator, build_generator
 
 _NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -164,6 +164,7 @@ def load_official_generator(
     use_dropout: Optional[bool] = None,
     backend: str = "auto",
     bn_inference: str = "per_image",
+    color_space: str = "rgb",
 ) -> nn.Module:
     """Load a generator state dict saved by the official repository (``latest_net_G_A.pth``,
     the released ``horse2zebra.pth`` ...) into our generator, in eval mode; its outputs equal the
@@ -181,7 +182,15 @@ def load_official_generator(
     Accepts a path or a state dict; strips ``module.`` prefixes, skips metadata entries and, for
     ``norm="instance"``, stale InstanceNorm running stats. ``use_dropout=None`` reads it from the
     keys (ResNet); U-Net keys do not show dropout (it is appended after the last indexed layer),
-    so ``None`` means False there - irrelevant in eval mode."""
+    so ``None`` means False there - irrelevant in eval mode.
+
+    ``color_space="lab"``: the official ``--model colorization`` generator (L -> ab, so
+    ``input_nc``/``output_nc`` are taken as 1 and 2), returned inside a
+    :class:`fastcgan.models.LabColorizer` (RGB -> RGB)."""
+    if color_space not in COLOR_SPACES:
+        raise ValueError(f"load_official_generator: color_space must be one of {COLOR_SPACES}, got {color_space!r}")
+    if color_space == "lab":
+        input_nc, output_nc = 1, 2
     raw, where = _load_state_dict(path_or_state_dict)
     sd = _clean(raw, norm)
     if arch in ("resnet_9blocks", "resnet_6blocks"):
@@ -241,12 +250,14 @@ def load_official_generator(
                 f"output_nc={output_nc}, ngf={ngf}"
             )
     model.load_state_dict(converted, strict=True)
-    return model.eval()
+    return (LabColorizer(model) if color_space == "lab" else model).eval()
 
 
 def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``model``'s state dict under the official repository's keys (CPU, contiguous tensors)."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    if isinstance(model, LabColorizer):  # the official colorization G is the L -> ab network
+        model = model.net
     pairs = _module_map(model)
     mapped = {ours for ours, _ in pairs}
     ours_sd = model.state_dict()

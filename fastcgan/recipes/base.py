@@ -11,7 +11,9 @@ checkpoints, logging, export. A recipe owns only:
   with no optimizer, only tensors for later phases (pix2pix's generator forward);
 * ``loss_names(cfg)``: the keys of the losses the step reports, in order;
 * ``sample_rows(run, images)``: the rows of its sample grid;
-* ``exports``: which networks are the deployable generators (``{"AtoB": "G_AB"}``);
+* ``exports``: which networks are the deployable generators (``{"AtoB": "G_AB"}``), and
+  ``deployable(net)`` when the trained network is not itself the image-to-image generator (colorization
+  wraps its L -> ab network into an RGB -> RGB one);
 * its data, when it is not unpaired A/B folders: ``dataset(cfg, root, phase)``,
   ``synthetic(cfg, root)`` (the built-in data with ground truth) and ``augment(batch, **kw)``
   (uint8 batch -> model inputs; pix2pix crops both halves of a pair alike).
@@ -93,6 +95,11 @@ class Recipe:
     dataset: Callable = None  # (cfg, root, phase) -> dataset; None: unaligned A/B folders
     synthetic: Callable = None  # (cfg, root) -> root of the built-in data; None: unpaired synthetic
     augment: Callable = None  # (uint8 batch, generator=, channels_last=, shard=, **aug) -> inputs
+    deployable: Callable = None  # (trained network) -> the generator saved, scored and exported
+
+    def deployed(self, net: nn.Module) -> nn.Module:
+        """The generator ``net`` (an ``exports`` network) is deployed as (shares its parameters)."""
+        return net if self.deployable is None else self.deployable(net)
 
     def build_dataset(self, cfg, root: str, phase: str = "train"):
         if self.dataset is not None:

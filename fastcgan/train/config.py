@@ -363,6 +363,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "crop_size": 256,
         "flip": True,
     },
+    # The official colorization model: pix2pix (as above) from L* to a*b* of colour images
+    # (fastcgan.recipes.colorization); --input-nc / --output-nc stay 3 (RGB images in and out).
+    "colorization": {
+        "recipe": "colorization",
+        "netG": "unet_256",
+        "netD": "basic",
+        "norm": "batch",
+        "use_dropout": True,
+        "gan_mode": "vanilla",
+        "lambda_L1": 100.0,
+        "pool_size": 0,
+        "lambda_identity": 0.0,
+        "load_size": 286,
+        "crop_size": 256,
+        "flip": True,
+    },
     # CUT / FastCUT (Park et al. 2020), the official hyper-parameters (fastcgan.models.patchnce):
     # ResNet-9 + 70x70 PatchGAN + 2-layer MLP heads (256), xavier(0.02) init, LSGAN, no pool,
     # PatchNCE on layers 0,4,8,12,16 with 256 patches and tau 0.07, batch 1, 286 -> 256.
@@ -408,7 +424,15 @@ class TrainConfig:
             if self.loss.lambda_nce > 0 and m.input_nc != m.output_nc:
                 raise ConfigError(f"output_nc (--output-nc) {m.output_nc}: PatchNCE encodes G's output with G's "
                                   f"own encoder, so it needs input_nc == output_nc (got {m.input_nc})")
-        if self.loss.gan_mode == "wgangp" and self.model.recipe == "pix2pix":
+        if m.recipe == "colorization":
+            for n in ("input_nc", "output_nc"):
+                if getattr(m, n) != 3:
+                    raise ConfigError(f"{n} (--{n.replace('_', '-')}) {getattr(m, n)}: colorization reads and "
+                                      "writes RGB images (its networks map L to ab internally); leave it at 3")
+            if d.direction != "AtoB":
+                raise ConfigError(f"direction (--direction) {d.direction}: colorization has one direction, "
+                                  "grey to colour (AtoB)")
+        if self.loss.gan_mode == "wgangp" and self.model.recipe in ("pix2pix", "colorization"):
             raise ConfigError(
                 "gan_mode (--gan-mode) wgangp: pix2pix has no gradient penalty (as the official); "
                 "use vanilla (its default), lsgan or hinge"

@@ -41,8 +41,8 @@ def dataset_nbytes(cfg: TrainConfig, ds):
     if cfg.data.preprocess != "resize_and_crop":
         return None
     s = cfg.data.load_size
-    if isinstance(ds, AlignedDataset):  # one pair image holds one A and one B
-        return len(ds) * (cfg.model.input_nc + cfg.model.output_nc) * s * s
+    if isinstance(ds, AlignedDataset):  # one pair image holds one A and one B (colorization: A only)
+        return len(ds) * (3 if ds.target_from_input else cfg.model.input_nc + cfg.model.output_nc) * s * s
     return (ds.A_size * cfg.model.input_nc + ds.B_size * cfg.model.output_nc) * s * s
 
 

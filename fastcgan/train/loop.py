@@ -163,7 +163,7 @@ class _Run:
         from fastcgan.metrics import TrainingEvaluator
         from fastcgan.models import save_generator
 
-        cfg, gens = self.cfg, {d: state.nets[n] for d, n in self.recipe.exports.items()}
+        cfg, gens = self.cfg, {d: self.recipe.deployed(state.nets[n]) for d, n in self.recipe.exports.items()}
         if self.evaluator is None:
             self.evaluator = TrainingEvaluator(
                 self.root, "test", self.device, image_size=cfg.data.crop_size, max_images=cfg.run.eval_max_images,
@@ -189,7 +189,8 @@ class _Run:
         extra = {"skipped": self.batches.skipped, "best_fid": self.best_fid}
         self.last_ckpt = save_checkpoint(state, self.cfg, self.run_dir, self.batches.generators, extra)
         for direction, net in self.recipe.exports.items():
-            save_generator(state.nets[net], os.path.join(self.run_dir, f"generator_{direction}.safetensors"))
+            path = os.path.join(self.run_dir, f"generator_{direction}.safetensors")
+            save_generator(self.recipe.deployed(state.nets[net]), path)
 
     def loop(self, payload, ckpt_path, install_signal_handlers: bool, messages: list[str]) -> dict:
         cfg, ctx, main = self.cfg, self.ctx, self.ctx.is_main

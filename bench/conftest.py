@@ -8,6 +8,7 @@
 """
 
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -84,15 +85,19 @@ def pytest_sessionfinish(session, exitstatus):
     tags = environment_tags()
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{_slug(tags['device'])}.json")
-    existing = []
-    if os.path.exists(path):
-        with open(path) as f:
-            existing = json.load(f)
-    existing.append({**tags, "results": _rows})
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(existing, f, indent=1)
-    os.replace(tmp, path)
+    # Read-modify-write under an exclusive lock, through a private temporary: two bench sessions
+    # ending together (parallel `pytest bench/...` runs) must not drop each other's rows.
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        existing = []
+        if os.path.exists(path):
+            with open(path) as f:
+                existing = json.load(f)
+        existing.append({**tags, "results": _rows})
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(existing, f, indent=1)
+        os.replace(tmp, path)
 
 
 def pytest_collection_modifyitems(config, items):

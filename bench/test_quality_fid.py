@@ -37,7 +37,6 @@ is ~9x slower -- lower N there.
 from __future__ import annotations
 
 import os
-import random
 import sys
 import time
 
@@ -97,36 +96,12 @@ def _load_train(domain: str) -> torch.Tensor:
 
 def _official_run(steps: int):
     sys.path.insert(0, os.path.dirname(__file__))
-    from baselines.official_step import OfficialCycleGAN
+    from baselines.official_step import train_official
 
-    torch.manual_seed(SEED)
-    random.seed(SEED)  # the official image pool draws from Python's random
-    model = OfficialCycleGAN("cpu", ngf=NGF, ndf=NDF, n_blocks=6)
-    before = [_as_generator(_clone(model.netG_A)), _as_generator(_clone(model.netG_B))]
-    A, B = _load_train("A"), _load_train("B")
-    g = torch.Generator().manual_seed(SEED)
-    perm, k = torch.randperm(len(A), generator=g), 0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        if k == len(perm):
-            perm, k = torch.randperm(len(A), generator=g), 0
-        a = A[perm[k] : perm[k] + 1]
-        k += 1
-        b = B[torch.randint(len(B), (1,), generator=g)]
-        flips = torch.rand(2, generator=g) < 0.5
-        a = a.flip(-1) if flips[0] else a
-        b = b.flip(-1) if flips[1] else b
-        model.set_input(a, b)
-        model.optimize_parameters()
-    wall = time.perf_counter() - t0
+    model, before, wall = train_official(_load_train("A"), _load_train("B"), steps, SEED, ngf=NGF, ndf=NDF,
+                                         n_blocks=6)
     stats = {"seconds": round(wall, 1), "images_per_s": round(steps / wall, 3)}
-    return stats, before, _as_generator(model.netG_A), _as_generator(model.netG_B)
-
-
-def _clone(net: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(net)
+    return stats, [_as_generator(g) for g in before], _as_generator(model.netG_A), _as_generator(model.netG_B)
 
 
 def _as_generator(net: nn.Module) -> nn.Module:

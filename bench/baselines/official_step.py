@@ -244,3 +244,31 @@ class OfficialCycleGAN:
         ``print_freq`` iterations)."""
         names = ("D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B")
         return {n: float(getattr(self, "loss_" + n)) for n in names}
+
+
+def train_official(A: Tensor, B: Tensor, steps: int, seed: int, **model_kw):
+    """Train an :class:`OfficialCycleGAN` for ``steps`` iterations at batch 1 on the image tensors
+    ``A`` / ``B`` ((N, 3, H, W) in [-1, 1]) the way the official loader feeds it: A shuffled each
+    epoch, B drawn at random, each flipped left-right with probability 1/2; every draw from one
+    generator seeded with ``seed`` (torch's and Python's global RNGs too: initialisation and the
+    image pool). Returns ``(model, generators before training (copies), seconds)``."""
+    import copy
+    import time
+
+    torch.manual_seed(seed)
+    random.seed(seed)  # the official image pool draws from Python's random
+    model = OfficialCycleGAN(A.device, **model_kw)
+    before = (copy.deepcopy(model.netG_A), copy.deepcopy(model.netG_B))
+    g = torch.Generator().manual_seed(seed)
+    perm, k = torch.randperm(len(A), generator=g), 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if k == len(perm):
+            perm, k = torch.randperm(len(A), generator=g), 0
+        a = A[perm[k] : perm[k] + 1]
+        k += 1
+        b = B[torch.randint(len(B), (1,), generator=g)]
+        flips = torch.rand(2, generator=g) < 0.5
+        model.set_input(a.flip(-1) if flips[0] else a, b.flip(-1) if flips[1] else b)
+        model.optimize_parameters()
+    return model, before, time.perf_counter() - t0

@@ -346,3 +346,16 @@ def test_official_colorization_checkpoints_load_and_export(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         export_main(["--colorization", str(tmp_path), "--onnx", onnx])
     assert e.value.code == 2 and "--colorization" in capsys.readouterr().err
+
+
+def test_synthetic_colour_set_cli(tmp_path, capsys):
+    from fastcgan.data.synthetic import main as synthetic_main
+
+    out = str(tmp_path / "c")
+    assert synthetic_main([out, "--color", "--size", "16", "--n-train", "3", "--n-test", "2"]) == 0
+    assert sorted(os.listdir(os.path.join(out, "train"))) == ["img_00000.png", "img_00001.png", "img_00002.png"]
+    assert len(os.listdir(os.path.join(out, "test"))) == 2
+    with pytest.raises(SystemExit) as e:
+        synthetic_main([str(tmp_path / "d"), "--color", "--aligned"])
+    assert e.value.code == 2 and "pick one" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "d")

@@ -307,21 +307,21 @@ def ensure_synthetic_aligned_dataset(
     root: str, size: int = 64, n_train: int = 200, n_test: int = 50, seed: int = 0
 ) -> str:
     """Generate the paired dataset into ``root`` unless a complete one with these parameters is there."""
-    _check_args(size, n_train, n_test)
-    root = os.path.abspath(os.fspath(root))
-    if not _complete(root, _params(size, n_train, n_test, seed, "aligned"), _ALIGNED_FOLDERS):
-        make_synthetic_aligned_dataset(root, size=size, n_train=n_train, n_test=n_test, seed=seed)
-    return root
+    return _ensure_split(root, size, n_train, n_test, seed, "aligned", make_synthetic_aligned_dataset)
 
 
 def ensure_synthetic_color_dataset(
     root: str, size: int = 64, n_train: int = 200, n_test: int = 50, seed: int = 0
 ) -> str:
     """Generate the colorization dataset into ``root`` unless a complete one with these parameters is there."""
+    return _ensure_split(root, size, n_train, n_test, seed, "color", make_synthetic_color_dataset)
+
+
+def _ensure_split(root, size, n_train, n_test, seed, layout: str, make) -> str:
     _check_args(size, n_train, n_test)
     root = os.path.abspath(os.fspath(root))
-    if not _complete(root, _params(size, n_train, n_test, seed, "color"), _ALIGNED_FOLDERS):
-        make_synthetic_color_dataset(root, size=size, n_train=n_train, n_test=n_test, seed=seed)
+    if not _complete(root, _params(size, n_train, n_test, seed, layout), _ALIGNED_FOLDERS):
+        make(root, size=size, n_train=n_train, n_test=n_test, seed=seed)
     return root
 
 

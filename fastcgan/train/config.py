@@ -313,6 +313,21 @@ def _cut_preset(name: str) -> dict[str, Any]:
     return p
 
 
+_PIX2PIX = {
+    "recipe": "pix2pix",
+    "netG": "unet_256",
+    "netD": "basic",
+    "norm": "batch",
+    "use_dropout": True,
+    "gan_mode": "vanilla",
+    "lambda_L1": 100.0,
+    "pool_size": 0,
+    "lambda_identity": 0.0,
+    "load_size": 286,
+    "crop_size": 256,
+    "flip": True,
+}
+
 # Presets: overrides of the defaults above (which are the official CycleGAN recipe).
 PRESETS: dict[str, dict[str, Any]] = {
     # The official CycleGAN: ResNet-9 + 70x70 PatchGAN, 286 -> 256 crops, LSGAN, lambda 10 / 0.5,
@@ -349,36 +364,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The official pix2pix (paired): U-Net 256 with BatchNorm and dropout 0.5, the conditional
     # 70x70 PatchGAN (sees input and output, 6 channels), vanilla GAN + 100 x L1, no pool,
     # 286 -> 256 crops with flips, Adam 2e-4 (0.5, 0.999), 100 + 100 epochs linear, batch 1.
-    "pix2pix": {
-        "recipe": "pix2pix",
-        "netG": "unet_256",
-        "netD": "basic",
-        "norm": "batch",
-        "use_dropout": True,
-        "gan_mode": "vanilla",
-        "lambda_L1": 100.0,
-        "pool_size": 0,
-        "lambda_identity": 0.0,
-        "load_size": 286,
-        "crop_size": 256,
-        "flip": True,
-    },
+    "pix2pix": _PIX2PIX,
     # The official colorization model: pix2pix (as above) from L* to a*b* of colour images
     # (fastcgan.recipes.colorization); --input-nc / --output-nc stay 3 (RGB images in and out).
-    "colorization": {
-        "recipe": "colorization",
-        "netG": "unet_256",
-        "netD": "basic",
-        "norm": "batch",
-        "use_dropout": True,
-        "gan_mode": "vanilla",
-        "lambda_L1": 100.0,
-        "pool_size": 0,
-        "lambda_identity": 0.0,
-        "load_size": 286,
-        "crop_size": 256,
-        "flip": True,
-    },
+    "colorization": {**_PIX2PIX, "recipe": "colorization"},
     # CUT / FastCUT (Park et al. 2020), the official hyper-parameters (fastcgan.models.patchnce):
     # ResNet-9 + 70x70 PatchGAN + 2-layer MLP heads (256), xavier(0.02) init, LSGAN, no pool,
     # PatchNCE on layers 0,4,8,12,16 with 256 patches and tau 0.07, batch 1, 286 -> 256.

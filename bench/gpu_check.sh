@@ -198,7 +198,7 @@ if want 2; then
   # test_native sweeps only the shapes test_instance_norm_act does not (ch40, large).
   run_stage correct-cuda 150 "${PYTEST[@]}" tests/test_cuda_graphs.py tests/test_train.py \
     tests/test_image_pool.py tests/test_losses.py tests/test_data.py tests/test_official_checkpoint.py \
-    tests/test_deploy.py tests/test_native.py tests/test_instance_norm_act.py \
+    tests/test_deploy.py tests/test_colorization.py tests/test_native.py tests/test_instance_norm_act.py \
     -k "not triton and not all_options[1x1- and not all_options[3x5- and not all_options[7x257- and not all_options[1x1024- and not all_options[batch3-" &
   P3=$!
   wait $P1; wait $P1B; wait $P2; wait $P2B; wait $P3

@@ -359,3 +359,31 @@ def test_synthetic_colour_set_cli(tmp_path, capsys):
         synthetic_main([str(tmp_path / "d"), "--color", "--aligned"])
     assert e.value.code == 2 and "pick one" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "d")
+
+
+@pytest.mark.cuda
+def test_device_paths_match_the_cpu_gpu(colour_set):
+    """The recipe's device-side split (uint8 RGB -> L, ab) and the colorizer, on the GPU (fp32 and
+    under bf16 autocast) against the CPU. No crop or flip: the CPU and CUDA generators draw differently."""
+    from fastcgan.data import collate
+    from fastcgan.models import build_generator
+    from fastcgan.recipes import get_recipe
+
+    recipe = get_recipe("colorization")
+    ds = recipe.build_dataset(col(dataset="folder", dataroot=colour_set), colour_set)
+    raw = collate([ds[i] for i in range(2)])
+    kw = dict(crop_size=None, flip=False, channels_last=True)
+    cpu = recipe.augment_batch(raw, generator=torch.Generator().manual_seed(0), **kw)
+    gpu = recipe.augment_batch({k: raw[k].cuda() for k in ("A", "B")},
+                               generator=torch.Generator("cuda").manual_seed(0), **kw)
+    for k in ("A", "B"):
+        torch.testing.assert_close(gpu[k].cpu(), cpu[k], atol=1e-5, rtol=1e-5)
+    G = build_generator("unet_128", 1, 2, ngf=4, norm="batch", color_space="lab", bn_inference="per_image").eval()
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    want = G(x)
+    Gc = G.cuda()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 convolutions, as the CPU's
+        torch.testing.assert_close(Gc(x.cuda()).cpu(), want, atol=1e-4, rtol=0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = Gc(x.cuda())
+    assert out.dtype == torch.float32 and (out.cpu() - want).abs().max() < 0.1

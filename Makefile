@@ -52,7 +52,8 @@ test-gpu-stack:
 	$(GPU_STACK_PY) -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
 	$(GPU_STACK_PY) -m pip install -q --no-build-isolation --config-settings=build-dir=build/gpu-stack -e ".[test]"
 	FASTCGAN_REQUIRE_NATIVE=1 $(GPU_STACK_PY) -m pytest -q --timeout=900 -p no:cacheprovider \
-	    tests/test_instance_norm_act.py tests/test_cuda_emulated.py tests/test_native.py tests/test_gpu_check.py
+	    tests/test_instance_norm_act.py tests/test_cuda_emulated.py tests/test_native.py tests/test_gpu_check.py \
+	    tests/test_colorization.py
 
 bench: venv
 	$(PY) -m pytest bench -q -s

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["L_SCALE", "AB_SCALE", "lab_to_rgb", "lightness", "model_to_lab", "rgb_to_lab", "rgb_to_model"]
+__all__ = ["L_SCALE", "AB_SCALE", "decolorize", "lab_to_rgb", "lightness", "model_to_lab", "rgb_to_lab",
+           "rgb_to_model"]
 
 # sRGB (linear) -> XYZ, from the sRGB specification (the matrix skimage uses).
 XYZ_FROM_RGB = (
@@ -108,3 +109,9 @@ def rgb_to_model(rgb: Tensor) -> tuple[Tensor, Tensor]:
 def model_to_lab(l_in: Tensor, ab_out: Tensor) -> Tensor:
     """Generator input and output scales back to L*a*b*."""
     return torch.cat(((_work(l_in) + 1.0) * L_SCALE, _work(ab_out) * AB_SCALE), dim=-3)
+
+
+def decolorize(rgb: Tensor) -> Tensor:
+    """Images in [-1, 1] without their colour: L* kept, a* = b* = 0 (what a colorizer starts from)."""
+    lum = lightness((_work(rgb) + 1.0) * 0.5)
+    return lab_to_rgb(torch.cat((lum, torch.zeros_like(lum).expand(*lum.shape[:-3], 2, -1, -1)), dim=-3)) * 2 - 1

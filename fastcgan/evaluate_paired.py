@@ -96,12 +96,11 @@ def load_pairs(
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    """An RGB image in [-1, 1] with its colour removed (a* = b* = 0, L* kept), as 8-bit output."""
-    from fastcgan.color import lab_to_rgb, rgb_to_lab
+    """An RGB image in [-1, 1] with its colour removed (a* = b* = 0, L* kept), rounded to 8 bits as
+    a saved output would be."""
+    from fastcgan.color import decolorize
 
-    lab = rgb_to_lab((x + 1) / 2)
-    lab[..., 1:, :, :] = 0
-    return (lab_to_rgb(lab) * 255).round().div(127.5).sub(1.0)
+    return decolorize(x).add(1).mul(127.5).round().div(127.5).sub(1.0)
 
 
 def paired_metrics(pred: list[torch.Tensor], target: list[torch.Tensor]) -> dict:

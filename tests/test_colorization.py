@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_train_config
 
-from fastcgan.color import AB_SCALE, L_SCALE, lab_to_rgb, lightness, model_to_lab, rgb_to_lab, rgb_to_model
+from fastcgan.color import AB_SCALE, L_SCALE, decolorize, lab_to_rgb, lightness, model_to_lab, rgb_to_lab, rgb_to_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,6 +77,12 @@ def test_grey_has_no_colour_and_model_scaling_round_trips():
     assert l_in.min() >= -1 and l_in.max() <= 1 + 1e-9
     torch.testing.assert_close(model_to_lab(l_in, ab), lab)
     assert (L_SCALE, AB_SCALE) == (50.0, 110.0)  # the official dataset's scaling
+    # decolorize: any image -> its grey (a* = b* = 0), lightness kept
+    rgb = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1
+    grey_of = decolorize(rgb)
+    torch.testing.assert_close(lightness((grey_of + 1) / 2), lightness((rgb + 1) / 2), atol=1e-9, rtol=0)
+    assert rgb_to_lab((grey_of + 1) / 2)[:, 1:].abs().max() < 0.006
+    assert decolorize(grey_of).sub(grey_of).abs().max() < 1e-9
 
 
 @pytest.mark.parametrize("value", [0.0, 0.04045, 0.0031308, 1.0], ids=["black", "srgb-knee", "low", "white"])

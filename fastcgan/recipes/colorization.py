@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import torch
 from torch import nn
 
 from fastcgan.recipes import pix2pix
@@ -56,13 +57,10 @@ def deployable(net: nn.Module) -> nn.Module:
 
 def sample_rows(run: StepRun, images: dict) -> list[list]:
     """One row per image: the grey input | the colorization | the original (all RGB in [-1, 1])."""
-    import torch
-
-    from fastcgan.color import lab_to_rgb, model_to_lab, rgb_to_model
+    from fastcgan.color import decolorize
 
     rgb = images["A"]
-    l_in, _ = rgb_to_model(rgb)
-    grey = lab_to_rgb(model_to_lab(l_in, torch.zeros_like(l_in).expand(-1, 2, -1, -1))) * 2 - 1
+    grey = decolorize(rgb)
     out = deployable(run.frozen("G")).forward(rgb)
     return [[g, o, a] for g, o, a in zip(grey, out, rgb)]
 
@@ -91,8 +89,6 @@ def synthetic(cfg, root: str) -> str:
 def augment(batch, crop_size=None, flip=False, generator=None, channels_last=False, shard=(0, 1), **kw):
     """Crop and flip the RGB images (one draw per image, as pix2pix's pairs), then split each into
     the input ``L/50 - 1`` and the target ``ab/110`` (float32, on the device)."""
-    import torch
-
     from fastcgan.color import rgb_to_model
     from fastcgan.data import augment_pair
 

@@ -44,7 +44,6 @@ import statistics
 import sys
 import time
 
-import pytest
 import torch
 
 SIZE = 64

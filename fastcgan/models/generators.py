@@ -444,12 +444,11 @@ class LabColorizer(nn.Module):
         self.config = dict(getattr(net, "config", {}), color_space="lab")
 
     def forward(self, x: Tensor) -> Tensor:
-        from fastcgan.color import lab_to_rgb, lightness, model_to_lab
+        from fastcgan.color import L_SCALE, lab_to_rgb, lightness, model_to_lab
 
         if x.shape[-3] != 3:
             raise ValueError(f"LabColorizer: expected RGB input (3 channels), got shape {tuple(x.shape)}")
-        lum = lightness((x.float() + 1.0) * 0.5)  # L* 0..100, float32
-        l_in = lum / 50.0 - 1.0
+        l_in = lightness((x.float() + 1.0) * 0.5) / L_SCALE - 1.0  # the network's input scale, float32
         ab = self.net(l_in.to(x.dtype))
         return (lab_to_rgb(model_to_lab(l_in, ab)) * 2.0 - 1.0).to(x.dtype)
 

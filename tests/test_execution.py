@@ -30,10 +30,52 @@ def test_amp_alone_turns_on_the_fast_path_on_a_gpu(bf16_gpu, capsys):
     r, line = resolve_fast_path(cfg, GPU, dataset_nbytes=2 * GiB, free_memory=79 * GiB)
     assert (r.run.compile, r.run.channels_last, r.run.cuda_graphs, r.data.data_on_gpu) == (True,) * 4
     assert r.run.amp and r.run.kernels == "auto"
-    for said in ("bf16 autocast", "torch.compile", "channels_last", "CUDA graphs", "data on the GPU"):
+    assert r.run.cudnn_benchmark is True
+    for said in ("bf16 autocast", "torch.compile", "channels_last", "CUDA graphs", "data on the GPU", "cuDNN autotuning"):
         assert said in line, line
-    for off in ("--no-compile", "--no-channels-last", "--no-cuda-graphs", "--no-data-on-gpu", "--faithful"):
+    for off in ("--no-compile", "--no-channels-last", "--no-cuda-graphs", "--no-data-on-gpu", "--no-cudnn-benchmark",
+                "--faithful"):  # fmt: skip
         assert off in line, line
+
+
+@pytest.mark.parametrize(
+    "preprocess, flag, on_gpu",
+    [
+        ("resize_and_crop", None, True),  # one shape per batch: tune once
+        ("scale_width_and_crop", None, True),
+        ("crop", None, True),
+        ("scale_width", None, False),  # a shape per image size: tuning again at each one
+        ("none", None, False),
+        ("none", True, True),  # explicit wins
+        ("resize_and_crop", False, False),
+    ],
+)
+def test_cudnn_autotuning_when_batches_have_one_shape(bf16_gpu, preprocess, flag, on_gpu):
+    """The official BaseModel sets cudnn.benchmark unless scale_width; the trainer did not set it
+    at all, while every GPU bench row ran with it (so the bench measured a faster trainer than
+    users ran)."""
+    cfg = tiny_train_config(preprocess=preprocess, cudnn_benchmark=flag)
+    assert resolve_fast_path(cfg, GPU, dataset_nbytes=1, free_memory=79 * GiB)[0].run.cudnn_benchmark is on_gpu
+    assert resolve_fast_path(cfg, CPU, dataset_nbytes=1)[0].run.cudnn_benchmark is False  # nothing to tune
+    faithful = tiny_train_config(preprocess=preprocess, cudnn_benchmark=flag, faithful=True)
+    assert resolve_fast_path(faithful, GPU, free_memory=79 * GiB)[0].run.cudnn_benchmark is on_gpu
+
+
+def test_cudnn_autotuning_is_set_for_the_run_and_restored(bf16_gpu):
+    from fastcgan.train.execution import cudnn_autotuning
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        for start, want in ((False, True), (True, False)):
+            torch.backends.cudnn.benchmark = start
+            cfg = resolve_fast_path(tiny_train_config(cudnn_benchmark=want), GPU, free_memory=79 * GiB)[0]
+            with cudnn_autotuning(cfg, GPU):
+                assert torch.backends.cudnn.benchmark is want
+            assert torch.backends.cudnn.benchmark is start
+            with cudnn_autotuning(cfg, CPU):  # a CPU run leaves the process switch alone
+                assert torch.backends.cudnn.benchmark is start
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def test_data_bank_only_when_it_fits(bf16_gpu):

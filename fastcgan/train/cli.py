@@ -207,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="NHWC activations end to end (default: on a GPU)",
     )
     g.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="let cuDNN time its convolution algorithms once per shape and keep the fastest (default: on a "
+        "GPU when every batch has one shape, i.e. --preprocess with a crop)",
+    )
+    g.add_argument(
         "--faithful",
         action="store_true",
         default=S,

@@ -241,6 +241,7 @@ class RunConfig:
     compile_backend: str = "inductor"
     cuda_graphs: Optional[bool] = None
     channels_last: Optional[bool] = None
+    cudnn_benchmark: Optional[bool] = None  # cuDNN autotuning of convolutions (CUDA; auto: fixed-size batches)
     faithful: bool = False  # the official numerics: fp32, eager, reference kernels, unfused Adam
     kernels: str = "auto"
     device: str = "auto"

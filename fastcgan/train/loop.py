@@ -42,7 +42,7 @@ from fastcgan.train.config import ConfigError, TrainConfig
 from fastcgan.train.cuda_graphs import use_cuda_graphs
 from fastcgan.train.data import build_batches, build_dataset, dataset_nbytes, prepare_dataroot, sample_images
 from fastcgan.train.distributed import from_environment
-from fastcgan.train.execution import build_step, describe, resolve_fast_path
+from fastcgan.train.execution import build_step, cudnn_autotuning, describe, resolve_fast_path
 from fastcgan.train.logging import LossAccumulator, RunLogger, sample_grid
 from fastcgan.train.runlock import RunLock
 from fastcgan.train.signals import EXIT_CODES, StopFlag
@@ -116,6 +116,7 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             ds = build_dataset(cfg, root, "train", recipe)  # bad layout: DatasetError before training
             cfg, fast_line = resolve_fast_path(cfg, device, ctx.world_size, dataset_nbytes(cfg, ds))
             use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
+            cleanup.enter_context(cudnn_autotuning(cfg, device))
             run = _Run(cfg, ctx, device, run_dir, root, ds)
             return run.loop(payload, ckpt_path, install_signal_handlers, messages + [fast_line])
     finally:

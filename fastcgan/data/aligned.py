@@ -32,13 +32,11 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from fastcgan.data.augment import augment_batch
 from fastcgan.data.datasets import (
     DatasetError,
-    SkippedFiles,
-    _check_common_args,
+    FolderDataset,
     _list_domain,
     _warn_skip,
     resize_deterministic,
@@ -119,7 +117,7 @@ def augment_pair(
     return a, b
 
 
-class AlignedDataset(SkippedFiles, Dataset):
+class AlignedDataset(FolderDataset):
     """Pairs from ``root/<phase>/`` (A|B side by side; see the module docstring).
 
     ``ds[i] -> {"A": uint8 (input_nc,h,w), "B": uint8 (output_nc,h,w), "A_path": p, "B_path": p,
@@ -150,32 +148,17 @@ class AlignedDataset(SkippedFiles, Dataset):
         max_size: float = math.inf,
         validate: bool = False,
     ):
-        _check_common_args(preprocess, load_size, crop_size, {"input_nc": input_nc, "output_nc": output_nc})
         if direction not in ALIGNED_DIRECTIONS:
             raise DatasetError(f"direction must be one of {ALIGNED_DIRECTIONS}, got {direction!r}")
-        root = os.fspath(root)
-        if not os.path.isdir(root):
-            raise DatasetError(f"dataset root {root!r} does not exist or is not a directory")
-        self.root = root
-        self.phase = phase
+        self._init_options(root, phase, preprocess, load_size, crop_size, flip, input_nc, output_nc,
+                           serial_batches, seed)
         self.direction = direction
-        self.preprocess = preprocess
-        self.load_size = load_size
-        self.crop_size = crop_size
-        self.flip = bool(flip)
-        self.input_nc = input_nc
-        self.output_nc = output_nc
-        self.serial_batches = bool(serial_batches)
-        self.seed = int(seed)
-        self.epoch = 0
-        self.dir_AB = os.path.join(root, phase)
-        if not os.path.isdir(self.dir_AB) and os.path.isdir(os.path.join(root, phase + "A")):
+        self.dir_AB = os.path.join(self.root, phase)
+        if not os.path.isdir(self.dir_AB) and os.path.isdir(os.path.join(self.root, phase + "A")):
             raise DatasetError(
-                f"{root!r} has the unpaired layout ({phase}A/, {phase}B/), not {self._layout_hint(phase)}"
+                f"{self.root!r} has the unpaired layout ({phase}A/, {phase}B/), not {self._layout_hint(phase)}"
             )
         self.AB_paths = _list_domain(self.dir_AB, max_size)
-        self.skipped: list[str] = []
-        self._bad: set[str] = set()
         if validate:
             self.validate()
 
@@ -187,16 +170,6 @@ class AlignedDataset(SkippedFiles, Dataset):
     # -- bookkeeping (as UnalignedDataset) ---------------------------------------------------
     def __len__(self) -> int:
         return len(self.AB_paths)
-
-    @property
-    def batch_augment(self) -> dict:
-        """Keyword arguments for :func:`augment_pair` matching this dataset's ``preprocess``."""
-        crop = self.crop_size if self.preprocess == "resize_and_crop" else None
-        return {"crop_size": crop, "flip": self.flip}
-
-    def set_epoch(self, epoch: int) -> None:
-        """New CPU crop offsets for a new epoch (the crop-on-CPU modes only)."""
-        self.epoch = int(epoch)
 
     def validate(self) -> list[str]:
         """Decode and split every file now; drop and record unusable ones. Returns the skipped paths."""
@@ -238,12 +211,7 @@ class AlignedDataset(SkippedFiles, Dataset):
                 a0, b0 = self._open_pair(p)
                 a = resize_deterministic(a0, self.preprocess, self.load_size, self.crop_size)
                 b = a if b0 is a0 else resize_deterministic(b0, self.preprocess, self.load_size, self.crop_size)
-                if self.preprocess in ("crop", "scale_width_and_crop"):
-                    w, h = a.size
-                    if w < self.crop_size or h < self.crop_size:
-                        raise BadImageError(
-                            p, f"halves of {w}x{h} are smaller than crop_size {self.crop_size}"
-                        )
+                self._check_crop_fits(a, p, "halves of ")
             except BadImageError as e:
                 _warn_skip(e)
                 self._record(p)
@@ -253,13 +221,8 @@ class AlignedDataset(SkippedFiles, Dataset):
         raise DatasetError(f"dataset folder {self.dir_AB!r} has no usable pair images (all {n} files failed)")
 
     def _cpu_crop(self, a: Image.Image, b: Image.Image, rng: np.random.Generator):
-        if self.preprocess not in ("crop", "scale_width_and_crop"):
-            return a, b
-        w, h = a.size
-        x = int(rng.integers(0, w - self.crop_size + 1))
-        y = int(rng.integers(0, h - self.crop_size + 1))
-        box = (x, y, x + self.crop_size, y + self.crop_size)
-        return a.crop(box), b.crop(box)  # one draw: the same window in both halves
+        box = self._crop_box(a, rng)
+        return (a, b) if box is None else (a.crop(box), b.crop(box))  # one draw: the same window in both halves
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):

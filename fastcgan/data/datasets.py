@@ -42,6 +42,7 @@ from fastcgan.data.images import IMG_EXTENSIONS, BadImageError, make_dataset, op
 __all__ = [
     "PREPROCESS_MODES",
     "DatasetError",
+    "FolderDataset",
     "SingleImageDataset",
     "SkippedImageWarning",
     "UnalignedDataset",
@@ -123,14 +124,26 @@ def _list_domain(folder: str, max_size: float) -> list[str]:
     return paths
 
 
-class SkippedFiles:
-    """Bookkeeping of the bad files a dataset met: ``skipped`` (in order, each once) and the merge
-    of what DataLoader workers report in their batches. The dataset sets ``skipped = []`` and
-    ``_bad = set()``; ``_skip_noun`` names a bad item in the log."""
+class FolderDataset(Dataset):
+    """What the training-folder datasets share: their options (checked), the epoch that seeds
+    their CPU crops and random partners, the crop window, the device augmentation they need, and
+    the bad files met: ``skipped`` (in order, each once, merged with what DataLoader workers
+    report in their batches); ``_skip_noun`` names a bad item in the log."""
 
     _skip_noun = "unreadable image"
-    skipped: list
-    _bad: set
+
+    def _init_options(self, root, phase, preprocess, load_size, crop_size, flip, input_nc, output_nc,
+                      serial_batches, seed) -> None:
+        _check_common_args(preprocess, load_size, crop_size, {"input_nc": input_nc, "output_nc": output_nc})
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise DatasetError(f"dataset root {root!r} does not exist or is not a directory")
+        self.root, self.phase, self.preprocess = root, phase, preprocess
+        self.load_size, self.crop_size, self.flip = load_size, crop_size, bool(flip)
+        self.input_nc, self.output_nc = input_nc, output_nc
+        self.serial_batches, self.seed, self.epoch = bool(serial_batches), int(seed), 0
+        self.skipped: list[str] = []
+        self._bad: set[str] = set()
 
     def _record(self, path: str) -> bool:
         if path in self._bad:
@@ -146,8 +159,40 @@ class SkippedFiles:
             logger.warning("skipped %s %r (reported by a loader worker)", self._skip_noun, p)
         return new
 
+    @property
+    def batch_augment(self) -> dict:
+        """Keyword arguments for :func:`augment_batch` / ``augment_pair`` matching ``preprocess``:
+        ``resize_and_crop`` crops on the device, the other modes crop (or not) on the CPU."""
+        crop = self.crop_size if self.preprocess == "resize_and_crop" else None
+        return {"crop_size": crop, "flip": self.flip}
 
-class UnalignedDataset(SkippedFiles, Dataset):
+    def set_epoch(self, epoch: int) -> None:
+        """New random draws (CPU crops, unpaired B partners) for a new epoch: call before creating
+        the epoch's iterator (DataLoader workers copy the dataset then, so ``persistent_workers``
+        must be off)."""
+        self.epoch = int(epoch)
+
+    @property
+    def _crops_on_cpu(self) -> bool:
+        return self.preprocess in ("crop", "scale_width_and_crop")
+
+    def _check_crop_fits(self, img: Image.Image, path: str, what: str = "") -> None:
+        """:class:`BadImageError` when a CPU-cropped mode meets an image smaller than the crop."""
+        w, h = img.size
+        if self._crops_on_cpu and (w < self.crop_size or h < self.crop_size):
+            raise BadImageError(path, f"{what}{w}x{h} is smaller than crop_size {self.crop_size}")
+
+    def _crop_box(self, img: Image.Image, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+        """The random CPU crop window of ``img`` (None: this mode crops on the device or not at all)."""
+        if not self._crops_on_cpu:
+            return None
+        w, h = img.size
+        x = int(rng.integers(0, w - self.crop_size + 1))
+        y = int(rng.integers(0, h - self.crop_size + 1))
+        return (x, y, x + self.crop_size, y + self.crop_size)
+
+
+class UnalignedDataset(FolderDataset):
     """Unpaired images from ``root/{phase}A`` and ``root/{phase}B`` (the official CycleGAN layout).
 
     Item ``i`` pairs ``A_paths[i % len(A)]`` with a random B image (``B_paths[i % len(B)]`` when
@@ -175,27 +220,12 @@ class UnalignedDataset(SkippedFiles, Dataset):
         max_size: float = math.inf,
         validate: bool = False,
     ):
-        _check_common_args(preprocess, load_size, crop_size, {"input_nc": input_nc, "output_nc": output_nc})
-        root = os.fspath(root)
-        if not os.path.isdir(root):
-            raise DatasetError(f"dataset root {root!r} does not exist or is not a directory")
-        self.root = root
-        self.phase = phase
-        self.preprocess = preprocess
-        self.load_size = load_size
-        self.crop_size = crop_size
-        self.flip = bool(flip)
-        self.input_nc = input_nc
-        self.output_nc = output_nc
-        self.serial_batches = bool(serial_batches)
-        self.seed = int(seed)
-        self.epoch = 0
-        self.dir_A = os.path.join(root, phase + "A")
-        self.dir_B = os.path.join(root, phase + "B")
+        self._init_options(root, phase, preprocess, load_size, crop_size, flip, input_nc, output_nc,
+                           serial_batches, seed)
+        self.dir_A = os.path.join(self.root, phase + "A")
+        self.dir_B = os.path.join(self.root, phase + "B")
         self.A_paths = _list_domain(self.dir_A, max_size)
         self.B_paths = _list_domain(self.dir_B, max_size)
-        self.skipped: list[str] = []
-        self._bad: set[str] = set()
         if validate:
             self.validate()
 
@@ -210,17 +240,6 @@ class UnalignedDataset(SkippedFiles, Dataset):
 
     def __len__(self) -> int:
         return max(len(self.A_paths), len(self.B_paths))
-
-    @property
-    def batch_augment(self) -> dict:
-        """Keyword arguments for :func:`augment_batch` matching this dataset's ``preprocess``."""
-        crop = self.crop_size if self.preprocess == "resize_and_crop" else None
-        return {"crop_size": crop, "flip": self.flip}
-
-    def set_epoch(self, epoch: int) -> None:
-        """Re-draw B partners and CPU crops for a new epoch (call before creating the epoch's
-        iterator; DataLoader workers copy the dataset then, so ``persistent_workers`` must be off)."""
-        self.epoch = int(epoch)
 
     def validate(self) -> list[str]:
         """Decode every file now; drop and record unreadable ones. Returns the skipped paths."""
@@ -255,32 +274,20 @@ class UnalignedDataset(SkippedFiles, Dataset):
             if p in self._bad:
                 continue
             try:
-                img = open_image(p, nc)
+                img = resize_deterministic(open_image(p, nc), self.preprocess, self.load_size, self.crop_size)
+                self._check_crop_fits(img, p)
             except BadImageError as e:
                 _warn_skip(e)
                 self._record(p)
                 skipped.append(p)
                 continue
-            img = resize_deterministic(img, self.preprocess, self.load_size, self.crop_size)
-            if self.preprocess in ("crop", "scale_width_and_crop"):
-                w, h = img.size
-                if w < self.crop_size or h < self.crop_size:
-                    e = BadImageError(p, f"{w}x{h} is smaller than crop_size {self.crop_size}")
-                    _warn_skip(e)
-                    self._record(p)
-                    skipped.append(p)
-                    continue
             return img, p, tuple(skipped)
         folder = self.dir_A if domain == "A" else self.dir_B
         raise DatasetError(f"dataset folder {folder!r} has no readable images (all {n} files failed)")
 
     def _cpu_crop(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        if self.preprocess not in ("crop", "scale_width_and_crop"):
-            return img
-        w, h = img.size
-        x = int(rng.integers(0, w - self.crop_size + 1))
-        y = int(rng.integers(0, h - self.crop_size + 1))
-        return img.crop((x, y, x + self.crop_size, y + self.crop_size))
+        box = self._crop_box(img, rng)
+        return img if box is None else img.crop(box)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):

@@ -134,6 +134,51 @@ def test_corrupt_checkpoint_is_a_clear_error_and_touches_nothing(tmp_path, synth
     assert _snapshot(run) == before
 
 
+def test_resume_never_writes_over_files_or_newer_checkpoints(tmp_path, synth, capsys):
+    """A checkpoint outside a run's layout, or an older checkpoint of a run, once continued in the
+    checkpoint's own folder: the first replaced the user's files beside a copied checkpoint
+    (config.json, summary.json), the second overwrote the run's newer checkpoints with a branch."""
+    import shutil
+
+    train(cfg_for(synth, tmp_path, "a", max_steps=3, checkpoint_every=1))
+    a = tmp_path / "a"
+    first = os.path.join(a, "checkpoints", "step_000000001.ckpt")
+    loose = tmp_path / "downloads"
+    loose.mkdir()
+    shutil.copy(first, loose / "model.ckpt")
+    (loose / "config.json").write_text("precious")
+    (loose / "summary.json").write_text("precious")
+    before_a, before_loose = _snapshot(a), _snapshot(loose)
+    base = ["--dataset", "synthetic", "--dataroot", synth, "--output-dir", str(tmp_path), "--no-progress",
+            "--num-workers", "0", "--max-steps", "2"]  # fmt: skip
+
+    # An older checkpoint of run a, named, continued in a: refused (step 2 and 3 would be replaced).
+    assert cli_main(base + ["--resume", first]) == 2
+    err = capsys.readouterr().err
+    assert "step_000000002.ckpt" in err and "step_000000003.ckpt" in err and "--name" in err
+    # --name branches it into a new run; a loose file always starts one in OUTPUT_DIR/NAME.
+    assert cli_main(base + ["--resume", first, "--name", "branch"]) == 0
+    assert cli_main(base + ["--resume", str(loose / "model.ckpt"), "--name", "fromfile"]) == 0
+    capsys.readouterr()
+    for name in ("branch", "fromfile"):
+        assert [os.path.basename(p) for p in _listing(tmp_path / name)] == ["step_000000002.ckpt"]
+    s = train(cfg_for(synth, tmp_path, "lib", max_steps=2, resume=str(loose / "model.ckpt")))
+    assert s["run_dir"] == str(tmp_path / "lib")
+    assert _snapshot(a) == before_a and _snapshot(loose) == before_loose
+    # A branch into a run that has checkpoints of its own is refused too.
+    assert cli_main(base + ["--resume", first, "--name", "branch"]) == 2
+    assert "already has checkpoints" in capsys.readouterr().err
+    # Continuing run a itself (its newest, or the newest by name) still works.
+    assert cli_main(base[:-1] + ["4", "--resume", os.path.join(a, "checkpoints", "step_000000003.ckpt")]) == 0
+    assert os.path.exists(os.path.join(a, "checkpoints", "step_000000004.ckpt"))
+
+
+def _listing(run):
+    from fastcgan.train import list_checkpoints
+
+    return list_checkpoints(str(run))
+
+
 def test_resume_rejects_changed_training_flags(tmp_path, synth, capsys):
     train(cfg_for(synth, tmp_path, "run", max_steps=1))
     run = str(tmp_path / "run")

@@ -67,10 +67,13 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return ckpts[-1] if ckpts else None
 
 
-def run_dir_of(ckpt_file: str) -> str:
-    """The run directory of a checkpoint file (``RUN/checkpoints/step_N.ckpt`` -> ``RUN``)."""
+def run_dir_of(ckpt_file: str) -> Optional[str]:
+    """The run directory of a checkpoint file (``RUN/checkpoints/step_N.ckpt`` -> ``RUN``);
+    ``None`` for a file outside that layout (a copied or downloaded checkpoint)."""
     d = os.path.dirname(os.path.abspath(ckpt_file))
-    return os.path.dirname(d) if os.path.basename(d) == CKPT_DIR else d
+    if os.path.basename(d) != CKPT_DIR or not _NAME.match(os.path.basename(ckpt_file)):
+        return None
+    return os.path.dirname(d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +431,44 @@ def training_field_conflicts(ckpt_cfg: TrainConfig, overrides: dict) -> list[str
     ]
 
 
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def resume_destination(cfg: TrainConfig, ckpt_path: str, requested: Optional[dict] = None) -> str:
+    """The run directory a resumed run writes to, checked so that it overwrites nothing.
+
+    A checkpoint of a run (``RUN/checkpoints/step_N.ckpt``, or the newest of ``--resume RUN``)
+    continues in ``RUN``, unless ``--name`` was given: then it branches into ``OUTPUT_DIR/NAME``;
+    so does a checkpoint file outside a run's layout (its folder is not a run: writing there would
+    replace whatever files it holds). A branch needs a run directory without checkpoints, and
+    continuing in ``RUN`` from a named file that has newer checkpoints after it would overwrite
+    them: both are :class:`CheckpointError` before anything is written."""
+    own = run_dir_of(ckpt_path)
+    branch = bool(requested) and "name" in requested
+    dest = cfg.run_dir if (cfg.run.resume == "auto" or branch or own is None) else own
+    existing = list_checkpoints(dest)
+    if own is None or not _same_dir(own, dest):
+        if existing:
+            raise CheckpointError(
+                f"--resume {ckpt_path}: the run directory it would continue in, {dest}, already has checkpoints "
+                f"of its own ({os.path.basename(existing[-1])}, ...); continue that run with --resume {dest}, or "
+                "branch into a new run with another --name / --output-dir"
+            )
+        return dest
+    if os.path.isfile(cfg.run.resume):  # a named file (auto / a run directory take the newest valid one)
+        names = [os.path.realpath(p) for p in existing]
+        here = os.path.realpath(ckpt_path)
+        newer = names[names.index(here) + 1 :] if here in names else []
+        if newer:
+            raise CheckpointError(
+                f"--resume {ckpt_path}: {dest} has newer checkpoints ({', '.join(map(os.path.basename, newer))}) "
+                f"that continuing from this one there would overwrite; continue from the newest with --resume "
+                f"{dest}, or branch from this one into a new run with --name NEW"
+            )
+    return dest
+
+
 def resume_plan(cfg: TrainConfig, requested: Optional[dict] = None):
     """Decide what a run starts from, before anything is written.
 
@@ -447,8 +488,7 @@ def resume_plan(cfg: TrainConfig, requested: Optional[dict] = None):
     ckpt_path, payload, messages = find_resume_checkpoint(cfg.run.resume, run_dir)
     if ckpt_path is None:
         return cfg, run_dir, None, None, messages + [f"fastcgan: nothing to resume in {run_dir}; starting a new run"]
-    if cfg.run.resume != "auto":
-        run_dir = run_dir_of(ckpt_path)
+    run_dir = resume_destination(cfg, ckpt_path, requested)
     try:
         ckpt_cfg = TrainConfig.from_dict(payload["config"])
     except (ValueError, TypeError) as e:
@@ -474,6 +514,7 @@ __all__ = [
     "newest_valid_checkpoint",
     "payload_digest",
     "restore_state",
+    "resume_destination",
     "resume_plan",
     "run_dir_of",
     "save_checkpoint",

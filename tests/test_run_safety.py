@@ -224,8 +224,18 @@ def test_lock_is_exclusive_in_process(tmp_path):
         (["--crop-size", "30", "--load-size", "32"], "--crop-size"),
         (["--faithful", "--amp"], "--faithful"),
         (["--dataset", "folder", "--model", "colorization"], "colour images in train/"),
+        # Found by the 2026-11-28 audit: each was a traceback (exit 1) or ran with a broken value.
+        (["--seed", str(2**32)], "--seed"),
+        (["--ngf", "100000"], "--ngf"),  # tried to allocate 720 GB
+        (["--model", "cut", "--netF-nc", "1000000000"], "--netF-nc"),
+        (["--num-workers", "1000000"], "--num-workers"),  # would fork a million loaders
+        (["--netD", "n_layers", "--n-layers-D", "7"], "--crop-size"),  # 256² is too small for 7 halvings
+        (["--input-nc", "1"], "--lambda-identity"),  # the identity loss feeds 3-channel B to G_AB
+        (["--lr", "inf"], "--lr"),
+        (["--compile", "--compile-backend", "nonsense"], "--compile-backend"),
     ],
-    ids=["no-gpu", "unet-multiple", "absurd-size", "resnet-multiple", "faithful-amp", "data-layout"],
+    ids=["no-gpu", "unet-multiple", "absurd-size", "resnet-multiple", "faithful-amp", "data-layout", "seed-2^32",
+         "huge-ngf", "huge-netF", "huge-workers", "d-too-deep", "identity-nc", "inf-lr", "bad-backend"],
 )
 def test_config_errors_exit_2_before_anything_is_written(tmp_path, synth, extra, flag, capsys):
     if extra[:2] == ["--device", "cuda"] and torch.cuda.is_available():
@@ -240,6 +250,17 @@ def test_config_errors_exit_2_before_anything_is_written(tmp_path, synth, extra,
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_cannot_be_a_folder_exits_2(tmp_path, synth, capsys):
+    """--output-dir naming a file (or a read-only folder) was an OSError traceback with exit 1."""
+    (tmp_path / "afile").write_text("keep me")
+    args = ["--dataset", "synthetic", "--dataroot", synth, "--output-dir", str(tmp_path / "afile" / "deeper"),
+            "--name", "r", "--ngf", "4", "--ndf", "4", "--max-steps", "1", "--no-progress"]  # fmt: skip
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and str(tmp_path / "afile") in err and "Traceback" not in err, err
+    assert (tmp_path / "afile").read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["afile"]
 
 
 def test_oversized_training_image_is_skipped_by_its_header(tmp_path, synth, capsys):

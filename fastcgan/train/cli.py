@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import NoReturn, Optional
@@ -51,7 +52,9 @@ def _float(lo: float = 0.0, strict: bool = False):
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if v != v or (v <= lo if strict else v < lo):
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+        if v <= lo if strict else v < lo:
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo}, got {s}")
         return v
 
@@ -295,13 +298,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     from fastcgan.fileio import WriteError
     from fastcgan.train.checkpoint import CheckpointError
     from fastcgan.train.loop import TrainingError, train
-    from fastcgan.train.runlock import RunInUseError
+    from fastcgan.train.runlock import RunDirError, RunInUseError
 
     try:
         summary = train(cfg, requested=requested)
         if summary.get("rank", 0) == 0 and cfg.data.dataset == "synthetic" and not summary["interrupted"]:
             summary["eval"] = evaluate_run(summary)
-    except (ConfigError, DatasetError, CheckpointError, RunInUseError, FileExistsError) as e:
+    except (ConfigError, DatasetError, CheckpointError, RunInUseError, RunDirError, FileExistsError) as e:
         print(f"fastcgan-train: error: {e}", file=sys.stderr)
         return 2
     except (TrainingError, WriteError) as e:

@@ -10,6 +10,7 @@ that is not a field of exactly one section is an error naming it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
@@ -40,6 +41,13 @@ def _check(cond: bool, name: str, msg: str) -> None:
 # Largest image side accepted for --load-size / --crop-size: far above any real training size,
 # small enough that the buffers it implies stay allocatable (and ints stay ints).
 MAX_IMAGE_SIDE = 16384
+# Bounds on flags whose value sets how much memory or how many processes a run takes: far above
+# any published setting (ngf/ndf 64, netF_nc 256, 3 discriminator layers), below what would try
+# to allocate terabytes or fork without limit.
+MAX_WIDTH = 512  # --ngf / --ndf (ResNet-9 at 512: 0.7 G parameters)
+MAX_NETF_NC = 4096
+MAX_N_LAYERS_D = 10
+MAX_NUM_WORKERS = 128
 
 
 @dataclass(frozen=True)
@@ -75,14 +83,16 @@ class ModelConfig:
         _check(
             self.init_type in INIT_TYPES, "init_type", f"must be one of {INIT_TYPES}, got {self.init_type!r}"
         )
-        for n in ("ngf", "ndf", "n_layers_D"):
-            _check(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an int >= 1")
+        for n, hi in (("ngf", MAX_WIDTH), ("ndf", MAX_WIDTH), ("n_layers_D", MAX_N_LAYERS_D)):
+            _check(isinstance(getattr(self, n), int) and 1 <= getattr(self, n) <= hi, n,
+                   f"must be an int in [1, {hi}], got {getattr(self, n)!r}")
         for n in ("input_nc", "output_nc"):
             _check(getattr(self, n) in (1, 3), n, "must be 1 or 3")
         _check(
             not (self.netG == "udacity" and self.use_dropout), "use_dropout", "netG udacity has no dropout"
         )
-        _check(isinstance(self.netF_nc, int) and self.netF_nc >= 1, "netF_nc", "must be an int >= 1")
+        _check(isinstance(self.netF_nc, int) and 1 <= self.netF_nc <= MAX_NETF_NC, "netF_nc",
+               f"must be an int in [1, {MAX_NETF_NC}], got {self.netF_nc!r}")
         try:
             from fastcgan.recipes.cut import parse_nce_layers
 
@@ -146,9 +156,9 @@ class DataConfig:
             "must be an int >= 1 (omit it for every image)",
         )
         _check(
-            self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0),
+            self.num_workers is None or (isinstance(self.num_workers, int) and 0 <= self.num_workers <= MAX_NUM_WORKERS),
             "num_workers",
-            "must be an int >= 0",
+            f"must be an int in [0, {MAX_NUM_WORKERS}] (loader processes), got {self.num_workers!r}",
         )
         if self.preprocess == "resize_and_crop":
             _check(
@@ -278,6 +288,13 @@ class RunConfig:
         )
         for n in ("log_every", "sample_every", "checkpoint_every", "keep_last", "n_samples", "eval_max_images"):
             _check(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an int >= 1")
+        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed!r}")
+        if self.compile_backend != "inductor":
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            _check(self.compile_backend in known, "compile_backend",
+                   f"{self.compile_backend!r} is not a torch.compile backend; known: {', '.join(known)}")
         _check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
             "device",
@@ -390,8 +407,23 @@ class TrainConfig:
     def __post_init__(self):
         for sec in SECTIONS:
             getattr(self, sec).validate()
+        for k, v in self.flat().items():  # inf passes every ">= 0" check above, then ruins the run
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{k} ({_flag(k)}): must be a finite number, got {v}")
         m, d = self.model, self.data
         crops = d.preprocess in ("resize_and_crop", "crop", "scale_width_and_crop")
+        if crops and m.netD in ("basic", "n_layers", "udacity"):
+            # 4x4 convolutions: n stride-2 ones halve the side, the PatchGAN's two stride-1 ones
+            # take 1 each (udacity: one), and at least one score must remain.
+            n = {"basic": 3, "n_layers": m.n_layers_D, "udacity": 4}[m.netD]
+            need = (2 if m.netD == "udacity" else 3) * 2**n
+            if d.crop_size < need:
+                raise ConfigError(f"crop_size (--crop-size) {d.crop_size}: netD {m.netD} with {n} stride-2 layers "
+                                  f"needs images of at least {need}x{need} (fewer --n-layers-D, or larger crops)")
+        if m.recipe == "cyclegan" and self.loss.lambda_identity > 0 and m.input_nc != m.output_nc:
+            raise ConfigError(f"lambda_identity (--lambda-identity) {self.loss.lambda_identity}: the identity loss "
+                              f"feeds B images to G_AB, so it needs input_nc == output_nc (got {m.input_nc} and "
+                              f"{m.output_nc}); use --lambda-identity 0")
         if crops and m.netG.startswith("unet_"):
             mult = 2 ** (7 if m.netG == "unet_128" else 8)
             if d.crop_size % mult:

@@ -25,6 +25,10 @@ class RunInUseError(RuntimeError):
     """Another live process trains this run directory."""
 
 
+class RunDirError(OSError):
+    """The run directory cannot be created or locked (a file in its path, no permission)."""
+
+
 class RunLock:
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
@@ -39,8 +43,15 @@ class RunLock:
         while not os.path.isdir(d) and os.path.dirname(d) != d:
             self._created.append(d)
             d = os.path.dirname(d)
-        os.makedirs(self.run_dir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            self._remove_created()
+            raise RunDirError(
+                f"run directory {self.run_dir} (--output-dir / --name): cannot create it: "
+                f"{e.strerror or e} ({e.filename or self.run_dir})"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -71,8 +82,14 @@ class RunLock:
             try:
                 if os.listdir(self.run_dir) == [LOCK_NAME]:
                     os.remove(self.path)
-                    for d in self._created:
-                        os.rmdir(d)
+                    self._remove_created()
             except OSError:
                 pass
         return False
+
+    def _remove_created(self) -> None:
+        for d in self._created:
+            try:
+                os.rmdir(d)
+            except OSError:
+                return

@@ -158,7 +158,12 @@ def test_mismatched_config_rejected_before_anything_applies(tmp_path):
     assert torch.equal(torch.get_rng_state(), rng_t)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign", "incomplete"])
+class _Malicious:
+    def __reduce__(self):  # os.system: a module torch blocks by name (a message of its own)
+        return (os.system, ("touch /tmp/fastcgan-test-never-created",))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign", "incomplete", "malicious"])
 def test_bad_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, damage):
     cfg = tiny_cfg()
     run = tmp_path / "run"
@@ -173,6 +178,8 @@ def test_bad_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, damage):
         f.write_bytes(b"")
     elif damage == "foreign":
         torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    elif damage == "malicious":
+        torch.save({"format": "fastcgan.checkpoint", "x": _Malicious()}, path)
     else:
         payload = torch.load(path, weights_only=True)
         del payload["optimizers"]
@@ -181,6 +188,9 @@ def test_bad_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, damage):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path)
     assert path in str(e.value)
+    # torch's refusal advises loading the file unsafely: never passed on.
+    assert "weights_only" not in str(e.value) and "trusted source" not in str(e.value), str(e.value)
+    assert not os.path.exists("/tmp/fastcgan-test-never-created")
     after = sorted((p, os.path.getsize(os.path.join(dp, p))) for dp, _, fs in os.walk(run) for p in fs)
     assert before == after
 

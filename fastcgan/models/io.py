@@ -52,6 +52,7 @@ def describe_load_error(e: BaseException) -> str:
     retry with ``weights_only=False`` or to allow-list globals (both would run code from the file)."""
     text = str(e)
     m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\s*\nCheck the documentation|$)", text, re.S)
+    m = m or re.search(r"(Trying to load unsupported GLOBAL .*?)(?:\n\s*\nCheck the documentation|$)", text, re.S)
     if m:
         core = m.group(1)
         core = re.sub(r"\s*Please use `torch\.serialization\..*", "", core, flags=re.S)
@@ -59,7 +60,8 @@ def describe_load_error(e: BaseException) -> str:
         return (f"not a plain weights file: {core} (fastcgan loads tensors only and never unpickles "
                 "code from a checkpoint)")
     if "weights_only" in text:
-        keep = [ln for ln in re.split(r"(?<=[.!?])\s+|\n", text) if "weights_only" not in ln and ln.strip()]
+        keep = [ln for ln in re.split(r"(?<=[.!?])\s+|\n", text)
+                if ln.strip() and "weights_only" not in ln and "trusted source" not in ln]
         text = " ".join(keep) or "not a plain weights file"
     return f"{type(e).__name__}: {text}"
 

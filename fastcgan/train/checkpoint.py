@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fastcgan.fileio import atomic_writer, remove_stale_temporaries
+from fastcgan.models.io import describe_load_error
 from fastcgan.train.config import TRAINING_FIELDS, ConfigError, TrainConfig
 from fastcgan.train.state import TrainState, build_state
 
@@ -245,13 +246,6 @@ _REQUIRED = (
 )
 
 
-def _strip_torch_advice(msg: str) -> str:
-    """torch.load's refusal explains how to load the file *unsafely*; a checkpoint we cannot read
-    safely is corrupt or foreign, and that advice must not reach the user."""
-    cut = [i for i in (msg.find("\n"), msg.find("(1) ")) if i >= 0]
-    return msg[: min(cut)].strip() if cut else msg.strip()
-
-
 def load_checkpoint(path: str) -> dict:
     """Read, structurally check and verify a checkpoint; any problem -> :class:`CheckpointError`
     naming the file. Nothing is applied here."""
@@ -261,8 +255,8 @@ def load_checkpoint(path: str) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, refused unpickling ...
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated and cannot be loaded safely: "
-            f"{type(e).__name__}: {_strip_torch_advice(str(e))}"
+            # torch.load's refusal explains how to load the file *unsafely*: never passed on.
+            f"checkpoint {path} is corrupt, truncated or foreign and cannot be loaded safely: {describe_load_error(e)}"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a fastcgan training checkpoint")

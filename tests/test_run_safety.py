@@ -263,6 +263,27 @@ def test_output_dir_that_cannot_be_a_folder_exits_2(tmp_path, synth, capsys):
     assert (tmp_path / "afile").read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["afile"]
 
 
+@pytest.mark.parametrize("preprocess", ["scale_width", "scale_width_and_crop"])
+def test_scale_width_cannot_blow_a_thin_image_up(tmp_path, synth, preprocess):
+    """A 1x80000 PNG (under 1 kB, 80 k pixels: far under the pixel limit) scaled to width 286
+    would be 286 x 22.9 M pixels (26 GB): the scaled size is held to the pixel limit too, so the
+    file is skipped and named, never resized."""
+    import shutil
+
+    from PIL import Image
+
+    from fastcgan.data import UnalignedDataset
+
+    root = tmp_path / "data"
+    for sub in ("trainA", "trainB"):
+        shutil.copytree(os.path.join(synth, sub), root / sub)
+    Image.new("RGB", (1, 80000)).save(root / "trainA" / "0_thin.png")
+    ds = UnalignedDataset(str(root), preprocess=preprocess, load_size=286, crop_size=32)
+    with pytest.warns(UserWarning, match="0_thin.png.*over the image pixel limit"):
+        img, path, skipped = ds.load_resized("A", 0)
+    assert skipped == (str(root / "trainA" / "0_thin.png"),) and img.size[0] == 286 and path != skipped[0]
+
+
 def test_oversized_training_image_is_skipped_by_its_header(tmp_path, synth, capsys):
     """--max-image-pixels: an image above the limit is skipped (and counted) without decoding,
     the way a decompression bomb (a 140 KB 12000x12000 PNG) would be at the default limit."""

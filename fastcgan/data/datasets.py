@@ -37,7 +37,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fastcgan.data.images import IMG_EXTENSIONS, BadImageError, make_dataset, open_image, pil_to_tensor
+from fastcgan.data.images import (
+    IMG_EXTENSIONS,
+    BadImageError,
+    get_max_image_pixels,
+    make_dataset,
+    open_image,
+    pil_to_tensor,
+)
 
 __all__ = [
     "PREPROCESS_MODES",
@@ -79,22 +86,31 @@ def _make_multiple(img: Image.Image, base: int = 4) -> Image.Image:
     return img.resize((w, h), Image.BICUBIC)
 
 
-def _scale_width(img: Image.Image, target_width: int, min_height: int) -> Image.Image:
+def _scale_width(img: Image.Image, target_width: int, min_height: int, path: str) -> Image.Image:
     ow, oh = img.size
     if ow == target_width and oh >= min_height:
         return img
     h = int(max(target_width * oh / ow, min_height))
+    # The height follows the aspect ratio: a 1x80000 image (400 bytes, 80 k pixels) would become
+    # 286 x 22.9 M pixels. The result is held to the same pixel limit as decoded files.
+    limit = get_max_image_pixels()
+    if limit > 0 and target_width * h > limit:
+        raise BadImageError(path, f"{ow}x{oh} scaled to width {target_width} would be {target_width}x{h} = "
+                                  f"{target_width * h:,} pixels, over the image pixel limit of {limit:,} (--max-image-pixels)")
     return img.resize((target_width, h), Image.BICUBIC)
 
 
-def resize_deterministic(img: Image.Image, preprocess: str, load_size: int, crop_size: int) -> Image.Image:
-    """The deterministic (non-random) resize of ``preprocess`` applied to a PIL image."""
+def resize_deterministic(
+    img: Image.Image, preprocess: str, load_size: int, crop_size: int, path: str = "<image>"
+) -> Image.Image:
+    """The deterministic (non-random) resize of ``preprocess`` applied to a PIL image (``path``
+    names it in a :class:`BadImageError` when the result would exceed the pixel limit)."""
     if preprocess == "resize_and_crop":
         if img.size != (load_size, load_size):
             img = img.resize((load_size, load_size), Image.BICUBIC)
         return img
     if preprocess in ("scale_width", "scale_width_and_crop"):
-        return _scale_width(img, load_size, crop_size)
+        return _scale_width(img, load_size, crop_size, path)
     if preprocess == "none":
         return _make_multiple(img, 4)
     return img  # "crop": no resize
@@ -274,7 +290,7 @@ class UnalignedDataset(FolderDataset):
             if p in self._bad:
                 continue
             try:
-                img = resize_deterministic(open_image(p, nc), self.preprocess, self.load_size, self.crop_size)
+                img = resize_deterministic(open_image(p, nc), self.preprocess, self.load_size, self.crop_size, p)
                 self._check_crop_fits(img, p)
             except BadImageError as e:
                 _warn_skip(e)

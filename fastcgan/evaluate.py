@@ -417,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             inception_weights_path=a.inception_weights,
             inception_dtype=None if a.inception_dtype == "auto" else getattr(torch, a.inception_dtype),
         )
-    except (FileNotFoundError, ValueError, ArtifactError, InceptionWeightsError) as e:
+    except (FileNotFoundError, PermissionError, NotADirectoryError, ValueError, ArtifactError,
+            InceptionWeightsError) as e:
         print(f"fastcgan-eval: error: {e}", file=sys.stderr)
         return 2
     print(format_results(res))

@@ -197,7 +197,10 @@ def _main(args) -> int:
     if not os.path.exists(args.input):
         return _error(f"--input {args.input}: no such file or directory")
     if os.path.isdir(args.input):
-        files, root = make_dataset(args.input), args.input
+        try:
+            files, root = make_dataset(args.input), args.input
+        except OSError as e:  # an unreadable sub-folder: not silently left out
+            return _error(f"--input {args.input}: cannot list {e.filename or args.input}: {e.strerror or e}")
         # An output folder inside the input folder: what is already there is output, not input.
         out_real = os.path.realpath(args.output)
         if out_real != os.path.realpath(args.input):

@@ -268,6 +268,27 @@ def test_missing_and_empty_domain_folders(tmp_path):
         UnalignedDataset(str(root), phase="test")
 
 
+def test_unreadable_folder_is_named_not_called_empty(tmp_path, monkeypatch):
+    """os.walk skips a folder it cannot list; the dataset then said "contains no image files"
+    (or silently trained without a sub-folder). Permissions cannot be taken from root, so the
+    listing is refused the way the kernel refuses it."""
+    root = tmp_path / "ds"
+    for d in ("trainA", "trainB/locked"):
+        (root / d).mkdir(parents=True)
+    _save_rgb(root / "trainA" / "a.png")
+    _save_rgb(root / "trainB" / "b.png")
+    locked, real_scandir = str(root / "trainB" / "locked"), os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DatasetError, match=r"trainB.*cannot list.*locked.*Permission denied"):
+        UnalignedDataset(str(root))
+
+
 def test_bad_arguments(tmp_path):
     root = _make_layout(tmp_path / "ds")
     with pytest.raises(DatasetError, match="preprocess"):

@@ -133,7 +133,10 @@ def _check_common_args(preprocess, load_size, crop_size, channel_args):
 def _list_domain(folder: str, max_size: float) -> list[str]:
     if not os.path.isdir(folder):
         raise DatasetError(f"dataset folder {folder!r} does not exist")
-    paths = make_dataset(folder, max_size)
+    try:
+        paths = make_dataset(folder, max_size)
+    except OSError as e:
+        raise DatasetError(f"dataset folder {folder!r}: cannot list {e.filename or folder!r}: {e.strerror or e}") from None
     if not paths:
         exts = ", ".join(sorted(IMG_EXTENSIONS))
         raise DatasetError(f"dataset folder {folder!r} contains no image files ({exts})")

@@ -129,7 +129,11 @@ def make_dataset(directory: str, max_size: float = math.inf) -> list[str]:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} is not a directory")
     found = []
-    for root, dirs, files in os.walk(directory):
+
+    def unreadable(e: OSError) -> None:  # os.walk would skip the folder silently: it is not empty
+        raise e
+
+    for root, dirs, files in os.walk(directory, onerror=unreadable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for f in files:
             if not f.startswith(".") and is_image_file(f):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, Union
 
@@ -136,9 +137,9 @@ TEMPORARY_PATTERN = r"\..+\.(\d+)\.tmp"
 
 
 def remove_stale_temporaries(folder: str, pattern: str = TEMPORARY_PATTERN) -> list[str]:
-    """Delete the temporary files that killed writers left in ``folder``: names matching
-    ``pattern`` (a regex whose one group is the writer's pid) whose process no longer runs.
-    Returns the paths removed."""
+    """Delete the temporary files (or folders) that killed writers left in ``folder``: names
+    matching ``pattern`` (a regex whose one group is the writer's pid) whose process no longer
+    runs. Returns the paths removed."""
     import re
 
     if not os.path.isdir(folder):
@@ -153,7 +154,10 @@ def remove_stale_temporaries(folder: str, pattern: str = TEMPORARY_PATTERN) -> l
             continue
         p = os.path.join(folder, n)
         with contextlib.suppress(OSError):
-            os.remove(p)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
             removed.append(p)
     return removed
 

@@ -252,6 +252,20 @@ def test_config_errors_exit_2_before_anything_is_written(tmp_path, synth, extra,
     assert not (tmp_path / "out").exists()
 
 
+def test_ctrl_c_before_the_loop_exits_130_without_a_traceback(monkeypatch, capsys):
+    """SIGINT during start-up (imports, data set-up, compile) came before the loop's handler and
+    ended in a KeyboardInterrupt traceback."""
+    import fastcgan.train.loop as loop
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    assert cli_main(["--dataset", "synthetic", "--max-steps", "1", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+
+
 def test_output_dir_that_cannot_be_a_folder_exits_2(tmp_path, synth, capsys):
     """--output-dir naming a file (or a read-only folder) was an OSError traceback with exit 1."""
     (tmp_path / "afile").write_text("keep me")

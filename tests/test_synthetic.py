@@ -164,6 +164,19 @@ def test_ensure_is_idempotent(tmp_path):
     assert not [f for f in os.listdir(os.path.dirname(root)) if f.startswith(".synthetic-")]
 
 
+def test_folder_of_a_killed_generator_is_removed(tmp_path):
+    """SIGTERM during generation (before the trainer's handlers) runs no finally: the next
+    generation removes the temporary folder of a writer that no longer runs, never a live one's."""
+    dead = tmp_path / ".synthetic-4999999-abcd"  # above Linux's largest pid_max: certainly dead
+    live = tmp_path / f".synthetic-{os.getppid()}-efgh"  # the parent process: alive
+    for d in (dead, live):
+        (d / "trainA").mkdir(parents=True)
+        (d / "trainA" / "0.png").write_bytes(b"partial")
+    ensure_synthetic_dataset(str(tmp_path / "s"), size=16, n_train=2, n_test=1)
+    assert not dead.exists() and live.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["s", live.name])
+
+
 def test_refuses_foreign_folder_and_bad_args(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep")

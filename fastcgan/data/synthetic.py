@@ -34,6 +34,8 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from fastcgan.fileio import remove_stale_temporaries
+
 __all__ = [
     "MANIFEST",
     "ensure_synthetic_aligned_dataset",
@@ -159,6 +161,9 @@ def _check_args(size, n_train, n_test):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
+STALE_PATTERN = r"\.synthetic-(\d+)-.+"
+
+
 def _write_dataset(out_dir: str, folders: tuple[str, ...], params: dict, fill) -> str:
     """Write a dataset into ``out_dir`` through a temporary sibling folder: ``fill(tmp)`` writes
     ``folders`` and returns the image counts; the folders are moved in and the manifest last."""
@@ -174,7 +179,10 @@ def _write_dataset(out_dir: str, folders: tuple[str, ...], params: dict, fill) -
         raise FileExistsError(f"{out_dir!r} exists and is not a directory")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
+    # A generator killed by a signal (SIGTERM, SIGKILL: no finally runs) left its folder: the pid
+    # in the name tells whether its writer still runs.
+    remove_stale_temporaries(parent, STALE_PATTERN)
+    tmp = tempfile.mkdtemp(prefix=f".synthetic-{os.getpid()}-", dir=parent)
     try:
         counts = fill(tmp)
         os.makedirs(out_dir, exist_ok=True)

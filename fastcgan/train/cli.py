@@ -310,6 +310,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (TrainingError, WriteError) as e:
         print(f"fastcgan-train: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside the loop's own handler (start-up, final evaluation)
+        print("fastcgan-train: interrupted; every checkpoint already written is kept", file=sys.stderr)
+        return 130
     s = summary
     if s.get("rank", 0) != 0:  # under torchrun only process 0 reports
         return s["exit_code"]

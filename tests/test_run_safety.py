@@ -298,6 +298,53 @@ def test_scale_width_cannot_blow_a_thin_image_up(tmp_path, synth, preprocess):
     assert skipped == (str(root / "trainA" / "0_thin.png"),) and img.size[0] == 286 and path != skipped[0]
 
 
+def _folder_set(root, sizes_a, sizes_b, bad=False):
+    from PIL import Image
+
+    for d, sizes in (("trainA", sizes_a), ("trainB", sizes_b)):
+        (root / d).mkdir(parents=True)
+        for i, wh in enumerate(sizes):
+            if bad:
+                (root / d / f"{i}.jpg").write_bytes(b"not a jpeg at all" * 8)
+            else:
+                Image.new("RGB", wh, (40 * i, 90, 200)).save(root / d / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "case,extra,said",
+    [
+        # --preprocess none keeps each size, but the step batches both domains and pools fakes:
+        # these crashed in the step (or the sample grid) after the run folder was written.
+        ("mixed-in-A", ["--preprocess", "none"], "0.png"),
+        ("A-vs-B", ["--preprocess", "none"], "comes out"),
+        ("unet-multiple", ["--preprocess", "none", "--netG", "unet_256"], "--preprocess"),
+        ("all-unreadable", [], "no readable images"),
+    ],
+)
+def test_unusable_data_exits_2_before_anything_is_written(tmp_path, case, extra, said, capsys):
+    sizes = {"mixed-in-A": ([(32, 32), (48, 32)], [(32, 32)] * 2), "A-vs-B": ([(32, 32)] * 2, [(48, 48)] * 2)}
+    a, b = sizes.get(case, ([(32, 32)] * 2, [(32, 32)] * 2))
+    root = _folder_set(tmp_path / "data", a, b, bad=case == "all-unreadable")
+    args = ["--dataroot", str(root), "--output-dir", str(tmp_path / "out"), "--name", "r", "--ngf", "4", "--ndf",
+            "4", "--load-size", "32", "--crop-size", "32", "--max-steps", "2", "--no-progress", "--num-workers", "0"]
+    assert cli_main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_preprocess_none_trains_at_the_images_own_size(tmp_path, capsys):
+    """One image size, no crop: trains, and the sample grid takes the images' size, not
+    --crop-size (30 is no multiple of 4: the grid crashed the run at its first sample)."""
+    root = _folder_set(tmp_path / "data", [(40, 32)] * 2, [(40, 32)] * 2)
+    args = ["--dataroot", str(root), "--output-dir", str(tmp_path / "out"), "--name", "r", "--ngf", "4", "--ndf",
+            "4", "--preprocess", "none", "--crop-size", "30", "--max-steps", "2", "--sample-every", "1",
+            "--no-progress", "--num-workers", "0", "--eval-every", "0"]
+    assert cli_main(args) == 0, capsys.readouterr().err
+    assert os.listdir(tmp_path / "out" / "r" / "samples")
+
+
 def test_oversized_training_image_is_skipped_by_its_header(tmp_path, synth, capsys):
     """--max-image-pixels: an image above the limit is skipped (and counted) without decoding,
     the way a decompression bomb (a 140 KB 12000x12000 PNG) would be at the default limit."""

@@ -42,7 +42,7 @@ from fastcgan.data.datasets import (
     resize_deterministic,
 )
 from fastcgan.data.device import DeviceImageBank
-from fastcgan.data.images import BadImageError, open_image, pil_to_tensor
+from fastcgan.data.images import BadImageError, open_image, oriented_size, pil_to_tensor
 
 __all__ = [
     "ALIGNED_DIRECTIONS",
@@ -170,6 +170,19 @@ class AlignedDataset(FolderDataset):
     # -- bookkeeping (as UnalignedDataset) ---------------------------------------------------
     def __len__(self) -> int:
         return len(self.AB_paths)
+
+    def _input_size(self, wh: tuple[int, int]) -> tuple[int, int] | None:
+        """Size of the input image within a file of size ``wh`` (a pair: its half; odd: unusable)."""
+        w, h = wh
+        return (w // 2, h) if w >= 2 and w % 2 == 0 else None
+
+    def _item_sizes(self):
+        for p in self.AB_paths:
+            wh = oriented_size(p)
+            yield p, None if wh is None else self._input_size(wh)
+
+    def check_usable(self) -> None:
+        self.load_resized(0)
 
     def validate(self) -> list[str]:
         """Decode and split every file now; drop and record unusable ones. Returns the skipped paths."""
@@ -324,6 +337,9 @@ class ColorizationDataset(AlignedDataset):
     def _open_pair(self, path: str) -> tuple[Image.Image, Image.Image]:
         img = open_image(path, 3)
         return img, img  # the same object: resized once (load_resized)
+
+    def _input_size(self, wh: tuple[int, int]) -> tuple[int, int]:
+        return wh
 
     def __repr__(self) -> str:
         return (

@@ -16,8 +16,10 @@ none                   round H and W to the nearest multiple of 4      flip
 Only ``resize_and_crop`` guarantees one image size before the crop, so only there can the crop be
 batched on the device; in the other modes the per-image size may vary (non-square images), so the
 crop runs here on the CPU. ``ds.batch_augment`` holds the arguments for :func:`augment_batch`.
-``scale_width`` and ``none`` keep per-image sizes, so they batch only when sizes agree (as in the
-official loader, use batch size 1 otherwise).
+``scale_width`` and ``none`` keep per-image sizes. The official loop takes mixed sizes at batch 1;
+fastcgan's step runs both domains through one call and pools past fakes in fixed-shape buffers,
+so training needs every image to come out at one size (:meth:`FolderDataset.check_one_size`,
+on the headers, before the run writes anything).
 
 Randomness (the B partner and CPU crop offsets) comes from ``numpy.random.default_rng((seed,
 epoch, index))``: identical in every DataLoader worker layout, and different every epoch once the
@@ -30,7 +32,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ from fastcgan.data.images import (
     IMG_EXTENSIONS,
     BadImageError,
     get_max_image_pixels,
+    oriented_size,
     make_dataset,
     open_image,
     pil_to_tensor,
@@ -55,6 +58,7 @@ __all__ = [
     "UnalignedDataset",
     "collate",
     "resize_deterministic",
+    "resized_size",
 ]
 
 PREPROCESS_MODES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
@@ -76,21 +80,30 @@ def _warn_skip(err: BadImageError) -> None:
     warnings.warn(msg, SkippedImageWarning, stacklevel=3)
 
 
-def _make_multiple(img: Image.Image, base: int = 4) -> Image.Image:
-    """Round each side to the nearest multiple of ``base`` (at least ``base``), bicubic."""
-    ow, oh = img.size
-    w = max(base, round(ow / base) * base)
-    h = max(base, round(oh / base) * base)
-    if (w, h) == (ow, oh):
-        return img
-    return img.resize((w, h), Image.BICUBIC)
+def resized_size(size: tuple[int, int], preprocess: str, load_size: int, crop_size: int) -> tuple[int, int]:
+    """(width, height) that :func:`resize_deterministic` gives an image of ``size``."""
+    ow, oh = size
+    if preprocess == "resize_and_crop":
+        return load_size, load_size
+    if preprocess in ("scale_width", "scale_width_and_crop"):
+        if ow == load_size and oh >= crop_size:
+            return ow, oh
+        return load_size, int(max(load_size * oh / ow, crop_size))
+    if preprocess == "none":  # each side to the nearest multiple of 4 (at least 4)
+        return max(4, round(ow / 4) * 4), max(4, round(oh / 4) * 4)
+    return ow, oh  # "crop": no resize
+
+
+def _make_multiple(img: Image.Image) -> Image.Image:
+    w, h = resized_size(img.size, "none", 0, 0)
+    return img if (w, h) == img.size else img.resize((w, h), Image.BICUBIC)
 
 
 def _scale_width(img: Image.Image, target_width: int, min_height: int, path: str) -> Image.Image:
     ow, oh = img.size
-    if ow == target_width and oh >= min_height:
+    _, h = resized_size(img.size, "scale_width", target_width, min_height)
+    if (target_width, h) == (ow, oh):
         return img
-    h = int(max(target_width * oh / ow, min_height))
     # The height follows the aspect ratio: a 1x80000 image (400 bytes, 80 k pixels) would become
     # 286 x 22.9 M pixels. The result is held to the same pixel limit as decoded files.
     limit = get_max_image_pixels()
@@ -112,7 +125,7 @@ def resize_deterministic(
     if preprocess in ("scale_width", "scale_width_and_crop"):
         return _scale_width(img, load_size, crop_size, path)
     if preprocess == "none":
-        return _make_multiple(img, 4)
+        return _make_multiple(img)
     return img  # "crop": no resize
 
 
@@ -201,6 +214,40 @@ class FolderDataset(Dataset):
         if self._crops_on_cpu and (w < self.crop_size or h < self.crop_size):
             raise BadImageError(path, f"{what}{w}x{h} is smaller than crop_size {self.crop_size}")
 
+    # -- checks before training (nothing is written until they pass) -------------------------
+    def _item_sizes(self) -> Iterator[tuple[str, tuple[int, int] | None]]:
+        """(path, size of the image the model sees, from the header only) of every training image."""
+        raise NotImplementedError
+
+    def check_one_size(self) -> tuple[int, int] | None:
+        """``--preprocess none`` / ``scale_width`` keep each image's size, but the training step
+        runs the two domains through one network call and keeps past fakes in a fixed-shape pool,
+        so every image must come out at one size: checked on the file headers (nothing decoded),
+        naming two files that differ. (The official loop, image by image, allows mixed sizes at
+        batch 1.) Unreadable headers are left to the decoder, which skips such files. Returns
+        that (width, height), or ``None`` in the cropping modes."""
+        if self.preprocess not in ("none", "scale_width"):
+            return None
+        first = None
+        for path, wh in self._item_sizes():
+            if wh is None:
+                continue
+            size = resized_size(wh, self.preprocess, self.load_size, self.crop_size)
+            if first is None:
+                first = (path, size)
+            elif size != first[1]:
+                raise DatasetError(
+                    f"--preprocess {self.preprocess}: {path!r} comes out {size[0]}x{size[1]} but {first[0]!r} "
+                    f"{first[1][0]}x{first[1][1]}; fastcgan trains on one image size (the step batches both "
+                    "domains and pools past fakes): use --preprocess resize_and_crop or scale_width_and_crop"
+                )
+        return None if first is None else first[1]
+
+    def check_usable(self) -> None:
+        """Decode until one usable image per domain is found: a dataset whose files are all
+        unusable is a :class:`DatasetError` before the run writes anything."""
+        raise NotImplementedError
+
     def _crop_box(self, img: Image.Image, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
         """The random CPU crop window of ``img`` (None: this mode crops on the device or not at all)."""
         if not self._crops_on_cpu:
@@ -259,6 +306,14 @@ class UnalignedDataset(FolderDataset):
 
     def __len__(self) -> int:
         return max(len(self.A_paths), len(self.B_paths))
+
+    def _item_sizes(self):
+        for p in self.A_paths + self.B_paths:
+            yield p, oriented_size(p)
+
+    def check_usable(self) -> None:
+        self.load_resized("A", 0)
+        self.load_resized("B", 0)
 
     def validate(self) -> list[str]:
         """Decode every file now; drop and record unreadable ones. Returns the skipped paths."""

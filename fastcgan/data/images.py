@@ -95,9 +95,7 @@ def check_image_pixels(path: str, size: tuple[int, int], max_pixels: int | None 
         )
 
 
-def image_size(path: str) -> tuple[int, int] | None:
-    """(width, height) from the file's header without decoding the pixels (EXIF rotation not
-    applied); ``None`` when the header cannot be read (the decoder reports why later)."""
+def _header(path: str, oriented: bool) -> tuple[int, int] | None:
     try:
         with _PIL_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -109,9 +107,28 @@ def image_size(path: str) -> tuple[int, int] | None:
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
             with src:
-                return (int(src.size[0]), int(src.size[1]))
+                w, h = int(src.size[0]), int(src.size[1])
+                if oriented:
+                    try:
+                        if src.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+                            w, h = h, w
+                    except Exception:  # noqa: BLE001 - malformed EXIF: open_image keeps the stored orientation
+                        pass
+                return w, h
     except (OSError, SyntaxError, ValueError, EOFError):
         return None
+
+
+def image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header without decoding the pixels (EXIF rotation not
+    applied); ``None`` when the header cannot be read (the decoder reports why later)."""
+    return _header(path, oriented=False)
+
+
+def oriented_size(path: str) -> tuple[int, int] | None:
+    """:func:`image_size` after the EXIF orientation that :func:`open_image` applies (a portrait
+    photo stored landscape is (h, w)); still header-only. ``None`` when the header is unreadable."""
+    return _header(path, oriented=True)
 
 
 def is_image_file(name: str) -> bool:

@@ -50,6 +50,16 @@ MAX_N_LAYERS_D = 10
 MAX_NUM_WORKERS = 128
 
 
+def min_discriminator_side(m: "ModelConfig") -> int:
+    """Smallest image side the discriminator gives a score for: 4x4 convolutions, n stride-2
+    ones halve the side, the PatchGAN's two stride-1 ones take 1 each (udacity's one), and at
+    least one score must remain."""
+    if m.netD not in ("basic", "n_layers", "udacity"):
+        return 1
+    n = {"basic": 3, "n_layers": m.n_layers_D, "udacity": 4}[m.netD]
+    return (2 if m.netD == "udacity" else 3) * 2**n
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     recipe: str = "cyclegan"  # --model: the training recipe (fastcgan.recipes)
@@ -412,14 +422,9 @@ class TrainConfig:
                 raise ConfigError(f"{k} ({_flag(k)}): must be a finite number, got {v}")
         m, d = self.model, self.data
         crops = d.preprocess in ("resize_and_crop", "crop", "scale_width_and_crop")
-        if crops and m.netD in ("basic", "n_layers", "udacity"):
-            # 4x4 convolutions: n stride-2 ones halve the side, the PatchGAN's two stride-1 ones
-            # take 1 each (udacity: one), and at least one score must remain.
-            n = {"basic": 3, "n_layers": m.n_layers_D, "udacity": 4}[m.netD]
-            need = (2 if m.netD == "udacity" else 3) * 2**n
-            if d.crop_size < need:
-                raise ConfigError(f"crop_size (--crop-size) {d.crop_size}: netD {m.netD} with {n} stride-2 layers "
-                                  f"needs images of at least {need}x{need} (fewer --n-layers-D, or larger crops)")
+        if crops and d.crop_size < min_discriminator_side(m):
+            raise ConfigError(f"crop_size (--crop-size) {d.crop_size}: netD {m.netD} needs images of at least "
+                              f"{min_discriminator_side(m)}² (fewer --n-layers-D, or larger crops)")
         if m.recipe == "cyclegan" and self.loss.lambda_identity > 0 and m.input_nc != m.output_nc:
             raise ConfigError(f"lambda_identity (--lambda-identity) {self.loss.lambda_identity}: the identity loss "
                               f"feeds B images to G_AB, so it needs input_nc == output_nc (got {m.input_nc} and "

@@ -84,10 +84,20 @@ def sample_images(cfg: TrainConfig, root: str, recipe=None) -> dict[str, torch.T
         ds = build_dataset(cfg, root, "train", recipe)
     if isinstance(ds, AlignedDataset):  # pairs: B[i] is the target of A[i] (same center crop)
         pairs = [ds.load_resized(i)[:2] for i in range(min(cfg.run.n_samples, len(ds)))]
-        s = cfg.data.crop_size
+        s = _sample_side(cfg, [p[0] for p in pairs])
         return {d: torch.stack([_center(p[k], s) for p in pairs]) for k, d in enumerate("AB")}
-    out = {}
-    for dom, size in (("A", ds.A_size), ("B", ds.B_size)):
-        n = min(cfg.run.n_samples, size)
-        out[dom] = torch.stack([_center(ds.load_resized(dom, i)[0], cfg.data.crop_size) for i in range(n)])
-    return out
+    imgs = {d: [ds.load_resized(d, i)[0] for i in range(min(cfg.run.n_samples, n))]
+            for d, n in (("A", ds.A_size), ("B", ds.B_size))}
+    s = _sample_side(cfg, imgs["A"] + imgs["B"])
+    return {d: torch.stack([_center(im, s) for im in ims]) for d, ims in imgs.items()}
+
+
+def _sample_side(cfg: TrainConfig, imgs) -> int:
+    """Side of the square sample crops: the training crop, or without one (``--preprocess none``
+    / ``scale_width``) the largest side every sample image holds that the generator takes."""
+    from fastcgan.models import generator_size_multiple
+
+    if "crop" in cfg.data.preprocess:
+        return cfg.data.crop_size
+    m = generator_size_multiple(cfg.model.netG)
+    return max(m, min(min(im.size) for im in imgs) // m * m)

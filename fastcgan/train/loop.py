@@ -38,7 +38,7 @@ from fastcgan.devices import resolve_device
 from fastcgan.fileio import atomic_write
 from fastcgan.recipes import get_recipe
 from fastcgan.train.checkpoint import restore_state, resume_plan, save_checkpoint
-from fastcgan.train.config import ConfigError, TrainConfig
+from fastcgan.train.config import ConfigError, TrainConfig, min_discriminator_side
 from fastcgan.train.cuda_graphs import use_cuda_graphs
 from fastcgan.train.data import build_batches, build_dataset, dataset_nbytes, prepare_dataroot, sample_images
 from fastcgan.train.distributed import from_environment
@@ -65,6 +65,23 @@ def check_kernels(kernels: str, device: torch.device) -> None:
     if not st.available or device.type not in st.devices:
         why = st.reason if not st.available else f"it runs on {', '.join(st.devices)}, not {device.type}"
         raise ConfigError(f"kernels (--kernels) {kernels!r} cannot run on {device}: {why}; use --kernels auto")
+
+
+def check_image_size(cfg: TrainConfig, size: Optional[tuple[int, int]]) -> None:
+    """The one image size of a non-cropping ``--preprocess`` against the networks (the cropping
+    modes check ``--crop-size`` in the config)."""
+    from fastcgan.models import generator_size_multiple
+
+    if size is None:
+        return
+    w, h = size
+    m = generator_size_multiple(cfg.model.netG)
+    if w % m or h % m:
+        raise ConfigError(f"preprocess (--preprocess) {cfg.data.preprocess}: the images come out {w}x{h}, but netG "
+                          f"{cfg.model.netG} needs multiples of {m}; use a cropping --preprocess")
+    if min(w, h) < min_discriminator_side(cfg.model):
+        raise ConfigError(f"preprocess (--preprocess) {cfg.data.preprocess}: the images come out {w}x{h}, smaller "
+                          f"than netD {cfg.model.netD} needs ({min_discriminator_side(cfg.model)}²)")
 
 
 def _device(spec: str) -> torch.device:
@@ -114,6 +131,8 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             ctx.barrier()
             root = root or prepare_dataroot(cfg, recipe)
             ds = build_dataset(cfg, root, "train", recipe)  # bad layout: DatasetError before training
+            check_image_size(cfg, ds.check_one_size())  # headers only (--preprocess none / scale_width)
+            ds.check_usable()  # decodes up to the first usable image per domain
             cfg, fast_line = resolve_fast_path(cfg, device, ctx.world_size, dataset_nbytes(cfg, ds))
             use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
             cleanup.enter_context(cudnn_autotuning(cfg, device))

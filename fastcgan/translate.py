@@ -4,7 +4,7 @@
     fastcgan-translate --checkpoint g.onnx --input photo.jpg --output out/ --tile 512
 
 Outputs are PNG files with the input's size and file name (``a.jpg`` -> ``a.png``; sub-folders
-of an input directory are kept). Images of the same size are batched together. Unreadable
+of an input directory are kept), marked with a ``Software: fastcgan-translate`` text chunk. Images of the same size are batched together. Unreadable
 images are skipped with a warning and counted, like the data loader does.
 
 Nothing is lost and nothing unexpected runs. Before anything is written (exit status 2, naming
@@ -67,14 +67,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Every PNG written carries this text chunk: in an --output folder inside --input it tells the
+# translations of an earlier run (not inputs) from the user's own images there (inputs: never
+# overwritten, even with --overwrite).
+OUTPUT_MARK = ("Software", "fastcgan-translate")
+
+
+def _is_output_of_ours(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # reads the chunks before the pixel data, decodes nothing
+            return im.format == "PNG" and im.text.get(OUTPUT_MARK[0]) == OUTPUT_MARK[1]
+    except Exception:  # noqa: BLE001 - unreadable: not one of ours
+        return False
+
+
 def _output_names(files: list[str], root: str | None) -> list[str]:
-    """Relative output paths ``<name>.png``; a clash (``a.jpg`` and ``a.png``) keeps the full name."""
+    """Relative output paths ``<name>.png``, distinct: a clash (``a.jpg`` and ``a.png``) keeps the
+    full name (``a.jpg.png``), and a name still taken (``a.png`` vs an input called ``a.png.png``)
+    gets a counter (``a.png.1.png``), so no translation is written over another."""
     rel = [os.path.relpath(f, root) if root else os.path.basename(f) for f in files]
     stems = [os.path.splitext(r)[0] + ".png" for r in rel]
     counts: dict[str, int] = {}
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
-    return [s if counts[s] == 1 else r + ".png" for s, r in zip(stems, rel)]
+    wanted = [s if counts[s] == 1 else r + ".png" for s, r in zip(stems, rel)]
+    taken, out = set(), []
+    for w in wanted:
+        name, k = w, 0
+        while os.path.normcase(name) in taken:
+            k += 1
+            name = f"{w[:-4]}.{k}.png"
+        taken.add(os.path.normcase(name))
+        out.append(name)
+    return out
 
 
 def _url(path: str, start: str) -> str:
@@ -141,8 +168,13 @@ def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
     if os.path.isdir(args.input) and out_real == in_real:
         return (f"--output {out} is the input directory {args.input}: the translated images would be written "
                 "among (and possibly over) the inputs; choose another output directory")
-    if os.path.exists(out) and not os.path.isdir(out):
-        return f"--output {out} exists and is not a directory"
+    if os.path.lexists(out) and not os.path.isdir(out):
+        return f"--output {out} exists and is not a directory" + (" (a link to nowhere)" if os.path.islink(out) else "")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):  # the folders makedirs would create: each under a folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--output {out}: {parent} is a file, not a folder"
     reals = {os.path.realpath(f): f for f in files}
     ids = {i: f for f in files if (i := _identity(f)) is not None}
     clashes = []
@@ -175,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args) -> int:
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     from fastcgan.data import BadImageError, image_size, is_image_file, load_image, make_dataset
     from fastcgan.data.images import set_max_image_pixels
@@ -201,10 +234,11 @@ def _main(args) -> int:
             files, root = make_dataset(args.input), args.input
         except OSError as e:  # an unreadable sub-folder: not silently left out
             return _error(f"--input {args.input}: cannot list {e.filename or args.input}: {e.strerror or e}")
-        # An output folder inside the input folder: what is already there is output, not input.
+        # An output folder inside the input folder: our translations from an earlier run there are
+        # outputs, not inputs; any other image there is an input like the rest.
         out_real = os.path.realpath(args.output)
         if out_real != os.path.realpath(args.input):
-            files = [f for f in files if not _inside(os.path.realpath(f), out_real)]
+            files = [f for f in files if not (_inside(os.path.realpath(f), out_real) and _is_output_of_ours(f))]
         if not files:
             return _error(f"--input {args.input}: no image files found")
     else:
@@ -262,7 +296,6 @@ def _main(args) -> int:
     except ValueError as e:
         return _error(str(e))
 
-    os.makedirs(args.output, exist_ok=True)
     try:
         from tqdm import tqdm
 
@@ -299,11 +332,14 @@ def _main(args) -> int:
             arr = y[0].permute(1, 2, 0).numpy() if y.dim() == 4 else y.permute(1, 2, 0).numpy()
             arr = np.ascontiguousarray(arr)
             img = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
+            mark = PngInfo()
+            mark.add_text(*OUTPUT_MARK)
             try:
-                # Atomic: a crash leaves the previous file or the complete new one; a symlink at the
+                # The folders are made here, by the first output: a run that translates nothing
+                # leaves none. Atomic: a crash leaves the previous file or the complete new one; a symlink at the
                 # destination is replaced, never written through.
                 with atomic_writer(dests[i]) as f:
-                    img.save(f, format="PNG")
+                    img.save(f, format="PNG", pnginfo=mark)
             except WriteError as e:
                 if bar is not None:
                     bar.close()
@@ -315,7 +351,7 @@ def _main(args) -> int:
         del loaded, outs
     if bar is not None:
         bar.close()
-    if page is not None:
+    if page is not None and done:
         unread = set(skipped)
         rows = [(f, d) for f, d in zip(files, dests) if f not in unread]
         title = f"{args.checkpoint} ({args.direction}, {translator.engine}): {args.input}"

@@ -154,6 +154,61 @@ def test_translate_output_inside_input_skips_earlier_outputs(gen_file, tmp_path,
     assert sorted(os.listdir(out)) == ["im0.png", "im1.png"]
 
 
+def test_translate_never_overwrites_user_images_inside_a_nested_output(gen_file, tmp_path, capsys):
+    """An --output folder inside --input: earlier translations there are skipped as inputs, but a
+    user's own image there is an input. It used to be skipped as 'output' too, so --overwrite
+    replaced it with the translation of its namesake one level up."""
+    src = _pngs(tmp_path / "nest")
+    (src / "sub").mkdir()
+    shutil.copy(src / "im0.png", src / "sub" / "im0.png")  # the user's image, not a translation
+    before = _digests(src)
+    args = ["--checkpoint", str(gen_file), "--input", str(src), "--output", str(src / "sub"), "--device", "cpu",
+            "--no-progress", "--overwrite"]  # fmt: skip
+    assert translate(args) == 2
+    assert "would overwrite the input file" in capsys.readouterr().err
+    assert _digests(src) == before
+
+
+def test_translate_gives_every_input_its_own_output(gen_file, tmp_path, capsys):
+    """a.jpg and a.png clash on a.png, so both keep their full names -- and a.png.png then took
+    a.png's (one translation silently written over the other, 'translated 3 image(s)')."""
+    src = tmp_path / "coll"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.jpg", "a.png", "a.png.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(src / name)
+    out = tmp_path / "out"
+    assert translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--device", "cpu",
+                      "--no-progress"]) == 0  # fmt: skip
+    assert len(os.listdir(out)) == 3
+
+
+@pytest.mark.parametrize("case", ["dangling-link", "under-a-file"])
+def test_translate_output_that_cannot_be_a_folder_exits_2_first(gen_file, tmp_path, case, capsys):
+    src = _pngs(tmp_path / "photos", n=1)
+    if case == "dangling-link":
+        out = tmp_path / "dl"
+        out.symlink_to(tmp_path / "nowhere" / "x")
+    else:
+        out = src / "im0.png" / "sub"
+    before = _digests(tmp_path)
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--device", "cpu",
+                    "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--output" in err and "Traceback" not in err, err
+    assert _digests(tmp_path) == before
+
+
+def test_translate_that_translates_nothing_leaves_no_folder(gen_file, tmp_path, capsys):
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="notes.png"):
+        rc = translate(["--checkpoint", str(gen_file), "--input", str(bad), "--output", str(out), "--html",
+                        "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert rc == 1 and not out.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # 2. resource limits with names
 # --------------------------------------------------------------------------------------------

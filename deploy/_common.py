@@ -30,6 +30,16 @@ class ArtifactError(ValueError):
         self.reason = reason
 
 
+class SpecError(ValueError):
+    """An artifact's fastcgan metadata is malformed (the loader names the file)."""
+
+
+# Bounds on what an artifact's metadata may ask for: U-Net 256 needs multiples of 256; a static
+# (TensorRT / fixed-shape) tile beyond 4096² is no tile.
+MAX_SIZE_MULTIPLE = 1024
+MAX_STATIC_SIDE = 4096
+
+
 @dataclasses.dataclass(frozen=True)
 class GeneratorSpec:
     """What a runtime needs to know about an exported generator."""
@@ -51,11 +61,41 @@ class GeneratorSpec:
 
     @classmethod
     def from_json(cls, text: str) -> GeneratorSpec:
-        d = json.loads(text)
+        """Parse and check the spec an artifact carries. The file may be crafted: every field is
+        checked for type and range (a ``size_multiple`` of 0 divided by zero, a ``static_hw`` of
+        60000² allocated 43 GB), so a bad one is a :class:`SpecError`, never a crash later."""
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise SpecError(f"fastcgan metadata is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise SpecError(f"fastcgan metadata must be a JSON object, got {type(d).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in fields}
-        if d.get("static_hw"):
-            d["static_hw"] = tuple(int(v) for v in d["static_hw"])
+
+        def whole(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name, lo, hi in (("input_nc", 1, 4), ("output_nc", 1, 4), ("size_multiple", 1, MAX_SIZE_MULTIPLE),
+                             ("min_size", 1, MAX_STATIC_SIDE)):
+            v = d.get(name, getattr(cls, name))
+            if not (whole(v) and lo <= v <= hi):
+                raise SpecError(f"fastcgan metadata: {name} must be an integer in [{lo}, {hi}], got {v!r}")
+        hw = d.get("static_hw")
+        if hw:
+            if not (isinstance(hw, list) and len(hw) == 2 and all(whole(v) and 1 <= v <= MAX_STATIC_SIDE for v in hw)):
+                raise SpecError(f"fastcgan metadata: static_hw must be [height, width] in [1, {MAX_STATIC_SIDE}], "
+                                f"got {hw!r}")
+            d["static_hw"] = tuple(hw)
+        else:
+            d["static_hw"] = None
+        if d.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
+            raise SpecError(f"fastcgan metadata: unknown dtype {d.get('dtype')!r}")
+        for name in ("arch", "direction"):
+            if d.get(name) is not None and not isinstance(d[name], str):
+                raise SpecError(f"fastcgan metadata: {name} must be a string, got {d[name]!r}")
+        if not isinstance(d.get("config", {}), dict):
+            raise SpecError(f"fastcgan metadata: config must be an object, got {d.get('config')!r}")
         return cls(**d)
 
     def replace(self, **kw) -> GeneratorSpec:

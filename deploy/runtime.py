@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from fastcgan.deploy._common import (
     ArtifactError,
     GeneratorSpec,
+    SpecError,
     artifact_kind,
     load_torch_generator,
     resolve_device,
@@ -470,44 +471,47 @@ def load(
     dtype = torch.float16 if fp16 else (torch.bfloat16 if bf16 else torch.float32)
     keep: list = []
 
-    if kind in ("run", "safetensors"):
-        model, spec = load_torch_generator(path, direction=direction, backend=backend)
-        if engine in ("torch", "compiled"):
-            runner: _Runner = TorchRunner(model, dev, dtype, compiled=engine == "compiled",
-                                          compile_mode=compile_mode, channels_last=channels_last)
-        else:
-            tmp = tempfile.TemporaryDirectory(prefix="fastcgan-deploy-")
-            keep.append(tmp)
-            if engine == "aoti":
-                from fastcgan.deploy.aoti import compile_isolated, export_aoti
-
-                pt2 = os.path.join(tmp.name, "g.pt2")
-                if dev.type == "cuda":
-                    # torch 2.11 crashed loading a CUDA package in the process that compiled it.
-                    compile_isolated(path, pt2, dev, direction=direction, dtype=dtype)
-                else:
-                    export_aoti(model, pt2, spec, device=dev, dtype=dtype)
-                runner, spec = _aoti_runner(pt2, dev)
+    try:
+        if kind in ("run", "safetensors"):
+            model, spec = load_torch_generator(path, direction=direction, backend=backend)
+            if engine in ("torch", "compiled"):
+                runner: _Runner = TorchRunner(model, dev, dtype, compiled=engine == "compiled",
+                                              compile_mode=compile_mode, channels_last=channels_last)
             else:
-                from fastcgan.deploy.onnx_export import export_onnx
+                tmp = tempfile.TemporaryDirectory(prefix="fastcgan-deploy-")
+                keep.append(tmp)
+                if engine == "aoti":
+                    from fastcgan.deploy.aoti import compile_isolated, export_aoti
 
-                onnx_path = os.path.join(tmp.name, "g.onnx")
-                spec = export_onnx(model, onnx_path, spec, fp16=fp16 and engine == "onnx")
-                runner, spec = _onnx_like_runner(onnx_path, engine, dev, spec, fp16, bf16, threads, keep)
-    elif kind == "onnx":
-        from fastcgan.deploy.onnx_export import read_spec
+                    pt2 = os.path.join(tmp.name, "g.pt2")
+                    if dev.type == "cuda":
+                        # torch 2.11 crashed loading a CUDA package in the process that compiled it.
+                        compile_isolated(path, pt2, dev, direction=direction, dtype=dtype)
+                    else:
+                        export_aoti(model, pt2, spec, device=dev, dtype=dtype)
+                    runner, spec = _aoti_runner(pt2, dev)
+                else:
+                    from fastcgan.deploy.onnx_export import export_onnx
 
-        spec = read_spec(path)
-        runner, spec = _onnx_like_runner(path, engine, dev, spec, fp16, bf16, threads, keep)
-    elif kind == "engine":
-        from fastcgan.deploy.tensorrt import TrtRunner
+                    onnx_path = os.path.join(tmp.name, "g.onnx")
+                    spec = export_onnx(model, onnx_path, spec, fp16=fp16 and engine == "onnx")
+                    runner, spec = _onnx_like_runner(onnx_path, engine, dev, spec, fp16, bf16, threads, keep)
+        elif kind == "onnx":
+            from fastcgan.deploy.onnx_export import read_spec
 
-        runner = TrtRunner(path, dev, trust_artifact=trust_artifact)  # type: ignore[assignment]
-        spec = runner.spec  # type: ignore[attr-defined]
-        trust = runner.trust  # type: ignore[attr-defined]
-    else:  # aoti
-        runner, spec = _aoti_runner(path, dev, trust_artifact=trust_artifact)
-        trust = runner.trust  # type: ignore[attr-defined]
+            spec = read_spec(path)
+            runner, spec = _onnx_like_runner(path, engine, dev, spec, fp16, bf16, threads, keep)
+        elif kind == "engine":
+            from fastcgan.deploy.tensorrt import TrtRunner
+
+            runner = TrtRunner(path, dev, trust_artifact=trust_artifact)  # type: ignore[assignment]
+            spec = runner.spec  # type: ignore[attr-defined]
+            trust = runner.trust  # type: ignore[attr-defined]
+        else:  # aoti
+            runner, spec = _aoti_runner(path, dev, trust_artifact=trust_artifact)
+            trust = runner.trust  # type: ignore[attr-defined]
+    except SpecError as e:  # crafted or damaged metadata: named with the file, never a crash later
+        raise ArtifactError(path, str(e)) from None
     tr = Translator(runner, spec, engine=engine, path=path, tile=tile, tile_overlap=tile_overlap,
                     batch_size=batch_size, max_tiles=max_tiles, trust=trust)
     tr._keep = keep

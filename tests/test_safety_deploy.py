@@ -209,6 +209,66 @@ def test_translate_that_translates_nothing_leaves_no_folder(gen_file, tmp_path, 
     assert rc == 1 and not out.exists()
 
 
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory):
+    from fastcgan.deploy.onnx_export import export_onnx
+    from fastcgan.deploy._common import GeneratorSpec
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("onnx") / "g.onnx"
+    export_onnx(build_generator("resnet_6blocks", ngf=4), str(path), GeneratorSpec(arch="resnet_6blocks"))
+    return path
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("size_multiple", 0), ("size_multiple", "4"), ("min_size", 60000), ("static_hw", [60000, 60000]),
+     ("static_hw", [8]), ("input_nc", "3"), (None, "{not json")],
+)
+def test_crafted_onnx_metadata_is_refused_naming_the_file(onnx_file, tmp_path, field, value, capsys):
+    """An ONNX model is data and always loads, so its fastcgan metadata may be anything: a
+    size_multiple of 0 was a ZeroDivisionError, static_hw 60000² asked for 43 GB, a string where a
+    number belongs a TypeError -- tracebacks, and an output folder left behind."""
+    import onnx
+
+    from fastcgan.deploy._common import METADATA_KEY
+
+    proto = onnx.load(str(onnx_file))
+    for p in proto.metadata_props:
+        if p.key == METADATA_KEY:
+            meta = json.loads(p.value)
+            if field is None:
+                p.value = value
+            else:
+                meta[field] = value
+                p.value = json.dumps(meta)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    src, out = _pngs(tmp_path / "photos", n=1, size=(256, 256)), tmp_path / "out"
+    rc = translate(["--checkpoint", str(bad), "--input", str(src), "--output", str(out), "--device", "cpu",
+                    "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and str(bad) in err and "metadata" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_generator_file_cannot_ask_for_a_huge_network(tmp_path, capsys):
+    """The network is built from a .safetensors file's config before its tensors are compared
+    with it: a 216-byte file claiming ngf 600 made the loader allocate 4.4 GB first."""
+    from safetensors.torch import save_file
+
+    cfg = {"arch": "resnet_9blocks", "input_nc": 3, "output_nc": 3, "ngf": 100000, "norm": "instance",
+           "use_dropout": False}  # fmt: skip
+    path = tmp_path / "huge.safetensors"
+    save_file({}, str(path), metadata={"format": "fastcgan.generator", "format_version": "1",
+                                        "config": json.dumps(cfg)})  # fmt: skip
+    src, out = _pngs(tmp_path / "photos", n=1), tmp_path / "out"
+    rc = translate(["--checkpoint", str(path), "--input", str(src), "--output", str(out), "--device", "cpu",
+                    "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "ngf" in err and "Traceback" not in err, err
+
+
 # --------------------------------------------------------------------------------------------
 # 2. resource limits with names
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,9 @@ from fastcgan.models.generators import GENERATOR_ARCHS, build_generator
 
 FORMAT = "fastcgan.generator"
 FORMAT_VERSION = "1"
+# Widest generator fastcgan builds (--ngf; the trainer's --ndf too): ResNet-9 at 512 has 0.7 G
+# parameters, far above any published setting (64).
+MAX_WIDTH = 512
 CONFIG_KEYS = ("arch", "input_nc", "output_nc", "ngf", "norm", "use_dropout")
 # Keys a config may hold besides CONFIG_KEYS (absent in older files: build_generator's default).
 # bn_inference: eval-mode BatchNorm statistics, "running" or "per_image" (BN_INFERENCE_MODES);
@@ -85,6 +88,12 @@ def _check_config(config: Any, where: str) -> dict:
         )
     if config["arch"] not in GENERATOR_ARCHS:
         raise ValueError(f"{where}: unknown generator arch {config['arch']!r}; choose from {GENERATOR_ARCHS}")
+    # The network is built from these numbers before any tensor is compared with it: a 216-byte
+    # file claiming ngf 600 made the loader allocate 4.4 GB (ngf 3000: ~100 GB) before refusing it.
+    for k, lo, hi in (("input_nc", 1, 4), ("output_nc", 1, 4), ("ngf", 1, MAX_WIDTH)):
+        v = config[k]
+        if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+            raise ValueError(f"{where}: generator config {k} must be an integer in [{lo}, {hi}], got {v!r}")
     return dict(config)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from fastcgan.losses import GAN_MODES
 from fastcgan.models import DISCRIMINATOR_ARCHS, GENERATOR_ARCHS, NORMS
+from fastcgan.models.io import MAX_WIDTH  # --ngf / --ndf
 
 LR_POLICIES = ("linear", "step", "cosine")
 KERNELS = ("auto", "torch", "triton", "cuda", "cpp")
@@ -44,7 +45,6 @@ MAX_IMAGE_SIDE = 16384
 # Bounds on flags whose value sets how much memory or how many processes a run takes: far above
 # any published setting (ngf/ndf 64, netF_nc 256, 3 discriminator layers), below what would try
 # to allocate terabytes or fork without limit.
-MAX_WIDTH = 512  # --ngf / --ndf (ResNet-9 at 512: 0.7 G parameters)
 MAX_NETF_NC = 4096
 MAX_N_LAYERS_D = 10
 MAX_NUM_WORKERS = 128

@@ -216,7 +216,7 @@ def load_torch_generator(
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if not os.path.exists(path):
         raise ArtifactError(path, "no such file or directory")
-    if os.path.isfile(path) and not path.endswith(".safetensors"):
+    if os.path.isfile(path) and not path.lower().endswith(".safetensors"):
         raise ArtifactError(
             path, "not a fastcgan generator: expected a run directory, a .safetensors generator, an .onnx "
             "model, a TensorRT .engine or an AOTInductor .pt2 package (official CycleGAN .pth files "

@@ -352,14 +352,12 @@ class Translator:
             Image = None
         c_in, c_out = self.input_nc, self.output_nc
         if Image is not None and isinstance(im, Image.Image):
-            mode = "RGB" if c_in == 3 else ("L" if c_in == 1 else None)
-            if mode is None:
+            if c_in not in (1, 3):
                 raise ValueError(f"PIL images need a 1- or 3-channel generator; this one takes {c_in}")
-            if im.mode != mode:
-                im = im.convert(mode)
-            a = np.array(im)  # a writable copy (torch.from_numpy warns on read-only arrays)
-            a = a[:, :, None] if a.ndim == 2 else a
-            x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None]
+            from fastcgan.data.images import pil_to_tensor, to_channels
+
+            _check_hw(im.size[1], im.size[0])
+            x = pil_to_tensor(to_channels(im, c_in))[None]  # as fastcgan-translate reads files (alpha on white)
 
             def restore_pil(y):
                 arr = y[0].permute(1, 2, 0).numpy()
@@ -373,6 +371,7 @@ class Translator:
                 raise ValueError(f"numpy images must be HxW, HxWxC or BxHxWxC, got shape {im.shape}")
             a = im[:, :, None] if im.ndim == 2 else im
             a4 = a[None] if a.ndim == 3 else a
+            _check_hw(a4.shape[1], a4.shape[2], a4.shape[0])
             if a4.shape[-1] != c_in:
                 raise ValueError(f"image has {a4.shape[-1]} channels (shape {im.shape}) but the generator "
                                  f"expects {c_in} ({self.path})")
@@ -391,6 +390,7 @@ class Translator:
             if im.dim() not in (3, 4):
                 raise ValueError(f"image tensors must be (C, H, W) or (B, C, H, W), got shape {tuple(im.shape)}")
             x = im[None] if im.dim() == 3 else im
+            _check_hw(x.shape[2], x.shape[3], x.shape[0])
             if x.shape[1] != c_in:
                 raise ValueError(f"image has {x.shape[1]} channels (shape {tuple(im.shape)}) but the generator "
                                  f"expects {c_in} ({self.path})")
@@ -406,6 +406,11 @@ class Translator:
             return x, restore_t
         raise TypeError(f"cannot translate a {type(im).__name__}: pass a PIL image, a uint8 numpy array, "
                         "or a uint8/float torch tensor")
+
+
+def _check_hw(h: int, w: int, b: int = 1) -> None:
+    if h < 1 or w < 1 or b < 1:
+        raise ValueError(f"cannot translate an empty image (batch {b}, {h}x{w})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,6 +459,10 @@ def load(
         raise ValueError("choose one of fp16 and bf16")
     if tile is not None:
         check_tile_args(tile, tile_overlap)
+    elif not (isinstance(tile_overlap, int) and tile_overlap >= 0):
+        raise ValueError(f"tile_overlap must be an int >= 0, got {tile_overlap!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     trust = "data artifact (no code)"
     if kind in ("aoti", "engine"):
         from fastcgan.deploy.manifest import check_artifact

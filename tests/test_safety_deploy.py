@@ -269,6 +269,28 @@ def test_generator_file_cannot_ask_for_a_huge_network(tmp_path, capsys):
     assert rc == 2 and "ngf" in err and "Traceback" not in err, err
 
 
+def test_runtime_reads_pil_images_as_translate_reads_files(gen_file, tmp_path):
+    """Translator(PIL RGBA) dropped the alpha (transparent pixels read as black) while the CLI
+    composites transparency on white: the same picture gave two translations. Also: an upper-case
+    .SAFETENSORS loads, empty images and a bad batch_size / tile_overlap are clear errors."""
+    rgba = np.zeros((32, 40, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :20, 3] = 255  # left half opaque red, right half fully transparent
+    im = Image.fromarray(rgba, "RGBA")
+    im.save(tmp_path / "a.png")
+    upper = tmp_path / "G.SAFETENSORS"
+    shutil.copy(gen_file, upper)
+    tr = load(str(upper), device="cpu")
+    got = np.asarray(tr(im))
+    want = np.asarray(tr(open_image(str(tmp_path / "a.png"))))
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="empty image"):
+        tr(np.zeros((0, 5, 3), np.uint8))
+    for bad in (dict(batch_size=-5), dict(tile_overlap=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            load(str(gen_file), device="cpu", **bad)
+
+
 # --------------------------------------------------------------------------------------------
 # 2. resource limits with names
 # --------------------------------------------------------------------------------------------

@@ -227,6 +227,13 @@ def open_image(path: str, channels: int = 3, max_pixels: int | None = None) -> I
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImageError(path, f"cannot decode ({type(e).__name__}: {e})") from None
 
+    return to_channels(img, channels)
+
+
+def to_channels(img: Image.Image, channels: int = 3) -> Image.Image:
+    """Any PIL image as 8-bit ``RGB`` (``channels=3``) or ``L`` (``1``): high bit depths scaled,
+    transparency composited on white -- one conversion for files and for images handed to the
+    deploy runtime, so both translate the same pixels."""
     mode = img.mode
     if mode.startswith("I") or mode == "F":
         img = _scale_high_bit_depth(img)
@@ -244,11 +251,13 @@ def open_image(path: str, channels: int = 3, max_pixels: int | None = None) -> I
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """8-bit ``RGB``/``L`` PIL image to a contiguous uint8 tensor (C,H,W)."""
+    """8-bit ``RGB``/``L`` PIL image to a contiguous, writable uint8 tensor (C,H,W)."""
     arr = np.asarray(img, dtype=np.uint8)  # read-only view of PIL's buffer
     if arr.ndim == 2:
         return torch.from_numpy(arr.copy())[None]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # HWC -> CHW copy
+    # An explicit copy: ascontiguousarray returns the read-only view itself when the transpose is
+    # already contiguous (1x1 images), and torch.from_numpy warns on read-only arrays.
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # HWC -> CHW
 
 
 def load_image(path: str, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor:

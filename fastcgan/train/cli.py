@@ -294,7 +294,14 @@ def evaluate_run(summary: dict) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     cfg, requested = parse_config(argv)
+    import warnings
+
     from fastcgan.data import DatasetError
+    from fastcgan.data.datasets import SkippedImageWarning
+
+    # A skipped file is logged with its name and reason; the warning (for library callers without
+    # logging) would print the same line again, with a source line from inside fastcgan.
+    warnings.filterwarnings("ignore", category=SkippedImageWarning)
     from fastcgan.fileio import WriteError
     from fastcgan.train.checkpoint import CheckpointError
     from fastcgan.train.loop import TrainingError, train

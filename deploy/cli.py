@@ -11,12 +11,19 @@ with what to install) but the ONNX and AOTInductor files of the same command are
 AOTInductor packages and TensorRT engines hold native code; each gets a manifest beside it
 (``g.pt2.manifest.json``: sha256, fastcgan version, arch, shapes, dtype) without which
 ``fastcgan-translate`` and :func:`fastcgan.deploy.load` refuse to run it. Every file is written
-atomically (never half-written under its final name).
+atomically (never half-written under its final name), and an artifact is built and verified
+under a temporary name beside its destination: it and its manifest are installed only when
+verification passes, so a failed export leaves the destination as it was. Existing outputs are
+replaced only with ``--overwrite``; an output that is an input, or two outputs that are one
+file, are refused (exit status 2) before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
+import math
 import os
 import sys
 import tempfile
@@ -25,37 +32,72 @@ import time
 import torch
 from fastcgan.deploy._common import (
     DIRECTIONS,
+    MAX_STATIC_SIDE,
     ArtifactError,
     load_official,
     load_torch_generator,
     resolve_device,
 )
+from fastcgan.deploy.manifest import manifest_path
 from fastcgan.devices import DeviceUnavailableError
+from fastcgan.models.io import MAX_WIDTH
 
 # Max abs error on outputs in [-1, 1], against the fp32 PyTorch generator.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 1.5e-1}
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_TRT_MISSING = 0, 1, 2, 3
+# Verification runs the PyTorch generator and the artifact on each --verify-sizes input, holding
+# ngf float32 feature maps per input pixel (256 bytes at ngf 64): 4 Mpixels (e.g. 1x2048x2048,
+# 4x1024x1024) is about 1 GiB per map, already far more than parity needs.
+MAX_VERIFY_BATCH, MAX_VERIFY_PIXELS, MAX_VERIFY_SIZES = 64, 1 << 22, 16
 
 
 def _hw(text: str) -> tuple[int, int]:
+    # Readers refuse a static size over MAX_STATIC_SIDE; tracing one that large would take 240 GB.
     try:
         h, w = (int(v) for v in text.lower().split("x"))
-        if h > 0 and w > 0:
+        if 0 < h <= MAX_STATIC_SIDE and 0 < w <= MAX_STATIC_SIDE:
             return h, w
     except ValueError:
         pass
-    raise argparse.ArgumentTypeError(f"expected HxW, e.g. 256x256, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected HxW with sides in [1, {MAX_STATIC_SIDE}], e.g. 256x256, got {text!r}")
 
 
 def _bhw_list(text: str) -> list[tuple[int, int, int]]:
+    parts = text.split(",")
+    if len(parts) > MAX_VERIFY_SIZES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_VERIFY_SIZES} sizes, got {len(parts)}")
     out = []
-    for part in text.split(","):
+    for part in parts:
         try:
             b, h, w = (int(v) for v in part.lower().split("x"))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected BxHxW[,BxHxW...], got {part!r}") from None
+        if not (1 <= b <= MAX_VERIFY_BATCH and h >= 1 and w >= 1 and b * h * w <= MAX_VERIFY_PIXELS):
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: batch must be 1 to {MAX_VERIFY_BATCH}, H and W positive, and batch x H x W at most "
+                f"{MAX_VERIFY_PIXELS:,} pixels (verification holds the generator's activations for each)")
         out.append((b, h, w))
     return out
+
+
+def _tol(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return v
+
+
+def _ngf(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if not 1 <= v <= MAX_WIDTH:  # the widest generator fastcgan builds or loads
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, {MAX_WIDTH}], got {text!r}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("official CycleGAN checkpoints")
     g.add_argument("--from-official", metavar="PTH", help="official latest_net_G_A.pth (instead of RUN)")
     g.add_argument("--arch", help="generator arch of the official checkpoint, e.g. resnet_9blocks")
-    g.add_argument("--ngf", type=int, default=64)
+    g.add_argument("--ngf", type=_ngf, default=64, help=f"generator width (1 to {MAX_WIDTH})")
     g.add_argument("--norm", default="instance", choices=("instance", "batch", "none"))
     d = g.add_mutually_exclusive_group()
     d.add_argument("--no-dropout", dest="dropout", action="store_false", default=False)
@@ -82,8 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--onnx", metavar="PATH", help="write an ONNX model (dynamic batch/H/W)")
     o.add_argument("--trt", metavar="PATH", help="build a TensorRT engine (needs tensorrt and a GPU)")
     o.add_argument("--aoti", metavar="PATH", help="write an AOTInductor package (.pt2)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (never an input: the run's generator/checkpoint "
+                        "files or --from-official)")
     x = p.add_argument_group("options")
-    x.add_argument("--opset", type=int, default=18)
+    x.add_argument("--opset", type=int, default=18,
+                   help="ONNX opset (dynamo exporter 18+, TorchScript exporter 7-20; auto picks)")
     x.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
     prec = x.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="half precision (ONNX weights/I-O, TensorRT, AOTI)")
@@ -96,8 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache file (read and updated)")
     x.add_argument("--device", default="auto", help="device for AOTInductor and verification (auto|cpu|cuda)")
     x.add_argument("--max-autotune", action="store_true", help="AOTInductor: autotune kernels (slow compile)")
-    x.add_argument("--tol", type=float, help="max abs error allowed (default: fp32 1e-4, fp16 5e-2, bf16 1.5e-1)")
-    x.add_argument("--verify-sizes", type=_bhw_list, metavar="BxHxW,...", help="input sizes to verify on")
+    x.add_argument("--tol", type=_tol, help="max abs error allowed (default: fp32 1e-4, fp16 5e-2, bf16 1.5e-1)")
+    x.add_argument("--verify-sizes", type=_bhw_list, metavar="BxHxW,...",
+                   help=f"input sizes to verify on (batch <= {MAX_VERIFY_BATCH}, batch x H x W <= "
+                        f"{MAX_VERIFY_PIXELS:,}, H and W multiples of the generator's size multiple)")
     x.add_argument("--no-verify", action="store_true", help="skip the parity checks")
     return p
 
@@ -122,6 +170,123 @@ def _isolated_runner(pkg: str, device, dtype):
     return run
 
 
+def _usage(msg: str) -> int:
+    print(f"fastcgan-export: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _identity(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _input_files(args) -> list[tuple[str, str]]:
+    """(flag, file) for every file the export reads: the official checkpoint, or the generator
+    file, or a run directory's generators, config and checkpoints."""
+    if args.from_official:
+        return [("--from-official", args.from_official)]
+    if not os.path.isdir(args.run):
+        return [("RUN", args.run)]
+    files = glob.glob(os.path.join(glob.escape(args.run), "*.safetensors"))
+    files.append(os.path.join(args.run, "config.json"))
+    for root, _, names in os.walk(os.path.join(args.run, "checkpoints")):
+        files += [os.path.join(root, n) for n in names]
+    return [("RUN", f) for f in files if os.path.isfile(f)]
+
+
+def _output_files(args) -> list[tuple[str, str]]:
+    """(flag, file) for every file the export writes (an artifact, its manifest and side files)."""
+    out = []
+    if args.onnx:
+        out.append(("--onnx", args.onnx))
+    if args.aoti:
+        out += [("--aoti", args.aoti), ("--aoti", manifest_path(args.aoti))]
+    if args.trt:
+        out += [("--trt", args.trt), ("--trt", args.trt + ".json"), ("--trt", manifest_path(args.trt))]
+    return out
+
+
+def _check_paths(args) -> str | None:
+    """Why the requested outputs would lose data, or None: an output that is an input (symlinks
+    resolved, hard links compared by inode), two outputs that are one file, or an existing output
+    without --overwrite. The timing cache is read and updated, so it may exist but is no input
+    and no other output."""
+    outputs = _output_files(args)
+    written = outputs + ([("--timing-cache", args.timing_cache)] if args.trt and args.timing_cache else [])
+    inputs = [(f"{f} ({flag})", os.path.realpath(f), _identity(f)) for flag, f in _input_files(args)]
+    earlier: list[tuple[str, str, tuple | None]] = []
+    for flag, f in written:
+        real, ident = os.path.realpath(f), _identity(f)
+        for what, other_real, other_ident in inputs + earlier:
+            if real == other_real or (ident is not None and ident == other_ident):
+                if (what, other_real, other_ident) in earlier:
+                    return f"{flag} {f} is the same file as {what}: give every output its own name"
+                return (f"{flag} {f} is the input file {what}: inputs are never overwritten, not even "
+                        "with --overwrite; choose another output name")
+        earlier.append((f"{flag} {f}", real, ident))
+    for flag, f in outputs:
+        if os.path.isdir(f):
+            return f"{flag} {f} is a directory"
+        if os.path.lexists(f) and not args.overwrite:
+            return f"{flag}: {f} already exists; pass --overwrite to replace it"
+    return None
+
+
+@contextlib.contextmanager
+def _staged(path: str):
+    """A temporary name for ``path`` (same file name, in a private folder beside it, so renaming
+    into place is atomic and a manifest's ``artifact`` field is already right); the folder and
+    whatever is left in it are removed on exit."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fastcgan-export-", dir=folder) as work:
+        yield os.path.join(work, os.path.basename(path))
+
+
+def _install(staged: str, path: str, side=(".json", ".manifest.json")) -> None:
+    """Rename a verified artifact into place, then its side files: between the two renames a
+    loader sees the new artifact with the old manifest, which does not verify (refused, not run)."""
+    from fastcgan.deploy.manifest import install
+
+    install(staged, path)
+    for suffix in side:
+        if os.path.exists(staged + suffix):
+            install(staged + suffix, path + suffix)
+
+
+def _check_sizes(args, spec) -> str | None:
+    """Why --static or --verify-sizes cannot be given to this generator, or None."""
+    m, lo = spec.size_multiple, spec.min_size
+    if args.static:
+        h, w = args.static
+        if h % m or w % m or h < lo or w < lo:
+            return (f"--static {h}x{w}: H and W must be multiples of {m} and at least {lo} for "
+                    f"{spec.arch or 'this generator'}")
+    for b, h, w in args.verify_sizes or ():
+        if h % m or w % m or h < lo or w < lo:
+            return (f"--verify-sizes {b}x{h}x{w}: H and W must be multiples of {m} and at least {lo} for "
+                    f"{spec.arch or 'this generator'}")
+        if args.static and (h, w) != tuple(args.static):
+            return f"--verify-sizes {b}x{h}x{w}: the model is --static {args.static[0]}x{args.static[1]}"
+    return None
+
+
+def _check_profile(args, spec, shapes) -> str | None:
+    """Why the TensorRT optimisation profile cannot be built for this generator, or None."""
+    from fastcgan.deploy.tensorrt import check_profile, default_profile
+
+    s = spec.replace(static_hw=tuple(args.static) if args.static else None)
+    profile = [shapes[k] or d for k, d in zip(("min_shape", "opt_shape", "max_shape"), default_profile(s))]
+    try:
+        check_profile(s, profile)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -137,21 +302,42 @@ def main(argv: list[str] | None = None) -> int:
     for flag, val, ext in (("--onnx", args.onnx, ".onnx"), ("--aoti", args.aoti, ".pt2")):
         if val and not val.endswith(ext):
             parser.error(f"{flag} {val}: the file name must end in {ext}")
+    if not (math.isfinite(args.workspace_gb) and args.workspace_gb > 0):
+        parser.error(f"--workspace-gb {args.workspace_gb}: must be a positive number of GB")
     precision = "fp16" if args.fp16 else ("bf16" if args.bf16 else "fp32")
     tol = args.tol if args.tol is not None else TOLERANCE[precision]
+    from fastcgan.deploy import onnx_export
     from fastcgan.deploy.tensorrt import parse_shape
 
     try:
         shapes = {k: parse_shape(v, "--" + k.replace("_", "-")) if v else None
                   for k, v in (("min_shape", args.min_shape), ("opt_shape", args.opt_shape),
                                ("max_shape", args.max_shape))}
+        if args.onnx or args.trt:
+            onnx_export._exporters(args.exporter, args.opset)
     except ValueError as e:
         parser.error(str(e))
+    why = _check_paths(args)
+    if why:
+        return _usage(why)
     try:
         device = resolve_device(args.device)
     except (DeviceUnavailableError, ValueError) as e:
         print(f"fastcgan-export: error: --device: {e}", file=sys.stderr)
         return EXIT_USAGE
+    # TensorRT (and a GPU) is checked before anything is built: without it an engine cannot be
+    # made, and the ONNX export it would be built from is not worth making for nothing.
+    trt_missing = None
+    if args.trt:
+        from fastcgan.deploy.tensorrt import TensorRTUnavailable, import_tensorrt
+
+        try:
+            import_tensorrt()
+        except TensorRTUnavailable as e:
+            trt_missing = e
+            print(f"trt: not built: {e}", file=sys.stderr)
+            if not (args.onnx or args.aoti):
+                return EXIT_TRT_MISSING
 
     try:
         # The reference backend: exports trace it anyway (fastcgan.ops routes to the reference
@@ -172,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, ValueError) as e:
         print(f"fastcgan-export: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    why = _check_sizes(args, spec) or (_check_profile(args, spec, shapes) if args.trt and not trt_missing else None)
+    if why:
+        return _usage(why)
     model = model.eval().float()
     print(f"generator: {source} ({spec.arch or 'unknown arch'}, {spec.input_nc}->{spec.output_nc} channels, "
           f"H/W multiple of {spec.size_multiple}, {sum(p.numel() for p in model.parameters()):,} parameters)")
@@ -180,44 +369,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batchnorm at inference: {mode} statistics ("
               + ("each image's own, = the official test.py at batch 1" if mode == "per_image"
                  else "the stored running mean/var, = test.py --eval") + "; recorded in the artifact)")
-    if args.static:
-        h, w = args.static
-        if h % spec.size_multiple or w % spec.size_multiple:
-            print(f"fastcgan-export: error: --static {h}x{w}: H and W must be multiples of {spec.size_multiple}",
-                  file=sys.stderr)
-            return EXIT_USAGE
 
-    status = EXIT_OK
-    tmp = tempfile.TemporaryDirectory(prefix="fastcgan-export-")
-    onnx_path = args.onnx
+    with contextlib.ExitStack() as stack:  # the staged files, removed whatever happens
+        return _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, stack)
+
+
+def _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, stack) -> int:
+    """Build, verify and install each requested artifact; the exit status."""
     from fastcgan.deploy import onnx_export
 
-    verify_shapes = None
+    status = EXIT_OK
+    build_trt = args.trt and trt_missing is None
+    onnx_spec = verify_shapes = onnx_path = None
 
     # ---- ONNX (also the input of TensorRT) ----
-    if args.onnx or args.trt:
-        onnx_path = args.onnx or os.path.join(tmp.name, "g.onnx")
+    if args.onnx or build_trt:
+        tmp_onnx = stack.enter_context(_staged(args.onnx)) if args.onnx else os.path.join(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="fastcgan-export-")), "g.onnx")
+        onnx_path = tmp_onnx
         onnx_fp16 = args.fp16
         t0 = time.perf_counter()
         try:
-            onnx_spec = onnx_export.export_onnx(model, onnx_path, spec, opset=args.opset, fp16=onnx_fp16,
+            onnx_spec = onnx_export.export_onnx(model, tmp_onnx, spec, opset=args.opset, fp16=onnx_fp16,
                                                 static_hw=args.static, exporter=args.exporter)
         except Exception as e:  # noqa: BLE001
             print(f"ONNX export failed: {type(e).__name__}: {e}", file=sys.stderr)
             return EXIT_FAIL
         verify_shapes = args.verify_sizes or onnx_export.default_verify_shapes(onnx_spec)
-        print(f"onnx: wrote {onnx_path} in {time.perf_counter() - t0:.1f}s (opset {args.opset}, "
+        shown = args.onnx or "ONNX model for TensorRT"
+        print(f"onnx: built {shown} in {time.perf_counter() - t0:.1f}s (opset {onnx_export.opset_of(tmp_onnx)}, "
               f"{'fp16' if onnx_fp16 else 'fp32'}, {'static ' + 'x'.join(map(str, args.static)) if args.static else 'dynamic batch/H/W'}); "
-              f"checker passed; ops: {', '.join(onnx_export.op_types(onnx_path))}")
+              f"checker passed; ops: {', '.join(onnx_export.op_types(tmp_onnx))}")
         if args.bf16:
             print("onnx: --bf16 applies to TensorRT and AOTInductor; the ONNX model stays fp32")
+        ok = True
         if not args.no_verify:
-            run = onnx_export.onnx_runner(onnx_path)
+            run = onnx_export.onnx_runner(tmp_onnx)
             onnx_tol = tol if onnx_fp16 else TOLERANCE["fp32"] if args.tol is None else tol
             errs = onnx_export.verify_against_torch(run, model, onnx_spec, verify_shapes)
-            if not _report("onnxruntime", errs, onnx_tol):
-                status = EXIT_FAIL
+            ok = _report("onnxruntime", errs, onnx_tol)
             model.float()
+        if not ok:
+            status = EXIT_FAIL
+            if args.onnx:
+                print(f"onnx: {args.onnx} not written (verification failed)", file=sys.stderr)
+        elif args.onnx:
+            _install(tmp_onnx, args.onnx, side=())
+            onnx_path = args.onnx
+            print(f"onnx: wrote {args.onnx}")
 
     # ---- AOTInductor ----
     if args.aoti:
@@ -226,56 +425,71 @@ def main(argv: list[str] | None = None) -> int:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         t0 = time.perf_counter()
         try:
-            aspec = export_aoti(model, args.aoti, spec, device=device, dtype=dtype, static_hw=args.static,
-                                max_autotune=args.max_autotune)
-            print(f"aoti: wrote {args.aoti} in {time.perf_counter() - t0:.1f}s ({device.type}, {precision}); "
-                  f"manifest {args.aoti}.manifest.json (the package holds native code)")
-            if not args.no_verify:
-                if device.type == "cuda":
-                    run_aoti = _isolated_runner(args.aoti, device, dtype)
+            with _staged(args.aoti) as tmp_pkg:
+                aspec = export_aoti(model, tmp_pkg, spec, device=device, dtype=dtype, static_hw=args.static,
+                                    max_autotune=args.max_autotune)
+                print(f"aoti: built {args.aoti} in {time.perf_counter() - t0:.1f}s ({device.type}, {precision})")
+                ok = True
+                if not args.no_verify:
+                    if device.type == "cuda":
+                        run_aoti = _isolated_runner(tmp_pkg, device, dtype)
+                    else:
+                        fn, _ = load_aoti(tmp_pkg, device)
+
+                        def run_aoti(x):
+                            return fn(x.to(device=device, dtype=dtype))
+
+                    shapes_a = args.verify_sizes or onnx_export.default_verify_shapes(aspec)
+                    errs = onnx_export.verify_against_torch(run_aoti, model, aspec, shapes_a, device=str(device))
+                    ok = _report("aoti", errs, tol)
+                if ok:
+                    _install(tmp_pkg, args.aoti)
+                    print(f"aoti: wrote {args.aoti}; manifest {manifest_path(args.aoti)} "
+                          "(the package holds native code)")
                 else:
-                    fn, _ = load_aoti(args.aoti, device)
-
-                    def run_aoti(x):
-                        return fn(x.to(device=device, dtype=dtype))
-
-                shapes_a = args.verify_sizes or onnx_export.default_verify_shapes(aspec)
-                errs = onnx_export.verify_against_torch(run_aoti, model, aspec, shapes_a, device=str(device))
-                if not _report("aoti", errs, tol):
                     status = EXIT_FAIL
+                    print(f"aoti: {args.aoti} not written (verification failed)", file=sys.stderr)
         except Exception as e:  # noqa: BLE001
             print(f"AOTInductor export failed: {type(e).__name__}: {e}", file=sys.stderr)
             status = EXIT_FAIL
 
     # ---- TensorRT ----
-    if args.trt:
+    if trt_missing is not None:
+        status = status or EXIT_TRT_MISSING
+    elif args.trt:
         from fastcgan.deploy.tensorrt import TensorRTUnavailable, TrtRunner, build_engine
 
         t0 = time.perf_counter()
         try:
-            build_engine(onnx_path, args.trt, onnx_spec, fp16=args.fp16, bf16=args.bf16,
-                         min_shape=shapes["min_shape"], opt_shape=shapes["opt_shape"],
-                         max_shape=shapes["max_shape"], workspace_gb=args.workspace_gb,
-                         timing_cache=args.timing_cache)
-            print(f"trt: wrote {args.trt} in {time.perf_counter() - t0:.1f}s ({precision}); "
-                  f"manifest {args.trt}.manifest.json (engines hold native code)")
-            if not args.no_verify:
-                runner = TrtRunner(args.trt)
-                prof = runner.profile
-                ok_shapes = [s for s in verify_shapes
-                             if prof is None or all(prof[0][i] <= v <= prof[2][i] for i, v in ((0, s[0]), (2, s[1]), (3, s[2])))]
-                if not ok_shapes and prof is not None:
-                    ok_shapes = [(prof[1][0], prof[1][2], prof[1][3])]
-                errs = onnx_export.verify_against_torch(runner, model, onnx_spec, ok_shapes, device="cuda")
-                if not _report("tensorrt", errs, tol):
+            with _staged(args.trt) as tmp_engine:
+                build_engine(onnx_path, tmp_engine, onnx_spec, fp16=args.fp16, bf16=args.bf16,
+                             min_shape=shapes["min_shape"], opt_shape=shapes["opt_shape"],
+                             max_shape=shapes["max_shape"], workspace_gb=args.workspace_gb,
+                             timing_cache=args.timing_cache)
+                print(f"trt: built {args.trt} in {time.perf_counter() - t0:.1f}s ({precision})")
+                ok = True
+                if not args.no_verify:
+                    runner = TrtRunner(tmp_engine)
+                    prof = runner.profile
+                    ok_shapes = [s for s in verify_shapes
+                                 if prof is None or all(prof[0][i] <= v <= prof[2][i] for i, v in ((0, s[0]), (2, s[1]), (3, s[2])))]
+                    if not ok_shapes and prof is not None:
+                        ok_shapes = [(prof[1][0], prof[1][2], prof[1][3])]
+                    errs = onnx_export.verify_against_torch(runner, model, onnx_spec, ok_shapes, device="cuda")
+                    del runner  # the engine is deserialized from bytes; the file can move
+                    ok = _report("tensorrt", errs, tol)
+                if ok:
+                    _install(tmp_engine, args.trt)
+                    print(f"trt: wrote {args.trt}; manifest {manifest_path(args.trt)} (engines hold native code)")
+                else:
                     status = EXIT_FAIL
+                    print(f"trt: {args.trt} not written (verification failed)", file=sys.stderr)
         except TensorRTUnavailable as e:
             print(f"trt: not built: {e}", file=sys.stderr)
             status = status or EXIT_TRT_MISSING
         except (ValueError, ArtifactError) as e:
             print(f"trt: error: {e}", file=sys.stderr)
             status = status or EXIT_FAIL
-    tmp.cleanup()
     return status
 
 

@@ -7,7 +7,8 @@ symbolic H and W expressed as multiples of the size multiple. The TorchScript ex
 too (``fastcgan.ops`` routes to the reference under ``torch.onnx.is_in_onnx_export()``) but
 wraps every reflection pad in Shape/Concat/Reshape/Transpose glue, so it is the fallback,
 used when the dynamo exporter is missing or fails. Opset 18 is the default: the dynamo
-exporter's lowest native opset; converting its Pad nodes down to 17 fails in onnx 1.23.
+exporter's lowest native opset; converting its Pad nodes down to 17 fails in onnx 1.23, and it
+silently writes opset 18 when asked for less, so lower opsets (7-17) go to the TorchScript exporter.
 """
 
 from __future__ import annotations
@@ -29,6 +30,30 @@ DEFAULT_OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 MAX_SIZE = 8192  # largest H/W the dynamic dims allow
+
+
+def opset_range(exporter: str) -> tuple[int, int]:
+    """(lowest, highest) opset ``exporter`` writes as asked: the dynamo exporter starts at 18 (it
+    raises lower requests to 18 without a word), the TorchScript one stops at 20; both are
+    bounded by what this torch declares (``torch.onnx._constants``)."""
+    try:  # a private module: torch 2.11 and 2.14 declare 7, 23 and 20; older ones may not
+        from torch.onnx import _constants as c
+    except ImportError:  # pragma: no cover
+        c = None
+    dynamo = (DEFAULT_OPSET, getattr(c, "ONNX_MAX_OPSET", 23))
+    script = (getattr(c, "ONNX_MIN_OPSET", 7), getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+    return {"dynamo": dynamo, "torchscript": script, "auto": (script[0], dynamo[1])}[exporter]
+
+
+def _exporters(exporter: str, opset: int) -> tuple[str, ...]:
+    """The exporters to try, in order, for ``opset``; ValueError when none can write it."""
+    lo, hi = opset_range(exporter)
+    if not lo <= opset <= hi:
+        raise ValueError(f"--opset {opset}: the {exporter} exporter of torch {torch.__version__} writes "
+                         f"opsets {lo} to {hi}")
+    if exporter != "auto":
+        return (exporter,)
+    return tuple(e for e in ("dynamo", "torchscript") if opset_range(e)[0] <= opset <= opset_range(e)[1])
 
 
 def _dynamic_shapes(spec: GeneratorSpec, static_hw: tuple[int, int] | None):
@@ -76,7 +101,9 @@ def export_onnx(
 ) -> GeneratorSpec:
     """Write ``model`` to ``path`` as ONNX (one self-contained file) and return the spec stored in it.
 
-    ``exporter``: ``"dynamo"``, ``"torchscript"`` or ``"auto"`` (dynamo, falling back to TorchScript)."""
+    ``exporter``: ``"dynamo"``, ``"torchscript"`` or ``"auto"`` (dynamo, falling back to TorchScript;
+    TorchScript alone below opset 18). The file is written at ``opset`` or not at all."""
+    order = _exporters(exporter, opset)
     if static_hw is not None:
         h, w = static_hw
         m = spec.size_multiple
@@ -91,7 +118,6 @@ def export_onnx(
     x = _example_input(spec, dtype, static_hw, "cpu")
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
-    order = {"auto": ("dynamo", "torchscript"), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[exporter]
     errors = []
     # The exporters write into a private folder; the finished model replaces ``path`` atomically.
     with tempfile.TemporaryDirectory(prefix=".fastcgan-export-", dir=folder) as work:
@@ -106,7 +132,7 @@ def export_onnx(
                     warnings.warn(f"ONNX {which} exporter failed ({e}); falling back to the TorchScript exporter")
         else:
             raise RuntimeError("ONNX export failed:\n  " + "\n  ".join(errors))
-        _finalise(raw, spec, dest=path)
+        _finalise(raw, spec, dest=path, opset=opset)
     return spec
 
 
@@ -158,7 +184,7 @@ def _quiet():
             lg.setLevel(lv)
 
 
-def _finalise(path: str, spec: GeneratorSpec, dest: str | None = None) -> None:
+def _finalise(path: str, spec: GeneratorSpec, dest: str | None = None, opset: int | None = None) -> None:
     """Fold any external-data file back in, store the spec, run the ONNX checker, and write the
     model to ``dest`` (default: ``path``) atomically."""
     import onnx
@@ -166,6 +192,9 @@ def _finalise(path: str, spec: GeneratorSpec, dest: str | None = None) -> None:
     from fastcgan.fileio import atomic_write
 
     proto = onnx.load(path, load_external_data=True)
+    got = opset_of(proto)
+    if opset is not None and got != opset:  # an exporter that quietly chose another opset
+        raise RuntimeError(f"asked for opset {opset}, the exporter wrote opset {got}")
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, spec.to_json()
@@ -205,6 +234,15 @@ def read_spec(path: str) -> GeneratorSpec:
     elem = inputs[0].type.tensor_type.elem_type
     return GeneratorSpec(input_nc=di[1], output_nc=do[1] if len(do) == 4 and do[1] else di[1],
                          static_hw=static, dtype="float16" if elem == onnx.TensorProto.FLOAT16 else "float32")
+
+
+def opset_of(model) -> int | None:
+    """The default-domain opset of an ONNX model (a path or a loaded ModelProto)."""
+    import onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(model, load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def op_types(path: str) -> list[str]:

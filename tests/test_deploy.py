@@ -157,7 +157,8 @@ def test_cli_static_and_fp16(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "max abs error" in out
     # Over tolerance -> non-zero exit.
-    assert cli.main([str(st), "--onnx", half, "--fp16", "--tol", "1e-9", "--verify-sizes", "1x64x64"]) == cli.EXIT_FAIL
+    assert cli.main([str(st), "--onnx", half, "--overwrite", "--fp16", "--tol", "1e-9",
+                     "--verify-sizes", "1x64x64"]) == cli.EXIT_FAIL
 
 
 def test_bad_artifacts_name_the_file(tmp_path):
@@ -262,3 +263,157 @@ def test_onnxruntime_cuda_provider_or_message(tmp_path):
     x = torch.rand(2, 3, 64, 64, device="cuda") * 2 - 1
     ref = load(str(path), device="cpu")(x.cpu())
     assert (tr(x).cpu() - ref).abs().max().item() <= 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# fastcgan-export: outputs, inputs and flags checked before any work (exit 2), nothing installed
+# that failed verification
+# --------------------------------------------------------------------------------------------
+def _export(*argv) -> int:
+    """cli.main's exit status, whether it returns it or argparse exits with it."""
+    try:
+        return cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+def _no_temporaries(folder):
+    return not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export") / "run"
+    d.mkdir()
+    save_generator(_gen("resnet_6blocks", 4), d / "generator_AtoB.safetensors")
+    return d
+
+
+@pytest.fixture(scope="module")
+def good_onnx(run_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "good.onnx"
+    assert _export(run_dir, "--onnx", path, "--verify-sizes", "1x32x32") == 0
+    return path
+
+
+def test_export_existing_output_needs_overwrite(run_dir, good_onnx, tmp_path, capsys):
+    other = tmp_path / "other.onnx"
+    other.write_text("data\n")
+    assert _export(run_dir, "--onnx", other, "--verify-sizes", "1x32x32") == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--onnx" in err and "other.onnx" in err and "--overwrite" in err and "Traceback" not in err
+    assert other.read_text() == "data\n" and _no_temporaries(tmp_path)
+    # A code artifact's manifest is an output too: refused before anything is compiled.
+    (tmp_path / "g.pt2.manifest.json").write_text("{}")
+    assert _export(run_dir, "--aoti", tmp_path / "g.pt2", "--device", "cpu") == cli.EXIT_USAGE
+    assert "g.pt2.manifest.json" in capsys.readouterr().err and not (tmp_path / "g.pt2").exists()
+    assert _export(run_dir, "--onnx", other, "--overwrite", "--verify-sizes", "1x32x32") == 0
+    assert other.read_bytes() != b"data\n" and onnx_export.read_spec(str(other)).arch == "resnet_6blocks"
+
+
+def test_export_never_writes_over_its_inputs(run_dir, tmp_path, capsys):
+    import os
+
+    gen = run_dir / "generator_AtoB.safetensors"
+    before = gen.read_bytes()
+    linked = tmp_path / "linked.onnx"
+    os.link(gen, linked)
+    pth = tmp_path / "latest_net_G_A.pth"
+    save_official_generator(_gen("resnet_6blocks", 4), pth)
+    official = ["--from-official", pth, "--arch", "resnet_6blocks", "--ngf", "4"]
+    os.link(pth, tmp_path / "pth.onnx")
+    cases = [  # (argv, words the error must hold)
+        ([run_dir, "--trt", gen, "--overwrite"], ["--trt", "input"]),
+        ([gen, "--trt", tmp_path / "run_link.engine", "--onnx", linked, "--overwrite"], ["--onnx", "input"]),
+        ([*official, "--onnx", tmp_path / "pth.onnx", "--overwrite"], ["--onnx", "input"]),
+        ([*official, "--trt", pth, "--overwrite"], ["--trt", "input"]),
+        ([run_dir, "--onnx", tmp_path / "g.onnx", "--trt", tmp_path / "g.onnx"], ["--trt", "--onnx"]),
+        ([run_dir, "--onnx", tmp_path / "g.onnx", "--trt", tmp_path / "sub" / ".." / "g.onnx"], ["--trt", "--onnx"]),
+        ([run_dir, "--trt", tmp_path / "g.engine", "--timing-cache", gen], ["--timing-cache", "input"]),
+        ([run_dir, "--trt", tmp_path / "g.engine", "--timing-cache", tmp_path / "g.engine.json"],
+         ["--timing-cache", "--trt"]),
+    ]
+    for argv, words in cases:
+        assert _export(*argv) == cli.EXIT_USAGE, argv
+        err = capsys.readouterr().err
+        assert all(w in err for w in words) and "Traceback" not in err, (argv, err)
+    assert gen.read_bytes() == before and linked.read_bytes() == before
+    assert not (tmp_path / "g.onnx").exists() and not (tmp_path / "g.engine").exists()
+
+
+def test_failed_verification_installs_nothing(run_dir, good_onnx, tmp_path, capsys):
+    before = good_onnx.read_bytes()
+    argv = ["--onnx", good_onnx, "--overwrite", "--tol", "1e-12", "--verify-sizes", "1x32x32"]
+    assert _export(run_dir, *argv) == cli.EXIT_FAIL
+    assert "OVER TOLERANCE" in capsys.readouterr().out
+    assert good_onnx.read_bytes() == before and _no_temporaries(good_onnx.parent)
+    fresh = tmp_path / "fresh.onnx"
+    assert _export(run_dir, "--onnx", fresh, "--tol", "1e-12", "--verify-sizes", "1x32x32") == cli.EXIT_FAIL
+    assert not fresh.exists() and _no_temporaries(tmp_path)
+    for tol in ("-1", "0", "nan", "inf", "-inf"):
+        assert _export(run_dir, "--onnx", fresh, "--tol", tol) == cli.EXIT_USAGE, tol
+        assert "--tol" in capsys.readouterr().err
+    assert not fresh.exists()
+
+
+@pytest.mark.parametrize("sizes", ["1x100000x100000", "0x0x0", "1x-8x16", "65x32x32", "1x4x4", "1x30x32",
+                                   "1x32", "1x32x32," * 17, "64x1024x1024"])
+def test_verify_sizes_checked_first(run_dir, tmp_path, sizes, capsys):
+    out = tmp_path / "g.onnx"
+    assert _export(run_dir, "--onnx", out, "--verify-sizes", sizes.rstrip(",")) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--verify-sizes" in err and "Traceback" not in err and "resnet_9blocks" not in err
+    assert not out.exists() and _no_temporaries(tmp_path)
+
+
+def test_static_must_fit_the_generator(run_dir, tmp_path, capsys):
+    out = tmp_path / "g.onnx"
+    assert _export(run_dir, "--onnx", out, "--static", "4x4") == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--static 4x4" in err and "multiples of 4" in err and "at least 8" in err
+    assert _export(run_dir, "--onnx", out, "--static", "100000x100000") == cli.EXIT_USAGE
+    assert "--static" in capsys.readouterr().err
+    # Verifying a static model at another size could only fail.
+    assert _export(run_dir, "--onnx", out, "--static", "32x32", "--verify-sizes", "1x64x64") == cli.EXIT_USAGE
+    assert "--verify-sizes" in capsys.readouterr().err and not out.exists()
+
+
+def test_official_ngf_is_bounded(tmp_path, capsys):
+    from fastcgan.models.io import MAX_WIDTH
+
+    pth = tmp_path / "latest_net_G_A.pth"
+    save_official_generator(_gen("resnet_6blocks", 4), pth)
+    for ngf in (MAX_WIDTH + 1, 3000, 0, -4):
+        assert _export("--from-official", pth, "--arch", "resnet_6blocks", "--ngf", ngf,
+                       "--onnx", tmp_path / "g.onnx") == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "--ngf" in err and str(MAX_WIDTH) in err
+    assert not (tmp_path / "g.onnx").exists()
+
+
+def test_opset_is_honoured_or_refused(run_dir, tmp_path, capsys):
+    out = tmp_path / "g7.onnx"
+    assert _export(run_dir, "--onnx", out, "--opset", "7", "--verify-sizes", "1x32x32") == 0
+    assert "opset 7" in capsys.readouterr().out and onnx_export.opset_of(str(out)) == 7
+    for argv in (["--opset", "1"], ["--opset", "99999"], ["--opset", "17", "--exporter", "dynamo"]):
+        assert _export(run_dir, "--onnx", tmp_path / "x.onnx", *argv) == cli.EXIT_USAGE, argv
+        assert "--opset" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_trt_unavailable_fails_before_any_work(run_dir, tmp_path, monkeypatch, capsys):
+    from fastcgan.deploy.tensorrt import TensorRTUnavailable, import_tensorrt
+
+    try:
+        import_tensorrt()
+        pytest.skip("TensorRT and a GPU are present")
+    except TensorRTUnavailable:
+        pass
+
+    def no_export(*a, **k):
+        raise AssertionError("exported ONNX for a TensorRT engine that cannot be built")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", no_export)
+    assert _export(run_dir, "--trt", tmp_path / "g.engine") == cli.EXIT_TRT_MISSING
+    assert "pip install tensorrt" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -73,3 +73,22 @@ def test_isolated_run_failure_names_how_the_child_ended(tmp_path):
     failed = r"(?s)g\.pt2: running the package in a fresh process failed \(exit status \d+\):\n.*Error"
     with pytest.raises(RuntimeError, match=failed), pytest.warns(UserWarning, match="without a verified manifest"):
         run_package_isolated(str(bad), [torch.zeros(1, 3, 8, 8)], torch.device("cpu"), trust_artifact=True)
+
+
+def test_aoti_that_fails_verification_is_not_installed(tmp_path, monkeypatch, capsys):
+    """A package over tolerance is neither installed nor given a manifest (translate would trust
+    one), and what was at the destination stays as it was."""
+    from fastcgan.deploy import onnx_export
+
+    torch.manual_seed(0)
+    st = tmp_path / "g.safetensors"
+    save_generator(build_generator("resnet_6blocks", ngf=4).eval(), st)
+    monkeypatch.setattr(onnx_export, "verify_against_torch", lambda run, model, spec, shapes, **k:
+                        [((s[0], 3, s[1], s[2]), 1.0) for s in shapes])
+    pt2 = tmp_path / "failed.pt2"
+    pt2.write_bytes(b"the previous package")
+    assert cli.main([str(st), "--aoti", str(pt2), "--device", "cpu", "--overwrite",
+                     "--verify-sizes", "1x32x32"]) == cli.EXIT_FAIL
+    assert "OVER TOLERANCE" in capsys.readouterr().out
+    assert pt2.read_bytes() == b"the previous package" and not (tmp_path / "failed.pt2.manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failed.pt2", "g.safetensors"]

@@ -50,6 +50,9 @@ from fastcgan.data.images import BadImageError, load_image
 from fastcgan.devices import resolve_device
 from fastcgan.fileio import atomic_write
 
+# --load-size: every test image is held resized in memory (4096²: 50 MB each as uint8, 200 MB in fp32).
+MAX_LOAD_SIZE = 4096
+
 DIRECTIONS = (("AtoB", "A", "B"), ("BtoA", "B", "A"))
 
 
@@ -128,6 +131,19 @@ def translate_images(translator, images: list[torch.Tensor]) -> list[torch.Tenso
 # --------------------------------------------------------------------------------------------
 def _to01(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1) / 2).clamp(0, 1)
+
+
+def _truth_image(path: str, channels: int, load_size: int | None, like: torch.Tensor) -> torch.Tensor:
+    """The ground truth of one test image in [-1, 1]; a missing, unreadable or wrongly sized file
+    is a ValueError naming it (fastcgan-eval: exit 2)."""
+    try:
+        t = resize_uint8(load_image(path, channels), load_size).float().div(127.5).sub(1.0)
+    except BadImageError as e:
+        raise ValueError(f"ground truth {path}: {e.reason}") from None
+    if t.shape[-2:] != like.shape[-2:]:
+        raise ValueError(f"ground truth {path} is {t.shape[-1]}x{t.shape[-2]}, its test image "
+                         f"{like.shape[-1]}x{like.shape[-2]}")
+    return t
 
 
 def _l1_psnr(pred: list[torch.Tensor], target: list[torch.Tensor]) -> tuple[float, float]:
@@ -256,13 +272,8 @@ def evaluate_generators(
                 r["cycle_l1"], r["cycle_psnr"] = _l1_psnr(rec, real)
             truth_dir = os.path.join(dataroot, f"{phase}{src}_truth_{dst}")
             if os.path.isdir(truth_dir):
-                truth = [
-                    resize_uint8(load_image(os.path.join(truth_dir, nm), tr.output_nc), load_size)
-                    .float()
-                    .div(127.5)
-                    .sub(1.0)
-                    for nm in names
-                ]
+                truth = [_truth_image(os.path.join(truth_dir, nm), tr.output_nc, load_size, y)
+                         for nm, y in zip(names, fake)]
                 r["truth_l1"], r["truth_psnr"] = _l1_psnr(fake, truth)
                 if all(x.shape == t.shape for x, t in zip(real, truth)):
                     r["identity_truth_l1"], r["identity_truth_psnr"] = _l1_psnr(real, truth)
@@ -376,12 +387,51 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="Inception precision (auto: bfloat16 on CUDA GPUs, float32 on CPUs)",
     )
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--json", default=None,
+                   help="also write the results to this .json file (never inside --dataroot; an existing "
+                   "file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     return p
+
+
+def _json_path_problem(a) -> str | None:
+    """Why ``--json`` cannot be written without losing data, or None. It must be named ``.json``
+    (so it is never a generator, checkpoint or image), lie outside ``--dataroot``, and replace an
+    existing file only with ``--overwrite``. The write is atomic: a link at the path is replaced,
+    never written through."""
+    path = a.json
+    if not path.lower().endswith(".json"):
+        return f"--json {path}: the file name must end in .json"
+    if os.path.isdir(path):
+        return f"--json {path} is a directory"
+    real, root = os.path.realpath(path), os.path.realpath(a.dataroot)
+    if real.startswith(root.rstrip(os.sep) + os.sep):
+        return f"--json {path} is inside --dataroot {a.dataroot}: results are never written among the inputs"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--json {path}: {parent} is a file, not a folder"
+    if os.path.lexists(path) and not a.overwrite:
+        return f"--json {path} already exists; pass --overwrite to replace it"
+    return None
+
+
+def _finite_or_none(v):
+    """JSON has no inf/nan (strict parsers reject ``Infinity``): non-finite numbers become null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:
     from fastcgan.deploy import ArtifactError
+    from fastcgan.deploy.tensorrt import TensorRTUnavailable
+    from fastcgan.fileio import WriteError
     from fastcgan.metrics import InceptionWeightsError
 
     p = build_parser()
@@ -393,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if v is not None and v < 1:
             p.error(f"{flag} must be >= 1, got {v}")
+    if a.load_size is not None and a.load_size > MAX_LOAD_SIZE:
+        p.error(f"--load-size {a.load_size}: at most {MAX_LOAD_SIZE} (every test image is held at this size)")
     if not os.path.exists(a.checkpoint):
         p.error(f"--checkpoint {a.checkpoint}: no such run directory or file")
     if not os.path.isdir(a.dataroot):
@@ -401,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device(a.device)
     except (RuntimeError, ValueError) as e:
         p.error(f"--device {a.device}: {e}")
+    if a.json and (why := _json_path_problem(a)):
+        p.error(why)
     try:
         res = evaluate(
             a.checkpoint,
@@ -418,12 +472,16 @@ def main(argv: list[str] | None = None) -> int:
             inception_dtype=None if a.inception_dtype == "auto" else getattr(torch, a.inception_dtype),
         )
     except (FileNotFoundError, PermissionError, NotADirectoryError, ValueError, ArtifactError,
-            InceptionWeightsError) as e:
+            InceptionWeightsError, TensorRTUnavailable) as e:
         print(f"fastcgan-eval: error: {e}", file=sys.stderr)
         return 2
     print(format_results(res))
     if a.json:
-        atomic_write(a.json, json.dumps(res, indent=2).encode())
+        try:
+            atomic_write(a.json, json.dumps(_finite_or_none(res), indent=2, allow_nan=False).encode())
+        except WriteError as e:
+            print(f"fastcgan-eval: error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -130,6 +130,14 @@ def test_missing_or_corrupt_weights_are_an_error(tmp_path, synth, capsys):
     assert "gone.pt: no such file" in capsys.readouterr().err
 
 
+def _rc(argv):
+    """fastcgan-eval's exit status, whether returned or raised by argparse's error()."""
+    try:
+        return ev.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def test_cli(tmp_path, synth, capsys):
     run = _run_dir(tmp_path)
     out = tmp_path / "r.json"
@@ -142,7 +150,9 @@ def test_cli(tmp_path, synth, capsys):
     # FID/KID for one direction (each FID is a 2048x2048 eigenvalue problem: seconds on a CPU):
     # B->A translations against the real A images.
     argv[1] = str(run / "generator_BtoA.safetensors")
-    assert ev.main(argv + ["--direction", "BtoA"]) == 0
+    assert _rc(argv + ["--direction", "BtoA"]) == 2  # r.json exists now
+    assert "--overwrite" in capsys.readouterr().err
+    assert ev.main(argv + ["--direction", "BtoA", "--overwrite"]) == 0
     text = capsys.readouterr().out
     res = json.loads(out.read_text())
     assert set(res) >= {"BtoA"} and "AtoB" not in res
@@ -159,3 +169,64 @@ def test_cli(tmp_path, synth, capsys):
     assert "--dataroot" in capsys.readouterr().err
     assert ev.main(["--checkpoint", str(run), "--dataroot", str(tmp_path), "--no-fid"]) == 2  # no testA/
     assert "testA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["generator", "test-image", "directory", "under-a-file", "not-json"])
+def test_json_never_lands_on_an_input(tmp_path, synth, where, capsys):
+    """--json replaced whatever it named: the run's generator (exit 0, the run unusable after), a
+    test image; a directory failed only at the very end, with a traceback."""
+    import os
+    import shutil
+
+    run = _run_dir(tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    img = sorted((data / "testA").iterdir())[0]
+    target = {"generator": run / "generator_AtoB.safetensors", "test-image": data / "testA" / "x.json",
+              "directory": tmp_path, "under-a-file": img / "r.json", "not-json": run / "generator_AtoB.safetensors"}[where]
+    if where == "generator":  # named .json through a link to the generator: the link is replaced, never followed
+        link = tmp_path / "g.json"
+        os.link(target, link)
+        target = link
+    before = {p: p.read_bytes() for p in (run / "generator_AtoB.safetensors", img)}
+    rc = _rc(["--checkpoint", str(run), "--dataroot", str(data), "--device", "cpu", "--no-fid", "--overwrite",
+              "--json", str(target)])
+    err = capsys.readouterr().err
+    if where == "generator":
+        assert rc == 0 and json.loads(target.read_text())["AtoB"]["n"] == 3
+    else:
+        assert rc == 2 and "--json" in err and "Traceback" not in err, err
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_truth_problems_and_huge_load_size_are_named(tmp_path, synth, capsys):
+    """A missing, unreadable or wrongly sized ground-truth image was a traceback (exit 1); an
+    unbounded --load-size tried 120 GB."""
+    import shutil
+
+    from PIL import Image
+
+    run = _run_dir(tmp_path)
+    argv = ["--checkpoint", str(run), "--device", "cpu", "--no-fid", "--dataroot"]
+    for case in ("missing", "garbage", "size"):
+        data = tmp_path / case
+        shutil.copytree(synth, data)
+        truth = sorted((data / "testA_truth_B").iterdir())[0]
+        if case == "missing":
+            truth.unlink()
+        elif case == "garbage":
+            truth.write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (16, 16)).save(truth)
+        assert ev.main(argv + [str(data)]) == 2
+        err = capsys.readouterr().err
+        assert truth.name in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit):
+        ev.main(argv + [synth, "--load-size", "100000"])
+    assert "--load-size" in capsys.readouterr().err
+
+
+def test_json_has_no_infinity():
+    """JSON has no Infinity: identical pairs (PSNR inf) wrote a file strict parsers reject."""
+    assert ev._finite_or_none({"a": float("inf"), "b": [1.0, float("nan")], "c": 2}) == {"a": None, "b": [1.0, None],
+                                                                                          "c": 2}

@@ -213,6 +213,22 @@ def test_path_traversal_is_refused(server, tmp_path):
     assert os.listdir(root) == []
 
 
+def test_zip_bomb_is_refused_before_anything_is_written(server, tmp_path):
+    """64 MB of zeros deflate to ~64 kB: nothing bounded what an archive could write (a few MB
+    on the wire could fill the disk). The declared sizes are checked against the archive's size
+    before extraction."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(f"{NAME}/trainA/a.png", b"\0" * (64 << 20))
+    bomb = buf.getvalue()
+    assert len(bomb) < 1 << 20
+    server.files[f"/data/{NAME}.zip"] = bomb
+    root = tmp_path / "root"
+    with pytest.raises(DownloadError, match="decompression bomb"):
+        _get(root, url=server.base, sha256=hashlib.sha256(bomb).hexdigest())
+    assert os.listdir(root) == []
+
+
 def test_corrupt_zip(server, tmp_path):
     server.files[f"/data/{NAME}.zip"] = b"PK\x03\x04 definitely not a zip"
     with pytest.warns(UserWarning), pytest.raises(DownloadError, match="not a valid zip"):

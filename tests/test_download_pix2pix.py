@@ -112,3 +112,14 @@ def test_names(tmp_path, capsys):
         download_dataset("horse2zebra", str(tmp_path), collection="pix2pix")
     assert main(["--list"]) == 0
     assert "edges2handbags (pix2pix)" in capsys.readouterr().out
+
+
+def test_tar_bomb_is_refused_before_anything_is_written(server, tmp_path):
+    bomb = _tgz({"facades/train/1.jpg": b"\0" * (64 << 20)})
+    assert len(bomb) < 1 << 20
+    server.files["/data/facades.tar.gz"] = bomb
+    root = tmp_path / "root"
+    with pytest.raises(dl.DownloadError, match="decompression bomb"):
+        download_dataset("facades", str(root), url=server.base, sha256=hashlib.sha256(bomb).hexdigest(),
+                         progress=False, backoff=0.0, collection="pix2pix")
+    assert os.listdir(root) == []

@@ -17,7 +17,9 @@
   ``<url>.sha256`` when the server has one; otherwise a warning says the download is
   **unverified** (zip member CRCs and the gzip stream's CRC-32 still catch corruption). A mismatch
   deletes the download and extracts nothing.
-* Extraction refuses absolute paths, ``..`` components, links and device files, unpacks into a
+* Extraction refuses absolute paths, ``..`` components, links and device files, archives that
+  would expand to more than 50x their size (decompression bombs; images barely compress), hold
+  over 2 M entries or not fit on the disk -- all judged on the headers first -- unpacks into a
   temporary folder inside ``<root>`` and moves the dataset into ``<root>/<name>`` with one atomic
   rename. An existing ``<root>/<name>`` of the other collection's layout is an error, not a skip.
 """
@@ -255,8 +257,33 @@ def _published_sha256(url: str, timeout: float) -> str | None:
     return m.group(1).lower() if m else None
 
 
+# Decompression bombs: a dataset of JPEG/PNG images barely compresses (the official archives are
+# ~1:1), a bomb of zeros ~1000:1; the largest official archive (edges2handbags) has ~140 k files.
+MAX_EXPANSION = 50  # bytes written per archive byte (archives under 1 MiB count as 1 MiB)
+MAX_MEMBERS = 2_000_000
+
+
+def _check_expansion(archive: str, total: int, count: int, root: str) -> None:
+    """Refuse, before anything is written, an archive that would expand far beyond its size,
+    hold absurdly many entries, or not fit on the disk. The sizes are the headers' and the
+    readers write no more than them (zipfile and tarfile stop at the declared size)."""
+    size = max(os.path.getsize(archive), 1 << 20)
+    if count > MAX_MEMBERS:
+        raise DownloadError(f"{archive}: {count:,} entries, more than {MAX_MEMBERS:,}; refusing to extract it")
+    if total > MAX_EXPANSION * size:
+        raise DownloadError(
+            f"{archive} would expand to {total:,} bytes, {total / size:.0f}x its size; refusing to extract it "
+            f"(images barely compress: this looks like a decompression bomb)"
+        )
+    free = shutil.disk_usage(root).free
+    if total > free:
+        raise DownloadError(f"{archive} needs {total / 1e9:.1f} GB to extract, {root} has {free / 1e9:.1f} GB free")
+
+
 def _safe_members(zf: zipfile.ZipFile, zip_path: str) -> list[zipfile.ZipInfo]:
-    for info in zf.infolist():
+    infos = zf.infolist()
+    _check_expansion(zip_path, sum(i.file_size for i in infos), len(infos), os.path.dirname(os.path.abspath(zip_path)))
+    for info in infos:
         name = info.filename.replace("\\", "/")
         parts = name.split("/")
         if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
@@ -276,7 +303,12 @@ def _extract_tar(tar_path: str, tmp: str) -> None:
     first. A truncated or corrupt stream (gzip CRC-32, tar headers) raises DownloadError."""
     try:
         with tarfile.open(tar_path, "r:*") as tf:
-            members = tf.getmembers()  # reads the whole stream: corruption surfaces here
+            members = []  # reads the whole stream (corruption surfaces here), counted as it goes
+            while (m := tf.next()) is not None:
+                members.append(m)
+                if len(members) > MAX_MEMBERS:
+                    _check_expansion(tar_path, 0, len(members), tmp)
+            _check_expansion(tar_path, sum(m.size for m in members if m.isfile()), len(members), tmp)
             for m in members:
                 if _unsafe_name(m.name):
                     raise DownloadError(f"{tar_path}: refusing unsafe path {m.name!r} in the archive")

@@ -266,6 +266,24 @@ def test_combine_refuses_to_touch_inputs(monet2photo_mini, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_combine_replaces_existing_files_only_with_overwrite(monet2photo_mini, tmp_path, capsys):
+    """OUT's files were replaced silently (a user's file named like a pair included)."""
+    from fastcgan.data.combine import main as combine_main
+
+    imgs = _real_images(monet2photo_mini, 2)
+    a, b, out = tmp_path / "A", tmp_path / "B", tmp_path / "out"
+    _write(a, imgs)
+    _write(b, imgs)
+    out.mkdir()
+    mine = out / sorted(imgs)[0]
+    mine.write_bytes(b"the user's file")
+    assert combine_main([str(a), str(b), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert mine.read_bytes() == b"the user's file" and os.listdir(out) == [mine.name]
+    assert combine_main([str(a), str(b), str(out), "--overwrite"]) == 0
+    assert mine.read_bytes() != b"the user's file" and len(os.listdir(out)) == 2
+
+
 def test_combine_use_AB(monet2photo_mini, tmp_path):
     imgs = _real_images(monet2photo_mini, 2)
     d = tmp_path / "both"

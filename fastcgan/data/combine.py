@@ -128,6 +128,7 @@ def combine_folders(
     skip_bad: bool = False,
     png: bool = False,
     max_images: int | None = None,
+    overwrite: bool = False,
     progress=None,
 ) -> CombineReport:
     """Write the A|B pairs of ``a_dir`` and ``b_dir`` into ``out_dir`` (see the module docstring).
@@ -135,7 +136,8 @@ def combine_folders(
     Raises :class:`CombineError` (listing every problem) before writing anything when a file is
     unmatched, unreadable or size-mismatched, unless ``skip_bad``; :class:`FileNotFoundError`
     for a missing folder; :class:`fastcgan.fileio.WriteError` when an output cannot be written.
-    ``max_images`` caps the pairs per split (first by name, like the official ``--num_imgs``)."""
+    ``max_images`` caps the pairs per split (first by name, like the official ``--num_imgs``).
+    Existing files at output paths are replaced only with ``overwrite`` (never an input)."""
     a_dir, b_dir, out_dir = (os.fspath(p) for p in (a_dir, b_dir, out_dir))
     for name, d in (("A_DIR", a_dir), ("B_DIR", b_dir)):
         if not os.path.isdir(d):
@@ -190,6 +192,11 @@ def combine_folders(
             continue
         seen_out[po] = pa
         good.append((s, pa, pb, po))
+    existing = [po for *_, po in good if os.path.lexists(po)]
+    if existing and not overwrite:
+        raise CombineError(existing[:5] + ([f"... {len(existing) - 5} more"] if len(existing) > 5 else []),
+                           f"OUT {out_dir!r} already holds {len(existing)} of the outputs; pass --overwrite "
+                           "to replace them; nothing was written")
     if problems and not skip_bad:
         raise CombineError(problems, "cannot combine; nothing was written")
     if not good:
@@ -222,10 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--png", action="store_true", help="write every pair as .png (lossless)")
     ap.add_argument("--max-images", type=int, default=None, help="at most this many pairs per split")
+    ap.add_argument("--overwrite", action="store_true", help="replace pair files that already exist in OUT")
     a = ap.parse_args(argv)
+    if a.max_images is not None and a.max_images < 1:
+        ap.error(f"--max-images must be >= 1, got {a.max_images}")
     try:
         report = combine_folders(a.a_dir, a.b_dir, a.out, use_AB=a.use_AB, skip_bad=a.skip_bad, png=a.png,
-                                 max_images=a.max_images)
+                                 max_images=a.max_images, overwrite=a.overwrite)
     except (CombineError, FileNotFoundError) as e:
         print(f"combine: error: {e}", file=sys.stderr)
         return 2

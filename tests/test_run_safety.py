@@ -233,9 +233,11 @@ def test_lock_is_exclusive_in_process(tmp_path):
         (["--input-nc", "1"], "--lambda-identity"),  # the identity loss feeds 3-channel B to G_AB
         (["--lr", "inf"], "--lr"),
         (["--compile", "--compile-backend", "nonsense"], "--compile-backend"),
+        (["--load-size", "4096", "--crop-size", "256"], "--load-size"),  # synthetic: generated at 4096²
     ],
     ids=["no-gpu", "unet-multiple", "absurd-size", "resnet-multiple", "faithful-amp", "data-layout", "seed-2^32",
-         "huge-ngf", "huge-netF", "huge-workers", "d-too-deep", "identity-nc", "inf-lr", "bad-backend"],
+         "huge-ngf", "huge-netF", "huge-workers", "d-too-deep", "identity-nc", "inf-lr", "bad-backend",
+         "huge-synthetic"],
 )
 def test_config_errors_exit_2_before_anything_is_written(tmp_path, synth, extra, flag, capsys):
     if extra[:2] == ["--device", "cuda"] and torch.cuda.is_available():

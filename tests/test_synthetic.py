@@ -187,6 +187,12 @@ def test_refuses_foreign_folder_and_bad_args(tmp_path):
         make_synthetic_dataset(str(tmp_path / "x"), size=4)
     with pytest.raises(ValueError, match="n_train"):
         make_synthetic_dataset(str(tmp_path / "x"), n_train=0)
+    # Bounded: --size 100000 asked numpy for 149 GB, --n-train 10**9 ran until the disk filled.
+    with pytest.raises(ValueError, match="size"):
+        make_synthetic_dataset(str(tmp_path / "x"), size=100_000)
+    with pytest.raises(ValueError, match="n_train"):
+        make_synthetic_dataset(str(tmp_path / "x"), n_train=10**9)
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli(tmp_path, capsys):

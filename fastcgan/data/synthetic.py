@@ -153,12 +153,18 @@ def _save(img: np.ndarray, path: str) -> None:
     Image.fromarray(img).save(path, compress_level=1)  # fast; PNG is lossless at any level
 
 
+# A built-in set for tests and demos, bounded so that a typo cannot ask for 149 GB of arrays
+# (--size 100000) or run for days writing a billion files.
+MAX_SIZE = 2048
+MAX_IMAGES = 100_000
+
+
 def _check_args(size, n_train, n_test):
-    if not (isinstance(size, int) and size >= 8):
-        raise ValueError(f"size must be an int >= 8, got {size!r}")
+    if not (isinstance(size, int) and 8 <= size <= MAX_SIZE):
+        raise ValueError(f"size must be an int in [8, {MAX_SIZE}], got {size!r}")
     for name, v in (("n_train", n_train), ("n_test", n_test)):
-        if not (isinstance(v, int) and v >= 1):
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not (isinstance(v, int) and 1 <= v <= MAX_IMAGES):
+            raise ValueError(f"{name} must be an int in [1, {MAX_IMAGES:,}], got {v!r}")
 
 
 STALE_PATTERN = r"\.synthetic-(\d+)-.+"

@@ -155,6 +155,12 @@ class DataConfig:
             _check(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an int >= 1")
         for n in ("load_size", "crop_size"):
             _check(getattr(self, n) <= MAX_IMAGE_SIDE, n, f"{getattr(self, n)} is larger than {MAX_IMAGE_SIDE}")
+        if self.dataset == "synthetic":  # generated at load_size (fastcgan.data.synthetic's bounds)
+            from fastcgan.data.synthetic import MAX_IMAGES, MAX_SIZE
+
+            _check(self.load_size <= MAX_SIZE, "load_size", f"the synthetic set is generated at most at {MAX_SIZE}²")
+            for n in ("synthetic_train", "synthetic_test"):
+                _check(getattr(self, n) <= MAX_IMAGES, n, f"at most {MAX_IMAGES:,} generated images")
         _check(
             self.max_image_pixels is None or (isinstance(self.max_image_pixels, int) and self.max_image_pixels >= 0),
             "max_image_pixels",

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the last two hold native code: see --trust-artifact)")
     p.add_argument("--input", required=True, help="an image file or a directory of images (searched recursively)")
     p.add_argument("--output", required=True,
-                   help="output directory (created); never an input's directory, never over an input file")
+                   help="output directory (created); never the --input directory itself, never over an input file")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (never inputs)")
     p.add_argument("--direction", choices=DIRECTIONS, default="AtoB", help="generator of a run directory")
     p.add_argument("--engine", choices=ENGINES, default=None, help="default: the artifact's own")

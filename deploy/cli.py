@@ -40,6 +40,7 @@ from fastcgan.deploy._common import (
 )
 from fastcgan.deploy.manifest import manifest_path
 from fastcgan.devices import DeviceUnavailableError
+from fastcgan.fileio import file_identity
 from fastcgan.models.io import MAX_WIDTH
 
 # Max abs error on outputs in [-1, 1], against the fp32 PyTorch generator.
@@ -175,14 +176,6 @@ def _usage(msg: str) -> int:
     return EXIT_USAGE
 
 
-def _identity(path: str):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
 def _input_files(args) -> list[tuple[str, str]]:
     """(flag, file) for every file the export reads: the official checkpoint, or the generator
     file, or a run directory's generators, config and checkpoints."""
@@ -216,10 +209,10 @@ def _check_paths(args) -> str | None:
     and no other output."""
     outputs = _output_files(args)
     written = outputs + ([("--timing-cache", args.timing_cache)] if args.trt and args.timing_cache else [])
-    inputs = [(f"{f} ({flag})", os.path.realpath(f), _identity(f)) for flag, f in _input_files(args)]
+    inputs = [(f"{f} ({flag})", os.path.realpath(f), file_identity(f)) for flag, f in _input_files(args)]
     earlier: list[tuple[str, str, tuple | None]] = []
     for flag, f in written:
-        real, ident = os.path.realpath(f), _identity(f)
+        real, ident = os.path.realpath(f), file_identity(f)
         for what, other_real, other_ident in inputs + earlier:
             if real == other_real or (ident is not None and ident == other_ident):
                 if (what, other_real, other_ident) in earlier:

@@ -162,6 +162,16 @@ def remove_stale_temporaries(folder: str, pattern: str = TEMPORARY_PATTERN) -> l
     return removed
 
 
+def file_identity(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the file ``path`` names (links followed), or None when there is
+    none: two paths with one identity are one file (hard links, symlinks, other spellings)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -32,6 +32,7 @@ import numpy as np
 from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from fastcgan.deploy._common import DIRECTIONS, ArtifactError
 from fastcgan.deploy.runtime import ENGINES
+from fastcgan.fileio import file_identity
 
 # Images decoded at once (besides --batch-size): a window of files closes at this many pixels.
 WINDOW_PIXELS = 64 * 2**20
@@ -149,21 +150,13 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _identity(path: str):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
 def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
     """Why writing ``dests`` would lose data (an input overwritten, an output replaced without
     --overwrite), or None. Symlinks are resolved and hard links compared by inode."""
     out = args.output
     in_real = os.path.realpath(args.input)
     out_real = os.path.realpath(out)
-    if os.path.isfile(args.input) and (out_real == in_real or _identity(out) == _identity(args.input)):
+    if os.path.isfile(args.input) and (out_real == in_real or file_identity(out) == file_identity(args.input)):
         return f"--output {out} is the input file {args.input}: give an output directory"
     if os.path.isdir(args.input) and out_real == in_real:
         return (f"--output {out} is the input directory {args.input}: the translated images would be written "
@@ -176,10 +169,10 @@ def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
     if not os.path.isdir(parent):
         return f"--output {out}: {parent} is a file, not a folder"
     reals = {os.path.realpath(f): f for f in files}
-    ids = {i: f for f in files if (i := _identity(f)) is not None}
+    ids = {i: f for f in files if (i := file_identity(f)) is not None}
     clashes = []
     for d in dests:
-        src = reals.get(os.path.realpath(d)) or (ids.get(_identity(d)) if os.path.lexists(d) else None)
+        src = reals.get(os.path.realpath(d)) or (ids.get(file_identity(d)) if os.path.lexists(d) else None)
         if src is not None:
             clashes.append((d, src))
     if clashes:

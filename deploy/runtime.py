@@ -201,7 +201,7 @@ class Translator:
                  max_tiles: int = MAX_TILES, trust: str = "data artifact (no code)"):
         self.runner, self.spec, self.engine, self.path = runner, spec, engine, path
         if tile is not None and tile < spec.min_size:
-            raise ValueError(f"tile={tile} is smaller than the generator's minimum size {spec.min_size}")
+            raise ValueError(f"tile {tile} (--tile) is smaller than the generator's minimum size {spec.min_size}")
         if tile is not None or spec.static_hw is not None:
             check_tile_args(tile if tile is not None else tuple(spec.static_hw), tile_overlap)
         self.tile = tile

@@ -294,6 +294,15 @@ def test_runtime_reads_pil_images_as_translate_reads_files(gen_file, tmp_path):
 # --------------------------------------------------------------------------------------------
 # 2. resource limits with names
 # --------------------------------------------------------------------------------------------
+def test_tile_below_the_generator_minimum_names_the_flag(gen_file, tmp_path, capsys):
+    src = _pngs(tmp_path / "photos", n=1)
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(tmp_path / "out"),
+                    "--tile", "4", "--tile-overlap", "1", "--device", "cpu", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--tile" in err and "minimum size 8" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_tile_overlap_over_half_the_tile_is_refused(gen_file, tmp_path, capsys):
     src = _pngs(tmp_path / "photos", n=1, size=(600, 40))
     out = tmp_path / "out"

@@ -55,6 +55,9 @@ MAX_LOAD_SIZE = 4096
 
 DIRECTIONS = (("AtoB", "A", "B"), ("BtoA", "B", "A"))
 
+# The first key of every --json file: what --overwrite may replace.
+WRITTEN_BY = "fastcgan-eval"
+
 
 # --------------------------------------------------------------------------------------------
 # Generators as deploy-runtime translators
@@ -134,8 +137,8 @@ def _to01(x: torch.Tensor) -> torch.Tensor:
 
 
 def _truth_image(path: str, channels: int, load_size: int | None, like: torch.Tensor) -> torch.Tensor:
-    """The ground truth of one test image in [-1, 1]; a missing, unreadable or wrongly sized file
-    is a ValueError naming it (fastcgan-eval: exit 2)."""
+    """The ground truth of the test image ``like`` in [-1, 1] (a translation keeps its input's
+    size); a missing, unreadable or wrongly sized file is a ValueError naming it (exit 2)."""
     try:
         t = resize_uint8(load_image(path, channels), load_size).float().div(127.5).sub(1.0)
     except BadImageError as e:
@@ -244,12 +247,27 @@ def evaluate_generators(
             results["fid_inception_dtype"] = str(inception.dtype).replace("torch.", "")
     trs = {"AtoB": _translator(G_AB, device, amp_dtype, batch_size), "BtoA": _translator(G_BA, device, amp_dtype, batch_size)}
     modules = [g for g in (G_AB, G_BA) if isinstance(g, nn.Module)]
+    # Every input is read before anything is translated: a missing folder or a bad ground-truth
+    # image is an error (fastcgan-eval: exit 2) before minutes of translation and FID, not after.
     loaded: dict[str, tuple] = {}
 
     def domain(d: str, nc: int):
         if d not in loaded:
             loaded[d] = load_domain(dataroot, phase, d, nc, load_size, max_images)
         return loaded[d]
+
+    truths: dict[str, list[torch.Tensor]] = {}
+    for name, src, dst in DIRECTIONS:
+        tr = trs[name]
+        if tr is None:
+            continue
+        imgs, names, _ = domain(src, tr.input_nc)
+        if inception is not None:
+            domain(dst, tr.output_nc)
+        truth_dir = os.path.join(dataroot, f"{phase}{src}_truth_{dst}")
+        if os.path.isdir(truth_dir):
+            truths[name] = [_truth_image(os.path.join(truth_dir, nm), tr.output_nc, load_size, x)
+                            for nm, x in zip(names, imgs)]
 
     real_features: dict[str, torch.Tensor] = {}
     with eval_mode(*modules):
@@ -270,10 +288,8 @@ def evaluate_generators(
             if back is not None:
                 rec = translate_images(back, fake_u8)
                 r["cycle_l1"], r["cycle_psnr"] = _l1_psnr(rec, real)
-            truth_dir = os.path.join(dataroot, f"{phase}{src}_truth_{dst}")
-            if os.path.isdir(truth_dir):
-                truth = [_truth_image(os.path.join(truth_dir, nm), tr.output_nc, load_size, y)
-                         for nm, y in zip(names, fake)]
+            if name in truths:
+                truth = truths[name]
                 r["truth_l1"], r["truth_psnr"] = _l1_psnr(fake, truth)
                 if all(x.shape == t.shape for x, t in zip(real, truth)):
                     r["identity_truth_l1"], r["identity_truth_psnr"] = _l1_psnr(real, truth)
@@ -390,14 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None,
                    help="also write the results to this .json file (never inside --dataroot; an existing "
                    "file only with --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --json file (only an earlier fastcgan-eval result)")
     return p
 
 
 def _json_path_problem(a) -> str | None:
     """Why ``--json`` cannot be written without losing data, or None. It must be named ``.json``
     (so it is never a generator, checkpoint or image), lie outside ``--dataroot``, and replace an
-    existing file only with ``--overwrite``. The write is atomic: a link at the path is replaced,
+    existing file only with ``--overwrite`` and only when it is an earlier result (its
+    ``written_by`` key). The write is atomic: a link at the path is replaced,
     never written through."""
     path = a.json
     if not path.lower().endswith(".json"):
@@ -412,9 +430,27 @@ def _json_path_problem(a) -> str | None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"--json {path}: {parent} is a file, not a folder"
-    if os.path.lexists(path) and not a.overwrite:
-        return f"--json {path} already exists; pass --overwrite to replace it"
+    if os.path.lexists(path):
+        if not a.overwrite:
+            return f"--json {path} already exists; pass --overwrite to replace it"
+        if not _is_eval_result(path):
+            # A run's config.json / summary.json or an artifact's .manifest.json is also named
+            # .json: --overwrite replaces only what fastcgan-eval wrote.
+            return (f"--json {path} is not an earlier fastcgan-eval result (no \"written_by\": "
+                    f"\"{WRITTEN_BY}\"); --overwrite replaces only those: choose another name")
     return None
+
+
+def _is_eval_result(path: str) -> bool:
+    """Whether ``path`` holds a fastcgan-eval result (read only when small: ours are a few kB)."""
+    try:
+        if os.path.getsize(path) > 1 << 20:
+            return False
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("written_by") == WRITTEN_BY
 
 
 def _finite_or_none(v):
@@ -478,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_results(res))
     if a.json:
         try:
-            atomic_write(a.json, json.dumps(_finite_or_none(res), indent=2, allow_nan=False).encode())
+            doc = {"written_by": WRITTEN_BY, **_finite_or_none(res)}
+            atomic_write(a.json, json.dumps(doc, indent=2, allow_nan=False).encode())
         except WriteError as e:
             print(f"fastcgan-eval: error: {e}", file=sys.stderr)
             return 1

@@ -171,10 +171,13 @@ def test_cli(tmp_path, synth, capsys):
     assert "testA" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("where", ["generator", "test-image", "directory", "under-a-file", "not-json"])
+@pytest.mark.parametrize("where", ["generator", "test-image", "directory", "under-a-file", "not-json", "config",
+                                   "summary", "manifest"])
 def test_json_never_lands_on_an_input(tmp_path, synth, where, capsys):
     """--json replaced whatever it named: the run's generator (exit 0, the run unusable after), a
-    test image; a directory failed only at the very end, with a traceback."""
+    test image; a directory failed only at the very end, with a traceback. Even with --overwrite
+    the run's own config.json / summary.json and an artifact's manifest (also .json) were replaced:
+    --overwrite now replaces only an earlier fastcgan-eval result."""
     import os
     import shutil
 
@@ -182,21 +185,68 @@ def test_json_never_lands_on_an_input(tmp_path, synth, where, capsys):
     data = tmp_path / "data"
     shutil.copytree(synth, data)
     img = sorted((data / "testA").iterdir())[0]
+    for name, text in (("config.json", '{"data": {}}'), ("summary.json", '{"steps": 3}'),
+                       ("generator_AtoB.onnx.manifest.json", '{"format": "onnx"}')):
+        (run / name).write_text(text)
     target = {"generator": run / "generator_AtoB.safetensors", "test-image": data / "testA" / "x.json",
-              "directory": tmp_path, "under-a-file": img / "r.json", "not-json": run / "generator_AtoB.safetensors"}[where]
-    if where == "generator":  # named .json through a link to the generator: the link is replaced, never followed
+              "directory": tmp_path, "under-a-file": img / "r.json", "not-json": run / "generator_AtoB.safetensors",
+              "config": run / "config.json", "summary": run / "summary.json",
+              "manifest": run / "generator_AtoB.onnx.manifest.json"}[where]
+    if where == "generator":  # named .json, a hard link to the generator
         link = tmp_path / "g.json"
         os.link(target, link)
         target = link
-    before = {p: p.read_bytes() for p in (run / "generator_AtoB.safetensors", img)}
+    kept = [run / "generator_AtoB.safetensors", img, *run.glob("*.json")]
+    before = {p: p.read_bytes() for p in kept}
     rc = _rc(["--checkpoint", str(run), "--dataroot", str(data), "--device", "cpu", "--no-fid", "--overwrite",
               "--json", str(target)])
     err = capsys.readouterr().err
-    if where == "generator":
-        assert rc == 0 and json.loads(target.read_text())["AtoB"]["n"] == 3
-    else:
-        assert rc == 2 and "--json" in err and "Traceback" not in err, err
+    assert rc == 2 and "--json" in err and "Traceback" not in err, err
     assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_json_is_strict_and_overwrite_replaces_only_results(tmp_path, synth, capsys):
+    """End to end: the file parses under a strict reader (no Infinity/NaN: the identity
+    generators' cycle PSNR is infinite), says who wrote it, and --overwrite replaces it (also
+    through a link, which is replaced rather than written through)."""
+    out = tmp_path / "r.json"
+    argv = ["--checkpoint", str(_run_dir(tmp_path)), "--dataroot", synth, "--device", "cpu", "--no-fid",
+            "--json", str(out)]
+
+    def strict(text):
+        def refuse(c):
+            raise ValueError(f"non-standard JSON constant {c}")
+        return json.loads(text, parse_constant=refuse)
+
+    assert ev.main(argv) == 0
+    doc = strict(out.read_text())
+    assert doc["written_by"] == "fastcgan-eval" and doc["AtoB"]["n"] == 3
+    link = tmp_path / "link.json"
+    link.symlink_to(out)
+    assert ev.main(argv[:-1] + [str(link), "--overwrite"]) == 0
+    assert not link.is_symlink() and strict(link.read_text())["BtoA"]["n"] == 3
+    capsys.readouterr()
+    res = {"AtoB": {"n": 1, "cycle_psnr": float("inf"), "truth_psnr": float("nan")}}
+    import unittest.mock as mock
+
+    with mock.patch.object(ev, "evaluate", return_value=res):
+        assert ev.main(argv + ["--overwrite"]) == 0
+    assert strict(out.read_text())["AtoB"] == {"n": 1, "cycle_psnr": None, "truth_psnr": None}
+
+
+def test_every_input_is_read_before_translating(tmp_path, synth, monkeypatch, capsys):
+    """A bad ground-truth image of the second direction (or a missing real folder that FID
+    needs) was found only after the first direction had been translated and scored."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    (sorted((data / "testB_truth_A").iterdir())[-1]).write_bytes(b"not an image")
+    translated = []
+    monkeypatch.setattr(ev, "translate_images", lambda tr, imgs: translated.append(len(imgs)) or imgs)
+    with pytest.raises(ValueError, match="testB_truth_A"):
+        ev.evaluate_generators(Identity(), Identity(), str(data))
+    assert translated == []
 
 
 def test_truth_problems_and_huge_load_size_are_named(tmp_path, synth, capsys):

@@ -42,6 +42,7 @@ class _Server:
         self.requests = []  # (path, Range header or None)
         self.drop_first = 0  # drop this many full-body responses half way
         self.ignore_range = False
+        self.etags = {}  # path -> strong ETag: sent, and an If-Range that differs gets the whole file
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -58,6 +59,10 @@ class _Server:
                     self.send_error(404, "Not Found")
                     return
                 start = 0
+                etag = outer.etags.get(self.path)
+                if_range = self.headers.get("If-Range")
+                if rng and if_range is not None and if_range != etag:
+                    rng = None  # RFC 9110: the representation changed, send all of it
                 if rng and not outer.ignore_range:
                     start = int(rng.split("=")[1].split("-")[0])
                     if start >= len(data):
@@ -71,6 +76,8 @@ class _Server:
                 else:
                     self.send_response(200)
                 body = data[start:]
+                if etag:
+                    self.send_header("ETag", etag)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if outer.drop_first > 0 and len(body) > 1000:
@@ -114,7 +121,7 @@ def _check_extracted(target):
 
 
 def _leftovers(root):
-    return [f for f in os.listdir(root) if f.startswith(".") or f.endswith(".part")]
+    return [f for f in os.listdir(root) if f.startswith(".") or f.endswith((".part", ".source"))]
 
 
 def test_download_verify_extract(server, tmp_path):
@@ -256,3 +263,72 @@ def test_cli_download(server, tmp_path, capsys):
     rc = main([NAME, "--root", str(tmp_path), "--url", server.base, "--sha256", SHA, "--no-progress"])
     assert rc == 0 and capsys.readouterr().out.strip() == str(tmp_path / NAME)
     _check_extracted(str(tmp_path / NAME))
+
+
+def test_part_from_another_url_starts_over(server, tmp_path):
+    """A .part begun from another URL (an earlier --url) was resumed from this one: the archive
+    became two files spliced together (a zip error at the end, the download lost)."""
+    other = server.base.replace("/data", "/mirror") + f"/{NAME}.zip"
+    server.files[f"/mirror/{NAME}.zip"] = _zip_bytes({f"{NAME}/trainA/z.jpg": os.urandom(50_000)})
+    with pytest.raises(DownloadError):  # leaves a .part and its .source behind
+        server.drop_first = 10
+        download_dataset(NAME, str(tmp_path), url=other, progress=False, backoff=0.0, retries=0)
+    assert (tmp_path / f"{NAME}.zip.part.source").is_file()
+    server.drop_first = 0
+    server.requests.clear()
+    _check_extracted(_get(tmp_path, url=server.base, sha256=SHA))
+    assert server.requests[0] == (f"/data/{NAME}.zip", None)  # from byte 0, not resumed
+    assert _leftovers(tmp_path) == []
+
+
+def test_changed_file_is_not_spliced(server, tmp_path):
+    """The file changed on the server between two attempts: If-Range (its ETag) makes the server
+    send it whole instead of the rest of the new file after the start of the old one."""
+    path = f"/data/{NAME}.zip"
+    server.etags[path] = '"v1"'
+    server.files[path] = _zip_bytes({f"{NAME}/trainA/old.jpg": os.urandom(60_000)})
+    server.drop_first = 10
+    with pytest.raises(DownloadError):
+        _get(tmp_path, url=server.base, retries=0)
+    assert 0 < (tmp_path / f"{NAME}.zip.part").stat().st_size < len(server.files[path])
+    server.files[path], server.etags[path], server.drop_first = ZIP, '"v2"', 0
+    server.requests.clear()
+    _check_extracted(_get(tmp_path, url=server.base, sha256=SHA))
+    assert server.requests[0][1] is not None  # it asked to resume, and got the new file whole
+
+
+def test_force_keeps_the_old_dataset_until_the_new_one_is_unpacked(server, tmp_path):
+    """--force deleted <root>/<name> before downloading: a failed download left nothing."""
+    _check_extracted(_get(tmp_path, url=server.base, sha256=SHA))
+    with pytest.raises(ChecksumError):
+        _get(tmp_path, url=server.base, sha256="ab" * 32, force=True)
+    _check_extracted(str(tmp_path / NAME))
+    new = _zip_bytes({f"{NAME}/trainA/new.jpg": b"1", f"{NAME}/trainB/new.jpg": b"2"})
+    server.files[f"/data/{NAME}.zip"] = new
+    _get(tmp_path, url=server.base, sha256=hashlib.sha256(new).hexdigest(), force=True)
+    assert sorted(os.listdir(tmp_path / NAME / "trainA")) == ["new.jpg"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_one_download_at_a_time(server, tmp_path):
+    """Two downloads of one dataset appended to one .part."""
+    with dl._download_lock(str(tmp_path), NAME):
+        with pytest.raises(DownloadError, match="another fastcgan-download"):
+            _get(tmp_path, url=server.base, sha256=SHA)
+    assert not [r for r in server.requests if r[0].endswith(".zip")]
+    _check_extracted(_get(tmp_path, url=server.base, sha256=SHA))  # the lock went with its holder
+    assert _leftovers(tmp_path) == []
+
+
+def test_disk_full_is_named_not_retried(server, tmp_path, monkeypatch):
+    """A full disk looked like a dropped connection: retried (re-downloading) and reported as
+    "interrupted". Known sizes are checked against the free space first."""
+    (tmp_path / f"{NAME}.zip.part").symlink_to("/dev/full")  # every write: ENOSPC
+    with pytest.raises(DownloadError, match="cannot write .*No space left"):
+        _get(tmp_path, url=server.base, sha256=SHA)
+    assert len([r for r in server.requests if r[0].endswith(".zip")]) == 1
+    (tmp_path / f"{NAME}.zip.part").unlink()
+    usage = dl.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(DownloadError, match="GB free"):
+        _get(tmp_path, url=server.base, sha256=SHA)

@@ -11,7 +11,11 @@
   pix2pix has (edges2shoes, edges2handbags, night2day) need no flag.
 * Resume: bytes go to ``<root>/<name>.zip.part`` (``.tar.gz.part``); an interrupted transfer
   (dropped connection, or a ``.part`` left by an earlier run) continues with an HTTP ``Range``
-  request.
+  request -- only from the URL the ``.part`` came from (recorded in ``.part.source``) and, when
+  the server gave a validator (ETag / Last-Modified), with ``If-Range``, so a file changed on
+  the server is fetched whole rather than spliced. A full disk is an error naming the file (a
+  known size is checked against the free space first), not a retried "dropped connection". One
+  download of a dataset into a root at a time (a lock file beside the ``.part``).
 * Integrity: the official server publishes no checksums for either collection, so none can be
   built in here. The archive is verified against ``--sha256 HEX`` when given, else against
   ``<url>.sha256`` when the server has one; otherwise a warning says the download is
@@ -21,15 +25,18 @@
   would expand to more than 50x their size (decompression bombs; images barely compress), hold
   over 2 M entries or not fit on the disk -- all judged on the headers first -- unpacks into a
   temporary folder inside ``<root>`` and moves the dataset into ``<root>/<name>`` with one atomic
-  rename. An existing ``<root>/<name>`` of the other collection's layout is an error, not a skip.
+  rename. An existing ``<root>/<name>`` of the other collection's layout is an error, not a skip;
+  ``--force`` replaces an existing dataset only once the new one is unpacked.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import http.client
+import json
 import logging
 import os
 import re
@@ -147,30 +154,78 @@ def _check_name(name: str, full_url: bool, collection: str = "cyclegan") -> None
         )
 
 
-def _open(url: str, start: int = 0, timeout: float = 60.0):
+def _open(url: str, start: int = 0, timeout: float = 60.0, validator: str | None = None):
     headers = {"User-Agent": "fastcgan-download"}
     if start:
         headers["Range"] = f"bytes={start}-"
+        if validator:  # the server sends the whole file (200) if it changed since the .part began
+            headers["If-Range"] = validator
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
+def _strong_validator(headers) -> str | None:
+    """What ``If-Range`` may carry: a strong ETag, else Last-Modified (RFC 9110 13.1.5)."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified")
+
+
+def _source_path(part: str) -> str:
+    return part + ".source"
+
+
+def _read_source(part: str) -> dict | None:
+    """What the ``.part`` was downloaded from (URL, validator), or None (none recorded)."""
+    try:
+        with open(_source_path(part), "rb") as fh:
+            doc = json.loads(fh.read(1 << 16))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _write_source(part: str, url: str, validator: str | None) -> None:
+    with open(_source_path(part), "w") as fh:
+        json.dump({"url": url, "validator": validator}, fh)
+
+
+def _discard(part: str) -> None:
+    for path in (part, _source_path(part)):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _check_free_space(part: str, need: int) -> None:
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(part))).free
+    if need > free:
+        raise DownloadError(f"{part}: {need / 1e9:.1f} GB still to download, its folder has {free / 1e9:.1f} GB free")
+
+
 def _fetch(url: str, part: str, progress: bool, retries: int, timeout: float, backoff: float = 1.0) -> None:
-    """Download ``url`` into ``part``, resuming whatever ``part`` already holds."""
+    """Download ``url`` into ``part``, resuming whatever ``part`` already holds when it came from
+    the same URL (``part.source``) and the file has not changed since (``If-Range``)."""
     from tqdm import tqdm
 
+    source = _read_source(part)
+    if os.path.exists(part) and source is not None and source.get("url") != url:
+        logger.warning("%s was downloaded from %s, not %s: starting over", part, source.get("url"), url)
+        _discard(part)
+        source = None
+    validator = source.get("validator") if source else None
     attempt, bar, total = 0, None, None
     try:
         while True:
             have = os.path.getsize(part) if os.path.exists(part) else 0
             try:
-                resp = _open(url, have, timeout)
+                resp = _open(url, have, timeout, validator)
             except urllib.error.HTTPError as e:
                 if e.code == 416 and have:
                     # Range not satisfiable: the .part is already complete (or garbage) — check length.
                     m = re.search(r"/(\d+)", e.headers.get("Content-Range", "") or "")
                     if m and int(m.group(1)) == have:
                         return
-                    os.remove(part)
+                    _discard(part)
                     continue
                 raise DownloadError(f"HTTP {e.code} {e.reason} for {url}") from None
             except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
@@ -180,6 +235,7 @@ def _fetch(url: str, part: str, progress: bool, retries: int, timeout: float, ba
                     time.sleep(min(backoff * 2 ** (attempt - 1), 30.0))
                     continue
                 raise DownloadError(f"cannot reach {url}: {reason}") from None
+            dropped = None
             with resp:
                 if have and resp.status == 206:
                     m = re.match(r"bytes (\d+)-\d+/(\d+|\*)", resp.headers.get("Content-Range", ""))
@@ -189,10 +245,14 @@ def _fetch(url: str, part: str, progress: bool, retries: int, timeout: float, ba
                         )
                     total = int(m.group(2)) if m.group(2) != "*" else None
                     mode = "ab"
-                else:  # 200: the server ignored the range (or this is a fresh start): from byte 0
+                else:  # 200: the server ignored the range, the file changed, or a fresh start: from byte 0
                     have, mode = 0, "wb"
                     length = resp.headers.get("Content-Length")
                     total = int(length) if length and length.isdigit() else None
+                    validator = _strong_validator(resp.headers)
+                    _write_source(part, url, validator)
+                if total is not None:
+                    _check_free_space(part, total - have)
                 if bar is None:
                     bar = tqdm(
                         total=total,
@@ -206,21 +266,29 @@ def _fetch(url: str, part: str, progress: bool, retries: int, timeout: float, ba
                 else:
                     bar.reset(total=total)
                     bar.update(have)
-                try:
-                    with open(part, mode) as fh:
-                        while True:
+                with open(part, mode) as fh:
+                    while True:
+                        try:
                             chunk = resp.read(_CHUNK)
-                            if not chunk:
-                                break
+                        except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
+                            dropped = e
+                            break
+                        if not chunk:
+                            break
+                        try:  # a local failure (disk full) is not a dropped connection: no retry
                             fh.write(chunk)
-                            bar.update(len(chunk))
-                except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
-                    if attempt < retries:
-                        attempt += 1
-                        logger.warning("connection to %s dropped (%s); resuming", url, e)
-                        time.sleep(min(backoff * 2 ** (attempt - 1), 30.0))
-                        continue
-                    raise DownloadError(f"download of {url} interrupted: {e!r}") from None
+                        except OSError as e:
+                            raise DownloadError(
+                                f"cannot write {part} ({fh.tell():,} bytes so far): {e.strerror or e}"
+                            ) from None
+                        bar.update(len(chunk))
+            if dropped is not None:
+                if attempt < retries:
+                    attempt += 1
+                    logger.warning("connection to %s dropped (%s); resuming", url, dropped)
+                    time.sleep(min(backoff * 2 ** (attempt - 1), 30.0))
+                    continue
+                raise DownloadError(f"download of {url} interrupted: {dropped!r}") from None
             size = os.path.getsize(part)
             if total is not None and size < total:
                 if attempt < retries:
@@ -357,12 +425,16 @@ def _extract(zip_path: str, root: str, name: str) -> str:
             if len(entries) == 1 and os.path.isdir(os.path.join(tmp, entries[0]))
             else tmp
         )
+        old = None
         if os.path.isdir(target):
-            os.rmdir(target)  # only ever an empty folder here (checked by the caller)
-        if src == tmp:
-            os.replace(tmp, target)
-        else:
-            os.replace(src, target)
+            if os.listdir(target):  # --force: the old dataset goes only once the new one is unpacked
+                old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=root)
+                os.replace(target, os.path.join(old, name))
+            else:
+                os.rmdir(target)
+        os.replace(src, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -400,7 +472,7 @@ def download_dataset(
     """Download, verify and unpack dataset ``name`` into ``<root>/<name>``; returns that path.
 
     An existing non-empty ``<root>/<name>`` is kept as is unless ``force`` (an error when it has
-    the other collection's layout). ``url``: base URL or a full archive URL (see module
+    the other collection's layout); ``force`` replaces it only once the new one is unpacked. ``url``: base URL or a full archive URL (see module
     docstring); ``sha256``: expected hex digest of the archive; ``collection``: ``"cyclegan"``
     (zip, ``trainA/ trainB/ ...``) or ``"pix2pix"`` (tar.gz, ``train/ val/ ...`` of A|B pairs),
     default ``pix2pix`` only for the names only pix2pix has. A failed or dropped connection is
@@ -413,15 +485,57 @@ def download_dataset(
         raise ValueError(f"--sha256 must be 64 hex digits, got {sha256!r}")
     root = os.path.abspath(os.fspath(root))
     target = os.path.join(root, name)
-    if os.path.isdir(target) and os.listdir(target):
-        if not force:
-            _check_existing_layout(target, collection)
-            logger.info("%s already exists; skipping download", target)
-            return target
-        shutil.rmtree(target)
-    elif os.path.exists(target) and not os.path.isdir(target):
-        raise FileExistsError(f"{target!r} exists and is not a directory")
+    if _existing_dataset(target, collection, force):
+        return target
     os.makedirs(root, exist_ok=True)
+    with _download_lock(root, name):
+        if _existing_dataset(target, collection, force):  # another download finished meanwhile
+            return target
+        _download_and_extract(zip_url, root, name, sha256, progress, retries, timeout, backoff)
+    return target
+
+
+def _existing_dataset(target: str, collection: str, force: bool) -> bool:
+    """Whether ``target`` already holds the dataset (kept unless ``force``: replaced only once
+    the new one is unpacked, so a failed download loses nothing)."""
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"{target!r} exists and is not a directory")
+    if force or not (os.path.isdir(target) and os.listdir(target)):
+        return False
+    _check_existing_layout(target, collection)
+    logger.info("%s already exists; skipping download", target)
+    return True
+
+
+@contextlib.contextmanager
+def _download_lock(root: str, name: str):
+    """One download of ``name`` into ``root`` at a time: two would append to one ``.part``."""
+    import fcntl
+
+    path = os.path.join(root, f".{name}.download.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DownloadError(f"another fastcgan-download is writing {name} into {root} ({path} is locked)") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino  # not a lock file unlinked by its last holder
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        os.close(fd)
+
+
+def _download_and_extract(zip_url, root, name, sha256, progress, retries, timeout, backoff) -> None:
     ext = _archive_ext(zip_url)
     part = os.path.join(root, f"{name}{'.zip' if ext == '.zip' else '.tar.gz'}.part")
 
@@ -437,17 +551,16 @@ def download_dataset(
     else:
         actual = _sha256(part)
         if actual != expected:
-            os.remove(part)
+            _discard(part)
             raise ChecksumError(
                 f"{zip_url}: SHA-256 mismatch (expected {expected}, got {actual}); download deleted"
             )
     try:
         _extract(part, root, name)
     except DownloadError:
-        os.remove(part)  # a corrupt or hostile archive is not worth resuming
+        _discard(part)  # a corrupt or hostile archive is not worth resuming
         raise
-    os.remove(part)
-    return target
+    _discard(part)
 
 
 def main(argv: list[str] | None = None) -> int:

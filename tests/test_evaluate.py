@@ -227,7 +227,7 @@ def test_json_is_strict_and_overwrite_replaces_only_results(tmp_path, synth, cap
     assert not link.is_symlink() and strict(link.read_text())["BtoA"]["n"] == 3
     capsys.readouterr()
     res = {"AtoB": {"n": 1, "cycle_psnr": float("inf"), "truth_psnr": float("nan")}}
-    import unittest.mock as mock
+    from unittest import mock
 
     with mock.patch.object(ev, "evaluate", return_value=res):
         assert ev.main(argv + ["--overwrite"]) == 0
@@ -241,7 +241,7 @@ def test_every_input_is_read_before_translating(tmp_path, synth, monkeypatch, ca
 
     data = tmp_path / "data"
     shutil.copytree(synth, data)
-    (sorted((data / "testB_truth_A").iterdir())[-1]).write_bytes(b"not an image")
+    max((data / "testB_truth_A").iterdir()).write_bytes(b"not an image")
     translated = []
     monkeypatch.setattr(ev, "translate_images", lambda tr, imgs: translated.append(len(imgs)) or imgs)
     with pytest.raises(ValueError, match="testB_truth_A"):

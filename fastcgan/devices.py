@@ -23,13 +23,18 @@ class DeviceUnavailableError(ValueError, RuntimeError):
 def resolve_device(spec: str) -> torch.device:
     """``"auto"`` -> CUDA when a GPU is visible, else CPU; an explicit CUDA device without a GPU
     (or with fewer GPUs than its index) raises :class:`DeviceUnavailableError` (queried here, on
-    use, never at import time). A malformed spec (``"gpu"``) is a ``ValueError`` too."""
+    use, never at import time). A malformed spec (``"gpu"``), another device type (``"meta"``,
+    ``"mps"``) or a CPU index (``"cpu:5"``) is a ``ValueError`` too."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(spec)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device {spec!r} is not a device name (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type not in ("cpu", "cuda"):  # meta, mps, xpu, ...: the kernels and the trainer know CPU and CUDA
+        raise ValueError(f"device {spec!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise ValueError(f"device {spec!r}: there is one CPU device (use cpu)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceUnavailableError(spec, "no CUDA GPU is visible to torch (use --device cpu or auto)")

@@ -206,9 +206,15 @@ def _main(args) -> int:
     from fastcgan.data.images import set_max_image_pixels
     from fastcgan.deploy import load
     from fastcgan.deploy.tiling import check_tile_args, check_tiling
-    from fastcgan.devices import DeviceUnavailableError
+    from fastcgan.devices import DeviceUnavailableError, resolve_device
     from fastcgan.fileio import WriteError, atomic_write, atomic_writer
 
+    try:
+        resolve_device(args.device)
+    except DeviceUnavailableError as e:
+        return _error(f"--device {args.device}: {e.reason}")
+    except ValueError as e:
+        return _error(f"--device {args.device}: {e}")
     if args.batch_size < 1:
         return _error("--batch-size must be >= 1")
     if args.max_image_pixels < 0:

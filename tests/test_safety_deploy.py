@@ -587,6 +587,21 @@ def test_device_cuda_without_gpu_exits_2(gen_file, tmp_path, capsys):
     assert rc == cli.EXIT_USAGE and "no CUDA GPU" in err and not (tmp_path / "g.onnx").exists()
 
 
+@pytest.mark.parametrize("spec", ["cpu:5", "meta", "mps"])
+def test_devices_other_than_cpu_and_cuda_are_refused(gen_file, tmp_path, capsys, spec):
+    """--device cpu:5 ran on the CPU as if it named something; meta ran "translations" of no data."""
+    from fastcgan.devices import resolve_device
+
+    with pytest.raises(ValueError, match=spec):
+        resolve_device(spec)
+    src = _pngs(tmp_path / "photos", n=1)
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(tmp_path / "o"),
+                    "--device", spec, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--device {spec}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_garbage_checkpoints_never_advise_weights_only_false(tmp_path, capsys):
     import pickle
 

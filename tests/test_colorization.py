@@ -206,6 +206,32 @@ def test_dataset_holds_each_image_once(colour_set, tmp_path):
         ColorizationDataset(colour_set, direction="BtoA")
 
 
+def test_greyscale_images_are_named_before_training(tmp_path, caplog, capsys):
+    """A folder of greyscale photos trained toward a*b* = 0 (grey output) without a word; some
+    greyscale files among colour ones pull the colours toward grey, also silently."""
+    from PIL import Image
+
+    from fastcgan.data import ColorizationDataset, DatasetError
+    from fastcgan.train.cli import main as train_main
+
+    train = tmp_path / "data" / "train"
+    train.mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (40, 40), 40 * i).save(train / f"g{i}.png")
+    ds = ColorizationDataset(str(tmp_path / "data"), crop_size=32, load_size=36)
+    with pytest.raises(DatasetError, match="all 3 images are greyscale"):
+        ds.check_usable()
+    out = tmp_path / "runs"
+    rc = train_main(["--model", "colorization", "--netG", "resnet_6blocks", "--dataroot", str(tmp_path / "data"),
+                     "--output-dir", str(out),
+                     "--crop-size", "32", "--load-size", "36", "--max-steps", "1", "--no-progress"])
+    assert rc == 2 and "greyscale" in capsys.readouterr().err and not out.exists()
+    Image.new("RGB", (40, 40), (200, 30, 10)).save(train / "c.jpg")
+    with caplog.at_level("WARNING", logger="fastcgan.data"):
+        ColorizationDataset(str(tmp_path / "data"), crop_size=32, load_size=36).check_usable()
+    assert "3 of 4 images" in caplog.text and "g0.png" in caplog.text
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_augment_splits_lightness_and_colour_on_the_device(colour_set, channels_last):
     from fastcgan.data import augment_pair, collate

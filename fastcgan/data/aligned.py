@@ -26,6 +26,7 @@ recorded in ``skipped`` and replaced by the next usable file, deterministically.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -42,7 +43,7 @@ from fastcgan.data.datasets import (
     resize_deterministic,
 )
 from fastcgan.data.device import DeviceImageBank
-from fastcgan.data.images import BadImageError, open_image, oriented_size, pil_to_tensor
+from fastcgan.data.images import BadImageError, is_greyscale_file, open_image, oriented_size, pil_to_tensor
 
 __all__ = [
     "ALIGNED_DIRECTIONS",
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 ALIGNED_DIRECTIONS = ("AtoB", "BtoA")
+logger = logging.getLogger("fastcgan.data")
 
 
 def split_pair(img: Image.Image, path: str = "<image>") -> tuple[Image.Image, Image.Image]:
@@ -340,6 +342,20 @@ class ColorizationDataset(AlignedDataset):
 
     def _input_size(self, wh: tuple[int, int]) -> tuple[int, int]:
         return wh
+
+    def check_usable(self) -> None:
+        """Also: greyscale files (judged on the headers) teach a*b* = 0. All of them is a
+        :class:`DatasetError` (nothing to learn colour from); some, a warning naming how many
+        (the official trains on them silently)."""
+        super().check_usable()
+        grey = [p for p in self.AB_paths if is_greyscale_file(p)]
+        if grey and len(grey) == len(self.AB_paths):
+            raise DatasetError(f"{self.dir_AB!r}: all {len(grey)} images are greyscale (e.g. {grey[0]!r}); "
+                               "colorization learns colour from colour images")
+        if grey:
+            logger.warning("%d of %d images in %r are greyscale (e.g. %r): colorization learns a*b* = 0 "
+                           "(no colour) from them; remove them for more colourful results",
+                           len(grey), len(self.AB_paths), self.dir_AB, grey[0])
 
     def __repr__(self) -> str:
         return (

@@ -96,6 +96,12 @@ def check_image_pixels(path: str, size: tuple[int, int], max_pixels: int | None 
 
 
 def _header(path: str, oriented: bool) -> tuple[int, int] | None:
+    info = _header_info(path, oriented)
+    return None if info is None else info[0]
+
+
+def _header_info(path: str, oriented: bool) -> tuple[tuple[int, int], str] | None:
+    """((width, height), PIL mode) from the header only, or None when it cannot be read."""
     try:
         with _PIL_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -114,7 +120,7 @@ def _header(path: str, oriented: bool) -> tuple[int, int] | None:
                             w, h = h, w
                     except Exception:  # noqa: BLE001 - malformed EXIF: open_image keeps the stored orientation
                         pass
-                return w, h
+                return (w, h), src.mode
     except (OSError, SyntaxError, ValueError, EOFError):
         return None
 
@@ -129,6 +135,17 @@ def oriented_size(path: str) -> tuple[int, int] | None:
     """:func:`image_size` after the EXIF orientation that :func:`open_image` applies (a portrait
     photo stored landscape is (h, w)); still header-only. ``None`` when the header is unreadable."""
     return _header(path, oriented=True)
+
+
+# PIL modes that hold no colour (a palette image, "P", may be grey or not: not counted).
+GREYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def is_greyscale_file(path: str) -> bool:
+    """Whether the file stores a greyscale image (its header's mode; nothing decoded). An RGB file
+    of grey pixels is not detected; an unreadable header is False (the decoder reports it)."""
+    info = _header_info(path, oriented=False)
+    return info is not None and info[1] in GREYSCALE_MODES
 
 
 def is_image_file(name: str) -> bool:

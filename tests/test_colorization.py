@@ -206,7 +206,7 @@ def test_dataset_holds_each_image_once(colour_set, tmp_path):
         ColorizationDataset(colour_set, direction="BtoA")
 
 
-def test_greyscale_images_are_named_before_training(tmp_path, caplog, capsys):
+def test_greyscale_images_are_named_before_training(tmp_path, caplog, capsys, monkeypatch):
     """A folder of greyscale photos trained toward a*b* = 0 (grey output) without a word; some
     greyscale files among colour ones pull the colours toward grey, also silently."""
     from PIL import Image
@@ -230,6 +230,11 @@ def test_greyscale_images_are_named_before_training(tmp_path, caplog, capsys):
     with caplog.at_level("WARNING", logger="fastcgan.data"):
         ColorizationDataset(str(tmp_path / "data"), crop_size=32, load_size=36).check_usable()
     assert "3 of 4 images" in caplog.text and "g0.png" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastcgan.data"):  # large folders: evenly spaced headers
+        monkeypatch.setattr(ColorizationDataset, "GREYSCALE_SAMPLE", 2)
+        ColorizationDataset(str(tmp_path / "data"), crop_size=32, load_size=36).check_usable()
+    assert "1 of 2 sampled (of 4) images" in caplog.text
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -343,19 +343,27 @@ class ColorizationDataset(AlignedDataset):
     def _input_size(self, wh: tuple[int, int]) -> tuple[int, int]:
         return wh
 
+    # Headers read by check_usable's greyscale count: all of them up to this many, else this many
+    # evenly spaced (a million-image folder would take minutes to start).
+    GREYSCALE_SAMPLE = 4096
+
     def check_usable(self) -> None:
         """Also: greyscale files (judged on the headers) teach a*b* = 0. All of them is a
         :class:`DatasetError` (nothing to learn colour from); some, a warning naming how many
         (the official trains on them silently)."""
         super().check_usable()
-        grey = [p for p in self.AB_paths if is_greyscale_file(p)]
-        if grey and len(grey) == len(self.AB_paths):
-            raise DatasetError(f"{self.dir_AB!r}: all {len(grey)} images are greyscale (e.g. {grey[0]!r}); "
+        n = len(self.AB_paths)
+        step = max(1, -(-n // self.GREYSCALE_SAMPLE))
+        looked = self.AB_paths[::step]
+        grey = [p for p in looked if is_greyscale_file(p)]
+        of = f"{len(looked)}" if step == 1 else f"{len(looked)} sampled (of {n})"
+        if grey and len(grey) == len(looked):
+            raise DatasetError(f"{self.dir_AB!r}: all {of} images are greyscale (e.g. {grey[0]!r}); "
                                "colorization learns colour from colour images")
         if grey:
-            logger.warning("%d of %d images in %r are greyscale (e.g. %r): colorization learns a*b* = 0 "
+            logger.warning("%d of %s images in %r are greyscale (e.g. %r): colorization learns a*b* = 0 "
                            "(no colour) from them; remove them for more colourful results",
-                           len(grey), len(self.AB_paths), self.dir_AB, grey[0])
+                           len(grey), of, self.dir_AB, grey[0])
 
     def __repr__(self) -> str:
         return (

@@ -536,7 +536,7 @@ def stage_train(S: Sizes, out: str) -> int:
             flush=True,
         )
 
-    def fastcgan(variant, batch, overrides=()):
+    def fastcgan(variant, batch, overrides=(), name=None):
         one_step, extra_warmup, flags, first_s = _build_and_first_step(S, variant, batch, overrides)
         t = median_time(
             one_step, device, warmup=max(0, extra_warmup - 1) + S.train_warmup, iters=S.train_iters
@@ -548,7 +548,8 @@ def stage_train(S: Sizes, out: str) -> int:
                 cats = _step_categories(kernels)
                 profile = {"device_us_by_category": cats, "top_kernels_us": dict(list(kernels.items())[:15])}
                 print(f"b{batch} {variant} device us/step: {cats}", flush=True)
-        record(variant, batch, t, tb._peak_mb(device), build_and_first_step_s=first_s, flags=flags, **profile)
+        record(name or variant, batch, t, tb._peak_mb(device), build_and_first_step_s=first_s, flags=flags,
+               **profile)
 
     # Priority order: the baseline and the fastest configuration at each batch (one compile per
     # batch size: the step is compiled with static shapes), then the cheap eager variants.
@@ -588,6 +589,15 @@ def stage_train(S: Sizes, out: str) -> int:
         ["auto-amp-cl" if device.type == "cuda" else "auto-fp32"], S.train_warmup, S.train_iters,
         f"{device.type}-{p2p_size}-b1",
     )  # fmt: skip
+    # Last: what cuDNN autotuning is worth. Every row above runs with it, and so does the trainer
+    # by default for the cropping presets (--cudnn-benchmark auto); this is the eager step without.
+    variant = "auto-amp-cl" if device.type == "cuda" else "auto-fp32"
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        fastcgan(variant, S.train_batches[0], name=f"{variant}-no-cudnn-benchmark")
+    finally:
+        torch.backends.cudnn.benchmark = saved
     return 0
 
 
@@ -843,6 +853,13 @@ def stage_report(out: str) -> int:
             if r.get("device_us_by_category"):
                 cats = ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in r["device_us_by_category"].items())
                 print(f"  b{r['batch']} {r['name'].rsplit('/', 1)[1]} device time per step: {cats}")
+        for r in t:  # what the trainer's --cudnn-benchmark default is worth
+            if r["name"].endswith("-no-cudnn-benchmark"):
+                on = r["name"][: -len("-no-cudnn-benchmark")]
+                with_it = [x for x in t if x["name"] == on and x["batch"] == r["batch"]]
+                if with_it:
+                    print(f"  b{r['batch']} cuDNN autotuning on {on.rsplit('/', 1)[1]}: "
+                          f"x{with_it[0]['images_per_s'] / r['images_per_s']:.2f} images/s")
         for r in t:
             if r["name"].endswith("/official-eager-fp32") or "compile" not in r["name"]:
                 continue

@@ -149,6 +149,7 @@ def test_dry_run_rows_and_report(dry_run):
     assert {r["name"].rsplit("/", 1)[1] for r in train} == {
         "official-eager-fp32",
         "auto-amp-cl-compile-graphs-gpudata",
+        "auto-fp32-no-cudnn-benchmark",
     }
     assert all(r["images_per_s"] > 0 and r["ratio_to_official"] > 0 for r in train)
     infer = [r for r in rows if r["name"].startswith("inference/") and "batch" in r]
@@ -246,6 +247,11 @@ def test_report_of_gpu_rows_states_every_target(driver, tmp_path, capsys):
             "images_per_s": ips, "ratio_to_official": ratio, "peak_memory_mb": 5000.0, "mfu": 0.12,
             "build_and_first_step_s": 61.0,
         })  # fmt: skip
+    for name, ips in (("auto-amp-cl", 40.0), ("auto-amp-cl-no-cudnn-benchmark", 32.0)):
+        rows.append({
+            "name": f"train_step/cuda-256-b1/{name}", "stage": "4", "batch": 1, "images_per_s": ips,
+            "ratio_to_official": 4.0, "peak_memory_mb": 4000.0, "mfu": 0.1,
+        })  # fmt: skip
     rows.append({
         "name": "inference/aoti-bf16", "stage": "5", "batch": 32, "latency_ms": 10.0, "images_per_s": 3200.0,
         "speedup_vs_eager_fp32": 3.5, "max_abs_err": 0.07,
@@ -262,4 +268,5 @@ def test_report_of_gpu_rows_states_every_target(driver, tmp_path, capsys):
     assert "target batch 1 >= 6.0x official: x7.00 met" in text
     assert "target batch 8 >= 200.0 img/s: 150 missed" in text
     assert "MFU 12.0 %" in text and "build+compile 61 s" in text
+    assert "b1 cuDNN autotuning on auto-amp-cl: x1.25 images/s" in text
     assert json.loads((tmp_path / "nvidia-h100.json").read_text())[0]["results"] == rows

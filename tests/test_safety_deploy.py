@@ -154,6 +154,25 @@ def test_translate_output_inside_input_skips_earlier_outputs(gen_file, tmp_path,
     assert sorted(os.listdir(out)) == ["im0.png", "im1.png"]
 
 
+def test_telling_outputs_apart_decodes_nothing(gen_file, tmp_path, monkeypatch):
+    """Each image in an output folder inside --input was decoded whole (PIL's .text loads the
+    pixels) just to read the mark that says it is a translation."""
+    from PIL import ImageFile
+
+    from fastcgan import translate as tr
+
+    src = _pngs(tmp_path / "photos", n=1)
+    out = tmp_path / "out"
+    assert translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--device", "cpu",
+                      "--no-progress"]) == 0  # fmt: skip
+
+    def no_decode(self):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    assert tr._is_output_of_ours(str(out / "im0.png")) and not tr._is_output_of_ours(str(src / "im0.png"))
+
+
 def test_translate_never_overwrites_user_images_inside_a_nested_output(gen_file, tmp_path, capsys):
     """An --output folder inside --input: earlier translations there are skipped as inputs, but a
     user's own image there is an input. It used to be skipped as 'output' too, so --overwrite

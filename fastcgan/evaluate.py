@@ -29,6 +29,10 @@ Paired data (pix2pix: ``{phase}/`` of A|B images, no ``{phase}A/``) is scored by
 L1 is the mean absolute error on [0, 1] intensities; PSNR is ``10 log10(1 / MSE)`` on [0, 1],
 averaged over images. Images are evaluated at their own size, or resized to a square
 ``--load-size`` first (bicubic, rounded to uint8) -- real and translated images alike.
+
+Memory: ``--batch-size`` images are read, translated and scored at a time (Inception features
+are gathered by a :class:`fastcgan.metrics.inception.FeatureStream` in its own full batches), so
+a run holds one chunk of images and per-image numbers, never the test set.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcgan.data import make_dataset
-from fastcgan.data.images import BadImageError, load_image
+from fastcgan.data.images import BadImageError, load_image, oriented_size
 from fastcgan.devices import resolve_device
 from fastcgan.fileio import atomic_write
 
@@ -149,14 +153,23 @@ def _truth_image(path: str, channels: int, load_size: int | None, like: torch.Te
     return t
 
 
-def _l1_psnr(pred: list[torch.Tensor], target: list[torch.Tensor]) -> tuple[float, float]:
-    l1s, psnrs = [], []
+def _l1_psnr_each(pred: list[torch.Tensor], target: list[torch.Tensor]) -> list[tuple[float, float]]:
+    """(L1, PSNR) of each image pair."""
+    out = []
     for p, t in zip(pred, target):
         p01, t01 = _to01(p.float().cpu()), _to01(t.float().cpu())
-        l1s.append((p01 - t01).abs().mean().item())
         mse = (p01 - t01).pow(2).mean().item()
-        psnrs.append(10 * math.log10(1.0 / max(mse, 1e-12)))
-    return sum(l1s) / len(l1s), sum(psnrs) / len(psnrs)
+        out.append(((p01 - t01).abs().mean().item(), 10 * math.log10(1.0 / max(mse, 1e-12))))
+    return out
+
+
+def _mean_l1_psnr(each: list[tuple[float, float]]) -> tuple[float, float]:
+    return sum(e[0] for e in each) / len(each), sum(e[1] for e in each) / len(each)
+
+
+def _l1_psnr(pred: list[torch.Tensor], target: list[torch.Tensor]) -> tuple[float, float]:
+    """Mean per-image L1 and PSNR."""
+    return _mean_l1_psnr(_l1_psnr_each(pred, target))
 
 
 def resize_uint8(t: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -194,6 +207,47 @@ def load_domain(dataroot: str, phase: str, domain: str, channels: int = 3, size=
     if not loaded[0]:
         raise FileNotFoundError(f"{folder}: no readable images")
     return loaded
+
+
+def domain_paths(dataroot: str, phase: str, domain: str, max_images: int | None = None) -> tuple[str, list[str]]:
+    """(folder, its image paths sorted, at most ``max_images``) of ``dataroot/{phase}{domain}``;
+    nothing is decoded. A missing or empty folder is a FileNotFoundError naming it."""
+    folder = os.path.join(dataroot, phase + domain)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--dataroot {dataroot}: no {phase}{domain}/ folder")
+    paths = make_dataset(folder)[:max_images]
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no image files")
+    return folder, paths
+
+
+def iter_images(paths: list[str], channels: int, size: int | None, chunk: int, skipped: list[str]):
+    """``chunk`` images at a time as [(path, uint8 (C, H, W))] (resized to a square ``size`` when
+    given): evaluation holds one chunk, never the test set. Unreadable files go to ``skipped``."""
+    for i in range(0, len(paths), chunk):
+        out = []
+        for p in paths[i : i + chunk]:
+            try:
+                out.append((p, resize_uint8(load_image(p, channels), size)))
+            except BadImageError:
+                skipped.append(p)
+        if out:
+            yield out
+
+
+def _check_truth_headers(folder: str, paths: list[str], truth_dir: str, load_size: int | None) -> None:
+    """Every ground-truth file exists, has a readable header and (without ``load_size``) its test
+    image's size -- judged on the headers before anything is translated (ValueError naming it)."""
+    for p in paths:
+        truth = os.path.join(truth_dir, os.path.relpath(p, folder))
+        if not os.path.isfile(truth):
+            raise ValueError(f"ground truth {truth}: no such file")
+        wh = oriented_size(truth)
+        if wh is None:
+            raise ValueError(f"ground truth {truth}: not a readable image")
+        own = oriented_size(p)
+        if load_size is None and own is not None and own != wh:
+            raise ValueError(f"ground truth {truth} is {wh[0]}x{wh[1]}, its test image {own[0]}x{own[1]}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,27 +301,28 @@ def evaluate_generators(
             results["fid_inception_dtype"] = str(inception.dtype).replace("torch.", "")
     trs = {"AtoB": _translator(G_AB, device, amp_dtype, batch_size), "BtoA": _translator(G_BA, device, amp_dtype, batch_size)}
     modules = [g for g in (G_AB, G_BA) if isinstance(g, nn.Module)]
-    # Every input is read before anything is translated: a missing folder or a bad ground-truth
-    # image is an error (fastcgan-eval: exit 2) before minutes of translation and FID, not after.
-    loaded: dict[str, tuple] = {}
+    # Every input is listed (and the ground truth checked on its headers) before anything is
+    # translated: a missing folder or a bad ground-truth image is an error (fastcgan-eval: exit 2)
+    # before minutes of translation and FID, not after. Images are then read, translated and
+    # scored a chunk at a time: memory holds one chunk and per-image numbers (FID: 2048 floats
+    # an image), never the test set.
+    listed: dict[str, tuple[str, list[str]]] = {}
 
-    def domain(d: str, nc: int):
-        if d not in loaded:
-            loaded[d] = load_domain(dataroot, phase, d, nc, load_size, max_images)
-        return loaded[d]
+    def domain(d: str) -> tuple[str, list[str]]:
+        if d not in listed:
+            listed[d] = domain_paths(dataroot, phase, d, max_images)
+        return listed[d]
 
-    truths: dict[str, list[torch.Tensor]] = {}
+    chunk = max(1, int(batch_size))
     for name, src, dst in DIRECTIONS:
-        tr = trs[name]
-        if tr is None:
+        if trs[name] is None:
             continue
-        imgs, names, _ = domain(src, tr.input_nc)
+        folder, paths = domain(src)
         if inception is not None:
-            domain(dst, tr.output_nc)
+            domain(dst)
         truth_dir = os.path.join(dataroot, f"{phase}{src}_truth_{dst}")
         if os.path.isdir(truth_dir):
-            truths[name] = [_truth_image(os.path.join(truth_dir, nm), tr.output_nc, load_size, x)
-                            for nm, x in zip(names, imgs)]
+            _check_truth_headers(folder, paths, truth_dir, load_size)
 
     real_features: dict[str, torch.Tensor] = {}
     with eval_mode(*modules):
@@ -276,29 +331,58 @@ def evaluate_generators(
             if tr is None:
                 continue
             back = trs["BtoA" if name == "AtoB" else "AtoB"]
-            imgs, names, skipped = domain(src, tr.input_nc)
-            real = [x.float().div(127.5).sub(1.0) for x in imgs]
-            fake = translate_images(tr, imgs)
-            r: dict = {"n": len(imgs), "skipped": len(skipped)}
-            fake_u8 = None
-            if back is not None or inception is not None:
-                from fastcgan.metrics import to_uint8
+            folder, paths = domain(src)
+            truth_dir = os.path.join(dataroot, f"{phase}{src}_truth_{dst}")
+            has_truth = os.path.isdir(truth_dir)
+            skipped: list[str] = []
+            cycle, truth_scores, identity = [], [], []
+            identity_ok = True
+            fake_stream = inception.stream() if inception is not None else None
+            for batch in iter_images(paths, tr.input_nc, load_size, chunk, skipped):
+                imgs = [x for _, x in batch]
+                real = [x.float().div(127.5).sub(1.0) for x in imgs]
+                fake = translate_images(tr, imgs)
+                fake_u8 = None
+                if back is not None or inception is not None:
+                    from fastcgan.metrics import to_uint8
 
-                fake_u8 = [to_uint8(f) for f in fake]
+                    fake_u8 = [to_uint8(f) for f in fake]
+                if back is not None:
+                    cycle += _l1_psnr_each(translate_images(back, fake_u8), real)
+                if has_truth:
+                    truth = [_truth_image(os.path.join(truth_dir, os.path.relpath(p, folder)), tr.output_nc,
+                                          load_size, x) for (p, _), x in zip(batch, real)]
+                    truth_scores += _l1_psnr_each(fake, truth)
+                    identity_ok = identity_ok and all(x.shape == t.shape for x, t in zip(real, truth))
+                    if identity_ok:
+                        identity += _l1_psnr_each(real, truth)
+                if fake_stream is not None:
+                    fake_stream.add(fake_u8)
+            n = len(paths) - len(skipped)
+            if n == 0:
+                raise FileNotFoundError(f"{folder}: no readable images")
+            r: dict = {"n": n, "skipped": len(skipped)}
             if back is not None:
-                rec = translate_images(back, fake_u8)
-                r["cycle_l1"], r["cycle_psnr"] = _l1_psnr(rec, real)
-            if name in truths:
-                truth = truths[name]
-                r["truth_l1"], r["truth_psnr"] = _l1_psnr(fake, truth)
-                if all(x.shape == t.shape for x, t in zip(real, truth)):
-                    r["identity_truth_l1"], r["identity_truth_psnr"] = _l1_psnr(real, truth)
+                r["cycle_l1"], r["cycle_psnr"] = _mean_l1_psnr(cycle)
+            if has_truth:
+                r["truth_l1"], r["truth_psnr"] = _mean_l1_psnr(truth_scores)
+                if identity_ok:
+                    r["identity_truth_l1"], r["identity_truth_psnr"] = _mean_l1_psnr(identity)
             if inception is not None:
-                from fastcgan.metrics import fid_kid
+                from fastcgan.metrics import fid_kid_from_features
 
                 if dst not in real_features:
-                    real_features[dst] = inception.extract(domain(dst, tr.output_nc)[0])
-                r.update(fid_kid(fake_u8, inception=inception, real_features=real_features[dst]))
+                    dst_folder, dst_paths = domain(dst)
+                    real_stream = inception.stream()
+                    for batch in iter_images(dst_paths, tr.output_nc, load_size, chunk, []):
+                        real_stream.add([x for _, x in batch])
+                    real_features[dst] = real_stream.features()
+                    if real_features[dst].shape[0] == 0:
+                        raise FileNotFoundError(f"{dst_folder}: no readable images")
+                fake_features = fake_stream.features()
+                r.update(fid_kid_from_features(fake_features, real_features[dst]))
+                r["fid_n_fake"] = int(fake_features.shape[0])
+                r["fid_n_real"] = int(real_features[dst].shape[0])
             results[name] = r
     return results
 
@@ -388,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run a .pt2 / .engine (native code) even without a manifest that verifies",
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images read, translated and scored at a time (memory holds one such chunk)")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--load-size", type=int, default=None, help="resize images to this square size first")
     p.add_argument("--no-fid", action="store_true", help="skip FID/KID even when the metrics extra is installed")

@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["evaluate_paired", "is_paired_root", "load_pairs", "paired_metrics"]
+__all__ = ["evaluate_paired", "is_paired_root", "iter_pairs", "pair_paths", "paired_scores"]
 
 
 def is_paired_root(dataroot: str, phase: str = "test") -> bool:
@@ -54,45 +54,53 @@ def _run_direction(checkpoint: str) -> Optional[str]:
         return None
 
 
-def load_pairs(
-    dataroot: str,
-    phase: str = "test",
-    direction: str = "AtoB",
-    input_nc: int = 3,
-    output_nc: int = 3,
-    size: Optional[int] = None,
-    max_images: Optional[int] = None,
-    self_paired: bool = False,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str], list[str]]:
-    """(uint8 inputs, uint8 targets, pair paths, skipped paths) of ``dataroot/<phase>/``, sorted;
-    unreadable and odd-width files are skipped (as by :class:`fastcgan.data.AlignedDataset`).
-    ``self_paired`` (colorization): every image is its own pair, input and target alike."""
-    from fastcgan.data import make_dataset, split_pair
-    from fastcgan.data.images import BadImageError, open_image, pil_to_tensor
-    from fastcgan.evaluate import resize_uint8
+def pair_paths(dataroot: str, phase: str = "test", max_images: Optional[int] = None) -> list[str]:
+    """The pair files of ``dataroot/<phase>/``, sorted, at most ``max_images``; nothing decoded."""
+    from fastcgan.data import make_dataset
 
     folder = os.path.join(dataroot, phase)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--dataroot {dataroot}: no {phase}/ folder of pair images")
-    paths = make_dataset(folder)
-    if max_images is not None:
-        paths = paths[:max_images]
-    inputs, targets, names, skipped = [], [], [], []
-    for p in paths:
-        try:
-            img = open_image(p, 3)
-            left, right = (img, img) if self_paired else split_pair(img, p)
-        except BadImageError:
-            skipped.append(p)
-            continue
-        a, b = (left, right) if direction == "AtoB" else (right, left)
-        a, b = (a.convert("L") if input_nc == 1 else a), (b.convert("L") if output_nc == 1 else b)
-        inputs.append(resize_uint8(pil_to_tensor(a), size))
-        targets.append(resize_uint8(pil_to_tensor(b), size))
-        names.append(p)
-    if not inputs:
-        raise FileNotFoundError(f"{folder}: no readable pair images")
-    return inputs, targets, names, skipped
+    paths = make_dataset(folder)[:max_images]
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no image files")
+    return paths
+
+
+def iter_pairs(
+    paths: list[str],
+    direction: str = "AtoB",
+    input_nc: int = 3,
+    output_nc: int = 3,
+    size: Optional[int] = None,
+    chunk: int = 8,
+    skipped: Optional[list] = None,
+    self_paired: bool = False,
+):
+    """``chunk`` pairs at a time as (uint8 inputs, uint8 targets): evaluation holds one chunk,
+    never the test set. Unreadable and odd-width files are skipped (as by
+    :class:`fastcgan.data.AlignedDataset`) and added to ``skipped``. ``self_paired``
+    (colorization): every image is its own pair, input and target alike."""
+    from fastcgan.data import split_pair
+    from fastcgan.data.images import BadImageError, open_image, pil_to_tensor
+    from fastcgan.evaluate import resize_uint8
+
+    for i in range(0, len(paths), chunk):
+        inputs, targets = [], []
+        for p in paths[i : i + chunk]:
+            try:
+                img = open_image(p, 3)
+                left, right = (img, img) if self_paired else split_pair(img, p)
+            except BadImageError:
+                if skipped is not None:
+                    skipped.append(p)
+                continue
+            a, b = (left, right) if direction == "AtoB" else (right, left)
+            a, b = (a.convert("L") if input_nc == 1 else a), (b.convert("L") if output_nc == 1 else b)
+            inputs.append(resize_uint8(pil_to_tensor(a), size))
+            targets.append(resize_uint8(pil_to_tensor(b), size))
+        if inputs:
+            yield inputs, targets
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -103,26 +111,23 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     return decolorize(x).add(1).mul(127.5).round().div(127.5).sub(1.0)
 
 
-def paired_metrics(pred: list[torch.Tensor], target: list[torch.Tensor]) -> dict:
-    """Mean per-image L1, PSNR and SSIM (torchmetrics) of float [-1, 1] images ``pred`` against
-    ``target``; images of one size are scored together."""
+def paired_scores(pred: list[torch.Tensor], target: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-image L1, PSNR and SSIM (torchmetrics) of float [-1, 1] images ``pred`` against
+    ``target``, as 1-D tensors in the order of the images; images of one size are scored together."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    l1s, psnrs, ssims = [], [], []
+    out = {k: torch.empty(len(target), dtype=torch.float64) for k in ("l1", "psnr", "ssim")}
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(target):
         groups.setdefault(tuple(t.shape), []).append(i)
     for idx in groups.values():
         p = torch.stack([pred[i].float().cpu() for i in idx]).add(1).div(2).clamp(0, 1)
         t = torch.stack([target[i].float().cpu() for i in idx]).add(1).div(2).clamp(0, 1)
-        l1s.append((p - t).abs().mean(dim=(1, 2, 3)))
-        psnrs.append(peak_signal_noise_ratio(p, t, data_range=1.0, reduction="none", dim=(1, 2, 3)))
-        ssims.append(structural_similarity_index_measure(p, t, data_range=1.0, reduction="none"))
-    return {
-        "l1": torch.cat(l1s).mean().item(),
-        "psnr": torch.cat(psnrs).mean().item(),
-        "ssim": torch.cat(ssims).mean().item(),
-    }
+        at = torch.tensor(idx)
+        out["l1"][at] = (p - t).abs().mean(dim=(1, 2, 3)).double()
+        out["psnr"][at] = peak_signal_noise_ratio(p, t, data_range=1.0, reduction="none", dim=(1, 2, 3)).double()
+        out["ssim"][at] = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none").double()
+    return out
 
 
 def evaluate_paired(
@@ -162,30 +167,61 @@ def evaluate_paired(
     if direction not in ("AtoB", "BtoA"):
         raise ValueError(f"direction must be AtoB or BtoA, got {direction!r}")
     colorizer = (tr.spec.config or {}).get("color_space") == "lab"
-    inputs, targets, _, skipped = load_pairs(
-        dataroot, phase, direction, tr.input_nc, tr.output_nc or tr.input_nc, load_size, max_images,
-        self_paired=colorizer,
-    )
-    fake = translate_images(tr, inputs)
-    real_in = [x.float().div(127.5).sub(1.0) for x in inputs]
-    real_out = [x.float().div(127.5).sub(1.0) for x in targets]
-    r: dict = {"n": len(inputs), "skipped": len(skipped), "direction": direction}
-    r.update(paired_metrics(fake, real_out))
-    if colorizer:  # the baseline: the input without its colour
-        r.update({f"grey_{k}": v for k, v in paired_metrics([_grey(x) for x in real_in], real_out).items()})
-    elif all(x.shape == t.shape for x, t in zip(real_in, real_out)):
-        r.update({f"identity_{k}": v for k, v in paired_metrics(real_in, real_out).items()})
+    paths = pair_paths(dataroot, phase, max_images)
     results: dict = {}
+    inception = None
     if fid:
         inception, why = _inception_or_reason(dev, inception_weights_path, inception_dtype)
         if inception is None:
             results["fid_status"] = why
         else:
-            from fastcgan.metrics import NETWORK, fid_kid, to_uint8
+            from fastcgan.metrics import NETWORK
 
             results["fid_network"] = NETWORK
             results["fid_inception_dtype"] = str(inception.dtype).replace("torch.", "")
-            r.update(fid_kid([to_uint8(f) for f in fake], inception=inception,
-                             real_features=inception.extract(targets)))
+
+    # A chunk of pairs at a time: translated, scored (per-image numbers kept), its translations
+    # and targets handed to Inception as they come; memory holds one chunk, never the test set.
+    skipped: list[str] = []
+    scores: dict[str, list] = {}
+    baseline: dict[str, list] = {}
+    identity_ok = True
+    fake_stream = inception.stream() if inception is not None else None
+    real_stream = inception.stream() if inception is not None else None
+
+    from fastcgan.metrics import to_uint8
+
+    for inputs, targets in iter_pairs(paths, direction, tr.input_nc, tr.output_nc or tr.input_nc, load_size,
+                                      chunk=max(1, int(batch_size)), skipped=skipped, self_paired=colorizer):
+        fake = translate_images(tr, inputs)
+        real_in = [x.float().div(127.5).sub(1.0) for x in inputs]
+        real_out = [x.float().div(127.5).sub(1.0) for x in targets]
+        for k, v in paired_scores(fake, real_out).items():
+            scores.setdefault(k, []).append(v)
+        if colorizer:  # the baseline: the input without its colour
+            base = paired_scores([_grey(x) for x in real_in], real_out)
+        else:  # the baseline: the input itself, when it has the target's size
+            identity_ok = identity_ok and all(x.shape == t.shape for x, t in zip(real_in, real_out))
+            base = paired_scores(real_in, real_out) if identity_ok else {}
+        for k, v in base.items():
+            baseline.setdefault(k, []).append(v)
+        if inception is not None:
+            fake_stream.add([to_uint8(f) for f in fake])
+            real_stream.add(targets)
+
+    n = len(paths) - len(skipped)
+    if n == 0:
+        raise FileNotFoundError(f"{os.path.join(dataroot, phase)}: no readable pair images")
+    r: dict = {"n": n, "skipped": len(skipped), "direction": direction}
+    r.update({k: torch.cat(v).mean().item() for k, v in scores.items()})
+    if colorizer or identity_ok:
+        prefix = "grey_" if colorizer else "identity_"
+        r.update({prefix + k: torch.cat(v).mean().item() for k, v in baseline.items()})
+    if inception is not None:
+        from fastcgan.metrics import fid_kid_from_features
+
+        fake_f, real_f = fake_stream.features(), real_stream.features()
+        r.update(fid_kid_from_features(fake_f, real_f))
+        r["fid_n_fake"], r["fid_n_real"] = int(fake_f.shape[0]), int(real_f.shape[0])
     results["AtoB"] = r
     return results

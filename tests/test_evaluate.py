@@ -280,3 +280,47 @@ def test_json_has_no_infinity():
     """JSON has no Infinity: identical pairs (PSNR inf) wrote a file strict parsers reject."""
     assert ev._finite_or_none({"a": float("inf"), "b": [1.0, float("nan")], "c": 2}) == {"a": None, "b": [1.0, None],
                                                                                           "c": 2}
+
+
+def test_evaluation_holds_one_chunk_not_the_test_set(tmp_path, synth, monkeypatch):
+    """Every test image was decoded, kept in uint8 and as float copies (real, translated,
+    reconstructed) before the first was scored: a folder of large photos asked for ~40 bytes a
+    pixel of the whole set. Now a chunk of --batch-size images is read, translated and scored
+    at a time (unpaired and paired alike), with the same numbers."""
+    import numpy as np
+    from PIL import Image
+
+    from fastcgan import evaluate_paired as evp
+    from fastcgan.data import images as data_images
+
+    reads = []
+    first_translation_after = []
+    real_translate = ev.translate_images
+
+    def counting_translate(tr, imgs):
+        first_translation_after.append(len(reads))
+        return real_translate(tr, imgs)
+
+    monkeypatch.setattr(ev, "translate_images", counting_translate)
+    load_image, open_image = ev.load_image, data_images.open_image
+    monkeypatch.setattr(ev, "load_image", lambda *a: reads.append(a[0]) or load_image(*a))
+    whole = ev.evaluate_generators(Identity(), Identity(), synth, batch_size=8)
+    reads.clear()
+    first_translation_after.clear()
+    chunked = ev.evaluate_generators(Identity(), Identity(), synth, batch_size=1)
+    assert first_translation_after[0] == 1 and len(reads) > 3  # one image read, then translated
+    assert all(chunked[d] == pytest.approx(whole[d]) for d in ("AtoB", "BtoA"))
+
+    pairs = tmp_path / "pairs" / "test"
+    pairs.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 32, 3), dtype=np.uint8)).save(pairs / f"{i}.png")
+    monkeypatch.setattr(data_images, "open_image", lambda *a: reads.append(a[0]) or open_image(*a))
+    tr = ev.module_translator(Identity(), "cpu")
+    whole = evp.evaluate_paired(tr, str(tmp_path / "pairs"), batch_size=8)["AtoB"]
+    reads.clear()
+    first_translation_after.clear()
+    chunked = evp.evaluate_paired(tr, str(tmp_path / "pairs"), batch_size=2)["AtoB"]
+    assert first_translation_after[0] == 2 and len(reads) == 4
+    assert chunked == pytest.approx(whole) and chunked["n"] == 4

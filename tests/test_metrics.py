@@ -241,6 +241,17 @@ def test_packaged_network_features_on_a_fixed_image(net):
     torch.testing.assert_close(mixed[[0, 2]], pair, rtol=1e-4, atol=1e-5)
 
 
+def test_a_stream_of_pieces_gives_extracts_features(net):
+    """FeatureStream (evaluation feeds Inception a chunk at a time) runs the network in the same
+    full batches as one extract() of everything: the same features, bit for bit."""
+    imgs = list(family(5)) + [fixed_image()]
+    stream = net.stream(batch_size=4)
+    for piece in (imgs[:1], imgs[1:4], imgs[4:]):
+        stream.add(piece)
+    assert torch.equal(stream.features(), net.extract(imgs, batch_size=4))
+    assert net.stream().features().shape == (0, 2048)
+
+
 def test_fid_kid_zero_on_identical_sets_and_growing_with_corruption(feats):
     r = {t: fm.fid_kid_from_features(feats[t], feats[0.0]) for t in (0.0, 0.3, 0.6)}
     assert abs(r[0.0]["fid"]) < 1e-2

@@ -283,25 +283,48 @@ class InceptionFeatures(nn.Module):
     def extract(self, images: Tensor | Iterable[Tensor], batch_size: int | None = None) -> Tensor:
         """Features of uint8 images -- a (N, C, H, W) tensor or an iterable of (C, H, W) /
         (n, C, H, W) tensors of any sizes -- as float32 (N, 2048) on ``self.device``."""
-        bs = self.batch_size if batch_size is None else max(1, int(batch_size))
-        out: list[Tensor] = []
+        stream = self.stream(batch_size)
+        stream.add(images)
+        return stream.features()
+
+    def stream(self, batch_size: int | None = None) -> FeatureStream:
+        """An extraction fed a few images at a time (:class:`FeatureStream`): the network runs in
+        the same full batches as :meth:`extract` of all of them would, so the features are the same."""
+        return FeatureStream(self, self.batch_size if batch_size is None else max(1, int(batch_size)))
+
+
+class FeatureStream:
+    """Inception features of images added in pieces (:meth:`add`), run in full batches as they
+    fill; :meth:`features` runs the rest and returns all of them in order. Holds at most one
+    batch of preprocessed images."""
+
+    def __init__(self, net: InceptionFeatures, batch_size: int):
+        self.net, self.batch_size = net, batch_size
+        self._pending: list[Tensor] = []
+        self._count = 0
+        self._out: list[Tensor] = []
+
+    def add(self, images: Tensor | Iterable[Tensor]) -> None:
+        bs = self.batch_size
         with torch.inference_mode():
-            pending: list[Tensor] = []
-            count = 0
             for x in _as_batches(images):
                 # Resize per image/batch (sizes may differ), then run the network in full batches.
-                pending.append(preprocess(x.to(self.device, non_blocking=True)))
-                count += pending[-1].shape[0]
-                while count >= bs:
-                    batch = torch.cat(pending)
-                    out.append(self._features(batch[:bs]))
+                self._pending.append(preprocess(x.to(self.net.device, non_blocking=True)))
+                self._count += self._pending[-1].shape[0]
+                while self._count >= bs:
+                    batch = torch.cat(self._pending)
+                    self._out.append(self.net._features(batch[:bs]))
                     rest = batch[bs:]
-                    pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
-            if count:
-                out.append(self._features(torch.cat(pending)))
-        if not out:
-            return torch.empty(0, self.num_features, device=self.device)
-        return torch.cat(out)
+                    self._pending, self._count = ([rest] if rest.shape[0] else []), rest.shape[0]
+
+    def features(self) -> Tensor:
+        with torch.inference_mode():
+            if self._count:
+                self._out.append(self.net._features(torch.cat(self._pending)))
+                self._pending, self._count = [], 0
+        if not self._out:
+            return torch.empty(0, self.net.num_features, device=self.net.device)
+        return torch.cat(self._out)
 
 
 def _as_batches(images: Tensor | Iterable[Tensor]) -> Iterator[Tensor]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import torch
 
@@ -46,7 +45,7 @@ def is_paired_root(dataroot: str, phase: str = "test") -> bool:
     return pairs and not os.path.isdir(os.path.join(dataroot, phase + "A"))
 
 
-def _run_direction(checkpoint: str) -> Optional[str]:
+def _run_direction(checkpoint: str) -> str | None:
     try:
         with open(os.path.join(checkpoint, "config.json")) as f:
             return json.load(f)["data"].get("direction")
@@ -54,7 +53,7 @@ def _run_direction(checkpoint: str) -> Optional[str]:
         return None
 
 
-def pair_paths(dataroot: str, phase: str = "test", max_images: Optional[int] = None) -> list[str]:
+def pair_paths(dataroot: str, phase: str = "test", max_images: int | None = None) -> list[str]:
     """The pair files of ``dataroot/<phase>/``, sorted, at most ``max_images``; nothing decoded."""
     from fastcgan.data import make_dataset
 
@@ -72,9 +71,9 @@ def iter_pairs(
     direction: str = "AtoB",
     input_nc: int = 3,
     output_nc: int = 3,
-    size: Optional[int] = None,
+    size: int | None = None,
     chunk: int = 8,
-    skipped: Optional[list] = None,
+    skipped: list | None = None,
     self_paired: bool = False,
 ):
     """``chunk`` pairs at a time as (uint8 inputs, uint8 targets): evaluation holds one chunk,
@@ -135,16 +134,16 @@ def evaluate_paired(
     dataroot: str,
     phase: str = "test",
     device="cpu",
-    direction: Optional[str] = None,
-    engine: Optional[str] = None,
+    direction: str | None = None,
+    engine: str | None = None,
     trust_artifact: bool = False,
     batch_size: int = 8,
-    max_images: Optional[int] = None,
-    load_size: Optional[int] = None,
+    max_images: int | None = None,
+    load_size: int | None = None,
     fid: bool = False,
-    inception_weights_path: Optional[str] = None,
-    amp_dtype: Optional[torch.dtype] = None,
-    inception_dtype: Optional[torch.dtype] = None,
+    inception_weights_path: str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    inception_dtype: torch.dtype | None = None,
 ) -> dict:
     """``{"AtoB": {n, skipped, direction, l1, psnr, ssim, identity_*, [fid, kid_*]}}`` for the
     generator of ``checkpoint`` (a pix2pix run directory, any artifact :func:`fastcgan.deploy.load`

@@ -48,6 +48,13 @@ MAX_IMAGE_SIDE = 16384
 MAX_NETF_NC = 4096
 MAX_N_LAYERS_D = 10
 MAX_NUM_WORKERS = 128
+# The image pools are allocated whole at their first query (two of them, fakes at the crop size:
+# 1000 256x256 images = 0.8 GB each in fp32); the official default is 50.
+MAX_POOL_SIZE = 1000
+# PatchNCE scores every sampled patch against every other of its image: memory and time grow with
+# num_patches² per layer (the official 256: 0.26 MB of logits an image a layer; 4096: 67 MB; an
+# unbounded value takes every position of the image-sized first layer, ~19 GB at 256x256).
+MAX_NUM_PATCHES = 4096
 
 
 def min_discriminator_side(m: "ModelConfig") -> int:
@@ -250,8 +257,10 @@ class LossConfig:
         _check(self.lambda_gan >= 0, "lambda_gan", f"must be >= 0, got {self.lambda_gan}")
         _check(self.lambda_nce >= 0, "lambda_nce", f"must be >= 0, got {self.lambda_nce}")
         _check(self.nce_T > 0, "nce_T", f"must be > 0, got {self.nce_T}")
-        _check(isinstance(self.num_patches, int) and self.num_patches >= 1, "num_patches", "must be an int >= 1")
-        _check(isinstance(self.pool_size, int) and self.pool_size >= 0, "pool_size", "must be an int >= 0")
+        _check(isinstance(self.num_patches, int) and 1 <= self.num_patches <= MAX_NUM_PATCHES, "num_patches",
+               f"must be an int in [1, {MAX_NUM_PATCHES}] (patches per NCE layer), got {self.num_patches!r}")
+        _check(isinstance(self.pool_size, int) and 0 <= self.pool_size <= MAX_POOL_SIZE, "pool_size",
+               f"must be an int in [0, {MAX_POOL_SIZE}] (past fakes kept per discriminator), got {self.pool_size!r}")
 
 
 @dataclass(frozen=True)

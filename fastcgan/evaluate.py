@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcgan.data import make_dataset
-from fastcgan.data.images import BadImageError, load_image, oriented_size
+from fastcgan.data.images import WINDOW_PIXELS, BadImageError, load_image, oriented_size
 from fastcgan.devices import resolve_device
 from fastcgan.fileio import atomic_write
 
@@ -222,17 +222,23 @@ def domain_paths(dataroot: str, phase: str, domain: str, max_images: int | None 
 
 
 def iter_images(paths: list[str], channels: int, size: int | None, chunk: int, skipped: list[str]):
-    """``chunk`` images at a time as [(path, uint8 (C, H, W))] (resized to a square ``size`` when
-    given): evaluation holds one chunk, never the test set. Unreadable files go to ``skipped``."""
-    for i in range(0, len(paths), chunk):
-        out = []
-        for p in paths[i : i + chunk]:
-            try:
-                out.append((p, resize_uint8(load_image(p, channels), size)))
-            except BadImageError:
-                skipped.append(p)
-        if out:
+    """Lists of [(path, uint8 (C, H, W))] (resized to a square ``size`` when given) of ``chunk``
+    images, or fewer once they hold :data:`WINDOW_PIXELS`: evaluation holds one chunk, never the
+    test set. Unreadable files go to ``skipped``."""
+    out, pixels = [], 0
+    for p in paths:
+        try:
+            x = resize_uint8(load_image(p, channels), size)
+        except BadImageError:
+            skipped.append(p)
+            continue
+        out.append((p, x))
+        pixels += x.shape[-2] * x.shape[-1]
+        if len(out) >= chunk or pixels >= WINDOW_PIXELS:
             yield out
+            out, pixels = [], 0
+    if out:
+        yield out
 
 
 def _check_truth_headers(folder: str, paths: list[str], truth_dir: str, load_size: int | None) -> None:

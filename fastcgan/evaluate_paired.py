@@ -76,30 +76,33 @@ def iter_pairs(
     skipped: list | None = None,
     self_paired: bool = False,
 ):
-    """``chunk`` pairs at a time as (uint8 inputs, uint8 targets): evaluation holds one chunk,
-    never the test set. Unreadable and odd-width files are skipped (as by
-    :class:`fastcgan.data.AlignedDataset`) and added to ``skipped``. ``self_paired``
-    (colorization): every image is its own pair, input and target alike."""
+    """(uint8 inputs, uint8 targets) of ``chunk`` pairs, or fewer once they hold
+    :data:`~fastcgan.data.images.WINDOW_PIXELS`: evaluation holds one chunk, never the test set.
+    Unreadable and odd-width files are skipped (as by :class:`fastcgan.data.AlignedDataset`) and
+    added to ``skipped``. ``self_paired`` (colorization): every image is its own pair."""
     from fastcgan.data import split_pair
-    from fastcgan.data.images import BadImageError, open_image, pil_to_tensor
+    from fastcgan.data.images import WINDOW_PIXELS, BadImageError, open_image, pil_to_tensor
     from fastcgan.evaluate import resize_uint8
 
-    for i in range(0, len(paths), chunk):
-        inputs, targets = [], []
-        for p in paths[i : i + chunk]:
-            try:
-                img = open_image(p, 3)
-                left, right = (img, img) if self_paired else split_pair(img, p)
-            except BadImageError:
-                if skipped is not None:
-                    skipped.append(p)
-                continue
-            a, b = (left, right) if direction == "AtoB" else (right, left)
-            a, b = (a.convert("L") if input_nc == 1 else a), (b.convert("L") if output_nc == 1 else b)
-            inputs.append(resize_uint8(pil_to_tensor(a), size))
-            targets.append(resize_uint8(pil_to_tensor(b), size))
-        if inputs:
+    inputs, targets, pixels = [], [], 0
+    for p in paths:
+        try:
+            img = open_image(p, 3)
+            left, right = (img, img) if self_paired else split_pair(img, p)
+        except BadImageError:
+            if skipped is not None:
+                skipped.append(p)
+            continue
+        a, b = (left, right) if direction == "AtoB" else (right, left)
+        a, b = (a.convert("L") if input_nc == 1 else a), (b.convert("L") if output_nc == 1 else b)
+        inputs.append(resize_uint8(pil_to_tensor(a), size))
+        targets.append(resize_uint8(pil_to_tensor(b), size))
+        pixels += inputs[-1].shape[-2] * inputs[-1].shape[-1]
+        if len(inputs) >= chunk or pixels >= WINDOW_PIXELS:
             yield inputs, targets
+            inputs, targets, pixels = [], [], 0
+    if inputs:
+        yield inputs, targets
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:

@@ -29,13 +29,11 @@ import warnings
 
 import numpy as np
 
-from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS, WINDOW_PIXELS
 from fastcgan.deploy._common import DIRECTIONS, ArtifactError
 from fastcgan.deploy.runtime import ENGINES
 from fastcgan.fileio import file_identity
 
-# Images decoded at once (besides --batch-size): a window of files closes at this many pixels.
-WINDOW_PIXELS = 64 * 2**20
 HTML_NAME = "index.html"
 
 

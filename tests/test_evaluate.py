@@ -310,6 +310,11 @@ def test_evaluation_holds_one_chunk_not_the_test_set(tmp_path, synth, monkeypatc
     chunked = ev.evaluate_generators(Identity(), Identity(), synth, batch_size=1)
     assert first_translation_after[0] == 1 and len(reads) > 3  # one image read, then translated
     assert all(chunked[d] == pytest.approx(whole[d]) for d in ("AtoB", "BtoA"))
+    reads.clear()
+    first_translation_after.clear()
+    monkeypatch.setattr(ev, "WINDOW_PIXELS", 2 * 32 * 32)  # large images: fewer than --batch-size
+    ev.evaluate_generators(Identity(), None, synth, batch_size=8)
+    assert first_translation_after[0] == 2
 
     pairs = tmp_path / "pairs" / "test"
     pairs.mkdir(parents=True)

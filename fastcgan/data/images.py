@@ -57,6 +57,9 @@ class BadImageError(OSError):
 
 # Pillow's default warning threshold (1024**3 // 4 // 3 pixels, ~ 89.5 Mpx, e.g. 9459 x 9459).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Images held at once by the tools that stream a folder (fastcgan-translate's windows, eval's
+# chunks) besides their batch size: a chunk closes at this many pixels (one large image at least).
+WINDOW_PIXELS = 64 * 2**20
 _max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
 _PIL_LIMIT_LOCK = threading.Lock()
 _PIL_DEFAULT = Image.MAX_IMAGE_PIXELS

@@ -186,8 +186,9 @@ def _read_source(part: str) -> dict | None:
 
 
 def _write_source(part: str, url: str, validator: str | None) -> None:
-    with open(_source_path(part), "w") as fh:
-        json.dump({"url": url, "validator": validator}, fh)
+    from fastcgan.fileio import atomic_write
+
+    atomic_write(_source_path(part), json.dumps({"url": url, "validator": validator}).encode())
 
 
 def _discard(part: str) -> None:

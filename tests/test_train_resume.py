@@ -195,6 +195,41 @@ def test_resume_rejects_changed_training_flags(tmp_path, synth, capsys):
     assert (s["start_step"], s["step"]) == (1, 3)
 
 
+def test_resume_may_change_the_schedule_length(tmp_path, synth, capsys):
+    """Training longer (or shorter) refused every --epochs / --epochs-decay on resume, although the
+    official --continue_train takes new ones. Extended before the decay begins, the run is the
+    run that had the longer schedule from the start, bit for bit; extended during the decay, the
+    learning rate follows the new schedule from the resumed epoch (LambdaLR's state used to keep
+    the old lengths). The cosine policy's period stays fixed."""
+    from fastcgan.train.config import ConfigError
+    from fastcgan.train.state import LinearDecay
+
+    # 8 images an epoch: 5 steps stay in epoch 0, 10 cross into epoch 1.
+    straight = train(cfg_for(synth, tmp_path, "long", max_steps=10, epochs=3))
+    train(cfg_for(synth, tmp_path, "extended", max_steps=5, epochs=2))
+    second = train(cfg_for(synth, tmp_path, "extended", max_steps=10, epochs=3, resume="auto"),
+                   requested={"epochs": 3})
+    a, b = _final(tmp_path / "long"), _final(tmp_path / "extended")
+    for key in ("nets", "optimizers", "schedulers", "pools", "step", "epoch", "rng"):
+        _assert_same(a[key], b[key], key)
+    assert straight["final_losses"] == second["final_losses"]
+    assert "training schedule changed from 2+2 to 3+2 epochs" in capsys.readouterr().err
+
+    train(cfg_for(synth, tmp_path, "decaying", max_steps=9, epochs=1))  # epoch 1: lr at 2/3
+    lr0 = a["config"]["optim"]["lr"]
+    assert _final(tmp_path / "decaying")["optimizers"]["G"]["param_groups"][0]["lr"] == pytest.approx(lr0 * 2 / 3)
+    train(cfg_for(synth, tmp_path, "decaying", max_steps=10, epochs=5, resume="auto"), requested={"epochs": 5})
+    c = _final(tmp_path / "decaying")
+    assert c["config"]["optim"]["epochs"] == 5
+    assert c["optimizers"]["G"]["param_groups"][0]["lr"] == lr0 * LinearDecay(5, 2)(1) == lr0
+    assert "learning rate moves from 0.6667x to 1x" in capsys.readouterr().err
+
+    train(cfg_for(synth, tmp_path, "cosine", max_steps=1, lr_policy="cosine"))
+    with pytest.raises(ConfigError, match="cosine"):
+        train(cfg_for(synth, tmp_path, "cosine", max_steps=2, lr_policy="cosine", epochs=4, resume="auto"),
+              requested={"epochs": 4})
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_checkpoints_and_exits_cleanly(tmp_path, synth, sig, code):
     run = tmp_path / "run"

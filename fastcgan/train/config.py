@@ -553,4 +553,8 @@ TRAINING_FIELDS = tuple(
     for f in fields(SECTIONS[sec])
     if f.name not in ("dataroot", "num_workers", "data_on_gpu", "dataset", "max_image_pixels")
 )
+# Training fields a resume may change: the schedule's length (train longer or shorter, as the
+# official --continue_train with new --n_epochs/--n_epochs_decay). Not under the cosine policy,
+# whose state holds its period.
+SCHEDULE_LENGTH_FIELDS = ("epochs", "epochs_decay")
 

@@ -193,6 +193,10 @@ def test_resume_rejects_changed_training_flags(tmp_path, synth, capsys):
     # run-control flags may change: more steps, other logging cadence
     s = train(cfg_for(synth, tmp_path, "run", max_steps=3, resume=run, log_every=1))
     assert (s["start_step"], s["step"]) == (1, 3)
+    # and the schedule's length (the CLI passes what was typed as `requested`)
+    assert cli_main(["--dataset", "synthetic", "--dataroot", synth, "--resume", run, "--epochs", "5",
+                     "--max-steps", "4", "--no-progress"]) == 0
+    assert "training schedule changed from 1+2 to 5+2 epochs" in capsys.readouterr().err
 
 
 def test_resume_may_change_the_schedule_length(tmp_path, synth, capsys):

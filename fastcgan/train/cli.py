@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=S,
         metavar="RUN_OR_CKPT",
         help="continue a run: no value = the latest checkpoint of OUTPUT_DIR/NAME (a new run "
-        "if there is none); or a run directory or checkpoint file",
+        "if there is none); or a run directory or checkpoint file. The checkpoint decides what is "
+        "trained; --epochs/--epochs-decay may change (train longer or shorter)",
     )
     g.add_argument("--log-every", type=_int(1), default=S, help="read losses from the device every K steps")
     g.add_argument("--sample-every", type=_int(1), default=S)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -196,15 +197,15 @@ def test_resume_rejects_changed_training_flags(tmp_path, synth, capsys):
     # and the schedule's length (the CLI passes what was typed as `requested`)
     assert cli_main(["--dataset", "synthetic", "--dataroot", synth, "--resume", run, "--epochs", "5",
                      "--max-steps", "4", "--no-progress"]) == 0
-    assert "training schedule changed from 1+2 to 5+2 epochs" in capsys.readouterr().err
+    assert "1+2 epochs to lr 0.0002, 5+2 epochs" in capsys.readouterr().err
 
 
-def test_resume_may_change_the_schedule_length(tmp_path, synth, capsys):
-    """Training longer (or shorter) refused every --epochs / --epochs-decay on resume, although the
-    official --continue_train takes new ones. Extended before the decay begins, the run is the
-    run that had the longer schedule from the start, bit for bit; extended during the decay, the
-    learning rate follows the new schedule from the resumed epoch (LambdaLR's state used to keep
-    the old lengths). The cosine policy's period stays fixed."""
+def test_resume_may_change_the_schedule(tmp_path, synth, capsys):
+    """Training longer, shorter or at another rate refused every --epochs / --epochs-decay / --lr
+    on resume, although the official --continue_train takes new ones. Extended before the decay
+    begins, the run is the run that had the longer schedule from the start, bit for bit; changed
+    during the decay, the learning rate is the new schedule's at the resumed epoch (the schedulers'
+    state used to keep the old lengths and base rate). The cosine policy's period stays fixed."""
     from fastcgan.train.config import ConfigError
     from fastcgan.train.state import LinearDecay
 
@@ -217,21 +218,47 @@ def test_resume_may_change_the_schedule_length(tmp_path, synth, capsys):
     for key in ("nets", "optimizers", "schedulers", "pools", "step", "epoch", "rng"):
         _assert_same(a[key], b[key], key)
     assert straight["final_losses"] == second["final_losses"]
-    assert "training schedule changed from 2+2 to 3+2 epochs" in capsys.readouterr().err
+    assert "2+2 epochs to lr 0.0002, 3+2 epochs at epoch 0" in capsys.readouterr().err
 
-    train(cfg_for(synth, tmp_path, "decaying", max_steps=9, epochs=1))  # epoch 1: lr at 2/3
+    def lr_of(run):
+        return _final(tmp_path / run)["optimizers"]["G"]["param_groups"][0]["lr"]
+
     lr0 = a["config"]["optim"]["lr"]
-    assert _final(tmp_path / "decaying")["optimizers"]["G"]["param_groups"][0]["lr"] == pytest.approx(lr0 * 2 / 3)
+    train(cfg_for(synth, tmp_path, "decaying", max_steps=9, epochs=1))  # epoch 1: lr at 2/3
+    assert lr_of("decaying") == pytest.approx(lr0 * 2 / 3)
     train(cfg_for(synth, tmp_path, "decaying", max_steps=10, epochs=5, resume="auto"), requested={"epochs": 5})
-    c = _final(tmp_path / "decaying")
-    assert c["config"]["optim"]["epochs"] == 5
-    assert c["optimizers"]["G"]["param_groups"][0]["lr"] == lr0 * LinearDecay(5, 2)(1) == lr0
-    assert "learning rate moves from 0.6667x to 1x" in capsys.readouterr().err
+    assert _final(tmp_path / "decaying")["config"]["optim"]["epochs"] == 5
+    assert lr_of("decaying") == lr0 * LinearDecay(5, 2)(1) == lr0
+    assert "the learning rate moves from 0.0001333 to 0.0002" in capsys.readouterr().err
+    train(cfg_for(synth, tmp_path, "decaying", max_steps=11, epochs=1, lr=1e-4, resume="auto"),
+          requested={"epochs": 1, "lr": 1e-4})
+    assert lr_of("decaying") == pytest.approx(1e-4 * 2 / 3)
 
-    train(cfg_for(synth, tmp_path, "cosine", max_steps=1, lr_policy="cosine"))
+    train(cfg_for(synth, tmp_path, "cosine", max_steps=9, lr_policy="cosine"))
     with pytest.raises(ConfigError, match="cosine"):
-        train(cfg_for(synth, tmp_path, "cosine", max_steps=2, lr_policy="cosine", epochs=4, resume="auto"),
+        train(cfg_for(synth, tmp_path, "cosine", max_steps=10, lr_policy="cosine", epochs=4, resume="auto"),
               requested={"epochs": 4})
+    train(cfg_for(synth, tmp_path, "cosine", max_steps=10, lr_policy="cosine", lr=1e-3, resume="auto"),
+          requested={"lr": 1e-3})
+    assert lr_of("cosine") == pytest.approx(1e-3 * (1 + math.cos(math.pi / 3)) / 2)
+
+
+@pytest.mark.parametrize("policy", ["linear", "step", "cosine"])
+def test_lr_factor_is_each_schedules_closed_form(policy):
+    """use_schedule sets a changed schedule's LR from lr_factor: it must be what the scheduler
+    itself reaches, step by step."""
+    from fastcgan.train import TrainConfig
+    from fastcgan.train.state import build_scheduler, lr_factor
+
+    cfg = TrainConfig.from_preset("cyclegan128", dataset="synthetic", lr_policy=policy, epochs=3, epochs_decay=4,
+                                  lr_decay_iters=2)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=cfg.optim.lr)
+    sched = build_scheduler(opt, cfg)
+    for epoch in range(1, 9):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(cfg.optim, epoch), rel=1e-12)
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])

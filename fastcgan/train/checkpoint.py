@@ -30,8 +30,8 @@ import torch
 
 from fastcgan.fileio import atomic_writer, remove_stale_temporaries
 from fastcgan.models.io import describe_load_error
-from fastcgan.train.config import SCHEDULE_LENGTH_FIELDS, TRAINING_FIELDS, ConfigError, TrainConfig
-from fastcgan.train.state import LinearDecay, TrainState, build_state
+from fastcgan.train.config import SCHEDULE_FIELDS, TRAINING_FIELDS, ConfigError, TrainConfig
+from fastcgan.train.state import LinearDecay, TrainState, build_state, lr_factor
 
 FORMAT = "fastcgan.checkpoint"
 FORMAT_VERSION = 2  # 2: recipe-generic (nets/optimizers/schedulers/pools dicts) + digests
@@ -343,7 +343,7 @@ def restore_state(
         opt.load_state_dict(payload["optimizers"][n])
     for n, sched in state.schedulers.items():
         sched.load_state_dict(payload["schedulers"][n])
-    use_schedule_length(state, cfg)  # a resume may have changed --epochs / --epochs-decay
+    use_schedule(state, cfg)  # a resume may have changed --lr / --epochs / --epochs-decay
     if payload["scaler"]:
         state.scaler.load_state_dict(payload["scaler"])
     for n, pool in state.pools.items():
@@ -410,10 +410,10 @@ def find_resume_checkpoint(resume: str, run_dir: str) -> tuple[Optional[str], Op
 def config_for_resume(ckpt_cfg: TrainConfig, cfg: TrainConfig, run_dir: str,
                       requested: Optional[dict] = None) -> TrainConfig:
     """The checkpoint's training fields with ``cfg``'s run-control fields (device, amp, compile,
-    cadences, max_steps, data location and workers), the schedule length when ``requested``
-    (:data:`~fastcgan.train.config.SCHEDULE_LENGTH_FIELDS`) and the checkpoint's run directory."""
+    cadences, max_steps, data location and workers), the schedule when ``requested``
+    (:data:`~fastcgan.train.config.SCHEDULE_FIELDS`) and the checkpoint's run directory."""
     keep = {k: v for k, v in cfg.flat().items() if k not in TRAINING_FIELDS}
-    keep.update({k: requested[k] for k in SCHEDULE_LENGTH_FIELDS if k in (requested or {})})
+    keep.update({k: requested[k] for k in SCHEDULE_FIELDS if k in (requested or {})})
     keep.update(
         name=os.path.basename(os.path.abspath(run_dir)), output_dir=os.path.dirname(os.path.abspath(run_dir))
     )
@@ -422,50 +422,51 @@ def config_for_resume(ckpt_cfg: TrainConfig, cfg: TrainConfig, run_dir: str,
 
 def training_field_conflicts(ckpt_cfg: TrainConfig, overrides: dict) -> list[str]:
     a = ckpt_cfg.flat()
-    free = SCHEDULE_LENGTH_FIELDS if a["lr_policy"] != "cosine" else ()
+    free = ("lr",) if a["lr_policy"] == "cosine" else SCHEDULE_FIELDS
     return [
         f"{k}={overrides[k]!r} (checkpoint: {a[k]!r})"
-        + (" -- the cosine schedule's period is fixed at the start" if k in SCHEDULE_LENGTH_FIELDS else "")
+        + (" -- the cosine schedule's period is fixed at the start" if k in SCHEDULE_FIELDS else "")
         for k in overrides
         if k in TRAINING_FIELDS and k not in free and overrides[k] != a[k]
     ]
 
 
 def _schedule_change(ckpt_cfg: TrainConfig, cfg: TrainConfig, payload: dict) -> Optional[str]:
-    """What a new schedule length does to the run, in one line (None: the same schedule)."""
+    """What a new schedule does to the run, in one line (None: the same schedule)."""
     old, new = ckpt_cfg.optim, cfg.optim
-    if (old.epochs, old.epochs_decay) == (new.epochs, new.epochs_decay):
+    if (old.epochs, old.epochs_decay, old.lr) == (new.epochs, new.epochs_decay, new.lr):
         return None
-    line = (f"fastcgan: training schedule changed from {old.epochs}+{old.epochs_decay} to "
-            f"{new.epochs}+{new.epochs_decay} epochs (at epoch {int(payload['epoch'])})")
-    if new.lr_policy == "linear":
-        done = max(int(s.get("last_epoch", 0)) for s in payload["schedulers"].values())
-        was = LinearDecay(old.epochs, old.epochs_decay)(done)
-        now = LinearDecay(new.epochs, new.epochs_decay)(done)
-        if abs(was - now) > 1e-12:
-            line += f"; the learning rate moves from {was:.4g}x to {now:.4g}x the initial one"
+    done = max(int(s.get("last_epoch", 0)) for s in payload["schedulers"].values())
+    was, now = old.lr * lr_factor(old, done), new.lr * lr_factor(new, done)
+    line = (f"fastcgan: training schedule changed from lr {old.lr:g}, {old.epochs}+{old.epochs_decay} epochs to "
+            f"lr {new.lr:g}, {new.epochs}+{new.epochs_decay} epochs at epoch {done}")
+    if abs(was - now) > 1e-12 * max(abs(was), abs(now)):
+        line += f"; the learning rate moves from {was:.4g} to {now:.4g}"
     return line
 
 
-def use_schedule_length(state: TrainState, cfg: TrainConfig) -> None:
-    """Give restored linear schedules ``cfg``'s epochs / epochs_decay (LambdaLR's state holds the
-    ones it was built with) and set each optimizer's LR from them, as ``step()`` would; with the
-    same lengths it changes nothing."""
+def use_schedule(state: TrainState, cfg: TrainConfig) -> None:
+    """Give restored LR schedules ``cfg``'s lr / epochs / epochs_decay (their state holds the ones
+    they were built with) and set each optimizer's LR to the new schedule's at the restored epoch;
+    with the same schedule it changes nothing."""
     o = cfg.optim
     for sched in state.schedulers.values():
         lambdas = getattr(sched, "lr_lambdas", ())
-        if not any(isinstance(f, LinearDecay) and (f.epochs, f.epochs_decay) != (o.epochs, o.epochs_decay)
-                   for f in lambdas):
+        stale = any(b != o.lr for b in sched.base_lrs) or any(
+            isinstance(f, LinearDecay) and (f.epochs, f.epochs_decay) != (o.epochs, o.epochs_decay) for f in lambdas)
+        if not stale:
             continue
         for f in lambdas:
             f.epochs, f.epochs_decay = o.epochs, o.epochs_decay
-        lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, lambdas)]
-        for group, lr in zip(sched.optimizer.param_groups, lrs):
+        sched.base_lrs = [o.lr] * len(sched.base_lrs)
+        lr = o.lr * lr_factor(o, sched.last_epoch)
+        for group in sched.optimizer.param_groups:
+            group["initial_lr"] = o.lr
             if isinstance(group["lr"], torch.Tensor):  # capturable (CUDA-graph) optimizers keep a tensor
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-        sched._last_lr = lrs
+        sched._last_lr = [lr] * len(sched.optimizer.param_groups)
 
 
 def _same_dir(a: str, b: str) -> bool:

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_OR_CKPT",
         help="continue a run: no value = the latest checkpoint of OUTPUT_DIR/NAME (a new run "
         "if there is none); or a run directory or checkpoint file. The checkpoint decides what is "
-        "trained; --epochs/--epochs-decay may change (train longer or shorter)",
+        "trained; --epochs/--epochs-decay/--lr may change (train longer, shorter, at another rate)",
     )
     g.add_argument("--log-every", type=_int(1), default=S, help="read losses from the device every K steps")
     g.add_argument("--sample-every", type=_int(1), default=S)

@@ -553,8 +553,9 @@ TRAINING_FIELDS = tuple(
     for f in fields(SECTIONS[sec])
     if f.name not in ("dataroot", "num_workers", "data_on_gpu", "dataset", "max_image_pixels")
 )
-# Training fields a resume may change: the schedule's length (train longer or shorter, as the
-# official --continue_train with new --n_epochs/--n_epochs_decay). Not under the cosine policy,
-# whose state holds its period.
-SCHEDULE_LENGTH_FIELDS = ("epochs", "epochs_decay")
+# Training fields a resume may change: the learning-rate schedule's length and initial rate
+# (train longer or shorter, or on at another rate, as the official --continue_train with new
+# --n_epochs/--n_epochs_decay/--lr). The LR follows the new schedule from the resumed epoch.
+# The cosine policy's period (epochs + epochs_decay) is fixed at the start.
+SCHEDULE_FIELDS = ("epochs", "epochs_decay", "lr")
 

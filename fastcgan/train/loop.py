@@ -102,9 +102,9 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
 
     With ``cfg.run.resume`` ("auto", a run directory or a checkpoint file) the run continues from
     the newest checkpoint that verifies, whose config decides what is trained (``cfg`` may change
-    how it runs, and the schedule's length). ``requested``: flat fields the user set explicitly
-    (the CLI's flags); on resume, one that would change what is trained (other than ``epochs`` /
-    ``epochs_decay``) is a :class:`ConfigError`. Every config, data
+    how it runs, and the LR schedule). ``requested``: flat fields the user set explicitly (the
+    CLI's flags); on resume, one that would change what is trained (other than ``epochs`` /
+    ``epochs_decay`` / ``lr``) is a :class:`ConfigError`. Every config, data
     and checkpoint error is raised before anything is written."""
     cfg, run_dir, payload, ckpt_path, messages = resume_plan(cfg, requested)
     ctx, dist_device = from_environment(cfg.run.device)

@@ -3,6 +3,7 @@ recipe's networks, optimizers, LR schedules, grad scaler, image pools and data p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,6 +45,16 @@ class LinearDecay:
 
     def __call__(self, epoch: int) -> float:
         return 1.0 - max(0, epoch + 1 - self.epochs) / float(self.epochs_decay + 1)
+
+
+def lr_factor(o, finished_epochs: int) -> float:
+    """The LR, as a multiple of ``o.lr``, of optimizer config ``o`` after ``finished_epochs``
+    scheduler steps: the closed form of :func:`build_scheduler`'s schedule."""
+    if o.lr_policy == "linear":
+        return LinearDecay(o.epochs, o.epochs_decay)(finished_epochs)
+    if o.lr_policy == "step":
+        return 0.1 ** (finished_epochs // o.lr_decay_iters)
+    return (1 + math.cos(math.pi * finished_epochs / (o.epochs + o.epochs_decay))) / 2
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):

@@ -180,38 +180,10 @@ def resize_uint8(t: torch.Tensor, size: int | None) -> torch.Tensor:
     return y.round().clamp(0, 255).to(torch.uint8)[0]
 
 
-def load_folder(
-    folder: str, channels: int = 3, size: int | None = None, max_images: int | None = None
-) -> tuple[list[torch.Tensor], list[str], list[str]]:
-    """(uint8 images, names relative to ``folder``, skipped unreadable paths), sorted by path."""
-    paths = make_dataset(folder)
-    if max_images is not None:
-        paths = paths[:max_images]
-    imgs, names, skipped = [], [], []
-    for p in paths:
-        try:
-            t = load_image(p, channels)
-        except BadImageError:
-            skipped.append(p)
-            continue
-        imgs.append(resize_uint8(t, size))
-        names.append(os.path.relpath(p, folder))
-    return imgs, names, skipped
-
-
-def load_domain(dataroot: str, phase: str, domain: str, channels: int = 3, size=None, max_images=None):
-    folder = os.path.join(dataroot, phase + domain)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--dataroot {dataroot}: no {phase}{domain}/ folder")
-    loaded = load_folder(folder, channels, size, max_images)
-    if not loaded[0]:
-        raise FileNotFoundError(f"{folder}: no readable images")
-    return loaded
-
-
-def domain_paths(dataroot: str, phase: str, domain: str, max_images: int | None = None) -> tuple[str, list[str]]:
-    """(folder, its image paths sorted, at most ``max_images``) of ``dataroot/{phase}{domain}``;
-    nothing is decoded. A missing or empty folder is a FileNotFoundError naming it."""
+def domain_paths(dataroot: str, phase: str, domain: str = "", max_images: int | None = None) -> tuple[str, list[str]]:
+    """(folder, its image paths sorted, at most ``max_images``) of ``dataroot/{phase}{domain}``
+    (``domain`` "": the pix2pix pairs folder ``{phase}/``); nothing is decoded. A missing or
+    empty folder is a FileNotFoundError naming it."""
     folder = os.path.join(dataroot, phase + domain)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--dataroot {dataroot}: no {phase}{domain}/ folder")
@@ -221,24 +193,46 @@ def domain_paths(dataroot: str, phase: str, domain: str, max_images: int | None 
     return folder, paths
 
 
-def iter_images(paths: list[str], channels: int, size: int | None, chunk: int, skipped: list[str]):
-    """Lists of [(path, uint8 (C, H, W))] (resized to a square ``size`` when given) of ``chunk``
-    images, or fewer once they hold :data:`WINDOW_PIXELS`: evaluation holds one chunk, never the
-    test set. Unreadable files go to ``skipped``."""
+def in_chunks(items, chunk: int):
+    """Lists of ``chunk`` values from ``items`` -- ``(value, pixels)`` pairs -- or fewer once
+    they hold :data:`WINDOW_PIXELS` (one large image at least): what evaluation holds at once."""
     out, pixels = [], 0
-    for p in paths:
-        try:
-            x = resize_uint8(load_image(p, channels), size)
-        except BadImageError:
-            skipped.append(p)
-            continue
-        out.append((p, x))
-        pixels += x.shape[-2] * x.shape[-1]
+    for value, n in items:
+        out.append(value)
+        pixels += n
         if len(out) >= chunk or pixels >= WINDOW_PIXELS:
             yield out
             out, pixels = [], 0
     if out:
         yield out
+
+
+def iter_images(paths: list[str], channels: int, size: int | None, chunk: int, skipped: list[str]):
+    """Lists of [(path, uint8 (C, H, W))] (resized to a square ``size`` when given), a chunk at a
+    time (:func:`in_chunks`): evaluation never holds the test set. Unreadable files go to
+    ``skipped``."""
+
+    def loaded():
+        for p in paths:
+            try:
+                x = resize_uint8(load_image(p, channels), size)
+            except BadImageError:
+                skipped.append(p)
+                continue
+            yield (p, x), x.shape[-2] * x.shape[-1]
+
+    return in_chunks(loaded(), chunk)
+
+
+def load_domain(dataroot: str, phase: str, domain: str, channels: int = 3, size=None, max_images=None):
+    """(uint8 images, names relative to the folder, skipped paths) of ``dataroot/{phase}{domain}``
+    all at once, for callers that keep them (the in-training FID evaluator, the quality benches)."""
+    folder, paths = domain_paths(dataroot, phase, domain, max_images)
+    skipped: list[str] = []
+    loaded = [item for batch in iter_images(paths, channels, size, len(paths), skipped) for item in batch]
+    if not loaded:
+        raise FileNotFoundError(f"{folder}: no readable images")
+    return [x for _, x in loaded], [os.path.relpath(p, folder) for p, _ in loaded], skipped
 
 
 def _check_truth_headers(folder: str, paths: list[str], truth_dir: str, load_size: int | None) -> None:

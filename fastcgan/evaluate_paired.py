@@ -36,7 +36,7 @@ import os
 
 import torch
 
-__all__ = ["evaluate_paired", "is_paired_root", "iter_pairs", "pair_paths", "paired_scores"]
+__all__ = ["evaluate_paired", "is_paired_root", "iter_pairs", "paired_scores"]
 
 
 def is_paired_root(dataroot: str, phase: str = "test") -> bool:
@@ -53,19 +53,6 @@ def _run_direction(checkpoint: str) -> str | None:
         return None
 
 
-def pair_paths(dataroot: str, phase: str = "test", max_images: int | None = None) -> list[str]:
-    """The pair files of ``dataroot/<phase>/``, sorted, at most ``max_images``; nothing decoded."""
-    from fastcgan.data import make_dataset
-
-    folder = os.path.join(dataroot, phase)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--dataroot {dataroot}: no {phase}/ folder of pair images")
-    paths = make_dataset(folder)[:max_images]
-    if not paths:
-        raise FileNotFoundError(f"{folder}: no image files")
-    return paths
-
-
 def iter_pairs(
     paths: list[str],
     direction: str = "AtoB",
@@ -76,33 +63,30 @@ def iter_pairs(
     skipped: list | None = None,
     self_paired: bool = False,
 ):
-    """(uint8 inputs, uint8 targets) of ``chunk`` pairs, or fewer once they hold
-    :data:`~fastcgan.data.images.WINDOW_PIXELS`: evaluation holds one chunk, never the test set.
+    """(uint8 inputs, uint8 targets), a chunk of pairs at a time (:func:`fastcgan.evaluate.in_chunks`):
+    evaluation never holds the test set.
     Unreadable and odd-width files are skipped (as by :class:`fastcgan.data.AlignedDataset`) and
     added to ``skipped``. ``self_paired`` (colorization): every image is its own pair."""
     from fastcgan.data import split_pair
-    from fastcgan.data.images import WINDOW_PIXELS, BadImageError, open_image, pil_to_tensor
-    from fastcgan.evaluate import resize_uint8
+    from fastcgan.data.images import BadImageError, open_image, pil_to_tensor
+    from fastcgan.evaluate import in_chunks, resize_uint8
 
-    inputs, targets, pixels = [], [], 0
-    for p in paths:
-        try:
-            img = open_image(p, 3)
-            left, right = (img, img) if self_paired else split_pair(img, p)
-        except BadImageError:
-            if skipped is not None:
-                skipped.append(p)
-            continue
-        a, b = (left, right) if direction == "AtoB" else (right, left)
-        a, b = (a.convert("L") if input_nc == 1 else a), (b.convert("L") if output_nc == 1 else b)
-        inputs.append(resize_uint8(pil_to_tensor(a), size))
-        targets.append(resize_uint8(pil_to_tensor(b), size))
-        pixels += inputs[-1].shape[-2] * inputs[-1].shape[-1]
-        if len(inputs) >= chunk or pixels >= WINDOW_PIXELS:
-            yield inputs, targets
-            inputs, targets, pixels = [], [], 0
-    if inputs:
-        yield inputs, targets
+    def loaded():
+        for p in paths:
+            try:
+                img = open_image(p, 3)
+                left, right = (img, img) if self_paired else split_pair(img, p)
+            except BadImageError:
+                if skipped is not None:
+                    skipped.append(p)
+                continue
+            a, b = (left, right) if direction == "AtoB" else (right, left)
+            a, b = (a.convert("L") if input_nc == 1 else a), (b.convert("L") if output_nc == 1 else b)
+            x = resize_uint8(pil_to_tensor(a), size)
+            yield (x, resize_uint8(pil_to_tensor(b), size)), x.shape[-2] * x.shape[-1]
+
+    for batch in in_chunks(loaded(), chunk):
+        yield [x for x, _ in batch], [t for _, t in batch]
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +137,7 @@ def evaluate_paired(
     accepts, or a loaded :class:`fastcgan.deploy.Translator`) on ``dataroot/<phase>/``."""
     from fastcgan.deploy import Translator, load
     from fastcgan.devices import resolve_device
-    from fastcgan.evaluate import _inception_or_reason, translate_images
+    from fastcgan.evaluate import _inception_or_reason, domain_paths, translate_images
 
     dev = resolve_device(str(device))
     if isinstance(checkpoint, Translator):
@@ -169,7 +153,7 @@ def evaluate_paired(
     if direction not in ("AtoB", "BtoA"):
         raise ValueError(f"direction must be AtoB or BtoA, got {direction!r}")
     colorizer = (tr.spec.config or {}).get("color_space") == "lab"
-    paths = pair_paths(dataroot, phase, max_images)
+    _, paths = domain_paths(dataroot, phase, "", max_images)
     results: dict = {}
     inception = None
     if fid:

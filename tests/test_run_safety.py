@@ -236,10 +236,11 @@ def test_lock_is_exclusive_in_process(tmp_path):
         (["--load-size", "4096", "--crop-size", "256"], "--load-size"),  # synthetic: generated at 4096²
         (["--pool-size", "1000000000"], "--pool-size"),  # a traceback asking for 196 TB
         (["--model", "cut", "--num-patches", "1000000000"], "--num-patches"),  # every position: 9 GB at 128²
+        (["--lr", "1e300"], "--lr"),  # overflowed fp32 in the optimizer, after config.json was written
     ],
     ids=["no-gpu", "unet-multiple", "absurd-size", "resnet-multiple", "faithful-amp", "data-layout", "seed-2^32",
          "huge-ngf", "huge-netF", "huge-workers", "d-too-deep", "identity-nc", "inf-lr", "bad-backend",
-         "huge-synthetic", "huge-pool", "huge-num-patches"],
+         "huge-synthetic", "huge-pool", "huge-num-patches", "huge-lr"],
 )
 def test_config_errors_exit_2_before_anything_is_written(tmp_path, synth, extra, flag, capsys):
     if extra[:2] == ["--device", "cuda"] and torch.cuda.is_available():

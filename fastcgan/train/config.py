@@ -51,6 +51,9 @@ MAX_NUM_WORKERS = 128
 # The image pools are allocated whole at their first query (two of them, fakes at the crop size:
 # 1000 256x256 images = 0.8 GB each in fp32); the official default is 50.
 MAX_POOL_SIZE = 1000
+# Adam's step is ~lr per weight: above 1 a GAN diverges at once, and 1e300 overflowed fp32 in the
+# optimizer after the run directory was written (the official default is 2e-4).
+MAX_LR = 1.0
 # PatchNCE scores every sampled patch against every other of its image: memory and time grow with
 # num_patches² per layer (the official 256: 0.26 MB of logits an image a layer; 4096: 67 MB; an
 # unbounded value takes every position of the image-sized first layer, ~19 GB at 256x256).
@@ -207,7 +210,7 @@ class OptimConfig:
     lr_decay_iters: int = 50  # "step" policy: multiply by 0.1 every this many epochs
 
     def validate(self) -> None:
-        _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(0 < self.lr <= MAX_LR, "lr", f"must be in (0, {MAX_LR:g}], got {self.lr}")
         _check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
         _check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
         _check(

@@ -249,13 +249,14 @@ def load_torch_generator(
 
 
 def load_official(
-    path: str, arch: str, ngf: int = 64, norm: str = "instance", use_dropout: bool | None = None,
+    path: str, arch: str, ngf: int | None = None, norm: str = "instance", use_dropout: bool | None = None,
     backend: str = "auto", bn_inference: str = "per_image", color_space: str = "rgb",
 ) -> tuple[nn.Module, GeneratorSpec]:
     """An official CycleGAN/pix2pix ``latest_net_G_*.pth`` as a fastcgan generator.
 
     ``bn_inference`` (BatchNorm generators): ``per_image`` reproduces the official ``test.py``
     (batch statistics at batch 1), ``running`` its ``--eval``; recorded in the spec's config.
+    ``ngf=None``: the width the checkpoint's weights have.
     ``color_space="lab"``: the official colorization model's G (L -> ab), exported RGB -> RGB."""
     if not os.path.isfile(path):
         raise ArtifactError(path, "no such file (--from-official)")
@@ -266,10 +267,11 @@ def load_official(
                                         backend=backend, bn_inference=bn_inference, color_space=color_space)
     except Exception as e:
         raise ArtifactError(
-            path, f"cannot load as an official {arch} generator (ngf={ngf}, norm={norm}): {type(e).__name__}: {e}"
+            path, f"cannot load as an official {arch} generator (ngf={'from the file' if ngf is None else ngf}, "
+            f"norm={norm}): {type(e).__name__}: {e}"
         ) from e
     model.eval()
-    config = dict(arch=arch, ngf=ngf, norm=norm, use_dropout=bool(use_dropout))
+    config = dict(arch=arch, ngf=getattr(model, "net", model).ngf, norm=norm, use_dropout=bool(use_dropout))
     if norm == "batch":
         config["bn_inference"] = bn_inference
     if color_space == "lab":  # the network's channels (L -> ab); the colorizer's are RGB -> RGB
@@ -290,9 +292,13 @@ def artifact_kind(path: str) -> str:
     kinds = {".safetensors": "safetensors", ".onnx": "onnx", ".engine": "engine", ".trt": "engine",
              ".plan": "engine", ".pt2": "aoti"}
     if ext not in kinds:
+        official = ""
+        if ext in (".pth", ".pt"):
+            official = (" (an official CycleGAN/pix2pix .pth: `fastcgan-export --from-official PTH --arch ARCH` "
+                        "converts it; the released ones: `fastcgan-download NAME --pretrained`)")
         raise ArtifactError(
             path, f"unknown artifact type {ext or '(no extension)'!r}: expected a run directory, .safetensors, "
-            ".onnx, .engine/.trt/.plan (TensorRT) or .pt2 (AOTInductor)"
+            f".onnx, .engine/.trt/.plan (TensorRT) or .pt2 (AOTInductor){official}"
         )
     return kinds[ext]
 

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("official CycleGAN checkpoints")
     g.add_argument("--from-official", metavar="PTH", help="official latest_net_G_A.pth (instead of RUN)")
     g.add_argument("--arch", help="generator arch of the official checkpoint, e.g. resnet_9blocks")
-    g.add_argument("--ngf", type=_ngf, default=64, help=f"generator width (1 to {MAX_WIDTH})")
+    g.add_argument("--ngf", type=_ngf, default=None,
+                   help=f"generator width (1 to {MAX_WIDTH}; default: the checkpoint's, 64 in the released models)")
     g.add_argument("--norm", default="instance", choices=("instance", "batch", "none"))
     d = g.add_mutually_exclusive_group()
     d.add_argument("--no-dropout", dest="dropout", action="store_false", default=False)

@@ -127,7 +127,8 @@ def test_official_checkpoint_exports_and_matches(tmp_path):
     sd = torch.load(pth)
     assert "model.1.weight" in sd  # official layout (ReflectionPad2d at model.0, Conv at model.1)
     onnx_path = str(tmp_path / "official.onnx")
-    rc = cli.main(["--from-official", pth, "--arch", "resnet_9blocks", "--ngf", "8", "--norm", "instance",
+    # No --ngf: the width is the checkpoint's (8 here; it had to be given before).
+    rc = cli.main(["--from-official", pth, "--arch", "resnet_9blocks", "--norm", "instance",
                    "--no-dropout", "--onnx", onnx_path, "--verify-sizes", "1x64x64,2x32x48"])
     assert rc == 0
     x = torch.rand(1, 3, 64, 64) * 2 - 1

@@ -312,7 +312,7 @@ def test_force_keeps_the_old_dataset_until_the_new_one_is_unpacked(server, tmp_p
 
 def test_one_download_at_a_time(server, tmp_path):
     """Two downloads of one dataset appended to one .part."""
-    with dl._download_lock(str(tmp_path), NAME), pytest.raises(DownloadError, match="another fastcgan-download"):
+    with dl.download_lock(str(tmp_path), NAME), pytest.raises(DownloadError, match="another fastcgan-download"):
         _get(tmp_path, url=server.base, sha256=SHA)
     assert not [r for r in server.requests if r[0].endswith(".zip")]
     _check_extracted(_get(tmp_path, url=server.base, sha256=SHA))  # the lock went with its holder

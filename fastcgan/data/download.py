@@ -191,7 +191,7 @@ def _write_source(part: str, url: str, validator: str | None) -> None:
     atomic_write(_source_path(part), json.dumps({"url": url, "validator": validator}).encode())
 
 
-def _discard(part: str) -> None:
+def discard_download(part: str) -> None:
     for path in (part, _source_path(part)):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
@@ -203,15 +203,28 @@ def _check_free_space(part: str, need: int) -> None:
         raise DownloadError(f"{part}: {need / 1e9:.1f} GB still to download, its folder has {free / 1e9:.1f} GB free")
 
 
-def _fetch(url: str, part: str, progress: bool, retries: int, timeout: float, backoff: float = 1.0) -> None:
+class TooLargeError(DownloadError):
+    """The file is larger than the caller allows (``max_bytes``)."""
+
+
+def _check_size(url: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise TooLargeError(f"{url} is larger than {max_bytes:,} bytes ({size:,}); refusing it")
+
+
+def _fetch(
+    url: str, part: str, progress: bool, retries: int, timeout: float, backoff: float = 1.0,
+    max_bytes: int | None = None,
+) -> None:
     """Download ``url`` into ``part``, resuming whatever ``part`` already holds when it came from
-    the same URL (``part.source``) and the file has not changed since (``If-Range``)."""
+    the same URL (``part.source``) and the file has not changed since (``If-Range``). ``max_bytes``:
+    a larger file is refused, on its announced size before it is fetched, else as it arrives."""
     from tqdm import tqdm
 
     source = _read_source(part)
     if os.path.exists(part) and source is not None and source.get("url") != url:
         logger.warning("%s was downloaded from %s, not %s: starting over", part, source.get("url"), url)
-        _discard(part)
+        discard_download(part)
         source = None
     validator = source.get("validator") if source else None
     attempt, bar, total = 0, None, None
@@ -226,7 +239,7 @@ def _fetch(url: str, part: str, progress: bool, retries: int, timeout: float, ba
                     m = re.search(r"/(\d+)", e.headers.get("Content-Range", "") or "")
                     if m and int(m.group(1)) == have:
                         return
-                    _discard(part)
+                    discard_download(part)
                     continue
                 raise DownloadError(f"HTTP {e.code} {e.reason} for {url}") from None
             except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
@@ -245,11 +258,15 @@ def _fetch(url: str, part: str, progress: bool, retries: int, timeout: float, ba
                             f"bad Content-Range {resp.headers.get('Content-Range')!r} from {url}"
                         )
                     total = int(m.group(2)) if m.group(2) != "*" else None
+                    if total is not None:
+                        _check_size(url, total, max_bytes)
                     mode = "ab"
                 else:  # 200: the server ignored the range, the file changed, or a fresh start: from byte 0
                     have, mode = 0, "wb"
                     length = resp.headers.get("Content-Length")
                     total = int(length) if length and length.isdigit() else None
+                    if total is not None:
+                        _check_size(url, total, max_bytes)  # before anything is written
                     validator = _strong_validator(resp.headers)
                     _write_source(part, url, validator)
                 if total is not None:
@@ -276,6 +293,7 @@ def _fetch(url: str, part: str, progress: bool, retries: int, timeout: float, ba
                             break
                         if not chunk:
                             break
+                        _check_size(url, fh.tell() + len(chunk), max_bytes)
                         try:  # a local failure (disk full) is not a dropped connection: no retry
                             fh.write(chunk)
                         except OSError as e:
@@ -426,19 +444,26 @@ def _extract(zip_path: str, root: str, name: str) -> str:
             if len(entries) == 1 and os.path.isdir(os.path.join(tmp, entries[0]))
             else tmp
         )
-        old = None
-        if os.path.isdir(target):
-            if os.listdir(target):  # --force: the old dataset goes only once the new one is unpacked
-                old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=root)
-                os.replace(target, os.path.join(old, name))
-            else:
-                os.rmdir(target)
-        os.replace(src, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(src, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def replace_dir(src: str, target: str) -> None:
+    """Move folder ``src`` to ``target`` (same file system); an existing ``target`` (``--force``)
+    goes only once ``src`` is complete, so a failure before this point loses nothing."""
+    root, name = os.path.split(target)
+    old = None
+    if os.path.isdir(target):
+        if os.listdir(target):
+            old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=root)
+            os.replace(target, os.path.join(old, name))
+        else:
+            os.rmdir(target)
+    os.replace(src, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_existing_layout(target: str, collection: str) -> None:
@@ -489,7 +514,7 @@ def download_dataset(
     if _existing_dataset(target, collection, force):
         return target
     os.makedirs(root, exist_ok=True)
-    with _download_lock(root, name):
+    with download_lock(root, name):
         if _existing_dataset(target, collection, force):  # another download finished meanwhile
             return target
         _download_and_extract(zip_url, root, name, sha256, progress, retries, timeout, backoff)
@@ -509,7 +534,7 @@ def _existing_dataset(target: str, collection: str, force: bool) -> bool:
 
 
 @contextlib.contextmanager
-def _download_lock(root: str, name: str):
+def download_lock(root: str, name: str):
     """One download of ``name`` into ``root`` at a time: two would append to one ``.part``."""
     import fcntl
 
@@ -536,67 +561,94 @@ def _download_lock(root: str, name: str):
         os.close(fd)
 
 
-def _download_and_extract(zip_url, root, name, sha256, progress, retries, timeout, backoff) -> None:
-    ext = _archive_ext(zip_url)
-    part = os.path.join(root, f"{name}{'.zip' if ext == '.zip' else '.tar.gz'}.part")
-
-    _fetch(zip_url, part, progress, retries, timeout, backoff)
-
-    expected = sha256.lower() if sha256 else _published_sha256(zip_url, timeout)
+def fetch_verified(
+    url: str, part: str, sha256: str | None, progress: bool, retries: int, timeout: float, backoff: float,
+    max_bytes: int | None = None,
+) -> None:
+    """Download ``url`` into ``part`` (resumable, see :func:`_fetch`) and check it against
+    ``sha256``, else ``<url>.sha256`` when published, else warn that it is unverified. A mismatch
+    deletes the download."""
+    try:
+        _fetch(url, part, progress, retries, timeout, backoff, max_bytes)
+    except TooLargeError:
+        discard_download(part)  # whatever arrived is not worth resuming
+        raise
+    expected = sha256.lower() if sha256 else _published_sha256(url, timeout)
     if expected is None:
-        msg = (
-            f"{zip_url}: no checksum given (--sha256) or published ({zip_url}.sha256); download is unverified"
-        )
+        msg = f"{url}: no checksum given (--sha256) or published ({url}.sha256); download is unverified"
         logger.warning(msg)
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, stacklevel=3)
     else:
         actual = _sha256(part)
         if actual != expected:
-            _discard(part)
-            raise ChecksumError(
-                f"{zip_url}: SHA-256 mismatch (expected {expected}, got {actual}); download deleted"
-            )
+            discard_download(part)
+            raise ChecksumError(f"{url}: SHA-256 mismatch (expected {expected}, got {actual}); download deleted")
+
+
+def _download_and_extract(zip_url, root, name, sha256, progress, retries, timeout, backoff) -> None:
+    ext = _archive_ext(zip_url)
+    part = os.path.join(root, f"{name}{'.zip' if ext == '.zip' else '.tar.gz'}.part")
+    fetch_verified(zip_url, part, sha256, progress, retries, timeout, backoff)
     try:
         _extract(part, root, name)
     except DownloadError:
-        _discard(part)  # a corrupt or hostile archive is not worth resuming
+        discard_download(part)  # a corrupt or hostile archive is not worth resuming
         raise
-    _discard(part)
+    discard_download(part)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastcgan.models import pretrained
+
     ap = argparse.ArgumentParser(
         prog="fastcgan-download",
-        description="Download an official CycleGAN or pix2pix dataset into <root>/<name>.",
+        description="Download an official CycleGAN or pix2pix dataset into <root>/<name>, or (--pretrained) "
+        "a released generator into <root>/<name>_pretrained, ready for fastcgan-translate / -export / -eval.",
         epilog="CycleGAN datasets: " + ", ".join(CYCLEGAN_DATASETS) + "; pix2pix datasets (paired, "
-        "--pix2pix for facades and maps): " + ", ".join(PIX2PIX_DATASETS),
+        "--pix2pix for facades and maps): " + ", ".join(PIX2PIX_DATASETS) + ". Pretrained CycleGAN generators: "
+        + ", ".join(pretrained.PRETRAINED_CYCLEGAN) + "; pix2pix (--pix2pix for sat2map, map2sat, "
+        "facades_label2photo): " + ", ".join(pretrained.PRETRAINED_PIX2PIX) + ".",
     )
-    ap.add_argument("name", nargs="?", help="dataset name (see below)")
-    ap.add_argument("--root", default="datasets", help="parent folder (default: datasets)")
+    ap.add_argument("name", nargs="?", help="dataset (or with --pretrained, model) name (see below)")
     ap.add_argument(
-        "--url", default=None, help=f"base URL or full .zip URL (default: ${ENV_URL} or {DEFAULT_BASE_URL})"
+        "--pretrained",
+        action="store_true",
+        help="NAME is a released generator: <root>/<name>_pretrained/ gets the official latest_net_G.pth "
+        "and generator_AtoB.safetensors (default root: checkpoints, as the official script)",
     )
-    ap.add_argument("--sha256", default=None, help="expected SHA-256 of the archive")
+    ap.add_argument("--root", default=None, help="parent folder (default: datasets; checkpoints with --pretrained)")
+    ap.add_argument(
+        "--url",
+        default=None,
+        help=f"base URL, or a full .zip / .tar.gz (--pretrained: .pth) URL (default: ${ENV_URL} or {DEFAULT_BASE_URL})",
+    )
+    ap.add_argument("--sha256", default=None, help="expected SHA-256 of the archive (or .pth)")
     ap.add_argument(
         "--pix2pix",
         action="store_true",
-        help="the paired pix2pix dataset of this name (implied for edges2shoes, edges2handbags, night2day)",
+        help="the paired pix2pix dataset (or pix2pix model) of this name (implied for the names only pix2pix has)",
     )
-    ap.add_argument("--force", action="store_true", help="replace an existing dataset folder")
+    ap.add_argument("--force", action="store_true", help="replace an existing dataset (or model) folder")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.add_argument("--list", action="store_true", help="print the dataset names and exit")
+    ap.add_argument("--list", action="store_true", help="print the dataset (--pretrained: model) names and exit")
     a = ap.parse_args(argv)
     if a.list:
-        print("\n".join(CYCLEGAN_DATASETS))
-        print("\n".join(f"{n} (pix2pix)" for n in PIX2PIX_DATASETS))
+        cyclegan, pix2pix = (
+            (pretrained.PRETRAINED_CYCLEGAN, pretrained.PRETRAINED_PIX2PIX)
+            if a.pretrained
+            else (CYCLEGAN_DATASETS, PIX2PIX_DATASETS)
+        )
+        print("\n".join(cyclegan))
+        print("\n".join(f"{n} (pix2pix)" for n in pix2pix))
         return 0
     if not a.name:
         ap.error("NAME is required (or --list)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    fetch = pretrained.download_pretrained if a.pretrained else download_dataset
     try:
-        path = download_dataset(
+        path = fetch(
             a.name,
-            a.root,
+            a.root or ("checkpoints" if a.pretrained else "datasets"),
             url=a.url,
             sha256=a.sha256,
             progress=not a.no_progress,

@@ -27,7 +27,14 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from fastcgan.models.generators import COLOR_SPACES, LabColorizer, ResnetGenerator, UnetGenerator, build_generator
+from fastcgan.models.generators import (
+    COLOR_SPACES,
+    LabColorizer,
+    ResnetGenerator,
+    UnetGenerator,
+    build_generator,
+)
+from fastcgan.models.io import MAX_WIDTH
 
 _NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -154,12 +161,30 @@ def _detect_unet_depth(sd: dict) -> int:
     return depth
 
 
+def _official_dims(sd: dict, arch: str, where: str) -> tuple[int, int, int]:
+    """(input_nc, output_nc, ngf) from the first and the last convolution's weight, bounded
+    before anything is built from them (a tiny file claiming a huge width must not allocate it)."""
+    if arch.startswith("resnet"):
+        n_blocks = 9 if arch == "resnet_9blocks" else 6
+        first, last, out_dim = "model.1.weight", f"model.{17 + n_blocks}.weight", 0  # Conv2d: (out, in, kh, kw)
+    else:
+        first, last, out_dim = "model.model.0.weight", "model.model.3.weight", 1  # ConvTranspose2d: (in, out, ...)
+    w_first, w_last = sd.get(first), sd.get(last)
+    if not (isinstance(w_first, Tensor) and w_first.dim() == 4 and isinstance(w_last, Tensor) and w_last.dim() == 4):
+        raise ValueError(f"{where}: no 4-D '{first}' and '{last}' weights, not an official {arch} generator")
+    ngf, input_nc, output_nc = int(w_first.shape[0]), int(w_first.shape[1]), int(w_last.shape[out_dim])
+    for what, v, hi in (("input_nc", input_nc, 4), ("output_nc", output_nc, 4), ("ngf", ngf, MAX_WIDTH)):
+        if not 1 <= v <= hi:
+            raise ValueError(f"{where}: its weights say {what}={v}, outside [1, {hi}]")
+    return input_nc, output_nc, ngf
+
+
 def load_official_generator(
     path_or_state_dict: Union[str, os.PathLike, Mapping],
     arch: str = "resnet_9blocks",
-    input_nc: int = 3,
-    output_nc: int = 3,
-    ngf: int = 64,
+    input_nc: Optional[int] = None,
+    output_nc: Optional[int] = None,
+    ngf: Optional[int] = None,
     norm: str = "instance",
     use_dropout: Optional[bool] = None,
     backend: str = "auto",
@@ -178,6 +203,9 @@ def load_official_generator(
     stored running statistics (``test.py --eval``, PyTorch's ``eval()``). Dropout is off in eval
     mode either way (``test.py`` without ``--eval`` also keeps pix2pix's dropout on, which makes
     its outputs random; call ``.train()`` for that, at the price of batch statistics).
+
+    ``input_nc``, ``output_nc`` and ``ngf`` default to what the first and last convolutions hold
+    (the released models: 3, 3, 64); given, they must match.
 
     Accepts a path or a state dict; strips ``module.`` prefixes, skips metadata entries and, for
     ``norm="instance"``, stale InstanceNorm running stats. ``use_dropout=None`` reads it from the
@@ -215,6 +243,10 @@ def load_official_generator(
             f"load_official_generator: arch must be resnet_9blocks, resnet_6blocks, unet_128 or "
             f"unet_256, got {arch!r}"
         )
+    file_in, file_out, file_ngf = _official_dims(sd, arch, where)
+    input_nc = file_in if input_nc is None else input_nc
+    output_nc = file_out if output_nc is None else output_nc
+    ngf = file_ngf if ngf is None else ngf
 
     model = build_generator(
         arch, input_nc, output_nc, ngf, norm=norm, use_dropout=use_dropout, init_type=None, backend=backend,

@@ -1,0 +1,219 @@
+"""fastcgan-download --pretrained: the released generators, from a local HTTP server (no network),
+converted into a folder that translate / export / eval take; bad files leave nothing behind."""
+
+import hashlib
+import io
+import os
+
+import pytest
+import torch
+from test_download import _Server
+from test_official_checkpoint import official
+
+from fastcgan.data.download import DownloadError, main
+from fastcgan.models import load_generator, load_official_generator, read_generator_config
+from fastcgan.models import pretrained as pt
+from fastcgan.models.io import MAX_WIDTH
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*download is unverified")  # checked in test_download.py
+
+
+def _pth(sd, legacy=False):
+    buf = io.BytesIO()
+    torch.save(sd, buf, _use_new_zipfile_serialization=not legacy)
+    return buf.getvalue()
+
+
+def _resnet(seed=0, ngf=4):
+    torch.manual_seed(seed)
+    return official("resnet_9blocks", ngf).eval()
+
+
+def _old_style(sd):
+    """As the 2017 releases: InstanceNorm running stats that no current network has."""
+    sd = dict(sd)
+    sd["model.2.running_mean"], sd["model.2.running_var"] = torch.zeros(4), torch.ones(4)
+    return sd
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    yield s
+    s.close()
+
+
+def _get(server, root, name="horse2zebra", **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("backoff", 0.0)
+    kw.setdefault("url", server.base)
+    return pt.download_pretrained(name, str(root), **kw)
+
+
+def _leftovers(root):
+    return sorted(f for f in os.listdir(root) if f.startswith(".") or f.endswith((".part", ".source")))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_download_converts_and_the_folder_translates(server, tmp_path, capsys, legacy):
+    ref = _resnet()
+    data = _pth(_old_style(ref.state_dict()), legacy=legacy)
+    server.files["/data/horse2zebra.pth"] = data
+    target = _get(server, tmp_path, sha256=hashlib.sha256(data).hexdigest())
+    assert target == str(tmp_path / "horse2zebra_pretrained")
+    assert sorted(os.listdir(target)) == ["generator_AtoB.safetensors", "latest_net_G.pth"]
+    assert (tmp_path / "horse2zebra_pretrained" / "latest_net_G.pth").read_bytes() == data  # the official file
+    assert _leftovers(tmp_path) == []
+    config = read_generator_config(os.path.join(target, "generator_AtoB.safetensors"))
+    assert (config["arch"], config["norm"], config["ngf"], config["use_dropout"]) == ("resnet_9blocks", "instance",
+                                                                                     4, False)
+    ours = load_generator(target, backend="torch")
+    x = torch.rand(2, 3, 32, 40) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-6, rtol=1e-6)
+
+    # The folder is what translate takes (as a run directory).
+    from PIL import Image
+
+    from fastcgan.translate import main as translate
+
+    Image.new("RGB", (40, 32), (200, 30, 90)).save(tmp_path / "horse.png")
+    rc = translate(["--checkpoint", target, "--input", str(tmp_path / "horse.png"), "--output",
+                    str(tmp_path / "out"), "--no-progress", "--device", "cpu"])
+    assert rc == 0 and os.listdir(tmp_path / "out")
+    # The official file itself is not an artifact translate runs: the error says what to do.
+    rc = translate(["--checkpoint", os.path.join(target, "latest_net_G.pth"), "--input", str(tmp_path / "horse.png"),
+                    "--output", str(tmp_path / "out2"), "--no-progress"])
+    assert rc == 2 and "fastcgan-download NAME --pretrained" in capsys.readouterr().err
+
+
+def test_pix2pix_model_runs_as_the_official_test(server, tmp_path):
+    """edges2shoes is pix2pix only: a U-Net-256 with BatchNorm from the pix2pix server path; the
+    converted generator normalises each image with its own statistics, as test.py (no --eval)."""
+    torch.manual_seed(1)
+    ref = official("unet_256", 2, norm="batch")
+    pix2pix = server.base.replace("/data", "/p2p")
+    server.files["/p2p/edges2shoes.pth"] = _pth(ref.state_dict())
+    assert pt.pretrained_url("edges2shoes", pix2pix) == f"{pix2pix}/edges2shoes.pth"
+    assert pt.pretrained_url("edges2shoes").startswith(pt.PIX2PIX_MODEL_URL)
+    target = _get(server, tmp_path, "edges2shoes", url=pix2pix)
+    config = read_generator_config(os.path.join(target, "generator_AtoB.safetensors"))
+    assert (config["arch"], config["norm"], config["bn_inference"]) == ("unet_256", "batch", "per_image")
+    ours = load_generator(target, backend="torch")
+    x = torch.rand(1, 3, 256, 256) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref.train()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_names_collections_and_cli(server, tmp_path, capsys):
+    assert pt.pretrained_collection("sat2map") == "cyclegan"  # in both: CycleGAN unless --pix2pix
+    assert pt.pretrained_collection("sat2map", "pix2pix") == "pix2pix"
+    assert pt.pretrained_url("horse2zebra") == f"{pt.CYCLEGAN_MODEL_URL}/horse2zebra.pth"
+    with pytest.raises(ValueError, match="unknown pretrained cyclegan model 'horse2zebr'.*valid names"):
+        pt.download_pretrained("horse2zebr", str(tmp_path))
+    with pytest.raises(ValueError, match="invalid model name"):
+        pt.download_pretrained("../x", str(tmp_path), url="http://127.0.0.1:9/x.pth")
+    with pytest.raises(ValueError, match="64 hex digits"):
+        pt.download_pretrained("horse2zebra", str(tmp_path), sha256="abc")
+    assert os.listdir(tmp_path) == []
+
+    assert main(["--pretrained", "--list"]) == 0
+    listed = capsys.readouterr().out.split("\n")
+    assert "style_monet" in listed and "day2night (pix2pix)" in listed and "horse2zebra" in listed
+    assert main(["--pretrained", "nope", "--root", str(tmp_path)]) == 2
+    assert "unknown pretrained cyclegan model 'nope'" in capsys.readouterr().err
+
+    server.files["/data/monet2photo.pth"] = _pth(_resnet().state_dict())
+    rc = main(["--pretrained", "monet2photo", "--root", str(tmp_path), "--url", server.base, "--no-progress"])
+    assert rc == 0 and capsys.readouterr().out.strip() == str(tmp_path / "monet2photo_pretrained")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (open, (os.environ["FASTCGAN_TEST_MARKER"], "w"))
+
+
+@pytest.mark.parametrize("what", ["html", "code", "unet-for-cyclegan", "nan", "checksum"])
+def test_bad_files_leave_nothing(server, tmp_path, monkeypatch, what):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("FASTCGAN_TEST_MARKER", str(marker))
+    root = tmp_path / "ckpt"
+    sha = None
+    if what == "html":
+        data = b"<html><body>404 moved</body></html>" * 50
+    elif what == "code":
+        data = _pth({"model.1.weight": _Evil()})
+    elif what == "unet-for-cyclegan":
+        data = _pth(official("unet_256", 2, norm="batch").state_dict())
+    elif what == "nan":
+        sd = _resnet().state_dict()
+        sd["model.1.weight"][0, 0, 0, 0] = float("nan")
+        data = _pth(sd)
+    else:
+        data, sha = _pth(_resnet().state_dict()), "0" * 64
+    server.files["/data/horse2zebra.pth"] = data
+    with pytest.raises(DownloadError, match="horse2zebra.pth"):
+        _get(server, root, sha256=sha)
+    assert not marker.exists()  # tensors only: the pickle's code never ran
+    assert os.listdir(root) == []  # no model folder, no .part, no lock
+
+
+def test_too_large_is_refused_before_it_is_fetched(server, tmp_path, monkeypatch):
+    data = _pth(_resnet().state_dict())
+    server.files["/data/horse2zebra.pth"] = data
+    monkeypatch.setattr(pt, "MAX_MODEL_BYTES", len(data) - 1)
+    with pytest.raises(DownloadError, match=f"larger than {len(data) - 1:,} bytes"):
+        _get(server, tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_folder_is_kept_and_force_replaces_only_on_success(server, tmp_path):
+    first = _resnet(seed=0)
+    server.files["/data/horse2zebra.pth"] = _pth(first.state_dict())
+    target = _get(server, tmp_path)
+    server.requests.clear()
+    assert _get(server, tmp_path) == target and server.requests == []  # kept, nothing fetched
+
+    server.files["/data/horse2zebra.pth"] = b"not a checkpoint"
+    with pytest.raises(DownloadError):
+        _get(server, tmp_path, force=True)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():  # the old model is still there, whole
+        torch.testing.assert_close(load_generator(target, backend="torch")(x), first(x), atol=1e-6, rtol=1e-6)
+
+    second = _resnet(seed=5)
+    server.files["/data/horse2zebra.pth"] = _pth(second.state_dict())
+    assert _get(server, tmp_path, force=True) == target
+    with torch.no_grad():
+        torch.testing.assert_close(load_generator(target, backend="torch")(x), second(x), atol=1e-6, rtol=1e-6)
+    assert _leftovers(tmp_path) == []
+
+    other = tmp_path / "other"
+    (other / "zebra2horse_pretrained").mkdir(parents=True)
+    (other / "zebra2horse_pretrained" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds other files"):
+        _get(server, other, "zebra2horse")
+    assert os.listdir(other / "zebra2horse_pretrained") == ["notes.txt"]
+
+
+def test_official_loader_reads_the_widths_from_the_file():
+    """ngf / input_nc / output_nc default to the weights' own (export --from-official needed --ngf
+    for anything but 64, and could not load a 1-channel checkpoint at all)."""
+    torch.manual_seed(0)
+    ref = official("resnet_6blocks", 6, input_nc=1, output_nc=2).eval()
+    ours = load_official_generator(ref.state_dict(), "resnet_6blocks", backend="torch")
+    assert (ours.input_nc, ours.output_nc, ours.ngf) == (1, 2, 6)
+    x = torch.rand(1, 1, 20, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-6, rtol=1e-6)
+    unet = official("unet_128", 3, input_nc=3, output_nc=1).eval()
+    got = load_official_generator(unet.state_dict(), "unet_128", norm="instance")
+    assert (got.input_nc, got.output_nc, got.ngf) == (3, 1, 3)
+    with pytest.raises(ValueError, match="expected"):  # given, it must match
+        load_official_generator(ref.state_dict(), "resnet_6blocks", ngf=8)
+
+    # A few bytes claiming a huge width are refused before a network of that width is built.
+    sd = {k: v for k, v in ref.state_dict().items()}
+    sd["model.1.weight"] = torch.zeros(4 * MAX_WIDTH, 1, 1, 1)
+    with pytest.raises(ValueError, match=f"ngf={4 * MAX_WIDTH}, outside"):
+        load_official_generator(sd, "resnet_6blocks")

@@ -322,12 +322,32 @@ def test_one_download_at_a_time(server, tmp_path):
 def test_disk_full_is_named_not_retried(server, tmp_path, monkeypatch):
     """A full disk looked like a dropped connection: retried (re-downloading) and reported as
     "interrupted". Known sizes are checked against the free space first."""
-    (tmp_path / f"{NAME}.zip.part").symlink_to("/dev/full")  # every write: ENOSPC
-    with pytest.raises(DownloadError, match="cannot write .*No space left"):
-        _get(tmp_path, url=server.base, sha256=SHA)
+    import errno
+
+    class _Full(io.FileIO):  # as /dev/full: every write ENOSPC
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(dl, "open", lambda f, mode="r", *a, **k: _Full(f, mode.replace("b", "")), raising=False)
+        with pytest.raises(DownloadError, match="cannot write .*No space left"):
+            _get(tmp_path, url=server.base, sha256=SHA)
     assert len([r for r in server.requests if r[0].endswith(".zip")]) == 1
-    (tmp_path / f"{NAME}.zip.part").unlink()
+    dl.discard_download(str(tmp_path / f"{NAME}.zip.part"))
     usage = dl.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(DownloadError, match="GB free"):
         _get(tmp_path, url=server.base, sha256=SHA)
+
+
+def test_a_link_at_the_part_name_is_not_written_through(server, tmp_path):
+    """Someone who can write into the root plants <name>.zip.part -> a file of yours: the download
+    must not overwrite that file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(victim, root / f"{NAME}.zip.part")
+    with pytest.raises(DownloadError, match="symbolic link"):
+        _get(root, url=server.base, sha256=SHA)
+    assert victim.read_text() == "precious"

@@ -284,7 +284,14 @@ def _fetch(
                 else:
                     bar.reset(total=total)
                     bar.update(have)
-                with open(part, mode) as fh:
+                # O_NOFOLLOW: a link planted at the .part name would have the download written through it.
+                flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "ab" else os.O_TRUNC)
+                try:
+                    fd = os.open(part, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                except OSError as e:
+                    raise DownloadError(f"cannot write {part}: {e.strerror or e}"
+                                        + (" (a symbolic link?)" if os.path.islink(part) else "")) from None
+                with open(fd, mode) as fh:
                     while True:
                         try:
                             chunk = resp.read(_CHUNK)

@@ -243,7 +243,7 @@ def test_resume_may_change_the_schedule(tmp_path, synth, capsys):
     assert lr_of("cosine") == pytest.approx(1e-3 * (1 + math.cos(math.pi / 3)) / 2)
 
 
-@pytest.mark.parametrize("policy", ["linear", "step", "cosine"])
+@pytest.mark.parametrize("policy", ["linear", "step", "cosine", "plateau"])
 def test_lr_factor_is_each_schedules_closed_form(policy):
     """use_schedule sets a changed schedule's LR from lr_factor: it must be what the scheduler
     itself reaches, step by step."""
@@ -338,3 +338,58 @@ def test_signal_checkpoints_and_exits_cleanly(tmp_path, synth, sig, code):
         )
     )
     assert (s["start_step"], s["step"]) == (step, step + 1)
+
+
+@pytest.mark.parametrize("lr", [2e-4, 1.0, 3e-8])
+def test_plateau_is_the_official_plateau_as_it_runs(lr):
+    """The official --lr_policy plateau steps ReduceLROnPlateau(factor 0.2, patience 5, threshold
+    0.01) with a metric that stays 0: ours must give its LR at every epoch (lr 3e-8: torch's eps
+    stops the cuts early)."""
+    from fastcgan.train import TrainConfig
+    from fastcgan.train.state import build_scheduler
+
+    cfg = TrainConfig.from_preset("cyclegan128", dataset="synthetic", lr_policy="plateau", lr=lr)
+    p = torch.nn.Parameter(torch.zeros(1))
+    ours_opt, official_opt = torch.optim.Adam([p], lr=lr), torch.optim.Adam([p], lr=lr)
+    ours = build_scheduler(ours_opt, cfg)
+    official = torch.optim.lr_scheduler.ReduceLROnPlateau(official_opt, mode="min", factor=0.2, threshold=0.01,
+                                                          patience=5)
+    seen = set()
+    for _ in range(90):
+        ours_opt.step()
+        official_opt.step()
+        ours.step()
+        official.step(0)
+        want = official_opt.param_groups[0]["lr"]
+        assert ours_opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-9)
+        seen.add(want)
+    assert len(seen) > (2 if lr > 1e-7 else 1)  # it did cut
+
+
+def test_resumed_plateau_takes_a_new_lr():
+    """use_schedule rebuilds a restored plateau schedule's factor for a new --lr (its cuts stop at
+    an absolute eps, so the factor depends on the rate)."""
+    from types import SimpleNamespace
+
+    from fastcgan.train import TrainConfig
+    from fastcgan.train.checkpoint import use_schedule
+    from fastcgan.train.state import build_scheduler, lr_factor
+
+    old = TrainConfig.from_preset("cyclegan128", dataset="synthetic", lr_policy="plateau", lr=2e-4)
+    new = old.replace(lr=1e-7)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=2e-4)
+    sched = build_scheduler(opt, old)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2 = torch.optim.Adam([p], lr=1e-7)
+    restored = build_scheduler(opt2, old)
+    restored.load_state_dict(state)
+    use_schedule(SimpleNamespace(schedulers={"G": restored}), new)
+    assert lr_factor(new.optim, 20) != lr_factor(old.optim, 20)  # 1e-7 stops cutting earlier
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-7 * lr_factor(new.optim, 20), rel=1e-12)
+    opt2.step()
+    restored.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-7 * lr_factor(new.optim, 21), rel=1e-12)

@@ -31,7 +31,7 @@ import torch
 from fastcgan.fileio import atomic_writer, remove_stale_temporaries
 from fastcgan.models.io import describe_load_error
 from fastcgan.train.config import SCHEDULE_FIELDS, TRAINING_FIELDS, ConfigError, TrainConfig
-from fastcgan.train.state import LinearDecay, TrainState, build_state, lr_factor
+from fastcgan.train.state import TrainState, build_state, lr_factor, lr_lambda
 
 FORMAT = "fastcgan.checkpoint"
 FORMAT_VERSION = 2  # 2: recipe-generic (nets/optimizers/schedulers/pools dicts) + digests
@@ -452,12 +452,11 @@ def use_schedule(state: TrainState, cfg: TrainConfig) -> None:
     o = cfg.optim
     for sched in state.schedulers.values():
         lambdas = getattr(sched, "lr_lambdas", ())
-        stale = any(b != o.lr for b in sched.base_lrs) or any(
-            isinstance(f, LinearDecay) and (f.epochs, f.epochs_decay) != (o.epochs, o.epochs_decay) for f in lambdas)
-        if not stale:
+        new = lr_lambda(o)
+        if all(b == o.lr for b in sched.base_lrs) and all(vars(f) == vars(new) for f in lambdas):
             continue
-        for f in lambdas:
-            f.epochs, f.epochs_decay = o.epochs, o.epochs_decay
+        if lambdas:
+            sched.lr_lambdas = [lr_lambda(o) for _ in lambdas]
         sched.base_lrs = [o.lr] * len(sched.base_lrs)
         lr = o.lr * lr_factor(o, sched.last_epoch)
         for group in sched.optimizer.param_groups:

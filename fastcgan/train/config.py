@@ -18,7 +18,7 @@ from fastcgan.losses import GAN_MODES
 from fastcgan.models import DISCRIMINATOR_ARCHS, GENERATOR_ARCHS, NORMS
 from fastcgan.models.io import MAX_WIDTH  # --ngf / --ndf
 
-LR_POLICIES = ("linear", "step", "cosine")
+LR_POLICIES = ("linear", "step", "cosine", "plateau")
 KERNELS = ("auto", "torch", "triton", "cuda", "cpp")
 DATASETS = ("folder", "synthetic")
 DIRECTIONS = ("AtoB", "BtoA")  # paired data: AtoB = left half is the input

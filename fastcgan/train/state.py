@@ -47,11 +47,43 @@ class LinearDecay:
         return 1.0 - max(0, epoch + 1 - self.epochs) / float(self.epochs_decay + 1)
 
 
+class OfficialPlateau:
+    """The official ``plateau`` policy as it runs there, as an LR factor per finished epoch. The
+    official code steps ``ReduceLROnPlateau(mode="min", factor=0.2, threshold=0.01, patience=5)``
+    with ``self.metric``, which no official model ever sets from its initial 0: the first step
+    makes 0 the best value and no later 0 improves on it, so the LR is cut by 5 at the 7th step
+    and every 6th after -- a fixed schedule, kept to the scheduler's ``eps`` (a cut smaller than
+    1e-8 is skipped, which needs the base ``lr``)."""
+
+    FACTOR, FIRST, EVERY, EPS = 0.2, 7, 6, 1e-8
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def __call__(self, epoch: int) -> float:
+        cuts = 0 if epoch < self.FIRST else (epoch - self.FIRST) // self.EVERY + 1
+        f = 1.0
+        for _ in range(cuts):  # at most ~20: a cut of lr <= 1 is below EPS after that
+            if self.lr * f - self.lr * f * self.FACTOR <= self.EPS:
+                break
+            f *= self.FACTOR
+        return f
+
+
+def lr_lambda(o):
+    """The LambdaLR factor of the ``linear`` and ``plateau`` policies (None for the others)."""
+    if o.lr_policy == "linear":
+        return LinearDecay(o.epochs, o.epochs_decay)
+    if o.lr_policy == "plateau":
+        return OfficialPlateau(o.lr)
+    return None
+
+
 def lr_factor(o, finished_epochs: int) -> float:
     """The LR, as a multiple of ``o.lr``, of optimizer config ``o`` after ``finished_epochs``
     scheduler steps: the closed form of :func:`build_scheduler`'s schedule."""
-    if o.lr_policy == "linear":
-        return LinearDecay(o.epochs, o.epochs_decay)(finished_epochs)
+    if (f := lr_lambda(o)) is not None:
+        return f(finished_epochs)
     if o.lr_policy == "step":
         return 0.1 ** (finished_epochs // o.lr_decay_iters)
     return (1 + math.cos(math.pi * finished_epochs / (o.epochs + o.epochs_decay))) / 2
@@ -60,8 +92,8 @@ def lr_factor(o, finished_epochs: int) -> float:
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
     """Stepped once per finished epoch (as the official ``update_learning_rate``)."""
     o = cfg.optim
-    if o.lr_policy == "linear":
-        return torch.optim.lr_scheduler.LambdaLR(opt, LinearDecay(o.epochs, o.epochs_decay))
+    if (f := lr_lambda(o)) is not None:
+        return torch.optim.lr_scheduler.LambdaLR(opt, f)
     if o.lr_policy == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=o.lr_decay_iters, gamma=0.1)
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o.epochs + o.epochs_decay, eta_min=0.0)

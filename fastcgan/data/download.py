@@ -1,5 +1,6 @@
 """Download and unpack the official CycleGAN and pix2pix datasets: ``fastcgan-download horse2zebra``,
-``fastcgan-download edges2shoes``, ``fastcgan-download facades --pix2pix``.
+``fastcgan-download edges2shoes``, ``fastcgan-download facades --pix2pix``. The released generators
+(``fastcgan-download horse2zebra --pretrained``) go through the same fetch: :mod:`fastcgan.models.pretrained`.
 
 * Source: CycleGAN sets are ``<base>/<name>.zip`` with ``<base>`` the official server
   (:data:`DEFAULT_BASE_URL`), overridden by the environment variable ``FASTCGAN_DATASET_URL``;

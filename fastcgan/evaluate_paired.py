@@ -45,7 +45,8 @@ def is_paired_root(dataroot: str, phase: str = "test") -> bool:
     return pairs and not os.path.isdir(os.path.join(dataroot, phase + "A"))
 
 
-def _run_direction(checkpoint: str) -> str | None:
+def run_direction(checkpoint: str) -> str | None:
+    """The ``--direction`` a (pix2pix) run directory was trained with, or None."""
     try:
         with open(os.path.join(checkpoint, "config.json")) as f:
             return json.load(f)["data"].get("direction")
@@ -144,7 +145,7 @@ def evaluate_paired(
         tr = checkpoint
     else:
         if direction is None and os.path.isdir(checkpoint):
-            direction = _run_direction(checkpoint)
+            direction = run_direction(checkpoint)
         tr = load(
             checkpoint, direction="AtoB", device=str(dev), engine=engine, batch_size=batch_size,
             bf16=amp_dtype == torch.bfloat16, fp16=amp_dtype == torch.float16, trust_artifact=trust_artifact,

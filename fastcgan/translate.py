@@ -18,6 +18,11 @@ verifies, or with ``--trust-artifact``. Outputs are written atomically.
 
 ``--html`` also writes ``OUTPUT/index.html`` (the official ``test.py`` results page): each input
 (linked where it is, not copied) beside its translation; it is an output like the images.
+
+``--pairs``: the inputs are A|B pair images (a pix2pix test split, as the official ``test.py
+--model pix2pix`` reads them): the input half -- ``--direction``, by default the run's own -- is
+translated, and the page shows each whole pair (input and target) beside the translation.
+Odd-width pairs are skipped like unreadable files.
 """
 
 from __future__ import annotations
@@ -46,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True,
                    help="output directory (created); never the --input directory itself, never over an input file")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (never inputs)")
-    p.add_argument("--direction", choices=DIRECTIONS, default="AtoB", help="generator of a run directory")
+    p.add_argument("--direction", choices=DIRECTIONS, default=None,
+                   help="generator of a run directory (default AtoB); with --pairs: which half is the input "
+                   "(default: the run's --direction, else AtoB)")
+    p.add_argument("--pairs", action="store_true",
+                   help="inputs are A|B pair images (pix2pix test splits): translate the input half")
     p.add_argument("--engine", choices=ENGINES, default=None, help="default: the artifact's own")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tile", type=int, default=None, help="translate images larger than this in overlapping tiles")
@@ -121,7 +130,8 @@ def _shown(name: str) -> str:
     return escape(name.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
 
-def _results_page(title: str, rows: list[tuple[str, str]], skipped: list[str], folder: str) -> bytes:
+def _results_page(title: str, rows: list[tuple[str, str]], skipped: list[str], folder: str,
+                  first: str = "input") -> bytes:
     """The results page: one row per image (input | translation, each linking to itself). File
     names are escaped: a name is text, never markup."""
     def cell(path: str, name: str) -> str:
@@ -136,7 +146,7 @@ def _results_page(title: str, rows: list[tuple[str, str]], skipped: list[str], f
     return (
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + _shown(title) + "</title><style>"
         "img{max-width:256px;max-height:256px}td{vertical-align:top;padding:4px;font:12px sans-serif}</style>"
-        "</head><body><h3>" + _shown(title) + "</h3>\n<table><tr><th>input</th><th>translation</th></tr>\n"
+        "</head><body><h3>" + _shown(title) + f"</h3>\n<table><tr><th>{first}</th><th>translation</th></tr>\n"
         + cells + "\n</table>" + note + "</body></html>\n"
     ).encode()
 
@@ -187,6 +197,33 @@ def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
     return None
 
 
+def _directions(args) -> tuple[str, str]:
+    """(the direction translated, the generator a run directory gives for it). With --pairs the
+    direction is which half is the input (default: the run's own); a pix2pix run (or a released
+    model's folder) has one generator, ``AtoB``, whichever half it reads."""
+    if not args.pairs:
+        return args.direction or "AtoB", args.direction or "AtoB"
+    from fastcgan.evaluate_paired import run_direction
+    from fastcgan.models import generator_filename
+
+    run = os.path.isdir(args.checkpoint)
+    direction = args.direction or (run_direction(args.checkpoint) if run else None) or "AtoB"
+    own = run and os.path.isfile(os.path.join(args.checkpoint, generator_filename(direction)))
+    return direction, direction if own else "AtoB"
+
+
+def _read(path: str, channels: int, max_pixels: int, half: str | None):
+    """``path`` as a uint8 (C, H, W) tensor; ``half``: of an A|B pair, the A (``AtoB``) or B half."""
+    from fastcgan.data import load_image, split_pair
+    from fastcgan.data.images import open_image, pil_to_tensor
+
+    if half is None:
+        return load_image(path, channels=channels, max_pixels=max_pixels)
+    a, b = split_pair(open_image(path, 3, max_pixels), path)
+    img = a if half == "AtoB" else b
+    return pil_to_tensor(img.convert("L") if channels == 1 else img)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fastcgan.data import images as _images
@@ -202,7 +239,7 @@ def _main(args) -> int:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from fastcgan.data import BadImageError, image_size, is_image_file, load_image, make_dataset
+    from fastcgan.data import BadImageError, image_size, is_image_file, make_dataset
     from fastcgan.data.images import set_max_image_pixels
     from fastcgan.deploy import load
     from fastcgan.deploy.tiling import check_tile_args, check_tiling
@@ -255,14 +292,14 @@ def _main(args) -> int:
     # checked for every file before anything is written.
     limit = args.max_image_pixels
     set_max_image_pixels(limit)  # also lifts Pillow's own backstop above a raised limit
-    sizes: dict[int, tuple[int, int]] = {}
+    sizes: dict[int, tuple[int, int]] = {}  # of what is translated: a pair's half
     too_big = []
     for i, f in enumerate(files):
         wh = image_size(f)
         if wh is None:
             continue  # unreadable: reported (and skipped) when decoded
-        sizes[i] = wh
-        if limit and wh[0] * wh[1] > limit:
+        sizes[i] = (wh[0] // 2, wh[1]) if args.pairs else wh
+        if limit and wh[0] * wh[1] > limit:  # the whole file is decoded
             too_big.append((f, wh))
     if too_big:
         f, (w, h) = too_big[0]
@@ -270,9 +307,10 @@ def _main(args) -> int:
         return _error(f"{f}: {w}x{h} = {w * h:,} pixels is over the image pixel limit of {limit:,}{more}; "
                       "raise it with --max-image-pixels N (0 = no limit) if the machine has the memory")
 
+    direction, generator = _directions(args)
     try:
         translator = load(args.checkpoint, device=args.device, engine=args.engine, fp16=args.fp16,
-                          tile=args.tile, tile_overlap=args.tile_overlap, direction=args.direction,
+                          tile=args.tile, tile_overlap=args.tile_overlap, direction=generator,
                           batch_size=args.batch_size, trust_artifact=args.trust_artifact)
     except DeviceUnavailableError as e:
         return _error(f"--device {args.device}: {e.reason}")
@@ -317,7 +355,7 @@ def _main(args) -> int:
         loaded = []
         for i in range(start, stop):
             try:
-                loaded.append((i, load_image(files[i], channels=translator.input_nc, max_pixels=limit)))
+                loaded.append((i, _read(files[i], translator.input_nc, limit, direction if args.pairs else None)))
             except BadImageError as e:
                 warnings.warn(f"skipping unreadable image {e.path}: {e.reason}")
                 skipped.append(files[i])
@@ -353,9 +391,10 @@ def _main(args) -> int:
     if page is not None and done:
         unread = set(skipped)
         rows = [(f, d) for f, d in zip(files, dests) if f not in unread]
-        title = f"{args.checkpoint} ({args.direction}, {translator.engine}): {args.input}"
+        title = f"{args.checkpoint} ({direction}{', pairs' if args.pairs else ''}, {translator.engine}): {args.input}"
+        first = ("pair: input | target" if direction == "AtoB" else "pair: target | input") if args.pairs else "input"
         try:
-            atomic_write(page, _results_page(title, rows, skipped, args.output))
+            atomic_write(page, _results_page(title, rows, skipped, args.output, first))
         except WriteError as e:
             print(f"fastcgan-translate: error: {e}", file=sys.stderr)
             return 1

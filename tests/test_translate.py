@@ -135,3 +135,53 @@ def test_translate_html_results_page(run_dir, images, tmp_path, capsys):
                    "--device", "cpu", "--no-progress", "--html"])
     assert rc == 2 and "input file" in capsys.readouterr().err
     assert (lone / "index.html").read_bytes() == (images / "gray.png").read_bytes()
+
+
+def test_translate_pairs_takes_the_input_half(run_dir, tmp_path, monet2photo_mini, capsys):
+    """--pairs (pix2pix test splits, A|B side by side): the input half is translated -- by default
+    the run's own --direction (config.json), with the run's one generator (pix2pix: AtoB) -- and
+    the page shows each whole pair beside the translation. Odd-width pairs are skipped."""
+    import json
+
+    from fastcgan.deploy import load
+
+    src = os.path.join(monet2photo_mini, "testA")
+    a, b = (Image.open(os.path.join(src, n)).convert("RGB").resize((64, 48)) for n in sorted(os.listdir(src))[:2])
+    pairs = tmp_path / "test"
+    pairs.mkdir()
+    pair = Image.new("RGB", (128, 48))
+    pair.paste(a, (0, 0))
+    pair.paste(b, (64, 0))
+    pair.save(pairs / "1.png")
+    pair.crop((0, 0, 127, 48)).save(pairs / "odd.png")
+    p2p = tmp_path / "p2p"  # a pix2pix run trained BtoA: one generator, AtoB
+    p2p.mkdir()
+    shutil.copy(run_dir / "generator_AtoB.safetensors", p2p)
+    (p2p / "config.json").write_text(json.dumps({"data": {"direction": "BtoA"}}))
+
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="odd.png.*width 127 is odd"):
+        rc = main(["--checkpoint", str(p2p), "--input", str(pairs), "--output", str(out), "--pairs", "--html",
+                   "--device", "cpu", "--no-progress"])
+    assert rc == 0 and "skipped 1" in capsys.readouterr().out
+    g = load(str(run_dir), direction="AtoB", device="cpu")
+    got = np.array(Image.open(out / "1.png"))
+    _assert_same_pixels(got, g(np.array(b)))  # the B half (the run's direction), 64 wide
+    assert got.shape == (48, 64, 3)
+    page = (out / "index.html").read_text()
+    assert "pair: target | input" in page and "BtoA, pairs" in page and "../test/1.png" in page
+
+    # --direction overrides the run's; a CycleGAN run uses its generator of that direction.
+    for ckpt, direction, half, gen in ((p2p, "AtoB", a, "AtoB"), (run_dir, "BtoA", b, "BtoA")):
+        o = tmp_path / f"o-{ckpt.name}-{direction}"
+        assert main(["--checkpoint", str(ckpt), "--input", str(pairs / "1.png"), "--output", str(o), "--pairs",
+                     "--direction", direction, "--device", "cpu", "--no-progress"]) == 0
+        _assert_same_pixels(np.array(Image.open(o / "1.png")), load(str(run_dir), direction=gen, device="cpu")(
+            np.array(half)))
+
+
+def _assert_same_pixels(got, want):
+    """Equal but for rounding ties: the CLI and the array API scale uint8 by different (equal in
+    exact arithmetic) float expressions, so a value at .5 may round either way."""
+    d = np.abs(got.astype(int) - want.astype(int))
+    assert d.max() <= 1 and (d > 0).mean() < 1e-3, (d.max(), (d > 0).sum())

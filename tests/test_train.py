@@ -533,3 +533,21 @@ def test_python_m_entry_point(tmp_path, synth64):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 1
     assert (tmp_path / "cli" / "generator_AtoB.safetensors").is_file()
+
+
+def test_run_outline_names_networks_data_and_length():
+    """The start line: the official networks' sizes (ResNet-9 11,378,179 and the 70x70 PatchGAN
+    2,764,737 parameters, as the official prints them), the data and the schedule."""
+    from types import SimpleNamespace
+
+    from fastcgan.models import build_discriminator, build_generator
+    from fastcgan.train import TrainConfig
+    from fastcgan.train.loop import run_outline
+
+    cfg = TrainConfig.from_preset("cyclegan", dataset="synthetic")
+    nets = {"G_AB": build_generator("resnet_9blocks"), "D_A": build_discriminator("basic")}
+    ds = SimpleNamespace(A_size=1067, B_size=1334)
+    line = run_outline(cfg, nets, ds, 1334, 200 * 1334)
+    assert line == ("fastcgan: cyclegan: G_AB 11.378 M, D_A 2.765 M parameters; 1,067 A + 1,334 B training images, "
+                    "1,334 steps an epoch (batch 1) x 200 epochs")
+    assert run_outline(cfg, nets, ds, 1334, 50).endswith("x 200 epochs, stopping at step 50 (--max-steps)")

@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fastcgan.data.aligned import AlignedDataset
 from fastcgan.data.datasets import SkippedImageWarning
 from fastcgan.devices import resolve_device
 from fastcgan.fileio import atomic_write
@@ -144,12 +145,27 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
         ctx.shutdown()
 
 
+def run_outline(cfg: TrainConfig, nets: dict, ds, steps_per_epoch: int, total: int) -> str:
+    """What is trained, on how much data, for how long, in one line (the official prints its
+    networks' sizes and the image count when it starts)."""
+    sizes = ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.3f} M" for n, m in nets.items())
+    if isinstance(ds, AlignedDataset):
+        data = f"{len(ds):,} training {'images' if ds.target_from_input else 'pairs'}"
+    else:
+        data = f"{ds.A_size:,} A + {ds.B_size:,} B training images"
+    epochs = cfg.optim.epochs + cfg.optim.epochs_decay
+    line = (f"fastcgan: {cfg.model.recipe}: {sizes} parameters; {data}, {steps_per_epoch:,} steps an epoch "
+            f"(batch {cfg.data.batch_size}) x {epochs} epochs")
+    return line + (f", stopping at step {total:,} (--max-steps)" if total < epochs * steps_per_epoch else "")
+
+
 class _Run:
     """One run's pieces, built before the loop: data, state, step, logger."""
 
     def __init__(self, cfg, ctx, device, run_dir, root, ds):
         self.cfg, self.ctx, self.device, self.run_dir, self.root = cfg, ctx, device, run_dir, root
         self.recipe = get_recipe(cfg.model.recipe)
+        self.ds = ds
         self.batches = build_batches(cfg, ds, device, shard=(ctx.rank, ctx.world_size))
         schedule = (cfg.optim.epochs + cfg.optim.epochs_decay) * len(self.batches)
         self.total = schedule if cfg.run.max_steps is None else min(cfg.run.max_steps, schedule)
@@ -228,7 +244,7 @@ class _Run:
             self.run_dir, self.total, state.step, cfg.data.batch_size, tensorboard=cfg.run.tensorboard,
             progress=cfg.run.progress, enabled=main, bar_keys=self.recipe.progress_keys,
         )
-        for m in messages:
+        for m in [*messages, run_outline(cfg, state.nets, self.ds, len(self.batches), self.total)]:
             log.message(m)
         if cfg.run.amp and self.device.type == "cpu" and not cpu_has_fast_bf16():
             log.message("fastcgan: warning: --amp on this CPU (no AVX512-BF16/AMX) runs bf16 in emulation, "

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inputs are A|B pair images (pix2pix test splits): translate the input half")
     p.add_argument("--engine", choices=ENGINES, default=None, help="default: the artifact's own")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="only the first N images of a folder, sorted by path (the official test.py --num_test)")
     p.add_argument("--tile", type=int, default=None, help="translate images larger than this in overlapping tiles")
     p.add_argument("--tile-overlap", type=int, default=32, help="pixels shared by neighbouring tiles, < tile/2")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
@@ -254,6 +256,8 @@ def _main(args) -> int:
         return _error(f"--device {args.device}: {e}")
     if args.batch_size < 1:
         return _error("--batch-size must be >= 1")
+    if args.max_images is not None and args.max_images < 1:
+        return _error(f"--max-images must be >= 1, got {args.max_images}")
     if args.max_image_pixels < 0:
         return _error(f"--max-image-pixels must be >= 0 (0 = no limit), got {args.max_image_pixels}")
     try:
@@ -277,6 +281,7 @@ def _main(args) -> int:
             files = [f for f in files if not (_inside(os.path.realpath(f), out_real) and _is_output_of_ours(f))]
         if not files:
             return _error(f"--input {args.input}: no image files found")
+        files = files[: args.max_images]
     else:
         if not is_image_file(args.input):
             warnings.warn(f"{args.input}: extension is not a known image type; trying to decode it anyway")

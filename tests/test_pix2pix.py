@@ -67,6 +67,9 @@ def test_model_pix2pix_selects_the_official_defaults():
         ["--model", "pix2pix", "--dataset", "synthetic", "--direction", "BtoA", "--lambda-L1", "10"]
     )
     assert (cfg.data.direction, cfg.loss.lambda_L1) == ("BtoA", 10.0)
+    # The official --no_dropout turns pix2pix's dropout off (there was no flag for it).
+    cfg, requested = parse_config(["--model", "pix2pix", "--dataset", "synthetic", "--no-dropout"])
+    assert cfg.model.use_dropout is False and requested["use_dropout"] is False
     cfg, _ = parse_config(["--dataset", "synthetic"])
     assert (cfg.preset, cfg.model.recipe) == ("cyclegan", "cyclegan")
     cfg, _ = parse_config(["--preset", "pix2pix", "--dataset", "synthetic"])

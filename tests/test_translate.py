@@ -185,3 +185,16 @@ def _assert_same_pixels(got, want):
     exact arithmetic) float expressions, so a value at .5 may round either way."""
     d = np.abs(got.astype(int) - want.astype(int))
     assert d.max() <= 1 and (d > 0).mean() < 1e-3, (d.max(), (d > 0).sum())
+
+
+def test_translate_max_images(run_dir, images, tmp_path, capsys):
+    """--max-images N (the official test.py --num_test): the first N images by path, counted after
+    earlier outputs inside the input folder are set aside; N < 1 is refused before anything runs."""
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="broken.jpg"):  # broken.jpg (skipped), gray.png, odd size.png
+        assert main(["--checkpoint", str(run_dir), "--input", str(images), "--output", str(out), "--max-images",
+                     "3", "--device", "cpu", "--no-progress"]) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["gray.png", "odd size.png"]
+    assert main(["--checkpoint", str(run_dir), "--input", str(images), "--output", str(tmp_path / "x"),
+                 "--max-images", "0"]) == 2
+    assert "--max-images must be >= 1" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -138,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ndf", type=_int(1), default=S)
     g.add_argument("--n-layers-D", dest="n_layers_D", type=_int(1), default=S)
     g.add_argument("--norm", choices=NORMS, default=S)
-    g.add_argument("--use-dropout", action="store_true", default=S)
+    g.add_argument("--use-dropout", action="store_true", default=S,
+                   help="dropout 0.5 in the generator (default: pix2pix and colorization on, the others off)")
+    g.add_argument("--no-dropout", dest="use_dropout", action="store_false", default=S,
+                   help="no dropout (the official --no_dropout: e.g. a pix2pix without it)")
     g.add_argument("--input-nc", type=int, choices=(1, 3), default=S)
     g.add_argument("--output-nc", type=int, choices=(1, 3), default=S)
     g.add_argument("--init-type", choices=INIT_TYPES, default=S)

@@ -211,23 +211,30 @@ def _model_config(model: nn.Module) -> dict:
 def load_torch_generator(
     path: str, direction: str = "AtoB", backend: str = "auto"
 ) -> tuple[nn.Module, GeneratorSpec]:
-    """A fastcgan generator from a run dir or a self-describing ``.safetensors`` file, in eval mode."""
+    """A fastcgan generator from a run dir, a self-describing ``.safetensors`` file or a training
+    checkpoint (``.ckpt``: the generator at that step), in eval mode."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if not os.path.exists(path):
         raise ArtifactError(path, "no such file or directory")
-    if os.path.isfile(path) and not path.lower().endswith(".safetensors"):
+    if os.path.isfile(path) and not path.lower().endswith((".safetensors", ".ckpt")):
         raise ArtifactError(
-            path, "not a fastcgan generator: expected a run directory, a .safetensors generator, an .onnx "
-            "model, a TensorRT .engine or an AOTInductor .pt2 package (official CycleGAN .pth files "
-            "need --from-official with --arch)"
+            path, "not a fastcgan generator: expected a run directory, a .safetensors generator, a training "
+            ".ckpt, an .onnx model, a TensorRT .engine or an AOTInductor .pt2 package (official CycleGAN "
+            ".pth files need --from-official with --arch)"
         )
     try:
         from fastcgan.models import load_generator
     except ImportError as e:  # pragma: no cover - the models package is part of fastcgan
         raise ArtifactError(path, f"fastcgan.models is unavailable ({e})") from e
     try:
-        model = load_generator(path, direction=direction, backend=backend)
+        if path.lower().endswith(".ckpt"):
+            from fastcgan.nn import set_backend
+            from fastcgan.train.checkpoint import checkpoint_generator
+
+            model = set_backend(checkpoint_generator(path, direction), backend)
+        else:
+            model = load_generator(path, direction=direction, backend=backend)
     except FileNotFoundError as e:
         raise ArtifactError(path, f"no generator for direction {direction}: {e}") from e
     except Exception as e:
@@ -289,8 +296,8 @@ def artifact_kind(path: str) -> str:
     if not os.path.exists(path):
         raise ArtifactError(path, "no such file or directory")
     ext = os.path.splitext(path)[1].lower()
-    kinds = {".safetensors": "safetensors", ".onnx": "onnx", ".engine": "engine", ".trt": "engine",
-             ".plan": "engine", ".pt2": "aoti"}
+    kinds = {".safetensors": "safetensors", ".ckpt": "checkpoint", ".onnx": "onnx", ".engine": "engine",
+             ".trt": "engine", ".plan": "engine", ".pt2": "aoti"}
     if ext not in kinds:
         official = ""
         if ext in (".pth", ".pt"):
@@ -298,7 +305,7 @@ def artifact_kind(path: str) -> str:
                         "converts it; the released ones: `fastcgan-download NAME --pretrained`)")
         raise ArtifactError(
             path, f"unknown artifact type {ext or '(no extension)'!r}: expected a run directory, .safetensors, "
-            f".onnx, .engine/.trt/.plan (TensorRT) or .pt2 (AOTInductor){official}"
+            f"a training .ckpt, .onnx, .engine/.trt/.plan (TensorRT) or .pt2 (AOTInductor){official}"
         )
     return kinds[ext]
 

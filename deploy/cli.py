@@ -104,7 +104,9 @@ def _ngf(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastcgan-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", nargs="?", help="run directory or generator .safetensors file")
+    p.add_argument("run", nargs="?",
+                   help="run directory, generator .safetensors file or training checkpoint (RUN/checkpoints/*.ckpt: "
+                   "the generator at that step)")
     p.add_argument("--direction", choices=DIRECTIONS, default="AtoB", help="which generator of a run directory")
     g = p.add_argument_group("official CycleGAN checkpoints")
     g.add_argument("--from-official", metavar="PTH", help="official latest_net_G_A.pth (instead of RUN)")

@@ -39,9 +39,10 @@ from fastcgan.deploy.tiling import MAX_TILES, check_tile_args, tiled_apply
 from torch import Tensor, nn
 
 ENGINES = ("torch", "compiled", "onnx", "trt", "aoti")
-DEFAULT_ENGINE = {"run": "torch", "safetensors": "torch", "onnx": "onnx", "engine": "trt", "aoti": "aoti"}
+DEFAULT_ENGINE = {"run": "torch", "safetensors": "torch", "checkpoint": "torch", "onnx": "onnx", "engine": "trt",
+                  "aoti": "aoti"}
 _ALLOWED = {
-    "run": ENGINES, "safetensors": ENGINES,
+    "run": ENGINES, "safetensors": ENGINES, "checkpoint": ENGINES,
     "onnx": ("onnx", "trt"), "engine": ("trt",), "aoti": ("aoti",),
 }
 
@@ -481,7 +482,7 @@ def load(
     keep: list = []
 
     try:
-        if kind in ("run", "safetensors"):
+        if kind in ("run", "safetensors", "checkpoint"):
             model, spec = load_torch_generator(path, direction=direction, backend=backend)
             if engine in ("torch", "compiled"):
                 runner: _Runner = TorchRunner(model, dev, dtype, compiled=engine == "compiled",

@@ -419,15 +419,28 @@ def evaluate(
         "fp16": amp == torch.float16,
         "trust_artifact": trust_artifact,  # .pt2 / .engine hold native code: manifest or explicit trust
     }
-    if os.path.isdir(checkpoint):
+    if os.path.isdir(checkpoint) or (checkpoint.lower().endswith(".ckpt") and direction is None):
+        # A run (or a run at a checkpoint's step): both its generators. One-way recipes (CUT) have only AtoB.
         G_AB = load(checkpoint, direction="AtoB", **opts)
-        # One-way recipes (CUT) save only generator_AtoB.safetensors.
-        has_BA = os.path.isfile(os.path.join(checkpoint, "generator_BtoA.safetensors"))
-        G_BA = load(checkpoint, direction="BtoA", **opts) if has_BA else None
+        G_BA = load(checkpoint, direction="BtoA", **opts) if "BtoA" in run_generators(checkpoint) else None
     else:
         g = load(checkpoint, direction=direction or "AtoB", **opts)
         G_AB, G_BA = (g, None) if direction in (None, "AtoB") else (None, g)
     return evaluate_generators(G_AB, G_BA, dataroot, phase, dev, **kw)
+
+
+def run_generators(checkpoint: str) -> tuple[str, ...]:
+    """The directions a run directory or training checkpoint has a generator for."""
+    if os.path.isdir(checkpoint):
+        return tuple(d for d in ("AtoB", "BtoA")
+                     if os.path.isfile(os.path.join(checkpoint, f"generator_{d}.safetensors")))
+    from fastcgan.deploy import ArtifactError
+    from fastcgan.train.checkpoint import CheckpointError, checkpoint_directions
+
+    try:
+        return checkpoint_directions(checkpoint)
+    except CheckpointError as e:
+        raise ArtifactError(checkpoint, str(e)) from None
 
 
 def format_results(res: dict) -> str:
@@ -451,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="run directory (both generators), or one artifact: .safetensors, .onnx, .pt2, .engine",
+        help="run directory or training checkpoint RUN/checkpoints/*.ckpt (both generators; of that step), "
+        "or one artifact: .safetensors, .onnx, .pt2, .engine",
     )
     p.add_argument(
         "--dataroot", required=True,

@@ -46,7 +46,14 @@ def is_paired_root(dataroot: str, phase: str = "test") -> bool:
 
 
 def run_direction(checkpoint: str) -> str | None:
-    """The ``--direction`` a (pix2pix) run directory was trained with, or None."""
+    """The ``--direction`` a (pix2pix) run directory or training checkpoint was trained with, or None."""
+    if checkpoint.lower().endswith(".ckpt") and os.path.isfile(checkpoint):
+        from fastcgan.train.checkpoint import CheckpointError, checkpoint_config
+
+        try:
+            return checkpoint_config(checkpoint).data.direction
+        except CheckpointError:
+            return None  # loading it says what is wrong
     try:
         with open(os.path.join(checkpoint, "config.json")) as f:
             return json.load(f)["data"].get("direction")
@@ -144,7 +151,7 @@ def evaluate_paired(
     if isinstance(checkpoint, Translator):
         tr = checkpoint
     else:
-        if direction is None and os.path.isdir(checkpoint):
+        if direction is None:
             direction = run_direction(checkpoint)
         tr = load(
             checkpoint, direction="AtoB", device=str(dev), engine=engine, batch_size=batch_size,

@@ -45,7 +45,8 @@ HTML_NAME = "index.html"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastcgan-translate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
-                   help="run directory, generator .safetensors, .onnx, TensorRT .engine or AOTInductor .pt2 "
+                   help="run directory, generator .safetensors, training checkpoint .ckpt (the generator at that "
+                   "step), .onnx, TensorRT .engine or AOTInductor .pt2 "
                    "(the last two hold native code: see --trust-artifact)")
     p.add_argument("--input", required=True, help="an image file or a directory of images (searched recursively)")
     p.add_argument("--output", required=True,
@@ -205,13 +206,12 @@ def _directions(args) -> tuple[str, str]:
     model's folder) has one generator, ``AtoB``, whichever half it reads."""
     if not args.pairs:
         return args.direction or "AtoB", args.direction or "AtoB"
+    from fastcgan.evaluate import run_generators
     from fastcgan.evaluate_paired import run_direction
-    from fastcgan.models import generator_filename
 
-    run = os.path.isdir(args.checkpoint)
-    direction = args.direction or (run_direction(args.checkpoint) if run else None) or "AtoB"
-    own = run and os.path.isfile(os.path.join(args.checkpoint, generator_filename(direction)))
-    return direction, direction if own else "AtoB"
+    direction = args.direction or run_direction(args.checkpoint) or "AtoB"
+    run = os.path.isdir(args.checkpoint) or args.checkpoint.lower().endswith(".ckpt")
+    return direction, direction if run and direction in run_generators(args.checkpoint) else "AtoB"
 
 
 def _read(path: str, channels: int, max_pixels: int, half: str | None):
@@ -312,8 +312,8 @@ def _main(args) -> int:
         return _error(f"{f}: {w}x{h} = {w * h:,} pixels is over the image pixel limit of {limit:,}{more}; "
                       "raise it with --max-image-pixels N (0 = no limit) if the machine has the memory")
 
-    direction, generator = _directions(args)
     try:
+        direction, generator = _directions(args)
         translator = load(args.checkpoint, device=args.device, engine=args.engine, fp16=args.fp16,
                           tile=args.tile, tile_overlap=args.tile_overlap, direction=generator,
                           batch_size=args.batch_size, trust_artifact=args.trust_artifact)

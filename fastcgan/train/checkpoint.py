@@ -274,6 +274,48 @@ def load_checkpoint(path: str) -> dict:
     return payload
 
 
+def checkpoint_config(path: str) -> TrainConfig:
+    """The config of the training checkpoint ``path``, for deciding what to load from it: read
+    memory-mapped (no tensor is read) and not verified -- loading it verifies everything."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return TrainConfig.from_dict(payload["config"])
+    except Exception as e:  # noqa: BLE001 - corrupt, foreign, truncated: named with the file
+        raise CheckpointError(f"checkpoint {path} cannot be read: {describe_load_error(e)}") from None
+
+
+def checkpoint_directions(path: str) -> tuple[str, ...]:
+    """The generator directions (``AtoB``, ``BtoA``) the training checkpoint ``path`` holds."""
+    from fastcgan.recipes import get_recipe
+
+    return tuple(get_recipe(checkpoint_config(path).model.recipe).exports)
+
+
+def checkpoint_generator(path: str, direction: str = "AtoB") -> torch.nn.Module:
+    """The deployable generator ``direction`` of the training checkpoint ``path`` (verified, on
+    the CPU, in eval mode): the run's ``generator_<direction>.safetensors`` as it was at that step
+    (the official ``test.py --epoch N``). Draws nothing from the global RNG."""
+    from fastcgan.recipes import get_recipe
+
+    payload = load_checkpoint(path)
+    try:
+        cfg = TrainConfig.from_dict(payload["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: its config does not load: {e}") from None
+    recipe = get_recipe(cfg.model.recipe)
+    if direction not in recipe.exports:
+        raise CheckpointError(
+            f"checkpoint {path}: a {cfg.model.recipe} run has no {direction} generator "
+            f"(it has {', '.join(recipe.exports)})"
+        )
+    name = recipe.exports[direction]
+    with torch.random.fork_rng(devices=[]):  # the networks' initialisation, overwritten below
+        net = recipe.networks(cfg)[name]
+    _check_net(path, name, net, payload["nets"][name])
+    net.load_state_dict(payload["nets"][name])
+    return recipe.deployed(net).eval()
+
+
 def _check_names(path: str, what: str, saved: dict, own: dict) -> None:
     if not isinstance(saved, dict) or set(saved) != set(own):
         got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__

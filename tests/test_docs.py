@@ -1,0 +1,58 @@
+"""The migration guide (docs/from-official.md) names only flags that exist: each fastcgan cell's
+flags are looked up in the --help of the command the cell (or its section) runs."""
+
+import importlib
+import os
+import re
+
+import pytest
+
+DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "from-official.md")
+COMMANDS = {  # how a cell names its command -> the module whose main(["--help"]) lists its flags
+    "fastcgan-download": "fastcgan.data.download",
+    "fastcgan-translate": "fastcgan.translate",
+    "fastcgan-eval": "fastcgan.evaluate",
+    "fastcgan-export": "fastcgan.deploy.cli",
+    "fastcgan.data.combine": "fastcgan.data.combine",
+    "fastcgan.train": "fastcgan.train.cli",
+}
+SECTION_DEFAULT = {"Scripts": "fastcgan.data.download", "Training": "fastcgan.train.cli", "Testing": "fastcgan.translate"}
+FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
+
+
+def _rows():
+    """(section, fastcgan cell) of every table row."""
+    section = None
+    with open(DOC, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("## "):
+                section = line[3:].split(":")[0].strip()
+            elif line.startswith("| ") and not line.startswith("| ---") and not line.startswith("| official"):
+                cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+                assert len(cells) == 2, line
+                yield section, cells[1]
+
+
+def _help(module: str, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(["--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_flag_in_the_migration_guide_exists(capsys):
+    helps, checked = {}, 0
+    for section, cell in _rows():
+        for span in re.findall(r"`([^`]+)`", cell):
+            named = [(span.index(name), m) for name, m in COMMANDS.items() if name in span]
+            start, module = min(named) if named else (0, SECTION_DEFAULT.get(section))
+            flags = FLAG.findall(span[start:])  # a launcher's own flags (torchrun ...) come before
+            if not flags:
+                continue
+            assert module is not None, f"{section}: no command for `{span}`"
+            if module not in helps:
+                helps[module] = set(FLAG.findall(_help(module, capsys)))
+            missing = [f for f in flags if f not in helps[module]]
+            assert not missing, f"{section}: `{span}` names {missing}, which {module} does not have"
+            checked += len(flags)
+    assert checked > 60  # the tables were read

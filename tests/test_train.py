@@ -163,23 +163,26 @@ def _official_losses(st, batch, cfg):
     fake_B, fake_A = G_AB(a), G_BA(b)
     rec_A, rec_B = G_BA(fake_B), G_AB(fake_A)
     lc = cfg.loss
-    w = lc.lambda_cycle * lc.lambda_identity
+    lambda_A = lc.lambda_cycle if lc.lambda_A is None else lc.lambda_A  # official --lambda_A / --lambda_B
+    lambda_B = lc.lambda_cycle if lc.lambda_B is None else lc.lambda_B
     G = (
         generator_gan_loss(D_B(fake_B))
         + generator_gan_loss(D_A(fake_A))
-        + cycle_loss(rec_A, a) * 10
-        + cycle_loss(rec_B, b) * 10
-        + identity_loss(G_BA(a), a) * w
-        + identity_loss(G_AB(b), b) * w
+        + cycle_loss(rec_A, a) * lambda_A
+        + cycle_loss(rec_B, b) * lambda_B
+        + identity_loss(G_BA(a), a) * lambda_A * lc.lambda_identity
+        + identity_loss(G_AB(b), b) * lambda_B * lc.lambda_identity
     )
     # With an empty pool the first query returns the fakes themselves.
     D = discriminator_loss(D_A(a), D_A(fake_A.detach())) + discriminator_loss(D_B(b), D_B(fake_B.detach()))
     return G, D
 
 
-def test_step_matches_official_arithmetic(synth64):
-    """Batched G/D calls (cat of independent inputs) give the official separate-call losses."""
-    cfg = tiny(synth64, "unused", kernels="torch")
+@pytest.mark.parametrize("lambdas", [{}, {"lambda_A": 3.0, "lambda_B": 17.0}], ids=["default", "lambda_A!=B"])
+def test_step_matches_official_arithmetic(synth64, lambdas):
+    """Batched G/D calls (cat of independent inputs) give the official separate-call losses, with
+    the official --lambda_A / --lambda_B weighing each cycle and the identity loss of its domain."""
+    cfg = tiny(synth64, "unused", kernels="torch", **lambdas)
     torch.manual_seed(0)
     st = build_state(cfg)
     batch = _batch(cfg)

@@ -81,6 +81,8 @@ def generator_forward(run: StepRun, batch, carry: dict, cfg) -> tuple[Tensor, di
     G_AB, G_BA = run.net("G_AB"), run.net("G_BA")
     D_A, D_B = run.frozen("D_A"), run.frozen("D_B")
     lc = cfg.loss
+    lambda_A = lc.lambda_cycle if lc.lambda_A is None else lc.lambda_A
+    lambda_B = lc.lambda_cycle if lc.lambda_B is None else lc.lambda_B
     b = real_A.shape[0]
     use_idt = lc.lambda_identity > 0
     with run.autocast():
@@ -99,13 +101,12 @@ def generator_forward(run: StepRun, batch, carry: dict, cfg) -> tuple[Tensor, di
     losses = {
         "G_AB": generator_gan_loss(pred_fake_B, lc.gan_mode),
         "G_BA": generator_gan_loss(pred_fake_A, lc.gan_mode),
-        "cycle_A": cycle_loss(rec_A, real_A, lc.cycle_kind) * lc.lambda_cycle,
-        "cycle_B": cycle_loss(rec_B, real_B, lc.cycle_kind) * lc.lambda_cycle,
+        "cycle_A": cycle_loss(rec_A, real_A, lc.cycle_kind) * lambda_A,
+        "cycle_B": cycle_loss(rec_B, real_B, lc.cycle_kind) * lambda_B,
     }
-    if use_idt:
-        w = lc.lambda_cycle * lc.lambda_identity  # official: lambda_A * lambda_identity
-        losses["idt_A"] = identity_loss(idt_A, real_A) * w
-        losses["idt_B"] = identity_loss(idt_B, real_B) * w
+    if use_idt:  # official: G_BA(A) ~ A weighs lambda_A * lambda_identity, G_AB(B) ~ B lambda_B * ...
+        losses["idt_A"] = identity_loss(idt_A, real_A) * (lambda_A * lc.lambda_identity)
+        losses["idt_B"] = identity_loss(idt_B, real_B) * (lambda_B * lc.lambda_identity)
     else:
         losses["idt_A"] = losses["idt_B"] = zero_loss(real_A)
     loss_G = sum(losses[k] for k in ("G_AB", "G_BA", "cycle_A", "cycle_B", "idt_A", "idt_B"))

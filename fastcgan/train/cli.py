@@ -162,7 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--lr-decay-iters", type=_int(1), default=S)
     g.add_argument("--gan-mode", choices=GAN_MODES, default=S)
-    g.add_argument("--lambda-cycle", type=_float(0.0), default=S)
+    g.add_argument("--lambda-cycle", type=_float(0.0), default=S, help="weight of both cycle losses (default 10)")
+    g.add_argument("--lambda-A", type=_float(0.0), default=S,
+                   help="weight of the A -> B -> A cycle (official --lambda_A; default: --lambda-cycle)")
+    g.add_argument("--lambda-B", type=_float(0.0), default=S,
+                   help="weight of the B -> A -> B cycle (official --lambda_B; default: --lambda-cycle)")
     g.add_argument("--lambda-identity", type=_float(0.0), default=S)
     g.add_argument("--lambda-gp", type=_float(0.0), default=S)
     g.add_argument(

@@ -236,7 +236,9 @@ class OptimConfig:
 class LossConfig:
     gan_mode: str = "lsgan"
     lambda_cycle: float = 10.0  # official lambda_A = lambda_B
-    lambda_identity: float = 0.5  # times lambda_cycle, as in the official code
+    lambda_A: Optional[float] = None  # official --lambda_A (cycle A->B->A); None: lambda_cycle
+    lambda_B: Optional[float] = None  # official --lambda_B (cycle B->A->B); None: lambda_cycle
+    lambda_identity: float = 0.5  # times lambda_A / lambda_B, as in the official code
     cycle_kind: str = "l1"
     pool_size: int = 50
     lambda_gp: float = 10.0  # wgangp only
@@ -254,6 +256,9 @@ class LossConfig:
         _check(self.gan_mode in GAN_MODES, "gan_mode", f"must be one of {GAN_MODES}, got {self.gan_mode!r}")
         _check(self.cycle_kind in ("l1", "l2"), "cycle_kind", f"must be l1 or l2, got {self.cycle_kind!r}")
         _check(self.lambda_cycle >= 0, "lambda_cycle", f"must be >= 0, got {self.lambda_cycle}")
+        for name in ("lambda_A", "lambda_B"):
+            v = getattr(self, name)
+            _check(v is None or v >= 0, name, f"must be >= 0, got {v}")
         _check(self.lambda_identity >= 0, "lambda_identity", f"must be >= 0, got {self.lambda_identity}")
         _check(self.lambda_gp >= 0, "lambda_gp", f"must be >= 0, got {self.lambda_gp}")
         _check(self.lambda_L1 >= 0, "lambda_L1", f"must be >= 0, got {self.lambda_L1}")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_train_config
+from fastcgan.deploy import ArtifactError, load
 from PIL import Image
 
-from fastcgan.deploy import ArtifactError, load
 from fastcgan.train import train
 from fastcgan.train.checkpoint import checkpoint_directions, checkpoint_generator, list_checkpoints
 
@@ -43,6 +43,7 @@ def test_the_last_checkpoint_is_the_saved_generator_and_an_earlier_one_is_not(ru
 
 def test_translate_export_and_eval_take_a_checkpoint(run, tmp_path, capsys):
     from fastcgan.deploy.cli import main as export
+
     from fastcgan.evaluate import main as evaluate
     from fastcgan.translate import main as translate
 

@@ -515,17 +515,30 @@ def download_dataset(
     collection = dataset_collection(name, collection)
     zip_url = dataset_url(name, url, collection)
     _check_name(name, full_url=zip_url == url, collection=collection)
+    check_sha256_arg(sha256)
+    return download_folder(
+        root, name, lambda target: _existing_dataset(target, collection, force),
+        lambda root: _download_and_extract(zip_url, root, name, sha256, progress, retries, timeout, backoff),
+    )
+
+
+def check_sha256_arg(sha256: str | None) -> None:
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise ValueError(f"--sha256 must be 64 hex digits, got {sha256!r}")
+
+
+def download_folder(root: str, folder: str, existing, make) -> str:
+    """``<root>/<folder>``: kept when ``existing(target)`` says it is already there (asked again
+    under the download lock: another download may have finished meanwhile), else made by
+    ``make(root)``. Returns the folder's absolute path."""
     root = os.path.abspath(os.fspath(root))
-    target = os.path.join(root, name)
-    if _existing_dataset(target, collection, force):
+    target = os.path.join(root, folder)
+    if existing(target):
         return target
     os.makedirs(root, exist_ok=True)
-    with download_lock(root, name):
-        if _existing_dataset(target, collection, force):  # another download finished meanwhile
-            return target
-        _download_and_extract(zip_url, root, name, sha256, progress, retries, timeout, backoff)
+    with download_lock(root, folder):
+        if not existing(target):
+            make(root)
     return target
 
 

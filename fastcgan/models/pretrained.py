@@ -29,8 +29,9 @@ import torch
 from fastcgan.data.download import (
     COLLECTIONS,
     DownloadError,
+    check_sha256_arg,
     discard_download,
-    download_lock,
+    download_folder,
     fetch_verified,
     replace_dir,
 )
@@ -151,17 +152,10 @@ def download_pretrained(
     collection = pretrained_collection(name, collection)
     pth_url = pretrained_url(name, url, collection)
     _check_name(name, full_url=pth_url == url, collection=collection)
-    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
-        raise ValueError(f"--sha256 must be 64 hex digits, got {sha256!r}")
-    root = os.path.abspath(os.fspath(root))
+    check_sha256_arg(sha256)
     folder = f"{name}_pretrained"
-    target = os.path.join(root, folder)
-    if _existing_model(target, force):
-        return target
-    os.makedirs(root, exist_ok=True)
-    with download_lock(root, folder):
-        if _existing_model(target, force):  # another download finished meanwhile
-            return target
+
+    def fetch_and_convert(root: str) -> None:
         part = os.path.join(root, f"{folder}.pth.part")
         fetch_verified(pth_url, part, sha256, progress, retries, timeout, backoff, max_bytes=MAX_MODEL_BYTES)
         model = _load_checked(part, pth_url, collection)
@@ -169,11 +163,12 @@ def download_pretrained(
         try:
             save_generator(model, os.path.join(tmp, generator_filename("AtoB")))
             os.replace(part, os.path.join(tmp, OFFICIAL_FILE))
-            replace_dir(tmp, target)
+            replace_dir(tmp, os.path.join(root, folder))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         discard_download(part)  # the .part.source record
-    return target
+
+    return download_folder(root, folder, lambda target: _existing_model(target, force), fetch_and_convert)
 
 
 def _load_checked(part: str, url: str, collection: str) -> torch.nn.Module:

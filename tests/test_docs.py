@@ -16,7 +16,8 @@ COMMANDS = {  # how a cell names its command -> the module whose main(["--help"]
     "fastcgan.data.combine": "fastcgan.data.combine",
     "fastcgan.train": "fastcgan.train.cli",
 }
-SECTION_DEFAULT = {"Scripts": "fastcgan.data.download", "Training": "fastcgan.train.cli", "Testing": "fastcgan.translate"}
+SECTION_DEFAULT = {"Scripts": "fastcgan.data.download", "Training": "fastcgan.train.cli", "Testing": "fastcgan.translate",
+                   "CUT / FastCUT (taesungp/contrastive-unpaired-translation)": "fastcgan.train.cli"}
 FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
 
 

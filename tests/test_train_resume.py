@@ -205,7 +205,8 @@ def test_resume_may_change_the_schedule(tmp_path, synth, capsys):
     on resume, although the official --continue_train takes new ones. Extended before the decay
     begins, the run is the run that had the longer schedule from the start, bit for bit; changed
     during the decay, the learning rate is the new schedule's at the resumed epoch (the schedulers'
-    state used to keep the old lengths and base rate). The cosine policy's period stays fixed."""
+    state used to keep the old lengths and base rate). The cosine policy's period (--epochs, the
+    official T_max) stays fixed; its run length may change."""
     from fastcgan.train.config import ConfigError
     from fastcgan.train.state import LinearDecay
 
@@ -234,13 +235,13 @@ def test_resume_may_change_the_schedule(tmp_path, synth, capsys):
           requested={"epochs": 1, "lr": 1e-4})
     assert lr_of("decaying") == pytest.approx(1e-4 * 2 / 3)
 
-    train(cfg_for(synth, tmp_path, "cosine", max_steps=9, lr_policy="cosine"))
+    train(cfg_for(synth, tmp_path, "cosine", max_steps=9, lr_policy="cosine", epochs=2))
     with pytest.raises(ConfigError, match="cosine"):
         train(cfg_for(synth, tmp_path, "cosine", max_steps=10, lr_policy="cosine", epochs=4, resume="auto"),
               requested={"epochs": 4})
-    train(cfg_for(synth, tmp_path, "cosine", max_steps=10, lr_policy="cosine", lr=1e-3, resume="auto"),
-          requested={"lr": 1e-3})
-    assert lr_of("cosine") == pytest.approx(1e-3 * (1 + math.cos(math.pi / 3)) / 2)
+    train(cfg_for(synth, tmp_path, "cosine", max_steps=10, lr_policy="cosine", epochs=2, lr=1e-3, epochs_decay=5,
+                  resume="auto"), requested={"lr": 1e-3, "epochs_decay": 5})  # the length, not the period
+    assert lr_of("cosine") == pytest.approx(1e-3 * (1 + math.cos(math.pi * 1 / 2)) / 2)  # period: epochs (2)
 
 
 @pytest.mark.parametrize("policy", ["linear", "step", "cosine", "plateau"])
@@ -393,3 +394,17 @@ def test_resumed_plateau_takes_a_new_lr():
     opt2.step()
     restored.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(1e-7 * lr_factor(new.optim, 21), rel=1e-12)
+
+
+def test_cosine_is_the_official_period():
+    """The official cosine policy is CosineAnnealingLR(T_max=--n_epochs): at 0 after --epochs, back at
+    the base rate after twice that (ours annealed over epochs + epochs_decay before)."""
+    from fastcgan.train import TrainConfig
+    from fastcgan.train.config import ConfigError
+    from fastcgan.train.state import lr_factor
+
+    o = TrainConfig.from_preset("cyclegan", dataset="synthetic", lr_policy="cosine").optim  # 100 + 100
+    assert lr_factor(o, 50) == pytest.approx(0.5) and lr_factor(o, 100) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(o, 200) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="epochs.*cosine"):
+        TrainConfig.from_preset("cyclegan", dataset="synthetic", lr_policy="cosine", epochs=0, epochs_decay=5)

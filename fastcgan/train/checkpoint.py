@@ -464,10 +464,10 @@ def config_for_resume(ckpt_cfg: TrainConfig, cfg: TrainConfig, run_dir: str,
 
 def training_field_conflicts(ckpt_cfg: TrainConfig, overrides: dict) -> list[str]:
     a = ckpt_cfg.flat()
-    free = ("lr",) if a["lr_policy"] == "cosine" else SCHEDULE_FIELDS
+    free = ("epochs_decay", "lr") if a["lr_policy"] == "cosine" else SCHEDULE_FIELDS
     return [
         f"{k}={overrides[k]!r} (checkpoint: {a[k]!r})"
-        + (" -- the cosine schedule's period is fixed at the start" if k in SCHEDULE_FIELDS else "")
+        + (" -- the cosine schedule's period (--epochs) is fixed at the start" if k in SCHEDULE_FIELDS else "")
         for k in overrides
         if k in TRAINING_FIELDS and k not in free and overrides[k] != a[k]
     ]

@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--lr-policy", choices=LR_POLICIES, default=S,
         help="linear (default): constant for --epochs, then linearly to 0 over --epochs-decay; step: x0.1 every "
-        "--lr-decay-iters epochs; cosine; plateau: the official one as it runs there (its metric is a "
+        "--lr-decay-iters epochs; cosine: period --epochs (official T_max: 0 after --epochs, back up after); "
+        "plateau: the official one as it runs there (its metric is a "
         "constant 0), i.e. x0.2 after epoch 7 and every 6 epochs after",
     )
     g.add_argument("--epochs", type=_int(0), default=S, help="epochs at the initial lr (official n_epochs)")

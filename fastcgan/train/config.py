@@ -225,6 +225,8 @@ class OptimConfig:
             "must be an int >= 0",
         )
         _check(self.epochs + self.epochs_decay >= 1, "epochs", "epochs + epochs_decay must be >= 1")
+        _check(self.lr_policy != "cosine" or self.epochs >= 1, "epochs",
+               "must be >= 1 with lr_policy cosine (its period, as the official T_max)")
         _check(
             isinstance(self.lr_decay_iters, int) and self.lr_decay_iters >= 1,
             "lr_decay_iters",
@@ -564,6 +566,6 @@ TRAINING_FIELDS = tuple(
 # Training fields a resume may change: the learning-rate schedule's length and initial rate
 # (train longer or shorter, or on at another rate, as the official --continue_train with new
 # --n_epochs/--n_epochs_decay/--lr). The LR follows the new schedule from the resumed epoch.
-# The cosine policy's period (epochs + epochs_decay) is fixed at the start.
+# The cosine policy's period (epochs, the official T_max) is fixed at the start.
 SCHEDULE_FIELDS = ("epochs", "epochs_decay", "lr")
 

@@ -86,7 +86,7 @@ def lr_factor(o, finished_epochs: int) -> float:
         return f(finished_epochs)
     if o.lr_policy == "step":
         return 0.1 ** (finished_epochs // o.lr_decay_iters)
-    return (1 + math.cos(math.pi * finished_epochs / (o.epochs + o.epochs_decay))) / 2
+    return (1 + math.cos(math.pi * finished_epochs / o.epochs)) / 2  # periodic, as CosineAnnealingLR
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
@@ -96,7 +96,9 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
         return torch.optim.lr_scheduler.LambdaLR(opt, f)
     if o.lr_policy == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=o.lr_decay_iters, gamma=0.1)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o.epochs + o.epochs_decay, eta_min=0.0)
+    # The official T_max is --n_epochs: at 0 after --epochs, back up over the next --epochs (a run of
+    # --epochs E --epochs-decay 0 is one half-period to 0).
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o.epochs, eta_min=0.0)
 
 
 def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

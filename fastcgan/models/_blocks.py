@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -170,6 +171,81 @@ class ConvNormAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.conv(x))
+
+
+def _binomial_filter(taps: int, channels: int, gain: float = 1.0) -> Tensor:
+    """A normalised 2-D binomial filter (``[1 2 1]``, ``[1 3 3 1]`` outer products), one per channel."""
+    row = {3: [1.0, 2.0, 1.0], 4: [1.0, 3.0, 3.0, 1.0]}[taps]
+    k = torch.tensor(row)
+    k = k[:, None] * k[None, :]
+    return (k * gain / k.sum()).expand(channels, 1, taps, taps).contiguous()
+
+
+class BlurDownsample(nn.Module):
+    """Anti-aliased downsampling (the official CUT ``Downsample``): reflection pad 1, then a
+    depthwise 3x3 ``[1 2 1]`` blur with stride 2 (H -> ceil(H/2)). ``padded=True``: the input
+    already carries its reflection pad of 1 (written by the fused norm before it). No parameters:
+    the filter is a constant buffer, not saved."""
+
+    def __init__(self, channels: int, *, padded: bool = False):
+        super().__init__()
+        self.channels, self.padded = channels, padded
+        self.register_buffer("filt", _binomial_filter(3, channels), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.padded:
+            x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return F.conv2d(x, self.filt.to(x.dtype), stride=2, groups=self.channels)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, padded={self.padded}"
+
+
+class BlurUpsample(nn.Module):
+    """Anti-aliased 2x upsampling (the official CUT ``Upsample``): replicate pad 1, a depthwise
+    transposed 4x4 ``[1 3 3 1]`` blur (gain 4) with stride 2, cropped to exactly 2H x 2W."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("filt", _binomial_filter(4, channels, gain=4.0), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.filt.to(x.dtype), stride=2,
+                               padding=2, groups=self.channels)
+        return y[:, :, 1:-1, 1:-1]
+
+    def extra_repr(self) -> str:
+        return str(self.channels)
+
+
+class BlurDownStage(ConvNormAct):
+    """The official CUT's anti-aliased downsampling stage: ``conv`` (stride 1), ``norm`` (which must
+    write a reflection pad of 1: the blur's), :class:`BlurDownsample`; ``out_pad`` reflection-pads
+    the result for a following padding-free conv."""
+
+    def __init__(self, conv: nn.Module, norm: nn.Module, channels: int, *, out_pad: int = 0):
+        super().__init__(conv, norm)
+        if getattr(norm, "pad", None) != 1:
+            raise ValueError("BlurDownStage: its norm must write the blur's reflection pad (pad=1)")
+        self.blur = BlurDownsample(channels, padded=True)
+        self.out_pad = out_pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.blur(self.norm(self.conv(x)))
+        return F.pad(y, (self.out_pad,) * 4, mode="reflect") if self.out_pad else y
+
+
+class BlurUpStage(ConvNormAct):
+    """The official CUT's anti-aliased upsampling stage: :class:`BlurUpsample`, ``conv`` (stride 1),
+    ``norm``."""
+
+    def __init__(self, channels: int, conv: nn.Module, norm: nn.Module):
+        super().__init__(conv, norm)
+        self.up = BlurUpsample(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(self.up(x)))
 
 
 def init_weights(net: nn.Module, init_type: Optional[str] = "normal", init_gain: float = 0.02) -> nn.Module:

@@ -9,7 +9,15 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastcgan.models._blocks import ConvNormAct, check_norm, conv_bias, init_weights, norm_act
+from fastcgan.models._blocks import (
+    BlurDownsample,
+    BlurDownStage,
+    ConvNormAct,
+    check_norm,
+    conv_bias,
+    init_weights,
+    norm_act,
+)
 
 DISCRIMINATOR_ARCHS = ("basic", "n_layers", "pixel", "udacity")
 
@@ -19,7 +27,11 @@ class NLayerDiscriminator(nn.Module):
     LeakyReLU, one Conv4 (s1)-Norm-LeakyReLU, Conv4 (s1) to 1 channel. Channels double from ``ndf``
     up to ``8 ndf``; ``n_layers=3`` is the 70x70 PatchGAN. Norm+LeakyReLU is one fused
     :class:`fastcgan.nn.InstanceNormAct` for ``norm="instance"``. Keys ``stem.*``,
-    ``body.{i}.conv.*``, ``body.{i}.norm.*``, ``head.*``."""
+    ``body.{i}.conv.*``, ``body.{i}.norm.*``, ``head.*``.
+
+    ``antialias`` (the official CUT default, its ``--no_antialias`` off): every stride-2 Conv4 is a
+    stride-1 Conv4 followed, after its activation, by a [1 2 1] blur-pool with stride 2 (the same
+    parameters and output size)."""
 
     def __init__(
         self,
@@ -29,29 +41,36 @@ class NLayerDiscriminator(nn.Module):
         *,
         norm: str = "instance",
         backend: str = "auto",
+        antialias: bool = False,
     ):
         super().__init__()
         check_norm(norm)
         if n_layers < 1:
             raise ValueError(f"NLayerDiscriminator: n_layers must be >= 1, got {n_layers}")
         bias = conv_bias(norm)
-        self.stem = nn.Conv2d(input_nc, ndf, 4, stride=2, padding=1, bias=True)
+        self.antialias = antialias
+        self.stem = nn.Conv2d(input_nc, ndf, 4, stride=1 if antialias else 2, padding=1, bias=True)
+        self.stem_blur = BlurDownsample(ndf) if antialias else None
         body = []
         mult = 1
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2**n, 8)
-            stride = 2 if n < n_layers else 1
-            body.append(
-                ConvNormAct(
-                    nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=bias),
-                    norm_act(norm, ndf * mult, "leaky_relu", negative_slope=0.2, backend=backend),
-                )
-            )
+            down = n < n_layers
+            conv = nn.Conv2d(ndf * prev, ndf * mult, 4, stride=2 if down and not antialias else 1, padding=1,
+                             bias=bias)
+            if down and antialias:  # the norm writes the blur's reflection pad
+                na = norm_act(norm, ndf * mult, "leaky_relu", negative_slope=0.2, pad=1, backend=backend)
+                body.append(BlurDownStage(conv, na, ndf * mult))
+            else:
+                na = norm_act(norm, ndf * mult, "leaky_relu", negative_slope=0.2, backend=backend)
+                body.append(ConvNormAct(conv, na))
         self.body = nn.ModuleList(body)
         self.head = nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.leaky_relu(self.stem(x), 0.2)
+        if self.stem_blur is not None:
+            x = self.stem_blur(x)
         for layer in self.body:
             x = layer(x)
         return self.head(x)
@@ -111,18 +130,20 @@ def build_discriminator(
     init_type: Optional[str] = "normal",
     init_gain: float = 0.02,
     backend: str = "auto",
+    antialias: bool = False,
 ) -> nn.Module:
     """Build and initialise a discriminator by its official name: ``basic`` (70x70 PatchGAN,
     ``n_layers`` ignored = 3), ``n_layers`` (PatchGAN with ``n_layers``), ``pixel`` (1x1 PixelGAN),
-    or ``udacity`` (the tutorial's).
+    or ``udacity`` (the tutorial's). ``antialias``: the official CUT's blur-pool downsampling
+    (the PatchGANs; the others have no downsampling to change, as there).
 
     For a WGAN-GP gradient penalty the discriminator needs double backward, which only the
     ``torch`` backend provides: build it with ``backend="torch"``."""
     check_norm(norm)
     if arch == "basic":
-        net: nn.Module = NLayerDiscriminator(input_nc, ndf, 3, norm=norm, backend=backend)
+        net: nn.Module = NLayerDiscriminator(input_nc, ndf, 3, norm=norm, backend=backend, antialias=antialias)
     elif arch == "n_layers":
-        net = NLayerDiscriminator(input_nc, ndf, n_layers, norm=norm, backend=backend)
+        net = NLayerDiscriminator(input_nc, ndf, n_layers, norm=norm, backend=backend, antialias=antialias)
     elif arch == "pixel":
         net = PixelDiscriminator(input_nc, ndf, norm=norm, backend=backend)
     elif arch == "udacity":

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcgan.models._blocks import (
+    BlurDownStage,
+    BlurUpStage,
     ConvNormAct,
     check_bn_inference,
     check_norm,
@@ -66,6 +68,13 @@ class ResnetGenerator(nn.Module):
     emits 0), and the last upsampling norm emits the final pad 3, so no ReflectionPad2d runs
     except the stem's pad of the raw image. Keys: ``stem.*``, ``down.{0,1}.*``, ``blocks.{i}.*``,
     ``up.{0,1}.*``, ``head.*``.
+
+    ``antialias`` / ``antialias_up``: the official CUT default resampling (its ``--no_antialias`` /
+    ``--no_antialias_up`` off): each downsampling stage is Conv3 (s1, p1)-Norm-ReLU and a [1 2 1]
+    blur-pool (:class:`~fastcgan.models._blocks.BlurDownStage`; the norm writes the blur's pad),
+    each upsampling stage a [1 3 3 1] blur upsampling then Conv3 (s1, p1)-Norm-ReLU
+    (:class:`~fastcgan.models._blocks.BlurUpStage`). Same parameters and keys (the up convs are
+    ``Conv2d`` instead of ``ConvTranspose2d``); 4x the down convs' and the up convs' compute.
     """
 
     def __init__(
@@ -78,6 +87,8 @@ class ResnetGenerator(nn.Module):
         norm: str = "instance",
         use_dropout: bool = False,
         backend: str = "auto",
+        antialias: bool = False,
+        antialias_up: bool = False,
     ):
         super().__init__()
         check_norm(norm)
@@ -85,22 +96,31 @@ class ResnetGenerator(nn.Module):
             raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
         self.input_nc, self.output_nc, self.ngf = input_nc, output_nc, ngf
         self.n_blocks, self.norm, self.use_dropout = n_blocks, norm, use_dropout
+        self.antialias, self.antialias_up = antialias, antialias_up
         bias = conv_bias(norm)
 
         def na(c, pad=0):
             return norm_act(norm, c, "relu", pad=pad, backend=backend)
 
         self.stem = ConvNormAct(nn.Conv2d(input_nc, ngf, 7, padding=0, bias=bias), na(ngf))
-        # The last downsampling norm pads for the first residual block (or, with no blocks, not).
-        self.down = nn.ModuleList(
-            [
-                ConvNormAct(nn.Conv2d(ngf, 2 * ngf, 3, stride=2, padding=1, bias=bias), na(2 * ngf)),
-                ConvNormAct(
-                    nn.Conv2d(2 * ngf, 4 * ngf, 3, stride=2, padding=1, bias=bias),
-                    na(4 * ngf, pad=1 if n_blocks > 0 else 0),
-                ),
-            ]
-        )
+        # The last downsampling stage pads for the first residual block (or, with no blocks, not).
+        trunk_pad = 1 if n_blocks > 0 else 0
+        if antialias:
+            self.down = nn.ModuleList(
+                [
+                    BlurDownStage(nn.Conv2d(c, 2 * c, 3, stride=1, padding=1, bias=bias), na(2 * c, pad=1), 2 * c,
+                                  out_pad=trunk_pad if c == 2 * ngf else 0)
+                    for c in (ngf, 2 * ngf)
+                ]
+            )
+        else:
+            self.down = nn.ModuleList(
+                [
+                    ConvNormAct(nn.Conv2d(ngf, 2 * ngf, 3, stride=2, padding=1, bias=bias), na(2 * ngf)),
+                    ConvNormAct(nn.Conv2d(2 * ngf, 4 * ngf, 3, stride=2, padding=1, bias=bias),
+                                na(4 * ngf, pad=trunk_pad)),
+                ]
+            )
         dim, p = 4 * ngf, 0.5 if use_dropout else 0.0
         blocks = []
         for i in range(n_blocks):
@@ -110,14 +130,23 @@ class ResnetGenerator(nn.Module):
             else:
                 blocks.append(PaddedResidualBlock(dim, norm, dropout=p, out_pad=out_pad))
         self.blocks = nn.ModuleList(blocks)
-        up_conv = dict(kernel_size=3, stride=2, padding=1, output_padding=1, bias=bias)
-        self.up = nn.ModuleList(
-            [
-                ConvNormAct(nn.ConvTranspose2d(4 * ngf, 2 * ngf, **up_conv), na(2 * ngf)),
-                # The head's ReflectionPad2d(3) is written by this norm.
-                ConvNormAct(nn.ConvTranspose2d(2 * ngf, ngf, **up_conv), na(ngf, pad=3)),
-            ]
-        )
+        # The head's ReflectionPad2d(3) is written by the last upsampling norm.
+        if antialias_up:
+            self.up = nn.ModuleList(
+                [
+                    BlurUpStage(c, nn.Conv2d(c, c // 2, 3, stride=1, padding=1, bias=bias),
+                                na(c // 2, pad=3 if c == 2 * ngf else 0))
+                    for c in (4 * ngf, 2 * ngf)
+                ]
+            )
+        else:
+            up_conv = dict(kernel_size=3, stride=2, padding=1, output_padding=1, bias=bias)
+            self.up = nn.ModuleList(
+                [
+                    ConvNormAct(nn.ConvTranspose2d(4 * ngf, 2 * ngf, **up_conv), na(2 * ngf)),
+                    ConvNormAct(nn.ConvTranspose2d(2 * ngf, ngf, **up_conv), na(ngf, pad=3)),
+                ]
+            )
         self.head = nn.Conv2d(ngf, output_nc, 7, padding=0, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -151,28 +180,33 @@ class ResnetGenerator(nn.Module):
     # the next module: a Norm index and the ReLU index after it denote the same tensor, which is
     # our fused norm's output (interior, without the pad it emits for the next conv).
 
+    def _official_layers(self) -> list[tuple[str, int]]:
+        """(module class, output channels) at each index of the official ``nn.Sequential``: the
+        table above, or with ``antialias`` a ``Downsample`` after each downsampling ReLU and with
+        ``antialias_up`` ``Upsample``-Conv2d-Norm-ReLU upsampling stages (the official CUT default)."""
+        ngf = self.ngf
+        layers = [("ReflectionPad2d", self.input_nc)] + [(k, ngf) for k in ("Conv2d", "Norm", "ReLU")]
+        for c in (2 * ngf, 4 * ngf):
+            layers += [(k, c) for k in ("Conv2d", "Norm", "ReLU")] + ([("Downsample", c)] if self.antialias else [])
+        layers += [("ResnetBlock", 4 * ngf)] * self.n_blocks
+        for c in (2 * ngf, ngf):
+            up = [("Upsample", 2 * c), ("Conv2d", c)] if self.antialias_up else [("ConvTranspose2d", c)]
+            layers += up + [("Norm", c), ("ReLU", c)]
+        return layers + [("ReflectionPad2d", ngf), ("Conv2d", self.output_nc), ("Tanh", self.output_nc)]
+
     def official_layer_names(self) -> list[str]:
         """The official ``nn.Sequential`` module class at each index (see the table above)."""
-        n = self.n_blocks
-        conv_norm_relu = ["Conv2d", "Norm", "ReLU"]
-        return (
-            ["ReflectionPad2d"] + conv_norm_relu * 3 + ["ResnetBlock"] * n
-            + ["ConvTranspose2d", "Norm", "ReLU"] * 2 + ["ReflectionPad2d", "Conv2d", "Tanh"]
-        )
+        return [name for name, _ in self._official_layers()]
 
     def feature_channels(self, layers: Sequence[int]) -> list[int]:
         """Channels of the features :meth:`encode` returns for official indices ``layers``
         (known up front, so projection heads need no data-dependent initialisation)."""
-        n, ngf = self.n_blocks, self.ngf
-        chans = (
-            [self.input_nc] + [ngf] * 3 + [2 * ngf] * 3 + [4 * ngf] * 3 + [4 * ngf] * n
-            + [2 * ngf] * 3 + [ngf] * 4 + [self.output_nc] * 2
-        )
+        chans = [c for _, c in self._official_layers()]
         return [chans[i] for i in self._check_layers(layers)]
 
     def _check_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
         layers = tuple(int(i) for i in layers)
-        n_official = 19 + self.n_blocks
+        n_official = len(self._official_layers())
         if any(b <= a for a, b in zip(layers, layers[1:])) or any(not 0 <= i < n_official for i in layers):
             raise ValueError(
                 f"ResnetGenerator: layers must be strictly increasing official module indices in "
@@ -194,10 +228,9 @@ class ResnetGenerator(nn.Module):
         * 12: ``blocks[2]``'s output (256 x 64 x 64);
         * 16: ``blocks[6]``'s output (256 x 64 x 64).
 
-        The official CUT default (anti-aliased down/upsampling, not built by fastcgan) has a
-        different module list, where the same indices are the padded input, the stride-1 Conv3
-        outputs of the two downsampling stages before their norms (128 x 256², 256 x 128²) and the
-        outputs of blocks 0 and 4; channel counts, hence head sizes, are the same.
+        With ``antialias`` (the official CUT default) the same indices are the padded input, the
+        stride-1 Conv3 outputs of the two downsampling stages before their norms (128 x 256²,
+        256 x 128²) and the outputs of blocks 0 and 4; channel counts, hence head sizes, are the same.
 
         Features are views of the tensors the forward computes (padded tensors are cropped by
         slicing, no copy); gradients flow through them to the generator.
@@ -219,7 +252,19 @@ class ResnetGenerator(nn.Module):
         if tap(0, y, 0):
             return feats
         i = 1
-        for stage in (self.stem, *self.down):
+        for stage in (self.stem, *self.down, None, *self.up):
+            if stage is None:  # the residual blocks, between the down and the up stages
+                for block in self.blocks:
+                    y = block(y)
+                    if tap(i, y, block.norm2.pad):
+                        return feats
+                    i += 1
+                continue
+            if isinstance(stage, BlurUpStage):  # Upsample, then Conv2d-Norm-ReLU
+                y = stage.up(y)
+                if tap(i, y, 0):
+                    return feats
+                i += 1
             c = stage.conv(y)
             if tap(i, c, 0):
                 return feats
@@ -228,20 +273,13 @@ class ResnetGenerator(nn.Module):
             if a or b:
                 return feats
             i += 3
-        for block in self.blocks:
-            y = block(y)
-            if tap(i, y, block.norm2.pad):
-                return feats
-            i += 1
-        for stage in self.up:
-            c = stage.conv(y)
-            if tap(i, c, 0):
-                return feats
-            y = stage.norm(c)
-            a, b = tap(i + 1, y, stage.norm.pad), tap(i + 2, y, stage.norm.pad)
-            if a or b:
-                return feats
-            i += 3
+            if isinstance(stage, BlurDownStage):  # Conv2d-Norm-ReLU, then Downsample
+                y = stage.blur(y)
+                if tap(i, y, 0):
+                    return feats
+                i += 1
+                if stage.out_pad:
+                    y = F.pad(y, (stage.out_pad,) * 4, mode="reflect")
         # The head's ReflectionPad2d(3) was emitted by up[1]'s norm: y is that padded tensor.
         if tap(i, y, 0):
             return feats
@@ -478,6 +516,8 @@ def build_generator(
     backend: str = "auto",
     bn_inference: str = "running",
     color_space: str = "rgb",
+    antialias: bool = False,
+    antialias_up: bool = False,
 ) -> nn.Module:
     """Build and initialise a generator by its official name (``resnet_9blocks``, ``resnet_6blocks``,
     ``unet_128``, ``unet_256``) or ``udacity`` (the tutorial's; ``use_dropout`` not supported).
@@ -488,8 +528,10 @@ def build_generator(
     test.py's behaviour; see :data:`fastcgan.models.BN_INFERENCE_MODES`), changed later with
     :func:`fastcgan.models.set_bn_inference`. ``color_space="lab"`` (colorization): the network
     maps L (``input_nc=1``) to ab (``output_nc=2``) and is returned inside a :class:`LabColorizer`,
-    an RGB -> RGB generator. The build arguments (without init and backend; with ``bn_inference``
-    for BatchNorm, ``color_space`` for colorization) are kept on ``model.config`` for
+    an RGB -> RGB generator. ``antialias`` / ``antialias_up``: the official CUT's anti-aliased
+    down/upsampling (:class:`ResnetGenerator`; the other archs have none, as there). The build
+    arguments (without init and backend; with ``bn_inference`` for BatchNorm, ``color_space`` for
+    colorization, ``antialias*`` when on) are kept on ``model.config`` for
     :func:`fastcgan.models.save_generator`."""
     check_norm(norm)
     check_bn_inference(bn_inference)
@@ -504,6 +546,8 @@ def build_generator(
             norm=norm,
             use_dropout=use_dropout,
             backend=backend,
+            antialias=antialias,
+            antialias_up=antialias_up,
         )
     elif arch in ("unet_128", "unet_256"):
         net = UnetGenerator(
@@ -525,6 +569,8 @@ def build_generator(
     net.config = dict(
         arch=arch, input_nc=input_nc, output_nc=output_nc, ngf=ngf, norm=norm, use_dropout=use_dropout
     )
+    if isinstance(net, ResnetGenerator):  # recorded only when on: older generator files stay valid
+        net.config.update({k: True for k, v in (("antialias", antialias), ("antialias_up", antialias_up)) if v})
     if norm == "batch":
         set_bn_inference(net, bn_inference)  # also records it in net.config
     return LabColorizer(net) if color_space == "lab" else net

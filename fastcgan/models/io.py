@@ -33,7 +33,8 @@ CONFIG_KEYS = ("arch", "input_nc", "output_nc", "ngf", "norm", "use_dropout")
 # Keys a config may hold besides CONFIG_KEYS (absent in older files: build_generator's default).
 # bn_inference: eval-mode BatchNorm statistics, "running" or "per_image" (BN_INFERENCE_MODES);
 # color_space: "lab" for a colorization generator (an L -> ab network inside a LabColorizer).
-OPTIONAL_CONFIG_KEYS = ("bn_inference", "color_space")
+# antialias, antialias_up: the official CUT's anti-aliased resampling (ResNet generators).
+OPTIONAL_CONFIG_KEYS = ("bn_inference", "color_space", "antialias", "antialias_up")
 DIRECTIONS = ("AtoB", "BtoA")
 DIGEST_KEY = "tensors_sha256"
 
@@ -94,6 +95,9 @@ def _check_config(config: Any, where: str) -> dict:
         v = config[k]
         if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
             raise ValueError(f"{where}: generator config {k} must be an integer in [{lo}, {hi}], got {v!r}")
+    for k in ("antialias", "antialias_up"):
+        if k in config and not isinstance(config[k], bool):
+            raise ValueError(f"{where}: generator config {k} must be true or false, got {config[k]!r}")
     return dict(config)
 
 

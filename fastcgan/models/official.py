@@ -97,6 +97,9 @@ def _unet_module_map(num_downs: int) -> list[tuple[str, str]]:
 
 
 def _module_map(model: nn.Module) -> list[tuple[str, str]]:
+    if isinstance(model, ResnetGenerator) and (model.antialias or model.antialias_up):
+        raise TypeError("official checkpoint keys are mapped for the CycleGAN (strided) ResNet generator, not "
+                        "the anti-aliased CUT one (antialias / antialias_up)")
     if isinstance(model, ResnetGenerator):
         return _resnet_module_map(model.n_blocks, model.use_dropout)
     if isinstance(model, UnetGenerator):

@@ -48,10 +48,12 @@ OFFICIAL_PARAM_COUNTS = {"G": 11_378_179, "D": 2_764_737, "F": 560_384}
 #   lambda_gan <- lambda_GAN, lambda_nce <- lambda_NCE, nce_idt, nce_layers, num_patches,
 #   netF_nc, nce_T, flip_equivariance, nce_includes_all_negatives_from_minibatch.
 # pool_size 0: CUT has no image pool. init: xavier (gain 0.02) for G, D and the heads, unlike
-# CycleGAN's normal. Official G/D use anti-aliased (blur) resampling unless --no_antialias
-# --no_antialias_up; fastcgan builds the strided variant (same parameter counts).
+# CycleGAN's normal. Official G/D resample with anti-aliasing (blur-pool down, blur up) unless
+# --no_antialias / --no_antialias_up: antialias / antialias_up here (same parameter counts).
 _CUT_COMMON = {
     "netG": "resnet_9blocks",
+    "antialias": True,
+    "antialias_up": True,
     "netD": "basic",
     "ngf": 64,
     "ndf": 64,

@@ -86,6 +86,8 @@ def networks(cfg) -> dict:
         init_type=m.init_type,
         init_gain=m.init_gain,
         backend=cfg.run.kernels,
+        antialias=m.antialias,
+        antialias_up=m.antialias_up,
     )
     D = build_discriminator(
         m.netD,
@@ -96,6 +98,7 @@ def networks(cfg) -> dict:
         init_type=m.init_type,
         init_gain=m.init_gain,
         backend=cfg.run.kernels,
+        antialias=m.antialias,
     )
     F = build_patchnce_heads(
         G, parse_nce_layers(m.nce_layers), m.netF_nc, init_type=m.init_type, init_gain=m.init_gain

@@ -53,13 +53,15 @@ def networks(cfg) -> dict:
         init_type=m.init_type,
         init_gain=m.init_gain,
         backend=cfg.run.kernels,
+        antialias=m.antialias,
+        antialias_up=m.antialias_up,
     )
     # WGAN-GP differentiates D's input gradient again: only the torch reference has a double
     # backward (the fused kernels' backward is not differentiable), so D uses it then.
     d_backend = "torch" if cfg.loss.gan_mode == "wgangp" else cfg.run.kernels
     d_kw = dict(
         ndf=m.ndf, n_layers=m.n_layers_D, norm=m.norm, init_type=m.init_type, init_gain=m.init_gain,
-        backend=d_backend,
+        backend=d_backend, antialias=m.antialias,
     )
     # Built in this order: the global RNG draws of the initialisation define the run's weights.
     return {

@@ -56,10 +56,11 @@ def networks(cfg) -> dict:
     G = build_generator(
         m.netG, m.input_nc, m.output_nc, ngf=m.ngf, norm=m.norm, use_dropout=m.use_dropout,
         init_type=m.init_type, init_gain=m.init_gain, backend=cfg.run.kernels, bn_inference="per_image",
+        antialias=m.antialias, antialias_up=m.antialias_up,
     )
     D = build_discriminator(
         m.netD, m.input_nc + m.output_nc, ndf=m.ndf, n_layers=m.n_layers_D, norm=m.norm,
-        init_type=m.init_type, init_gain=m.init_gain, backend=cfg.run.kernels,
+        init_type=m.init_type, init_gain=m.init_gain, backend=cfg.run.kernels, antialias=m.antialias,
     )
     return {"G": G, "D": D}
 

@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-nc", type=int, choices=(1, 3), default=S)
     g.add_argument("--output-nc", type=int, choices=(1, 3), default=S)
     g.add_argument("--init-type", choices=INIT_TYPES, default=S)
+    g.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=S,
+                   help="blur-pool downsampling in the ResNet generator and the PatchGAN (the official CUT "
+                   "default; --no-antialias = its --no_antialias; default: on for cut/fastcut, off otherwise)")
+    g.add_argument("--antialias-up", action=argparse.BooleanOptionalAction, default=S,
+                   help="blur upsampling in the ResNet generator (the official CUT default; --no-antialias-up = "
+                   "its --no_antialias_up)")
     g.add_argument("--init-gain", type=_float(0.0, strict=True), default=S)
     g = p.add_argument_group("optimisation and losses")
     g.add_argument("--lr", type=_float(0.0, strict=True), default=S)

@@ -84,6 +84,10 @@ class ModelConfig:
     output_nc: int = 3
     init_type: str = "normal"
     init_gain: float = 0.02
+    # Anti-aliased resampling (the official CUT default; its --no_antialias / --no_antialias_up):
+    # blur-pool downsampling in the ResNet generator and the PatchGAN, blur upsampling in the generator.
+    antialias: bool = False
+    antialias_up: bool = False
     # CUT: the generator layers PatchNCE ties (official --nce_layers syntax) and the projection
     # heads' width (official --netF_nc).
     nce_layers: str = "0,4,8,12,16"

@@ -1,0 +1,167 @@
+"""The official CUT's anti-aliased resampling (its default; ``--no_antialias`` / ``--no_antialias_up``
+off): fastcgan's ResNet generator and PatchGAN with ``antialias`` against a re-implementation of the
+official modules, forward and the PatchNCE features, with the same weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcgan.models import build_discriminator, build_generator, load_generator, save_generator
+
+
+def _binomial(row, gain=1.0):
+    k = torch.tensor(row, dtype=torch.float32)
+    k = k[:, None] * k[None, :]
+    return k * gain / k.sum()
+
+
+class OfficialDownsample(nn.Module):  # reflection pad 1, depthwise [1 2 1] blur, stride 2
+    def __init__(self, c):
+        super().__init__()
+        self.register_buffer("filt", _binomial([1, 2, 1])[None, None].repeat(c, 1, 1, 1))
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, groups=x.shape[1])
+
+
+class OfficialUpsample(nn.Module):  # replicate pad 1, transposed [1 3 3 1] x 4 blur, stride 2, crop
+    def __init__(self, c):
+        super().__init__()
+        self.register_buffer("filt", _binomial([1, 3, 3, 1], 4.0)[None, None].repeat(c, 1, 1, 1))
+
+    def forward(self, x):
+        y = F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.filt, stride=2, padding=2,
+                               groups=x.shape[1])
+        return y[:, :, 1:, 1:][:, :, :-1, :-1]
+
+
+class OfficialBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.conv_block = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(d, d, 3), nn.InstanceNorm2d(d), nn.ReLU(True),
+                                        nn.ReflectionPad2d(1), nn.Conv2d(d, d, 3), nn.InstanceNorm2d(d))
+
+    def forward(self, x):
+        return x + self.conv_block(x)
+
+
+def official_generator(ngf, n_blocks, antialias=True, antialias_up=True):
+    m = [nn.ReflectionPad2d(3), nn.Conv2d(3, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True)]
+    for c in (ngf, 2 * ngf):
+        if antialias:
+            m += [nn.Conv2d(c, 2 * c, 3, 1, 1), nn.InstanceNorm2d(2 * c), nn.ReLU(True), OfficialDownsample(2 * c)]
+        else:
+            m += [nn.Conv2d(c, 2 * c, 3, 2, 1), nn.InstanceNorm2d(2 * c), nn.ReLU(True)]
+    m += [OfficialBlock(4 * ngf) for _ in range(n_blocks)]
+    for c in (4 * ngf, 2 * ngf):
+        if antialias_up:
+            m += [OfficialUpsample(c), nn.Conv2d(c, c // 2, 3, 1, 1), nn.InstanceNorm2d(c // 2), nn.ReLU(True)]
+        else:
+            m += [nn.ConvTranspose2d(c, c // 2, 3, 2, 1, output_padding=1), nn.InstanceNorm2d(c // 2), nn.ReLU(True)]
+    m += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh()]
+    return nn.Sequential(*m)
+
+
+def official_discriminator(ndf, n_layers=3):
+    m = [nn.Conv2d(3, ndf, 4, 1, 1), nn.LeakyReLU(0.2, True), OfficialDownsample(ndf)]
+    mult = 1
+    for n in range(1, n_layers):
+        prev, mult = mult, min(2 ** n, 8)
+        m += [nn.Conv2d(ndf * prev, ndf * mult, 4, 1, 1), nn.InstanceNorm2d(ndf * mult), nn.LeakyReLU(0.2, True),
+              OfficialDownsample(ndf * mult)]
+    prev, mult = mult, min(2 ** n_layers, 8)
+    m += [nn.Conv2d(ndf * prev, ndf * mult, 4, 1, 1), nn.InstanceNorm2d(ndf * mult), nn.LeakyReLU(0.2, True),
+          nn.Conv2d(ndf * mult, 1, 4, 1, 1)]
+    return nn.Sequential(*m)
+
+
+def _copy_convs(src: nn.Module, dst: nn.Module) -> None:
+    """The official networks' convolution weights into ours, in forward order."""
+    convs = [m for m in src.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    ours = [m for m in dst.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert [type(m) for m in convs] == [type(m) for m in ours]
+    with torch.no_grad():
+        for a, b in zip(convs, ours):
+            b.weight.copy_(a.weight)
+            if a.bias is not None:
+                b.bias.copy_(a.bias)
+
+
+def _official_features(net, x, layers):
+    feats = []
+    for i, layer in enumerate(net):
+        x = layer(x)
+        if i in layers:
+            feats.append(x)
+        if i == layers[-1]:
+            return feats
+
+
+@pytest.mark.parametrize("up", [True, False], ids=["antialias_up", "strided_up"])
+def test_generator_matches_the_official_antialiased_one(up):
+    torch.manual_seed(0)
+    ref = official_generator(4, 6, antialias=True, antialias_up=up).eval()
+    ours = build_generator("resnet_6blocks", ngf=4, backend="torch", antialias=True, antialias_up=up).eval()
+    _copy_convs(ref, ours)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+    x = torch.rand(2, 3, 36, 28) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+        names = ours.official_layer_names()
+        assert names == [type(m).__name__.replace("Official", "").replace("InstanceNorm2d", "Norm")
+                         .replace("LeakyReLU", "ReLU").replace("Block", "ResnetBlock") for m in ref]
+        layers = (0, 4, 8, 12, 16)  # the official --nce_layers: padded input, the stride-1 convs, blocks 0 and 4
+        want = _official_features(ref, x, layers)
+        got = ours.encode(x, layers)
+        assert [f.shape for f in got] == [f.shape for f in want]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        assert ours.feature_channels(layers) == [f.shape[1] for f in want]
+        out, _ = ours.encode(x, (3, 7, 11), with_output=True)  # ReLU, Downsample indices
+        torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+        for g, w in zip(ours.encode(x, (3, 7, 11)), _official_features(ref, x, (3, 7, 11))):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_discriminator_matches_the_official_antialiased_one():
+    torch.manual_seed(1)
+    ref = official_discriminator(4)
+    ours = build_discriminator("basic", ndf=4, backend="torch", antialias=True)
+    _copy_convs(ref, ours)
+    x = torch.rand(2, 3, 64, 48) * 2 - 1
+    strided = build_discriminator("basic", ndf=4, backend="torch")
+    assert ours(x).shape == strided(x).shape  # the same score map
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_antialiased_generator_files_and_export(tmp_path):
+    """The setting travels in the generator file (an older file without it is the strided net),
+    and exports to ONNX through standard ops."""
+    torch.manual_seed(2)
+    g = build_generator("resnet_6blocks", ngf=4, antialias=True, antialias_up=True).eval()
+    assert g.config["antialias"] is True and "antialias" not in build_generator("resnet_6blocks", ngf=4).config
+    save_generator(g, tmp_path / "g.safetensors")
+    back = load_generator(tmp_path / "g.safetensors", backend="torch")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), g(x), atol=1e-5, rtol=1e-5)  # auto vs torch kernels
+    from fastcgan.deploy import load
+    from fastcgan.deploy.cli import main as export
+
+    assert export([str(tmp_path / "g.safetensors"), "--onnx", str(tmp_path / "g.onnx"), "--verify-sizes",
+                   "1x32x32,2x36x28"]) == 0
+    onnx = load(str(tmp_path / "g.onnx"), device="cpu").translate_tensor(x)
+    torch.testing.assert_close(onnx, load(str(tmp_path / "g.safetensors"), device="cpu").translate_tensor(x),
+                               atol=1e-4, rtol=0)
+
+
+def test_official_cyclegan_keys_are_refused_for_the_antialiased_generator(tmp_path):
+    """The official CycleGAN key map is positional: applied to the anti-aliased layout it would
+    write wrong keys, so it refuses."""
+    from fastcgan.models import save_official_generator
+
+    g = build_generator("resnet_6blocks", ngf=4, antialias=True)
+    with pytest.raises(TypeError, match="anti-aliased"):
+        save_official_generator(g, tmp_path / "g.pth")
+    assert not (tmp_path / "g.pth").exists()

@@ -408,3 +408,22 @@ def test_cosine_is_the_official_period():
     assert lr_factor(o, 200) == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="epochs.*cosine"):
         TrainConfig.from_preset("cyclegan", dataset="synthetic", lr_policy="cosine", epochs=0, epochs_decay=5)
+
+
+def test_resumed_cosine_keeps_its_own_period():
+    """A cosine run from before the official period (T_max = epochs + epochs_decay) resumed with a
+    new --lr follows its own restored period, not the new one's closed form."""
+    from types import SimpleNamespace
+
+    from fastcgan.train import TrainConfig
+    from fastcgan.train.checkpoint import use_schedule
+
+    cfg = TrainConfig.from_preset("cyclegan128", dataset="synthetic", lr_policy="cosine", epochs=3, epochs_decay=4)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=cfg.optim.lr)
+    old = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7)  # the former period
+    for _ in range(2):
+        opt.step()
+        old.step()
+    use_schedule(SimpleNamespace(schedulers={"G": old}), cfg.replace(lr=1e-3))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 + math.cos(math.pi * 2 / 7)) / 2, rel=1e-12)

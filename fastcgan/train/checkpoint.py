@@ -20,6 +20,7 @@ against a freshly built state before it applies anything, so a bad file never ha
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import re
@@ -500,7 +501,11 @@ def use_schedule(state: TrainState, cfg: TrainConfig) -> None:
         if lambdas:
             sched.lr_lambdas = [lr_lambda(o) for _ in lambdas]
         sched.base_lrs = [o.lr] * len(sched.base_lrs)
-        lr = o.lr * lr_factor(o, sched.last_epoch)
+        if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):  # its own period: runs from before
+            factor = (1 + math.cos(math.pi * sched.last_epoch / sched.T_max)) / 2  # 2026-11-28 had epochs + decay
+        else:
+            factor = lr_factor(o, sched.last_epoch)
+        lr = o.lr * factor
         for group in sched.optimizer.param_groups:
             group["initial_lr"] = o.lr
             if isinstance(group["lr"], torch.Tensor):  # capturable (CUDA-graph) optimizers keep a tensor

@@ -259,7 +259,7 @@ def load_official(
     path: str, arch: str, ngf: int | None = None, norm: str = "instance", use_dropout: bool | None = None,
     backend: str = "auto", bn_inference: str = "per_image", color_space: str = "rgb",
 ) -> tuple[nn.Module, GeneratorSpec]:
-    """An official CycleGAN/pix2pix ``latest_net_G_*.pth`` as a fastcgan generator.
+    """An official CycleGAN/pix2pix (or CUT) ``latest_net_G*.pth`` as a fastcgan generator.
 
     ``bn_inference`` (BatchNorm generators): ``per_image`` reproduces the official ``test.py``
     (batch statistics at batch 1), ``running`` its ``--eval``; recorded in the spec's config.
@@ -278,7 +278,10 @@ def load_official(
             f"norm={norm}): {type(e).__name__}: {e}"
         ) from e
     model.eval()
-    config = dict(arch=arch, ngf=getattr(model, "net", model).ngf, norm=norm, use_dropout=bool(use_dropout))
+    net = getattr(model, "net", model)
+    config = dict(arch=arch, ngf=net.ngf, norm=norm, use_dropout=bool(getattr(net, "use_dropout", use_dropout)))
+    # The official CUT resampling, read from the file's layout (recorded, as in generator files, when on).
+    config.update({k: True for k in ("antialias", "antialias_up") if getattr(net, k, False)})
     if norm == "batch":
         config["bn_inference"] = bn_inference
     if color_space == "lab":  # the network's channels (L -> ab); the colorizer's are RGB -> RGB

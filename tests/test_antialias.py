@@ -156,12 +156,76 @@ def test_antialiased_generator_files_and_export(tmp_path):
                                atol=1e-4, rtol=0)
 
 
-def test_official_cyclegan_keys_are_refused_for_the_antialiased_generator(tmp_path):
-    """The official CycleGAN key map is positional: applied to the anti-aliased layout it would
-    write wrong keys, so it refuses."""
-    from fastcgan.models import save_official_generator
+class _OfficialCUTGenerator(nn.Module):  # the official ResnetGenerator keeps its layers in .model
+    def __init__(self, ngf, n_blocks, antialias, antialias_up):
+        super().__init__()
+        self.model = official_generator(ngf, n_blocks, antialias, antialias_up)
 
-    g = build_generator("resnet_6blocks", ngf=4, antialias=True)
-    with pytest.raises(TypeError, match="anti-aliased"):
-        save_official_generator(g, tmp_path / "g.pth")
-    assert not (tmp_path / "g.pth").exists()
+
+@pytest.mark.parametrize("aa,up", [(True, True), (True, False), (False, True)],
+                         ids=["cut_default", "no_antialias_up", "no_antialias"])
+def test_official_cut_checkpoints_load_and_save(tmp_path, aa, up):
+    """An official CUT ``latest_net_G.pth`` (keys of its flat nn.Sequential, the blur filters saved
+    as ``filt`` buffers) loads with its resampling read from the layout, gives the official
+    network's output, and writes back the same file's keys and values, which the official module
+    loads strictly."""
+    from fastcgan.models import load_official_generator, save_official_generator
+
+    torch.manual_seed(3)
+    ref = _OfficialCUTGenerator(4, 6, aa, up).eval()
+    pth = tmp_path / "latest_net_G.pth"
+    torch.save(ref.state_dict(), pth)
+    assert any(k.endswith(".filt") for k in ref.state_dict())
+    g = load_official_generator(pth, arch="resnet_6blocks", backend="torch")
+    assert (g.antialias, g.antialias_up) == (aa, up)
+    x = torch.rand(2, 3, 36, 28) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), ref.model(x), atol=1e-5, rtol=1e-5)
+    save_official_generator(g, tmp_path / "back.pth")
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    want = ref.state_dict()
+    assert list(back) == list(want)  # the official module order, filters included
+    for k in want:
+        assert torch.equal(back[k], want[k]), k
+    _OfficialCUTGenerator(4, 6, aa, up).load_state_dict(back, strict=True)
+
+
+def test_official_cut_checkpoint_errors(tmp_path):
+    """A layout that contradicts the flags, or a blur filter that is not the official constant,
+    is refused, naming the file and the key."""
+    from fastcgan.models import load_official_generator
+
+    sd = _OfficialCUTGenerator(4, 6, True, True).state_dict()
+    pth = tmp_path / "latest_net_G.pth"
+    torch.save(sd, pth)
+    with pytest.raises(ValueError, match=r"antialias=False but .*layout says antialias=True"):
+        load_official_generator(pth, arch="resnet_6blocks", antialias=False)
+    with pytest.raises(ValueError, match=r"holds a ResNet generator with 6 blocks"):
+        load_official_generator(pth, arch="resnet_9blocks")
+    bad = dict(sd)
+    bad["model.7.filt"] = torch.zeros_like(bad["model.7.filt"])
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"bad\.pth: model\.7\.filt is not the official blur filter"):
+        load_official_generator(tmp_path / "bad.pth", arch="resnet_6blocks")
+    stray = {k: v for k, v in sd.items() if k != "model.8.weight"}  # the second down conv gone
+    with pytest.raises(ValueError, match="downsampling convolutions"):
+        load_official_generator(stray, arch="resnet_6blocks")
+
+
+def test_official_cut_checkpoint_exports(tmp_path):
+    """``fastcgan-export --from-official`` takes an official CUT generator as it is (no flag: the
+    layout says anti-aliased) and the ONNX model gives the official output."""
+    from fastcgan.deploy import load
+    from fastcgan.deploy.cli import main as export
+
+    torch.manual_seed(4)
+    ref = _OfficialCUTGenerator(4, 6, True, True).eval()
+    pth = tmp_path / "latest_net_G.pth"
+    torch.save(ref.state_dict(), pth)
+    onnx = tmp_path / "g.onnx"
+    assert export(["--from-official", str(pth), "--arch", "resnet_6blocks", "--onnx", str(onnx),
+                   "--verify-sizes", "1x32x32"]) == 0
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(load(str(onnx), device="cpu").translate_tensor(x), ref.model(x),
+                                   atol=1e-4, rtol=0)

@@ -1,4 +1,4 @@
-"""Convert generator checkpoints of the official pytorch-CycleGAN-and-pix2pix repository.
+"""Convert generator checkpoints of the official pytorch-CycleGAN-and-pix2pix and CUT repositories.
 
 The official networks are ``nn.Sequential`` stacks, so their state-dict keys are positional:
 
@@ -6,6 +6,10 @@ The official networks are ``nn.Sequential`` stacks, so their state-dict keys are
   stride-2 convs (norms ``.5``/``.8``), ``model.{10+i}.conv_block.{1,5}`` the block convs (norms
   ``.2``/``.6``; with dropout the second conv and norm shift to ``.6``/``.7``), ``model.{10+n}``/
   ``model.{13+n}`` the transposed convs (norms ``+1``), ``model.{17+n}`` the final conv.
+* The official CUT's ResNet (its default resampling) adds a ``Downsample`` after each downsampling
+  ReLU (stride-1 convs at ``model.4``/``model.8``, blurs ``.7``/``.11``, blocks from ``model.12``)
+  and upsamples with ``Upsample``, Conv2d, Norm, ReLU (``model.{12+n}``/``{16+n}`` the blurs, the
+  convs one after; final conv ``model.{21+n}``); each blur saves its constant filter as ``filt``.
 * U-Net: nested ``UnetSkipConnectionBlock``\\ s, ``model.model.`` for the outermost level and one more
   ``1.model.`` (outermost's submodule index) then ``3.model.`` per inner level; inside a level the
   down conv/norm are ``1``/``2`` and the up conv/norm ``5``/``6`` (outermost ``0``/``3``, innermost
@@ -27,6 +31,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from fastcgan.models._blocks import BlurDownsample, BlurUpsample
 from fastcgan.models.generators import (
     COLOR_SPACES,
     LabColorizer,
@@ -39,34 +44,36 @@ from fastcgan.models.io import MAX_WIDTH
 _NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _resnet_module_map(n_blocks: int, use_dropout: bool) -> list[tuple[str, str]]:
-    """(our module path, official module path) for every conv/norm of the ResNet generator."""
-    pairs = [
-        ("stem.conv", "model.1"),
-        ("stem.norm", "model.2"),
-        ("down.0.conv", "model.4"),
-        ("down.0.norm", "model.5"),
-        ("down.1.conv", "model.7"),
-        ("down.1.norm", "model.8"),
-    ]
+def _resnet_module_map(
+    n_blocks: int, use_dropout: bool, antialias: bool = False, antialias_up: bool = False
+) -> list[tuple[str, str]]:
+    """(our module path, official module path) for every conv/norm (and blur) of the ResNet
+    generator, in the official order."""
+    pairs = [("stem.conv", "model.1"), ("stem.norm", "model.2")]
+    down = 4 if antialias else 3  # Conv-Norm-ReLU(-Downsample) per downsampling stage
+    for i in range(2):
+        at = 4 + i * down
+        pairs += [(f"down.{i}.conv", f"model.{at}"), (f"down.{i}.norm", f"model.{at + 1}")]
+        if antialias:
+            pairs.append((f"down.{i}.blur", f"model.{at + 3}"))
+    first_block = 4 + 2 * down
     d = 1 if use_dropout else 0
     for i in range(n_blocks):
-        blk = f"model.{10 + i}.conv_block"
+        blk = f"model.{first_block + i}.conv_block"
         pairs += [
             (f"blocks.{i}.conv1", f"{blk}.1"),
             (f"blocks.{i}.norm1", f"{blk}.2"),
             (f"blocks.{i}.conv2", f"{blk}.{5 + d}"),
             (f"blocks.{i}.norm2", f"{blk}.{6 + d}"),
         ]
-    n = n_blocks
-    pairs += [
-        ("up.0.conv", f"model.{10 + n}"),
-        ("up.0.norm", f"model.{11 + n}"),
-        ("up.1.conv", f"model.{13 + n}"),
-        ("up.1.norm", f"model.{14 + n}"),
-        ("head", f"model.{17 + n}"),
-    ]
-    return pairs
+    up = 4 if antialias_up else 3  # (Upsample-)Conv-Norm-ReLU per upsampling stage
+    for i in range(2):
+        at = first_block + n_blocks + i * up
+        if antialias_up:
+            pairs.append((f"up.{i}.up", f"model.{at}"))
+            at += 1
+        pairs += [(f"up.{i}.conv", f"model.{at}"), (f"up.{i}.norm", f"model.{at + 1}")]
+    return pairs + [("head", f"model.{first_block + n_blocks + 2 * up + 1}")]  # after ReflectionPad2d(3)
 
 
 def _unet_prefix(k: int) -> str:
@@ -97,11 +104,8 @@ def _unet_module_map(num_downs: int) -> list[tuple[str, str]]:
 
 
 def _module_map(model: nn.Module) -> list[tuple[str, str]]:
-    if isinstance(model, ResnetGenerator) and (model.antialias or model.antialias_up):
-        raise TypeError("official checkpoint keys are mapped for the CycleGAN (strided) ResNet generator, not "
-                        "the anti-aliased CUT one (antialias / antialias_up)")
     if isinstance(model, ResnetGenerator):
-        return _resnet_module_map(model.n_blocks, model.use_dropout)
+        return _resnet_module_map(model.n_blocks, model.use_dropout, model.antialias, model.antialias_up)
     if isinstance(model, UnetGenerator):
         return _unet_module_map(model.num_downs)
     raise TypeError(
@@ -142,18 +146,37 @@ def _clean(sd: dict, norm: str) -> dict[str, Tensor]:
     return out
 
 
-def _detect_resnet(sd: dict, where: str) -> tuple[int, bool]:
+def _is_conv(sd: dict, module: str) -> bool:
+    w = sd.get(f"{module}.weight")
+    return isinstance(w, Tensor) and w.dim() == 4
+
+
+def _detect_resnet(sd: dict, where: str) -> tuple[int, bool, bool, bool]:
+    """(n_blocks, use_dropout, antialias, antialias_up) from where the official ``nn.Sequential``
+    has its convolutions: the CycleGAN (strided) layout has its residual blocks from ``model.10``,
+    the anti-aliased CUT one (a ``Downsample`` after each downsampling stage) from ``model.12``;
+    after the blocks comes a ``ConvTranspose2d`` or (anti-aliased up) an ``Upsample`` and a Conv2d."""
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"model\.(\d+)\.conv_block\.", k))}
     if not blocks:
         raise ValueError(f"{where}: no 'model.N.conv_block.*' keys, not an official ResNet generator")
-    n_blocks = len(blocks)
-    if sorted(blocks) != list(range(10, 10 + n_blocks)):
+    first, n_blocks = min(blocks), len(blocks)
+    if first not in (10, 12) or sorted(blocks) != list(range(first, first + n_blocks)):
         raise ValueError(f"{where}: residual blocks at unexpected positions {sorted(blocks)}")
-    w5, w6 = sd.get("model.10.conv_block.5.weight"), sd.get("model.10.conv_block.6.weight")
-    if w5 is not None and w5.dim() == 4:
-        return n_blocks, False
-    if w6 is not None and w6.dim() == 4:
-        return n_blocks, True
+    antialias = first == 12
+    if not (_is_conv(sd, "model.4") and _is_conv(sd, "model.8" if antialias else "model.7")):
+        raise ValueError(f"{where}: the downsampling convolutions are not where blocks from model.{first} put them")
+    after = first + n_blocks
+    if _is_conv(sd, f"model.{after}"):
+        antialias_up = False
+    elif _is_conv(sd, f"model.{after + 1}"):
+        antialias_up = True
+    else:
+        raise ValueError(f"{where}: no upsampling convolution at model.{after} or model.{after + 1}")
+    blk = f"model.{first}.conv_block"
+    if _is_conv(sd, f"{blk}.5"):
+        return n_blocks, False, antialias, antialias_up
+    if _is_conv(sd, f"{blk}.6"):
+        return n_blocks, True, antialias, antialias_up
     raise ValueError(f"{where}: cannot find the residual block's second conv (conv_block.5 or .6)")
 
 
@@ -164,14 +187,14 @@ def _detect_unet_depth(sd: dict) -> int:
     return depth
 
 
-def _official_dims(sd: dict, arch: str, where: str) -> tuple[int, int, int]:
-    """(input_nc, output_nc, ngf) from the first and the last convolution's weight, bounded
+def _official_dims(sd: dict, arch: str, where: str, head: str) -> tuple[int, int, int]:
+    """(input_nc, output_nc, ngf) from the first and the last (``head``) convolution's weight, bounded
     before anything is built from them (a tiny file claiming a huge width must not allocate it)."""
     if arch.startswith("resnet"):
-        n_blocks = 9 if arch == "resnet_9blocks" else 6
-        first, last, out_dim = "model.1.weight", f"model.{17 + n_blocks}.weight", 0  # Conv2d: (out, in, kh, kw)
+        first, out_dim = "model.1.weight", 0  # Conv2d: (out, in, kh, kw)
     else:
-        first, last, out_dim = "model.model.0.weight", "model.model.3.weight", 1  # ConvTranspose2d: (in, out, ...)
+        first, out_dim = "model.model.0.weight", 1  # ConvTranspose2d: (in, out, ...)
+    last = f"{head}.weight"
     w_first, w_last = sd.get(first), sd.get(last)
     if not (isinstance(w_first, Tensor) and w_first.dim() == 4 and isinstance(w_last, Tensor) and w_last.dim() == 4):
         raise ValueError(f"{where}: no 4-D '{first}' and '{last}' weights, not an official {arch} generator")
@@ -193,10 +216,18 @@ def load_official_generator(
     backend: str = "auto",
     bn_inference: str = "per_image",
     color_space: str = "rgb",
+    antialias: Optional[bool] = None,
+    antialias_up: Optional[bool] = None,
 ) -> nn.Module:
     """Load a generator state dict saved by the official repository (``latest_net_G_A.pth``,
-    the released ``horse2zebra.pth`` ...) into our generator, in eval mode; its outputs equal the
-    official network's with those weights (same convolutions; norms to fp32 rounding).
+    the released ``horse2zebra.pth`` ...) or by the official CUT repository (its ResNet generator,
+    anti-aliased by default) into our generator, in eval mode; its outputs equal the official
+    network's with those weights (same convolutions; norms to fp32 rounding).
+
+    ``antialias`` / ``antialias_up`` (ResNet): the official CUT resampling (``Downsample`` after
+    each downsampling stage / ``Upsample`` before each upsampling conv); ``None`` reads each from
+    where the file has its convolutions, given they must match it. The blur filters the file
+    carries (``filt`` buffers) must be the official constant ones; ours are built, not loaded.
 
     BatchNorm generators (``norm="batch"``, e.g. pix2pix's ``unet_256``): ``bn_inference``
     picks which official behaviour eval mode reproduces. ``"per_image"`` (default): the official
@@ -224,43 +255,52 @@ def load_official_generator(
         input_nc, output_nc = 1, 2
     raw, where = _load_state_dict(path_or_state_dict)
     sd = _clean(raw, norm)
+    resampling = {}
     if arch in ("resnet_9blocks", "resnet_6blocks"):
-        n_blocks, dropout_in_keys = _detect_resnet(sd, where)
+        n_blocks, *in_keys = _detect_resnet(sd, where)
         want = 9 if arch == "resnet_9blocks" else 6
         if n_blocks != want:
             raise ValueError(f"{where}: holds a ResNet generator with {n_blocks} blocks, but arch={arch!r}")
-        if use_dropout is None:
-            use_dropout = dropout_in_keys
-        elif use_dropout != dropout_in_keys:
-            raise ValueError(
-                f"{where}: use_dropout={use_dropout} but the checkpoint's block layout says "
-                f"use_dropout={dropout_in_keys}"
-            )
+        given = {"use_dropout": use_dropout, "antialias": antialias, "antialias_up": antialias_up}
+        for (flag, value), found in zip(given.items(), in_keys):
+            if value is not None and bool(value) != found:
+                raise ValueError(f"{where}: {flag}={value} but the checkpoint's layout says {flag}={found}")
+        use_dropout, antialias, antialias_up = in_keys
+        resampling = {"antialias": antialias, "antialias_up": antialias_up}
     elif arch in ("unet_128", "unet_256"):
         depth, want = _detect_unet_depth(sd), (7 if arch == "unet_128" else 8)
         if depth != want:
             raise ValueError(f"{where}: holds a U-Net with {depth} levels, but arch={arch!r} has {want}")
+        if antialias or antialias_up:
+            raise ValueError("load_official_generator: antialias / antialias_up describe ResNet generators")
         use_dropout = bool(use_dropout)
     else:
         raise ValueError(
             f"load_official_generator: arch must be resnet_9blocks, resnet_6blocks, unet_128 or "
             f"unet_256, got {arch!r}"
         )
-    file_in, file_out, file_ngf = _official_dims(sd, arch, where)
+    if arch.startswith("resnet"):
+        head = _resnet_module_map(n_blocks, use_dropout, antialias, antialias_up)[-1][1]
+    else:
+        head = "model.model.3"
+    file_in, file_out, file_ngf = _official_dims(sd, arch, where, head)
     input_nc = file_in if input_nc is None else input_nc
     output_nc = file_out if output_nc is None else output_nc
     ngf = file_ngf if ngf is None else ngf
 
     model = build_generator(
         arch, input_nc, output_nc, ngf, norm=norm, use_dropout=use_dropout, init_type=None, backend=backend,
-        bn_inference=bn_inference,
+        bn_inference=bn_inference, **resampling,
     )
     ours_to_official = dict(_module_map(model))
     official_to_ours = {v: k for k, v in ours_to_official.items()}
+    blur_filters = _blur_filters(model)
     converted, unknown = {}, []
     for k, v in sd.items():
         mod, _, name = k.rpartition(".")
-        if mod in official_to_ours:
+        if k in blur_filters:
+            _check_blur_filter(v, blur_filters[k], k, where)
+        elif mod in official_to_ours:
             converted[f"{official_to_ours[mod]}.{name}"] = v
         else:
             unknown.append(k)
@@ -288,6 +328,24 @@ def load_official_generator(
     return (LabColorizer(model) if color_space == "lab" else model).eval()
 
 
+def _blur_filters(model: nn.Module) -> dict[str, Tensor]:
+    """Official key -> filter for each blur module (the official ``Downsample`` / ``Upsample`` save
+    their constant filters as buffers; ours are not saved: they are rebuilt, never learned)."""
+    if not isinstance(model, ResnetGenerator):
+        return {}
+    return {
+        f"{official}.filt": model.get_submodule(ours).filt
+        for ours, official in _module_map(model)
+        if isinstance(model.get_submodule(ours), (BlurDownsample, BlurUpsample))
+    }
+
+
+def _check_blur_filter(v: Tensor, want: Tensor, key: str, where: str) -> None:
+    if not (isinstance(v, Tensor) and v.shape == want.shape and v.is_floating_point()
+            and torch.allclose(v.float(), want, rtol=0, atol=1e-6)):
+        raise ValueError(f"{where}: {key} is not the official blur filter of shape {tuple(want.shape)}")
+
+
 def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``model``'s state dict under the official repository's keys (CPU, contiguous tensors)."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
@@ -299,8 +357,11 @@ def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     unmapped = [k for k in ours_sd if k.rpartition(".")[0] not in mapped]
     if unmapped:
         raise ValueError(f"no official key for {unmapped[:8]} (norm={getattr(model, 'norm', '?')!r})")
+    blur_filters = _blur_filters(model)
     out = {}
     for ours_mod, official_mod in pairs:  # the official module order
+        if f"{official_mod}.filt" in blur_filters:  # the official strict load_state_dict wants them
+            out[f"{official_mod}.filt"] = blur_filters[f"{official_mod}.filt"].detach().cpu().float().contiguous()
         for k, v in ours_sd.items():
             mod, _, name = k.rpartition(".")
             if mod == ours_mod:
@@ -310,7 +371,8 @@ def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_official_generator(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write ``model`` (a ResNet or U-Net generator) as an official-layout ``torch.save`` state
-    dict, loadable by the official repository's ``--netG`` of the same arch, norm and dropout."""
+    dict, loadable by the official repository's ``--netG`` of the same arch, norm and dropout (an
+    anti-aliased ResNet: by the official CUT repository's, without ``--no_antialias(_up)``)."""
     from fastcgan.fileio import atomic_writer
 
     with atomic_writer(os.fspath(path)) as f:  # never a half-written file under the final name

@@ -217,3 +217,96 @@ def test_official_loader_reads_the_widths_from_the_file():
     sd["model.1.weight"] = torch.zeros(4 * MAX_WIDTH, 1, 1, 1)
     with pytest.raises(ValueError, match=f"ngf={4 * MAX_WIDTH}, outside"):
         load_official_generator(sd, "resnet_6blocks")
+
+
+def _cut_tar(members):
+    """A tar like the CUT repository's ``pretrained_models.tar``: ``{name: bytes | "symlink"}``."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            if data == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _cut_generator(seed=0, antialias=True):
+    from test_antialias import _OfficialCUTGenerator
+
+    torch.manual_seed(seed)
+    return _OfficialCUTGenerator(4, 9, antialias, antialias).eval()
+
+
+def test_cut_model_is_read_out_of_the_archive(server, tmp_path):
+    """horse2zebra_cut comes out of the CUT archive (``checkpoints/<name>_pretrained/latest_net_G.pth``
+    beside the other models) as the anti-aliased generator it is; the archive is not kept."""
+    ref, other = _cut_generator(0), _cut_generator(1)
+    want = _pth(ref.state_dict())
+    server.files["/data/pretrained_models.tar"] = _cut_tar({
+        "checkpoints/cat2dog_cut_pretrained/latest_net_G.pth": _pth(other.state_dict()),
+        "checkpoints/horse2zebra_cut_pretrained/latest_net_D.pth": b"D" * 100,
+        "./checkpoints/horse2zebra_cut_pretrained/latest_net_G.pth": want,
+    })
+    assert pt.pretrained_collection("horse2zebra_cut") == "cut"
+    assert pt.pretrained_url("cat2dog_fastcut") == f"{pt.CUT_MODEL_URL}/pretrained_models.tar"
+    target = _get(server, tmp_path, "horse2zebra_cut")
+    assert target == str(tmp_path / "horse2zebra_cut_pretrained")  # where the official tar puts it
+    assert sorted(os.listdir(target)) == ["generator_AtoB.safetensors", "latest_net_G.pth"]
+    assert (tmp_path / "horse2zebra_cut_pretrained" / "latest_net_G.pth").read_bytes() == want
+    assert _leftovers(tmp_path) == [] and os.listdir(tmp_path) == ["horse2zebra_cut_pretrained"]
+    config = read_generator_config(os.path.join(target, "generator_AtoB.safetensors"))
+    assert (config["arch"], config.get("antialias"), config.get("antialias_up")) == ("resnet_9blocks", True, True)
+    x = torch.rand(1, 3, 32, 36) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(load_generator(target, backend="torch")(x), ref.model(x), atol=1e-5, rtol=1e-5)
+    # A strided CUT generator (--no_antialias --no_antialias_up) is a CUT model too; the CycleGAN
+    # collection takes only the strided one.
+    strided = _cut_generator(2, antialias=False)
+    server.files["/data/pretrained_models.tar"] = _cut_tar(
+        {"checkpoints/cat2dog_fastcut_pretrained/latest_net_G.pth": _pth(strided.state_dict())})
+    assert read_generator_config(os.path.join(_get(server, tmp_path, "cat2dog_fastcut"),
+                                              "generator_AtoB.safetensors")).get("antialias") is None
+    server.files["/data/horse2zebra.pth"] = want
+    with pytest.raises(DownloadError, match="not an official cyclegan resnet_9blocks .*antialias=False"):
+        _get(server, tmp_path / "c", "horse2zebra")
+
+
+@pytest.mark.parametrize("what", ["missing", "symlink", "not-a-tar", "truncated", "code"])
+def test_bad_cut_archives_leave_nothing(server, tmp_path, monkeypatch, what):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("FASTCGAN_TEST_MARKER", str(marker))
+    member = "checkpoints/horse2zebra_cut_pretrained/latest_net_G.pth"
+    good = _pth(_cut_generator().state_dict())
+    data = {
+        "missing": lambda: _cut_tar({"checkpoints/cat2dog_cut_pretrained/latest_net_G.pth": good}),
+        "symlink": lambda: _cut_tar({member: "symlink"}),
+        "not-a-tar": lambda: b"<html>moved</html>" * 100,
+        "truncated": lambda: _cut_tar({member: good})[: 512 + len(good) // 2],
+        "code": lambda: _cut_tar({member: _pth({"model.1.weight": _Evil()})}),
+    }[what]()
+    server.files["/data/pretrained_models.tar"] = data
+    root = tmp_path / "ckpt"
+    with pytest.raises(DownloadError, match="pretrained_models.tar"):
+        _get(server, root, "horse2zebra_cut")
+    assert not marker.exists()
+    assert os.listdir(root) == []
+
+
+def test_cut_names_and_cli(server, tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown pretrained cyclegan model 'horse2zebra_cutt'.*CUT: horse2zebra_cut"):
+        pt.download_pretrained("horse2zebra_cutt", str(tmp_path))
+    with pytest.raises(ValueError, match="unknown pretrained CUT model 'x'"):  # the name picks the member
+        pt.download_pretrained("x", str(tmp_path), url="http://127.0.0.1:9/a.tar", collection="cut")
+    assert main(["--pretrained", "--list"]) == 0
+    assert "horse2zebra_fastcut (CUT)" in capsys.readouterr().out.split("\n")
+    server.files["/data/pretrained_models.tar"] = _cut_tar(
+        {"checkpoints/cityscapes_cut_pretrained/latest_net_G.pth": _pth(_cut_generator().state_dict())})
+    rc = main(["--pretrained", "cityscapes_cut", "--root", str(tmp_path), "--url", server.base + "/pretrained_models.tar",
+               "--no-progress"])
+    assert rc == 0 and capsys.readouterr().out.strip() == str(tmp_path / "cityscapes_cut_pretrained")

@@ -628,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="CycleGAN datasets: " + ", ".join(CYCLEGAN_DATASETS) + "; pix2pix datasets (paired, "
         "--pix2pix for facades and maps): " + ", ".join(PIX2PIX_DATASETS) + ". Pretrained CycleGAN generators: "
         + ", ".join(pretrained.PRETRAINED_CYCLEGAN) + "; pix2pix (--pix2pix for sat2map, map2sat, "
-        "facades_label2photo): " + ", ".join(pretrained.PRETRAINED_PIX2PIX) + ".",
+        "facades_label2photo): " + ", ".join(pretrained.PRETRAINED_PIX2PIX) + "; CUT (one archive, read for "
+        "the named model): " + ", ".join(pretrained.PRETRAINED_CUT) + ".",
     )
     ap.add_argument("name", nargs="?", help="dataset (or with --pretrained, model) name (see below)")
     ap.add_argument(
@@ -641,9 +642,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--url",
         default=None,
-        help=f"base URL, or a full .zip / .tar.gz (--pretrained: .pth) URL (default: ${ENV_URL} or {DEFAULT_BASE_URL})",
+        help=f"base URL, or a full .zip / .tar.gz (--pretrained: .pth; CUT models: .tar) URL "
+        f"(default: ${ENV_URL} or {DEFAULT_BASE_URL})",
     )
-    ap.add_argument("--sha256", default=None, help="expected SHA-256 of the archive (or .pth)")
+    ap.add_argument("--sha256", default=None, help="expected SHA-256 of the archive (or .pth; CUT: the .tar)")
     ap.add_argument(
         "--pix2pix",
         action="store_true",
@@ -661,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("\n".join(cyclegan))
         print("\n".join(f"{n} (pix2pix)" for n in pix2pix))
+        if a.pretrained:
+            print("\n".join(f"{n} (CUT)" for n in pretrained.PRETRAINED_CUT))
         return 0
     if not a.name:
         ap.error("NAME is required (or --list)")

@@ -2,6 +2,7 @@
 
     fastcgan-export runs/h2z --direction AtoB --onnx g.onnx --trt g.engine --aoti g.pt2
     fastcgan-export --from-official latest_net_G_A.pth --arch resnet_9blocks --onnx g.onnx
+    fastcgan-export --from-official latest_net_G_A.pth --arch resnet_9blocks --safetensors g.safetensors
 
 Every artifact is run right after it is written and compared with the PyTorch generator on
 several input sizes; the max abs error is printed and the exit status is non-zero when it is
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "statistics at batch 1; default for --from-official), running = test.py --eval; "
                         "for RUN the stored mode unless given")
     o = p.add_argument_group("outputs")
+    o.add_argument("--safetensors", metavar="PATH",
+                   help="write a fastcgan generator file (fp32; what fastcgan-translate / -eval / -export take): "
+                        "an official checkpoint converted, or a training checkpoint's generator")
     o.add_argument("--onnx", metavar="PATH", help="write an ONNX model (dynamic batch/H/W)")
     o.add_argument("--trt", metavar="PATH", help="build a TensorRT engine (needs tensorrt and a GPU)")
     o.add_argument("--aoti", metavar="PATH", help="write an AOTInductor package (.pt2)")
@@ -196,6 +200,8 @@ def _input_files(args) -> list[tuple[str, str]]:
 def _output_files(args) -> list[tuple[str, str]]:
     """(flag, file) for every file the export writes (an artifact, its manifest and side files)."""
     out = []
+    if args.safetensors:
+        out.append(("--safetensors", args.safetensors))
     if args.onnx:
         out.append(("--onnx", args.onnx))
     if args.aoti:
@@ -286,8 +292,8 @@ def _check_profile(args, spec, shapes) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.onnx or args.trt or args.aoti):
-        parser.error("nothing to do: give at least one of --onnx, --trt, --aoti")
+    if not (args.onnx or args.trt or args.aoti or args.safetensors):
+        parser.error("nothing to do: give at least one of --safetensors, --onnx, --trt, --aoti")
     if bool(args.run) == bool(args.from_official):
         parser.error("give exactly one of RUN (run directory / .safetensors) and --from-official PTH")
     if args.from_official and not args.arch:
@@ -295,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.colorization and not args.from_official:
         parser.error("--colorization describes an official checkpoint (--from-official); fastcgan "
                      "generator files already say whether they colorize")
-    for flag, val, ext in (("--onnx", args.onnx, ".onnx"), ("--aoti", args.aoti, ".pt2")):
+    for flag, val, ext in (("--onnx", args.onnx, ".onnx"), ("--aoti", args.aoti, ".pt2"),
+                           ("--safetensors", args.safetensors, ".safetensors")):
         if val and not val.endswith(ext):
             parser.error(f"{flag} {val}: the file name must end in {ext}")
     if not (math.isfinite(args.workspace_gb) and args.workspace_gb > 0):
@@ -370,6 +377,32 @@ def main(argv: list[str] | None = None) -> int:
         return _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, stack)
 
 
+def _export_safetensors(args, model, spec) -> int:
+    """Write the generator as a fastcgan ``.safetensors`` file (fp32 weights, the config that
+    rebuilds it), verified by loading it back as translate does and comparing outputs."""
+    from fastcgan.deploy import onnx_export
+    from fastcgan.models import load_generator, save_generator
+
+    with _staged(args.safetensors) as tmp:
+        try:
+            save_generator(model, tmp, config=None if getattr(model, "config", None) else spec.config)
+            back = load_generator(tmp, backend="torch").eval()
+        except Exception as e:  # noqa: BLE001
+            print(f"safetensors: export failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_FAIL
+        if not args.no_verify:
+            shapes = args.verify_sizes or onnx_export.default_verify_shapes(spec.replace(static_hw=None))
+            with torch.no_grad():
+                errs = onnx_export.verify_against_torch(back, model, spec, shapes)
+            if not _report("safetensors", errs, TOLERANCE["fp32"]):
+                print(f"safetensors: {args.safetensors} not written (verification failed)", file=sys.stderr)
+                return EXIT_FAIL
+        _install(tmp, args.safetensors, side=())
+    print(f"safetensors: wrote {args.safetensors}" + (" (fp32 weights: --fp16 / --bf16 apply to the other "
+                                                       "artifacts)" if args.fp16 or args.bf16 else ""))
+    return EXIT_OK
+
+
 def _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, stack) -> int:
     """Build, verify and install each requested artifact; the exit status."""
     from fastcgan.deploy import onnx_export
@@ -377,6 +410,10 @@ def _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, 
     status = EXIT_OK
     build_trt = args.trt and trt_missing is None
     onnx_spec = verify_shapes = onnx_path = None
+
+    # ---- fastcgan generator file ----
+    if args.safetensors:
+        status = _export_safetensors(args, model, spec)
 
     # ---- ONNX (also the input of TensorRT) ----
     if args.onnx or build_trt:

@@ -342,6 +342,47 @@ def test_export_never_writes_over_its_inputs(run_dir, tmp_path, capsys):
     assert not (tmp_path / "g.onnx").exists() and not (tmp_path / "g.engine").exists()
 
 
+def test_safetensors_output_converts_official_checkpoints(run_dir, tmp_path, capsys):
+    """``--safetensors``: an official checkpoint (here pix2pix-style BatchNorm, per-image statistics)
+    becomes a fastcgan generator file that gives the official output where translate / eval load it;
+    verified before it is installed, and like every output never over an input or an existing file."""
+    import os
+
+    from fastcgan.models import load_generator, read_generator_config
+
+    ref = _gen("unet_128", 4, "batch", seed=3)
+    pth = tmp_path / "latest_net_G.pth"
+    save_official_generator(ref, pth)
+    out = tmp_path / "g.safetensors"
+    argv = ["--from-official", pth, "--arch", "unet_128", "--norm", "batch", "--safetensors", out,
+            "--verify-sizes", "2x128x128"]
+    assert _export(*argv) == 0
+    assert "safetensors vs PyTorch  input 2x3x128x128: max abs error 0 " in capsys.readouterr().out
+    config = read_generator_config(out)
+    assert (config["arch"], config["norm"], config["bn_inference"], config["ngf"]) == ("unet_128", "batch",
+                                                                                       "per_image", 4)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    with torch.no_grad():  # the official test.py: each image normalised with its own statistics
+        want = torch.cat([ref.train()(x[i:i + 1]) for i in range(2)])
+        torch.testing.assert_close(load_generator(out, backend="torch")(x), want, atol=1e-5, rtol=1e-5)
+    assert _no_temporaries(tmp_path)
+
+    before = out.read_bytes()
+    assert _export(*argv) == cli.EXIT_USAGE  # exists
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    gen = run_dir / "generator_AtoB.safetensors"
+    assert _export(gen, "--safetensors", gen, "--overwrite") == cli.EXIT_USAGE  # its own input
+    assert "input" in capsys.readouterr().err
+    assert _export(run_dir, "--safetensors", tmp_path / "g.pth") == cli.EXIT_USAGE  # name
+    assert "must end in .safetensors" in capsys.readouterr().err
+    # A run's generator comes out as it went in (the same tensors), however it is named.
+    copy = tmp_path / "copy.safetensors"
+    assert _export(run_dir, "--safetensors", copy, "--verify-sizes", "1x32x32") == 0
+    a, b = load_generator(gen, backend="torch").state_dict(), load_generator(copy, backend="torch").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(os.listdir(tmp_path)) == ["copy.safetensors", "g.safetensors", "latest_net_G.pth"]
+
+
 def test_failed_verification_installs_nothing(run_dir, good_onnx, tmp_path, capsys):
     before = good_onnx.read_bytes()
     argv = ["--onnx", good_onnx, "--overwrite", "--tol", "1e-12", "--verify-sizes", "1x32x32"]

@@ -195,6 +195,14 @@ def test_gives_up_after_retries(server, tmp_path):
 def test_http_error_names_url(server, tmp_path):
     with pytest.raises(DownloadError, match=r"HTTP 404.*/missing/horse2zebra\.zip"):
         _get(tmp_path, url=server.base.replace("/data", "/missing"))
+    # A first download that fails leaves none of the folders it made; one that can resume keeps its .part.
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        _get(tmp_path / "new" / "root", url=server.base.replace("/data", "/missing"))
+    assert not (tmp_path / "new").exists()
+    server.drop_first = 10
+    with pytest.raises(DownloadError):
+        _get(tmp_path / "new" / "root", url=server.base, sha256=SHA, retries=0)
+    assert os.listdir(tmp_path / "new" / "root") == [f"{NAME}.zip.part", f"{NAME}.zip.part.source"]
 
 
 def test_env_url_and_full_url(server, tmp_path, monkeypatch):
@@ -217,7 +225,7 @@ def test_path_traversal_is_refused(server, tmp_path):
     with pytest.raises(DownloadError, match="unsafe path"):
         _get(root, url=server.base, sha256=hashlib.sha256(evil).hexdigest())
     assert not os.path.exists(tmp_path / "escaped.txt")
-    assert os.listdir(root) == []
+    assert not root.exists()
 
 
 def test_zip_bomb_is_refused_before_anything_is_written(server, tmp_path):
@@ -233,7 +241,7 @@ def test_zip_bomb_is_refused_before_anything_is_written(server, tmp_path):
     root = tmp_path / "root"
     with pytest.raises(DownloadError, match="decompression bomb"):
         _get(root, url=server.base, sha256=hashlib.sha256(bomb).hexdigest())
-    assert os.listdir(root) == []
+    assert not root.exists()
 
 
 def test_corrupt_zip(server, tmp_path):

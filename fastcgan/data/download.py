@@ -535,10 +535,25 @@ def download_folder(root: str, folder: str, existing, make) -> str:
     target = os.path.join(root, folder)
     if existing(target):
         return target
+    created = []  # the folders makedirs is about to create, deepest first
+    d = root
+    while not os.path.lexists(d) and os.path.dirname(d) != d:
+        created.append(d)
+        d = os.path.dirname(d)
     os.makedirs(root, exist_ok=True)
-    with download_lock(root, folder):
-        if not existing(target):
-            make(root)
+    try:
+        with download_lock(root, folder):
+            if not existing(target):
+                make(root)
+    except BaseException:
+        # A failed first download (no server, a bad file) leaves no empty folders behind; a
+        # resumable .part keeps its folder (rmdir removes only empty ones).
+        for d in created:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        raise
     return target
 
 

@@ -123,3 +123,25 @@ def test_tar_bomb_is_refused_before_anything_is_written(server, tmp_path):
         download_dataset("facades", str(root), url=server.base, sha256=hashlib.sha256(bomb).hexdigest(),
                          progress=False, backoff=0.0, collection="pix2pix")
     assert not root.exists()  # nor the folder it made
+
+
+def test_huge_extended_tar_header_is_refused_unread(server, tmp_path):
+    """A pax header claiming 2 GiB (a few KB of gzip) would be decompressed into memory whole by
+    tarfile: refused from its size, before it is read."""
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, 2 << 30
+    raw.write(header.tobuf(format=tarfile.USTAR_FORMAT))
+    raw.write(b"\0" * (1 << 20))  # the start of the "header" (never read)
+    data = gzip.compress(raw.getvalue())
+    assert len(data) < 1 << 20
+    server.files["/data/facades.tar.gz"] = data
+    root = tmp_path / "root"
+    with pytest.raises(dl.DownloadError, match=r"not a valid tar\.gz archive: an extended header of 2,147,483,648"):
+        download_dataset("facades", str(root), url=server.base, sha256=hashlib.sha256(data).hexdigest(),
+                         progress=False, backoff=0.0, collection="pix2pix")
+    assert not root.exists()

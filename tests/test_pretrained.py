@@ -310,3 +310,16 @@ def test_cut_names_and_cli(server, tmp_path, capsys):
     rc = main(["--pretrained", "cityscapes_cut", "--root", str(tmp_path), "--url", server.base + "/pretrained_models.tar",
                "--no-progress"])
     assert rc == 0 and capsys.readouterr().out.strip() == str(tmp_path / "cityscapes_cut_pretrained")
+
+
+def test_cut_member_is_never_written_through_a_planted_link(server, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    os.symlink(victim, root / "horse2zebra_cut_pretrained.pth.part")
+    server.files["/data/pretrained_models.tar"] = _cut_tar(
+        {"checkpoints/horse2zebra_cut_pretrained/latest_net_G.pth": _pth(_cut_generator().state_dict())})
+    target = _get(server, root, "horse2zebra_cut")
+    assert victim.read_text() == "mine" and sorted(os.listdir(root)) == ["horse2zebra_cut_pretrained"]
+    assert os.path.isfile(os.path.join(target, "latest_net_G.pth"))

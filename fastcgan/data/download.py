@@ -356,6 +356,22 @@ def _published_sha256(url: str, timeout: float) -> str | None:
 # ~1:1), a bomb of zeros ~1000:1; the largest official archive (edges2handbags) has ~140 k files.
 MAX_EXPANSION = 50  # bytes written per archive byte (archives under 1 MiB count as 1 MiB)
 MAX_MEMBERS = 2_000_000
+# tarfile reads a pax / GNU long-name header's payload into memory whole, at the size the header
+# claims; real ones hold a path and a few attributes.
+MAX_TAR_HEADER = 1 << 20
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses an extended header larger than MAX_TAR_HEADER before tarfile reads it
+    (``tarfile.open(..., tarinfo=BoundedTarInfo)``): a few bytes of gzip could otherwise claim, and
+    make it decompress into memory, gigabytes of "header"."""
+
+    def _proc_member(self, tarfile_):
+        extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                    tarfile.SOLARIS_XHDTYPE)
+        if self.type in extended and self.size > MAX_TAR_HEADER:  # a TarError: callers name the archive
+            raise tarfile.TarError(f"an extended header of {self.size:,} bytes (at most {MAX_TAR_HEADER:,})")
+        return super()._proc_member(tarfile_)
 
 
 def _check_expansion(archive: str, total: int, count: int, root: str) -> None:
@@ -397,7 +413,7 @@ def _extract_tar(tar_path: str, tmp: str) -> None:
     """Unpack a (gzipped) tar into ``tmp``: regular files and folders only, every path checked
     first. A truncated or corrupt stream (gzip CRC-32, tar headers) raises DownloadError."""
     try:
-        with tarfile.open(tar_path, "r:*") as tf:
+        with tarfile.open(tar_path, "r:*", tarinfo=BoundedTarInfo) as tf:
             members = []  # reads the whole stream (corruption surfaces here), counted as it goes
             while (m := tf.next()) is not None:
                 members.append(m)

@@ -23,6 +23,7 @@ direction (``horse2zebra`` translates horses into zebras; ``cityscapes_cut``, tr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -34,6 +35,7 @@ import zlib
 import torch
 
 from fastcgan.data.download import (
+    BoundedTarInfo,
     DownloadError,
     check_sha256_arg,
     discard_download,
@@ -221,7 +223,7 @@ def _extract_model(tar_path: str, member: str, dest: str, url: str) -> None:
     reading the tar's headers one at a time (a bounded number) and nothing else of it. Errors name
     ``url`` (the file the user asked for), and delete ``dest``."""
     try:
-        with tarfile.open(tar_path, "r:*") as tf:
+        with tarfile.open(tar_path, "r:*", tarinfo=BoundedTarInfo) as tf:
             for count, m in enumerate(iter(tf.next, None)):
                 if count >= MAX_ARCHIVE_MEMBERS:
                     raise DownloadError(f"{url}: no {member!r} in its first {MAX_ARCHIVE_MEMBERS:,} entries")
@@ -232,8 +234,11 @@ def _extract_model(tar_path: str, member: str, dest: str, url: str) -> None:
                     raise DownloadError(f"{url}: {m.name!r} is not a regular file")
                 if m.size > MAX_MODEL_BYTES:
                     raise DownloadError(f"{url}: {m.name!r} is {m.size:,} bytes, more than a generator")
-                src = tf.extractfile(m)
-                with src, open(dest, "wb") as fh:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(dest)
+                # O_EXCL: never written through a link planted at the name.
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with tf.extractfile(m) as src, os.fdopen(fd, "wb") as fh:
                     shutil.copyfileobj(src, fh, 1 << 20)
                 if os.path.getsize(dest) != m.size:
                     raise DownloadError(f"{url}: {m.name!r} is truncated")
@@ -241,7 +246,7 @@ def _extract_model(tar_path: str, member: str, dest: str, url: str) -> None:
     except (tarfile.TarError, EOFError, zlib.error) as e:
         discard_download(dest)
         raise DownloadError(f"{url} is not a valid tar archive: {e}") from None
-    except DownloadError:
+    except BaseException:  # a refused member, a full disk, Ctrl-C: no partial file left
         discard_download(dest)
         raise
     raise DownloadError(f"{url} holds no {member!r}: not the official CUT archive, or not this model")

@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blur upsampling in the ResNet generator (the official CUT default; --no-antialias-up = "
                    "its --no_antialias_up)")
     g.add_argument("--init-gain", type=_float(0.0, strict=True), default=S)
+    g.add_argument("--init-generator", dest="init_generators", action="append", type=_init_generator, default=S,
+                   metavar="DIRECTION=PATH",
+                   help="start the DIRECTION (AtoB / BtoA) generator from a fastcgan generator: a .safetensors "
+                   "file, a run directory or pretrained folder (its generator_DIRECTION), or a training .ckpt "
+                   "(fine-tuning; its architecture must be this run's; the discriminators start afresh). "
+                   "Repeat for both directions")
     g = p.add_argument_group("optimisation and losses")
     g.add_argument("--lr", type=_float(0.0, strict=True), default=S)
     g.add_argument("--beta1", type=_float(0.0), default=S)
@@ -281,10 +287,21 @@ def default_preset(recipe: Optional[str]) -> str:
     return recipe if recipe in PRESETS else "cyclegan"
 
 
+def _init_generator(s: str) -> str:
+    """``DIRECTION=PATH`` with an absolute PATH (recorded in the run's config; the run may resume
+    from elsewhere)."""
+    direction, eq, path = s.partition("=")
+    if direction not in DIRECTIONS or not eq or not path:
+        raise argparse.ArgumentTypeError(f"expected DIRECTION=PATH with DIRECTION one of {DIRECTIONS}, got {s!r}")
+    return f"{direction}={os.path.abspath(path)}"
+
+
 def parse_config(argv: Optional[list[str]] = None) -> tuple[TrainConfig, dict]:
     """Flags -> (config, the explicitly given fields). Invalid values exit via argparse."""
     p = build_parser()
     a = vars(p.parse_args(argv))
+    if "init_generators" in a:  # compared with a checkpoint's (a tuple) on resume
+        a["init_generators"] = tuple(a["init_generators"])
     preset = a.pop("preset") or default_preset(a.get("recipe"))
     if a.get("recipe") in MODEL_ALIASES:
         a["recipe"] = MODEL_ALIASES[a["recipe"]]

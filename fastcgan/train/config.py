@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "--init-generator" if name == "init_generators" else "--" + name.replace("_", "-")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -92,6 +92,13 @@ class ModelConfig:
     # heads' width (official --netF_nc).
     nce_layers: str = "0,4,8,12,16"
     netF_nc: int = 256
+    # "DIRECTION=PATH" (--init-generator): the exported generator of that direction starts from the
+    # weights of a fastcgan generator (file, run directory, pretrained folder or training checkpoint)
+    # instead of init_type; everything else is initialised as usual.
+    init_generators: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:  # JSON gives a list: one type, so configs compare equal
+        object.__setattr__(self, "init_generators", tuple(self.init_generators))
 
     def validate(self) -> None:
         from fastcgan.recipes import RECIPES
@@ -128,6 +135,12 @@ class ModelConfig:
             "nce_layers",
             f"must be strictly increasing layer indices >= 0, got {self.nce_layers!r}",
         )
+        directions = [str(e).partition("=")[0] for e in self.init_generators]
+        for entry, d in zip(self.init_generators, directions):
+            _check(isinstance(entry, str) and d in DIRECTIONS and bool(entry.partition("=")[2]), "init_generators",
+                   f"each must be DIRECTION=PATH with DIRECTION one of {DIRECTIONS}, got {entry!r}")
+        _check(len(set(directions)) == len(directions), "init_generators",
+               f"one PATH per direction, got {list(self.init_generators)}")
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from fastcgan.train.execution import build_step, cudnn_autotuning, describe, res
 from fastcgan.train.logging import LossAccumulator, RunLogger, sample_grid
 from fastcgan.train.runlock import RunLock
 from fastcgan.train.signals import EXIT_CODES, StopFlag
-from fastcgan.train.state import build_state, cpu_has_fast_bf16
+from fastcgan.train.state import build_state, cpu_has_fast_bf16, initial_generators
 
 __all__ = ["TrainingError", "check_kernels", "train"]
 
@@ -108,6 +108,9 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
     ``epochs_decay`` / ``lr``) is a :class:`ConfigError`. Every config, data
     and checkpoint error is raised before anything is written."""
     cfg, run_dir, payload, ckpt_path, messages = resume_plan(cfg, requested)
+    # --init-generator: read and checked now (a config error before anything is written); a resumed
+    # run has its weights from the checkpoint.
+    init = initial_generators(cfg, get_recipe(cfg.model.recipe)) if payload is None else {}
     ctx, dist_device = from_environment(cfg.run.device)
     cleanup = contextlib.ExitStack()
     try:
@@ -139,7 +142,7 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
             cleanup.enter_context(cudnn_autotuning(cfg, device))
             run = _Run(cfg, ctx, device, run_dir, root, ds)
-            return run.loop(payload, ckpt_path, install_signal_handlers, messages + [fast_line])
+            return run.loop(payload, ckpt_path, install_signal_handlers, messages + [fast_line], init)
     finally:
         cleanup.close()
         ctx.shutdown()
@@ -229,14 +232,16 @@ class _Run:
             path = os.path.join(self.run_dir, f"generator_{direction}.safetensors")
             save_generator(self.recipe.deployed(state.nets[net]), path)
 
-    def loop(self, payload, ckpt_path, install_signal_handlers: bool, messages: list[str]) -> dict:
+    def loop(self, payload, ckpt_path, install_signal_handlers: bool, messages: list[str], init=None) -> dict:
         cfg, ctx, main = self.cfg, self.ctx, self.ctx.is_main
         if payload is not None:
             state = restore_state(payload, cfg, self.device, self.batches.generators, path=ckpt_path)
             self.best_fid = payload["extra"].get("best_fid")
         else:
             _seed_everything(cfg.run.seed)
-            state = build_state(cfg, self.device, self.recipe)
+            state = build_state(cfg, self.device, self.recipe, init)
+            messages = messages + [f"fastcgan: generator {e.partition('=')[0]} starts from {e.partition('=')[2]}"
+                                   for e in cfg.model.init_generators]
         step_fn = build_step(state, cfg, self.recipe, ctx)
         if main:  # from here on the run directory is written (by process 0 only)
             atomic_write(os.path.join(self.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2).encode())

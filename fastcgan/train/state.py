@@ -4,6 +4,7 @@ recipe's networks, optimizers, LR schedules, grad scaler, image pools and data p
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -150,16 +151,78 @@ class TrainState:
             sched.step()
 
 
-def build_state(cfg: TrainConfig, device: Optional[torch.device] = None, recipe=None) -> TrainState:
+# Build settings that make two generators the same network; bn_inference is an inference mode only.
+_NOT_ARCHITECTURE = ("bn_inference", "backend")
+
+
+def initial_generators(cfg: TrainConfig, recipe) -> dict[str, dict[str, torch.Tensor]]:
+    """``--init-generator DIRECTION=PATH``: the state dict each named exported generator starts
+    from (verified tensors, on the CPU), read and checked against this run's generator before
+    anything is written. Not affected by, and not affecting, the torch RNG of the run (the
+    networks built here for the check are discarded; :func:`build_state` seeds its own)."""
+    from fastcgan.models import load_generator
+    from fastcgan.train.config import ConfigError
+
+    if not cfg.model.init_generators:
+        return {}
+    rng = torch.random.get_rng_state()
+    try:
+        nets = recipe.networks(cfg)
+        ours = {d: recipe.deployed(nets[n]) for d, n in recipe.exports.items()}
+    finally:
+        torch.random.set_rng_state(rng)
+    out = {}
+    for entry in cfg.model.init_generators:
+        direction, _, path = entry.partition("=")
+        where = f"--init-generator {direction}={path}"
+        if direction not in ours:
+            raise ConfigError(f"{where}: --model {cfg.model.recipe} trains only {', '.join(ours)}")
+        real, run_dir = os.path.realpath(path), os.path.realpath(cfg.run_dir)
+        if real == run_dir or real.startswith(run_dir + os.sep):  # the run writes its generators there
+            raise ConfigError(f"{where}: inside the run directory {cfg.run_dir}, whose generators this run "
+                              "replaces; start from a copy elsewhere")
+        if path.lower().endswith((".pth", ".pt")):
+            raise ConfigError(f"{where}: an official checkpoint; convert it first: fastcgan-export --from-official "
+                              f"{path} --arch ARCH --safetensors g.safetensors")
+        try:
+            if path.lower().endswith(".ckpt"):
+                from fastcgan.train.checkpoint import checkpoint_generator
+
+                src = checkpoint_generator(path, direction)
+            else:
+                src = load_generator(path, direction=direction, backend="torch")
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # CheckpointError is a RuntimeError
+            raise ConfigError(f"{where}: not a fastcgan generator: {e}") from None
+        want, got = ours[direction].config, getattr(src, "config", {})
+        diff = [f"{k}={got.get(k)!r} (this run: {want.get(k)!r})" for k in sorted(set(want) | set(got))
+                if k not in _NOT_ARCHITECTURE and got.get(k) != want.get(k)]
+        if diff:
+            raise ConfigError(f"{where}: another architecture than this run's generator: {'; '.join(diff)}")
+        sd = src.state_dict()
+        try:
+            ours[direction].load_state_dict(sd, strict=True)  # keys and shapes, now rather than mid-start
+        except RuntimeError as e:
+            raise ConfigError(f"{where}: its weights do not fit this run's generator: {e}") from None
+        out[recipe.exports[direction]] = {k: v.detach().cpu() for k, v in sd.items()}
+    return out
+
+
+def build_state(cfg: TrainConfig, device: Optional[torch.device] = None, recipe=None,
+                init: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> TrainState:
     """Fresh networks (initialised from the global torch RNG: seed it first), optimizers, schedules,
     scaler and pools of ``recipe`` (default: ``cfg.model.recipe``) on ``device`` (default:
-    ``cfg.run.device``). Builds nothing about execution (no compile, no DDP)."""
+    ``cfg.run.device``). ``init``: {exported network: state dict} (:func:`initial_generators`),
+    loaded over those networks' initialisation (which still draws from the RNG, so every other
+    network starts as it would without). Builds nothing about execution (no compile, no DDP)."""
     from fastcgan.recipes import get_recipe
 
     recipe = recipe or get_recipe(cfg.model.recipe)
     device = resolve_device(cfg.run.device) if device is None else device
     fmt = torch.channels_last if cfg.run.channels_last else torch.preserve_format
-    nets = {name: net.to(device=device, memory_format=fmt).train() for name, net in recipe.networks(cfg).items()}
+    nets = recipe.networks(cfg)
+    for name, sd in (init or {}).items():
+        recipe.deployed(nets[name]).load_state_dict(sd, strict=True)
+    nets = {name: net.to(device=device, memory_format=fmt).train() for name, net in nets.items()}
     optimizers = {
         name: build_optimizer([p for n in members for p in nets[n].parameters()], cfg, device)
         for name, members in recipe.optimizers.items()

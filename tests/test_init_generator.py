@@ -1,0 +1,115 @@
+"""--init-generator DIRECTION=PATH: a run whose generators start from trained ones (fine-tuning a
+released model, or another run), everything else initialised as a fresh run; checked before
+anything is written; on resume the checkpoint decides."""
+
+import os
+
+import pytest
+import torch
+from conftest import tiny_train_config
+
+from fastcgan.models import load_generator, save_generator
+from fastcgan.train import train
+from fastcgan.train.checkpoint import list_checkpoints, load_checkpoint
+from fastcgan.train.cli import main as train_main
+from fastcgan.train.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A trained tiny CycleGAN run (its generators differ from a fresh initialisation)."""
+    out = tmp_path_factory.mktemp("init-source")
+    train(tiny_train_config(out / "data", out, max_steps=3, checkpoint_every=3, seed=7), install_signal_handlers=False)
+    return out
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_generators_start_from_the_sources_and_the_rest_as_a_fresh_run(source, tmp_path):
+    run = source / "run"
+    ckpt = list_checkpoints(str(run))[-1]
+    init = (f"AtoB={run}", f"BtoA={ckpt}")
+    cfg = tiny_train_config(source / "data", tmp_path, max_steps=0, checkpoint_every=1, init_generators=init)
+    train(cfg, install_signal_handlers=False)
+    fresh_cfg = tiny_train_config(source / "data", tmp_path, max_steps=0, checkpoint_every=1, name="fresh")
+    train(fresh_cfg, install_signal_handlers=False)
+    nets = load_checkpoint(list_checkpoints(str(tmp_path / "run"))[-1])["nets"]
+    fresh = load_checkpoint(list_checkpoints(str(tmp_path / "fresh"))[-1])["nets"]
+    for d in ("AtoB", "BtoA"):
+        assert _equal(load_generator(str(tmp_path / "run"), direction=d).state_dict(),
+                      load_generator(str(run), direction=d).state_dict())
+    for name in ("D_A", "D_B"):  # the discriminators: as without --init-generator (same seed, same draws)
+        assert _equal(nets[name], fresh[name])
+    assert not _equal(nets["G_AB"], fresh["G_AB"])
+
+
+def test_cli_errors_name_the_flag_and_write_nothing(source, tmp_path, capsys):
+    run = source / "run"
+    base = ["--dataset", "synthetic", "--dataroot", str(source / "data"), "--load-size", "32", "--crop-size", "32",
+            "--ngf", "4", "--ndf", "4", "--netG", "resnet_6blocks", "--device", "cpu", "--output-dir", str(tmp_path), "--max-steps", "1",
+            "--no-tensorboard", "--no-progress", "--eval-every", "0"]
+    pth = tmp_path / "latest_net_G_A.pth"
+    pth.write_bytes(b"x")
+    inside = tmp_path / "new"
+    inside.mkdir()
+    save_generator(load_generator(str(run)), inside / "g.safetensors")
+    cases = [
+        (["--ngf", "8", "--init-generator", f"AtoB={run}"], "another architecture than this run's generator: ngf=4 (this run: 8)"),
+        (["--model", "cut", "--init-generator", f"BtoA={run}"], "--model cut trains only AtoB"),
+        (["--init-generator", f"AtoB={tmp_path / 'nope'}"], "not found"),
+        (["--init-generator", f"BtoA={run / 'samples'}"], "has no generator_BtoA.safetensors"),
+        (["--init-generator", f"AtoB={pth}"], "fastcgan-export --from-official"),
+        (["--init-generator", f"AtoB={inside / 'g.safetensors'}"], "inside the run directory"),
+    ]
+    for argv, words in cases:
+        assert train_main(base + ["--name", "new"] + argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "--init-generator" in err and words in err, (argv, err)
+        assert os.listdir(inside) == ["g.safetensors"]  # nothing written
+    for argv, words in ((["--init-generator", f"up={run}"], "DIRECTION=PATH"),
+                        (["--init-generator", f"AtoB={run}", "--init-generator", f"AtoB={run}"],
+                         "one PATH per direction")):
+        with pytest.raises(SystemExit) as e:  # flag syntax: argparse's usage error
+            train_main(base + ["--name", "new"] + argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err
+    assert os.listdir(inside) == ["g.safetensors"]
+
+
+def test_resume_keeps_the_recorded_source_and_refuses_another(source, tmp_path):
+    run = source / "run"
+    kw = dict(checkpoint_every=1, resume="auto")
+    train(tiny_train_config(source / "data", tmp_path, max_steps=1, init_generators=(f"AtoB={run}",), **kw),
+          install_signal_handlers=False)
+    requested = {"init_generators": (f"AtoB={run}",)}  # the same flag again (a relaunched job): fine
+    cfg = tiny_train_config(source / "data", tmp_path, max_steps=2, init_generators=(f"AtoB={run}",), **kw)
+    assert train(cfg, install_signal_handlers=False, requested=requested)["step"] == 2
+    s = train(tiny_train_config(source / "data", tmp_path, max_steps=3, **kw), install_signal_handlers=False)
+    assert s["step"] == 3  # without it: the run's own record is kept
+    cfg = load_checkpoint(list_checkpoints(str(tmp_path / "run"))[-1])["config"]
+    assert tuple(cfg["model"]["init_generators"]) == (f"AtoB={run}",)
+    other = (f"AtoB={list_checkpoints(str(run))[-1]}",)
+    with pytest.raises(ConfigError, match="init_generators=.*cannot change|cannot change.*init_generators"):
+        train(tiny_train_config(source / "data", tmp_path, max_steps=4, init_generators=other, **kw),
+              install_signal_handlers=False, requested={"init_generators": other})
+
+
+def test_a_colorization_generator_file_starts_a_colorization_run(tmp_path):
+    """The deployed colorization generator (L*a*b* wrapper, keys ``net.*``) is what the file holds;
+    it loads into the recipe's network through the same wrapper. A colour (RGB) generator does not."""
+    from fastcgan.models import build_generator
+    from fastcgan.recipes import get_recipe
+    from fastcgan.train.state import build_state, initial_generators
+
+    cfg = tiny_train_config(None, tmp_path, preset="colorization", netG="resnet_6blocks", ngf=4)
+    lab = build_generator("resnet_6blocks", 1, 2, ngf=4, norm=cfg.model.norm, use_dropout=cfg.model.use_dropout,
+                          color_space="lab")
+    save_generator(lab, tmp_path / "lab.safetensors")
+    recipe = get_recipe(cfg.model.recipe)
+    init = initial_generators(cfg.replace(init_generators=(f"AtoB={tmp_path / 'lab.safetensors'}",)), recipe)
+    state = build_state(cfg, torch.device("cpu"), recipe, init)
+    assert _equal(recipe.deployed(state.nets["G"]).state_dict(), lab.state_dict())
+    save_generator(build_generator("resnet_6blocks", ngf=4, norm=cfg.model.norm), tmp_path / "rgb.safetensors")
+    with pytest.raises(ConfigError, match="color_space=None \\(this run: 'lab'\\)"):
+        initial_generators(cfg.replace(init_generators=(f"AtoB={tmp_path / 'rgb.safetensors'}",)), recipe)

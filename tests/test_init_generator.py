@@ -60,7 +60,7 @@ def test_cli_errors_name_the_flag_and_write_nothing(source, tmp_path, capsys):
         (["--model", "cut", "--init-generator", f"BtoA={run}"], "--model cut trains only AtoB"),
         (["--init-generator", f"AtoB={tmp_path / 'nope'}"], "not found"),
         (["--init-generator", f"BtoA={run / 'samples'}"], "has no generator_BtoA.safetensors"),
-        (["--init-generator", f"AtoB={pth}"], "fastcgan-export --from-official"),
+        (["--init-generator", f"AtoB={pth}"], "not an official checkpoint of this run's generator"),
         (["--init-generator", f"AtoB={inside / 'g.safetensors'}"], "inside the run directory"),
     ]
     for argv, words in cases:
@@ -113,3 +113,26 @@ def test_a_colorization_generator_file_starts_a_colorization_run(tmp_path):
     save_generator(build_generator("resnet_6blocks", ngf=4, norm=cfg.model.norm), tmp_path / "rgb.safetensors")
     with pytest.raises(ConfigError, match="color_space=None \\(this run: 'lab'\\)"):
         initial_generators(cfg.replace(init_generators=(f"AtoB={tmp_path / 'rgb.safetensors'}",)), recipe)
+
+
+def test_an_official_checkpoint_starts_a_run_as_this_runs_generator(tmp_path):
+    """``latest_net_G_A.pth`` of the official code (CycleGAN, or CUT's anti-aliased layout) is read
+    with this run's arch / norm / resampling; a CUT file for a strided run is refused by its layout."""
+    from fastcgan.models import build_generator, save_official_generator
+    from fastcgan.recipes import get_recipe
+    from fastcgan.train.state import build_state, initial_generators
+
+    cfg = tiny_train_config(None, tmp_path, netG="resnet_6blocks", ngf=4)
+    recipe = get_recipe(cfg.model.recipe)
+    torch.manual_seed(5)
+    g = build_generator("resnet_6blocks", ngf=4)
+    save_official_generator(g, tmp_path / "latest_net_G_A.pth")
+    init = initial_generators(cfg.replace(init_generators=(f"BtoA={tmp_path / 'latest_net_G_A.pth'}",)), recipe)
+    assert _equal(build_state(cfg, torch.device("cpu"), recipe, init).nets["G_BA"].state_dict(), g.state_dict())
+    save_official_generator(build_generator("resnet_6blocks", ngf=4, antialias=True, antialias_up=True),
+                            tmp_path / "cut.pth")
+    with pytest.raises(ConfigError, match="antialias=False but the checkpoint's layout says antialias=True"):
+        initial_generators(cfg.replace(init_generators=(f"AtoB={tmp_path / 'cut.pth'}",)), recipe)
+    cut = cfg.replace(recipe="cut", antialias=True, antialias_up=True)
+    init = initial_generators(cut.replace(init_generators=(f"AtoB={tmp_path / 'cut.pth'}",)), get_recipe("cut"))
+    assert set(init) == {"G"}

@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-generator", dest="init_generators", action="append", type=_init_generator, default=S,
                    metavar="DIRECTION=PATH",
                    help="start the DIRECTION (AtoB / BtoA) generator from a fastcgan generator: a .safetensors "
-                   "file, a run directory or pretrained folder (its generator_DIRECTION), or a training .ckpt "
-                   "(fine-tuning; its architecture must be this run's; the discriminators start afresh). "
+                   "file, a run directory or pretrained folder (its generator_DIRECTION), a training .ckpt or an "
+                   "official latest_net_G*.pth (fine-tuning; its architecture must be this run's; the "
+                   "discriminators start afresh). "
                    "Repeat for both directions")
     g = p.add_argument_group("optimisation and losses")
     g.add_argument("--lr", type=_float(0.0, strict=True), default=S)

@@ -93,7 +93,7 @@ class ModelConfig:
     nce_layers: str = "0,4,8,12,16"
     netF_nc: int = 256
     # "DIRECTION=PATH" (--init-generator): the exported generator of that direction starts from the
-    # weights of a fastcgan generator (file, run directory, pretrained folder or training checkpoint)
+    # weights of a generator (file, run directory, pretrained folder, training or official checkpoint)
     # instead of init_type; everything else is initialised as usual.
     init_generators: tuple[str, ...] = ()
 

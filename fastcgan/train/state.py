@@ -181,19 +181,26 @@ def initial_generators(cfg: TrainConfig, recipe) -> dict[str, dict[str, torch.Te
         if real == run_dir or real.startswith(run_dir + os.sep):  # the run writes its generators there
             raise ConfigError(f"{where}: inside the run directory {cfg.run_dir}, whose generators this run "
                               "replaces; start from a copy elsewhere")
-        if path.lower().endswith((".pth", ".pt")):
-            raise ConfigError(f"{where}: an official checkpoint; convert it first: fastcgan-export --from-official "
-                              f"{path} --arch ARCH --safetensors g.safetensors")
+        want = ours[direction].config
+        official = path.lower().endswith((".pth", ".pt"))
         try:
-            if path.lower().endswith(".ckpt"):
+            if official:  # the official repositories' latest_net_G*.pth, read as this run's generator
+                from fastcgan.models import load_official_generator
+
+                src = load_official_generator(
+                    path, arch=want["arch"], norm=want["norm"], use_dropout=want["use_dropout"], backend="torch",
+                    color_space=want.get("color_space", "rgb"), antialias=want.get("antialias", False),
+                    antialias_up=want.get("antialias_up", False))
+            elif path.lower().endswith(".ckpt"):
                 from fastcgan.train.checkpoint import checkpoint_generator
 
                 src = checkpoint_generator(path, direction)
             else:
                 src = load_generator(path, direction=direction, backend="torch")
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # CheckpointError is a RuntimeError
-            raise ConfigError(f"{where}: not a fastcgan generator: {e}") from None
-        want, got = ours[direction].config, getattr(src, "config", {})
+            kind = "an official checkpoint of this run's generator" if official else "a fastcgan generator"
+            raise ConfigError(f"{where}: not {kind}: {e}") from None
+        got = getattr(src, "config", {})
         diff = [f"{k}={got.get(k)!r} (this run: {want.get(k)!r})" for k in sorted(set(want) | set(got))
                 if k not in _NOT_ARCHITECTURE and got.get(k) != want.get(k)]
         if diff:

@@ -277,7 +277,8 @@ def test_cut_model_is_read_out_of_the_archive(server, tmp_path):
         _get(server, tmp_path / "c", "horse2zebra")
 
 
-@pytest.mark.parametrize("what", ["missing", "symlink", "not-a-tar", "truncated", "code"])
+@pytest.mark.parametrize("what", ["missing", "symlink", "not-a-tar", "truncated", "code", "twice", "gzip",
+                                  "int-key"])
 def test_bad_cut_archives_leave_nothing(server, tmp_path, monkeypatch, what):
     marker = tmp_path / "pwned"
     monkeypatch.setenv("FASTCGAN_TEST_MARKER", str(marker))
@@ -289,6 +290,9 @@ def test_bad_cut_archives_leave_nothing(server, tmp_path, monkeypatch, what):
         "not-a-tar": lambda: b"<html>moved</html>" * 100,
         "truncated": lambda: _cut_tar({member: good})[: 512 + len(good) // 2],
         "code": lambda: _cut_tar({member: _pth({"model.1.weight": _Evil()})}),
+        "twice": lambda: _cut_tar({member: good, "x/" + member: good}),
+        "gzip": lambda: __import__("gzip").compress(_cut_tar({member: good})),  # the official one is plain
+        "int-key": lambda: _cut_tar({member: _pth({**_cut_generator().state_dict(), 7: torch.zeros(1)})}),
     }[what]()
     server.files["/data/pretrained_models.tar"] = data
     root = tmp_path / "ckpt"
@@ -323,3 +327,57 @@ def test_cut_member_is_never_written_through_a_planted_link(server, tmp_path):
     target = _get(server, root, "horse2zebra_cut")
     assert victim.read_text() == "mine" and sorted(os.listdir(root)) == ["horse2zebra_cut_pretrained"]
     assert os.path.isfile(os.path.join(target, "latest_net_G.pth"))
+
+
+def test_crafted_official_files_are_refused_before_a_network_is_built(monkeypatch):
+    """A few bytes whose first weight claims a wide (allowed) network, with the other keys stubbed,
+    are compared with the network on the meta device: refused, never allocated. A key that is not
+    a name is a ValueError (the callers' "not an official generator"), not a crash."""
+    from fastcgan.models import generators
+
+    sd = dict(_resnet().state_dict())
+    sd["model.1.weight"] = torch.zeros(256, 3, 7, 7)
+    built = []
+    real_init = generators.ResnetGenerator.__init__
+
+    def spy(self, *a, **kw):
+        real_init(self, *a, **kw)
+        built.append(next(self.parameters()).device.type)
+
+    monkeypatch.setattr(generators.ResnetGenerator, "__init__", spy)
+    with pytest.raises(ValueError, match="has shape"):
+        load_official_generator(sd, "resnet_9blocks")
+    assert built == ["meta"]
+    with pytest.raises(ValueError, match="key 7 is not a name"):
+        load_official_generator({**_resnet().state_dict(), 7: torch.zeros(1)}, "resnet_9blocks")
+
+
+def test_cut_archive_headers_are_bounded_and_the_folder_is_readable(server, tmp_path, monkeypatch):
+    """Extended tar headers count against one budget for the archive (tarfile keeps them in memory);
+    the installed folder has the umask's mode, not mkdtemp's 0700."""
+    import tarfile
+
+    from fastcgan.data import download as dl
+
+    member = "checkpoints/horse2zebra_cut_pretrained/latest_net_G.pth"
+    good = _pth(_cut_generator().state_dict())
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(4):
+            info = tarfile.TarInfo(f"pad{i}")
+            info.pax_headers = {"comment": "x" * 3000}
+            tf.addfile(info, io.BytesIO(b""))
+        info = tarfile.TarInfo(member)
+        info.size = len(good)
+        tf.addfile(info, io.BytesIO(good))
+    server.files["/data/pretrained_models.tar"] = buf.getvalue()
+    monkeypatch.setattr(dl, "MAX_TAR_HEADERS", 8000)
+    with pytest.raises(DownloadError, match="not a valid tar archive: an extended header"):
+        _get(server, tmp_path / "a", "horse2zebra_cut")
+    monkeypatch.setattr(dl, "MAX_TAR_HEADERS", 64 << 20)
+    old = os.umask(0o022)
+    try:
+        target = _get(server, tmp_path / "b", "horse2zebra_cut")
+    finally:
+        os.umask(old)
+    assert os.stat(target).st_mode & 0o777 == 0o755

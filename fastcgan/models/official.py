@@ -132,9 +132,11 @@ def _load_state_dict(src: Union[str, os.PathLike, Mapping]) -> tuple[dict[str, T
     return dict(sd), path
 
 
-def _clean(sd: dict, norm: str) -> dict[str, Tensor]:
+def _clean(sd: dict, norm: str, where: str) -> dict[str, Tensor]:
     out = {}
     for k, v in sd.items():
+        if not isinstance(k, str):
+            raise ValueError(f"{where}: key {k!r} is not a name: not a state dict")
         if "metadata" in k or not isinstance(v, Tensor):
             continue  # __metadata-style entries
         while k.startswith("module."):
@@ -254,7 +256,7 @@ def load_official_generator(
     if color_space == "lab":
         input_nc, output_nc = 1, 2
     raw, where = _load_state_dict(path_or_state_dict)
-    sd = _clean(raw, norm)
+    sd = _clean(raw, norm, where)
     resampling = {}
     if arch in ("resnet_9blocks", "resnet_6blocks"):
         n_blocks, *in_keys = _detect_resnet(sd, where)
@@ -288,18 +290,24 @@ def load_official_generator(
     output_nc = file_out if output_nc is None else output_nc
     ngf = file_ngf if ngf is None else ngf
 
-    model = build_generator(
-        arch, input_nc, output_nc, ngf, norm=norm, use_dropout=use_dropout, init_type=None, backend=backend,
-        bn_inference=bn_inference, **resampling,
-    )
+    def build() -> nn.Module:
+        return build_generator(
+            arch, input_nc, output_nc, ngf, norm=norm, use_dropout=use_dropout, init_type=None, backend=backend,
+            bn_inference=bn_inference, **resampling,
+        )
+
+    # Keys and shapes are checked against the network built on the meta device (no memory): a small
+    # file whose first weight claims a wide network is refused before that network is allocated.
+    with torch.device("meta"):
+        model = build()
     ours_to_official = dict(_module_map(model))
     official_to_ours = {v: k for k, v in ours_to_official.items()}
-    blur_filters = _blur_filters(model)
-    converted, unknown = {}, []
+    filter_shapes = {k: f.shape for k, f in _blur_filters(model).items()}
+    converted, filters, unknown = {}, {}, []
     for k, v in sd.items():
         mod, _, name = k.rpartition(".")
-        if k in blur_filters:
-            _check_blur_filter(v, blur_filters[k], k, where)
+        if k in filter_shapes:
+            filters[k] = v
         elif mod in official_to_ours:
             converted[f"{official_to_ours[mod]}.{name}"] = v
         else:
@@ -324,6 +332,10 @@ def load_official_generator(
                 f"{tuple(v.shape)}, expected {tuple(expected[k].shape)} for input_nc={input_nc}, "
                 f"output_nc={output_nc}, ngf={ngf}"
             )
+    model = build()
+    real_filters = _blur_filters(model)
+    for k, v in filters.items():
+        _check_blur_filter(v, real_filters[k], k, where)
     model.load_state_dict(converted, strict=True)
     return (LabColorizer(model) if color_space == "lab" else model).eval()
 

@@ -310,11 +310,23 @@ def checkpoint_generator(path: str, direction: str = "AtoB") -> torch.nn.Module:
             f"(it has {', '.join(recipe.exports)})"
         )
     name = recipe.exports[direction]
+    _check_nets_unbuilt(path, recipe, cfg, payload["nets"])
     with torch.random.fork_rng(devices=[]):  # the networks' initialisation, overwritten below
         net = recipe.networks(cfg)[name]
     _check_net(path, name, net, payload["nets"][name])
     net.load_state_dict(payload["nets"][name])
     return recipe.deployed(net).eval()
+
+
+def _check_nets_unbuilt(path: str, recipe, cfg: TrainConfig, saved: dict) -> None:
+    """Every network the config describes against the checkpoint's tensors (names, keys, shapes),
+    built on the meta device (no memory): a config that claims networks far larger than the
+    tensors the file holds (a few MB claiming ngf 512) is refused before they are allocated."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        nets = recipe.networks(cfg)
+    _check_names(path, "networks", saved, nets)
+    for n, net in nets.items():
+        _check_net(path, n, net, saved[n])
 
 
 def _check_names(path: str, what: str, saved: dict, own: dict) -> None:
@@ -324,6 +336,8 @@ def _check_names(path: str, what: str, saved: dict, own: dict) -> None:
 
 
 def _check_net(path: str, name: str, net: torch.nn.Module, sd: dict) -> None:
+    if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
+        raise CheckpointError(f"checkpoint {path}: network {name} is not a state dict of tensors")
     own = _module(net).state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -357,7 +371,10 @@ def restore_state(
     """A new :class:`TrainState` for ``cfg`` with ``payload`` applied (also the global RNGs and
     ``data_generators``). Every part is checked against the fresh state before any is applied;
     a mismatch raises :class:`CheckpointError` and leaves the global RNGs untouched."""
+    from fastcgan.recipes import get_recipe
+
     data_generators = data_generators or {}
+    _check_nets_unbuilt(path, get_recipe(cfg.model.recipe), cfg, payload["nets"])
     py_before = random.getstate()
     torch_before = torch.get_rng_state()
     state = build_state(cfg, device)  # draws from the global RNG for init: restored below

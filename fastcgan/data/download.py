@@ -290,6 +290,8 @@ def _fetch(
                 try:
                     fd = os.open(part, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
                 except OSError as e:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(_source_path(part))  # the record of a download that never started
                     raise DownloadError(f"cannot write {part}: {e.strerror or e}"
                                         + (" (a symbolic link?)" if os.path.islink(part) else "")) from None
                 with open(fd, mode) as fh:
@@ -357,20 +359,26 @@ def _published_sha256(url: str, timeout: float) -> str | None:
 MAX_EXPANSION = 50  # bytes written per archive byte (archives under 1 MiB count as 1 MiB)
 MAX_MEMBERS = 2_000_000
 # tarfile reads a pax / GNU long-name header's payload into memory whole, at the size the header
-# claims; real ones hold a path and a few attributes.
-MAX_TAR_HEADER = 1 << 20
+# claims, and keeps it with the member; real ones hold a path and a few attributes.
+MAX_TAR_HEADER = 1 << 20  # one extended header
+MAX_TAR_HEADERS = 64 << 20  # all of an archive's
 
 
 class BoundedTarInfo(tarfile.TarInfo):
-    """A TarInfo that refuses an extended header larger than MAX_TAR_HEADER before tarfile reads it
-    (``tarfile.open(..., tarinfo=BoundedTarInfo)``): a few bytes of gzip could otherwise claim, and
+    """A TarInfo that refuses an extended header larger than MAX_TAR_HEADER, or one that takes an
+    archive's extended headers past MAX_TAR_HEADERS, before tarfile reads it
+    (``tarfile.open(..., tarinfo=BoundedTarInfo)``): a few KB of gzip could otherwise claim, and
     make it decompress into memory, gigabytes of "header"."""
 
     def _proc_member(self, tarfile_):
         extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
                     tarfile.SOLARIS_XHDTYPE)
-        if self.type in extended and self.size > MAX_TAR_HEADER:  # a TarError: callers name the archive
-            raise tarfile.TarError(f"an extended header of {self.size:,} bytes (at most {MAX_TAR_HEADER:,})")
+        if self.type in extended:
+            total = getattr(tarfile_, "_fastcgan_header_bytes", 0) + self.size
+            if self.size > MAX_TAR_HEADER or total > MAX_TAR_HEADERS:  # a TarError: callers name the archive
+                raise tarfile.TarError(f"an extended header of {self.size:,} bytes (at most {MAX_TAR_HEADER:,}, "
+                                       f"{MAX_TAR_HEADERS:,} in all)")
+            tarfile_._fastcgan_header_bytes = total
         return super()._proc_member(tarfile_)
 
 
@@ -478,6 +486,9 @@ def replace_dir(src: str, target: str) -> None:
     """Move folder ``src`` to ``target`` (same file system); an existing ``target`` (``--force``)
     goes only once ``src`` is complete, so a failure before this point loses nothing."""
     root, name = os.path.split(target)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(src, 0o777 & ~mask)  # a mkdtemp folder is 0700: the folder gets the mode any other would
     old = None
     if os.path.isdir(target):
         if os.listdir(target):

@@ -219,17 +219,23 @@ def download_pretrained(
 
 
 def _extract_model(tar_path: str, member: str, dest: str, url: str) -> None:
-    """Copy the archive's ``.../<member>`` (a regular file of at most MAX_MODEL_BYTES) to ``dest``,
-    reading the tar's headers one at a time (a bounded number) and nothing else of it. Errors name
-    ``url`` (the file the user asked for), and delete ``dest``."""
+    """Copy the archive's ``.../<member>`` (a regular file of at most MAX_MODEL_BYTES, there once)
+    to ``dest``, reading the tar's headers one at a time (a bounded number; the archive is a plain
+    tar, as the official one: other members' data is seeked over, never read). Errors name ``url``
+    (the file the user asked for), and delete ``dest``."""
+    found = None
     try:
-        with tarfile.open(tar_path, "r:*", tarinfo=BoundedTarInfo) as tf:
+        with tarfile.open(tar_path, "r:", tarinfo=BoundedTarInfo) as tf:
             for count, m in enumerate(iter(tf.next, None)):
+                tf.members = []  # tarfile keeps every header it has read: only this one is needed
                 if count >= MAX_ARCHIVE_MEMBERS:
-                    raise DownloadError(f"{url}: no {member!r} in its first {MAX_ARCHIVE_MEMBERS:,} entries")
+                    raise DownloadError(f"{url}: more than {MAX_ARCHIVE_MEMBERS:,} entries")
                 parts = [p for p in m.name.replace("\\", "/").split("/") if p not in ("", ".")]
                 if parts[-2:] != member.split("/"):
                     continue
+                if found is not None:  # tar -x would keep the last one, we the first: neither is sure
+                    raise DownloadError(f"{url}: {member!r} is there twice ({found!r}, {m.name!r})")
+                found = m.name
                 if not m.isfile():
                     raise DownloadError(f"{url}: {m.name!r} is not a regular file")
                 if m.size > MAX_MODEL_BYTES:
@@ -242,7 +248,8 @@ def _extract_model(tar_path: str, member: str, dest: str, url: str) -> None:
                     shutil.copyfileobj(src, fh, 1 << 20)
                 if os.path.getsize(dest) != m.size:
                     raise DownloadError(f"{url}: {m.name!r} is truncated")
-                return
+        if found is not None:
+            return
     except (tarfile.TarError, EOFError, zlib.error) as e:
         discard_download(dest)
         raise DownloadError(f"{url} is not a valid tar archive: {e}") from None
@@ -257,7 +264,7 @@ def _load_checked(part: str, url: str, collection: str) -> torch.nn.Module:
     spec = PRETRAINED_ARCH[collection]
     try:
         model = load_official_generator(part, **spec)
-    except (ValueError, FileNotFoundError) as e:
+    except Exception as e:  # noqa: BLE001 -- whatever the file makes the loader raise, it is deleted
         discard_download(part)
         kind = f"{collection} {spec['arch']} ({spec['norm']} norm)"
         raise DownloadError(f"{url} is not an official {kind} generator: {e}; download deleted") from None

@@ -232,6 +232,13 @@ def _check_paths(args) -> str | None:
     for flag, f in outputs:
         if os.path.isdir(f):
             return f"{flag} {f} is a directory"
+        folder = os.path.dirname(os.path.abspath(f))
+        while not os.path.lexists(folder):  # the nearest existing folder: the others are made in it
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            return f"{flag} {f}: {folder} is not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"{flag} {f}: cannot write in {folder}"
         if os.path.lexists(f) and not args.overwrite:
             return f"{flag}: {f} already exists; pass --overwrite to replace it"
     return None
@@ -241,11 +248,25 @@ def _check_paths(args) -> str | None:
 def _staged(path: str):
     """A temporary name for ``path`` (same file name, in a private folder beside it, so renaming
     into place is atomic and a manifest's ``artifact`` field is already right); the folder and
-    whatever is left in it are removed on exit."""
+    whatever is left in it are removed on exit, and so are the folders made for ``path`` when it
+    was not installed."""
     folder = os.path.dirname(os.path.abspath(path))
+    made = []
+    d = folder
+    while not os.path.lexists(d):
+        made.append(d)
+        d = os.path.dirname(d)
     os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".fastcgan-export-", dir=folder) as work:
-        yield os.path.join(work, os.path.basename(path))
+    try:
+        with tempfile.TemporaryDirectory(prefix=".fastcgan-export-", dir=folder) as work:
+            yield os.path.join(work, os.path.basename(path))
+    finally:
+        if not os.path.lexists(path):
+            for d in made:  # deepest first; one that holds anything else stays
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
 
 
 def _install(staged: str, path: str, side=(".json", ".manifest.json")) -> None:
@@ -364,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     why = _check_sizes(args, spec) or (_check_profile(args, spec, shapes) if args.trt and not trt_missing else None)
     if why:
         return _usage(why)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # every artifact of it would be NaN; verification would only say "failed"
+        return _usage(f"{source}: non-finite weights in {bad[:4]}: not a usable generator")
     model = model.eval().float()
     print(f"generator: {source} ({spec.arch or 'unknown arch'}, {spec.input_nc}->{spec.output_nc} channels, "
           f"H/W multiple of {spec.size_multiple}, {sum(p.numel() for p in model.parameters()):,} parameters)")

@@ -375,6 +375,22 @@ def test_safetensors_output_converts_official_checkpoints(run_dir, tmp_path, cap
     assert "input" in capsys.readouterr().err
     assert _export(run_dir, "--safetensors", tmp_path / "g.pth") == cli.EXIT_USAGE  # name
     assert "must end in .safetensors" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert _export(run_dir, "--safetensors", tmp_path / "afile" / "g.safetensors") == cli.EXIT_USAGE
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "afile").unlink()
+    nan = _gen("resnet_6blocks", 4)
+    with torch.no_grad():
+        next(nan.parameters())[0] = float("nan")
+    save_generator(nan, tmp_path / "nan.safetensors")
+    assert _export(tmp_path / "nan.safetensors", "--safetensors", tmp_path / "new" / "deeper" / "x.safetensors",
+                   "--no-verify") == cli.EXIT_USAGE
+    assert "non-finite weights" in capsys.readouterr().err
+    (tmp_path / "nan.safetensors").unlink()
+    # A failed verification leaves none of the folders made for the output.
+    assert _export(run_dir, "--onnx", tmp_path / "new" / "deeper" / "g.onnx", "--tol", "1e-12", "--verify-sizes",
+                   "1x32x32") == cli.EXIT_FAIL
+    assert not (tmp_path / "new").exists()
     # A run's generator comes out as it went in (the same tensors), however it is named.
     copy = tmp_path / "copy.safetensors"
     assert _export(run_dir, "--safetensors", copy, "--verify-sizes", "1x32x32") == 0

@@ -55,6 +55,10 @@ def test_cli_errors_name_the_flag_and_write_nothing(source, tmp_path, capsys):
     inside = tmp_path / "new"
     inside.mkdir()
     save_generator(load_generator(str(run)), inside / "g.safetensors")
+    nan = load_generator(str(run))
+    with torch.no_grad():
+        next(nan.parameters())[0] = float("nan")
+    save_generator(nan, tmp_path / "nan.safetensors")
     cases = [
         (["--ngf", "8", "--init-generator", f"AtoB={run}"], "another architecture than this run's generator: ngf=4 (this run: 8)"),
         (["--model", "cut", "--init-generator", f"BtoA={run}"], "--model cut trains only AtoB"),
@@ -62,6 +66,7 @@ def test_cli_errors_name_the_flag_and_write_nothing(source, tmp_path, capsys):
         (["--init-generator", f"BtoA={run / 'samples'}"], "has no generator_BtoA.safetensors"),
         (["--init-generator", f"AtoB={pth}"], "not an official checkpoint of this run's generator"),
         (["--init-generator", f"AtoB={inside / 'g.safetensors'}"], "inside the run directory"),
+        (["--init-generator", f"AtoB={tmp_path / 'nan.safetensors'}"], "non-finite weights"),
     ]
     for argv, words in cases:
         assert train_main(base + ["--name", "new"] + argv) == 2, argv
@@ -83,6 +88,10 @@ def test_resume_keeps_the_recorded_source_and_refuses_another(source, tmp_path):
     train(tiny_train_config(source / "data", tmp_path, max_steps=1, init_generators=(f"AtoB={run}",), **kw),
           install_signal_handlers=False)
     requested = {"init_generators": (f"AtoB={run}",)}  # the same flag again (a relaunched job): fine
+    from fastcgan.train.cli import parse_config
+
+    two = parse_config(["--dataset", "synthetic", "--init-generator", "BtoA=/y", "--init-generator", "AtoB=/x"])
+    assert two[0].model.init_generators == two[1]["init_generators"] == ("AtoB=/x", "BtoA=/y")  # either order
     cfg = tiny_train_config(source / "data", tmp_path, max_steps=2, init_generators=(f"AtoB={run}",), **kw)
     assert train(cfg, install_signal_handlers=False, requested=requested)["step"] == 2
     s = train(tiny_train_config(source / "data", tmp_path, max_steps=3, **kw), install_signal_handlers=False)

@@ -301,8 +301,8 @@ def parse_config(argv: Optional[list[str]] = None) -> tuple[TrainConfig, dict]:
     """Flags -> (config, the explicitly given fields). Invalid values exit via argparse."""
     p = build_parser()
     a = vars(p.parse_args(argv))
-    if "init_generators" in a:  # compared with a checkpoint's (a tuple) on resume
-        a["init_generators"] = tuple(a["init_generators"])
+    if "init_generators" in a:  # compared with a checkpoint's on resume: in its order (by direction)
+        a["init_generators"] = tuple(sorted(a["init_generators"]))
     preset = a.pop("preset") or default_preset(a.get("recipe"))
     if a.get("recipe") in MODEL_ALIASES:
         a["recipe"] = MODEL_ALIASES[a["recipe"]]

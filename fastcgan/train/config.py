@@ -97,8 +97,8 @@ class ModelConfig:
     # instead of init_type; everything else is initialised as usual.
     init_generators: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:  # JSON gives a list: one type, so configs compare equal
-        object.__setattr__(self, "init_generators", tuple(self.init_generators))
+    def __post_init__(self) -> None:  # one order and type (JSON gives a list), so configs compare equal
+        object.__setattr__(self, "init_generators", tuple(sorted(self.init_generators, key=str)))
 
     def validate(self) -> None:
         from fastcgan.recipes import RECIPES

@@ -206,6 +206,9 @@ def initial_generators(cfg: TrainConfig, recipe) -> dict[str, dict[str, torch.Te
         if diff:
             raise ConfigError(f"{where}: another architecture than this run's generator: {'; '.join(diff)}")
         sd = src.state_dict()
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # training would fail at once, blaming the learning rate
+            raise ConfigError(f"{where}: non-finite weights in {bad[:4]}")
         try:
             ours[direction].load_state_dict(sd, strict=True)  # keys and shapes, now rather than mid-start
         except RuntimeError as e:

@@ -138,4 +138,19 @@ def test_a_config_claiming_larger_networks_than_the_file_holds_is_refused_unbuil
     cfg = TrainConfig.from_dict(payload["config"])
     with pytest.raises(CheckpointError, match="does not match the configured model"):
         restore_state(payload, cfg, torch.device("cpu"), path=str(crafted))
+    # The same claim with tensors of the claimed shapes that are stride-0 views of one element each
+    # (torch.save keeps views: a small file): refused for what they claim beyond what they hold.
+    from fastcgan.recipes import get_recipe
+
+    with torch.device("meta"):
+        nets = get_recipe(cfg.model.recipe).networks(cfg)
+    payload["nets"] = {n: {k: torch.zeros(1, dtype=v.dtype).expand(v.shape) for k, v in net.state_dict().items()}
+                       for n, net in nets.items()}
+    payload["digest"] = payload_digest(payload)
+    torch.save(payload, crafted)
+    assert crafted.stat().st_size < 10 << 20
+    with pytest.raises(CheckpointError, match="claim .* bytes more than they hold"):
+        checkpoint_generator(str(crafted), "AtoB")
+    with pytest.raises(CheckpointError, match="claim .* bytes more than they hold"):
+        restore_state(load_checkpoint(str(crafted)), cfg, torch.device("cpu"), path=str(crafted))
     assert built and set(built) == {"meta"}  # compared unbuilt, never allocated

@@ -352,6 +352,18 @@ def test_crafted_official_files_are_refused_before_a_network_is_built(monkeypatc
         load_official_generator({**_resnet().state_dict(), 7: torch.zeros(1)}, "resnet_9blocks")
 
 
+def test_views_claiming_more_than_they_hold_are_refused(tmp_path):
+    """torch.save keeps a stride-0 view as it is: a small official file whose tensors have the full
+    shapes of a wide network (and so pass every shape check) is refused for what they claim."""
+    with torch.device("meta"):
+        wide = official("resnet_9blocks", 256)
+    sd = {k: torch.zeros(1, dtype=v.dtype).expand(v.shape) for k, v in wide.state_dict().items()}
+    torch.save(sd, tmp_path / "wide.pth")
+    assert (tmp_path / "wide.pth").stat().st_size < 1 << 20
+    with pytest.raises(ValueError, match="claim .* bytes more than they hold"):
+        load_official_generator(tmp_path / "wide.pth", "resnet_9blocks")
+
+
 def test_cut_archive_headers_are_bounded_and_the_folder_is_readable(server, tmp_path, monkeypatch):
     """Extended tar headers count against one budget for the archive (tarfile keeps them in memory);
     the installed folder has the umask's mode, not mkdtemp's 0700."""

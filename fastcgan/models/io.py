@@ -51,6 +51,20 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.view(torch.uint8).numpy().data).hexdigest()
 
 
+def unbacked_tensor_bytes(tensors) -> int:
+    """How many bytes ``tensors`` claim beyond the storage that holds them (0 for any saved state
+    dict). ``torch.save`` keeps views as they are: a tensor expanded with stride 0 from one element
+    costs bytes in the file but claims its full shape, and the network built to receive it would be
+    allocated at that size; checked before anything is built from the shapes."""
+    claimed, held = 0, {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            claimed += t.numel() * t.element_size()
+            st = t.untyped_storage()
+            held[st.data_ptr(), st.device.type] = st.nbytes()
+    return max(0, claimed - sum(held.values()))
+
+
 def describe_load_error(e: BaseException) -> str:
     """The cause of a failed ``torch.load(..., weights_only=True)``, without PyTorch's advice to
     retry with ``weights_only=False`` or to allow-list globals (both would run code from the file)."""

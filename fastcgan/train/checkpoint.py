@@ -322,11 +322,17 @@ def _check_nets_unbuilt(path: str, recipe, cfg: TrainConfig, saved: dict) -> Non
     """Every network the config describes against the checkpoint's tensors (names, keys, shapes),
     built on the meta device (no memory): a config that claims networks far larger than the
     tensors the file holds (a few MB claiming ngf 512) is refused before they are allocated."""
+    from fastcgan.models.io import unbacked_tensor_bytes
+
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         nets = recipe.networks(cfg)
     _check_names(path, "networks", saved, nets)
     for n, net in nets.items():
         _check_net(path, n, net, saved[n])
+    extra = unbacked_tensor_bytes(v for sd in saved.values() for v in sd.values())
+    if extra:
+        raise CheckpointError(f"checkpoint {path}: its network tensors claim {extra:,} bytes more than they hold "
+                              "(stride-0 or shared views): not a saved training state")
 
 
 def _check_names(path: str, what: str, saved: dict, own: dict) -> None:

@@ -153,4 +153,10 @@ def test_a_config_claiming_larger_networks_than_the_file_holds_is_refused_unbuil
         checkpoint_generator(str(crafted), "AtoB")
     with pytest.raises(CheckpointError, match="claim .* bytes more than they hold"):
         restore_state(load_checkpoint(str(crafted)), cfg, torch.device("cpu"), path=str(crafted))
+    # Honest networks, but a pool's images a stride-0 view (the pool is allocated like them).
+    honest = load_checkpoint(list_checkpoints(str(run))[0])
+    pool = next(iter(honest["pools"].values()))
+    pool["images"] = torch.zeros(1).expand(1000, 3, 4096, 4096)
+    with pytest.raises(CheckpointError, match="optimizer / pool tensors claim"):
+        restore_state(honest, TrainConfig.from_dict(honest["config"]), torch.device("cpu"), path="x.ckpt")
     assert built and set(built) == {"meta"}  # compared unbuilt, never allocated

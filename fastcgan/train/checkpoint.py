@@ -318,6 +318,18 @@ def checkpoint_generator(path: str, direction: str = "AtoB") -> torch.nn.Module:
     return recipe.deployed(net).eval()
 
 
+def _tensors(obj):
+    """Every tensor in nested dicts / lists / tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
 def _check_nets_unbuilt(path: str, recipe, cfg: TrainConfig, saved: dict) -> None:
     """Every network the config describes against the checkpoint's tensors (names, keys, shapes),
     built on the meta device (no memory): a config that claims networks far larger than the
@@ -379,8 +391,14 @@ def restore_state(
     a mismatch raises :class:`CheckpointError` and leaves the global RNGs untouched."""
     from fastcgan.recipes import get_recipe
 
+    from fastcgan.models.io import unbacked_tensor_bytes
+
     data_generators = data_generators or {}
     _check_nets_unbuilt(path, get_recipe(cfg.model.recipe), cfg, payload["nets"])
+    extra = unbacked_tensor_bytes(_tensors([payload["optimizers"], payload["pools"]]))
+    if extra:  # a pool is allocated like its saved images, moments like theirs
+        raise CheckpointError(f"checkpoint {path}: its optimizer / pool tensors claim {extra:,} bytes more than "
+                              "they hold (stride-0 or shared views): not a saved training state")
     py_before = random.getstate()
     torch_before = torch.get_rng_state()
     state = build_state(cfg, device)  # draws from the global RNG for init: restored below

@@ -153,10 +153,35 @@ def test_a_config_claiming_larger_networks_than_the_file_holds_is_refused_unbuil
         checkpoint_generator(str(crafted), "AtoB")
     with pytest.raises(CheckpointError, match="claim .* bytes more than they hold"):
         restore_state(load_checkpoint(str(crafted)), cfg, torch.device("cpu"), path=str(crafted))
-    # Honest networks, but a pool's images a stride-0 view (the pool is allocated like them).
+    # Any tensor of the file, e.g. one the digest would hash as a contiguous copy (2 GiB claimed).
     honest = load_checkpoint(list_checkpoints(str(run))[0])
-    pool = next(iter(honest["pools"].values()))
-    pool["images"] = torch.zeros(1).expand(1000, 3, 4096, 4096)
-    with pytest.raises(CheckpointError, match="optimizer / pool tensors claim"):
-        restore_state(honest, TrainConfig.from_dict(honest["config"]), torch.device("cpu"), path="x.ckpt")
+    honest["extra"]["junk"] = torch.zeros(1).expand(1 << 29)
+    honest["digest"] = payload_digest(honest)
+    torch.save(honest, crafted)
+    with pytest.raises(CheckpointError, match="claim .* bytes more than they hold"):
+        load_checkpoint(str(crafted))
     assert built and set(built) == {"meta"}  # compared unbuilt, never allocated
+
+
+@pytest.mark.parametrize("what", ["moment", "pool", "count"])
+def test_optimizer_and_pool_state_must_fit_the_run(run, what):
+    """Fully stored tensors of the wrong shape: refused when resuming, before anything is written
+    (they failed mid-step, after the run directory was written)."""
+    from fastcgan.train.checkpoint import CheckpointError, load_checkpoint, restore_state
+    from fastcgan.train.config import TrainConfig
+
+    payload = load_checkpoint(list_checkpoints(str(run))[0])
+    if what == "moment":
+        state = next(iter(payload["optimizers"].values()))["state"]
+        next(iter(state.values()))["exp_avg"] = torch.zeros(7)
+        match = "exp_avg of parameter 0 has shape"
+    else:
+        pool = payload["pools"]["pool_A"]
+        if what == "pool":
+            pool["images"] = torch.zeros(3, 3, 16, 16)
+            match = "image pool pool_A holds images"
+        else:
+            pool["num_imgs"] = torch.tensor(10**6)
+            match = "impossible count"
+    with pytest.raises(CheckpointError, match=match):
+        restore_state(payload, TrainConfig.from_dict(payload["config"]), torch.device("cpu"), path="x.ckpt")

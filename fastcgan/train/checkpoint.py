@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fastcgan.fileio import atomic_writer, remove_stale_temporaries
-from fastcgan.models.io import describe_load_error
+from fastcgan.models.io import describe_load_error, unbacked_tensor_bytes
 from fastcgan.train.config import SCHEDULE_FIELDS, TRAINING_FIELDS, ConfigError, TrainConfig
 from fastcgan.train.state import TrainState, build_state, lr_factor, lr_lambda
 
@@ -268,6 +268,13 @@ def load_checkpoint(path: str) -> dict:
     missing = [k for k in _REQUIRED if k not in payload]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
+    # torch.save keeps views: a stride-0 tensor costs one element in the file but claims its whole
+    # shape, which hashing it (a contiguous copy), building a network for it or a pool like it would
+    # allocate. Checked first, over every tensor.
+    extra = unbacked_tensor_bytes(_tensors(payload))
+    if extra:
+        raise CheckpointError(f"checkpoint {path}: its tensors claim {extra:,} bytes more than they hold "
+                              "(stride-0 or shared views): not a saved training state")
     verify_digest(payload, path)
     rng = payload["rng"]
     if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
@@ -334,17 +341,11 @@ def _check_nets_unbuilt(path: str, recipe, cfg: TrainConfig, saved: dict) -> Non
     """Every network the config describes against the checkpoint's tensors (names, keys, shapes),
     built on the meta device (no memory): a config that claims networks far larger than the
     tensors the file holds (a few MB claiming ngf 512) is refused before they are allocated."""
-    from fastcgan.models.io import unbacked_tensor_bytes
-
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         nets = recipe.networks(cfg)
     _check_names(path, "networks", saved, nets)
     for n, net in nets.items():
         _check_net(path, n, net, saved[n])
-    extra = unbacked_tensor_bytes(v for sd in saved.values() for v in sd.values())
-    if extra:
-        raise CheckpointError(f"checkpoint {path}: its network tensors claim {extra:,} bytes more than they hold "
-                              "(stride-0 or shared views): not a saved training state")
 
 
 def _check_names(path: str, what: str, saved: dict, own: dict) -> None:
@@ -377,6 +378,31 @@ def _check_opt(path: str, name: str, opt: torch.optim.Optimizer, sd: dict) -> No
         ok = False
     if not ok:
         raise CheckpointError(f"checkpoint {path}: optimizer {name} does not match the configured model")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = sd.get("state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: optimizer {name} has no state")
+    for i, entry in state.items():  # moments shaped like their parameter, the step a scalar
+        if not (isinstance(i, int) and 0 <= i < len(params) and isinstance(entry, dict)):
+            raise CheckpointError(f"checkpoint {path}: optimizer {name} has state for no parameter ({i!r})")
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor) and v.numel() != 1 and v.shape != params[i].shape:
+                raise CheckpointError(f"checkpoint {path}: optimizer {name}'s {k} of parameter {i} has shape "
+                                      f"{tuple(v.shape)}, its parameter {tuple(params[i].shape)}")
+
+
+def _check_pool(path: str, name: str, size: int, channels: int, cfg: TrainConfig, sd: dict) -> None:
+    """The saved pool holds ``size`` images of ``channels`` channels (at the crop size when the data
+    is cropped; other sizes are checked against the data when training starts)."""
+    images, n = sd.get("images"), sd.get("num_imgs")
+    if not (isinstance(n, torch.Tensor) and n.numel() == 1 and 0 <= int(n) <= size):
+        raise CheckpointError(f"checkpoint {path}: image pool {name} holds an impossible count ({n!r})")
+    if images is None:
+        return
+    want = (size, channels) + ((cfg.data.crop_size,) * 2 if cfg.data.preprocess.endswith("crop") else ())
+    if not (isinstance(images, torch.Tensor) and images.dim() == 4 and tuple(images.shape[:len(want)]) == want):
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise CheckpointError(f"checkpoint {path}: image pool {name} holds images {got}, not {want} + ...")
 
 
 def restore_state(
@@ -391,14 +417,9 @@ def restore_state(
     a mismatch raises :class:`CheckpointError` and leaves the global RNGs untouched."""
     from fastcgan.recipes import get_recipe
 
-    from fastcgan.models.io import unbacked_tensor_bytes
-
     data_generators = data_generators or {}
-    _check_nets_unbuilt(path, get_recipe(cfg.model.recipe), cfg, payload["nets"])
-    extra = unbacked_tensor_bytes(_tensors([payload["optimizers"], payload["pools"]]))
-    if extra:  # a pool is allocated like its saved images, moments like theirs
-        raise CheckpointError(f"checkpoint {path}: its optimizer / pool tensors claim {extra:,} bytes more than "
-                              "they hold (stride-0 or shared views): not a saved training state")
+    recipe = get_recipe(cfg.model.recipe)
+    _check_nets_unbuilt(path, recipe, cfg, payload["nets"])
     py_before = random.getstate()
     torch_before = torch.get_rng_state()
     state = build_state(cfg, device)  # draws from the global RNG for init: restored below
@@ -412,6 +433,8 @@ def restore_state(
         _check_net(path, n, net, payload["nets"][n])
     for n, opt in state.optimizers.items():
         _check_opt(path, n, opt, payload["optimizers"][n])
+    for n, (size, channels) in recipe.pools(cfg).items():
+        _check_pool(path, n, size, channels, cfg, payload["pools"][n])
     rng = payload["rng"]
     saved_data = rng.get("data") or {}
     if set(saved_data) != set(data_generators):

@@ -375,9 +375,10 @@ class BoundedTarInfo(tarfile.TarInfo):
                     tarfile.SOLARIS_XHDTYPE)
         if self.type in extended:
             total = getattr(tarfile_, "_fastcgan_header_bytes", 0) + self.size
-            if self.size > MAX_TAR_HEADER or total > MAX_TAR_HEADERS:  # a TarError: callers name the archive
-                raise tarfile.TarError(f"an extended header of {self.size:,} bytes (at most {MAX_TAR_HEADER:,}, "
-                                       f"{MAX_TAR_HEADERS:,} in all)")
+            if self.size > MAX_TAR_HEADER:  # a TarError: callers name the archive
+                raise tarfile.TarError(f"an extended header of {self.size:,} bytes (at most {MAX_TAR_HEADER:,})")
+            if total > MAX_TAR_HEADERS:
+                raise tarfile.TarError(f"extended headers of more than {MAX_TAR_HEADERS:,} bytes in all")
             tarfile_._fastcgan_header_bytes = total
         return super()._proc_member(tarfile_)
 

@@ -224,6 +224,10 @@ def _extract_model(tar_path: str, member: str, dest: str, url: str) -> None:
     tar, as the official one: other members' data is seeked over, never read). Errors name ``url``
     (the file the user asked for), and delete ``dest``."""
     found = None
+    with open(tar_path, "rb") as fh:
+        if fh.read(2) == b"\x1f\x8b":
+            discard_download(dest)
+            raise DownloadError(f"{url} is gzip-compressed: the official archive is a plain (uncompressed) tar")
     try:
         with tarfile.open(tar_path, "r:", tarinfo=BoundedTarInfo) as tf:
             for count, m in enumerate(iter(tf.next, None)):

@@ -63,6 +63,23 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def resnet_builds(monkeypatch):
+    """The device type of every ResnetGenerator built while the test runs ("meta": checked, not
+    allocated)."""
+    from fastcgan.models import generators
+
+    built = []
+    real_init = generators.ResnetGenerator.__init__
+
+    def spy(self, *a, **kw):
+        real_init(self, *a, **kw)
+        built.append(next(self.parameters()).device.type)
+
+    monkeypatch.setattr(generators.ResnetGenerator, "__init__", spy)
+    return built
+
+
 def tiny_train_config(root=None, out=None, **overrides):
     """The one tiny training config of the suite (CPU, ngf/ndf 4, 32² synthetic data, no
     periodic samples/checkpoints/FID, quiet); each test overrides only what it is about."""

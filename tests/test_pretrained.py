@@ -329,25 +329,16 @@ def test_cut_member_is_never_written_through_a_planted_link(server, tmp_path):
     assert os.path.isfile(os.path.join(target, "latest_net_G.pth"))
 
 
-def test_crafted_official_files_are_refused_before_a_network_is_built(monkeypatch):
+def test_crafted_official_files_are_refused_before_a_network_is_built(resnet_builds):
     """A few bytes whose first weight claims a wide (allowed) network, with the other keys stubbed,
     are compared with the network on the meta device: refused, never allocated. A key that is not
     a name is a ValueError (the callers' "not an official generator"), not a crash."""
-    from fastcgan.models import generators
-
     sd = dict(_resnet().state_dict())
     sd["model.1.weight"] = torch.zeros(256, 3, 7, 7)
-    built = []
-    real_init = generators.ResnetGenerator.__init__
-
-    def spy(self, *a, **kw):
-        real_init(self, *a, **kw)
-        built.append(next(self.parameters()).device.type)
-
-    monkeypatch.setattr(generators.ResnetGenerator, "__init__", spy)
+    resnet_builds.clear()  # _resnet() built one
     with pytest.raises(ValueError, match="has shape"):
         load_official_generator(sd, "resnet_9blocks")
-    assert built == ["meta"]
+    assert resnet_builds == ["meta"]
     with pytest.raises(ValueError, match="key 7 is not a name"):
         load_official_generator({**_resnet().state_dict(), 7: torch.zeros(1)}, "resnet_9blocks")
 

@@ -105,7 +105,7 @@ PRETRAINED_ARCH = {
 # archive holds six generators (and perhaps their discriminators and heads).
 MAX_MODEL_BYTES = 1 << 30
 MAX_ARCHIVE_BYTES = 4 << 30
-MAX_ARCHIVE_MEMBERS = 10_000  # tarfile keeps every header it reads: bounded
+MAX_ARCHIVE_MEMBERS = 10_000  # entries read before giving up (the official archive holds six models' files)
 OFFICIAL_FILE = "latest_net_G.pth"
 logger = logging.getLogger("fastcgan.data")
 

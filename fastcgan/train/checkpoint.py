@@ -317,10 +317,9 @@ def checkpoint_generator(path: str, direction: str = "AtoB") -> torch.nn.Module:
             f"(it has {', '.join(recipe.exports)})"
         )
     name = recipe.exports[direction]
-    _check_nets_unbuilt(path, recipe, cfg, payload["nets"])
+    _check_nets_unbuilt(path, recipe, cfg, payload["nets"])  # every network's keys and shapes
     with torch.random.fork_rng(devices=[]):  # the networks' initialisation, overwritten below
         net = recipe.networks(cfg)[name]
-    _check_net(path, name, net, payload["nets"][name])
     net.load_state_dict(payload["nets"][name])
     return recipe.deployed(net).eval()
 
@@ -345,7 +344,7 @@ def _check_nets_unbuilt(path: str, recipe, cfg: TrainConfig, saved: dict) -> Non
         nets = recipe.networks(cfg)
     _check_names(path, "networks", saved, nets)
     for n, net in nets.items():
-        _check_net(path, n, net, saved[n])
+        check_network(path, n, net, saved[n])
 
 
 def _check_names(path: str, what: str, saved: dict, own: dict) -> None:
@@ -354,7 +353,7 @@ def _check_names(path: str, what: str, saved: dict, own: dict) -> None:
         raise CheckpointError(f"checkpoint {path}: {what} {got} do not match this recipe's {sorted(own)}")
 
 
-def _check_net(path: str, name: str, net: torch.nn.Module, sd: dict) -> None:
+def check_network(path: str, name: str, net: torch.nn.Module, sd: dict) -> None:
     if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
         raise CheckpointError(f"checkpoint {path}: network {name} is not a state dict of tensors")
     own = _module(net).state_dict()
@@ -419,18 +418,15 @@ def restore_state(
 
     data_generators = data_generators or {}
     recipe = get_recipe(cfg.model.recipe)
-    _check_nets_unbuilt(path, recipe, cfg, payload["nets"])
+    _check_nets_unbuilt(path, recipe, cfg, payload["nets"])  # names, keys and shapes of every network
     py_before = random.getstate()
     torch_before = torch.get_rng_state()
     state = build_state(cfg, device)  # draws from the global RNG for init: restored below
     random.setstate(py_before)
     torch.set_rng_state(torch_before)
-    _check_names(path, "networks", payload["nets"], state.nets)
     _check_names(path, "optimizers", payload["optimizers"], state.optimizers)
     _check_names(path, "schedulers", payload["schedulers"], state.schedulers)
     _check_names(path, "image pools", payload["pools"], state.pools)
-    for n, net in state.nets.items():
-        _check_net(path, n, net, payload["nets"][n])
     for n, opt in state.optimizers.items():
         _check_opt(path, n, opt, payload["optimizers"][n])
     for n, (size, channels) in recipe.pools(cfg).items():

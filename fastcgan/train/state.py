@@ -158,19 +158,17 @@ _NOT_ARCHITECTURE = ("bn_inference", "backend")
 def initial_generators(cfg: TrainConfig, recipe) -> dict[str, dict[str, torch.Tensor]]:
     """``--init-generator DIRECTION=PATH``: the state dict each named exported generator starts
     from (verified tensors, on the CPU), read and checked against this run's generator before
-    anything is written. Not affected by, and not affecting, the torch RNG of the run (the
-    networks built here for the check are discarded; :func:`build_state` seeds its own)."""
+    anything is written. This run's generators are built for the comparison on the meta device
+    (no memory, no RNG draw)."""
     from fastcgan.models import load_generator
+    from fastcgan.train.checkpoint import CheckpointError, check_network
     from fastcgan.train.config import ConfigError
 
     if not cfg.model.init_generators:
         return {}
-    rng = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         nets = recipe.networks(cfg)
-        ours = {d: recipe.deployed(nets[n]) for d, n in recipe.exports.items()}
-    finally:
-        torch.random.set_rng_state(rng)
+    ours = {d: recipe.deployed(nets[n]) for d, n in recipe.exports.items()}
     out = {}
     for entry in cfg.model.init_generators:
         direction, _, path = entry.partition("=")
@@ -209,9 +207,9 @@ def initial_generators(cfg: TrainConfig, recipe) -> dict[str, dict[str, torch.Te
         bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:  # training would fail at once, blaming the learning rate
             raise ConfigError(f"{where}: non-finite weights in {bad[:4]}")
-        try:
-            ours[direction].load_state_dict(sd, strict=True)  # keys and shapes, now rather than mid-start
-        except RuntimeError as e:
+        try:  # keys and shapes, now rather than mid-start
+            check_network(path, direction, ours[direction], sd)
+        except CheckpointError as e:
             raise ConfigError(f"{where}: its weights do not fit this run's generator: {e}") from None
         out[recipe.exports[direction]] = {k: v.detach().cpu() for k, v in sd.items()}
     return out

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fastcgan.fileio import atomic_writer, remove_stale_temporaries
-from fastcgan.models.io import describe_load_error, unbacked_tensor_bytes
+from fastcgan.models.io import check_torch_file, describe_load_error, unbacked_tensor_bytes
 from fastcgan.train.config import SCHEDULE_FIELDS, TRAINING_FIELDS, ConfigError, TrainConfig
 from fastcgan.train.state import TrainState, build_state, lr_factor, lr_lambda
 
@@ -253,6 +253,7 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
+        check_torch_file(path)
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, refused unpickling ...
         raise CheckpointError(
@@ -286,6 +287,7 @@ def checkpoint_config(path: str) -> TrainConfig:
     """The config of the training checkpoint ``path``, for deciding what to load from it: read
     memory-mapped (no tensor is read) and not verified -- loading it verifies everything."""
     try:
+        check_torch_file(path)
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return TrainConfig.from_dict(payload["config"])
     except Exception as e:  # noqa: BLE001 - corrupt, foreign, truncated: named with the file

@@ -109,19 +109,19 @@ def test_a_colorization_generator_file_starts_a_colorization_run(tmp_path):
     it loads into the recipe's network through the same wrapper. A colour (RGB) generator does not."""
     from fastcgan.models import build_generator
     from fastcgan.recipes import get_recipe
-    from fastcgan.train.state import build_state, initial_generators
+    from fastcgan.train.state import build_state, initial_weights
 
     cfg = tiny_train_config(None, tmp_path, preset="colorization", netG="resnet_6blocks", ngf=4)
     lab = build_generator("resnet_6blocks", 1, 2, ngf=4, norm=cfg.model.norm, use_dropout=cfg.model.use_dropout,
                           color_space="lab")
     save_generator(lab, tmp_path / "lab.safetensors")
     recipe = get_recipe(cfg.model.recipe)
-    init = initial_generators(cfg.replace(init_generators=(f"AtoB={tmp_path / 'lab.safetensors'}",)), recipe)
+    init = initial_weights(cfg.replace(init_generators=(f"AtoB={tmp_path / 'lab.safetensors'}",)), recipe)
     state = build_state(cfg, torch.device("cpu"), recipe, init)
     assert _equal(recipe.deployed(state.nets["G"]).state_dict(), lab.state_dict())
     save_generator(build_generator("resnet_6blocks", ngf=4, norm=cfg.model.norm), tmp_path / "rgb.safetensors")
     with pytest.raises(ConfigError, match="color_space=None \\(this run: 'lab'\\)"):
-        initial_generators(cfg.replace(init_generators=(f"AtoB={tmp_path / 'rgb.safetensors'}",)), recipe)
+        initial_weights(cfg.replace(init_generators=(f"AtoB={tmp_path / 'rgb.safetensors'}",)), recipe)
 
 
 def test_an_official_checkpoint_starts_a_run_as_this_runs_generator(tmp_path):
@@ -129,19 +129,19 @@ def test_an_official_checkpoint_starts_a_run_as_this_runs_generator(tmp_path):
     with this run's arch / norm / resampling; a CUT file for a strided run is refused by its layout."""
     from fastcgan.models import build_generator, save_official_generator
     from fastcgan.recipes import get_recipe
-    from fastcgan.train.state import build_state, initial_generators
+    from fastcgan.train.state import build_state, initial_weights
 
     cfg = tiny_train_config(None, tmp_path, netG="resnet_6blocks", ngf=4)
     recipe = get_recipe(cfg.model.recipe)
     torch.manual_seed(5)
     g = build_generator("resnet_6blocks", ngf=4)
     save_official_generator(g, tmp_path / "latest_net_G_A.pth")
-    init = initial_generators(cfg.replace(init_generators=(f"BtoA={tmp_path / 'latest_net_G_A.pth'}",)), recipe)
+    init = initial_weights(cfg.replace(init_generators=(f"BtoA={tmp_path / 'latest_net_G_A.pth'}",)), recipe)
     assert _equal(build_state(cfg, torch.device("cpu"), recipe, init).nets["G_BA"].state_dict(), g.state_dict())
     save_official_generator(build_generator("resnet_6blocks", ngf=4, antialias=True, antialias_up=True),
                             tmp_path / "cut.pth")
     with pytest.raises(ConfigError, match="antialias=False but the checkpoint's layout says antialias=True"):
-        initial_generators(cfg.replace(init_generators=(f"AtoB={tmp_path / 'cut.pth'}",)), recipe)
+        initial_weights(cfg.replace(init_generators=(f"AtoB={tmp_path / 'cut.pth'}",)), recipe)
     cut = cfg.replace(recipe="cut", antialias=True, antialias_up=True)
-    init = initial_generators(cut.replace(init_generators=(f"AtoB={tmp_path / 'cut.pth'}",)), get_recipe("cut"))
+    init = initial_weights(cut.replace(init_generators=(f"AtoB={tmp_path / 'cut.pth'}",)), get_recipe("cut"))
     assert set(init) == {"G"}

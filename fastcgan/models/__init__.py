@@ -35,7 +35,12 @@ from fastcgan.models.io import (
     resolve_generator_path,
     save_generator,
 )
-from fastcgan.models.official import load_official_generator, official_state_dict, save_official_generator
+from fastcgan.models.official import (
+    load_official_generator,
+    load_official_state_dict,
+    official_state_dict,
+    save_official_generator,
+)
 
 __all__ = [
     "BN_INFERENCE_MODES",
@@ -65,6 +70,7 @@ __all__ = [
     "resolve_generator_path",
     "save_generator",
     "load_official_generator",
+    "load_official_state_dict",
     "official_state_dict",
     "save_official_generator",
 ]

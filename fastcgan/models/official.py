@@ -15,6 +15,15 @@ The official networks are ``nn.Sequential`` stacks, so their state-dict keys are
   down conv/norm are ``1``/``2`` and the up conv/norm ``5``/``6`` (outermost ``0``/``3``, innermost
   ``1`` and ``3``/``4``).
 
+The training networks (to continue an official run, :func:`load_official_state_dict`):
+
+* PatchGAN (``NLayerDiscriminator``, ``n`` layers): ``model.0`` the first conv, then per layer its conv
+  and norm at ``model.{2+3i}``/``{3+3i}`` and the last conv at ``model.{2+3n}``; anti-aliased (the CUT
+  default) a ``Downsample`` follows each downsampling LeakyReLU (``model.2``, then convs at
+  ``model.{3+4i}``, norms one after, blurs at ``{6+4i}``, the last conv at ``model.{4n+2}``).
+* PixelGAN: ``net.0``, ``net.2`` (norm ``net.3``), ``net.5``.
+* CUT's ``PatchSampleF`` (``mlp_sample``): ``mlp_{l}.0`` / ``mlp_{l}.2``, the two Linear layers per NCE layer.
+
 Only layers with parameters or buffers appear (InstanceNorm without affine has none; old
 checkpoints saved with ``track_running_stats=True`` carry InstanceNorm running stats, which the
 official loader deletes and so do we). The mapping is module path to module path; the tensor
@@ -32,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcgan.models._blocks import BlurDownsample, BlurUpsample
+from fastcgan.models.discriminators import NLayerDiscriminator, PixelDiscriminator
 from fastcgan.models.generators import (
     COLOR_SPACES,
     LabColorizer,
@@ -103,13 +113,41 @@ def _unet_module_map(num_downs: int) -> list[tuple[str, str]]:
     ]
 
 
+def _nlayer_module_map(n_layers: int, antialias: bool) -> list[tuple[str, str]]:
+    """The PatchGAN's conv/norm (and blur) modules, in the official order."""
+    pairs = [("stem", "model.0")]
+    if not antialias:  # Conv-LeakyReLU, then Conv-Norm-LeakyReLU per layer
+        for i in range(n_layers):
+            pairs += [(f"body.{i}.conv", f"model.{2 + 3 * i}"), (f"body.{i}.norm", f"model.{3 + 3 * i}")]
+        return pairs + [("head", f"model.{2 + 3 * n_layers}")]
+    pairs.append(("stem_blur", "model.2"))  # Conv-LeakyReLU-Downsample, then Conv-Norm-LeakyReLU-Downsample
+    for i in range(n_layers):
+        pairs += [(f"body.{i}.conv", f"model.{3 + 4 * i}"), (f"body.{i}.norm", f"model.{4 + 4 * i}")]
+        if i < n_layers - 1:  # the last layer (stride 1) has no blur
+            pairs.append((f"body.{i}.blur", f"model.{6 + 4 * i}"))
+    return pairs + [("head", f"model.{4 * n_layers + 2}")]
+
+
 def _module_map(model: nn.Module) -> list[tuple[str, str]]:
+    """(our module path, official module path) of every module of ``model`` that has weights or an
+    official constant buffer, in the official order."""
+    if isinstance(model, LabColorizer):  # the official colorization G is the L -> ab network
+        return [(f"net.{ours}", official) for ours, official in _module_map(model.net)]
     if isinstance(model, ResnetGenerator):
         return _resnet_module_map(model.n_blocks, model.use_dropout, model.antialias, model.antialias_up)
     if isinstance(model, UnetGenerator):
         return _unet_module_map(model.num_downs)
+    if isinstance(model, NLayerDiscriminator):
+        return _nlayer_module_map(len(model.body), model.antialias)
+    if isinstance(model, PixelDiscriminator):
+        return [("stem", "net.0"), ("body.conv", "net.2"), ("body.norm", "net.3"), ("head", "net.5")]
+    from fastcgan.models.patchnce import PatchNCEHeads
+
+    if isinstance(model, PatchNCEHeads):
+        return [(f"mlps.{i}.{j}", f"mlp_{i}.{j}") for i in range(len(model.mlps)) for j in (0, 2)]
     raise TypeError(
-        f"official checkpoints exist for ResnetGenerator and UnetGenerator only, got {type(model).__name__}"
+        "official checkpoints exist for the ResNet and U-Net generators, the PatchGAN and PixelGAN "
+        f"discriminators and CUT's PatchNCE heads, not for {type(model).__name__}"
     )
 
 
@@ -119,11 +157,12 @@ def _load_state_dict(src: Union[str, os.PathLike, Mapping]) -> tuple[dict[str, T
     path = os.fspath(src)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"official checkpoint not found: {path}")
+    from fastcgan.models.io import check_torch_file, describe_load_error
+
+    check_torch_file(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        from fastcgan.models.io import describe_load_error
-
         raise ValueError(f"cannot read {path} as a PyTorch state dict: {describe_load_error(e)}") from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
@@ -306,6 +345,17 @@ def load_official_generator(
     # file whose first weight claims a wide network is refused before that network is allocated.
     with torch.device("meta"):
         model = build()
+    converted = _convert(sd, model, where, f"{arch} (norm={norm!r}, use_dropout={use_dropout})",
+                         f"input_nc={input_nc}, output_nc={output_nc}, ngf={ngf}")
+    model = build()
+    model.load_state_dict(converted, strict=True)
+    return (LabColorizer(model) if color_space == "lab" else model).eval()
+
+
+def _convert(sd: dict[str, Tensor], model: nn.Module, where: str, what: str, dims: str) -> dict[str, Tensor]:
+    """Official ``sd`` (cleaned) under ``model``'s keys: every key maps, none is missing, every shape
+    is ``model``'s (which may be on the meta device) and the blur filters are the official constants
+    (ours are rebuilt, so they are checked, not loaded)."""
     ours_to_official = dict(_module_map(model))
     official_to_ours = {v: k for k, v in ours_to_official.items()}
     filter_shapes = {k: f.shape for k, f in _blur_filters(model).items()}
@@ -327,35 +377,54 @@ def load_official_generator(
 
     if unknown or missing:
         raise ValueError(
-            f"{where}: not an official {arch} (norm={norm!r}, use_dropout={use_dropout}) state dict; "
+            f"{where}: not an official {what} state dict; "
             f"unexpected keys {unknown[:8]}{'...' if len(unknown) > 8 else ''}, "
             f"missing {[official_key(k) for k in missing[:8]]}"
         )
     for k, v in converted.items():
         if v.shape != expected[k].shape:
             raise ValueError(
-                f"{where}: {official_key(k)} has shape "
-                f"{tuple(v.shape)}, expected {tuple(expected[k].shape)} for input_nc={input_nc}, "
-                f"output_nc={output_nc}, ngf={ngf}"
+                f"{where}: {official_key(k)} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)} for {dims}"
             )
-    model = build()
-    real_filters = _blur_filters(model)
     for k, v in filters.items():
-        _check_blur_filter(v, real_filters[k], k, where)
-    model.load_state_dict(converted, strict=True)
-    return (LabColorizer(model) if color_space == "lab" else model).eval()
+        blur = model.get_submodule(official_to_ours[k.rpartition(".")[0]])
+        _check_blur_filter(v, _official_filter(blur), k, where)
+    return converted
+
+
+def load_official_state_dict(
+    path_or_state_dict: Union[str, os.PathLike, Mapping], model: nn.Module, norm: str = "instance"
+) -> dict[str, Tensor]:
+    """An official training network's state dict (``latest_net_D_A.pth``, CUT's ``latest_net_F.pth``,
+    a generator's) as ``model``'s state dict, for ``model.load_state_dict``. ``model`` -- one of
+    ours, built with the official run's settings, possibly on the meta device -- says what the file
+    must hold: every official key maps to one of its keys, none is missing, every shape matches (a
+    ValueError names the first that does not). ``norm="instance"`` drops stale InstanceNorm running
+    stats, as the official loader does.
+
+    Unlike :func:`load_official_generator` this reads no architecture from the file; the caller
+    knows it (continuing an official run with its options)."""
+    raw, where = _load_state_dict(path_or_state_dict)
+    cfg = getattr(model, "config", {})
+    what = type(getattr(model, "net", model)).__name__ + (f" ({cfg.get('arch')}, norm={norm!r})" if cfg else "")
+    shape = ", ".join(f"{k}={v}" for k, v in cfg.items() if k in ("input_nc", "output_nc", "ngf", "ndf", "n_layers"))
+    return _convert(_clean(raw, norm, where), model, where, what, shape or "this network")
 
 
 def _blur_filters(model: nn.Module) -> dict[str, Tensor]:
     """Official key -> filter for each blur module (the official ``Downsample`` / ``Upsample`` save
     their constant filters as buffers; ours are not saved: they are rebuilt, never learned)."""
-    if not isinstance(model, ResnetGenerator):
-        return {}
     return {
         f"{official}.filt": model.get_submodule(ours).filt
         for ours, official in _module_map(model)
         if isinstance(model.get_submodule(ours), (BlurDownsample, BlurUpsample))
     }
+
+
+def _official_filter(blur: nn.Module) -> Tensor:
+    """The constant filter of ``blur`` (built on the CPU: ``blur`` may be on the meta device)."""
+    with torch.device("cpu"):
+        return type(blur)(blur.channels).filt
 
 
 def _check_blur_filter(v: Tensor, want: Tensor, key: str, where: str) -> None:
@@ -367,8 +436,6 @@ def _check_blur_filter(v: Tensor, want: Tensor, key: str, where: str) -> None:
 def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``model``'s state dict under the official repository's keys (CPU, contiguous tensors)."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    if isinstance(model, LabColorizer):  # the official colorization G is the L -> ab network
-        model = model.net
     pairs = _module_map(model)
     mapped = {ours for ours, _ in pairs}
     ours_sd = model.state_dict()

@@ -14,6 +14,8 @@ checkpoints, logging, export. A recipe owns only:
 * ``exports``: which networks are the deployable generators (``{"AtoB": "G_AB"}``), and
   ``deployable(net)`` when the trained network is not itself the image-to-image generator (colorization
   wraps its L -> ab network into an RGB -> RGB one);
+* ``official_networks``: its networks by the name the official repository saves them under
+  (``{"G_A": "G_AB", ...}``: ``latest_net_G_A.pth``), to continue an official run;
 * its data, when it is not unpaired A/B folders: ``dataset(cfg, root, phase)``,
   ``synthetic(cfg, root)`` (the built-in data with ground truth) and ``augment(batch, **kw)``
   (uint8 batch -> model inputs; pix2pix crops both halves of a pair alike).
@@ -25,7 +27,7 @@ A new method (pix2pix, CUT) is one new file in ``fastcgan/recipes/`` that builds
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Protocol
 
 import torch
@@ -96,6 +98,8 @@ class Recipe:
     synthetic: Callable = None  # (cfg, root) -> root of the built-in data; None: unpaired synthetic
     augment: Callable = None  # (uint8 batch, generator=, channels_last=, shard=, **aug) -> inputs
     deployable: Callable = None  # (trained network) -> the generator saved, scored and exported
+    # Official checkpoint name -> network: EPOCH_net_NAME.pth of an official run holds that network.
+    official_networks: Mapping[str, str] = field(default_factory=dict)
 
     def deployed(self, net: nn.Module) -> nn.Module:
         """The generator ``net`` (an ``exports`` network) is deployed as (shares its parameters)."""

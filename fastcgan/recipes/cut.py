@@ -259,4 +259,5 @@ RECIPE = Recipe(
     sample_rows=sample_rows,
     exports={"AtoB": "G"},
     progress_keys=("G", "G_GAN", "NCE", "D"),
+    official_networks={"G": "G", "D": "D", "F": "F"},  # F: the PatchNCE heads (--netF mlp_sample)
 )

@@ -168,4 +168,6 @@ RECIPE = Recipe(
     sample_rows=sample_rows,
     exports={"AtoB": "G_AB", "BtoA": "G_BA"},
     progress_keys=("G", "cycle_A", "cycle_B", "D_A", "D_B"),
+    # The official D_A judges G_A's output (domain B): it is our D_B, and its D_B our D_A.
+    official_networks={"G_A": "G_AB", "G_B": "G_BA", "D_A": "D_B", "D_B": "D_A"},
 )

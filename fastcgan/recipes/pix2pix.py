@@ -159,6 +159,7 @@ RECIPE = Recipe(
     sample_rows=sample_rows,
     exports={"AtoB": "G"},
     progress_keys=("G", "G_L1", "D"),
+    official_networks={"G": "G", "D": "D"},
     dataset=dataset,
     synthetic=synthetic,
     augment=augment,

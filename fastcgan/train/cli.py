@@ -159,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "official latest_net_G*.pth (fine-tuning; its architecture must be this run's; the "
                    "discriminators start afresh). "
                    "Repeat for both directions")
+    g.add_argument("--init-official", type=_abspath, default=S, metavar="DIR",
+                   help="continue an official run: every network starts from the official repository's "
+                   "checkpoint folder (checkpoints/NAME: latest_net_G_A.pth, ..._D_B.pth for cyclegan; _G, _D for "
+                   "pix2pix / colorization; _G, _D, _F for cut), as its --continue_train (new optimizers, empty "
+                   "image pools). Give the official run's options (--netG, --norm, --no-antialias ...)")
+    g.add_argument("--init-official-epoch", default=S, metavar="EPOCH",
+                   help="which of --init-official's files: latest (default), an epoch number or iter_N "
+                   "(the official --epoch)")
     g = p.add_argument_group("optimisation and losses")
     g.add_argument("--lr", type=_float(0.0, strict=True), default=S)
     g.add_argument("--beta1", type=_float(0.0), default=S)
@@ -286,6 +294,13 @@ def default_preset(recipe: Optional[str]) -> str:
     """The preset used without ``--preset``: the one named like the recipe (``--model pix2pix``
     gets the official pix2pix defaults), else ``cyclegan``."""
     return recipe if recipe in PRESETS else "cyclegan"
+
+
+def _abspath(s: str) -> str:
+    """Recorded in the run's config as an absolute path (the run may resume from elsewhere)."""
+    if not s:
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    return os.path.abspath(s)
 
 
 def _init_generator(s: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
@@ -96,6 +97,11 @@ class ModelConfig:
     # weights of a generator (file, run directory, pretrained folder, training or official checkpoint)
     # instead of init_type; everything else is initialised as usual.
     init_generators: tuple[str, ...] = ()
+    # An official run's checkpoint folder (--init-official): every network starts from the official
+    # file of that name and epoch (EPOCH_net_G_A.pth ...; the recipe's official_networks), as the
+    # official --continue_train --epoch EPOCH (fresh optimizers, empty image pools).
+    init_official: Optional[str] = None
+    init_official_epoch: str = "latest"
 
     def __post_init__(self) -> None:  # one order and type (JSON gives a list), so configs compare equal
         object.__setattr__(self, "init_generators", tuple(sorted(self.init_generators, key=str)))
@@ -141,6 +147,16 @@ class ModelConfig:
                    f"each must be DIRECTION=PATH with DIRECTION one of {DIRECTIONS}, got {entry!r}")
         _check(len(set(directions)) == len(directions), "init_generators",
                f"one PATH per direction, got {list(self.init_generators)}")
+        _check(self.init_official is None or (isinstance(self.init_official, str) and bool(self.init_official)),
+               "init_official", f"must be a folder, got {self.init_official!r}")
+        _check(not (self.init_official and self.init_generators), "init_official",
+               "starts every network, the generators too: give it or --init-generator, not both")
+        # The official --epoch values: its saved file names' prefixes (never a path).
+        _check(isinstance(self.init_official_epoch, str)
+               and re.fullmatch(r"latest|\d{1,9}|iter_\d{1,12}", self.init_official_epoch) is not None,
+               "init_official_epoch", f"must be latest, an epoch number or iter_N, got {self.init_official_epoch!r}")
+        _check(self.init_official is not None or self.init_official_epoch == "latest", "init_official_epoch",
+               "chooses the files of --init-official, which is not given")
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from fastcgan.train.execution import build_step, cudnn_autotuning, describe, res
 from fastcgan.train.logging import LossAccumulator, RunLogger, sample_grid
 from fastcgan.train.runlock import RunLock
 from fastcgan.train.signals import EXIT_CODES, StopFlag
-from fastcgan.train.state import build_state, cpu_has_fast_bf16, initial_generators
+from fastcgan.train.state import build_state, cpu_has_fast_bf16, initial_weights
 
 __all__ = ["TrainingError", "check_kernels", "train"]
 
@@ -108,9 +108,9 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
     ``epochs_decay`` / ``lr``) is a :class:`ConfigError`. Every config, data
     and checkpoint error is raised before anything is written."""
     cfg, run_dir, payload, ckpt_path, messages = resume_plan(cfg, requested)
-    # --init-generator: read and checked now (a config error before anything is written); a resumed
-    # run has its weights from the checkpoint.
-    init = initial_generators(cfg, get_recipe(cfg.model.recipe)) if payload is None else {}
+    # --init-generator / --init-official: read and checked now (a config error before anything is
+    # written); a resumed run has its weights from the checkpoint.
+    init = initial_weights(cfg, get_recipe(cfg.model.recipe)) if payload is None else {}
     ctx, dist_device = from_environment(cfg.run.device)
     cleanup = contextlib.ExitStack()
     try:
@@ -242,6 +242,12 @@ class _Run:
             state = build_state(cfg, self.device, self.recipe, init)
             messages = messages + [f"fastcgan: generator {e.partition('=')[0]} starts from {e.partition('=')[2]}"
                                    for e in cfg.model.init_generators]
+            if cfg.model.init_official:
+                m = cfg.model
+                messages.append(f"fastcgan: continuing the official run {m.init_official} (epoch "
+                                f"{m.init_official_epoch}): " + ", ".join(
+                                    f"{name} <- {m.init_official_epoch}_net_{official}.pth"
+                                    for official, name in self.recipe.official_networks.items()))
         step_fn = build_step(state, cfg, self.recipe, ctx)
         if main:  # from here on the run directory is written (by process 0 only)
             atomic_write(os.path.join(self.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2).encode())

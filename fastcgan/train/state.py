@@ -155,19 +155,50 @@ class TrainState:
 _NOT_ARCHITECTURE = ("bn_inference", "backend")
 
 
-def initial_generators(cfg: TrainConfig, recipe) -> dict[str, dict[str, torch.Tensor]]:
-    """``--init-generator DIRECTION=PATH``: the state dict each named exported generator starts
-    from (verified tensors, on the CPU), read and checked against this run's generator before
-    anything is written. This run's generators are built for the comparison on the meta device
-    (no memory, no RNG draw)."""
+def initial_weights(cfg: TrainConfig, recipe) -> dict[str, dict[str, torch.Tensor]]:
+    """``--init-generator`` / ``--init-official``: the state dict each named network starts from
+    (verified, finite tensors on the CPU), read and checked against this run's network before anything
+    is written. This run's networks are built for the comparison on the meta device (no memory, no
+    RNG draw)."""
+    from fastcgan.train.config import ConfigError
+
+    m = cfg.model
+    if not (m.init_generators or m.init_official):
+        return {}
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        nets = recipe.networks(cfg)
+    out = _official_weights(cfg, recipe, nets) if m.init_official else _generator_weights(cfg, recipe, nets)
+    for name, (where, sd) in out.items():
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # training would fail at once, blaming the learning rate
+            raise ConfigError(f"{where}: non-finite weights in {bad[:4]}")
+    return {name: {k: v.detach().cpu() for k, v in sd.items()} for name, (_, sd) in out.items()}
+
+
+def _inside_run_dir(cfg: TrainConfig, path: str, where: str) -> None:
+    from fastcgan.train.config import ConfigError
+
+    real, run_dir = os.path.realpath(path), os.path.realpath(cfg.run_dir)
+    if real == run_dir or real.startswith(run_dir + os.sep):  # the run writes its networks there
+        raise ConfigError(f"{where}: inside the run directory {cfg.run_dir}, which this run writes; "
+                          "start from a copy elsewhere")
+
+
+def _network_weights(deployed: nn.Module, net: nn.Module, sd: dict) -> dict:
+    """``sd`` of ``deployed`` (``net`` itself, or a wrapper around it) as ``net``'s state dict."""
+    if deployed is net:
+        return sd
+    prefix = next(n for n, mod in deployed.named_modules() if mod is net) + "."
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _generator_weights(cfg: TrainConfig, recipe, nets: dict) -> dict[str, tuple[str, dict]]:
+    """``--init-generator DIRECTION=PATH``: a fastcgan generator (file, run or pretrained folder,
+    training checkpoint) or an official ``latest_net_G*.pth`` read as this run's generator."""
     from fastcgan.models import load_generator
     from fastcgan.train.checkpoint import CheckpointError, check_network
     from fastcgan.train.config import ConfigError
 
-    if not cfg.model.init_generators:
-        return {}
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        nets = recipe.networks(cfg)
     ours = {d: recipe.deployed(nets[n]) for d, n in recipe.exports.items()}
     out = {}
     for entry in cfg.model.init_generators:
@@ -175,10 +206,7 @@ def initial_generators(cfg: TrainConfig, recipe) -> dict[str, dict[str, torch.Te
         where = f"--init-generator {direction}={path}"
         if direction not in ours:
             raise ConfigError(f"{where}: --model {cfg.model.recipe} trains only {', '.join(ours)}")
-        real, run_dir = os.path.realpath(path), os.path.realpath(cfg.run_dir)
-        if real == run_dir or real.startswith(run_dir + os.sep):  # the run writes its generators there
-            raise ConfigError(f"{where}: inside the run directory {cfg.run_dir}, whose generators this run "
-                              "replaces; start from a copy elsewhere")
+        _inside_run_dir(cfg, path, where)
         want = ours[direction].config
         official = path.lower().endswith((".pth", ".pt"))
         try:
@@ -204,14 +232,47 @@ def initial_generators(cfg: TrainConfig, recipe) -> dict[str, dict[str, torch.Te
         if diff:
             raise ConfigError(f"{where}: another architecture than this run's generator: {'; '.join(diff)}")
         sd = src.state_dict()
-        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:  # training would fail at once, blaming the learning rate
-            raise ConfigError(f"{where}: non-finite weights in {bad[:4]}")
         try:  # keys and shapes, now rather than mid-start
             check_network(path, direction, ours[direction], sd)
         except CheckpointError as e:
             raise ConfigError(f"{where}: its weights do not fit this run's generator: {e}") from None
-        out[recipe.exports[direction]] = {k: v.detach().cpu() for k, v in sd.items()}
+        name = recipe.exports[direction]
+        out[name] = (where, _network_weights(ours[direction], nets[name], sd))
+    return out
+
+
+def _official_weights(cfg: TrainConfig, recipe, nets: dict) -> dict[str, tuple[str, dict]]:
+    """``--init-official DIR``: ``DIR/EPOCH_net_NAME.pth`` for each of the recipe's official networks,
+    read as this run's network of that name (the file's keys and shapes must be its)."""
+    from fastcgan.models import load_official_state_dict
+    from fastcgan.train.config import ConfigError
+
+    folder, epoch = cfg.model.init_official, cfg.model.init_official_epoch
+    if not recipe.official_networks:
+        raise ConfigError(f"--init-official: --model {cfg.model.recipe} has no official counterpart")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--init-official {folder}: not a folder (the official checkpoints/NAME)")
+    _inside_run_dir(cfg, folder, f"--init-official {folder}")
+    files = {official: os.path.join(folder, f"{epoch}_net_{official}.pth") for official in recipe.official_networks}
+    missing = [os.path.basename(f) for f in files.values() if not os.path.isfile(f)]
+    if missing:
+        there = sorted(n for n in os.listdir(folder) if n.endswith(".pth"))
+        raise ConfigError(f"--init-official {folder}: no {', '.join(missing)} (--model {cfg.model.recipe} trains "
+                          f"{', '.join(recipe.official_networks)}; --init-official-epoch {epoch}); the folder has "
+                          f"{there[:12] or 'no .pth file'}")
+    out = {}
+    for official, name in recipe.official_networks.items():
+        path, net = files[official], nets[name]
+        where = f"--init-official: {path}"
+        try:
+            sd = load_official_state_dict(path, net, norm=cfg.model.norm)
+        except TypeError as e:  # a network kind the official repository does not have (--netD udacity)
+            raise ConfigError(f"{where}: {e}") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}: not the official {official} of this run's options (--model "
+                              f"{cfg.model.recipe}, --netG {cfg.model.netG}, --netD {cfg.model.netD}, --norm "
+                              f"{cfg.model.norm}, ...): {e}") from None
+        out[name] = (where, sd)
     return out
 
 
@@ -219,8 +280,8 @@ def build_state(cfg: TrainConfig, device: Optional[torch.device] = None, recipe=
                 init: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> TrainState:
     """Fresh networks (initialised from the global torch RNG: seed it first), optimizers, schedules,
     scaler and pools of ``recipe`` (default: ``cfg.model.recipe``) on ``device`` (default:
-    ``cfg.run.device``). ``init``: {exported network: state dict} (:func:`initial_generators`),
-    loaded over those networks' initialisation (which still draws from the RNG, so every other
+    ``cfg.run.device``). ``init``: {network: state dict} (:func:`initial_weights`), loaded over
+    those networks' initialisation (which still draws from the RNG, so every other
     network starts as it would without). Builds nothing about execution (no compile, no DDP)."""
     from fastcgan.recipes import get_recipe
 
@@ -229,7 +290,7 @@ def build_state(cfg: TrainConfig, device: Optional[torch.device] = None, recipe=
     fmt = torch.channels_last if cfg.run.channels_last else torch.preserve_format
     nets = recipe.networks(cfg)
     for name, sd in (init or {}).items():
-        recipe.deployed(nets[name]).load_state_dict(sd, strict=True)
+        nets[name].load_state_dict(sd, strict=True)
     nets = {name: net.to(device=device, memory_format=fmt).train() for name, net in nets.items()}
     optimizers = {
         name: build_optimizer([p for n in members for p in nets[n].parameters()], cfg, device)

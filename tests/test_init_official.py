@@ -331,7 +331,8 @@ def test_compressed_torch_archives_are_refused_before_loading(tmp_path):
     cfg = tiny_train_config(None, tmp_path, init_official=str(tmp_path / "official"))
     with pytest.raises(ConfigError, match="latest_net_G_A.pth: compressed members"):
         initial_weights(cfg, get_recipe("cyclegan"))
-    train(tiny_train_config(tmp_path / "data", tmp_path, max_steps=1, checkpoint_every=1), install_signal_handlers=False)
+    train(tiny_train_config(tmp_path / "data", tmp_path, max_steps=1, checkpoint_every=1),
+          install_signal_handlers=False)
     ckpt = list_checkpoints(str(tmp_path / "run"))[-1]
     deflate(ckpt, tmp_path / "c.ckpt")
     for read in (load_checkpoint, checkpoint_config):

@@ -3,6 +3,7 @@
     fastcgan-export runs/h2z --direction AtoB --onnx g.onnx --trt g.engine --aoti g.pt2
     fastcgan-export --from-official latest_net_G_A.pth --arch resnet_9blocks --onnx g.onnx
     fastcgan-export --from-official latest_net_G_A.pth --arch resnet_9blocks --safetensors g.safetensors
+    fastcgan-export runs/h2z --official official/h2z/latest_net_G.pth   # for the official test.py
 
 Every artifact is run right after it is written and compared with the PyTorch generator on
 several input sizes; the max abs error is printed and the exit status is non-zero when it is
@@ -129,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--safetensors", metavar="PATH",
                    help="write a fastcgan generator file (fp32; what fastcgan-translate / -eval / -export take): "
                         "an official checkpoint converted, or a training checkpoint's generator")
+    o.add_argument("--official", metavar="PATH",
+                   help="write the generator as the official repositories' checkpoint (.pth; e.g. "
+                        "checkpoints/NAME/latest_net_G.pth for their test.py --model test): ResNet and U-Net "
+                        "generators")
     o.add_argument("--onnx", metavar="PATH", help="write an ONNX model (dynamic batch/H/W)")
     o.add_argument("--trt", metavar="PATH", help="build a TensorRT engine (needs tensorrt and a GPU)")
     o.add_argument("--aoti", metavar="PATH", help="write an AOTInductor package (.pt2)")
@@ -202,6 +207,8 @@ def _output_files(args) -> list[tuple[str, str]]:
     out = []
     if args.safetensors:
         out.append(("--safetensors", args.safetensors))
+    if args.official:
+        out.append(("--official", args.official))
     if args.onnx:
         out.append(("--onnx", args.onnx))
     if args.aoti:
@@ -313,8 +320,8 @@ def _check_profile(args, spec, shapes) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.onnx or args.trt or args.aoti or args.safetensors):
-        parser.error("nothing to do: give at least one of --safetensors, --onnx, --trt, --aoti")
+    if not (args.onnx or args.trt or args.aoti or args.safetensors or args.official):
+        parser.error("nothing to do: give at least one of --safetensors, --official, --onnx, --trt, --aoti")
     if bool(args.run) == bool(args.from_official):
         parser.error("give exactly one of RUN (run directory / .safetensors) and --from-official PTH")
     if args.from_official and not args.arch:
@@ -323,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--colorization describes an official checkpoint (--from-official); fastcgan "
                      "generator files already say whether they colorize")
     for flag, val, ext in (("--onnx", args.onnx, ".onnx"), ("--aoti", args.aoti, ".pt2"),
-                           ("--safetensors", args.safetensors, ".safetensors")):
+                           ("--safetensors", args.safetensors, ".safetensors"), ("--official", args.official, ".pth")):
         if val and not val.endswith(ext):
             parser.error(f"{flag} {val}: the file name must end in {ext}")
     if not (math.isfinite(args.workspace_gb) and args.workspace_gb > 0):
@@ -388,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # every artifact of it would be NaN; verification would only say "failed"
         return _usage(f"{source}: non-finite weights in {bad[:4]}: not a usable generator")
+    if args.official and not str(spec.arch).startswith(("resnet_", "unet_")):
+        return _usage(f"--official: the official repositories have no {spec.arch} generator (ResNet and U-Net only)")
     model = model.eval().float()
     print(f"generator: {source} ({spec.arch or 'unknown arch'}, {spec.input_nc}->{spec.output_nc} channels, "
           f"H/W multiple of {spec.size_multiple}, {sum(p.numel() for p in model.parameters()):,} parameters)")
@@ -427,6 +436,46 @@ def _export_safetensors(args, model, spec) -> int:
     return EXIT_OK
 
 
+def _export_official(args, model, spec) -> int:
+    """Write the generator in the official repositories' layout (``torch.save`` of their
+    ``nn.Sequential`` keys), verified by reading it back as an official checkpoint with this
+    generator's settings and comparing outputs."""
+    from fastcgan.deploy import onnx_export
+    from fastcgan.models import load_official_generator, save_official_generator
+
+    cfg = spec.config
+    with _staged(args.official) as tmp:
+        try:
+            save_official_generator(model, tmp)
+            back = load_official_generator(
+                tmp, arch=spec.arch, norm=cfg.get("norm", "instance"), use_dropout=cfg.get("use_dropout", False),
+                backend="torch", bn_inference=cfg.get("bn_inference", "running"),
+                color_space=cfg.get("color_space", "rgb"), antialias=cfg.get("antialias", False),
+                antialias_up=cfg.get("antialias_up", False)).eval()
+        except Exception as e:  # noqa: BLE001
+            print(f"official: export failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_FAIL
+        if not args.no_verify:
+            shapes = args.verify_sizes or onnx_export.default_verify_shapes(spec.replace(static_hw=None))
+            with torch.no_grad():
+                errs = onnx_export.verify_against_torch(back, model, spec, shapes)
+            if not _report("official", errs, TOLERANCE["fp32"]):
+                print(f"official: {args.official} not written (verification failed)", file=sys.stderr)
+                return EXIT_FAIL
+        _install(tmp, args.official, side=())
+    extra = []
+    if cfg.get("color_space") == "lab":
+        extra.append("the L -> ab network of the official --model colorization")
+    if cfg.get("antialias") or cfg.get("antialias_up"):
+        extra.append("the official CUT layout (without --no_antialias" + ("" if cfg.get("antialias_up") else
+                                                                          "_up") + ")")
+    if cfg.get("norm") == "batch":
+        extra.append("its test.py uses each image's own BatchNorm statistics, --eval the stored ones")
+    print(f"official: wrote {args.official} (fp32; --netG {spec.arch} --norm {cfg.get('norm', 'instance')}"
+          + ("" if cfg.get("use_dropout") else " --no_dropout") + ("; " + "; ".join(extra) if extra else "") + ")")
+    return EXIT_OK
+
+
 def _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, stack) -> int:
     """Build, verify and install each requested artifact; the exit status."""
     from fastcgan.deploy import onnx_export
@@ -438,6 +487,8 @@ def _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, 
     # ---- fastcgan generator file ----
     if args.safetensors:
         status = _export_safetensors(args, model, spec)
+    if args.official:
+        status = max(status, _export_official(args, model, spec))
 
     # ---- ONNX (also the input of TensorRT) ----
     if args.onnx or build_trt:

@@ -338,3 +338,43 @@ def test_compressed_torch_archives_are_refused_before_loading(tmp_path):
     for read in (load_checkpoint, checkpoint_config):
         with pytest.raises(CheckpointError, match="compressed members"):
             read(str(tmp_path / "c.ckpt"))
+
+
+@pytest.mark.parametrize("case", ["resnet_instance", "unet_batch", "cut_antialiased", "colorization"])
+def test_export_official_is_what_the_official_network_loads(case, tmp_path, capsys):
+    """``fastcgan-export RUN --official latest_net_G.pth``: the official module (re-stated) takes the
+    file with its strict load_state_dict and computes our generator's output."""
+    from fastcgan.deploy.cli import main as export_main
+    from fastcgan.models import build_generator, save_generator
+
+    torch.manual_seed(6)
+    if case == "resnet_instance":
+        ours, ref = build_generator("resnet_6blocks", ngf=4), official("resnet_6blocks", 4)
+    elif case == "unet_batch":
+        ours = build_generator("unet_128", ngf=2, norm="batch", use_dropout=True, bn_inference="running")
+        ref = official("unet_128", 2, norm="batch", use_dropout=True)
+        _randomise_bn(ours)
+    elif case == "cut_antialiased":
+        ours, ref = build_generator("resnet_6blocks", ngf=4, antialias=True, antialias_up=True), \
+            _OfficialCUTGenerator(4, 6, True, True)
+    else:
+        ours = build_generator("resnet_6blocks", 1, 2, ngf=4, color_space="lab")
+        ref = official("resnet_6blocks", 4, input_nc=1, output_nc=2)
+    save_generator(ours, tmp_path / "g.safetensors")
+    out = tmp_path / "official" / "latest_net_G.pth"
+    assert export_main([str(tmp_path / "g.safetensors"), "--official", str(out), "--verify-sizes", "1x128x128"]) == 0
+    assert "official: wrote" in capsys.readouterr().out
+    ref.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    ref.eval()
+    x = torch.rand(2, 1 if case == "colorization" else 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        got = ours.eval().net(x) if case == "colorization" else ours.eval()(x)
+        want = ref.model(x) if case == "cut_antialiased" else ref(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # an existing file is kept without --overwrite; a generator the official code lacks is refused
+    assert export_main([str(tmp_path / "g.safetensors"), "--official", str(out)]) == 2
+    save_generator(build_generator("udacity", ngf=4), tmp_path / "u.safetensors")
+    assert export_main([str(tmp_path / "u.safetensors"), "--official", str(tmp_path / "u" / "g.pth")]) == 2
+    assert "no udacity generator" in capsys.readouterr().err and not os.path.exists(tmp_path / "u")
+    with pytest.raises(SystemExit):
+        export_main([str(tmp_path / "g.safetensors"), "--official", str(tmp_path / "g.onnx")])

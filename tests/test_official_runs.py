@@ -1,6 +1,7 @@
-"""Continuing an official run: the official repositories' training networks (PatchGAN / PixelGAN
-discriminators, CUT's PatchNCE heads, the generators) load into ours, and ``--init-official DIR``
-starts every network of a run from ``DIR/EPOCH_net_NAME.pth``.
+"""Runs moving between the official repositories and fastcgan: their training networks (PatchGAN /
+PixelGAN discriminators, CUT's PatchNCE heads, the generators) load into ours, ``--init-official DIR``
+starts every network of a run from ``DIR/EPOCH_net_NAME.pth``, and ``fastcgan-export --official``
+writes a generator the official code loads.
 
 The official discriminators and ``PatchSampleF`` are re-stated here from their documented layer
 order (``nn.Sequential`` of Conv2d, norm, LeakyReLU and, anti-aliased, ``Downsample``; the pixel

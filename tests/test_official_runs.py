@@ -250,9 +250,9 @@ def test_cli_errors_name_the_flag_and_write_nothing(tmp_path, capsys):
     _official_cyclegan_folder(inside, 3, 3)
     cases = [
         (["--init-official", str(folder), "--init-official-epoch", "7"],
-         "no 7_net_G_A.pth, 7_net_G_B.pth, 7_net_D_A.pth, 7_net_D_B.pth"),
+         "no file 7_net_G_A.pth, 7_net_G_B.pth, 7_net_D_A.pth, 7_net_D_B.pth"),
         (["--init-official", str(folder), "--model", "pix2pix", "--netG", "resnet_6blocks"],
-         "no latest_net_G.pth, latest_net_D.pth (--model pix2pix trains G, D"),
+         "no file latest_net_G.pth, latest_net_D.pth (--model pix2pix trains G, D"),
         (["--init-official", str(folder), "--norm", "batch"], "not the official G_A of this run's options"),
         (["--init-official", str(folder), "--n-layers-D", "2", "--netD", "n_layers"],
          "latest_net_D_A.pth: not the official D_A"),
@@ -326,18 +326,18 @@ def test_compressed_torch_archives_are_refused_before_loading(tmp_path):
     ref = _official_cyclegan_folder(tmp_path / "official", 3, 3)
     deflate(tmp_path / "official" / "latest_net_G_A.pth", tmp_path / "g.pth")
     assert torch.load(tmp_path / "g.pth", weights_only=True).keys() == ref["G_A"].state_dict().keys()  # torch: fine
-    with pytest.raises(ValueError, match="compressed members"):
+    with pytest.raises(ValueError, match="compressed member"):
         load_official_generator(tmp_path / "g.pth", arch="resnet_6blocks")
     os.replace(tmp_path / "g.pth", tmp_path / "official" / "latest_net_G_A.pth")
     cfg = tiny_train_config(None, tmp_path, init_official=str(tmp_path / "official"))
-    with pytest.raises(ConfigError, match="latest_net_G_A.pth: compressed members"):
+    with pytest.raises(ConfigError, match="G_A.pth: not an archive torch.save writes \\(compressed member"):
         initial_weights(cfg, get_recipe("cyclegan"))
     train(tiny_train_config(tmp_path / "data", tmp_path, max_steps=1, checkpoint_every=1),
           install_signal_handlers=False)
     ckpt = list_checkpoints(str(tmp_path / "run"))[-1]
     deflate(ckpt, tmp_path / "c.ckpt")
     for read in (load_checkpoint, checkpoint_config):
-        with pytest.raises(CheckpointError, match="compressed members"):
+        with pytest.raises(CheckpointError, match="compressed member"):
             read(str(tmp_path / "c.ckpt"))
 
 
@@ -379,3 +379,56 @@ def test_export_official_is_what_the_official_network_loads(case, tmp_path, caps
     assert "no udacity generator" in capsys.readouterr().err and not os.path.exists(tmp_path / "u")
     with pytest.raises(SystemExit):
         export_main([str(tmp_path / "g.safetensors"), "--official", str(tmp_path / "g.onnx")])
+
+
+def test_archives_torch_load_reads_differently_than_zipfile_are_refused(tmp_path):
+    """torch.load's zip reader (miniz) finds the central directory by the last end record and the
+    ZIP64 record its locator names; Python's zipfile by other rules. Any layout torch.save never
+    writes is refused, so no reader's view can hide a deflated member; genuine files (both formats)
+    load."""
+    import struct
+
+    from fastcgan.models.io import torch_archive_problem
+
+    torch.save({"w": torch.ones(64, 64), "n": torch.tensor(7)}, tmp_path / "ok.pth")
+    torch.save({"w": torch.ones(64, 64)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert torch_archive_problem(str(tmp_path / "ok.pth")) is None
+    assert torch_archive_problem(str(tmp_path / "legacy.pth")) is None
+    raw = (tmp_path / "ok.pth").read_bytes()
+    end = len(raw) - 22
+    locator, zip64 = end - 20, end - 20 - 56
+    cd_off = struct.unpack("<Q", raw[zip64 + 48:zip64 + 56])[0]
+    first_local = 0
+    variants = {
+        "gap before the end records": raw[:zip64] + b"\0" * 64 + raw[zip64:],
+        "trailing bytes": raw + b"\0" * 8,
+        "a comment": raw[:-2] + struct.pack("<H", 3) + b"abc",
+        "ZIP64 locator elsewhere": raw[:locator + 8] + struct.pack("<Q", 0) + raw[locator + 16:],
+        "deflated in the directory": raw[:cd_off + 10] + struct.pack("<H", 8) + raw[cd_off + 12:],
+        "deflated in the local header": raw[:first_local + 8] + struct.pack("<H", 8) + raw[first_local + 10:],
+        "truncated": raw[: len(raw) // 2],
+    }
+    for what, data in variants.items():
+        (tmp_path / "x.pth").write_bytes(data)
+        assert torch_archive_problem(str(tmp_path / "x.pth")), what
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's about quantized / sparse tensors
+def test_weights_no_network_has_are_refused(tmp_path):
+    """Complex, quantized or sparse tensors are no network's weights; a float64 that is finite but
+    overflows the network's float32 is non-finite there (checked as the network will hold it)."""
+    ref = _official_cyclegan_folder(tmp_path / "official", 3, 3)
+    sd = ref["D_B"].state_dict()
+    for what, bad in (("complex64", sd["model.0.weight"].to(torch.complex64)),
+                      ("qint8", torch.quantize_per_tensor(sd["model.0.weight"], 0.1, 0, torch.qint8)),
+                      ("sparse_coo", sd["model.0.weight"].to_sparse())):
+        torch.save(dict(sd, **{"model.0.weight": bad}), tmp_path / "d.pth")
+        with pytest.raises(ValueError, match=f"holds torch.{what}|holds .*{what}"):
+            load_official_state_dict(tmp_path / "d.pth", build_discriminator("basic", 3, ndf=4))
+    huge = sd["model.0.weight"].double()
+    huge[0, 0, 0, 0] = 1e300
+    torch.save(dict(sd, **{"model.0.weight": huge}), tmp_path / "official" / "latest_net_D_B.pth")
+    cfg = tiny_train_config(None, tmp_path, init_official=str(tmp_path / "official"))
+    with pytest.raises(ConfigError, match="latest_net_D_B.pth: non-finite weights in \\['stem.weight'\\] "
+                                          "\\(as torch.float32\\)"):
+        initial_weights(cfg, get_recipe("cyclegan"))

@@ -51,28 +51,110 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.view(torch.uint8).numpy().data).hexdigest()
 
 
-def compressed_torch_members(path: str) -> list[str]:
-    """The compressed members of the ``torch.save`` zip archive ``path`` (none in any file torch.save
-    writes: it stores them). ``torch.load`` inflates them in memory as it reads: a 5 KB deflated
-    member claims 4 MB, so a checkpoint of a few MB could ask for GBs before any check sees a shape.
-    Checked before ``torch.load``; a non-zip file (the legacy format) has none."""
-    import zipfile
+_ZIP_LOCAL, _ZIP_CENTRAL, _ZIP_END, _ZIP64_END, _ZIP64_LOCATOR = (
+    b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07")
 
-    if not zipfile.is_zipfile(path):
-        return []
+
+def torch_archive_problem(path: str) -> Optional[str]:
+    """Why ``torch.load`` must not read ``path``, or None. A ``torch.save`` file is a zip archive of
+    stored (uncompressed) members, but ``torch.load`` also inflates deflated ones, in memory, as it
+    reads: a 5 KB member can claim 4 MB, so a checkpoint of a few MB could ask for GBs before any
+    shape or digest is checked. This reads the central directory as torch's zip reader (miniz) finds
+    it -- the last end record, the ZIP64 record its locator points to, the directory that record
+    points to -- and asks of every member, there and in its local header, that it be stored. Anything
+    torch.save never writes (a gap before the directory, a second directory, a comment, multi-disk
+    records) is refused rather than interpreted: zip readers disagree about such files. A file that
+    does not start as a zip is the legacy format (read as it is)."""
+    import struct
+
+    def bad(why: str) -> str:
+        return f"not an archive torch.save writes ({why})"
+
     try:
-        with zipfile.ZipFile(path) as zf:
-            return [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return []  # torch.load reports it
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            if fh.read(4) != _ZIP_LOCAL:
+                return None
+            if size < 22 + 20 + 56:
+                return bad("truncated")
+            fh.seek(size - 22)
+            end = fh.read(22)
+            if end[:4] != _ZIP_END:
+                return bad("no end record at its end (trailing bytes or a comment)")
+            disk, cd_disk, n_here, n_total, cd_size, cd_off, comment = struct.unpack("<4x4H2LH", end)
+            if disk or cd_disk or comment or n_here != n_total:
+                return bad("multi-disk or commented end record")
+            zip64_at = None
+            fh.seek(size - 22 - 20)
+            loc = fh.read(20)
+            if loc[:4] == _ZIP64_LOCATOR:
+                loc_disk, zip64_at, disks = struct.unpack("<4xLQL", loc)
+                if loc_disk or disks != 1 or zip64_at != size - 22 - 20 - 56:
+                    return bad("its ZIP64 locator points elsewhere than the record before it")
+                fh.seek(zip64_at)
+                rec = fh.read(56)
+                if rec[:4] != _ZIP64_END:
+                    return bad("no ZIP64 end record where its locator points")
+                rec_size, _, _, disk, cd_disk, n_here, n_total, cd_size, cd_off = struct.unpack("<4xQ2H2L4Q", rec)
+                if rec_size != 44 or disk or cd_disk or n_here != n_total:
+                    return bad("multi-disk or extended ZIP64 end record")
+            cd_end = zip64_at if zip64_at is not None else size - 22
+            if cd_off + cd_size != cd_end:
+                return bad("its central directory does not end where its end record begins")
+            if n_total > (cd_size // 46):
+                return bad("more members than its central directory holds")
+            fh.seek(cd_off)
+            directory = fh.read(cd_size)
+            pos, locals_ = 0, []
+            for _ in range(n_total):
+                entry = directory[pos:pos + 46]
+                if len(entry) < 46 or entry[:4] != _ZIP_CENTRAL:
+                    return bad("a malformed central directory")
+                method, = struct.unpack("<H", entry[10:12])
+                name_len, extra_len, note_len = struct.unpack("<3H", entry[28:34])
+                local_off, = struct.unpack("<L", entry[42:46])
+                name = directory[pos + 46:pos + 46 + name_len].decode("utf-8", "replace")
+                if method != 0:
+                    return bad(f"compressed member {name!r}, which torch.load would inflate in memory")
+                locals_.append((local_off, name))
+                pos += 46 + name_len + extra_len + note_len
+            if pos != cd_size:
+                return bad("its central directory holds more than its members")
+            for local_off, name in locals_:  # (ZIP64 local offsets live in the extra field: torch
+                if local_off == 0xFFFFFFFF:  # writes them only past 4 GiB; their headers go unchecked)
+                    continue
+                fh.seek(local_off)
+                head = fh.read(30)
+                if len(head) < 30 or head[:4] != _ZIP_LOCAL or struct.unpack("<H", head[8:10])[0] != 0:
+                    return bad(f"member {name!r} has no stored local header")
+    except OSError as e:
+        return f"cannot be read: {e}"
+    return None
 
 
 def check_torch_file(path: str) -> None:
-    """ValueError naming ``path`` when it is a ``torch.save`` archive with compressed members."""
-    packed = compressed_torch_members(path)
-    if packed:
-        raise ValueError(f"{path}: compressed members ({packed[:3]}{'...' if len(packed) > 3 else ''}), which "
-                         "torch.save never writes and torch.load would inflate in memory unchecked: not loaded")
+    """ValueError naming ``path`` when ``torch.load`` must not read it (:func:`torch_archive_problem`)."""
+    why = torch_archive_problem(path)
+    if why:
+        raise ValueError(f"{path}: {why}: refused before torch.load reads it")
+
+
+# What a saved network, optimizer or RNG state holds; anything else (complex, quantized, float8,
+# sparse, nested or meta tensors) no fastcgan or official file has, and the checks below assume dense.
+PLAIN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
+                torch.int16, torch.int32, torch.int64, torch.bool)
+
+
+def foreign_tensors(tensors) -> list[str]:
+    """Descriptions of the tensors in ``tensors`` that are not dense, strided CPU tensors of a
+    PLAIN_DTYPES dtype."""
+    out = []
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and not (t.layout == torch.strided and t.device.type == "cpu"
+                                                and not t.is_quantized and not t.is_nested
+                                                and t.dtype in PLAIN_DTYPES):
+            out.append(f"{t.dtype} {str(t.layout).replace('torch.', '')} on {t.device.type}")
+    return out
 
 
 def unbacked_tensor_bytes(tensors) -> int:
@@ -105,6 +187,8 @@ def describe_load_error(e: BaseException) -> str:
         keep = [ln for ln in re.split(r"(?<=[.!?])\s+|\n", text)
                 if ln.strip() and "weights_only" not in ln and "trusted source" not in ln]
         text = " ".join(keep) or "not a plain weights file"
+    if isinstance(e, (KeyError, EOFError)) or "magic number" in text:  # the legacy reader on another file
+        return f"not a file torch.save writes ({type(e).__name__}: {text})"
     return f"{type(e).__name__}: {text}"
 
 

@@ -168,8 +168,11 @@ def _load_state_dict(src: Union[str, os.PathLike, Mapping]) -> tuple[dict[str, T
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path} does not hold a state dict (found {type(sd).__name__})")
-    from fastcgan.models.io import unbacked_tensor_bytes
+    from fastcgan.models.io import foreign_tensors, unbacked_tensor_bytes
 
+    foreign = foreign_tensors(sd.values())
+    if foreign:  # complex, quantized, sparse ...: no network's weights
+        raise ValueError(f"{path}: holds {foreign[0]} tensors: not a saved network")
     extra = unbacked_tensor_bytes(sd.values())
     if extra:  # shapes are trusted below (the network is built from them)
         raise ValueError(f"{path}: its tensors claim {extra:,} bytes more than they hold (stride-0 or shared "

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fastcgan.fileio import atomic_writer, remove_stale_temporaries
-from fastcgan.models.io import check_torch_file, describe_load_error, unbacked_tensor_bytes
+from fastcgan.models.io import check_torch_file, describe_load_error, foreign_tensors, unbacked_tensor_bytes
 from fastcgan.train.config import SCHEDULE_FIELDS, TRAINING_FIELDS, ConfigError, TrainConfig
 from fastcgan.train.state import TrainState, build_state, lr_factor, lr_lambda
 
@@ -271,7 +271,10 @@ def load_checkpoint(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
     # torch.save keeps views: a stride-0 tensor costs one element in the file but claims its whole
     # shape, which hashing it (a contiguous copy), building a network for it or a pool like it would
-    # allocate. Checked first, over every tensor.
+    # allocate. Checked first, over every tensor (dense CPU tensors of plain dtypes: nothing else is saved).
+    foreign = foreign_tensors(_tensors(payload))
+    if foreign:
+        raise CheckpointError(f"checkpoint {path}: holds {foreign[0]} tensors: not a saved training state")
     extra = unbacked_tensor_bytes(_tensors(payload))
     if extra:
         raise CheckpointError(f"checkpoint {path}: its tensors claim {extra:,} bytes more than they hold "

@@ -169,9 +169,12 @@ def initial_weights(cfg: TrainConfig, recipe) -> dict[str, dict[str, torch.Tenso
         nets = recipe.networks(cfg)
     out = _official_weights(cfg, recipe, nets) if m.init_official else _generator_weights(cfg, recipe, nets)
     for name, (where, sd) in out.items():
-        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        # As the network will hold them (load_state_dict casts): a float64 1e300 is an fp32 inf.
+        want = nets[name].state_dict()
+        bad = [k for k, v in sd.items()
+               if want[k].is_floating_point() and not torch.isfinite(v.to(want[k].dtype)).all()]
         if bad:  # training would fail at once, blaming the learning rate
-            raise ConfigError(f"{where}: non-finite weights in {bad[:4]}")
+            raise ConfigError(f"{where}: non-finite weights in {bad[:4]} (as {want[bad[0]].dtype})")
     return {name: {k: v.detach().cpu() for k, v in sd.items()} for name, (_, sd) in out.items()}
 
 
@@ -256,8 +259,8 @@ def _official_weights(cfg: TrainConfig, recipe, nets: dict) -> dict[str, tuple[s
     files = {official: os.path.join(folder, f"{epoch}_net_{official}.pth") for official in recipe.official_networks}
     missing = [os.path.basename(f) for f in files.values() if not os.path.isfile(f)]
     if missing:
-        there = sorted(n for n in os.listdir(folder) if n.endswith(".pth"))
-        raise ConfigError(f"--init-official {folder}: no {', '.join(missing)} (--model {cfg.model.recipe} trains "
+        there = sorted(n for n in os.listdir(folder) if n.endswith(".pth") and os.path.isfile(os.path.join(folder, n)))
+        raise ConfigError(f"--init-official {folder}: no file {', '.join(missing)} (--model {cfg.model.recipe} trains "
                           f"{', '.join(recipe.official_networks)}; --init-official-epoch {epoch}); the folder has "
                           f"{there[:12] or 'no .pth file'}")
     out = {}

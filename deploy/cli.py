@@ -410,69 +410,69 @@ def main(argv: list[str] | None = None) -> int:
         return _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, stack)
 
 
-def _export_safetensors(args, model, spec) -> int:
-    """Write the generator as a fastcgan ``.safetensors`` file (fp32 weights, the config that
-    rebuilds it), verified by loading it back as translate does and comparing outputs."""
+def _export_file(args, label: str, path: str, model, spec, write, read_back) -> int:
+    """``write(model, tmp)`` a PyTorch-side file, ``read_back(tmp)`` it as its readers will, compare
+    outputs with ``model`` and install it only if they match."""
     from fastcgan.deploy import onnx_export
-    from fastcgan.models import load_generator, save_generator
 
-    with _staged(args.safetensors) as tmp:
+    with _staged(path) as tmp:
         try:
-            save_generator(model, tmp, config=None if getattr(model, "config", None) else spec.config)
-            back = load_generator(tmp, backend="torch").eval()
+            write(model, tmp)
+            back = read_back(tmp).eval()
         except Exception as e:  # noqa: BLE001
-            print(f"safetensors: export failed: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"{label}: export failed: {type(e).__name__}: {e}", file=sys.stderr)
             return EXIT_FAIL
         if not args.no_verify:
             shapes = args.verify_sizes or onnx_export.default_verify_shapes(spec.replace(static_hw=None))
             with torch.no_grad():
                 errs = onnx_export.verify_against_torch(back, model, spec, shapes)
-            if not _report("safetensors", errs, TOLERANCE["fp32"]):
-                print(f"safetensors: {args.safetensors} not written (verification failed)", file=sys.stderr)
+            if not _report(label, errs, TOLERANCE["fp32"]):
+                print(f"{label}: {path} not written (verification failed)", file=sys.stderr)
                 return EXIT_FAIL
-        _install(tmp, args.safetensors, side=())
-    print(f"safetensors: wrote {args.safetensors}" + (" (fp32 weights: --fp16 / --bf16 apply to the other "
-                                                       "artifacts)" if args.fp16 or args.bf16 else ""))
+        _install(tmp, path, side=())
     return EXIT_OK
+
+
+def _export_safetensors(args, model, spec) -> int:
+    """Write the generator as a fastcgan ``.safetensors`` file (fp32 weights, the config that
+    rebuilds it), verified by loading it back as translate does and comparing outputs."""
+    from fastcgan.models import load_generator, save_generator
+
+    def write(m, tmp):
+        save_generator(m, tmp, config=None if getattr(m, "config", None) else spec.config)
+
+    status = _export_file(args, "safetensors", args.safetensors, model, spec, write,
+                          lambda tmp: load_generator(tmp, backend="torch"))
+    if status == EXIT_OK:
+        print(f"safetensors: wrote {args.safetensors}" + (" (fp32 weights: --fp16 / --bf16 apply to the other "
+                                                           "artifacts)" if args.fp16 or args.bf16 else ""))
+    return status
 
 
 def _export_official(args, model, spec) -> int:
     """Write the generator in the official repositories' layout (``torch.save`` of their
     ``nn.Sequential`` keys), verified by reading it back as an official checkpoint with this
     generator's settings and comparing outputs."""
-    from fastcgan.deploy import onnx_export
     from fastcgan.models import load_official_generator, save_official_generator
 
     cfg = spec.config
-    with _staged(args.official) as tmp:
-        try:
-            save_official_generator(model, tmp)
-            back = load_official_generator(
-                tmp, arch=spec.arch, norm=cfg.get("norm", "instance"), use_dropout=cfg.get("use_dropout", False),
-                backend="torch", bn_inference=cfg.get("bn_inference", "running"),
-                color_space=cfg.get("color_space", "rgb"), antialias=cfg.get("antialias", False),
-                antialias_up=cfg.get("antialias_up", False)).eval()
-        except Exception as e:  # noqa: BLE001
-            print(f"official: export failed: {type(e).__name__}: {e}", file=sys.stderr)
-            return EXIT_FAIL
-        if not args.no_verify:
-            shapes = args.verify_sizes or onnx_export.default_verify_shapes(spec.replace(static_hw=None))
-            with torch.no_grad():
-                errs = onnx_export.verify_against_torch(back, model, spec, shapes)
-            if not _report("official", errs, TOLERANCE["fp32"]):
-                print(f"official: {args.official} not written (verification failed)", file=sys.stderr)
-                return EXIT_FAIL
-        _install(tmp, args.official, side=())
-    extra = []
+    aa, up = cfg.get("antialias", False), cfg.get("antialias_up", False)
+    status = _export_file(args, "official", args.official, model, spec, save_official_generator, lambda tmp: (
+        load_official_generator(tmp, arch=spec.arch, norm=cfg.get("norm", "instance"),
+                                use_dropout=cfg.get("use_dropout", False), backend="torch",
+                                bn_inference=cfg.get("bn_inference", "running"),
+                                color_space=cfg.get("color_space", "rgb"), antialias=aa, antialias_up=up)))
+    if status != EXIT_OK:
+        return status
+    notes = [f"netG {spec.arch}, norm {cfg.get('norm', 'instance')}" + ("" if cfg.get("use_dropout") else
+                                                                        ", no_dropout")]
     if cfg.get("color_space") == "lab":
-        extra.append("the L -> ab network of the official --model colorization")
-    if cfg.get("antialias") or cfg.get("antialias_up"):
-        extra.append("the official CUT layout (without --no_antialias" + ("" if cfg.get("antialias_up") else
-                                                                          "_up") + ")")
+        notes.append("the L -> ab network of the official colorization model")
+    if aa or up:
+        notes.append("the official CUT's layout" + ("" if aa and up else " with no_antialias" + ("_up" if aa else "")))
     if cfg.get("norm") == "batch":
-        extra.append("its test.py uses each image's own BatchNorm statistics, --eval the stored ones")
-    print(f"official: wrote {args.official} (fp32; --netG {spec.arch} --norm {cfg.get('norm', 'instance')}"
-          + ("" if cfg.get("use_dropout") else " --no_dropout") + ("; " + "; ".join(extra) if extra else "") + ")")
+        notes.append("its test.py uses each image's own BatchNorm statistics, its --eval the stored ones")
+    print(f"official: wrote {args.official} (fp32; {'; '.join(notes)})")
     return EXIT_OK
 
 

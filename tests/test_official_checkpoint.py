@@ -137,7 +137,12 @@ def official(arch, ngf, norm="instance", use_dropout=False, input_nc=3, output_n
         net = OfficialUnetGenerator(
             input_nc, output_nc, 7 if arch == "unet_128" else 8, ngf, norm, use_dropout
         )
-    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
+    return randomise_bn(net)
+
+
+def randomise_bn(net):
+    """Non-trivial BatchNorm statistics and affine parameters (of the official and of our BN layers)."""
+    with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)

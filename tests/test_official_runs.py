@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_train_config
 from test_antialias import OfficialDownsample, _OfficialCUTGenerator
-from test_official_checkpoint import _norm_layer, official
+from test_official_checkpoint import _norm_layer, official, randomise_bn
 from torch import nn
 
 from fastcgan.models import build_discriminator, load_official_state_dict, official_state_dict, set_bn_inference
@@ -70,18 +70,6 @@ class OfficialPatchSampleF(nn.Module):  # after its data-dependent create_mlp
             setattr(self, f"mlp_{i}", nn.Sequential(nn.Linear(c, nc), nn.ReLU(), nn.Linear(nc, nc)))
 
 
-def _randomise_bn(net):
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(7)
-    return net
-
-
 def _equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -97,7 +85,7 @@ def test_official_discriminators_load_and_save(arch, n_layers, norm, antialias, 
         ref = OfficialPixelDiscriminator(5, 4, norm)
     else:
         ref = OfficialNLayerDiscriminator(5, 4, 3 if arch == "basic" else n_layers, norm, antialias)
-    _randomise_bn(ref)
+    randomise_bn(ref)
     torch.save(ref.state_dict(), tmp_path / "latest_net_D.pth")
     with torch.device("meta"):  # the check needs no memory: the meta network says what the file must hold
         meta = build_discriminator(arch, 5, ndf=4, n_layers=n_layers, norm=norm, antialias=antialias)
@@ -199,7 +187,7 @@ def test_cut_and_pix2pix_networks_start_from_the_official_run(tmp_path):
     p2p = tiny_train_config(None, tmp_path, preset="pix2pix", netG="unet_128", ngf=2, ndf=4, load_size=128,
                             crop_size=128, init_official=str(tmp_path / "p2p"))
     ref = {"G": official("unet_128", 2, norm="batch", use_dropout=True),
-           "D": _randomise_bn(OfficialNLayerDiscriminator(6, 4, 3, "batch", False))}
+           "D": randomise_bn(OfficialNLayerDiscriminator(6, 4, 3, "batch", False))}
     for name, net in ref.items():
         torch.save(net.state_dict(), tmp_path / "p2p" / f"latest_net_{name}.pth")
     recipe = get_recipe("pix2pix")
@@ -354,7 +342,7 @@ def test_export_official_is_what_the_official_network_loads(case, tmp_path, caps
     elif case == "unet_batch":
         ours = build_generator("unet_128", ngf=2, norm="batch", use_dropout=True, bn_inference="running")
         ref = official("unet_128", 2, norm="batch", use_dropout=True)
-        _randomise_bn(ours)
+        randomise_bn(ours)
     elif case == "cut_antialiased":
         ours, ref = build_generator("resnet_6blocks", ngf=4, antialias=True, antialias_up=True), \
             _OfficialCUTGenerator(4, 6, True, True)

@@ -420,3 +420,15 @@ def test_weights_no_network_has_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="latest_net_D_B.pth: non-finite weights in \\['stem.weight'\\] "
                                           "\\(as torch.float32\\)"):
         initial_weights(cfg, get_recipe("cyclegan"))
+
+
+@pytest.mark.parametrize("aa,up,words", [(True, True, "the official CUT's layout)"),
+                                         (True, False, "with no_antialias_up"), (False, True, "with no_antialias)")])
+def test_export_official_names_the_cut_layout(aa, up, words, tmp_path, capsys):
+    from fastcgan.deploy.cli import main as export_main
+    from fastcgan.models import build_generator, save_generator
+
+    save_generator(build_generator("resnet_6blocks", ngf=4, antialias=aa, antialias_up=up), tmp_path / "g.safetensors")
+    assert export_main([str(tmp_path / "g.safetensors"), "--official", str(tmp_path / "g.pth"),
+                        "--verify-sizes", "1x32x32"]) == 0
+    assert words in capsys.readouterr().out

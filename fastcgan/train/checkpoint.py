@@ -272,6 +272,7 @@ def load_checkpoint(path: str) -> dict:
     # torch.save keeps views: a stride-0 tensor costs one element in the file but claims its whole
     # shape, which hashing it (a contiguous copy), building a network for it or a pool like it would
     # allocate. Checked first, over every tensor (dense CPU tensors of plain dtypes: nothing else is saved).
+    _check_tree(payload, path)
     foreign = foreign_tensors(_tensors(payload))
     if foreign:
         raise CheckpointError(f"checkpoint {path}: holds {foreign[0]} tensors: not a saved training state")
@@ -327,6 +328,30 @@ def checkpoint_generator(path: str, direction: str = "AtoB") -> torch.nn.Module:
         net = recipe.networks(cfg)[name]
     net.load_state_dict(payload["nets"][name])
     return recipe.deployed(net).eval()
+
+
+MAX_TREE_NODES, MAX_TREE_DEPTH = 1_000_000, 64  # a real checkpoint: ~10k nodes, depth ~8
+
+
+def _check_tree(payload, path: str) -> None:
+    """The payload must be a tree: every walk below (tensors, digests) visits each container once
+    per path to it, so a container reached twice (``L = [L, L]`` nested 25 deep: 1.7 KB on disk)
+    would cost exponential time and memory, and a cycle infinite recursion. Also bounds its size
+    and depth (the walks recurse). Walked iteratively, before anything else touches it."""
+    seen, stack, nodes = set(), [(payload, 0)], 0
+    while stack:
+        obj, depth = stack.pop()
+        if not isinstance(obj, (dict, list, tuple)) or not obj:
+            continue
+        nodes += 1
+        if id(obj) in seen:
+            raise CheckpointError(f"checkpoint {path}: a container appears twice (a shared or cyclic structure): "
+                                  "not a saved training state")
+        if depth > MAX_TREE_DEPTH or nodes > MAX_TREE_NODES:
+            raise CheckpointError(f"checkpoint {path}: nested deeper than {MAX_TREE_DEPTH} or over "
+                                  f"{MAX_TREE_NODES:,} containers: not a saved training state")
+        seen.add(id(obj))
+        stack.extend((v, depth + 1) for v in (obj.values() if isinstance(obj, dict) else obj))
 
 
 def _tensors(obj):

@@ -330,27 +330,25 @@ def checkpoint_generator(path: str, direction: str = "AtoB") -> torch.nn.Module:
     return recipe.deployed(net).eval()
 
 
-MAX_TREE_NODES, MAX_TREE_DEPTH = 1_000_000, 64  # a real checkpoint: ~10k nodes, depth ~8
+MAX_TREE_NODES, MAX_TREE_DEPTH = 1_000_000, 64  # a real checkpoint: ~10k containers, depth ~8
 
 
 def _check_tree(payload, path: str) -> None:
-    """The payload must be a tree: every walk below (tensors, digests) visits each container once
-    per path to it, so a container reached twice (``L = [L, L]`` nested 25 deep: 1.7 KB on disk)
-    would cost exponential time and memory, and a cycle infinite recursion. Also bounds its size
-    and depth (the walks recurse). Walked iteratively, before anything else touches it."""
-    seen, stack, nodes = set(), [(payload, 0)], 0
+    """Bounds what the walks below (tensors, digests) will visit: they recurse, and visit a
+    container once per path to it, so one reached twice at each level (``L = [L, L]`` nested 23
+    deep: 1.7 KB on disk) costs exponential time and memory, and a cyclic one recurses forever.
+    This walk (iterative) counts the same visits, up to MAX_TREE_NODES and MAX_TREE_DEPTH; a
+    legitimately shared container (pickle keeps shared objects shared) costs only its visits."""
+    stack, visits = [(payload, 0)], 0
     while stack:
         obj, depth = stack.pop()
         if not isinstance(obj, (dict, list, tuple)) or not obj:
             continue
-        nodes += 1
-        if id(obj) in seen:
-            raise CheckpointError(f"checkpoint {path}: a container appears twice (a shared or cyclic structure): "
+        visits += 1
+        if depth > MAX_TREE_DEPTH or visits > MAX_TREE_NODES:
+            raise CheckpointError(f"checkpoint {path}: nested deeper than {MAX_TREE_DEPTH} (a cyclic structure?) "
+                                  f"or over {MAX_TREE_NODES:,} containers counting every path to a shared one: "
                                   "not a saved training state")
-        if depth > MAX_TREE_DEPTH or nodes > MAX_TREE_NODES:
-            raise CheckpointError(f"checkpoint {path}: nested deeper than {MAX_TREE_DEPTH} or over "
-                                  f"{MAX_TREE_NODES:,} containers: not a saved training state")
-        seen.add(id(obj))
         stack.extend((v, depth + 1) for v in (obj.values() if isinstance(obj, dict) else obj))
 
 

@@ -42,7 +42,7 @@ from fastcgan.deploy._common import (
 )
 from fastcgan.deploy.manifest import manifest_path
 from fastcgan.devices import DeviceUnavailableError
-from fastcgan.fileio import file_identity
+from fastcgan.fileio import file_identity, output_folder_problem
 from fastcgan.models.io import MAX_WIDTH
 
 # Max abs error on outputs in [-1, 1], against the fp32 PyTorch generator.
@@ -239,13 +239,9 @@ def _check_paths(args) -> str | None:
     for flag, f in outputs:
         if os.path.isdir(f):
             return f"{flag} {f} is a directory"
-        folder = os.path.dirname(os.path.abspath(f))
-        while not os.path.lexists(folder):  # the nearest existing folder: the others are made in it
-            folder = os.path.dirname(folder)
-        if not os.path.isdir(folder):
-            return f"{flag} {f}: {folder} is not a folder"
-        if not os.access(folder, os.W_OK | os.X_OK):
-            return f"{flag} {f}: cannot write in {folder}"
+        why = output_folder_problem(os.path.dirname(os.path.abspath(f)), f"{flag} {f}")
+        if why:
+            return why
         if os.path.lexists(f) and not args.overwrite:
             return f"{flag}: {f} already exists; pass --overwrite to replace it"
     return None

@@ -52,7 +52,7 @@ from torch import nn
 from fastcgan.data import make_dataset
 from fastcgan.data.images import WINDOW_PIXELS, BadImageError, load_image, oriented_size
 from fastcgan.devices import resolve_device
-from fastcgan.fileio import atomic_write
+from fastcgan.fileio import atomic_write, output_folder_problem
 
 # --load-size: every test image is held resized in memory (4096²: 50 MB each as uint8, 200 MB in fp32).
 MAX_LOAD_SIZE = 4096
@@ -524,11 +524,9 @@ def _json_path_problem(a) -> str | None:
     real, root = os.path.realpath(path), os.path.realpath(a.dataroot)
     if real.startswith(root.rstrip(os.sep) + os.sep):
         return f"--json {path} is inside --dataroot {a.dataroot}: results are never written among the inputs"
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"--json {path}: {parent} is a file, not a folder"
+    why = output_folder_problem(os.path.dirname(os.path.abspath(path)), f"--json {path}")
+    if why:
+        return why
     if os.path.lexists(path):
         if not a.overwrite:
             return f"--json {path} already exists; pass --overwrite to replace it"

@@ -19,10 +19,12 @@ import contextlib
 import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, Union
 
-__all__ = ["WriteError", "atomic_write", "atomic_writer", "remove_stale_temporaries", "temporary_name"]
+__all__ = ["WriteError", "atomic_write", "atomic_writer", "output_folder_problem", "remove_stale_temporaries",
+           "temporary_name"]
 
 
 class WriteError(OSError):
@@ -160,6 +162,23 @@ def remove_stale_temporaries(folder: str, pattern: str = TEMPORARY_PATTERN) -> l
                 os.remove(p)
             removed.append(p)
     return removed
+
+
+def output_folder_problem(folder: str, what: str) -> str | None:
+    """Why files cannot be written in ``folder`` (made, with its missing parents, when absent), or
+    None; ``what`` names the flag and path in the message. The nearest existing folder is tried
+    by making and removing an empty folder in it: permission bits do not show a read-only mount,
+    /proc or /sys, and the write that found out would come only after all the work."""
+    parent = os.path.abspath(folder)
+    while not os.path.lexists(parent):  # the folders makedirs would create: each under this one
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{what}: {parent} is not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fastcgan-write-test-", dir=parent))
+    except OSError as e:
+        return f"{what}: cannot write in {parent} ({_describe(e)})"
+    return None
 
 
 def file_identity(path: str) -> tuple[int, int] | None:

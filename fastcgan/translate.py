@@ -37,7 +37,7 @@ import numpy as np
 from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS, WINDOW_PIXELS
 from fastcgan.deploy._common import DIRECTIONS, ArtifactError
 from fastcgan.deploy.runtime import ENGINES
-from fastcgan.fileio import file_identity
+from fastcgan.fileio import file_identity, output_folder_problem
 
 HTML_NAME = "index.html"
 
@@ -176,11 +176,9 @@ def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
                 "among (and possibly over) the inputs; choose another output directory")
     if os.path.lexists(out) and not os.path.isdir(out):
         return f"--output {out} exists and is not a directory" + (" (a link to nowhere)" if os.path.islink(out) else "")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):  # the folders makedirs would create: each under a folder
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"--output {out}: {parent} is a file, not a folder"
+    why = output_folder_problem(out, f"--output {out}")
+    if why:
+        return why
     reals = {os.path.realpath(f): f for f in files}
     ids = {i: f for f in files if (i := file_identity(f)) is not None}
     clashes = []

@@ -6,6 +6,7 @@ import io
 import os
 import threading
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -262,6 +263,10 @@ def test_names_and_cli_errors(tmp_path, capsys):
     assert "vangogh2photo" in capsys.readouterr().out
     assert main([NAME, "--sha256", "xyz", "--root", str(tmp_path)]) == 2
     assert "64 hex" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    for root in [tmp_path / "afile" / "sub"] + ([Path("/proc/fastcgan-test")] if os.path.isdir("/proc/self") else []):
+        assert main([NAME, "--root", str(root), "--url", "http://127.0.0.1:9/none"]) == 2  # before any download
+        assert f"--root {root}: " in capsys.readouterr().err
     assert {"horse2zebra", "monet2photo", "summer2winter_yosemite", "apple2orange", "facades"} <= set(
         dl.CYCLEGAN_DATASETS
     )

@@ -218,6 +218,45 @@ def test_translate_output_that_cannot_be_a_folder_exits_2_first(gen_file, tmp_pa
     assert _digests(tmp_path) == before
 
 
+@pytest.mark.parametrize("where", ["proc", "read-only"])
+@pytest.mark.parametrize("tool", ["translate", "eval", "export"])
+def test_outputs_where_nothing_can_be_written_exit_2_first(gen_file, tmp_path, tool, where, monkeypatch, capsys):
+    """os.access says yes for root, for /proc and /sys: a folder is tried before any work."""
+    from fastcgan.deploy.cli import main as export
+    from fastcgan.evaluate import main as evaluate
+
+    if where == "proc":
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc")
+        base = "/proc/fastcgan-test/sub"
+    else:
+        import errno
+
+        base = str(tmp_path / "ro" / "sub")
+        (tmp_path / "ro").mkdir()
+
+        def read_only(*a, **k):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr("fastcgan.fileio.tempfile.mkdtemp", read_only)
+    src = _pngs(tmp_path / "data" / "testA", n=1)
+    shutil.copytree(src, tmp_path / "data" / "testB")
+    before = _digests(tmp_path)
+    if tool == "translate":
+        flag, rc = "--output", _run(gen_file, tmp_path, "--input", str(src), "--output", base)
+    elif tool == "eval":
+        with pytest.raises(SystemExit) as exit_:  # argparse's error()
+            evaluate(["--checkpoint", str(gen_file), "--dataroot", str(tmp_path / "data"), "--no-fid",
+                      "--device", "cpu", "--json", base + "/r.json"])  # fmt: skip
+        flag, rc = "--json", exit_.value.code
+    else:
+        flag, rc = "--onnx", export([str(gen_file), "--onnx", base + "/g.onnx"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and f"{flag} " in err and "cannot write in" in err and "Traceback" not in err, err
+    assert "n=" not in out  # refused before translating or scoring anything
+    assert _digests(tmp_path) == before and not os.path.exists(base)
+
+
 def test_translate_that_translates_nothing_leaves_no_folder(gen_file, tmp_path, capsys):
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"not an image")

@@ -713,10 +713,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("NAME is required (or --list)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     fetch = pretrained.download_pretrained if a.pretrained else download_dataset
+    from fastcgan.fileio import output_folder_problem
+
+    root = a.root or ("checkpoints" if a.pretrained else "datasets")
+    why = output_folder_problem(root, f"--root {root}")
+    if why:  # before anything is downloaded
+        print(f"fastcgan-download: error: {why}", file=sys.stderr)
+        return 2
     try:
         path = fetch(
             a.name,
-            a.root or ("checkpoints" if a.pretrained else "datasets"),
+            root,
             url=a.url,
             sha256=a.sha256,
             progress=not a.no_progress,

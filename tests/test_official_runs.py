@@ -369,38 +369,6 @@ def test_export_official_is_what_the_official_network_loads(case, tmp_path, caps
         export_main([str(tmp_path / "g.safetensors"), "--official", str(tmp_path / "g.onnx")])
 
 
-def test_archives_torch_load_reads_differently_than_zipfile_are_refused(tmp_path):
-    """torch.load's zip reader (miniz) finds the central directory by the last end record and the
-    ZIP64 record its locator names; Python's zipfile by other rules. Any layout torch.save never
-    writes is refused, so no reader's view can hide a deflated member; genuine files (both formats)
-    load."""
-    import struct
-
-    from fastcgan.models.io import torch_archive_problem
-
-    torch.save({"w": torch.ones(64, 64), "n": torch.tensor(7)}, tmp_path / "ok.pth")
-    torch.save({"w": torch.ones(64, 64)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
-    assert torch_archive_problem(str(tmp_path / "ok.pth")) is None
-    assert torch_archive_problem(str(tmp_path / "legacy.pth")) is None
-    raw = (tmp_path / "ok.pth").read_bytes()
-    end = len(raw) - 22
-    locator, zip64 = end - 20, end - 20 - 56
-    cd_off = struct.unpack("<Q", raw[zip64 + 48:zip64 + 56])[0]
-    first_local = 0
-    variants = {
-        "gap before the end records": raw[:zip64] + b"\0" * 64 + raw[zip64:],
-        "trailing bytes": raw + b"\0" * 8,
-        "a comment": raw[:-2] + struct.pack("<H", 3) + b"abc",
-        "ZIP64 locator elsewhere": raw[:locator + 8] + struct.pack("<Q", 0) + raw[locator + 16:],
-        "deflated in the directory": raw[:cd_off + 10] + struct.pack("<H", 8) + raw[cd_off + 12:],
-        "deflated in the local header": raw[:first_local + 8] + struct.pack("<H", 8) + raw[first_local + 10:],
-        "truncated": raw[: len(raw) // 2],
-    }
-    for what, data in variants.items():
-        (tmp_path / "x.pth").write_bytes(data)
-        assert torch_archive_problem(str(tmp_path / "x.pth")), what
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch's about quantized / sparse tensors
 def test_weights_no_network_has_are_refused(tmp_path):
     """Complex, quantized or sparse tensors are no network's weights; a float64 that is finite but
@@ -439,7 +407,7 @@ def test_checkpoints_that_are_not_trees_or_hold_large_pickles_are_refused(tmp_pa
     (``L = [L, L]`` nested 23 deep, 1.7 KB on disk, took 4.6 GB and 139 s) and a cyclic one recurse
     forever; a pickle of MBs builds GBs of objects. Refused before anything walks or unpickles them;
     a container shared a few times (pickle keeps sharing) is fine."""
-    from fastcgan.models.io import MAX_PICKLE_BYTES, torch_archive_problem
+    from fastcgan.models.torch_files import MAX_PICKLE_BYTES, torch_file_problem
     from fastcgan.train.checkpoint import CheckpointError
 
     train(tiny_train_config(tmp_path / "data", tmp_path, max_steps=1, checkpoint_every=1),
@@ -459,4 +427,4 @@ def test_checkpoints_that_are_not_trees_or_hold_large_pickles_are_refused(tmp_pa
     with pytest.raises(CheckpointError, match="metadata"):  # past the structure checks, to the digest
         load_checkpoint(str(tmp_path / "shared.ckpt"))
     torch.save({"x": list(range(MAX_PICKLE_BYTES // 4))}, tmp_path / "big.pth")
-    assert "its structure" in torch_archive_problem(str(tmp_path / "big.pth"))
+    assert "its structure" in torch_file_problem(tmp_path / "big.pth")

@@ -157,18 +157,19 @@ def _load_state_dict(src: Union[str, os.PathLike, Mapping]) -> tuple[dict[str, T
     path = os.fspath(src)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"official checkpoint not found: {path}")
-    from fastcgan.models.io import check_torch_file, describe_load_error
+    from fastcgan.models.torch_files import TorchFileRefused, describe_load_error, load_torch_file
 
-    check_torch_file(path)
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_torch_file(path)
+    except TorchFileRefused:
+        raise
     except Exception as e:
         raise ValueError(f"cannot read {path} as a PyTorch state dict: {describe_load_error(e)}") from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path} does not hold a state dict (found {type(sd).__name__})")
-    from fastcgan.models.io import foreign_tensors, unbacked_tensor_bytes
+    from fastcgan.models.torch_files import foreign_tensors, unbacked_tensor_bytes
 
     foreign = foreign_tensors(sd.values())
     if foreign:  # complex, quantized, sparse ...: no network's weights

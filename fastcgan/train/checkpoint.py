@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fastcgan.fileio import atomic_writer, remove_stale_temporaries
-from fastcgan.models.io import check_torch_file, describe_load_error, foreign_tensors, unbacked_tensor_bytes
+from fastcgan.models.torch_files import describe_load_error, foreign_tensors, load_torch_file, unbacked_tensor_bytes
 from fastcgan.train.config import SCHEDULE_FIELDS, TRAINING_FIELDS, ConfigError, TrainConfig
 from fastcgan.train.state import TrainState, build_state, lr_factor, lr_lambda
 
@@ -253,8 +253,7 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        check_torch_file(path)
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_torch_file(path)
     except Exception as e:  # truncated zip, not a torch file, refused unpickling ...
         raise CheckpointError(
             # torch.load's refusal explains how to load the file *unsafely*: never passed on.
@@ -291,8 +290,7 @@ def checkpoint_config(path: str) -> TrainConfig:
     """The config of the training checkpoint ``path``, for deciding what to load from it: read
     memory-mapped (no tensor is read) and not verified -- loading it verifies everything."""
     try:
-        check_torch_file(path)
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        payload = load_torch_file(path, mmap=True)
         return TrainConfig.from_dict(payload["config"])
     except Exception as e:  # noqa: BLE001 - corrupt, foreign, truncated: named with the file
         raise CheckpointError(f"checkpoint {path} cannot be read: {describe_load_error(e)}") from None

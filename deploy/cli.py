@@ -239,7 +239,7 @@ def _check_paths(args) -> str | None:
     for flag, f in outputs:
         if os.path.isdir(f):
             return f"{flag} {f} is a directory"
-        why = output_folder_problem(os.path.dirname(os.path.abspath(f)), f"{flag} {f}")
+        why = output_folder_problem(os.path.dirname(os.path.abspath(f)), f"{flag} {f}", [os.path.basename(f)])
         if why:
             return why
         if os.path.lexists(f) and not args.overwrite:

@@ -524,7 +524,7 @@ def _json_path_problem(a) -> str | None:
     real, root = os.path.realpath(path), os.path.realpath(a.dataroot)
     if real.startswith(root.rstrip(os.sep) + os.sep):
         return f"--json {path} is inside --dataroot {a.dataroot}: results are never written among the inputs"
-    why = output_folder_problem(os.path.dirname(os.path.abspath(path)), f"--json {path}")
+    why = output_folder_problem(os.path.dirname(os.path.abspath(path)), f"--json {path}", [os.path.basename(path)])
     if why:
         return why
     if os.path.lexists(path):

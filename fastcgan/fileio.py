@@ -164,16 +164,32 @@ def remove_stale_temporaries(folder: str, pattern: str = TEMPORARY_PATTERN) -> l
     return removed
 
 
-def output_folder_problem(folder: str, what: str) -> str | None:
-    """Why files cannot be written in ``folder`` (made, with its missing parents, when absent), or
-    None; ``what`` names the flag and path in the message. The nearest existing folder is tried
-    by making and removing an empty folder in it: permission bits do not show a read-only mount,
-    /proc or /sys, and the write that found out would come only after all the work."""
-    parent = os.path.abspath(folder)
+# What fastcgan adds to a file name it writes: a temporary's ".NAME.<pid>.tmp", a manifest's
+# ".manifest.json", and both.
+_NAME_HEADROOM = 32
+
+
+def output_folder_problem(folder: str, what: str, names: Iterable[str] = ()) -> str | None:
+    """Why the files ``names`` cannot be written in ``folder`` (made, with its missing parents,
+    when absent), or None; ``what`` names the flag and path in the message. Every name to be made
+    must fit the file system's limit (the files' with room for a temporary's and a manifest's
+    suffixes), and the nearest existing folder is tried by making and removing an empty folder in
+    it: permission bits do not show a read-only mount, /proc or /sys, and the write that found
+    out would come only after all the work."""
+    parent, missing = os.path.abspath(folder), []
     while not os.path.lexists(parent):  # the folders makedirs would create: each under this one
-        parent = os.path.dirname(parent)
+        parent, name = os.path.split(parent)
+        missing.append(name)
     if not os.path.isdir(parent):
         return f"{what}: {parent} is not a folder"
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no limit reported
+        name_max = 255
+    for name, room in [(n, 0) for n in missing] + [(n, _NAME_HEADROOM) for n in names]:
+        if len(os.fsencode(name)) + room > name_max:
+            return (f"{what}: the name {name[:24]}... is {len(os.fsencode(name))} bytes; this file system "
+                    f"takes {name_max - room}" + (" (room is kept for a temporary's suffix)" if room else ""))
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".fastcgan-write-test-", dir=parent))
     except OSError as e:

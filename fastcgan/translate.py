@@ -176,7 +176,7 @@ def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
                 "among (and possibly over) the inputs; choose another output directory")
     if os.path.lexists(out) and not os.path.isdir(out):
         return f"--output {out} exists and is not a directory" + (" (a link to nowhere)" if os.path.islink(out) else "")
-    why = output_folder_problem(out, f"--output {out}")
+    why = output_folder_problem(out, f"--output {out}", {os.path.basename(d) for d in dests})
     if why:
         return why
     reals = {os.path.realpath(f): f for f in files}

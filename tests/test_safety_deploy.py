@@ -218,10 +218,11 @@ def test_translate_output_that_cannot_be_a_folder_exits_2_first(gen_file, tmp_pa
     assert _digests(tmp_path) == before
 
 
-@pytest.mark.parametrize("where", ["proc", "read-only"])
+@pytest.mark.parametrize("where", ["proc", "read-only", "long-name"])
 @pytest.mark.parametrize("tool", ["translate", "eval", "export"])
 def test_outputs_where_nothing_can_be_written_exit_2_first(gen_file, tmp_path, tool, where, monkeypatch, capsys):
-    """os.access says yes for root, for /proc and /sys: a folder is tried before any work."""
+    """os.access says yes for root, for /proc and /sys: a folder is tried before any work, and the
+    names to be made are measured against the file system's limit."""
     from fastcgan.deploy.cli import main as export
     from fastcgan.evaluate import main as evaluate
 
@@ -229,6 +230,8 @@ def test_outputs_where_nothing_can_be_written_exit_2_first(gen_file, tmp_path, t
         if not os.path.isdir("/proc/self"):
             pytest.skip("no /proc")
         base = "/proc/fastcgan-test/sub"
+    elif where == "long-name":
+        base = str(tmp_path / ("n" * 300) / "sub")
     else:
         import errno
 
@@ -252,9 +255,25 @@ def test_outputs_where_nothing_can_be_written_exit_2_first(gen_file, tmp_path, t
     else:
         flag, rc = "--onnx", export([str(gen_file), "--onnx", base + "/g.onnx"])
     out, err = capsys.readouterr()
-    assert rc == 2 and f"{flag} " in err and "cannot write in" in err and "Traceback" not in err, err
+    said = "bytes; this file system takes" if where == "long-name" else "cannot write in"
+    assert rc == 2 and f"{flag} " in err and said in err and "Traceback" not in err, err
     assert "n=" not in out  # refused before translating or scoring anything
     assert _digests(tmp_path) == before and not os.path.exists(base)
+
+
+def test_output_names_keep_room_for_temporaries_and_manifests(tmp_path):
+    """A 240-byte file name fits the usual 255-byte limit, but its temporary ``.NAME.<pid>.tmp``
+    and an artifact's ``NAME.manifest.json`` do not: refused up front, not at the write."""
+    from fastcgan.fileio import output_folder_problem
+
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    assert output_folder_problem(str(tmp_path / "new" / "deeper"), "X", ["g" * (limit - 32)]) is None
+    assert f"X: the name {'g' * 24}... is {limit - 31} bytes; this file system takes {limit - 32}" in \
+        output_folder_problem(str(tmp_path), "X", ["g" * (limit - 31)])
+    assert f"takes {limit}" in output_folder_problem(str(tmp_path / ("d" * (limit + 1)) / "x"), "X")
+    (tmp_path / "f").touch()
+    assert output_folder_problem(str(tmp_path / "f" / "x"), "X") == f"X: {tmp_path / 'f'} is not a folder"
+    assert os.listdir(tmp_path) == ["f"]  # the probes leave nothing
 
 
 def test_translate_that_translates_nothing_leaves_no_folder(gen_file, tmp_path, capsys):

@@ -121,3 +121,105 @@ def test_any_open_binary_file_is_checked(tmp_path):
     assert torch_file_problem(buf) is None
     assert "compressed" not in (torch_file_problem(io.BytesIO(buf.getvalue()[:100])) or "")
     assert torch_file_problem(tmp_path / "missing.pth").startswith("cannot be read")
+
+
+def _long1(n):
+    b = pickle.encode_long(n)
+    return b"\x8a" + bytes([len(b)]) + b
+
+
+_MAGIC, _NONE = pickle.dumps(0x1950A86A20F9469CFC6C, 2) + pickle.dumps(1001, 2), b"\x80\x02N."
+
+
+def _zip_with_structure(pkl, path):
+    """A torch.save archive whose structure pickle is ``pkl`` (stored, as torch.save writes it)."""
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin, zipfile.ZipFile(path, "w") as z:
+        for info in zin.infolist():
+            z.writestr(info.filename, pkl if info.filename.endswith("/data.pkl") else zin.read(info.filename))
+    return path
+
+
+class _Reduce:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def test_structures_naming_what_no_checkpoint_holds_are_refused(tmp_path, monkeypatch):
+    """torch's weights_only unpickler allows bytearray(N) (a 62-byte file asked for 2 GiB) and a
+    rebuild that converts a stride-0 view into a full tensor (1.8 KB -> 2 GiB): only the globals a
+    state dict or checkpoint names pass, in both formats."""
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    bytearray_pkl = b"\x80\x02cbuiltins\nbytearray\n" + _long1(2**31 - 1) + b"\x85R."
+    (tmp_path / "a.pth").write_bytes(_MAGIC + bytearray_pkl + _NONE + pickle.dumps([], 2))
+    _zip_with_structure(bytearray_pkl, tmp_path / "b.pth")
+    monkeypatch.undo()
+    view = torch.zeros(1).expand(2**28)
+    expand = _Reduce(torch._utils._rebuild_device_tensor_from_cpu_tensor, view, torch.float64, "cpu", False)
+    torch.save({"w": expand}, tmp_path / "c.pth")
+    _legacy({"w": expand}, tmp_path / "d.pth")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    for name, named in (("a", "builtins.bytearray"), ("b", "builtins.bytearray"),
+                        ("c", "_rebuild_device_tensor_from_cpu_tensor"), ("d", "_rebuild_device_tensor_from_cpu")):
+        with pytest.raises(TorchFileRefused, match=f"structure names .*{named}"):
+            load_torch_file(str(tmp_path / f"{name}.pth"))
+
+
+def test_keys_that_could_all_hash_alike_are_refused(tmp_path):
+    """Int keys k * (2**61 - 1) share one hash: each insert compared with every earlier key (300k
+    of them, 3.9 MB, took 454 s). Such keys need big ints or floats; a checkpoint holds neither in
+    number."""
+    from fastcgan.models.torch_files import MAX_BIG_INTS
+
+    def keys(n):
+        return b"\x80\x02}(" + b"".join(_long1(k * (2**61 - 1)) + b"N" for k in range(1, n + 1)) + b"u."
+
+    (tmp_path / "a.pth").write_bytes(_MAGIC + _NONE + keys(MAX_BIG_INTS + 1) + pickle.dumps([], 2))
+    _zip_with_structure(keys(MAX_BIG_INTS + 1), tmp_path / "b.pth")
+    for name in "ab":
+        assert f"{MAX_BIG_INTS + 1:,} integers of 2**32 or more" in torch_file_problem(tmp_path / f"{name}.pth")
+    _zip_with_structure(keys(MAX_BIG_INTS), tmp_path / "ok.pth")
+    assert len(load_torch_file(str(tmp_path / "ok.pth"))) == MAX_BIG_INTS
+
+
+def test_zip_member_names_are_compared_as_torch_reads_them(tmp_path):
+    """torch's zip reader finds ``data.pkl`` whatever its case: an 8 MiB ``DATA.PKL`` passed the
+    size limit (1.9 GiB built); two names that differ only in case are refused."""
+    import zipfile
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pth")
+    with zipfile.ZipFile(tmp_path / "ok.pth") as zin:
+        items = [(i.filename, zin.read(i.filename)) for i in zin.infolist()]
+    big = b"\x80\x02](" + b"\x8f" * (MAX_PICKLE_BYTES + 16) + b"e."  # 4 MiB of empty sets
+    for what, members in (("is 4,194,", [(n.replace("data.pkl", "DATA.PKL"), big if n.endswith("data.pkl") else d)
+                                         for n, d in items]),
+                          ("differ only in case", items + [(items[0][0].upper(), items[0][1])])):
+        with zipfile.ZipFile(tmp_path / "x.pth", "w") as z:
+            for n, d in members:
+                z.writestr(n, d)
+        assert what in torch_file_problem(tmp_path / "x.pth")
+
+
+def test_legacy_files_are_read_as_streams(tmp_path, monkeypatch):
+    """torch.load probes a legacy file for the pre-0.4 tar format first when it has a fileno, and
+    tarfile's header parser is quadratic before Python 3.11.10: legacy files go to torch.load
+    without one (they load the same), and are never memory-mapped."""
+    d = build_discriminator("basic", 3, ndf=4)
+    _legacy(d.state_dict(), tmp_path / "d.pth")
+    real, seen = torch.load, []
+
+    def spy(f, *a, **k):
+        seen.append(f)
+        return real(f, *a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    back = load_torch_file(str(tmp_path / "d.pth"))
+    assert not hasattr(seen[0], "fileno") and all(torch.equal(back[k], v) for k, v in d.state_dict().items())
+    with pytest.raises(TorchFileRefused, match="legacy-format .* only the zip format"):
+        load_torch_file(str(tmp_path / "d.pth"), mmap=True)

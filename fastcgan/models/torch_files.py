@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Optional, Union
 
 import torch
 
-__all__ = ["MAX_PICKLE_BYTES", "PLAIN_DTYPES", "TorchFileRefused", "describe_load_error", "foreign_tensors",
+__all__ = ["ALLOWED_GLOBALS", "MAX_PICKLE_BYTES", "PLAIN_DTYPES", "TorchFileRefused", "describe_load_error", "foreign_tensors",
            "load_torch_file", "torch_file_problem", "unbacked_tensor_bytes"]
 
 _ZIP_LOCAL, _ZIP_CENTRAL, _ZIP_END, _ZIP64_END, _ZIP64_LOCATOR = (
@@ -44,11 +44,41 @@ def load_torch_file(path: str, *, mmap: bool = False) -> Any:
         if why:
             raise TorchFileRefused(f"{path}: {why}: refused before torch.load reads it")
         fh.seek(0)
+        legacy = fh.read(4) != _ZIP_LOCAL
+        fh.seek(0)
+        if legacy and mmap:
+            raise TorchFileRefused(f"{path}: a legacy-format (pre-1.6) file; only the zip format torch.save "
+                                   "writes since 1.6 can be memory-mapped")
         if not mmap:
-            return torch.load(fh, map_location="cpu", weights_only=True)
+            return torch.load(_Stream(fh) if legacy else fh, map_location="cpu", weights_only=True)
         same_file = f"/proc/self/fd/{fh.fileno()}"
         return torch.load(same_file if os.path.exists(same_file) else path, map_location="cpu",
                           weights_only=True, mmap=True)
+
+
+class _Stream:
+    """An open file without ``fileno``: ``torch.load`` then reads a legacy-format file as the stream
+    it is and skips its probe for the pre-0.4 tar format first (which weights_only refuses anyway):
+    tarfile's header parser is quadratic before Python 3.11.10 (CVE-2024-6232), and a file can be
+    both a tar header and five valid pickles (160 KB took 15 s)."""
+
+    def __init__(self, fh: BinaryIO):
+        self._fh = fh
+
+    def read(self, n: int = -1) -> bytes:
+        return self._fh.read(n)
+
+    def readline(self, n: int = -1) -> bytes:
+        return self._fh.readline(n)
+
+    def readinto(self, buf) -> int:
+        return self._fh.readinto(buf)
+
+    def seek(self, *args) -> int:
+        return self._fh.seek(*args)
+
+    def tell(self) -> int:
+        return self._fh.tell()
 
 
 def torch_file_problem(fh: Union[str, os.PathLike, BinaryIO]) -> Optional[str]:
@@ -127,20 +157,28 @@ def _zip_problem(fh: BinaryIO, size: int) -> Optional[str]:
         name = directory[pos + 46:pos + 46 + name_len].decode("utf-8", "replace")
         if method != 0:
             return bad(f"compressed member {name!r}, which torch.load would inflate in memory")
-        if name.endswith("/data.pkl") and stored_size > MAX_PICKLE_BYTES:
+        is_pickle = name.lower().endswith("data.pkl")  # miniz finds names case-insensitively
+        if is_pickle and stored_size > MAX_PICKLE_BYTES:
             return bad(f"its structure {name!r} is {stored_size:,} bytes, over {MAX_PICKLE_BYTES:,} (a "
                        "checkpoint's is ~100 KB); its objects would be built unchecked")
-        locals_.append((local_off, name))
+        locals_.append((local_off, name, stored_size if is_pickle else None))
         pos += 46 + name_len + extra_len + note_len
     if pos != cd_size:
         return bad("its central directory holds more than its members")
-    for local_off, name in locals_:  # (ZIP64 local offsets live in the extra field: torch
-        if local_off == 0xFFFFFFFF:  # writes them only past 4 GiB; their headers go unchecked)
+    if len({name.lower() for _, name, _ in locals_}) != len(locals_):
+        return bad("two members whose names differ only in case (torch's reader does not tell them apart)")
+    for local_off, name, pickle_size in locals_:  # (ZIP64 local offsets live in the extra field:
+        if local_off == 0xFFFFFFFF:  # torch writes them only past 4 GiB; their headers go unchecked)
             continue
         fh.seek(local_off)
         head = fh.read(30)
         if len(head) < 30 or head[:4] != _ZIP_LOCAL or struct.unpack("<H", head[8:10])[0] != 0:
             return bad(f"member {name!r} has no stored local header")
+        if pickle_size is not None:  # the structure torch will unpickle: walked, nothing built
+            fh.seek(local_off + 30 + sum(struct.unpack("<2H", head[26:30])))
+            why = _pickle_problem(io.BytesIO(fh.read(pickle_size)))
+            if why:
+                return bad(why)
     return None
 
 
@@ -153,28 +191,61 @@ def _legacy_problem(fh: BinaryIO) -> Optional[str]:
     """Why ``torch.load`` must not read ``fh`` as the legacy format, or None. That format is five
     pickles in a row -- the magic number, the protocol version, system info, the structure, the
     storage keys -- then the raw tensor data (whose sizes torch checks as it reads). Official
-    releases from before PyTorch 1.6 are in it. The pickles are walked opcode by opcode (nothing is
-    built) within the first MAX_PICKLE_BYTES of the file: a file whose first pickle is not the
-    magic number is no torch file (torch would unpickle all of it before finding that out), and
-    pickles that do not end within the limit are refused as the zip format's are."""
+    releases from before PyTorch 1.6 are in it. The pickles are walked (:func:`_pickle_problem`)
+    within the first MAX_PICKLE_BYTES of the file: a file whose first pickle is not the magic
+    number is no torch file (torch would unpickle all of it before finding that out)."""
     fh.seek(0)
     head = io.BytesIO(fh.read(MAX_PICKLE_BYTES + 1))
-    for i, expected in enumerate((_LEGACY_MAGIC, _LEGACY_PROTOCOL, None, None, None)):
-        ints = []
+    for i, expected in enumerate((_LEGACY_MAGIC, _LEGACY_PROTOCOL)):
         try:
-            for op, arg, _ in pickletools.genops(head):
-                if expected is not None and op.name not in ("PROTO", "FRAME", "STOP"):
-                    ints.append(arg if op.name in _INT_OPS else None)
+            ints = [arg if op.name in _INT_OPS else None for op, arg, _ in pickletools.genops(head)
+                    if op.name not in ("PROTO", "FRAME", "STOP")]
         except ValueError:  # an unknown opcode, or the bytes ran out before its STOP
-            if head.tell() > MAX_PICKLE_BYTES:
-                return (f"not a file torch.save writes (its structure is over {MAX_PICKLE_BYTES:,} bytes; a "
-                        "checkpoint's is ~100 KB): its objects would be built unchecked")
-            if i == 0:
-                return "not a file torch.save writes (neither a zip archive nor a pickle)"
-            return None  # truncated: torch.load says so
-        if expected is not None and ints != [expected]:
-            return ("not a file torch.save writes (no torch magic number)" if i == 0
+            ints = None
+        if ints != [expected]:
+            return ("not a file torch.save writes (neither a zip archive nor a torch pickle)" if i == 0
                     else "not a file torch.save writes (an unknown legacy protocol version)")
+    why = _pickle_problem(head, pickles=3)
+    return f"not a file torch.save writes ({why})" if why else None
+
+
+# The globals (GLOBAL opcodes) torch.save writes for a state dict, an optimizer state or a fastcgan
+# checkpoint. torch's weights_only unpickler allows more, none of which these files hold:
+# bytearray(N) (a 62-byte file asked for 2 GiB), a rebuild that converts a stride-0 view into a
+# full tensor (1.8 KB -> 2 GiB), sets, bytes, complex, sparse, quantized, nested, subclasses.
+_PLAIN_STORAGES = ("Float", "Double", "Half", "BFloat16", "Byte", "Char", "Short", "Int", "Long", "Bool")
+ALLOWED_GLOBALS = frozenset(
+    {"collections OrderedDict", "torch._utils _rebuild_tensor", "torch._utils _rebuild_tensor_v2",
+     "torch._utils _rebuild_parameter"}
+    | {f"{module} {kind}Storage" for module in ("torch", "torch.cuda") for kind in _PLAIN_STORAGES})
+# Dict keys that all hash alike make every insert compare with every earlier key: 300k of them
+# (3.9 MB) took 454 s. Such keys need ints of 2**32 and more, or floats (alone or inside tuples);
+# a checkpoint holds ~300 ints below 2**32 (the Python RNG state), none above, and ~30 floats.
+MAX_BIG_INTS, MAX_FLOATS = 1024, 10_000
+
+
+def _pickle_problem(stream: BinaryIO, pickles: int = 1) -> Optional[str]:
+    """Why the next ``pickles`` pickles of ``stream`` (a buffer of at most MAX_PICKLE_BYTES + 1
+    bytes) must not be unpickled, or None. Walked opcode by opcode with ``pickletools.genops``
+    (nothing is built): they must end within MAX_PICKLE_BYTES, name only ALLOWED_GLOBALS and hold
+    at most MAX_BIG_INTS ints of 2**32 or more and MAX_FLOATS floats."""
+    big = floats = 0
+    try:
+        for _ in range(pickles):
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name == "GLOBAL" and arg not in ALLOWED_GLOBALS:
+                    return (f"its structure names {arg.replace(' ', '.')}, which no state dict or checkpoint "
+                            "holds")
+                big += op.name in _INT_OPS and abs(arg) >= 1 << 32
+                floats += op.name in ("BINFLOAT", "FLOAT")
+    except ValueError as e:  # an unknown opcode, or the bytes ran out before its STOP
+        if stream.tell() > MAX_PICKLE_BYTES:
+            return (f"its structure is over {MAX_PICKLE_BYTES:,} bytes (a checkpoint's is ~100 KB): its objects "
+                    "would be built unchecked")
+        return f"a malformed or truncated structure: {e}"
+    if big > MAX_BIG_INTS or floats > MAX_FLOATS:
+        return (f"its structure holds {big:,} integers of 2**32 or more and {floats:,} floats (at most "
+                f"{MAX_BIG_INTS:,} and {MAX_FLOATS:,}: dict keys that hash alike would take minutes to insert)")
     return None
 
 

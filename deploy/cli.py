@@ -239,9 +239,11 @@ def _check_paths(args) -> str | None:
     for flag, f in outputs:
         if os.path.isdir(f):
             return f"{flag} {f} is a directory"
-        why = output_folder_problem(os.path.dirname(os.path.abspath(f)), f"{flag} {f}", [os.path.basename(f)])
+        why = output_folder_problem(os.path.dirname(f) or os.curdir, f"{flag} {f}", [os.path.basename(f)])
         if why:
             return why
+        if os.path.lexists(f) and not os.path.isfile(f):  # a device, FIFO, socket or dangling link
+            return f"{flag} {f} exists and is not a regular file: never replaced"
         if os.path.lexists(f) and not args.overwrite:
             return f"{flag}: {f} already exists; pass --overwrite to replace it"
     return None
@@ -253,7 +255,7 @@ def _staged(path: str):
     into place is atomic and a manifest's ``artifact`` field is already right); the folder and
     whatever is left in it are removed on exit, and so are the folders made for ``path`` when it
     was not installed."""
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = os.path.realpath(os.path.dirname(path) or os.curdir)  # where the rename lands (link/.. resolved)
     made = []
     d = folder
     while not os.path.lexists(d):

@@ -524,10 +524,12 @@ def _json_path_problem(a) -> str | None:
     real, root = os.path.realpath(path), os.path.realpath(a.dataroot)
     if real.startswith(root.rstrip(os.sep) + os.sep):
         return f"--json {path} is inside --dataroot {a.dataroot}: results are never written among the inputs"
-    why = output_folder_problem(os.path.dirname(os.path.abspath(path)), f"--json {path}", [os.path.basename(path)])
+    why = output_folder_problem(os.path.dirname(path) or os.curdir, f"--json {path}", [os.path.basename(path)])
     if why:
         return why
     if os.path.lexists(path):
+        if not os.path.isfile(path):  # a device or FIFO (reading one to tell whether it is a result hangs)
+            return f"--json {path} exists and is not a regular file: never replaced"
         if not a.overwrite:
             return f"--json {path} already exists; pass --overwrite to replace it"
         if not _is_eval_result(path):

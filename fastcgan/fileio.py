@@ -33,8 +33,10 @@ class WriteError(OSError):
 
 
 def temporary_name(path: str) -> str:
-    d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{base}.{os.getpid()}.tmp")
+    """The hidden temporary beside ``path`` -- in the folder the kernel resolves (``link/..`` is the
+    link target's parent, not the folder the text names), so the rename stays in one folder."""
+    d, base = os.path.split(path)
+    return os.path.join(os.path.realpath(d or os.curdir), f".{base}.{os.getpid()}.tmp")
 
 
 def _fsync_dir(d: str) -> None:
@@ -94,8 +96,8 @@ def atomic_writer(path: str) -> Iterator[BinaryIO]:
     """A binary file object whose content replaces ``path`` atomically when the block exits
     without an exception (on an exception nothing changes and the exception propagates; an
     ``OSError`` from writing becomes :class:`WriteError`)."""
-    d = os.path.dirname(os.path.abspath(path))
     tmp = temporary_name(path)
+    d = os.path.dirname(tmp)
     f = None
     try:
         os.makedirs(d, exist_ok=True)
@@ -172,28 +174,55 @@ _NAME_HEADROOM = 32
 def output_folder_problem(folder: str, what: str, names: Iterable[str] = ()) -> str | None:
     """Why the files ``names`` cannot be written in ``folder`` (made, with its missing parents,
     when absent), or None; ``what`` names the flag and path in the message. Every name to be made
-    must fit the file system's limit (the files' with room for a temporary's and a manifest's
-    suffixes), and the nearest existing folder is tried by making and removing an empty folder in
-    it: permission bits do not show a read-only mount, /proc or /sys, and the write that found
-    out would come only after all the work."""
-    parent, missing = os.path.abspath(folder), []
+    must fit the file system's limits (file names with room for a temporary's and a manifest's
+    suffixes), and the nearest existing folder is tried by writing, syncing and removing a 4 KiB
+    file in it: permission bits do not show a read-only mount, a full disk, /proc or /sys, and the
+    write that found out would come only after all the work. The path is checked as written and
+    as the kernel resolves it (``link/..`` is the link target's parent)."""
+    names = list(names)
+    for path in dict.fromkeys((os.path.abspath(folder), os.path.realpath(folder))):
+        why = _folder_problem(path, what, names)
+        if why:
+            return why
+    return None
+
+
+def _folder_problem(folder: str, what: str, names: list[str]) -> str | None:
+    parent, missing = folder, []
     while not os.path.lexists(parent):  # the folders makedirs would create: each under this one
         parent, name = os.path.split(parent)
         missing.append(name)
     if not os.path.isdir(parent):
         return f"{what}: {parent} is not a folder"
-    try:
-        name_max = os.pathconf(parent, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no limit reported
-        name_max = 255
+    name_max, path_max = 255, 4096
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no pathconf (Windows), no limit
+        name_max, path_max = os.pathconf(parent, "PC_NAME_MAX"), os.pathconf(parent, "PC_PATH_MAX")
     for name, room in [(n, 0) for n in missing] + [(n, _NAME_HEADROOM) for n in names]:
         if len(os.fsencode(name)) + room > name_max:
             return (f"{what}: the name {name[:24]}... is {len(os.fsencode(name))} bytes; this file system "
                     f"takes {name_max - room}" + (" (room is kept for a temporary's suffix)" if room else ""))
+    longest = max([len(os.fsencode(os.path.join(folder, n))) + _NAME_HEADROOM for n in names]
+                  + [len(os.fsencode(folder))])
+    if longest > path_max:
+        return f"{what}: the path is {longest} bytes with its files' names; this system takes {path_max}"
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".fastcgan-write-test-", dir=parent))
+        fd, probe = tempfile.mkstemp(prefix=".fastcgan-write-test-", dir=parent)
     except OSError as e:
         return f"{what}: cannot write in {parent} ({_describe(e)})"
+    try:
+        os.write(fd, bytes(4096))
+        os.fsync(fd)
+        failed = None
+    except OSError as e:
+        failed = e
+    finally:
+        os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError as e:
+        return f"{what}: cannot remove files in {parent} ({_describe(e)}; {probe} is left behind)"
+    if failed is not None:
+        return f"{what}: cannot write in {parent} ({_describe(failed)})"
     return None
 
 

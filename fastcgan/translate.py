@@ -167,6 +167,8 @@ def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
     """Why writing ``dests`` would lose data (an input overwritten, an output replaced without
     --overwrite), or None. Symlinks are resolved and hard links compared by inode."""
     out = args.output
+    if not out:  # an unset shell variable: the current folder is never meant
+        return "--output is empty: give an output directory"
     in_real = os.path.realpath(args.input)
     out_real = os.path.realpath(out)
     if os.path.isfile(args.input) and (out_real == in_real or file_identity(out) == file_identity(args.input)):
@@ -191,6 +193,9 @@ def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
         more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
         return (f"writing {d} would overwrite the input file {src}{more}; inputs are never overwritten, "
                 "choose an output directory outside the inputs")
+    odd = [d for d in dests if os.path.lexists(d) and not os.path.isfile(d)]
+    if odd:
+        return f"{odd[0]} exists and is not a regular file (a folder, device, FIFO or dangling link): never replaced"
     existing = [d for d in dests if os.path.lexists(d)]
     if existing and not args.overwrite:
         shown = ", ".join(existing[:3]) + (" ..." if len(existing) > 3 else "")

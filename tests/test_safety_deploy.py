@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -218,7 +219,7 @@ def test_translate_output_that_cannot_be_a_folder_exits_2_first(gen_file, tmp_pa
     assert _digests(tmp_path) == before
 
 
-@pytest.mark.parametrize("where", ["proc", "read-only", "long-name"])
+@pytest.mark.parametrize("where", ["proc", "read-only", "long-name", "link-dotdot"])
 @pytest.mark.parametrize("tool", ["translate", "eval", "export"])
 def test_outputs_where_nothing_can_be_written_exit_2_first(gen_file, tmp_path, tool, where, monkeypatch, capsys):
     """os.access says yes for root, for /proc and /sys: a folder is tried before any work, and the
@@ -226,10 +227,13 @@ def test_outputs_where_nothing_can_be_written_exit_2_first(gen_file, tmp_path, t
     from fastcgan.deploy.cli import main as export
     from fastcgan.evaluate import main as evaluate
 
+    if where in ("proc", "link-dotdot") and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc")
     if where == "proc":
-        if not os.path.isdir("/proc/self"):
-            pytest.skip("no /proc")
         base = "/proc/fastcgan-test/sub"
+    elif where == "link-dotdot":  # as text tmp_path/sub; the kernel resolves it to /proc/sub
+        (tmp_path / "plink").symlink_to("/proc/self")
+        base = str(tmp_path / "plink" / ".." / "sub")
     elif where == "long-name":
         base = str(tmp_path / ("n" * 300) / "sub")
     else:
@@ -241,7 +245,7 @@ def test_outputs_where_nothing_can_be_written_exit_2_first(gen_file, tmp_path, t
         def read_only(*a, **k):
             raise OSError(errno.EROFS, "Read-only file system")
 
-        monkeypatch.setattr("fastcgan.fileio.tempfile.mkdtemp", read_only)
+        monkeypatch.setattr("fastcgan.fileio.tempfile.mkstemp", read_only)
     src = _pngs(tmp_path / "data" / "testA", n=1)
     shutil.copytree(src, tmp_path / "data" / "testB")
     before = _digests(tmp_path)
@@ -258,7 +262,35 @@ def test_outputs_where_nothing_can_be_written_exit_2_first(gen_file, tmp_path, t
     said = "bytes; this file system takes" if where == "long-name" else "cannot write in"
     assert rc == 2 and f"{flag} " in err and said in err and "Traceback" not in err, err
     assert "n=" not in out  # refused before translating or scoring anything
-    assert _digests(tmp_path) == before and not os.path.exists(base)
+    assert _digests(tmp_path) == before and not os.path.exists(base) and not os.path.exists(tmp_path / "sub")
+
+
+def test_outputs_that_are_not_regular_files_are_never_replaced(gen_file, tmp_path, capsys):
+    """--overwrite replaced a FIFO or device node with a regular file (as root, --safetensors
+    /dev/null --overwrite would have replaced the system's /dev/null); eval --json on a FIFO hung
+    reading it; translate --output '' (an unset variable) wrote into the current folder."""
+    from fastcgan.deploy.cli import main as export
+    from fastcgan.evaluate import main as evaluate
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    src = _pngs(tmp_path / "data" / "testA", n=1)
+    shutil.copytree(src, tmp_path / "data" / "testB")
+    with pytest.raises(SystemExit) as exit_:
+        evaluate(["--checkpoint", str(gen_file), "--dataroot", str(tmp_path / "data"), "--no-fid", "--device", "cpu",
+                  "--json", str(fifo), "--overwrite"])  # fmt: skip
+    assert exit_.value.code == 2 and "not a regular file" in capsys.readouterr().err
+    onnx_fifo = tmp_path / "g.onnx"
+    os.mkfifo(onnx_fifo)
+    assert export([str(gen_file), "--onnx", str(onnx_fifo), "--overwrite"]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    os.mkfifo(tmp_path / "out" / "im0.png")
+    assert _run(gen_file, tmp_path, "--input", str(src), "--output", str(tmp_path / "out"), "--overwrite") == 2
+    assert "not a regular file" in capsys.readouterr().err
+    assert _run(gen_file, tmp_path, "--input", str(src), "--output", "") == 2
+    assert "--output is empty" in capsys.readouterr().err
+    assert all(stat.S_ISFIFO(os.stat(f).st_mode) for f in (fifo, onnx_fifo, tmp_path / "out" / "im0.png"))
 
 
 def test_output_names_keep_room_for_temporaries_and_manifests(tmp_path):
@@ -274,6 +306,25 @@ def test_output_names_keep_room_for_temporaries_and_manifests(tmp_path):
     (tmp_path / "f").touch()
     assert output_folder_problem(str(tmp_path / "f" / "x"), "X") == f"X: {tmp_path / 'f'} is not a folder"
     assert os.listdir(tmp_path) == ["f"]  # the probes leave nothing
+
+
+def test_the_write_probe_writes_a_file_and_measures_the_whole_path(tmp_path, monkeypatch):
+    """A full disk (or a file-size limit) lets a folder be made but no data written: the probe
+    writes and syncs 4 KiB. A path of short names can still pass PATH_MAX."""
+    import errno
+
+    from fastcgan.fileio import output_folder_problem
+
+    deep = os.path.join(str(tmp_path), *["p" * 250] * 20)
+    assert "this system takes" in output_folder_problem(deep, "X")
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("fastcgan.fileio.os.write", full)
+    said = output_folder_problem(str(tmp_path / "o"), "X")
+    assert said == f"X: cannot write in {tmp_path} (no space left on the device)"
+    assert os.listdir(tmp_path) == []
 
 
 def test_translate_that_translates_nothing_leaves_no_folder(gen_file, tmp_path, capsys):

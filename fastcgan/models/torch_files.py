@@ -1,8 +1,9 @@
 """Reading files made by ``torch.save`` -- training checkpoints, official ``.pth`` networks --
 without trusting them. ``torch.load(weights_only=True)`` runs no code, but it still builds whatever
 the file describes: deflated zip members are inflated in memory, and its unpickler builds ~230
-bytes of objects per byte of pickle. :func:`load_torch_file` checks the file's layout and the size
-of its pickles first, on the same open file it then reads; the checks on what was loaded
+bytes of objects per byte of pickle, and its list of allowed globals builds more than tensors.
+:func:`load_torch_file` first checks the file's layout and walks its pickles (size, the globals
+they name, what they hold), on the same open file it then reads; the checks on what was loaded
 (:func:`foreign_tensors`, :func:`unbacked_tensor_bytes`) come after.
 """
 
@@ -17,8 +18,8 @@ from typing import Any, BinaryIO, Optional, Union
 
 import torch
 
-__all__ = ["ALLOWED_GLOBALS", "MAX_PICKLE_BYTES", "PLAIN_DTYPES", "TorchFileRefused", "describe_load_error", "foreign_tensors",
-           "load_torch_file", "torch_file_problem", "unbacked_tensor_bytes"]
+__all__ = ["ALLOWED_GLOBALS", "MAX_PICKLE_BYTES", "PLAIN_DTYPES", "TorchFileRefused", "describe_load_error",
+           "foreign_tensors", "load_torch_file", "torch_file_problem", "unbacked_tensor_bytes"]
 
 _ZIP_LOCAL, _ZIP_CENTRAL, _ZIP_END, _ZIP64_END, _ZIP64_LOCATOR = (
     b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07")
@@ -169,6 +170,8 @@ def _zip_problem(fh: BinaryIO, size: int) -> Optional[str]:
         return bad("two members whose names differ only in case (torch's reader does not tell them apart)")
     for local_off, name, pickle_size in locals_:  # (ZIP64 local offsets live in the extra field:
         if local_off == 0xFFFFFFFF:  # torch writes them only past 4 GiB; their headers go unchecked)
+            if pickle_size is not None:  # torch.save writes the structure first
+                return bad(f"its structure {name!r} lies past 4 GiB")
             continue
         fh.seek(local_off)
         head = fh.read(30)

@@ -379,8 +379,10 @@ def test_weights_no_network_has_are_refused(tmp_path):
                       ("qint8", torch.quantize_per_tensor(sd["model.0.weight"], 0.1, 0, torch.qint8)),
                       ("sparse_coo", sd["model.0.weight"].to_sparse())):
         torch.save(dict(sd, **{"model.0.weight": bad}), tmp_path / "d.pth")
-        with pytest.raises(ValueError, match=f"holds torch.{what}|holds .*{what}|structure names torch"):
+        with pytest.raises(ValueError, match="structure names torch"):  # the file: refused before loading
             load_official_state_dict(tmp_path / "d.pth", build_discriminator("basic", 3, ndf=4))
+        with pytest.raises(ValueError, match=f"holds torch.{what}|holds .*{what}"):  # a state dict in memory
+            load_official_state_dict(dict(sd, **{"model.0.weight": bad}), build_discriminator("basic", 3, ndf=4))
     huge = sd["model.0.weight"].double()
     huge[0, 0, 0, 0] = 1e300
     torch.save(dict(sd, **{"model.0.weight": huge}), tmp_path / "official" / "latest_net_D_B.pth")

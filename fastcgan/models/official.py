@@ -152,12 +152,20 @@ def _module_map(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def _load_state_dict(src: Union[str, os.PathLike, Mapping]) -> tuple[dict[str, Tensor], str]:
-    if isinstance(src, Mapping):
-        return dict(src), "<state dict>"
-    path = os.fspath(src)
+    from fastcgan.models.torch_files import foreign_tensors
+
+    sd, where = (dict(src), "<state dict>") if isinstance(src, Mapping) else _read_state_dict(os.fspath(src))
+    foreign = foreign_tensors(sd.values())
+    if foreign:  # complex, quantized, sparse ...: no network's weights (files naming them are refused unread)
+        raise ValueError(f"{where}: holds {foreign[0]} tensors: not a saved network")
+    return sd, where
+
+
+def _read_state_dict(path: str) -> tuple[dict[str, Tensor], str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"official checkpoint not found: {path}")
-    from fastcgan.models.torch_files import TorchFileRefused, describe_load_error, load_torch_file
+    from fastcgan.models.torch_files import (TorchFileRefused, describe_load_error, load_torch_file,
+                                             unbacked_tensor_bytes)
 
     try:
         sd = load_torch_file(path)
@@ -169,11 +177,6 @@ def _load_state_dict(src: Union[str, os.PathLike, Mapping]) -> tuple[dict[str, T
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path} does not hold a state dict (found {type(sd).__name__})")
-    from fastcgan.models.torch_files import foreign_tensors, unbacked_tensor_bytes
-
-    foreign = foreign_tensors(sd.values())
-    if foreign:  # complex, quantized, sparse ...: no network's weights
-        raise ValueError(f"{path}: holds {foreign[0]} tensors: not a saved network")
     extra = unbacked_tensor_bytes(sd.values())
     if extra:  # shapes are trusted below (the network is built from them)
         raise ValueError(f"{path}: its tensors claim {extra:,} bytes more than they hold (stride-0 or shared "

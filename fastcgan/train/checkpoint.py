@@ -268,10 +268,10 @@ def load_checkpoint(path: str) -> dict:
     missing = [k for k in _REQUIRED if k not in payload]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
+    _check_tree(payload, path)  # before anything walks it
     # torch.save keeps views: a stride-0 tensor costs one element in the file but claims its whole
     # shape, which hashing it (a contiguous copy), building a network for it or a pool like it would
     # allocate. Checked first, over every tensor (dense CPU tensors of plain dtypes: nothing else is saved).
-    _check_tree(payload, path)
     foreign = foreign_tensors(_tensors(payload))
     if foreign:
         raise CheckpointError(f"checkpoint {path}: holds {foreign[0]} tensors: not a saved training state")

@@ -253,17 +253,23 @@ def _check_truth_headers(folder: str, paths: list[str], truth_dir: str, load_siz
 # --------------------------------------------------------------------------------------------
 # FID / KID set-up
 # --------------------------------------------------------------------------------------------
-def _inception_or_reason(device, weights: str | None, dtype: torch.dtype | None):
-    """(InceptionFeatures, "") or (None, why FID/KID are skipped). A missing package is a skip;
-    an explicitly named file that is missing, or any file failing its checksum, is an error."""
-    from fastcgan.metrics import InceptionWeightsError, load_inception
+def fid_inception(device, weights: str | None, dtype: torch.dtype | None, results: dict):
+    """The Inception network for FID/KID, or None when the package that ships it is missing; either
+    way ``results`` records it (``fid_network`` and ``fid_inception_dtype``, or ``fid_status``: why
+    FID/KID are skipped). An explicitly named file that is missing, or any file failing its
+    checksum, is an error."""
+    from fastcgan.metrics import NETWORK, InceptionWeightsError, load_inception
 
     try:
-        return load_inception(weights, device, dtype), ""
+        inception = load_inception(weights, device, dtype)
     except InceptionWeightsError as e:
-        if e.not_installed:
-            return None, f"FID/KID skipped: {e}"
-        raise
+        if not e.not_installed:
+            raise
+        results["fid_status"] = f"FID/KID skipped: {e}"
+        return None
+    results["fid_network"] = NETWORK
+    results["fid_inception_dtype"] = str(inception.dtype).replace("torch.", "")
+    return inception
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,16 +295,7 @@ def evaluate_generators(
     FID/KID only when ``fid`` is true."""
     device = torch.device(device)
     results: dict = {}
-    inception = None
-    if fid:
-        inception, why = _inception_or_reason(device, inception_weights_path, inception_dtype)
-        if inception is None:
-            results["fid_status"] = why
-        else:
-            from fastcgan.metrics import NETWORK
-
-            results["fid_network"] = NETWORK
-            results["fid_inception_dtype"] = str(inception.dtype).replace("torch.", "")
+    inception = fid_inception(device, inception_weights_path, inception_dtype, results) if fid else None
     trs = {"AtoB": _translator(G_AB, device, amp_dtype, batch_size), "BtoA": _translator(G_BA, device, amp_dtype, batch_size)}
     modules = [g for g in (G_AB, G_BA) if isinstance(g, nn.Module)]
     # Every input is listed (and the ground truth checked on its headers) before anything is

@@ -145,7 +145,7 @@ def evaluate_paired(
     accepts, or a loaded :class:`fastcgan.deploy.Translator`) on ``dataroot/<phase>/``."""
     from fastcgan.deploy import Translator, load
     from fastcgan.devices import resolve_device
-    from fastcgan.evaluate import _inception_or_reason, domain_paths, translate_images
+    from fastcgan.evaluate import domain_paths, fid_inception, translate_images
 
     dev = resolve_device(str(device))
     if isinstance(checkpoint, Translator):
@@ -163,16 +163,7 @@ def evaluate_paired(
     colorizer = (tr.spec.config or {}).get("color_space") == "lab"
     _, paths = domain_paths(dataroot, phase, "", max_images)
     results: dict = {}
-    inception = None
-    if fid:
-        inception, why = _inception_or_reason(dev, inception_weights_path, inception_dtype)
-        if inception is None:
-            results["fid_status"] = why
-        else:
-            from fastcgan.metrics import NETWORK
-
-            results["fid_network"] = NETWORK
-            results["fid_inception_dtype"] = str(inception.dtype).replace("torch.", "")
+    inception = fid_inception(dev, inception_weights_path, inception_dtype, results) if fid else None
 
     # A chunk of pairs at a time: translated, scored (per-image numbers kept), its translations
     # and targets handed to Inception as they come; memory holds one chunk, never the test set.

@@ -64,6 +64,26 @@ def max_dataset_size(cfg, phase: str) -> float:
     return n if phase == "train" and n is not None else math.inf
 
 
+def generator_options(cfg, **overrides) -> dict:
+    """``build_generator`` keywords from the run's config (arch and channels are the recipe's)."""
+    m = cfg.model
+    options = {
+        "ngf": m.ngf, "norm": m.norm, "use_dropout": m.use_dropout, "init_type": m.init_type,
+        "init_gain": m.init_gain, "backend": cfg.run.kernels, "antialias": m.antialias, "antialias_up": m.antialias_up,
+    }
+    return options | overrides
+
+
+def discriminator_options(cfg, **overrides) -> dict:
+    """``build_discriminator`` keywords from the run's config (arch and input channels are the recipe's)."""
+    m = cfg.model
+    options = {
+        "ndf": m.ndf, "n_layers": m.n_layers_D, "norm": m.norm, "init_type": m.init_type, "init_gain": m.init_gain,
+        "backend": cfg.run.kernels, "antialias": m.antialias,
+    }
+    return options | overrides
+
+
 @dataclass(frozen=True)
 class Phase:
     """One optimizer update of the step. ``frozen``: networks the forward calls but must not

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fastcgan.recipes import pix2pix
-from fastcgan.recipes.base import StepRun, max_dataset_size
+from fastcgan.recipes.base import StepRun, discriminator_options, generator_options, max_dataset_size
 
 L_CHANNELS, AB_CHANNELS = 1, 2
 
@@ -37,15 +37,8 @@ def networks(cfg) -> dict:
     from fastcgan.models import build_discriminator, build_generator
 
     m = cfg.model
-    G = build_generator(
-        m.netG, L_CHANNELS, AB_CHANNELS, ngf=m.ngf, norm=m.norm, use_dropout=m.use_dropout,
-        init_type=m.init_type, init_gain=m.init_gain, backend=cfg.run.kernels, bn_inference="per_image",
-        antialias=m.antialias, antialias_up=m.antialias_up,
-    )
-    D = build_discriminator(
-        m.netD, L_CHANNELS + AB_CHANNELS, ndf=m.ndf, n_layers=m.n_layers_D, norm=m.norm,
-        init_type=m.init_type, init_gain=m.init_gain, backend=cfg.run.kernels, antialias=m.antialias,
-    )
+    G = build_generator(m.netG, L_CHANNELS, AB_CHANNELS, **generator_options(cfg, bn_inference="per_image"))
+    D = build_discriminator(m.netD, L_CHANNELS + AB_CHANNELS, **discriminator_options(cfg))
     return {"G": G, "D": D}
 
 

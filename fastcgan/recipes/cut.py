@@ -50,7 +50,7 @@ from torch import Tensor
 from fastcgan.losses import gan_loss, generator_gan_loss
 from fastcgan.losses_nce import patch_nce_loss
 from fastcgan.models.patchnce import gather_patches
-from fastcgan.recipes.base import Phase, Recipe, StepRun, zero_loss
+from fastcgan.recipes.base import Phase, Recipe, StepRun, discriminator_options, generator_options, zero_loss
 
 
 def parse_nce_layers(spec: str) -> tuple[int, ...]:
@@ -76,30 +76,8 @@ def networks(cfg) -> dict:
 
     m = cfg.model
     # Built in the official order (G, D, then F): the global RNG draws of the initialisation.
-    G = build_generator(
-        m.netG,
-        m.input_nc,
-        m.output_nc,
-        ngf=m.ngf,
-        norm=m.norm,
-        use_dropout=m.use_dropout,
-        init_type=m.init_type,
-        init_gain=m.init_gain,
-        backend=cfg.run.kernels,
-        antialias=m.antialias,
-        antialias_up=m.antialias_up,
-    )
-    D = build_discriminator(
-        m.netD,
-        m.output_nc,
-        ndf=m.ndf,
-        n_layers=m.n_layers_D,
-        norm=m.norm,
-        init_type=m.init_type,
-        init_gain=m.init_gain,
-        backend=cfg.run.kernels,
-        antialias=m.antialias,
-    )
+    G = build_generator(m.netG, m.input_nc, m.output_nc, **generator_options(cfg))
+    D = build_discriminator(m.netD, m.output_nc, **discriminator_options(cfg))
     F = build_patchnce_heads(
         G, parse_nce_layers(m.nce_layers), m.netF_nc, init_type=m.init_type, init_gain=m.init_gain
     )

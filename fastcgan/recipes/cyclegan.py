@@ -32,7 +32,7 @@ from fastcgan.losses import (
     gradient_penalty,
     identity_loss,
 )
-from fastcgan.recipes.base import Phase, Recipe, StepRun, zero_loss
+from fastcgan.recipes.base import Phase, Recipe, StepRun, discriminator_options, generator_options, zero_loss
 
 LOSS_NAMES = ("G_AB", "G_BA", "cycle_A", "cycle_B", "idt_A", "idt_B", "G", "D_A", "D_B")
 GP_NAMES = ("gp_A", "gp_B")
@@ -46,23 +46,10 @@ def networks(cfg) -> dict:
     from fastcgan.models import build_discriminator, build_generator
 
     m = cfg.model
-    g_kw = dict(
-        ngf=m.ngf,
-        norm=m.norm,
-        use_dropout=m.use_dropout,
-        init_type=m.init_type,
-        init_gain=m.init_gain,
-        backend=cfg.run.kernels,
-        antialias=m.antialias,
-        antialias_up=m.antialias_up,
-    )
+    g_kw = generator_options(cfg)
     # WGAN-GP differentiates D's input gradient again: only the torch reference has a double
     # backward (the fused kernels' backward is not differentiable), so D uses it then.
-    d_backend = "torch" if cfg.loss.gan_mode == "wgangp" else cfg.run.kernels
-    d_kw = dict(
-        ndf=m.ndf, n_layers=m.n_layers_D, norm=m.norm, init_type=m.init_type, init_gain=m.init_gain,
-        backend=d_backend, antialias=m.antialias,
-    )
+    d_kw = discriminator_options(cfg, **({"backend": "torch"} if cfg.loss.gan_mode == "wgangp" else {}))
     # Built in this order: the global RNG draws of the initialisation define the run's weights.
     return {
         "G_AB": build_generator(m.netG, m.input_nc, m.output_nc, **g_kw),

@@ -39,7 +39,14 @@ import torch
 from torch import Tensor
 
 from fastcgan.losses import conditional_input, pix2pix_discriminator_loss, pix2pix_generator_loss
-from fastcgan.recipes.base import Phase, Recipe, StepRun, max_dataset_size
+from fastcgan.recipes.base import (
+    Phase,
+    Recipe,
+    StepRun,
+    discriminator_options,
+    generator_options,
+    max_dataset_size,
+)
 
 LOSS_NAMES = ("G_GAN", "G_L1", "G", "D_real", "D_fake", "D")
 
@@ -53,15 +60,8 @@ def networks(cfg) -> dict:
 
     m = cfg.model
     # Built in the official order (G, then D): the global RNG draws of the initialisation.
-    G = build_generator(
-        m.netG, m.input_nc, m.output_nc, ngf=m.ngf, norm=m.norm, use_dropout=m.use_dropout,
-        init_type=m.init_type, init_gain=m.init_gain, backend=cfg.run.kernels, bn_inference="per_image",
-        antialias=m.antialias, antialias_up=m.antialias_up,
-    )
-    D = build_discriminator(
-        m.netD, m.input_nc + m.output_nc, ndf=m.ndf, n_layers=m.n_layers_D, norm=m.norm,
-        init_type=m.init_type, init_gain=m.init_gain, backend=cfg.run.kernels, antialias=m.antialias,
-    )
+    G = build_generator(m.netG, m.input_nc, m.output_nc, **generator_options(cfg, bn_inference="per_image"))
+    D = build_discriminator(m.netD, m.input_nc + m.output_nc, **discriminator_options(cfg))
     return {"G": G, "D": D}
 
 

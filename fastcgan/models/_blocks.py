@@ -42,6 +42,16 @@ def check_bn_inference(mode: str) -> str:
     return mode
 
 
+def _act_residual_pad(
+    y: Tensor, activation, negative_slope: float, residual: Optional[Tensor], pad: int
+) -> Tensor:
+    """What follows the normalisation, in the fused op's order: activation, residual add, reflection pad."""
+    y = apply_activation(y, activation, negative_slope)
+    if residual is not None:
+        y = y + residual
+    return F.pad(y, (pad,) * 4, mode="reflect") if pad > 0 else y
+
+
 class BatchNormAct(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (affine, running stats, so official state-dict entries line up)
     followed by activation, residual add and reflection pad, in plain torch.
@@ -75,12 +85,7 @@ class BatchNormAct(nn.BatchNorm2d):
                 x, self.weight, self.bias, activation=self.activation, negative_slope=self.negative_slope,
                 residual=residual, pad=self.pad, eps=self.eps, backend=self.backend,
             )
-        y = apply_activation(super().forward(x), self.activation, self.negative_slope)
-        if residual is not None:
-            y = y + residual
-        if self.pad > 0:
-            y = F.pad(y, (self.pad,) * 4, mode="reflect")
-        return y
+        return _act_residual_pad(super().forward(x), self.activation, self.negative_slope, residual, self.pad)
 
     def extra_repr(self) -> str:
         return (
@@ -102,12 +107,7 @@ class ActPad(nn.Module):
         self.pad = pad
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        y = apply_activation(x, self.activation, self.negative_slope)
-        if residual is not None:
-            y = y + residual
-        if self.pad > 0:
-            y = F.pad(y, (self.pad,) * 4, mode="reflect")
-        return y
+        return _act_residual_pad(x, self.activation, self.negative_slope, residual, self.pad)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, activation={self.activation}, pad={self.pad}"

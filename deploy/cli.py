@@ -404,8 +404,13 @@ def main(argv: list[str] | None = None) -> int:
               + ("each image's own, = the official test.py at batch 1" if mode == "per_image"
                  else "the stored running mean/var, = test.py --eval") + "; recorded in the artifact)")
 
-    with contextlib.ExitStack() as stack:  # the staged files, removed whatever happens
-        return _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, stack)
+    try:
+        with contextlib.ExitStack() as stack:  # the staged files, removed whatever happens
+            return _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, stack)
+    except OSError as e:  # e.g. a folder made unwritable, or a disk filled, after the checks above
+        print(f"fastcgan-export: error: {e} (an output not reported as written above was not installed)",
+              file=sys.stderr)
+        return EXIT_FAIL
 
 
 def _export_file(args, label: str, path: str, model, spec, write, read_back) -> int:

@@ -265,6 +265,23 @@ def test_outputs_where_nothing_can_be_written_exit_2_first(gen_file, tmp_path, t
     assert _digests(tmp_path) == before and not os.path.exists(base) and not os.path.exists(tmp_path / "sub")
 
 
+def test_export_that_cannot_stage_after_the_checks_fails_cleanly(gen_file, tmp_path, monkeypatch, capsys):
+    """A folder that turns unwritable (or a disk that fills) after the up-front checks: the staging
+    folder's OSError was a traceback; now an error naming it, exit 1, nothing installed."""
+    import errno
+
+    import fastcgan.deploy.cli as export_cli
+
+    def unwritable(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "out"))
+
+    monkeypatch.setattr(export_cli.tempfile, "TemporaryDirectory", unwritable)
+    rc = export_cli.main([str(gen_file), "--onnx", str(tmp_path / "out" / "g.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Permission denied" in err and str(tmp_path / "out") in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "out")  # the folder made for it is removed again
+
+
 def test_outputs_that_are_not_regular_files_are_never_replaced(gen_file, tmp_path, capsys):
     """--overwrite replaced a FIFO or device node with a regular file (as root, --safetensors
     /dev/null --overwrite would have replaced the system's /dev/null); eval --json on a FIFO hung

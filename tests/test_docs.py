@@ -1,5 +1,5 @@
-"""The migration guide (docs/from-official.md) names only flags that exist: each fastcgan cell's
-flags are looked up in the --help of the command the cell (or its section) runs."""
+"""The migration guide (docs/from-official.md) and the README's code blocks name only flags that
+exist: each command's flags are looked up in the --help of the command it runs."""
 
 import importlib
 import os
@@ -14,6 +14,7 @@ COMMANDS = {  # how a cell names its command -> the module whose main(["--help"]
     "fastcgan-eval": "fastcgan.evaluate",
     "fastcgan-export": "fastcgan.deploy.cli",
     "fastcgan.data.combine": "fastcgan.data.combine",
+    "fastcgan.data.synthetic": "fastcgan.data.synthetic",
     "fastcgan.train": "fastcgan.train.cli",
 }
 SECTION_DEFAULT = {"Scripts": "fastcgan.data.download", "Training": "fastcgan.train.cli", "Testing": "fastcgan.translate",
@@ -57,3 +58,41 @@ def test_every_flag_in_the_migration_guide_exists(capsys):
             assert not missing, f"{section}: `{span}` names {missing}, which {module} does not have"
             checked += len(flags)
     assert checked > 60  # the tables were read
+
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+
+
+def _readme_commands():
+    """(line number, command) of every fastcgan command in README.md's code blocks, with its
+    backslash-continued lines joined and its trailing comment removed."""
+    with open(README, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    in_block, pending = False, None
+    for i, line in enumerate(lines, 1):
+        if line.startswith("```"):
+            in_block = not in_block
+            continue
+        if not in_block:
+            continue
+        text = line.split(" #", 1)[0].rstrip()
+        if pending is not None:
+            pending = (pending[0], pending[1] + " " + text.rstrip("\\").strip())
+        elif any(name in text for name in COMMANDS):
+            pending = (i, text.rstrip("\\").strip())
+        if pending is not None and not text.endswith("\\"):
+            yield pending
+            pending = None
+
+
+def test_every_flag_in_the_readme_commands_exists(capsys):
+    """Each command line of the README's code blocks names only flags its command has."""
+    helps, checked = {}, 0
+    for lineno, command in _readme_commands():
+        start, module = min((command.index(name), m) for name, m in COMMANDS.items() if name in command)
+        if module not in helps:
+            helps[module] = set(FLAG.findall(_help(module, capsys)))
+        missing = [f for f in FLAG.findall(command[start:]) if f not in helps[module]]
+        assert not missing, f"README.md:{lineno}: `{command}` names {missing}, which {module} does not have"
+        checked += 1
+    assert checked > 30  # the code blocks were read

@@ -22,9 +22,14 @@ def tol(dtype):
 
 
 def assert_matches_reference(out, ref_same_dtype, ref_fp64, name="output", slack=2.0):
-    """``out`` within the dtype's table of ``ref_same_dtype``, and its max error against the
-    fp64 truth at most ``slack`` x the reference's own error (plus the table's atol)."""
-    torch.testing.assert_close(out, ref_same_dtype, **tol(out.dtype), msg=lambda m: f"{name}: {m}")
+    """Each element of ``out`` within the dtype's table of ``ref_same_dtype`` or of the fp64 truth
+    (a kernel more accurate than the low-precision reference is right: on a 2x2 fp16 plane the
+    torch reference's dx was 0.03 off where the fused kernels' was 8e-4), and its max error
+    against the truth at most ``slack`` x the reference's own error (plus the table's atol)."""
+    t = tol(out.dtype)
+    near_truth = torch.isclose(out.double(), ref_fp64.double(), **t)
+    judged = torch.where(near_truth, ref_same_dtype.to(out.dtype), out)  # the others, against the reference
+    torch.testing.assert_close(judged, ref_same_dtype.to(out.dtype), **t, msg=lambda m: f"{name}: {m}")
     err = (out.double() - ref_fp64.double()).abs().max().item()
     ref_err = (ref_same_dtype.double() - ref_fp64.double()).abs().max().item()
     atol = TOL[out.dtype][0]

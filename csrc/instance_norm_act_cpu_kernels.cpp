@@ -181,14 +181,18 @@ void nchw_fwd(const FwdParams& p, int64_t begin, int64_t end) {
     for (int64_t q0 = 0; q0 < HW; q0 += chunk) {
       const int64_t k = std::min(chunk, HW - q0);
       const A* v = view(xb + q0, k, sbuf);
+      // Summed as deviations from the chunk's first value: a plane far from 0 relative to its
+      // spread (x = 1000 + 0.01 * noise) keeps its mean to the spread's precision, not 1000's.
+      const A shift = v[0];
       A s = 0;
 #pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < k; ++i) s += v[i];
-      const A cm = s / A(k);
+      for (int64_t i = 0; i < k; ++i) s += v[i] - shift;
+      const double cmd = double(shift) + double(s) / double(k);
+      const A cm = A(cmd);
       A sq = 0;
 #pragma omp simd reduction(+ : sq)
       for (int64_t i = 0; i < k; ++i) sq += (v[i] - cm) * (v[i] - cm);
-      chan_merge(cnt, mu, m2, double(k), double(cm), double(sq));
+      chan_merge(cnt, mu, m2, double(k), cmd, double(sq));
       cnt += double(k);
     }
     const double rstd = 1.0 / std::sqrt(m2 / double(HW) + p.eps);
@@ -344,20 +348,23 @@ void nhwc_fwd_stats(const FwdParams& p, const CpuPlan& plan, double* scratch, in
     const int64_t n = t / plan.num_chunks, ci = t % plan.num_chunks;
     const int64_t q0 = ci * cp, k = std::min(cp, HW - q0);
     const A* v = view(static_cast<const T*>(p.x) + (n * HW + q0) * C, k * C, cbuf);
+    // Deviations from the chunk's first pixel are summed (one accumulator per channel runs over
+    // every pixel, so a plain sum of x = 1000 + 0.01 * noise lost its mean to rounding: y was 12x
+    // further from the truth than the reference's); the chunk mean is then formed in double.
+    double* out = scratch + 2 * (n * plan.num_chunks + ci) * C;
     std::fill(s, s + C, A(0));
     std::fill(sq, sq + C, A(0));
     for (int64_t q = 0; q < k; ++q)
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) s[c] += v[q * C + c];
-    for (int64_t c = 0; c < C; ++c) s[c] /= A(k);
+      for (int64_t c = 0; c < C; ++c) s[c] += v[q * C + c] - v[c];
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = double(v[c]) + double(s[c]) / double(k);
+      s[c] = A(out[c]);
+    }
     for (int64_t q = 0; q < k; ++q)
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) sq[c] += (v[q * C + c] - s[c]) * (v[q * C + c] - s[c]);
-    double* out = scratch + 2 * (n * plan.num_chunks + ci) * C;
-    for (int64_t c = 0; c < C; ++c) {
-      out[c] = double(s[c]);
-      out[C + c] = double(sq[c]);
-    }
+    for (int64_t c = 0; c < C; ++c) out[C + c] = double(sq[c]);
   }
 }
 

@@ -20,6 +20,8 @@ from test_instance_norm_act import (
     SHAPES,
     _all_options,
     _check_backend,
+    FAR_FROM_ZERO,
+    _far_from_zero_errors,
     _few_options,
     _random_cases,
     _fp64_backward_check,
@@ -69,6 +71,16 @@ def test_emulated_cuda_shapes(emulated, shape_id, dtype, channels_last):
     if shape_id.startswith("split") or shape_id == "128x128":
         options = options[:2]  # relu + pad, and none + residual + pad: every kernel, fewer calls
     _check(emulated, shape, dtype, channels_last, options)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_emulated_cuda_planes_far_from_zero(emulated, channels_last):
+    """x = offset + small spread (one-pass and split planes): y within 2x the fp32 reference's
+    own error (dx: see test_planes_far_from_zero_keep_their_statistics_cpu)."""
+    for shape, offset, spread in FAR_FROM_ZERO:
+        ref_y, _ = _far_from_zero_errors(None, shape, offset, spread)
+        y_err, _ = _far_from_zero_errors(emulated, shape, offset, spread, channels_last)
+        assert y_err <= 2 * ref_y + 1e-5, f"{shape} x = {offset} + {spread} * noise: y {y_err:.3g} vs {ref_y:.3g}"
 
 
 def test_emulated_cuda_random_cases(emulated):

@@ -684,8 +684,9 @@ def forward(x, weight, bias, residual, activation, negative_slope, pad, eps):
         PAD=int(pad), ACT=int(parse_activation(activation)), HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_R=residual is not None,
     )
-    wt = weight if weight is not None else xv
-    bt = bias if bias is not None else xv
+    # The kernels read weight[c] / bias[c] at unit stride: a strided view is copied (C values).
+    wt = weight.contiguous() if weight is not None else xv
+    bt = bias.contiguous() if bias is not None else xv
 
     one_pass = _one_pass_launch_plan(x.shape, hw, pad, x.device)
     if one_pass is not None:
@@ -739,8 +740,9 @@ def backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, h
     dres = torch.empty_like(x, memory_format=fmt) if has_residual else x.new_empty((0,))
     _, s_dxn, s_dxc, s_dxhw = _as_nchw_view(dx)
     hw = h * w
-    wt = weight if weight is not None else xv
-    bt = bias if bias is not None else xv
+    # The kernels read weight[c] / bias[c] at unit stride: a strided view is copied (C values).
+    wt = weight.contiguous() if weight is not None else xv
+    bt = bias.contiguous() if bias is not None else xv
     flags = dict(
         PAD=int(pad), ACT=int(parse_activation(activation)), HAS_W=weight is not None, HAS_B=bias is not None,
     )

@@ -622,6 +622,21 @@ def _noncontig_check(backend, device):
         instance_norm_act_ref(x_ref, activation="relu", pad=pad).sum().backward()
         torch.testing.assert_close(x_leaf.grad, x_ref.grad.float(), **tol(torch.float32),
                                    msg=lambda m, name=name: f"{backend} {name} dx: {m}")
+    # Strided weight and bias (views of one parameter buffer): read at their strides, and their
+    # gradients land in the right elements of the buffer.
+    xv = _views(device)[0][1]
+    c = xv.shape[1]
+    params = torch.randn(2 * c + 1, generator=torch.Generator().manual_seed(4)).to(device)
+    leaf, leaf64 = params.clone().requires_grad_(), params.double().requires_grad_()
+    dy = torch.randn(xv.shape[0], c, xv.shape[2] + 2, xv.shape[3] + 2, generator=torch.Generator().manual_seed(5))
+    y = instance_norm_act(xv, leaf[1::2], leaf[:-1:2], activation="leaky_relu", pad=1, backend=backend)
+    y64 = instance_norm_act_ref(xv.double(), leaf64[1::2], leaf64[:-1:2], activation="leaky_relu", pad=1)
+    (y * dy.to(device)).sum().backward()
+    (y64 * dy.to(device).double()).sum().backward()
+    torch.testing.assert_close(y, y64.float(), **tol(torch.float32), msg=lambda m: f"{backend} strided affine: {m}")
+    scale = max(1.0, leaf64.grad.abs().max().item())
+    torch.testing.assert_close(leaf.grad / scale, (leaf64.grad / scale).float(), **tol(torch.float32),
+                               msg=lambda m: f"{backend} strided affine dweight/dbias: {m}")
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpp"])

@@ -288,18 +288,19 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nchw(const T* __restrict__
   const int k = blockIdx.y;
   const int start = int(int64_t(k) * g.cs), end = start + int(chunk_count(g, k));
   const T* xp = x + plane * g.HW;
+  const A shift = start < end ? to_acc(xp[start]) : A(0);  // deviations from the chunk's first value
   A s = 0, unused = 0;
   if (vec) {
     for (int i = start + threadIdx.x * V; i < end; i += kThreads * V) {
       const Pack pk = *reinterpret_cast<const Pack*>(xp + i);
 #pragma unroll
-      for (int j = 0; j < V; ++j) s += to_acc(pk.v[j]);
+      for (int j = 0; j < V; ++j) s += to_acc(pk.v[j]) - shift;
     }
   } else {
-    for (int i = start + threadIdx.x; i < end; i += kThreads) s += to_acc(xp[i]);
+    for (int i = start + threadIdx.x; i < end; i += kThreads) s += to_acc(xp[i]) - shift;
   }
   block_sum2(s, unused);
-  const A mean = s / A(end - start);
+  const A mean = shift + s / A(end - start);
   A q = 0;
   if (vec) {
     for (int i = start + threadIdx.x * V; i < end; i += kThreads * V) {
@@ -497,15 +498,16 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nhwc(const T* __restrict__
   const int k = blockIdx.y;
   const int64_t start = int64_t(k) * g.cs, end = start + chunk_count(g, k);
   const T* xp = x + n * g.HW * g.C + c;
+  const A shift = valid && start < end ? to_acc(xp[start * g.C]) : A(0);  // deviations from the chunk's first pixel
   A s = 0;
   if (valid)
-    for (int64_t q = start + ty; q < end; q += kWarps) s += to_acc(xp[q * g.C]);
+    for (int64_t q = start + ty; q < end; q += kWarps) s += to_acc(xp[q * g.C]) - shift;
   red[ty][tx] = s;
   __syncthreads();
   A tot = 0;
 #pragma unroll
   for (int j = 0; j < kWarps; ++j) tot += red[j][tx];
-  const A mean = tot / A(end - start);
+  const A mean = shift + tot / A(end - start);
   __syncthreads();
   A q2 = 0;
   if (valid)
@@ -743,14 +745,19 @@ __global__ void __launch_bounds__(kOnePassThreads)
   const T* rp = res ? res + l.base : nullptr;
   A v[kOnePassItems];
   A s = 0, none = 0;
+  // Sums of deviations from the plane's first value (a broadcast load): each thread adds its
+  // values in sequence, and raw fp32 sums left a constant plane's mean 3-7 ulp off (y = bias +
+  // 1.5e-4 at rstd 316) and planes far from zero with a mean worse than the reference's.
+  const A shift = valid ? to_acc(xp[0]) : A(0);
 #pragma unroll
   for (int j = 0; j < kOnePassItems; ++j) {
     const int q = r + j * op.R;
-    v[j] = valid && q < g.HW ? to_acc(xp[q * ps]) : A(0);
-    s += v[j];
+    const bool in = valid && q < g.HW;
+    v[j] = in ? to_acc(xp[q * ps]) : A(0);
+    s += in ? v[j] - shift : A(0);
   }
   rows_sum2<CL>(s, none, cl, r, op, sa, sb);
-  const A mean = s / A(g.HW);
+  const A mean = shift + s / A(g.HW);
   A m2 = 0;
 #pragma unroll
   for (int j = 0; j < kOnePassItems; ++j) {

@@ -522,6 +522,26 @@ def _far_from_zero_errors(fn, shape, offset, spread, channels_last=False):
     return (y.double() - y64).abs().max().item(), (grads["x"].double() - grads64["x"]).abs().max().item()
 
 
+def _constant_plane_errors(fn, channels_last):
+    """Max |y - bias| over constant planes whose values do not sum exactly in fp32 (a correct
+    mean is exactly the constant, so y = bias; at eps 1e-5, rstd = 316 amplifies any error)."""
+    worst = 0.0
+    for shape in [(1, 1, 2, 3), (1, 1, 5, 6), (2, 3, 17, 19), (1, 2, 130, 130), (1, 2, 1, 1000)]:
+        for value in (5.3, -0.1, 1000.7):
+            x = torch.full(shape, value)
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            bias = torch.linspace(-1, 1, shape[1])
+            y = fn(x, None, bias, activation="none", negative_slope=SLOPE, pad=0)
+            worst = max(worst, (y - bias[:, None, None]).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_constant_planes_give_the_bias_exactly_cpp(channels_last):
+    _need("cpp", "cpu")
+    assert _constant_plane_errors(lambda *a, **kw: instance_norm_act(*a, backend="cpp", **kw), channels_last) <= 1e-6
+
+
 FAR_FROM_ZERO = [((1, 3, 17, 19), 1000.0, 0.01), ((2, 4, 64, 64), 1e4, 1.0), ((1, 2, 130, 130), -300.0, 1e-3)]
 
 

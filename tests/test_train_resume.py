@@ -200,6 +200,18 @@ def test_resume_rejects_changed_training_flags(tmp_path, synth, capsys):
     assert "1+2 epochs to lr 0.0002, 5+2 epochs" in capsys.readouterr().err
 
 
+def test_resume_keeps_the_seed_it_started_with(tmp_path, synth, capsys):
+    """The seed orders every epoch's data: a resume without --seed took the default 0 and went on
+    with other batches (weights 3.5e-3 off an uninterrupted run); another --seed was accepted."""
+    train(cfg_for(synth, tmp_path, "run", max_steps=1, seed=2))
+    run = str(tmp_path / "run")
+    args = ["--dataset", "synthetic", "--dataroot", synth, "--resume", run, "--no-progress"]
+    assert cli_main(args + ["--seed", "7"]) == 2
+    assert "seed=7" in capsys.readouterr().err
+    s = train(cfg_for(synth, tmp_path, "run", max_steps=2, resume=run))  # seed left at its default
+    assert s["step"] == 2 and load_checkpoint(latest_checkpoint(run))["config"]["run"]["seed"] == 2
+
+
 def test_resume_may_change_the_schedule(tmp_path, synth, capsys):
     """Training longer, shorter or at another rate refused every --epochs / --epochs-decay / --lr
     on resume, although the official --continue_train takes new ones. Extended before the decay

@@ -590,12 +590,14 @@ class TrainConfig:
 
 # Fields that define *what* is trained; on --resume they come from the checkpoint and a
 # conflicting flag is an error. Everything else (RunConfig, dataroot, workers, data_on_gpu) may change.
+# The seed is one of them: it orders every epoch's data, so a resume under another seed (or the
+# default 0 when --seed was not repeated) drew other batches than the run it continues.
 TRAINING_FIELDS = tuple(
     f.name
     for sec in ("model", "optim", "loss", "data")
     for f in fields(SECTIONS[sec])
     if f.name not in ("dataroot", "num_workers", "data_on_gpu", "dataset", "max_image_pixels")
-)
+) + ("seed",)
 # Training fields a resume may change: the learning-rate schedule's length and initial rate
 # (train longer or shorter, or on at another rate, as the official --continue_train with new
 # --n_epochs/--n_epochs_decay/--lr). The LR follows the new schedule from the resumed epoch.

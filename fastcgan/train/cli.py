@@ -277,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every",
         type=_int(0),
         default=S,
-        help="FID/KID on the test split every N steps (0: never; default: every --checkpoint-every "
-        "steps and at the end when the metrics extra is installed)",
+        help="FID/KID on the test split at every step that is a multiple of N (0: never; default: "
+        "--checkpoint-every when the metrics extra is installed)",
     )
     g.add_argument("--eval-max-images", type=_int(1), default=S, help="test images per domain for --eval-every")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S)

@@ -212,6 +212,32 @@ def test_resume_keeps_the_seed_it_started_with(tmp_path, synth, capsys):
     assert s["step"] == 2 and load_checkpoint(latest_checkpoint(run))["config"]["run"]["seed"] == 2
 
 
+def test_resume_alone_trains_on_the_runs_own_data(tmp_path, synth, capsys, monkeypatch):
+    """`--resume RUN` (what the SIGTERM message suggests) needed --dataroot / --dataset again, and a
+    relative --dataroot was recorded as typed, so a resume from another folder could not find it."""
+    monkeypatch.chdir(os.path.dirname(synth))
+    flags = ["--dataset", "synthetic", "--load-size", "32", "--crop-size", "28", "--ngf", "4", "--ndf", "4",
+             "--n-layers-D", "2", "--num-workers", "0", "--no-progress", "--no-tensorboard", "--eval-every", "0"]
+    rel = os.path.basename(synth)
+    first = ["--dataroot", rel, "--output-dir", str(tmp_path), "--name", "run", "--max-steps", "1"]
+    assert cli_main(flags + first) == 0
+    run = tmp_path / "run"
+    assert load_checkpoint(latest_checkpoint(str(run)))["config"]["data"]["dataroot"] == synth  # absolute
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["--resume", str(run), "--max-steps", "2", "--no-progress", "--no-tensorboard"]) == 0
+    ckpt = load_checkpoint(latest_checkpoint(str(run)))
+    assert ckpt["step"] == 2 and ckpt["config"]["data"]["dataroot"] == synth
+    assert ckpt["config"]["data"]["dataset"] == "synthetic"
+    capsys.readouterr()
+    # Nothing to resume and no data named: a new run without data, refused before anything is written.
+    assert cli_main(["--resume", "--name", "fresh", "--output-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "--dataroot is required: nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists()
+    with pytest.raises(SystemExit) as e:  # and without --resume, as before
+        cli_main(["--name", "fresh", "--output-dir", str(tmp_path)])
+    assert e.value.code == 2 and "--dataroot" in capsys.readouterr().err
+
+
 def test_resume_may_change_the_schedule(tmp_path, synth, capsys):
     """Training longer, shorter or at another rate refused every --epochs / --epochs-decay / --lr
     on resume, although the official --continue_train takes new ones. Extended before the decay

@@ -542,11 +542,19 @@ def config_for_resume(ckpt_cfg: TrainConfig, cfg: TrainConfig, run_dir: str,
     cadences, max_steps, data location and workers), the schedule when ``requested``
     (:data:`~fastcgan.train.config.SCHEDULE_FIELDS`) and the checkpoint's run directory."""
     keep = {k: v for k, v in cfg.flat().items() if k not in TRAINING_FIELDS}
+    if not has_data_location(cfg):  # `--resume RUN` alone: the data the run was trained on
+        keep.update(dataroot=ckpt_cfg.data.dataroot, dataset=ckpt_cfg.data.dataset)
     keep.update({k: requested[k] for k in SCHEDULE_FIELDS if k in (requested or {})})
     keep.update(
         name=os.path.basename(os.path.abspath(run_dir)), output_dir=os.path.dirname(os.path.abspath(run_dir))
     )
     return ckpt_cfg.replace(**keep)
+
+
+def has_data_location(cfg: TrainConfig) -> bool:
+    """Whether ``cfg`` names its data (``--dataroot`` or ``--dataset synthetic``); a resume without
+    one continues on the checkpoint's."""
+    return bool(cfg.data.dataroot) or cfg.data.dataset == "synthetic"
 
 
 def training_field_conflicts(ckpt_cfg: TrainConfig, overrides: dict) -> list[str]:
@@ -657,6 +665,9 @@ def resume_plan(cfg: TrainConfig, requested: Optional[dict] = None):
         return cfg, run_dir, None, None, []
     ckpt_path, payload, messages = find_resume_checkpoint(cfg.run.resume, run_dir)
     if ckpt_path is None:
+        if not has_data_location(cfg):
+            raise ConfigError(f"--dataroot is required: nothing to resume in {run_dir}, so this is a new run "
+                              "(or --dataset synthetic)")
         return cfg, run_dir, None, None, messages + [f"fastcgan: nothing to resume in {run_dir}; starting a new run"]
     run_dir = resume_destination(cfg, ckpt_path, requested)
     try:

@@ -4,6 +4,7 @@
     python -m fastcgan.train --dataset synthetic --preset cyclegan128 --load-size 64 --crop-size 64 \\
         --ngf 16 --ndf 16 --max-steps 600 --name demo
     python -m fastcgan.train --name demo --resume            # continue the latest checkpoint
+    python -m fastcgan.train --resume runs/demo              # the same, from its folder
 
 Exit codes: 0 finished; 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint;
 2 bad flags, dataset or checkpoint (nothing trained); 1 training failed (e.g. non-finite losses).
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "recipe works too (fastcut = --model cut --preset fastcut)",
     )
     g = p.add_argument_group("data")
-    g.add_argument("--dataroot", default=S, help="folder with trainA/ trainB/ (and testA/ testB/)")
+    g.add_argument("--dataroot", type=_abspath, default=S,
+                   help="folder with trainA/ trainB/ (and testA/ testB/); --resume without it trains on the run's own")
     g.add_argument(
         "--dataset",
         choices=DATASETS,
@@ -265,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
         const="auto",
         default=S,
         metavar="RUN_OR_CKPT",
-        help="continue a run: no value = the latest checkpoint of OUTPUT_DIR/NAME (a new run "
+        help="continue a run: no value (or auto) = the latest checkpoint of OUTPUT_DIR/NAME (a new run "
         "if there is none); or a run directory or checkpoint file. The checkpoint decides what is "
-        "trained; --epochs/--epochs-decay/--lr may change (train longer, shorter, at another rate)",
+        "trained, and on what data unless --dataroot / --dataset is given; --epochs/--epochs-decay/--lr "
+        "may change (train longer, shorter, at another rate)",
     )
     g.add_argument("--log-every", type=_int(1), default=S, help="read losses from the device every K steps")
     g.add_argument("--sample-every", type=_int(1), default=S)

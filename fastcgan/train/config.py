@@ -225,11 +225,6 @@ class DataConfig:
                 "crop_size",
                 f"{self.crop_size} is larger than load_size {self.load_size}",
             )
-        _check(
-            self.dataset == "synthetic" or bool(self.dataroot),
-            "dataroot",
-            "is required unless --dataset synthetic",
-        )
 
 
 @dataclass(frozen=True)
@@ -479,6 +474,9 @@ class TrainConfig:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{k} ({_flag(k)}): must be a finite number, got {v}")
         m, d = self.model, self.data
+        # A resumed run takes its data from the checkpoint when none is named (resume_plan).
+        _check(d.dataset == "synthetic" or bool(d.dataroot) or bool(self.run.resume), "dataroot",
+               "is required unless --dataset synthetic (or --resume, which reads the run's data again)")
         crops = d.preprocess in ("resize_and_crop", "crop", "scale_width_and_crop")
         if crops and d.crop_size < min_discriminator_side(m):
             raise ConfigError(f"crop_size (--crop-size) {d.crop_size}: netD {m.netD} needs images of at least "

@@ -4,6 +4,8 @@ import hashlib
 import http.server
 import io
 import os
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -158,6 +160,16 @@ def test_wrong_sha256_argument(server, tmp_path):
 def test_unverified_download_warns(server, tmp_path):
     with pytest.warns(UserWarning, match="unverified"):
         _check_extracted(_get(tmp_path, url=server.base))
+
+
+def test_cli_says_unverified_once(server, tmp_path):
+    """The CLI printed the warning twice: its log line, then the raw UserWarning with a source line."""
+    cmd = [sys.executable, "-m", "fastcgan.data.download", NAME, "--root", str(tmp_path), "--url", server.base,
+           "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("unverified") == 1 and "UserWarning" not in p.stderr, p.stderr
+    _check_extracted(str(tmp_path / NAME))
 
 
 def test_resume_after_dropped_connection(server, tmp_path):

@@ -625,6 +625,10 @@ def download_lock(root: str, name: str):
         os.close(fd)
 
 
+class UnverifiedDownloadWarning(UserWarning):
+    """A download that no checksum could verify (logged too; the CLI shows the log line only)."""
+
+
 def fetch_verified(
     url: str, part: str, sha256: str | None, progress: bool, retries: int, timeout: float, backoff: float,
     max_bytes: int | None = None,
@@ -641,7 +645,7 @@ def fetch_verified(
     if expected is None:
         msg = f"{url}: no checksum given (--sha256) or published ({url}.sha256); download is unverified"
         logger.warning(msg)
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, UnverifiedDownloadWarning, stacklevel=3)
     else:
         actual = _sha256(part)
         if actual != expected:
@@ -712,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.name:
         ap.error("NAME is required (or --list)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", category=UnverifiedDownloadWarning)  # its log line says it once
     fetch = pretrained.download_pretrained if a.pretrained else download_dataset
     from fastcgan.fileio import output_folder_problem
 

@@ -38,6 +38,12 @@ def test_amp_alone_turns_on_the_fast_path_on_a_gpu(bf16_gpu, capsys):
         assert off in line, line
 
 
+def test_data_on_gpu_on_a_cpu_says_where_the_data_is():
+    """--data-on-gpu on a CPU keeps the decoded set in host memory; the line said 'on the GPU'."""
+    _, line = resolve_fast_path(tiny_train_config(data_on_gpu=True), CPU, dataset_nbytes=1)
+    assert "data decoded once in memory" in line and "GPU" not in line.split("(")[0], line
+
+
 @pytest.mark.parametrize(
     "preprocess, flag, on_gpu",
     [

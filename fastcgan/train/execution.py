@@ -261,7 +261,7 @@ def resolve_fast_path(
         ("compile", "torch.compile"),
         ("channels_last", "channels_last"),
         ("cuda_graphs", "CUDA graphs"),
-        ("data_on_gpu", "data on the GPU"),
+        ("data_on_gpu", "data on the GPU" if gpu else "data decoded once in memory"),
         ("cudnn_benchmark", "cuDNN autotuning"),
     ):
         v = cfg.data.data_on_gpu if f == "data_on_gpu" else getattr(cfg.run, f)

@@ -468,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataroot", required=True,
         help="dataset folder with {phase}A/ and {phase}B/, or {phase}/ of A|B pairs (pix2pix: L1/PSNR/SSIM)",
     )
-    p.add_argument("--phase", default="test")
+    p.add_argument("--phase", default="test",
+                   help="the split: {phase}A/ and {phase}B/ (or {phase}/ pairs) inside --dataroot (default test)")
     p.add_argument(
         "--direction",
         choices=("AtoB", "BtoA"),
@@ -485,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=8,
                    help="images read, translated and scored at a time (memory holds one such chunk)")
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--max-images", type=int, default=None,
+                   help="score the first N images of each test folder, sorted by path (default: every image)")
     p.add_argument("--load-size", type=int, default=None, help="resize images to this square size first")
     p.add_argument("--no-fid", action="store_true", help="skip FID/KID even when the metrics extra is installed")
     p.add_argument(
@@ -575,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if v is not None and v < 1:
             p.error(f"{flag} must be >= 1, got {v}")
+    if not a.phase or a.phase in (".", "..") or "/" in a.phase or os.sep in a.phase:  # read inside --dataroot only
+        p.error(f"--phase {a.phase!r}: a split name (test, train, val ...), not a path")
     if a.load_size is not None and a.load_size > MAX_LOAD_SIZE:
         p.error(f"--load-size {a.load_size}: at most {MAX_LOAD_SIZE} (every test image is held at this size)")
     if not os.path.exists(a.checkpoint):

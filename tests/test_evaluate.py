@@ -274,6 +274,10 @@ def test_truth_problems_and_huge_load_size_are_named(tmp_path, synth, capsys):
     with pytest.raises(SystemExit):
         ev.main(argv + [synth, "--load-size", "100000"])
     assert "--load-size" in capsys.readouterr().err
+    for phase in ("../x", "", "..", "/etc/"):  # --phase names a split inside --dataroot, never a path
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv + [synth, "--phase", phase])
+        assert e.value.code == 2 and "--phase" in capsys.readouterr().err
 
 
 def test_json_has_no_infinity():

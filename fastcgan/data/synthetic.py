@@ -344,10 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "out", help="output folder (gets trainA/ trainB/ testA/ testB/ and the *_truth_* folders)"
     )
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--n-train", type=int, default=200)
-    ap.add_argument("--n-test", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=64, help=f"image side in pixels (8 to {MAX_SIZE}; default 64)")
+    ap.add_argument("--n-train", type=int, default=200, help=f"training images per domain (at most {MAX_IMAGES:,})")
+    ap.add_argument("--n-test", type=int, default=50, help="test images per domain")
+    ap.add_argument("--seed", type=int, default=0, help="the same seed and sizes give the same images")
     ap.add_argument("--force", action="store_true", help="regenerate even if a matching dataset exists")
     ap.add_argument(
         "--aligned", action="store_true", help="the paired (pix2pix) layout: train/ test/ of A|B images"

@@ -181,17 +181,18 @@ void nchw_fwd(const FwdParams& p, int64_t begin, int64_t end) {
     for (int64_t q0 = 0; q0 < HW; q0 += chunk) {
       const int64_t k = std::min(chunk, HW - q0);
       const A* v = view(xb + q0, k, sbuf);
-      // Summed as deviations from the chunk's first value: a plane far from 0 relative to its
-      // spread (x = 1000 + 0.01 * noise) keeps its mean to the spread's precision, not 1000's.
+      // Statistics of deviations from the chunk's first value: a plane far from 0 relative to its
+      // spread (x = 1000 + 0.01 * noise) keeps its mean to the spread's precision, not 1000's,
+      // and its M2 is not taken around a mean rounded at 1000's ulp (0.6% of the spread).
       const A shift = v[0];
       A s = 0;
 #pragma omp simd reduction(+ : s)
       for (int64_t i = 0; i < k; ++i) s += v[i] - shift;
-      const double cmd = double(shift) + double(s) / double(k);
-      const A cm = A(cmd);
+      const A off = A(double(s) / double(k));
+      const double cmd = double(shift) + double(off);
       A sq = 0;
 #pragma omp simd reduction(+ : sq)
-      for (int64_t i = 0; i < k; ++i) sq += (v[i] - cm) * (v[i] - cm);
+      for (int64_t i = 0; i < k; ++i) sq += ((v[i] - shift) - off) * ((v[i] - shift) - off);
       chan_merge(cnt, mu, m2, double(k), cmd, double(sq));
       cnt += double(k);
     }
@@ -358,12 +359,16 @@ void nhwc_fwd_stats(const FwdParams& p, const CpuPlan& plan, double* scratch, in
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) s[c] += v[q * C + c] - v[c];
     for (int64_t c = 0; c < C; ++c) {
-      out[c] = double(v[c]) + double(s[c]) / double(k);
-      s[c] = A(out[c]);
+      s[c] = A(double(s[c]) / double(k));  // now the offset of the chunk's mean from its first pixel
+      out[c] = double(v[c]) + double(s[c]);
     }
+    // M2 around the offset, not around a mean rounded at the plane's magnitude (see the NCHW pass).
     for (int64_t q = 0; q < k; ++q)
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) sq[c] += (v[q * C + c] - s[c]) * (v[q * C + c] - s[c]);
+      for (int64_t c = 0; c < C; ++c) {
+        const A d = (v[q * C + c] - v[c]) - s[c];
+        sq[c] += d * d;
+      }
     for (int64_t c = 0; c < C; ++c) out[C + c] = double(sq[c]);
   }
 }

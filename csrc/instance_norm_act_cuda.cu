@@ -7,7 +7,8 @@
 // Larger planes: a (n, c) plane (NCHW), or a tile of 32 channels of one image (NHWC), is cut into
 // S contiguous pixel chunks, one 256-thread block per (plane or tile, chunk), so that even
 // N*C = 64 planes of 256x256 fill all SMs. Each op is two kernels:
-//   forward : stats (per-chunk mean and M2, two-pass over the chunk, which is then in L2)
+//   forward : stats (per-chunk mean and M2, two-pass over the chunk, which is then in L2; the
+//             means are offsets from the plane's first value, see "Offsets" below)
 //             -> apply (every block merges its plane's S chunk statistics with Chan's formula,
 //                then writes its chunk of the padded output: each interior value is stored to its
 //                own position and to every border position that mirrors it; no second pass).
@@ -18,6 +19,13 @@
 // kernel reduces them once per plane first, one warp per plane. Merges run in a fixed order, so
 // results are deterministic (no atomics). Reductions are warp shuffles + shared memory in fp32
 // (fp64 input: double). fp16/bf16 load/store through conversions, arithmetic in fp32.
+//
+// Offsets: every statistic is of x - x0, x0 the plane's first value (a broadcast load), and only
+// the mean that is written out adds x0 back. A plane far from zero relative to its spread (x =
+// 1000 + 0.01 * noise) otherwise loses its mean to fp32 rounding twice: sums of raw values
+// (constant planes' means 3-7 ulp off), and M2 taken around a mean rounded at 1000's ulp (6e-5,
+// 0.6% of the spread), which biased chunk M2s and Chan's merge term: rstd 1e-5..6e-5 off and dx
+// 2-6x the reference's error on split planes. Deviations from x0 are exact there (Sterbenz).
 //
 // NCHW indexing: plane base offsets are 64-bit; positions inside a (padded) plane fit in 32 bits
 // (the wrapper checks (H+2p)*(W+2p) < 2^31). NCHW without padding uses 16-byte vector loads and
@@ -288,7 +296,7 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nchw(const T* __restrict__
   const int k = blockIdx.y;
   const int start = int(int64_t(k) * g.cs), end = start + int(chunk_count(g, k));
   const T* xp = x + plane * g.HW;
-  const A shift = start < end ? to_acc(xp[start]) : A(0);  // deviations from the chunk's first value
+  const A shift = to_acc(xp[0]);  // the plane's first value (see "Offsets")
   A s = 0, unused = 0;
   if (vec) {
     for (int i = start + threadIdx.x * V; i < end; i += kThreads * V) {
@@ -300,27 +308,27 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nchw(const T* __restrict__
     for (int i = start + threadIdx.x; i < end; i += kThreads) s += to_acc(xp[i]) - shift;
   }
   block_sum2(s, unused);
-  const A mean = shift + s / A(end - start);
+  const A off = end > start ? s / A(end - start) : A(0);  // the chunk's mean - shift
   A q = 0;
   if (vec) {
     for (int i = start + threadIdx.x * V; i < end; i += kThreads * V) {
       const Pack pk = *reinterpret_cast<const Pack*>(xp + i);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const A d = to_acc(pk.v[j]) - mean;
+        const A d = (to_acc(pk.v[j]) - shift) - off;
         q += d * d;
       }
     }
   } else {
     for (int i = start + threadIdx.x; i < end; i += kThreads) {
-      const A d = to_acc(xp[i]) - mean;
+      const A d = (to_acc(xp[i]) - shift) - off;
       q += d * d;
     }
   }
   unused = 0;
   block_sum2(q, unused);
   if (threadIdx.x == 0) {
-    part[(plane * g.S + k) * 2] = mean;
+    part[(plane * g.S + k) * 2] = off;
     part[(plane * g.S + k) * 2 + 1] = q;
   }
 }
@@ -337,11 +345,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t plane = blockIdx.x;
   const int k = blockIdx.y;
   __shared__ A sm[2];
-  if (threadIdx.x < 32) {  // warp 0 merges the plane's chunk statistics
+  const T* xp = x + plane * g.HW;
+  if (threadIdx.x < 32) {  // warp 0 merges the plane's chunk statistics (offsets from xp[0])
     A n, mu, m2;
     warp_merge_stats(part + plane * g.Sp * 2, g.Sp, g.HW, g.csp, n, mu, m2);
     if (threadIdx.x == 0) {
       const A rstd = A(1) / sqrt(m2 / A(g.HW) + A(eps));
+      mu += to_acc(xp[0]);
       sm[0] = mu;
       sm[1] = rstd;
       if (k == 0) {
@@ -354,7 +364,6 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = plane % g.C;
   const A m = sm[0], r = sm[1], w = wt ? wt[c] : A(1), b = bs ? bs[c] : A(0), slope = A(slope_d);
   const int start = int(int64_t(k) * g.cs), end = start + int(chunk_count(g, k));
-  const T* xp = x + plane * g.HW;
   const T* rp = res ? res + plane * g.HW : nullptr;
   T* yp = y + plane * int64_t(g.Hp) * g.Wp;
   if (!PAD && vec) {
@@ -498,7 +507,7 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nhwc(const T* __restrict__
   const int k = blockIdx.y;
   const int64_t start = int64_t(k) * g.cs, end = start + chunk_count(g, k);
   const T* xp = x + n * g.HW * g.C + c;
-  const A shift = valid && start < end ? to_acc(xp[start * g.C]) : A(0);  // deviations from the chunk's first pixel
+  const A shift = valid ? to_acc(xp[0]) : A(0);  // the plane's first pixel (see "Offsets")
   A s = 0;
   if (valid)
     for (int64_t q = start + ty; q < end; q += kWarps) s += to_acc(xp[q * g.C]) - shift;
@@ -507,12 +516,12 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nhwc(const T* __restrict__
   A tot = 0;
 #pragma unroll
   for (int j = 0; j < kWarps; ++j) tot += red[j][tx];
-  const A mean = shift + tot / A(end - start);
+  const A off = end > start ? tot / A(end - start) : A(0);  // the chunk's mean - shift
   __syncthreads();
   A q2 = 0;
   if (valid)
     for (int64_t q = start + ty; q < end; q += kWarps) {
-      const A d = to_acc(xp[q * g.C]) - mean;
+      const A d = (to_acc(xp[q * g.C]) - shift) - off;
       q2 += d * d;
     }
   red[ty][tx] = q2;
@@ -521,7 +530,7 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_nhwc(const T* __restrict__
     A m2 = 0;
 #pragma unroll
     for (int j = 0; j < kWarps; ++j) m2 += red[j][tx];
-    part[((n * g.C + c) * g.S + k) * 2] = mean;
+    part[((n * g.C + c) * g.S + k) * 2] = off;
     part[((n * g.C + c) * g.S + k) * 2 + 1] = m2;
   }
 }
@@ -539,7 +548,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = blockIdx.x / tiles, c = int64_t(blockIdx.x % tiles) * 32 + tx;
   const bool valid = c < g.C;
   const int k = blockIdx.y;
-  {  // merge the chunk statistics of channel c: warp ty takes chunks ty, ty + 8, ...
+  {  // merge the chunk statistics (offsets from the first pixel) of channel c: warp ty takes chunks ty, ty + 8, ...
     A cn = 0, mu = 0, m2 = 0;
     if (valid)
       for (int j = ty; j < g.Sp; j += kWarps)
@@ -550,6 +559,7 @@ __global__ void __launch_bounds__(kThreads)
     if (ty == 0) {
       for (int j = 1; j < kWarps; ++j) chan_merge(cn, mu, m2, sn[j][tx], smu[j][tx], sm2[j][tx]);
       const A rstd = A(1) / sqrt(m2 / A(g.HW) + A(eps));
+      if (valid) mu += to_acc(x[n * g.HW * g.C + c]);
       s_m[tx] = mu;
       s_r[tx] = rstd;
       if (k == 0 && valid) {
@@ -745,23 +755,22 @@ __global__ void __launch_bounds__(kOnePassThreads)
   const T* rp = res ? res + l.base : nullptr;
   A v[kOnePassItems];
   A s = 0, none = 0;
-  // Sums of deviations from the plane's first value (a broadcast load): each thread adds its
-  // values in sequence, and raw fp32 sums left a constant plane's mean 3-7 ulp off (y = bias +
-  // 1.5e-4 at rstd 316) and planes far from zero with a mean worse than the reference's.
+  // Statistics of deviations from the plane's first value (see "Offsets"): raw per-thread fp32
+  // sums had left a constant plane's mean 3-7 ulp off (y = bias + 1.5e-4 at rstd 316).
   const A shift = valid ? to_acc(xp[0]) : A(0);
 #pragma unroll
   for (int j = 0; j < kOnePassItems; ++j) {
     const int q = r + j * op.R;
     const bool in = valid && q < g.HW;
-    v[j] = in ? to_acc(xp[q * ps]) : A(0);
-    s += in ? v[j] - shift : A(0);
+    v[j] = in ? to_acc(xp[q * ps]) - shift : A(0);  // registers hold the deviations from here on
+    s += v[j];
   }
   rows_sum2<CL>(s, none, cl, r, op, sa, sb);
-  const A mean = shift + s / A(g.HW);
+  const A off = s / A(g.HW), mean = shift + off;
   A m2 = 0;
 #pragma unroll
   for (int j = 0; j < kOnePassItems; ++j) {
-    const A d = r + j * op.R < g.HW ? v[j] - mean : A(0);
+    const A d = r + j * op.R < g.HW ? v[j] - off : A(0);
     m2 += d * d;
   }
   none = 0;
@@ -777,7 +786,7 @@ __global__ void __launch_bounds__(kOnePassThreads)
   for (int j = 0; j < kOnePassItems; ++j) {
     const int q = r + j * op.R;
     if (q >= g.HW) break;
-    A o = act_fwd<ACT>((v[j] - mean) * rstd * w + b, slope);
+    A o = act_fwd<ACT>((v[j] - off) * rstd * w + b, slope);
     if (rp) o += to_acc(rp[q * ps]);
     store_padded<T, PAD>(y + l.pbase, q, ps, From<T>::cvt(o), g);
   }

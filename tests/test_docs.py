@@ -96,3 +96,22 @@ def test_every_flag_in_the_readme_commands_exists(capsys):
         assert not missing, f"README.md:{lineno}: `{command}` names {missing}, which {module} does not have"
         checked += 1
     assert checked > 30  # the code blocks were read
+
+
+def test_console_scripts_resolve_and_train_exits_like_the_module():
+    """Each [project.scripts] entry names a callable; fastcgan-train leaves through exit_after, as
+    `python -m fastcgan.train` does (it pointed at main, which skipped it under torchrun)."""
+    import subprocess
+    import sys
+
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
+    assert scripts["fastcgan-train"] == "fastcgan.train.cli:console_main"
+    code = ("import sys; from fastcgan.train.cli import console_main; "
+            "sys.argv = ['fastcgan-train', '--lr', 'x']; console_main()")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--lr" in p.stderr, p.stderr

@@ -1,5 +1,5 @@
 """``python -m fastcgan.train`` (also what ``torchrun -m fastcgan.train`` runs in each process)."""
 
-from fastcgan.train.cli import exit_after, main
+from fastcgan.train.cli import console_main
 
-exit_after(main())
+console_main()

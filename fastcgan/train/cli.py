@@ -417,5 +417,11 @@ def exit_after(code: int) -> NoReturn:
     sys.exit(code)
 
 
-if __name__ == "__main__":
+def console_main() -> NoReturn:
+    """The ``fastcgan-train`` console script: :func:`main`, left through :func:`exit_after` as
+    ``python -m fastcgan.train`` is (``torchrun $(which fastcgan-train)`` runs under DDP too)."""
     exit_after(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -215,20 +215,29 @@ def test_resume_keeps_the_seed_it_started_with(tmp_path, synth, capsys):
 def test_resume_alone_trains_on_the_runs_own_data(tmp_path, synth, capsys, monkeypatch):
     """`--resume RUN` (what the SIGTERM message suggests) needed --dataroot / --dataset again, and a
     relative --dataroot was recorded as typed, so a resume from another folder could not find it."""
-    monkeypatch.chdir(os.path.dirname(synth))
-    flags = ["--dataset", "synthetic", "--load-size", "32", "--crop-size", "28", "--ngf", "4", "--ndf", "4",
-             "--n-layers-D", "2", "--num-workers", "0", "--no-progress", "--no-tensorboard", "--eval-every", "0"]
-    rel = os.path.basename(synth)
-    first = ["--dataroot", rel, "--output-dir", str(tmp_path), "--name", "run", "--max-steps", "1"]
-    assert cli_main(flags + first) == 0
-    run = tmp_path / "run"
-    assert load_checkpoint(latest_checkpoint(str(run)))["config"]["data"]["dataroot"] == synth  # absolute
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)  # a folder dataset of its own (the module's synthetic one is shared)
     monkeypatch.chdir(tmp_path)
+    flags = ["--load-size", "32", "--crop-size", "28", "--ngf", "4", "--ndf", "4", "--n-layers-D", "2",
+             "--num-workers", "0", "--no-progress", "--no-tensorboard", "--eval-every", "0"]
+    assert cli_main(flags + ["--dataroot", "data", "--output-dir", "out", "--name", "run", "--max-steps", "1"]) == 0
+    run = tmp_path / "out" / "run"
+    assert load_checkpoint(latest_checkpoint(str(run)))["config"]["data"]["dataroot"] == str(data)  # absolute
+    monkeypatch.chdir(synth)
     assert cli_main(["--resume", str(run), "--max-steps", "2", "--no-progress", "--no-tensorboard"]) == 0
     ckpt = load_checkpoint(latest_checkpoint(str(run)))
-    assert ckpt["step"] == 2 and ckpt["config"]["data"]["dataroot"] == synth
-    assert ckpt["config"]["data"]["dataset"] == "synthetic"
+    assert ckpt["step"] == 2 and ckpt["config"]["data"]["dataroot"] == str(data)
     capsys.readouterr()
+    # The data moved away: named, nothing written, and --dataroot is the way out.
+    data.rename(tmp_path / "elsewhere")
+    assert cli_main(["--resume", str(run), "--max-steps", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"trained on, {data}, is not a directory" in err and "give --dataroot" in err, err
+    assert len(_listing(run)) == 2
+    assert cli_main(["--resume", str(run), "--dataroot", str(tmp_path / "elsewhere"), "--max-steps", "3",
+                     "--no-progress", "--no-tensorboard"]) == 0
     # Nothing to resume and no data named: a new run without data, refused before anything is written.
     assert cli_main(["--resume", "--name", "fresh", "--output-dir", str(tmp_path), "--no-progress"]) == 2
     assert "--dataroot is required: nothing to resume" in capsys.readouterr().err

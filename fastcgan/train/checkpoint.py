@@ -681,6 +681,10 @@ def resume_plan(cfg: TrainConfig, requested: Optional[dict] = None):
             f"when resuming: {'; '.join(conflicts)}"
         )
     new_cfg = config_for_resume(ckpt_cfg, cfg, run_dir, requested)
+    root = new_cfg.data.dataroot
+    if not has_data_location(cfg) and new_cfg.data.dataset == "folder" and not os.path.isdir(root or ""):
+        raise ConfigError(f"--resume {ckpt_path}: the data it was trained on, {root}, is not a directory here; "
+                          "give --dataroot (or --dataset synthetic)")
     change = _schedule_change(ckpt_cfg, new_cfg, payload)
     return new_cfg, run_dir, payload, ckpt_path, messages + ([change] if change else [])
 

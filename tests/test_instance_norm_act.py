@@ -9,6 +9,7 @@ The ``cuda`` variants sweep everything, plus the real ResNet shapes. Native-buil
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -433,6 +434,19 @@ def test_triton_split_planes_cpu(monkeypatch, channels_last, merge):
     on a GPU it is what large planes take. The chunk partials are merged either inline by the
     next kernel or, when there are many (channels_last at batch 1), by a merge kernel first."""
     _need("triton", "cpu")
+    with _forced_triton_split(monkeypatch, merge) as kin:
+        assert kin._one_pass_launch_plan((1, 3, 9, 23), 9 * 23, 0, torch.device("cpu")) is None
+        plan = kin._launch_plan((1, 3, 9, 23), 9 * 23, channels_last, torch.device("cpu"))
+        assert plan[3] > 1, f"expected a split plane, got plan {plan}"
+        for act, affine, residual, pad in [("relu", "weight+bias", True, 2), ("leaky_relu", "none", False, 0)]:
+            _check_backend("triton", (1, 3, 9, 23), torch.float32, "cpu", channels_last, act, affine, residual, pad)
+        _check_backend("triton", (1, 3, 9, 23), torch.bfloat16, "cpu", channels_last, "relu", "weight", True, 1)
+
+
+@contextlib.contextmanager
+def _forced_triton_split(monkeypatch, merge):
+    """Triton's split path on small planes: tiny tiles and chunks, no one-pass plans, the chunk
+    partials merged inline (``merge="inline"``) or by the merge kernel (``"kernel"``)."""
     from fastcgan.kernels import instance_norm_act as kin
 
     monkeypatch.setattr(kin, "_TILE_INTERPRET", 32)
@@ -442,12 +456,7 @@ def test_triton_split_planes_cpu(monkeypatch, channels_last, merge):
     monkeypatch.setattr(kin, "_ONE_PASS_MAX", 0)
     kin._plan.cache_clear()
     try:
-        assert kin._one_pass_launch_plan((1, 3, 9, 23), 9 * 23, 0, torch.device("cpu")) is None
-        plan = kin._launch_plan((1, 3, 9, 23), 9 * 23, channels_last, torch.device("cpu"))
-        assert plan[3] > 1, f"expected a split plane, got plan {plan}"
-        for act, affine, residual, pad in [("relu", "weight+bias", True, 2), ("leaky_relu", "none", False, 0)]:
-            _check_backend("triton", (1, 3, 9, 23), torch.float32, "cpu", channels_last, act, affine, residual, pad)
-        _check_backend("triton", (1, 3, 9, 23), torch.bfloat16, "cpu", channels_last, "relu", "weight", True, 1)
+        yield kin
     finally:
         kin._plan.cache_clear()
 
@@ -599,19 +608,9 @@ def test_triton_split_planes_far_from_zero_cpu(monkeypatch, channels_last, merge
     """The split path's chunk partials (forced with tiny tiles) keep far-from-zero statistics:
     chunk means are offsets from the plane's first value, merged inline or by the merge kernel."""
     _need("triton", "cpu")
-    from fastcgan.kernels import instance_norm_act as kin
-
-    monkeypatch.setattr(kin, "_TILE_INTERPRET", 32)
-    monkeypatch.setattr(kin, "_MIN_CHUNK", 16)
-    monkeypatch.setattr(kin, "_target_programs", lambda device: 24)
-    monkeypatch.setattr(kin, "_MERGE_INLINE", 1 << 30 if merge == "inline" else 0)
-    monkeypatch.setattr(kin, "_ONE_PASS_MAX", 0)
-    kin._plan.cache_clear()
-    try:
+    with _forced_triton_split(monkeypatch, merge) as kin:
         assert kin._launch_plan((1, 3, 17, 19), 17 * 19, channels_last, torch.device("cpu"))[3] > 1
         _check_far_from_zero("triton", channels_last, max_side=17)
-    finally:
-        kin._plan.cache_clear()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])

@@ -587,19 +587,33 @@ def test_planes_far_from_zero_keep_their_statistics_cpu(backend, channels_last):
     _check_far_from_zero(backend, channels_last, max_side=None if backend == "cpp" else 64)
 
 
-def _check_far_from_zero(backend, channels_last, max_side=None):
+def _check_far_from_zero(backend, channels_last, max_side=None, device="cpu"):
+    def layer(x, w, b, residual=None, **kw):  # on `device`, gradients back to the CPU input
+        return instance_norm_act(x.to(device), w, b, residual=residual, backend=backend, **kw).cpu()
+
+    def fwd(x, *args):
+        return tuple(t.cpu() for t in torch.ops.fastcgan.instance_norm_act_fwd(x.to(device), *args, backend))
+
     for shape, offset, spread in FAR_FROM_ZERO:
         if max_side and shape[2] > max_side:
             continue  # the interpreter is slow
         ref_y, ref_dx = _far_from_zero_errors(None, shape, offset, spread)
-        y_err, dx_err = _far_from_zero_errors(
-            lambda *a, **kw: instance_norm_act(*a, backend=backend, **kw), shape, offset, spread, channels_last)
-        what = f"{backend} {shape} x = {offset} + {spread} * noise cl={channels_last}"
+        y_err, dx_err = _far_from_zero_errors(layer, shape, offset, spread, channels_last)
+        what = f"{backend} on {device} {shape} x = {offset} + {spread} * noise cl={channels_last}"
         assert y_err <= 2 * ref_y + 1e-5, f"{what}: y error {y_err:.3g}, the fp32 reference's {ref_y:.3g}"
         assert dx_err <= 2 * ref_dx + 1e-5, f"{what}: dx error {dx_err:.3g}, the fp32 reference's {ref_dx:.3g}"
-        rstd_err = _far_from_zero_rstd_error(
-            lambda *a: torch.ops.fastcgan.instance_norm_act_fwd(*a, backend), shape, offset, spread, channels_last)
+        rstd_err = _far_from_zero_rstd_error(fwd, shape, offset, spread, channels_last)
         assert rstd_err <= FAR_FROM_ZERO_RSTD_TOL, f"{what}: rstd {rstd_err:.3g} off (relative)"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_planes_far_from_zero_keep_their_statistics_gpu(backend, channels_last):
+    """The same on the GPU's own fp32 arithmetic (FMA contraction, its reductions' order); the
+    130x130 plane takes the split kernels (over 128x128)."""
+    _need(backend, "cuda")
+    _check_far_from_zero(backend, channels_last, device="cuda")
 
 
 @pytest.mark.parametrize("merge", ["inline", "kernel"])

@@ -304,8 +304,10 @@ void nchw_bwd(const BwdParams& p, int64_t begin, int64_t end) {
     }
     if (p.sum_gz) static_cast<A*>(p.sum_gz)[t] = A(sg);
     if (p.sum_gzx) static_cast<A*>(p.sum_gzx)[t] = A(sgx);
-    // dx = rstd * (w * gz - c1 - xhat * c2), c1 = w * mean(gz), c2 = w * mean(gz * xhat)
-    const A c1 = A(double(w) * sg / double(HW)), c2 = A(double(w) * sgx / double(HW));
+    // dx = rstd * w * (gz - mean(gz) - xhat * mean(gz * xhat)). Not rstd * (w * gz - w * mean(gz)
+    // ...): compilers contract that to fma(w, gz, -c1), whose unrounded product leaves a 1x1
+    // plane (gz == mean(gz)) a dx of rstd * one rounding of w * gz (1e-3 at eps 1e-8), not 0.
+    const A m1 = A(sg / double(HW)), m2 = A(sgx / double(HW)), rw = r * w;
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t q0 = s * span, k = std::min(span, HW - q0);
       const A* g = get_g(s, q0, k);
@@ -315,7 +317,7 @@ void nchw_bwd(const BwdParams& p, int64_t begin, int64_t end) {
       for (int64_t i = 0; i < k; ++i) {
         const A xh = (x[i] - m) * r;
         const A gz = act_bwd<ACT>(xh * w + b, g[i], slope);
-        dx[i] = r * (w * gz - c1 - xh * c2);
+        dx[i] = rw * ((gz - m1) - xh * m2);
       }
       flush(dx, k, dxb + q0);
     }
@@ -529,7 +531,7 @@ void nhwc_bwd_sums(const BwdParams& p, double* scratch, int64_t begin, int64_t e
   }
 }
 
-// Phase 1: sum the rows of image n (in order: deterministic); outputs and (c1, c2) coefficients.
+// Phase 1: sum the rows of image n (in order: deterministic); outputs and mean(gz), mean(gz * xhat).
 template <typename A>
 void nhwc_bwd_merge(const BwdParams& p, double* scratch, int64_t begin, int64_t end) {
   const int64_t C = p.C, H = p.H, HW = p.H * p.W;
@@ -545,13 +547,11 @@ void nhwc_bwd_merge(const BwdParams& p, double* scratch, int64_t begin, int64_t 
         sgx[c] += part[C + c];
       }
     }
-    const A* Wt = static_cast<const A*>(p.weight);
     for (int64_t c = 0; c < C; ++c) {
       if (p.sum_gz) static_cast<A*>(p.sum_gz)[n * C + c] = A(sg[c]);
       if (p.sum_gzx) static_cast<A*>(p.sum_gzx)[n * C + c] = A(sgx[c]);
-      const double w = Wt ? double(Wt[c]) : 1.0;
-      sg[c] = w * sg[c] / double(HW);  // now c1 = w * mean(gz)
-      sgx[c] = w * sgx[c] / double(HW);  // now c2 = w * mean(gz * xhat)
+      sg[c] /= double(HW);  // now mean(gz)
+      sgx[c] /= double(HW);  // now mean(gz * xhat)
     }
   }
 }
@@ -563,8 +563,8 @@ void nhwc_bwd_rows(const BwdParams& p, const double* scratch, int64_t begin, int
   const int64_t C = p.C, H = p.H, W = p.W, Wp = W + 2 * p.pad;
   const A slope = A(p.slope);
   const double* coef = scratch + 2 * p.N * H * C;
-  Scratch<A> buf({Wp * C, W * C, W * C, W * C, C, C});
-  A *dbuf = buf[0], *gbuf = buf[1], *xbuf = buf[2], *obuf = buf[3], *c1 = buf[4], *c2 = buf[5];
+  Scratch<A> buf({Wp * C, W * C, W * C, W * C, C, C, C});
+  A *dbuf = buf[0], *gbuf = buf[1], *xbuf = buf[2], *obuf = buf[3], *m1 = buf[4], *m2 = buf[5], *rw = buf[6];
   ChannelParams<A> cpar(C);
   cpar.fill_wb(static_cast<const A*>(p.weight), static_cast<const A*>(p.bias), C);
   const A *w = cpar.w.data(), *b = cpar.b.data(), *m = cpar.m.data(), *r = cpar.r.data();
@@ -574,8 +574,9 @@ void nhwc_bwd_rows(const BwdParams& p, const double* scratch, int64_t begin, int
     if (n != cur_n) {
       load_channel_stats(p, n, cpar);
       for (int64_t c = 0; c < C; ++c) {
-        c1[c] = A(coef[2 * n * C + c]);
-        c2[c] = A(coef[2 * n * C + C + c]);
+        m1[c] = A(coef[2 * n * C + c]);
+        m2[c] = A(coef[2 * n * C + C + c]);
+        rw[c] = r[c] * w[c];
       }
       cur_n = n;
     }
@@ -591,7 +592,7 @@ void nhwc_bwd_rows(const BwdParams& p, const double* scratch, int64_t begin, int
       for (int64_t c = 0; c < C; ++c) {
         const A xh = (xq[c] - m[c]) * r[c];
         const A gz = act_bwd<ACT>(xh * w[c] + b[c], gq[c], slope);
-        dq[c] = r[c] * (w[c] * gz - c1[c] - xh * c2[c]);
+        dq[c] = rw[c] * ((gz - m1[c]) - xh * m2[c]);  // the NCHW pass says why this order
       }
     }
     flush(dx, W * C, dxrow);

@@ -304,10 +304,11 @@ void nchw_bwd(const BwdParams& p, int64_t begin, int64_t end) {
     }
     if (p.sum_gz) static_cast<A*>(p.sum_gz)[t] = A(sg);
     if (p.sum_gzx) static_cast<A*>(p.sum_gzx)[t] = A(sgx);
-    // dx = rstd * w * (gz - mean(gz) - xhat * mean(gz * xhat)). Not rstd * (w * gz - w * mean(gz)
-    // ...): compilers contract that to fma(w, gz, -c1), whose unrounded product leaves a 1x1
-    // plane (gz == mean(gz)) a dx of rstd * one rounding of w * gz (1e-3 at eps 1e-8), not 0.
-    const A m1 = A(sg / double(HW)), m2 = A(sgx / double(HW)), rw = r * w;
+    // dx = rstd * (w * (gz - mean(gz)) - xhat * c2), c2 = w * mean(gz * xhat). Not rstd * (w * gz -
+    // w * mean(gz) ...): compilers contract that to fma(w, gz, -c1), whose unrounded product left a
+    // 1x1 plane (gz == mean(gz)) a dx of rstd * one rounding of w * gz (1e-3 at eps 1e-8), not 0.
+    // (rstd * w folded into one factor would round once more: 1.5 ulp of a dx of 1e4 scale.)
+    const A m1 = A(sg / double(HW)), c2 = A(double(w) * sgx / double(HW));
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t q0 = s * span, k = std::min(span, HW - q0);
       const A* g = get_g(s, q0, k);
@@ -317,7 +318,7 @@ void nchw_bwd(const BwdParams& p, int64_t begin, int64_t end) {
       for (int64_t i = 0; i < k; ++i) {
         const A xh = (x[i] - m) * r;
         const A gz = act_bwd<ACT>(xh * w + b, g[i], slope);
-        dx[i] = rw * ((gz - m1) - xh * m2);
+        dx[i] = r * (w * (gz - m1) - xh * c2);
       }
       flush(dx, k, dxb + q0);
     }
@@ -531,7 +532,7 @@ void nhwc_bwd_sums(const BwdParams& p, double* scratch, int64_t begin, int64_t e
   }
 }
 
-// Phase 1: sum the rows of image n (in order: deterministic); outputs and mean(gz), mean(gz * xhat).
+// Phase 1: sum the rows of image n (in order: deterministic); outputs, mean(gz) and c2 = w * mean(gz * xhat).
 template <typename A>
 void nhwc_bwd_merge(const BwdParams& p, double* scratch, int64_t begin, int64_t end) {
   const int64_t C = p.C, H = p.H, HW = p.H * p.W;
@@ -547,11 +548,12 @@ void nhwc_bwd_merge(const BwdParams& p, double* scratch, int64_t begin, int64_t 
         sgx[c] += part[C + c];
       }
     }
+    const A* Wt = static_cast<const A*>(p.weight);
     for (int64_t c = 0; c < C; ++c) {
       if (p.sum_gz) static_cast<A*>(p.sum_gz)[n * C + c] = A(sg[c]);
       if (p.sum_gzx) static_cast<A*>(p.sum_gzx)[n * C + c] = A(sgx[c]);
       sg[c] /= double(HW);  // now mean(gz)
-      sgx[c] /= double(HW);  // now mean(gz * xhat)
+      sgx[c] = (Wt ? double(Wt[c]) : 1.0) * sgx[c] / double(HW);  // now c2 = w * mean(gz * xhat)
     }
   }
 }
@@ -563,8 +565,8 @@ void nhwc_bwd_rows(const BwdParams& p, const double* scratch, int64_t begin, int
   const int64_t C = p.C, H = p.H, W = p.W, Wp = W + 2 * p.pad;
   const A slope = A(p.slope);
   const double* coef = scratch + 2 * p.N * H * C;
-  Scratch<A> buf({Wp * C, W * C, W * C, W * C, C, C, C});
-  A *dbuf = buf[0], *gbuf = buf[1], *xbuf = buf[2], *obuf = buf[3], *m1 = buf[4], *m2 = buf[5], *rw = buf[6];
+  Scratch<A> buf({Wp * C, W * C, W * C, W * C, C, C});
+  A *dbuf = buf[0], *gbuf = buf[1], *xbuf = buf[2], *obuf = buf[3], *m1 = buf[4], *c2 = buf[5];
   ChannelParams<A> cpar(C);
   cpar.fill_wb(static_cast<const A*>(p.weight), static_cast<const A*>(p.bias), C);
   const A *w = cpar.w.data(), *b = cpar.b.data(), *m = cpar.m.data(), *r = cpar.r.data();
@@ -575,8 +577,7 @@ void nhwc_bwd_rows(const BwdParams& p, const double* scratch, int64_t begin, int
       load_channel_stats(p, n, cpar);
       for (int64_t c = 0; c < C; ++c) {
         m1[c] = A(coef[2 * n * C + c]);
-        m2[c] = A(coef[2 * n * C + C + c]);
-        rw[c] = r[c] * w[c];
+        c2[c] = A(coef[2 * n * C + C + c]);
       }
       cur_n = n;
     }
@@ -592,7 +593,7 @@ void nhwc_bwd_rows(const BwdParams& p, const double* scratch, int64_t begin, int
       for (int64_t c = 0; c < C; ++c) {
         const A xh = (xq[c] - m[c]) * r[c];
         const A gz = act_bwd<ACT>(xh * w[c] + b[c], gq[c], slope);
-        dq[c] = rw[c] * ((gz - m1[c]) - xh * m2[c]);  // the NCHW pass says why this order
+        dq[c] = r[c] * (w[c] * (gz - m1[c]) - xh * c2[c]);  // the NCHW pass says why this order
       }
     }
     flush(dx, W * C, dxrow);

@@ -459,12 +459,12 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) {
       if (k == 0 && sum_gz) sum_gz[plane] = a;
       if (k == 0 && sum_gzx) sum_gzx[plane] = cc;
-      sm[0] = a / A(g.HW);   // mean(gz)
-      sm[1] = cc / A(g.HW);  // mean(gz * xhat)
+      sm[0] = a / A(g.HW);       // mean(gz)
+      sm[1] = w * cc / A(g.HW);  // c2 = w * mean(gz * xhat)
     }
   }
   __syncthreads();
-  const A m1 = sm[0], m2 = sm[1], rw = r * w;
+  const A m1 = sm[0], c2 = sm[1];
   const int start = int(int64_t(k) * g.cs), end = start + int(chunk_count(g, k));
   const T* xp = x + plane * g.HW;
   const T* dyp = dy + plane * int64_t(g.Hp) * g.Wp;
@@ -478,7 +478,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < V; ++j) {
         const A xh = (to_acc(xv.v[j]) - m) * r;
         const A gz = act_bwd<ACT>(xh * w + b, to_acc(gv.v[j]), slope);
-        ov.v[j] = From<T>::cvt(rw * ((gz - m1) - xh * m2));
+        ov.v[j] = From<T>::cvt(r * (w * (gz - m1) - xh * c2));
       }
       *reinterpret_cast<Pack*>(dxp + i) = ov;
     }
@@ -488,7 +488,7 @@ __global__ void __launch_bounds__(kThreads)
     const A gi = gather_folded<T, PAD>(dyp, i, 1, g);
     const A xh = (to_acc(xp[i]) - m) * r;
     const A gz = act_bwd<ACT>(xh * w + b, gi, slope);
-    dxp[i] = From<T>::cvt(rw * ((gz - m1) - xh * m2));
+    dxp[i] = From<T>::cvt(r * (w * (gz - m1) - xh * c2));
   }
 }
 
@@ -657,7 +657,7 @@ __global__ void __launch_bounds__(kThreads)
     if (sum_gz) sum_gz[n * g.C + c] = a;
     if (sum_gzx) sum_gzx[n * g.C + c] = cc;
   }
-  const A m1 = a / A(g.HW), m2 = cc / A(g.HW), rw = r * w;
+  const A m1 = a / A(g.HW), c2 = w * cc / A(g.HW);
   const int64_t start = int64_t(k) * g.cs, end = start + chunk_count(g, k);
   const T* xp = x + n * g.HW * g.C + c;
   const T* dyp = dy + n * int64_t(g.Hp) * g.Wp * g.C + c;
@@ -666,7 +666,7 @@ __global__ void __launch_bounds__(kThreads)
     const A gi = gather_folded<T, PAD>(dyp, int(q), g.C, g);
     const A xh = (to_acc(xp[q * g.C]) - m) * r;
     const A gz = act_bwd<ACT>(xh * w + b, gi, slope);
-    dxp[q * g.C] = From<T>::cvt(rw * ((gz - m1) - xh * m2));
+    dxp[q * g.C] = From<T>::cvt(r * (w * (gz - m1) - xh * c2));
   }
 }
 
@@ -832,14 +832,14 @@ __global__ void __launch_bounds__(kOnePassThreads)
     if (sum_gz) sum_gz[n * g.C + c] = s1;
     if (sum_gzx) sum_gzx[n * g.C + c] = s2;
   }
-  // dx = rstd * w * (gz - mean(gz) - xhat * mean(gz * xhat)), in this order: rstd * (w * gz - c1 ...)
+  // dx = rstd * (w * (gz - mean(gz)) - xhat * c2), c2 = w * mean(gz * xhat): rstd * (w * gz - c1 ...)
   // contracts to fma(w, gz, -c1), which leaves a 1x1 plane rstd x one rounding of w * gz, not 0.
-  const A m1 = s1 / A(g.HW), m2 = s2 / A(g.HW), rw = rs * w;
+  const A m1 = s1 / A(g.HW), c2 = w * s2 / A(g.HW);
 #pragma unroll
   for (int j = 0; j < kOnePassItems; ++j) {
     const int q = r + j * op.R;
     if (q >= g.HW) break;
-    dxp[q * ps] = From<T>::cvt(rw * ((gz[j] - m1) - xh[j] * m2));
+    dxp[q * ps] = From<T>::cvt(rs * (w * (gz[j] - m1) - xh[j] * c2));
   }
 }
 

@@ -642,8 +642,8 @@ def _one_pixel_dx(fn, activation, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_one_pixel_planes_have_no_input_gradient_cpu(backend, channels_last):
     """dx was rstd * (w * gz - c1 - ...), which compilers contract to fma(w, gz, -c1): a 1x1 plane
-    got rstd x one rounding of w * gz (C++ 1e-3 at eps 1e-8) instead of 0. Now rstd * w * (gz -
-    mean(gz) - ...). Left: C++ leaky_relu recomputes gz = slope * g in each pass, and the second
+    got rstd x one rounding of w * gz (C++ 1e-3 at eps 1e-8) instead of 0. Now rstd * (w * (gz -
+    mean(gz)) - ...). Left: C++ leaky_relu recomputes gz = slope * g in each pass, and the second
     one's product is contracted into the subtraction (~1e-4 here)."""
     _need(backend, "cpu")
 

@@ -42,7 +42,7 @@ from fastcgan.deploy._common import (
 )
 from fastcgan.deploy.manifest import manifest_path
 from fastcgan.devices import DeviceUnavailableError
-from fastcgan.fileio import file_identity, output_folder_problem
+from fastcgan.fileio import file_identity, output_folder_problem, remove_stale_temporaries
 from fastcgan.models.io import MAX_WIDTH
 
 # Max abs error on outputs in [-1, 1], against the fp32 PyTorch generator.
@@ -52,6 +52,9 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_TRT_MISSING = 0, 1, 2, 3
 # ngf float32 feature maps per input pixel (256 bytes at ngf 64): 4 Mpixels (e.g. 1x2048x2048,
 # 4x1024x1024) is about 1 GiB per map, already far more than parity needs.
 MAX_VERIFY_BATCH, MAX_VERIFY_PIXELS, MAX_VERIFY_SIZES = 64, 1 << 22, 16
+MAX_WORKSPACE_GB = 1024  # TensorRT's workspace is a byte count: a bound keeps the flag's value meaningful
+MAX_TIMING_CACHE_BYTES = 256 << 20  # timing caches are kB to a few MB
+STAGING_PATTERN = r"\.fastcgan-export-(\d+)-.+"  # _staged's folders: the exporting process's pid
 
 
 def _hw(text: str) -> tuple[int, int]:
@@ -109,15 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?",
                    help="run directory, generator .safetensors file or training checkpoint (RUN/checkpoints/*.ckpt: "
                    "the generator at that step)")
-    p.add_argument("--direction", choices=DIRECTIONS, default="AtoB", help="which generator of a run directory")
+    p.add_argument("--direction", choices=DIRECTIONS, default=None,
+                   help="which generator of a run directory or training checkpoint (default AtoB)")
     g = p.add_argument_group("official CycleGAN checkpoints")
     g.add_argument("--from-official", metavar="PTH", help="official latest_net_G_A.pth (instead of RUN)")
     g.add_argument("--arch", help="generator arch of the official checkpoint, e.g. resnet_9blocks")
     g.add_argument("--ngf", type=_ngf, default=None,
                    help=f"generator width (1 to {MAX_WIDTH}; default: the checkpoint's, 64 in the released models)")
-    g.add_argument("--norm", default="instance", choices=("instance", "batch", "none"))
+    g.add_argument("--norm", default=None, choices=("instance", "batch", "none"), help="default instance")
     d = g.add_mutually_exclusive_group()
-    d.add_argument("--no-dropout", dest="dropout", action="store_false", default=False)
+    d.add_argument("--no-dropout", dest="dropout", action="store_false", default=None, help="the default")
     d.add_argument("--dropout", dest="dropout", action="store_true")
     g.add_argument("--colorization", action="store_true",
                    help="the checkpoint is the official --model colorization G (L -> ab, 1 -> 2 channels): "
@@ -147,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     prec = x.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="half precision (ONNX weights/I-O, TensorRT, AOTI)")
     prec.add_argument("--bf16", action="store_true", help="bfloat16 (TensorRT and AOTI; ONNX stays fp32)")
-    x.add_argument("--static", type=_hw, metavar="HxW", help="fixed H and W (batch stays dynamic)")
+    x.add_argument("--static", type=_hw, metavar="HxW",
+                   help=f"fixed H and W (batch stays dynamic; H x W at most {MAX_VERIFY_PIXELS:,})")
     x.add_argument("--min-shape", metavar="BxCxHxW")
     x.add_argument("--opt-shape", metavar="BxCxHxW")
     x.add_argument("--max-shape", metavar="BxCxHxW")
-    x.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT workspace limit")
+    x.add_argument("--workspace-gb", type=float, default=None,
+                   help=f"TensorRT workspace limit (default 4, at most {MAX_WORKSPACE_GB})")
     x.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache file (read and updated)")
     x.add_argument("--device", default="auto", help="device for AOTInductor and verification (auto|cpu|cuda)")
     x.add_argument("--max-autotune", action="store_true", help="AOTInductor: autotune kernels (slow compile)")
@@ -246,6 +252,17 @@ def _check_paths(args) -> str | None:
             return f"{flag} {f} exists and is not a regular file: never replaced"
         if os.path.lexists(f) and not args.overwrite:
             return f"{flag}: {f} already exists; pass --overwrite to replace it"
+    cache = args.timing_cache if args.trt else None
+    if cache:  # read whole, then replaced: a regular file of a cache's size, or a new name
+        if os.path.lexists(cache) and not os.path.isfile(cache):
+            return f"--timing-cache {cache} exists and is not a regular file"
+        if os.path.isfile(cache) and os.path.getsize(cache) > MAX_TIMING_CACHE_BYTES:
+            return (f"--timing-cache {cache}: {os.path.getsize(cache):,} bytes is no TensorRT timing cache "
+                    f"(at most {MAX_TIMING_CACHE_BYTES:,} read)")
+        why = output_folder_problem(os.path.dirname(cache) or os.curdir, f"--timing-cache {cache}",
+                                    [os.path.basename(cache)])
+        if why:
+            return why
     return None
 
 
@@ -254,7 +271,8 @@ def _staged(path: str):
     """A temporary name for ``path`` (same file name, in a private folder beside it, so renaming
     into place is atomic and a manifest's ``artifact`` field is already right); the folder and
     whatever is left in it are removed on exit, and so are the folders made for ``path`` when it
-    was not installed."""
+    was not installed. Staging folders of exports killed before their cleanup (their pid in the
+    name, no longer running) are removed first."""
     folder = os.path.realpath(os.path.dirname(path) or os.curdir)  # where the rename lands (link/.. resolved)
     made = []
     d = folder
@@ -262,8 +280,9 @@ def _staged(path: str):
         made.append(d)
         d = os.path.dirname(d)
     os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(folder, STAGING_PATTERN)
     try:
-        with tempfile.TemporaryDirectory(prefix=".fastcgan-export-", dir=folder) as work:
+        with tempfile.TemporaryDirectory(prefix=f".fastcgan-export-{os.getpid()}-", dir=folder) as work:
             yield os.path.join(work, os.path.basename(path))
     finally:
         if not os.path.lexists(path):
@@ -293,6 +312,10 @@ def _check_sizes(args, spec) -> str | None:
         if h % m or w % m or h < lo or w < lo:
             return (f"--static {h}x{w}: H and W must be multiples of {m} and at least {lo} for "
                     f"{spec.arch or 'this generator'}")
+        if h * w > MAX_VERIFY_PIXELS:  # exporting and verifying run the generator at this size
+            return (f"--static {h}x{w}: at most {MAX_VERIFY_PIXELS:,} pixels (e.g. 2048x2048; export and "
+                    "verification hold the generator's activations at this size); larger images run through "
+                    "tiles of a smaller static size")
     for b, h, w in args.verify_sizes or ():
         if h % m or w % m or h < lo or w < lo:
             return (f"--verify-sizes {b}x{h}x{w}: H and W must be multiples of {m} and at least {lo} for "
@@ -331,8 +354,29 @@ def main(argv: list[str] | None = None) -> int:
                            ("--safetensors", args.safetensors, ".safetensors"), ("--official", args.official, ".pth")):
         if val and not val.endswith(ext):
             parser.error(f"{flag} {val}: the file name must end in {ext}")
-    if not (math.isfinite(args.workspace_gb) and args.workspace_gb > 0):
-        parser.error(f"--workspace-gb {args.workspace_gb}: must be a positive number of GB")
+    official_only = [f for f, v in (("--arch", args.arch), ("--ngf", args.ngf), ("--norm", args.norm),
+                                    ("--dropout / --no-dropout", args.dropout)) if v is not None]
+    if official_only and not args.from_official:  # a fastcgan generator file says its own
+        parser.error(f"{', '.join(official_only)} are only for an official checkpoint (--from-official); "
+                     "RUN's generator says its own architecture")
+    for flag, given, needs, out in (
+        ("--min-shape", args.min_shape, "--trt", args.trt), ("--opt-shape", args.opt_shape, "--trt", args.trt),
+        ("--max-shape", args.max_shape, "--trt", args.trt), ("--workspace-gb", args.workspace_gb, "--trt", args.trt),
+        ("--timing-cache", args.timing_cache, "--trt", args.trt),
+        ("--max-autotune", args.max_autotune or None, "--aoti", args.aoti),
+    ):
+        if given is not None and not out:
+            parser.error(f"{flag} applies to {needs} only, which is not given")
+    if args.direction and args.run and os.path.isfile(args.run) and args.run.lower().endswith(".safetensors"):
+        parser.error(f"--direction: {args.run} is one generator (a run directory or training checkpoint has two)")
+    for flag, val in (("--onnx", args.onnx), ("--trt", args.trt), ("--aoti", args.aoti),
+                      ("--safetensors", args.safetensors), ("--official", args.official),
+                      ("--timing-cache", args.timing_cache)):
+        if val is not None and not val:
+            parser.error(f"{flag} '': name a file")
+    if args.workspace_gb is not None and not (math.isfinite(args.workspace_gb)
+                                              and 0 < args.workspace_gb <= MAX_WORKSPACE_GB):
+        parser.error(f"--workspace-gb {args.workspace_gb}: must be a number of GB in (0, {MAX_WORKSPACE_GB}]")
     precision = "fp16" if args.fp16 else ("bf16" if args.bf16 else "fp32")
     tol = args.tol if args.tol is not None else TOLERANCE[precision]
     from fastcgan.deploy import onnx_export
@@ -372,12 +416,13 @@ def main(argv: list[str] | None = None) -> int:
         # The reference backend: exports trace it anyway (fastcgan.ops routes to the reference
         # while exporting), and it is the specification the artifacts are verified against.
         if args.from_official:
-            model, spec = load_official(args.from_official, args.arch, args.ngf, args.norm, args.dropout,
+            model, spec = load_official(args.from_official, args.arch, args.ngf, args.norm or "instance",
+                                        bool(args.dropout),
                                         backend="torch", bn_inference=args.bn_inference or "per_image",
                                         color_space="lab" if args.colorization else "rgb")
             source = args.from_official
         else:
-            model, spec = load_torch_generator(args.run, direction=args.direction, backend="torch")
+            model, spec = load_torch_generator(args.run, direction=args.direction or "AtoB", backend="torch")
             source = args.run
             if args.bn_inference and spec.config.get("norm") == "batch":
                 from fastcgan.models import set_bn_inference
@@ -506,7 +551,7 @@ def _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, 
         except Exception as e:  # noqa: BLE001
             print(f"ONNX export failed: {type(e).__name__}: {e}", file=sys.stderr)
             return EXIT_FAIL
-        verify_shapes = args.verify_sizes or onnx_export.default_verify_shapes(onnx_spec)
+        verify_shapes = args.verify_sizes or onnx_export.default_verify_shapes(onnx_spec, MAX_VERIFY_PIXELS)
         shown = args.onnx or "ONNX model for TensorRT"
         print(f"onnx: built {shown} in {time.perf_counter() - t0:.1f}s (opset {onnx_export.opset_of(tmp_onnx)}, "
               f"{'fp16' if onnx_fp16 else 'fp32'}, {'static ' + 'x'.join(map(str, args.static)) if args.static else 'dynamic batch/H/W'}); "
@@ -550,7 +595,7 @@ def _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, 
                         def run_aoti(x):
                             return fn(x.to(device=device, dtype=dtype))
 
-                    shapes_a = args.verify_sizes or onnx_export.default_verify_shapes(aspec)
+                    shapes_a = args.verify_sizes or onnx_export.default_verify_shapes(aspec, MAX_VERIFY_PIXELS)
                     errs = onnx_export.verify_against_torch(run_aoti, model, aspec, shapes_a, device=str(device))
                     ok = _report("aoti", errs, tol)
                 if ok:
@@ -575,7 +620,7 @@ def _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, 
             with _staged(args.trt) as tmp_engine:
                 build_engine(onnx_path, tmp_engine, onnx_spec, fp16=args.fp16, bf16=args.bf16,
                              min_shape=shapes["min_shape"], opt_shape=shapes["opt_shape"],
-                             max_shape=shapes["max_shape"], workspace_gb=args.workspace_gb,
+                             max_shape=shapes["max_shape"], workspace_gb=args.workspace_gb or 4.0,
                              timing_cache=args.timing_cache)
                 print(f"trt: built {args.trt} in {time.perf_counter() - t0:.1f}s ({precision})")
                 ok = True

@@ -254,11 +254,12 @@ def op_types(path: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Verification against PyTorch
 # --------------------------------------------------------------------------------------------
-def default_verify_shapes(spec: GeneratorSpec) -> list[tuple[int, int, int]]:
-    """(batch, H, W) triples: a square, a batched non-square, and a wide one."""
+def default_verify_shapes(spec: GeneratorSpec, max_pixels: int | None = None) -> list[tuple[int, int, int]]:
+    """(batch, H, W) triples: a square, a batched non-square, and a wide one (a static model: its
+    size at batch 1, and at batch 2 while ``2 * H * W`` stays within ``max_pixels``)."""
     if spec.static_hw is not None:
         h, w = spec.static_hw
-        return [(1, h, w), (2, h, w)]
+        return [(1, h, w)] + ([(2, h, w)] if max_pixels is None or 2 * h * w <= max_pixels else [])
     m = spec.size_multiple
 
     def r(n):

@@ -35,7 +35,7 @@ from fastcgan.deploy._common import (
     load_torch_generator,
     resolve_device,
 )
-from fastcgan.deploy.tiling import MAX_TILES, check_tile_args, tiled_apply
+from fastcgan.deploy.tiling import MAX_TILES, check_tile_args, default_overlap, tiled_apply
 from torch import Tensor, nn
 
 ENGINES = ("torch", "compiled", "onnx", "trt", "aoti")
@@ -198,13 +198,21 @@ class Translator:
     """Callable image translator around one runner; see the module docstring for input kinds."""
 
     def __init__(self, runner: _Runner, spec: GeneratorSpec, *, engine: str, path: str = "",
-                 tile: int | None = None, tile_overlap: int = 32, batch_size: int = 8,
+                 tile: int | None = None, tile_overlap: int | None = None, batch_size: int = 8,
                  max_tiles: int = MAX_TILES, trust: str = "data artifact (no code)"):
         self.runner, self.spec, self.engine, self.path = runner, spec, engine, path
+        if tile is not None and spec.static_hw is not None:
+            h, w = spec.static_hw
+            raise ValueError(f"tile {tile} (--tile): this model takes {h}x{w} inputs only, so larger images "
+                             f"run in {h}x{w} tiles; leave --tile out")
         if tile is not None and tile < spec.min_size:
             raise ValueError(f"tile {tile} (--tile) is smaller than the generator's minimum size {spec.min_size}")
-        if tile is not None or spec.static_hw is not None:
-            check_tile_args(tile if tile is not None else tuple(spec.static_hw), tile_overlap)
+        tile_hw = tuple(spec.static_hw) if spec.static_hw is not None else tile
+        if tile_overlap is None:  # 32 px, or less than half of a smaller tile
+            tile_overlap = default_overlap(tile_hw) if tile_hw is not None else 32
+        if tile_hw is not None:
+            check_tile_args(tile_hw, tile_overlap, names=("tile (--tile)" if tile else "the model's static size",
+                                                          "tile_overlap (--tile-overlap)"))
         self.tile = tile
         self.tile_overlap = int(tile_overlap)
         self.max_tiles = int(max_tiles)
@@ -423,7 +431,7 @@ def load(
     engine: str | None = None,
     fp16: bool = False,
     tile: int | None = None,
-    tile_overlap: int = 32,
+    tile_overlap: int | None = None,
     *,
     direction: str = "AtoB",
     batch_size: int = 8,
@@ -459,8 +467,8 @@ def load(
     if fp16 and bf16:
         raise ValueError("choose one of fp16 and bf16")
     if tile is not None:
-        check_tile_args(tile, tile_overlap)
-    elif not (isinstance(tile_overlap, int) and tile_overlap >= 0):
+        check_tile_args(tile, default_overlap(tile) if tile_overlap is None else tile_overlap)
+    elif tile_overlap is not None and not (isinstance(tile_overlap, int) and tile_overlap >= 0):
         raise ValueError(f"tile_overlap must be an int >= 0, got {tile_overlap!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -536,7 +544,7 @@ def from_model(
     fp16: bool = False,
     bf16: bool = False,
     tile: int | None = None,
-    tile_overlap: int = 32,
+    tile_overlap: int | None = None,
     batch_size: int = 8,
     spec: GeneratorSpec | None = None,
     compile_mode: str | None = None,

@@ -16,8 +16,10 @@ import os
 from collections.abc import Sequence
 
 import torch
-from fastcgan.deploy._common import ArtifactError, GeneratorSpec
+from fastcgan.deploy._common import MAX_STATIC_SIDE, ArtifactError, GeneratorSpec
 from fastcgan.deploy.manifest import verified_bytes, write_manifest
+
+MAX_PROFILE_BATCH = 1024  # --min/--opt/--max-shape batch; sides at most MAX_STATIC_SIDE
 
 INSTALL_HINT = (
     "TensorRT export needs the TensorRT Python package and a CUDA GPU: `pip install tensorrt` "
@@ -52,6 +54,9 @@ def parse_shape(text: str, flag: str) -> tuple[int, int, int, int]:
         dims = ()
     if len(dims) != 4 or min(dims) < 1:
         raise ValueError(f"{flag} {text!r}: expected BxCxHxW with positive integers, e.g. 1x3x256x256")
+    if dims[0] > MAX_PROFILE_BATCH or max(dims[2:]) > MAX_STATIC_SIDE:
+        raise ValueError(f"{flag} {text!r}: batch at most {MAX_PROFILE_BATCH}, H and W at most {MAX_STATIC_SIDE} "
+                         "(the engine reserves memory for its largest shape)")
     return dims  # type: ignore[return-value]
 
 

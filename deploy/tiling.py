@@ -31,6 +31,14 @@ from torch import Tensor
 
 RAMPS = ("cosine", "linear")
 MAX_TILES = 16384  # per image: e.g. a 9459 x 9459 (89 Mpx) image in 128-px tiles with a 32-px overlap
+DEFAULT_TILE_OVERLAP = 32
+
+
+def default_overlap(tile) -> int:
+    """The overlap used when none is given: 32 px, or less than half of a smaller tile (a model
+    exported with ``--static 32x32`` tiles at 32 px: 15)."""
+    sizes = (tile, tile) if isinstance(tile, int) else tuple(tile)
+    return min(DEFAULT_TILE_OVERLAP, max(0, (min(sizes) - 1) // 2))
 
 
 def check_tile_args(tile, overlap, *, names: tuple[str, str] = ("tile", "tile_overlap")) -> None:

@@ -56,6 +56,7 @@ from fastcgan.fileio import atomic_write, output_folder_problem
 
 # --load-size: every test image is held resized in memory (4096²: 50 MB each as uint8, 200 MB in fp32).
 MAX_LOAD_SIZE = 4096
+MAX_BATCH_SIZE = 1024  # --batch-size: images held at a time; a bound so that a typo cannot ask for unbounded memory
 
 DIRECTIONS = (("AtoB", "A", "B"), ("BtoA", "B", "A"))
 
@@ -485,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a .pt2 / .engine (native code) even without a manifest that verifies",
     )
     p.add_argument("--batch-size", type=int, default=8,
-                   help="images read, translated and scored at a time (memory holds one such chunk)")
+                   help=f"images read, translated and scored at a time (memory holds one such chunk; at most "
+                   f"{MAX_BATCH_SIZE})")
     p.add_argument("--max-images", type=int, default=None,
                    help="score the first N images of each test folder, sorted by path (default: every image)")
     p.add_argument("--load-size", type=int, default=None, help="resize images to this square size first")
@@ -577,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if v is not None and v < 1:
             p.error(f"{flag} must be >= 1, got {v}")
+    if a.batch_size > MAX_BATCH_SIZE:
+        p.error(f"--batch-size {a.batch_size}: at most {MAX_BATCH_SIZE} (images held at a time)")
+    if a.json is not None and not a.json:
+        p.error("--json '': name a .json file")
     if not a.phase or a.phase in (".", "..") or "/" in a.phase or os.sep in a.phase:  # read inside --dataroot only
         p.error(f"--phase {a.phase!r}: a split name (test, train, val ...), not a path")
     if a.load_size is not None and a.load_size > MAX_LOAD_SIZE:

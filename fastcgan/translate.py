@@ -40,6 +40,7 @@ from fastcgan.deploy.runtime import ENGINES
 from fastcgan.fileio import file_identity, output_folder_problem
 
 HTML_NAME = "index.html"
+MAX_BATCH_SIZE = 1024  # images per run; a bound so that a typo cannot ask for unbounded memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,11 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", action="store_true",
                    help="inputs are A|B pair images (pix2pix test splits): translate the input half")
     p.add_argument("--engine", choices=ENGINES, default=None, help="default: the artifact's own")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help=f"images run at a time (1 to {MAX_BATCH_SIZE})")
     p.add_argument("--max-images", type=int, default=None, metavar="N",
                    help="only the first N images of a folder, sorted by path (the official test.py --num_test)")
     p.add_argument("--tile", type=int, default=None, help="translate images larger than this in overlapping tiles")
-    p.add_argument("--tile-overlap", type=int, default=32, help="pixels shared by neighbouring tiles, < tile/2")
+    p.add_argument("--tile-overlap", type=int, default=None,
+                   help="pixels shared by neighbouring tiles, < tile/2 (default 32, less for smaller tiles)")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                    help=f"refuse images with more than N pixels, checked on the file header before decoding "
                    f"(default {DEFAULT_MAX_IMAGE_PIXELS:,}, Pillow's threshold; 0 = no limit)")
@@ -247,7 +249,7 @@ def _main(args) -> int:
     from fastcgan.data import BadImageError, image_size, is_image_file, make_dataset
     from fastcgan.data.images import set_max_image_pixels
     from fastcgan.deploy import load
-    from fastcgan.deploy.tiling import check_tile_args, check_tiling
+    from fastcgan.deploy.tiling import check_tile_args, check_tiling, default_overlap
     from fastcgan.devices import DeviceUnavailableError, resolve_device
     from fastcgan.fileio import WriteError, atomic_write, atomic_writer
 
@@ -257,21 +259,24 @@ def _main(args) -> int:
         return _error(f"--device {args.device}: {e.reason}")
     except ValueError as e:
         return _error(f"--device {args.device}: {e}")
-    if args.batch_size < 1:
-        return _error("--batch-size must be >= 1")
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        return _error(f"--batch-size must be in [1, {MAX_BATCH_SIZE}], got {args.batch_size}")
     if args.max_images is not None and args.max_images < 1:
         return _error(f"--max-images must be >= 1, got {args.max_images}")
     if args.max_image_pixels < 0:
         return _error(f"--max-image-pixels must be >= 0 (0 = no limit), got {args.max_image_pixels}")
     try:
         if args.tile is not None:
-            check_tile_args(args.tile, args.tile_overlap, names=("--tile", "--tile-overlap"))
-        elif args.tile_overlap < 0:
+            check_tile_args(args.tile, default_overlap(args.tile) if args.tile_overlap is None else args.tile_overlap,
+                            names=("--tile", "--tile-overlap"))
+        elif args.tile_overlap is not None and args.tile_overlap < 0:
             raise ValueError(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
     except ValueError as e:
         return _error(str(e))
     if not os.path.exists(args.input):
         return _error(f"--input {args.input}: no such file or directory")
+    if not (os.path.isdir(args.input) or os.path.isfile(args.input)):  # a FIFO would block the reader forever
+        return _error(f"--input {args.input}: not a regular file or a directory")
     if os.path.isdir(args.input):
         try:
             files, root = make_dataset(args.input), args.input
@@ -336,7 +341,7 @@ def _main(args) -> int:
     try:
         for i, (w, h) in sizes.items():
             if translator.needs_tiles(h, w):
-                check_tiling(h, w, translator.tile_hw, args.tile_overlap, max_tiles=translator.max_tiles,
+                check_tiling(h, w, translator.tile_hw, translator.tile_overlap, max_tiles=translator.max_tiles,
                              names=tile_names, what=files[i])
     except ValueError as e:
         return _error(str(e))

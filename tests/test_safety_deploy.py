@@ -774,3 +774,110 @@ def test_garbage_checkpoints_never_advise_weights_only_false(tmp_path, capsys):
                        str(tmp_path / "g.onnx")])
         err = capsys.readouterr().err
         assert rc == cli.EXIT_USAGE and f.name in err and "weights_only" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# 6. flags tried the way a careless user would (an audit of 2026-11-29)
+# --------------------------------------------------------------------------------------------
+def _translate(checkpoint, *extra):
+    return _run(checkpoint, None, *map(str, extra))
+
+
+def _export(*args):
+    from fastcgan.deploy.cli import main as export
+
+    return export([*map(str, args)])
+
+
+def test_a_small_static_model_runs_with_the_default_tile_overlap(gen_file, tmp_path, capsys):
+    """A model exported --static 32x32 (or 64x64) tiles at its size, but the default overlap of 32
+    px is not less than half of it: fastcgan-eval (which has no --tile-overlap) could not score it,
+    fastcgan-translate needed a flag. And --tile on such a model was silently ignored."""
+    static = tmp_path / "s32.onnx"
+    assert _export(gen_file, "--onnx", static, "--static", "32x32") == 0
+    tr = load(str(static), device="cpu")
+    assert tr.tile_overlap == 15 and tr.tile_hw == (32, 32)
+    src = _pngs(tmp_path / "photos", n=1, size=(70, 50))  # tiled: larger than 32x32
+    assert _translate(static, "--input", src, "--output", tmp_path / "out") == 0
+    assert Image.open(tmp_path / "out" / "im0.png").size == (70, 50)
+    assert _translate(static, "--input", src, "--output", tmp_path / "o2", "--tile", "64") == 2
+    err = capsys.readouterr().err
+    assert "--tile" in err and "32x32 inputs only" in err and not (tmp_path / "o2").exists()
+    data = tmp_path / "data"
+    for d in ("testA", "testB"):
+        _pngs(data / d, n=2, size=(40, 40))
+    from fastcgan.evaluate import main as evaluate
+
+    assert evaluate(["--checkpoint", str(static), "--dataroot", str(data), "--device", "cpu", "--no-fid"]) == 0
+
+
+def test_export_flags_that_would_do_nothing_are_refused(gen_file, tmp_path, capsys):
+    """Flags for official checkpoints, TensorRT or AOTInductor were accepted and ignored when the
+    export had no use for them (--arch unet_256 still exported the ResNet); --direction on a single
+    generator file recorded the wrong direction; --static 4096x4096 verified at 33 Mpx (8.4 GB)."""
+    out = tmp_path / "g.onnx"
+    cases = [
+        (["--arch", "unet_256"], "--arch are only for an official checkpoint"),
+        (["--norm", "batch"], "--norm are only for an official checkpoint"),
+        (["--dropout"], "--dropout / --no-dropout are only"),
+        (["--min-shape", "1x3x32x32"], "--min-shape applies to --trt only"),
+        (["--workspace-gb", "8"], "--workspace-gb applies to --trt only"),
+        (["--timing-cache", str(tmp_path / "c")], "--timing-cache applies to --trt only"),
+        (["--max-autotune"], "--max-autotune applies to --aoti only"),
+        (["--direction", "BtoA"], "is one generator"),
+        (["--aoti", ""], "--aoti '': name a file"),
+        (["--static", "4096x4096"], "--static 4096x4096: at most 4,194,304 pixels"),
+        (["--trt", str(tmp_path / "g.engine"), "--max-shape", "99999x3x64x64"], "batch at most 1024"),
+        (["--trt", str(tmp_path / "g.engine"), "--workspace-gb", "1e10"], "--workspace-gb 1"),
+        (["--trt", str(tmp_path / "g.engine"), "--timing-cache", "/dev/null"], "is not a regular file"),
+    ]
+    for extra, said in cases:
+        try:
+            rc = _export(gen_file, "--onnx", out, *extra)
+        except SystemExit as e:  # argparse's own exit
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2 and said in err, (extra, err)
+        assert not out.exists()
+    assert not any(tmp_path.glob(".fastcgan-export-*"))
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next(gen_file, tmp_path):
+    """kill -9 during an export left its hidden staging folder beside the destination forever."""
+    stale = tmp_path / ".fastcgan-export-999999999-abc"  # a pid no process has
+    stale.mkdir()
+    (stale / "g.onnx").write_bytes(b"half")
+    live = tmp_path / f".fastcgan-export-{os.getppid()}-xyz"  # a running process's: left alone
+    live.mkdir()
+    assert _export(gen_file, "--onnx", tmp_path / "g.onnx") == 0
+    assert not stale.exists() and live.exists()
+
+
+def test_fifos_named_like_images_are_never_opened(gen_file, tmp_path, capsys):
+    """Opening a FIFO waits for a writer forever: translate hung on one given as --input or lying
+    in an input folder (training and eval list folders the same way)."""
+    from fastcgan.data import make_dataset
+
+    src = _pngs(tmp_path / "photos", n=1)
+    os.mkfifo(src / "pipe.png")
+    assert make_dataset(str(src)) == [str(src / "im0.png")]
+    assert image_mod.image_size(str(src / "pipe.png")) is None
+    with pytest.raises(BadImageError, match="not a regular file"):
+        open_image(str(src / "pipe.png"))
+    assert _translate(gen_file, "--input", src / "pipe.png", "--output", tmp_path / "o") == 2
+    assert "not a regular file or a directory" in capsys.readouterr().err
+    assert _translate(gen_file, "--input", src, "--output", tmp_path / "o2") == 0
+    assert sorted(os.listdir(tmp_path / "o2")) == ["im0.png"]
+
+
+def test_batch_size_and_json_values_that_cannot_work_are_refused(gen_file, tmp_path, capsys):
+    """--batch-size 2**63 was a traceback from deep inside the tiler; eval --json '' wrote nothing."""
+    from fastcgan.evaluate import main as evaluate
+
+    src = _pngs(tmp_path / "photos", n=1)
+    assert _translate(gen_file, "--input", src, "--output", tmp_path / "o", "--batch-size", str(2**63)) == 2
+    assert "--batch-size must be in [1, 1024]" in capsys.readouterr().err
+    for extra, said in ((["--batch-size", "5000"], "--batch-size 5000: at most 1024"), (["--json", ""], "--json ''")):
+        with pytest.raises(SystemExit) as e:
+            evaluate(["--checkpoint", str(gen_file.parent), "--dataroot", str(tmp_path), *extra])
+        assert e.value.code == 2 and said in capsys.readouterr().err

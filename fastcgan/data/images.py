@@ -104,7 +104,10 @@ def _header(path: str, oriented: bool) -> tuple[int, int] | None:
 
 
 def _header_info(path: str, oriented: bool) -> tuple[tuple[int, int], str] | None:
-    """((width, height), PIL mode) from the header only, or None when it cannot be read."""
+    """((width, height), PIL mode) from the header only, or None when it cannot be read (or is
+    not a regular file: opening a FIFO named like an image waits for a writer forever)."""
+    if not os.path.isfile(path):
+        return None
     try:
         with _PIL_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -160,7 +163,8 @@ def make_dataset(directory: str, max_size: float = math.inf) -> list[str]:
     """Every image file under ``directory`` (recursive), sorted by path, at most ``max_size``.
 
     Hidden files and folders (names starting with ``.``, e.g. macOS ``._x.jpg`` resource forks or
-    ``.ipynb_checkpoints``) are ignored. Sorting happens before truncation, so ``max_size`` always
+    ``.ipynb_checkpoints``) are ignored, and so is anything that is not a regular file (a FIFO or
+    device named like an image would block its reader). Sorting happens before truncation, so ``max_size`` always
     keeps the same files (the official loader truncates in ``os.walk`` order, then sorts).
     """
     if not os.path.isdir(directory):
@@ -173,8 +177,9 @@ def make_dataset(directory: str, max_size: float = math.inf) -> list[str]:
     for root, dirs, files in os.walk(directory, onerror=unreadable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for f in files:
-            if not f.startswith(".") and is_image_file(f):
-                found.append(os.path.join(root, f))
+            path = os.path.join(root, f)
+            if not f.startswith(".") and is_image_file(f) and os.path.isfile(path):
+                found.append(path)
     found.sort()
     if max_size < len(found):
         found = found[: int(max_size)]
@@ -209,6 +214,8 @@ def open_image(path: str, channels: int = 3, max_pixels: int | None = None) -> I
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     path = os.fspath(path)
     try:
+        if not os.path.isfile(path):  # a FIFO or device named like an image: reading it may never end
+            raise BadImageError(path, "not a regular file")
         if os.path.getsize(path) == 0:
             raise BadImageError(path, "empty file (0 bytes)")
         with warnings.catch_warnings():

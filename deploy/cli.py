@@ -32,6 +32,7 @@ import tempfile
 import time
 
 import torch
+from fastcgan._cli import interruptible
 from fastcgan.deploy._common import (
     DIRECTIONS,
     MAX_STATIC_SIDE,
@@ -338,6 +339,7 @@ def _check_profile(args, spec, shapes) -> str | None:
     return None
 
 
+@interruptible("fastcgan-export")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -345,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("nothing to do: give at least one of --safetensors, --official, --onnx, --trt, --aoti")
     if bool(args.run) == bool(args.from_official):
         parser.error("give exactly one of RUN (run directory / .safetensors) and --from-official PTH")
+    if args.run and args.run.lower().endswith((".onnx", ".pt2", ".engine", ".trt", ".plan")):
+        parser.error(f"RUN {args.run} is an exported artifact; export from the run directory, generator "
+                     ".safetensors or training .ckpt it was made from")
     if args.from_official and not args.arch:
         parser.error("--from-official needs --arch (e.g. --arch resnet_9blocks)")
     if args.colorization and not args.from_official:

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcgan._cli import interruptible
 from fastcgan.data import make_dataset
 from fastcgan.data.images import WINDOW_PIXELS, BadImageError, load_image, oriented_size
 from fastcgan.devices import resolve_device
@@ -564,6 +565,7 @@ def _finite_or_none(v):
     return v
 
 
+@interruptible("fastcgan-eval")
 def main(argv: list[str] | None = None) -> int:
     from fastcgan.deploy import ArtifactError
     from fastcgan.deploy.tensorrt import TensorRTUnavailable

@@ -34,6 +34,7 @@ import warnings
 
 import numpy as np
 
+from fastcgan._cli import interruptible
 from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS, WINDOW_PIXELS
 from fastcgan.deploy._common import DIRECTIONS, ArtifactError
 from fastcgan.deploy.runtime import ENGINES
@@ -231,6 +232,7 @@ def _read(path: str, channels: int, max_pixels: int, half: str | None):
     return pil_to_tensor(img.convert("L") if channels == 1 else img)
 
 
+@interruptible("fastcgan-translate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fastcgan.data import images as _images

@@ -831,6 +831,11 @@ def test_export_flags_that_would_do_nothing_are_refused(gen_file, tmp_path, caps
         (["--trt", str(tmp_path / "g.engine"), "--workspace-gb", "1e10"], "--workspace-gb 1"),
         (["--trt", str(tmp_path / "g.engine"), "--timing-cache", "/dev/null"], "is not a regular file"),
     ]
+    onnx = tmp_path / "made.onnx"
+    assert _export(gen_file, "--onnx", onnx) == 0
+    with pytest.raises(SystemExit) as e:  # an artifact as RUN: said so (it read "expected ... an .onnx model")
+        _export(onnx, "--aoti", tmp_path / "g.pt2")
+    assert e.value.code == 2 and "is an exported artifact" in capsys.readouterr().err
     for extra, said in cases:
         try:
             rc = _export(gen_file, "--onnx", out, *extra)
@@ -881,3 +886,17 @@ def test_batch_size_and_json_values_that_cannot_work_are_refused(gen_file, tmp_p
         with pytest.raises(SystemExit) as e:
             evaluate(["--checkpoint", str(gen_file.parent), "--dataroot", str(tmp_path), *extra])
         assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(gen_file, tmp_path, monkeypatch, capsys):
+    """Ctrl-C printed a KeyboardInterrupt traceback from whichever line it hit."""
+    import fastcgan.deploy
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastcgan.deploy, "load", interrupted)
+    src = _pngs(tmp_path / "photos", n=1)
+    assert _translate(gen_file, "--input", src, "--output", tmp_path / "o") == 130
+    err = capsys.readouterr().err
+    assert "fastcgan-translate: interrupted" in err and "Traceback" not in err

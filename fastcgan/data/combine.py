@@ -28,6 +28,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from fastcgan._cli import interruptible
 from fastcgan.data.images import BadImageError, is_image_file, open_image
 from fastcgan.fileio import WriteError, atomic_writer
 
@@ -213,6 +214,7 @@ def combine_folders(
     return CombineReport(written=written, problems=problems, splits=counts)
 
 
+@interruptible("python -m fastcgan.data.combine")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m fastcgan.data.combine",

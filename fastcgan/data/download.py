@@ -53,6 +53,8 @@ import warnings
 import zipfile
 import zlib
 
+from fastcgan._cli import interruptible
+
 __all__ = [
     "CYCLEGAN_DATASETS",
     "DEFAULT_BASE_URL",
@@ -665,6 +667,7 @@ def _download_and_extract(zip_url, root, name, sha256, progress, retries, timeou
     discard_download(part)
 
 
+@interruptible("fastcgan-download")
 def main(argv: list[str] | None = None) -> int:
     from fastcgan.models import pretrained
 

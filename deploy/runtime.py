@@ -35,7 +35,7 @@ from fastcgan.deploy._common import (
     load_torch_generator,
     resolve_device,
 )
-from fastcgan.deploy.tiling import MAX_TILES, check_tile_args, default_overlap, tiled_apply
+from fastcgan.deploy.tiling import DEFAULT_TILE_OVERLAP, MAX_TILES, check_tile_args, default_overlap, tiled_apply
 from torch import Tensor, nn
 
 ENGINES = ("torch", "compiled", "onnx", "trt", "aoti")
@@ -209,7 +209,7 @@ class Translator:
             raise ValueError(f"tile {tile} (--tile) is smaller than the generator's minimum size {spec.min_size}")
         tile_hw = tuple(spec.static_hw) if spec.static_hw is not None else tile
         if tile_overlap is None:  # 32 px, or less than half of a smaller tile
-            tile_overlap = default_overlap(tile_hw) if tile_hw is not None else 32
+            tile_overlap = default_overlap(tile_hw) if tile_hw is not None else DEFAULT_TILE_OVERLAP
         if tile_hw is not None:
             check_tile_args(tile_hw, tile_overlap, names=("tile (--tile)" if tile else "the model's static size",
                                                           "tile_overlap (--tile-overlap)"))

@@ -217,6 +217,8 @@ def load_torch_generator(
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if not os.path.exists(path):
         raise ArtifactError(path, "no such file or directory")
+    if not (os.path.isfile(path) or os.path.isdir(path)):  # a device or FIFO: reading may never end
+        raise ArtifactError(path, "not a regular file or a run directory")
     if os.path.isfile(path) and not path.lower().endswith((".safetensors", ".ckpt")):
         raise ArtifactError(
             path, "not a fastcgan generator: expected a run directory, a .safetensors generator, a training "

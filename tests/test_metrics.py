@@ -157,6 +157,8 @@ def test_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(fm.InceptionWeightsError, match="no such file") as e:
         fm.find_weights(missing)
     assert missing in str(e.value)
+    with pytest.raises(fm.InceptionWeightsError, match="not a regular file"):  # said "no such file"
+        fm.find_weights(str(tmp_path))
     monkeypatch.setenv(fm.WEIGHTS_ENV, missing)
     with pytest.raises(fm.InceptionWeightsError, match=r"FASTCGAN_INCEPTION_WEIGHTS"):
         fm.find_weights()

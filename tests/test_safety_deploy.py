@@ -831,6 +831,8 @@ def test_export_flags_that_would_do_nothing_are_refused(gen_file, tmp_path, caps
         (["--trt", str(tmp_path / "g.engine"), "--workspace-gb", "1e10"], "--workspace-gb 1"),
         (["--trt", str(tmp_path / "g.engine"), "--timing-cache", "/dev/null"], "is not a regular file"),
     ]
+    assert _export("/dev/zero", "--onnx", out) == 2  # read "generator file not found"
+    assert "not a regular file or a run directory" in capsys.readouterr().err
     onnx = tmp_path / "made.onnx"
     assert _export(gen_file, "--onnx", onnx) == 0
     with pytest.raises(SystemExit) as e:  # an artifact as RUN: said so (it read "expected ... an .onnx model")

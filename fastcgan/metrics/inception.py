@@ -98,7 +98,8 @@ def find_weights(path: str | None = None) -> str:
     for cand, where in ((path, "given path"), (os.environ.get(WEIGHTS_ENV) or None, f"${WEIGHTS_ENV}")):
         if cand:
             if not os.path.isfile(cand):
-                raise InceptionWeightsError(cand, f"no such file ({where})")
+                what = "no such file" if not os.path.lexists(cand) else "not a regular file (a folder?)"
+                raise InceptionWeightsError(cand, f"{what} ({where})")
             return cand
     packaged = packaged_weights_path()
     if packaged is None:

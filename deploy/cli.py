@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if given is not None and not out:
             parser.error(f"{flag} applies to {needs} only, which is not given")
+    if args.direction and args.from_official:
+        parser.error("--direction picks a generator of RUN; an official checkpoint is one generator")
     if args.direction and args.run and os.path.isfile(args.run) and args.run.lower().endswith(".safetensors"):
         parser.error(f"--direction: {args.run} is one generator (a run directory or training checkpoint has two)")
     for flag, val in (("--onnx", args.onnx), ("--trt", args.trt), ("--aoti", args.aoti),
@@ -429,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, spec = load_torch_generator(args.run, direction=args.direction or "AtoB", backend="torch")
             source = args.run
-            if args.bn_inference and spec.config.get("norm") == "batch":
+            if args.bn_inference and spec.config.get("norm") != "batch":
+                raise ValueError(f"--bn-inference: {args.run}'s generator has no BatchNorm (norm "
+                                 f"{spec.config.get('norm', 'unknown')}); leave the flag out")
+            if args.bn_inference:
                 from fastcgan.models import set_bn_inference
 
                 set_bn_inference(model, args.bn_inference)

@@ -825,6 +825,7 @@ def test_export_flags_that_would_do_nothing_are_refused(gen_file, tmp_path, caps
         (["--timing-cache", str(tmp_path / "c")], "--timing-cache applies to --trt only"),
         (["--max-autotune"], "--max-autotune applies to --aoti only"),
         (["--direction", "BtoA"], "is one generator"),
+        (["--bn-inference", "running"], "has no BatchNorm"),
         (["--aoti", ""], "--aoti '': name a file"),
         (["--static", "4096x4096"], "--static 4096x4096: at most 4,194,304 pixels"),
         (["--trt", str(tmp_path / "g.engine"), "--max-shape", "99999x3x64x64"], "batch at most 1024"),

@@ -21,10 +21,8 @@ from test_instance_norm_act import (
     _all_options,
     _check_backend,
     FAR_FROM_ZERO,
-    FAR_FROM_ZERO_RSTD_TOL,
     _constant_plane_errors,
-    _far_from_zero_errors,
-    _far_from_zero_rstd_error,
+    _assert_far_from_zero,
     _few_options,
     _random_cases,
     _fp64_backward_check,
@@ -88,14 +86,8 @@ def test_emulated_cuda_planes_far_from_zero(emulated, channels_last):
     """x = offset + small spread: y and dx within 2x the fp32 reference's own error, rstd near the
     truth. Per-thread fp32 sums had made y and dx up to 10x worse; chunk M2s taken around means
     rounded at the offset's ulp left split planes' rstd 1e-5..6e-5 off (dx 2-6x)."""
-    for shape, offset, spread in FAR_FROM_ZERO + [((1, 2, 200, 200), 1000.0, 0.01)]:
-        ref_y, ref_dx = _far_from_zero_errors(None, shape, offset, spread)
-        y_err, dx_err = _far_from_zero_errors(emulated, shape, offset, spread, channels_last)
-        what = f"{shape} x = {offset} + {spread} * noise"
-        assert y_err <= 2 * ref_y + 1e-5, f"{what}: y {y_err:.3g} vs the reference's {ref_y:.3g}"
-        assert dx_err <= 2 * ref_dx + 1e-5, f"{what}: dx {dx_err:.3g} vs the reference's {ref_dx:.3g}"
-        rstd_err = _far_from_zero_rstd_error(_emulated_fwd, shape, offset, spread, channels_last)
-        assert rstd_err <= FAR_FROM_ZERO_RSTD_TOL, f"{what}: rstd {rstd_err:.3g} off (relative)"
+    _assert_far_from_zero(emulated, _emulated_fwd, channels_last, "emulated cuda",
+                          FAR_FROM_ZERO + [((1, 2, 200, 200), 1000.0, 0.01)])
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

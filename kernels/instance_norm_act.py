@@ -105,6 +105,12 @@ def _affine(Wt, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: 
 
 
 @triton.jit
+def _first_value(X, n, c, cmask, s_xn, s_xc):
+    """x[n, c, 0, 0] per channel of the block: the shift the statistics are taken from."""
+    return tl.load(X + n.to(tl.int64) * s_xn + c.to(tl.int64) * s_xc, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _mirrors(hw, H, W, PAD: tl.constexpr):
     """Padded rows r0..r2 and columns c0..c2 that hold a copy of interior pixel ``hw`` (flat
     index into H x W): r0 = i+PAD always, r1 = PAD-i if 1<=i<=PAD (valid: vr1), r2 =
@@ -197,7 +203,7 @@ def _fwd_one_pass_kernel(
     m = cmask[:, None] & (hw < HW)[None, :]
     x_base = X + n.to(tl.int64) * s_xn + c.to(tl.int64)[:, None] * s_xc
     xv = tl.load(x_base + hw[None, :] * s_xhw, mask=m, other=0.0).to(tl.float32)
-    x0 = tl.load(X + n.to(tl.int64) * s_xn + c.to(tl.int64) * s_xc, mask=cmask, other=0.0).to(tl.float32)
+    x0 = _first_value(X, n, c, cmask, s_xn, s_xc)
     xs = tl.where(m, xv - x0[:, None], 0.0)  # deviations from the plane's first value
     hw_f = HW * 1.0  # not HW.to(): an int argument equal to 1 arrives as a constexpr
     off = tl.sum(xs, axis=1) / hw_f
@@ -277,7 +283,7 @@ def _fwd_stats_kernel(
     c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     base = X + n.to(tl.int64) * s_xn + c.to(tl.int64)[:, None] * s_xc
-    x0 = tl.load(X + n.to(tl.int64) * s_xn + c.to(tl.int64) * s_xc, mask=cmask, other=0.0).to(tl.float32)
+    x0 = _first_value(X, n, c, cmask, s_xn, s_xc)
     start = k * CHUNK
     end = tl.minimum(start + CHUNK, HW)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -337,7 +343,7 @@ def _fwd_apply_kernel(
     var = tl.sum(pm2 + nk[None, :] * d * d, axis=1) / hw_f
     var = tl.maximum(var, 0.0)
     rstd = 1.0 / tl.sqrt(var + eps)
-    mean += tl.load(X + n.to(tl.int64) * s_xn + c.to(tl.int64) * s_xc, mask=cmask, other=0.0).to(tl.float32)
+    mean += _first_value(X, n, c, cmask, s_xn, s_xc)
     tl.store(MEAN + n * C + c, mean, mask=cmask & (ko == 0))
     tl.store(RSTD + n * C + c, rstd, mask=cmask & (ko == 0))
 

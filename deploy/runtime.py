@@ -35,7 +35,8 @@ from fastcgan.deploy._common import (
     load_torch_generator,
     resolve_device,
 )
-from fastcgan.deploy.tiling import DEFAULT_TILE_OVERLAP, MAX_TILES, check_tile_args, default_overlap, tiled_apply
+from fastcgan.deploy.tiling import (DEFAULT_TILE_OVERLAP, MAX_TILES, check_tile_args, check_tiling, default_overlap,
+                                   tiled_apply)
 from torch import Tensor, nn
 
 ENGINES = ("torch", "compiled", "onnx", "trt", "aoti")
@@ -314,6 +315,17 @@ class Translator:
         if self.spec.static_hw is not None:
             return h > self.spec.static_hw[0] or w > self.spec.static_hw[1]
         return self.tile is not None and (h > self.tile or w > self.tile)
+
+    def check_tile_count(self, h: int, w: int, what: str = "the image",
+                         names: tuple[str, str] | None = None) -> None:
+        """ValueError naming ``what`` when an ``h x w`` image would run in more than ``max_tiles``
+        tiles: for callers that know sizes from file headers, before anything runs."""
+        if not self.needs_tiles(h, w):
+            return
+        if names is None:
+            names = (("--tile", "--tile-overlap") if self.spec.static_hw is None
+                     else ("the model's static tile", "--tile-overlap"))
+        check_tiling(h, w, self.tile_hw, self.tile_overlap, max_tiles=self.max_tiles, names=names, what=what)
 
     @property
     def tile_hw(self) -> tuple[int, int] | None:

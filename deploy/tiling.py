@@ -77,7 +77,9 @@ def check_tiling(h: int, w: int, tile, overlap: int, *, max_tiles: int = MAX_TIL
     n = count_tiles(h, w, tile, overlap)
     if max_tiles and n > max_tiles:
         tn, on = names
-        raise ValueError(f"{tn} {tile} {on} {overlap} would cut {what} ({w}x{h}) into {n:,} tiles, more than "
+        th, tw = (tile, tile) if isinstance(tile, int) else tile
+        shown = th if th == tw else f"{th}x{tw}"
+        raise ValueError(f"{tn} {shown} {on} {overlap} would cut {what} ({w}x{h}) into {n:,} tiles, more than "
                          f"the limit of {max_tiles:,}: use a larger {tn} (or a smaller {on})")
     return n
 

@@ -32,7 +32,10 @@ averaged over images. Images are evaluated at their own size, or resized to a sq
 
 Memory: ``--batch-size`` images are read, translated and scored at a time (Inception features
 are gathered by a :class:`fastcgan.metrics.inception.FeatureStream` in its own full batches), so
-a run holds one chunk of images and per-image numbers, never the test set.
+a run holds one chunk of images and per-image numbers, never the test set. A generator's
+activations grow with the image; ``--tile N`` runs images larger than N in overlapping tiles, as
+``fastcgan-translate --tile`` does (the scores are then those of the tiled translations), and
+every image's tile count is checked on its header before anything runs.
 """
 
 from __future__ import annotations
@@ -237,6 +240,20 @@ def load_domain(dataroot: str, phase: str, domain: str, channels: int = 3, size=
     return [x for _, x in loaded], [os.path.relpath(p, folder) for p, _ in loaded], skipped
 
 
+def check_tile_counts(translators, paths: list[str], size_of) -> None:
+    """Every image in ``paths`` that a translator runs in tiles is cut into at most its tile limit,
+    judged on the headers before anything is translated (ValueError naming the file).
+    ``size_of(path)`` is the (width, height) the translator will see, or None when unreadable."""
+    tiling = [t for t in translators if t is not None and t.tile_hw is not None]
+    if not tiling:
+        return
+    for p in paths:
+        wh = size_of(p)
+        if wh is not None:
+            for t in tiling:
+                t.check_tile_count(wh[1], wh[0], what=p)
+
+
 def _check_truth_headers(folder: str, paths: list[str], truth_dir: str, load_size: int | None) -> None:
     """Every ground-truth file exists, has a readable header and (without ``load_size``) its test
     image's size -- judged on the headers before anything is translated (ValueError naming it)."""
@@ -317,6 +334,9 @@ def evaluate_generators(
         if trs[name] is None:
             continue
         folder, paths = domain(src)
+        back = trs["BtoA" if name == "AtoB" else "AtoB"]  # the cycle runs it on translations of this size
+        check_tile_counts((trs[name], back), paths,
+                          (lambda p: (load_size, load_size)) if load_size else oriented_size)
         if inception is not None:
             domain(dst)
         truth_dir = os.path.join(dataroot, f"{phase}{src}_truth_{dst}")
@@ -394,11 +414,14 @@ def evaluate(
     direction: str | None = None,
     engine: str | None = None,
     trust_artifact: bool = False,
+    tile: int | None = None,
+    tile_overlap: int | None = None,
     **kw,
 ) -> dict:
     """Load generators with :func:`fastcgan.deploy.load` -- both from a run directory, or one
     artifact (``direction``, default AtoB) -- and evaluate them. ``kw`` goes to
-    :func:`evaluate_generators` (``amp_dtype`` becomes the runtime's bf16/fp16 weights). Paired
+    :func:`evaluate_generators` (``amp_dtype`` becomes the runtime's bf16/fp16 weights); ``tile`` /
+    ``tile_overlap`` run large images in tiles (:func:`fastcgan.deploy.load`). Paired
     data (pix2pix: ``dataroot/<phase>/`` of A|B images) goes to
     :func:`fastcgan.evaluate_paired.evaluate_paired` (L1/PSNR/SSIM to the targets; ``direction``
     then says which half is the input, default: the run's own)."""
@@ -407,7 +430,7 @@ def evaluate(
 
     if is_paired_root(dataroot, phase):  # pix2pix pairs: one generator scored against the targets
         return evaluate_paired(checkpoint, dataroot, phase, resolve_device(device), direction, engine,
-                               trust_artifact, **kw)
+                               trust_artifact, tile=tile, tile_overlap=tile_overlap, **kw)
     dev = resolve_device(device)
     amp = kw.pop("amp_dtype", None)
     opts = {
@@ -417,6 +440,8 @@ def evaluate(
         "bf16": amp == torch.bfloat16,
         "fp16": amp == torch.float16,
         "trust_artifact": trust_artifact,  # .pt2 / .engine hold native code: manifest or explicit trust
+        "tile": tile,
+        "tile_overlap": tile_overlap,
     }
     if os.path.isdir(checkpoint) or (checkpoint.lower().endswith(".ckpt") and direction is None):
         # A run (or a run at a checkpoint's step): both its generators. One-way recipes (CUT) have only AtoB.
@@ -492,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None,
                    help="score the first N images of each test folder, sorted by path (default: every image)")
     p.add_argument("--load-size", type=int, default=None, help="resize images to this square size first")
+    p.add_argument("--tile", type=int, default=None,
+                   help="translate images larger than this in overlapping tiles (bounds the generator's memory; "
+                   "the scores are those of the tiled translations)")
+    p.add_argument("--tile-overlap", type=int, default=None,
+                   help="pixels shared by neighbouring tiles, < tile/2 (default 32, less for smaller tiles)")
     p.add_argument("--no-fid", action="store_true", help="skip FID/KID even when the metrics extra is installed")
     p.add_argument(
         "--inception-weights",
@@ -569,6 +599,7 @@ def _finite_or_none(v):
 def main(argv: list[str] | None = None) -> int:
     from fastcgan.deploy import ArtifactError
     from fastcgan.deploy.tensorrt import TensorRTUnavailable
+    from fastcgan.deploy.tiling import check_tile_args, default_overlap
     from fastcgan.fileio import WriteError
     from fastcgan.metrics import InceptionWeightsError
 
@@ -587,6 +618,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--json '': name a .json file")
     if not a.phase or a.phase in (".", "..") or "/" in a.phase or os.sep in a.phase:  # read inside --dataroot only
         p.error(f"--phase {a.phase!r}: a split name (test, train, val ...), not a path")
+    try:
+        if a.tile is not None:
+            check_tile_args(a.tile, default_overlap(a.tile) if a.tile_overlap is None else a.tile_overlap,
+                            names=("--tile", "--tile-overlap"))
+        elif a.tile_overlap is not None and a.tile_overlap < 0:  # used by a model with a static size
+            raise ValueError(f"--tile-overlap must be >= 0, got {a.tile_overlap}")
+    except ValueError as e:
+        p.error(str(e))
     if a.load_size is not None and a.load_size > MAX_LOAD_SIZE:
         p.error(f"--load-size {a.load_size}: at most {MAX_LOAD_SIZE} (every test image is held at this size)")
     if not os.path.exists(a.checkpoint):
@@ -611,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=a.batch_size,
             max_images=a.max_images,
             load_size=a.load_size,
+            tile=a.tile,
+            tile_overlap=a.tile_overlap,
             fid=not a.no_fid,
             inception_weights_path=a.inception_weights,
             inception_dtype=None if a.inception_dtype == "auto" else getattr(torch, a.inception_dtype),

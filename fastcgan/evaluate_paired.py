@@ -139,16 +139,23 @@ def evaluate_paired(
     inception_weights_path: str | None = None,
     amp_dtype: torch.dtype | None = None,
     inception_dtype: torch.dtype | None = None,
+    tile: int | None = None,
+    tile_overlap: int | None = None,
 ) -> dict:
     """``{"AtoB": {n, skipped, direction, l1, psnr, ssim, identity_*, [fid, kid_*]}}`` for the
     generator of ``checkpoint`` (a pix2pix run directory, any artifact :func:`fastcgan.deploy.load`
-    accepts, or a loaded :class:`fastcgan.deploy.Translator`) on ``dataroot/<phase>/``."""
+    accepts, or a loaded :class:`fastcgan.deploy.Translator`) on ``dataroot/<phase>/``; ``tile`` /
+    ``tile_overlap`` run large inputs in tiles (as :func:`fastcgan.deploy.load`)."""
     from fastcgan.deploy import Translator, load
     from fastcgan.devices import resolve_device
-    from fastcgan.evaluate import domain_paths, fid_inception, translate_images
+    from fastcgan.data.images import oriented_size
+    from fastcgan.evaluate import check_tile_counts, domain_paths, fid_inception, translate_images
 
     dev = resolve_device(str(device))
     if isinstance(checkpoint, Translator):
+        if tile is not None or tile_overlap is not None:
+            raise ValueError("tile / tile_overlap are load() options: give them to fastcgan.deploy.load, "
+                             "not with a loaded Translator")
         tr = checkpoint
     else:
         if direction is None:
@@ -156,12 +163,21 @@ def evaluate_paired(
         tr = load(
             checkpoint, direction="AtoB", device=str(dev), engine=engine, batch_size=batch_size,
             bf16=amp_dtype == torch.bfloat16, fp16=amp_dtype == torch.float16, trust_artifact=trust_artifact,
+            tile=tile, tile_overlap=tile_overlap,
         )
     direction = direction or "AtoB"
     if direction not in ("AtoB", "BtoA"):
         raise ValueError(f"direction must be AtoB or BtoA, got {direction!r}")
     colorizer = (tr.spec.config or {}).get("color_space") == "lab"
     _, paths = domain_paths(dataroot, phase, "", max_images)
+
+    def input_size(p: str):  # what the generator sees: the image's half (a colorizer: all of it)
+        if load_size:
+            return load_size, load_size
+        wh = oriented_size(p)
+        return wh if wh is None or colorizer else (wh[0] // 2, wh[1])
+
+    check_tile_counts((tr,), paths, input_size)
     results: dict = {}
     inception = fid_inception(dev, inception_weights_path, inception_dtype, results) if fid else None
 

@@ -251,7 +251,7 @@ def _main(args) -> int:
     from fastcgan.data import BadImageError, image_size, is_image_file, make_dataset
     from fastcgan.data.images import set_max_image_pixels
     from fastcgan.deploy import load
-    from fastcgan.deploy.tiling import check_tile_args, check_tiling, default_overlap
+    from fastcgan.deploy.tiling import check_tile_args, default_overlap
     from fastcgan.devices import DeviceUnavailableError, resolve_device
     from fastcgan.fileio import WriteError, atomic_write, atomic_writer
 
@@ -338,13 +338,9 @@ def _main(args) -> int:
                       f"{translator.input_nc}->{translator.output_nc}")
     if translator.trust != "data artifact (no code)":
         print(f"{args.checkpoint}: {translator.trust}", file=sys.stderr)
-    tile_names = ("--tile", "--tile-overlap") if args.tile is not None else (
-        "the engine's static tile", "--tile-overlap")
     try:
         for i, (w, h) in sizes.items():
-            if translator.needs_tiles(h, w):
-                check_tiling(h, w, translator.tile_hw, translator.tile_overlap, max_tiles=translator.max_tiles,
-                             names=tile_names, what=files[i])
+            translator.check_tile_count(h, w, what=files[i])
     except ValueError as e:
         return _error(str(e))
 

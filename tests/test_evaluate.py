@@ -333,3 +333,89 @@ def test_evaluation_holds_one_chunk_not_the_test_set(tmp_path, synth, monkeypatc
     chunked = evp.evaluate_paired(tr, str(tmp_path / "pairs"), batch_size=2)["AtoB"]
     assert first_translation_after[0] == 2 and len(reads) == 4
     assert chunked == pytest.approx(whole) and chunked["n"] == 4
+
+
+# --------------------------------------------------------------------------------------------
+# --tile: large test images in tiles, as fastcgan-translate --tile
+# --------------------------------------------------------------------------------------------
+def _input_sides(monkeypatch):
+    """The largest H and W the generators were run on (a spy on the runtime's padded call)."""
+    from fastcgan.deploy.runtime import Translator
+
+    seen = [0, 0]
+    orig = Translator._run_padded
+
+    def spy(self, x):
+        seen[0], seen[1] = max(seen[0], x.shape[-2]), max(seen[1], x.shape[-1])
+        return orig(self, x)
+
+    monkeypatch.setattr(Translator, "_run_padded", spy)
+    return seen
+
+
+def test_tile_runs_large_images_in_tiles_and_scores_those_translations(tmp_path, synth, monkeypatch, capsys):
+    """Evaluation ran every image through the generator whole (a 4096² photo: ~3 GB of activations
+    at ngf 4): --tile bounds what the generator sees, and the scores are exactly those of the
+    translations fastcgan.deploy.load(..., tile=...) gives."""
+    from fastcgan.deploy import load
+
+    run = _run_dir(tmp_path)
+    seen = _input_sides(monkeypatch)
+    whole = ev.evaluate(str(run), synth, device="cpu")
+    assert seen == [32, 32]
+    seen[:] = [0, 0]
+    tiled = ev.evaluate(str(run), synth, device="cpu", tile=16)
+    assert seen == [16, 16]
+    tr = load(str(run), device="cpu", tile=16)
+    folder, paths = ev.domain_paths(synth, "test", "A")
+    fakes = ev.translate_images(tr, [ev.load_image(p, 3) for p in paths])
+    truth = [ev._truth_image(p.replace("testA", "testA_truth_B"), 3, None, f) for p, f in zip(paths, fakes)]
+    assert tiled["AtoB"]["truth_l1"] == pytest.approx(ev._l1_psnr(fakes, truth)[0], abs=1e-7)
+    # Per-tile InstanceNorm statistics: the tiled translation is another image.
+    assert abs(tiled["AtoB"]["truth_l1"] - whole["AtoB"]["truth_l1"]) > 1e-4
+    out = tmp_path / "tiled.json"
+    argv = ["--checkpoint", str(run), "--dataroot", synth, "--device", "cpu", "--no-fid"]
+    assert ev.main(argv + ["--tile", "16", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["AtoB"]["truth_l1"] == pytest.approx(tiled["AtoB"]["truth_l1"], abs=1e-7)
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--tile", "0"], "--tile must be a positive number of pixels"),
+    (["--tile", "16", "--tile-overlap", "8"], "--tile-overlap 8 must be less than half of --tile 16"),
+    (["--tile-overlap", "-1"], "--tile-overlap must be >= 0"),
+    (["--tile", "4"], "minimum size 8"),
+])
+def test_bad_tile_flags_are_exit_2_before_anything_is_written(tmp_path, synth, flags, said, capsys):
+    run = _run_dir(tmp_path)
+    out = tmp_path / "r.json"
+    argv = ["--checkpoint", str(run), "--dataroot", synth, "--device", "cpu", "--no-fid", "--json", str(out)]
+    assert _rc(argv + flags) == 2
+    assert said in capsys.readouterr().err and not out.exists()
+
+
+def test_tile_count_is_judged_on_the_headers_before_translating(tmp_path, monkeypatch, capsys):
+    """An image that --tile 8 --tile-overlap 3 would cut into 19,600 tiles (over the 16,384 limit)
+    is exit 2 naming it before any image is translated -- unpaired and paired (where the generator
+    sees half of each file) alike."""
+    from PIL import Image
+
+    run = _run_dir(tmp_path)
+    data, pairs = tmp_path / "data", tmp_path / "pairs" / "test"
+    for d in ("testA", "testB"):
+        (data / d).mkdir(parents=True)
+        Image.new("RGB", (40, 40)).save(data / d / "a.png")
+    Image.new("RGB", (700, 700)).save(data / "testB" / "wide.png")
+    pairs.mkdir(parents=True)
+    Image.new("RGB", (80, 40)).save(pairs / "a.png")
+    Image.new("RGB", (1400, 700)).save(pairs / "wide.png")  # two 700x700 halves
+    Image.new("RGB", (700, 700)).save(pairs / "narrow.png")  # 350x700 halves: 9,800 tiles, allowed
+    seen = _input_sides(monkeypatch)
+    for root, generator in ((data, run), (tmp_path / "pairs", run / "generator_AtoB.safetensors")):
+        argv = ["--checkpoint", str(generator), "--dataroot", str(root), "--device", "cpu", "--no-fid"]
+        assert _rc(argv + ["--tile", "8", "--tile-overlap", "3"]) == 2
+        err = capsys.readouterr().err
+        assert "wide.png" in err and "19,600 tiles" in err and "--tile 8" in err, err
+        assert seen == [0, 0]  # nothing translated
+        assert _rc(argv + ["--tile", "8", "--tile-overlap", "3", "--load-size", "64"]) == 0
+        assert seen == [8, 8]
+        seen[:] = [0, 0]

@@ -27,6 +27,7 @@ import contextlib
 import glob
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ from fastcgan.deploy._common import (
     resolve_device,
 )
 from fastcgan.deploy.manifest import manifest_path
+from fastcgan.deploy.onnx_export import DEFAULT_OPSET
 from fastcgan.devices import DeviceUnavailableError
 from fastcgan.fileio import file_identity, output_folder_problem, remove_stale_temporaries
 from fastcgan.models.io import MAX_WIDTH
@@ -60,12 +62,12 @@ STAGING_PATTERN = r"\.fastcgan-export-(\d+)-.+"  # _staged's folders: the export
 
 def _hw(text: str) -> tuple[int, int]:
     # Readers refuse a static size over MAX_STATIC_SIDE; tracing one that large would take 240 GB.
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
+    # Digits only: int() alone takes " 64", "+64" and "6_4".
+    m = re.fullmatch(r"([0-9]{1,6})[xX]([0-9]{1,6})", text)
+    if m:
+        h, w = int(m[1]), int(m[2])
         if 0 < h <= MAX_STATIC_SIDE and 0 < w <= MAX_STATIC_SIDE:
             return h, w
-    except ValueError:
-        pass
     raise argparse.ArgumentTypeError(f"expected HxW with sides in [1, {MAX_STATIC_SIDE}], e.g. 256x256, got {text!r}")
 
 
@@ -75,10 +77,10 @@ def _bhw_list(text: str) -> list[tuple[int, int, int]]:
         raise argparse.ArgumentTypeError(f"at most {MAX_VERIFY_SIZES} sizes, got {len(parts)}")
     out = []
     for part in parts:
-        try:
-            b, h, w = (int(v) for v in part.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected BxHxW[,BxHxW...], got {part!r}") from None
+        m = re.fullmatch(r"([0-9]{1,6})[xX]([0-9]{1,6})[xX]([0-9]{1,6})", part)
+        if not m:
+            raise argparse.ArgumentTypeError(f"expected BxHxW[,BxHxW...], got {part!r}")
+        b, h, w = int(m[1]), int(m[2]), int(m[3])
         if not (1 <= b <= MAX_VERIFY_BATCH and h >= 1 and w >= 1 and b * h * w <= MAX_VERIFY_PIXELS):
             raise argparse.ArgumentTypeError(
                 f"{part!r}: batch must be 1 to {MAX_VERIFY_BATCH}, H and W positive, and batch x H x W at most "
@@ -146,9 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace existing output files (never an input: the run's generator/checkpoint "
                         "files or --from-official)")
     x = p.add_argument_group("options")
-    x.add_argument("--opset", type=int, default=18,
-                   help="ONNX opset (dynamo exporter 18+, TorchScript exporter 7-20; auto picks)")
-    x.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
+    x.add_argument("--opset", type=int, default=None,
+                   help=f"ONNX opset (default {DEFAULT_OPSET}; dynamo exporter 18+, TorchScript exporter 7-20; "
+                   "auto picks)")
+    x.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default=None,
+                   help="ONNX exporter (default auto: dynamo, else TorchScript)")
     prec = x.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="half precision (ONNX weights/I-O, TensorRT, AOTI)")
     prec.add_argument("--bf16", action="store_true", help="bfloat16 (TensorRT and AOTI; ONNX stays fp32)")
@@ -369,9 +373,17 @@ def main(argv: list[str] | None = None) -> int:
         ("--max-shape", args.max_shape, "--trt", args.trt), ("--workspace-gb", args.workspace_gb, "--trt", args.trt),
         ("--timing-cache", args.timing_cache, "--trt", args.trt),
         ("--max-autotune", args.max_autotune or None, "--aoti", args.aoti),
+        ("--opset", args.opset, "--onnx / --trt", args.onnx or args.trt),
+        ("--exporter", args.exporter, "--onnx / --trt", args.onnx or args.trt),
+        ("--static", args.static, "--onnx / --trt / --aoti", args.onnx or args.trt or args.aoti),
     ):
         if given is not None and not out:
             parser.error(f"{flag} applies to {needs} only, which is not given")
+    if args.no_verify and (args.tol is not None or args.verify_sizes):
+        parser.error(f"{'--tol' if args.tol is not None else '--verify-sizes'} sets the checks that "
+                     "--no-verify skips: give one or the other")
+    args.opset = DEFAULT_OPSET if args.opset is None else args.opset
+    args.exporter = args.exporter or "auto"
     if args.direction and args.from_official:
         parser.error("--direction picks a generator of RUN; an official checkpoint is one generator")
     if args.direction and args.run and os.path.isfile(args.run) and args.run.lower().endswith(".safetensors"):
@@ -484,7 +496,7 @@ def _export_file(args, label: str, path: str, model, spec, write, read_back) -> 
             shapes = args.verify_sizes or onnx_export.default_verify_shapes(spec.replace(static_hw=None))
             with torch.no_grad():
                 errs = onnx_export.verify_against_torch(back, model, spec, shapes)
-            if not _report(label, errs, TOLERANCE["fp32"]):
+            if not _report(label, errs, TOLERANCE["fp32"] if args.tol is None else args.tol):
                 print(f"{label}: {path} not written (verification failed)", file=sys.stderr)
                 return EXIT_FAIL
         _install(tmp, path, side=())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import torch
@@ -48,10 +49,8 @@ def import_tensorrt():
 
 def parse_shape(text: str, flag: str) -> tuple[int, int, int, int]:
     """``'1x3x256x256'`` -> (1, 3, 256, 256); a clear error naming the flag otherwise."""
-    try:
-        dims = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        dims = ()
+    m = re.fullmatch(r"([0-9]{1,6})[xX]([0-9]{1,6})[xX]([0-9]{1,6})[xX]([0-9]{1,6})", text)  # not int()'s " +6_4"
+    dims = tuple(int(v) for v in m.groups()) if m else ()
     if len(dims) != 4 or min(dims) < 1:
         raise ValueError(f"{flag} {text!r}: expected BxCxHxW with positive integers, e.g. 1x3x256x256")
     if dims[0] > MAX_PROFILE_BATCH or max(dims[2:]) > MAX_STATIC_SIDE:

@@ -850,6 +850,37 @@ def test_export_flags_that_would_do_nothing_are_refused(gen_file, tmp_path, caps
     assert not any(tmp_path.glob(".fastcgan-export-*"))
 
 
+def test_flags_need_the_artifact_or_check_they_set(gen_file, tmp_path, capsys):
+    """--static / --opset / --exporter with only --safetensors / --official outputs were accepted
+    and did nothing; --tol / --verify-sizes with --no-verify set checks that never ran; --static
+    ' 64x64' or '6_4x64' (and such BxHxW / BxCxHxW sizes) were read as 64x64: int() takes spaces,
+    '+' and '_'. And the .safetensors / .pth verification ignored --tol."""
+    out = tmp_path / "out"
+    out.mkdir()
+    st, onnx, engine = out / "g.safetensors", out / "g.onnx", out / "g.engine"
+    cases = [
+        (["--safetensors", st, "--static", "64x64"], "--static applies to --onnx / --trt / --aoti only"),
+        (["--official", out / "g.pth", "--opset", "17"], "--opset applies to --onnx / --trt only"),
+        (["--aoti", out / "g.pt2", "--exporter", "torchscript"], "--exporter applies to --onnx / --trt only"),
+        (["--onnx", onnx, "--no-verify", "--tol", "1e-3"], "--tol sets the checks that --no-verify skips"),
+        (["--onnx", onnx, "--no-verify", "--verify-sizes", "1x32x32"], "--verify-sizes sets the checks"),
+        (["--onnx", onnx, "--static", "6_4x64"], "expected HxW"),
+        (["--onnx", onnx, "--static", " 64x64"], "expected HxW"),
+        (["--onnx", onnx, "--verify-sizes", "+1x64x64"], "expected BxHxW"),
+        (["--trt", engine, "--min-shape", "1x3x6_4x64"], "expected BxCxHxW"),
+    ]
+    for extra, said in cases:
+        try:
+            rc = _export(gen_file, *extra)
+        except SystemExit as e:
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2 and said in err, (extra, err)
+        assert not any(out.iterdir()), extra
+    assert _export(gen_file, "--safetensors", st, "--tol", "3e-3") == 0
+    assert "(tol 0.003) ok" in capsys.readouterr().out and st.exists()
+
+
 def test_a_killed_exports_staging_folder_is_removed_by_the_next(gen_file, tmp_path):
     """kill -9 during an export left its hidden staging folder beside the destination forever."""
     stale = tmp_path / ".fastcgan-export-999999999-abc"  # a pid no process has

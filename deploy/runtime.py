@@ -209,6 +209,9 @@ class Translator:
         if tile is not None and tile < spec.min_size:
             raise ValueError(f"tile {tile} (--tile) is smaller than the generator's minimum size {spec.min_size}")
         tile_hw = tuple(spec.static_hw) if spec.static_hw is not None else tile
+        if tile_overlap is not None and tile_hw is None:
+            raise ValueError(f"tile_overlap {tile_overlap} (--tile-overlap) without tile (--tile): this model runs "
+                             "every image whole, so there are no tiles to overlap")
         if tile_overlap is None:  # 32 px, or less than half of a smaller tile
             tile_overlap = default_overlap(tile_hw) if tile_hw is not None else DEFAULT_TILE_OVERLAP
         if tile_hw is not None:

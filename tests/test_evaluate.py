@@ -384,6 +384,7 @@ def test_tile_runs_large_images_in_tiles_and_scores_those_translations(tmp_path,
     (["--tile", "16", "--tile-overlap", "8"], "--tile-overlap 8 must be less than half of --tile 16"),
     (["--tile-overlap", "-1"], "--tile-overlap must be >= 0"),
     (["--tile", "4"], "minimum size 8"),
+    (["--tile-overlap", "8"], "(--tile-overlap) without tile (--tile)"),  # a dynamic model: nothing to overlap
 ])
 def test_bad_tile_flags_are_exit_2_before_anything_is_written(tmp_path, synth, flags, said, capsys):
     run = _run_dir(tmp_path)

@@ -461,6 +461,16 @@ def test_tile_overlap_over_half_the_tile_is_refused(gen_file, tmp_path, capsys):
         tiling.tiled_apply(lambda x: x, torch.zeros(1, 3, 600, 600), 512, 600)
 
 
+def test_tile_overlap_without_tiles_is_refused(gen_file, tmp_path, capsys):
+    """--tile-overlap on a dynamic model without --tile did nothing (every image ran whole)."""
+    src = _pngs(tmp_path / "in", n=1)
+    out = tmp_path / "out"
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--tile-overlap", "8",
+                    "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--tile-overlap) without tile (--tile)" in err and not out.exists(), err
+
+
 def test_tile_errors_are_not_blamed_on_the_checkpoint(gen_file, tmp_path, capsys):
     src = _pngs(tmp_path / "photos", n=1)
     rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(tmp_path / "o"),

@@ -648,16 +648,15 @@ def _one_pixel_dx(fn, activation, channels_last):
 def test_one_pixel_planes_have_no_input_gradient_cpu(backend, channels_last):
     """dx was rstd * (w * gz - c1 - ...), which compilers contract to fma(w, gz, -c1): a 1x1 plane
     got rstd x one rounding of w * gz (C++ 1e-3 at eps 1e-8) instead of 0. Now rstd * (w * (gz -
-    mean(gz)) - ...). Left: C++ leaky_relu recomputes gz = slope * g in each pass, and the second
-    one's product is contracted into the subtraction (~1e-4 here)."""
+    mean(gz)) - ...). C++ leaky_relu recomputed gz = slope * g in its second pass, whose product was
+    contracted into the subtraction (~1e-4 here): its 1x1 planes now write dx = 0."""
     _need(backend, "cpu")
 
     def fn(*a, **kw):
         return instance_norm_act(*a, backend=backend, **kw)
 
     for act in ACTS:
-        bound = 1e-3 if (backend, act) == ("cpp", "leaky_relu") else 0.0
-        assert _one_pixel_dx(fn, act, channels_last) <= bound, act
+        assert _one_pixel_dx(fn, act, channels_last) == 0.0, act
 
 
 @pytest.mark.cuda

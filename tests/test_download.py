@@ -172,6 +172,21 @@ def test_cli_says_unverified_once(server, tmp_path):
     _check_extracted(str(tmp_path / NAME))
 
 
+def test_module_run_gives_user_errors_one_line(tmp_path):
+    """``python -m fastcgan.data.download`` made the file __main__, a second copy of the module whose
+    DownloadError was not the class fastcgan.models.pretrained raises: a traceback and exit 1
+    where the console script said one line and exit 2."""
+    import torch
+
+    bad = tmp_path / "x.pth"
+    torch.save({"a": torch.zeros(3)}, bad)
+    cmd = [sys.executable, "-m", "fastcgan.data.download", "horse2zebra", "--pretrained", "--root",
+           str(tmp_path / "pt"), "--url", bad.as_uri(), "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "not an official" in p.stderr and p.stderr.count("unverified") <= 1, p.stderr
+
+
 def test_resume_after_dropped_connection(server, tmp_path):
     server.drop_first = 1
     _check_extracted(_get(tmp_path, url=server.base, sha256=SHA))
@@ -239,6 +254,32 @@ def test_path_traversal_is_refused(server, tmp_path):
         _get(root, url=server.base, sha256=hashlib.sha256(evil).hexdigest())
     assert not os.path.exists(tmp_path / "escaped.txt")
     assert not root.exists()
+
+
+def test_an_archive_without_a_dataset_never_replaces_one(server, tmp_path):
+    """An empty zip (or the wrong file behind a mirror URL) was installed as the dataset, exit 0,
+    and with --force it replaced a complete one."""
+    _check_extracted(_get(tmp_path, url=server.base, sha256=SHA))
+    for members in ({}, {f"{NAME}/readme.txt": b"moved"}, {f"{NAME}/trainA/a.jpg": b"x"}):
+        server.files[f"/data/{NAME}.zip"] = _zip_bytes(members)
+        with pytest.raises(DownloadError, match="holds no cyclegan dataset: no .*trainB/ folder"):
+            _get(tmp_path, url=server.base, force=True)
+        _check_extracted(str(tmp_path / NAME))
+        assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("members, entry", [
+    ({f"{NAME}/trainA": b"a file", f"{NAME}/trainA/0.png": b"x"}, f"{NAME}/trainA/0.png"),
+    ({f"{NAME}/trainA/" + "n" * 300 + ".png": b"x"}, "n" * 300),
+])
+def test_entries_that_cannot_be_files_are_named(server, tmp_path, members, entry):
+    """A file and a folder of one name, or a name over the file system's limit, said
+    '[Errno 20] Not a directory: <a deleted temporary path>'."""
+    server.files[f"/data/{NAME}.zip"] = _zip_bytes(members)
+    with pytest.raises(DownloadError, match="cannot unpack entry") as e:
+        _get(tmp_path, url=server.base)
+    assert entry in str(e.value) and f"{NAME}.zip" in str(e.value) and ".extract-" not in str(e.value)
+    assert not (tmp_path / NAME).exists() and _leftovers(tmp_path) == []
 
 
 def test_zip_bomb_is_refused_before_anything_is_written(server, tmp_path):

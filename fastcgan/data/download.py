@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gzip
 import hashlib
 import http.client
@@ -441,13 +442,16 @@ def _extract_tar(tar_path: str, tmp: str) -> None:
                 if m.name.startswith("__MACOSX/") or os.path.basename(m.name).startswith("._"):
                     continue  # macOS metadata that would become fake (corrupt) images
                 dest = os.path.join(tmp, *m.name.replace("\\", "/").split("/"))
-                if m.isdir():
-                    os.makedirs(dest, exist_ok=True)
-                    continue
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                src = tf.extractfile(m)
-                with src, open(dest, "wb") as fh:
-                    shutil.copyfileobj(src, fh, _CHUNK)
+                try:
+                    if m.isdir():
+                        os.makedirs(dest, exist_ok=True)
+                        continue
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    src = tf.extractfile(m)
+                    with src, open(dest, "wb") as fh:
+                        shutil.copyfileobj(src, fh, _CHUNK)
+                except OSError as e:
+                    raise _extraction_error(tar_path, m.name, e) from None
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise DownloadError(f"{tar_path} is not a valid tar.gz archive: {e}") from None
     except OSError as e:
@@ -456,7 +460,29 @@ def _extract_tar(tar_path: str, tmp: str) -> None:
         raise
 
 
-def _extract(zip_path: str, root: str, name: str) -> str:
+# Folders an unpacked dataset must have (the official archives all do): an archive without them
+# (an empty zip, the wrong file behind a mirror URL) would otherwise replace a good dataset (--force).
+REQUIRED_FOLDERS = {"cyclegan": ("trainA", "trainB"), "pix2pix": ("train",)}
+
+
+def _check_unpacked_layout(folder: str, archive: str, collection: str) -> None:
+    missing = [d for d in REQUIRED_FOLDERS[collection] if not os.path.isdir(os.path.join(folder, d))]
+    if missing:
+        have = sorted(os.listdir(folder))
+        raise DownloadError(
+            f"{archive} holds no {collection} dataset: no {' or '.join(d + '/' for d in missing)} folder (it has "
+            f"{', '.join(have[:5]) + (', ...' if len(have) > 5 else '') if have else 'nothing'}); nothing was installed")
+
+
+def _extraction_error(archive: str, member: str, e: OSError) -> Exception:
+    """An archive whose entries cannot be files here (a file and a folder of one name, an empty or
+    over-long name) is the archive's fault: said with its entry, not the temporary path."""
+    if e.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.EINVAL, errno.ENOENT):
+        return DownloadError(f"{archive}: cannot unpack entry {member!r}: {e.strerror}")
+    return e
+
+
+def _extract(zip_path: str, root: str, name: str, collection: str = "cyclegan") -> str:
     target = os.path.join(root, name)
     tmp = tempfile.mkdtemp(prefix=f".{name}.extract-", dir=root)
     try:
@@ -469,7 +495,10 @@ def _extract(zip_path: str, root: str, name: str) -> str:
                         # Ignore macOS metadata that would become fake (corrupt) images.
                         if info.filename.startswith("__MACOSX/"):
                             continue
-                        zf.extract(info, tmp)
+                        try:
+                            zf.extract(info, tmp)
+                        except OSError as e:
+                            raise _extraction_error(zip_path, info.filename, e) from None
             except zipfile.BadZipFile as e:
                 raise DownloadError(f"{zip_path} is not a valid zip file: {e}") from None
         entries = [e for e in os.listdir(tmp) if e != "__MACOSX"]
@@ -479,6 +508,7 @@ def _extract(zip_path: str, root: str, name: str) -> str:
             if len(entries) == 1 and os.path.isdir(os.path.join(tmp, entries[0]))
             else tmp
         )
+        _check_unpacked_layout(src, zip_path, collection)
         replace_dir(src, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -548,7 +578,8 @@ def download_dataset(
     check_sha256_arg(sha256)
     return download_folder(
         root, name, lambda target: _existing_dataset(target, collection, force),
-        lambda root: _download_and_extract(zip_url, root, name, sha256, progress, retries, timeout, backoff),
+        lambda root: _download_and_extract(zip_url, root, name, sha256, progress, retries, timeout, backoff,
+                                           collection),
     )
 
 
@@ -655,12 +686,12 @@ def fetch_verified(
             raise ChecksumError(f"{url}: SHA-256 mismatch (expected {expected}, got {actual}); download deleted")
 
 
-def _download_and_extract(zip_url, root, name, sha256, progress, retries, timeout, backoff) -> None:
+def _download_and_extract(zip_url, root, name, sha256, progress, retries, timeout, backoff, collection) -> None:
     ext = _archive_ext(zip_url)
     part = os.path.join(root, f"{name}{'.zip' if ext == '.zip' else '.tar.gz'}.part")
     fetch_verified(zip_url, part, sha256, progress, retries, timeout, backoff)
     try:
-        _extract(part, root, name)
+        _extract(part, root, name, collection)
     except DownloadError:
         discard_download(part)  # a corrupt or hostile archive is not worth resuming
         raise
@@ -746,4 +777,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the package's module: ``python -m`` makes this file ``__main__``, a second copy whose
+    # DownloadError is not the class fastcgan.models.pretrained raises (a traceback, not exit 2).
+    from fastcgan.data.download import main as _package_main
+
+    sys.exit(_package_main())

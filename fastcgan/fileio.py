@@ -226,6 +226,12 @@ def _folder_problem(folder: str, what: str, names: list[str]) -> str | None:
     return None
 
 
+def path_inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it, symlinks resolved."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def file_identity(path: str) -> tuple[int, int] | None:
     """``(st_dev, st_ino)`` of the file ``path`` names (links followed), or None when there is
     none: two paths with one identity are one file (hard links, symlinks, other spellings)."""

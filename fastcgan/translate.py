@@ -38,7 +38,7 @@ from fastcgan._cli import interruptible
 from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS, WINDOW_PIXELS
 from fastcgan.deploy._common import DIRECTIONS, ArtifactError
 from fastcgan.deploy.runtime import ENGINES
-from fastcgan.fileio import file_identity, output_folder_problem
+from fastcgan.fileio import file_identity, output_folder_problem, path_inside
 
 HTML_NAME = "index.html"
 MAX_BATCH_SIZE = 1024  # images per run; a bound so that a typo cannot ask for unbounded memory
@@ -160,10 +160,6 @@ def _results_page(title: str, rows: list[tuple[str, str]], skipped: list[str], f
 def _error(msg: str) -> int:
     print(f"fastcgan-translate: error: {msg}", file=sys.stderr)
     return 2
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
@@ -288,7 +284,7 @@ def _main(args) -> int:
         # outputs, not inputs; any other image there is an input like the rest.
         out_real = os.path.realpath(args.output)
         if out_real != os.path.realpath(args.input):
-            files = [f for f in files if not (_inside(os.path.realpath(f), out_real) and _is_output_of_ours(f))]
+            files = [f for f in files if not (path_inside(f, out_real) and _is_output_of_ours(f))]
         if not files:
             return _error(f"--input {args.input}: no image files found")
         files = files[: args.max_images]

@@ -284,6 +284,39 @@ def test_combine_replaces_existing_files_only_with_overwrite(monet2photo_mini, t
     assert mine.read_bytes() != b"the user's file" and len(os.listdir(out)) == 2
 
 
+def test_combine_finds_unwritable_outputs_before_writing(monet2photo_mini, tmp_path, capsys):
+    """A folder at an output name (and a read-only OUT) failed at that write, exit 1, after the
+    pairs before it were written; the advice was --overwrite, which cannot replace a folder. And
+    the pixel limit's message named --max-image-pixels, which combine did not have."""
+    imgs = _real_images(monet2photo_mini, 3)
+    a, b, out = tmp_path / "A", tmp_path / "B", tmp_path / "out"
+    _write(a, imgs)
+    _write(b, imgs)
+    (out / sorted(imgs)[-1]).mkdir(parents=True)
+    for extra in ([], ["--overwrite"]):
+        assert combine_main([str(a), str(b), str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "exists and is not a regular file" in err and "nothing was written" in err, err
+        assert os.listdir(out) == [sorted(imgs)[-1]]
+    # A folder nothing can be written in (read-only to root too): found by writing a probe first.
+    assert combine_main([str(a), str(b), "/proc/fastcgan-out"]) == 2
+    assert "cannot write in /proc" in capsys.readouterr().err
+
+
+def test_combine_max_image_pixels(monet2photo_mini, tmp_path, capsys):
+    imgs = _real_images(monet2photo_mini, 1)
+    a, b, out = tmp_path / "A", tmp_path / "B", tmp_path / "out"
+    _write(a, imgs)
+    _write(b, imgs)
+    assert combine_main([str(a), str(b), str(out), "--max-image-pixels", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-image-pixels" in err and not out.exists(), err
+    with pytest.raises(SystemExit) as e:
+        combine_main([str(a), str(b), str(out), "--max-image-pixels", "-1"])
+    assert e.value.code == 2 and "--max-image-pixels must be >= 0" in capsys.readouterr().err
+    assert combine_main([str(a), str(b), str(out), "--max-image-pixels", "0"]) == 0
+
+
 def test_combine_use_AB(monet2photo_mini, tmp_path):
     imgs = _real_images(monet2photo_mini, 2)
     d = tmp_path / "both"

@@ -29,8 +29,9 @@ import numpy as np
 from PIL import Image
 
 from fastcgan._cli import interruptible
-from fastcgan.data.images import BadImageError, is_image_file, open_image
-from fastcgan.fileio import WriteError, atomic_writer
+from fastcgan.data.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImageError, get_max_image_pixels, is_image_file,
+                                  open_image, set_max_image_pixels)
+from fastcgan.fileio import WriteError, atomic_writer, output_folder_problem, path_inside
 
 __all__ = ["CombineError", "CombineReport", "combine_folders", "main"]
 
@@ -105,11 +106,6 @@ def _match(a_folder: str, b_folder: str, use_AB: bool) -> tuple[list[tuple[str, 
     return pairs, problems
 
 
-def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def _save_pair(path: str, pair: np.ndarray) -> None:
     ext = os.path.splitext(path)[1].lower()
     fmt = Image.registered_extensions().get(ext)
@@ -144,7 +140,7 @@ def combine_folders(
         if not os.path.isdir(d):
             raise FileNotFoundError(f"{name} {d!r} is not a directory")
     for name, d in (("A_DIR", a_dir), ("B_DIR", b_dir)):
-        if _inside(out_dir, d):
+        if path_inside(out_dir, d):
             raise CombineError(
                 [f"OUT {out_dir!r} is inside {name} {d!r}"], "refusing to write into an input folder"
             )
@@ -193,6 +189,17 @@ def combine_folders(
             continue
         seen_out[po] = pa
         good.append((s, pa, pb, po))
+    # A folder, FIFO or device at an output name cannot be replaced, --overwrite or not: found now,
+    # not at the write after the pairs before it were written.
+    blocked = [po for *_, po in good if os.path.lexists(po) and not os.path.isfile(po)]
+    if blocked:
+        raise CombineError([f"{po}: exists and is not a regular file" for po in blocked[:5]],
+                           f"cannot write {len(blocked)} of the outputs in OUT {out_dir!r}; nothing was written")
+    for folder in sorted({os.path.dirname(po) for *_, po in good}):  # each split folder, made or not
+        why = output_folder_problem(folder, f"OUT {out_dir}",
+                                    [os.path.basename(po) for *_, po in good if os.path.dirname(po) == folder])
+        if why:
+            raise CombineError([why], "nothing was written")
     existing = [po for *_, po in good if os.path.lexists(po)]
     if existing and not overwrite:
         raise CombineError(existing[:5] + ([f"... {len(existing) - 5} more"] if len(existing) > 5 else []),
@@ -232,9 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", action="store_true", help="write every pair as .png (lossless)")
     ap.add_argument("--max-images", type=int, default=None, help="at most this many pairs per split")
     ap.add_argument("--overwrite", action="store_true", help="replace pair files that already exist in OUT")
+    ap.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                    help=f"refuse images with more than N pixels, checked on the file header before decoding "
+                    f"(default {DEFAULT_MAX_IMAGE_PIXELS:,}, Pillow's threshold; 0 = no limit)")
     a = ap.parse_args(argv)
     if a.max_images is not None and a.max_images < 1:
         ap.error(f"--max-images must be >= 1, got {a.max_images}")
+    if a.max_image_pixels < 0:
+        ap.error(f"--max-image-pixels must be >= 0 (0 = no limit), got {a.max_image_pixels}")
+    saved_limit = get_max_image_pixels()
+    set_max_image_pixels(a.max_image_pixels)
     try:
         report = combine_folders(a.a_dir, a.b_dir, a.out, use_AB=a.use_AB, skip_bad=a.skip_bad, png=a.png,
                                  max_images=a.max_images, overwrite=a.overwrite)
@@ -244,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a failed write (WriteError names the file); earlier outputs are complete files
         print(f"combine: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        set_max_image_pixels(saved_limit)
     for p in report.problems:
         print(f"combine: skipped {p}", file=sys.stderr)
     for s, n in report.splits.items():

@@ -324,7 +324,7 @@ def _folder_set(root, sizes_a, sizes_b, bad=False):
         ("mixed-in-A", ["--preprocess", "none"], "0.png"),
         ("A-vs-B", ["--preprocess", "none"], "comes out"),
         ("unet-multiple", ["--preprocess", "none", "--netG", "unet_256"], "--preprocess"),
-        ("all-unreadable", [], "no readable images"),
+        ("all-unreadable", [], "no usable images"),
     ],
 )
 def test_unusable_data_exits_2_before_anything_is_written(tmp_path, case, extra, said, capsys):
@@ -373,3 +373,128 @@ def test_oversized_training_image_is_skipped_by_its_header(tmp_path, synth, caps
         set_max_image_pixels(before)
     assert s["skipped_images"] == 1 and s["skipped"][0].endswith("a_big.png")
     assert "a_big.png" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Where a run writes (an audit of 2026-11-29)
+# --------------------------------------------------------------------------------------------
+def _tiny_cli(*extra):
+    return cli_main(["--ngf", "4", "--ndf", "4", "--load-size", "32", "--crop-size", "32", "--max-steps", "1",
+                     "--no-progress", "--no-tensorboard", "--num-workers", "0", "--device", "cpu", *map(str, extra)])
+
+
+def test_synthetic_data_never_replaces_a_users_images(tmp_path, capsys):
+    """--dataset synthetic --dataroot DIR, with DIR the user's own dataset, deleted its trainA/ ...
+    and put the synthetic images in their place (exit 0): folders without the generator's manifest
+    are somebody's."""
+    mine = tmp_path / "mydata"
+    for d in ("trainA", "trainB", "testA", "testB"):
+        (mine / d).mkdir(parents=True)
+        (mine / d / "0.png").write_bytes(b"my image")
+    assert _tiny_cli("--dataset", "synthetic", "--dataroot", mine, "--output-dir", tmp_path / "runs") == 2
+    err = capsys.readouterr().err
+    assert "did not generate" in err and str(mine) in err, err
+    assert sorted(os.listdir(mine)) == ["testA", "testB", "trainA", "trainB"]
+    assert all((mine / d / "0.png").read_bytes() == b"my image" for d in os.listdir(mine))
+    assert not (tmp_path / "runs").exists()
+    # The generator's own folders are still replaced when its parameters change, and after a
+    # generation that was killed while replacing them (the mark is there, the manifest not).
+    ours = str(tmp_path / "ours")
+    ensure_synthetic_dataset(ours, size=16, n_train=2, n_test=1)
+    ensure_synthetic_dataset(ours, size=16, n_train=3, n_test=1)
+    assert len(os.listdir(os.path.join(ours, "trainA"))) == 3
+    os.remove(os.path.join(ours, "fastcgan_synthetic.json"))
+    open(os.path.join(ours, ".fastcgan_synthetic.writing"), "w").close()
+    ensure_synthetic_dataset(ours, size=16, n_train=2, n_test=1)
+    assert len(os.listdir(os.path.join(ours, "trainA"))) == 2
+    assert not os.path.exists(os.path.join(ours, ".fastcgan_synthetic.writing"))
+
+
+def test_a_new_run_never_writes_into_a_folder_of_other_files(tmp_path, synth, capsys):
+    """A new run into an existing folder that was not a run (e.g. fastcgan-download --pretrained's)
+    replaced its generator_AtoB.safetensors and config.json, exit 0; only checkpoints were looked for."""
+    pre = tmp_path / "ck" / "h2z_pretrained"
+    pre.mkdir(parents=True)
+    (pre / "generator_AtoB.safetensors").write_bytes(b"OFFICIAL")
+    assert _tiny_cli("--dataroot", synth, "--output-dir", tmp_path / "ck", "--name", "h2z_pretrained") == 2
+    err = capsys.readouterr().err
+    assert "not a fastcgan run's (generator_AtoB.safetensors)" in err and "--name" in err, err
+    assert os.listdir(pre) == ["generator_AtoB.safetensors"] and (pre / "generator_AtoB.safetensors").read_bytes() == b"OFFICIAL"
+    # An empty folder, or a run that stopped before its first checkpoint (its .lock), is taken.
+    (tmp_path / "ck" / "empty").mkdir()
+    assert _tiny_cli("--dataroot", synth, "--output-dir", tmp_path / "ck", "--name", "empty") == 0
+    os.remove(tmp_path / "ck" / "empty" / "checkpoints" / "step_000000001.ckpt")
+    assert _tiny_cli("--dataroot", synth, "--output-dir", tmp_path / "ck", "--name", "empty") == 0
+
+
+def test_a_run_never_writes_inside_its_training_data(tmp_path, synth, capsys):
+    """--output-dir DATA --name trainA put checkpoints and sample grids into trainA/: the next run
+    trained on its own sample grid."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    before = sorted(os.listdir(data / "trainA"))
+    assert _tiny_cli("--dataroot", data, "--output-dir", data, "--name", "trainA") == 2
+    err = capsys.readouterr().err
+    assert "inside the training data" in err and str(data) in err, err
+    assert sorted(os.listdir(data / "trainA")) == before
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--lambda-L1", "5"], "--lambda-L1 (read by --model pix2pix / colorization only)"),
+    (["--num-patches", "7", "--nce-T", "0.5"], "--num-patches (read by --model cut only); --nce-T"),
+    (["--direction", "BtoA"], "--direction (read by --model pix2pix / colorization only)"),
+    (["--lambda-gp", "5"], "--lambda-gp (the wgangp gradient penalty; --gan-mode is lsgan)"),
+    (["--lr-decay-iters", "7"], "--lr-decay-iters (the step policy's; --lr-policy is linear)"),
+    (["--eval-every", "0", "--eval-max-images", "2"], "--eval-max-images (with --eval-every 0"),
+    (["--model", "pix2pix", "--netG", "resnet_6blocks", "--pool-size", "7", "--lambda-cycle", "3"],
+     "--pool-size (read by --model cyclegan / cut"),
+    (["--model", "cut", "--lambda-identity", "0.9"], "--lambda-identity (read by --model cyclegan only)"),
+])
+def test_flags_nothing_reads_exit_2_before_anything_is_written(tmp_path, synth, extra, said, capsys):
+    """Another recipe's loss weights (and settings another setting switches off) trained bit-for-bit
+    as without them, exit 0 and no word."""
+    out = tmp_path / "out"
+    assert _tiny_cli("--dataroot", synth, "--output-dir", out, *extra) == 2
+    err = capsys.readouterr().err
+    assert said in err and "would train exactly as without" in err, err
+    assert not out.exists()
+
+
+def test_presets_that_would_be_ignored_are_refused(tmp_path, synth, capsys):
+    """--model fastcut --preset cut trained plain CUT; --resume RUN --preset cyclegan128 kept the
+    checkpoint's resnet_9blocks, exit 0."""
+    with pytest.raises(SystemExit) as e:
+        _tiny_cli("--dataroot", synth, "--output-dir", tmp_path, "--model", "fastcut", "--preset", "cut")
+    assert e.value.code == 2 and "--model fastcut is --model cut --preset fastcut" in capsys.readouterr().err
+    assert _tiny_cli("--dataroot", synth, "--output-dir", tmp_path, "--preset", "cyclegan") == 0
+    run = tmp_path / "run"
+    before = sorted(os.listdir(run / "checkpoints"))
+    assert _tiny_cli("--resume", run, "--preset", "cyclegan128", "--max-steps", "2") == 2
+    err = capsys.readouterr().err
+    assert "preset='cyclegan128' (checkpoint: 'cyclegan')" in err, err
+    assert sorted(os.listdir(run / "checkpoints")) == before
+    assert _tiny_cli("--resume", run, "--preset", "cyclegan", "--max-steps", "2") == 0  # the same: fine
+
+
+def test_paths_that_are_not_what_they_should_be_are_named_so(tmp_path, synth, capsys):
+    """A file as --dataroot read "no such directory", a FIFO as --resume "no such file or
+    directory", as --init-generator "generator file not found"; --output-dir '' wrote ./run."""
+    afile, fifo = tmp_path / "afile", tmp_path / "fifo"
+    afile.write_bytes(b"x")
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    cases = [
+        (["--dataroot", afile], f"--dataroot {afile}: not a directory"),
+        (["--dataroot", synth, "--resume", fifo], f"--resume {fifo}: not a regular file or a run directory"),
+        (["--dataroot", synth, "--init-generator", f"AtoB={fifo}"], f"{fifo}: not a regular file"),
+    ]
+    for extra, said in cases:
+        assert _tiny_cli("--output-dir", out, *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert said in err, (extra, err)
+        assert not out.exists()
+    with pytest.raises(SystemExit) as e:
+        _tiny_cli("--dataroot", synth, "--output-dir", "")
+    assert e.value.code == 2 and "output_dir (--output-dir): must name a folder" in capsys.readouterr().err

@@ -401,6 +401,7 @@ def test_cli_parses_into_config():
         "max_steps": 5,
         "flip": False,
         "netD": "pixel",
+        "preset": "cyclegan128",  # explicit: a resume refuses another than its checkpoint's
     }
 
 
@@ -462,7 +463,7 @@ def test_bad_images_skipped_and_counted(tmp_path, synth64, capsys):
     cfg = tiny(str(root), tmp_path, dataset="folder", max_steps=8, serial_batches=True, log_every=2)
     s = train(cfg)
     assert s["skipped_images"] == 1 and s["skipped"][0].endswith("a_00003.png")
-    assert "skipped 1 unreadable image" in capsys.readouterr().err
+    assert "skipped 1 image(s) (unreadable or too small)" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_images"] == 1
 
 

@@ -233,7 +233,7 @@ class AlignedDataset(FolderDataset):
                 skipped.append(p)
                 continue
             return a, b, p, tuple(skipped)
-        raise DatasetError(f"dataset folder {self.dir_AB!r} has no usable pair images (all {n} files failed)")
+        raise DatasetError(f"dataset folder {self.dir_AB!r} has no usable pair images (all {n} files skipped)")
 
     def _cpu_crop(self, a: Image.Image, b: Image.Image, rng: np.random.Generator):
         box = self._crop_box(a, rng)

@@ -75,7 +75,7 @@ class SkippedImageWarning(UserWarning):
 
 
 def _warn_skip(err: BadImageError) -> None:
-    msg = f"skipping unreadable image {err.path!r}: {err.reason}"
+    msg = f"skipping image {err.path!r}: {err.reason}"  # unreadable, or smaller than the crop
     logger.warning(msg)
     warnings.warn(msg, SkippedImageWarning, stacklevel=3)
 
@@ -357,7 +357,8 @@ class UnalignedDataset(FolderDataset):
                 continue
             return img, p, tuple(skipped)
         folder = self.dir_A if domain == "A" else self.dir_B
-        raise DatasetError(f"dataset folder {folder!r} has no readable images (all {n} files failed)")
+        raise DatasetError(f"dataset folder {folder!r} has no usable images (all {n} files skipped: unreadable, "
+                           "or smaller than --crop-size)")
 
     def _cpu_crop(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         box = self._crop_box(img, rng)

@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 MANIFEST = "fastcgan_synthetic.json"
+WRITING = ".fastcgan_synthetic.writing"  # present while folders are replaced (the manifest is not)
 _VERSION = 1
 _FOLDERS = ("trainA", "trainB", "testA", "testB", "testA_truth_B", "testB_truth_A")
 _ALIGNED_FOLDERS = ("train", "test")
@@ -175,11 +176,20 @@ def _write_dataset(out_dir: str, folders: tuple[str, ...], params: dict, fill) -
     ``folders`` and returns the image counts; the folders are moved in and the manifest last."""
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.isdir(out_dir):
-        foreign = sorted(set(os.listdir(out_dir)) - set(folders) - {MANIFEST})
+        present = set(os.listdir(out_dir))
+        foreign = sorted(present - set(folders) - {MANIFEST, WRITING})
         if foreign:
             raise FileExistsError(
                 f"{out_dir!r} already holds other files ({', '.join(foreign[:5])}); refusing to write the "
                 "synthetic dataset there"
+            )
+        # trainA/ ... with neither the manifest nor the being-written mark are somebody's own images
+        # (e.g. --dataset synthetic --dataroot on a real dataset): never replaced.
+        theirs = sorted(present & set(folders)) if not present & {MANIFEST, WRITING} else []
+        if theirs:
+            raise FileExistsError(
+                f"{out_dir!r} holds {', '.join(f + '/' for f in theirs[:4])} that fastcgan did not generate (no "
+                f"{MANIFEST}); refusing to replace them with the synthetic dataset: choose another folder"
             )
     elif os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir!r} exists and is not a directory")
@@ -192,9 +202,11 @@ def _write_dataset(out_dir: str, folders: tuple[str, ...], params: dict, fill) -
     try:
         counts = fill(tmp)
         os.makedirs(out_dir, exist_ok=True)
-        manifest_path = os.path.join(out_dir, MANIFEST)
+        manifest_path, writing = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, WRITING)
+        with open(writing, "w"):  # ours while incomplete: a run killed below may replace these folders
+            pass
         if os.path.exists(manifest_path):
-            os.remove(manifest_path)  # mark incomplete before replacing folders
+            os.remove(manifest_path)  # incomplete from here until the new manifest lands
         for f in folders:
             dst = os.path.join(out_dir, f)
             if os.path.isdir(dst):
@@ -204,6 +216,7 @@ def _write_dataset(out_dir: str, folders: tuple[str, ...], params: dict, fill) -
         with open(os.path.join(tmp, MANIFEST), "w") as fh:
             json.dump(manifest, fh, indent=2)
         os.replace(os.path.join(tmp, MANIFEST), manifest_path)
+        os.remove(writing)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -116,7 +116,8 @@ def read_generator_config(path: Union[str, os.PathLike]) -> dict:
     """The ``build_generator`` arguments stored in a fastcgan generator file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"generator file not found: {path}")
+        raise FileNotFoundError(f"{path}: not a regular file" if os.path.exists(path)
+                                else f"generator file not found: {path}")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}

@@ -533,6 +533,8 @@ def find_resume_checkpoint(resume: str, run_dir: str) -> tuple[Optional[str], Op
             why = ("; ".join(skipped)) if skipped else f"no checkpoint ({CKPT_DIR}/step_*.ckpt) in this directory"
             raise CheckpointError(f"--resume {resume}: {why}")
         return path, payload, skipped
+    if os.path.exists(resume):  # a FIFO or device: never opened (a FIFO would block the reader)
+        raise CheckpointError(f"--resume {resume}: not a regular file or a run directory")
     raise CheckpointError(f"--resume {resume}: no such file or directory")
 
 
@@ -675,6 +677,9 @@ def resume_plan(cfg: TrainConfig, requested: Optional[dict] = None):
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {ckpt_path}: stored config is invalid: {e}") from e
     conflicts = training_field_conflicts(ckpt_cfg, requested or {})
+    preset = (requested or {}).get("preset")
+    if preset is not None and preset != ckpt_cfg.preset:  # it would set what the checkpoint decides
+        conflicts.append(f"preset={preset!r} (checkpoint: {ckpt_cfg.preset!r})")
     if conflicts:
         raise ConfigError(
             f"--resume {ckpt_path}: these settings differ from the checkpoint's and cannot change "

@@ -321,8 +321,12 @@ def parse_config(argv: Optional[list[str]] = None) -> tuple[TrainConfig, dict]:
     a = vars(p.parse_args(argv))
     if "init_generators" in a:  # compared with a checkpoint's on resume: in its order (by direction)
         a["init_generators"] = tuple(sorted(a["init_generators"]))
-    preset = a.pop("preset") or default_preset(a.get("recipe"))
+    given = a.pop("preset", None)
+    preset = given or default_preset(a.get("recipe"))
     if a.get("recipe") in MODEL_ALIASES:
+        if given and given != a["recipe"]:
+            p.error(f"--model {a['recipe']} is --model {MODEL_ALIASES[a['recipe']]} --preset {a['recipe']}, "
+                    f"not --preset {given}: give one of them")
         a["recipe"] = MODEL_ALIASES[a["recipe"]]
     try:
         cfg = TrainConfig.from_preset(preset, **a)
@@ -330,6 +334,8 @@ def parse_config(argv: Optional[list[str]] = None) -> tuple[TrainConfig, dict]:
         p.error(str(e))
     except TypeError as e:  # pragma: no cover - a flag without a config field
         p.error(str(e))
+    if given:
+        a["preset"] = given  # a resumed run refuses another preset (resume_plan)
     return cfg, a
 
 

@@ -334,6 +334,7 @@ class RunConfig:
 
     def validate(self) -> None:
         _check(self.kernels in KERNELS, "kernels", f"must be one of {KERNELS}, got {self.kernels!r}")
+        _check(bool(self.output_dir), "output_dir", "must name a folder, got ''")
         _check(
             bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
             "name",
@@ -456,6 +457,33 @@ PRESETS: dict[str, dict[str, Any]] = {
     # flip-equivariance, 150 + 50 epochs.
     **{name: _cut_preset(name) for name in ("cut", "fastcut")},
 }
+
+
+# Fields only some recipes read: given as flags to another recipe, the run would train exactly as
+# without them (the official options are per model too). unused_flags() names them.
+RECIPE_FIELDS = {
+    **dict.fromkeys(("lambda_cycle", "lambda_A", "lambda_B", "lambda_identity", "cycle_kind"), ("cyclegan",)),
+    "pool_size": ("cyclegan", "cut"),
+    **dict.fromkeys(("lambda_L1", "direction"), ("pix2pix", "colorization")),
+    **dict.fromkeys(("lambda_gan", "lambda_nce", "nce_idt", "nce_T", "num_patches", "flip_equivariance",
+                     "nce_includes_all_negatives_from_minibatch", "nce_layers", "netF_nc"), ("cut",)),
+}
+
+
+def unused_flags(cfg: "TrainConfig", requested: dict) -> list[str]:
+    """The explicitly given fields (``requested``: the CLI's flags) that nothing in this run reads,
+    each as ``--flag (why)``: another recipe's loss weights, ``--lambda-gp`` without wgangp,
+    ``--lr-decay-iters`` without the step policy, ``--eval-max-images`` with ``--eval-every 0``."""
+    r = cfg.model.recipe
+    out = [f"{_flag(k)} (read by --model {' / '.join(RECIPE_FIELDS[k])} only)"
+           for k in requested if k in RECIPE_FIELDS and r not in RECIPE_FIELDS[k]]
+    if "lambda_gp" in requested and cfg.loss.gan_mode != "wgangp":
+        out.append(f"--lambda-gp (the wgangp gradient penalty; --gan-mode is {cfg.loss.gan_mode})")
+    if "lr_decay_iters" in requested and cfg.optim.lr_policy != "step":
+        out.append(f"--lr-decay-iters (the step policy's; --lr-policy is {cfg.optim.lr_policy})")
+    if "eval_max_images" in requested and cfg.run.eval_every == 0:
+        out.append("--eval-max-images (with --eval-every 0 nothing is evaluated)")
+    return out
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ def prepare_dataroot(cfg: TrainConfig, recipe) -> str:
         return recipe.make_synthetic(cfg, synthetic_root(cfg))
     root = cfg.data.dataroot
     if not os.path.isdir(root):
-        raise DatasetError(f"--dataroot {root}: no such directory")
+        raise DatasetError(f"--dataroot {root}: {'not a directory' if os.path.exists(root) else 'no such directory'}")
     return root
 
 

@@ -38,14 +38,15 @@ from fastcgan.data.datasets import SkippedImageWarning
 from fastcgan.devices import resolve_device
 from fastcgan.fileio import atomic_write
 from fastcgan.recipes import get_recipe
-from fastcgan.train.checkpoint import restore_state, resume_plan, save_checkpoint
-from fastcgan.train.config import ConfigError, TrainConfig, min_discriminator_side
+from fastcgan.train.checkpoint import list_checkpoints, restore_state, resume_plan, save_checkpoint
+from fastcgan.train.config import ConfigError, TrainConfig, min_discriminator_side, unused_flags
 from fastcgan.train.cuda_graphs import use_cuda_graphs
-from fastcgan.train.data import build_batches, build_dataset, dataset_nbytes, prepare_dataroot, sample_images
+from fastcgan.train.data import (build_batches, build_dataset, dataset_nbytes, prepare_dataroot, sample_images,
+                                 synthetic_root)
 from fastcgan.train.distributed import from_environment
 from fastcgan.train.execution import build_step, cudnn_autotuning, describe, resolve_fast_path
 from fastcgan.train.logging import LossAccumulator, RunLogger, sample_grid
-from fastcgan.train.runlock import RunLock
+from fastcgan.train.runlock import RunLock, check_run_dir
 from fastcgan.train.signals import EXIT_CODES, StopFlag
 from fastcgan.train.state import build_state, cpu_has_fast_bf16, initial_weights
 
@@ -108,9 +109,15 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
     ``epochs_decay`` / ``lr``) is a :class:`ConfigError`. Every config, data
     and checkpoint error is raised before anything is written."""
     cfg, run_dir, payload, ckpt_path, messages = resume_plan(cfg, requested)
+    unused = unused_flags(cfg, requested or {})
+    if unused:  # judged on the config that trains (a resumed run's is its checkpoint's)
+        raise ConfigError(f"this run would train exactly as without {'; '.join(unused)}: leave "
+                          f"{'it' if len(unused) == 1 else 'them'} out")
     # --init-generator / --init-official: read and checked now (a config error before anything is
     # written); a resumed run has its weights from the checkpoint.
     init = initial_weights(cfg, get_recipe(cfg.model.recipe)) if payload is None else {}
+    check_run_dir(run_dir, synthetic_root(cfg) if cfg.data.dataset == "synthetic" else cfg.data.dataroot,
+                  has_checkpoints=bool(list_checkpoints(run_dir)))
     ctx, dist_device = from_environment(cfg.run.device)
     cleanup = contextlib.ExitStack()
     try:
@@ -328,7 +335,7 @@ class _Run:
     def _report_skipped(self, seen: int) -> int:
         skipped = self.batches.skipped
         if len(skipped) > seen:
-            self.logger.message(f"fastcgan: skipped {len(skipped) - seen} unreadable image(s): "
+            self.logger.message(f"fastcgan: skipped {len(skipped) - seen} image(s) (unreadable or too small): "
                                 + ", ".join(skipped[seen:][:5]))
         return len(skipped)
 

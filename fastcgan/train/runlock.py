@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from fastcgan.fileio import path_inside
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: no lock, as before
@@ -27,6 +29,26 @@ class RunInUseError(RuntimeError):
 
 class RunDirError(OSError):
     """The run directory cannot be created or locked (a file in its path, no permission)."""
+
+
+def check_run_dir(run_dir: str, data_root: Optional[str], *, has_checkpoints: bool) -> None:
+    """Where a run may write, judged before anything is written (:class:`RunDirError`): never
+    inside its training data (its samples and checkpoints would be read as training images by the
+    next run), and, without checkpoints there to continue, never into a folder that holds files
+    of something else (a downloaded pretrained model, the user's own files): a new run would
+    replace its ``config.json`` and ``generator_*.safetensors``. An empty folder, or one a fastcgan
+    trainer locked before (``.lock``: a run that stopped before its first checkpoint), is fine."""
+    where = f"run directory {run_dir} (--output-dir / --name)"
+    if data_root and path_inside(run_dir, data_root):
+        raise RunDirError(f"{where} is inside the training data {data_root}: its samples and checkpoints would "
+                          "become training images; choose an --output-dir outside it")
+    if has_checkpoints or not os.path.isdir(run_dir):
+        return
+    entries = sorted(os.listdir(run_dir))
+    if entries and LOCK_NAME not in entries:
+        raise RunDirError(f"{where} holds files that are not a fastcgan run's ({', '.join(entries[:4])}"
+                          f"{', ...' if len(entries) > 4 else ''}), which a new run would overwrite; choose another "
+                          "--name / --output-dir (or an empty folder)")
 
 
 class RunLock:

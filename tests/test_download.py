@@ -282,6 +282,27 @@ def test_entries_that_cannot_be_files_are_named(server, tmp_path, members, entry
     assert not (tmp_path / NAME).exists() and _leftovers(tmp_path) == []
 
 
+def test_zip_entry_count_is_bounded_before_zipfile_reads_the_directory(server, tmp_path, monkeypatch):
+    """zipfile.ZipFile builds an object per entry (~1 KB) before the entry limit was checked: a
+    100 MB zip of 1.2 M empty entries took 1.2 GB. Its central directory is counted first, stopping
+    past the limit; zipfile never opens such an archive."""
+    members = {f"{NAME}/trainA/{i}.png": b"" for i in range(60)}
+    server.files[f"/data/{NAME}.zip"] = _zip_bytes(members)
+    monkeypatch.setattr(dl, "MAX_MEMBERS", 50)
+    opened = []
+    real_zipfile = zipfile.ZipFile
+    monkeypatch.setattr(dl.zipfile, "ZipFile", lambda *a, **k: opened.append(a) or real_zipfile(*a, **k))
+    with pytest.raises(DownloadError, match="more than 50 entries"):
+        _get(tmp_path, url=server.base)
+    assert opened == [] and not (tmp_path / NAME).exists()
+    assert dl._zip_entry_count(str(_write_zip(tmp_path / "ok.zip", members)), 10**6) == 60
+
+
+def _write_zip(path, members):
+    path.write_bytes(_zip_bytes(members))
+    return path
+
+
 def test_zip_bomb_is_refused_before_anything_is_written(server, tmp_path):
     """64 MB of zeros deflate to ~64 kB: nothing bounded what an archive could write (a few MB
     on the wire could fill the disk). The declared sizes are checked against the archive's size

@@ -403,6 +403,46 @@ def _check_expansion(archive: str, total: int, count: int, root: str) -> None:
         raise DownloadError(f"{archive} needs {total / 1e9:.1f} GB to extract, {root} has {free / 1e9:.1f} GB free")
 
 
+def _zip_entry_count(path: str, limit: int) -> int:
+    """Entries in the zip's central directory, counted by walking its 46-byte headers, stopping
+    past ``limit``: ``zipfile.ZipFile`` builds a Python object per entry before anything can be
+    checked (~1 KB each: 1.2 GB of memory for a 100 MB zip of empty entries). Returns 0 when the
+    layout is not recognised (then zipfile reports what is wrong)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        tail_len = min(size, 22 + 65535)  # the end record and its longest comment
+        f.seek(size - tail_len)
+        tail = f.read(tail_len)
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or at + 22 > len(tail):
+            return 0
+        eocd = size - tail_len + at
+        cd_size = int.from_bytes(tail[at + 12 : at + 16], "little")
+        cd_end = eocd
+        if cd_size == 0xFFFFFFFF or tail[at + 10 : at + 12] == b"\xff\xff":  # zip64: its own end record
+            loc = tail[at - 20 : at] if at >= 20 else b""
+            if loc[:4] != b"PK\x06\x07":
+                return 0
+            z64 = int.from_bytes(loc[8:16], "little")
+            f.seek(z64)
+            rec = f.read(56)
+            if rec[:4] != b"PK\x06\x06":
+                return 0
+            cd_size, cd_end = int.from_bytes(rec[40:48], "little"), z64
+        pos, count = cd_end - cd_size, 0  # the directory ends where the end record starts
+        if pos < 0:
+            return 0
+        f.seek(pos)
+        while pos < cd_end and count <= limit:
+            head = f.read(46)
+            if len(head) < 46 or head[:4] != b"PK\x01\x02":
+                break
+            skip = sum(int.from_bytes(head[i : i + 2], "little") for i in (28, 30, 32))
+            pos = f.seek(skip, os.SEEK_CUR)
+            count += 1
+        return count
+
+
 def _safe_members(zf: zipfile.ZipFile, zip_path: str) -> list[zipfile.ZipInfo]:
     infos = zf.infolist()
     _check_expansion(zip_path, sum(i.file_size for i in infos), len(infos), os.path.dirname(os.path.abspath(zip_path)))
@@ -489,6 +529,8 @@ def _extract(zip_path: str, root: str, name: str, collection: str = "cyclegan") 
         if zip_path.endswith(".tar.gz.part"):
             _extract_tar(zip_path, tmp)
         else:
+            if _zip_entry_count(zip_path, MAX_MEMBERS) > MAX_MEMBERS:  # before zipfile holds an object per entry
+                raise DownloadError(f"{zip_path}: more than {MAX_MEMBERS:,} entries; refusing to extract it")
             try:
                 with zipfile.ZipFile(zip_path) as zf:
                     for info in _safe_members(zf, zip_path):

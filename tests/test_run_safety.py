@@ -439,6 +439,8 @@ def test_a_run_never_writes_inside_its_training_data(tmp_path, synth, capsys):
     err = capsys.readouterr().err
     assert "inside the training data" in err and str(data) in err, err
     assert sorted(os.listdir(data / "trainA")) == before
+    # Beside the image folders (--dataroot . with the default --output-dir runs) is fine.
+    assert _tiny_cli("--dataroot", data, "--output-dir", data / "runs") == 0
 
 
 @pytest.mark.parametrize("extra, said", [

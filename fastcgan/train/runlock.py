@@ -33,15 +33,19 @@ class RunDirError(OSError):
 
 def check_run_dir(run_dir: str, data_root: Optional[str], *, has_checkpoints: bool) -> None:
     """Where a run may write, judged before anything is written (:class:`RunDirError`): never
-    inside its training data (its samples and checkpoints would be read as training images by the
-    next run), and, without checkpoints there to continue, never into a folder that holds files
+    in its dataset's root or image folders (its samples and checkpoints would be read as training
+    images by the next run), and, without checkpoints there to continue, never into a folder that holds files
     of something else (a downloaded pretrained model, the user's own files): a new run would
     replace its ``config.json`` and ``generator_*.safetensors``. An empty folder, or one a fastcgan
     trainer locked before (``.lock``: a run that stopped before its first checkpoint), is fine."""
     where = f"run directory {run_dir} (--output-dir / --name)"
     if data_root and path_inside(run_dir, data_root):
-        raise RunDirError(f"{where} is inside the training data {data_root}: its samples and checkpoints would "
-                          "become training images; choose an --output-dir outside it")
+        # The image folders (trainA/, test/, testA_truth_B/ ...) and the dataset root itself; a run
+        # beside them (--dataroot . --output-dir runs) is fine.
+        rel = os.path.relpath(os.path.realpath(run_dir), os.path.realpath(data_root))
+        if rel == "." or rel.split(os.sep)[0].startswith(("train", "test", "val")):
+            raise RunDirError(f"{where} is inside the training data {data_root}: its samples and checkpoints "
+                              "would become training images; choose an --output-dir outside it")
     if has_checkpoints or not os.path.isdir(run_dir):
         return
     entries = sorted(os.listdir(run_dir))

@@ -305,7 +305,8 @@ void nchw_bwd(const BwdParams& p, int64_t begin, int64_t end) {
     if (p.sum_gz) static_cast<A*>(p.sum_gz)[t] = A(sg);
     if (p.sum_gzx) static_cast<A*>(p.sum_gzx)[t] = A(sgx);
     if (HW == 1) {  // y = act(b) whatever x is, so dx is exactly 0. Computed, leaky_relu's slope * g,
-      *dxb = T(0);  // taken again below and contracted into the subtraction, left rstd x its rounding.
+      const A zero = A(0);  // taken again below and contracted into the subtraction, left rstd x its
+      store(&zero, dxb, 1);  // rounding.
       continue;
     }
     // dx = rstd * (w * (gz - mean(gz)) - xhat * c2), c2 = w * mean(gz * xhat). Not rstd * (w * gz -
@@ -589,11 +590,12 @@ void nhwc_bwd_rows(const BwdParams& p, const double* scratch, int64_t begin, int
     const int64_t off = (n * H + h) * W * C;
     const A* x = view(static_cast<const T*>(p.x) + off, W * C, xbuf);
     T* dxrow = static_cast<T*>(p.dx) + off;
+    A* dx = out_ptr(dxrow, obuf);
     if (H * W == 1) {  // 1x1 planes: dx exactly 0 (the NCHW pass says why)
-      std::fill(dxrow, dxrow + C, T(0));
+      std::fill(dx, dx + C, A(0));
+      flush(dx, C, dxrow);
       continue;
     }
-    A* dx = out_ptr(dxrow, obuf);
     for (int64_t q = 0; q < W; ++q) {
       const A *xq = x + q * C, *gq = g + q * C;
       A* dq = dx + q * C;

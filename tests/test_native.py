@@ -158,6 +158,23 @@ def test_cuda_sources_compile(tmp_path):
     assert out.stat().st_size > 0
 
 
+@pytest.mark.parametrize("isa_flags", [[], ["-DFASTCGAN_CPU_AVX2", "-mavx2", "-mfma", "-mf16c"]],
+                         ids=["default", "avx2"])
+def test_cpu_kernels_compile_as_cpp17(isa_flags):
+    """The GPU machine's torch 2.11 builds extensions as C++17, this one's torch as C++20: a
+    zero written as ``T(0)`` on the kernels' Half/BF16 structs compiled here (C++20 parenthesised
+    aggregate initialisation) and broke that build. The CPU kernel file includes no ATen header,
+    so it is checked as C++17 in a second (instantiating every template it dispatches to)."""
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src = os.path.join(ROOT, "csrc", "instance_norm_act_cpu_kernels.cpp")
+    includes = ["-I", os.path.join(os.path.dirname(torch.__file__), "include"), "-I", os.path.join(ROOT, "csrc")]
+    r = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-fopenmp-simd", *isa_flags, *includes, src],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
 def _cuobjdump():
     try:
         import triton

@@ -419,7 +419,8 @@ def test_a_new_run_never_writes_into_a_folder_of_other_files(tmp_path, synth, ca
     assert _tiny_cli("--dataroot", synth, "--output-dir", tmp_path / "ck", "--name", "h2z_pretrained") == 2
     err = capsys.readouterr().err
     assert "not a fastcgan run's (generator_AtoB.safetensors)" in err and "--name" in err, err
-    assert os.listdir(pre) == ["generator_AtoB.safetensors"] and (pre / "generator_AtoB.safetensors").read_bytes() == b"OFFICIAL"
+    assert os.listdir(pre) == ["generator_AtoB.safetensors"]
+    assert (pre / "generator_AtoB.safetensors").read_bytes() == b"OFFICIAL"
     # An empty folder, or a run that stopped before its first checkpoint (its .lock), is taken.
     (tmp_path / "ck" / "empty").mkdir()
     assert _tiny_cli("--dataroot", synth, "--output-dir", tmp_path / "ck", "--name", "empty") == 0

@@ -509,9 +509,9 @@ def _check_unpacked_layout(folder: str, archive: str, collection: str) -> None:
     missing = [d for d in REQUIRED_FOLDERS[collection] if not os.path.isdir(os.path.join(folder, d))]
     if missing:
         have = sorted(os.listdir(folder))
-        raise DownloadError(
-            f"{archive} holds no {collection} dataset: no {' or '.join(d + '/' for d in missing)} folder (it has "
-            f"{', '.join(have[:5]) + (', ...' if len(have) > 5 else '') if have else 'nothing'}); nothing was installed")
+        listing = ", ".join(have[:5]) + (", ..." if len(have) > 5 else "") if have else "nothing"
+        raise DownloadError(f"{archive} holds no {collection} dataset: no {' or '.join(d + '/' for d in missing)} "
+                            f"folder (it has {listing}); nothing was installed")
 
 
 def _extraction_error(archive: str, member: str, e: OSError) -> Exception:

@@ -300,6 +300,8 @@ def artifact_kind(path: str) -> str:
         return "run"
     if not os.path.exists(path):
         raise ArtifactError(path, "no such file or directory")
+    if not os.path.isfile(path):  # a FIFO would block its reader forever, a device never ends
+        raise ArtifactError(path, "not a regular file or a run directory")
     ext = os.path.splitext(path)[1].lower()
     kinds = {".safetensors": "safetensors", ".ckpt": "checkpoint", ".onnx": "onnx", ".engine": "engine",
              ".trt": "engine", ".plan": "engine", ".pt2": "aoti"}

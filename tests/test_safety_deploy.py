@@ -902,6 +902,17 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next(gen_file, tmp_pa
     assert not stale.exists() and live.exists()
 
 
+@pytest.mark.timeout(60)
+def test_artifacts_that_are_fifos_are_never_opened(tmp_path):
+    """deploy.load on a FIFO named g.onnx hung forever reading it (.safetensors were refused)."""
+    from fastcgan.deploy import ArtifactError
+
+    for name in ("g.onnx", "g.safetensors", "g.ckpt", "g.pt2", "g.engine"):
+        os.mkfifo(tmp_path / name)
+        with pytest.raises(ArtifactError, match="not a regular file"):
+            load(str(tmp_path / name), device="cpu")
+
+
 def test_fifos_named_like_images_are_never_opened(gen_file, tmp_path, capsys):
     """Opening a FIFO waits for a writer forever: translate hung on one given as --input or lying
     in an input folder (training and eval list folders the same way)."""

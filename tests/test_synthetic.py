@@ -195,6 +195,24 @@ def test_refuses_foreign_folder_and_bad_args(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_regenerating_never_takes_files_it_did_not_write(tmp_path, capsys):
+    """Regenerating at another size replaced trainA/ ... whole: a user's notes, a photo dropped in
+    and a results/ folder inside testA/ went with them, exit 0."""
+    out = str(tmp_path / "syn")
+    assert main([out, "--size", "16", "--n-train", "2", "--n-test", "2"]) == 0
+    with open(os.path.join(out, "trainA", "my_notes.txt"), "w") as f:
+        f.write("mine")
+    os.makedirs(os.path.join(out, "testA", "results"))
+    assert main([out, "--size", "24", "--n-train", "2", "--n-test", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "trainA/my_notes.txt" in err or "testA/results" in err, err
+    assert os.path.isdir(os.path.join(out, "testA", "results"))
+    assert open(os.path.join(out, "trainA", "my_notes.txt")).read() == "mine"
+    os.remove(os.path.join(out, "trainA", "my_notes.txt"))
+    os.rmdir(os.path.join(out, "testA", "results"))
+    assert main([out, "--size", "24", "--n-train", "2", "--n-test", "2"]) == 0  # only its own files: replaced
+
+
 def test_cli(tmp_path, capsys):
     out = str(tmp_path / "cli")
     assert main([out, "--size", "16", "--n-train", "3", "--n-test", "2", "--seed", "1"]) == 0

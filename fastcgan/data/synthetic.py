@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -50,6 +51,7 @@ __all__ = [
 
 MANIFEST = "fastcgan_synthetic.json"
 WRITING = ".fastcgan_synthetic.writing"  # present while folders are replaced (the manifest is not)
+GENERATED_NAME = re.compile(r"[a-z]+_[0-9]{5,}\.png")  # what the generator writes: a_00000.png, pair_00012.png
 _VERSION = 1
 _FOLDERS = ("trainA", "trainB", "testA", "testB", "testA_truth_B", "testB_truth_A")
 _ALIGNED_FOLDERS = ("train", "test")
@@ -190,6 +192,19 @@ def _write_dataset(out_dir: str, folders: tuple[str, ...], params: dict, fill) -
             raise FileExistsError(
                 f"{out_dir!r} holds {', '.join(f + '/' for f in theirs[:4])} that fastcgan did not generate (no "
                 f"{MANIFEST}); refusing to replace them with the synthetic dataset: choose another folder"
+            )
+        # Folders of ours are replaced whole: anything in them the generator does not write (a
+        # user's notes, photos, a results/ folder) would go with them.
+        added = []
+        for f in sorted(present & set(folders)):
+            for e in sorted(os.listdir(os.path.join(out_dir, f))):
+                if not (GENERATED_NAME.fullmatch(e) and os.path.isfile(os.path.join(out_dir, f, e))):
+                    added.append(os.path.join(f, e))
+        if added:
+            raise FileExistsError(
+                f"{out_dir!r}: {', '.join(added[:3])}{' ...' if len(added) > 3 else ''} "
+                "were not written by the synthetic generator, and regenerating replaces those folders whole; move "
+                "them out (or use another folder)"
             )
     elif os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir!r} exists and is not a directory")

@@ -739,11 +739,14 @@ def _entry(out: str) -> dict:
     else:  # stage 1 did not run (--stages without 1): tag with this process's view
         tags = _tags()
     tags.pop("backends", None)
-    stages = []
+    latest: dict[str, dict] = {}  # a stage rerun into OUTDIR (--stages) replaces its earlier record
     path = os.path.join(out, "stages.jsonl")
     if os.path.exists(path):
         with open(path) as f:
-            stages = [json.loads(line) for line in f if line.strip()]
+            for s in (json.loads(line) for line in f if line.strip()):
+                latest.pop(s["stage"], None)
+                latest[s["stage"]] = s
+    stages = list(latest.values())
     return {**tags, "source": "bench/gpu_check.sh", "stages": stages, "results": read_rows(out)}
 
 
@@ -904,7 +907,7 @@ def stage_report(out: str) -> int:
                 f"max|err| {r['max_abs_err']:.2e}"
             )
     print(f"\n{len(rows)} rows -> {path}")
-    return 0
+    return int(any(s["rc"] != 0 for s in entry["stages"]))  # gpu_check.sh's exit status
 
 
 def merge(out: str, results_dir: str) -> int:

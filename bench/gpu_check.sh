@@ -32,6 +32,10 @@ set -uo pipefail
 
 usage() { sed -n '2,12p' "$0" >&2; exit 2; }
 [ $# -ge 1 ] || usage
+case $1 in
+  -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+  -*) echo "gpu_check: OUTDIR comes first (got $1)" >&2; usage ;;
+esac
 OUT=$1; shift
 DRY=0; SKIP_BUILD=0; STAGES=1,2,3,4,5; BUNDLE=
 while [ $# -gt 0 ]; do
@@ -46,11 +50,21 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)  # before leaving the caller's folder
+for s in ${STAGES//,/ }; do
+  case $s in 1|2|3|4|5) ;; *) echo "gpu_check: --stages $STAGES: stages are 1 to 5" >&2; exit 2 ;; esac
+done
+# Every path is checked before anything is written: an OUTDIR that is a file left OUT empty and
+# the logs went to / and the repository root.
+if [ -e "$OUT" ] && [ ! -d "$OUT" ]; then echo "gpu_check: OUTDIR $OUT is not a folder" >&2; exit 2; fi
 if [ -n "$BUNDLE" ]; then
-  mkdir -p "$(dirname "$BUNDLE")" && BUNDLE=$(cd "$(dirname "$BUNDLE")" && pwd)/$(basename "$BUNDLE") || exit 2
+  case $(realpath -m "$BUNDLE")/ in
+    "$(realpath -m "$OUT")"/*) echo "gpu_check: --bundle $BUNDLE is inside OUTDIR (it would pack itself)" >&2; exit 2 ;;
+  esac
+  BDIR=$(dirname "$BUNDLE")
+  if [ -e "$BDIR" ] && [ ! -d "$BDIR" ]; then echo "gpu_check: --bundle $BUNDLE: $BDIR is not a folder" >&2; exit 2; fi
+  mkdir -p "$BDIR" && BUNDLE=$(cd "$BDIR" && pwd)/$(basename "$BUNDLE") || exit 2
 fi
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || { echo "gpu_check: cannot make OUTDIR $OUT" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/fastcgan-gpu-check-work}
 mkdir -p "$WORK"
@@ -218,7 +232,9 @@ fi
 # ---------------------------------------------------------------------------------------- report
 wait
 $PY bench/gpu_check.py report --out "$OUT" 2>&1 | grep -v '^\[gpu_check\]' | tee "$OUT/report.txt"
+REPORT_RC=${PIPESTATUS[0]}
 say "done in $(( $(date +%s) - T_START ))s; results: $OUT"
 bundle
-# Non-zero when any stage failed or timed out (the report above says which).
-! grep -q '"rc": [1-9]' "$OUT/stages.jsonl" 2>/dev/null
+# Non-zero when a stage's latest run failed or timed out (a rerun into OUTDIR replaces a stage's
+# earlier record), or the report could not be made; the report above says which.
+exit "$REPORT_RC"

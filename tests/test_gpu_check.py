@@ -270,3 +270,40 @@ def test_report_of_gpu_rows_states_every_target(driver, tmp_path, capsys):
     assert "MFU 12.0 %" in text and "build+compile 61 s" in text
     assert "b1 cuDNN autotuning on auto-amp-cl: x1.25 images/s" in text
     assert json.loads((tmp_path / "nvidia-h100.json").read_text())[0]["results"] == rows
+
+
+def test_usage_mistakes_exit_2_before_anything_is_written(tmp_path):
+    """--help was taken as OUTDIR; an OUTDIR that is a file left OUT empty and the logs went to /
+    and the repository root (exit 0); --stages 9 ran nothing, exit 0; a --bundle inside OUTDIR
+    packed every earlier bundle into the next."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = tmp_path / "o"
+    cases = [
+        (["--dry-run"], "OUTDIR comes first"),
+        ([str(afile), "--dry-run"], "is not a folder"),
+        ([str(out), "--dry-run", "--stages", "9"], "stages are 1 to 5"),
+        ([str(out), "--dry-run", "--bundle", str(out / "b.tgz")], "inside OUTDIR"),
+        ([str(out), "--dry-run", "--bundle", str(afile / "b.tgz")], "is not a folder"),
+    ]
+    for args, said in cases:
+        p = subprocess.run(["bash", SCRIPT, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and said in p.stderr, (args, p.stderr)
+        assert sorted(os.listdir(tmp_path)) == ["afile"], args
+    p = subprocess.run(["bash", SCRIPT, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "OUTDIR" in p.stdout and sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_a_rerun_stage_replaces_its_earlier_record(driver, tmp_path, capsys):
+    """A stage rerun into OUTDIR (--stages) appended to stages.jsonl: an earlier failure kept the
+    script's exit status 1 and the report listed the stage twice."""
+    (tmp_path / "env.json").write_text(json.dumps({"device": "NVIDIA H100", "torch": "2.11", "triton": "3.6",
+                                                    "commit": "c"}))
+    with open(tmp_path / "stages.jsonl", "w") as f:
+        f.write('{"stage": "env", "rc": 1, "timed_out": false, "seconds": 1.0, "timeout_s": 60}\n')
+    assert driver.main(["report", "--out", str(tmp_path)]) == 1
+    with open(tmp_path / "stages.jsonl", "a") as f:
+        f.write('{"stage": "env", "rc": 0, "timed_out": false, "seconds": 2.0, "timeout_s": 60}\n')
+    capsys.readouterr()
+    assert driver.main(["report", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("stage env") == 1

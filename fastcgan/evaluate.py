@@ -443,8 +443,9 @@ def evaluate(
         "tile": tile,
         "tile_overlap": tile_overlap,
     }
-    if os.path.isdir(checkpoint) or (checkpoint.lower().endswith(".ckpt") and direction is None):
+    if (os.path.isdir(checkpoint) or checkpoint.lower().endswith(".ckpt")) and direction is None:
         # A run (or a run at a checkpoint's step): both its generators. One-way recipes (CUT) have only AtoB.
+        # With a direction, only that one (below): --direction BtoA on a run scored both.
         G_AB = load(checkpoint, direction="AtoB", **opts)
         G_BA = load(checkpoint, direction="BtoA", **opts) if "BtoA" in run_generators(checkpoint) else None
     else:
@@ -501,8 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--direction",
         choices=("AtoB", "BtoA"),
         default=None,
-        help="which direction a single artifact translates (default AtoB); on pairs: which half is the "
-        "input (default: the run's --direction, else AtoB)",
+        help="which direction a single artifact translates (default AtoB); with a run directory or .ckpt: "
+        "score only its generator of this direction (default both); on pairs: which half is the input "
+        "(default: the run's --direction, else AtoB)",
     )
     p.add_argument("--engine", choices=ENGINES, default=None, help="runtime engine (default: the artifact's own)")
     p.add_argument("--device", default="auto")

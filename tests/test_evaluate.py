@@ -70,6 +70,19 @@ def test_run_dir_and_single_file(tmp_path, synth):
     assert one["BtoA"]["truth_l1"] == pytest.approx(r["BtoA"]["truth_l1"], abs=1e-6)
 
 
+def test_direction_with_a_run_scores_only_that_direction(tmp_path, synth, capsys):
+    """fastcgan-eval --checkpoint RUN --direction BtoA scored both directions, exit 0."""
+    run = _run_dir(tmp_path)
+    both = ev.evaluate(str(run), synth, device="cpu")
+    one = ev.evaluate(str(run), synth, device="cpu", direction="BtoA")
+    assert set(one) == {"BtoA"} and "cycle_l1" not in one["BtoA"]
+    assert one["BtoA"]["truth_l1"] == pytest.approx(both["BtoA"]["truth_l1"], abs=1e-7)
+    assert ev.main(["--checkpoint", str(run), "--dataroot", synth, "--device", "cpu", "--no-fid",
+                    "--direction", "BtoA"]) == 0
+    out = capsys.readouterr().out
+    assert "BtoA:" in out and "AtoB:" not in out
+
+
 def test_runs_through_the_deploy_runtime(tmp_path, monkeypatch):
     """Odd sizes are reflection-padded to the size multiple by the Translator and cropped back;
     every translation goes through Translator.translate_batch."""

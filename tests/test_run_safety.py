@@ -501,3 +501,27 @@ def test_paths_that_are_not_what_they_should_be_are_named_so(tmp_path, synth, ca
     with pytest.raises(SystemExit) as e:
         _tiny_cli("--dataroot", synth, "--output-dir", "")
     assert e.value.code == 2 and "output_dir (--output-dir): must name a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("flip", "false", "flip (--flip): must be bool, got 'false'"),  # trained with flipping on
+    ("amp", 1, "amp (--amp): must be bool"),
+    ("lr", "1e-4", "lr (--lr): must be float"),  # a raw TypeError from '<'
+    ("device", None, "device (--device): must be str"),
+    ("max_steps", 2.5, "max_steps (--max-steps): must be Optional[int]"),
+    ("name", "a\x00b", "name (--name): contains a NUL byte"),
+    ("init_gain", -1.0, "init_gain (--init-gain): must be > 0"),  # failed after the data was written
+])
+def test_config_fields_have_their_types(field, value, said):
+    """From the Python API (and a tampered config.json / checkpoint config) any value was taken."""
+    import re
+
+    from fastcgan.train import TrainConfig
+    from fastcgan.train.config import FIELD_SECTION, ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        TrainConfig.from_preset("cyclegan128", dataset="synthetic", **{field: value})
+    d = TrainConfig.from_preset("cyclegan128", dataset="synthetic").to_dict()
+    d[FIELD_SECTION[field]][field] = value
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        TrainConfig.from_dict(d)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
@@ -120,6 +121,9 @@ class ModelConfig:
         _check(
             self.init_type in INIT_TYPES, "init_type", f"must be one of {INIT_TYPES}, got {self.init_type!r}"
         )
+        # The std (normal) or scale (xavier, orthogonal) of the initial weights: torch refuses a
+        # negative one at the first layer, after the run folder and data were written.
+        _check(self.init_gain > 0, "init_gain", f"must be > 0 (official default 0.02), got {self.init_gain}")
         for n, hi in (("ngf", MAX_WIDTH), ("ndf", MAX_WIDTH), ("n_layers_D", MAX_N_LAYERS_D)):
             _check(isinstance(getattr(self, n), int) and 1 <= getattr(self, n) <= hi, n,
                    f"must be an int in [1, {hi}], got {getattr(self, n)!r}")
@@ -375,6 +379,39 @@ SECTIONS = {
 }
 
 
+def _type_ok(v: Any, t: Any) -> bool:
+    """Whether ``v`` has the field type ``t`` (strict for bool: ``"false"`` is truthy; an int is a
+    valid float, a bool is neither; a JSON list is a valid tuple)."""
+    if t is bool:
+        return isinstance(v, bool)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if t is str:
+        return isinstance(v, str) and "\x00" not in v  # a NUL byte is no file name
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union:
+        return any(v is None if a is type(None) else _type_ok(v, a) for a in args)
+    if origin is tuple:
+        return isinstance(v, (tuple, list)) and all(_type_ok(x, args[0]) for x in v)
+    return True
+
+
+def _check_types(sec: Any) -> None:
+    """Every field of a config section has its declared type: a string where a number is due gave
+    raw TypeErrors, ``flip="false"`` trained with flipping on."""
+    hints = typing.get_type_hints(type(sec))
+    for f in fields(sec):
+        v = getattr(sec, f.name)
+        if isinstance(v, str) and "\x00" in v:
+            raise ConfigError(f"{f.name} ({_flag(f.name)}): contains a NUL byte: {v!r}")
+        t = hints[f.name]
+        if not _type_ok(v, t):
+            want = t.__name__ if isinstance(t, type) else str(t).replace("typing.", "").replace("NoneType", "None")
+            raise ConfigError(f"{f.name} ({_flag(f.name)}): must be {want}, got {v!r}")
+
+
 def _field_index() -> dict[str, str]:
     idx: dict[str, str] = {}
     for sec, cls in SECTIONS.items():
@@ -496,6 +533,8 @@ class TrainConfig:
     preset: Optional[str] = None
 
     def __post_init__(self):
+        for sec in SECTIONS:
+            _check_types(getattr(self, sec))  # before validate() compares them
         for sec in SECTIONS:
             getattr(self, sec).validate()
         for k, v in self.flat().items():  # inf passes every ">= 0" check above, then ruins the run

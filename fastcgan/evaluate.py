@@ -294,6 +294,20 @@ def fid_inception(device, weights: str | None, dtype: torch.dtype | None, result
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
+def check_eval_args(batch_size, max_images, load_size) -> None:
+    """ValueError naming the argument (the library's checks; the CLI says the same of its flags):
+    ``max_images=-1`` dropped the last image, ``load_size=0`` was a torch error deep inside."""
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not (whole(batch_size) and 1 <= batch_size <= MAX_BATCH_SIZE):
+        raise ValueError(f"batch_size (--batch-size) must be an int in [1, {MAX_BATCH_SIZE}], got {batch_size!r}")
+    if max_images is not None and not (whole(max_images) and max_images >= 1):
+        raise ValueError(f"max_images (--max-images) must be an int >= 1 or None, got {max_images!r}")
+    if load_size is not None and not (whole(load_size) and 1 <= load_size <= MAX_LOAD_SIZE):
+        raise ValueError(f"load_size (--load-size) must be an int in [1, {MAX_LOAD_SIZE}] or None, got {load_size!r}")
+
+
 def evaluate_generators(
     G_AB: Any,
     G_BA: Any,
@@ -312,6 +326,7 @@ def evaluate_generators(
     either may be None) on ``dataroot/{phase}A|B``. Modules are evaluated in eval mode and given
     back in their previous mode, unchanged otherwise; ``amp_dtype`` runs them under autocast.
     FID/KID only when ``fid`` is true."""
+    check_eval_args(batch_size, max_images, load_size)
     device = torch.device(device)
     results: dict = {}
     inception = fid_inception(device, inception_weights_path, inception_dtype, results) if fid else None

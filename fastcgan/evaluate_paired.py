@@ -149,8 +149,9 @@ def evaluate_paired(
     from fastcgan.deploy import Translator, load
     from fastcgan.devices import resolve_device
     from fastcgan.data.images import oriented_size
-    from fastcgan.evaluate import check_tile_counts, domain_paths, fid_inception, translate_images
+    from fastcgan.evaluate import check_eval_args, check_tile_counts, domain_paths, fid_inception, translate_images
 
+    check_eval_args(batch_size, max_images, load_size)
     dev = resolve_device(str(device))
     if isinstance(checkpoint, Translator):
         if tile is not None or tile_overlap is not None:

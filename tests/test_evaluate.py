@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -433,3 +434,21 @@ def test_tile_count_is_judged_on_the_headers_before_translating(tmp_path, monkey
         assert _rc(argv + ["--tile", "8", "--tile-overlap", "3", "--load-size", "64"]) == 0
         assert seen == [8, 8]
         seen[:] = [0, 0]
+
+
+@pytest.mark.parametrize("kw, said", [
+    (dict(max_images=-1), "max_images (--max-images) must be an int >= 1"),  # dropped the last image
+    (dict(max_images=0), "max_images"),
+    (dict(load_size=0), "load_size (--load-size) must be an int"),  # a torch error from interpolate
+    (dict(load_size=True), "load_size"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_library_arguments_are_checked(tmp_path, synth, kw, said):
+    from fastcgan import evaluate_paired as evp
+
+    with pytest.raises(ValueError, match=re.escape(said)):
+        ev.evaluate_generators(Identity(), Identity(), synth, **kw)
+    pairs = tmp_path / "pairs" / "test"
+    pairs.mkdir(parents=True)
+    with pytest.raises(ValueError, match=re.escape(said)):
+        evp.evaluate_paired(ev.module_translator(Identity(), "cpu"), str(tmp_path / "pairs"), **kw)

@@ -237,10 +237,11 @@ def test_lock_is_exclusive_in_process(tmp_path):
         (["--pool-size", "1000000000"], "--pool-size"),  # a traceback asking for 196 TB
         (["--model", "cut", "--num-patches", "1000000000"], "--num-patches"),  # every position: 9 GB at 128²
         (["--lr", "1e300"], "--lr"),  # overflowed fp32 in the optimizer, after config.json was written
+        (["--init-gain", "1e12"], "--init-gain"),  # NaN from the first forward pass on
     ],
     ids=["no-gpu", "unet-multiple", "absurd-size", "resnet-multiple", "faithful-amp", "data-layout", "seed-2^32",
          "huge-ngf", "huge-netF", "huge-workers", "d-too-deep", "identity-nc", "inf-lr", "bad-backend",
-         "huge-synthetic", "huge-pool", "huge-num-patches", "huge-lr"],
+         "huge-synthetic", "huge-pool", "huge-num-patches", "huge-lr", "huge-init-gain"],
 )
 def test_config_errors_exit_2_before_anything_is_written(tmp_path, synth, extra, flag, capsys):
     if extra[:2] == ["--device", "cuda"] and torch.cuda.is_available():
@@ -510,7 +511,8 @@ def test_paths_that_are_not_what_they_should_be_are_named_so(tmp_path, synth, ca
     ("device", None, "device (--device): must be str"),
     ("max_steps", 2.5, "max_steps (--max-steps): must be Optional[int]"),
     ("name", "a\x00b", "name (--name): contains a NUL byte"),
-    ("init_gain", -1.0, "init_gain (--init-gain): must be > 0"),  # failed after the data was written
+    ("init_gain", -1.0, "init_gain (--init-gain): must be in (0, 10]"),  # failed after the data was written
+    ("init_gain", 1e12, "init_gain (--init-gain): must be in (0, 10]"),
 ])
 def test_config_fields_have_their_types(field, value, said):
     """From the Python API (and a tampered config.json / checkpoint config) any value was taken."""

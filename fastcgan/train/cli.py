@@ -25,6 +25,7 @@ from fastcgan.train.config import (
     INIT_TYPES,
     KERNELS,
     LR_POLICIES,
+    MAX_INIT_GAIN,
     PREPROCESS,
     PRESETS,
     ConfigError,
@@ -47,7 +48,7 @@ def _int(lo: int):
     return parse
 
 
-def _float(lo: float = 0.0, strict: bool = False):
+def _float(lo: float = 0.0, strict: bool = False, hi: float = math.inf):
     def parse(s: str) -> float:
         try:
             v = float(s)
@@ -57,6 +58,8 @@ def _float(lo: float = 0.0, strict: bool = False):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
         if v <= lo if strict else v < lo:
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo}, got {s}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi:g}, got {s}")
         return v
 
     return parse
@@ -153,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--antialias-up", action=argparse.BooleanOptionalAction, default=S,
                    help="blur upsampling in the ResNet generator (the official CUT default; --no-antialias-up = "
                    "its --no_antialias_up)")
-    g.add_argument("--init-gain", type=_float(0.0, strict=True), default=S)
+    g.add_argument("--init-gain", type=_float(0.0, strict=True, hi=MAX_INIT_GAIN), default=S)
     g.add_argument("--init-generator", dest="init_generators", action="append", type=_init_generator, default=S,
                    metavar="DIRECTION=PATH",
                    help="start the DIRECTION (AtoB / BtoA) generator from a fastcgan generator: a .safetensors "

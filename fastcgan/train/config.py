@@ -53,6 +53,9 @@ MAX_NUM_WORKERS = 128
 # The image pools are allocated whole at their first query (two of them, fakes at the crop size:
 # 1000 256x256 images = 0.8 GB each in fp32); the official default is 50.
 MAX_POOL_SIZE = 1000
+# The initial weights' std (normal) or gain (xavier, orthogonal): 500x the official 0.02, above any
+# sensible setting; 1e12 made the first forward pass overflow to NaN.
+MAX_INIT_GAIN = 10.0
 # Adam's step is ~lr per weight: above 1 a GAN diverges at once, and 1e300 overflowed fp32 in the
 # optimizer after the run directory was written (the official default is 2e-4).
 MAX_LR = 1.0
@@ -123,7 +126,8 @@ class ModelConfig:
         )
         # The std (normal) or scale (xavier, orthogonal) of the initial weights: torch refuses a
         # negative one at the first layer, after the run folder and data were written.
-        _check(self.init_gain > 0, "init_gain", f"must be > 0 (official default 0.02), got {self.init_gain}")
+        _check(0 < self.init_gain <= MAX_INIT_GAIN, "init_gain",
+               f"must be in (0, {MAX_INIT_GAIN:g}] (official default 0.02), got {self.init_gain}")
         for n, hi in (("ngf", MAX_WIDTH), ("ndf", MAX_WIDTH), ("n_layers_D", MAX_N_LAYERS_D)):
             _check(isinstance(getattr(self, n), int) and 1 <= getattr(self, n) <= hi, n,
                    f"must be an int in [1, {hi}], got {getattr(self, n)!r}")

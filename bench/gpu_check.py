@@ -20,8 +20,10 @@ only the trimmed sizes and the one-compile-per-variant ordering live here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import gc
 import json
 import math
@@ -161,6 +163,23 @@ def _jsonable(v):
 
 
 _DRY_RUN = False  # set by main(): dry-run rows are marked, and merge refuses them
+_WRITER: str | None = None  # the stage command writing rows ("kernels", "train-warm-b8"), set by main()
+
+
+@contextlib.contextmanager
+def _rows_locked(out: str):
+    """``rows.jsonl`` rewritten by one process at a time: train-warm-b1 and -b8 run in parallel,
+    and a read-append-replace racing another lost that one's row."""
+    with open(os.path.join(out, "rows.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield os.path.join(out, "rows.jsonl")
+
+
+def _read_lines(path: str) -> list[str]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line for line in f if line.strip()]
 
 
 def append_row(out: str, stage: str, name: str, **fields) -> dict:
@@ -168,13 +187,25 @@ def append_row(out: str, stage: str, name: str, **fields) -> dict:
     row = {"name": name, "stage": stage, **{k: _jsonable(v) for k, v in fields.items()}}
     if _DRY_RUN:
         row["dry_run"] = True
-    path = os.path.join(out, "rows.jsonl")
-    old = b""
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            old = f.read()
-    atomic_write(path, old + (json.dumps(row) + "\n").encode())
+    if _WRITER is not None:
+        row["by"] = _WRITER
+    with _rows_locked(out) as path:
+        atomic_write(path, ("".join(_read_lines(path)) + json.dumps(row) + "\n").encode())
     return row
+
+
+def start_writing_rows(out: str, writer: str) -> int:
+    """Rows from now on are ``writer``'s; its rows from an earlier run into ``out`` (a stage rerun
+    with --stages) are dropped, so the report and merge never mix two runs of one measurement.
+    Returns how many were dropped."""
+    global _WRITER
+    _WRITER = writer
+    with _rows_locked(out) as path:
+        lines = _read_lines(path)
+        keep = [line for line in lines if json.loads(line).get("by") != writer]
+        if len(keep) != len(lines):
+            atomic_write(path, "".join(keep).encode())
+    return len(lines) - len(keep)
 
 
 def read_rows(out: str) -> list[dict]:
@@ -973,6 +1004,10 @@ def main(argv=None) -> int:
     if needs_gpu and not torch.cuda.is_available():
         print("no CUDA device: use --dry-run on a CPU machine", file=sys.stderr)
         return 2
+    if a.stage not in ("report", "merge"):
+        dropped = start_writing_rows(out, a.stage + (f"-b{a.batch}" if a.stage == "train-warm" else ""))
+        if dropped:
+            print(f"[gpu_check] {a.stage}: replacing {dropped} rows of its earlier run", flush=True)
     t0 = time.perf_counter()
     print(
         f"[gpu_check] {a.stage} ({'dry run, CPU' if a.dry_run else 'GPU'}) "

@@ -307,3 +307,44 @@ def test_a_rerun_stage_replaces_its_earlier_record(driver, tmp_path, capsys):
     capsys.readouterr()
     assert driver.main(["report", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.count("stage env") == 1
+
+
+def test_a_rerun_stage_replaces_its_earlier_rows(driver, tmp_path, monkeypatch):
+    """A stage rerun with --stages appended its rows to the earlier run's: the report and the
+    merged results held both measurements of each row. Rows are now owned by the stage command
+    that wrote them; a rerun drops only its own (train-warm per batch)."""
+    monkeypatch.setattr(driver, "_WRITER", None)
+    out = str(tmp_path)
+    for writer, names in (("kernels", ["k1", "k2"]), ("train-warm-b1", ["w1"]), ("train-warm-b8", ["w8"])):
+        driver.start_writing_rows(out, writer)
+        for n in names:
+            driver.append_row(out, "3", n, time_us=1.0)
+    assert driver.start_writing_rows(out, "kernels") == 2
+    driver.append_row(out, "3", "k1", time_us=2.0)
+    rows = driver.read_rows(out)
+    assert [(r["name"], r["by"]) for r in rows] == [("w1", "train-warm-b1"), ("w8", "train-warm-b8"),
+                                                   ("k1", "kernels")]
+    assert rows[-1]["time_us"] == 2.0
+    assert driver.start_writing_rows(out, "train-warm-b1") == 1
+    assert [r["name"] for r in driver.read_rows(out)] == ["w8", "k1"]
+
+
+def test_parallel_writers_keep_every_row(driver, tmp_path):
+    """train-warm-b1 and -b8 append at the same time; a read-append-replace without a lock lost rows."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(driver, str(tmp_path), w)) for w in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(r["name"] for r in driver.read_rows(str(tmp_path))) == sorted(
+        f"{w}{i}" for w in ("a", "b") for i in range(40))
+
+
+def _append_many(driver, out, writer):
+    driver.start_writing_rows(out, writer)
+    for i in range(40):
+        driver.append_row(out, "4", f"{writer}{i}")

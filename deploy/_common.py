@@ -49,7 +49,10 @@ class GeneratorSpec:
     size_multiple: int = 4  # H and W must be multiples of this (2 ** number of downsamplings)
     min_size: int = 8  # smallest H/W the graph accepts (reflection pads need more than the pad)
     arch: str | None = None
-    direction: str | None = None
+    direction: str | None = None  # which generator of its run (AtoB: G_AB), None if unknown
+    # A paired recipe's (pix2pix) --direction: which half of an A|B pair is the input (BtoA: the
+    # right one), so evaluating or translating pairs with the artifact alone reads the right half.
+    pairs_direction: str | None = None
     dtype: str = "float32"
     static_hw: tuple[int, int] | None = None
     config: dict = dataclasses.field(default_factory=dict)  # build_generator kwargs, when known
@@ -91,9 +94,11 @@ class GeneratorSpec:
             d["static_hw"] = None
         if d.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
             raise SpecError(f"fastcgan metadata: unknown dtype {d.get('dtype')!r}")
-        for name in ("arch", "direction"):
-            if d.get(name) is not None and not isinstance(d[name], str):
-                raise SpecError(f"fastcgan metadata: {name} must be a string, got {d[name]!r}")
+        if d.get("arch") is not None and not isinstance(d["arch"], str):
+            raise SpecError(f"fastcgan metadata: arch must be a string, got {d['arch']!r}")
+        for name in ("direction", "pairs_direction"):
+            if d.get(name) is not None and d[name] not in DIRECTIONS:
+                raise SpecError(f"fastcgan metadata: {name} must be one of {DIRECTIONS} or null, got {d[name]!r}")
         if not isinstance(d.get("config", {}), dict):
             raise SpecError(f"fastcgan metadata: config must be an object, got {d.get('config')!r}")
         return cls(**d)
@@ -150,6 +155,7 @@ def spec_for_model(
     *,
     arch: str | None = None,
     direction: str | None = None,
+    pairs_direction: str | None = None,
     config: dict | None = None,
     size_multiple: int | None = None,
 ) -> GeneratorSpec:
@@ -159,7 +165,7 @@ def spec_for_model(
     mult = int(size_multiple) if size_multiple else size_multiple_of(arch, model)
     return GeneratorSpec(
         input_nc=in_nc, output_nc=out_nc, size_multiple=mult, min_size=min_size_for(mult), arch=arch,
-        direction=direction, config={k: v for k, v in config.items() if _jsonable(v)},
+        direction=direction, pairs_direction=pairs_direction, config={k: v for k, v in config.items() if _jsonable(v)},
     )
 
 
@@ -209,11 +215,13 @@ def _model_config(model: nn.Module) -> dict:
 
 
 def load_torch_generator(
-    path: str, direction: str = "AtoB", backend: str = "auto"
+    path: str, direction: str | None = None, backend: str = "auto"
 ) -> tuple[nn.Module, GeneratorSpec]:
     """A fastcgan generator from a run dir, a self-describing ``.safetensors`` file or a training
-    checkpoint (``.ckpt``: the generator at that step), in eval mode."""
-    if direction not in DIRECTIONS:
+    checkpoint (``.ckpt``: the generator at that step), in eval mode. ``direction`` picks a run's
+    or checkpoint's generator (default AtoB); a ``.safetensors`` file is one generator, whose spec
+    says the direction it records (metadata or file name) unless ``direction`` relabels it."""
+    if direction is not None and direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if not os.path.exists(path):
         raise ArtifactError(path, "no such file or directory")
@@ -229,6 +237,10 @@ def load_torch_generator(
         from fastcgan.models import load_generator
     except ImportError as e:  # pragma: no cover - the models package is part of fastcgan
         raise ArtifactError(path, f"fastcgan.models is unavailable ({e})") from e
+    if os.path.isfile(path) and path.lower().endswith(".safetensors"):
+        direction = _file_direction(path, direction)
+    else:
+        direction = direction or "AtoB"
     try:
         if path.lower().endswith(".ckpt"):
             from fastcgan.nn import set_backend
@@ -236,7 +248,7 @@ def load_torch_generator(
 
             model = set_backend(checkpoint_generator(path, direction), backend)
         else:
-            model = load_generator(path, direction=direction, backend=backend)
+            model = load_generator(path, direction=direction or "AtoB", backend=backend)
     except FileNotFoundError as e:
         raise ArtifactError(path, f"no generator for direction {direction}: {e}") from e
     except Exception as e:
@@ -254,7 +266,50 @@ def load_torch_generator(
         if not config and os.path.isfile(st):
             config = _safetensors_config(st)
     config = {k: v for k, v in config.items() if k != "backend"}
-    return model, spec_for_model(model, arch=config.get("arch"), direction=direction, config=config)
+    return model, spec_for_model(model, arch=config.get("arch"), direction=direction,
+                                 pairs_direction=_pairs_direction(path, direction), config=config)
+
+
+def _pairs_direction(path: str, direction: str | None) -> str | None:
+    """What a pix2pix generator records of its --direction: its file's metadata, else (a run or
+    checkpoint written before files held it) the run's config."""
+    from fastcgan.models import read_pairs_direction
+
+    file = path if os.path.isfile(path) and path.lower().endswith(".safetensors") else None
+    if os.path.isdir(path):
+        file = os.path.join(path, f"generator_{direction}.safetensors")
+    if file is not None and os.path.isfile(file):
+        try:
+            own = read_pairs_direction(file)
+        except (OSError, ValueError) as e:
+            raise ArtifactError(file, str(e)) from None
+        if own is not None:
+            return own
+    if os.path.isdir(path) or path.lower().endswith(".ckpt"):
+        from fastcgan.evaluate_paired import run_pairs_direction
+
+        return run_pairs_direction(path)
+    return None
+
+
+def _file_direction(path: str, asked: str | None) -> str | None:
+    """The direction a one-generator ``.safetensors`` file runs as (:func:`artifact_direction`)."""
+    from fastcgan.models import read_generator_direction
+
+    try:
+        own = read_generator_direction(path)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(path, f"not a loadable fastcgan generator ({e})") from None
+    return artifact_direction(own, asked)
+
+
+def artifact_direction(own: str | None, asked: str | None) -> str | None:
+    """The direction a one-generator artifact is used as: ``asked`` when given (a released
+    zebra2horse model sits in its folder's AtoB slot, yet scores against horse2zebra's B images),
+    else ``own``, the one it records (its run's generator; None if unknown)."""
+    if asked is not None and asked not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {asked!r}")
+    return asked or own
 
 
 def load_official(

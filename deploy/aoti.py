@@ -182,14 +182,15 @@ def run_package_isolated(path: str, inputs: list, device: torch.device, *, trust
         return torch.load(dst)
 
 
-def compile_isolated(source: str, path: str, device: torch.device, *, direction: str = "AtoB",
+def compile_isolated(source: str, path: str, device: torch.device, *, direction: str | None = None,
                      dtype: torch.dtype = torch.float32) -> None:
-    """Build an AOTInductor package for a saved generator in a child process (``fastcgan-export``)."""
+    """Build an AOTInductor package for a saved generator in a child process (``fastcgan-export``).
+    ``direction`` picks a run's generator; None for a one-generator file (the CLI refuses it there)."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "fastcgan.deploy.cli", source, "--direction", direction, "--aoti", path,
-           "--device", str(device), "--no-verify"]
+    cmd = [sys.executable, "-m", "fastcgan.deploy.cli", source, "--aoti", path, "--device", str(device),
+           "--no-verify"] + (["--direction", direction] if direction else [])
     if dtype == torch.float16:
         cmd.append("--fp16")
     elif dtype == torch.bfloat16:

@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                                         color_space="lab" if args.colorization else "rgb")
             source = args.from_official
         else:
-            model, spec = load_torch_generator(args.run, direction=args.direction or "AtoB", backend="torch")
+            model, spec = load_torch_generator(args.run, direction=args.direction, backend="torch")
             source = args.run
             if args.bn_inference and spec.config.get("norm") != "batch":
                 raise ValueError(f"--bn-inference: {args.run}'s generator has no BatchNorm (norm "
@@ -509,7 +509,8 @@ def _export_safetensors(args, model, spec) -> int:
     from fastcgan.models import load_generator, save_generator
 
     def write(m, tmp):
-        save_generator(m, tmp, config=None if getattr(m, "config", None) else spec.config)
+        save_generator(m, tmp, config=None if getattr(m, "config", None) else spec.config, direction=spec.direction,
+                       pairs_direction=spec.pairs_direction)
 
     status = _export_file(args, "safetensors", args.safetensors, model, spec, write,
                           lambda tmp: load_generator(tmp, backend="torch"))

@@ -215,9 +215,6 @@ def read_spec(path: str) -> GeneratorSpec:
         proto = onnx.load(path, load_external_data=False)
     except Exception as e:
         raise ArtifactError(path, f"not a readable ONNX model ({type(e).__name__}: {e})") from e
-    for p in proto.metadata_props:
-        if p.key == METADATA_KEY:
-            return GeneratorSpec.from_json(p.value)
     inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     outputs = list(proto.graph.output)
     if len(inputs) != 1 or len(outputs) != 1:
@@ -227,13 +224,39 @@ def read_spec(path: str) -> GeneratorSpec:
         return [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
 
     di, do = dims(inputs[0]), dims(outputs[0])
+    elem = inputs[0].type.tensor_type.elem_type
+    dtype = "float16" if elem == onnx.TensorProto.FLOAT16 else "float32"
+    for p in proto.metadata_props:
+        if p.key == METADATA_KEY:
+            return _graph_agrees(path, GeneratorSpec.from_json(p.value), di, do, dtype)
     if len(di) != 4 or di[1] is None:
         raise ArtifactError(path, f"input {inputs[0].name!r} is not (N, C, H, W) with a fixed C: {di}")
     warnings.warn(f"{path}: no fastcgan metadata; assuming H/W multiples of 4")
     static = (di[2], di[3]) if di[2] and di[3] else None
-    elem = inputs[0].type.tensor_type.elem_type
     return GeneratorSpec(input_nc=di[1], output_nc=do[1] if len(do) == 4 and do[1] else di[1],
-                         static_hw=static, dtype="float16" if elem == onnx.TensorProto.FLOAT16 else "float32")
+                         static_hw=static, dtype=dtype)
+
+
+def _graph_agrees(path: str, spec: GeneratorSpec, di: list, do: list, dtype: str) -> GeneratorSpec:
+    """``spec`` (the file's metadata) when the graph's fixed dimensions and input type agree with
+    it; else an :class:`ArtifactError` now, not an onnxruntime error at the first image (a crafted
+    or hand-edited file)."""
+    def disagree(what: str, graph, meta) -> ArtifactError:
+        return ArtifactError(path, f"the fastcgan metadata says {what} {meta}, the graph {graph}: a damaged or "
+                             "edited model (export it again)")
+
+    if len(di) != 4 or len(do) != 4:
+        raise ArtifactError(path, f"the graph's input and output must be (N, C, H, W), got {di} and {do}")
+    for what, graph, meta in (("input channels", di[1], spec.input_nc), ("output channels", do[1], spec.output_nc)):
+        if graph is not None and graph != meta:
+            raise disagree(what, graph, meta)
+    fixed = (di[2], di[3]) if di[2] and di[3] else None
+    if fixed is not None and fixed != spec.static_hw:
+        raise disagree("input size", f"{fixed[0]}x{fixed[1]} only",
+                       "any size" if spec.static_hw is None else "{}x{}".format(*spec.static_hw))
+    if dtype != spec.dtype:
+        raise disagree("input type", dtype, spec.dtype)
+    return spec
 
 
 def opset_of(model) -> int | None:

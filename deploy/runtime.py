@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -448,7 +447,7 @@ def load(
     tile: int | None = None,
     tile_overlap: int | None = None,
     *,
-    direction: str = "AtoB",
+    direction: str | None = None,
     batch_size: int = 8,
     bf16: bool = False,
     compile_mode: str | None = None,
@@ -470,7 +469,13 @@ def load(
     ``engine`` (default: the artifact's own) picks how a torch-loadable artifact runs:
     ``torch`` | ``compiled`` | ``onnx`` | ``trt`` | ``aoti`` (the last three export on the fly
     into a temporary directory). ``fp16``/``bf16`` run in half precision where the engine can.
-    ``direction`` picks the generator of a run directory."""
+    ``direction`` picks the generator of a run directory (default AtoB); a one-generator artifact's
+    ``spec.direction`` is the one it records, or ``direction`` when given (how evaluation scores it).
+
+    Every keyword is checked before anything loads, and one that would do nothing with this
+    artifact and engine is a ``ValueError`` (``compile_mode`` needs ``engine='compiled'``;
+    ``channels_last`` and ``backend`` the torch engines; ``threads`` the onnx engine; ``fp16``/``bf16``
+    an engine that can run them), never silently ignored."""
     path = os.fspath(path)
     kind = artifact_kind(path)
     engine = engine or DEFAULT_ENGINE[kind]
@@ -487,6 +492,8 @@ def load(
         raise ValueError(f"tile_overlap must be an int >= 0, got {tile_overlap!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    _check_load_options(kind, engine, direction=direction, bf16=bf16, compile_mode=compile_mode,
+                        channels_last=channels_last, threads=threads, backend=backend, max_tiles=max_tiles)
     trust = "data artifact (no code)"
     if kind in ("aoti", "engine"):
         from fastcgan.deploy.manifest import check_artifact
@@ -501,6 +508,12 @@ def load(
         if device == "auto":
             device = "cuda"
     dev = resolve_device(device)
+    if backend != "auto":  # an explicit backend must run on this device (else it fails at the first image)
+        from fastcgan.ops._backends import status
+
+        st = status(backend)
+        if not (st.available and dev.type in st.devices):
+            raise ValueError(f"backend {backend!r} cannot run on {dev}: {st.reason}")
     dtype = torch.float16 if fp16 else (torch.bfloat16 if bf16 else torch.float32)
     keep: list = []
 
@@ -519,7 +532,8 @@ def load(
                     pt2 = os.path.join(tmp.name, "g.pt2")
                     if dev.type == "cuda":
                         # torch 2.11 crashed loading a CUDA package in the process that compiled it.
-                        compile_isolated(path, pt2, dev, direction=direction, dtype=dtype)
+                        compile_isolated(path, pt2, dev, direction=spec.direction if kind != "safetensors" else None,
+                                         dtype=dtype)
                     else:
                         export_aoti(model, pt2, spec, device=dev, dtype=dtype)
                     runner, spec = _aoti_runner(pt2, dev)
@@ -545,10 +559,51 @@ def load(
             trust = runner.trust  # type: ignore[attr-defined]
     except SpecError as e:  # crafted or damaged metadata: named with the file, never a crash later
         raise ArtifactError(path, str(e)) from None
+    if kind in ("onnx", "engine", "aoti"):  # one generator, its direction recorded at export (or unknown)
+        from fastcgan.deploy._common import artifact_direction
+
+        spec = spec.replace(direction=artifact_direction(spec.direction, direction))
+        if kind != "onnx" and dtype != torch.float32 and spec.dtype != str(dtype).removeprefix("torch."):
+            raise ValueError(f"{path}: {'fp16' if fp16 else 'bf16'}=True, but this {kind} artifact was built for "
+                             f"{spec.dtype} and runs only so (export it again with --{'fp16' if fp16 else 'bf16'})")
     tr = Translator(runner, spec, engine=engine, path=path, tile=tile, tile_overlap=tile_overlap,
                     batch_size=batch_size, max_tiles=max_tiles, trust=trust)
     tr._keep = keep
     return tr
+
+
+def _check_load_options(kind: str, engine: str, *, direction, bf16: bool, compile_mode, channels_last: bool,
+                        threads, backend: str, max_tiles) -> None:
+    """ValueError for a :func:`load` keyword that is malformed or would do nothing here."""
+    from fastcgan.deploy._common import DIRECTIONS
+    from fastcgan.ops._backends import BACKENDS
+
+    if direction is not None and direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    torch_engine = engine in ("torch", "compiled")
+    if compile_mode is not None and engine != "compiled":
+        raise ValueError(f"compile_mode={compile_mode!r} applies to engine='compiled' only (engine is {engine!r})")
+    if channels_last and not torch_engine:
+        raise ValueError(f"channels_last=True applies to the torch and compiled engines only (engine is {engine!r}; "
+                         "exported artifacts keep the memory layout they were built with)")
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
+        if not torch_engine:
+            raise ValueError(f"backend={backend!r} applies to the torch and compiled engines only (engine is "
+                             f"{engine!r}: exports trace the reference ops)")
+    if threads is not None:
+        cores = os.cpu_count() or 1
+        if not (isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= cores):
+            raise ValueError(f"threads must be an int from 1 to this machine's {cores} cores, got {threads!r}")
+        if engine != "onnx":
+            raise ValueError(f"threads={threads} applies to engine='onnx' only (onnxruntime's CPU threads; "
+                             f"engine is {engine!r})")
+    if bf16 and engine == "onnx":
+        raise ValueError("bf16=True: the onnx engine runs fp32 or an fp16-exported model; use fp16 (an ONNX file "
+                         "exported with --fp16) or another engine")
+    if not (isinstance(max_tiles, int) and not isinstance(max_tiles, bool) and max_tiles >= 1):
+        raise ValueError(f"max_tiles must be an int >= 1, got {max_tiles!r}")
 
 
 def from_model(
@@ -590,8 +645,8 @@ def _onnx_like_runner(path, engine, dev, spec, fp16, bf16, threads, keep):
     if engine == "onnx":
         r = OrtRunner(path, dev, threads=threads)
         if fp16 and r.dtype != torch.float16:
-            warnings.warn(f"{path} is an fp32 model; fp16=True has no effect on the onnx engine "
-                          "(export with --fp16 for a half-precision ONNX model)")
+            raise ValueError(f"{path} is an fp32 model: fp16=True would do nothing on the onnx engine "
+                             "(export with --fp16 for a half-precision ONNX model)")
         return r, spec
     # engine == "trt" on an ONNX file: native TensorRT when importable, else onnxruntime's
     # TensorRT execution provider, else a clear error.
@@ -600,6 +655,9 @@ def _onnx_like_runner(path, engine, dev, spec, fp16, bf16, threads, keep):
     try:
         import_tensorrt()
     except TensorRTUnavailable as e:
+        if bf16:
+            raise ValueError(f"bf16=True: onnxruntime's TensorRT provider (used without the tensorrt package: {e}) "
+                             "builds fp32 or fp16 engines only") from None
         try:
             return OrtRunner(path, dev if dev.type == "cuda" else torch.device("cuda"), tensorrt=True, fp16=fp16), spec
         except RuntimeError as e2:

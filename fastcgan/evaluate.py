@@ -6,7 +6,8 @@ The generators run through the deploy runtime (:class:`fastcgan.deploy.Translato
 padding to the size multiple, batching and uint8 conversion as ``fastcgan-translate``), so the
 numbers describe the deployed code path. ``--checkpoint`` is a run directory (both generators),
 or any single artifact :func:`fastcgan.deploy.load` accepts (``.safetensors``, ``.onnx``, ``.pt2``,
-``.engine``; ``--direction`` says which way it translates); ``--engine`` picks how it runs.
+``.engine``: scored as the direction it records, its run's generator, unless ``--direction`` says
+otherwise); ``--engine`` picks how it runs.
 
 Metrics, per direction (``AtoB`` = ``G_AB`` on ``{phase}A``, ``BtoA`` = ``G_BA`` on ``{phase}B``):
 
@@ -294,11 +295,19 @@ def fid_inception(device, weights: str | None, dtype: torch.dtype | None, result
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
-def check_eval_args(batch_size, max_images, load_size) -> None:
+AMP_DTYPES = (None, torch.float16, torch.bfloat16)
+
+
+def check_eval_args(batch_size, max_images, load_size, amp_dtype=None, inception_dtype=None) -> None:
     """ValueError naming the argument (the library's checks; the CLI says the same of its flags):
-    ``max_images=-1`` dropped the last image, ``load_size=0`` was a torch error deep inside."""
+    ``max_images=-1`` dropped the last image, ``load_size=0`` was a torch error deep inside, an
+    ``amp_dtype`` of ``"bfloat16"`` (a string) ran fp32."""
     def whole(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
+
+    for name, dtype in (("amp_dtype", amp_dtype), ("inception_dtype", inception_dtype)):
+        if not any(dtype is d for d in AMP_DTYPES) and dtype is not torch.float32:
+            raise ValueError(f"{name} must be None, torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
 
     if not (whole(batch_size) and 1 <= batch_size <= MAX_BATCH_SIZE):
         raise ValueError(f"batch_size (--batch-size) must be an int in [1, {MAX_BATCH_SIZE}], got {batch_size!r}")
@@ -326,7 +335,11 @@ def evaluate_generators(
     either may be None) on ``dataroot/{phase}A|B``. Modules are evaluated in eval mode and given
     back in their previous mode, unchanged otherwise; ``amp_dtype`` runs them under autocast.
     FID/KID only when ``fid`` is true."""
-    check_eval_args(batch_size, max_images, load_size)
+    check_eval_args(batch_size, max_images, load_size, amp_dtype, inception_dtype)
+    if amp_dtype not in (None, torch.float32) and any(g is not None and not isinstance(g, nn.Module)
+                                                      for g in (G_AB, G_BA)):
+        raise ValueError(f"amp_dtype={amp_dtype} applies to nn.Module generators; a Translator runs in the "
+                         "precision it was loaded with (fastcgan.deploy.load(..., fp16=/bf16=))")
     device = torch.device(device)
     results: dict = {}
     inception = fid_inception(device, inception_weights_path, inception_dtype, results) if fid else None
@@ -434,12 +447,13 @@ def evaluate(
     **kw,
 ) -> dict:
     """Load generators with :func:`fastcgan.deploy.load` -- both from a run directory, or one
-    artifact (``direction``, default AtoB) -- and evaluate them. ``kw`` goes to
+    artifact (scored as ``direction``, default: the one it records, else AtoB) -- and evaluate them. ``kw`` goes to
     :func:`evaluate_generators` (``amp_dtype`` becomes the runtime's bf16/fp16 weights); ``tile`` /
     ``tile_overlap`` run large images in tiles (:func:`fastcgan.deploy.load`). Paired
     data (pix2pix: ``dataroot/<phase>/`` of A|B images) goes to
     :func:`fastcgan.evaluate_paired.evaluate_paired` (L1/PSNR/SSIM to the targets; ``direction``
-    then says which half is the input, default: the run's own)."""
+    then says which half is the input, default: the run's own, else the one an exported pix2pix
+    generator records)."""
     from fastcgan.deploy import load
     from fastcgan.evaluate_paired import evaluate_paired, is_paired_root
 
@@ -463,9 +477,9 @@ def evaluate(
         # With a direction, only that one (below): --direction BtoA on a run scored both.
         G_AB = load(checkpoint, direction="AtoB", **opts)
         G_BA = load(checkpoint, direction="BtoA", **opts) if "BtoA" in run_generators(checkpoint) else None
-    else:
-        g = load(checkpoint, direction=direction or "AtoB", **opts)
-        G_AB, G_BA = (g, None) if direction in (None, "AtoB") else (None, g)
+    else:  # one generator: scored the way it translates (its recorded direction), else AtoB
+        g = load(checkpoint, direction=direction, **opts)
+        G_AB, G_BA = (g, None) if (direction or g.spec.direction or "AtoB") == "AtoB" else (None, g)
     return evaluate_generators(G_AB, G_BA, dataroot, phase, dev, **kw)
 
 
@@ -517,9 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--direction",
         choices=("AtoB", "BtoA"),
         default=None,
-        help="which direction a single artifact translates (default AtoB); with a run directory or .ckpt: "
+        help="which direction a single artifact is scored as (default: the one recorded in it, else AtoB); "
+        "with a run directory or .ckpt: "
         "score only its generator of this direction (default both); on pairs: which half is the input "
-        "(default: the run's --direction, else AtoB)",
+        "(default: the run's --direction, else the one an exported pix2pix generator records, else AtoB)",
     )
     p.add_argument("--engine", choices=ENGINES, default=None, help="runtime engine (default: the artifact's own)")
     p.add_argument("--device", default="auto")

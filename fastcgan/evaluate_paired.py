@@ -47,18 +47,32 @@ def is_paired_root(dataroot: str, phase: str = "test") -> bool:
 
 def run_direction(checkpoint: str) -> str | None:
     """The ``--direction`` a (pix2pix) run directory or training checkpoint was trained with, or None."""
+    return _run_settings(checkpoint)[1]
+
+
+def run_pairs_direction(checkpoint: str) -> str | None:
+    """A pix2pix run's (or checkpoint's) ``--direction``: which half of a pair its generator reads;
+    None for other recipes and for what is not a readable run."""
+    recipe, direction = _run_settings(checkpoint)
+    return direction if recipe == "pix2pix" else None
+
+
+def _run_settings(checkpoint: str) -> tuple[str | None, str | None]:
+    """(recipe, data direction) from a run directory's config.json or a checkpoint's config."""
     if checkpoint.lower().endswith(".ckpt") and os.path.isfile(checkpoint):
         from fastcgan.train.checkpoint import CheckpointError, checkpoint_config
 
         try:
-            return checkpoint_config(checkpoint).data.direction
+            cfg = checkpoint_config(checkpoint)
+            return cfg.model.recipe, cfg.data.direction
         except CheckpointError:
-            return None  # loading it says what is wrong
+            return None, None  # loading it says what is wrong
     try:
         with open(os.path.join(checkpoint, "config.json")) as f:
-            return json.load(f)["data"].get("direction")
+            d = json.load(f)
+        return d.get("model", {}).get("recipe"), d["data"].get("direction")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+        return None, None
 
 
 def iter_pairs(
@@ -151,22 +165,26 @@ def evaluate_paired(
     from fastcgan.data.images import oriented_size
     from fastcgan.evaluate import check_eval_args, check_tile_counts, domain_paths, fid_inception, translate_images
 
-    check_eval_args(batch_size, max_images, load_size)
+    check_eval_args(batch_size, max_images, load_size, amp_dtype, inception_dtype)
     dev = resolve_device(str(device))
     if isinstance(checkpoint, Translator):
-        if tile is not None or tile_overlap is not None:
-            raise ValueError("tile / tile_overlap are load() options: give them to fastcgan.deploy.load, "
-                             "not with a loaded Translator")
+        given = [name for name, v, default in (("tile", tile, None), ("tile_overlap", tile_overlap, None),
+                                               ("engine", engine, None), ("trust_artifact", trust_artifact, False),
+                                               ("amp_dtype", amp_dtype, None)) if v != default]
+        if given:
+            raise ValueError(f"{' / '.join(given)}: load() options; give them to fastcgan.deploy.load, not with a "
+                             "loaded Translator (it runs as it was loaded)")
         tr = checkpoint
     else:
         if direction is None:
             direction = run_direction(checkpoint)
-        tr = load(
-            checkpoint, direction="AtoB", device=str(dev), engine=engine, batch_size=batch_size,
+        run = os.path.isdir(checkpoint) or str(checkpoint).lower().endswith(".ckpt")
+        tr = load(  # a pix2pix run's one generator is its AtoB file; an artifact runs its own
+            checkpoint, direction="AtoB" if run else None, device=str(dev), engine=engine, batch_size=batch_size,
             bf16=amp_dtype == torch.bfloat16, fp16=amp_dtype == torch.float16, trust_artifact=trust_artifact,
             tile=tile, tile_overlap=tile_overlap,
         )
-    direction = direction or "AtoB"
+    direction = direction or tr.spec.pairs_direction or "AtoB"  # an exported pix2pix generator records it
     if direction not in ("AtoB", "BtoA"):
         raise ValueError(f"direction must be AtoB or BtoA, got {direction!r}")
     colorizer = (tr.spec.config or {}).get("color_space") == "lab"

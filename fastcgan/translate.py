@@ -20,8 +20,8 @@ verifies, or with ``--trust-artifact``. Outputs are written atomically.
 (linked where it is, not copied) beside its translation; it is an output like the images.
 
 ``--pairs``: the inputs are A|B pair images (a pix2pix test split, as the official ``test.py
---model pix2pix`` reads them): the input half -- ``--direction``, by default the run's own -- is
-translated, and the page shows each whole pair (input and target) beside the translation.
+--model pix2pix`` reads them): the input half -- ``--direction``, by default the run's own (or the
+one an exported pix2pix generator records) -- is translated, and the page shows each whole pair (input and target) beside the translation.
 Odd-width pairs are skipped like unreadable files.
 """
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (never inputs)")
     p.add_argument("--direction", choices=DIRECTIONS, default=None,
                    help="generator of a run directory (default AtoB); with --pairs: which half is the input "
-                   "(default: the run's --direction, else AtoB)")
+                   "(default: the run's --direction, else the one an exported pix2pix generator records, else AtoB)")
     p.add_argument("--pairs", action="store_true",
                    help="inputs are A|B pair images (pix2pix test splits): translate the input half")
     p.add_argument("--engine", choices=ENGINES, default=None, help="default: the artifact's own")
@@ -202,18 +202,23 @@ def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
     return None
 
 
-def _directions(args) -> tuple[str, str]:
-    """(the direction translated, the generator a run directory gives for it). With --pairs the
-    direction is which half is the input (default: the run's own); a pix2pix run (or a released
-    model's folder) has one generator, ``AtoB``, whichever half it reads."""
+def _directions(args) -> tuple[str | None, str | None]:
+    """(the direction translated, the generator asked of the artifact). A run directory or
+    checkpoint gives the generator of that direction (default AtoB); a one-generator file is
+    labelled with its recorded direction unless --direction is given. With --pairs the direction
+    is which half is the input (default: the run's own, else what the artifact records, else
+    AtoB); a pix2pix run (or a released model's folder) has one generator, ``AtoB``, whichever
+    half it reads."""
+    run = os.path.isdir(args.checkpoint) or args.checkpoint.lower().endswith(".ckpt")
     if not args.pairs:
-        return args.direction or "AtoB", args.direction or "AtoB"
+        return args.direction, (args.direction or "AtoB") if run else args.direction
     from fastcgan.evaluate import run_generators
     from fastcgan.evaluate_paired import run_direction
 
-    direction = args.direction or run_direction(args.checkpoint) or "AtoB"
-    run = os.path.isdir(args.checkpoint) or args.checkpoint.lower().endswith(".ckpt")
-    return direction, direction if run and direction in run_generators(args.checkpoint) else "AtoB"
+    direction = args.direction or run_direction(args.checkpoint)  # else the artifact's (after loading)
+    if not run:
+        return direction, None
+    return direction, direction if direction in run_generators(args.checkpoint) else "AtoB"
 
 
 def _read(path: str, channels: int, max_pixels: int, half: str | None):
@@ -332,6 +337,8 @@ def _main(args) -> int:
     if translator.input_nc not in (1, 3) or translator.output_nc not in (1, 3):
         return _error(f"image files need 1- or 3-channel generators, this one is "
                       f"{translator.input_nc}->{translator.output_nc}")
+    # Unpaired: a file's label (the HTML page's title); pairs: the half an exported pix2pix generator reads.
+    direction = direction or (translator.spec.pairs_direction if args.pairs else translator.spec.direction) or "AtoB"
     if translator.trust != "data artifact (no code)":
         print(f"{args.checkpoint}: {translator.trust}", file=sys.stderr)
     try:

@@ -2,6 +2,7 @@
 kinds, official checkpoints, bad artifacts, and the TensorRT path (GPU) or its message (CPU)."""
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -475,3 +476,101 @@ def test_trt_unavailable_fails_before_any_work(run_dir, tmp_path, monkeypatch, c
     assert _export(run_dir, "--trt", tmp_path / "g.engine") == cli.EXIT_TRT_MISSING
     assert "pip install tensorrt" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_generator_artifacts_keep_their_direction(tmp_path, capsys):
+    """Exporting a run's generator_BtoA.safetensors wrote an ONNX model that said AtoB (and
+    evaluation then scored it on the A images). A direction given with a one-generator file
+    relabels it (a released zebra2horse model sits in an AtoB slot)."""
+    from fastcgan.models import read_generator_direction
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for seed, d in enumerate(("AtoB", "BtoA")):
+        save_generator(_gen("resnet_6blocks", 4, seed=seed), run / f"generator_{d}.safetensors", direction=d)
+    ba = run / "generator_BtoA.safetensors"
+    assert load(str(ba)).spec.direction == "BtoA"
+    assert load(str(ba), direction="AtoB").spec.direction == "AtoB"
+
+    assert _export(ba, "--onnx", tmp_path / "ba.onnx", "--verify-sizes", "1x32x32") == 0
+    assert load(str(tmp_path / "ba.onnx")).spec.direction == "BtoA"
+    assert load(str(tmp_path / "ba.onnx"), direction="AtoB").spec.direction == "AtoB"
+    assert _export(run, "--direction", "BtoA", "--safetensors", tmp_path / "out.safetensors") == 0
+    assert read_generator_direction(tmp_path / "out.safetensors") == "BtoA"
+    capsys.readouterr()
+
+    # Files written before the metadata held it: known by a run's file name, else unknown.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    save_generator(_gen("resnet_6blocks", 4), legacy / "generator_BtoA_best.safetensors")
+    save_generator(_gen("resnet_6blocks", 4), legacy / "zebra2horse.safetensors")
+    assert read_generator_direction(legacy / "generator_BtoA_best.safetensors") == "BtoA"
+    assert read_generator_direction(legacy / "zebra2horse.safetensors") is None
+    assert load(str(legacy / "zebra2horse.safetensors"), direction="BtoA").spec.direction == "BtoA"
+    with pytest.raises(ValueError, match="direction must be one of"):
+        save_generator(_gen("resnet_6blocks", 4), tmp_path / "x.safetensors", direction="sideways")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("artifact, kw, said", [
+    ("onnx", dict(compile_mode="max-autotune"), "compile_mode='max-autotune' applies to engine='compiled' only"),
+    ("onnx", dict(channels_last=True), "channels_last=True applies to the torch and compiled engines only"),
+    ("onnx", dict(backend="cpp"), "backend='cpp' applies to the torch and compiled engines only"),
+    ("onnx", dict(bf16=True), "bf16=True: the onnx engine runs fp32 or an fp16-exported model"),
+    ("onnx", dict(fp16=True), "is an fp32 model: fp16=True would do nothing"),
+    ("onnx", dict(threads=0), "threads must be an int from 1 to"),
+    ("onnx", dict(threads=3000), "threads must be an int from 1 to"),  # 3000 OS threads, very slow
+    ("onnx", dict(threads=True), "threads must be an int"),
+    ("onnx", dict(max_tiles=0), "max_tiles must be an int >= 1"),
+    ("run", dict(threads=1), "threads=1 applies to engine='onnx' only"),
+    ("run", dict(backend="nonsense"), "unknown backend 'nonsense'"),
+    ("run", dict(backend="cuda"), "backend 'cuda' cannot run on cpu"),
+    ("run", dict(compile_mode="default"), "applies to engine='compiled' only (engine is 'torch')"),
+    ("run", dict(engine="onnx", bf16=True), "bf16=True: the onnx engine"),
+    ("run", dict(direction="sideways"), "direction must be one of"),
+])
+def test_load_refuses_options_that_would_do_nothing(run_dir, good_onnx, artifact, kw, said):
+    """Each of these was accepted and ignored (bf16 ran fp32; threads on a torch engine, a
+    backend on an ONNX model) or failed only at the first image (an unknown backend)."""
+    path = good_onnx if artifact == "onnx" else run_dir
+    with pytest.raises(ValueError, match=re.escape(said)):
+        load(str(path), device="cpu", **kw)
+
+
+def test_load_options_that_apply_are_taken(run_dir, good_onnx):
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    ref = load(str(run_dir), device="cpu")(x)
+    assert load(str(good_onnx), device="cpu", threads=1)(x).shape == ref.shape
+    from fastcgan.ops import available_backends
+
+    cpp = [dict(backend="cpp")] if available_backends()["cpp"].available else []
+    for kw in [dict(backend="torch"), dict(channels_last=True)] + cpp:
+        torch.testing.assert_close(load(str(run_dir), device="cpu", **kw)(x), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("edit, said", [
+    (dict(input_nc=1), "input channels 1, the graph 3"),
+    (dict(output_nc=4), "output channels 4, the graph 3"),
+    (dict(dtype="float16"), "input type float16, the graph float32"),
+    (dict(static_hw=[64, 64]), None),  # stricter than the graph: harmless, kept
+    (dict(direction="sideways"), "fastcgan metadata: direction must be one of"),
+    (dict(pairs_direction=3), "fastcgan metadata: pairs_direction must be one of"),
+])
+def test_onnx_metadata_that_contradicts_the_graph_is_refused_at_load(good_onnx, tmp_path, edit, said):
+    """An edited metadata entry (input_nc 1 on an RGB graph) loaded, then failed in onnxruntime
+    at the first image."""
+    import onnx
+
+    from fastcgan.deploy._common import METADATA_KEY
+
+    proto = onnx.load(str(good_onnx))
+    prop = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    prop.value = json.dumps({**json.loads(prop.value), **edit})
+    path = tmp_path / "edited.onnx"
+    onnx.save(proto, str(path))
+    if said is None:
+        assert load(str(path), device="cpu").spec.static_hw == (64, 64)
+        return
+    said = said if said.startswith("fastcgan") else f"the fastcgan metadata says {said}"
+    with pytest.raises(ArtifactError, match=re.escape(f"edited.onnx: {said}")):
+        load(str(path), device="cpu")

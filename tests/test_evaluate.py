@@ -442,6 +442,8 @@ def test_tile_count_is_judged_on_the_headers_before_translating(tmp_path, monkey
     (dict(load_size=0), "load_size (--load-size) must be an int"),  # a torch error from interpolate
     (dict(load_size=True), "load_size"),
     (dict(batch_size=0), "batch_size"),
+    (dict(amp_dtype="bfloat16"), "amp_dtype must be None, torch.float16"),  # a string ran fp32
+    (dict(inception_dtype=torch.int8), "inception_dtype"),
 ])
 def test_library_arguments_are_checked(tmp_path, synth, kw, said):
     from fastcgan import evaluate_paired as evp
@@ -452,3 +454,60 @@ def test_library_arguments_are_checked(tmp_path, synth, kw, said):
     pairs.mkdir(parents=True)
     with pytest.raises(ValueError, match=re.escape(said)):
         evp.evaluate_paired(ev.module_translator(Identity(), "cpu"), str(tmp_path / "pairs"), **kw)
+
+
+def test_one_generator_file_is_scored_the_way_it_translates(tmp_path, synth):
+    """A run's generator_BtoA.safetensors alone was scored as AtoB (testA through the BtoA
+    generator) unless --direction was given; its recorded direction now decides, and
+    --direction still says otherwise (a dataset with A and B the other way round)."""
+    run = _run_dir(tmp_path)
+    one = ev.evaluate(str(run / "generator_BtoA.safetensors"), synth, device="cpu")
+    both = ev.evaluate(str(run), synth, device="cpu")
+    assert set(one) == {"BtoA"}
+    assert one["BtoA"]["truth_l1"] == pytest.approx(both["BtoA"]["truth_l1"], abs=1e-7)
+    assert set(ev.evaluate(str(run / "generator_BtoA.safetensors"), synth, device="cpu", direction="AtoB")) == {
+        "AtoB"}
+
+
+def test_options_that_a_loaded_translator_would_ignore_are_refused(tmp_path, synth):
+    from fastcgan import evaluate_paired as evp
+    from fastcgan.deploy import load
+
+    pairs = tmp_path / "pairs" / "test"
+    pairs.mkdir(parents=True)
+    tr = load(str(_run_dir(tmp_path)), device="cpu")
+    for kw in (dict(engine="onnx"), dict(trust_artifact=True), dict(amp_dtype=torch.bfloat16), dict(tile=64)):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))}: load\\(\\) options"):
+            evp.evaluate_paired(tr, str(tmp_path / "pairs"), **kw)
+    with pytest.raises(ValueError, match="a Translator runs in the precision it was loaded with"):
+        ev.evaluate_generators(tr, None, synth, amp_dtype=torch.bfloat16)
+
+
+def test_an_exported_pix2pix_generator_reads_the_half_it_was_trained_on(tmp_path):
+    """A pix2pix generator trained --direction BtoA (facades: labels are the B half), exported to
+    ONNX and scored on the test pairs from that file alone, read the A half: the default was
+    AtoB. The file records its pairs direction, and the export carries it."""
+    import numpy as np
+    from PIL import Image
+
+    from fastcgan.deploy import cli as export_cli
+    from fastcgan.deploy import load
+    from fastcgan.evaluate_paired import evaluate_paired
+
+    root = tmp_path / "pairs"
+    (root / "test").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(root / "test" / f"{i}.png")
+    torch.manual_seed(0)
+    st = tmp_path / "p2p.safetensors"
+    save_generator(build_generator("resnet_6blocks", ngf=4), st,
+                   direction="AtoB", pairs_direction="BtoA")
+    assert export_cli.main([str(st), "--onnx", str(tmp_path / "p2p.onnx"), "--verify-sizes", "1x32x32"]) == 0
+    assert load(str(tmp_path / "p2p.onnx")).spec.pairs_direction == "BtoA"
+    told = evaluate_paired(str(st), str(root), direction="BtoA")["AtoB"]
+    for artifact in (st, tmp_path / "p2p.onnx"):
+        r = evaluate_paired(str(artifact), str(root))["AtoB"]
+        assert r["direction"] == "BtoA" and r["l1"] == pytest.approx(told["l1"], abs=1e-5)
+    with pytest.raises(ValueError, match="pairs_direction must be one of"):
+        save_generator(build_generator("resnet_6blocks", ngf=4), tmp_path / "x.safetensors", pairs_direction="up")

@@ -367,6 +367,12 @@ def test_cli_end_to_end_with_evaluation_and_onnx(tmp_path, capsys):
         ref = G(x)
     torch.testing.assert_close(onnx_export.onnx_runner(str(onnx_path))(x), ref, atol=1e-4, rtol=1e-4)
     assert "InstanceNormalization" in onnx_export.op_types(str(onnx_path))
+    # The generator file records the run's --direction; the export carries it (a pix2pix model
+    # evaluated or translated on pairs from its ONNX file alone reads the right half).
+    from fastcgan.models import read_pairs_direction
+
+    assert read_pairs_direction(run / "generator_AtoB.safetensors") == "AtoB"
+    assert load(str(onnx_path), device="cpu").spec.pairs_direction == "AtoB"
     y_onnx = load(str(onnx_path), device="cpu").translate_batch([x[:1]])[0]
     y_st = load(str(run), device="cpu").translate_batch([x[:1]])[0]
     torch.testing.assert_close(y_onnx, y_st, atol=1e-4, rtol=1e-4)

@@ -198,3 +198,34 @@ def test_translate_max_images(run_dir, images, tmp_path, capsys):
     assert main(["--checkpoint", str(run_dir), "--input", str(images), "--output", str(tmp_path / "x"),
                  "--max-images", "0"]) == 2
     assert "--max-images must be >= 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+
+def test_one_generator_file_is_labelled_with_its_direction(run_dir, images, tmp_path):
+    """The results page said AtoB for a run's generator_BtoA.safetensors."""
+    ba = run_dir / "generator_BtoA.safetensors"
+    one = images / "sub" / "b.jpg"
+    for flags, said in (([], "(BtoA, torch)"), (["--direction", "AtoB"], "(AtoB, torch)")):
+        out = tmp_path / f"o{len(flags)}"
+        assert main(["--checkpoint", str(ba), "--input", str(one), "--output", str(out), "--html",
+                     "--device", "cpu", "--no-progress", *flags]) == 0
+        assert said in (out / "index.html").read_text()
+
+
+def test_pairs_with_an_exported_pix2pix_generator_read_its_half(tmp_path, monet2photo_mini):
+    """--pairs with a pix2pix generator file alone (no run directory) translated the A half of a
+    generator trained BtoA; the file records the half it reads."""
+    from fastcgan.deploy import load
+
+    src = os.path.join(monet2photo_mini, "testA")
+    a, b = (Image.open(os.path.join(src, n)).convert("RGB").resize((64, 48)) for n in sorted(os.listdir(src))[:2])
+    pair = Image.new("RGB", (128, 48))
+    pair.paste(a, (0, 0))
+    pair.paste(b, (64, 0))
+    pair.save(tmp_path / "1.png")
+    torch.manual_seed(0)
+    st = tmp_path / "p2p.safetensors"
+    save_generator(build_generator("resnet_6blocks", ngf=4), st, direction="AtoB", pairs_direction="BtoA")
+    assert main(["--checkpoint", str(st), "--input", str(tmp_path / "1.png"), "--output", str(tmp_path / "o"),
+                 "--pairs", "--device", "cpu", "--no-progress"]) == 0
+    _assert_same_pixels(np.array(Image.open(tmp_path / "o" / "1.png")), load(str(st), device="cpu")(np.array(b)))

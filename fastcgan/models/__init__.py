@@ -32,6 +32,8 @@ from fastcgan.models.io import (
     generator_filename,
     load_generator,
     read_generator_config,
+    read_generator_direction,
+    read_pairs_direction,
     resolve_generator_path,
     save_generator,
 )
@@ -67,6 +69,8 @@ __all__ = [
     "generator_filename",
     "load_generator",
     "read_generator_config",
+    "read_generator_direction",
+    "read_pairs_direction",
     "resolve_generator_path",
     "save_generator",
     "load_official_generator",

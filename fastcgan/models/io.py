@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any, Optional, Union
 
 import torch
@@ -36,6 +37,9 @@ CONFIG_KEYS = ("arch", "input_nc", "output_nc", "ngf", "norm", "use_dropout")
 OPTIONAL_CONFIG_KEYS = ("bn_inference", "color_space", "antialias", "antialias_up")
 DIRECTIONS = ("AtoB", "BtoA")
 DIGEST_KEY = "tensors_sha256"
+# The file names a run directory gives its generators (the best-FID copy too): a file written
+# before the metadata recorded its direction is still known by its name.
+RUN_GENERATOR_NAME = re.compile(r"generator_(AtoB|BtoA)(?:_best)?\.safetensors")
 
 
 class GeneratorIntegrityError(ValueError):
@@ -81,11 +85,16 @@ def _check_config(config: Any, where: str) -> dict:
     return dict(config)
 
 
-def save_generator(model: nn.Module, path: Union[str, os.PathLike], config: Optional[dict] = None) -> None:
+def save_generator(model: nn.Module, path: Union[str, os.PathLike], config: Optional[dict] = None,
+                   direction: Optional[str] = None, pairs_direction: Optional[str] = None) -> None:
     """Write ``model``'s state dict to ``path`` (``.safetensors``) with ``config`` (the
     ``build_generator`` arguments: arch, input_nc, output_nc, ngf, norm, use_dropout) in its
     metadata. ``config=None`` uses ``model.config``, set by :func:`build_generator`. The metadata
-    also carries the sha256 of every tensor (``tensors_sha256``), verified by :func:`load_generator`.
+    also carries the sha256 of every tensor (``tensors_sha256``), verified by :func:`load_generator`,
+    and ``direction`` when given: which generator of its run this is (AtoB: ``G_AB``, A into B; a
+    one-generator recipe's, pix2pix or CUT, is AtoB whichever way its data was read), and
+    ``pairs_direction``: a pix2pix generator's ``--direction`` (BtoA: the right half of a pair is
+    its input), so evaluating pairs with the file alone reads the right half.
     The file is written atomically (:func:`fastcgan.fileio.atomic_write`), so a crash never leaves
     a half-written generator; temporaries that killed writers left beside it are removed."""
     path = os.fspath(path)
@@ -95,10 +104,16 @@ def save_generator(model: nn.Module, path: Union[str, os.PathLike], config: Opti
         if config is None:
             raise ValueError(f"save_generator({path}): pass config= (model was not built by build_generator)")
     config = _check_config(config, f"save_generator({path})")
+    for name, value in (("direction", direction), ("pairs_direction", pairs_direction)):
+        if value is not None and value not in DIRECTIONS:
+            raise ValueError(f"save_generator({path}): {name} must be one of {DIRECTIONS}, got {value!r}")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     digests = {k: tensor_sha256(v) for k, v in state.items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config, sort_keys=True),
             DIGEST_KEY: json.dumps(digests, sort_keys=True)}
+    for name, value in (("direction", direction), ("pairs_direction", pairs_direction)):
+        if value is not None:
+            meta[name] = value
     remove_stale_generator_temporaries(os.path.dirname(os.path.abspath(path)))
     atomic_write(path, save_bytes(state, metadata=meta))
 
@@ -133,6 +148,33 @@ def read_generator_config(path: Union[str, os.PathLike]) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: generator config metadata is not valid JSON: {e}") from e
     return _check_config(config, path)
+
+
+def read_generator_direction(path: Union[str, os.PathLike]) -> Optional[str]:
+    """Which generator of its run ``path`` holds (AtoB / BtoA, as :func:`save_generator`): its
+    metadata's ``direction``, else its run-directory file name (``generator_BtoA.safetensors``),
+    else None (unknown)."""
+    path = os.fspath(path)
+    direction = _direction_metadata(path, "direction")
+    if direction is not None:
+        return direction
+    named = RUN_GENERATOR_NAME.fullmatch(os.path.basename(path))
+    return named.group(1) if named else None
+
+
+def read_pairs_direction(path: Union[str, os.PathLike]) -> Optional[str]:
+    """A pix2pix generator file's ``--direction`` (which half of an A|B pair is its input), or None
+    (another recipe's, or a file written before generators recorded it)."""
+    return _direction_metadata(os.fspath(path), "pairs_direction")
+
+
+def _direction_metadata(path: str, key: str) -> Optional[str]:
+    read_generator_config(path)  # a fastcgan generator file, or a clear error
+    with safe_open(path, framework="pt") as f:
+        value = (f.metadata() or {}).get(key)
+    if value is not None and value not in DIRECTIONS:
+        raise ValueError(f"{path}: generator {key} metadata must be one of {DIRECTIONS}, got {value!r}")
+    return value
 
 
 def verify_tensor_digests(path: str, state: dict, meta: dict) -> bool:

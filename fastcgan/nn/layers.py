@@ -92,7 +92,12 @@ def reflected_dropout(hp: Tensor, p: float, pad: int) -> Tensor:
 
 
 def set_backend(module: nn.Module, backend: str) -> nn.Module:
-    """Point every fastcgan layer in ``module`` at ``backend`` (``auto``/``torch``/``triton``/``cuda``/``cpp``)."""
+    """Point every fastcgan layer in ``module`` at ``backend`` (``auto``/``torch``/``triton``/``cuda``/``cpp``).
+    An unknown name is a ValueError here, not at the first forward."""
+    from fastcgan.ops._backends import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
     for m in module.modules():
         # uses_op_backend: layers defined elsewhere that call the ops too (models' BatchNormAct).
         if isinstance(m, InstanceNormAct) or getattr(type(m), "uses_op_backend", False):

@@ -511,6 +511,12 @@ RECIPE_FIELDS = {
 }
 
 
+def pairs_direction(cfg: "TrainConfig") -> Optional[str]:
+    """What a run's generator files record as their ``pairs_direction``: a pix2pix run's
+    ``--direction`` (which half of an A|B pair is the input); None for recipes without halves."""
+    return cfg.data.direction if cfg.model.recipe == "pix2pix" else None
+
+
 def unused_flags(cfg: "TrainConfig", requested: dict) -> list[str]:
     """The explicitly given fields (``requested``: the CLI's flags) that nothing in this run reads,
     each as ``--flag (why)``: another recipe's loss weights, ``--lambda-gp`` without wgangp,

@@ -39,7 +39,7 @@ from fastcgan.devices import resolve_device
 from fastcgan.fileio import atomic_write
 from fastcgan.recipes import get_recipe
 from fastcgan.train.checkpoint import list_checkpoints, restore_state, resume_plan, save_checkpoint
-from fastcgan.train.config import ConfigError, TrainConfig, min_discriminator_side, unused_flags
+from fastcgan.train.config import ConfigError, TrainConfig, min_discriminator_side, pairs_direction, unused_flags
 from fastcgan.train.cuda_graphs import use_cuda_graphs
 from fastcgan.train.data import (build_batches, build_dataset, dataset_nbytes, prepare_dataroot, sample_images,
                                  synthetic_root)
@@ -226,7 +226,8 @@ class _Run:
         if self.best_fid is None or score < self.best_fid["fid"]:
             self.best_fid = {"step": state.step, "fid": score}
             for direction, net in gens.items():
-                save_generator(net, os.path.join(self.run_dir, f"generator_{direction}_best.safetensors"))
+                save_generator(net, os.path.join(self.run_dir, f"generator_{direction}_best.safetensors"),
+                               direction=direction, pairs_direction=pairs_direction(self.cfg))
 
     def save(self, state) -> None:
         if not self.ctx.is_main:
@@ -237,7 +238,8 @@ class _Run:
         self.last_ckpt = save_checkpoint(state, self.cfg, self.run_dir, self.batches.generators, extra)
         for direction, net in self.recipe.exports.items():
             path = os.path.join(self.run_dir, f"generator_{direction}.safetensors")
-            save_generator(self.recipe.deployed(state.nets[net]), path)
+            save_generator(self.recipe.deployed(state.nets[net]), path, direction=direction,
+                           pairs_direction=pairs_direction(self.cfg))
 
     def loop(self, payload, ckpt_path, install_signal_handlers: bool, messages: list[str], init=None) -> dict:
         cfg, ctx, main = self.cfg, self.ctx, self.ctx.is_main

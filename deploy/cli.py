@@ -298,12 +298,13 @@ def _staged(path: str):
                     break
 
 
-def _install(staged: str, path: str, side=(".json", ".manifest.json")) -> None:
+def _install(staged: str, path: str, side=(".json", ".manifest.json"), *, replace: bool) -> None:
     """Rename a verified artifact into place, then its side files: between the two renames a
-    loader sees the new artifact with the old manifest, which does not verify (refused, not run)."""
+    loader sees the new artifact with the old manifest, which does not verify (refused, not run).
+    Without ``replace`` (--overwrite) an artifact another process wrote meanwhile stays."""
     from fastcgan.deploy.manifest import install
 
-    install(staged, path)
+    install(staged, path, replace)
     for suffix in side:
         if os.path.exists(staged + suffix):
             install(staged + suffix, path + suffix)
@@ -376,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         ("--opset", args.opset, "--onnx / --trt", args.onnx or args.trt),
         ("--exporter", args.exporter, "--onnx / --trt", args.onnx or args.trt),
         ("--static", args.static, "--onnx / --trt / --aoti", args.onnx or args.trt or args.aoti),
+        # .safetensors / official .pth weights are fp32 whatever the flags; ONNX has no bf16.
+        ("--fp16", args.fp16 or None, "--onnx / --trt / --aoti", args.onnx or args.trt or args.aoti),
+        ("--bf16", args.bf16 or None, "--trt / --aoti", args.trt or args.aoti),
     ):
         if given is not None and not out:
             parser.error(f"{flag} applies to {needs} only, which is not given")
@@ -384,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
                      "--no-verify skips: give one or the other")
     args.opset = DEFAULT_OPSET if args.opset is None else args.opset
     args.exporter = args.exporter or "auto"
+    if args.from_official and args.bn_inference and (args.norm or "instance") != "batch":
+        parser.error(f"--bn-inference: a --norm {args.norm or 'instance'} generator has no BatchNorm; leave the "
+                     "flag out (or give --norm batch if the checkpoint has BatchNorm)")
     if args.direction and args.from_official:
         parser.error("--direction picks a generator of RUN; an official checkpoint is one generator")
     if args.direction and args.run and os.path.isfile(args.run) and args.run.lower().endswith(".safetensors"):
@@ -499,7 +506,7 @@ def _export_file(args, label: str, path: str, model, spec, write, read_back) -> 
             if not _report(label, errs, TOLERANCE["fp32"] if args.tol is None else args.tol):
                 print(f"{label}: {path} not written (verification failed)", file=sys.stderr)
                 return EXIT_FAIL
-        _install(tmp, path, side=())
+        _install(tmp, path, side=(), replace=args.overwrite)
     return EXIT_OK
 
 
@@ -593,7 +600,7 @@ def _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, 
             if args.onnx:
                 print(f"onnx: {args.onnx} not written (verification failed)", file=sys.stderr)
         elif args.onnx:
-            _install(tmp_onnx, args.onnx, side=())
+            _install(tmp_onnx, args.onnx, side=(), replace=args.overwrite)
             onnx_path = args.onnx
             print(f"onnx: wrote {args.onnx}")
 
@@ -622,7 +629,7 @@ def _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, 
                     errs = onnx_export.verify_against_torch(run_aoti, model, aspec, shapes_a, device=str(device))
                     ok = _report("aoti", errs, tol)
                 if ok:
-                    _install(tmp_pkg, args.aoti)
+                    _install(tmp_pkg, args.aoti, replace=args.overwrite)
                     print(f"aoti: wrote {args.aoti}; manifest {manifest_path(args.aoti)} "
                           "(the package holds native code)")
                 else:
@@ -658,7 +665,7 @@ def _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, 
                     del runner  # the engine is deserialized from bytes; the file can move
                     ok = _report("tensorrt", errs, tol)
                 if ok:
-                    _install(tmp_engine, args.trt)
+                    _install(tmp_engine, args.trt, replace=args.overwrite)
                     print(f"trt: wrote {args.trt}; manifest {manifest_path(args.trt)} (engines hold native code)")
                 else:
                     status = EXIT_FAIL

@@ -191,14 +191,17 @@ def verified_bytes(path: str, kind: str, trust: bool = False) -> tuple[bytes, st
     return blob, _decide(path, kind, hashlib.sha256(blob).hexdigest(), len(blob), trust)
 
 
-def install(src: str, dst: str) -> None:
-    """Move a freshly built artifact into place atomically (same folder: rename; else copy + rename)."""
-    from fastcgan.fileio import atomic_writer
+def install(src: str, dst: str, replace: bool = True) -> None:
+    """Move a freshly built artifact into place atomically (same folder: rename; else copy + rename).
+    ``replace=False`` never replaces an existing ``dst`` (:class:`fastcgan.fileio.OutputExistsError`)."""
+    from fastcgan.fileio import OutputExistsError, atomic_writer, move_into_place
 
     try:
-        os.replace(src, dst)
+        move_into_place(src, dst, replace)
         return
+    except OutputExistsError:
+        raise
     except OSError:
         pass
-    with atomic_writer(dst) as out, open(src, "rb") as f:
+    with atomic_writer(dst, replace) as out, open(src, "rb") as f:
         shutil.copyfileobj(f, out, _CHUNK)

@@ -250,9 +250,11 @@ def _graph_agrees(path: str, spec: GeneratorSpec, di: list, do: list, dtype: str
     for what, graph, meta in (("input channels", di[1], spec.input_nc), ("output channels", do[1], spec.output_nc)):
         if graph is not None and graph != meta:
             raise disagree(what, graph, meta)
-    fixed = (di[2], di[3]) if di[2] and di[3] else None
-    if fixed is not None and fixed != spec.static_hw:
-        raise disagree("input size", f"{fixed[0]}x{fixed[1]} only",
+    # A fixed H or W (either one) must be the metadata's static size: the runtime pads and tiles by it.
+    meta_hw = spec.static_hw or (None, None)
+    if any(g is not None and g != m for g, m in zip(di[2:], meta_hw)):
+        graph_hw = "x".join("any" if v is None else str(v) for v in di[2:])
+        raise disagree("input size", f"{graph_hw} only",
                        "any size" if spec.static_hw is None else "{}x{}".format(*spec.static_hw))
     if dtype != spec.dtype:
         raise disagree("input type", dtype, spec.dtype)

@@ -161,6 +161,16 @@ class OrtRunner(_Runner):
         self.name = "trt" if tensorrt else "onnx"
 
     def __call__(self, x: Tensor) -> Tensor:
+        try:
+            return self._run(x)
+        except Exception as e:  # onnxruntime's errors derive from Exception alone
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            # A model its metadata does not describe (edited, or foreign): named, not a raw error.
+            raise ArtifactError(self.path, f"onnxruntime failed on a {'x'.join(map(str, x.shape))} input: "
+                                f"{str(e).strip()[:500]}") from None
+
+    def _run(self, x: Tensor) -> Tensor:
         if self.device.type == "cpu":
             y = self.sess.run([self.out_name], {self.in_name: x.detach().contiguous().numpy()})[0]
             return torch.from_numpy(y)
@@ -219,7 +229,9 @@ class Translator:
         self.tile = tile
         self.tile_overlap = int(tile_overlap)
         self.max_tiles = int(max_tiles)
-        self.batch_size = max(1, int(batch_size))
+        if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
         self.trust = trust  # how the artifact was admitted: data, verified manifest, or trusted explicitly
         self._keep: list[Any] = []  # temporary directories holding derived artifacts
 
@@ -342,7 +354,10 @@ class Translator:
         large image, not ``batch_size`` of them.
 
         Returns a list in input order, each item of its input's kind."""
-        bs = self.batch_size if batch_size is None else max(1, int(batch_size))
+        if batch_size is not None and not (isinstance(batch_size, int) and not isinstance(batch_size, bool)
+                                           and batch_size >= 1):
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        bs = self.batch_size if batch_size is None else batch_size
         items = [self._to_tensor(im) for im in images]
         groups: dict[tuple, list[int]] = {}
         for i, (x, _) in enumerate(items):
@@ -492,6 +507,10 @@ def load(
         raise ValueError(f"tile_overlap must be an int >= 0, got {tile_overlap!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if tile is None and tile_overlap is not None and kind in ("run", "safetensors", "checkpoint"):
+        # What Translator says of a model without a static size, before an export on the fly.
+        raise ValueError(f"tile_overlap {tile_overlap} (--tile-overlap) without tile (--tile): this model runs "
+                         "every image whole, so there are no tiles to overlap")
     _check_load_options(kind, engine, direction=direction, bf16=bf16, compile_mode=compile_mode,
                         channels_last=channels_last, threads=threads, backend=backend, max_tiles=max_tiles)
     trust = "data artifact (no code)"

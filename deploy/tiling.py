@@ -37,7 +37,9 @@ DEFAULT_TILE_OVERLAP = 32
 def default_overlap(tile) -> int:
     """The overlap used when none is given: 32 px, or less than half of a smaller tile (a model
     exported with ``--static 32x32`` tiles at 32 px: 15)."""
-    sizes = (tile, tile) if isinstance(tile, int) else tuple(tile)
+    sizes = tuple(tile) if isinstance(tile, (tuple, list)) else (tile, tile)
+    if not all(isinstance(t, int) for t in sizes):
+        return DEFAULT_TILE_OVERLAP  # check_tile_args names the bad tile
     return min(DEFAULT_TILE_OVERLAP, max(0, (min(sizes) - 1) // 2))
 
 
@@ -45,10 +47,10 @@ def check_tile_args(tile, overlap, *, names: tuple[str, str] = ("tile", "tile_ov
     """``tile`` >= 1 (an int or an (h, w) pair) and 0 <= ``overlap`` < tile / 2; ValueError naming
     the arguments (``names``, e.g. ``("--tile", "--tile-overlap")``) otherwise."""
     tn, on = names
-    sizes = (tile, tile) if isinstance(tile, int) else tuple(tile)
-    if len(sizes) != 2 or any(not isinstance(t, int) or t < 1 for t in sizes):
+    sizes = tuple(tile) if isinstance(tile, (tuple, list)) else (tile, tile)
+    if len(sizes) != 2 or any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in sizes):
         raise ValueError(f"{tn} must be a positive number of pixels, got {tile!r}")
-    if not isinstance(overlap, int) or overlap < 0:
+    if not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0:
         raise ValueError(f"{on} must be >= 0, got {overlap!r}")
     t = min(sizes)
     if 2 * overlap >= t:

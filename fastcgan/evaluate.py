@@ -648,6 +648,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batch-size {a.batch_size}: at most {MAX_BATCH_SIZE} (images held at a time)")
     if a.json is not None and not a.json:
         p.error("--json '': name a .json file")
+    if a.overwrite and a.json is None:
+        p.error("--overwrite replaces an existing --json file, and no --json is given")
+    if a.no_fid and (a.inception_weights is not None or a.inception_dtype != "auto"):
+        p.error(f"{'--inception-weights' if a.inception_weights is not None else '--inception-dtype'} sets up the "
+                "FID network, which --no-fid skips: give one or the other")
     if not a.phase or a.phase in (".", "..") or "/" in a.phase or os.sep in a.phase:  # read inside --dataroot only
         p.error(f"--phase {a.phase!r}: a split name (test, train, val ...), not a path")
     try:
@@ -696,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         try:
             doc = {"written_by": WRITTEN_BY, **_finite_or_none(res)}
-            atomic_write(a.json, json.dumps(doc, indent=2, allow_nan=False).encode())
+            atomic_write(a.json, json.dumps(doc, indent=2, allow_nan=False).encode(), replace=a.overwrite)
         except WriteError as e:
             print(f"fastcgan-eval: error: {e}", file=sys.stderr)
             return 1

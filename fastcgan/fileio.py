@@ -23,13 +23,46 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, Union
 
-__all__ = ["WriteError", "atomic_write", "atomic_writer", "output_folder_problem", "remove_stale_temporaries",
-           "temporary_name"]
+__all__ = ["OutputExistsError", "WriteError", "atomic_write", "atomic_writer", "move_into_place",
+           "output_folder_problem", "remove_stale_temporaries", "temporary_name"]
 
 
 class WriteError(OSError):
     """A file could not be written; the message names it and the cause. The previous version of
     the file (if any) is intact."""
+
+
+class OutputExistsError(WriteError):
+    """A write that must not replace (no ``--overwrite``) found its destination taken: another
+    process wrote it after the command checked. The file there is left as it is."""
+
+
+# link() fails with these where the file system has no hard links (FAT, some FUSE mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
+def move_into_place(src: str, dst: str, replace: bool = True) -> None:
+    """Rename ``src`` to ``dst`` (same folder). ``replace=False`` never replaces an existing
+    ``dst``, atomically: a hard link is refused by the kernel when the name exists, so two
+    commands racing for one output cannot silently replace each other's file
+    (:class:`OutputExistsError`). Without hard links, a check just before the rename."""
+    if replace:
+        os.replace(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise OutputExistsError(errno.EEXIST, f"could not write {dst}: another process wrote it while this "
+                                "command ran; left as it is (--overwrite replaces outputs)") from None
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(dst):
+            raise OutputExistsError(errno.EEXIST, f"could not write {dst}: another process wrote it while this "
+                                    "command ran; left as it is (--overwrite replaces outputs)") from None
+        os.replace(src, dst)
+        return
+    os.remove(src)
 
 
 def temporary_name(path: str) -> str:
@@ -92,10 +125,11 @@ class _WriteRecorder:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str) -> Iterator[BinaryIO]:
+def atomic_writer(path: str, replace: bool = True) -> Iterator[BinaryIO]:
     """A binary file object whose content replaces ``path`` atomically when the block exits
     without an exception (on an exception nothing changes and the exception propagates; an
-    ``OSError`` from writing becomes :class:`WriteError`)."""
+    ``OSError`` from writing becomes :class:`WriteError`). ``replace=False``: an existing
+    ``path`` is never replaced (:func:`move_into_place`)."""
     tmp = temporary_name(path)
     d = os.path.dirname(tmp)
     f = None
@@ -106,7 +140,7 @@ def atomic_writer(path: str) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        move_into_place(tmp, path, replace)
     except WriteError:
         raise
     except OSError as e:
@@ -127,9 +161,10 @@ def atomic_writer(path: str) -> Iterator[BinaryIO]:
     _fsync_dir(d)
 
 
-def atomic_write(path: str, data: Union[bytes, bytearray, memoryview, Iterable[bytes]]) -> None:
-    """Write ``data`` (bytes, or an iterable of byte chunks) to ``path`` atomically."""
-    with atomic_writer(path) as f:
+def atomic_write(path: str, data: Union[bytes, bytearray, memoryview, Iterable[bytes]], replace: bool = True) -> None:
+    """Write ``data`` (bytes, or an iterable of byte chunks) to ``path`` atomically (``replace=False``:
+    never over an existing file, :class:`OutputExistsError`)."""
+    with atomic_writer(path, replace) as f:
         if isinstance(data, (bytes, bytearray, memoryview)):
             f.write(data)
         else:

@@ -195,10 +195,30 @@ def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
     odd = [d for d in dests if os.path.lexists(d) and not os.path.isfile(d)]
     if odd:
         return f"{odd[0]} exists and is not a regular file (a folder, device, FIFO or dangling link): never replaced"
+    why = _folder_clash(out, dests)
+    if why:
+        return why
     existing = [d for d in dests if os.path.lexists(d)]
     if existing and not args.overwrite:
         shown = ", ".join(existing[:3]) + (" ..." if len(existing) > 3 else "")
         return f"--output {out} already holds {len(existing)} of the outputs ({shown}); pass --overwrite to replace them"
+    return None
+
+
+def _folder_clash(out: str, dests: list[str]) -> str | None:
+    """An output whose folder is a file (existing, or another output: ``a.png`` beside an input
+    folder ``a.png/``), found before the first write rather than as an error half-way."""
+    wanted = {os.path.normpath(d): d for d in dests}
+    top = os.path.normpath(out)
+    for d in dests:
+        parent = os.path.dirname(os.path.normpath(d))
+        while parent and parent != top and len(parent) > len(top):
+            if parent in wanted:
+                return (f"{wanted[parent]} and {d}: one output would be a file and a folder (rename the input "
+                        f"folder {os.path.basename(parent)!r} or move it out of the input)")
+            if os.path.lexists(parent) and not os.path.isdir(parent):
+                return f"{parent} exists and is not a folder, so {d} cannot be written there; never replaced"
+            parent = os.path.dirname(parent)
     return None
 
 
@@ -249,7 +269,8 @@ def _main(args) -> int:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from fastcgan.data import BadImageError, image_size, is_image_file, make_dataset
+    from fastcgan.data import BadImageError, is_image_file, make_dataset
+    from fastcgan.data.images import oriented_size
     from fastcgan.data.images import set_max_image_pixels
     from fastcgan.deploy import load
     from fastcgan.deploy.tiling import check_tile_args, default_overlap
@@ -276,6 +297,10 @@ def _main(args) -> int:
             raise ValueError(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
     except ValueError as e:
         return _error(str(e))
+    run = os.path.isdir(args.checkpoint) or args.checkpoint.lower().endswith(".ckpt")
+    if args.direction and not args.pairs and os.path.exists(args.checkpoint) and not run:
+        return _error(f"--direction picks a generator of a run directory or training checkpoint (with --pairs: the "
+                      f"input half); {args.checkpoint} is one generator")
     if not os.path.exists(args.input):
         return _error(f"--input {args.input}: no such file or directory")
     if not (os.path.isdir(args.input) or os.path.isfile(args.input)):  # a FIFO would block the reader forever
@@ -292,15 +317,22 @@ def _main(args) -> int:
             files = [f for f in files if not (path_inside(f, out_real) and _is_output_of_ours(f))]
         if not files:
             return _error(f"--input {args.input}: no image files found")
+        inputs = files  # all of them: --max-images never lets an output replace one left out
         files = files[: args.max_images]
     else:
+        if args.max_images is not None:
+            return _error(f"--max-images {args.max_images}: --input {args.input} is one file (the flag takes the "
+                          "first N images of a folder)")
+        if oriented_size(args.input) is None:  # one unreadable file: nothing to translate
+            return _error(f"--input {args.input}: not a readable image file")
         if not is_image_file(args.input):
             warnings.warn(f"{args.input}: extension is not a known image type; trying to decode it anyway")
         files, root = [args.input], None
+        inputs = files
     names = _output_names(files, root)
     dests = [os.path.join(args.output, n) for n in names]
     page = os.path.join(args.output, HTML_NAME) if args.html else None  # checked like an output
-    why = _check_outputs(args, files, dests + ([page] if page else []))
+    why = _check_outputs(args, inputs, dests + ([page] if page else []))
     if why:
         return _error(why)
 
@@ -311,7 +343,7 @@ def _main(args) -> int:
     sizes: dict[int, tuple[int, int]] = {}  # of what is translated: a pair's half
     too_big = []
     for i, f in enumerate(files):
-        wh = image_size(f)
+        wh = oriented_size(f)  # as decoded: a portrait photo stored landscape tiles as a portrait
         if wh is None:
             continue  # unreadable: reported (and skipped) when decoded
         sizes[i] = (wh[0] // 2, wh[1]) if args.pairs else wh
@@ -378,7 +410,13 @@ def _main(args) -> int:
         start = stop
         if not loaded:
             continue
-        outs = translator.translate_batch([t for _, t in loaded], batch_size=args.batch_size)
+        try:
+            outs = translator.translate_batch([t for _, t in loaded], batch_size=args.batch_size)
+        except (ArtifactError, RuntimeError) as e:  # an engine that fails on these inputs (or memory)
+            if bar is not None:
+                bar.close()
+            print(f"fastcgan-translate: error: translating {files[loaded[0][0]]}: {e}", file=sys.stderr)
+            return 1
         for (i, _), y in zip(loaded, outs):
             arr = y[0].permute(1, 2, 0).numpy() if y.dim() == 4 else y.permute(1, 2, 0).numpy()
             arr = np.ascontiguousarray(arr)
@@ -389,7 +427,7 @@ def _main(args) -> int:
                 # The folders are made here, by the first output: a run that translates nothing
                 # leaves none. Atomic: a crash leaves the previous file or the complete new one; a symlink at the
                 # destination is replaced, never written through.
-                with atomic_writer(dests[i]) as f:
+                with atomic_writer(dests[i], replace=args.overwrite) as f:
                     img.save(f, format="PNG", pnginfo=mark)
             except WriteError as e:
                 if bar is not None:
@@ -408,7 +446,7 @@ def _main(args) -> int:
         title = f"{args.checkpoint} ({direction}{', pairs' if args.pairs else ''}, {translator.engine}): {args.input}"
         first = ("pair: input | target" if direction == "AtoB" else "pair: target | input") if args.pairs else "input"
         try:
-            atomic_write(page, _results_page(title, rows, skipped, args.output, first))
+            atomic_write(page, _results_page(title, rows, skipped, args.output, first), replace=args.overwrite)
         except WriteError as e:
             print(f"fastcgan-translate: error: {e}", file=sys.stderr)
             return 1

@@ -574,3 +574,70 @@ def test_onnx_metadata_that_contradicts_the_graph_is_refused_at_load(good_onnx, 
     said = said if said.startswith("fastcgan") else f"the fastcgan metadata says {said}"
     with pytest.raises(ArtifactError, match=re.escape(f"edited.onnx: {said}")):
         load(str(path), device="cpu")
+
+
+def test_edited_onnx_files_fail_with_messages(good_onnx, tmp_path, capsys):
+    """A graph whose H alone was fixed (metadata: any size) loaded and failed in onnxruntime at
+    the first image; a metadata size_multiple of 1 (the graph needs 4) failed inside onnxruntime
+    with a traceback from fastcgan-translate."""
+    import onnx
+
+    from fastcgan.deploy._common import METADATA_KEY
+    from fastcgan.translate import main as translate
+
+    proto = onnx.load(str(good_onnx))
+    proto.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 64
+    onnx.save(proto, str(tmp_path / "h64.onnx"))
+    with pytest.raises(ArtifactError, match=re.escape("metadata says input size any size, the graph 64xany only")):
+        load(str(tmp_path / "h64.onnx"), device="cpu")
+
+    proto = onnx.load(str(good_onnx))
+    prop = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    prop.value = json.dumps({**json.loads(prop.value), "size_multiple": 1, "min_size": 8})
+    onnx.save(proto, str(tmp_path / "m1.onnx"))
+    with pytest.raises(ArtifactError, match="m1.onnx: onnxruntime failed on a 1x3x37x41 input"):
+        load(str(tmp_path / "m1.onnx"), device="cpu")(torch.zeros(1, 3, 37, 41))
+    from PIL import Image
+
+    Image.new("RGB", (41, 37)).save(tmp_path / "odd.png")
+    assert translate(["--checkpoint", str(tmp_path / "m1.onnx"), "--input", str(tmp_path / "odd.png"),
+                      "--output", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "error: translating" in err and "onnxruntime failed" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--fp16", "--safetensors", "{t}/g.safetensors"], "--fp16 applies to --onnx / --trt / --aoti only"),
+    (["--bf16", "--onnx", "{t}/g.onnx"], "--bf16 applies to --trt / --aoti only"),  # the ONNX model stayed fp32
+])
+def test_export_precision_flags_no_artifact_uses_exit_2(run_dir, tmp_path, flags, said, capsys):
+    assert _export(run_dir, *[f.format(t=tmp_path) for f in flags]) == cli.EXIT_USAGE
+    assert said in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_official_bn_inference_needs_batchnorm(tmp_path, capsys):
+    pth = tmp_path / "latest_net_G_A.pth"
+    save_official_generator(_gen("resnet_6blocks", 4), pth)
+    assert _export("--from-official", pth, "--arch", "resnet_6blocks", "--bn-inference", "running",
+                   "--onnx", tmp_path / "g.onnx") == cli.EXIT_USAGE
+    assert "--bn-inference: a --norm instance generator has no BatchNorm" in capsys.readouterr().err
+    assert not (tmp_path / "g.onnx").exists()
+
+
+def test_load_and_translate_batch_check_their_numbers_first(run_dir, monkeypatch):
+    """tile=64.0 was a TypeError from tuple(); tile_overlap without tile on engine='onnx' was
+    refused only after the ONNX export; translate_batch(batch_size=0) ran with 1."""
+    with pytest.raises(ValueError, match="tile must be a positive number of pixels, got 64.0"):
+        load(str(run_dir), tile=64.0)
+
+    def no_export(*a, **k):
+        raise AssertionError("exported before refusing the arguments")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", no_export)
+    with pytest.raises(ValueError, match="without tile"):
+        load(str(run_dir), engine="onnx", tile_overlap=5, device="cpu")
+    tr = load(str(run_dir), device="cpu")
+    for bad in (0, -5, 2.0):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            tr.translate_batch([torch.zeros(1, 3, 16, 16)], batch_size=bad)

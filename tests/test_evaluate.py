@@ -511,3 +511,35 @@ def test_an_exported_pix2pix_generator_reads_the_half_it_was_trained_on(tmp_path
         assert r["direction"] == "BtoA" and r["l1"] == pytest.approx(told["l1"], abs=1e-5)
     with pytest.raises(ValueError, match="pairs_direction must be one of"):
         save_generator(build_generator("resnet_6blocks", ngf=4), tmp_path / "x.safetensors", pairs_direction="up")
+
+
+def test_pairs_with_direction_BtoA_score_a_cyclegan_runs_G_BA(tmp_path):
+    """fastcgan-eval on pairs with --direction BtoA fed the B halves to a CycleGAN run's G_AB,
+    while translate --pairs used its G_BA: the two tools disagreed on the same input."""
+    import numpy as np
+    from PIL import Image
+
+    from fastcgan.deploy import load
+    from fastcgan.evaluate_paired import evaluate_paired
+
+    root = tmp_path / "pairs"
+    (root / "test").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(root / "test" / f"{i}.png")
+    run = _run_dir(tmp_path)
+    got = evaluate_paired(str(run), str(root), direction="BtoA")["AtoB"]
+    want = evaluate_paired(load(str(run), direction="BtoA"), str(root), direction="BtoA")["AtoB"]
+    wrong = evaluate_paired(load(str(run), direction="AtoB"), str(root), direction="BtoA")["AtoB"]
+    assert got["l1"] == pytest.approx(want["l1"], abs=1e-9) and got["l1"] != pytest.approx(wrong["l1"], abs=1e-6)
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--overwrite"], "--overwrite replaces an existing --json file, and no --json is given"),
+    (["--no-fid", "--inception-dtype", "float32"], "--inception-dtype sets up the FID network, which --no-fid"),
+    (["--no-fid", "--inception-weights", "/nonexistent.pt"], "--inception-weights sets up the FID network"),
+])
+def test_eval_flags_that_would_do_nothing_exit_2(tmp_path, synth, flags, said, capsys):
+    run = _run_dir(tmp_path)
+    assert _rc(["--checkpoint", str(run), "--dataroot", synth, "--device", "cpu", *flags]) == 2
+    assert said in capsys.readouterr().err

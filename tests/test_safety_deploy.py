@@ -345,11 +345,14 @@ def test_the_write_probe_writes_a_file_and_measures_the_whole_path(tmp_path, mon
 
 
 def test_translate_that_translates_nothing_leaves_no_folder(gen_file, tmp_path, capsys):
-    bad = tmp_path / "notes.png"
+    """A folder of unreadable files: exit 1, no output folder (one unreadable --input file is a
+    usage error, exit 2: test_translate.py)."""
+    (tmp_path / "in").mkdir()
+    bad = tmp_path / "in" / "notes.png"
     bad.write_bytes(b"not an image")
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="notes.png"):
-        rc = translate(["--checkpoint", str(gen_file), "--input", str(bad), "--output", str(out), "--html",
+        rc = translate(["--checkpoint", str(gen_file), "--input", str(bad.parent), "--output", str(out), "--html",
                         "--device", "cpu", "--no-progress"])  # fmt: skip
     assert rc == 1 and not out.exists()
 
@@ -955,3 +958,89 @@ def test_ctrl_c_is_one_line_and_exit_130(gen_file, tmp_path, monkeypatch, capsys
     assert _translate(gen_file, "--input", src, "--output", tmp_path / "o") == 130
     err = capsys.readouterr().err
     assert "fastcgan-translate: interrupted" in err and "Traceback" not in err
+
+
+def test_max_images_never_lets_overwrite_replace_an_input_left_out(gen_file, tmp_path, capsys):
+    """--max-images 1 cut the user's own out/a.png from the inputs, then --overwrite replaced it
+    with a translation of a.jpg (exit 0): the clash check saw only the first N inputs."""
+    src = tmp_path / "in"
+    (src / "out").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(src / "a.jpg")
+    Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(src / "out" / "a.png")
+    before = _digests(src)
+    assert translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(src / "out"),
+                      "--max-images", "1", "--overwrite", "--device", "cpu", "--no-progress"]) == 2
+    assert "would overwrite the input file" in capsys.readouterr().err
+    assert _digests(src) == before
+
+
+@pytest.mark.parametrize("case", ["output-and-folder", "page-and-folder", "file-in-the-way"])
+def test_translate_output_names_that_are_a_file_and_a_folder_exit_2_first(gen_file, tmp_path, case, capsys):
+    """Inputs a.jpg and a.png/b.jpg (outputs a.png and a.png/b.png), an input folder index.html/
+    with --html, or a file where an output folder goes: exit 1 after writing some outputs."""
+    src = tmp_path / "in"
+    out = tmp_path / "out"
+    sub = {"output-and-folder": "a.png", "page-and-folder": "index.html", "file-in-the-way": "x"}[case]
+    _pngs(src / sub, n=1)
+    if case == "output-and-folder":
+        shutil.copy(src / sub / "im0.png", src / "a.jpg")
+    if case == "file-in-the-way":
+        out.mkdir()
+        (out / "x").write_text("the user's notes")
+    before = _digests(tmp_path)
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--device", "cpu",
+                    "--no-progress"] + (["--html"] if case == "page-and-folder" else []))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert ("would be a file and a folder" if case != "file-in-the-way" else "exists and is not a folder") in err
+    assert _digests(tmp_path) == before
+
+
+def test_an_output_written_by_another_process_meanwhile_is_not_replaced(gen_file, tmp_path, monkeypatch, capsys):
+    """Two translate (or eval --json, export) runs at once: both passed the existence check, and
+    the later one's rename silently replaced the other's file. Without --overwrite the final
+    rename now refuses a name that exists."""
+    from fastcgan import translate as tr_mod
+    from fastcgan.fileio import OutputExistsError, atomic_write, move_into_place
+
+    src = _pngs(tmp_path / "in", n=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "im0.png").write_bytes(b"the other run's output")
+    monkeypatch.setattr(tr_mod, "_check_outputs", lambda *a: None)  # as if it appeared after the check
+    assert translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--device", "cpu",
+                      "--no-progress"]) == 1
+    assert "another process wrote it" in capsys.readouterr().err
+    assert (out / "im0.png").read_bytes() == b"the other run's output"
+    assert [p.name for p in out.iterdir()] == ["im0.png"]  # no temporary left
+
+    with pytest.raises(OutputExistsError):
+        atomic_write(str(out / "im0.png"), b"x", replace=False)
+    atomic_write(str(out / "new.bin"), b"x", replace=False)
+    (tmp_path / "staged").write_bytes(b"y")
+    move_into_place(str(tmp_path / "staged"), str(out / "new.bin"), replace=True)
+    assert (out / "new.bin").read_bytes() == b"y" and not (tmp_path / "staged").exists()
+
+
+def test_tile_count_is_judged_on_the_rotated_size(tmp_path, capsys):
+    """A 50000x260 JPEG with EXIF orientation 6 (decoded as 260x50000) passed the header check
+    unrotated, then failed mid-run with a traceback against a static 8x256 model's tile limit."""
+    from fastcgan.deploy import cli as export_cli
+
+    torch.manual_seed(0)
+    st = tmp_path / "g.safetensors"
+    save_generator(build_generator("resnet_6blocks", ngf=4), st)
+    onnx = tmp_path / "s.onnx"
+    assert export_cli.main([str(st), "--onnx", str(onnx), "--static", "8x256", "--verify-sizes", "1x8x256"]) == 0
+    capsys.readouterr()
+    src = tmp_path / "in"
+    src.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on decode
+    Image.new("RGB", (50000, 260), (90, 120, 150)).save(src / "tall.jpg", exif=exif, quality=50)
+    rc = translate(["--checkpoint", str(onnx), "--input", str(src), "--output", str(tmp_path / "o"), "--device",
+                    "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tall.jpg" in err and "tiles" in err, err
+    assert not (tmp_path / "o").exists()

@@ -341,6 +341,12 @@ def _check_profile(args, spec, shapes) -> str | None:
         check_profile(s, profile)
     except ValueError as e:
         return str(e)
+    lo, hi = profile[0], profile[2]
+    for b, h, w in args.verify_sizes or ():  # the engine runs only inside its profile: never dropped silently
+        if not (lo[0] <= b <= hi[0] and lo[2] <= h <= hi[2] and lo[3] <= w <= hi[3]):
+            return (f"--verify-sizes {b}x{h}x{w}: outside the TensorRT profile (batch {lo[0]}-{hi[0]}, "
+                    f"{lo[2]}x{lo[3]} to {hi[2]}x{hi[3]}), where the engine cannot be checked; widen --min-shape / "
+                    "--max-shape or leave that size out")
     return None
 
 
@@ -380,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         # .safetensors / official .pth weights are fp32 whatever the flags; ONNX has no bf16.
         ("--fp16", args.fp16 or None, "--onnx / --trt / --aoti", args.onnx or args.trt or args.aoti),
         ("--bf16", args.bf16 or None, "--trt / --aoti", args.trt or args.aoti),
+        # ONNX and weights files are built and verified on the CPU (onnxruntime's CPU provider).
+        ("--device", None if args.device == "auto" else args.device, "--aoti / --trt", args.aoti or args.trt),
     ):
         if given is not None and not out:
             parser.error(f"{flag} applies to {needs} only, which is not given")

@@ -490,7 +490,8 @@ def load(
     Every keyword is checked before anything loads, and one that would do nothing with this
     artifact and engine is a ``ValueError`` (``compile_mode`` needs ``engine='compiled'``;
     ``channels_last`` and ``backend`` the torch engines; ``threads`` the onnx engine; ``fp16``/``bf16``
-    an engine that can run them), never silently ignored."""
+    an engine that can run them), never silently ignored. ``trust_artifact`` is a permission, not
+    an option: data artifacts need none, and it is accepted with them so one call loads any kind."""
     path = os.fspath(path)
     kind = artifact_kind(path)
     engine = engine or DEFAULT_ENGINE[kind]

@@ -609,6 +609,7 @@ def test_edited_onnx_files_fail_with_messages(good_onnx, tmp_path, capsys):
 @pytest.mark.parametrize("flags, said", [
     (["--fp16", "--safetensors", "{t}/g.safetensors"], "--fp16 applies to --onnx / --trt / --aoti only"),
     (["--bf16", "--onnx", "{t}/g.onnx"], "--bf16 applies to --trt / --aoti only"),  # the ONNX model stayed fp32
+    (["--device", "cpu", "--onnx", "{t}/g.onnx"], "--device applies to --aoti / --trt only"),  # ONNX: CPU-verified
 ])
 def test_export_precision_flags_no_artifact_uses_exit_2(run_dir, tmp_path, flags, said, capsys):
     assert _export(run_dir, *[f.format(t=tmp_path) for f in flags]) == cli.EXIT_USAGE
@@ -641,3 +642,16 @@ def test_load_and_translate_batch_check_their_numbers_first(run_dir, monkeypatch
     for bad in (0, -5, 2.0):
         with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
             tr.translate_batch([torch.zeros(1, 3, 16, 16)], batch_size=bad)
+
+
+def test_trt_verify_sizes_outside_the_profile_are_refused_not_dropped(capsys):
+    """The TensorRT verification kept only the --verify-sizes inside the engine's profile, without
+    a word. Checked with the arguments (TensorRT itself needs a GPU)."""
+    import argparse
+
+    spec = spec_for_model(_gen("resnet_6blocks", 4))
+    shapes = {"min_shape": None, "opt_shape": None, "max_shape": None}
+    args = argparse.Namespace(static=None, verify_sizes=[(1, 64, 64), (16, 64, 64)])
+    assert "--verify-sizes 16x64x64: outside the TensorRT profile (batch 1-8" in cli._check_profile(args, spec, shapes)
+    args.verify_sizes = [(8, 1024, 1024), (1, 8, 8)]
+    assert cli._check_profile(args, spec, shapes) is None

@@ -240,7 +240,7 @@ def load_torch_generator(
     if os.path.isfile(path) and path.lower().endswith(".safetensors"):
         direction = _file_direction(path, direction)
     else:
-        direction = direction or "AtoB"
+        direction = direction or _default_generator(path)
     try:
         if path.lower().endswith(".ckpt"):
             from fastcgan.nn import set_backend
@@ -290,6 +290,18 @@ def _pairs_direction(path: str, direction: str | None) -> str | None:
 
         return run_pairs_direction(path)
     return None
+
+
+def _default_generator(path: str) -> str:
+    """The generator a run directory or checkpoint gives without a direction: AtoB, or the run's
+    only one (a CUT run trained --direction BtoA has just BtoA)."""
+    from fastcgan.evaluate import run_generators
+
+    try:
+        has = run_generators(path)
+    except ValueError:  # an unreadable checkpoint: loading it says what is wrong
+        return "AtoB"
+    return "BtoA" if has == ("BtoA",) else "AtoB"
 
 
 def _file_direction(path: str, asked: str | None) -> str | None:

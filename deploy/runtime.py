@@ -1,7 +1,8 @@
 """One inference API for every artifact: ``fastcgan.deploy.load(path) -> Translator``.
 
 ``translator(images)`` takes uint8 HxWxC numpy arrays, PIL images, uint8 (B,C,H,W)/(C,H,W)
-tensors or float tensors in [-1, 1] and returns the same kind and size. In between it converts
+tensors or float tensors in [-1, 1] (finite; anything else is a ValueError) and returns the same
+kind and size (a PIL image as displayed: its EXIF orientation applied, as files are read). In between it converts
 to [-1, 1] on the engine's device, reflection-pads H and W up to the generator's size multiple
 (so any size works), runs the engine in batches, crops back, and for images larger than
 ``tile`` runs overlapping tiles blended with ramp weights (:mod:`fastcgan.deploy.tiling`).
@@ -18,6 +19,7 @@ ONNX models and ``.safetensors`` generators are data and always load.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -392,9 +394,15 @@ class Translator:
         if Image is not None and isinstance(im, Image.Image):
             if c_in not in (1, 3):
                 raise ValueError(f"PIL images need a 1- or 3-channel generator; this one takes {c_in}")
+            from PIL import ImageOps
+
             from fastcgan.data.images import pil_to_tensor, to_channels
 
             _check_hw(im.size[1], im.size[0])
+            try:  # as files are read: a photo opened with Image.open is translated as it is displayed
+                im = ImageOps.exif_transpose(im)
+            except (OSError, ValueError, KeyError, TypeError, SyntaxError):
+                pass  # a malformed EXIF block: the stored orientation, as open_image does
             x = pil_to_tensor(to_channels(im, c_in))[None]  # as fastcgan-translate reads files (alpha on white)
 
             def restore_pil(y):
@@ -434,6 +442,13 @@ class Translator:
                                  f"expects {c_in} ({self.path})")
             if x.dtype != torch.uint8 and not x.is_floating_point():
                 raise TypeError(f"image tensors must be uint8 or floating point in [-1, 1], got {x.dtype}")
+            if x.is_floating_point():
+                # Checked once at this boundary (one reduction, one sync): a NaN made the whole output
+                # one flat grey, and [0, 1] or [0, 255] floats ran as if they were [-1, 1].
+                lo, hi = (float(v) for v in torch.aminmax(x))
+                if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1.001 or hi > 1.001:
+                    raise ValueError(f"float image tensors must hold finite values in [-1, 1], got {lo:g} to {hi:g} "
+                                     "(a [0, 1] image: x * 2 - 1; 8-bit images: pass a uint8 tensor)")
             three = im.dim() == 3
             dev, dt = im.device, im.dtype
 

@@ -216,13 +216,15 @@ def in_chunks(items, chunk: int):
 def iter_images(paths: list[str], channels: int, size: int | None, chunk: int, skipped: list[str]):
     """Lists of [(path, uint8 (C, H, W))] (resized to a square ``size`` when given), a chunk at a
     time (:func:`in_chunks`): evaluation never holds the test set. Unreadable files go to
-    ``skipped``."""
+    ``skipped``, each named in a warning."""
+    from fastcgan.data.datasets import warn_skipped_image
 
     def loaded():
         for p in paths:
             try:
                 x = resize_uint8(load_image(p, channels), size)
-            except BadImageError:
+            except BadImageError as e:
+                warn_skipped_image(e)
                 skipped.append(p)
                 continue
             yield (p, x), x.shape[-2] * x.shape[-1]
@@ -473,10 +475,11 @@ def evaluate(
         "tile_overlap": tile_overlap,
     }
     if (os.path.isdir(checkpoint) or checkpoint.lower().endswith(".ckpt")) and direction is None:
-        # A run (or a run at a checkpoint's step): both its generators. One-way recipes (CUT) have only AtoB.
-        # With a direction, only that one (below): --direction BtoA on a run scored both.
-        G_AB = load(checkpoint, direction="AtoB", **opts)
-        G_BA = load(checkpoint, direction="BtoA", **opts) if "BtoA" in run_generators(checkpoint) else None
+        # A run (or a run at a checkpoint's step): each generator it has. One-way recipes have one (CUT:
+        # AtoB, or BtoA when trained --direction BtoA). With a direction, only that one (below).
+        has = run_generators(checkpoint)
+        G_AB = load(checkpoint, direction="AtoB", **opts) if "AtoB" in has or not has else None  # none: its error
+        G_BA = load(checkpoint, direction="BtoA", **opts) if "BtoA" in has else None
     else:  # one generator: scored the way it translates (its recorded direction), else AtoB
         g = load(checkpoint, direction=direction, **opts)
         G_AB, G_BA = (g, None) if (direction or g.spec.direction or "AtoB") == "AtoB" else (None, g)

@@ -90,6 +90,7 @@ def iter_pairs(
     Unreadable and odd-width files are skipped (as by :class:`fastcgan.data.AlignedDataset`) and
     added to ``skipped``. ``self_paired`` (colorization): every image is its own pair."""
     from fastcgan.data import split_pair
+    from fastcgan.data.datasets import warn_skipped_image
     from fastcgan.data.images import BadImageError, open_image, pil_to_tensor
     from fastcgan.evaluate import in_chunks, resize_uint8
 
@@ -98,7 +99,8 @@ def iter_pairs(
             try:
                 img = open_image(p, 3)
                 left, right = (img, img) if self_paired else split_pair(img, p)
-            except BadImageError:
+            except BadImageError as e:
+                warn_skipped_image(e)  # named, not only counted
                 if skipped is not None:
                     skipped.append(p)
                 continue
@@ -183,7 +185,7 @@ def evaluate_paired(
         # A run's generator of that direction (a CycleGAN's G_BA for B inputs, as translate --pairs);
         # a pix2pix run's one generator is its AtoB file; an artifact runs its own.
         run = os.path.isdir(checkpoint) or str(checkpoint).lower().endswith(".ckpt")
-        generator = (direction if direction in run_generators(checkpoint) else "AtoB") if run else None
+        generator = (direction if direction in run_generators(checkpoint) else None) if run else None
         tr = load(
             checkpoint, direction=generator, device=str(dev), engine=engine, batch_size=batch_size,
             bf16=amp_dtype == torch.bfloat16, fp16=amp_dtype == torch.float16, trust_artifact=trust_artifact,

@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (created); never the --input directory itself, never over an input file")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (never inputs)")
     p.add_argument("--direction", choices=DIRECTIONS, default=None,
-                   help="generator of a run directory (default AtoB); with --pairs: which half is the input "
-                   "(default: the run's --direction, else the one an exported pix2pix generator records, else AtoB)")
+                   help="generator of a run directory (default AtoB, or its only one); with --pairs: which half is "
+                   "the input (default: the run's --direction, else the one an exported pix2pix generator records, "
+                   "else AtoB)")
     p.add_argument("--pairs", action="store_true",
                    help="inputs are A|B pair images (pix2pix test splits): translate the input half")
     p.add_argument("--engine", choices=ENGINES, default=None, help="default: the artifact's own")
@@ -224,21 +225,21 @@ def _folder_clash(out: str, dests: list[str]) -> str | None:
 
 def _directions(args) -> tuple[str | None, str | None]:
     """(the direction translated, the generator asked of the artifact). A run directory or
-    checkpoint gives the generator of that direction (default AtoB); a one-generator file is
-    labelled with its recorded direction unless --direction is given. With --pairs the direction
+    checkpoint gives the generator of that direction (default AtoB, or the run's only one); a
+    one-generator file is labelled with its recorded direction. With --pairs the direction
     is which half is the input (default: the run's own, else what the artifact records, else
     AtoB); a pix2pix run (or a released model's folder) has one generator, ``AtoB``, whichever
     half it reads."""
     run = os.path.isdir(args.checkpoint) or args.checkpoint.lower().endswith(".ckpt")
     if not args.pairs:
-        return args.direction, (args.direction or "AtoB") if run else args.direction
+        return args.direction, args.direction  # None: a run's AtoB generator, or its only one
     from fastcgan.evaluate import run_generators
     from fastcgan.evaluate_paired import run_direction
 
     direction = args.direction or run_direction(args.checkpoint)  # else the artifact's (after loading)
     if not run:
         return direction, None
-    return direction, direction if direction in run_generators(args.checkpoint) else "AtoB"
+    return direction, direction if direction in run_generators(args.checkpoint) else None
 
 
 def _read(path: str, channels: int, max_pixels: int, half: str | None):
@@ -455,6 +456,8 @@ def _main(args) -> int:
         msg += f"; skipped {len(skipped)} unreadable: " + ", ".join(os.path.basename(s) for s in skipped[:5])
         msg += " ..." if len(skipped) > 5 else ""
     print(msg)
+    if not done and root is None:  # the one input file cannot be decoded: bad input, nothing written
+        return 2
     return 0 if done else 1
 
 

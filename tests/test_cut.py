@@ -8,6 +8,7 @@ flip-equivariance objective), exact resume, and a short run that learns the synt
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -336,6 +337,45 @@ def test_fastcut_cli_end_to_end(tmp_path):
             summary["fid"]["step"] == 3 and "fid_AtoB" in summary["fid"] and "fid_BtoA" not in summary["fid"]
         )
         assert (run / "generator_AtoB_best.safetensors").is_file()
+
+
+def test_direction_BtoA_translates_the_B_images(tmp_path, capsys):
+    """The official CUT's --direction BtoA (cityscapes: labels, the B folder, into photos): trainB is
+    the input domain, the generator is the run's BtoA one, scored on testB against testA (and its
+    truth testB_truth_A), and translate / eval / checkpoints take it without being told."""
+    from fastcgan.data import UnalignedDataset
+    from fastcgan.evaluate import main as eval_main
+    from fastcgan.train.checkpoint import checkpoint_directions, checkpoint_generator, list_checkpoints
+    from fastcgan.translate import main as translate_main
+
+    root = str(tmp_path / "s32")  # the CLI generates it (200 + 50 images a domain)
+    cfg = TrainConfig.from_preset("fastcut", dataset="synthetic", direction="BtoA")
+    assert dict(get_recipe("cut").exports_for(cfg)) == {"BtoA": "G"}
+
+    args = ["--model", "fastcut", "--direction", "BtoA", "--dataset", "synthetic", "--dataroot", root,
+            "--load-size", "32", "--crop-size", "32", "--ngf", "4", "--ndf", "4", "--netG", "resnet_6blocks",
+            "--num-patches", "16", "--netF-nc", "8", "--max-steps", "2", "--output-dir", str(tmp_path),
+            "--name", "ba", "--device", "cpu", "--num-workers", "0", "--no-progress", "--no-tensorboard",
+            "--eval-every", "0"]  # fmt: skip
+    assert cli_main(args) == 0
+    run = tmp_path / "ba"
+    assert sorted(p.name for p in run.glob("generator_*")) == ["generator_BtoA.safetensors"]
+    ev = json.loads((run / "summary.json").read_text())["eval"]
+    assert set(ev) == {"BtoA"} and ev["BtoA"]["n"] == 50 and "truth_l1" in ev["BtoA"]
+    ds = UnalignedDataset(root, "train", reverse=True)
+    assert (ds.dir_A, ds.dir_B) == (os.path.join(root, "trainB"), os.path.join(root, "trainA"))
+    trained_on = get_recipe("cut").build_dataset(cfg.replace(load_size=32, crop_size=32), root)
+    assert (trained_on.dir_A, trained_on.dir_B) == (ds.dir_A, ds.dir_B)
+
+    ckpt = list_checkpoints(str(run))[-1]
+    assert checkpoint_directions(ckpt) == ("BtoA",)
+    assert checkpoint_generator(ckpt, "BtoA") is not None
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", str(run), "--dataroot", root, "--device", "cpu", "--no-fid"]) == 0
+    assert "BtoA:" in capsys.readouterr().out
+    assert translate_main(["--checkpoint", str(run), "--input", os.path.join(root, "testB"), "--output",
+                           str(tmp_path / "out"), "--device", "cpu", "--no-progress", "--html"]) == 0
+    assert "(BtoA, torch)" in (tmp_path / "out" / "index.html").read_text()
 
 
 def test_short_cut_run_learns_the_translation(tmp_path):

@@ -595,3 +595,38 @@ def test_device_bank_needs_one_size(tmp_path):
     bank = preload_to_device(ok, "cpu")
     assert bank.A.shape == (2, 3, 16, 16) and bank.batch_augment["crop_size"] == 8
     assert math.isclose(bank.nbytes, 3 * 3 * 16 * 16)
+
+
+def test_header_checks_of_a_png_never_decode_its_pixels(tmp_path, monkeypatch):
+    """oriented_size() asked Pillow's PNG getexif(), which decodes the whole image to look for a
+    late eXIf chunk: a 1.8 MB PNG claiming 25000x25000 cost 3 GB in the "header-only" checks."""
+    from PIL import PngImagePlugin
+
+    from fastcgan.data.images import image_size, oriented_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20)).save(tmp_path / "rot.png", exif=exif.tobytes())
+    Image.new("RGB", (40, 20)).save(tmp_path / "plain.png")
+
+    def no_decode(self):
+        raise AssertionError("decoded pixels in a header check")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decode)
+    assert oriented_size(str(tmp_path / "rot.png")) == (20, 40)  # its EXIF comes before the pixels
+    assert oriented_size(str(tmp_path / "plain.png")) == (40, 20) == image_size(str(tmp_path / "plain.png"))
+
+
+def test_images_without_an_honest_8_bit_conversion_are_named_errors(tmp_path):
+    """32-bit integer samples were clipped at 65535 (a 0..2^31 ramp read as 0,255,255,...), and a
+    CIELab TIFF read as one channel was a raw ValueError from the conversion."""
+    ramp = np.tile(np.linspace(0, 2**31 - 1, 64).astype(np.int32), (8, 1))
+    Image.fromarray(ramp, "I").save(tmp_path / "i32.tif")
+    with pytest.raises(BadImageError, match="i32.tif.*outside the 16-bit range"):
+        load_image(tmp_path / "i32.tif")
+    Image.fromarray(_rand_rgb(8, 8)).convert("LAB").save(tmp_path / "lab.tif")
+    with pytest.raises(BadImageError, match="lab.tif.*LAB"):
+        load_image(tmp_path / "lab.tif", channels=1)
+    small = np.tile(np.arange(0, 65536, 4096, dtype=np.int32), (2, 1))  # 16-bit data in 32-bit storage
+    Image.fromarray(small, "I").save(tmp_path / "i16in32.tif")
+    assert load_image(tmp_path / "i16in32.tif")[0, 0].tolist() == [(v * 255 + 32767) // 65535 for v in small[0]]

@@ -655,3 +655,26 @@ def test_trt_verify_sizes_outside_the_profile_are_refused_not_dropped(capsys):
     assert "--verify-sizes 16x64x64: outside the TensorRT profile (batch 1-8" in cli._check_profile(args, spec, shapes)
     args.verify_sizes = [(8, 1024, 1024), (1, 8, 8)]
     assert cli._check_profile(args, spec, shapes) is None
+
+
+def test_translator_inputs_are_taken_as_files_are(run_dir, tmp_path):
+    """A NaN (or a [0, 255] float image) ran through and came back as one flat grey image; a PIL
+    photo with an EXIF orientation was translated as stored, while the same file through
+    fastcgan-translate is translated as displayed."""
+    from PIL import Image
+
+    tr = load(str(run_dir), device="cpu")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    for bad in (x.clone().index_fill_(3, torch.tensor([5]), float("nan")), x * 127.5 + 127.5, x + 2):
+        with pytest.raises(ValueError, match="float image tensors must hold finite values in \\[-1, 1\\]"):
+            tr(bad)
+    assert tr(x.clamp(-1, 1)).shape == x.shape and tr(x.half()).dtype == torch.float16
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    from fastcgan.data import load_image
+
+    with Image.open(tmp_path / "rot.jpg") as im:
+        out = tr(im)
+    assert out.size == (20, 40)
+    assert np.array_equal(np.asarray(out), tr(load_image(tmp_path / "rot.jpg").permute(1, 2, 0).numpy()))

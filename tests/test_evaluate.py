@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -543,3 +544,20 @@ def test_eval_flags_that_would_do_nothing_exit_2(tmp_path, synth, flags, said, c
     run = _run_dir(tmp_path)
     assert _rc(["--checkpoint", str(run), "--dataroot", synth, "--device", "cpu", *flags]) == 2
     assert said in capsys.readouterr().err
+
+
+def test_skipped_test_images_are_named(tmp_path, synth):
+    """fastcgan-eval reported "skipped=1" without saying which file."""
+    import shutil
+
+    from fastcgan.data.datasets import SkippedImageWarning
+
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    shutil.rmtree(data / "testB_truth_A")  # no ground truth for the bad file to be checked against
+    (data / "testB" / "zz_truncated.png").write_bytes((data / "testB" / sorted(os.listdir(data / "testB"))[0])
+                                                      .read_bytes()[:100])
+    run = _run_dir(tmp_path)
+    with pytest.warns(SkippedImageWarning, match="zz_truncated.png"):
+        r = ev.evaluate(str(run), str(data), device="cpu")
+    assert r["BtoA"]["skipped"] == 1

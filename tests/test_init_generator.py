@@ -145,3 +145,23 @@ def test_an_official_checkpoint_starts_a_run_as_this_runs_generator(tmp_path):
     cut = cfg.replace(recipe="cut", antialias=True, antialias_up=True)
     init = initial_weights(cut.replace(init_generators=(f"AtoB={tmp_path / 'cut.pth'}",)), get_recipe("cut"))
     assert set(init) == {"G"}
+
+
+def test_a_folder_with_one_generator_starts_a_reversed_cut_run(tmp_path):
+    """Fine-tuning a released labels -> photos CUT (its folder holds the generator as AtoB) as a
+    --direction BtoA run (whose generator is BtoA): the folder's only generator is taken."""
+    from fastcgan.models import build_generator
+    from fastcgan.recipes import get_recipe
+    from fastcgan.train.state import build_state, initial_weights
+
+    cfg = tiny_train_config(None, tmp_path, preset="fastcut", netG="resnet_6blocks", direction="BtoA")
+    recipe = get_recipe(cfg.model.recipe)
+    want = build_state(cfg, torch.device("cpu"), recipe).nets["G"]
+    released = tmp_path / "cityscapes_cut_pretrained"
+    released.mkdir()
+    torch.manual_seed(3)
+    src = build_generator(**want.config)
+    save_generator(src, released / "generator_AtoB.safetensors")
+    init = initial_weights(cfg.replace(init_generators=(f"BtoA={released}",)), recipe)
+    state = build_state(cfg, torch.device("cpu"), recipe, init)
+    assert _equal(recipe.deployed(state.nets["G"]).state_dict(), src.state_dict())

@@ -448,7 +448,7 @@ def test_a_run_never_writes_inside_its_training_data(tmp_path, synth, capsys):
 @pytest.mark.parametrize("extra, said", [
     (["--lambda-L1", "5"], "--lambda-L1 (read by --model pix2pix / colorization only)"),
     (["--num-patches", "7", "--nce-T", "0.5"], "--num-patches (read by --model cut only); --nce-T"),
-    (["--direction", "BtoA"], "--direction (read by --model pix2pix / colorization only)"),
+    (["--direction", "BtoA"], "--direction (read by --model pix2pix / colorization / cut only)"),
     (["--lambda-gp", "5"], "--lambda-gp (the wgangp gradient penalty; --gan-mode is lsgan)"),
     (["--lr-decay-iters", "7"], "--lr-decay-iters (the step policy's; --lr-policy is linear)"),
     (["--eval-every", "0", "--eval-max-images", "2"], "--eval-max-images (with --eval-every 0"),

@@ -740,9 +740,9 @@ def test_device_cuda_without_gpu_exits_2(gen_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--device cuda" in err and "no CUDA GPU" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
-    rc = cli.main([str(gen_file), "--onnx", str(tmp_path / "g.onnx"), "--device", "cuda"])
+    rc = cli.main([str(gen_file), "--aoti", str(tmp_path / "g.pt2"), "--device", "cuda"])  # the --device user
     err = capsys.readouterr().err
-    assert rc == cli.EXIT_USAGE and "no CUDA GPU" in err and not (tmp_path / "g.onnx").exists()
+    assert rc == cli.EXIT_USAGE and "no CUDA GPU" in err and not (tmp_path / "g.pt2").exists()
 
 
 @pytest.mark.parametrize("spec", ["cpu:5", "meta", "mps"])

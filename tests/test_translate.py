@@ -244,3 +244,13 @@ def test_pairs_with_an_exported_pix2pix_generator_read_its_half(tmp_path, monet2
     assert main(["--checkpoint", str(st), "--input", str(tmp_path / "1.png"), "--output", str(tmp_path / "o"),
                  "--pairs", "--device", "cpu", "--no-progress"]) == 0
     _assert_same_pixels(np.array(Image.open(tmp_path / "o" / "1.png")), load(str(st), device="cpu")(np.array(b)))
+
+
+def test_one_undecodable_input_file_is_exit_2(run_dir, images, tmp_path, capsys):
+    """A truncated single --input file was exit 1 (a garbage one exit 2): both are bad input."""
+    trunc = tmp_path / "trunc.jpg"
+    trunc.write_bytes((images / "with space.jpg").read_bytes()[:2000])
+    with pytest.warns(UserWarning, match="trunc.jpg"):
+        assert main(["--checkpoint", str(run_dir), "--input", str(trunc), "--output", str(tmp_path / "o"),
+                     "--device", "cpu", "--no-progress"]) == 2
+    assert not (tmp_path / "o").exists()

@@ -39,7 +39,7 @@ from fastcgan.data.datasets import (
     DatasetError,
     FolderDataset,
     _list_domain,
-    _warn_skip,
+    warn_skipped_image,
     resize_deterministic,
 )
 from fastcgan.data.device import DeviceImageBank
@@ -195,7 +195,7 @@ class AlignedDataset(FolderDataset):
                 self._open_pair(p)
                 good.append(p)
             except BadImageError as e:
-                _warn_skip(e)
+                warn_skipped_image(e)
                 self._record(p)
         if not good:
             raise DatasetError(f"dataset folder {self.dir_AB!r} has no usable pair images")
@@ -228,7 +228,7 @@ class AlignedDataset(FolderDataset):
                 b = a if b0 is a0 else resize_deterministic(b0, self.preprocess, self.load_size, self.crop_size, p)
                 self._check_crop_fits(a, p, "halves of ")
             except BadImageError as e:
-                _warn_skip(e)
+                warn_skipped_image(e)
                 self._record(p)
                 skipped.append(p)
                 continue

@@ -74,7 +74,7 @@ class SkippedImageWarning(UserWarning):
     """An unreadable image file was skipped."""
 
 
-def _warn_skip(err: BadImageError) -> None:
+def warn_skipped_image(err: BadImageError) -> None:
     msg = f"skipping image {err.path!r}: {err.reason}"  # unreadable, or smaller than the crop
     logger.warning(msg)
     warnings.warn(msg, SkippedImageWarning, stacklevel=3)
@@ -269,6 +269,7 @@ class UnalignedDataset(FolderDataset):
     Files are not decoded at construction (that would be slow for big datasets) unless
     ``validate=True``. An unreadable file met later is warned about (naming it), recorded in
     ``skipped`` and replaced by the next readable file of its domain, deterministically.
+    ``reverse=True`` swaps the folders: ``{phase}B`` is domain "A" (the official ``--direction BtoA``).
     """
 
     def __init__(
@@ -285,11 +286,14 @@ class UnalignedDataset(FolderDataset):
         seed: int = 0,
         max_size: float = math.inf,
         validate: bool = False,
+        reverse: bool = False,
     ):
         self._init_options(root, phase, preprocess, load_size, crop_size, flip, input_nc, output_nc,
                            serial_batches, seed)
-        self.dir_A = os.path.join(self.root, phase + "A")
-        self.dir_B = os.path.join(self.root, phase + "B")
+        # reverse (--direction BtoA, one-way recipes): {phase}B is the input domain "A" (input_nc).
+        first, second = ("B", "A") if reverse else ("A", "B")
+        self.dir_A = os.path.join(self.root, phase + first)
+        self.dir_B = os.path.join(self.root, phase + second)
         self.A_paths = _list_domain(self.dir_A, max_size)
         self.B_paths = _list_domain(self.dir_B, max_size)
         if validate:
@@ -328,7 +332,7 @@ class UnalignedDataset(FolderDataset):
                     open_image(p, nc)
                     good.append(p)
                 except BadImageError as e:
-                    _warn_skip(e)
+                    warn_skipped_image(e)
                     self._record(p)
             if not good:
                 raise DatasetError(f"dataset folder {folder!r} has no readable images")
@@ -351,7 +355,7 @@ class UnalignedDataset(FolderDataset):
                 img = resize_deterministic(open_image(p, nc), self.preprocess, self.load_size, self.crop_size, p)
                 self._check_crop_fits(img, p)
             except BadImageError as e:
-                _warn_skip(e)
+                warn_skipped_image(e)
                 self._record(p)
                 skipped.append(p)
                 continue
@@ -416,7 +420,7 @@ class SingleImageDataset(Dataset):
         try:
             img = pil_to_tensor(open_image(p, self.channels))
         except BadImageError as e:
-            _warn_skip(e)
+            warn_skipped_image(e)
             if p not in self.skipped:
                 self.skipped.append(p)
             return {"image": None, "path": p, "size": None, "skipped": (p,)}

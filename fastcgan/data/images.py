@@ -122,7 +122,10 @@ def _header_info(path: str, oriented: bool) -> tuple[tuple[int, int], str] | Non
                 w, h = int(src.size[0]), int(src.size[1])
                 if oriented:
                     try:
-                        if src.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+                        # The base method reads the EXIF met so far; PNG's own override decodes the
+                        # whole image to look for an eXIf chunk after the pixels (a 1.8 MB file claiming
+                        # 25000x25000 took 3 GB here). Such a late chunk is missed by this check only.
+                        if Image.Image.getexif(src).get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90/270
                             w, h = h, w
                     except Exception:  # noqa: BLE001 - malformed EXIF: open_image keeps the stored orientation
                         pass
@@ -187,7 +190,9 @@ def make_dataset(directory: str, max_size: float = math.inf) -> list[str]:
 
 
 def _scale_high_bit_depth(img: Image.Image) -> Image.Image:
-    """``I;16*`` / ``I`` / ``F`` single-channel images to 8-bit ``L`` by scaling, not clipping."""
+    """``I;16*`` / ``I`` / ``F`` single-channel images to 8-bit ``L`` by scaling, not clipping:
+    integer samples must lie in 0..65535 (else ValueError: signed or 32-bit data has no scale
+    that is right for every file)."""
     arr = np.asarray(img)
     if img.mode == "F":
         a = arr.astype(np.float64)
@@ -196,7 +201,10 @@ def _scale_high_bit_depth(img: Image.Image) -> Image.Image:
         out = np.clip(np.rint(a * scale), 0, 255)
     else:
         # 16-bit samples (PNG/TIFF); mode "I" is 32-bit storage of the same 16-bit data in Pillow.
-        a = np.clip(arr.astype(np.int64), 0, 65535)
+        a = arr.astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):  # signed or 32-bit data: no honest 8-bit scale
+            raise ValueError(f"{img.mode} samples from {a.min()} to {a.max()} are outside the 16-bit range "
+                             "0..65535 that is scaled to 8 bits; convert the image to 8 or 16 bits")
         out = (a * 255 + 32767) // 65535  # exact round-half-up of v*255/65535 in integers
     return Image.fromarray(out.astype(np.uint8), mode="L")
 
@@ -253,8 +261,10 @@ def open_image(path: str, channels: int = 3, max_pixels: int | None = None) -> I
                             "the limit with --max-image-pixels / set_max_image_pixels, 0 = no limit)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImageError(path, f"cannot decode ({type(e).__name__}: {e})") from None
-
-    return to_channels(img, channels)
+    try:
+        return to_channels(img, channels)
+    except ValueError as e:  # a mode with no conversion (LAB to RGB), 32-bit samples
+        raise BadImageError(path, f"cannot convert its {img.mode} pixels: {e}") from None
 
 
 def to_channels(img: Image.Image, channels: int = 3) -> Image.Image:

@@ -120,6 +120,21 @@ class Recipe:
     deployable: Callable = None  # (trained network) -> the generator saved, scored and exported
     # Official checkpoint name -> network: EPOCH_net_NAME.pth of an official run holds that network.
     official_networks: Mapping[str, str] = field(default_factory=dict)
+    # A one-way unpaired recipe (CUT): --direction BtoA reads the {phase}B folders as its input
+    # domain, as the official unaligned dataset does, and its generator is the run's BtoA one.
+    reversible: bool = False
+
+    def reversed_domains(self, cfg) -> bool:
+        """Whether this run reads ``{phase}B`` as its input domain (``--direction BtoA``)."""
+        return self.reversible and cfg.data.direction == "BtoA"
+
+    def exports_for(self, cfg) -> Mapping[str, str]:
+        """The run's generators, direction -> network: :attr:`exports`, or for a reversed run the
+        same network as the ``BtoA`` generator (``generator_BtoA.safetensors``: scored on the B
+        images, as a CycleGAN's G_BA)."""
+        if self.reversed_domains(cfg):
+            return {"BtoA": net for net in self.exports.values()}
+        return self.exports
 
     def deployed(self, net: nn.Module) -> nn.Module:
         """The generator ``net`` (an ``exports`` network) is deployed as (shares its parameters)."""
@@ -134,7 +149,7 @@ class Recipe:
         return UnalignedDataset(
             root, phase, preprocess=d.preprocess, load_size=d.load_size, crop_size=d.crop_size, flip=d.flip,
             input_nc=m.input_nc, output_nc=m.output_nc, serial_batches=d.serial_batches, seed=cfg.run.seed,
-            max_size=max_dataset_size(cfg, phase),
+            max_size=max_dataset_size(cfg, phase), reverse=self.reversed_domains(cfg),
         )
 
     def make_synthetic(self, cfg, root: str) -> str:

@@ -39,7 +39,10 @@ through its DDP wrapper (so its gradients are all-reduced) and the keys come fro
 no-grad encode of the plain module (a DDP wrapper only runs ``forward``); the query encode runs on
 the plain module, whose gradient joins G's DDP-tracked backward.
 
-Naming: ``G`` translates A -> B (the official ``netG``), exported as ``AtoB``.
+Naming: ``G`` translates A -> B (the official ``netG``), exported as ``AtoB``. With ``--direction
+BtoA`` (the official option: its unaligned dataset hands the B images to the model as input) the
+run reads ``trainB`` as its input domain and ``trainA`` as its target, and ``G`` is exported as
+``BtoA`` (``generator_BtoA.safetensors``, scored on ``testB`` against ``testA``).
 """
 
 from __future__ import annotations
@@ -238,4 +241,5 @@ RECIPE = Recipe(
     exports={"AtoB": "G"},
     progress_keys=("G", "G_GAN", "NCE", "D"),
     official_networks={"G": "G", "D": "D", "F": "F"},  # F: the PatchNCE heads (--netF mlp_sample)
+    reversible=True,  # --direction BtoA: B images are the input (the official cityscapes labels -> photos)
 )

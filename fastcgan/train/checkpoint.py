@@ -300,7 +300,8 @@ def checkpoint_directions(path: str) -> tuple[str, ...]:
     """The generator directions (``AtoB``, ``BtoA``) the training checkpoint ``path`` holds."""
     from fastcgan.recipes import get_recipe
 
-    return tuple(get_recipe(checkpoint_config(path).model.recipe).exports)
+    cfg = checkpoint_config(path)
+    return tuple(get_recipe(cfg.model.recipe).exports_for(cfg))
 
 
 def checkpoint_generator(path: str, direction: str = "AtoB") -> torch.nn.Module:
@@ -315,12 +316,13 @@ def checkpoint_generator(path: str, direction: str = "AtoB") -> torch.nn.Module:
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {path}: its config does not load: {e}") from None
     recipe = get_recipe(cfg.model.recipe)
-    if direction not in recipe.exports:
+    exports = recipe.exports_for(cfg)
+    if direction not in exports:
         raise CheckpointError(
             f"checkpoint {path}: a {cfg.model.recipe} run has no {direction} generator "
-            f"(it has {', '.join(recipe.exports)})"
+            f"(it has {', '.join(exports)})"
         )
-    name = recipe.exports[direction]
+    name = exports[direction]
     _check_nets_unbuilt(path, recipe, cfg, payload["nets"])  # every network's keys and shapes
     with torch.random.fork_rng(devices=[]):  # the networks' initialisation, overwritten below
         net = recipe.networks(cfg)[name]

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--direction",
         choices=DIRECTIONS,
         default=S,
-        help="paired data (pix2pix): AtoB = the left half of each image is the input (default), BtoA swaps",
+        help="paired data (pix2pix): AtoB = the left half of each image is the input (default), BtoA swaps; "
+        "CUT: BtoA translates the B images into A (trainB is the input domain; exported as generator_BtoA)",
     )
     g.add_argument(
         "--data-on-gpu",
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-generator", dest="init_generators", action="append", type=_init_generator, default=S,
                    metavar="DIRECTION=PATH",
                    help="start the DIRECTION (AtoB / BtoA) generator from a fastcgan generator: a .safetensors "
-                   "file, a run directory or pretrained folder (its generator_DIRECTION), a training .ckpt or an "
+                   "file, a run directory or pretrained folder (its generator_DIRECTION, or its only generator), a "
+                   "training .ckpt or an "
                    "official latest_net_G*.pth (fine-tuning; its architecture must be this run's; the "
                    "discriminators start afresh). "
                    "Repeat for both directions")

@@ -189,7 +189,8 @@ class DataConfig:
     max_dataset_size: Optional[int] = None
     synthetic_train: int = 200  # images per domain generated for --dataset synthetic
     synthetic_test: int = 50
-    # Paired data (pix2pix): which half of each A|B image is the input; BtoA swaps them.
+    # Paired data (pix2pix): which half of each A|B image is the input; BtoA swaps them. CUT:
+    # BtoA reads {phase}B as the input domain (its generator is the run's BtoA one).
     direction: str = "AtoB"
 
     def validate(self) -> None:
@@ -505,7 +506,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 RECIPE_FIELDS = {
     **dict.fromkeys(("lambda_cycle", "lambda_A", "lambda_B", "lambda_identity", "cycle_kind"), ("cyclegan",)),
     "pool_size": ("cyclegan", "cut"),
-    **dict.fromkeys(("lambda_L1", "direction"), ("pix2pix", "colorization")),
+    "lambda_L1": ("pix2pix", "colorization"),
+    "direction": ("pix2pix", "colorization", "cut"),  # CUT: BtoA reads the B folders as its input
     **dict.fromkeys(("lambda_gan", "lambda_nce", "nce_idt", "nce_T", "num_patches", "flip_equivariance",
                      "nce_includes_all_negatives_from_minibatch", "nce_layers", "netF_nc"), ("cut",)),
 }

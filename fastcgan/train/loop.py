@@ -210,11 +210,15 @@ class _Run:
         from fastcgan.metrics import TrainingEvaluator
         from fastcgan.models import save_generator
 
-        cfg, gens = self.cfg, {d: self.recipe.deployed(state.nets[n]) for d, n in self.recipe.exports.items()}
+        cfg = self.cfg
+        gens = {d: self.recipe.deployed(state.nets[n]) for d, n in self.recipe.exports_for(cfg).items()}
         if self.evaluator is None:
+            # Channels of the testA / testB images: a reversed run's input domain is testB.
+            nc = (cfg.model.input_nc, cfg.model.output_nc)
+            nc_A, nc_B = nc[::-1] if self.recipe.reversed_domains(cfg) else nc
             self.evaluator = TrainingEvaluator(
                 self.root, "test", self.device, image_size=cfg.data.crop_size, max_images=cfg.run.eval_max_images,
-                amp_dtype=exe.amp_dtype, input_nc=cfg.model.input_nc, output_nc=cfg.model.output_nc,
+                amp_dtype=exe.amp_dtype, input_nc=nc_A, output_nc=nc_B,
             )
             self.eval_seconds += self.evaluator.setup_seconds
         m = self.evaluator(gens.get("AtoB"), gens.get("BtoA"))
@@ -236,7 +240,7 @@ class _Run:
 
         extra = {"skipped": self.batches.skipped, "best_fid": self.best_fid}
         self.last_ckpt = save_checkpoint(state, self.cfg, self.run_dir, self.batches.generators, extra)
-        for direction, net in self.recipe.exports.items():
+        for direction, net in self.recipe.exports_for(self.cfg).items():
             path = os.path.join(self.run_dir, f"generator_{direction}.safetensors")
             save_generator(self.recipe.deployed(state.nets[net]), path, direction=direction,
                            pairs_direction=pairs_direction(self.cfg))

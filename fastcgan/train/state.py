@@ -195,6 +195,18 @@ def _network_weights(deployed: nn.Module, net: nn.Module, sd: dict) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+def _source_generator(path: str, direction: str) -> str:
+    """Which generator of a folder starts this run's ``direction``: its namesake, or a folder's
+    only one (a released model's folder holds its generator as AtoB; a CUT run trained
+    --direction BtoA, as BtoA): fine-tuning the released labels -> photos CUT as a BtoA run."""
+    from fastcgan.models import generator_filename
+
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, generator_filename(direction))):
+        return direction
+    present = [d for d in ("AtoB", "BtoA") if os.path.isfile(os.path.join(path, generator_filename(d)))]
+    return present[0] if len(present) == 1 else direction
+
+
 def _generator_weights(cfg: TrainConfig, recipe, nets: dict) -> dict[str, tuple[str, dict]]:
     """``--init-generator DIRECTION=PATH``: a fastcgan generator (file, run or pretrained folder,
     training checkpoint) or an official ``latest_net_G*.pth`` read as this run's generator."""
@@ -202,7 +214,7 @@ def _generator_weights(cfg: TrainConfig, recipe, nets: dict) -> dict[str, tuple[
     from fastcgan.train.checkpoint import CheckpointError, check_network
     from fastcgan.train.config import ConfigError
 
-    ours = {d: recipe.deployed(nets[n]) for d, n in recipe.exports.items()}
+    ours = {d: recipe.deployed(nets[n]) for d, n in recipe.exports_for(cfg).items()}
     out = {}
     for entry in cfg.model.init_generators:
         direction, _, path = entry.partition("=")
@@ -225,7 +237,7 @@ def _generator_weights(cfg: TrainConfig, recipe, nets: dict) -> dict[str, tuple[
 
                 src = checkpoint_generator(path, direction)
             else:
-                src = load_generator(path, direction=direction, backend="torch")
+                src = load_generator(path, direction=_source_generator(path, direction), backend="torch")
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # CheckpointError is a RuntimeError
             kind = "an official checkpoint of this run's generator" if official else "a fastcgan generator"
             raise ConfigError(f"{where}: not {kind}: {e}") from None
@@ -239,7 +251,7 @@ def _generator_weights(cfg: TrainConfig, recipe, nets: dict) -> dict[str, tuple[
             check_network(path, direction, ours[direction], sd)
         except CheckpointError as e:
             raise ConfigError(f"{where}: its weights do not fit this run's generator: {e}") from None
-        name = recipe.exports[direction]
+        name = recipe.exports_for(cfg)[direction]
         out[name] = (where, _network_weights(ours[direction], nets[name], sd))
     return out
 

@@ -21,8 +21,8 @@ verifies, or with ``--trust-artifact``. Outputs are written atomically.
 
 ``--pairs``: the inputs are A|B pair images (a pix2pix test split, as the official ``test.py
 --model pix2pix`` reads them): the input half -- ``--direction``, by default the run's own (or the
-one an exported pix2pix generator records) -- is translated, and the page shows each whole pair (input and target) beside the translation.
-Odd-width pairs are skipped like unreadable files.
+one an exported pix2pix generator records) -- is translated, and the page shows each whole pair
+(input and target) beside the translation. Odd-width pairs are skipped like unreadable files.
 """
 
 from __future__ import annotations

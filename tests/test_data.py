@@ -630,3 +630,29 @@ def test_images_without_an_honest_8_bit_conversion_are_named_errors(tmp_path):
     small = np.tile(np.arange(0, 65536, 4096, dtype=np.int32), (2, 1))  # 16-bit data in 32-bit storage
     Image.fromarray(small, "I").save(tmp_path / "i16in32.tif")
     assert load_image(tmp_path / "i16in32.tif")[0, 0].tolist() == [(v * 255 + 32767) // 65535 for v in small[0]]
+
+
+def test_16_bit_transparency_and_infinite_floats(tmp_path):
+    """A 16-bit grey PNG's tRNS colour key was ignored (its pixels kept their grey, not white as
+    every other transparency); a +inf float sample read black."""
+    from fastcgan.data.images import to_channels
+
+    vals = np.array([[5, 5, 40000, 65535]], dtype=np.uint16)
+    Image.fromarray(vals).save(tmp_path / "g16.png", transparency=5)
+    with Image.open(tmp_path / "g16.png") as check:
+        assert check.mode.startswith("I") and check.info.get("transparency") == 5
+    assert load_image(tmp_path / "g16.png", channels=1)[0, 0].tolist() == [255, 255, 156, 255]
+    f = Image.fromarray(np.array([[0.0, 0.5, np.inf, np.nan]], dtype=np.float32), "F")
+    assert np.asarray(to_channels(f, 1))[0].tolist() == [0, 128, 255, 0]
+
+
+def test_entries_left_out_of_a_folder_are_named(tmp_path):
+    """A link to nowhere named like an image and a linked sub-folder were left out without a word."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.new("RGB", (4, 4)).save(d / "a.png")
+    (d / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "elsewhere").mkdir()
+    (d / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.warns(UserWarning, match="left out 2 entries: .*gone.png \\(a link to nowhere\\).*linked \\(a linked"):
+        assert make_dataset(str(d)) == [str(d / "a.png")]

@@ -169,20 +169,34 @@ def make_dataset(directory: str, max_size: float = math.inf) -> list[str]:
     ``.ipynb_checkpoints``) are ignored, and so is anything that is not a regular file (a FIFO or
     device named like an image would block its reader). Sorting happens before truncation, so ``max_size`` always
     keeps the same files (the official loader truncates in ``os.walk`` order, then sorts).
+    Image-named entries left out for not being regular files (a link to nowhere, a FIFO) and
+    linked sub-folders (not followed, as the official loader) are named in one warning.
     """
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} is not a directory")
-    found = []
+    found, left_out = [], []
 
     def unreadable(e: OSError) -> None:  # os.walk would skip the folder silently: it is not empty
         raise e
 
     for root, dirs, files in os.walk(directory, onerror=unreadable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
+        left_out += [os.path.join(root, d) + " (a linked folder, not followed)"
+                     for d in dirs if os.path.islink(os.path.join(root, d))]
         for f in files:
             path = os.path.join(root, f)
-            if not f.startswith(".") and is_image_file(f) and os.path.isfile(path):
-                found.append(path)
+            if not f.startswith(".") and is_image_file(f):
+                if os.path.isfile(path):
+                    found.append(path)
+                else:
+                    left_out.append(path + (" (a link to nowhere)" if os.path.islink(path) else
+                                            " (not a regular file)"))
+    if left_out:
+        left_out.sort()
+        msg = (f"{directory}: left out {len(left_out)} entr{'y' if len(left_out) == 1 else 'ies'}: "
+               + ", ".join(left_out[:5]) + (" ..." if len(left_out) > 5 else ""))
+        logger.warning(msg)
+        warnings.warn(msg, stacklevel=2)
     found.sort()
     if max_size < len(found):
         found = found[: int(max_size)]
@@ -190,14 +204,25 @@ def make_dataset(directory: str, max_size: float = math.inf) -> list[str]:
 
 
 def _scale_high_bit_depth(img: Image.Image) -> Image.Image:
-    """``I;16*`` / ``I`` / ``F`` single-channel images to 8-bit ``L`` by scaling, not clipping:
-    integer samples must lie in 0..65535 (else ValueError: signed or 32-bit data has no scale
-    that is right for every file)."""
+    """``I;16*`` / ``I`` / ``F`` single-channel images to 8-bit ``L`` (:func:`_scaled_samples`);
+    pixels of a tRNS colour key (16-bit grey PNG) composited on white, as other transparency."""
+    out = _scaled_samples(img)
+    key = img.info.get("transparency") if img.mode.startswith("I") else None
+    if isinstance(key, int):  # a tRNS colour key (16-bit grey PNG): those pixels composited on white
+        out = np.where(np.asarray(img) == key, 255, out)
+    return Image.fromarray(out.astype(np.uint8), mode="L")
+
+
+def _scaled_samples(img: Image.Image) -> np.ndarray:
+    """Samples scaled to 0..255, not clipped: integer samples must lie in 0..65535 (else
+    ValueError: signed or 32-bit data has no scale that is right for every file); float samples
+    are [0, 1] when every finite one is, else 0..255 (NaN black, +inf white)."""
     arr = np.asarray(img)
     if img.mode == "F":
         a = arr.astype(np.float64)
-        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
+        finite = a[np.isfinite(a)]
+        scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0
+        a = np.nan_to_num(a, nan=0.0, posinf=255.0 / scale, neginf=0.0)
         out = np.clip(np.rint(a * scale), 0, 255)
     else:
         # 16-bit samples (PNG/TIFF); mode "I" is 32-bit storage of the same 16-bit data in Pillow.
@@ -206,7 +231,7 @@ def _scale_high_bit_depth(img: Image.Image) -> Image.Image:
             raise ValueError(f"{img.mode} samples from {a.min()} to {a.max()} are outside the 16-bit range "
                              "0..65535 that is scaled to 8 bits; convert the image to 8 or 16 bits")
         out = (a * 255 + 32767) // 65535  # exact round-half-up of v*255/65535 in integers
-    return Image.fromarray(out.astype(np.uint8), mode="L")
+    return out
 
 
 def _has_transparency(img: Image.Image) -> bool:

@@ -312,11 +312,13 @@ def check_eval_args(batch_size, max_images, load_size, amp_dtype=None, inception
             raise ValueError(f"{name} must be None, torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
 
     if not (whole(batch_size) and 1 <= batch_size <= MAX_BATCH_SIZE):
-        raise ValueError(f"batch_size (--batch-size) must be an int in [1, {MAX_BATCH_SIZE}], got {batch_size!r}")
+        raise ValueError(f"batch_size (--batch-size) must be an int in [1, {MAX_BATCH_SIZE}], got {batch_size!r} "
+                         "(images held at a time)")
     if max_images is not None and not (whole(max_images) and max_images >= 1):
         raise ValueError(f"max_images (--max-images) must be an int >= 1 or None, got {max_images!r}")
     if load_size is not None and not (whole(load_size) and 1 <= load_size <= MAX_LOAD_SIZE):
-        raise ValueError(f"load_size (--load-size) must be an int in [1, {MAX_LOAD_SIZE}] or None, got {load_size!r}")
+        raise ValueError(f"load_size (--load-size) must be an int in [1, {MAX_LOAD_SIZE}] or None, got {load_size!r} "
+                         "(every test image is held at this size)")
 
 
 def evaluate_generators(
@@ -640,15 +642,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = build_parser()
     a = p.parse_args(argv)
-    for flag, v in (
-        ("--batch-size", a.batch_size),
-        ("--max-images", a.max_images),
-        ("--load-size", a.load_size),
-    ):
-        if v is not None and v < 1:
-            p.error(f"{flag} must be >= 1, got {v}")
-    if a.batch_size > MAX_BATCH_SIZE:
-        p.error(f"--batch-size {a.batch_size}: at most {MAX_BATCH_SIZE} (images held at a time)")
+    try:  # the library's own checks, which name the flags
+        check_eval_args(a.batch_size, a.max_images, a.load_size)
+    except ValueError as e:
+        p.error(str(e))
     if a.json is not None and not a.json:
         p.error("--json '': name a .json file")
     if a.overwrite and a.json is None:
@@ -666,8 +663,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--tile-overlap must be >= 0, got {a.tile_overlap}")
     except ValueError as e:
         p.error(str(e))
-    if a.load_size is not None and a.load_size > MAX_LOAD_SIZE:
-        p.error(f"--load-size {a.load_size}: at most {MAX_LOAD_SIZE} (every test image is held at this size)")
     if not os.path.exists(a.checkpoint):
         p.error(f"--checkpoint {a.checkpoint}: no such run directory or file")
     if not os.path.isdir(a.dataroot):

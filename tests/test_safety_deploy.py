@@ -942,7 +942,7 @@ def test_batch_size_and_json_values_that_cannot_work_are_refused(gen_file, tmp_p
     src = _pngs(tmp_path / "photos", n=1)
     assert _translate(gen_file, "--input", src, "--output", tmp_path / "o", "--batch-size", str(2**63)) == 2
     assert "--batch-size must be in [1, 1024]" in capsys.readouterr().err
-    for extra, said in ((["--batch-size", "5000"], "--batch-size 5000: at most 1024"), (["--json", ""], "--json ''")):
+    for extra, said in ((["--batch-size", "5000"], "batch_size (--batch-size) must be an int in [1, 1024], got 5000"), (["--json", ""], "--json ''")):
         with pytest.raises(SystemExit) as e:
             evaluate(["--checkpoint", str(gen_file.parent), "--dataroot", str(tmp_path), *extra])
         assert e.value.code == 2 and said in capsys.readouterr().err

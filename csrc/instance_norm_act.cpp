@@ -6,10 +6,13 @@
 //                                          negative_slope, pad, has_residual)
 //                                          -> (dx, dweight, dbias, dresidual)
 //
-// Contract (the executable spec is fastcgan/ops/_torch_impl.py): mean/rstd are fp32 (N, C);
+// Contract (the executable spec is contract_forward / contract_backward in
+// fastcgan/ops/instance_norm_act.py): mean/rstd are fp32 (N, C);
 // y/dx/dresidual are channels_last iff x is channels_last-contiguous and not NCHW-contiguous;
 // gradients that are not needed come back as empty (0,) tensors; dbias has weight's shape and
-// dtype when there is a weight but no bias. A residual of another dtype than x is cast to x's.
+// dtype when there is a weight but no bias. A residual of another dtype than x is cast to x's
+// before it is added (the spec adds it in fp32: for an fp32 residual with bf16 x, one bf16 step
+// apart in a third of the outputs; a ResNet block's residual has x's dtype).
 #include "instance_norm_act.h"
 
 #include <algorithm>

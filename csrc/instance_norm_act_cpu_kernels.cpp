@@ -137,13 +137,15 @@ struct Scratch {
 // ---- activation ----------------------------------------------------------------------------
 template <Activation ACT, typename A>
 inline A act_fwd(A z, A slope) {
-  if constexpr (ACT == Activation::RELU) return z > A(0) ? z : A(0);
+  // !(z <= 0), not z > 0: a NaN passes through, as torch.relu's (z > 0 ? z : 0 made it 0 and
+  // hid a diverged plane behind a plane of zeros).
+  if constexpr (ACT == Activation::RELU) return !(z <= A(0)) ? z : A(0);
   if constexpr (ACT == Activation::LEAKY_RELU) return z > A(0) ? z : z * slope;
   return z;
 }
 template <Activation ACT, typename A>
 inline A act_bwd(A z, A g, A slope) {  // act'(z) * g, the derivative at 0 taken as for z < 0
-  if constexpr (ACT == Activation::RELU) return z > A(0) ? g : A(0);
+  if constexpr (ACT == Activation::RELU) return !(z <= A(0)) ? g : A(0);  // torch's threshold_backward at NaN
   if constexpr (ACT == Activation::LEAKY_RELU) return z > A(0) ? g : g * slope;
   return g;
 }

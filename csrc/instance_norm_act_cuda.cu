@@ -93,13 +93,15 @@ struct VecOf {
 
 template <Activation ACT, typename A>
 __device__ __forceinline__ A act_fwd(A z, A slope) {
-  if constexpr (ACT == Activation::RELU) return z > A(0) ? z : A(0);
+  // !(z <= 0), not z > 0: a NaN passes through, as torch.relu's (z > 0 ? z : 0 made it 0 and
+  // hid a diverged plane behind a plane of zeros).
+  if constexpr (ACT == Activation::RELU) return !(z <= A(0)) ? z : A(0);
   if constexpr (ACT == Activation::LEAKY_RELU) return z > A(0) ? z : z * slope;
   return z;
 }
 template <Activation ACT, typename A>
 __device__ __forceinline__ A act_bwd(A z, A g, A slope) {
-  if constexpr (ACT == Activation::RELU) return z > A(0) ? g : A(0);
+  if constexpr (ACT == Activation::RELU) return !(z <= A(0)) ? g : A(0);  // torch's threshold_backward at NaN
   if constexpr (ACT == Activation::LEAKY_RELU) return z > A(0) ? g : g * slope;
   return g;
 }
@@ -109,8 +111,8 @@ __device__ __forceinline__ A act_bwd(A z, A g, A slope) {
 // tighter code spilled far less under the 128-register cap). Same values as act_bwd.
 template <typename A>
 __device__ __forceinline__ A act_bwd_rt(Activation act, A z, A g, A slope) {
-  const A neg = act == Activation::LEAKY_RELU ? slope : A(1);
-  return z > A(0) || act == Activation::NONE ? g : act == Activation::RELU ? A(0) : g * neg;
+  if (act == Activation::RELU) return !(z <= A(0)) ? g : A(0);
+  return z > A(0) || act == Activation::NONE ? g : g * slope;
 }
 
 // ---- reductions ----------------------------------------------------------------------------

@@ -71,17 +71,16 @@ def gradient_penalty(
     """WGAN-GP: ``lambda_gp * mean((||grad_x D(x)||_2 - constant)^2)`` at ``x`` = ``real``,
     ``fake`` or (``mixed``) a per-sample uniform interpolation between them.
 
-    The gradient is taken with ``create_graph=True`` so the penalty trains D: the discriminator
-    must support double backward, which only the ``torch`` op backend does (the fused kernels'
-    backward is not differentiable). Build it with ``build_discriminator(..., backend="torch")``
-    or ``fastcgan.nn.set_backend(netD, "torch")``; otherwise this raises before computing."""
+    The gradient is taken with ``create_graph=True`` so the penalty trains D. Every op backend
+    supports that second differentiation (the kernel backends differentiate the reference there,
+    :func:`fastcgan.ops.instance_norm_act`), so the ``torch`` backend for D only saves the
+    recompute; the trainer builds WGAN-GP discriminators so."""
     if kind not in ("real", "fake", "mixed"):
         raise ValueError(f"gradient_penalty: kind must be 'real', 'fake' or 'mixed', got {kind!r}")
     if real.shape != fake.shape:
         raise ValueError(
             f"gradient_penalty: real {tuple(real.shape)} and fake {tuple(fake.shape)} differ in shape"
         )
-    _check_double_backward(netD, real)
     real, fake = real.detach(), fake.detach()
     if kind == "real":
         x = real
@@ -101,19 +100,6 @@ def gradient_penalty(
     # 1e-16 keeps the norm's own gradient finite where D's input gradient is exactly zero.
     norm = (grad.float().flatten(1) + 1e-16).norm(2, dim=1)
     return lambda_gp * ((norm - constant) ** 2).mean()
-
-
-def _check_double_backward(netD: nn.Module, x: Tensor) -> None:
-    from fastcgan.nn import InstanceNormAct
-    from fastcgan.ops import resolve
-
-    for name, m in netD.named_modules():
-        if isinstance(m, InstanceNormAct) and resolve(m.backend, x) != "torch":
-            raise ValueError(
-                f"gradient_penalty needs double backward through the discriminator, but its layer {name!r} "
-                f"uses the {resolve(m.backend, x)!r} backend; build the discriminator with backend='torch' "
-                "(or fastcgan.nn.set_backend(netD, 'torch'))"
-            )
 
 
 def cycle_loss(rec: Tensor, real: Tensor, kind: str = "l1") -> Tensor:

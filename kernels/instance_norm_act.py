@@ -74,7 +74,7 @@ _LEAKY_RELU: tl.constexpr = tl.constexpr(int(Activation.LEAKY_RELU))
 @triton.jit
 def _act_fwd(z, slope, ACT: tl.constexpr):
     if ACT == _RELU:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z <= 0, 0.0, z)  # a NaN passes through, as torch.relu's (tl.maximum dropped it)
     elif ACT == _LEAKY_RELU:
         z = tl.where(z > 0, z, z * slope)
     return z
@@ -84,7 +84,7 @@ def _act_fwd(z, slope, ACT: tl.constexpr):
 def _act_bwd(g, z, slope, ACT: tl.constexpr):
     # Same convention as the reference: the derivative at z == 0 is the negative side's.
     if ACT == _RELU:
-        g = tl.where(z > 0, g, 0.0)
+        g = tl.where(z <= 0, 0.0, g)  # torch's threshold_backward: g where z is NaN
     elif ACT == _LEAKY_RELU:
         g = tl.where(z > 0, g, g * slope)
     return g

@@ -26,6 +26,7 @@ from test_instance_norm_act import (
     _few_options,
     _random_cases,
     _fp64_backward_check,
+    _nan_check,
 )
 
 import cuda_emu
@@ -102,6 +103,11 @@ def test_emulated_cuda_random_cases(emulated):
     large = [(129, 131), (200, 3), (3, 200), (130, 130), (257, 65), (1, 1000)]
     for case in _random_cases(80, seed=2, dtypes=KERNEL_DTYPES, large=large):
         _check_backend("cuda-emulated", *case, fn=emulated)
+
+
+def test_emulated_cuda_nan_planes_stay_nan(emulated):
+    """ReLU's z > 0 ? z : 0 turned a NaN plane into zeros (the reference keeps it NaN)."""
+    _nan_check("cuda-emulated", "cpu", fn=emulated)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -12,6 +12,7 @@ from fastcgan.losses import (
     identity_loss,
 )
 from fastcgan.models import build_discriminator
+from fastcgan.nn import set_backend
 
 PRED = torch.tensor([[-1.0, 0.0], [0.5, 2.0]])  # mean 0.375
 
@@ -141,14 +142,24 @@ def test_gradient_penalty_changes_discriminator_gradients():
     assert torch.autograd.grad(gp2, fake_g, allow_unused=True)[0] is None
 
 
-def test_gradient_penalty_rejects_non_torch_backend(monkeypatch):
-    d = build_discriminator("basic", ndf=4, backend="torch")
-    for m in d.modules():
-        if hasattr(m, "backend"):
-            m.backend = "triton"
-    monkeypatch.setattr("fastcgan.ops._backends._usable", lambda name, x: None)
-    with pytest.raises(ValueError, match="backend='torch'"):
-        gradient_penalty(d, torch.zeros(1, 3, 35, 35), torch.zeros(1, 3, 35, 35))
+def test_gradient_penalty_is_the_same_on_a_kernel_backend():
+    """It refused any discriminator not on the torch backend (the kernels' backward had no
+    graph); the op now differentiates the reference there, so the penalty and its gradients
+    match the torch backend's."""
+    torch.manual_seed(0)
+    d = build_discriminator("basic", ndf=4, norm="instance", backend="torch").double()
+    real, fake = torch.rand(2, 3, 35, 35, dtype=torch.float64), torch.rand(2, 3, 35, 35, dtype=torch.float64)
+    got = {}
+    for backend in ("torch", "cpp"):
+        set_backend(d, backend)
+        gp = gradient_penalty(d, real, fake, generator=torch.Generator().manual_seed(1))
+        got[backend] = (gp, torch.autograd.grad(gp, list(d.parameters()), allow_unused=True))
+    torch.testing.assert_close(got["cpp"][0], got["torch"][0], rtol=1e-9, atol=1e-12)
+    assert sum(g is not None for g in got["torch"][1]) > 2
+    for a, b in zip(got["cpp"][1], got["torch"][1]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.cuda

@@ -26,8 +26,19 @@ class InstanceNormAct(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
+        from fastcgan.ops._backends import BACKENDS
+
+        # Validated here, not at the first forward (the op checks the same against x's shape).
+        if not (isinstance(num_features, int) and not isinstance(num_features, bool) and num_features >= 1):
+            raise ValueError(f"InstanceNormAct: num_features must be an int >= 1, got {num_features!r}")
+        if not (isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0):
+            raise ValueError(f"InstanceNormAct: pad must be a non-negative int, got {pad!r}")
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
+            raise ValueError(f"InstanceNormAct: eps must be a positive number, got {eps!r}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"InstanceNormAct: unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
         self.num_features = num_features
-        self.activation = activation_label(activation)  # validated here, not at the first forward
+        self.activation = activation_label(activation)
         self.negative_slope = negative_slope
         self.pad = pad
         self.eps = eps

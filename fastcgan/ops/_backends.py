@@ -101,6 +101,17 @@ def load_native() -> tuple[bool, str]:
 # --------------------------------------------------------------------------------------------
 # Availability
 # --------------------------------------------------------------------------------------------
+def _triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter: Triton's own reading of TRITON_INTERPRET
+    (which takes 1, true, on, yes), else the documented "1"."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except Exception:  # noqa: BLE001 - an older Triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 def _probe_triton() -> BackendStatus:
     try:
         import triton  # noqa: F401
@@ -108,7 +119,7 @@ def _probe_triton() -> BackendStatus:
         return BackendStatus("triton", False, f"triton cannot be imported: {e}")
     devices = []
     reasons = []
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if _triton_interpreting():
         devices.append("cpu")
         reasons.append("CPU tensors run under the Triton interpreter (TRITON_INTERPRET=1)")
     if torch.cuda.is_available():
@@ -155,7 +166,10 @@ def available_backends() -> dict[str, BackendStatus]:
 
 
 def _usable(name: str, x: torch.Tensor) -> Optional[str]:
-    """None if backend ``name`` works here for ``x``'s device, else the reason it does not."""
+    """None if backend ``name`` works here for ``x``'s device, else the reason it does not. The
+    reference is plain PyTorch: it runs wherever x is (meta, mps, xpu), as "auto" falls back to."""
+    if name == "torch":
+        return None
     st = status(name)
     if not st.available:
         return st.reason

@@ -36,6 +36,7 @@ weight, no residual) are returned as empty tensors, since custom ops cannot retu
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
@@ -120,8 +121,9 @@ def instance_norm_act_ref(
 # Validation and layout rules shared by every backend
 # --------------------------------------------------------------------------------------------
 def output_memory_format(x: Tensor) -> torch.memory_format:
-    """The memory format every backend writes ``y``/``dx`` in: channels_last when ``x`` is
-    channels_last-contiguous (and not also NCHW-contiguous, e.g. C == 1), else NCHW."""
+    """The memory format every kernel backend writes ``y``/``dx`` in: channels_last when ``x`` is
+    channels_last-contiguous (and not also NCHW-contiguous, e.g. C == 1), else NCHW. (The
+    ``torch`` reference returns what ``F.instance_norm`` gives: NCHW.)"""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
@@ -164,14 +166,18 @@ def check_instance_norm_act_args(
             raise ValueError(f"instance_norm_act: residual is on {residual.device} but x is on {x.device}")
     if not isinstance(activation, Activation) and activation not in ACTIVATIONS:
         raise ValueError(f"instance_norm_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if not isinstance(pad, int) or pad < 0:
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and not (isinstance(t, Tensor) and t.is_floating_point()):
+            raise TypeError(f"instance_norm_act: {name} must be a floating-point tensor, got "
+                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
         raise ValueError(f"instance_norm_act: pad must be a non-negative int, got {pad!r}")
     if pad > 0 and (pad >= h or pad >= w):
         raise ValueError(
             f"instance_norm_act: reflection pad {pad} must be smaller than H and W (got H={h}, W={w})"
         )
-    if not eps > 0:
-        raise ValueError(f"instance_norm_act: eps must be positive, got {eps}")
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
+        raise ValueError(f"instance_norm_act: eps must be a positive number, got {eps!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,10 +238,11 @@ def contract_backward(dy, x, weight, bias, mean, rstd, activation, negative_slop
         z = z * weight.to(acc)[None, :, None, None]
     if bias is not None:
         z = z + bias.to(acc)[None, :, None, None]
-    # The derivative at z == 0 is the negative side's, in every backend.
+    # The derivative at z == 0 is the negative side's, in every backend; ReLU passes g where z
+    # is NaN (torch's threshold_backward).
     act = parse_activation(activation)
     if act == Activation.RELU:
-        gz = torch.where(z > 0, g, torch.zeros_like(g))
+        gz = torch.where(z <= 0, torch.zeros_like(g), g)
     elif act == Activation.LEAKY_RELU:
         gz = torch.where(z > 0, g, g * negative_slope)
     else:
@@ -383,9 +390,33 @@ def _setup_context(ctx, inputs, output):
     ctx.has_residual = residual is not None
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.activation, ctx.negative_slope, ctx.pad, ctx.backend = activation, negative_slope, pad, backend
+    ctx.eps = eps
+
+
+def _differentiable_backward(ctx, dy: Tensor) -> tuple:
+    """The gradients as a differentiable function of the inputs and ``dy``, for a backward asked
+    with ``create_graph=True`` (a gradient penalty, a Hessian-vector product): the kernels'
+    backward is a fused formula with no graph of its own, so the reference's forward is re-run
+    from the saved inputs and differentiated with a graph. Slower, and only on this path: a
+    kernel backward here returned zeros or partial second-order gradients without a word."""
+    x, weight, bias, _, _ = ctx.saved_tensors
+    residual = torch.zeros_like(x, dtype=ctx.residual_dtype, requires_grad=True) if ctx.has_residual else None
+    with torch.enable_grad():
+        y = instance_norm_act_ref(x, weight, bias, activation=ctx.activation, negative_slope=ctx.negative_slope,
+                                  residual=residual, pad=ctx.pad, eps=ctx.eps)
+        inputs = [(i, t) for i, t in enumerate((x, weight, bias, residual))
+                  if t is not None and (t is residual or ctx.needs_input_grad[i]) and t.requires_grad]
+        grads = (torch.autograd.grad(y, [t for _, t in inputs], dy, create_graph=True, allow_unused=True)
+                 if inputs else ())
+    out: list = [None] * 9
+    for (i, _), g in zip(inputs, grads):
+        out[i] = g
+    return tuple(out)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must have a graph themselves
+        return _differentiable_backward(ctx, dy)
     x, weight, bias, mean, rstd = ctx.saved_tensors
     dx, dw, db, dres = _bwd_op(
         dy, x, weight, bias, mean, rstd, ctx.activation, ctx.negative_slope, ctx.pad, ctx.has_residual,
@@ -413,8 +444,9 @@ class _EagerInstanceNormAct(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must have a graph themselves
+            return _differentiable_backward(ctx, dy)
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dw, db, dres = kernels(ctx.backend).backward(
             dy, x, weight, bias, mean, rstd, ctx.activation, ctx.negative_slope, ctx.pad, ctx.has_residual
@@ -451,6 +483,9 @@ def instance_norm_act(
     :func:`fastcgan.ops.available_backends`. During ONNX export or ``torch.export`` the reference
     is always used, so exported graphs hold standard operators."""
     check_instance_norm_act_args(x, weight, bias, residual, activation, pad, eps)
+    if not (isinstance(negative_slope, (int, float)) and not isinstance(negative_slope, bool)
+            and math.isfinite(negative_slope)):
+        raise ValueError(f"instance_norm_act: negative_slope must be a finite number, got {negative_slope!r}")
     activation = activation_label(activation)
     if _backends.is_exporting():
         backend = "torch"

@@ -152,6 +152,10 @@ inline A act_bwd(A z, A g, A slope) {  // act'(z) * g, the derivative at 0 taken
 
 // Chan et al.: merge (count nb, mean mb, m2b) into a running (na, ma, m2a).
 inline void chan_merge(double na, double& ma, double& m2a, double nb, double mb, double m2b) {
+  if (na == 0) {  // the first chunk: its statistics (d * d * 0 was inf * 0 = NaN for |mean| > 1.3e154)
+    ma = mb, m2a = m2b;
+    return;
+  }
   const double n = na + nb, d = mb - ma;
   ma += d * (nb / n);
   m2a += m2b + d * d * (na * nb / n);

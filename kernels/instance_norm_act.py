@@ -248,7 +248,10 @@ def _bwd_one_pass_kernel(
     x_base = X + n.to(tl.int64) * s_xn + c.to(tl.int64)[:, None] * s_xc
     dy_base = DY + n.to(tl.int64) * s_dyn + c.to(tl.int64)[:, None] * s_dyc
     g = _fold_pad(dy_base, hw, m, H, W, Wp, s_dyhw, PAD)
-    xv = tl.load(x_base + hw[None, :] * s_xhw, mask=m, other=0.0).to(tl.float32)
+    # Masked lanes read the plane's mean, so their xhat is 0, not (0 - mean) * rstd, which
+    # overflows to inf for |mean| ~ 1e36 (0 * inf = NaN sums). (A select on xhat instead spilled
+    # this kernel's registers on sm90 at 128x128 fp32.)
+    xv = tl.load(x_base + hw[None, :] * s_xhw, mask=m, other=mean[:, None]).to(tl.float32)
     xhat = (xv - mean[:, None]) * rstd[:, None]
     gz = _act_bwd(g, xhat * w[:, None] + b[:, None], slope, ACT)
     gz = tl.where(m, gz, 0.0)
@@ -414,7 +417,7 @@ def _bwd_reduce_kernel(
         hw = start + t * BLOCK_HW + tl.arange(0, BLOCK_HW)
         m = cmask[:, None] & (hw < end)[None, :]
         g = _fold_pad(dy_base, hw, m, H, W, Wp, s_dyhw, PAD)
-        xv = tl.load(x_base + hw[None, :] * s_xhw, mask=m, other=0.0).to(tl.float32)
+        xv = tl.load(x_base + hw[None, :] * s_xhw, mask=m, other=mean[:, None]).to(tl.float32)  # see above
         xhat = (xv - mean[:, None]) * rstd[:, None]
         z = xhat * w[:, None] + b[:, None]
         gz = _act_bwd(g, z, slope, ACT)

@@ -1256,3 +1256,20 @@ def test_reference_runs_on_any_device_and_interpreter_spellings(monkeypatch):
     finally:
         _backends._status_cache.clear()
         _backends._status_cache.update(saved)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_near_constant_planes_at_huge_magnitudes_stay_finite_cpu(backend):
+    """cpp (fp64, NCHW) merged its first chunk into an empty accumulator as d * d * 0 = inf * 0 =
+    NaN for |mean| > 1.3e154; Triton's backward summed gz * xhat over masked lanes where
+    xhat = (0 - mean) * rstd overflowed to -inf (NaN dx/dweight for a 2e36 plane of 3x5)."""
+    _need(backend, "cpu")
+    if backend == "cpp":
+        g = torch.Generator().manual_seed(0)
+        x = 1.4e154 * (1 + 0.1 * torch.randn(1, 2, 3, 4, dtype=torch.float64, generator=g))
+        y = instance_norm_act(x, activation="none", backend="cpp")
+        torch.testing.assert_close(y, instance_norm_act_ref(x, activation="none"), rtol=1e-9, atol=1e-9)
+    x = torch.full((1, 1, 3, 5), 2e36, requires_grad=True)
+    w = torch.ones(1, requires_grad=True)
+    dx, dw = torch.autograd.grad(instance_norm_act(x, w, activation="none", backend=backend).sum(), [x, w])
+    assert dx.isfinite().all() and dw.isfinite().all()

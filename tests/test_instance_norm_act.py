@@ -1273,3 +1273,37 @@ def test_near_constant_planes_at_huge_magnitudes_stay_finite_cpu(backend):
     w = torch.ones(1, requires_grad=True)
     dx, dw = torch.autograd.grad(instance_norm_act(x, w, activation="none", backend=backend).sum(), [x, w])
     assert dx.isfinite().all() and dw.isfinite().all()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_transforms_the_kernels_cannot_take_run_the_reference():
+    """torch.func.vmap / jvp and forward-mode AD raised PyTorch's "must override setup_context" on
+    a kernel backend, and torch.jit.trace recorded a Python op that could not be saved: these run
+    the reference (standard ops) on every backend now."""
+    import io
+
+    import torch.autograd.forward_ad as fwAD
+
+    from fastcgan.nn import InstanceNormAct
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 2, 3, 5, 6, generator=g)
+    t = torch.randn(2, 3, 5, 6, generator=g)
+    for backend in ("cpp", "triton"):
+        st = ops.available_backends()[backend]
+        if not (st.available and "cpu" in st.devices):
+            continue
+        f = lambda v, b=backend: instance_norm_act(v, pad=1, backend=b)  # noqa: E731
+        want_v = torch.func.vmap(lambda v: instance_norm_act_ref(v, pad=1))(x)
+        torch.testing.assert_close(torch.func.vmap(f)(x), want_v)
+        _, tangent = torch.func.jvp(f, (x[0],), (t,))
+        _, want = torch.func.jvp(lambda v: instance_norm_act_ref(v, pad=1), (x[0],), (t,))
+        torch.testing.assert_close(tangent, want)
+        with fwAD.dual_level():
+            out = fwAD.unpack_dual(f(fwAD.make_dual(x[0], t))).tangent
+        torch.testing.assert_close(out, want)
+        layer = InstanceNormAct(2, backend=backend)
+        traced = torch.jit.trace(layer, (x[0],))
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        torch.testing.assert_close(traced(x[1]), layer(x[1]))

@@ -41,6 +41,7 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch import Tensor
 
 from fastcgan.ops import _backends
@@ -460,6 +461,16 @@ class _EagerInstanceNormAct(torch.autograd.Function):
         )
 
 
+def _kernels_cannot_serve(*tensors: Optional[Tensor]) -> bool:
+    """Calls the kernels' autograd.Function cannot take: torch.jit tracing (it records a Python op
+    that cannot be saved), torch.func transforms (vmap, grad, jvp: the Function has no
+    setup_context/vmap rule) and forward-mode AD (no jvp). The reference runs them instead, so
+    they work on every backend (slower; ~0.5 us of checks per eager call otherwise)."""
+    if torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        return True
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------
@@ -491,6 +502,9 @@ def instance_norm_act(
         backend = "torch"
     else:
         backend = resolve_backend(backend, x)
+        if (backend != "torch" and not torch.compiler.is_compiling()
+                and _kernels_cannot_serve(x, weight, bias, residual)):
+            backend = "torch"
     if backend == "torch":
         return instance_norm_act_ref(
             x, weight, bias, activation=activation, negative_slope=negative_slope,

@@ -285,7 +285,9 @@ def _pairs_direction(path: str, direction: str | None) -> str | None:
             raise ArtifactError(file, str(e)) from None
         if own is not None:
             return own
-    if os.path.isdir(path) or path.lower().endswith(".ckpt"):
+    from fastcgan.evaluate import is_run
+
+    if is_run(path):
         from fastcgan.evaluate_paired import run_pairs_direction
 
         return run_pairs_direction(path)

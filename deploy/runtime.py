@@ -231,8 +231,7 @@ class Translator:
         self.tile = tile
         self.tile_overlap = int(tile_overlap)
         self.max_tiles = int(max_tiles)
-        if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        _check_positive_int("batch_size", batch_size)
         self.batch_size = batch_size
         self.trust = trust  # how the artifact was admitted: data, verified manifest, or trusted explicitly
         self._keep: list[Any] = []  # temporary directories holding derived artifacts
@@ -356,9 +355,8 @@ class Translator:
         large image, not ``batch_size`` of them.
 
         Returns a list in input order, each item of its input's kind."""
-        if batch_size is not None and not (isinstance(batch_size, int) and not isinstance(batch_size, bool)
-                                           and batch_size >= 1):
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if batch_size is not None:
+            _check_positive_int("batch_size", batch_size)
         bs = self.batch_size if batch_size is None else batch_size
         items = [self._to_tensor(im) for im in images]
         groups: dict[tuple, list[int]] = {}
@@ -461,6 +459,11 @@ class Translator:
                         "or a uint8/float torch tensor")
 
 
+def _check_positive_int(name: str, v) -> None:
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+
 def _check_hw(h: int, w: int, b: int = 1) -> None:
     if h < 1 or w < 1 or b < 1:
         raise ValueError(f"cannot translate an empty image (batch {b}, {h}x{w})")
@@ -521,8 +524,7 @@ def load(
         check_tile_args(tile, default_overlap(tile) if tile_overlap is None else tile_overlap)
     elif tile_overlap is not None and not (isinstance(tile_overlap, int) and tile_overlap >= 0):
         raise ValueError(f"tile_overlap must be an int >= 0, got {tile_overlap!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    _check_positive_int("batch_size", batch_size)
     if tile is None and tile_overlap is not None and kind in ("run", "safetensors", "checkpoint"):
         # What Translator says of a model without a static size, before an export on the fly.
         raise ValueError(f"tile_overlap {tile_overlap} (--tile-overlap) without tile (--tile): this model runs "
@@ -637,8 +639,7 @@ def _check_load_options(kind: str, engine: str, *, direction, bf16: bool, compil
     if bf16 and engine == "onnx":
         raise ValueError("bf16=True: the onnx engine runs fp32 or an fp16-exported model; use fp16 (an ONNX file "
                          "exported with --fp16) or another engine")
-    if not (isinstance(max_tiles, int) and not isinstance(max_tiles, bool) and max_tiles >= 1):
-        raise ValueError(f"max_tiles must be an int >= 1, got {max_tiles!r}")
+    _check_positive_int("max_tiles", max_tiles)
 
 
 def from_model(

@@ -476,7 +476,7 @@ def evaluate(
         "tile": tile,
         "tile_overlap": tile_overlap,
     }
-    if (os.path.isdir(checkpoint) or checkpoint.lower().endswith(".ckpt")) and direction is None:
+    if is_run(checkpoint) and direction is None:
         # A run (or a run at a checkpoint's step): each generator it has. One-way recipes have one (CUT:
         # AtoB, or BtoA when trained --direction BtoA). With a direction, only that one (below).
         has = run_generators(checkpoint)
@@ -486,6 +486,12 @@ def evaluate(
         g = load(checkpoint, direction=direction, **opts)
         G_AB, G_BA = (g, None) if (direction or g.spec.direction or "AtoB") == "AtoB" else (None, g)
     return evaluate_generators(G_AB, G_BA, dataroot, phase, dev, **kw)
+
+
+def is_run(checkpoint: str) -> bool:
+    """A run directory or training checkpoint (``.ckpt``): generators picked by direction, as
+    opposed to a one-generator artifact."""
+    return os.path.isdir(checkpoint) or str(checkpoint).lower().endswith(".ckpt")
 
 
 def run_generators(checkpoint: str) -> tuple[str, ...]:

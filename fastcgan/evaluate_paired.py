@@ -180,12 +180,11 @@ def evaluate_paired(
     else:
         if direction is None:
             direction = run_direction(checkpoint)
-        from fastcgan.evaluate import run_generators
+        from fastcgan.evaluate import is_run, run_generators
 
         # A run's generator of that direction (a CycleGAN's G_BA for B inputs, as translate --pairs);
         # a pix2pix run's one generator is its AtoB file; an artifact runs its own.
-        run = os.path.isdir(checkpoint) or str(checkpoint).lower().endswith(".ckpt")
-        generator = (direction if direction in run_generators(checkpoint) else None) if run else None
+        generator = (direction if direction in run_generators(checkpoint) else None) if is_run(checkpoint) else None
         tr = load(
             checkpoint, direction=generator, device=str(dev), engine=engine, batch_size=batch_size,
             bf16=amp_dtype == torch.bfloat16, fp16=amp_dtype == torch.float16, trust_artifact=trust_artifact,

@@ -49,17 +49,17 @@ def move_into_place(src: str, dst: str, replace: bool = True) -> None:
     if replace:
         os.replace(src, dst)
         return
+    taken = OutputExistsError(errno.EEXIST, f"could not write {dst}: another process wrote it while this "
+                              "command ran; left as it is (--overwrite replaces outputs)")
     try:
         os.link(src, dst)
     except FileExistsError:
-        raise OutputExistsError(errno.EEXIST, f"could not write {dst}: another process wrote it while this "
-                                "command ran; left as it is (--overwrite replaces outputs)") from None
+        raise taken from None
     except OSError as e:
         if e.errno not in _NO_HARD_LINKS:
             raise
         if os.path.lexists(dst):
-            raise OutputExistsError(errno.EEXIST, f"could not write {dst}: another process wrote it while this "
-                                    "command ran; left as it is (--overwrite replaces outputs)") from None
+            raise taken from None
         os.replace(src, dst)
         return
     os.remove(src)

@@ -230,11 +230,12 @@ def _directions(args) -> tuple[str | None, str | None]:
     is which half is the input (default: the run's own, else what the artifact records, else
     AtoB); a pix2pix run (or a released model's folder) has one generator, ``AtoB``, whichever
     half it reads."""
-    run = os.path.isdir(args.checkpoint) or args.checkpoint.lower().endswith(".ckpt")
+    from fastcgan.evaluate import is_run, run_generators
+    from fastcgan.evaluate_paired import run_direction
+
+    run = is_run(args.checkpoint)
     if not args.pairs:
         return args.direction, args.direction  # None: a run's AtoB generator, or its only one
-    from fastcgan.evaluate import run_generators
-    from fastcgan.evaluate_paired import run_direction
 
     direction = args.direction or run_direction(args.checkpoint)  # else the artifact's (after loading)
     if not run:
@@ -298,8 +299,9 @@ def _main(args) -> int:
             raise ValueError(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
     except ValueError as e:
         return _error(str(e))
-    run = os.path.isdir(args.checkpoint) or args.checkpoint.lower().endswith(".ckpt")
-    if args.direction and not args.pairs and os.path.exists(args.checkpoint) and not run:
+    from fastcgan.evaluate import is_run
+
+    if args.direction and not args.pairs and os.path.exists(args.checkpoint) and not is_run(args.checkpoint):
         return _error(f"--direction picks a generator of a run directory or training checkpoint (with --pairs: the "
                       f"input half); {args.checkpoint} is one generator")
     if not os.path.exists(args.input):

@@ -199,12 +199,12 @@ def _source_generator(path: str, direction: str) -> str:
     """Which generator of a folder starts this run's ``direction``: its namesake, or a folder's
     only one (a released model's folder holds its generator as AtoB; a CUT run trained
     --direction BtoA, as BtoA): fine-tuning the released labels -> photos CUT as a BtoA run."""
-    from fastcgan.models import generator_filename
+    from fastcgan.evaluate import run_generators
 
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, generator_filename(direction))):
+    if not os.path.isdir(path):
         return direction
-    present = [d for d in ("AtoB", "BtoA") if os.path.isfile(os.path.join(path, generator_filename(d)))]
-    return present[0] if len(present) == 1 else direction
+    present = run_generators(path)
+    return present[0] if direction not in present and len(present) == 1 else direction
 
 
 def _generator_weights(cfg: TrainConfig, recipe, nets: dict) -> dict[str, tuple[str, dict]]:

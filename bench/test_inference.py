@@ -87,7 +87,7 @@ def test_cpu_engines(bench_record):
         ref = model(x)
     results = {}
 
-    def run(name, fn, err_of=None):
+    def run(name, fn):
         with torch.inference_mode():
             out = fn()
             err = float((torch.as_tensor(out).float() - ref).abs().max())

@@ -42,7 +42,6 @@ from fastcgan.ops.instance_norm_act import instance_norm_act
 BASE_SHAPES = [(64, 256, 256), (128, 128, 128), (256, 64, 64)]
 GPU_SHAPES = [(1, *s) for s in BASE_SHAPES] + [(8, *s) for s in BASE_SHAPES]
 CPU_SHAPES = [(1, *s) for s in BASE_SHAPES]
-MODES = ("fwd", "bwd", "fwd+bwd")
 PAD = 1
 QUICK = os.environ.get("FASTCGAN_BENCH_QUICK", "0") == "1"
 

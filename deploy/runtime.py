@@ -157,9 +157,6 @@ class OrtRunner(_Runner):
         self.in_name, self.out_name = ins[0].name, outs[0].name
         self.dtype = torch.float16 if "float16" in ins[0].type else torch.float32
         self._np = np.float16 if self.dtype == torch.float16 else np.float32
-        out_t = outs[0].type
-        self._out_np = np.float16 if "float16" in out_t else np.float32
-        self._out_torch = torch.float16 if self._out_np is np.float16 else torch.float32
         self.name = "trt" if tensorrt else "onnx"
 
     def __call__(self, x: Tensor) -> Tensor:

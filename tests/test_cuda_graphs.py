@@ -3,14 +3,18 @@ step trains exactly what the eager step trains, learning-rate schedule included.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
+import types
 
 import pytest
 import torch
 from conftest import tiny_train_config
 
 from fastcgan.ops._backends import cuda_graph_replayed
-from fastcgan.train import ConfigError, build_state, build_step, resolve_fast_path
+import fastcgan.train.cuda_graphs as cuda_graphs_mod
+from fastcgan.train import ConfigError, build_state, build_step, resolve_fast_path, train
 from fastcgan.train.cli import main as cli_main
 from fastcgan.train.cuda_graphs import CUDAGraphStep, _make_capturable, cuda_graphs_blocker, use_cuda_graphs
 
@@ -149,3 +153,56 @@ def test_captured_step_with_pool_trains():
     assert step.graph is not None
     assert all(torch.isfinite(v).item() for v in out.values())
     assert out["cycle_A"].item() < first["cycle_A"].item()
+
+
+def test_warmup_reuses_one_side_stream_and_capture_is_thread_local(monkeypatch):
+    """Runs on a CPU: CUDAGraphStep driven through its warm-up, capture and replays with
+    torch.cuda's stream and graph API recorded. One side stream for the step object (a stream per
+    warm-up step stranded each step's cached blocks on a stream never used again), on the training
+    device; the capture runs on it in "thread_local" mode (the default "global" mode is
+    invalidated by the DataLoader pin-memory thread's cudaHostAlloc / cudaEventQuery)."""
+    made, captures, waited = [], [], []
+
+    class Stream:
+        def __init__(self, device=None):
+            made.append(device)
+
+        def wait_stream(self, other):
+            waited.append(other)
+
+    current = types.SimpleNamespace(wait_stream=lambda s: waited.append(s))
+    replays = []
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: replays.append(1)))
+
+    def graph(g, *args, **kwargs):
+        captures.append((args, kwargs))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(cuda_graphs_mod, "train_step", lambda exe, batch, recipe, cfg: {"loss": batch["A"].sum()})
+    exe = types.SimpleNamespace(
+        device=torch.device("cuda", 1), state=types.SimpleNamespace(optimizers={}), autocast_cache=True
+    )
+    step = CUDAGraphStep(exe, None, None, warmup=3)
+    for _ in range(6):
+        step({"A": torch.ones(2), "B": torch.ones(2)})
+    assert made == [torch.device("cuda", 1)], made  # one stream, made once, on the training device
+    assert len(captures) == 1 and len(replays) == 3
+    args, kwargs = captures[0]
+    assert not args and kwargs == {"stream": step.side, "capture_error_mode": "thread_local"}
+
+
+@pytest.mark.cuda
+def test_training_with_cuda_graphs_and_loader_workers(tmp_path):
+    """The captured step fed by the DataLoader (data_on_gpu off, 2 workers, pinned memory): its
+    pin-memory thread calls cudaHostAlloc / cudaEventQuery while the step is being captured, which
+    invalidates a capture in the default "global" mode (the capture is "thread_local")."""
+    cfg = _cfg(device="cuda", amp=True, compile=False, cuda_graphs=True, data_on_gpu=False, num_workers=2,
+               max_steps=12, synthetic_train=16, output_dir=str(tmp_path))
+    s = train(cfg)
+    assert s["step"] == 12 and s["exit_code"] == 0
+    assert all(math.isfinite(v) for v in s["final_losses"].values()), s["final_losses"]

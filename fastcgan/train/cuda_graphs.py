@@ -10,7 +10,13 @@ How (the "whole network capture" recipe of PyTorch's CUDA-graph notes):
 * static input buffers ``A``/``B``: each step copies its batch into them, then replays;
 * the first ``warmup`` steps run eagerly on a side stream (they are real training steps): lazy
   initialisation (cuBLAS/cuDNN handles, Adam's state, the image pools, torch.compile's
-  compilation) must not happen during capture;
+  compilation) must not happen during capture. One side stream per step object, reused by every
+  warm-up step and by the capture: the caching allocator keeps freed blocks per stream, so a new
+  stream per step would strand each step's activations in a pool no later step can reuse;
+* the capture is ``thread_local`` (``cudaStreamCaptureModeThreadLocal``): the DataLoader's
+  pin-memory thread (``pin_memory=True`` on CUDA) may call ``cudaHostAlloc`` or
+  ``cudaEventQuery`` while this thread captures, which under the default "global" mode
+  invalidates the capture; only this thread's unsafe calls matter here;
 * the optimizers become ``capturable`` with the learning rate as a device tensor, so the LR
   schedule's per-epoch updates (``fill_`` in place) reach the replayed kernels;
 * autocast's weight-cast cache is off (cached casts must not outlive one replay);
@@ -70,6 +76,12 @@ def _make_capturable(state: TrainState) -> None:
             g["capturable"] = True
 
 
+def _capture_context(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream):
+    """The capture context: on ``stream`` (the warm-up steps' side stream, on the training
+    device), erroring only on this thread's unsafe calls (see the module docstring)."""
+    return torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local")
+
+
 class CUDAGraphStep(TrainStep):
     """``step(batch) -> losses`` that captures :func:`train_step` after ``warmup`` eager steps."""
 
@@ -82,19 +94,21 @@ class CUDAGraphStep(TrainStep):
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static_in: dict[str, Tensor] = {}
         self.static_out: dict[str, Tensor] = {}
+        # Created once: freed blocks of the cached allocator belong to the stream that used them.
+        self.side = torch.cuda.Stream(device=exe.device)
         _make_capturable(exe.state)
         exe.autocast_cache = False  # set before the warm-up, so compiled phases see it too
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         self.calls += 1
         if self.graph is None and self.calls <= self.warmup:
-            side = torch.cuda.Stream(device=self.exe.device)
-            side.wait_stream(torch.cuda.current_stream())
+            side = self.side
+            side.wait_stream(torch.cuda.current_stream(self.exe.device))
             # The warm-up traces (compiled phases) and runs what the graph will hold: "auto"
             # kernels are chosen for replay (device time), as during the capture.
             with torch.cuda.stream(side), cuda_graph_replayed():
                 out = train_step(self.exe, batch, self.recipe, self.cfg)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream(self.exe.device).wait_stream(side)
             return out
         if self.graph is None:
             self._capture(batch)
@@ -112,5 +126,5 @@ class CUDAGraphStep(TrainStep):
             opt.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         # Capture records the kernels without running them; the replay in __call__ runs this step.
-        with torch.cuda.graph(self.graph), cuda_graph_replayed():
+        with _capture_context(self.graph, self.side), cuda_graph_replayed():
             self.static_out = train_step(self.exe, self.static_in, self.recipe, self.cfg)

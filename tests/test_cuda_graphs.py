@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import tiny_train_config
 
-from fastcgan.ops._backends import cuda_graph_replayed
 import fastcgan.train.cuda_graphs as cuda_graphs_mod
+from fastcgan.ops._backends import cuda_graph_replayed
 from fastcgan.train import ConfigError, build_state, build_step, resolve_fast_path, train
 from fastcgan.train.cli import main as cli_main
 from fastcgan.train.cuda_graphs import CUDAGraphStep, _make_capturable, cuda_graphs_blocker, use_cuda_graphs

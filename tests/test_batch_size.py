@@ -130,8 +130,9 @@ def _one_epoch(tmp_path, root, name, batch_size, lr):
         lambda_identity=0.0,  # as tests/test_train_convergence.py: identity works against a palette map
         batch_size=batch_size,
         lr=lr,
-        epochs=1,  # one epoch at the constant lr: 100 steps at batch 1, 25 at batch 4
-        epochs_decay=0,
+        epochs=2,  # the first of two epochs at the constant lr (the official linear rule decays in the
+        epochs_decay=0,  # last of --epochs): 100 steps at batch 1, 25 at batch 4
+        max_steps=100 // batch_size,
         seed=0,
         output_dir=str(tmp_path),
         name=name,

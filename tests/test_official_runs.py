@@ -278,21 +278,23 @@ def test_config_rejects_bad_values():
     assert tiny_train_config(init_official="/x", init_official_epoch="iter_2000").model.init_official == "/x"
 
 
-@pytest.mark.parametrize("done", [0, 30, 99, 100, 101, 150, 199])
-def test_the_documented_schedule_continues_an_official_one(done):
+@pytest.mark.parametrize("at_start", [True, False], ids=["cyclegan", "cut"])
+@pytest.mark.parametrize("done", [0, 30, 98, 99, 100, 101, 150, 199])
+def test_the_documented_schedule_continues_an_official_one(done, at_start):
     """docs/from-official.md: an official linear run (n + d epochs) continued after ``done`` epochs
     (its ``--epoch_count done+1``) is ``--epochs n-done --epochs-decay d`` while done < n, else
     ``--epochs 1 --epochs-decay n+d-done-1 --lr lr*(n+d-done)/(d+1)``: the same LR every epoch and as
-    many epochs."""
+    many epochs, whether the schedule steps at the start of each epoch (the CycleGAN repository: its
+    epoch e of the continuation runs at lambda_rule(e + 1)) or at the end (CUT's: lambda_rule(e))."""
     from fastcgan.train.state import LinearDecay
 
-    n, d, lr = 100, 100, 2e-4
-    official = [lr * (1 - max(0, e + done + 1 - n) / (d + 1)) for e in range(n + d - done)]  # its lambda_rule
+    n, d, lr, k = 100, 100, 2e-4, int(at_start)
+    official = [lr * (1 - max(0, e + k + done + 1 - n) / (d + 1)) for e in range(n + d - done)]  # its lambda_rule
     if done < n:
         epochs, decay, lr2 = n - done, d, lr
     else:
         epochs, decay, lr2 = 1, n + d - done - 1, lr * (n + d - done) / (d + 1)
-    ours = [lr2 * LinearDecay(epochs, decay)(e) for e in range(epochs + decay)]
+    ours = [lr2 * LinearDecay(epochs, decay)(e + k) for e in range(epochs + decay)]
     assert len(ours) == len(official)
     assert ours == pytest.approx(official, rel=1e-12, abs=1e-18)
 

@@ -266,27 +266,28 @@ def test_resume_may_change_the_schedule(tmp_path, synth, capsys):
     for key in ("nets", "optimizers", "schedulers", "pools", "step", "epoch", "rng"):
         _assert_same(a[key], b[key], key)
     assert straight["final_losses"] == second["final_losses"]
-    assert "2+2 epochs to lr 0.0002, 3+2 epochs at epoch 0" in capsys.readouterr().err
+    assert "2+2 epochs to lr 0.0002, 3+2 epochs after epoch 0" in capsys.readouterr().err
 
     def lr_of(run):
         return _final(tmp_path / run)["optimizers"]["G"]["param_groups"][0]["lr"]
 
     lr0 = a["config"]["optim"]["lr"]
-    train(cfg_for(synth, tmp_path, "decaying", max_steps=9, epochs=1))  # epoch 1: lr at 2/3
-    assert lr_of("decaying") == pytest.approx(lr0 * 2 / 3)
+    # 1 + 2 epochs, updated at the start of each as the official train.py: 2/3, then 1/3 in epoch 1.
+    train(cfg_for(synth, tmp_path, "decaying", max_steps=9, epochs=1))
+    assert lr_of("decaying") == pytest.approx(lr0 * 1 / 3)
     train(cfg_for(synth, tmp_path, "decaying", max_steps=10, epochs=5, resume="auto"), requested={"epochs": 5})
     assert _final(tmp_path / "decaying")["config"]["optim"]["epochs"] == 5
-    assert lr_of("decaying") == lr0 * LinearDecay(5, 2)(1) == lr0
-    assert "the learning rate moves from 0.0001333 to 0.0002" in capsys.readouterr().err
+    assert lr_of("decaying") == lr0 * LinearDecay(5, 2)(2) == lr0
+    assert "the learning rate moves from 6.667e-05 to 0.0002" in capsys.readouterr().err
     train(cfg_for(synth, tmp_path, "decaying", max_steps=11, epochs=1, lr=1e-4, resume="auto"),
           requested={"epochs": 1, "lr": 1e-4})
-    assert lr_of("decaying") == pytest.approx(1e-4 * 2 / 3)
+    assert lr_of("decaying") == pytest.approx(1e-4 * 1 / 3)
 
-    train(cfg_for(synth, tmp_path, "cosine", max_steps=9, lr_policy="cosine", epochs=2))
+    train(cfg_for(synth, tmp_path, "cosine", max_steps=5, lr_policy="cosine", epochs=2))  # in epoch 0: step 1
     with pytest.raises(ConfigError, match="cosine"):
-        train(cfg_for(synth, tmp_path, "cosine", max_steps=10, lr_policy="cosine", epochs=4, resume="auto"),
+        train(cfg_for(synth, tmp_path, "cosine", max_steps=6, lr_policy="cosine", epochs=4, resume="auto"),
               requested={"epochs": 4})
-    train(cfg_for(synth, tmp_path, "cosine", max_steps=10, lr_policy="cosine", epochs=2, lr=1e-3, epochs_decay=5,
+    train(cfg_for(synth, tmp_path, "cosine", max_steps=6, lr_policy="cosine", epochs=2, lr=1e-3, epochs_decay=5,
                   resume="auto"), requested={"lr": 1e-3, "epochs_decay": 5})  # the length, not the period
     assert lr_of("cosine") == pytest.approx(1e-3 * (1 + math.cos(math.pi * 1 / 2)) / 2)  # period: epochs (2)
 
@@ -303,10 +304,12 @@ def test_lr_factor_is_each_schedules_closed_form(policy):
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.Adam([p], lr=cfg.optim.lr)
     sched = build_scheduler(opt, cfg)
-    for epoch in range(1, 9):
+    for _ in range(8):
+        assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(cfg.optim, sched.last_epoch),
+                                                          rel=1e-12)
         opt.step()
         sched.step()
-        assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(cfg.optim, epoch), rel=1e-12)
+    assert sched.last_epoch == 9  # CycleGAN's schedule takes its first step before the first epoch
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
@@ -388,30 +391,78 @@ def test_signal_checkpoints_and_exits_cleanly(tmp_path, synth, sig, code):
     assert (s["start_step"], s["step"]) == (step, step + 1)
 
 
+def _official_lr_per_epoch(policy: str, lr: float, n: int, d: int, decay_iters: int, at_start: bool,
+                           epochs: int) -> list[float]:
+    """The LR each epoch of an official run trains at: its get_scheduler (epoch_count 1), stepped by
+    update_learning_rate() at the start of every epoch (CycleGAN / pix2pix train.py) or at the end
+    (CUT's train.py). plateau's metric stays 0 there: no official model sets it."""
+    sched_lr = torch.optim.lr_scheduler
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    if policy == "linear":
+        sched = sched_lr.LambdaLR(opt, lambda e: 1.0 - max(0, e + 1 - n) / float(d + 1))
+    elif policy == "step":
+        sched = sched_lr.StepLR(opt, step_size=decay_iters, gamma=0.1)
+    elif policy == "plateau":
+        sched = sched_lr.ReduceLROnPlateau(opt, mode="min", factor=0.2, threshold=0.01, patience=5)
+    else:
+        sched = sched_lr.CosineAnnealingLR(opt, T_max=n, eta_min=0)
+
+    def update():
+        sched.step(0) if policy == "plateau" else sched.step()
+
+    out = []
+    for _ in range(epochs):
+        if at_start:
+            update()
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if not at_start:
+            update()
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # no optimizer step here
+@pytest.mark.parametrize("recipe,at_start", [("cyclegan", True), ("pix2pix", True), ("cut", False)])
+@pytest.mark.parametrize("policy", ["linear", "step", "cosine", "plateau"])
+def test_each_epoch_trains_at_the_official_lr(policy, recipe, at_start):
+    """Epoch by epoch, a run's LR is the official one's: the CycleGAN repository updates it at the
+    start of each epoch (epoch k at step k: the linear decay begins in the last of --epochs and
+    the last epoch runs at 0), CUT's at the end (epoch k at step k - 1)."""
+    from fastcgan.train import TrainConfig
+    from fastcgan.train.state import build_state
+
+    n, d, iters, lr = 3, 4, 2, 2e-4
+    cfg = TrainConfig.from_preset(recipe, dataset="synthetic", lr_policy=policy, epochs=n, epochs_decay=d,
+                                  lr_decay_iters=iters, lr=lr, device="cpu", ngf=4, ndf=4)
+    st = build_state(cfg)
+    ours = []
+    for _ in range(20):
+        ours.append(st.lr())
+        st.end_epoch()
+    official = _official_lr_per_epoch(policy, lr, n, d, iters, at_start, 20)
+    assert ours == pytest.approx(official, rel=1e-9, abs=1e-20)
+    assert len(set(official)) > 1  # the schedule moves
+
+
 @pytest.mark.parametrize("lr", [2e-4, 1.0, 3e-8])
 def test_plateau_is_the_official_plateau_as_it_runs(lr):
     """The official --lr_policy plateau steps ReduceLROnPlateau(factor 0.2, patience 5, threshold
-    0.01) with a metric that stays 0: ours must give its LR at every epoch (lr 3e-8: torch's eps
-    stops the cuts early)."""
+    0.01) with a metric that stays 0, at the start of every epoch: ours must give its LR at every
+    epoch (lr 3e-8: torch's eps stops the cuts early)."""
     from fastcgan.train import TrainConfig
     from fastcgan.train.state import build_scheduler
 
     cfg = TrainConfig.from_preset("cyclegan128", dataset="synthetic", lr_policy="plateau", lr=lr)
-    p = torch.nn.Parameter(torch.zeros(1))
-    ours_opt, official_opt = torch.optim.Adam([p], lr=lr), torch.optim.Adam([p], lr=lr)
+    ours_opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     ours = build_scheduler(ours_opt, cfg)
-    official = torch.optim.lr_scheduler.ReduceLROnPlateau(official_opt, mode="min", factor=0.2, threshold=0.01,
-                                                          patience=5)
-    seen = set()
-    for _ in range(90):
-        ours_opt.step()
-        official_opt.step()
-        ours.step()
-        official.step(0)
-        want = official_opt.param_groups[0]["lr"]
+    official = _official_lr_per_epoch("plateau", lr, 0, 0, 0, True, 90)
+    for want in official:
         assert ours_opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-9)
-        seen.add(want)
-    assert len(seen) > (2 if lr > 1e-7 else 1)  # it did cut
+        ours_opt.step()
+        ours.step()
+    assert len(set(official)) > (2 if lr > 1e-7 else 1)  # it did cut
+    if lr == 2e-4:
+        assert official[5] == lr and official[6] == pytest.approx(lr * 0.2)  # epoch 7: the first cut one
 
 
 def test_resumed_plateau_takes_a_new_lr():
@@ -428,13 +479,14 @@ def test_resumed_plateau_takes_a_new_lr():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.Adam([p], lr=2e-4)
     sched = build_scheduler(opt, old)
-    for _ in range(20):
+    for _ in range(19):
         opt.step()
         sched.step()
     state = sched.state_dict()
     opt2 = torch.optim.Adam([p], lr=1e-7)
     restored = build_scheduler(opt2, old)
     restored.load_state_dict(state)
+    assert restored.last_epoch == 20
     use_schedule(SimpleNamespace(schedulers={"G": restored}), new)
     assert lr_factor(new.optim, 20) != lr_factor(old.optim, 20)  # 1e-7 stops cutting earlier
     assert opt2.param_groups[0]["lr"] == pytest.approx(1e-7 * lr_factor(new.optim, 20), rel=1e-12)
@@ -474,3 +526,20 @@ def test_resumed_cosine_keeps_its_own_period():
         old.step()
     use_schedule(SimpleNamespace(schedulers={"G": old}), cfg.replace(lr=1e-3))
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 + math.cos(math.pi * 2 / 7)) / 2, rel=1e-12)
+
+
+def test_a_run_begun_on_the_lagging_schedule_is_told_and_kept():
+    """Runs begun before the official start-of-epoch LR update (their schedulers' last_epoch equals
+    the finished epochs) continue exactly as they began, with a note; current runs get none."""
+    from fastcgan.train import TrainConfig
+    from fastcgan.train.checkpoint import _schedule_lag
+
+    cyc = TrainConfig.from_preset("cyclegan128", dataset="synthetic")
+    cut = TrainConfig.from_preset("cut", dataset="synthetic")
+
+    def payload(epoch, last):
+        return {"epoch": epoch, "schedulers": {"G": {"last_epoch": last}, "D": {"last_epoch": last}}}
+
+    assert "one epoch behind the official" in _schedule_lag(cyc, payload(3, 3))
+    assert _schedule_lag(cyc, payload(3, 4)) is None
+    assert _schedule_lag(cut, payload(3, 3)) is None  # CUT's official schedule is the lagging one

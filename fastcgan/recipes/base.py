@@ -123,6 +123,11 @@ class Recipe:
     # A one-way unpaired recipe (CUT): --direction BtoA reads the {phase}B folders as its input
     # domain, as the official unaligned dataset does, and its generator is the run's BtoA one.
     reversible: bool = False
+    # When the official training script steps the LR schedules: the CycleGAN / pix2pix repository's
+    # train.py calls update_learning_rate() at the start of every epoch (epoch k runs at the
+    # schedule's k-th step: the linear decay starts an epoch before --epochs ends and the last
+    # epoch runs at 0), CUT's train.py at the end of every epoch (epoch k runs at step k - 1).
+    lr_update_at_epoch_start: bool = True
 
     def reversed_domains(self, cfg) -> bool:
         """Whether this run reads ``{phase}B`` as its input domain (``--direction BtoA``)."""

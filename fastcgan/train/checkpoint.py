@@ -577,10 +577,10 @@ def _schedule_change(ckpt_cfg: TrainConfig, cfg: TrainConfig, payload: dict) -> 
     old, new = ckpt_cfg.optim, cfg.optim
     if (old.epochs, old.epochs_decay, old.lr) == (new.epochs, new.epochs_decay, new.lr):
         return None
-    done = max(int(s.get("last_epoch", 0)) for s in payload["schedulers"].values())
-    was, now = old.lr * lr_factor(old, done), new.lr * lr_factor(new, done)
+    steps = max(int(s.get("last_epoch", 0)) for s in payload["schedulers"].values())  # the schedule's position
+    was, now = old.lr * lr_factor(old, steps), new.lr * lr_factor(new, steps)
     line = (f"fastcgan: training schedule changed from lr {old.lr:g}, {old.epochs}+{old.epochs_decay} epochs to "
-            f"lr {new.lr:g}, {new.epochs}+{new.epochs_decay} epochs at epoch {done}")
+            f"lr {new.lr:g}, {new.epochs}+{new.epochs_decay} epochs after epoch {int(payload['epoch'])}")
     if abs(was - now) > 1e-12 * max(abs(was), abs(now)):
         line += f"; the learning rate moves from {was:.4g} to {now:.4g}"
     return line
@@ -693,7 +693,21 @@ def resume_plan(cfg: TrainConfig, requested: Optional[dict] = None):
         raise ConfigError(f"--resume {ckpt_path}: the data it was trained on, {root}, is not a directory here; "
                           "give --dataroot (or --dataset synthetic)")
     change = _schedule_change(ckpt_cfg, new_cfg, payload)
-    return new_cfg, run_dir, payload, ckpt_path, messages + ([change] if change else [])
+    lag = _schedule_lag(ckpt_cfg, payload)
+    return new_cfg, run_dir, payload, ckpt_path, messages + [m for m in (change, lag) if m]
+
+
+def _schedule_lag(ckpt_cfg: TrainConfig, payload: dict) -> Optional[str]:
+    """A note for a run begun before its schedules took the official start-of-epoch step
+    (``Recipe.lr_update_at_epoch_start``, 2026-11-29): it continues exactly as it began, an epoch
+    behind the official LR."""
+    from fastcgan.recipes import get_recipe
+
+    steps = {int(s.get("last_epoch", -1)) for s in payload["schedulers"].values()}
+    if get_recipe(ckpt_cfg.model.recipe).lr_update_at_epoch_start and steps == {int(payload["epoch"])}:
+        return ("fastcgan: this run began before fastcgan took the official start-of-epoch LR update; it "
+                "continues exactly as it began, its learning rate one epoch behind the official schedule")
+    return None
 
 
 __all__ = [

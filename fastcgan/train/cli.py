@@ -180,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta2", type=_float(0.0), default=S)
     g.add_argument(
         "--lr-policy", choices=LR_POLICIES, default=S,
-        help="linear (default): constant for --epochs, then linearly to 0 over --epochs-decay; step: x0.1 every "
-        "--lr-decay-iters epochs; cosine: period --epochs (official T_max: 0 after --epochs, back up after); "
-        "plateau: the official one as it runs there (its metric is a "
-        "constant 0), i.e. x0.2 after epoch 7 and every 6 epochs after",
+        help="the official policies, updated when the official train.py updates them: CycleGAN, pix2pix and "
+        "colorization at the start of each epoch (epoch k runs at the k-th update), CUT at its end. linear "
+        "(default): constant, then linearly to 0 over --epochs-decay (CycleGAN: the decay starts in the last of "
+        "--epochs and the last epoch runs at 0); step: x0.1 every --lr-decay-iters updates; cosine: period "
+        "--epochs (official T_max: 0 after --epochs updates, back up after); plateau: the official one as it runs "
+        "there (its metric is a constant 0), i.e. x0.2 at the 7th update and every 6th after",
     )
     g.add_argument("--epochs", type=_int(0), default=S, help="epochs at the initial lr (official n_epochs)")
     g.add_argument(

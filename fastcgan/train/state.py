@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,9 +36,9 @@ def amp_dtype_for(device: torch.device, amp: bool) -> Optional[torch.dtype]:
 
 
 class LinearDecay:
-    """The official ``linear`` policy as an LR factor per finished epoch: 1 for ``epochs`` epochs,
-    then linearly down over ``epochs_decay`` (``1 - max(0, e + 1 - epochs) / (epochs_decay + 1)``,
-    the official formula with ``epoch_count = 1``). A class, not a lambda, so LambdaLR's
+    """The official ``linear`` policy as an LR factor after ``e`` scheduler steps:
+    ``1 - max(0, e + 1 - epochs) / (epochs_decay + 1)``, its ``lambda_rule`` with ``epoch_count = 1``
+    (which epoch runs at which step: :func:`build_scheduler`). A class, not a lambda, so LambdaLR's
     state_dict stores it."""
 
     def __init__(self, epochs: int, epochs_decay: int):
@@ -49,12 +50,12 @@ class LinearDecay:
 
 
 class OfficialPlateau:
-    """The official ``plateau`` policy as it runs there, as an LR factor per finished epoch. The
-    official code steps ``ReduceLROnPlateau(mode="min", factor=0.2, threshold=0.01, patience=5)``
-    with ``self.metric``, which no official model ever sets from its initial 0: the first step
-    makes 0 the best value and no later 0 improves on it, so the LR is cut by 5 at the 7th step
-    and every 6th after -- a fixed schedule, kept to the scheduler's ``eps`` (a cut smaller than
-    1e-8 is skipped, which needs the base ``lr``)."""
+    """The official ``plateau`` policy as it runs there, as an LR factor after ``epoch`` scheduler
+    steps. The official code steps ``ReduceLROnPlateau(mode="min", factor=0.2, threshold=0.01,
+    patience=5)`` with ``self.metric``, which no official model ever sets from its initial 0: the
+    first step makes 0 the best value and no later 0 improves on it, so the LR is cut by 5 at the
+    7th step and every 6th after -- a fixed schedule, kept to the scheduler's ``eps`` (a cut smaller
+    than 1e-8 is skipped, which needs the base ``lr``)."""
 
     FACTOR, FIRST, EVERY, EPS = 0.2, 7, 6, 1e-8
 
@@ -80,26 +81,37 @@ def lr_lambda(o):
     return None
 
 
-def lr_factor(o, finished_epochs: int) -> float:
-    """The LR, as a multiple of ``o.lr``, of optimizer config ``o`` after ``finished_epochs``
-    scheduler steps: the closed form of :func:`build_scheduler`'s schedule."""
+def lr_factor(o, steps: int) -> float:
+    """The LR, as a multiple of ``o.lr``, of optimizer config ``o`` after ``steps`` scheduler steps
+    (a scheduler's ``last_epoch``): the closed form of :func:`build_scheduler`'s schedule."""
     if (f := lr_lambda(o)) is not None:
-        return f(finished_epochs)
+        return f(steps)
     if o.lr_policy == "step":
-        return 0.1 ** (finished_epochs // o.lr_decay_iters)
-    return (1 + math.cos(math.pi * finished_epochs / o.epochs)) / 2  # periodic, as CosineAnnealingLR
+        return 0.1 ** (steps // o.lr_decay_iters)
+    return (1 + math.cos(math.pi * steps / o.epochs)) / 2  # periodic, as CosineAnnealingLR
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
-    """Stepped once per finished epoch (as the official ``update_learning_rate``)."""
+    """Stepped once per finished epoch (:meth:`TrainState.end_epoch`), and once more before the
+    first epoch when the recipe's official script updates the LR at the start of every epoch
+    (``Recipe.lr_update_at_epoch_start``: CycleGAN, pix2pix, colorization): epoch k then runs at
+    the schedule's k-th step, as there; CUT's epoch k runs at step k - 1."""
+    from fastcgan.recipes import get_recipe
+
     o = cfg.optim
     if (f := lr_lambda(o)) is not None:
-        return torch.optim.lr_scheduler.LambdaLR(opt, f)
-    if o.lr_policy == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=o.lr_decay_iters, gamma=0.1)
-    # The official T_max is --n_epochs: at 0 after --epochs, back up over the next --epochs (a run of
-    # --epochs E --epochs-decay 0 is one half-period to 0).
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o.epochs, eta_min=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    elif o.lr_policy == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o.lr_decay_iters, gamma=0.1)
+    else:
+        # The official T_max is --n_epochs: at 0 after --epochs, back up over the next --epochs (a
+        # run of --epochs E --epochs-decay 0 is one half-period to 0).
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o.epochs, eta_min=0.0)
+    if get_recipe(cfg.model.recipe).lr_update_at_epoch_start:
+        with warnings.catch_warnings():  # "step() before optimizer.step()": intended, as the official order
+            warnings.simplefilter("ignore", UserWarning)
+            sched.step()
+    return sched
 
 
 def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -229,3 +229,19 @@ def test_official_cut_checkpoint_exports(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load(str(onnx), device="cpu").translate_tensor(x), ref.model(x),
                                    atol=1e-4, rtol=0)
+
+
+def test_official_cut_checkpoint_loads_under_a_float64_default_dtype(tmp_path):
+    """The blur filters were compared in the default dtype against the file's fp32 ones: under
+    torch.set_default_dtype(torch.float64) every anti-aliased checkpoint was refused."""
+    from fastcgan.models import load_official_generator
+
+    pth = tmp_path / "latest_net_G.pth"
+    torch.save(_OfficialCUTGenerator(4, 6, True, True).state_dict(), pth)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = load_official_generator(pth, arch="resnet_6blocks", backend="torch")
+    finally:
+        torch.set_default_dtype(before)
+    assert (g.antialias, g.antialias_up) == (True, True)

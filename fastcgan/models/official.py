@@ -436,7 +436,7 @@ def _official_filter(blur: nn.Module) -> Tensor:
 
 def _check_blur_filter(v: Tensor, want: Tensor, key: str, where: str) -> None:
     if not (isinstance(v, Tensor) and v.shape == want.shape and v.is_floating_point()
-            and torch.allclose(v.float(), want, rtol=0, atol=1e-6)):
+            and torch.allclose(v.float(), want.float(), rtol=0, atol=1e-6)):
         raise ValueError(f"{where}: {key} is not the official blur filter of shape {tuple(want.shape)}")
 
 

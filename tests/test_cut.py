@@ -133,7 +133,8 @@ def test_presets_and_flags():
     "kw,flag",
     [
         ({"netG": "unet_128", "crop_size": 128, "load_size": 128}, "--netG"),
-        ({"nce_layers": "0,4,28"}, "--nce-layers"),  # resnet_9blocks has layers 0..27
+        ({"nce_layers": "0,4,32"}, "--nce-layers"),  # the anti-aliased resnet_9blocks has layers 0..31
+        ({"nce_layers": "0,4,28", "antialias": False, "antialias_up": False}, "--nce-layers"),  # 0..27
         ({"nce_layers": "4,0"}, "--nce-layers"),
         ({"nce_layers": "a,b"}, "--nce-layers"),
         ({"gan_mode": "wgangp"}, "--gan-mode"),
@@ -146,6 +147,18 @@ def test_presets_and_flags():
 def test_bad_cut_config_names_the_flag(kw, flag):
     with pytest.raises(ConfigError, match=flag):
         TrainConfig.from_preset("cut", dataset="synthetic", **kw)
+
+
+@pytest.mark.parametrize("antialias,antialias_up,last", [(True, True, 31), (True, False, 29), (False, False, 27)])
+def test_every_official_layer_index_is_accepted(antialias, antialias_up, last):
+    """--nce-layers takes every index of the official generator's nn.Sequential: its Downsample and
+    Upsample modules count (the check once stopped at the strided network's 27)."""
+    cfg = TrainConfig.from_preset("cut", dataset="synthetic", device="cpu", ngf=4, antialias=antialias,
+                                  antialias_up=antialias_up, nce_layers=f"0,4,{last}")
+    with torch.device("meta"):
+        G = get_recipe("cut").networks(cfg)["G"]
+    assert len(G.official_layer_names()) == last + 1
+    assert G.feature_channels([0, 4, last]) == [3, 8, 3]
 
 
 def test_official_parameter_counts():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-GAN_MODES = ("lsgan", "vanilla", "hinge", "wgangp")
+GAN_MODES = ("lsgan", "vanilla", "nonsaturating", "hinge", "wgangp")
 
 
 def _check_mode(mode: str) -> None:
@@ -28,7 +28,8 @@ def gan_loss(
     """The adversarial loss of discriminator scores ``pred`` against the label real/fake.
 
     * ``lsgan``: mean squared error to 1 (real) or 0 (fake);
-    * ``vanilla``: binary cross-entropy with logits to 1 / 0;
+    * ``vanilla``: binary cross-entropy with logits to 1 / 0; ``nonsaturating`` (the official CUT's
+      ``softplus(-pred)`` / ``softplus(pred)``) is the same function;
     * ``hinge``: discriminator ``mean(relu(1 - pred))`` (real) / ``mean(relu(1 + pred))`` (fake);
       generator (``for_discriminator=False``, real target) ``-mean(pred)``;
     * ``wgangp``: ``-mean(pred)`` (real) / ``+mean(pred)`` (fake).
@@ -37,7 +38,7 @@ def gan_loss(
     p = pred.float()
     if mode == "lsgan":
         return F.mse_loss(p, torch.full_like(p, 1.0 if target_is_real else 0.0))
-    if mode == "vanilla":
+    if mode in ("vanilla", "nonsaturating"):
         return F.binary_cross_entropy_with_logits(p, torch.full_like(p, 1.0 if target_is_real else 0.0))
     if mode == "hinge":
         if not for_discriminator:

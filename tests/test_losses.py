@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastcgan.losses import (
     cycle_loss,
@@ -48,7 +49,7 @@ def test_wgangp_values():
     assert generator_gan_loss(PRED, "wgangp").item() == pytest.approx(-0.375)
 
 
-@pytest.mark.parametrize("mode", ["lsgan", "vanilla", "hinge", "wgangp"])
+@pytest.mark.parametrize("mode", ["lsgan", "vanilla", "nonsaturating", "hinge", "wgangp"])
 def test_discriminator_loss_is_official_half_sum(mode):
     real, fake = torch.randn(2, 1, 5, 5), torch.randn(2, 1, 5, 5)
     expect = 0.5 * (gan_loss(real, True, mode) + gan_loss(fake, False, mode))
@@ -58,6 +59,15 @@ def test_discriminator_loss_is_official_half_sum(mode):
 def test_generator_loss_lsgan_vanilla_score_fakes_as_real():
     torch.testing.assert_close(generator_gan_loss(PRED, "lsgan"), gan_loss(PRED, True, "lsgan"))
     torch.testing.assert_close(generator_gan_loss(PRED, "vanilla"), gan_loss(PRED, True, "vanilla"))
+
+
+def test_nonsaturating_is_the_official_cut_softplus_loss():
+    """The official CUT's nonsaturating mode: softplus(-pred) for a real target, softplus(pred) for a
+    fake one, per-sample means then the batch mean."""
+    pred = torch.randn(3, 1, 5, 4)
+    for real, want in ((True, F.softplus(-pred)), (False, F.softplus(pred))):
+        torch.testing.assert_close(gan_loss(pred, real, "nonsaturating"), want.view(3, -1).mean(1).mean())
+    torch.testing.assert_close(generator_gan_loss(pred, "nonsaturating"), F.softplus(-pred).mean())
 
 
 def test_low_precision_input_reduced_in_fp32():

@@ -577,12 +577,15 @@ class TrainConfig:
             if not m.netG.startswith("resnet_"):
                 raise ConfigError(f"netG (--netG) {m.netG}: CUT's PatchNCE needs a ResNet generator's "
                                   "encoder features (resnet_9blocks or resnet_6blocks)")
-            n_official = 19 + int(m.netG[len("resnet_"):-len("blocks")])
+            # The official generator's nn.Sequential: 19 + n_blocks modules, + a Downsample after each of
+            # the two downsampling stages (antialias), + an Upsample before each upsampling conv.
+            n_official = 19 + int(m.netG[len("resnet_"):-len("blocks")]) + 2 * m.antialias + 2 * m.antialias_up
             if max(int(i) for i in m.nce_layers.split(",") if i.strip()) >= n_official:
                 raise ConfigError(f"nce_layers (--nce-layers) {m.nce_layers}: {m.netG} has layers 0..{n_official - 1}")
             if self.loss.gan_mode == "wgangp":
-                raise ConfigError("gan_mode (--gan-mode) wgangp: CUT has no gradient penalty; use lsgan "
-                                  "(its default), vanilla or hinge")
+                raise ConfigError("gan_mode (--gan-mode) wgangp: CUT has no gradient penalty here (the official "
+                                  "takes the name but never applies its penalty: an unconstrained critic); use "
+                                  "lsgan (its default), vanilla / nonsaturating or hinge")
             if self.loss.lambda_nce > 0 and m.input_nc != m.output_nc:
                 raise ConfigError(f"output_nc (--output-nc) {m.output_nc}: PatchNCE encodes G's output with G's "
                                   f"own encoder, so it needs input_nc == output_nc (got {m.input_nc})")
@@ -596,8 +599,9 @@ class TrainConfig:
                                   "grey to colour (AtoB)")
         if self.loss.gan_mode == "wgangp" and self.model.recipe in ("pix2pix", "colorization"):
             raise ConfigError(
-                "gan_mode (--gan-mode) wgangp: pix2pix has no gradient penalty (as the official); "
-                "use vanilla (its default), lsgan or hinge"
+                "gan_mode (--gan-mode) wgangp: pix2pix has no gradient penalty here (the official takes the "
+                "name but never applies its penalty: an unconstrained critic); use vanilla (its default), lsgan "
+                "or hinge"
             )
         if self.loss.gan_mode == "wgangp" and self.model.netD == "udacity" and self.model.norm == "batch":
             raise ConfigError(

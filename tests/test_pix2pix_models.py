@@ -338,3 +338,16 @@ def test_pix2pix_step_gradients_flow_where_they_should():
     loss_G, _, _ = pix2pix_generator_loss(D(conditional_input(real_A, fake_B)), fake_B, real_B)
     loss_G.backward()
     assert all(p.grad is not None for p in G.parameters())
+
+
+@pytest.mark.parametrize("preset,kw", [("udacity", {}), ("cyclegan128", {"norm": "batch"})])
+def test_cyclegan_batchnorm_generators_infer_per_image(preset, kw):
+    """The official test.py (without --eval) normalises each test image with its own statistics: a
+    CycleGAN run's BatchNorm generators save that mode, as pix2pix's do (they said 'running')."""
+    from fastcgan.recipes import get_recipe
+    from fastcgan.train import TrainConfig
+
+    cfg = TrainConfig.from_preset(preset, dataset="synthetic", device="cpu", **kw)
+    with torch.device("meta"):
+        nets = get_recipe("cyclegan").networks(cfg)
+    assert nets["G_AB"].config["bn_inference"] == nets["G_BA"].config["bn_inference"] == "per_image"

@@ -46,7 +46,9 @@ def networks(cfg) -> dict:
     from fastcgan.models import build_discriminator, build_generator
 
     m = cfg.model
-    g_kw = generator_options(cfg)
+    # A BatchNorm generator (--norm batch, the udacity preset) normalises each test image with its
+    # own statistics, as the official test.py without --eval (the running ones: --bn-inference).
+    g_kw = generator_options(cfg, bn_inference="per_image")
     # WGAN-GP differentiates D's input gradient again: only the torch reference has a double
     # backward (the fused kernels' backward is not differentiable), so D uses it then.
     d_kw = discriminator_options(cfg, **({"backend": "torch"} if cfg.loss.gan_mode == "wgangp" else {}))

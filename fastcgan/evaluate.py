@@ -29,7 +29,7 @@ Paired data (pix2pix: ``{phase}/`` of A|B images, no ``{phase}A/``) is scored by
 
 L1 is the mean absolute error on [0, 1] intensities; PSNR is ``10 log10(1 / MSE)`` on [0, 1],
 averaged over images. Images are evaluated at their own size, or resized to a square
-``--load-size`` first (bicubic, rounded to uint8) -- real and translated images alike.
+``--load-size`` first (PIL's bicubic, as the official test.py) -- real and translated images alike.
 
 Memory: ``--batch-size`` images are read, translated and scored at a time (Inception features
 are gathered by a :class:`fastcgan.metrics.inception.FeatureStream` in its own full batches), so
@@ -50,17 +50,21 @@ import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastcgan._cli import interruptible
 from fastcgan.data import make_dataset
-from fastcgan.data.images import WINDOW_PIXELS, BadImageError, load_image, oriented_size
+from fastcgan.data.images import (
+    MAX_LOAD_SIZE,
+    WINDOW_PIXELS,
+    BadImageError,
+    load_image,
+    oriented_size,
+    resize_square,
+)
 from fastcgan.devices import resolve_device
 from fastcgan.fileio import atomic_write, output_folder_problem
 
-# --load-size: every test image is held resized in memory (4096²: 50 MB each as uint8, 200 MB in fp32).
-MAX_LOAD_SIZE = 4096
 MAX_BATCH_SIZE = 1024  # --batch-size: images held at a time; a bound so that a typo cannot ask for unbounded memory
 
 DIRECTIONS = (("AtoB", "A", "B"), ("BtoA", "B", "A"))
@@ -150,7 +154,7 @@ def _truth_image(path: str, channels: int, load_size: int | None, like: torch.Te
     """The ground truth of the test image ``like`` in [-1, 1] (a translation keeps its input's
     size); a missing, unreadable or wrongly sized file is a ValueError naming it (exit 2)."""
     try:
-        t = resize_uint8(load_image(path, channels), load_size).float().div(127.5).sub(1.0)
+        t = resize_square(load_image(path, channels), load_size).float().div(127.5).sub(1.0)
     except BadImageError as e:
         raise ValueError(f"ground truth {path}: {e.reason}") from None
     if t.shape[-2:] != like.shape[-2:]:
@@ -176,14 +180,6 @@ def _mean_l1_psnr(each: list[tuple[float, float]]) -> tuple[float, float]:
 def _l1_psnr(pred: list[torch.Tensor], target: list[torch.Tensor]) -> tuple[float, float]:
     """Mean per-image L1 and PSNR."""
     return _mean_l1_psnr(_l1_psnr_each(pred, target))
-
-
-def resize_uint8(t: torch.Tensor, size: int | None) -> torch.Tensor:
-    """uint8 (C, H, W) -> square ``size`` (bicubic, rounded, clamped); unchanged when None or equal."""
-    if size is None or tuple(t.shape[-2:]) == (size, size):
-        return t
-    y = F.interpolate(t[None].float(), size=(size, size), mode="bicubic", align_corners=False)
-    return y.round().clamp(0, 255).to(torch.uint8)[0]
 
 
 def domain_paths(dataroot: str, phase: str, domain: str = "", max_images: int | None = None) -> tuple[str, list[str]]:
@@ -222,7 +218,7 @@ def iter_images(paths: list[str], channels: int, size: int | None, chunk: int, s
     def loaded():
         for p in paths:
             try:
-                x = resize_uint8(load_image(p, channels), size)
+                x = resize_square(load_image(p, channels), size)
             except BadImageError as e:
                 warn_skipped_image(e)
                 skipped.append(p)

@@ -91,8 +91,8 @@ def iter_pairs(
     added to ``skipped``. ``self_paired`` (colorization): every image is its own pair."""
     from fastcgan.data import split_pair
     from fastcgan.data.datasets import warn_skipped_image
-    from fastcgan.data.images import BadImageError, open_image, pil_to_tensor
-    from fastcgan.evaluate import in_chunks, resize_uint8
+    from fastcgan.data.images import BadImageError, open_image, pil_to_tensor, resize_square
+    from fastcgan.evaluate import in_chunks
 
     def loaded():
         for p in paths:
@@ -106,8 +106,8 @@ def iter_pairs(
                 continue
             a, b = (left, right) if direction == "AtoB" else (right, left)
             a, b = (a.convert("L") if input_nc == 1 else a), (b.convert("L") if output_nc == 1 else b)
-            x = resize_uint8(pil_to_tensor(a), size)
-            yield (x, resize_uint8(pil_to_tensor(b), size)), x.shape[-2] * x.shape[-1]
+            x = resize_square(pil_to_tensor(a), size)
+            yield (x, resize_square(pil_to_tensor(b), size)), x.shape[-2] * x.shape[-1]
 
     for batch in in_chunks(loaded(), chunk):
         yield [x for x, _ in batch], [t for _, t in batch]
@@ -162,10 +162,16 @@ def evaluate_paired(
     generator of ``checkpoint`` (a pix2pix run directory, any artifact :func:`fastcgan.deploy.load`
     accepts, or a loaded :class:`fastcgan.deploy.Translator`) on ``dataroot/<phase>/``; ``tile`` /
     ``tile_overlap`` run large inputs in tiles (as :func:`fastcgan.deploy.load`)."""
+    from fastcgan.data.images import oriented_size
     from fastcgan.deploy import Translator, load
     from fastcgan.devices import resolve_device
-    from fastcgan.data.images import oriented_size
-    from fastcgan.evaluate import check_eval_args, check_tile_counts, domain_paths, fid_inception, translate_images
+    from fastcgan.evaluate import (
+        check_eval_args,
+        check_tile_counts,
+        domain_paths,
+        fid_inception,
+        translate_images,
+    )
 
     check_eval_args(batch_size, max_images, load_size, amp_dtype, inception_dtype)
     dev = resolve_device(str(device))

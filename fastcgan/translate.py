@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 
 from fastcgan._cli import interruptible
-from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS, WINDOW_PIXELS
+from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS, MAX_LOAD_SIZE, WINDOW_PIXELS
 from fastcgan.deploy._common import DIRECTIONS, ArtifactError
 from fastcgan.deploy.runtime import ENGINES
 from fastcgan.fileio import file_identity, output_folder_problem, path_inside
@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help=f"images run at a time (1 to {MAX_BATCH_SIZE})")
     p.add_argument("--max-images", type=int, default=None, metavar="N",
                    help="only the first N images of a folder, sorted by path (the official test.py --num_test)")
+    p.add_argument("--load-size", type=int, default=None, metavar="N",
+                   help="resize every input (with --pairs: each half) to N x N first, as the official test.py "
+                        "does (PIL bicubic, load_size = crop_size, e.g. 256); outputs are N x N. Default: each "
+                        "image at its own size")
     p.add_argument("--tile", type=int, default=None, help="translate images larger than this in overlapping tiles")
     p.add_argument("--tile-overlap", type=int, default=None,
                    help="pixels shared by neighbouring tiles, < tile/2 (default 32, less for smaller tiles)")
@@ -243,16 +247,17 @@ def _directions(args) -> tuple[str | None, str | None]:
     return direction, direction if direction in run_generators(args.checkpoint) else None
 
 
-def _read(path: str, channels: int, max_pixels: int, half: str | None):
-    """``path`` as a uint8 (C, H, W) tensor; ``half``: of an A|B pair, the A (``AtoB``) or B half."""
+def _read(path: str, channels: int, max_pixels: int, half: str | None, load_size: int | None):
+    """``path`` as a uint8 (C, H, W) tensor; ``half``: of an A|B pair, the A (``AtoB``) or B half;
+    ``load_size``: resized to that square."""
     from fastcgan.data import load_image, split_pair
-    from fastcgan.data.images import open_image, pil_to_tensor
+    from fastcgan.data.images import open_image, pil_to_tensor, resize_square
 
     if half is None:
-        return load_image(path, channels=channels, max_pixels=max_pixels)
+        return resize_square(load_image(path, channels=channels, max_pixels=max_pixels), load_size)
     a, b = split_pair(open_image(path, 3, max_pixels), path)
     img = a if half == "AtoB" else b
-    return pil_to_tensor(img.convert("L") if channels == 1 else img)
+    return resize_square(pil_to_tensor(img.convert("L") if channels == 1 else img), load_size)
 
 
 @interruptible("fastcgan-translate")
@@ -291,6 +296,8 @@ def _main(args) -> int:
         return _error(f"--max-images must be >= 1, got {args.max_images}")
     if args.max_image_pixels < 0:
         return _error(f"--max-image-pixels must be >= 0 (0 = no limit), got {args.max_image_pixels}")
+    if args.load_size is not None and not 1 <= args.load_size <= MAX_LOAD_SIZE:
+        return _error(f"--load-size must be in [1, {MAX_LOAD_SIZE}], got {args.load_size}")
     try:
         if args.tile is not None:
             check_tile_args(args.tile, default_overlap(args.tile) if args.tile_overlap is None else args.tile_overlap,
@@ -349,7 +356,7 @@ def _main(args) -> int:
         wh = oriented_size(f)  # as decoded: a portrait photo stored landscape tiles as a portrait
         if wh is None:
             continue  # unreadable: reported (and skipped) when decoded
-        sizes[i] = (wh[0] // 2, wh[1]) if args.pairs else wh
+        sizes[i] = (args.load_size,) * 2 if args.load_size else (wh[0] // 2, wh[1]) if args.pairs else wh
         if limit and wh[0] * wh[1] > limit:  # the whole file is decoded
             too_big.append((f, wh))
     if too_big:
@@ -404,7 +411,8 @@ def _main(args) -> int:
         loaded = []
         for i in range(start, stop):
             try:
-                loaded.append((i, _read(files[i], translator.input_nc, limit, direction if args.pairs else None)))
+                loaded.append((i, _read(files[i], translator.input_nc, limit, direction if args.pairs else None,
+                                        args.load_size)))
             except BadImageError as e:
                 warnings.warn(f"skipping unreadable image {e.path}: {e.reason}")
                 skipped.append(files[i])

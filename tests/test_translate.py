@@ -254,3 +254,35 @@ def test_one_undecodable_input_file_is_exit_2(run_dir, images, tmp_path, capsys)
         assert main(["--checkpoint", str(run_dir), "--input", str(trunc), "--output", str(tmp_path / "o"),
                      "--device", "cpu", "--no-progress"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_load_size_resizes_as_the_official_test(run_dir, images, tmp_path, monet2photo_mini, capsys):
+    """--load-size N: every input (a pair's half with --pairs) resized to N x N with PIL's bicubic
+    filter first, as the official test.py (load_size = crop_size), so outputs are N x N."""
+    from fastcgan.deploy import load
+
+    g = load(str(run_dir), direction="AtoB", device="cpu")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        assert main(["--checkpoint", str(run_dir), "--input", str(images), "--output", str(out), "--load-size",
+                     "40", "--direction", "AtoB", "--device", "cpu", "--no-progress"]) == 0
+    for name, src in (("odd size.png", "odd size.png"), ("gray.png", "gray.png")):
+        want = g(np.array(Image.open(images / src).convert("RGB").resize((40, 40), Image.BICUBIC)))
+        _assert_same_pixels(np.array(Image.open(out / name)), want)
+    # A pair: each half resized (the official AlignedDataset at test time).
+    src = os.path.join(monet2photo_mini, "testA")
+    a, b = (Image.open(os.path.join(src, n)).convert("RGB").resize((60, 36)) for n in sorted(os.listdir(src))[:2])
+    pair = Image.new("RGB", (120, 36))
+    pair.paste(a, (0, 0))
+    pair.paste(b, (60, 0))
+    pair.save(tmp_path / "pair.png")
+    o = tmp_path / "pairs"
+    assert main(["--checkpoint", str(run_dir), "--input", str(tmp_path / "pair.png"), "--output", str(o), "--pairs",
+                 "--load-size", "32", "--direction", "AtoB", "--device", "cpu", "--no-progress"]) == 0
+    _assert_same_pixels(np.array(Image.open(o / "pair.png")), g(np.array(a.resize((32, 32), Image.BICUBIC))))
+    capsys.readouterr()
+    for bad in ("0", "4097", "-3"):
+        assert main(["--checkpoint", str(run_dir), "--input", str(images), "--output", str(tmp_path / "x"),
+                     "--load-size", bad, "--no-progress"]) == 2
+        assert f"--load-size must be in [1, 4096], got {bad}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

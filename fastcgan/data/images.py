@@ -60,6 +60,9 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 # Images held at once by the tools that stream a folder (fastcgan-translate's windows, eval's
 # chunks) besides their batch size: a chunk closes at this many pixels (one large image at least).
 WINDOW_PIXELS = 64 * 2**20
+# --load-size (fastcgan-eval, fastcgan-translate): every image resized to at most 4096² (50 MB as
+# uint8, 200 MB in fp32).
+MAX_LOAD_SIZE = 4096
 _max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
 _PIL_LIMIT_LOCK = threading.Lock()
 _PIL_DEFAULT = Image.MAX_IMAGE_PIXELS
@@ -320,6 +323,17 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     # An explicit copy: ascontiguousarray returns the read-only view itself when the transpose is
     # already contiguous (1x1 images), and torch.from_numpy warns on read-only arrays.
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # HWC -> CHW
+
+
+def resize_square(t: torch.Tensor, size: int | None) -> torch.Tensor:
+    """uint8 (C, H, W) -> (C, size, size) with PIL's bicubic filter: what the official test.py does
+    to every test image (``transforms.Resize([load_size, load_size])``, load_size = crop_size).
+    Unchanged when ``size`` is None or the image is that size already."""
+    if size is None or tuple(t.shape[-2:]) == (size, size):
+        return t
+    arr = np.ascontiguousarray(t.permute(1, 2, 0).numpy())
+    img = Image.fromarray(arr[:, :, 0], "L") if t.shape[0] == 1 else Image.fromarray(arr, "RGB")
+    return pil_to_tensor(img.resize((size, size), Image.BICUBIC))
 
 
 def load_image(path: str, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor:

@@ -194,7 +194,8 @@ class TrtRunner:
         if self.engine is None:
             raise ArtifactError(engine_path, "TensorRT could not deserialize this engine (truncated, or built "
                                 "with another TensorRT version or GPU)")
-        self.context = self.engine.create_execution_context()
+        with torch.cuda.device(self.device):  # the context allocates its activation memory there
+            self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         ins = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -219,6 +220,12 @@ class TrtRunner:
         self.max_batch = int(self.profile[2][0]) if self.profile else 1 << 30
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # TensorRT enqueues on the current CUDA device: the engine's device must be current (a
+        # runner on cuda:1 called while cuda:0 is current would run on the wrong GPU).
+        with torch.cuda.device(self.device):
+            return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(device=self.device, dtype=self.in_dtype).contiguous()
         if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
             raise ValueError(f"{self.path}: input shape {tuple(x.shape)} is outside the engine's profile {self.profile}")

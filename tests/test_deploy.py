@@ -233,6 +233,53 @@ def test_trt_without_tensorrt_still_writes_onnx(tmp_path, capsys):
         load(str(onnx_path), engine="trt")
 
 
+def test_trt_runner_enqueues_under_a_guard_for_its_device(monkeypatch):
+    """TensorRT enqueues on the current CUDA device: ``TrtRunner.__call__`` makes the engine's
+    device current around the whole call (a runner on cuda:1 called while cuda:0 is current ran
+    on cuda:0). No TensorRT here: a fake execution context, the guard recorded, the runner's
+    device a CPU standing for its GPU."""
+    import types
+
+    from fastcgan.deploy.tensorrt import TrtRunner
+
+    active, seen = [], []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            active.append(self.device)
+
+        def __exit__(self, *exc):
+            active.pop()
+
+    class Context:
+        def set_input_shape(self, name, shape):
+            self.shape = shape
+            return True
+
+        def get_tensor_shape(self, name):
+            return self.shape
+
+        def set_tensor_address(self, name, ptr):
+            seen.append(("address", name, list(active)))
+
+        def execute_async_v3(self, stream):
+            seen.append(("execute", stream, list(active)))
+            return True
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
+    runner = object.__new__(TrtRunner)
+    runner.device, runner.path, runner.profile = torch.device("cpu"), "g.engine", None
+    runner.context, runner.input_name, runner.output_name = Context(), "x", "y"
+    runner.in_dtype = runner.out_dtype = torch.float32
+    assert runner(torch.zeros(1, 3, 4, 4)).shape == (1, 3, 4, 4)
+    assert seen and all(guards == [runner.device] for *_, guards in seen), seen
+    assert seen[-1][:2] == ("execute", 7) and not active
+
+
 @pytest.mark.cuda
 def test_trt_engine(tmp_path):
     pytest.importorskip("tensorrt")

@@ -280,6 +280,35 @@ def test_flip_equivariance_is_the_official_objective():
 # --------------------------------------------------------------------------------------------
 # runs
 # --------------------------------------------------------------------------------------------
+def test_negatives_from_the_whole_batch_share_one_patch_draw(monkeypatch):
+    """--nce-includes-all-negatives-from-minibatch: the official samples one set of locations for
+    the batch (its other images' patches there are the negatives); by default each image draws its
+    own. One draw per group ([A; B] with nce_idt) either way."""
+    from types import SimpleNamespace
+
+    exe = SimpleNamespace(dist=None)
+    feats = [torch.zeros(6, 2, 5, 7), torch.zeros(6, 3, 4, 4)]
+    torch.manual_seed(0)
+    for ids in cut.patch_ids(exe, feats, 10, groups=2, shared=True):
+        assert all(torch.equal(ids[i], ids[j]) for i, j in ((0, 1), (0, 2), (3, 4), (3, 5)))
+        assert not torch.equal(ids[0], ids[3]) and ids.shape == (6, 10)
+    per = cut.patch_ids(exe, feats, 10, groups=2)[0]
+    assert not torch.equal(per[0], per[1])
+
+    seen = []
+    real = cut.patch_ids
+    monkeypatch.setattr(cut, "patch_ids", lambda *a, **k: seen.append(k["shared"]) or real(*a, **k))
+    for flag in (True, False):
+        cfg = tiny_cut(batch_size=2, nce_includes_all_negatives_from_minibatch=flag)
+        torch.manual_seed(0)
+        st = build_state(cfg)
+        exe = build_step(st, cfg).exe
+        batch = _batch(cfg)
+        _, _, carry = cut.forward_phase(exe, batch, {}, cfg)
+        cut.generator_forward(exe, batch, carry, cfg)
+    assert seen == [True, False]
+
+
 @pytest.mark.parametrize("data_on_gpu", [False, True], ids=["loader", "device-bank"])
 def test_resume_is_exact(tmp_path, synth, data_on_gpu):
     """2N steps straight == N steps, resume, N steps: G, D and the heads F, both optimizers (F's

@@ -32,7 +32,8 @@ D -- as three phases:
 Differences from the official code, none of which changes the objective: patch locations are
 drawn per image (:func:`patch_ids`: ``torch.rand`` + ``argsort``, the same distribution per image
 as the official draw shared by the batch; capturable in a CUDA graph, no host sync, and under DDP
-drawn for the global batch);
+drawn for the global batch) -- with ``--nce-includes-all-negatives-from-minibatch`` one draw is
+shared by the batch, as the official, since there the other images' patches are the negatives;
 the keys go through F without a graph (the loss detaches them anyway); the NCE and NCE-identity
 terms come from one encode of ``[fake_B; idt_B]`` and one F call. Under DDP G's forward runs
 through its DDP wrapper (so its gradients are all-reduced) and the keys come from a separate
@@ -98,22 +99,28 @@ def _flip_where(flipped: Tensor, x: Tensor) -> Tensor:
     return torch.where(flipped, x.flip(-1), x)
 
 
-def patch_ids(run: StepRun, feats, num_patches: int, groups: int = 1) -> list[Tensor]:
+def patch_ids(run: StepRun, feats, num_patches: int, groups: int = 1, shared: bool = False) -> list[Tensor]:
     """:func:`~fastcgan.models.patchnce.sample_patch_ids` with ``per_image=True`` (``torch.rand``
     + ``argsort`` on the device: no host sync, capturable), drawn for the *global* batch: ``feats``
     hold ``groups`` consecutive blocks of this process's images (``[A; B]``: 2); under DDP every
     process draws the keys of every process's images (identical seeds, identical draws) and keeps
-    its own, so N processes sample what one process with the global batch samples."""
+    its own, so N processes sample what one process with the global batch samples. ``shared``: one
+    draw per group for all its images, as the official (with negatives from the whole minibatch,
+    the other images' patches at the same places are the negatives)."""
     dist = getattr(run, "dist", None)  # fastcgan.train.execution.Execution.dist
     world = dist.world_size if dist is not None and dist.enabled else 1
     ids = []
     for f in feats:
         rows, _, h, w = f.shape
-        b = rows // groups
+        b, p = rows // groups, min(num_patches, h * w)
+        if shared:  # the same draw on every process: nothing to shard
+            one = torch.rand(groups, 1, h * w, device=f.device).argsort(dim=-1)[..., :p]
+            ids.append(one.expand(groups, b, p).reshape(rows, p))
+            continue
         keys = torch.rand(groups, b * world, h * w, device=f.device)
         if world > 1:
             keys = keys[:, dist.shard(b * world)]
-        ids.append(keys.reshape(rows, h * w).argsort(dim=1)[:, : min(num_patches, h * w)])
+        ids.append(keys.reshape(rows, h * w).argsort(dim=1)[:, :p])
     return ids
 
 
@@ -186,8 +193,10 @@ def generator_forward(run: StepRun, batch, carry: dict, cfg) -> tuple[Tensor, di
             queries = run.frozen("G").encode(fake, layers)
             if carry["flipped"] is not None:
                 queries = [_flip_where(carry["flipped"], f) for f in queries]
-            # The same locations for a query and its key; one draw per image (no host sync).
-            ids = patch_ids(run, keys, lc.num_patches, groups=2 if lc.nce_idt else 1)
+            # The same locations for a query and its key; one draw per image (no host sync), or per
+            # batch when the negatives come from the whole batch (as the official).
+            ids = patch_ids(run, keys, lc.num_patches, groups=2 if lc.nce_idt else 1,
+                            shared=lc.nce_includes_all_negatives_from_minibatch)
             with torch.no_grad():  # keys: no graph (the loss detaches them, as the official)
                 k = run.frozen("F")(gather_patches(keys, ids))
             q = run.net("F")(gather_patches(queries, ids))

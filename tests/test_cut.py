@@ -332,10 +332,11 @@ def test_resume_is_exact(tmp_path, synth, data_on_gpu):
             **kw,
         )
 
-    straight = train(cfg("straight", max_steps=2 * n))
+    straight = train(cfg("straight", max_steps=2 * n + 2))
     train(cfg("split", max_steps=n))
-    second = train(cfg("split", max_steps=2 * n, resume="auto"))
-    assert (second["start_step"], second["step"]) == (n, 2 * n)
+    train(cfg("split", max_steps=2 * n, resume="auto"))  # into epoch 1: past --epochs, no zoom (below)
+    second = train(cfg("split", max_steps=2 * n + 2, resume="auto"))  # resumed inside it
+    assert (second["start_step"], second["step"]) == (2 * n, 2 * n + 2)
     a, b = _final(tmp_path / "straight"), _final(tmp_path / "split")
     assert set(a["nets"]) == {"G", "D", "F"} and set(a["optimizers"]) == {"G", "D"}
     with torch.device("meta"):
@@ -346,6 +347,29 @@ def test_resume_is_exact(tmp_path, synth, data_on_gpu):
         _assert_same(a[key], b[key], key)
     assert a["epoch"] == 1
     assert straight["final_losses"] == second["final_losses"]
+
+
+def test_no_zoom_crop_once_the_lr_decays(tmp_path, synth, monkeypatch, capsys):
+    """The official CUT's dataset resizes to --crop-size (no zoom crop) in the epochs past
+    --epochs: the data is rebuilt at the crop size when epoch --epochs + 1 begins, once (also when
+    a run resumes inside that phase); not before, and never for CycleGAN."""
+    from fastcgan.train import loop
+
+    sizes = []
+    real = loop.build_dataset
+    monkeypatch.setattr(loop, "build_dataset",
+                        lambda cfg, *a, **k: sizes.append(cfg.data.load_size) or real(cfg, *a, **k))
+    kw = dict(crop_size=28, n_samples=1, epochs=1, epochs_decay=2, log_every=100)
+    train(tiny_cut(synth, tmp_path, name="cut", max_steps=7, **kw))  # 8 images: epoch 0 only
+    assert sizes == [32] and "resized to --crop-size" not in capsys.readouterr().err
+    train(tiny_cut(synth, tmp_path, name="cut", max_steps=18, resume="auto", **kw))
+    assert sizes == [32, 32, 28]
+    assert "from epoch 2 (past --epochs 1) the training images are resized to --crop-size 28" in capsys.readouterr().err
+    train(tiny_cut(synth, tmp_path, name="cut", max_steps=20, resume="auto", **kw))
+    assert sizes == [32, 32, 28, 32, 28]
+    sizes.clear()
+    train(tiny_train_config(synth, tmp_path, name="cyc", max_steps=10, **kw))
+    assert sizes == [32]
 
 
 def test_fastcut_cli_end_to_end(tmp_path):

@@ -128,6 +128,9 @@ class Recipe:
     # schedule's k-th step: the linear decay starts an epoch before --epochs ends and the last
     # epoch runs at 0), CUT's train.py at the end of every epoch (epoch k runs at step k - 1).
     lr_update_at_epoch_start: bool = True
+    # The official CUT's unaligned dataset resizes to --crop-size (no zoom crop, only the flip)
+    # in the epochs past --epochs, while its LR decays ("is_finetuning").
+    no_zoom_when_decaying: bool = False
 
     def reversed_domains(self, cfg) -> bool:
         """Whether this run reads ``{phase}B`` as its input domain (``--direction BtoA``)."""

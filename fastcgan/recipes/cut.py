@@ -251,5 +251,6 @@ RECIPE = Recipe(
     progress_keys=("G", "G_GAN", "NCE", "D"),
     official_networks={"G": "G", "D": "D", "F": "F"},  # F: the PatchNCE heads (--netF mlp_sample)
     lr_update_at_epoch_start=False,  # its train.py steps the schedules after each epoch
+    no_zoom_when_decaying=True,  # its dataset: load_size = crop_size once epoch > n_epochs
     reversible=True,  # --direction BtoA: B images are the input (the official cityscapes labels -> photos)
 )

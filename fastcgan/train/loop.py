@@ -177,6 +177,7 @@ class _Run:
         self.recipe = get_recipe(cfg.model.recipe)
         self.ds = ds
         self.batches = build_batches(cfg, ds, device, shard=(ctx.rank, ctx.world_size))
+        self.zoom = True  # training images at --load-size (then cropped); see data_for_epoch
         schedule = (cfg.optim.epochs + cfg.optim.epochs_decay) * len(self.batches)
         self.total = schedule if cfg.run.max_steps is None else min(cfg.run.max_steps, schedule)
         self.last_ckpt: Optional[str] = None
@@ -184,6 +185,28 @@ class _Run:
         self.eval_every = self._eval_every()
         self.evaluator = None  # built at the first evaluation (real-image features, once per run)
         self.eval_seconds, self.last_eval, self.best_fid = 0.0, {}, None
+
+    def data_for_epoch(self, epoch: int) -> Optional[str]:
+        """Before epoch ``epoch`` (0-based) starts: a recipe that stops zooming once its LR decays
+        (the official CUT: images resized to --crop-size in the epochs past --epochs) gets its
+        data rebuilt at the crop size, once, keeping the random streams where they are. Returns
+        the message to log when it switches."""
+        cfg = self.cfg
+        d = cfg.data
+        if not (self.recipe.no_zoom_when_decaying and self.zoom and epoch >= cfg.optim.epochs
+                and d.load_size != d.crop_size and d.preprocess in ("resize_and_crop", "scale_width_and_crop")):
+            return None
+        self.zoom = False
+        old = self.batches.generators
+        fine = cfg.replace(load_size=d.crop_size)
+        self.batches = None  # the load-size image bank goes before the crop-size one is decoded
+        self.ds = build_dataset(fine, self.root, "train", self.recipe)
+        self.batches = build_batches(fine, self.ds, self.device, shard=(self.ctx.rank, self.ctx.world_size))
+        for name, g in self.batches.generators.items():
+            g.set_state(old[name].get_state())
+        return (f"fastcgan: from epoch {epoch + 1} (past --epochs {cfg.optim.epochs}) the training images are "
+                f"resized to --crop-size {d.crop_size}, not cropped from --load-size {d.load_size}, as the official "
+                f"{cfg.model.recipe.upper()} once its learning rate decays")
 
     def _eval_every(self) -> int:
         """``--eval-every``: FID/KID on the test split. Auto: every checkpoint when the metrics
@@ -285,6 +308,10 @@ class _Run:
                 warnings.simplefilter("ignore", SkippedImageWarning)  # counted and logged below
                 stopping = False
                 while state.step < self.total and not stopping:
+                    switched = self.data_for_epoch(state.epoch)
+                    if switched:
+                        log.message(switched)
+                        n_skipped = 0  # a new dataset: what it skips is reported afresh
                     it = self.batches.epoch(state.epoch, state.batch_in_epoch, state.step)
                     while not stopping and state.step < self.total:
                         t_wait = time.perf_counter()

@@ -351,3 +351,31 @@ def test_cyclegan_batchnorm_generators_infer_per_image(preset, kw):
     with torch.device("meta"):
         nets = get_recipe("cyclegan").networks(cfg)
     assert nets["G_AB"].config["bn_inference"] == nets["G_BA"].config["bn_inference"] == "per_image"
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_unet_initial_weights_are_the_official_draws(norm, monkeypatch):
+    """The official init_weights (net.apply) draws each module's weights in its nested blocks'
+    order -- down convs and norms outside-in, then up convs and norms inside-out: the order of its
+    state dict. A seed gives the official initial U-Net (ours drew level by level before)."""
+    from fastcgan.models import generators
+    from fastcgan.models.official import official_state_dict
+
+    before = {}
+    real = generators.init_weights
+
+    def init_weights(net, *a, **k):  # the RNG state the initialisation starts from
+        before["rng"] = torch.get_rng_state()
+        return real(net, *a, **k)
+
+    monkeypatch.setattr(generators, "init_weights", init_weights)
+    torch.manual_seed(0)
+    sd = official_state_dict(build_generator("unet_128", ngf=2, norm=norm, use_dropout=True))
+    torch.set_rng_state(before["rng"])
+    n = 0
+    for key, v in sd.items():
+        if key.endswith(".weight"):  # a conv's N(0, 0.02), a BatchNorm's N(1, 0.02), in this order
+            want = torch.empty(v.shape).normal_(1.0 if v.dim() == 1 else 0.0, 0.02)
+            assert torch.equal(v, want), key
+            n += 1
+    assert n == (14 + 11 if norm == "batch" else 14)  # 7 down + 7 up convs; 5 down + 6 up norms

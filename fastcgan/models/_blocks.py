@@ -248,16 +248,23 @@ class BlurUpStage(ConvNormAct):
         return self.norm(self.conv(self.up(x)))
 
 
-def init_weights(net: nn.Module, init_type: Optional[str] = "normal", init_gain: float = 0.02) -> nn.Module:
+def init_weights(net: nn.Module, init_type: Optional[str] = "normal", init_gain: float = 0.02,
+                 order: Optional[list[nn.Module]] = None) -> nn.Module:
     """The official initialisation: conv / transposed-conv / linear weights from ``init_type``
     (``normal`` N(0, gain), ``xavier`` (normal, gain), ``kaiming`` (fan_in, a=0), ``orthogonal``
     (gain)), their biases 0; BatchNorm weights N(1, gain), biases 0. ``None`` keeps PyTorch's
-    default initialisation."""
+    default initialisation. The weights are drawn module by module from the global RNG in
+    ``order`` (default: ``net.modules()``): the official network's module order gives a seed's
+    official initial weights."""
     if init_type is None:
         return net
     if init_type not in ("normal", "xavier", "kaiming", "orthogonal"):
         raise ValueError(f"init_type must be normal, xavier, kaiming or orthogonal, got {init_type!r}")
-    for m in net.modules():
+    modules = list(net.modules()) if order is None else [m for top in order for m in top.modules()]
+    if order is not None and {id(m) for m in modules if list(m.parameters(recurse=False))} != {
+            id(m) for m in net.modules() if list(m.parameters(recurse=False))}:
+        raise ValueError("init_weights: order must hold every module with parameters")
+    for m in modules:
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             if init_type == "normal":
                 nn.init.normal_(m.weight, 0.0, init_gain)

@@ -565,7 +565,12 @@ def build_generator(
         net = UdacityGenerator(input_nc, output_nc, ngf, norm=norm, backend=backend)
     else:
         raise ValueError(f"build_generator: unknown arch {arch!r}; choose from {GENERATOR_ARCHS}")
-    init_weights(net, init_type, init_gain)
+    order = None
+    if isinstance(net, UnetGenerator):  # the official draws them in its nested blocks' order
+        from fastcgan.models.official import _module_map
+
+        order = [net.get_submodule(ours) for ours, _ in _module_map(net)]
+    init_weights(net, init_type, init_gain, order)
     net.config = dict(
         arch=arch, input_nc=input_nc, output_nc=output_nc, ngf=ngf, norm=norm, use_dropout=use_dropout
     )

@@ -157,7 +157,19 @@ class OrtRunner(_Runner):
         self.in_name, self.out_name = ins[0].name, outs[0].name
         self.dtype = torch.float16 if "float16" in ins[0].type else torch.float32
         self._np = np.float16 if self.dtype == torch.float16 else np.float32
+        self._out_channels = self.output_channels(ins[0].shape, outs[0].shape)
+        self._out_dtype = torch.float16 if "float16" in outs[0].type else torch.float32
         self.name = "trt" if tensorrt else "onnx"
+
+    @staticmethod
+    def output_channels(in_shape, out_shape) -> int | None:
+        """The output's channel count when the graph says the output is (N, C, H, W) of the input's
+        N, H and W (a generator: the CUDA path then binds a torch tensor as the output, no copy
+        through the host); else None (onnxruntime allocates it)."""
+        if len(in_shape) != 4 or len(out_shape) != 4 or not isinstance(out_shape[1], int):
+            return None
+        same = all(isinstance(a, (int, str)) and a == b for a, b in zip(in_shape[2:], out_shape[2:]))
+        return out_shape[1] if same and in_shape[0] == out_shape[0] else None
 
     def __call__(self, x: Tensor) -> Tensor:
         try:
@@ -177,12 +189,20 @@ class OrtRunner(_Runner):
         idx = self.device.index if self.device.index is not None else 0
         b = self.sess.io_binding()
         b.bind_input(self.in_name, "cuda", idx, self._np, tuple(x.shape), x.data_ptr())
-        b.bind_output(self.out_name, "cuda", idx)
-        # onnxruntime runs on its own stream: the input must be complete before it starts.
+        y = None
+        if self._out_channels is not None:  # written in place on the device
+            y = torch.empty((x.shape[0], self._out_channels, *x.shape[2:]), dtype=self._out_dtype, device=x.device)
+            b.bind_output(self.out_name, "cuda", idx, np.float16 if y.dtype == torch.float16 else np.float32,
+                          tuple(y.shape), y.data_ptr())
+        else:
+            b.bind_output(self.out_name, "cuda", idx)
+        # onnxruntime runs on its own stream: the input must be complete before it starts (and its
+        # Run synchronises that stream before returning, so y is complete after it).
         torch.cuda.current_stream(self.device).synchronize()
         self.sess.run_with_iobinding(b)
-        y = b.get_outputs()[0]
-        return torch.from_numpy(y.numpy()).to(self.device)
+        if y is not None:
+            return y
+        return torch.from_numpy(b.get_outputs()[0].numpy()).to(self.device)
 
 
 class CallableRunner(_Runner):

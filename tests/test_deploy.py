@@ -66,6 +66,23 @@ def test_onnx_export_each_arch(tmp_path, arch, ngf, norm):
     assert len(errs) == 3 and errs[0][0][2:] == (256, 256)
     for shape, err in errs:
         assert err <= FP32_TOL, f"{arch} {shape}: {err}"
+    # Its graph says the output is (N, 3, H, W) of the input's N, H, W: on CUDA the runner binds
+    # a torch tensor as the output (no copy through the host).
+    from fastcgan.deploy.runtime import OrtRunner
+
+    assert OrtRunner(path, torch.device("cpu"))._out_channels == 3
+
+
+def test_ort_output_binding_needs_the_inputs_dims():
+    from fastcgan.deploy.runtime import OrtRunner
+
+    oc = OrtRunner.output_channels
+    assert oc(["N", 3, "H", "W"], ["N", 1, "H", "W"]) == 1
+    assert oc([1, 3, 64, 64], [1, 3, 64, 64]) == 3
+    assert oc(["N", 3, "H", "W"], ["N", 3, "H2", "W"]) is None  # another size: onnxruntime allocates
+    assert oc(["N", 3, "H", "W"], ["N", "C", "H", "W"]) is None
+    assert oc(["N", 3, None, "W"], ["N", 3, None, "W"]) is None  # an unnamed dim says nothing
+    assert oc(["N", 3, "H", "W"], ["N", 3, "H"]) is None
 
 
 def test_onnx_translator_pads_and_crops(tmp_path):

@@ -3,6 +3,12 @@
 // fp16/bf16/fp32 planes up to 128x128 (every ResNet-9 layer but the 256x256 ones) take the
 // one-pass kernels (section "One pass" below): one kernel per direction, each value read once
 // into registers. fp64 and larger planes take the split kernels described next.
+// FASTCGAN_ONE_PASS=0 (also false / off / no; read once per process, at the first launch) turns
+// the one-pass kernels off here and in the Triton backend: every plane takes the split kernels.
+// Why: on channels_last at batch 1 make_plan halves the block's channels to 1 or 2 (1x128x128x128,
+// 1x256x64x64) to fill the grid, so a warp's loads are C elements apart -- one useful bf16 value
+// per 32-byte sector -- where the split kernels read 32 channels side by side. bench/gpu_check.sh
+// (stage 3) times those rows both ways; the default stays until a GPU says otherwise.
 //
 // Larger planes: a (n, c) plane (NCHW), or a tile of 32 channels of one image (NHWC), is cut into
 // S contiguous pixel chunks, one 256-thread block per (plane or tile, chunk), so that even
@@ -36,7 +42,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "instance_norm_act_kernels.h"
@@ -862,6 +871,18 @@ int sm_count(int device) {
   return v;
 }
 
+// FASTCGAN_ONE_PASS (see the top of this file): read once, on the first plan of the process.
+bool one_pass_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("FASTCGAN_ONE_PASS");
+    std::string s;
+    for (; v && *v; ++v)
+      if (!std::isspace(static_cast<unsigned char>(*v))) s += char(std::tolower(static_cast<unsigned char>(*v)));
+    return !(s == "0" || s == "false" || s == "off" || s == "no");
+  }();
+  return enabled;
+}
+
 struct Plan {
   Geo g;
   int64_t units;  // planes (NCHW) or channel tiles (NHWC) -> grid.x
@@ -880,7 +901,8 @@ Plan make_plan(bool channels_last, DType dtype, int64_t N, int64_t C, int64_t H,
   g.C = C;
   g.invW = 1.0f / float(W);
   const int64_t span = int64_t(g.Hp) * g.Wp * (channels_last ? C : 1);  // one-pass offsets are 32-bit
-  if (dtype != DType::Float64 && g.HW <= int64_t(kOnePassItems) * kOnePassThreads && span < (int64_t(1) << 31)) {
+  if (dtype != DType::Float64 && g.HW <= int64_t(kOnePassItems) * kOnePassThreads && span < (int64_t(1) << 31) &&
+      one_pass_enabled()) {
     // Rows: enough for kOnePassItems pixels each. Channels per block: all that fit in
     // kOnePassThreads, halved while the grid is under ~4 blocks per SM (batch 1 has few planes).
     int R = 1;

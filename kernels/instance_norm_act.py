@@ -23,6 +23,14 @@ of four to six. That is every ResNet-9 plane at 256x256 input but the two 256x25
 padded norms are at 64x64). Fewer, longer programs are fine there: at these sizes the time is
 launch latency, not bandwidth.
 
+``FASTCGAN_ONE_PASS=0`` (also ``false`` / ``off`` / ``no``) turns the one-pass kernels off in
+this backend and in the native CUDA one (``csrc/instance_norm_act_cuda.cu``): every plane then
+takes the split kernels below. Read once, at the first launch of the process. Why a switch: on
+channels_last at batch 1 the planner packs few channels per program (``BLOCK_C`` 1 at
+1x128x128x128 and 1x256x64x64, 2 at batch 8), so a warp's loads are C elements apart -- one
+useful bf16 value per 32-byte sector -- where the split kernels tile 64 channels wide. Which is
+faster there is measured by ``bench/gpu_check.sh`` (stage 3 times those rows both ways).
+
 Work split. Larger planes are split into ``K`` chunks so that one 256x256 plane per channel
 (batch 1) fills the GPU as well as batch 8 does; the chunk partials are merged by the next
 kernel, never on the host (inline when the partial tile is small, otherwise by one tiny
@@ -40,6 +48,10 @@ y once; backward reads dy and x twice and writes dx (+ dresidual). dweight/dbias
 of the per-(sample, chunk) partials over N and K (one small torch reduction, deterministic: no
 atomics).
 
+Devices: Triton launches on the *current* CUDA device and stream, so every launch runs under a
+device guard for its tensors' device (``_device_guard``): a tensor on cuda:1 while the current
+device is 0 (``--device cuda:1 --no-compile``, the translator) launches there.
+
 Numerics: all arithmetic in fp32, cast on store. Statistics never use E[x^2]-E[x]^2: each
 tile's mean and centred M2 are computed exactly and merged with Chan's formula; chunk
 partials are merged with the exact two-level formula M2 = sum(M2_k + n_k (mean_k - mean)^2).
@@ -51,7 +63,9 @@ fp32 reference's error; x - x0 is exact there (Sterbenz).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -663,7 +677,18 @@ def _plan(n: int, c: int, hw: int, c_minor: bool, tile: int, target: int, min_ch
     return block_c, block_hw, n_cblocks, k, chunk, tiles, num_warps
 
 
+ONE_PASS_ENV = "FASTCGAN_ONE_PASS"
+
+
+@functools.lru_cache(maxsize=None)
+def _one_pass_enabled() -> bool:
+    """False when ``FASTCGAN_ONE_PASS`` is 0 / false / off / no (read once; see the module docstring)."""
+    return os.environ.get(ONE_PASS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def _one_pass_launch_plan(x_shape, hw, pad, device):
+    if not _one_pass_enabled():
+        return None
     # The padded limit never exceeds the plain one (tests set _ONE_PASS_MAX = 0 to force the split path).
     limit = min(_ONE_PASS_MAX_PADDED, _ONE_PASS_MAX) if pad else _ONE_PASS_MAX
     return _one_pass_plan(x_shape[0], x_shape[1], hw, _target_programs(device), limit)
@@ -673,6 +698,14 @@ def _launch_plan(x_shape, hw, c_minor, device):
     n, c = x_shape[0], x_shape[1]
     tile = _TILE_GPU if device.type == "cuda" else _TILE_INTERPRET
     return _plan(n, c, hw, c_minor, tile, _target_programs(device), _MIN_CHUNK)
+
+
+def _device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` for a CUDA device (Triton launches on the current device and
+    its current stream), a no-op for anything else (the interpreter on CPU tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _check(x: Tensor) -> None:
@@ -686,6 +719,11 @@ def _check(x: Tensor) -> None:
 def forward(x, weight, bias, residual, activation, negative_slope, pad, eps):
     """Kernel-contract forward: ``(y, mean, rstd)``; see the module docstring."""
     _check(x)
+    with _device_guard(x.device):
+        return _forward(x, weight, bias, residual, activation, negative_slope, pad, eps)
+
+
+def _forward(x, weight, bias, residual, activation, negative_slope, pad, eps):
     n, c, h, w = x.shape
     hp, wp = h + 2 * pad, w + 2 * pad
     fmt = output_memory_format(x)
@@ -744,6 +782,11 @@ def forward(x, weight, bias, residual, activation, negative_slope, pad, eps):
 def backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, has_residual):
     """Kernel-contract backward: ``(dx, dweight, dbias, dresidual)``; unneeded ones are empty."""
     _check(x)
+    with _device_guard(x.device):
+        return _backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, has_residual)
+
+
+def _backward(dy, x, weight, bias, mean, rstd, activation, negative_slope, pad, has_residual):
     n, c, h, w = x.shape
     hp, wp = h + 2 * pad, w + 2 * pad
     if tuple(dy.shape) != (n, c, hp, wp):

@@ -125,3 +125,43 @@ def test_emulated_cuda_reports_launch_failures(emulated):
         m.fwd(x, None, None, None, "gelu", 0.2, 0, 1e-5)
     y, mean, rstd = m.fwd(x, None, None, None, "relu", 0.2, 1, 1e-5)
     assert torch.isfinite(y).all() and y.shape == (1, 2, 6, 6)
+
+
+_ONE_PASS_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import cuda_emu
+from fastcgan.ops import instance_norm_act_ref
+
+m = cuda_emu.load()
+elems = []
+for n, c, h, w, pad in [(1, 256, 64, 64, 1), (8, 256, 64, 64, 1), (1, 128, 128, 128, 0), (8, 128, 128, 128, 0)]:
+    x = torch.empty(n, c, h, w, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    elems.append(m.fwd_workspace_elems(x, pad))
+x = torch.randn(2, 3, 3, 5).contiguous(memory_format=torch.channels_last)
+y, _, _ = m.fwd(x, None, None, None, "relu", 0.2, 1, 1e-5)
+err = float((y - instance_norm_act_ref(x, pad=1)).abs().max())
+print(json.dumps({"elems": elems, "err": err}))
+"""
+
+
+def test_emulated_cuda_one_pass_switch_selects_the_split_kernels(emulated):
+    """FASTCGAN_ONE_PASS=0 (read once per process: a child process per setting) sends the
+    ResNet-9 channels_last planes that make_plan runs one-pass (64x64 and 128x128, batch 1 and 8)
+    to the split kernels (a workspace for chunk partials, none one-pass); results stay right."""
+    import json
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    for value, one_pass in ((None, True), ("0", False), ("off", False)):
+        env = {k: v for k, v in os.environ.items() if k != "FASTCGAN_ONE_PASS"}
+        if value is not None:
+            env["FASTCGAN_ONE_PASS"] = value
+        done = subprocess.run([sys.executable, "-c", _ONE_PASS_CHILD, tests], env=env, capture_output=True,
+                              text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        assert all((e == 0) == one_pass for e in got["elems"]), (value, got)
+        assert got["err"] < 1e-5, (value, got)

@@ -427,6 +427,55 @@ def test_triton_one_pass_plan_covers_resnet_planes_up_to_128(monkeypatch):
     assert padded(1, 128, 128, 128) is None  # split: 16 k elements with a 9-tap gather spill
 
 
+def test_triton_one_pass_switch_chooses_the_split_path(monkeypatch):
+    """FASTCGAN_ONE_PASS=0 (read once per process; the cache is cleared here) sends the planes
+    the planner would run one-pass -- the ResNet-9 64x64 and 128x128 norms at batch 1 and 8 --
+    to the split kernels; anything else, or unset, keeps them one-pass. On the interpreter the
+    split result still matches the reference."""
+    pytest.importorskip("triton")
+    from fastcgan.kernels import instance_norm_act as kin
+
+    monkeypatch.setattr(kin, "_target_programs", lambda device: 4 * 132)
+    shapes = [(1, 256, 64, 64, 1), (8, 256, 64, 64, 1), (1, 128, 128, 128, 0), (8, 128, 128, 128, 0)]
+
+    def plans(value):
+        if value is None:
+            monkeypatch.delenv(kin.ONE_PASS_ENV, raising=False)
+        else:
+            monkeypatch.setenv(kin.ONE_PASS_ENV, value)
+        kin._one_pass_enabled.cache_clear()
+        return [kin._one_pass_launch_plan((n, c, h, w), h * w, pad, torch.device("cuda")) for n, c, h, w, pad in shapes]
+
+    try:
+        assert all(p is not None for p in plans(None)) and all(p is not None for p in plans("1"))
+        for off in ("0", "false", " OFF ", "no"):
+            assert plans(off) == [None] * len(shapes), off
+        if _usable("triton", "cpu"):  # the switch on a real launch: split kernels, reference results
+            monkeypatch.setattr(kin, "_target_programs", lambda device: 1)
+            _check_backend("triton", SHAPES["3x5"], torch.float32, "cpu", True, "relu", "weight+bias", True, 1)
+    finally:
+        kin._one_pass_enabled.cache_clear()
+
+
+def test_triton_launches_under_a_guard_for_the_tensors_device(monkeypatch):
+    """Triton launches on the *current* CUDA device: forward and backward enter a device guard for
+    x's device (a tensor on cuda:1 while the current device is 0 crashed in eager use), and only
+    on CUDA (the interpreter's CPU tensors get a no-op)."""
+    pytest.importorskip("triton")
+    from fastcgan.kernels import instance_norm_act as kin
+
+    guard = kin._device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(kin._device_guard(torch.device("cpu")), contextlib.nullcontext)
+    _need("triton", "cpu")
+    seen, real = [], kin._device_guard
+    monkeypatch.setattr(kin, "_device_guard", lambda device: (seen.append(device), real(device))[1])
+    x = torch.randn(1, 2, 3, 3)
+    y, mean, rstd = kin.forward(x, None, None, None, "relu", 0.0, 1, 1e-5)
+    kin.backward(torch.randn_like(y), x, None, None, mean, rstd, "relu", 0.0, 1, False)
+    assert seen == [x.device, x.device]
+
+
 @pytest.mark.parametrize("merge", ["inline", "kernel"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_triton_split_planes_cpu(monkeypatch, channels_last, merge):
@@ -497,6 +546,21 @@ def test_gpu_backend_options(backend, shape_id, dtype, channels_last):
 # --------------------------------------------------------------------------------------------
 # 5. Edge cases: constant planes, non-contiguous inputs, bad calls
 # --------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_kernels_launch_on_the_tensors_gpu_not_the_current_one(backend):
+    """x on the last visible GPU while the current device is 0: the kernels run there (Triton
+    launches on the current device unless guarded). Skips with one GPU."""
+    _need(backend, "cuda")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    last = f"cuda:{torch.cuda.device_count() - 1}"
+    with torch.cuda.device(0):
+        for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, True)):
+            _check_backend(backend, SHAPES["batch3"], dtype, last, channels_last, "relu", "weight+bias", True, 1)
+        assert torch.cuda.current_device() == 0
+
+
 def _zero_variance_check(backend, device, dtype):
     x = torch.randn(2, 3, 5, 6, device=device).to(dtype)
     x[0, 1] = 3.25  # a constant plane

@@ -41,6 +41,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emu_bwd(
   return finish_bwd(call);
 }
 
+// Workspace elements the forward plan of x (relu, no affine) asks for: 0 exactly when it takes
+// the one-pass kernels (tests of FASTCGAN_ONE_PASS).
+int64_t emu_fwd_workspace_elems(const at::Tensor& x, int64_t pad) {
+  FwdCall call = prepare_fwd(x, std::nullopt, std::nullopt, std::nullopt, "relu", 0.0, pad, 1e-5, c10::DeviceType::CPU);
+  return cuda_fwd_workspace_elems(call.params, 0);
+}
+
 }  // namespace
 }  // namespace fastcgan
 
@@ -54,4 +61,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reset", &emu::reset, "clear the sticky launch error");
   m.def("fwd", &fastcgan::emu_fwd);
   m.def("bwd", &fastcgan::emu_bwd);
+  m.def("fwd_workspace_elems", &fastcgan::emu_fwd_workspace_elems);
 }

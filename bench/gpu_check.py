@@ -1,5 +1,6 @@
 """The stages of ``bench/gpu_check.sh`` that measure (3 kernels, 4 training, 5 inference), the
-environment record (1), the AOTInductor package check (2) and the report.
+environment record (1), the AOTInductor package check (2), the background compiles that warm
+Inductor's caches for stages 4 and 5 (``train-warm``, ``infer-warm``) and the report.
 
 Each stage is one process (``python bench/gpu_check.py STAGE --out OUTDIR [--dry-run]``) so the
 shell script can put each under its own ``timeout``. Every measured row is appended to
@@ -70,6 +71,9 @@ class Sizes:
     kernel_planes: tuple  # (C, H, W) of the ResNet-9 256² norms
     kernel_batches: tuple
     kernel_cases: tuple  # (dtype name, layout): fp32 as the official/faithful run, bf16 as the fast one
+    # the planes whose channels_last bf16 rows are timed again with FASTCGAN_ONE_PASS=0 (those
+    # that either backend runs one-pass), triton and cuda only, at kernel_batches
+    kernel_one_pass_planes: tuple
     kernel_iters: int
     kernel_warmup: int
     copy_bytes: int
@@ -82,6 +86,7 @@ class Sizes:
     train_variant: str  # fastcgan's fastest configuration, a key of VARIANTS
     train_overrides: tuple  # (key, value) RunConfig overrides of that variant
     train_extra: tuple  # cheap eager variants measured after the fastest (no compile)
+    train_late: tuple  # variants with a cold compile: stage train-late, after stage 5, in what is left
     train_iters: int
     train_warmup: int
     # stage 5: inference (bench/test_inference.py)
@@ -98,6 +103,7 @@ GPU = Sizes(
     kernel_planes=((64, 256, 256), (128, 128, 128), (256, 64, 64)),
     kernel_batches=(1, 8),
     kernel_cases=(("bfloat16", "nhwc"), ("float32", "nchw")),  # bf16 first: the targets are bf16
+    kernel_one_pass_planes=((128, 128, 128), (256, 64, 64)),
     kernel_iters=20,
     kernel_warmup=5,
     copy_bytes=1 << 30,
@@ -108,7 +114,10 @@ GPU = Sizes(
     train_batches=(1, 8),
     train_variant="auto-amp-cl-compile-graphs-gpudata",
     train_overrides=(),
-    train_extra=("cuda-amp-cl-compile-graphs-gpudata", "auto-amp-cl"),
+    train_extra=("auto-amp-cl",),
+    # Its compile is cold (nothing warms it: a third background compile would slow stage 2) and
+    # took 120 s at batch 1 alone on the first H200 run: timed last, after stage 5.
+    train_late=("cuda-amp-cl-compile-graphs-gpudata",),
     train_iters=20,
     train_warmup=3,
     infer_size=256,
@@ -124,6 +133,7 @@ DRY = Sizes(
     kernel_planes=((4, 8, 8),),
     kernel_batches=(1, 2),
     kernel_cases=(("bfloat16", "nhwc"), ("float32", "nchw")),  # bf16 first: the targets are bf16
+    kernel_one_pass_planes=((4, 8, 8),),
     kernel_iters=2,
     kernel_warmup=1,
     copy_bytes=1 << 20,
@@ -136,6 +146,7 @@ DRY = Sizes(
     # No CUDA graphs without CUDA; fp32 because bf16 is emulated (slow) on most CPUs.
     train_overrides=(("cuda_graphs", False), ("amp", False), ("compile_backend", "eager")),
     train_extra=(),  # the same function as the fastest variant's rows
+    train_late=("auto-fp32",),  # the train-late stage's path (ratio from stage 4's official rows)
     train_iters=2,
     train_warmup=1,
     infer_size=32,
@@ -430,11 +441,11 @@ def _step_categories(kernels_us: dict) -> dict:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def _time_kernel_case(kb, S: Sizes, shape, dtype, layout, backends) -> tuple[dict, list, dict]:
+def _time_kernel_case(kb, S: Sizes, shape, dtype, layout, backends, baselines=True) -> tuple[dict, list, dict]:
     """Median seconds of forward+backward per variant at one (shape, dtype, layout): the eager
-    composition, its ``torch.compile``, each fastcgan backend, and (GPU) CUDA-graph replays of
-    all but the compiled one. Returns (times, failed variant names, per-kernel profile of each
-    fastcgan backend on a GPU)."""
+    composition and its ``torch.compile`` (unless ``baselines`` is false), each fastcgan backend,
+    and (GPU) CUDA-graph replays of all but the compiled one. Returns (times, failed variant
+    names, per-kernel profile of each fastcgan backend on a GPU)."""
     from _timing import median_time
 
     device, mode = S.device, "fwd+bwd"
@@ -444,9 +455,11 @@ def _time_kernel_case(kb, S: Sizes, shape, dtype, layout, backends) -> tuple[dic
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
     dy = torch.randn((n, c, h + 2 * kb.PAD, w + 2 * kb.PAD), device=device, dtype=dtype)
     dy = dy.contiguous(memory_format=fmt)
-    eager = kb._composition(c).to(device)
-    compiled = torch.compile(eager, fullgraph=True, dynamic=False, backend=S.compile_backend)
-    variants = {"eager": eager, "compiled": compiled, **{f"fastcgan-{b}": kb._fused(b) for b in backends}}
+    variants = {f"fastcgan-{b}": kb._fused(b) for b in backends}
+    if baselines:
+        eager = kb._composition(c).to(device)
+        compiled = torch.compile(eager, fullgraph=True, dynamic=False, backend=S.compile_backend)
+        variants = {"eager": eager, "compiled": compiled, **variants}
     times, failed, profiles = {}, [], {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -519,10 +532,59 @@ def stage_kernels(S: Sizes, out: str) -> int:
     return 0
 
 
+ONE_PASS_OFF = "instance_norm_act-one-pass-off"  # row-name prefix of stage kernels-one-pass-off
+
+
+def stage_kernels_one_pass_off(S: Sizes, out: str) -> int:
+    """Stage 3's channels_last bf16 rows of the planes either backend runs one-pass, again with
+    ``FASTCGAN_ONE_PASS=0`` (both backends read it once per process, so this is a process of its
+    own): on channels_last at batch 1 the one-pass plans hold 1-2 channels per block, so a warp's
+    loads are C elements apart, and the split kernels may be faster there. The report sets each
+    row beside its default (one-pass) row; the kernel profile names the kernels that ran."""
+    os.environ["FASTCGAN_ONE_PASS"] = "0"  # gpu_check.sh sets it too; before the first launch
+    import test_instance_norm_act as kb
+
+    from fastcgan.ops import _backends
+
+    device, mode, dtype_name, layout = S.device, "fwd+bwd", "bfloat16", "nhwc"
+    backends = [
+        b for b in ("triton", "cuda") if _backends.status(b).available and device in _backends.status(b).devices
+    ]
+    if "triton" in backends:
+        from fastcgan.kernels import instance_norm_act as kin
+
+        kin._one_pass_enabled.cache_clear()
+        assert not kin._one_pass_enabled(), "FASTCGAN_ONE_PASS=0 not honoured by the Triton planner"
+    failed = []
+    for batch in S.kernel_batches:
+        for plane in S.kernel_one_pass_planes:
+            shape = (batch, *plane)
+            times, bad, profiles = _time_kernel_case(kb, S, shape, _dtype(dtype_name), layout, backends, False)
+            failed += [f"{name} {shape}" for name in bad]
+            nbytes = kb._min_bytes(shape, _dtype(dtype_name), mode)
+            for name, t in times.items():
+                append_row(
+                    out, "3", f"{ONE_PASS_OFF}/{mode}/{name}",
+                    shape="x".join(map(str, shape)), dtype=dtype_name, layout=layout, device=device,
+                    variant=name, mode=mode, one_pass=False, time_us=t * 1e6, gbps=nbytes / t / 1e9,
+                    **({"kernels_us": profiles[name]} if profiles.get(name) else {}),
+                )  # fmt: skip
+            cells = "  ".join(f"{k} {v * 1e6:.0f}us" for k, v in times.items())
+            print(f"{'x'.join(map(str, shape)):>14} {dtype_name} {layout} one-pass off: {cells}", flush=True)
+    if failed:
+        print(f"variants failed: {failed}")
+        return 1
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # Stage 4: training step
 # --------------------------------------------------------------------------------------------
-def stage_train(S: Sizes, out: str) -> int:
+def stage_train(S: Sizes, out: str, late: bool = False) -> int:
+    """Stage 4 (``late`` false): the official step and fastcgan's fastest configuration at each
+    batch size, the eager extras, CUT / FastCUT, pix2pix, cuDNN autotuning's worth. ``late``
+    (stage train-late, after stage 5): the variants of ``S.train_late``, whose compile is cold,
+    with their ratio to stage 4's official rows."""
     import test_train_step as tb
     from _timing import median_time
     from baselines.official_step import OfficialCycleGAN
@@ -532,6 +594,10 @@ def stage_train(S: Sizes, out: str) -> int:
         torch.backends.cudnn.benchmark = True
     size, ngf, blocks = S.train_size, S.train_ngf, S.train_blocks
     base_ips: dict[int, float] = {}
+    if late:  # stage 4's official step, as its rows recorded it
+        for r in read_rows(out):
+            if r["name"] == f"train_step/{device.type}-{size}-b{r.get('batch')}/official-eager-fp32":
+                base_ips[r["batch"]] = r["images_per_s"]
 
     def record(name, batch, seconds, peak_mb, **extra):
         ips = batch / seconds
@@ -581,8 +647,14 @@ def stage_train(S: Sizes, out: str) -> int:
         record(name or variant, batch, t, tb._peak_mb(device), build_and_first_step_s=first_s, flags=flags,
                **profile)
 
+    if late:
+        for variant in S.train_late:
+            for batch in S.train_batches:
+                fastcgan(variant, batch)
+        return 0
     # Priority order: the baseline and the fastest configuration at each batch (one compile per
-    # batch size: the step is compiled with static shapes), then the cheap eager variants.
+    # batch size, warm from train-warm: the step is compiled with static shapes), then the cheap
+    # eager variants.
     for batch in S.train_batches:
         random.seed(0)
         torch.manual_seed(0)
@@ -668,6 +740,45 @@ def stage_train_warm(S: Sizes, out: str, batch: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Stage 5: inference
 # --------------------------------------------------------------------------------------------
+def _compile_infer(S: Sizes, out: str, xs: dict, what: str):
+    """(row name, callable) of the bf16 channels_last generator under torch.compile + CUDA graphs
+    (mode="reduce-overhead"), compiled now for every batch of ``xs`` (one compile per batch size:
+    static shapes, as bench/test_inference.py times it); the compile time is a row
+    (``inference/<name>/<what>``)."""
+    device = S.device
+    mb = _generator(S).to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    if device == "cuda":
+        compiled = torch.compile(mb, mode="reduce-overhead", dynamic=False)
+    else:
+        compiled = torch.compile(mb, backend=S.compile_backend, dynamic=False)
+    name = "compiled-cudagraphs-bf16" if device == "cuda" else "compiled-bf16"
+
+    def run_compiled(x):
+        if device == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(x.contiguous(memory_format=torch.channels_last))
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in S.infer_batches:
+            run_compiled(xs[b].to(torch.bfloat16))
+    _sync(device)
+    secs = time.perf_counter() - t0
+    append_row(out, "5", f"inference/{name}/{what}", device=device, batches=list(S.infer_batches), seconds=secs)
+    print(f"{name}: {what}: {len(S.infer_batches)} batch sizes in {secs:.0f} s", flush=True)
+    return name, run_compiled
+
+
+def stage_infer_warm(S: Sizes, out: str) -> int:
+    """Stage 5's compile, once, in the background while stage 2 runs (like ``train-warm``), so
+    that stage 5 finds Inductor's on-disk caches warm; its cold time is the row
+    ``inference/<name>/compile-cold``."""
+    g = torch.Generator().manual_seed(0)
+    xs = {b: (torch.rand(b, 3, S.infer_size, S.infer_size, generator=g) * 2 - 1).to(S.device) for b in S.infer_batches}
+    _compile_infer(S, out, xs, "compile-cold")
+    return 0
+
+
 def stage_infer(S: Sizes, out: str, work: str) -> int:
     from _timing import median_time
     from test_inference import GFLOP_PER_IMAGE
@@ -716,30 +827,7 @@ def stage_infer(S: Sizes, out: str, work: str) -> int:
             refs[b] = model(x).float()
             row("eager-fp32", b, model, x, kernels="auto")
 
-    # torch.compile + CUDA graphs (mode="reduce-overhead"), bf16, channels_last: one compile per
-    # batch size (static shapes), as bench/test_inference.py times it.
-    mb = _generator(S).to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
-    if device == "cuda":
-        compiled = torch.compile(mb, mode="reduce-overhead", dynamic=False)
-    else:
-        compiled = torch.compile(mb, backend=S.compile_backend, dynamic=False)
-    name = "compiled-cudagraphs-bf16" if device == "cuda" else "compiled-bf16"
-
-    def run_compiled(x):
-        if device == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-        return compiled(x.contiguous(memory_format=torch.channels_last))
-
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for b in S.infer_batches:
-            run_compiled(xs[b].to(torch.bfloat16))
-    _sync(device)
-    secs = time.perf_counter() - t0
-    append_row(
-        out, "5", f"inference/{name}/compile", device=device, batches=list(S.infer_batches), seconds=secs
-    )
-    print(f"{name}: compiled {len(S.infer_batches)} batch sizes in {secs:.0f} s")
+    name, run_compiled = _compile_infer(S, out, xs, "compile")
     for b, x in xs.items():
         row(name, b, run_compiled, x.to(torch.bfloat16), kernels="auto")
 
@@ -788,6 +876,15 @@ def _fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
+# Best-effort stages: run in what is left of the budget, so a timeout or a skip there is expected.
+OPTIONAL_STAGES = ("train-late",)
+
+
+def _stage_failed(s: dict) -> bool:
+    cut = s.get("timed_out") or s.get("skipped")
+    return s["rc"] != 0 and not (s["stage"] in OPTIONAL_STAGES and cut)
+
+
 def stage_report(out: str) -> int:
     entry = _entry(out)
     rows = entry["results"]
@@ -799,6 +896,8 @@ def stage_report(out: str) -> int:
     )
     for s in entry["stages"]:
         state = "ok" if s["rc"] == 0 else ("TIMEOUT" if s.get("timed_out") else f"FAILED rc={s['rc']}")
+        if s["rc"] != 0 and not _stage_failed(s):
+            state = "cut (optional)"
         print(f"  stage {s['stage']:<20} {state:<14} {s['seconds']:7.1f} s")
     for r in rows:
         if r["name"].startswith("correctness/"):
@@ -864,6 +963,16 @@ def stage_report(out: str) -> int:
                 order = sorted(replay, key=replay.get)
                 print(f"  {dtype} under graph replay ({len(both)} cases): "
                       + ", ".join(f"{b} {replay[b] / 1e3:.2f} ms" for b in order) + f"  -> fastest {order[0]}")
+
+    off = [r for r in rows if r["name"].startswith(ONE_PASS_OFF + "/")]
+    if off:
+        print("\none-pass kernels off (FASTCGAN_ONE_PASS=0) vs the default, us per fwd+bwd "
+              "(x > 1: the split kernels are faster there):")
+        on = {(r["shape"], r["dtype"], r["layout"], r["variant"]): r["time_us"] for r in k}
+        for r in off:
+            base = on.get((r["shape"], r["dtype"], r["layout"], r["variant"]))
+            print(f"  {r['dtype']:>8} {r['layout']} {r['shape']:>14} {r['variant']:<22} "
+                  f"{_fmt(base, '8.1f')} -> {r['time_us']:8.1f}  x{_fmt(base and base / r['time_us'])}")
 
     t = [r for r in rows if r["name"].startswith("train_step/")]
     if t:
@@ -936,8 +1045,11 @@ def stage_report(out: str) -> int:
                 f"{r['images_per_s']:9.1f} img/s  x{_fmt(r['speedup_vs_eager_fp32'])} eager fp32  "
                 f"max|err| {r['max_abs_err']:.2e}"
             )
+        for r in rows:  # compile times: cold (infer-warm, in the background) and as stage 5 met it
+            if r["name"].startswith("inference/") and "batches" in r:
+                print(f"  {r['name'][len('inference/') :]:<36} {r['seconds']:6.1f} s for batches {r['batches']}")
     print(f"\n{len(rows)} rows -> {path}")
-    return int(any(s["rc"] != 0 for s in entry["stages"]))  # gpu_check.sh's exit status
+    return int(any(_stage_failed(s) for s in entry["stages"]))  # gpu_check.sh's exit status
 
 
 def merge(out: str, results_dir: str) -> int:
@@ -965,7 +1077,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "stage",
-        choices=["env", "aoti-build", "aoti-check", "kernels", "train-warm", "train", "infer", "report", "merge"],
+        choices=["env", "aoti-build", "aoti-check", "kernels", "kernels-one-pass-off", "train-warm", "train",
+                 "train-late", "infer-warm", "infer", "report", "merge"],
     )
     p.add_argument("--batch", type=int, default=None, help="train-warm: the batch size to compile")
     p.add_argument("--out", required=True, help="OUTDIR of bench/gpu_check.sh")
@@ -999,7 +1112,9 @@ def main(argv=None) -> int:
     work = os.path.abspath(
         a.work or os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastcgan-gpu-check-work")
     )
-    needs_gpu = a.stage in ("kernels", "train-warm", "train", "infer", "aoti-build", "aoti-check") and S.device == "cuda"
+    gpu_stages = ("kernels", "kernels-one-pass-off", "train-warm", "train", "train-late", "infer-warm", "infer",
+                  "aoti-build", "aoti-check")
+    needs_gpu = a.stage in gpu_stages and S.device == "cuda"
     if needs_gpu and not torch.cuda.is_available():
         print("no CUDA device: use --dry-run on a CPU machine", file=sys.stderr)
         return 2
@@ -1018,8 +1133,11 @@ def main(argv=None) -> int:
         "aoti-build": lambda: stage_aoti_build(S, out, work),
         "aoti-check": lambda: stage_aoti_check(S, out, work),
         "kernels": lambda: stage_kernels(S, out),
+        "kernels-one-pass-off": lambda: stage_kernels_one_pass_off(S, out),
         "train-warm": lambda: stage_train_warm(S, out, a.batch),
         "train": lambda: stage_train(S, out),
+        "train-late": lambda: stage_train(S, out, late=True),
+        "infer-warm": lambda: stage_infer_warm(S, out),
         "infer": lambda: stage_infer(S, out, work),
         "report": lambda: stage_report(out),
         "merge": lambda: merge(out, a.results_dir),

@@ -15,11 +15,16 @@
 # e.g. GPU_CHECK_T_TRAIN=240, GPU_CHECK_T_CORRECT_TRITON_NCHW=200):
 #   1 build    fastcgan._C for this GPU's architecture only; versions; available_backends()
 #   2 correct  pytest -m cuda, trimmed (triton in 4 processes | native CUDA + CUDA-graph replay,
-#              in parallel);
-#              the AOTInductor bf16 package (compiled in the background from stage 1 on) loads
-#   3 kernels  instance_norm_act fwd+bwd at the ResNet-9 256² shapes, batch 1/8, fp32/bf16
-#   4 train    official eager fp32 step vs fastcgan's fastest configuration, batch 1 and 8
+#              in parallel); in the background meanwhile: the AOTInductor bf16 package is compiled
+#              and then loaded in a fresh process (correct-aoti), and stages 4 and 5's compiles
+#              warm Inductor's caches (train-warm-b<N>, infer-warm; 4 compile threads each)
+#   3 kernels  instance_norm_act fwd+bwd at the ResNet-9 256² shapes, batch 1/8, fp32/bf16; then
+#              (kernels-one-pass-off) the channels_last bf16 64²/128² rows with FASTCGAN_ONE_PASS=0
+#   4 train    official eager fp32 step vs fastcgan's fastest configuration, batch 1 and 8, the
+#              eager extras, CUT / FastCUT, pix2pix (120 s)
 #   5 infer    ResNet-9 256², batch 1 and 32: eager fp32, compiled + CUDA graphs bf16, AOTInductor
+#   then       train-late: the cold-compiling training variant (native CUDA kernels forced), in
+#              whatever is left of the budget (with stage 4 selected)
 # Every measured row lands in OUTDIR/rows.jsonl as soon as it exists, each stage's log in
 # OUTDIR/<stage>.log and its exit status in OUTDIR/stages.jsonl, so a kill at any point keeps
 # every finished stage. The last step (report) writes OUTDIR/<device>.json and prints the targets.
@@ -27,13 +32,14 @@
 # the commit that was copied); GPU_CHECK_WORK (scratch for the AOTI package, default
 # /tmp/fastcgan-gpu-check-work); GPU_CHECK_BUDGET_S (the whole run, default 540 s: leaves room in
 # 15 device-minutes for start-up and a rerun); FASTCGAN_CUDA_ARCHS (default: this GPU's);
-# GPU_CHECK_DRY_AOTI=1 (the dry run also builds the AOTInductor package: +30 s on a small CPU).
+# GPU_CHECK_DRY_AOTI=1 (the dry run also builds the AOTInductor package: +30 s on a small CPU);
+# GPU_CHECK_BG_COMPILE_THREADS (Inductor compile workers of each background compile, default 4).
 set -uo pipefail
 
 usage() { sed -n '2,12p' "$0" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 case $1 in
-  -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
   -*) echo "gpu_check: OUTDIR comes first (got $1)" >&2; usage ;;
 esac
 OUT=$1; shift
@@ -158,25 +164,38 @@ if want 1; then
   cat "$OUT/env.log" 2>/dev/null | grep -v '^\[gpu_check\]'
 fi
 
-# The AOTInductor package compiles on the CPU (Inductor codegen + C++) while stage 2's tests run:
-# start it now, wait for it before its check. (Without stage 2 it is built just before stage 5,
-# so that no compile competes with the timed stages for the CPU.)
-AOTI=(run_stage aoti-build 240 $PY bench/gpu_check.py aoti-build --out "$OUT" --work "$WORK" "${DRYFLAG[@]}")
+# Background compiles share 16 cores with stage 2's five pytest processes: each Inductor process
+# would otherwise start min(32, cores) compile workers.
+BG_ENV=(env TORCHINDUCTOR_COMPILE_THREADS=${GPU_CHECK_BG_COMPILE_THREADS:-4})
+# The AOTInductor package compiles on the CPU (Inductor codegen + C++) while stage 2's tests run,
+# then loads in a fresh process (correct-aoti: a correctness check, so it may overlap the tests;
+# after them it cost the first H200 run 48 s). Without stage 2 it is built just before stage 5,
+# so that no compile competes with the timed stages for the CPU.
+aoti_build() {  # [env VAR=value ...]: the prefix of the build command
+  run_stage aoti-build 240 "$@" $PY bench/gpu_check.py aoti-build --out "$OUT" --work "$WORK" "${DRYFLAG[@]}"
+}
 AOTI_PID=
 if want 2; then
-  "${AOTI[@]}" &
+  { aoti_build "${BG_ENV[@]}"
+    run_stage correct-aoti 60 $PY bench/gpu_check.py aoti-check --out "$OUT" --work "$WORK" "${DRYFLAG[@]}"; } &
   AOTI_PID=$!
 fi
-# Stage 4's step compiles (120 s of 143 s at batch 1 on the first H200 run) likewise go to the
-# background now, one process per batch size: stage 4 then finds Inductor's caches warm. Waited
-# for before stage 3, so that no compile runs while anything is timed.
+# Stage 4's step compiles (120 s of 143 s at batch 1 on the first H200 run) and stage 5's compile
+# likewise go to the background now, one process per batch size and one for inference: stages 4
+# and 5 then find Inductor's caches warm. Waited for before stage 3, so that no compile runs while
+# anything is timed.
 WARM_PIDS=()
 if want 4 && want 2; then
   IFS=, read -ra TB <<<"${GPU_CHECK_TRAIN_BATCHES:-$([ "$DRY" = 1 ] && echo 2 || echo 1,8)}"
   for b in "${TB[@]}"; do
-    run_stage "train-warm-b$b" 240 $PY bench/gpu_check.py train-warm --batch "$b" --out "$OUT" "${DRYFLAG[@]}" &
+    run_stage "train-warm-b$b" 240 "${BG_ENV[@]}" $PY bench/gpu_check.py train-warm --batch "$b" --out "$OUT" \
+      "${DRYFLAG[@]}" &
     WARM_PIDS+=($!)
   done
+fi
+if want 5 && want 2; then
+  run_stage infer-warm 240 "${BG_ENV[@]}" $PY bench/gpu_check.py infer-warm --out "$OUT" "${DRYFLAG[@]}" &
+  WARM_PIDS+=($!)
 fi
 
 # ---------------------------------------------------------------------------------------- 2
@@ -216,18 +235,25 @@ if want 2; then
     -k "not triton and not all_options[1x1- and not all_options[3x5- and not all_options[7x257- and not all_options[1x1024- and not all_options[batch3-" &
   P3=$!
   wait $P1; wait $P1B; wait $P2; wait $P2B; wait $P3
-  if [ -n "$AOTI_PID" ]; then wait $AOTI_PID; fi
-  run_stage correct-aoti 60 $PY bench/gpu_check.py aoti-check --out "$OUT" --work "$WORK" "${DRYFLAG[@]}"
+  if [ -n "$AOTI_PID" ]; then wait $AOTI_PID; fi  # aoti-build, then correct-aoti
 fi
 
 # ---------------------------------------------------------------------------------------- 3-5
 for p in "${WARM_PIDS[@]}"; do wait "$p"; done
-want 3 && run_stage kernels 110 $PY bench/gpu_check.py kernels --out "$OUT" "${DRYFLAG[@]}"
-want 4 && run_stage train 180 $PY bench/gpu_check.py train --out "$OUT" "${DRYFLAG[@]}"
+if want 3; then
+  run_stage kernels 110 $PY bench/gpu_check.py kernels --out "$OUT" "${DRYFLAG[@]}"
+  # Both backends read FASTCGAN_ONE_PASS once per process: the one-pass-off rows are a process.
+  run_stage kernels-one-pass-off 40 env FASTCGAN_ONE_PASS=0 $PY bench/gpu_check.py kernels-one-pass-off \
+    --out "$OUT" "${DRYFLAG[@]}"
+fi
+# 120 s: with warm caches the priority rows (official and fastest, batch 1 and 8) take ~90 s;
+# what does not fit is cut, and stage 5 keeps its time.
+want 4 && run_stage train 120 $PY bench/gpu_check.py train --out "$OUT" "${DRYFLAG[@]}"
 if want 5; then
-  if [ -z "$AOTI_PID" ]; then "${AOTI[@]}"; fi
+  if [ -z "$AOTI_PID" ]; then aoti_build; fi
   run_stage infer 120 $PY bench/gpu_check.py infer --out "$OUT" --work "$WORK" "${DRYFLAG[@]}"
 fi
+want 4 && run_stage train-late 240 $PY bench/gpu_check.py train-late --out "$OUT" "${DRYFLAG[@]}"
 
 # ---------------------------------------------------------------------------------------- report
 wait

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 DRIVER = os.path.join(ROOT, "bench", "gpu_check.py")
 TRITON_STAGES = ["correct-triton-nchw", "correct-triton-nchw-bf16", "correct-triton-nhwc", "correct-triton-other"]
 STAGES = ["env", "aoti-build", *TRITON_STAGES, "correct-cuda", "correct-aoti"]
-STAGES += ["train-warm-b2", "kernels", "train", "infer"]
+STAGES += ["train-warm-b2", "infer-warm", "kernels", "kernels-one-pass-off", "train", "infer", "train-late"]
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +146,20 @@ def test_dry_run_rows_and_report(dry_run):
     assert {r["variant"] for r in kernel} >= {"eager", "compiled", "fastcgan-triton"}
     assert {(r["dtype"], r["layout"]) for r in kernel} == {("float32", "nchw"), ("bfloat16", "nhwc")}
     assert all(r["time_us"] > 0 and r["gbps"] > 0 for r in kernel)
+    # FASTCGAN_ONE_PASS=0 rows (their own process): the fused backends only, beside their defaults.
+    off = [r for r in rows if r["name"].startswith("instance_norm_act-one-pass-off/fwd+bwd/")]
+    assert {r["variant"] for r in off} == {"fastcgan-triton"} and all(r["one_pass"] is False for r in off)
+    cases = {(r["dtype"], r["layout"], r["shape"]) for r in off}
+    assert cases == {("bfloat16", "nhwc", s) for s in ("1x4x8x8", "2x4x8x8")}
     train = [r for r in rows if r["name"].startswith("train_step/")]
     assert {r["name"].rsplit("/", 1)[1] for r in train} == {
         "official-eager-fp32",
         "auto-amp-cl-compile-graphs-gpudata",
         "auto-fp32-no-cudnn-benchmark",
+        "auto-fp32",  # train-late (after stage 5), its ratio from stage 4's official row
     }
     assert all(r["images_per_s"] > 0 and r["ratio_to_official"] > 0 for r in train)
+    assert "inference/compiled-bf16/compile-cold" in names and "inference/compiled-bf16/compile" in names
     infer = [r for r in rows if r["name"].startswith("inference/") and "batch" in r]
     assert {(r["name"], r["batch"]) for r in infer} == {
         (f"inference/{e}", b) for e in ("eager-fp32", "compiled-bf16") for b in (1, 2)
@@ -162,7 +170,8 @@ def test_dry_run_rows_and_report(dry_run):
         assert key in entry
     assert entry["dry_run"] is True and len(entry["results"]) == len(rows)
     assert all(r["dry_run"] for r in rows)  # so merge refuses them even without env.json
-    assert "training step:" in (out / "report.txt").read_text()
+    report = (out / "report.txt").read_text()
+    assert "training step:" in report and "one-pass kernels off (FASTCGAN_ONE_PASS=0)" in report
 
 
 def test_merge_appends_a_gpu_entry_and_refuses_a_dry_run(dry_run, driver, tmp_path, capsys):
@@ -194,7 +203,9 @@ def test_gpu_sizes_name_what_the_bench_modules_define(tmp_path):
         "import sys; sys.path.insert(0, 'bench')\n"
         "import gpu_check as g, test_train_step as t, test_instance_norm_act as k\n"
         "S = g.GPU\n"
-        "assert S.train_variant in t.VARIANTS and all(v in t.VARIANTS for v in S.train_extra)\n"
+        "assert S.train_variant in t.VARIANTS and all(v in t.VARIANTS for v in S.train_extra + S.train_late)\n"
+        "assert not any(t.VARIANTS[v].get('compile') for v in S.train_extra)  # stage 4's extras stay eager\n"
+        "assert set(S.kernel_one_pass_planes) < set(k.BASE_SHAPES)\n"
         "assert 'cuda_graphs' in t.VARIANTS[S.train_variant] and t.VARIANTS[S.train_variant]['compile']\n"
         "assert set(S.kernel_planes) == set(k.BASE_SHAPES) and S.kernel_batches == (1, 8)\n"
         "assert S.train_batches == (1, 8) and S.infer_batches == (1, 32) and S.aoti\n"
@@ -252,6 +263,10 @@ def test_report_of_gpu_rows_states_every_target(driver, tmp_path, capsys):
             "name": f"train_step/cuda-256-b1/{name}", "stage": "4", "batch": 1, "images_per_s": ips,
             "ratio_to_official": 4.0, "peak_memory_mb": 4000.0, "mfu": 0.1,
         })  # fmt: skip
+    rows.append({  # stage kernels-one-pass-off: the same case with FASTCGAN_ONE_PASS=0
+        **kernel("fastcgan-cuda", 60, "1x64x256x256", 300, 200), "one_pass": False,
+        "name": "instance_norm_act-one-pass-off/fwd+bwd/fastcgan-cuda",
+    })
     rows.append({
         "name": "inference/aoti-bf16", "stage": "5", "batch": 32, "latency_ms": 10.0, "images_per_s": 3200.0,
         "speedup_vs_eager_fp32": 3.5, "max_abs_err": 0.07,
@@ -269,6 +284,7 @@ def test_report_of_gpu_rows_states_every_target(driver, tmp_path, capsys):
     assert "target batch 8 >= 200.0 img/s: 150 missed" in text
     assert "MFU 12.0 %" in text and "build+compile 61 s" in text
     assert "b1 cuDNN autotuning on auto-amp-cl: x1.25 images/s" in text
+    assert re.search(r"1x64x256x256 fastcgan-cuda +90\.0 -> +60\.0  x1\.50", text), text
     assert json.loads((tmp_path / "nvidia-h100.json").read_text())[0]["results"] == rows
 
 
@@ -307,6 +323,24 @@ def test_a_rerun_stage_replaces_its_earlier_record(driver, tmp_path, capsys):
     capsys.readouterr()
     assert driver.main(["report", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.count("stage env") == 1
+
+
+def test_only_a_cut_train_late_is_not_a_failure(driver, tmp_path, capsys):
+    """train-late runs in what is left of the budget: its timeout or skip is expected and leaves
+    the exit status 0; any other stage's timeout, or a train-late failure, is a failure."""
+    (tmp_path / "env.json").write_text(json.dumps({"device": "NVIDIA H100", "torch": "2.11", "triton": "3.6",
+                                                    "commit": "c"}))
+
+    def report(*stages):
+        (tmp_path / "stages.jsonl").write_text("".join(
+            json.dumps({"stage": n, "rc": rc, "timed_out": rc == 124, "seconds": 1.0, "timeout_s": 60,
+                        **({"skipped": True} if rc == 125 else {})}) + "\n" for n, rc in stages))
+        return driver.main(["report", "--out", str(tmp_path)])
+
+    assert report(("infer", 0), ("train-late", 124)) == 0 and "cut (optional)" in capsys.readouterr().out
+    assert report(("infer", 0), ("train-late", 125)) == 0
+    assert report(("infer", 0), ("train-late", 1)) == 1
+    assert report(("train", 124), ("train-late", 0)) == 1
 
 
 def test_a_rerun_stage_replaces_its_earlier_rows(driver, tmp_path, monkeypatch):

@@ -557,3 +557,44 @@ def test_run_outline_names_networks_data_and_length():
     assert line == ("fastcgan: cyclegan: G_AB 11.378 M, D_A 2.765 M parameters; 1,067 A + 1,334 B training images, "
                     "1,334 steps an epoch (batch 1) x 200 epochs")
     assert run_outline(cfg, nets, ds, 1334, 50).endswith("x 200 epochs, stopping at step 50 (--max-steps)")
+
+
+def test_a_diverged_run_stops_with_the_step_and_the_loss(tmp_path, synth64, monkeypatch):
+    """A loss that turns NaN stops training at the next log or checkpoint step with TrainingError
+    naming the step and the loss (exit 1 from the CLI): it neither trains on nor saves the NaN
+    weights as a checkpoint a resume would take."""
+    from fastcgan.recipes import cyclegan
+    from fastcgan.train import TrainingError, latest_checkpoint
+
+    real = cyclegan.cycle_loss
+    nan_from = {"step": 3, "calls": 0}
+
+    def cycle_loss(*a, **k):  # two calls a step (cycle_A, cycle_B): NaN from step 3 on
+        nan_from["calls"] += 1
+        return real(*a, **k) * (float("nan") if nan_from["calls"] > 2 * (nan_from["step"] - 1) else 1.0)
+
+    monkeypatch.setattr(cyclegan, "cycle_loss", cycle_loss)
+    with pytest.raises(TrainingError, match=r"non-finite at step 3: .*cycle_A"):
+        train(tiny(synth64, tmp_path, max_steps=8, log_every=4, checkpoint_every=3))
+    assert latest_checkpoint(str(tmp_path / "run")) is None  # step 3's NaN weights were not saved
+
+
+def test_optimizers_take_the_configured_betas_and_lr():
+    """--beta1 / --beta2 / --lr reach every Adam (the official --beta1 0.5 default aside)."""
+    cfg = tiny_train_config(beta1=0.9, beta2=0.95, lr=3e-4)
+    st = build_state(cfg)
+    for name, opt in st.optimizers.items():
+        g = opt.param_groups[0]
+        assert (g["betas"], g["lr"]) == ((0.9, 0.95), pytest.approx(3e-4)), name
+
+
+def test_loss_accumulator_reads_the_mean_since_the_last_read():
+    from fastcgan.train.logging import LossAccumulator
+
+    acc = LossAccumulator(("G", "D"))
+    assert acc.read() == {}
+    for g, d in ((2.0, 1.0), (4.0, 3.0)):
+        acc.add({"G": torch.tensor(g), "D": torch.tensor(d), "other": torch.tensor(9.0)})
+    assert acc.read() == {"G": 3.0, "D": 2.0}
+    acc.add({"G": torch.tensor(10.0), "D": torch.tensor(0.0)})
+    assert acc.read() == {"G": 10.0, "D": 0.0}  # reset by the read

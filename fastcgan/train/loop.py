@@ -331,7 +331,9 @@ class _Run:
                             state.end_epoch()
                         log.advance()
                         s = state.step
-                        if s % cfg.run.log_every == 0 or s == self.total:
+                        # A checkpoint step is also a log step: the losses are checked finite
+                        # before the weights they produced are saved (a NaN run is never checkpointed).
+                        if s % cfg.run.log_every == 0 or s == self.total or s % cfg.run.checkpoint_every == 0:
                             last = self._log(state, losses, data_wait) or last
                             data_wait = 0.0
                             n_skipped = self._report_skipped(n_skipped)

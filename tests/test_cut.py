@@ -280,6 +280,29 @@ def test_flip_equivariance_is_the_official_objective():
 # --------------------------------------------------------------------------------------------
 # runs
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["cut", "fastcut"])
+def test_generator_loss_is_gan_plus_the_mean_of_its_nce_terms(preset):
+    """The official CUT minimises G_GAN + (NCE + NCE_Y) / 2 (FastCUT, without the identity term:
+    G_GAN + NCE), every term with its graph: a term logged but left out trains another model."""
+    cfg = tiny_cut(preset=preset)
+    torch.manual_seed(0)
+    st = build_state(cfg)
+    exe = build_step(st, cfg).exe
+    batch = _batch(cfg)
+    _, _, carry = cut.forward_phase(exe, batch, {}, cfg)
+    loss_G, losses, _ = cut.generator_forward(exe, batch, carry, cfg)
+    nce = (losses["NCE"] + losses["NCE_Y"]) * 0.5 if preset == "cut" else losses["NCE"]
+    assert all(v.item() > 0 for k, v in losses.items() if k in ("G_GAN", "NCE", "NCE_Y"))
+    params = list(st.nets["G"].parameters()) + list(st.nets["F"].parameters())
+    got = torch.autograd.grad(loss_G, params, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad(losses["G_GAN"] + nce, params, allow_unused=True)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w)
+    assert loss_G.item() == pytest.approx((losses["G_GAN"] + nce).item(), rel=1e-6)
+
+
 def test_negatives_from_the_whole_batch_share_one_patch_draw(monkeypatch):
     """--nce-includes-all-negatives-from-minibatch: the official samples one set of locations for
     the batch (its other images' patches there are the negatives); by default each image draws its

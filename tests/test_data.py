@@ -656,3 +656,21 @@ def test_entries_left_out_of_a_folder_are_named(tmp_path):
     (d / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     with pytest.warns(UserWarning, match="left out 2 entries: .*gone.png \\(a link to nowhere\\).*linked \\(a linked"):
         assert make_dataset(str(d)) == [str(d / "a.png")]
+
+
+def test_epoch_sampler_reshuffles_each_epoch_and_resumes_mid_epoch():
+    """Each epoch has its own order (seeded by seed and epoch: the same on every run), a data
+    position resumes inside it, and DDP ranks split each global batch between them."""
+    from fastcgan.data.sampler import EpochSampler
+
+    def order(epoch, start=0, seed=0, **kw):
+        return list(EpochSampler(12, seed, epoch, start, True, **kw))
+
+    e0, e1 = order(0), order(1)
+    assert sorted(e0) == sorted(e1) == list(range(12)) and e0 != e1
+    assert order(0) == e0 and order(0, seed=1) != e0
+    assert order(1, start=5) == e1[5:]
+    assert list(EpochSampler(12, 0, 3, 2, False)) == list(range(2, 12))  # --serial-batches
+    r0, r1 = order(1, rank=0, world=2, global_batch=4), order(1, rank=1, world=2, global_batch=4)
+    assert r0 == [i for k in range(0, 12, 4) for i in e1[k:k + 2]]  # each global batch of 4: 2 per rank
+    assert r1 == [i for k in range(0, 12, 4) for i in e1[k + 2:k + 4]]

@@ -742,3 +742,19 @@ def test_translator_inputs_are_taken_as_files_are(run_dir, tmp_path):
         out = tr(im)
     assert out.size == (20, 40)
     assert np.array_equal(np.asarray(out), tr(load_image(tmp_path / "rot.jpg").permute(1, 2, 0).numpy()))
+
+
+def test_a_model_in_training_mode_is_translated_in_eval_mode():
+    """from_model / the Translator put the generator in eval mode: dropout off (and BatchNorm on
+    its inference statistics), so a model handed over straight from training translates
+    deterministically."""
+    from fastcgan.deploy.runtime import from_model
+
+    torch.manual_seed(0)
+    m = build_generator("resnet_6blocks", ngf=4, use_dropout=True).train()
+    tr = from_model(m, "cpu")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert not any(mod.training for mod in m.modules())
+    torch.testing.assert_close(tr(x), tr(x), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(tr(x), m(x), rtol=1e-5, atol=1e-5)

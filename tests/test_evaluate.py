@@ -561,3 +561,19 @@ def test_skipped_test_images_are_named(tmp_path, synth):
     with pytest.warns(SkippedImageWarning, match="zz_truncated.png"):
         r = ev.evaluate(str(run), str(data), device="cpu")
     assert r["BtoA"]["skipped"] == 1
+
+
+@pytest.mark.skipif(not fm.metrics_available(), reason="the metrics extra (FID weights) is not installed")
+def test_fid_compares_each_direction_with_the_other_domain(synth):
+    """A->B translations are scored against the real B images (B->A against A): with identity
+    generators each direction's FID is that of the two real test sets, which differ (light vs dark
+    renderings), not ~0 as against the images' own domain."""
+    from fastcgan.data import load_image, make_dataset
+
+    r = ev.evaluate_generators(Identity(), Identity(), synth, fid=True)
+    net = fm.load_inception(device="cpu", dtype=torch.float32)
+    real = {d: net.extract([load_image(p) for p in make_dataset(os.path.join(synth, "test" + d))]) for d in "AB"}
+    want = fm.fid_kid_from_features(real["A"], real["B"])["fid"]
+    assert want > 1.0 and fm.fid_kid_from_features(real["A"], real["A"])["fid"] < 1e-3 * want
+    assert r["AtoB"]["fid"] == pytest.approx(want, rel=1e-3)
+    assert r["BtoA"]["fid"] == pytest.approx(fm.fid_kid_from_features(real["B"], real["A"])["fid"], rel=1e-3)

@@ -126,6 +126,29 @@ def test_gradient_penalty_closed_form(kind):
     torch.testing.assert_close(gw, 10.0 * 2 * 4.0 * w / 5.0)
 
 
+class Quadratic(torch.nn.Module):
+    """D(x) = sum(x^2) / 2: grad_x D = x, so the penalty is taken where x is."""
+
+    def forward(self, x):
+        return (x * x).flatten(1).sum(1) / 2
+
+
+def test_gradient_penalty_is_taken_where_it_says():
+    """real / fake / mixed: the norm of grad_x D at the real images, the fakes, or each sample's
+    uniform interpolation alpha * real + (1 - alpha) * fake (alpha from the generator given)."""
+    real, fake = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+
+    def penalty_at(x):  # lambda * mean((||x|| - 1)^2): Quadratic's gradient at x is x
+        return 10.0 * ((x.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
+
+    assert gradient_penalty(Quadratic(), real, fake, kind="real").item() == pytest.approx(penalty_at(real).item())
+    assert gradient_penalty(Quadratic(), real, fake, kind="fake").item() == pytest.approx(penalty_at(fake).item())
+    alpha = torch.rand(3, 1, 1, 1, generator=torch.Generator().manual_seed(5))
+    got = gradient_penalty(Quadratic(), real, fake, kind="mixed", generator=torch.Generator().manual_seed(5))
+    assert got.item() == pytest.approx(penalty_at(alpha * real + (1 - alpha) * fake).item(), rel=1e-6)
+    assert got.item() != pytest.approx(penalty_at(real).item(), rel=1e-3)
+
+
 def test_gradient_penalty_changes_discriminator_gradients():
     torch.manual_seed(0)
     d = build_discriminator("basic", ndf=4, backend="torch")

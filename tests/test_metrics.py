@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import fastcgan.metrics as fm
 from fastcgan.metrics import inception as inc
@@ -327,6 +328,26 @@ def test_training_evaluator_leaves_training_untouched(synth):
     after = [t for g in (G_AB, G_BA) for t in (*g.parameters(), *g.buffers())]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert all(p.requires_grad for g in (G_AB, G_BA) for p in g.parameters())
+
+
+@needs_weights
+def test_training_evaluator_scores_against_the_other_domain(synth):
+    """fid_AtoB compares G_AB(A) with the real B images (fid_BtoA: G_BA(B) with A): identity
+    generators score the two real test sets' FID, not ~0 (their own domain)."""
+    def identity():  # a 1x1 convolution that copies its input (the evaluator wants an image generator)
+        conv = nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            conv.weight.copy_(torch.eye(3)[:, :, None, None])
+            conv.bias.zero_()
+        return conv
+
+    ev = fm.TrainingEvaluator(synth, phase="test", device="cpu", image_size=32, batch_size=2)
+    out = ev(identity(), identity())
+    real = ev.real_features
+    want = fm.fid_kid_from_features(real["A"], real["B"])["fid"]
+    assert want > 1.0 and fm.fid_kid_from_features(real["A"], real["A"])["fid"] < 1e-3 * want
+    assert out["fid_AtoB"] == pytest.approx(want, rel=1e-3)
+    assert out["fid_BtoA"] == pytest.approx(fm.fid_kid_from_features(real["B"], real["A"])["fid"], rel=1e-3)
 
 
 def test_training_evaluator_needs_the_extra(synth, monkeypatch, tmp_path):

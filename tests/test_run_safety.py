@@ -527,3 +527,25 @@ def test_config_fields_have_their_types(field, value, said):
     d[FIELD_SECTION[field]][field] = value
     with pytest.raises(ConfigError, match=re.escape(said)):
         TrainConfig.from_dict(d)
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Durability: the data reaches the disk under the temporary name before the rename makes it
+    the file, and the folder is synced after, so a power cut leaves the old file or the new one."""
+    from fastcgan.fileio import atomic_write
+
+    dest = tmp_path / "out.bin"
+    seen = []
+    real = os.fsync
+
+    def fsync(fd):
+        seen.append((os.readlink(f"/proc/self/fd/{fd}"), dest.exists()))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write(str(dest), b"data")
+    assert dest.read_bytes() == b"data"
+    (first, dest_then), (last, dest_after) = seen[0], seen[-1]
+    root = os.path.realpath(tmp_path)
+    assert first.startswith(root + "/.out.bin.") and first.endswith(".tmp") and not dest_then
+    assert last == root and dest_after

@@ -671,6 +671,12 @@ def test_engine_without_manifest_is_refused_before_tensorrt(tmp_path):
     engine.write_bytes(b"serialized engine bytes!")
     with pytest.raises(UntrustedArtifactError, match="differs from the manifest"):
         TrtRunner(str(engine))
+    # The same size, another byte: only the digest can tell (every change above also moved the size).
+    engine.write_bytes(b"serialized engine bytez")
+    with pytest.raises(UntrustedArtifactError, match="sha256 .* differs from the manifest"):
+        TrtRunner(str(engine))
+    with pytest.raises(UntrustedArtifactError, match="sha256 .* differs from the manifest"):
+        load(str(engine))
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -37,9 +38,11 @@ def test_eval_every_logs_fid_and_keeps_training_unchanged(tmp_path, synth):
     assert [r["step"] for r in evals] == [2, 4]
     for r in evals:
         assert {"fid_AtoB", "fid_BtoA", "kid_AtoB_mean", "kid_BtoA_mean"} <= set(r["eval"])
-        assert all(v == v and v >= -1e-3 for v in r["eval"].values())  # finite; KID may dip below 0
+        assert all(math.isfinite(v) and v >= -1e-3 for v in r["eval"].values())  # KID may dip below 0
         assert "Inception" in r["eval_network"] or "inception" in r["eval_network"].lower()
-    assert with_eval["fid"]["step"] == 4 and with_eval["best_fid"]["step"] in (2, 4)
+    means = {r["step"]: (r["eval"]["fid_AtoB"] + r["eval"]["fid_BtoA"]) / 2 for r in evals}
+    assert with_eval["fid"]["step"] == 4
+    assert with_eval["best_fid"] == {"step": min(means, key=means.get), "fid": pytest.approx(min(means.values()))}
     assert 0 < with_eval["eval_time_share"] < 1
     assert (run / "generator_AtoB_best.safetensors").is_file() and (run / "generator_BtoA_best.safetensors").is_file()
     # the weights, optimizer moments and RNG streams are those of the run without evaluation
@@ -58,6 +61,7 @@ def _assert_equal(a, b, path):
         for k in a:
             _assert_equal(a[k], b[k], f"{path}.{k}")
     elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
             _assert_equal(x, y, f"{path}[{i}]")
     else:
@@ -73,3 +77,38 @@ def test_explicit_eval_without_a_test_split_is_a_config_error(tmp_path, synth):
     with pytest.raises(ConfigError, match="--eval-every"):
         train(tiny_train_config(str(root), tmp_path, dataset="folder", max_steps=1, eval_every=1))
     assert not (tmp_path / "run").exists()
+
+
+class _ScriptedEvaluator:
+    """Stands in for TrainingEvaluator: the mean FID of each evaluation, in order."""
+
+    fids: list[float] = []
+    network = "scripted"
+
+    def __init__(self, *a, **k):
+        self.setup_seconds = 0.0
+
+    def __call__(self, G_AB, G_BA):
+        f = type(self).fids.pop(0)
+        return {"fid_AtoB": f, "fid_BtoA": f, "kid_AtoB_mean": 0.0, "kid_AtoB_std": 0.0, "kid_BtoA_mean": 0.0,
+                "kid_BtoA_std": 0.0, "eval_seconds": 0.0}
+
+
+@pytest.mark.parametrize("fids,best", [([5.0, 3.0, 4.0], 4), ([3.0, 5.0, 4.0], 2)])
+def test_the_best_generators_are_the_lowest_fid_ones_across_a_resume(tmp_path, synth, monkeypatch, fids, best):
+    """generator_<dir>_best.safetensors are the generators of the lowest mean FID so far, and a
+    resumed run still knows that score (a worse one after the resume does not replace them)."""
+    import fastcgan.metrics
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(fastcgan.metrics, "TrainingEvaluator", _ScriptedEvaluator)
+    _ScriptedEvaluator.fids = list(fids)
+    cfg = dict(eval_every=2, eval_max_images=4, synthetic_test=4, checkpoint_every=2)
+    train(tiny_train_config(synth, tmp_path, max_steps=4, **cfg))
+    run = tmp_path / "run"
+    at_best = load_file(run / "generator_AtoB_best.safetensors")
+    s = train(tiny_train_config(synth, tmp_path, max_steps=6, resume="auto", **cfg))
+    assert _ScriptedEvaluator.fids == [] and s["best_fid"] == {"step": best, "fid": min(fids)}
+    assert all(torch.equal(v, load_file(run / "generator_AtoB_best.safetensors")[k]) for k, v in at_best.items())
+    final = load_file(run / "generator_AtoB.safetensors")
+    assert any(not torch.equal(v, final[k]) for k, v in at_best.items())  # not simply the last generators

@@ -286,3 +286,13 @@ def test_load_size_resizes_as_the_official_test(run_dir, images, tmp_path, monet
                      "--load-size", bad, "--no-progress"]) == 2
         assert f"--load-size must be in [1, 4096], got {bad}" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flag,value,msg", [("--max-image-pixels", "-1", "--max-image-pixels must be >= 0"),
+                                            ("--batch-size", "0", "--batch-size must be in"),
+                                            ("--max-images", "0", "--max-images must be >= 1")])
+def test_bad_numbers_are_exit_2_before_anything_is_written(run_dir, images, tmp_path, capsys, flag, value, msg):
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(run_dir), "--input", str(images), "--output", str(out), flag, value,
+                 "--no-progress"]) == 2
+    assert msg in capsys.readouterr().err and not out.exists()

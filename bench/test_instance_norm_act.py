@@ -143,7 +143,9 @@ def _measure(shape, dtype, channels_last, device, backends, bench_record, benchm
             for mode, step in steps.items():
                 if graphs and name != "compiled":
                     replay = _graphed(fn, x, dy, mode)
-                    if replay is not None:
+                    if replay is None:  # reported at the end: a missing row is a failure, not a gap
+                        failed.append(f"{name}-graph ({mode})")
+                    else:
                         times[(name + "-graph", mode)] = median_time(replay, device, warmup=warmup, iters=iters)
     copy_bw = copy_bandwidth(device) if device == "cuda" else None
     tag = dict(shape="x".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""),

@@ -557,6 +557,12 @@ def test_run_outline_names_networks_data_and_length():
     assert line == ("fastcgan: cyclegan: G_AB 11.378 M, D_A 2.765 M parameters; 1,067 A + 1,334 B training images, "
                     "1,334 steps an epoch (batch 1) x 200 epochs")
     assert run_outline(cfg, nets, ds, 1334, 50).endswith("x 200 epochs, stopping at step 50 (--max-steps)")
+    # --epochs-decay 0: the official rule's last epoch is at LR 0 (CycleGAN's start-of-epoch update): said.
+    flat = cfg.replace(epochs=3, epochs_decay=0)
+    assert run_outline(flat, nets, ds, 10, 30).endswith("runs the last epoch at learning rate 0 (--epochs-decay 0): "
+                                                        "its weights do not change")
+    assert "learning rate 0" not in run_outline(flat, nets, ds, 10, 20)  # stops before it
+    assert "learning rate 0" not in run_outline(flat.replace(preset="cut", recipe="cut"), nets, ds, 10, 30)
 
 
 def test_a_diverged_run_stops_with_the_step_and_the_loss(tmp_path, synth64, monkeypatch):

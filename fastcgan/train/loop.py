@@ -166,7 +166,13 @@ def run_outline(cfg: TrainConfig, nets: dict, ds, steps_per_epoch: int, total: i
     epochs = cfg.optim.epochs + cfg.optim.epochs_decay
     line = (f"fastcgan: {cfg.model.recipe}: {sizes} parameters; {data}, {steps_per_epoch:,} steps an epoch "
             f"(batch {cfg.data.batch_size}) x {epochs} epochs")
-    return line + (f", stopping at step {total:,} (--max-steps)" if total < epochs * steps_per_epoch else "")
+    line += f", stopping at step {total:,} (--max-steps)" if total < epochs * steps_per_epoch else ""
+    o = cfg.optim
+    if (o.lr_policy == "linear" and o.epochs_decay == 0 and total > (epochs - 1) * steps_per_epoch
+            and get_recipe(cfg.model.recipe).lr_update_at_epoch_start):
+        line += ("; note: the official linear rule runs the last epoch at learning rate 0 (--epochs-decay 0): "
+                 "its weights do not change")
+    return line
 
 
 class _Run:

@@ -137,6 +137,17 @@ def test_translate_html_results_page(run_dir, images, tmp_path, capsys):
     assert (lone / "index.html").read_bytes() == (images / "gray.png").read_bytes()
 
 
+def _save_pair(monet2photo_mini, path, w, h):
+    """Two test photos at w x h side by side in one A|B file at ``path``: (A half, B half, the pair)."""
+    src = os.path.join(monet2photo_mini, "testA")
+    a, b = (Image.open(os.path.join(src, n)).convert("RGB").resize((w, h)) for n in sorted(os.listdir(src))[:2])
+    pair = Image.new("RGB", (2 * w, h))
+    pair.paste(a, (0, 0))
+    pair.paste(b, (w, 0))
+    pair.save(path)
+    return a, b, pair
+
+
 def test_translate_pairs_takes_the_input_half(run_dir, tmp_path, monet2photo_mini, capsys):
     """--pairs (pix2pix test splits, A|B side by side): the input half is translated -- by default
     the run's own --direction (config.json), with the run's one generator (pix2pix: AtoB) -- and
@@ -145,14 +156,9 @@ def test_translate_pairs_takes_the_input_half(run_dir, tmp_path, monet2photo_min
 
     from fastcgan.deploy import load
 
-    src = os.path.join(monet2photo_mini, "testA")
-    a, b = (Image.open(os.path.join(src, n)).convert("RGB").resize((64, 48)) for n in sorted(os.listdir(src))[:2])
     pairs = tmp_path / "test"
     pairs.mkdir()
-    pair = Image.new("RGB", (128, 48))
-    pair.paste(a, (0, 0))
-    pair.paste(b, (64, 0))
-    pair.save(pairs / "1.png")
+    a, b, pair = _save_pair(monet2photo_mini, pairs / "1.png", 64, 48)
     pair.crop((0, 0, 127, 48)).save(pairs / "odd.png")
     p2p = tmp_path / "p2p"  # a pix2pix run trained BtoA: one generator, AtoB
     p2p.mkdir()
@@ -232,12 +238,7 @@ def test_pairs_with_an_exported_pix2pix_generator_read_its_half(tmp_path, monet2
     generator trained BtoA; the file records the half it reads."""
     from fastcgan.deploy import load
 
-    src = os.path.join(monet2photo_mini, "testA")
-    a, b = (Image.open(os.path.join(src, n)).convert("RGB").resize((64, 48)) for n in sorted(os.listdir(src))[:2])
-    pair = Image.new("RGB", (128, 48))
-    pair.paste(a, (0, 0))
-    pair.paste(b, (64, 0))
-    pair.save(tmp_path / "1.png")
+    a, b, _ = _save_pair(monet2photo_mini, tmp_path / "1.png", 64, 48)
     torch.manual_seed(0)
     st = tmp_path / "p2p.safetensors"
     save_generator(build_generator("resnet_6blocks", ngf=4), st, direction="AtoB", pairs_direction="BtoA")
@@ -270,12 +271,7 @@ def test_load_size_resizes_as_the_official_test(run_dir, images, tmp_path, monet
         want = g(np.array(Image.open(images / src).convert("RGB").resize((40, 40), Image.BICUBIC)))
         _assert_same_pixels(np.array(Image.open(out / name)), want)
     # A pair: each half resized (the official AlignedDataset at test time).
-    src = os.path.join(monet2photo_mini, "testA")
-    a, b = (Image.open(os.path.join(src, n)).convert("RGB").resize((60, 36)) for n in sorted(os.listdir(src))[:2])
-    pair = Image.new("RGB", (120, 36))
-    pair.paste(a, (0, 0))
-    pair.paste(b, (60, 0))
-    pair.save(tmp_path / "pair.png")
+    a, _, _ = _save_pair(monet2photo_mini, tmp_path / "pair.png", 60, 36)
     o = tmp_path / "pairs"
     assert main(["--checkpoint", str(run_dir), "--input", str(tmp_path / "pair.png"), "--output", str(o), "--pairs",
                  "--load-size", "32", "--direction", "AtoB", "--device", "cpu", "--no-progress"]) == 0

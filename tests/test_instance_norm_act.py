@@ -320,6 +320,23 @@ def test_custom_op_torch_contract_matches_reference(act, channels_last):
             torch.testing.assert_close(g[k], g2[k].float(), **tol(torch.float32), msg=lambda m, k=k: f"d{k}: {m}")
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 1, 1), (2, 1, 4, 4)], ids=["5x7", "1x1", "C1"])
+def test_reference_returns_the_kernels_layout(shape):
+    """The reference is the specification of the layout too: y in ``output_memory_format(x)``
+    (F.instance_norm and reflect F.pad alone return NCHW for channels_last x)."""
+    for pad, residual in itertools.product((0, 1), (False, True)):
+        if pad and shape[2] < 2:
+            continue
+        x, w, b, r, _ = _inputs(shape, ("weight", "bias"), residual, pad)
+        for channels_last in (False, True):
+            lo = [_cast(t, torch.float32, "cpu", channels_last) for t in (x, w, b, r)]
+            y = instance_norm_act_ref(lo[0], lo[1], lo[2], residual=lo[3], pad=pad)
+            fmt = output_memory_format(lo[0])
+            assert y.is_contiguous(memory_format=fmt), f"{shape} pad={pad} res={residual} cl={channels_last}"
+            assert fmt == (torch.channels_last if channels_last and shape[1] > 1 and shape[2] * shape[3] > 1
+                           else torch.contiguous_format)
+
+
 def _opcheck_args(backend, affine, residual, pad, channels_last=False):
     x, w, b, r, dy = _inputs((2, 3, 4, 5), affine, residual, pad)
     x, w, b, r, dy = [_cast(t, torch.float32, "cpu", channels_last) for t in (x, w, b, r, dy)]

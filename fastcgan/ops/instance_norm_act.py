@@ -115,7 +115,10 @@ def instance_norm_act_ref(
         y = y + residual.to(y.dtype)
     if pad > 0:
         y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
-    return y.to(dtype)
+    y = y.to(dtype)
+    # The kernels' layout rule (F.instance_norm and reflect F.pad return NCHW). Only a
+    # channels_last x pays the copy: an NCHW graph (export) gets no extra op.
+    return y.contiguous(memory_format=torch.channels_last) if output_memory_format(x) == torch.channels_last else y
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,8 +126,8 @@ def instance_norm_act_ref(
 # --------------------------------------------------------------------------------------------
 def output_memory_format(x: Tensor) -> torch.memory_format:
     """The memory format every kernel backend writes ``y``/``dx`` in: channels_last when ``x`` is
-    channels_last-contiguous (and not also NCHW-contiguous, e.g. C == 1), else NCHW. (The
-    ``torch`` reference returns what ``F.instance_norm`` gives: NCHW.)"""
+    channels_last-contiguous (and not also NCHW-contiguous, e.g. C == 1), else NCHW; the
+    ``torch`` reference returns ``y`` in it too."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format

@@ -12,15 +12,30 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn, device, *, warmup: int = 3, iters: int = 20) -> float:
-    """Median seconds per call of ``fn`` (synchronised before and after each call on a GPU)."""
+@functools.cache
+def _l2_flush_buffer(device_index: int) -> torch.Tensor:
+    """Twice the GPU's L2 cache in bytes (zeroing it evicts whatever a timed call left there)."""
+    l2 = getattr(torch.cuda.get_device_properties(device_index), "L2_cache_size", 0) or (64 << 20)
+    return torch.empty(2 * l2, dtype=torch.uint8, device=f"cuda:{device_index}")
+
+
+def median_time(fn, device, *, warmup: int = 3, iters: int = 20, flush_l2: bool = False) -> float:
+    """Median seconds per call of ``fn`` (synchronised before and after each call on a GPU).
+
+    ``flush_l2`` (GPU): the L2 cache is overwritten before each timed call, outside the timed
+    region. A kernel timed on the same tensors call after call otherwise reads them from L2 (an
+    H200's ~60 MB holds a batch-1 ResNet-9 plane's x, y, dy and dx), which a training step's
+    backward, reading activations saved long before, does not."""
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     if torch.device(device).type == "cuda":
+        flush = _l2_flush_buffer(torch.device(device).index or 0) if flush_l2 else None
         for _ in range(iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if flush is not None:
+                flush.zero_()
             start.record()
             fn()
             end.record()
@@ -34,7 +49,7 @@ def median_time(fn, device, *, warmup: int = 3, iters: int = 20) -> float:
     return statistics.median(times)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
     n = nbytes // 4

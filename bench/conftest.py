@@ -43,14 +43,35 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in s).strip("-").lower()
 
 
-def _commit() -> str:
+def _git(*args: str) -> str | None:
     try:
         return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__), text=True,
-            stderr=subprocess.DEVNULL,
+            ["git", *args], cwd=os.path.dirname(__file__), text=True, stderr=subprocess.DEVNULL,
         ).strip()
     except Exception:
+        return None
+
+
+def _commit() -> str:
+    """HEAD, with "+dirty" when tracked files differ from it (rows then measured code no commit holds)."""
+    head = _git("rev-parse", "--short", "HEAD")
+    if head is None:
         return "unknown"
+    return head + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def cpu_features() -> list[str]:
+    """The CPU flags that decide the CPU rows' low-precision speed (bf16 / AMX / AVX-512 / AVX2)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
 
 
 def environment_tags() -> dict:
@@ -60,12 +81,20 @@ def environment_tags() -> dict:
         triton_version = triton.__version__
     except Exception:
         triton_version = None
+    import fastcgan
+
     return {
         "device": device_name(),
         "cpu_model": cpu_model(),
+        "cpu_features": cpu_features(),
+        "threads": torch.get_num_threads(),  # the session's default; rows that pin theirs record it
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # others' work too
         "torch": torch.__version__,
         "triton": triton_version,
         "commit": _commit(),
+        # What was measured: the package imported (an editable install may point at another
+        # checkout than this bench/ folder's).
+        "fastcgan_path": os.path.dirname(os.path.abspath(fastcgan.__file__)),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -299,11 +299,11 @@ def stage_env(S: Sizes, out: str) -> int:
 # --------------------------------------------------------------------------------------------
 # Stage 2 (part): the AOTInductor package of the ResNet-9 generator, built in the background
 # --------------------------------------------------------------------------------------------
-def _generator(S: Sizes):
+def _generator(S: Sizes, backend: str = "auto"):
     from fastcgan.models import build_generator
 
     torch.manual_seed(0)
-    return build_generator("resnet_9blocks", ngf=S.infer_ngf, backend="auto").eval()
+    return build_generator("resnet_9blocks", ngf=S.infer_ngf, backend=backend).eval()
 
 
 _NO_DRY_AOTI = "AOTInductor skipped in this dry run (GPU_CHECK_DRY_AOTI=1 includes its ~30 s CPU build)"
@@ -466,14 +466,14 @@ def _time_kernel_case(kb, S: Sizes, shape, dtype, layout, backends, baselines=Tr
         for name, fn in variants.items():
             try:
                 step = kb._steps(fn, x, dy)[mode]
-                times[name] = median_time(step, device, warmup=S.kernel_warmup, iters=S.kernel_iters)
+                times[name] = median_time(step, device, warmup=S.kernel_warmup, iters=S.kernel_iters, flush_l2=True)
                 if device == "cuda" and name.startswith("fastcgan-"):
                     profiles[name] = _kernel_breakdown(step)
                 if device == "cuda" and name != "compiled":
                     replay = kb._graphed(fn, x, dy, mode)
                     if replay is not None:
                         times[name + "-graph"] = median_time(
-                            replay, device, warmup=S.kernel_warmup, iters=S.kernel_iters
+                            replay, device, warmup=S.kernel_warmup, iters=S.kernel_iters, flush_l2=True
                         )
             except Exception as e:  # noqa: BLE001 - one broken variant must not cost the rest
                 print(
@@ -516,7 +516,8 @@ def stage_kernels(S: Sizes, out: str) -> int:
                         variant=name, mode=mode, time_us=t * 1e6, gbps=nbytes / t / 1e9,
                         pct_copy_bw=100 * nbytes / t / copy_bw,
                         x_vs_eager=kb._ratio(times.get(base), t),
-                        x_vs_compiled=kb._ratio(times.get("compiled"), t),
+                        x_vs_compiled=None if name.endswith("-graph") else kb._ratio(times.get("compiled"), t),
+                        l2_flushed=device == "cuda",
                         **({"kernels_us": profiles[name]} if profiles.get(name) else {}),
                     )  # fmt: skip
                     kb._rows.append(row)
@@ -567,6 +568,7 @@ def stage_kernels_one_pass_off(S: Sizes, out: str) -> int:
                     out, "3", f"{ONE_PASS_OFF}/{mode}/{name}",
                     shape="x".join(map(str, shape)), dtype=dtype_name, layout=layout, device=device,
                     variant=name, mode=mode, one_pass=False, time_us=t * 1e6, gbps=nbytes / t / 1e9,
+                    l2_flushed=device == "cuda",
                     **({"kernels_us": profiles[name]} if profiles.get(name) else {}),
                 )  # fmt: skip
             cells = "  ".join(f"{k} {v * 1e6:.0f}us" for k, v in times.items())
@@ -580,21 +582,27 @@ def stage_kernels_one_pass_off(S: Sizes, out: str) -> int:
 # --------------------------------------------------------------------------------------------
 # Stage 4: training step
 # --------------------------------------------------------------------------------------------
-def stage_train(S: Sizes, out: str, late: bool = False) -> int:
-    """Stage 4 (``late`` false): the official step and fastcgan's fastest configuration at each
-    batch size, the eager extras, CUT / FastCUT, pix2pix, cuDNN autotuning's worth. ``late``
-    (stage train-late, after stage 5): the variants of ``S.train_late``, whose compile is cold,
-    with their ratio to stage 4's official rows."""
+def stage_train(S: Sizes, out: str, part: str = "main") -> int:
+    """Stage 4 (``part`` "main"): the official step and fastcgan's fastest configuration at each
+    batch size, the eager extras, CUT / FastCUT, pix2pix. "late" (stage train-late, after stage
+    5): the variants of ``S.train_late``, whose compile is cold. "no-cudnn-benchmark" (stage
+    train-no-cudnn-benchmark): the eager variant without cuDNN autotuning, in a process of its
+    own (cuDNN's plan cache is keyed without the benchmark flag: after an autotuned run of the
+    same convolutions the row would reuse the tuned plans, and the reverse order would leave
+    later rows untuned). The last two take their ratios from stage 4's official rows.
+
+    Memory: ``peak_memory_mb`` is one steady step's peak, after the warm-up
+    (``warmup_peak_memory_mb``: the warm-up's, with cuDNN's autotuning scratch)."""
     import test_train_step as tb
     from _timing import median_time
     from baselines.official_step import OfficialCycleGAN
 
     device = torch.device(S.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = part != "no-cudnn-benchmark"
     size, ngf, blocks = S.train_size, S.train_ngf, S.train_blocks
     base_ips: dict[int, float] = {}
-    if late:  # stage 4's official step, as its rows recorded it
+    if part != "main":  # stage 4's official step, as its rows recorded it
         for r in read_rows(out):
             if r["name"] == f"train_step/{device.type}-{size}-b{r.get('batch')}/official-eager-fp32":
                 base_ips[r["batch"]] = r["images_per_s"]
@@ -637,6 +645,7 @@ def stage_train(S: Sizes, out: str, late: bool = False) -> int:
         t = median_time(
             one_step, device, warmup=max(0, extra_warmup - 1) + S.train_warmup, iters=S.train_iters
         )
+        warm_mb, peak_mb = tb.steady_peak_mb(one_step, device)
         profile = {}
         if device.type == "cuda":  # where the step's device time goes (the MFU gap)
             kernels = _kernel_breakdown(one_step)
@@ -644,13 +653,19 @@ def stage_train(S: Sizes, out: str, late: bool = False) -> int:
                 cats = _step_categories(kernels)
                 profile = {"device_us_by_category": cats, "top_kernels_us": dict(list(kernels.items())[:15])}
                 print(f"b{batch} {variant} device us/step: {cats}", flush=True)
-        record(name or variant, batch, t, tb._peak_mb(device), build_and_first_step_s=first_s, flags=flags,
-               **profile)
+        record(name or variant, batch, t, peak_mb, warmup_peak_memory_mb=warm_mb, build_and_first_step_s=first_s,
+               flags=flags, **profile)
 
-    if late:
+    if part == "late":
         for variant in S.train_late:
             for batch in S.train_batches:
                 fastcgan(variant, batch)
+        return 0
+    if part == "no-cudnn-benchmark":
+        # What cuDNN autotuning is worth: the trainer turns it on by default for the cropping
+        # presets (--cudnn-benchmark auto); stage 4's row of this variant has it.
+        variant = "auto-amp-cl" if device.type == "cuda" else "auto-fp32"
+        fastcgan(variant, S.train_batches[0], name=f"{variant}-no-cudnn-benchmark")
         return 0
     # Priority order: the baseline and the fastest configuration at each batch (one compile per
     # batch size, warm from train-warm: the step is compiled with static shapes), then the cheap
@@ -664,7 +679,8 @@ def stage_train(S: Sizes, out: str, late: bool = False) -> int:
         official.set_input(data["A"], data["B"])
         t = median_time(official.optimize_parameters, device, warmup=S.train_warmup, iters=S.train_iters)
         base_ips[batch] = batch / t
-        record("official-eager-fp32", batch, t, tb._peak_mb(device))
+        warm_mb, peak_mb = tb.steady_peak_mb(official.optimize_parameters, device)
+        record("official-eager-fp32", batch, t, peak_mb, warmup_peak_memory_mb=warm_mb)
         del official, data
         gc.collect()
         fastcgan(S.train_variant, batch, S.train_overrides)
@@ -691,15 +707,6 @@ def stage_train(S: Sizes, out: str, late: bool = False) -> int:
         ["auto-amp-cl" if device.type == "cuda" else "auto-fp32"], S.train_warmup, S.train_iters,
         f"{device.type}-{p2p_size}-b1",
     )  # fmt: skip
-    # Last: what cuDNN autotuning is worth. Every row above runs with it, and so does the trainer
-    # by default for the cropping presets (--cudnn-benchmark auto); this is the eager step without.
-    variant = "auto-amp-cl" if device.type == "cuda" else "auto-fp32"
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        fastcgan(variant, S.train_batches[0], name=f"{variant}-no-cudnn-benchmark")
-    finally:
-        torch.backends.cudnn.benchmark = saved
     return 0
 
 
@@ -826,6 +833,12 @@ def stage_infer(S: Sizes, out: str, work: str) -> int:
         for b, x in xs.items():
             refs[b] = model(x).float()
             row("eager-fp32", b, model, x, kernels="auto")
+        # The same network in plain PyTorch (InstanceNorm2d + ReLU + ReflectionPad2d ops), as the
+        # official test.py runs it: the baseline above already has fastcgan's kernels.
+        plain = _generator(S, backend="torch").to(device)
+        for b, x in xs.items():
+            row("eager-fp32-torch-kernels", b, plain, x, kernels="torch")
+        del plain
 
     name, run_compiled = _compile_infer(S, out, xs, "compile")
     for b, x in xs.items():
@@ -877,7 +890,7 @@ def _fmt(v, spec=".2f"):
 
 
 # Best-effort stages: run in what is left of the budget, so a timeout or a skip there is expected.
-OPTIONAL_STAGES = ("train-late",)
+OPTIONAL_STAGES = ("train-late", "train-no-cudnn-benchmark")
 
 
 def _stage_failed(s: dict) -> bool:
@@ -980,7 +993,8 @@ def stage_report(out: str) -> int:
         for r in t:
             print(
                 f"  b{r['batch']} {r['name'].rsplit('/', 1)[1]:<36} {r['images_per_s']:9.2f} img/s  "
-                f"x{_fmt(r['ratio_to_official'])} official  peak {_fmt(r['peak_memory_mb'], '.0f')} MB  "
+                f"x{_fmt(r['ratio_to_official'])} official  peak {_fmt(r['peak_memory_mb'], '.0f')} MB "
+                f"(warm-up {_fmt(r.get('warmup_peak_memory_mb'), '.0f')})  "
                 f"MFU {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')} %"
                 + (
                     f"  build+compile {r['build_and_first_step_s']:.0f} s"
@@ -1078,7 +1092,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "stage",
         choices=["env", "aoti-build", "aoti-check", "kernels", "kernels-one-pass-off", "train-warm", "train",
-                 "train-late", "infer-warm", "infer", "report", "merge"],
+                 "train-late", "train-no-cudnn-benchmark", "infer-warm", "infer", "report", "merge"],
     )
     p.add_argument("--batch", type=int, default=None, help="train-warm: the batch size to compile")
     p.add_argument("--out", required=True, help="OUTDIR of bench/gpu_check.sh")
@@ -1112,8 +1126,8 @@ def main(argv=None) -> int:
     work = os.path.abspath(
         a.work or os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastcgan-gpu-check-work")
     )
-    gpu_stages = ("kernels", "kernels-one-pass-off", "train-warm", "train", "train-late", "infer-warm", "infer",
-                  "aoti-build", "aoti-check")
+    gpu_stages = ("kernels", "kernels-one-pass-off", "train-warm", "train", "train-late", "train-no-cudnn-benchmark",
+                  "infer-warm", "infer", "aoti-build", "aoti-check")
     needs_gpu = a.stage in gpu_stages and S.device == "cuda"
     if needs_gpu and not torch.cuda.is_available():
         print("no CUDA device: use --dry-run on a CPU machine", file=sys.stderr)
@@ -1136,7 +1150,8 @@ def main(argv=None) -> int:
         "kernels-one-pass-off": lambda: stage_kernels_one_pass_off(S, out),
         "train-warm": lambda: stage_train_warm(S, out, a.batch),
         "train": lambda: stage_train(S, out),
-        "train-late": lambda: stage_train(S, out, late=True),
+        "train-late": lambda: stage_train(S, out, part="late"),
+        "train-no-cudnn-benchmark": lambda: stage_train(S, out, part="no-cudnn-benchmark"),
         "infer-warm": lambda: stage_infer_warm(S, out),
         "infer": lambda: stage_infer(S, out, work),
         "report": lambda: stage_report(out),

@@ -21,9 +21,11 @@
 #   3 kernels  instance_norm_act fwd+bwd at the ResNet-9 256² shapes, batch 1/8, fp32/bf16; then
 #              (kernels-one-pass-off) the channels_last bf16 64²/128² rows with FASTCGAN_ONE_PASS=0
 #   4 train    official eager fp32 step vs fastcgan's fastest configuration, batch 1 and 8, the
-#              eager extras, CUT / FastCUT, pix2pix (120 s)
+#              eager extras, CUT / FastCUT, pix2pix (120 s); memory: one steady step's peak, the
+#              warm-up's (cuDNN autotuning scratch) apart
 #   5 infer    ResNet-9 256², batch 1 and 32: eager fp32, compiled + CUDA graphs bf16, AOTInductor
-#   then       train-late: the cold-compiling training variant (native CUDA kernels forced), in
+#   then       train-no-cudnn-benchmark (the eager step without cuDNN autotuning, its own process)
+#              and train-late: the cold-compiling training variant (native CUDA kernels forced), in
 #              whatever is left of the budget (with stage 4 selected)
 # Every measured row lands in OUTDIR/rows.jsonl as soon as it exists, each stage's log in
 # OUTDIR/<stage>.log and its exit status in OUTDIR/stages.jsonl, so a kill at any point keeps
@@ -253,6 +255,9 @@ if want 5; then
   if [ -z "$AOTI_PID" ]; then aoti_build; fi
   run_stage infer 120 $PY bench/gpu_check.py infer --out "$OUT" --work "$WORK" "${DRYFLAG[@]}"
 fi
+# A process of its own: cuDNN's plan cache would hand this row the plans stage 4 autotuned.
+want 4 && run_stage train-no-cudnn-benchmark 45 $PY bench/gpu_check.py train-no-cudnn-benchmark --out "$OUT" \
+  "${DRYFLAG[@]}"
 want 4 && run_stage train-late 240 $PY bench/gpu_check.py train-late --out "$OUT" "${DRYFLAG[@]}"
 
 # ---------------------------------------------------------------------------------------- report

@@ -1,6 +1,7 @@
 """Generator inference throughput per deploy engine: ResNet-9 (ngf 64) at 256x256.
 
-GPU (``cuda`` mark): batch 1, 8, 32 for eager fp32 (the baseline) and bf16, ``torch.compile``
+GPU (``cuda`` mark): batch 1, 8, 32 for eager fp32 (the baseline, on ``FASTCGAN_BENCH_BACKEND``'s
+InstanceNorm kernels: fastcgan's fastest by default, so plain PyTorch is a row of its own) and bf16, ``torch.compile``
 with CUDA graphs (fp32 and bf16), AOTInductor (fp32 and bf16), onnxruntime (CUDA provider, when
 onnxruntime-gpu is installed) and TensorRT (when installed). CPU: batch 1 for eager fp32, eager
 bf16, ``torch.compile`` (fp32; bf16 with freezing), AOTInductor (fp32; bf16 with freezing) and
@@ -177,7 +178,9 @@ def _gpu_rows(record, name, make_fn, gpu_setup, dtype=torch.float32):
         fn = make_fn(b)
         x = xs[b].to(dtype)
         with torch.inference_mode():
-            err = float((fn(x).float() - refs[b]).abs().max())
+            err = float((fn(x).float() - refs[b]).abs().max())  # the first call: compile, capture
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()  # this row's steady calls only
             t = median_time(lambda: fn(x), "cuda", warmup=3, iters=10)
         _row(record, name, torch.cuda.get_device_name(0), b, t, baseline[b], err,
              {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
@@ -187,6 +190,12 @@ def _gpu_rows(record, name, make_fn, gpu_setup, dtype=torch.float32):
 def test_gpu_eager(bench_record, gpu_setup):
     model = gpu_setup[0]
     _gpu_rows(bench_record, "eager-fp32", lambda b: model, gpu_setup)
+    if BACKEND != "torch":  # the baseline runs fastcgan's kernels: plain PyTorch beside it
+        from fastcgan.models import build_generator
+
+        torch.manual_seed(0)
+        ref = build_generator("resnet_9blocks", ngf=64, backend="torch").eval().cuda()
+        _gpu_rows(bench_record, "eager-fp32-torch-kernels", lambda b: ref, gpu_setup)
     mb = _generator().cuda().to(torch.bfloat16)
     _gpu_rows(bench_record, "eager-bf16", lambda b: mb, gpu_setup, torch.bfloat16)
 

@@ -135,7 +135,7 @@ def _measure(shape, dtype, channels_last, device, backends, bench_record, benchm
             try:
                 steps = _steps(fn, x, dy)
                 for mode, step in steps.items():
-                    times[(name, mode)] = median_time(step, device, warmup=warmup, iters=iters)
+                    times[(name, mode)] = median_time(step, device, warmup=warmup, iters=iters, flush_l2=True)
             except Exception as e:  # one broken variant must not cost the other rows
                 print(f"\n[bench] {name} {tuple(shape)} {dtype} failed: {type(e).__name__}: {str(e)[:500]}")
                 failed.append(name)
@@ -146,7 +146,8 @@ def _measure(shape, dtype, channels_last, device, backends, bench_record, benchm
                     if replay is None:  # reported at the end: a missing row is a failure, not a gap
                         failed.append(f"{name}-graph ({mode})")
                     else:
-                        times[(name + "-graph", mode)] = median_time(replay, device, warmup=warmup, iters=iters)
+                        times[(name + "-graph", mode)] = median_time(replay, device, warmup=warmup, iters=iters,
+                                                                        flush_l2=True)
     copy_bw = copy_bandwidth(device) if device == "cuda" else None
     tag = dict(shape="x".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""),
                layout="nhwc" if channels_last else "nchw", device=device)
@@ -156,7 +157,10 @@ def _measure(shape, dtype, channels_last, device, backends, bench_record, benchm
         row = dict(
             tag, variant=name, mode=mode, time_us=t * 1e6, gbps=nbytes / t / 1e9,
             pct_copy_bw=100 * nbytes / t / copy_bw if copy_bw else None,
-            x_vs_eager=_ratio(times.get((base, mode)), t), x_vs_compiled=_ratio(times.get(("compiled", mode)), t),
+            x_vs_eager=_ratio(times.get((base, mode)), t),
+            # no compiled replay row: a replay against compile's launches would flatter the replay
+            x_vs_compiled=None if name.endswith("-graph") else _ratio(times.get(("compiled", mode)), t),
+            l2_flushed=device == "cuda",
         )
         _rows.append(row)
         bench_record(f"instance_norm_act/{mode}/{name}", **row)

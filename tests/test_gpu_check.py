@@ -20,7 +20,8 @@ SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 DRIVER = os.path.join(ROOT, "bench", "gpu_check.py")
 TRITON_STAGES = ["correct-triton-nchw", "correct-triton-nchw-bf16", "correct-triton-nhwc", "correct-triton-other"]
 STAGES = ["env", "aoti-build", *TRITON_STAGES, "correct-cuda", "correct-aoti"]
-STAGES += ["train-warm-b2", "infer-warm", "kernels", "kernels-one-pass-off", "train", "infer", "train-late"]
+STAGES += ["train-warm-b2", "infer-warm", "kernels", "kernels-one-pass-off", "train", "infer",
+           "train-no-cudnn-benchmark", "train-late"]
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +160,11 @@ def test_dry_run_rows_and_report(dry_run):
         "auto-fp32",  # train-late (after stage 5), its ratio from stage 4's official row
     }
     assert all(r["images_per_s"] > 0 and r["ratio_to_official"] > 0 for r in train)
+    assert all("warmup_peak_memory_mb" in r and "peak_memory_mb" in r for r in train)
     assert "inference/compiled-bf16/compile-cold" in names and "inference/compiled-bf16/compile" in names
     infer = [r for r in rows if r["name"].startswith("inference/") and "batch" in r]
     assert {(r["name"], r["batch"]) for r in infer} == {
-        (f"inference/{e}", b) for e in ("eager-fp32", "compiled-bf16") for b in (1, 2)
+        (f"inference/{e}", b) for e in ("eager-fp32", "eager-fp32-torch-kernels", "compiled-bf16") for b in (1, 2)
     }
     # The report: one entry in the bench/results format, tagged like bench/conftest.py's rows.
     (entry,) = json.loads(next(out.glob("cpu-*.json")).read_text())

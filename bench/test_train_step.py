@@ -22,6 +22,9 @@ gets its float batch for free, so the ratios are conservative.
     ...-graphs-gpudata      + --data-on-gpu (GPU only)
     default / default-amp   the bare command / `--amp` alone, every speed flag left to the
                               trainer's defaults (must match the best hand-flagged row)
+and one more baseline: official-amp-compile, the official iteration with the switches any PyTorch
+user can add (bf16 autocast, torch.compile of each network; GPU, CPU with
+FASTCGAN_BENCH_CPU_COMPILE=1): what fastcgan adds beyond them is the ratio of its rows to this one.
 
     pytest bench/test_train_step.py -s            # CPU rows here; GPU rows on a CUDA machine
 """
@@ -191,10 +194,11 @@ def _run(record, device, size, batch, ngf, n_blocks, variants, warmup, iters, ta
 
     def build(name):
         """(one step, untimed calls it needs first) of row ``name``."""
-        if name == "official-eager-fp32":
-            official = OfficialCycleGAN(device, ngf=ngf, ndf=ngf, n_blocks=n_blocks)
+        if name.startswith("official-"):
+            switches = name == "official-amp-compile"  # bf16 autocast + torch.compile of each network
+            official = OfficialCycleGAN(device, ngf=ngf, ndf=ngf, n_blocks=n_blocks, amp=switches, compile=switches)
             official.set_input(data["A"], data["B"])
-            return official.optimize_parameters, 0
+            return official.optimize_parameters, 3 if switches else 0
         return make_fastcgan_step(
             {**VARIANTS, **DEFAULT_VARIANTS}[name], device, batch, size, ngf, n_blocks, host_u8, bank
         )
@@ -256,7 +260,7 @@ def test_train_step_cpu(bench_record):
     official step."""
     variants = ["torch-fp32", "auto-fp32", "auto-amp", "auto-amp-cl", "default"]  # no CUDA graphs on a CPU
     if os.environ.get("FASTCGAN_BENCH_CPU_COMPILE") == "1":
-        variants += ["auto-fp32-cl-compile", "auto-amp-cl-compile"]
+        variants += ["official-amp-compile", "auto-fp32-cl-compile", "auto-amp-cl-compile"]
     n = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("FASTCGAN_BENCH_THREADS", "1")))
     try:
@@ -278,7 +282,7 @@ def test_train_step_gpu(bench_record, batch):
         batch=batch,
         ngf=64,
         n_blocks=9,
-        variants=[v for v in VARIANTS if v != "auto-fp32-cl-compile"] + ["default-amp"],
+        variants=["official-amp-compile"] + [v for v in VARIANTS if v != "auto-fp32-cl-compile"] + ["default-amp"],
         warmup=5,
         iters=20,
         tag=f"gpu-256-b{batch}",

@@ -157,11 +157,21 @@ class OfficialCycleGAN:
         lambda_B: float = 10.0,
         lambda_idt: float = 0.5,
         pool_size: int = 50,
+        amp: bool = False,
+        compile: bool = False,
     ):
+        """``amp`` / ``compile``: the switches any PyTorch user can add to the official code
+        (bf16 autocast around the iteration, ``torch.compile`` of each network), to tell them
+        apart from what fastcgan's own kernels, data path and step add."""
         self.netG_A = init_normal(resnet_generator(input_nc, input_nc, ngf, n_blocks)).to(device)
         self.netG_B = init_normal(resnet_generator(input_nc, input_nc, ngf, n_blocks)).to(device)
         self.netD_A = init_normal(nlayer_discriminator(input_nc, ndf)).to(device)
         self.netD_B = init_normal(nlayer_discriminator(input_nc, ndf)).to(device)
+        self.device_type = torch.device(device).type
+        self.amp = amp
+        self._call = {name: getattr(self, name) for name in ("netG_A", "netG_B", "netD_A", "netD_B")}
+        if compile:
+            self._call = {name: torch.compile(net) for name, net in self._call.items()}
         self.criterionGAN = GANLoss().to(device)
         self.criterionCycle = nn.L1Loss()
         self.criterionIdt = nn.L1Loss()
@@ -185,10 +195,11 @@ class OfficialCycleGAN:
                 p.requires_grad = requires_grad
 
     def forward(self) -> None:
-        self.fake_B = self.netG_A(self.real_A)
-        self.rec_A = self.netG_B(self.fake_B)
-        self.fake_A = self.netG_B(self.real_B)
-        self.rec_B = self.netG_A(self.fake_A)
+        G_A, G_B = self._call["netG_A"], self._call["netG_B"]
+        self.fake_B = G_A(self.real_A)
+        self.rec_A = G_B(self.fake_B)
+        self.fake_A = G_B(self.real_B)
+        self.rec_B = G_A(self.fake_A)
 
     def backward_D_basic(self, netD: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
         loss_D_real = self.criterionGAN(netD(real), True)
@@ -199,22 +210,22 @@ class OfficialCycleGAN:
 
     def backward_D_A(self) -> None:
         fake_B = self.fake_B_pool.query(self.fake_B)
-        self.loss_D_A = self.backward_D_basic(self.netD_A, self.real_B, fake_B)
+        self.loss_D_A = self.backward_D_basic(self._call["netD_A"], self.real_B, fake_B)
 
     def backward_D_B(self) -> None:
         fake_A = self.fake_A_pool.query(self.fake_A)
-        self.loss_D_B = self.backward_D_basic(self.netD_B, self.real_A, fake_A)
+        self.loss_D_B = self.backward_D_basic(self._call["netD_B"], self.real_A, fake_A)
 
     def backward_G(self) -> None:
         if self.lambda_idt > 0:
-            self.idt_A = self.netG_A(self.real_B)
+            self.idt_A = self._call["netG_A"](self.real_B)
             self.loss_idt_A = self.criterionIdt(self.idt_A, self.real_B) * self.lambda_B * self.lambda_idt
-            self.idt_B = self.netG_B(self.real_A)
+            self.idt_B = self._call["netG_B"](self.real_A)
             self.loss_idt_B = self.criterionIdt(self.idt_B, self.real_A) * self.lambda_A * self.lambda_idt
         else:
             self.loss_idt_A = self.loss_idt_B = 0
-        self.loss_G_A = self.criterionGAN(self.netD_A(self.fake_B), True)
-        self.loss_G_B = self.criterionGAN(self.netD_B(self.fake_A), True)
+        self.loss_G_A = self.criterionGAN(self._call["netD_A"](self.fake_B), True)
+        self.loss_G_B = self.criterionGAN(self._call["netD_B"](self.fake_A), True)
         self.loss_cycle_A = self.criterionCycle(self.rec_A, self.real_A) * self.lambda_A
         self.loss_cycle_B = self.criterionCycle(self.rec_B, self.real_B) * self.lambda_B
         self.loss_G = (
@@ -228,6 +239,10 @@ class OfficialCycleGAN:
         self.loss_G.backward()
 
     def optimize_parameters(self) -> None:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
+            self._iteration()
+
+    def _iteration(self) -> None:
         self.forward()
         self.set_requires_grad([self.netD_A, self.netD_B], False)
         self.optimizer_G.zero_grad()

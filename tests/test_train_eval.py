@@ -88,7 +88,7 @@ class _ScriptedEvaluator:
     def __init__(self, *a, **k):
         self.setup_seconds = 0.0
 
-    def __call__(self, G_AB, G_BA):
+    def __call__(self, G_AB, G_BA, should_stop=None):
         f = type(self).fids.pop(0)
         return {"fid_AtoB": f, "fid_BtoA": f, "kid_AtoB_mean": 0.0, "kid_AtoB_std": 0.0, "kid_BtoA_mean": 0.0,
                 "kid_BtoA_std": 0.0, "eval_seconds": 0.0}
@@ -112,3 +112,78 @@ def test_the_best_generators_are_the_lowest_fid_ones_across_a_resume(tmp_path, s
     assert all(torch.equal(v, load_file(run / "generator_AtoB_best.safetensors")[k]) for k, v in at_best.items())
     final = load_file(run / "generator_AtoB.safetensors")
     assert any(not torch.equal(v, final[k]) for k, v in at_best.items())  # not simply the last generators
+
+
+class _SignalledEvaluator(_ScriptedEvaluator):
+    """A SIGTERM arrives while the first evaluation runs; the evaluator then stops as the real
+    one does between chunks."""
+
+    calls = 0
+
+    def __call__(self, G_AB, G_BA, should_stop=None):
+        import os
+        import signal
+
+        from fastcgan.metrics import EvaluationInterrupted
+
+        type(self).calls += 1
+        os.kill(os.getpid(), signal.SIGTERM)
+        if should_stop is not None and should_stop():
+            raise EvaluationInterrupted("stopped after 0 of 4 AtoB images")
+        return super().__call__(G_AB, G_BA)
+
+
+def test_a_stop_signal_during_an_evaluation_still_checkpoints_that_step(tmp_path, synth, monkeypatch, capsys):
+    """SIGTERM while rank 0 evaluates: torchrun kills its workers 30 s after forwarding it, so the
+    evaluation is abandoned and the step's checkpoint written at once (it was lost: evaluation
+    ran to the end, then the kill came before the save)."""
+    import fastcgan.metrics
+
+    monkeypatch.setattr(fastcgan.metrics, "TrainingEvaluator", _SignalledEvaluator)
+    _SignalledEvaluator.fids, _SignalledEvaluator.calls = [5.0, 4.0], 0
+    s = train(tiny_train_config(synth, tmp_path, max_steps=6, eval_every=2, eval_max_images=4, synthetic_test=4,
+                                checkpoint_every=2))
+    assert s["interrupted"] == "SIGTERM" and s["exit_code"] == 143 and s["step"] == 2
+    assert _SignalledEvaluator.calls == 1 and s["best_fid"] is None and s["fid"] is None
+    assert s["checkpoint"].endswith("step_000000002.ckpt") and load_checkpoint(s["checkpoint"])["step"] == 2
+    err = capsys.readouterr()
+    assert "the evaluation of step 2 is abandoned (stopped after 0 of 4 AtoB images)" in err.out + err.err
+
+
+class _FailingEvaluator(_ScriptedEvaluator):
+    calls = 0
+
+    def __call__(self, G_AB, G_BA, should_stop=None):
+        type(self).calls += 1
+        raise RuntimeError("CUDA out of memory (scripted)")
+
+
+def test_a_failing_evaluation_is_reported_and_training_goes_on(tmp_path, synth, monkeypatch, capsys):
+    import fastcgan.metrics
+
+    monkeypatch.setattr(fastcgan.metrics, "TrainingEvaluator", _FailingEvaluator)
+    _FailingEvaluator.calls = 0
+    s = train(tiny_train_config(synth, tmp_path, max_steps=6, eval_every=2, eval_max_images=4, synthetic_test=4,
+                                checkpoint_every=2), install_signal_handlers=False)
+    assert s["step"] == 6 and s["exit_code"] == 0 and s["checkpoint"].endswith("step_000000006.ckpt")
+    assert _FailingEvaluator.calls == 1  # off after the failure
+    err = capsys.readouterr()
+    assert "evaluation of step 2 failed (RuntimeError: CUDA out of memory (scripted))" in err.out + err.err
+
+
+def test_the_evaluator_stops_between_chunks(synth):
+    """The real evaluator asks should_stop before every chunk and raises EvaluationInterrupted."""
+    from fastcgan.metrics import EvaluationInterrupted, TrainingEvaluator
+    from fastcgan.models import build_generator
+
+    ev = TrainingEvaluator(synth, "test", "cpu", image_size=32, max_images=4, batch_size=1, kid_subset_size=2)
+    g = build_generator("resnet_6blocks", ngf=4).eval()
+    whole = ev(g, g)  # 4 images a direction: one chunk
+    ev.stop_check_images = 2
+    asked = []
+    chunked = ev(g, g, should_stop=lambda: asked.append(1) and False)
+    assert len(asked) == 4  # two chunks of two images a direction
+    assert {k: v for k, v in chunked.items() if k != "eval_seconds"} == {
+        k: v for k, v in whole.items() if k != "eval_seconds"}  # the same batches, the same numbers
+    with pytest.raises(EvaluationInterrupted, match="after 2 of 4 AtoB"):
+        ev(g, g, should_stop=lambda: len(asked) > 4 or asked.append(1))

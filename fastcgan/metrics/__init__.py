@@ -36,7 +36,7 @@ from fastcgan.metrics.inception import (
     to_uint8,
     verify_weights,
 )
-from fastcgan.metrics.training import TrainingEvaluator
+from fastcgan.metrics.training import EvaluationInterrupted, TrainingEvaluator
 
 __all__ = [
     "BF16_FID_ATOL",
@@ -50,6 +50,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "WEIGHTS_SHA256",
     "WEIGHTS_VERSION",
+    "EvaluationInterrupted",
     "InceptionFeatures",
     "InceptionWeightsError",
     "PrecomputedFeatures",

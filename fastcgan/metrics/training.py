@@ -15,12 +15,17 @@ under ``torch.autocast(amp_dtype)`` when given.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from fastcgan.metrics.fid import fid_kid_from_features, private_rng
 from fastcgan.metrics.inception import NETWORK, load_inception
+
+
+class EvaluationInterrupted(Exception):
+    """``should_stop`` said so between two chunks of an evaluation: its result is dropped."""
 
 
 class TrainingEvaluator:
@@ -45,6 +50,8 @@ class TrainingEvaluator:
     Raises ``InceptionWeightsError`` when the weights are missing or corrupt and
     ``FileNotFoundError`` when a folder has no readable image (use
     :func:`fastcgan.metrics.metrics_available` first to decide whether to build one)."""
+
+    stop_check_images = 64  # about how many images between two should_stop questions
 
     def __init__(
         self,
@@ -87,22 +94,34 @@ class TrainingEvaluator:
     def num_images(self) -> dict[str, int]:
         return {d: len(v) for d, v in self.images.items()}
 
-    def __call__(self, G_AB: nn.Module | None, G_BA: nn.Module | None) -> dict[str, float]:
+    def __call__(self, G_AB: nn.Module | None, G_BA: nn.Module | None,
+                 should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
         """``fid_AtoB, kid_AtoB_mean, kid_AtoB_std, fid_BtoA, kid_BtoA_mean, kid_BtoA_std`` (A->B
         against the real B images, B->A against the real A images) and ``eval_seconds``. A
-        direction whose generator is ``None`` (one-way recipes: CUT, pix2pix) is left out."""
+        direction whose generator is ``None`` (one-way recipes: CUT, pix2pix) is left out.
+
+        ``should_stop`` is asked before each chunk of images (a few generator batches): True
+        raises :class:`EvaluationInterrupted` (a stop signal must not wait for a whole test set:
+        torchrun kills its workers 30 s after forwarding one)."""
         from fastcgan.evaluate import eval_mode, module_translator
 
         t0 = time.perf_counter()
         out: dict[str, float] = {}
+        # Whole generator batches per chunk, so the batches (and their numerics) are those of
+        # one call on every image; Inception's stream runs its own full batches across chunks.
+        chunk = self.batch_size * max(1, self.stop_check_images // self.batch_size)
         with private_rng(0, self.device), eval_mode(G_AB, G_BA), torch.inference_mode():
             for name, g, src, dst in (("AtoB", G_AB, "A", "B"), ("BtoA", G_BA, "B", "A")):
                 if g is None:
                     continue
                 tr = module_translator(g, self.device, self.amp_dtype, self.batch_size)
-                # uint8 in, uint8 out: the deploy runtime's own conversion and rounding.
-                fakes = tr.translate_batch(self.images[src])
-                feats = self.inception.extract(fakes)
+                stream = self.inception.stream()
+                for i in range(0, len(self.images[src]), chunk):
+                    if should_stop is not None and should_stop():
+                        raise EvaluationInterrupted(f"stopped after {i} of {len(self.images[src])} {name} images")
+                    # uint8 in, uint8 out: the deploy runtime's own conversion and rounding.
+                    stream.add(tr.translate_batch(self.images[src][i:i + chunk]))
+                feats = stream.features()
                 r = fid_kid_from_features(feats, self.real_features[dst], **self.kid)
                 out[f"fid_{name}"] = r["fid"]
                 out[f"kid_{name}_mean"] = r["kid_mean"]

@@ -232,10 +232,30 @@ class _Run:
             raise ConfigError(f"eval_every (--eval-every) {n}: FID/KID cannot run: {why}; use --eval-every 0")
         return n
 
-    def evaluate(self, state, exe) -> None:
+    def evaluate(self, state, exe, stop) -> None:
         """FID/KID of the current generators (outside the step: eval mode, no grad, no global RNG
         draws, so training is unchanged); the best mean FID's generators are kept as
-        ``generator_<dir>_best.safetensors``."""
+        ``generator_<dir>_best.safetensors``.
+
+        Never costs the run its checkpoint: a stop signal (``stop``) skips or abandons the
+        evaluation (the checkpoint that follows is written at once), and an evaluation that fails
+        is reported and turned off for the rest of the run, which goes on training."""
+        from fastcgan.metrics import EvaluationInterrupted
+
+        if stop.signum is not None:
+            self.logger.message(f"fastcgan: stopping: the evaluation of step {state.step} is skipped")
+            return
+        try:
+            self._evaluate(state, exe, should_stop=lambda: stop.signum is not None)
+        except EvaluationInterrupted as e:
+            self.logger.message(f"fastcgan: stopping: the evaluation of step {state.step} is abandoned ({e})")
+        except Exception as e:  # noqa: BLE001 - metrics must not end a training run
+            self.eval_every = 0
+            self.logger.message(f"fastcgan: warning: the evaluation of step {state.step} failed "
+                                f"({type(e).__name__}: {e}); evaluation is off for the rest of this run, "
+                                "training goes on")
+
+    def _evaluate(self, state, exe, should_stop) -> None:
         from fastcgan.metrics import TrainingEvaluator
         from fastcgan.models import save_generator
 
@@ -250,7 +270,7 @@ class _Run:
                 amp_dtype=exe.amp_dtype, input_nc=nc_A, output_nc=nc_B,
             )
             self.eval_seconds += self.evaluator.setup_seconds
-        m = self.evaluator(gens.get("AtoB"), gens.get("BtoA"))
+        m = self.evaluator(gens.get("AtoB"), gens.get("BtoA"), should_stop=should_stop)
         self.eval_seconds += m.pop("eval_seconds")
         self.last_eval = {"step": state.step, **m}
         self.logger.log_eval(state.step, m, self.evaluator.network)
@@ -346,7 +366,7 @@ class _Run:
                         if main and (s % cfg.run.sample_every == 0 or s == self.total):
                             log.sample(s, sample_grid(step_fn.exe, self.recipe, samples))
                         if self.eval_every and s % self.eval_every == 0:
-                            self.evaluate(state, step_fn.exe)
+                            self.evaluate(state, step_fn.exe, stop)
                         if s % cfg.run.checkpoint_every == 0 or s == self.total:
                             self.save(state)
                         # Every process stops after the same step (any of them may get the signal).

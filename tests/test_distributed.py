@@ -139,18 +139,50 @@ def test_batch_must_divide_among_processes(synth, tmp_path):
     assert not (tmp_path / "odd" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("world, message", [("2", "RANK is not set"), ("abc", "not a process count"),
-                                            ("0", "not a process count")])
-def test_stray_world_size_is_a_clear_error(synth, tmp_path, world, message):
-    """WORLD_SIZE left in a shell's environment without torchrun (no RANK), or not a count: exit 2
-    naming it, before anything is written (was a KeyError / ValueError traceback)."""
+@pytest.mark.parametrize("world, rank, message", [("2", None, "RANK is not set"), ("abc", None, "not a process count"),
+                                                  ("0", None, "not a process count"), ("2", "0", "MASTER_ADDR")])
+def test_stray_world_size_is_a_clear_error(synth, tmp_path, world, rank, message):
+    """WORLD_SIZE left in a shell's environment without torchrun (no RANK, or RANK but no
+    MASTER_ADDR), or not a count: exit 2 naming it, before anything is written (was a KeyError /
+    ValueError traceback)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "WORLD_SIZE": world}
-    env.pop("RANK", None)
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        env.pop(k, None)
+    if rank is not None:
+        env["RANK"] = rank
     r = subprocess.run([sys.executable, "-m", "fastcgan.train", *_args(synth, tmp_path, "stray", 1)],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "WORLD_SIZE" in r.stderr and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "stray").exists()
+
+
+def test_processes_that_list_different_files_are_refused(synth, tmp_path):
+    """Each process draws its slice of the global batch from its own file listing: one that lists
+    a file fewer (a file removed while the processes started, per-node copies that differ) is a
+    DatasetError on every process, before training (it trained silently on mixed orders)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import fastcgan.data.datasets as d\n"
+        "    _list = d._list_domain\n"
+        "    d._list_domain = lambda *a, **k: _list(*a, **k)[:-1]\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "fastcgan.train", *_args(synth, tmp_path, "drift", 2)]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    import re
+
+    m = re.search(r"the processes list different training files \(process 0: ([\d,]+) A \+ ([\d,]+) B; "
+                  r"process 1: ([\d,]+) A \+ ([\d,]+) B", r.stderr)
+    assert m, r.stderr[-3000:]
+    a0, b0, a1, b1 = (int(g.replace(",", "")) for g in m.groups())
+    assert (a1, b1) == (a0 - 1, b0 - 1)
+    assert not (tmp_path / "drift" / "checkpoints").exists()
 
 
 @pytest.mark.slow

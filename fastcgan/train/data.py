@@ -46,6 +46,21 @@ def dataset_nbytes(cfg: TrainConfig, ds):
     return (ds.A_size * cfg.model.input_nc + ds.B_size * cfg.model.output_nc) * s * s
 
 
+def data_fingerprint(ds) -> tuple[str, str]:
+    """(what the dataset holds in words, a digest of its file list relative to its root): equal
+    on every process of a distributed run, or the processes draw different images."""
+    import hashlib
+
+    lists = {k: getattr(ds, k) for k in ("A_paths", "B_paths", "AB_paths") if hasattr(ds, k)}
+    h = hashlib.sha256()
+    for key, paths in lists.items():
+        h.update(key.encode() + b"\0")
+        for p in paths:
+            h.update(os.path.relpath(p, ds.root).encode("utf-8", "surrogateescape") + b"\0")
+    words = " + ".join(f"{len(v):,} {k[:-6] or 'AB'}" for k, v in lists.items())
+    return words, h.hexdigest()
+
+
 def build_batches(cfg: TrainConfig, ds, device: torch.device, shard=(0, 1)) -> TrainBatches:
     bank = preload_to_device(ds, device) if cfg.data.data_on_gpu else None
     workers = cfg.data.num_workers

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -95,6 +96,14 @@ class DistContext:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
         return bool(flag.item())  # a CPU tensor: reading it waits for gloo, not for the GPU
 
+    def gather_objects(self, obj) -> list:
+        """Every process's ``obj`` (small, picklable), in rank order, on the CPU group."""
+        if not self.enabled:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._stop_group)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier(group=self._stop_group)
@@ -118,8 +127,18 @@ def from_environment(device_flag: str) -> tuple[DistContext, Optional[torch.devi
             f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but RANK is not set: start distributed runs with "
             "`torchrun --nproc-per-node N -m fastcgan.train ...`, or unset WORLD_SIZE"
         )
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:  # torchrun always sets them
+        raise ConfigError(
+            f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} and RANK={os.environ.get('RANK')} but {' and '.join(missing)} "
+            "not set: start distributed runs with `torchrun --nproc-per-node N -m fastcgan.train ...`, or unset WORLD_SIZE"
+        )
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not torchrun: say what the (30-minute) wait is for
+        print(f"fastcgan: process {rank} of {world}: waiting for the others at {os.environ['MASTER_ADDR']}:"
+              f"{os.environ['MASTER_PORT']} (WORLD_SIZE/RANK are set; torchrun starts the processes)",
+              file=sys.stderr, flush=True)
     use_cuda = device_flag != "cpu" and torch.cuda.is_available()
     if device_flag.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device (--device) {device_flag}: no CUDA device is available")

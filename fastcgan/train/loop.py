@@ -34,15 +34,15 @@ import numpy as np
 import torch
 
 from fastcgan.data.aligned import AlignedDataset
-from fastcgan.data.datasets import SkippedImageWarning
+from fastcgan.data.datasets import DatasetError, SkippedImageWarning
 from fastcgan.devices import resolve_device
 from fastcgan.fileio import atomic_write
 from fastcgan.recipes import get_recipe
 from fastcgan.train.checkpoint import list_checkpoints, restore_state, resume_plan, save_checkpoint
 from fastcgan.train.config import ConfigError, TrainConfig, min_discriminator_side, pairs_direction, unused_flags
 from fastcgan.train.cuda_graphs import use_cuda_graphs
-from fastcgan.train.data import (build_batches, build_dataset, dataset_nbytes, prepare_dataroot, sample_images,
-                                 synthetic_root)
+from fastcgan.train.data import (build_batches, build_dataset, data_fingerprint, dataset_nbytes, prepare_dataroot,
+                                 sample_images, synthetic_root)
 from fastcgan.train.distributed import from_environment
 from fastcgan.train.execution import build_step, cudnn_autotuning, describe, resolve_fast_path
 from fastcgan.train.logging import LossAccumulator, RunLogger, sample_grid
@@ -143,6 +143,7 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             ctx.barrier()
             root = root or prepare_dataroot(cfg, recipe)
             ds = build_dataset(cfg, root, "train", recipe)  # bad layout: DatasetError before training
+            _check_same_data_everywhere(ctx, ds)
             check_image_size(cfg, ds.check_one_size())  # headers only (--preprocess none / scale_width)
             ds.check_usable()  # decodes up to the first usable image per domain
             cfg, fast_line = resolve_fast_path(cfg, device, ctx.world_size, dataset_nbytes(cfg, ds))
@@ -153,6 +154,19 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
     finally:
         cleanup.close()
         ctx.shutdown()
+
+
+def _check_same_data_everywhere(ctx, ds) -> None:
+    """Every process must list the same training files: each draws its slice of the global batch
+    from its own listing, so a file added or removed while the processes started (or per-node
+    copies that differ) would silently train on batches that no one process's order holds."""
+    if not ctx.enabled:
+        return
+    seen = ctx.gather_objects(data_fingerprint(ds))
+    if len({digest for _, digest in seen}) > 1:
+        listed = "; ".join(f"process {rank}: {words}" for rank, (words, _) in enumerate(seen))
+        raise DatasetError(f"{ds.root}: the processes list different training files ({listed}, or the same "
+                           "counts with other names): every process must see the same folder")
 
 
 def run_outline(cfg: TrainConfig, nets: dict, ds, steps_per_epoch: int, total: int) -> str:

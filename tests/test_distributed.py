@@ -157,6 +157,16 @@ def test_stray_world_size_is_a_clear_error(synth, tmp_path, world, rank, message
     assert not (tmp_path / "stray").exists()
 
 
+def test_batchnorm_under_ddp_says_it_normalises_per_process(synth, tmp_path):
+    """BatchNorm normalises each process's share of the batch (as the official DataParallel does
+    per GPU), so such a run is not the one-process run: the start says so (InstanceNorm runs,
+    which are, do not)."""
+    r = _train(_args(synth, tmp_path, "bn", 1, "--norm", "batch"), 2)
+    assert "BatchNorm normalises each process's 1 image(s), not the global batch of 2" in r.stdout + r.stderr
+    r = _train(_args(synth, tmp_path, "in", 1), 2)
+    assert "BatchNorm" not in r.stdout + r.stderr
+
+
 def test_processes_that_list_different_files_are_refused(synth, tmp_path):
     """Each process draws its slice of the global batch from its own file listing: one that lists
     a file fewer (a file removed while the processes started, per-node copies that differ) is a

@@ -89,6 +89,24 @@ def test_resume_is_exact(tmp_path, synth, data_on_gpu):
     assert straight["final_losses"] == second["final_losses"]
 
 
+def test_resume_after_a_crash_keeps_one_metrics_history(tmp_path, synth):
+    """A run killed past its last checkpoint logged steps that the resumed run logs again (and
+    maybe half a line): metrics.jsonl is cut back to the checkpoint's step first, so it holds the
+    uninterrupted run's steps once, in order."""
+    import json
+
+    straight = tmp_path / "straight" / "metrics.jsonl"
+    train(cfg_for(synth, tmp_path, "straight", max_steps=8))
+    train(cfg_for(synth, tmp_path, "split", max_steps=4))
+    metrics = tmp_path / "split" / "metrics.jsonl"
+    with open(metrics, "a") as f:  # what the killed run wrote after its step-4 checkpoint
+        f.write(json.dumps({"step": 6, "epoch": 0, "G": 1.0}) + "\n" + '{"step": 7, "ep')
+    train(cfg_for(synth, tmp_path, "split", max_steps=8, resume="auto"))
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [json.loads(line)["step"] for line in straight.read_text().splitlines()] == [2, 4, 6, 8]
+    assert json.loads(metrics.read_text().splitlines()[2])["G"] != 1.0
+
+
 def _snapshot(d):
     out = {}
     for root, _, files in os.walk(d):

@@ -16,6 +16,8 @@ import warnings
 
 import torch
 
+from fastcgan.fileio import atomic_write
+
 
 class LossAccumulator:
     """Sums the step's device-scalar losses on the device; :meth:`read` is the one host read
@@ -67,6 +69,26 @@ def sample_grid(exe, recipe, images: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 
+def _drop_records_after(path: str, step: int) -> None:
+    """A run resumed at ``step`` logs the steps after it again: the records an interrupted run
+    wrote past its last checkpoint (and a line cut short by a crash) are removed first, so
+    ``metrics.jsonl`` keeps one history with increasing steps."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # cut short by a crash
+        if not isinstance(record, dict) or record.get("step", 0) <= step:
+            keep.append(line if line.endswith(b"\n") else line + b"\n")
+    if keep != lines:
+        atomic_write(path, b"".join(keep))
+
+
 def _fmt_num(x: float) -> str:
     return f"{x:.3g}" if math.isfinite(x) else str(x)
 
@@ -100,14 +122,17 @@ class RunLogger:
         if not enabled:
             return
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        _drop_records_after(metrics, start_step)
+        self._metrics = open(metrics, "a", buffering=1)
         if tensorboard:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+                # purge_step: events past the checkpoint a resumed run starts from are hidden.
+                self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1 if start_step else None)
             except Exception as e:  # tensorboard missing or broken: log elsewhere, keep training
                 print(f"fastcgan: TensorBoard logging disabled ({type(e).__name__}: {e})", file=sys.stderr)
         if progress:

@@ -38,7 +38,7 @@ from fastcgan.data.datasets import DatasetError, SkippedImageWarning
 from fastcgan.devices import resolve_device
 from fastcgan.fileio import atomic_write
 from fastcgan.recipes import get_recipe
-from fastcgan.train.checkpoint import list_checkpoints, restore_state, resume_plan, save_checkpoint
+from fastcgan.train.checkpoint import checkpoint_path, list_checkpoints, restore_state, resume_plan, save_checkpoint
 from fastcgan.train.config import ConfigError, TrainConfig, min_discriminator_side, pairs_direction, unused_flags
 from fastcgan.train.cuda_graphs import use_cuda_graphs
 from fastcgan.train.data import (build_batches, build_dataset, data_fingerprint, dataset_nbytes, prepare_dataroot,
@@ -297,7 +297,8 @@ class _Run:
                                direction=direction, pairs_direction=pairs_direction(self.cfg))
 
     def save(self, state) -> None:
-        if not self.ctx.is_main:
+        if not self.ctx.is_main:  # process 0 writes it; the others name it in their errors too
+            self.last_ckpt = checkpoint_path(self.run_dir, state.step)
             return
         from fastcgan.models import save_generator
 
@@ -325,6 +326,13 @@ class _Run:
                                     f"{name} <- {m.init_official_epoch}_net_{official}.pth"
                                     for official, name in self.recipe.official_networks.items()))
         step_fn = build_step(state, cfg, self.recipe, ctx)
+        if ctx.enabled and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                               for net in state.nets.values() for m in net.modules()):
+            per = cfg.data.batch_size // ctx.world_size
+            messages = messages + [
+                f"fastcgan: note: BatchNorm normalises each process's {per} image(s), not the global batch of "
+                f"{cfg.data.batch_size} (as the official DataParallel does per GPU): unlike InstanceNorm runs, "
+                "this run is not the one a single process trains"]
         if main:  # from here on the run directory is written (by process 0 only)
             atomic_write(os.path.join(self.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2).encode())
         self.logger = log = RunLogger(

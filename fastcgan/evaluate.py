@@ -177,11 +177,6 @@ def _mean_l1_psnr(each: list[tuple[float, float]]) -> tuple[float, float]:
     return sum(e[0] for e in each) / len(each), sum(e[1] for e in each) / len(each)
 
 
-def _l1_psnr(pred: list[torch.Tensor], target: list[torch.Tensor]) -> tuple[float, float]:
-    """Mean per-image L1 and PSNR."""
-    return _mean_l1_psnr(_l1_psnr_each(pred, target))
-
-
 def domain_paths(dataroot: str, phase: str, domain: str = "", max_images: int | None = None) -> tuple[str, list[str]]:
     """(folder, its image paths sorted, at most ``max_images``) of ``dataroot/{phase}{domain}``
     (``domain`` "": the pix2pix pairs folder ``{phase}/``); nothing is decoded. A missing or

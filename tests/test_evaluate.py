@@ -59,7 +59,7 @@ def test_identity_generators(synth):
 def test_l1_psnr_values():
     a = [torch.full((3, 4, 4), -1.0)]
     b = [torch.full((3, 4, 4), 0.0)]  # 0 vs 0.5 on [0, 1]
-    l1, psnr = ev._l1_psnr(a, b)
+    l1, psnr = ev._mean_l1_psnr(ev._l1_psnr_each(a, b))
     assert l1 == pytest.approx(0.5) and psnr == pytest.approx(10 * math.log10(1 / 0.25))
 
 

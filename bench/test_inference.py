@@ -79,6 +79,8 @@ def _cpu_has_amx_bf16() -> bool:
 
 
 def test_cpu_engines(bench_record):
+    """Every engine built first, then timed in rounds taking turns (a shared machine's load hits
+    every engine alike; one after another, two runs of a row differed by up to several x)."""
     threads = min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     model = _generator()
@@ -86,64 +88,68 @@ def test_cpu_engines(bench_record):
     x = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
     with torch.inference_mode():
         ref = model(x)
-    results = {}
+    engines: dict = {}  # name -> (callable, max abs error against eager fp32)
 
-    def run(name, fn):
+    def add(name, fn):
         with torch.inference_mode():
-            out = fn()
-            err = float((torch.as_tensor(out).float() - ref).abs().max())
-            t = _cpu_time(fn)
-        results[name] = (t, fn)
-        _row(bench_record, name, "cpu", 1, t, results["eager-fp32"][0] if "eager-fp32" in results else t, err,
-             {"threads": threads})
+            engines[name] = (fn, float((torch.as_tensor(fn()).float() - ref).abs().max()))
 
-    run("eager-fp32", lambda: model(x))
+    add("eager-fp32", lambda: model(x))
     bf16 = _cpu_has_amx_bf16()
     if bf16:
         mb = _generator().to(torch.bfloat16)
         xb = x.bfloat16()
-        run("eager-bf16", lambda: mb(xb))
+        add("eager-bf16", lambda: mb(xb))
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")
         mc = torch.compile(_generator())
-        run("compiled-fp32", lambda: mc(x))
+        add("compiled-fp32", lambda: mc(x))
         if bf16:
             # Freezing makes the weights constants: Inductor pre-packs them for oneDNN, whose
             # bf16 convolutions run on AMX tiles.
             mcb = torch.compile(_generator().to(torch.bfloat16), options={"freezing": True})
-            run("compiled-bf16-freezing", lambda: mcb(xb))
+            add("compiled-bf16-freezing", lambda: mcb(xb))
 
         from fastcgan.deploy.aoti import export_aoti, load_aoti
 
-        with tempfile.TemporaryDirectory() as tmp:
-            for dtype, tag in [(torch.float32, "fp32")] + ([(torch.bfloat16, "bf16")] if bf16 else []):
-                pt2 = os.path.join(tmp, f"g_{tag}.pt2")
-                t0 = time.perf_counter()
-                export_aoti(model, pt2, spec, device="cpu", dtype=dtype, freezing=True)
-                print(f"aoti-{tag}: compiled in {time.perf_counter() - t0:.0f}s")
-                fn, _ = load_aoti(pt2, torch.device("cpu"))
-                xi = x.to(dtype)
-                run(f"aoti-{tag}-freezing", lambda fn=fn, xi=xi: fn(xi))
+        for dtype, tag in [(torch.float32, "fp32")] + ([(torch.bfloat16, "bf16")] if bf16 else []):
+            pt2 = os.path.join(tmp, f"g_{tag}.pt2")
+            t0 = time.perf_counter()
+            export_aoti(model, pt2, spec, device="cpu", dtype=dtype, freezing=True)
+            print(f"aoti-{tag}: compiled in {time.perf_counter() - t0:.0f}s")
+            fn, _ = load_aoti(pt2, torch.device("cpu"))
+            xi = x.to(dtype)
+            add(f"aoti-{tag}-freezing", lambda fn=fn, xi=xi: fn(xi))
 
-            from fastcgan.deploy.onnx_export import export_onnx
-            from fastcgan.deploy.runtime import OrtRunner
+        from fastcgan.deploy.onnx_export import export_onnx
+        from fastcgan.deploy.runtime import OrtRunner
 
-            onnx_path = os.path.join(tmp, "g.onnx")
-            export_onnx(model, onnx_path, spec)
-            ort_runner = OrtRunner(onnx_path, torch.device("cpu"), threads=threads)
-            run("onnxruntime-fp32", lambda: ort_runner(x))
+        onnx_path = os.path.join(tmp, "g.onnx")
+        export_onnx(model, onnx_path, spec)
+        ort_runner = OrtRunner(onnx_path, torch.device("cpu"), threads=threads)
+        add("onnxruntime-fp32", lambda: ort_runner(x))
 
-            best = min(results, key=lambda k: results[k][0])
-            t2 = results[best][0]
-            torch.set_num_threads(1)
-            if best.startswith("onnxruntime"):
-                one = OrtRunner(onnx_path, torch.device("cpu"), threads=1)
-                t1 = _cpu_time(lambda: one(x))
-            else:
+        rounds = {name: [] for name in engines}
+        for _ in range(3):
+            for name, (fn, _) in engines.items():
                 with torch.inference_mode():
-                    t1 = _cpu_time(results[best][1])
-            torch.set_num_threads(threads)
+                    rounds[name].append(_cpu_time(fn, iters=3))
+        results = {name: (statistics.median(ts), engines[name][0]) for name, ts in rounds.items()}
+        for name, (t, _) in results.items():
+            _row(bench_record, name, "cpu", 1, t, results["eager-fp32"][0], engines[name][1],
+                 {"threads": threads, "rounds": 3, "seconds_min": min(rounds[name]), "seconds_max": max(rounds[name])})
+
+        best = min(results, key=lambda k: results[k][0])
+        t2 = results[best][0]
+        torch.set_num_threads(1)
+        if best.startswith("onnxruntime"):
+            one = OrtRunner(onnx_path, torch.device("cpu"), threads=1)
+            t1 = _cpu_time(lambda: one(x))
+        else:
+            with torch.inference_mode():
+                t1 = _cpu_time(results[best][1])
+        torch.set_num_threads(threads)
     eager = results["eager-fp32"][0]
     print(f"fastest CPU engine: {best}: x{eager / t2:.2f} vs eager fp32 with {threads} threads; "
           f"1 thread {t1 * 1e3:.0f} ms vs {threads} threads {t2 * 1e3:.0f} ms (x{t1 / t2:.2f})")

@@ -130,8 +130,9 @@ def from_environment(device_flag: str) -> tuple[DistContext, Optional[torch.devi
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:  # torchrun always sets them
         raise ConfigError(
-            f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} and RANK={os.environ.get('RANK')} but {' and '.join(missing)} "
-            "not set: start distributed runs with `torchrun --nproc-per-node N -m fastcgan.train ...`, or unset WORLD_SIZE"
+            f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} and RANK={os.environ.get('RANK')} but "
+            f"{' and '.join(missing)} not set: start distributed runs with "
+            "`torchrun --nproc-per-node N -m fastcgan.train ...`, or unset WORLD_SIZE"
         )
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -296,6 +296,22 @@ def test_fp32_logits_under_bf16_autocast():
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_heads_run_in_fp32_under_half_autocast(dtype):
+    """Under --amp the heads' Linear layers take fp32 input and run in fp32: their weight
+    gradients reach ~7e4 at the official size, beyond fp16 (65504) before any loss scaling."""
+    heads = PatchNCEHeads([4, 8], nc=8)
+    seen = []
+    for mlp in heads.mlps:
+        for layer in (mlp[0], mlp[2]):
+            layer.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    feats = [torch.randn(2, 16, 4, dtype=dtype), torch.randn(2, 16, 8, dtype=dtype)]
+    with torch.autocast("cpu", dtype=dtype):
+        out = heads(feats)
+    assert seen and all(d == (torch.float32, torch.float32) for d in seen), seen
+    assert all(o.dtype == torch.float32 for o in out)
+
+
 def test_sampling_and_loss_trace_without_host_sync():
     """One fullgraph trace of encode -> sample -> gather -> heads -> loss: an .item()/.tolist() or
     any data-dependent Python control flow would be a graph break and fail here."""

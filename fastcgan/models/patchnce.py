@@ -136,7 +136,12 @@ class PatchNCEHeads(nn.Module):
     def forward(self, samples: Sequence[Tensor]) -> list[Tensor]:
         if len(samples) != len(self.mlps):
             raise ValueError(f"PatchNCEHeads: expected {len(self.mlps)} feature tensors, got {len(samples)}")
-        return [l2_normalize(mlp(s)) for mlp, s in zip(self.mlps, samples)]
+        # fp32 with autocast off: at the official size the heads' weight gradients reach ~7e4,
+        # above fp16's 65504 before any loss scaling, so under --amp fp16 every early step
+        # overflowed and the shared scale collapsed (G and F skipped for ~20 steps). The heads
+        # see num_patches vectors per layer: fp32 costs next to nothing.
+        with torch.autocast(samples[0].device.type, enabled=False):
+            return [l2_normalize(mlp(s.float())) for mlp, s in zip(self.mlps, samples)]
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, nc={self.nc}"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import importlib.util
 import math
 import os
 import re
@@ -50,6 +51,7 @@ from fastcgan.models.io import MAX_WIDTH
 
 # Max abs error on outputs in [-1, 1], against the fp32 PyTorch generator.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 1.5e-1}
+# 3: an optional dependency is missing (TensorRT, or the onnx packages of the deploy extra).
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_TRT_MISSING = 0, 1, 2, 3
 # Verification runs the PyTorch generator and the artifact on each --verify-sizes input, holding
 # ngf float32 feature maps per input pixel (256 bytes at ngf 64): 4 Mpixels (e.g. 1x2048x2048,
@@ -432,6 +434,16 @@ def main(argv: list[str] | None = None) -> int:
     except (DeviceUnavailableError, ValueError) as e:
         print(f"fastcgan-export: error: --device: {e}", file=sys.stderr)
         return EXIT_USAGE
+    # The ONNX packages are an extra (`fastcgan[deploy]`): named before anything is built.
+    if args.onnx or args.trt:
+        missing = [m for m in ("onnx", *(() if args.no_verify else ("onnxruntime",)))
+                   if importlib.util.find_spec(m) is None]
+        if missing:
+            flags = " / ".join(f for f, v in (("--onnx", args.onnx), ("--trt", args.trt)) if v)
+            print(f"fastcgan-export: error: {flags} needs {' and '.join(missing)} (onnxruntime verifies the "
+                  "export): pip install 'fastcgan[deploy]' ('fastcgan[deploy-gpu]' for onnxruntime-gpu)",
+                  file=sys.stderr)
+            return EXIT_TRT_MISSING
     # TensorRT (and a GPU) is checked before anything is built: without it an engine cannot be
     # made, and the ONNX export it would be built from is not worth making for nothing.
     trt_missing = None

@@ -542,6 +542,22 @@ def test_trt_unavailable_fails_before_any_work(run_dir, tmp_path, monkeypatch, c
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("absent", ["onnx", "onnxruntime"])
+def test_missing_onnx_packages_are_named_before_any_work(run_dir, tmp_path, monkeypatch, capsys, absent):
+    """onnx / onnxruntime are the deploy extra: without them --onnx said 'dynamo: ModuleNotFoundError
+    ... torchscript: OnnxExporterError' after loading the run; now exit 3 naming the extra."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == absent else real(name, *a))
+    assert _export(run_dir, "--onnx", tmp_path / "g.onnx") == cli.EXIT_TRT_MISSING
+    err = capsys.readouterr().err
+    assert f"--onnx needs {absent}" in err and "pip install 'fastcgan[deploy]'" in err
+    assert list(tmp_path.iterdir()) == []
+    if absent == "onnxruntime":  # only the verification needs it
+        assert _export(run_dir, "--onnx", tmp_path / "g.onnx", "--no-verify") == 0
+
+
 def test_one_generator_artifacts_keep_their_direction(tmp_path, capsys):
     """Exporting a run's generator_BtoA.safetensors wrote an ONNX model that said AtoB (and
     evaluation then scored it on the A images). A direction given with a one-generator file

@@ -34,7 +34,7 @@ import tempfile
 import time
 
 import torch
-from fastcgan._cli import interruptible
+from fastcgan._cli import Parser, interruptible
 from fastcgan.deploy._common import (
     DIRECTIONS,
     MAX_STATIC_SIDE,
@@ -112,7 +112,7 @@ def _ngf(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastcgan-export", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="fastcgan-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?",
                    help="run directory, generator .safetensors file or training checkpoint (RUN/checkpoints/*.ckpt: "

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastcgan._cli import interruptible
+from fastcgan._cli import Parser, interruptible
 from fastcgan.data import make_dataset
 from fastcgan.data.images import (
     MAX_LOAD_SIZE,
@@ -516,7 +516,7 @@ def format_results(res: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from fastcgan.deploy import ENGINES
 
-    p = argparse.ArgumentParser(prog="fastcgan-eval", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="fastcgan-eval", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--checkpoint",
         required=True,

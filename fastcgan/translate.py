@@ -34,7 +34,7 @@ import warnings
 
 import numpy as np
 
-from fastcgan._cli import interruptible
+from fastcgan._cli import Parser, interruptible
 from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS, MAX_LOAD_SIZE, WINDOW_PIXELS
 from fastcgan.deploy._common import DIRECTIONS, ArtifactError
 from fastcgan.deploy.runtime import ENGINES
@@ -44,8 +44,23 @@ HTML_NAME = "index.html"
 MAX_BATCH_SIZE = 1024  # images per run; a bound so that a typo cannot ask for unbounded memory
 
 
+# Official test.py flags whose name changed (those only hyphenated are found by Parser itself).
+OFFICIAL_TEST_FLAGS = {
+    "--results_dir": "--output",
+    "--num_test": "--max-images",
+    "--dataroot": "--input (a folder or an image)",
+    "--epoch": "--checkpoint RUN/checkpoints/step_....ckpt",
+    "--name": "--checkpoint RUN (the run folder)",
+    "--checkpoints_dir": "--checkpoint RUN (the run folder)",
+    "--aspect_ratio": "nothing (outputs keep the input's size without --load-size)",
+    "--model": "nothing (the run knows its model; --direction picks the generator)",
+    "--gpu_ids": "--device",
+    "--no_dropout": "nothing (dropout is off at inference here)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastcgan-translate", description=__doc__.split("\n\n")[0])
+    p = Parser(official=OFFICIAL_TEST_FLAGS, prog="fastcgan-translate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="run directory, generator .safetensors, training checkpoint .ckpt (the generator at that "
                    "step), .onnx, TensorRT .engine or AOTInductor .pt2 "

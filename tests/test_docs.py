@@ -141,3 +141,33 @@ def test_console_scripts_resolve_and_train_exits_like_the_module():
             "sys.argv = ['fastcgan-train', '--lr', 'x']; console_main()")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--lr" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("module, argv, hints", [
+    ("fastcgan.train.cli", ["--load_size", "64", "--n_epochs=5"],
+     ["--load_size is spelled --load-size here", "--n_epochs (official) is --epochs here"]),
+    ("fastcgan.train.cli", ["--model", "cycle_gan"], ["--model cycle_gan (official) is --model cyclegan here"]),
+    ("fastcgan.translate", ["--dataroot", "d", "--results_dir", "r"],
+     ["--dataroot (official) is --input", "--results_dir (official) is --output here"]),
+])
+def test_official_spellings_get_this_commands_name(module, argv, hints, capsys):
+    """Someone coming from the official repository types its flags: exit 2 with the spelling
+    here, and one line pointing at --help instead of a ~50-line usage."""
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and all(h in err for h in hints), err
+    assert "usage:" not in err and "--help lists every option" in err
+
+
+def test_official_flag_maps_name_real_flags(capsys):
+    """Every replacement the official-flag maps name exists in its command."""
+    from fastcgan.train.cli import OFFICIAL_TRAIN_FLAGS
+    from fastcgan.translate import OFFICIAL_TEST_FLAGS
+
+    for module, table in (("fastcgan.train.cli", OFFICIAL_TRAIN_FLAGS), ("fastcgan.translate", OFFICIAL_TEST_FLAGS)):
+        flags = set(importlib.import_module(module).build_parser()._option_string_actions)
+        for official, ours in table.items():
+            named = [f for f in FLAG.findall(ours) if f != official]
+            assert all(f in flags for f in named), f"{module}: {official} -> {ours}"
+            assert official not in flags, f"{module} has {official} itself"

@@ -28,7 +28,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from fastcgan._cli import interruptible
+from fastcgan._cli import Parser, interruptible
 from fastcgan.data.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImageError, get_max_image_pixels, is_image_file,
                                   open_image, set_max_image_pixels)
 from fastcgan.fileio import WriteError, atomic_writer, output_folder_problem, path_inside
@@ -223,7 +223,7 @@ def combine_folders(
 
 @interruptible("python -m fastcgan.data.combine")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m fastcgan.data.combine",
         description="Combine two folders of matching images into pix2pix A|B pair images.",
     )

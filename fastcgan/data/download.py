@@ -54,7 +54,7 @@ import warnings
 import zipfile
 import zlib
 
-from fastcgan._cli import interruptible
+from fastcgan._cli import Parser, interruptible
 
 __all__ = [
     "CYCLEGAN_DATASETS",
@@ -744,7 +744,7 @@ def _download_and_extract(zip_url, root, name, sha256, progress, retries, timeou
 def main(argv: list[str] | None = None) -> int:
     from fastcgan.models import pretrained
 
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="fastcgan-download",
         description="Download an official CycleGAN or pix2pix dataset into <root>/<name>, or (--pretrained) "
         "a released generator into <root>/<name>_pretrained, ready for fastcgan-translate / -export / -eval.",

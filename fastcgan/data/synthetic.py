@@ -35,6 +35,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from fastcgan._cli import Parser
 from fastcgan.fileio import remove_stale_temporaries
 
 __all__ = [
@@ -368,7 +369,7 @@ def _ensure_split(root, size, n_train, n_test, seed, layout: str, make) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastcgan.data.synthetic", description=__doc__.split("\n")[0])
+    ap = Parser(prog="python -m fastcgan.data.synthetic", description=__doc__.split("\n")[0])
     ap.add_argument(
         "out", help="output folder (gets trainA/ trainB/ testA/ testB/ and the *_truth_* folders)"
     )

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import NoReturn, Optional
 
+from fastcgan._cli import Parser
 from fastcgan.train.config import (
     DATASETS,
     DIRECTIONS,
@@ -65,11 +66,39 @@ def _float(lo: float = 0.0, strict: bool = False, hi: float = math.inf):
     return parse
 
 
+# Official train.py flags whose name changed (those only hyphenated are found by Parser itself).
+OFFICIAL_TRAIN_FLAGS = {
+    "--n_epochs": "--epochs",
+    "--n_epochs_decay": "--epochs-decay",
+    "--gpu_ids": "--device (--gpu_ids 0: --device cuda:0, -1: --device cpu; several: torchrun)",
+    "--checkpoints_dir": "--output-dir (the run is OUTPUT_DIR/NAME)",
+    "--num_threads": "--num-workers",
+    "--print_freq": "--log-every (in steps)",
+    "--display_freq": "--sample-every (in steps)",
+    "--update_html_freq": "--sample-every (grids in RUN/samples/, TensorBoard in RUN/tb/)",
+    "--save_latest_freq": "--checkpoint-every (in steps)",
+    "--save_epoch_freq": "--checkpoint-every (in steps; --keep-last to keep more)",
+    "--save_by_iter": "--checkpoint-every (checkpoints are named by step)",
+    "--continue_train": "--resume (the newest checkpoint that verifies)",
+    "--epoch_count": "--resume (a checkpoint holds its epoch and step)",
+    "--epoch": "--resume RUN/checkpoints/step_....ckpt",
+    "--load_iter": "--resume RUN/checkpoints/step_....ckpt",
+    "--dataset_mode": "--model (it chooses the dataset)",
+    "--CUT_mode": "--model cut / --model fastcut",
+    "--lambda_identity": "--lambda-identity",
+    "--display_id": "nothing (TensorBoard in RUN/tb/; --no-tensorboard)",
+    "--no_html": "nothing (no HTML pages are written)",
+    "--use_wandb": "nothing (TensorBoard in RUN/tb/)",
+    "--verbose": "nothing (the start line gives every network's size)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastcgan.losses import GAN_MODES
     from fastcgan.models import DISCRIMINATOR_ARCHS, GENERATOR_ARCHS, NORMS
 
-    p = argparse.ArgumentParser(
+    p = Parser(
+        official=OFFICIAL_TRAIN_FLAGS,
         prog="fastcgan-train",
         description="Train a CycleGAN (fast).",
         epilog="Exit codes: 0 done; 130/143 stopped by SIGINT/SIGTERM after a checkpoint; "

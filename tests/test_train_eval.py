@@ -187,3 +187,20 @@ def test_the_evaluator_stops_between_chunks(synth):
         k: v for k, v in whole.items() if k != "eval_seconds"}  # the same batches, the same numbers
     with pytest.raises(EvaluationInterrupted, match="after 2 of 4 AtoB"):
         ev(g, g, should_stop=lambda: len(asked) > 4 or asked.append(1))
+
+
+def test_the_start_says_when_samples_checkpoints_and_scores_come(tmp_path, synth, capsys):
+    """A first sample can be many minutes away on a CPU: the start line gives the cadences, and
+    why FID/KID is off when it is."""
+    import shutil
+
+    train(tiny_train_config(synth, tmp_path, max_steps=1, eval_every=None, checkpoint_every=5, sample_every=3))
+    out = capsys.readouterr()
+    assert ("a log line every 1 steps, a sample grid (RUN/samples/) every 3, a checkpoint every 5, "
+            "FID/KID every 5") in out.out + out.err
+    root = tmp_path / "no_test"
+    for sub in ("trainA", "trainB"):
+        shutil.copytree(f"{synth}/{sub}", root / sub)
+    train(tiny_train_config(str(root), tmp_path, dataset="folder", name="r2", max_steps=1, eval_every=None))
+    out = capsys.readouterr()
+    assert f"(FID/KID off: {root} has no testA/ and testB/)" in out.out + out.err

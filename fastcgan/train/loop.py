@@ -236,15 +236,28 @@ class _Run:
 
         n, cfg = self.cfg.run.eval_every, self.cfg
         has_split = all(os.path.isdir(os.path.join(self.root, "test" + d)) for d in "AB")
+        self.eval_off = "--eval-every 0"
         if n == 0 or not self.ctx.is_main:
             return 0
         ok, why = metrics_status()
         if n is None:
+            if not has_split:
+                self.eval_off = f"{self.root} has no testA/ and testB/"
+            elif not ok:
+                self.eval_off = why
             return cfg.run.checkpoint_every if ok and has_split else 0
         if not ok or not has_split:
             why = why if not ok else f"{self.root} has no testA/ and testB/ folders"
             raise ConfigError(f"eval_every (--eval-every) {n}: FID/KID cannot run: {why}; use --eval-every 0")
         return n
+
+    def _cadence(self) -> str:
+        """When the run shows something, in steps (a first sample can be many minutes away)."""
+        r = self.cfg.run
+        fid = f", FID/KID every {self.eval_every:,}" if self.eval_every else f" (FID/KID off: {self.eval_off})"
+        return (f"fastcgan: a log line every {r.log_every:,} steps, a sample grid (RUN/samples/) every "
+                f"{r.sample_every:,}, a checkpoint every {r.checkpoint_every:,}{fid}; "
+                "--log-every / --sample-every / --checkpoint-every / --eval-every change them")
 
     def evaluate(self, state, exe, stop) -> None:
         """FID/KID of the current generators (outside the step: eval mode, no grad, no global RNG
@@ -339,7 +352,7 @@ class _Run:
             self.run_dir, self.total, state.step, cfg.data.batch_size, tensorboard=cfg.run.tensorboard,
             progress=cfg.run.progress, enabled=main, bar_keys=self.recipe.progress_keys,
         )
-        for m in [*messages, run_outline(cfg, state.nets, self.ds, len(self.batches), self.total)]:
+        for m in [*messages, run_outline(cfg, state.nets, self.ds, len(self.batches), self.total), self._cadence()]:
             log.message(m)
         if cfg.run.amp and self.device.type == "cpu" and not cpu_has_fast_bf16():
             log.message("fastcgan: warning: --amp on this CPU (no AVX512-BF16/AMX) runs bf16 in emulation, "

@@ -150,6 +150,10 @@ def test_corrupt_checkpoint_is_a_clear_error_and_touches_nothing(tmp_path, synth
     garbage.write_bytes(b"not a checkpoint at all" * 10)
     assert cli_main(args + ["--resume", str(garbage)]) == 2
     assert str(garbage) in capsys.readouterr().err
+    # A generator file is not data loss: it says what to do instead.
+    assert cli_main(args + ["--resume", str(run / "generator_AtoB.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "is an exported generator, not a training checkpoint" in err and "--init-generator AtoB=" in err
     assert _snapshot(run) == before
 
 

@@ -166,8 +166,9 @@ class AlignedDataset(FolderDataset):
 
     @staticmethod
     def _layout_hint(phase: str) -> str:
-        return (f"pairs in {phase}/: use UnalignedDataset, or build pairs with "
-                "`python -m fastcgan.data.combine A_DIR B_DIR OUT`")
+        return (f"A|B pair images in {phase}/: unpaired data trains with --model cyclegan or cut (in Python: "
+                "UnalignedDataset); pairs matched by file name are built with "
+                f"`python -m fastcgan.data.combine ROOT/{phase}A ROOT/{phase}B ROOT_PAIRS/{phase}`")
 
     # -- bookkeeping (as UnalignedDataset) ---------------------------------------------------
     def __len__(self) -> int:

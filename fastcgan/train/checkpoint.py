@@ -252,6 +252,10 @@ def load_checkpoint(path: str) -> dict:
     naming the file. Nothing is applied here."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
+    if path.lower().endswith((".safetensors", ".onnx", ".pt2", ".engine")):
+        raise CheckpointError(
+            f"{path} is an exported generator, not a training checkpoint (RUN/checkpoints/step_*.ckpt): resume "
+            "with --resume RUN, or start a run from it with --init-generator AtoB=FILE")
     try:
         payload = load_torch_file(path)
     except Exception as e:  # truncated zip, not a torch file, refused unpickling ...

@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 
 from fastcgan._cli import Parser, interruptible
-from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS, MAX_LOAD_SIZE, WINDOW_PIXELS
+from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMG_EXTENSIONS, MAX_LOAD_SIZE, WINDOW_PIXELS
 from fastcgan.deploy._common import DIRECTIONS, ArtifactError
 from fastcgan.deploy.runtime import ENGINES
 from fastcgan.fileio import file_identity, output_folder_problem, path_inside
@@ -197,6 +197,9 @@ def _check_outputs(args, files: list[str], dests: list[str]) -> str | None:
                 "among (and possibly over) the inputs; choose another output directory")
     if os.path.lexists(out) and not os.path.isdir(out):
         return f"--output {out} exists and is not a directory" + (" (a link to nowhere)" if os.path.islink(out) else "")
+    if not os.path.isdir(out) and os.path.splitext(out)[1].lower() in IMG_EXTENSIONS:
+        return (f"--output {out} names an image file, but --output is the folder the translations go into (each "
+                f"keeps its input's name): give a folder, e.g. --output {os.path.dirname(out) or '.'}")
     why = output_folder_problem(out, f"--output {out}", {os.path.basename(d) for d in dests})
     if why:
         return why

@@ -115,6 +115,20 @@ def test_translate_output_file_is_the_input_file(gen_file, tmp_path, capsys):
     assert _digests(src) == before
 
 
+def test_translate_output_named_like_an_image_is_refused(gen_file, tmp_path, capsys):
+    """--output out/zebra.png made a folder called zebra.png holding im0.png: now exit 2 saying
+    --output is a folder; an existing folder of that name is still a folder."""
+    src = _pngs(tmp_path / "photos", n=1)
+    argv = ["--checkpoint", str(gen_file), "--input", str(src / "im0.png"), "--device", "cpu", "--no-progress"]
+    rc = translate([*argv, "--output", str(tmp_path / "out" / "zebra.PNG")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "names an image file" in err and f"--output {tmp_path / 'out'}" in err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "odd.png").mkdir()
+    assert translate([*argv, "--output", str(tmp_path / "odd.png")]) == 0
+    assert (tmp_path / "odd.png" / "im0.png").is_file()
+
+
 def test_translate_never_writes_through_a_symlink_to_an_input(gen_file, tmp_path, capsys):
     src = _pngs(tmp_path / "photos", n=1)
     out = tmp_path / "out"

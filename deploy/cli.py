@@ -113,12 +113,14 @@ def _ngf(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fastcgan-export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?",
                    help="run directory, generator .safetensors file or training checkpoint (RUN/checkpoints/*.ckpt: "
                    "the generator at that step)")
     p.add_argument("--direction", choices=DIRECTIONS, default=None,
                    help="which generator of a run directory or training checkpoint (default AtoB)")
+    p.add_argument("--checkpoint", dest="checkpoint", metavar="RUN",
+                   help="RUN given as fastcgan-translate and fastcgan-eval take it")
     g = p.add_argument_group("official CycleGAN checkpoints")
     g.add_argument("--from-official", metavar="PTH", help="official latest_net_G_A.pth (instead of RUN)")
     g.add_argument("--arch", help="generator arch of the official checkpoint, e.g. resnet_9blocks")
@@ -356,6 +358,10 @@ def _check_profile(args, spec, shapes) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.checkpoint is not None:
+        if args.run is not None:
+            parser.error(f"give RUN once: {args.run} and --checkpoint {args.checkpoint}")
+        args.run = args.checkpoint
     if not (args.onnx or args.trt or args.aoti or args.safetensors or args.official):
         parser.error("nothing to do: give at least one of --safetensors, --official, --onnx, --trt, --aoti")
     if bool(args.run) == bool(args.from_official):

@@ -542,6 +542,14 @@ def test_trt_unavailable_fails_before_any_work(run_dir, tmp_path, monkeypatch, c
     assert list(tmp_path.iterdir()) == []
 
 
+def test_run_also_as_checkpoint_flag(run_dir, tmp_path, capsys):
+    """fastcgan-translate and -eval take --checkpoint RUN: export takes it too (RUN positional)."""
+    assert _export("--checkpoint", run_dir, "--safetensors", tmp_path / "g.safetensors") == 0
+    assert (tmp_path / "g.safetensors").is_file()
+    assert _export(run_dir, "--checkpoint", run_dir, "--safetensors", tmp_path / "h.safetensors") == cli.EXIT_USAGE
+    assert "give RUN once" in capsys.readouterr().err and not (tmp_path / "h.safetensors").exists()
+
+
 @pytest.mark.parametrize("absent", ["onnx", "onnxruntime"])
 def test_missing_onnx_packages_are_named_before_any_work(run_dir, tmp_path, monkeypatch, capsys, absent):
     """onnx / onnxruntime are the deploy extra: without them --onnx said 'dynamo: ModuleNotFoundError

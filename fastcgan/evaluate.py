@@ -508,6 +508,15 @@ def format_results(res: dict) -> str:
             lines.append(f"{name}: " + "  ".join(parts))
     if "fid_network" in res:
         lines.append(f"FID/KID network: {res['fid_network']} ({res.get('fid_inception_dtype', 'float32')})")
+    if any(isinstance(r, dict) and "fid_n_fake" in r for r in res.values()):
+        from fastcgan.metrics.inception import NUM_FEATURES
+
+        small = [f"{name} {r['fid_n_fake']} / {r['fid_n_real']}" for name, r in res.items()
+                 if isinstance(r, dict) and "fid_n_fake" in r and min(r["fid_n_fake"], r["fid_n_real"]) < NUM_FEATURES]
+        if small:
+            lines.append(f"note: FID/KID from few images ({', '.join(small)} generated / real; fewer than the "
+                         f"{NUM_FEATURES} features): FID is biased upward at this size, so compare only scores "
+                         "computed on the same test images, never with published FIDs")
     if "fid_status" in res:
         lines.append(res["fid_status"])
     return "\n".join(lines)
@@ -691,6 +700,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, PermissionError, NotADirectoryError, ValueError, ArtifactError,
             InceptionWeightsError, TensorRTUnavailable) as e:
         print(f"fastcgan-eval: error: {e}", file=sys.stderr)
+        return 2
+    scored = [res[name] for name, _, _ in DIRECTIONS if isinstance(res.get(name), dict)]
+    if a.no_fid and scored and all(set(r) <= {"n", "skipped"} for r in scored):
+        print(f"fastcgan-eval: error: nothing to score with --no-fid: {a.checkpoint} holds one generator (no cycle to "
+              f"score) and {a.dataroot} has no *_truth_* folders (no target): drop --no-fid for FID/KID, or give the "
+              "run directory", file=sys.stderr)
         return 2
     print(format_results(res))
     if a.json:

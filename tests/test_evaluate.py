@@ -85,6 +85,23 @@ def test_direction_with_a_run_scores_only_that_direction(tmp_path, synth, capsys
     assert "BtoA:" in out and "AtoB:" not in out
 
 
+def test_a_score_with_nothing_to_score_or_from_few_images_says_so(tmp_path, synth, capsys):
+    """One generator, --no-fid and no *_truth_* folders printed 'AtoB: n=3  skipped=0' and exit 0:
+    now exit 2 saying why; FID/KID from fewer images than features carry a note."""
+    import shutil
+
+    run = _run_dir(tmp_path)
+    plain = tmp_path / "plain"
+    for d in ("testA", "testB"):
+        shutil.copytree(f"{synth}/{d}", plain / d)
+    one = ["--checkpoint", str(run / "generator_AtoB.safetensors"), "--dataroot", str(plain), "--device", "cpu"]
+    assert ev.main([*one, "--no-fid"]) == 2
+    assert "nothing to score with --no-fid" in capsys.readouterr().err
+    if fm.metrics_available():
+        assert ev.main(one) == 0
+        assert "note: FID/KID from few images (AtoB 3 / 3 generated / real" in capsys.readouterr().out
+
+
 def test_runs_through_the_deploy_runtime(tmp_path, monkeypatch):
     """Odd sizes are reflection-padded to the size multiple by the Translator and cropped back;
     every translation goes through Translator.translate_batch."""

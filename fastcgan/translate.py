@@ -479,7 +479,8 @@ def _main(args) -> int:
         except WriteError as e:
             print(f"fastcgan-translate: error: {e}", file=sys.stderr)
             return 1
-    msg = f"translated {done} image(s) into {args.output} with {translator.engine} on {translator.device}"
+    msg = (f"translated {done} image(s) into {args.output} with the {direction} generator of {args.checkpoint} "
+           f"({translator.engine} on {translator.device})")
     if skipped:
         msg += f"; skipped {len(skipped)} unreadable: " + ", ".join(os.path.basename(s) for s in skipped[:5])
         msg += " ..." if len(skipped) > 5 else ""

@@ -837,11 +837,12 @@ def test_a_small_static_model_runs_with_the_default_tile_overlap(gen_file, tmp_p
     err = capsys.readouterr().err
     assert "--tile" in err and "32x32 inputs only" in err and not (tmp_path / "o2").exists()
     data = tmp_path / "data"
-    for d in ("testA", "testB"):
+    for d in ("testA", "testB", "testA_truth_B"):  # a target to score: one generator has no cycle
         _pngs(data / d, n=2, size=(40, 40))
     from fastcgan.evaluate import main as evaluate
 
     assert evaluate(["--checkpoint", str(static), "--dataroot", str(data), "--device", "cpu", "--no-fid"]) == 0
+    assert "truth_l1=" in capsys.readouterr().out
 
 
 def test_export_flags_that_would_do_nothing_are_refused(gen_file, tmp_path, capsys):

@@ -424,7 +424,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(
         f"fastcgan: {s['steps']} steps (to step {s['step']}, epoch {s['epoch']}) "
         f"in {s['wall_time_s']:.1f} s, "
-        f"{s['images_per_s']} images/s on {s['device']}; skipped images: {s['skipped_images']}",
+        f"{s['images_per_s']} images/s on {s['device']}; skipped images: {s['skipped_images']}"
+        + (f" ({', '.join(s['skipped'][:5])}{' ...' if len(s['skipped']) > 5 else ''}; all in summary.json)"
+           if s["skipped"] else ""),
         file=sys.stderr,
     )
     if s["final_losses"]:

@@ -258,7 +258,7 @@ def test_missing_and_empty_domain_folders(tmp_path):
     root = tmp_path / "ds"
     (root / "trainA").mkdir(parents=True)
     _save_rgb(root / "trainA" / "a.png")
-    with pytest.raises(DatasetError, match=r"trainB.*does not exist"):
+    with pytest.raises(DatasetError, match=r"trainB.*does not exist \(.*ds holds trainA/\)"):
         UnalignedDataset(str(root))
     (root / "trainB").mkdir()
     (root / "trainB" / "notes.txt").write_text("no images")

@@ -292,3 +292,18 @@ def test_bad_numbers_are_exit_2_before_anything_is_written(run_dir, images, tmp_
     assert main(["--checkpoint", str(run_dir), "--input", str(images), "--output", str(out), flag, value,
                  "--no-progress"]) == 2
     assert msg in capsys.readouterr().err and not out.exists()
+
+
+def test_a_folder_without_generators_says_what_to_give(tmp_path, capsys):
+    """--checkpoint RUN/checkpoints or a folder of runs said 'has no generator_AtoB.safetensors
+    (found [])': now it says which folder to give."""
+    run = tmp_path / "runs" / "mini"
+    (run / "checkpoints").mkdir(parents=True)
+    save_generator(build_generator("resnet_6blocks", ngf=4), run / "generator_AtoB.safetensors")
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "a.png")
+    for given, hint in ((run / "checkpoints", f"give the run ({run})"), (tmp_path / "runs", f"give one of {run}")):
+        assert main(["--checkpoint", str(given), "--input", str(src), "--output", str(tmp_path / "o"),
+                     "--device", "cpu", "--no-progress"]) == 2
+        assert hint in capsys.readouterr().err

@@ -145,7 +145,13 @@ def _check_common_args(preprocess, load_size, crop_size, channel_args):
 
 def _list_domain(folder: str, max_size: float) -> list[str]:
     if not os.path.isdir(folder):
-        raise DatasetError(f"dataset folder {folder!r} does not exist")
+        parent = os.path.dirname(os.path.normpath(folder))
+        try:
+            found = sorted(n + "/" for n in os.listdir(parent) if os.path.isdir(os.path.join(parent, n)))
+        except OSError:  # no such parent, or unreadable: the message names the folder alone
+            found = []
+        holds = f" ({parent} holds {', '.join(found[:8])}{' ...' if len(found) > 8 else ''})" if found else ""
+        raise DatasetError(f"dataset folder {folder!r} does not exist{holds}")
     try:
         paths = make_dataset(folder, max_size)
     except OSError as e:

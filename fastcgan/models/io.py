@@ -214,9 +214,18 @@ def resolve_generator_path(path: Union[str, os.PathLike], direction: str = "AtoB
         f = os.path.join(path, generator_filename(direction))
         if not os.path.isfile(f):
             present = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-            raise FileNotFoundError(
-                f"run directory {path} has no {generator_filename(direction)} (found {present})"
-            )
+            name = generator_filename(direction)
+            runs = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n, name)))
+            if present:
+                hint = f"found {', '.join(present)}"
+            elif os.path.basename(os.path.normpath(path)) == "checkpoints":
+                run = os.path.dirname(os.path.normpath(path))
+                hint = f"this is a run's checkpoints folder: give the run ({run}) or a .ckpt in it"
+            elif runs:
+                hint = f"it holds runs: give one of {', '.join(os.path.join(path, r) for r in runs[:5])}"
+            else:
+                hint = "no generator files in it"
+            raise FileNotFoundError(f"run directory {path} has no {generator_filename(direction)} ({hint})")
         return f
     if not os.path.exists(path):
         raise FileNotFoundError(f"generator file or run directory not found: {path}")

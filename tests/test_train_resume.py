@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_resume_is_exact(tmp_path, synth, data_on_gpu):
     assert straight["final_losses"] == second["final_losses"]
 
 
-def test_resume_after_a_crash_keeps_one_metrics_history(tmp_path, synth):
+def test_resume_after_a_crash_keeps_one_metrics_history(tmp_path, synth, capsys):
     """A run killed past its last checkpoint logged steps that the resumed run logs again (and
     maybe half a line): metrics.jsonl is cut back to the checkpoint's step first, so it holds the
     uninterrupted run's steps once, in order."""
@@ -101,7 +102,9 @@ def test_resume_after_a_crash_keeps_one_metrics_history(tmp_path, synth):
     metrics = tmp_path / "split" / "metrics.jsonl"
     with open(metrics, "a") as f:  # what the killed run wrote after its step-4 checkpoint
         f.write(json.dumps({"step": 6, "epoch": 0, "G": 1.0}) + "\n" + '{"step": 7, "ep')
+    capsys.readouterr()
     train(cfg_for(synth, tmp_path, "split", max_steps=8, resume="auto"))
+    assert re.search(r"resumed \S+step_000000004.ckpt at step 4 \(\d of 3 epochs done\)", capsys.readouterr().err)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == [json.loads(line)["step"] for line in straight.read_text().splitlines()] == [2, 4, 6, 8]
     assert json.loads(metrics.read_text().splitlines()[2])["G"] != 1.0

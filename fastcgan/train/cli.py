@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--name", default=S, help="run name: the run directory is OUTPUT_DIR/NAME (default: run)")
     g.add_argument("--output-dir", default=S, help="default: runs")
-    g.add_argument("--max-steps", type=_int(0), default=S, help="stop after this many steps in total")
+    g.add_argument("--max-steps", type=_int(0), default=S,
+                   help="stop at this step, counted from the run's start (a resumed run's steps included)")
     g.add_argument(
         "--amp",
         action="store_true",
@@ -422,7 +423,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if s.get("rank", 0) != 0:  # under torchrun only process 0 reports
         return s["exit_code"]
     print(
-        f"fastcgan: {s['steps']} steps (to step {s['step']}, epoch {s['epoch']}) "
+        f"fastcgan: {s['steps']} steps (to step {s['step']}; {s['epoch']} epochs done) "
         f"in {s['wall_time_s']:.1f} s, "
         f"{s['images_per_s']} images/s on {s['device']}; skipped images: {s['skipped_images']}"
         + (f" ({', '.join(s['skipped'][:5])}{' ...' if len(s['skipped']) > 5 else ''}; all in summary.json)"

@@ -358,7 +358,8 @@ class _Run:
             log.message("fastcgan: warning: --amp on this CPU (no AVX512-BF16/AMX) runs bf16 in emulation, "
                         "several times slower than fp32; drop --amp for CPU training here")
         if payload is not None:
-            log.message(f"fastcgan: resumed {ckpt_path} at step {state.step} (epoch {state.epoch})")
+            epochs = cfg.optim.epochs + cfg.optim.epochs_decay
+            log.message(f"fastcgan: resumed {ckpt_path} at step {state.step} ({state.epoch} of {epochs} epochs done)")
         samples = sample_images(cfg, self.root, self.recipe) if main else None
         losses = LossAccumulator(self.recipe.loss_names(cfg))
         last: dict[str, float] = {}

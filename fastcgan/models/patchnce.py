@@ -140,8 +140,8 @@ class PatchNCEHeads(nn.Module):
         # above fp16's 65504 before any loss scaling, so under --amp fp16 every early step
         # overflowed and the shared scale collapsed (G and F skipped for ~20 steps). The heads
         # see num_patches vectors per layer: fp32 costs next to nothing.
-        with torch.autocast(samples[0].device.type, enabled=False):
-            return [l2_normalize(mlp(s.float())) for mlp, s in zip(self.mlps, samples)]
+        with torch.autocast(samples[0].device.type, enabled=False):  # in the weights' dtype (fp32; fp64 in tests)
+            return [l2_normalize(mlp(s.to(mlp[0].weight.dtype))) for mlp, s in zip(self.mlps, samples)]
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, nc={self.nc}"

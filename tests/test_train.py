@@ -604,3 +604,13 @@ def test_loss_accumulator_reads_the_mean_since_the_last_read():
     assert acc.read() == {"G": 3.0, "D": 2.0}
     acc.add({"G": torch.tensor(10.0), "D": torch.tensor(0.0)})
     assert acc.read() == {"G": 10.0, "D": 0.0}  # reset by the read
+
+
+def test_generating_the_synthetic_data_is_said_once(tmp_path, capsys):
+    """The built-in data was generated without a word (a pause, then files in an unexpected
+    folder); a later run that reuses it says nothing."""
+    root = tmp_path / "synthetic_32"
+    train(tiny_train_config(root, tmp_path, name="a", max_steps=1), install_signal_handlers=False)
+    assert f"generated the built-in synthetic data into {root}" in capsys.readouterr().err
+    train(tiny_train_config(root, tmp_path, name="b", max_steps=1), install_signal_handlers=False)
+    assert "generated the built-in" not in capsys.readouterr().err

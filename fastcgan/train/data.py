@@ -22,7 +22,25 @@ def prepare_dataroot(cfg: TrainConfig, recipe) -> str:
     """The dataset folder; for ``dataset="synthetic"`` the recipe's built-in data, generated
     (once) at ``load_size``."""
     if cfg.data.dataset == "synthetic":
-        return recipe.make_synthetic(cfg, synthetic_root(cfg))
+        import sys
+        import time
+
+        from fastcgan.data.synthetic import MANIFEST
+
+        root = synthetic_root(cfg)
+
+        def stamp():
+            try:
+                return os.stat(os.path.join(root, MANIFEST)).st_mtime_ns
+            except OSError:
+                return None
+
+        before, t0 = stamp(), time.perf_counter()
+        root = recipe.make_synthetic(cfg, root)
+        if stamp() != before:  # generated now (else a complete one with these settings was there)
+            print(f"fastcgan: generated the built-in synthetic data into {root} in {time.perf_counter() - t0:.0f} s "
+                  "(kept: later runs with these settings reuse it)", file=sys.stderr)
+        return root
     root = cfg.data.dataroot
     if not os.path.isdir(root):
         raise DatasetError(f"--dataroot {root}: {'not a directory' if os.path.exists(root) else 'no such directory'}")

@@ -38,7 +38,7 @@ def prepare_dataroot(cfg: TrainConfig, recipe) -> str:
         before, t0 = stamp(), time.perf_counter()
         root = recipe.make_synthetic(cfg, root)
         if stamp() != before:  # generated now (else a complete one with these settings was there)
-            print(f"fastcgan: generated the built-in synthetic data into {root} in {time.perf_counter() - t0:.0f} s "
+            print(f"fastcgan: generated the built-in synthetic data into {root} in {time.perf_counter() - t0:.1f} s "
                   "(kept: later runs with these settings reuse it)", file=sys.stderr)
         return root
     root = cfg.data.dataroot

@@ -3,12 +3,16 @@ fixed images of the sample grids. Raises ``DatasetError`` naming the folder for 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+import time
 
 import torch
 
 from fastcgan.data import AlignedDataset, DatasetError, preload_to_device
 from fastcgan.data.sampler import TrainBatches
+from fastcgan.data.synthetic import MANIFEST
 from fastcgan.train.config import TrainConfig
 
 __all__ = ["build_batches", "build_dataset", "dataset_nbytes", "prepare_dataroot", "sample_images"]
@@ -22,11 +26,6 @@ def prepare_dataroot(cfg: TrainConfig, recipe) -> str:
     """The dataset folder; for ``dataset="synthetic"`` the recipe's built-in data, generated
     (once) at ``load_size``."""
     if cfg.data.dataset == "synthetic":
-        import sys
-        import time
-
-        from fastcgan.data.synthetic import MANIFEST
-
         root = synthetic_root(cfg)
 
         def stamp():
@@ -67,8 +66,6 @@ def dataset_nbytes(cfg: TrainConfig, ds):
 def data_fingerprint(ds) -> tuple[str, str]:
     """(what the dataset holds in words, a digest of its file list relative to its root): equal
     on every process of a distributed run, or the processes draw different images."""
-    import hashlib
-
     lists = {k: getattr(ds, k) for k in ("A_paths", "B_paths", "AB_paths") if hasattr(ds, k)}
     h = hashlib.sha256()
     for key, paths in lists.items():

@@ -339,8 +339,7 @@ class _Run:
                                     f"{name} <- {m.init_official_epoch}_net_{official}.pth"
                                     for official, name in self.recipe.official_networks.items()))
         step_fn = build_step(state, cfg, self.recipe, ctx)
-        if ctx.enabled and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                               for net in state.nets.values() for m in net.modules()):
+        if ctx.enabled and cfg.model.norm == "batch":
             per = cfg.data.batch_size // ctx.world_size
             messages = messages + [
                 f"fastcgan: note: BatchNorm normalises each process's {per} image(s), not the global batch of "

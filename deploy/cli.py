@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm", default=None, choices=("instance", "batch", "none"), help="default instance")
     d = g.add_mutually_exclusive_group()
     d.add_argument("--no-dropout", dest="dropout", action="store_false", default=None, help="the default")
-    d.add_argument("--dropout", dest="dropout", action="store_true")
+    d.add_argument("--dropout", dest="dropout", action="store_true",
+                   help="the official checkpoint's generator has dropout layers (a pix2pix trained "
+                   "without --no_dropout)")
     g.add_argument("--colorization", action="store_true",
                    help="the checkpoint is the official --model colorization G (L -> ab, 1 -> 2 channels): "
                         "export it as an RGB -> RGB colorizer (the input's lightness, colours predicted)")
@@ -162,9 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("--bf16", action="store_true", help="bfloat16 (TensorRT and AOTI; ONNX stays fp32)")
     x.add_argument("--static", type=_hw, metavar="HxW",
                    help=f"fixed H and W (batch stays dynamic; H x W at most {MAX_VERIFY_PIXELS:,})")
-    x.add_argument("--min-shape", metavar="BxCxHxW")
-    x.add_argument("--opt-shape", metavar="BxCxHxW")
-    x.add_argument("--max-shape", metavar="BxCxHxW")
+    x.add_argument("--min-shape", metavar="BxCxHxW",
+                   help="TensorRT profile's smallest input (default: 1 image of the smallest size the generator takes)")
+    x.add_argument("--opt-shape", metavar="BxCxHxW",
+                   help="the input TensorRT tunes for (default: 1 image of 256x256; --static: its HxW)")
+    x.add_argument("--max-shape", metavar="BxCxHxW",
+                   help="TensorRT profile's largest input (default: 8 images of 1024x1024; --static: 8 of its HxW)")
     x.add_argument("--workspace-gb", type=float, default=None,
                    help=f"TensorRT workspace limit (default 4, at most {MAX_WORKSPACE_GB})")
     x.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache file (read and updated)")

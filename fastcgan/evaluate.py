@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the run's --direction, else the one an exported pix2pix generator records, else AtoB)",
     )
     p.add_argument("--engine", choices=ENGINES, default=None, help="runtime engine (default: the artifact's own)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one) | cpu | cuda | cuda:N")
     p.add_argument(
         "--trust-artifact",
         action="store_true",

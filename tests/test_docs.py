@@ -124,6 +124,34 @@ def test_every_flag_of_every_command_is_documented(capsys):
     assert checked > 150  # every command's options were read
 
 
+def test_every_option_has_help_and_training_flags_name_their_defaults(capsys):
+    """--help explains every option (none is a bare name), and fastcgan-train's valued flags say
+    their default: the flags default to "not given" (the presets decide), so argparse alone printed
+    none, and --load-size / --lr / --pool-size ... were listed without a word."""
+    bare = []
+    for module in sorted(set(COMMANDS.values())):
+        lines = _help(module, capsys).splitlines()
+        for i, line in enumerate(lines):
+            m = OPTION_LINE.match(line)
+            explained = m and (line[m.end():].strip() or (i + 1 < len(lines) and lines[i + 1].startswith(" " * 8)))
+            if m and not explained:
+                bare.append(f"{module} {m.group(1).strip()}")
+    assert not bare, f"options without a help text: {bare}"
+
+    from fastcgan.train.cli import build_parser
+    from fastcgan.train.config import FIELD_SECTION
+
+    undefaulted = [a.option_strings[0] for a in build_parser()._actions
+                   if a.dest in FIELD_SECTION and a.nargs != 0 and "default" not in a.help
+                   and a.dest not in ("dataroot", "init_official", "init_generators", "resume")]  # nothing if not given
+    assert not undefaulted, f"training flags whose --help gives no default: {undefaulted}"
+    text = " ".join(_help("fastcgan.train.cli", capsys).split())
+    for shown in ("images are resized to this before the crop (default 286; cyclegan128, discogan: 143; udacity: 128)",
+                  "(default 0.0002)", "(default 50; udacity, pix2pix, colorization, cut, fastcut: 0)",
+                  "PatchNCE temperature (default 0.07)"):
+        assert shown in text, shown
+
+
 def test_console_scripts_resolve_and_train_exits_like_the_module():
     """Each [project.scripts] entry names a callable; fastcgan-train leaves through exit_after, as
     `python -m fastcgan.train` does (it pointed at main, which skipped it under torchrun)."""

@@ -23,6 +23,7 @@ from fastcgan._cli import Parser
 from fastcgan.train.config import (
     DATASETS,
     DIRECTIONS,
+    FIELD_SECTION,
     INIT_TYPES,
     KERNELS,
     LR_POLICIES,
@@ -131,12 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=S,
         help="folder (default) or synthetic (built-in data with ground truth, generated once)",
     )
-    g.add_argument("--preprocess", choices=PREPROCESS, default=S)
-    g.add_argument("--load-size", type=_int(1), default=S)
-    g.add_argument("--crop-size", type=_int(1), default=S)
-    g.add_argument("--no-flip", dest="flip", action="store_false", default=S)
-    g.add_argument("--batch-size", type=_int(1), default=S)
-    g.add_argument("--num-workers", type=_int(0), default=S)
+    g.add_argument("--preprocess", choices=PREPROCESS, default=S,
+                   help="how a training image becomes a crop, as the official --preprocess: resize to --load-size "
+                   "then a random --crop-size crop; crop only; scale the width to --load-size (keeping the "
+                   "aspect); both; none (each side rounded to a multiple of 4)")
+    g.add_argument("--load-size", type=_int(1), default=S, help="images are resized to this before the crop")
+    g.add_argument("--crop-size", type=_int(1), default=S, help="side of the square training crops")
+    g.add_argument("--no-flip", dest="flip", action="store_false", default=S,
+                   help="no random left-right flips (default: flips, except in the udacity preset)")
+    g.add_argument("--batch-size", type=_int(1), default=S, help="images per domain in a step")
+    g.add_argument("--num-workers", type=_int(0), default=S,
+                   help="loader processes (default: 0 on the CPU, where they would compete with the step; "
+                   "else min(4, cores - 1))")
     g.add_argument(
         "--max-image-pixels",
         type=_int(0),
@@ -151,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on the first N images of each domain (sorted by path; pairs for pix2pix), as the "
         "official --max_dataset_size; default: every image",
     )
-    g.add_argument("--serial-batches", action="store_true", default=S)
+    g.add_argument("--serial-batches", action="store_true", default=S,
+                   help="images in the listing's order instead of shuffled each epoch (official "
+                   "--serial_batches; default: shuffled)")
     g.add_argument(
         "--direction",
         choices=DIRECTIONS,
@@ -167,26 +176,29 @@ def build_parser() -> argparse.ArgumentParser:
         "default: on a GPU when the decoded set fits in a quarter of the free memory",
     )
     g = p.add_argument_group("model")
-    g.add_argument("--netG", choices=GENERATOR_ARCHS, default=S)
-    g.add_argument("--netD", choices=DISCRIMINATOR_ARCHS, default=S)
-    g.add_argument("--ngf", type=_int(1), default=S)
-    g.add_argument("--ndf", type=_int(1), default=S)
-    g.add_argument("--n-layers-D", dest="n_layers_D", type=_int(1), default=S)
-    g.add_argument("--norm", choices=NORMS, default=S)
+    g.add_argument("--netG", choices=GENERATOR_ARCHS, default=S, help="generator architecture")
+    g.add_argument("--netD", choices=DISCRIMINATOR_ARCHS, default=S,
+                   help="discriminator: basic = the 70x70 PatchGAN, n_layers = --n-layers-D of them, pixel = 1x1")
+    g.add_argument("--ngf", type=_int(1), default=S, help="generator filters in the first layer")
+    g.add_argument("--ndf", type=_int(1), default=S, help="discriminator filters in the first layer")
+    g.add_argument("--n-layers-D", dest="n_layers_D", type=_int(1), default=S,
+                   help="strided layers of --netD n_layers")
+    g.add_argument("--norm", choices=NORMS, default=S, help="normalisation layers of G and D")
     g.add_argument("--use-dropout", action="store_true", default=S,
                    help="dropout 0.5 in the generator (default: pix2pix and colorization on, the others off)")
     g.add_argument("--no-dropout", dest="use_dropout", action="store_false", default=S,
                    help="no dropout (the official --no_dropout: e.g. a pix2pix without it)")
-    g.add_argument("--input-nc", type=int, choices=(1, 3), default=S)
-    g.add_argument("--output-nc", type=int, choices=(1, 3), default=S)
-    g.add_argument("--init-type", choices=INIT_TYPES, default=S)
+    g.add_argument("--input-nc", type=int, choices=(1, 3), default=S, help="channels of domain A's images")
+    g.add_argument("--output-nc", type=int, choices=(1, 3), default=S, help="channels of domain B's images")
+    g.add_argument("--init-type", choices=INIT_TYPES, default=S, help="weight initialisation")
     g.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=S,
                    help="blur-pool downsampling in the ResNet generator and the PatchGAN (the official CUT "
                    "default; --no-antialias = its --no_antialias; default: on for cut/fastcut, off otherwise)")
     g.add_argument("--antialias-up", action=argparse.BooleanOptionalAction, default=S,
                    help="blur upsampling in the ResNet generator (the official CUT default; --no-antialias-up = "
-                   "its --no_antialias_up)")
-    g.add_argument("--init-gain", type=_float(0.0, strict=True, hi=MAX_INIT_GAIN), default=S)
+                   "its --no_antialias_up; default: on for cut/fastcut, off otherwise)")
+    g.add_argument("--init-gain", type=_float(0.0, strict=True, hi=MAX_INIT_GAIN), default=S,
+                   help="scale of --init-type normal / xavier / orthogonal")
     g.add_argument("--init-generator", dest="init_generators", action="append", type=_init_generator, default=S,
                    metavar="DIRECTION=PATH",
                    help="start the DIRECTION (AtoB / BtoA) generator from a fastcgan generator: a .safetensors "
@@ -204,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which of --init-official's files: latest (default), an epoch number or iter_N "
                    "(the official --epoch)")
     g = p.add_argument_group("optimisation and losses")
-    g.add_argument("--lr", type=_float(0.0, strict=True), default=S)
-    g.add_argument("--beta1", type=_float(0.0), default=S)
-    g.add_argument("--beta2", type=_float(0.0), default=S)
+    g.add_argument("--lr", type=_float(0.0, strict=True), default=S, help="initial learning rate of every Adam")
+    g.add_argument("--beta1", type=_float(0.0), default=S, help="Adam beta1")
+    g.add_argument("--beta2", type=_float(0.0), default=S, help="Adam beta2")
     g.add_argument(
         "--lr-policy", choices=LR_POLICIES, default=S,
         help="the official policies, updated when the official train.py updates them: CycleGAN, pix2pix and "
@@ -220,42 +232,46 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--epochs-decay", type=_int(0), default=S, help="epochs of decay (official n_epochs_decay)"
     )
-    g.add_argument("--lr-decay-iters", type=_int(1), default=S)
-    g.add_argument("--gan-mode", choices=GAN_MODES, default=S)
+    g.add_argument("--lr-decay-iters", type=_int(1), default=S, help="--lr-policy step: epochs between the x0.1 steps")
+    g.add_argument("--gan-mode", choices=GAN_MODES, default=S, help="adversarial loss (lsgan: least squares)")
     g.add_argument("--lambda-cycle", type=_float(0.0), default=S, help="weight of both cycle losses (default 10)")
     g.add_argument("--lambda-A", type=_float(0.0), default=S,
                    help="weight of the A -> B -> A cycle (official --lambda_A; default: --lambda-cycle)")
     g.add_argument("--lambda-B", type=_float(0.0), default=S,
                    help="weight of the B -> A -> B cycle (official --lambda_B; default: --lambda-cycle)")
-    g.add_argument("--lambda-identity", type=_float(0.0), default=S)
-    g.add_argument("--lambda-gp", type=_float(0.0), default=S)
+    g.add_argument("--lambda-identity", type=_float(0.0), default=S,
+                   help="identity loss weight, relative to --lambda-A / --lambda-B (official --lambda_identity)")
+    g.add_argument("--lambda-gp", type=_float(0.0), default=S, help="--gan-mode wgangp: gradient penalty weight")
     g.add_argument(
         "--lambda-L1", dest="lambda_L1", type=_float(0.0), default=S,
         help="pix2pix: weight of the L1 to the target (default 100)",
     )
-    g.add_argument("--cycle-kind", choices=("l1", "l2"), default=S)
-    g.add_argument("--pool-size", type=_int(0), default=S)
+    g.add_argument("--cycle-kind", choices=("l1", "l2"), default=S, help="distance of the cycle (and identity) loss")
+    g.add_argument("--pool-size", type=_int(0), default=S,
+                   help="past fakes each discriminator also sees (0: only the current ones)")
     g = p.add_argument_group("CUT / FastCUT (--model cut; presets cut, fastcut)")
     g.add_argument("--lambda-gan", type=_float(0.0), default=S, help="weight of the GAN loss (default 1)")
-    g.add_argument("--lambda-nce", type=_float(0.0), default=S, help="weight of PatchNCE (cut 1, fastcut 10)")
+    g.add_argument("--lambda-nce", type=_float(0.0), default=S, help="weight of PatchNCE")
     g.add_argument(
         "--nce-idt", action=argparse.BooleanOptionalAction, default=S,
         help="the NCE identity loss on G(B) vs B (cut: on, fastcut: off)",
     )
     g.add_argument("--nce-layers", default=S, help="generator layers for PatchNCE (default 0,4,8,12,16)")
     g.add_argument("--num-patches", type=_int(1), default=S, help="patches per NCE layer (default 256)")
-    g.add_argument("--netF-nc", dest="netF_nc", type=_int(1), default=S, help="projection head width (256)")
-    g.add_argument("--nce-T", dest="nce_T", type=_float(0.0, strict=True), default=S, help="temperature (0.07)")
+    g.add_argument("--netF-nc", dest="netF_nc", type=_int(1), default=S, help="projection head width")
+    g.add_argument("--nce-T", dest="nce_T", type=_float(0.0, strict=True), default=S, help="PatchNCE temperature")
     g.add_argument(
         "--flip-equivariance", action=argparse.BooleanOptionalAction, default=S,
         help="flip G's input left-right half the time, NCE against the unflipped input (fastcut: on)",
     )
-    g.add_argument("--nce-includes-all-negatives-from-minibatch", action="store_true", default=S)
+    g.add_argument("--nce-includes-all-negatives-from-minibatch", action="store_true", default=S,
+                   help="PatchNCE negatives from every image of the batch (default: from the same image only)")
     g = p.add_argument_group("run")
     g.add_argument("--name", default=S, help="run name: the run directory is OUTPUT_DIR/NAME (default: run)")
-    g.add_argument("--output-dir", default=S, help="default: runs")
+    g.add_argument("--output-dir", default=S, help="where run directories are made")
     g.add_argument("--max-steps", type=_int(0), default=S,
-                   help="stop at this step, counted from the run's start (a resumed run's steps included)")
+                   help="stop at this step, counted from the run's start (a resumed run's steps included; "
+                   "default: at the end of the last epoch)")
     g.add_argument(
         "--amp",
         action="store_true",
@@ -296,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the official numerics for comparisons: fp32, eager, reference kernels, unfused Adam",
     )
     g.add_argument("--kernels", choices=KERNELS, default=S, help="InstanceNorm kernel backend (default auto)")
-    g.add_argument("--device", default=S, help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--seed", type=_int(0), default=S)
+    g.add_argument("--device", default=S, help="auto (a GPU if there is one) | cpu | cuda | cuda:N")
+    g.add_argument("--seed", type=_int(0), default=S, help="seeds initialisation, data order and augmentation")
     g.add_argument(
         "--resume",
         nargs="?",
@@ -310,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         "may change (train longer, shorter, at another rate)",
     )
     g.add_argument("--log-every", type=_int(1), default=S, help="read losses from the device every K steps")
-    g.add_argument("--sample-every", type=_int(1), default=S)
-    g.add_argument("--checkpoint-every", type=_int(1), default=S)
+    g.add_argument("--sample-every", type=_int(1), default=S, help="write a sample grid every K steps")
+    g.add_argument("--checkpoint-every", type=_int(1), default=S,
+                   help="write a checkpoint every K steps (and at the end)")
     g.add_argument("--keep-last", type=_int(1), default=S, help="checkpoints kept")
     g.add_argument(
         "--eval-every",
@@ -321,9 +338,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every when the metrics extra is installed)",
     )
     g.add_argument("--eval-max-images", type=_int(1), default=S, help="test images per domain for --eval-every")
-    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S)
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S,
+                   help="no TensorBoard events in RUN/tb/ (metrics.jsonl is written either way)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S,
+                   help="no progress bar on stderr")
+    _add_preset_defaults(p)
     return p
+
+
+def _show(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _add_preset_defaults(p: argparse.ArgumentParser) -> None:
+    """End each valued flag's help with its default, read from the presets (the only source of
+    defaults: the flags themselves default to "not given"), e.g. ``(default 286; cyclegan128,
+    discogan: 143; udacity: 128)``. Flags whose help already says its default (auto values,
+    values that follow another flag) and on/off flags (their help says it) are left as written."""
+    cfgs = {name: TrainConfig.from_preset(name, dataset="synthetic") for name in PRESETS}
+    for action in p._actions:
+        if action.dest not in FIELD_SECTION or action.nargs == 0 or "default" in (action.help or ""):
+            continue
+        values = {name: getattr(getattr(cfg, FIELD_SECTION[action.dest]), action.dest) for name, cfg in cfgs.items()}
+        base = values["cyclegan"]
+        if base is None or base == ():  # "not given": the help says what happens then
+            continue
+        others: dict[str, list[str]] = {}
+        for name, v in values.items():
+            if v != base:
+                others.setdefault(_show(v), []).append(name)
+        text = f"default {_show(base)}" + "".join(f"; {', '.join(names)}: {v}" for v, names in others.items())
+        action.help = f"{action.help} ({text})" if action.help else text
 
 
 # --model NAME for a preset that sets another recipe: --model fastcut = --model cut --preset fastcut.

@@ -269,6 +269,19 @@ def test_fid_kid_zero_on_identical_sets_and_growing_with_corruption(feats):
         assert v["kid_std"] == 0.0  # subsets of the whole (equal-size) sets are all the same
 
 
+def test_fid_kid_of_images_is_that_of_their_features(net, feats):
+    """fid_kid (the one-call API on uint8 images; real side as images or cached features) gives
+    fid_kid_from_features of the same features, plus both counts and the network."""
+    x = family()
+    fake = towards_gray(x, 0.3)
+    want = fm.fid_kid_from_features(feats[0.3], feats[0.0])
+    for got in (fm.fid_kid(fake, x, inception=net), fm.fid_kid(list(fake), real_features=feats[0.0], inception=net)):
+        assert got["fid"] == pytest.approx(want["fid"], rel=1e-5) and got["kid_mean"] == pytest.approx(want["kid_mean"])
+        assert got["fid_n_fake"] == got["fid_n_real"] == x.shape[0] and got["fid_network"] == fm.NETWORK
+    with pytest.raises(ValueError, match="real_images or real_features"):
+        fm.fid_kid(fake, inception=net)
+
+
 def test_kid_subsets_use_a_private_seeded_rng(feats):
     f_fake, f_real = feats[0.3], torch.cat([feats[0.0], feats[0.6]])
     state = torch.get_rng_state()

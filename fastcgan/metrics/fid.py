@@ -128,6 +128,7 @@ def fid_kid(
     out: dict = fid_kid_from_features(fake_f, real_features, **kw)
     out["fid_n_fake"] = int(fake_f.shape[0])
     out["fid_n_real"] = int(real_features.shape[0])
+    out["fid_network"] = NETWORK
     return out
 
 

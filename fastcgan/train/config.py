@@ -337,7 +337,7 @@ class RunConfig:
     progress: bool = True
     n_samples: int = 4  # images per domain in the sample grids
     # FID/KID on the test split every this many steps (0: never; None: auto -- every
-    # checkpoint_every steps and at the end when the metrics extra is installed).
+    # checkpoint_every steps when the metrics extra is installed and the data has testA/ testB/).
     eval_every: Optional[int] = None
     eval_max_images: int = 200  # test images per domain used for FID/KID during training
 

@@ -621,7 +621,9 @@ def _export_all(args, model, spec, device, precision, tol, shapes, trt_missing, 
             print("onnx: --bf16 applies to TensorRT and AOTInductor; the ONNX model stays fp32")
         ok = True
         if not args.no_verify:
-            run = onnx_export.onnx_runner(tmp_onnx)
+            from fastcgan.deploy.runtime import OrtRunner
+
+            run = OrtRunner(tmp_onnx, torch.device("cpu"))  # the runtime fastcgan-translate uses
             onnx_tol = tol if onnx_fp16 else TOLERANCE["fp32"] if args.tol is None else tol
             errs = onnx_export.verify_against_torch(run, model, onnx_spec, verify_shapes)
             ok = _report("onnxruntime", errs, onnx_tol)

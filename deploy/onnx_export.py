@@ -21,7 +21,6 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from fastcgan.deploy._common import METADATA_KEY, ArtifactError, GeneratorSpec, round_up
 from torch import nn
@@ -328,22 +327,3 @@ def _compare_one(run, ref_model, spec, b, h, w, g, device):
     if y.shape != ref.shape:
         raise AssertionError(f"output shape {tuple(y.shape)} != PyTorch's {tuple(ref.shape)} for input {(b, h, w)}")
     return (b, spec.input_nc, h, w), float((y - ref).abs().max())
-
-
-def onnx_runner(path: str, providers: Sequence[str] | None = None, threads: int | None = None):
-    """A callable running an ONNX model in onnxruntime on CPU tensors (fp32 in, fp32 out)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(path, so, providers=list(providers or ["CPUExecutionProvider"]))
-    inp = sess.get_inputs()[0]
-    np_dtype = np.float16 if "float16" in inp.type else np.float32
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        y = sess.run(None, {inp.name: x.detach().cpu().numpy().astype(np_dtype)})[0]
-        return torch.from_numpy(y.astype(np.float32))
-
-    return run

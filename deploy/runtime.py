@@ -182,10 +182,11 @@ class OrtRunner(_Runner):
                                 f"{str(e).strip()[:500]}") from None
 
     def _run(self, x: Tensor) -> Tensor:
+        # In the session's dtype and on its device (a no-op from the Translator): the CUDA binding
+        # below hands onnxruntime a raw pointer that it reads as self._np.
+        x = x.detach().to(device=self.device, dtype=self.dtype).contiguous()
         if self.device.type == "cpu":
-            y = self.sess.run([self.out_name], {self.in_name: x.detach().contiguous().numpy()})[0]
-            return torch.from_numpy(y)
-        x = x.contiguous()
+            return torch.from_numpy(self.sess.run([self.out_name], {self.in_name: x.numpy()})[0])
         idx = self.device.index if self.device.index is not None else 0
         b = self.sess.io_binding()
         b.bind_input(self.in_name, "cuda", idx, self._np, tuple(x.shape), x.data_ptr())

@@ -14,7 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from fastcgan.deploy import ArtifactError, cli, load, onnx_export
 from fastcgan.deploy._common import _model_config, spec_for_model
-from fastcgan.deploy.runtime import from_model
+from fastcgan.deploy.runtime import OrtRunner, from_model
 
 from fastcgan.models import build_generator, save_generator, save_official_generator
 
@@ -61,20 +61,18 @@ def test_onnx_export_each_arch(tmp_path, arch, ngf, norm):
     assert [d.HasField("dim_param") for d in dims] == [True, False, True, True]  # dynamic B, H, W
     assert onnx_export.read_spec(path) == out_spec
     # 256^2, batched non-square, wide: fp32 parity with PyTorch.
-    errs = onnx_export.verify_against_torch(onnx_export.onnx_runner(path), m, out_spec,
+    errs = onnx_export.verify_against_torch(OrtRunner(path, torch.device("cpu")), m, out_spec,
                                             onnx_export.default_verify_shapes(out_spec))
     assert len(errs) == 3 and errs[0][0][2:] == (256, 256)
     for shape, err in errs:
         assert err <= FP32_TOL, f"{arch} {shape}: {err}"
     # Its graph says the output is (N, 3, H, W) of the input's N, H, W: on CUDA the runner binds
     # a torch tensor as the output (no copy through the host).
-    from fastcgan.deploy.runtime import OrtRunner
 
     assert OrtRunner(path, torch.device("cpu"))._out_channels == 3
 
 
 def test_ort_output_binding_needs_the_inputs_dims():
-    from fastcgan.deploy.runtime import OrtRunner
 
     oc = OrtRunner.output_channels
     assert oc(["N", 3, "H", "W"], ["N", 1, "H", "W"]) == 1

@@ -316,6 +316,7 @@ def test_cli_end_to_end_with_evaluation_and_onnx(tmp_path, capsys):
     runtime); fastcgan-eval reads the same; the exported ONNX model (per-image BatchNorm as
     InstanceNormalization) matches PyTorch and translates like the .safetensors file."""
     from fastcgan.deploy import load, onnx_export
+    from fastcgan.deploy.runtime import OrtRunner
     from fastcgan.deploy.cli import main as export_main
 
     from fastcgan.evaluate import main as eval_main
@@ -365,7 +366,7 @@ def test_cli_end_to_end_with_evaluation_and_onnx(tmp_path, capsys):
     x = torch.rand(2, 3, 128, 128) * 2 - 1
     with torch.no_grad():
         ref = G(x)
-    torch.testing.assert_close(onnx_export.onnx_runner(str(onnx_path))(x), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(OrtRunner(str(onnx_path), torch.device("cpu"))(x), ref, atol=1e-4, rtol=1e-4)
     assert "InstanceNormalization" in onnx_export.op_types(str(onnx_path))
     # The generator file records the run's --direction; the export carries it (a pix2pix model
     # evaluated or translated on pairs from its ONNX file alone reads the right half).

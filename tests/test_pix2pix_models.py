@@ -203,6 +203,7 @@ def test_export_from_official_and_translate_match_the_official_network(official_
     import onnx
 
     from fastcgan.deploy import onnx_export
+    from fastcgan.deploy.runtime import OrtRunner
     from fastcgan.deploy.cli import main as export_main
     from fastcgan.translate import main as translate_main
 
@@ -222,7 +223,7 @@ def test_export_from_official_and_translate_match_the_official_network(official_
 
     # onnxruntime against the official forward, image by image and batched.
     x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(7)) * 2 - 1
-    y = onnx_export.onnx_runner(str(onnx_path))(x)
+    y = OrtRunner(str(onnx_path), torch.device("cpu"))(x)
     torch.testing.assert_close(y, _official_per_image(official_sd, x), atol=1e-4, rtol=1e-4)
 
     # A real 256x256 photo through fastcgan-translate (ONNX and safetensors artifacts).
@@ -245,6 +246,7 @@ def test_export_from_official_and_translate_match_the_official_network(official_
 
 def test_export_running_mode_matches_eval(official_sd, tmp_path, capsys):
     from fastcgan.deploy import onnx_export
+    from fastcgan.deploy.runtime import OrtRunner
     from fastcgan.deploy.cli import main as export_main
 
     pth = tmp_path / "latest_net_G.pth"
@@ -254,7 +256,7 @@ def test_export_running_mode_matches_eval(official_sd, tmp_path, capsys):
     assert rc == 0 and "batchnorm at inference: running" in capsys.readouterr().out
     assert onnx_export.read_spec(str(tmp_path / "r.onnx")).config["bn_inference"] == "running"
     x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(8)) * 2 - 1
-    y = onnx_export.onnx_runner(str(tmp_path / "r.onnx"))(x)
+    y = OrtRunner(str(tmp_path / "r.onnx"), torch.device("cpu"))(x)
     torch.testing.assert_close(y, official_unet_forward(official_sd, x, bn_train=False), atol=1e-4, rtol=1e-4)
 
 

@@ -40,7 +40,7 @@ test: venv
 test-fast: venv
 	FASTCGAN_REQUIRE_NATIVE=1 $(PY) -m pytest tests -q --timeout=900 -m "not slow"
 
-# The GPU machine's software (torch 2.11 + cu130, Triton 3.6; see DESIGN.md), checked on a CPU
+# The GPU machine's software (torch 2.11 + cu130, Triton 3.6; README "GPU check"), checked on a CPU
 # before a rare device session spends its minutes on an API difference: builds fastcgan._C
 # against torch 2.11 (CUDA kernels included), compiles the Triton kernels for sm_90 with Triton
 # 3.6, runs the kernel tests (Triton 3.6's interpreter, the CUDA emulator) and the gpu_check dry

@@ -156,7 +156,7 @@ DRY = Sizes(
     infer_warmup=1,
 )
 
-# Targets stated by the project (DESIGN.md, README "Not yet verified"); reported, never asserted.
+# Targets stated by the project (README "Not yet verified", issue #10); reported, never asserted.
 KERNEL_X_EAGER, KERNEL_X_COMPILED, KERNEL_PCT_COPY = 3.0, 1.3, 80.0
 TRAIN_X_OFFICIAL_B1, TRAIN_IPS_B8 = 6.0, 200.0
 

@@ -4,8 +4,9 @@ Every row runs in this process against the same baseline (``baselines/official_s
 official ``optimize_parameters`` restated: module-per-op networks, separate D backwards,
 per-image Python pool) on a batch already on the device, and records images/s (one image = one
 A and one B image, i.e. batch size x iterations/s), the ratio to the baseline, peak memory on a
-GPU and MFU (1.9 TFLOP per image per iteration for ResNet-9 + PatchGAN at 256², DESIGN.md,
-against 989 TFLOP/s dense bf16 on an H100).
+GPU and MFU (1.9 TFLOP per image per iteration for ResNet-9 + PatchGAN at 256²: 1.879 counted by
+``torch.utils.flop_counter.FlopCounterMode`` over one official iteration; against 989 TFLOP/s dense
+bf16 on an H100 or H200).
 
 fastcgan variants, each optimisation switched on in turn (cumulative). Every fastcgan row times
 the data path too: a uint8 batch (pinned host memory) copied to the device and augmented (random
@@ -40,8 +41,8 @@ import torch
 from _timing import median_time
 from baselines.official_step import OfficialCycleGAN
 
-TFLOP_PER_IMAGE = 1.9  # one iteration at batch 1, 256², ResNet-9 + 70x70 PatchGAN (DESIGN.md)
-PEAK_BF16_TFLOPS = 989.0  # H100 SXM dense bf16
+TFLOP_PER_IMAGE = 1.9  # one iteration at batch 1, 256², ResNet-9 + 70x70 PatchGAN (FlopCounterMode: 1.879)
+PEAK_BF16_TFLOPS = 989.0  # H100 SXM / H200 dense bf16
 
 VARIANTS = {
     "torch-fp32": dict(kernels="torch"),

@@ -3,9 +3,10 @@
     fastcgan-translate --checkpoint runs/h2z --input photos/ --output out/
     fastcgan-translate --checkpoint g.onnx --input photo.jpg --output out/ --tile 512
 
-Outputs are PNG files with the input's size and file name (``a.jpg`` -> ``a.png``; sub-folders
-of an input directory are kept), marked with a ``Software: fastcgan-translate`` text chunk. Images of the same size are batched together. Unreadable
-images are skipped with a warning and counted, like the data loader does.
+Outputs are PNG files with the input's size (N x N with ``--load-size N``) and file name
+(``a.jpg`` -> ``a.png``; sub-folders of an input directory are kept), marked with a
+``Software: fastcgan-translate`` text chunk. Images of the same size are batched together.
+Unreadable images are skipped with a warning and counted, like the data loader does.
 
 Nothing is lost and nothing unexpected runs. Before anything is written (exit status 2, naming
 the files): an output that is, or would write over, an input file is refused (symlinks and

@@ -1,9 +1,9 @@
 """PatchNCE (CUT, Park et al. 2020) as pure functions: tensors in, a scalar tensor out.
 
 No ``.backward()``, no ``.item()``, no module state; ``lambda_NCE`` is applied by the caller.
-Inputs are the projected, L2-normalised patch features of
-:func:`fastcgan.models.patchnce.project_patches`: per layer a query ``q`` and a key ``k`` of
-shape ``(B, P, C)``, row ``p`` of both taken at the same location.
+Inputs are projected, L2-normalised patch features (:func:`fastcgan.models.patchnce.project_patches`,
+or, in the CUT recipe, ``gather_patches`` at the recipe's own patch ids and then the heads): per
+layer a query ``q`` and a key ``k`` of shape ``(B, P, C)``, row ``p`` of both taken at the same location.
 
 Numerics: the logits are computed in fp32 with autocast disabled (a bf16 dot product of unit
 vectors divided by 0.07 would carry ~0.05 absolute error into the softmax), and the keys are

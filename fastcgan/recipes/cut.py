@@ -100,8 +100,8 @@ def _flip_where(flipped: Tensor, x: Tensor) -> Tensor:
 
 
 def patch_ids(run: StepRun, feats, num_patches: int, groups: int = 1, shared: bool = False) -> list[Tensor]:
-    """:func:`~fastcgan.models.patchnce.sample_patch_ids` with ``per_image=True`` (``torch.rand``
-    + ``argsort`` on the device: no host sync, capturable), drawn for the *global* batch: ``feats``
+    """Patch ids as :func:`~fastcgan.models.patchnce.sample_patch_ids` draws them with ``per_image=True``
+    (``torch.rand`` + ``argsort`` on the device: no host sync, capturable), but for the *global* batch: ``feats``
     hold ``groups`` consecutive blocks of this process's images (``[A; B]``: 2); under DDP every
     process draws the keys of every process's images (identical seeds, identical draws) and keeps
     its own, so N processes sample what one process with the global batch samples. ``shared``: one

@@ -43,7 +43,7 @@ def _args(root, out, name, steps, *extra):
     ]  # fmt: skip
 
 
-def _train(args, nproc):
+def _train(args, nproc, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     env.pop("WORLD_SIZE", None)
     if nproc == 1:
@@ -53,7 +53,7 @@ def _train(args, nproc):
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", str(nproc), "-m", "fastcgan.train", *args,
         ]  # fmt: skip
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return r
 
@@ -155,6 +155,19 @@ def test_stray_world_size_is_a_clear_error(synth, tmp_path, world, rank, message
     assert r.returncode == 2, r.stderr[-2000:]
     assert "WORLD_SIZE" in r.stderr and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "stray").exists()
+
+
+def test_fid_evaluation_under_ddp_finishes(synth, tmp_path):
+    """Only process 0 evaluates: torchmetrics, which all-gathers its states in compute() whenever
+    a process group exists, waited there for processes that never came (the run hung at its first
+    evaluation, a default on a GPU with the metrics extra installed)."""
+    from fastcgan.metrics import metrics_available
+
+    if not metrics_available():
+        pytest.skip("metrics extra not installed")
+    _train(_args(synth, tmp_path, "fid", 2, "--eval-every", "2", "--eval-max-images", "2"), 2, timeout=300)
+    evals = [m for m in _metrics(tmp_path / "fid") if "eval" in m]
+    assert [m["step"] for m in evals] == [2] and {"fid_AtoB", "fid_BtoA"} <= set(evals[0]["eval"]), evals
 
 
 def test_batchnorm_under_ddp_says_it_normalises_per_process(synth, tmp_path):

@@ -91,8 +91,13 @@ def fid_kid_from_features(
     subset = min(int(kid_subset_size), n_fake, n_real)
     subsets = 1 if subset == n_fake == n_real else int(kid_subsets)
     out: dict[str, float] = {}
+    # The features are all here: no cross-process sync. torchmetrics all-gathers its states in
+    # compute() whenever a process group exists, and under torchrun only process 0 evaluates, so
+    # that collective waited forever for the others (a DDP run with --eval-every hung at its first
+    # evaluation).
+    local = dict(sync_on_compute=False, distributed_available_fn=lambda: False)
     if fid:
-        fid_metric = FrechetInceptionDistance(feature=PrecomputedFeatures())
+        fid_metric = FrechetInceptionDistance(feature=PrecomputedFeatures(), **local)
         fid_metric.update(real, real=True)
         fid_metric.update(fake, real=False)
         with _single_thread():
@@ -101,7 +106,8 @@ def fid_kid_from_features(
         with warnings.catch_warnings():
             # "will save all extracted features in buffer": they are 2048 floats an image here.
             warnings.filterwarnings("ignore", message=".*save all extracted features.*")
-            kid_metric = KernelInceptionDistance(feature=PrecomputedFeatures(), subsets=subsets, subset_size=subset)
+            kid_metric = KernelInceptionDistance(feature=PrecomputedFeatures(), subsets=subsets, subset_size=subset,
+                                                 **local)
         kid_metric.update(real, real=True)
         kid_metric.update(fake, real=False)
         with private_rng(seed):

@@ -98,6 +98,32 @@ def _official_features(net, x, layers):
             return feats
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_blur_upsample_compiles_forward_and_backward(channels_last):
+    """Inductor (fullgraph) on BlurUpsample + a conv, forward and backward, as the CUT step runs it:
+    with F.pad's replicate mode the compiled backward failed an assert_size_stride (a
+    channels-last gradient where a contiguous one was compiled for), so every CUT/FastCUT run
+    with --compile (the default on a GPU) crashed at its first step on the CPU."""
+    from fastcgan.models._blocks import BlurUpsample
+
+    torch.manual_seed(0)
+    up, conv = BlurUpsample(6), nn.Conv2d(6, 3, 3, padding=1)
+    x = torch.randn(2, 6, 7, 9)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    x.requires_grad_()
+
+    def f(t):
+        return conv(up(t)).square().mean()
+
+    want = F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), up.filt, stride=2, padding=2,
+                              groups=6)[:, :, 1:-1, 1:-1]  # the official Upsample's formula
+    torch.testing.assert_close(up(x), want, rtol=0, atol=0)
+    g_eager = torch.autograd.grad(f(x), x)[0]
+    torch._dynamo.reset()
+    g_compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, dynamic=False)(x), x)[0]
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("up", [True, False], ids=["antialias_up", "strided_up"])
 def test_generator_matches_the_official_antialiased_one(up):
     torch.manual_seed(0)

@@ -211,8 +211,13 @@ class BlurUpsample(nn.Module):
         self.register_buffer("filt", _binomial_filter(4, channels, gain=4.0), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.filt.to(x.dtype), stride=2,
-                               padding=2, groups=self.channels)
+        # The replicate pad as edge copies: under torch.compile (Inductor, CPU) F.pad's
+        # replication_pad2d_backward was compiled for a contiguous gradient, while the depthwise
+        # transposed conv's backward hands it a channels-last one (an assert_size_stride failure in
+        # the first CUT backward). Slices and cat: the same values, a plain-add backward.
+        x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], dim=2)
+        x = torch.cat([x[..., :1], x, x[..., -1:]], dim=3)
+        y = F.conv_transpose2d(x, self.filt.to(x.dtype), stride=2, padding=2, groups=self.channels)
         return y[:, :, 1:-1, 1:-1]
 
     def extra_repr(self) -> str:

@@ -305,6 +305,32 @@ def test_compiled_step_matches_eager_inductor(synth64):
     assert_grads_close(res[True][1], res[False][1], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("preprocess", ["none", "scale_width"])
+def test_compiled_run_trains_at_the_images_own_size(synth64, tmp_path, preprocess):
+    """--preprocess none / scale_width train at the images' size (64² here), not --crop-size (32):
+    the compiled step's image pools were allocated at crop_size² before the first batch, and the
+    first pool query failed (ImagePool: images of shape (3, 64, 64) do not match the pool's
+    (3, 32, 32)) -- on a GPU, where --compile is the default, every such run."""
+    cfg = tiny(synth64, str(tmp_path), preprocess=preprocess, load_size=64, crop_size=32, pool_size=3,
+               compile=True, compile_backend="aot_eager")
+    s = train(cfg)
+    assert s["step"] == 2
+    from fastcgan.train.checkpoint import load_checkpoint
+
+    pools = {k: v.shape for k, v in _flat(load_checkpoint(s["checkpoint"])).items() if k.endswith("images")}
+    assert pools and all(tuple(shape) == (3, 3, 64, 64) for shape in pools.values()), pools
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def test_channels_last_step_matches(synth64):
     outs = []
     for cl in (False, True):

@@ -69,6 +69,7 @@ class Execution:
     # Under CUDA-graph capture autocast must not cache weight casts across the region (PyTorch's
     # CUDA-graph notes): CUDAGraphStep turns the cache off before its warm-up.
     autocast_cache: bool = True
+    pools_allocated: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -87,6 +88,17 @@ class Execution:
 
     def fmt(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def allocate_pools(self, recipe: Recipe, cfg: TrainConfig, batch: dict[str, Tensor]) -> None:
+        """Allocate the recipe's empty image pools for fakes of ``batch``'s size, before the first
+        compiled phase runs (a compiled region must not allocate them). The batch, not
+        ``--crop-size``: ``--preprocess none`` / ``scale_width`` train at the images' own size."""
+        h, w = batch["A"].shape[-2:]
+        for name, (size, nc) in recipe.pools(cfg).items():
+            pool = self.state.pools[name]
+            if size and pool.images is None:  # a resumed pool holds its checkpoint's images already
+                pool.allocate(torch.empty(1, nc, h, w, device=self.device))
+        self.pools_allocated = True
 
     def pool_query(self, name: str, fakes: Tensor) -> Tensor:
         """Pooled fakes for this process's batch. Under DDP the pool sees the global batch (the
@@ -120,13 +132,8 @@ def compile_phases(exe: Execution, cfg: TrainConfig, recipe: Recipe) -> None:
     capture it). The networks stay plain modules (checkpoints and samples use them as they are).
 
     Under DDP the phases call DDP wrappers, whose forward Dynamo cannot trace in one graph: each
-    network is compiled instead (DDP then wraps the compiled modules). The pools are allocated
-    first so the compiled region never allocates them."""
-    s = cfg.data.crop_size
-    for name, (size, nc) in recipe.pools(cfg).items():
-        pool = exe.state.pools[name]
-        if size and pool.images is None:
-            pool.allocate(torch.empty(1, nc, s, s, device=exe.device))
+    network is compiled instead (DDP then wraps the compiled modules). The first step allocates
+    the image pools before it calls a compiled phase (:meth:`Execution.allocate_pools`)."""
     from fastcgan.ops import available_backends
 
     available_backends()  # probe the kernel backends (loads fastcgan._C) outside traced code

@@ -22,6 +22,8 @@ def train_step(exe, batch: dict[str, Tensor], recipe: Recipe, cfg) -> dict[str, 
     ``fastcgan.data.augment_batch``); returns ``{name: loss}`` for ``recipe.loss_names(cfg)``.
     With ``--compile`` each phase's forward is its compiled graph (``exe.compiled``)."""
     state = exe.state
+    if exe.compiled and not exe.pools_allocated:
+        exe.allocate_pools(recipe, cfg, batch)
     carry: dict = {}
     losses: dict[str, Tensor] = {}
     for phase in recipe.phases:

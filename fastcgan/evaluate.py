@@ -106,7 +106,9 @@ def module_translator(
     def run(x: torch.Tensor) -> torch.Tensor:
         ctx = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
         with ctx:
-            return base(x).float()
+            # .forward: eager even when the trainer compiled the module in place (DDP runs call
+            # nn.Module.compile), which would otherwise compile it again for no-grad / eval mode.
+            return base.forward(x).float()
 
     runner = CallableRunner(run, dev, torch.float32, "torch")
     return Translator(runner, spec, engine="torch", path=f"<{type(base).__name__}>", batch_size=batch_size)

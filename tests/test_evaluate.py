@@ -367,6 +367,24 @@ def test_evaluation_holds_one_chunk_not_the_test_set(tmp_path, synth, monkeypatc
     assert chunked == pytest.approx(whole) and chunked["n"] == 4
 
 
+def test_module_translator_runs_an_in_place_compiled_generator_eagerly():
+    """Under DDP the trainer compiles each network in place (nn.Module.compile); evaluating it in
+    eval mode under inference_mode compiled it once more (Dynamo's grad-mode guard): the
+    translator calls forward, eagerly, with the same output."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    g = build_generator("resnet_6blocks", ngf=4, backend="torch")
+    g.compile(backend="aot_eager")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    g(x)
+    graphs = counters["stats"]["unique_graphs"]
+    with ev.eval_mode(g), torch.inference_mode():
+        y = ev.module_translator(g, "cpu").runner(x)
+        torch.testing.assert_close(y, g.forward(x))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 # --------------------------------------------------------------------------------------------
 # --tile: large test images in tiles, as fastcgan-translate --tile
 # --------------------------------------------------------------------------------------------

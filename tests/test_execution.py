@@ -38,6 +38,15 @@ def test_amp_alone_turns_on_the_fast_path_on_a_gpu(bf16_gpu, capsys):
         assert off in line, line
 
 
+def test_the_start_line_names_the_phases_left_eager():
+    """WGAN-GP's discriminator phase (a double backward) is not compiled: the line said
+    torch.compile as for a fully compiled step."""
+    _, line = resolve_fast_path(tiny_train_config(compile=True, gan_mode="wgangp"), CPU, dataset_nbytes=1)
+    assert "torch.compile (discriminator phase eager)" in line, line
+    _, line = resolve_fast_path(tiny_train_config(compile=True), CPU, dataset_nbytes=1)
+    assert "torch.compile," in line and "eager)" not in line, line
+
+
 def test_data_on_gpu_on_a_cpu_says_where_the_data_is():
     """--data-on-gpu on a CPU keeps the decoded set in host memory; the line said 'on the GPU'."""
     _, line = resolve_fast_path(tiny_train_config(data_on_gpu=True), CPU, dataset_nbytes=1)

@@ -272,6 +272,9 @@ def resolve_fast_path(
         ("cudnn_benchmark", "cuDNN autotuning"),
     ):
         v = cfg.data.data_on_gpu if f == "data_on_gpu" else getattr(cfg.run, f)
+        if v and f == "compile":
+            eager = [ph.name for ph in get_recipe(cfg.model.recipe).phases if not ph.compilable(cfg)]
+            label += f" ({', '.join(eager)} phase eager)" if eager else ""
         if v:
             on.append(label)
     offs = [

@@ -90,6 +90,36 @@ def test_resume_is_exact(tmp_path, synth, data_on_gpu):
     assert straight["final_losses"] == second["final_losses"]
 
 
+@pytest.mark.parametrize("first, then", [(True, None), (True, False), (False, True)],
+                         ids=["bank-then-auto", "bank-then-loader", "loader-then-bank"])
+def test_resume_may_change_the_data_path(tmp_path, synth, capsys, first, then):
+    """A --data-on-gpu run (the default on a GPU) resumed where the data path comes out otherwise
+    (on a CPU, a smaller GPU, or --no-data-on-gpu because the set no longer fits) was refused
+    ('data-path generators differ'): it continues, saying that its batches are no longer the
+    uninterrupted run's; the path's new stream is seeded from (seed, step)."""
+    train(cfg_for(synth, tmp_path, "run", max_steps=3, data_on_gpu=first))
+    capsys.readouterr()
+    s = train(cfg_for(synth, tmp_path, "run", max_steps=6, data_on_gpu=then, resume="auto"))
+    assert (s["start_step"], s["step"]) == (3, 6)
+    err = capsys.readouterr().err
+    was, now = ("on", "off") if first else ("off", "on")
+    assert f"--data-on-gpu was {was} when the checkpoint was written and is {now} now" in err, err
+    bank = _final(tmp_path / "run")["rng"].get("data") or {}
+    assert ("bank" in bank) == bool(then)
+
+
+def test_auto_data_path_keeps_a_resumed_loader_run_on_the_loader():
+    """On a GPU where the set fits, auto picks the device bank, but not for a run resumed from a
+    loader checkpoint: keeping its data path keeps the resume exact."""
+    from fastcgan.train import resolve_fast_path
+
+    gpu, gib = torch.device("cuda"), 1 << 30
+    cfg = tiny_train_config(compile=False, channels_last=False, cuda_graphs=False, cudnn_benchmark=False)
+    for resumed, want in ((None, True), (True, True), (False, False)):
+        r, _ = resolve_fast_path(cfg, gpu, dataset_nbytes=gib, free_memory=80 * gib, resumed_data_on_gpu=resumed)
+        assert r.data.data_on_gpu is want, resumed
+
+
 def test_resume_after_a_crash_keeps_one_metrics_history(tmp_path, synth, capsys):
     """A run killed past its last checkpoint logged steps that the resumed run logs again (and
     maybe half a line): metrics.jsonl is cut back to the checkpoint's step first, so it holds the

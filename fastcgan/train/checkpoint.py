@@ -465,11 +465,6 @@ def restore_state(
         _check_pool(path, n, size, channels, cfg, payload["pools"][n])
     rng = payload["rng"]
     saved_data = rng.get("data") or {}
-    if set(saved_data) != set(data_generators):
-        raise CheckpointError(
-            f"checkpoint {path}: data-path generators {sorted(saved_data)} differ from this "
-            f"run's {sorted(data_generators)} (was --data-on-gpu changed?)"
-        )
 
     for n, net in state.nets.items():
         _module(net).load_state_dict(payload["nets"][n])
@@ -499,7 +494,11 @@ def restore_state(
     if rng.get("aug") is not None:
         state.aug_generator.set_state(rng["aug"])
     for k, g in data_generators.items():
-        g.set_state(saved_data[k])
+        if k in saved_data:
+            g.set_state(saved_data[k])
+        else:  # another data path than the checkpoint's (--data-on-gpu changed; the loop says so):
+            # a stream of its own from (seed, step), not the one the run started with
+            g.manual_seed((cfg.run.seed * 1_000_003 + state.step + 1) & 0x7FFF_FFFF_FFFF)
     return state
 
 

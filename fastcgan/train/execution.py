@@ -216,12 +216,15 @@ def resolve_fast_path(
     world_size: int = 1,
     dataset_nbytes: Optional[int] = None,
     free_memory: Optional[int] = None,
+    resumed_data_on_gpu: Optional[bool] = None,
 ) -> tuple[TrainConfig, str]:
     """Replace the "auto" (``None``) execution flags by what is fastest on ``device``; returns the
     resolved config and one line saying what is on and how to turn each off.
 
     ``dataset_nbytes``: the decoded uint8 training set (``None``: unknown, the bank stays off);
-    ``free_memory``: free device memory in bytes (default: queried on CUDA devices)."""
+    ``free_memory``: free device memory in bytes (default: queried on CUDA devices);
+    ``resumed_data_on_gpu``: the data path of the checkpoint a run resumes (auto keeps a loader run
+    on the loader, so that the resumed batches are the uninterrupted run's)."""
     from fastcgan.train.cuda_graphs import cuda_graphs_blocker
 
     r = cfg.run
@@ -251,7 +254,7 @@ def resolve_fast_path(
             if free_memory is None:
                 free_memory = torch.cuda.mem_get_info(device)[0]
             fits = dataset_nbytes <= DATA_ON_GPU_SHARE * free_memory
-        resolved["data_on_gpu"] = fits
+        resolved["data_on_gpu"] = fits and resumed_data_on_gpu is not False
     resolved["cudnn_benchmark"] = _cudnn_benchmark(cfg, device)
     cfg = cfg.replace(**resolved)
     if cfg.run.cuda_graphs is None:

@@ -146,7 +146,9 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             _check_same_data_everywhere(ctx, ds)
             check_image_size(cfg, ds.check_one_size())  # headers only (--preprocess none / scale_width)
             ds.check_usable()  # decodes up to the first usable image per domain
-            cfg, fast_line = resolve_fast_path(cfg, device, ctx.world_size, dataset_nbytes(cfg, ds))
+            resumed_bank = None if payload is None else "bank" in (payload["rng"].get("data") or {})
+            cfg, fast_line = resolve_fast_path(cfg, device, ctx.world_size, dataset_nbytes(cfg, ds),
+                                               resumed_data_on_gpu=resumed_bank)
             use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
             cleanup.enter_context(cudnn_autotuning(cfg, device))
             run = _Run(cfg, ctx, device, run_dir, root, ds)
@@ -325,6 +327,13 @@ class _Run:
     def loop(self, payload, ckpt_path, install_signal_handlers: bool, messages: list[str], init=None) -> dict:
         cfg, ctx, main = self.cfg, self.ctx, self.ctx.is_main
         if payload is not None:
+            saved = set(payload["rng"].get("data") or {})
+            if saved != set(self.batches.generators):
+                was, now = ("on", "off") if "bank" in saved else ("off", "on")
+                messages = messages + [
+                    f"fastcgan: note: --data-on-gpu was {was} when the checkpoint was written and is {now} now: "
+                    f"the batches from here on are not those of an uninterrupted run (--{'' if was == 'on' else 'no-'}"
+                    "data-on-gpu keeps them; on a CPU the images are then decoded once into memory)"]
             state = restore_state(payload, cfg, self.device, self.batches.generators, path=ckpt_path)
             self.best_fid = payload["extra"].get("best_fid")
         else:

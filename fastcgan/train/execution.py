@@ -93,11 +93,10 @@ class Execution:
         """Allocate the recipe's empty image pools for fakes of ``batch``'s size, before the first
         compiled phase runs (a compiled region must not allocate them). The batch, not
         ``--crop-size``: ``--preprocess none`` / ``scale_width`` train at the images' own size."""
-        h, w = batch["A"].shape[-2:]
         for name, (size, nc) in recipe.pools(cfg).items():
             pool = self.state.pools[name]
             if size and pool.images is None:  # a resumed pool holds its checkpoint's images already
-                pool.allocate(torch.empty(1, nc, h, w, device=self.device))
+                pool.allocate(torch.empty(1, nc, *batch["A"].shape[-2:], device=self.device))
         self.pools_allocated = True
 
     def pool_query(self, name: str, fakes: Tensor) -> Tensor:

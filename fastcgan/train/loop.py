@@ -330,10 +330,11 @@ class _Run:
             saved = set(payload["rng"].get("data") or {})
             if saved != set(self.batches.generators):
                 was, now = ("on", "off") if "bank" in saved else ("off", "on")
+                keep = ("--data-on-gpu keeps them; on a CPU it decodes the images once into memory" if was == "on"
+                        else "--no-data-on-gpu keeps them")
                 messages = messages + [
                     f"fastcgan: note: --data-on-gpu was {was} when the checkpoint was written and is {now} now: "
-                    f"the batches from here on are not those of an uninterrupted run (--{'' if was == 'on' else 'no-'}"
-                    "data-on-gpu keeps them; on a CPU the images are then decoded once into memory)"]
+                    f"the batches from here on are not those of an uninterrupted run ({keep})"]
             state = restore_state(payload, cfg, self.device, self.batches.generators, path=ckpt_path)
             self.best_fid = payload["extra"].get("best_fid")
         else:

@@ -77,6 +77,11 @@ def test_explicit_eval_without_a_test_split_is_a_config_error(tmp_path, synth):
     with pytest.raises(ConfigError, match="--eval-every"):
         train(tiny_train_config(str(root), tmp_path, dataset="folder", max_steps=1, eval_every=1))
     assert not (tmp_path / "run").exists()
+    if metrics_available():  # paired data: the error says how to score the run instead
+        with pytest.raises(ConfigError, match=r"score the run's test split after training: fastcgan-eval --checkpoint"):
+            train(tiny_train_config(None, tmp_path, recipe="pix2pix", preset="pix2pix", netG="resnet_6blocks",
+                                    max_steps=1, eval_every=1))
+        assert not (tmp_path / "run").exists()
 
 
 class _ScriptedEvaluator:

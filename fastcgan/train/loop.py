@@ -250,6 +250,9 @@ class _Run:
             return cfg.run.checkpoint_every if ok and has_split else 0
         if not ok or not has_split:
             why = why if not ok else f"{self.root} has no testA/ and testB/ folders"
+            if ok and self.recipe.dataset is not None:  # pix2pix / colorization: their own layout
+                why += (f" (--model {cfg.model.recipe} trains on its own layout; score the run's test split after "
+                        f"training: fastcgan-eval --checkpoint RUN --dataroot {self.root})")
             raise ConfigError(f"eval_every (--eval-every) {n}: FID/KID cannot run: {why}; use --eval-every 0")
         return n
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -82,6 +83,26 @@ def test_explicit_eval_without_a_test_split_is_a_config_error(tmp_path, synth):
             train(tiny_train_config(None, tmp_path, recipe="pix2pix", preset="pix2pix", netG="resnet_6blocks",
                                     max_steps=1, eval_every=1))
         assert not (tmp_path / "run").exists()
+        assert not list(tmp_path.glob("synthetic_*")), "refused before the built-in data was generated"
+
+
+@pytest.mark.parametrize("recipe", ["cyclegan", "pix2pix", "colorization", "cut"])
+def test_the_eval_plan_knows_which_synthetic_data_has_a_test_split(tmp_path, recipe, monkeypatch):
+    """``eval_cadence`` decides before the built-in data exists whether it will have testA/ testB/:
+    that guess must be what each recipe's generator writes."""
+    import fastcgan.metrics
+    from fastcgan.recipes import get_recipe
+    from fastcgan.train.data import prepare_dataroot, synthetic_root
+    from fastcgan.train.loop import eval_cadence
+
+    monkeypatch.setattr(fastcgan.metrics, "metrics_status", lambda: (True, ""))
+    preset = {"cyclegan": "cyclegan128", "cut": "cut"}.get(recipe, recipe)
+    cfg = tiny_train_config(None, tmp_path, recipe=recipe, preset=preset, synthetic_train=2, synthetic_test=2,
+                            eval_every=None, checkpoint_every=7, netG="resnet_6blocks")
+    every, _ = eval_cadence(cfg, get_recipe(recipe))
+    root = prepare_dataroot(cfg, get_recipe(recipe))
+    assert root == synthetic_root(cfg, get_recipe(recipe))  # the folder the run directory is checked against
+    assert (every == 7) == all(os.path.isdir(os.path.join(root, f"test{d}")) for d in "AB")
 
 
 class _ScriptedEvaluator:

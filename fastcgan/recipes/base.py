@@ -116,6 +116,7 @@ class Recipe:
     progress_keys: tuple[str, ...] = ("G", "D")  # the losses the progress bar shows
     dataset: Callable = None  # (cfg, root, phase) -> dataset; None: unaligned A/B folders
     synthetic: Callable = None  # (cfg, root) -> root of the built-in data; None: unpaired synthetic
+    synthetic_folder: str = "synthetic"  # without --dataroot it is OUTPUT_DIR/<synthetic_folder>_<load size>
     augment: Callable = None  # (uint8 batch, generator=, channels_last=, shard=, **aug) -> inputs
     deployable: Callable = None  # (trained network) -> the generator saved, scored and exported
     # Official checkpoint name -> network: EPOCH_net_NAME.pth of an official run holds that network.

@@ -22,7 +22,6 @@ with its own data and sample grid:
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 from torch import nn
@@ -75,8 +74,6 @@ def synthetic(cfg, root: str) -> str:
     from fastcgan.data import ensure_synthetic_color_dataset
 
     d = cfg.data
-    if not d.dataroot:
-        root = os.path.join(cfg.run.output_dir, f"synthetic_color_{d.load_size}")
     return ensure_synthetic_color_dataset(root, size=d.load_size, n_train=d.synthetic_train, n_test=d.synthetic_test)
 
 
@@ -103,6 +100,7 @@ RECIPE = dataclasses.replace(
     sample_rows=sample_rows,
     dataset=dataset,
     synthetic=synthetic,
+    synthetic_folder="synthetic_color",
     augment=augment,
     deployable=deployable,
 )

@@ -33,8 +33,6 @@ Data: :class:`fastcgan.data.AlignedDataset` (``root/train/`` images holding A|B 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -123,13 +121,11 @@ def dataset(cfg, root: str, phase: str = "train"):
 
 def synthetic(cfg, root: str) -> str:
     """The paired synthetic set (a scene's two renderings side by side). Without ``--dataroot``
-    it goes beside the unpaired one (``OUTPUT_DIR/synthetic_aligned_<size>``): the two layouts
-    cannot share a folder."""
+    it goes beside the unpaired one (``OUTPUT_DIR/synthetic_aligned_<size>``, the recipe's
+    ``synthetic_folder``): the two layouts cannot share a folder."""
     from fastcgan.data import ensure_synthetic_aligned_dataset
 
     d = cfg.data
-    if not d.dataroot:
-        root = os.path.join(cfg.run.output_dir, f"synthetic_aligned_{d.load_size}")
     return ensure_synthetic_aligned_dataset(
         root, size=d.load_size, n_train=d.synthetic_train, n_test=d.synthetic_test
     )
@@ -162,5 +158,6 @@ RECIPE = Recipe(
     official_networks={"G": "G", "D": "D"},
     dataset=dataset,
     synthetic=synthetic,
+    synthetic_folder="synthetic_aligned",
     augment=augment,
 )

@@ -18,15 +18,16 @@ from fastcgan.train.config import TrainConfig
 __all__ = ["build_batches", "build_dataset", "dataset_nbytes", "prepare_dataroot", "sample_images"]
 
 
-def synthetic_root(cfg: TrainConfig) -> str:
-    return cfg.data.dataroot or os.path.join(cfg.run.output_dir, f"synthetic_{cfg.data.load_size}")
+def synthetic_root(cfg: TrainConfig, recipe) -> str:
+    """Where ``dataset="synthetic"`` keeps the recipe's built-in data."""
+    return cfg.data.dataroot or os.path.join(cfg.run.output_dir, f"{recipe.synthetic_folder}_{cfg.data.load_size}")
 
 
 def prepare_dataroot(cfg: TrainConfig, recipe) -> str:
     """The dataset folder; for ``dataset="synthetic"`` the recipe's built-in data, generated
     (once) at ``load_size``."""
     if cfg.data.dataset == "synthetic":
-        root = synthetic_root(cfg)
+        root = synthetic_root(cfg, recipe)
 
         def stamp():
             try:

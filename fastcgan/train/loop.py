@@ -116,8 +116,9 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
     # --init-generator / --init-official: read and checked now (a config error before anything is
     # written); a resumed run has its weights from the checkpoint.
     init = initial_weights(cfg, get_recipe(cfg.model.recipe)) if payload is None else {}
-    check_run_dir(run_dir, synthetic_root(cfg) if cfg.data.dataset == "synthetic" else cfg.data.dataroot,
-                  has_checkpoints=bool(list_checkpoints(run_dir)))
+    synthetic = cfg.data.dataset == "synthetic"
+    data_root = synthetic_root(cfg, get_recipe(cfg.model.recipe)) if synthetic else cfg.data.dataroot
+    check_run_dir(run_dir, data_root, has_checkpoints=bool(list_checkpoints(run_dir)))
     ctx, dist_device = from_environment(cfg.run.device)
     cleanup = contextlib.ExitStack()
     try:
@@ -136,6 +137,7 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             previous_limit = get_max_image_pixels()
             set_max_image_pixels(cfg.data.max_image_pixels)
             cleanup.callback(set_max_image_pixels, previous_limit)  # the process limit as it was
+        eval_every = eval_cadence(cfg, get_recipe(cfg.model.recipe), ctx.is_main)  # before data is generated
         with RunLock(run_dir) if ctx.is_main else contextlib.nullcontext():
             # Process 0 first: it may generate the synthetic dataset, which the others then read.
             recipe = get_recipe(cfg.model.recipe)
@@ -151,7 +153,7 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
                                                resumed_data_on_gpu=resumed_bank)
             use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
             cleanup.enter_context(cudnn_autotuning(cfg, device))
-            run = _Run(cfg, ctx, device, run_dir, root, ds)
+            run = _Run(cfg, ctx, device, run_dir, root, ds, eval_every)
             return run.loop(payload, ckpt_path, install_signal_handlers, messages + [fast_line], init)
     finally:
         cleanup.close()
@@ -191,10 +193,41 @@ def run_outline(cfg: TrainConfig, nets: dict, ds, steps_per_epoch: int, total: i
     return line
 
 
+def eval_cadence(cfg: TrainConfig, recipe, is_main: bool = True) -> tuple[int, str]:
+    """``--eval-every`` resolved: (steps between FID/KID evaluations on the test split, 0 for none;
+    why none, for the start line). Auto: every checkpoint when the metrics extra is installed and
+    the data has unpaired ``testA/ testB/`` folders; an explicit request that cannot run is a
+    :class:`ConfigError`. Decided before any data is prepared (the built-in synthetic data of an
+    unpaired recipe has the split; a paired recipe's has not), so a refusal writes nothing."""
+    from fastcgan.metrics import metrics_status
+
+    n = cfg.run.eval_every
+    if n == 0 or not is_main:
+        return 0, "--eval-every 0"
+    synthetic = cfg.data.dataset == "synthetic"
+    root = synthetic_root(cfg, recipe) if synthetic else cfg.data.dataroot
+    if synthetic:
+        has_split = recipe.synthetic is None  # the unpaired generator writes testA/ and testB/
+    else:
+        has_split = all(os.path.isdir(os.path.join(root, "test" + d)) for d in "AB")
+    ok, why = metrics_status()
+    if n is None:
+        if ok and has_split:
+            return cfg.run.checkpoint_every, ""
+        return 0, f"{root} has no testA/ and testB/" if not has_split else why
+    if not ok or not has_split:
+        why = why if not ok else f"{root} has no testA/ and testB/ folders"
+        if ok and recipe.dataset is not None:  # pix2pix / colorization: their own layout
+            why += (f" (--model {cfg.model.recipe} trains on its own layout; score the run's test split after "
+                    f"training: fastcgan-eval --checkpoint RUN --dataroot {root})")
+        raise ConfigError(f"eval_every (--eval-every) {n}: FID/KID cannot run: {why}; use --eval-every 0")
+    return n, ""
+
+
 class _Run:
     """One run's pieces, built before the loop: data, state, step, logger."""
 
-    def __init__(self, cfg, ctx, device, run_dir, root, ds):
+    def __init__(self, cfg, ctx, device, run_dir, root, ds, eval_every: tuple[int, str]):
         self.cfg, self.ctx, self.device, self.run_dir, self.root = cfg, ctx, device, run_dir, root
         self.recipe = get_recipe(cfg.model.recipe)
         self.ds = ds
@@ -204,7 +237,7 @@ class _Run:
         self.total = schedule if cfg.run.max_steps is None else min(cfg.run.max_steps, schedule)
         self.last_ckpt: Optional[str] = None
         self.logger = None
-        self.eval_every = self._eval_every()
+        self.eval_every, self.eval_off = eval_every
         self.evaluator = None  # built at the first evaluation (real-image features, once per run)
         self.eval_seconds, self.last_eval, self.best_fid = 0.0, {}, None
 
@@ -229,32 +262,6 @@ class _Run:
         return (f"fastcgan: from epoch {epoch + 1} (past --epochs {cfg.optim.epochs}) the training images are "
                 f"resized to --crop-size {d.crop_size}, not cropped from --load-size {d.load_size}, as the official "
                 f"{cfg.model.recipe.upper()} once its learning rate decays")
-
-    def _eval_every(self) -> int:
-        """``--eval-every``: FID/KID on the test split. Auto: every checkpoint when the metrics
-        extra is installed and the data has unpaired ``testA/ testB/`` folders; an explicit
-        request that cannot run is a config error before training."""
-        from fastcgan.metrics import metrics_status
-
-        n, cfg = self.cfg.run.eval_every, self.cfg
-        has_split = all(os.path.isdir(os.path.join(self.root, "test" + d)) for d in "AB")
-        self.eval_off = "--eval-every 0"
-        if n == 0 or not self.ctx.is_main:
-            return 0
-        ok, why = metrics_status()
-        if n is None:
-            if not has_split:
-                self.eval_off = f"{self.root} has no testA/ and testB/"
-            elif not ok:
-                self.eval_off = why
-            return cfg.run.checkpoint_every if ok and has_split else 0
-        if not ok or not has_split:
-            why = why if not ok else f"{self.root} has no testA/ and testB/ folders"
-            if ok and self.recipe.dataset is not None:  # pix2pix / colorization: their own layout
-                why += (f" (--model {cfg.model.recipe} trains on its own layout; score the run's test split after "
-                        f"training: fastcgan-eval --checkpoint RUN --dataroot {self.root})")
-            raise ConfigError(f"eval_every (--eval-every) {n}: FID/KID cannot run: {why}; use --eval-every 0")
-        return n
 
     def _cadence(self) -> str:
         """When the run shows something, in steps (a first sample can be many minutes away)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DeviceUnavailableError", "resolve_device"]
+__all__ = ["DeviceUnavailableError", "host_available_bytes", "resolve_device"]
 
 
 class DeviceUnavailableError(ValueError, RuntimeError):
@@ -42,3 +42,22 @@ def resolve_device(spec: str) -> torch.device:
         if dev.index is not None and dev.index >= n:
             raise DeviceUnavailableError(spec, f"only {n} CUDA GPU(s) are visible (cuda:0..cuda:{n - 1})")
     return dev
+
+
+def host_available_bytes() -> int | None:
+    """Memory a process can still allocate without swapping or the OOM killer: Linux's
+    ``MemAvailable`` (free + reclaimable page cache), else free physical pages; ``None`` when
+    the platform tells neither."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None

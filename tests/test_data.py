@@ -597,6 +597,35 @@ def test_device_bank_needs_one_size(tmp_path):
     assert math.isclose(bank.nbytes, 3 * 3 * 16 * 16)
 
 
+@pytest.mark.parametrize("preprocess", ["resize_and_crop", "crop", "none", "scale_width", "scale_width_and_crop"])
+@pytest.mark.parametrize("layout", ["unaligned", "aligned", "colorization"])
+def test_the_banks_size_read_from_headers_is_the_decoded_banks(tmp_path, preprocess, layout, monkeypatch):
+    """An explicit --data-on-gpu is checked against the memory there is before anything is decoded,
+    by ``decoded_nbytes`` from the file headers: it must be what the bank then holds, in every
+    preprocess mode and layout (grey inputs, pair halves, colorization's RGB-only bank)."""
+    from fastcgan.data import AlignedDataset, ColorizationDataset
+
+    root = tmp_path / "ds"
+    if layout == "unaligned":  # one grey A domain (input_nc 1), B in RGB: 42x30 files
+        (root / "trainA").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(_rand_rgb(30, 42, i)[..., 0], mode="L").save(root / "trainA" / f"{i}.png")
+        _make_layout(tmp_path / "b", n_a=1, n_b=2, h=30, w=42)
+        (tmp_path / "b" / "trainB").rename(root / "trainB")
+        ds = UnalignedDataset(str(root), preprocess=preprocess, load_size=24, crop_size=16, input_nc=1)
+    else:  # 84x30 pair images (two 42x30 halves) or plain 42x30 colour images
+        (root / "train").mkdir(parents=True)
+        for i in range(3):
+            _save_rgb(root / "train" / f"{i}.png", h=30, w=84 if layout == "aligned" else 42, seed=i)
+        cls = AlignedDataset if layout == "aligned" else ColorizationDataset
+        ds = cls(str(root), preprocess=preprocess, load_size=24, crop_size=16)
+    monkeypatch.setattr("fastcgan.data.images.Image.Image.load", None)  # headers only: decoding would fail
+    estimate = ds.decoded_nbytes()
+    monkeypatch.undo()
+    bank = preload_to_device(ds, "cpu")
+    assert estimate == bank.nbytes > 0
+
+
 def test_header_checks_of_a_png_never_decode_its_pixels(tmp_path, monkeypatch):
     """oriented_size() asked Pillow's PNG getexif(), which decodes the whole image to look for a
     late eXIf chunk: a 1.8 MB PNG claiming 25000x25000 cost 3 GB in the "header-only" checks."""

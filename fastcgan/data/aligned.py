@@ -41,8 +41,9 @@ from fastcgan.data.datasets import (
     _list_domain,
     warn_skipped_image,
     resize_deterministic,
+    resized_size,
 )
-from fastcgan.data.device import DeviceImageBank
+from fastcgan.data.device import BankStack, DeviceImageBank
 from fastcgan.data.images import BadImageError, is_greyscale_file, open_image, oriented_size, pil_to_tensor
 
 __all__ = [
@@ -184,6 +185,17 @@ class AlignedDataset(FolderDataset):
             wh = oriented_size(p)
             yield p, None if wh is None else self._input_size(wh)
 
+    def decoded_nbytes(self) -> int:
+        """As :meth:`UnalignedDataset.decoded_nbytes`: both halves of every pair (one RGB image
+        when the target comes from the input), after the resize, from the headers."""
+        channels = 3 if self.target_from_input else self.input_nc + self.output_nc
+        total = 0
+        for _, wh in self._item_sizes():
+            if wh is not None:
+                w, h = resized_size(wh, self.preprocess, self.load_size, self.crop_size)
+                total += w * h * channels
+        return total
+
     def check_usable(self) -> None:
         self.load_resized(0)
 
@@ -273,7 +285,10 @@ def preload_aligned_to_device(
     ``augment_pair(raw["A"], raw["B"], **bank.batch_augment, generator=...)``."""
     if not isinstance(dataset, AlignedDataset):
         raise TypeError(f"preload_aligned_to_device needs an AlignedDataset, got {type(dataset).__name__}")
-    As, Bs, skipped, first = [], [], [], None
+    device = torch.device(device)
+    pin = device.type == "cuda"
+    n = len(dataset.AB_paths)
+    As, Bs, skipped, first = BankStack(n, pin), BankStack(n, pin), [], None
     for i, p in enumerate(dataset.AB_paths):
         if p in dataset._bad:
             continue
@@ -293,16 +308,12 @@ def preload_aligned_to_device(
             )
         As.append(ta)
         Bs.append(tb)
-    if not As:
+    if not As.count:
         raise DatasetError(f"no usable pair images in {dataset.dir_AB!r}")
-    A, B = torch.stack(As), torch.stack(Bs)
     crop = dataset.crop_size if "crop" in dataset.preprocess else None
-    if crop is not None and (A.shape[-1] < crop or A.shape[-2] < crop):
-        raise DatasetError(f"pair halves are {tuple(A.shape[-2:])}, smaller than crop_size {crop}")
-    device = torch.device(device)
-    pin = device.type == "cuda"
-    A = (A.pin_memory() if pin else A).to(device, non_blocking=pin)
-    B = (B.pin_memory() if pin else B).to(device, non_blocking=pin)
+    if crop is not None and (As.images.shape[-1] < crop or As.images.shape[-2] < crop):
+        raise DatasetError(f"pair halves are {tuple(As.images.shape[-2:])}, smaller than crop_size {crop}")
+    A, B = As.to(device), Bs.to(device)
     return DeviceImageBank(
         A,
         B,

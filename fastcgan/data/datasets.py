@@ -321,6 +321,19 @@ class UnalignedDataset(FolderDataset):
         for p in self.A_paths + self.B_paths:
             yield p, oriented_size(p)
 
+    def decoded_nbytes(self) -> int:
+        """uint8 bytes of every training image after the deterministic resize (what the
+        ``--data-on-gpu`` bank holds), from the file headers: nothing is decoded; a file whose
+        header is unreadable counts nothing (the decoder skips it)."""
+        total = 0
+        for paths, nc in ((self.A_paths, self.input_nc), (self.B_paths, self.output_nc)):
+            for p in paths:
+                wh = oriented_size(p)
+                if wh is not None:
+                    w, h = resized_size(wh, self.preprocess, self.load_size, self.crop_size)
+                    total += w * h * nc
+        return total
+
     def check_usable(self) -> None:
         self.load_resized("A", 0)
         self.load_resized("B", 0)

@@ -102,9 +102,31 @@ class DeviceImageBank:
         return {"A": self.A.index_select(0, idx_a), "B": self.B.index_select(0, idx_b)}
 
 
-def _stack_domain(ds: UnalignedDataset, domain: str) -> tuple[torch.Tensor, list[str]]:
+class BankStack:
+    """The images of one domain stacked as they are decoded, into one uint8 tensor allocated at
+    the first image (pinned when bound for a GPU): the host holds the set once. (A list then
+    ``torch.stack`` then ``pin_memory`` held it three times over.)"""
+
+    def __init__(self, capacity: int, pin: bool):
+        self.capacity, self.pin, self.count = capacity, pin, 0
+        self.images: torch.Tensor | None = None
+
+    def append(self, t: torch.Tensor) -> None:
+        if self.images is None:
+            self.images = torch.empty((self.capacity, *t.shape), dtype=torch.uint8, pin_memory=self.pin)
+        self.images[self.count] = t
+        self.count += 1
+
+    def to(self, device: torch.device) -> torch.Tensor:
+        # Unreadable files leave the last slots empty: the view drops them (their bytes stay
+        # allocated until the copy is freed; a skipped file costs one image slot).
+        host = self.images[: self.count]
+        return host if device.type == "cpu" else host.to(device, non_blocking=self.pin)
+
+
+def _stack_domain(ds: UnalignedDataset, domain: str, pin: bool) -> tuple[BankStack, list[str]]:
     paths = ds.A_paths if domain == "A" else ds.B_paths
-    images, skipped, first = [], [], None
+    stack, skipped, first = BankStack(len(paths), pin), [], None
     for i, p in enumerate(paths):
         if p in ds._bad:
             continue
@@ -120,10 +142,10 @@ def _stack_domain(ds: UnalignedDataset, domain: str) -> tuple[torch.Tensor, list
                 f"--data-on-gpu needs one image size per domain: {p!r} is {tuple(t.shape)} after "
                 f"preprocess={ds.preprocess!r} but {first[0]!r} is {first[1]}; use preprocess='resize_and_crop'"
             )
-        images.append(t)
-    if not images:
+        stack.append(t)
+    if not stack.count:
         raise DatasetError(f"no readable images for domain {domain} of {ds.root!r}")
-    return torch.stack(images), skipped
+    return stack, skipped
 
 
 def preload_to_device(dataset: UnalignedDataset, device, shuffle: bool | None = None) -> DeviceImageBank:
@@ -140,18 +162,17 @@ def preload_to_device(dataset: UnalignedDataset, device, shuffle: bool | None = 
         return preload_aligned_to_device(dataset, device, shuffle)
     if dataset.preprocess not in ("resize_and_crop", "crop", "scale_width_and_crop", "scale_width", "none"):
         raise DatasetError(f"unsupported preprocess {dataset.preprocess!r}")
-    A, skip_a = _stack_domain(dataset, "A")
-    B, skip_b = _stack_domain(dataset, "B")
+    device = torch.device(device)
+    pin = device.type == "cuda"
+    A, skip_a = _stack_domain(dataset, "A", pin)
+    B, skip_b = _stack_domain(dataset, "B", pin)
     crop = dataset.crop_size if "crop" in dataset.preprocess else None
-    for name, t in (("A", A), ("B", B)):
+    for name, t in (("A", A.images), ("B", B.images)):
         if crop is not None and (t.shape[-1] < crop or t.shape[-2] < crop):
             raise DatasetError(
                 f"domain {name} images are {tuple(t.shape[-2:])}, smaller than crop_size {crop}"
             )
-    device = torch.device(device)
-    pin = device.type == "cuda"
-    A = (A.pin_memory() if pin else A).to(device, non_blocking=pin)
-    B = (B.pin_memory() if pin else B).to(device, non_blocking=pin)
+    A, B = A.to(device), B.to(device)
     return DeviceImageBank(
         A,
         B,

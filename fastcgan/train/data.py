@@ -7,6 +7,7 @@ import hashlib
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -53,11 +54,13 @@ def build_dataset(cfg: TrainConfig, root: str, phase: str = "train", recipe=None
     return (recipe or get_recipe(cfg.model.recipe)).build_dataset(cfg, root, phase)
 
 
-def dataset_nbytes(cfg: TrainConfig, ds):
-    """Bytes of the decoded uint8 training set on the device (``--data-on-gpu``), or ``None`` when
-    the preprocessing keeps per-image sizes (the bank needs one size)."""
+def dataset_nbytes(cfg: TrainConfig, ds, read_headers: bool = False) -> Optional[int]:
+    """Bytes of the decoded uint8 training set that ``--data-on-gpu`` holds: counted for
+    ``resize_and_crop`` (every image comes out at ``load_size``²); in the modes that keep each
+    image's own size, read from every file's header when ``read_headers`` (an explicit request),
+    else ``None``."""
     if cfg.data.preprocess != "resize_and_crop":
-        return None
+        return ds.decoded_nbytes() if read_headers else None
     s = cfg.data.load_size
     if isinstance(ds, AlignedDataset):  # one pair image holds one A and one B (colorization: A only)
         return len(ds) * (3 if ds.target_from_input else cfg.model.input_nc + cfg.model.output_nc) * s * s

@@ -149,8 +149,9 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             check_image_size(cfg, ds.check_one_size())  # headers only (--preprocess none / scale_width)
             ds.check_usable()  # decodes up to the first usable image per domain
             resumed_bank = None if payload is None else "bank" in (payload["rng"].get("data") or {})
-            cfg, fast_line = resolve_fast_path(cfg, device, ctx.world_size, dataset_nbytes(cfg, ds),
-                                               resumed_data_on_gpu=resumed_bank)
+            # An explicit --data-on-gpu reads every header when the images keep their sizes.
+            nbytes = dataset_nbytes(cfg, ds, read_headers=bool(cfg.data.data_on_gpu))
+            cfg, fast_line = resolve_fast_path(cfg, device, ctx.world_size, nbytes, resumed_data_on_gpu=resumed_bank)
             use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
             cleanup.enter_context(cudnn_autotuning(cfg, device))
             run = _Run(cfg, ctx, device, run_dir, root, ds, eval_every)

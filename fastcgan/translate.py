@@ -114,7 +114,7 @@ def _is_output_of_ours(path: str) -> bool:
     try:
         # open() reads the chunks before the pixel data into .info (ours are written there);
         # .text would decode the whole image to find chunks after it.
-        with Image.open(path) as im:
+        with Image.open(path, formats=("PNG",)) as im:
             return im.format == "PNG" and im.info.get(OUTPUT_MARK[0]) == OUTPUT_MARK[1]
     except Exception:  # noqa: BLE001 - unreadable: not one of ours
         return False

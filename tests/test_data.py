@@ -646,6 +646,35 @@ def test_header_checks_of_a_png_never_decode_its_pixels(tmp_path, monkeypatch):
     assert oriented_size(str(tmp_path / "plain.png")) == (40, 20) == image_size(str(tmp_path / "plain.png"))
 
 
+def test_a_file_pillow_would_open_as_another_format_is_refused_unread(tmp_path, monkeypatch):
+    """Pillow goes by the content: an ICO named a.png was opened as ICO, whose open() decodes the
+    PNG inside before any size check (a 1.1 MB file wrapping 20000x20000 took 2.3 GB in the header
+    check). Only the formats of the accepted extensions are opened now; a GIF named .png still is."""
+    import io
+    import struct
+
+    from PIL import PngImagePlugin
+
+    from fastcgan.data.images import image_size, open_image, oriented_size
+
+    png = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(png, format="PNG")
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png.getvalue()), 22)
+    (tmp_path / "a.png").write_bytes(ico + png.getvalue())
+    Image.new("RGB", (30, 20), (9, 9, 9)).save(tmp_path / "g.png", format="GIF")
+
+    def no_decode(self):
+        raise AssertionError("decoded the PNG inside an ICO")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decode)
+    assert image_size(str(tmp_path / "a.png")) is None and oriented_size(str(tmp_path / "a.png")) is None
+    with pytest.raises(BadImageError, match=r"a\.png: not an image in a format read here \(JPEG, PNG, PPM"):
+        open_image(str(tmp_path / "a.png"))
+    monkeypatch.undo()
+    assert image_size(str(tmp_path / "g.png")) == (30, 20)
+    assert np.asarray(open_image(str(tmp_path / "g.png")))[0, 0].tolist() == [9, 9, 9]
+
+
 def test_images_without_an_honest_8_bit_conversion_are_named_errors(tmp_path):
     """32-bit integer samples were clipped at 65535 (a 0..2^31 ramp read as 0,255,255,...), and a
     CIELab TIFF read as one channel was a raw ValueError from the conversion."""

@@ -39,6 +39,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Lower-case, with the dot. The official loader's list (jpg, jpeg, png, ppm, bmp, tif, tiff) plus webp.
 IMG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp"})
+# What Pillow may open such a file as (it goes by the content, not the name): those formats (JPEG
+# includes a phone's multi-picture MPO; GIF: a GIF named .png was always read, its first frame).
+# Others are refused unread: some decode everything inside open(), before any size check (an ICO
+# wrapping a 20000x20000 PNG took 2.3 GB in the header check from a 1.1 MB file).
+IMAGE_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 
 _WHITE = (255, 255, 255)
 logger = logging.getLogger("fastcgan.data")
@@ -118,7 +123,7 @@ def _header_info(path: str, oriented: bool) -> tuple[tuple[int, int], str] | Non
             # lifted for the open; open_image applies the limit before it decodes anything.
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
-                src = Image.open(os.fspath(path))
+                src = Image.open(os.fspath(path), formats=IMAGE_FORMATS)
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
             with src:
@@ -258,7 +263,7 @@ def open_image(path: str, channels: int = 3, max_pixels: int | None = None) -> I
             # Pillow's DecompressionBombWarning is replaced by our own limit, checked just below
             # on the header's size before load() decodes anything.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as src:
+            with Image.open(path, formats=IMAGE_FORMATS) as src:
                 check_image_pixels(path, src.size, max_pixels)
                 src.load()  # force a full decode here: truncated data fails now, not in a worker later
                 img = src
@@ -272,7 +277,7 @@ def open_image(path: str, channels: int = 3, max_pixels: int | None = None) -> I
     except BadImageError:
         raise
     except UnidentifiedImageError:
-        raise BadImageError(path, "not a recognised image format") from None
+        raise BadImageError(path, f"not an image in a format read here ({', '.join(IMAGE_FORMATS)})") from None
     except Image.DecompressionBombError as e:
         # Pillow's own backstop (twice PIL.Image.MAX_IMAGE_PIXELS), met before our check: report
         # our limit when it is the one exceeded, Pillow's when a per-call limit is above it.

@@ -145,3 +145,41 @@ def test_huge_extended_tar_header_is_refused_unread(server, tmp_path):
         download_dataset("facades", str(root), url=server.base, sha256=hashlib.sha256(data).hexdigest(),
                          progress=False, backoff=0.0, collection="pix2pix")
     assert not root.exists()
+
+
+@pytest.mark.parametrize("form", ["gnu", "pax-1.0"])
+def test_sparse_tar_members_are_refused_before_their_block_maps_are_read(server, tmp_path, form):
+    """A sparse member's block map is read into memory as long as the archive says: a 3.5 MB
+    gzip of one GNU sparse header and 2 million extension blocks grew past 6 GB in tarfile's
+    next(), then spun for minutes. No dataset archive holds a sparse file: refused, nothing written."""
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    if form == "gnu":
+        member = tarfile.TarInfo("facades/train/1.jpg")
+        member.type = tarfile.GNUTYPE_SPARSE
+        block = bytearray(member.tobuf(format=tarfile.GNU_FORMAT))
+        block[482] = 1  # "isextended": extension blocks of 21 (offset, size) pairs follow
+        block[148:156] = b"        "
+        block[148:156] = b"%06o\0 " % sum(block)
+        extension = bytearray(512)
+        extension[504] = 1  # and another one after it, 2,000 times (the audit's archive: 2 million)
+        raw.write(bytes(block) + bytes(extension) * 2000)
+    else:
+        pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "facades/train/1.jpg",
+               "GNU.sparse.realsize": "1"}
+        member = tarfile.TarInfo("facades/train/GNUSparseFile.0/1.jpg")
+        member.size, member.pax_headers = 512 * 2000, pax
+        raw.write(member.tobuf(format=tarfile.PAX_FORMAT))
+        raw.write(b"999999999999\n" + b"\0" * (512 * 2000 - 13))  # the map's entry count, then its "entries"
+    raw.write(b"\0" * 1024)
+    data = gzip.compress(raw.getvalue())
+    server.files["/data/facades.tar.gz"] = data
+    root = tmp_path / "root"
+    refused = r"not a valid tar\.gz archive: sparse member 'facades/train/(GNUSparseFile\.0/)?1\.jpg'"
+    with pytest.raises(dl.DownloadError, match=refused):
+        download_dataset("facades", str(root), url=server.base, sha256=hashlib.sha256(data).hexdigest(),
+                         progress=False, backoff=0.0, collection="pix2pix")
+    assert not root.exists()

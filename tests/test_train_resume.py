@@ -140,6 +140,26 @@ def test_resume_after_a_crash_keeps_one_metrics_history(tmp_path, synth, capsys)
     assert json.loads(metrics.read_text().splitlines()[2])["G"] != 1.0
 
 
+def test_cutting_back_metrics_streams_and_survives_foreign_lines(tmp_path):
+    """The cut-back read the whole file (1.6x a 0.5 GB metrics.jsonl in memory on resume); a
+    deeply nested line was a RecursionError and ``"step": "x"`` a TypeError, both tracebacks."""
+    import json
+
+    import fastcgan.train.logging as logging_mod
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "G": 0.5}) + "\n" for s in (1, 2, 3)]
+    path.write_text("".join(good))
+    before = os.stat(path)
+    logging_mod._drop_records_after(str(path), 3)
+    assert path.read_text() == "".join(good) and os.stat(path).st_mtime_ns == before.st_mtime_ns  # untouched
+    over_long = '{"G": ' + "1" * logging_mod._MAX_RECORD + "}\n"  # dropped, read in pieces
+    foreign = ["[" * 50_000 + "\n", '{"step": "x"}\n', '{"step": true}\n', over_long, "7\n"]
+    path.write_text(good[0] + "".join(foreign) + good[1] + json.dumps({"step": 9}) + "\n" + good[2][:-1])
+    logging_mod._drop_records_after(str(path), 3)
+    assert path.read_text() == good[0] + "7\n" + good[1] + good[2]
+
+
 def _snapshot(d):
     out = {}
     for root, _, files in os.walk(d):

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from fastcgan.fileio import atomic_write
+from fastcgan.fileio import atomic_writer
 
 
 class LossAccumulator:
@@ -69,24 +69,47 @@ def sample_grid(exe, recipe, images: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 
+# A metrics.jsonl record is ~300 bytes; a longer "line" is not one of ours (read in pieces, dropped).
+_MAX_RECORD = 1 << 16
+
+
+def _lines(f):
+    """Each line of ``f`` (the last may lack its newline), ``None`` for one over _MAX_RECORD:
+    never more than one record in memory."""
+    while line := f.readline(_MAX_RECORD):
+        if len(line) == _MAX_RECORD and not line.endswith(b"\n"):
+            while (rest := f.readline(_MAX_RECORD)) and not rest.endswith(b"\n"):
+                pass
+            line = None
+        yield line
+
+
 def _drop_records_after(path: str, step: int) -> None:
     """A run resumed at ``step`` logs the steps after it again: the records an interrupted run
-    wrote past its last checkpoint (and a line cut short by a crash) are removed first, so
-    ``metrics.jsonl`` keeps one history with increasing steps."""
+    wrote past its last checkpoint (and a line cut short by a crash, or one that is not a record)
+    are removed first, so ``metrics.jsonl`` keeps one history with increasing steps. Streamed:
+    a long run's file (1.5 M lines at --log-every 1, 0.5 GB) is never held in memory."""
+
+    def kept(line) -> bool:
+        try:
+            record = json.loads(line) if line is not None else None
+        except (ValueError, RecursionError):
+            return False  # cut short by a crash, or not JSON
+        if not isinstance(record, dict):
+            return line is not None
+        s = record.get("step", 0)
+        return isinstance(s, (int, float)) and not isinstance(s, bool) and s <= step
+
     if not os.path.exists(path):
         return
     with open(path, "rb") as f:
-        lines = f.read().splitlines(keepends=True)
-    keep = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # cut short by a crash
-        if not isinstance(record, dict) or record.get("step", 0) <= step:
-            keep.append(line if line.endswith(b"\n") else line + b"\n")
-    if keep != lines:
-        atomic_write(path, b"".join(keep))
+        if all(line is not None and line.endswith(b"\n") and kept(line) for line in _lines(f)):
+            return  # nothing to drop: the file stays as it is (the usual resume)
+        f.seek(0)
+        with atomic_writer(path) as out:
+            for line in _lines(f):
+                if kept(line):
+                    out.write(line if line.endswith(b"\n") else line + b"\n")
 
 
 def _fmt_num(x: float) -> str:
@@ -204,8 +227,6 @@ class RunLogger:
     def sample(self, step: int, grid: torch.Tensor) -> str:
         """Save a [0, 1] image grid as ``samples/step_<step>.png`` (and to TensorBoard)."""
         from torchvision.utils import save_image
-
-        from fastcgan.fileio import atomic_writer
 
         path = os.path.join(self.run_dir, "samples", f"step_{step:09d}.png")
         with atomic_writer(path) as f:

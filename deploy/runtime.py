@@ -41,6 +41,15 @@ from fastcgan.deploy.tiling import (DEFAULT_TILE_OVERLAP, MAX_TILES, check_tile_
 from torch import Tensor, nn
 
 ENGINES = ("torch", "compiled", "onnx", "trt", "aoti")
+# One forward pass takes at most this many (padded) input pixels, one image at least (tiles are
+# batched the same way). A generator's activations are ~300x its input (ResNet-9 ngf 64, fp32, on
+# a CPU: ~0.9 KB per pixel, 3.6 GB here), so a batch counted in images alone asked ~90 GB for
+# --batch-size 8 of 12-Mpx photos. Batch 32 at 256² (2 Mpx) is unaffected.
+BATCH_PIXELS = 1 << 22
+
+
+class InferenceMemoryError(RuntimeError):
+    """The engine ran out of memory on a forward pass; the message says how to make it smaller."""
 DEFAULT_ENGINE = {"run": "torch", "safetensors": "torch", "checkpoint": "torch", "onnx": "onnx", "engine": "trt",
                   "aoti": "aoti"}
 _ALLOWED = {
@@ -292,9 +301,20 @@ class Translator:
             xp = F.pad(x.float() if mode == "replicate" and x.dtype != torch.float32 else x, (0, pw, 0, ph), mode=mode)
             x = xp.to(x.dtype)
         outs = []
-        step = min(self.batch_size, self.runner.max_batch)
+        step = max(1, min(self.batch_size, self.runner.max_batch, BATCH_PIXELS // (th * tw)))
         for i in range(0, x.shape[0], step):
-            outs.append(self.runner(x[i:i + step]))
+            try:
+                outs.append(self.runner(x[i:i + step]))
+            except (MemoryError, RuntimeError) as e:
+                if not _out_of_memory(e):
+                    raise
+                n = min(step, x.shape[0] - i)
+                hint = "--batch-size 1, or " if n > 1 else ""
+                hint += (f"a --tile smaller than {self.tile}" if self.tile else
+                         "tiles (--tile 512: the image in overlapping 512x512 pieces, blended)")
+                why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                raise InferenceMemoryError(f"out of memory on {self.device} running the generator on a batch of {n} "
+                                           f"at {h}x{w} ({why}); use {hint}") from None
         y = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         if y.shape[1] != self.output_nc and self.output_nc:
             raise ArtifactError(self.path, f"engine returned {y.shape[1]} channels, expected {self.output_nc}")
@@ -721,3 +741,12 @@ def _onnx_like_runner(path, engine, dev, spec, fp16, bf16, threads, keep):
     eng = build_engine(path, os.path.join(tmp.name, "g.engine"), spec, fp16=fp16, bf16=bf16)
     r = TrtRunner(eng, dev)
     return r, r.spec
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (torch's CPU allocator and CUDA, onnxruntime, Python)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return any(s in text for s in ("can't allocate memory", "out of memory", "failed to allocate memory",
+                                   "bad_alloc"))

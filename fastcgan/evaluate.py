@@ -643,6 +643,7 @@ def _finite_or_none(v):
 @interruptible("fastcgan-eval")
 def main(argv: list[str] | None = None) -> int:
     from fastcgan.deploy import ArtifactError
+    from fastcgan.deploy.runtime import InferenceMemoryError
     from fastcgan.deploy.tensorrt import TensorRTUnavailable
     from fastcgan.deploy.tiling import check_tile_args, default_overlap
     from fastcgan.fileio import WriteError
@@ -703,6 +704,9 @@ def main(argv: list[str] | None = None) -> int:
             InceptionWeightsError, TensorRTUnavailable) as e:
         print(f"fastcgan-eval: error: {e}", file=sys.stderr)
         return 2
+    except InferenceMemoryError as e:
+        print(f"fastcgan-eval: error: {e}", file=sys.stderr)
+        return 1
     scored = [res[name] for name, _, _ in DIRECTIONS if isinstance(res.get(name), dict)]
     if a.no_fid and scored and all(set(r) <= {"n", "skipped"} for r in scored):
         print(f"fastcgan-eval: error: nothing to score with --no-fid: {a.checkpoint} holds one generator (no cycle to "

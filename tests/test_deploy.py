@@ -730,6 +730,66 @@ def test_load_and_translate_batch_check_their_numbers_first(run_dir, monkeypatch
             tr.translate_batch([torch.zeros(1, 3, 16, 16)], batch_size=bad)
 
 
+def test_a_forward_pass_is_bounded_in_pixels_not_only_in_images(run_dir, monkeypatch):
+    """Activations are ~300x the input: eight 12-Mpx photos at --batch-size 8 asked ~90 GB. A pass
+    takes at most BATCH_PIXELS (one image at least); outputs are the same (per-image norms)."""
+    from fastcgan.deploy import runtime
+
+    tr = load(str(run_dir), device="cpu", batch_size=8)
+    images = [torch.rand(1, 3, 32, 32) * 2 - 1 for _ in range(5)]
+    whole = [y.clone() for y in tr.translate_batch(images)]
+    calls = []
+    real = tr.runner.__call__
+
+    def counted(x):
+        calls.append(x.shape[0])
+        return real(x)
+
+    monkeypatch.setattr(tr, "runner", runtime.CallableRunner(counted, tr.runner.device, tr.runner.dtype, "counted"))
+    monkeypatch.setattr(runtime, "BATCH_PIXELS", 2 * 32 * 32 + 5)
+    split = tr.translate_batch(images)
+    assert calls == [2, 2, 1]
+    torch.testing.assert_close(torch.cat(split), torch.cat(whole), rtol=1e-5, atol=1e-6)
+    calls.clear()
+    monkeypatch.setattr(runtime, "BATCH_PIXELS", 10)  # a larger image than the budget: alone
+    tr.translate_batch(images[:2])
+    assert calls == [1, 1]
+
+
+def test_running_out_of_memory_says_how_to_translate_smaller(run_dir, tmp_path, monkeypatch, capsys):
+    """An allocation failure in the generator was a traceback in fastcgan-eval and a bare torch
+    message in fastcgan-translate: both now name the size and the flags that make it fit."""
+    from PIL import Image
+
+    from fastcgan.deploy import runtime
+    from fastcgan.evaluate import main as evaluate
+    from fastcgan.translate import main as translate
+
+    def no_memory(self, x):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+
+    tr = load(str(run_dir), device="cpu", batch_size=4)
+    monkeypatch.setattr(type(tr.runner), "__call__", no_memory)
+    with pytest.raises(runtime.InferenceMemoryError, match=r"out of memory on cpu running the generator on a batch "
+                       r"of 2 at 24x20 \(\[enforce fail .* can't allocate memory.*\); "
+                       r"use --batch-size 1, or tiles \(--tile 512"):
+        tr.translate_batch([torch.rand(1, 3, 24, 20) * 2 - 1] * 2)
+    for split in ("testA", "testB"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        Image.new("RGB", (40, 36)).save(tmp_path / "data" / split / "a.png")
+    argv = ["--checkpoint", str(run_dir), "--device", "cpu", "--no-progress", "--tile", "32"]
+    assert translate([*argv, "--input", str(tmp_path / "data" / "testA"), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "error: translating " + str(tmp_path / "data" / "testA" / "a.png") in err
+    assert "out of memory on cpu running the generator on a batch of 4 at 32x32" in err  # 2x2 tiles
+    assert "use --batch-size 1, or a --tile smaller than 32" in err
+    assert evaluate(["--checkpoint", str(run_dir), "--dataroot", str(tmp_path / "data"), "--no-fid",
+                     "--device", "cpu"]) == 1
+    assert "fastcgan-eval: error: out of memory on cpu running the generator on a batch of 1 at 36x40" in (  # H x W
+        capsys.readouterr().err)
+
+
 def test_trt_verify_sizes_outside_the_profile_are_refused_not_dropped(capsys):
     """The TensorRT verification kept only the --verify-sizes inside the engine's profile, without
     a word. Checked with the arguments (TensorRT itself needs a GPU)."""

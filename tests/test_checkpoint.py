@@ -321,3 +321,53 @@ def test_sigkill_during_write_leaves_previous_checkpoint(tmp_path):
     payload = load_checkpoint(latest)
     st = restore_state(payload, cfg, DEV, {}, path=latest)
     assert st.step == 1
+
+
+def _tiny(**kw):
+    base = dict(load_size=36, pool_size=2, use_dropout=True, epochs=1, epochs_decay=3, keep_last=3)
+    return tiny_train_config(**{**base, **kw})
+
+
+def _fresh(cfg, seed=0):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return build_state(cfg, DEV)
+
+
+def test_numpy_gaussian_cache_is_restored(tmp_path):
+    """numpy's legacy normal sampler caches every second draw (has_gauss / cached_gaussian in its
+    state): a resume must restore that cache too, or the next np.random.randn differs."""
+    cfg = _tiny()
+    st = _fresh(cfg, seed=5)
+    np.random.randn()  # an odd number of normal draws: the second one is now cached
+    path = save_checkpoint(st, cfg, str(tmp_path), {}, {})
+    expect = np.random.randn(3)
+    np.random.randn(4)
+    restore_state(load_checkpoint(path), cfg, DEV, {}, path=path)
+    assert np.array_equal(np.random.randn(3), expect)
+
+
+def test_removed_tensor_is_named_as_the_damage(tmp_path):
+    """A tensor missing from a checkpoint (its digest still listing it) is reported by name, not as
+    damaged metadata."""
+    cfg = _tiny()
+    path = save_checkpoint(_fresh(cfg), cfg, str(tmp_path), {}, {})
+    payload = torch.load(path, weights_only=True)
+    key = next(iter(payload["nets"]["G_AB"]))
+    del payload["nets"]["G_AB"][key]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=f"tensor nets/G_AB/{key} does not match"):
+        load_checkpoint(path)
+
+
+def test_optimizer_state_for_a_parameter_past_the_last_is_refused(tmp_path):
+    """Optimizer state keyed by an index one past the last parameter belongs to no parameter (torch's
+    load_state_dict would keep it silently): refused before anything is applied."""
+    cfg = _tiny()
+    path = save_checkpoint(_fresh(cfg), cfg, str(tmp_path), {}, {})
+    payload = load_checkpoint(path)
+    n = sum(len(g["params"]) for g in payload["optimizers"]["G"]["param_groups"])
+    payload["optimizers"]["G"]["state"][n] = {"step": torch.tensor(1.0)}
+    with pytest.raises(CheckpointError, match="state for no parameter"):
+        restore_state(payload, cfg, DEV, {}, path=path)

@@ -25,6 +25,8 @@ from fastcgan.data import (
     to_uint8,
 )
 from fastcgan.data.datasets import SkippedImageWarning
+from fastcgan.data.datasets import resized_size
+from fastcgan.data.device import DeviceImageBank
 
 
 def _rand_rgb(h, w, seed=0):
@@ -732,3 +734,66 @@ def test_epoch_sampler_reshuffles_each_epoch_and_resumes_mid_epoch():
     r0, r1 = order(1, rank=0, world=2, global_batch=4), order(1, rank=1, world=2, global_batch=4)
     assert r0 == [i for k in range(0, 12, 4) for i in e1[k:k + 2]]  # each global batch of 4: 2 per rank
     assert r1 == [i for k in range(0, 12, 4) for i in e1[k + 2:k + 4]]
+
+
+def _numbered(n):
+    """uint8 images whose every pixel is their index."""
+    return torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+
+
+def test_scale_width_raises_a_short_image_to_the_crop_size():
+    """An image already load_size wide but shorter than crop_size still gets its height raised
+    (the official __scale_width keeps only a full match)."""
+    assert resized_size((64, 20), "scale_width", 64, 32) == (64, 32)
+    assert resized_size((64, 40), "scale_width", 64, 32) == (64, 40)
+
+
+def test_device_bank_serial_batches_walk_domain_b_in_order():
+    bank = DeviceImageBank(_numbered(3), _numbered(5), length=5, batch_augment={"crop_size": None, "flip": False},
+                           shuffle=False, serial_batches=True)
+    got = bank.sample_batch(5, 0)
+    assert got["A"][:, 0, 0, 0].tolist() == [0, 1, 2, 0, 1]
+    assert got["B"][:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_device_bank_draws_a_new_permutation_every_epoch():
+    bank = DeviceImageBank(_numbered(8), _numbered(8), length=8, batch_augment={"crop_size": None, "flip": False})
+    e0, e1, e2 = (bank.sample_batch(8, s)["A"][:, 0, 0, 0].tolist() for s in range(3))
+    assert sorted(e0) == sorted(e1) == sorted(e2) == list(range(8))
+    assert len({tuple(e0), tuple(e1), tuple(e2)}) == 3
+    assert bank.sample_batch(8, 1)["A"][:, 0, 0, 0].tolist() == e1
+
+
+def test_device_bank_epoch_is_the_larger_domain(tmp_path):
+    root = _make_layout(tmp_path / "ds", n_a=2, n_b=5)
+    ds = UnalignedDataset(root, load_size=16, crop_size=16)
+    bank = preload_to_device(ds, "cpu")
+    assert len(bank) == len(ds) == 5
+
+
+def test_a_bad_file_is_reported_once_not_at_every_read(tmp_path):
+    root = tmp_path / "ds"
+    _make_layout(root, n_a=2, n_b=2)
+    (root / "trainA" / "A000.png").write_bytes(b"not a png")
+    ds = UnalignedDataset(str(root), load_size=16, crop_size=16, serial_batches=True)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        first = ds[0]
+    assert first["skipped"] == (str(root / "trainA" / "A000.png"),)
+    assert sum(issubclass(w.category, SkippedImageWarning) for w in rec) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SkippedImageWarning)  # no second warning, no second decode
+        again = ds[0]
+    assert again["skipped"] == () and again["A_path"] == first["A_path"]
+
+
+def test_augment_batch_shards_are_slices_of_the_global_batch():
+    """shard=(rank, world): process rank augments its slice of the global batch exactly as one
+    process augmenting the whole batch (2 images per process, so rank offsets are b-sized)."""
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=g)
+    whole = augment_batch(imgs, 8, True, generator=torch.Generator().manual_seed(3))
+    for rank in range(2):
+        part = augment_batch(imgs[2 * rank: 2 * rank + 2], 8, True, generator=torch.Generator().manual_seed(3),
+                             shard=(rank, 2))
+        assert torch.equal(part, whole[2 * rank: 2 * rank + 2]), rank

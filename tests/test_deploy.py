@@ -17,6 +17,8 @@ from fastcgan.deploy._common import _model_config, spec_for_model
 from fastcgan.deploy.runtime import OrtRunner, from_model
 
 from fastcgan.models import build_generator, save_generator, save_official_generator
+from fastcgan.deploy._common import GeneratorSpec
+from fastcgan.deploy.onnx_export import default_verify_shapes
 
 FP32_TOL = 1e-4
 STANDARD_OPS = {"Conv", "ConvTranspose", "InstanceNormalization", "BatchNormalization", "Relu", "LeakyRelu",
@@ -840,3 +842,17 @@ def test_a_model_in_training_mode_is_translated_in_eval_mode():
     torch.testing.assert_close(tr(x), tr(x), rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(tr(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_report_fails_any_error_over_the_tolerance(capsys):
+    shape = (1, 3, 32, 32)
+    assert cli._report("onnxruntime", [(shape, 1e-4)], 1e-4)  # at the tolerance: ok
+    assert not cli._report("onnxruntime", [(shape, 5e-5), (shape, 2e-4)], 1e-4)  # 2x over: fails
+    assert "OVER TOLERANCE" in capsys.readouterr().out
+
+
+def test_static_verify_shapes_take_batch_two_up_to_the_pixel_limit():
+    spec = GeneratorSpec(static_hw=(16, 24))
+    assert default_verify_shapes(spec, max_pixels=2 * 16 * 24) == [(1, 16, 24), (2, 16, 24)]
+    assert default_verify_shapes(spec, max_pixels=2 * 16 * 24 - 1) == [(1, 16, 24)]
+    assert default_verify_shapes(spec) == [(1, 16, 24), (2, 16, 24)]

@@ -162,3 +162,14 @@ def test_cuda_query_never_synchronises():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.device.type == "cuda" and int(pool.num_imgs) == 5
+
+
+def test_query_returns_the_dtype_it_was_given_not_the_pools():
+    """A pool allocated (or restored) in fp32 and queried with bf16 fakes (a run resumed with
+    --amp) returns bf16, as it was given."""
+    pool = ImagePool(2, generator=torch.Generator().manual_seed(0))
+    pool.query(torch.randn(2, 3, 4, 4))  # fills the fp32 pool
+    for _ in range(3):
+        out = pool.query(torch.randn(3, 3, 4, 4, dtype=torch.bfloat16))
+        assert out.dtype == torch.bfloat16
+    assert pool.images.dtype == torch.float32

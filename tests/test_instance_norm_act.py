@@ -26,6 +26,7 @@ from fastcgan.ops.instance_norm_act import (
     instance_norm_act_ref,
     output_memory_format,
 )
+from fastcgan.ops.instance_norm_act import resolve_backend
 
 ACTS = ops.ACTIVATIONS
 AFFINE = ("none", "weight", "weight+bias", "bias")
@@ -1389,3 +1390,30 @@ def test_transforms_the_kernels_cannot_take_run_the_reference():
         buf = io.BytesIO()
         torch.jit.save(traced, buf)
         torch.testing.assert_close(traced(x[1]), layer(x[1]))
+
+
+@pytest.fixture
+def fake_status(monkeypatch):
+    saved = dict(_backends._status_cache)
+    yield _backends._status_cache
+    _backends._status_cache.clear()
+    _backends._status_cache.update(saved)
+
+
+def test_auto_skips_a_backend_without_the_dtype(monkeypatch, fake_status):
+    """'auto' takes the first backend of its order that computes x's dtype: Triton has no fp64
+    kernels, so fp64 falls through to the next one (here the reference)."""
+    fake_status["triton"] = _backends.BackendStatus("triton", True, "test", ("cpu",))
+    monkeypatch.setattr(_backends, "AUTO_ORDER_CPU", ("triton",))
+    assert resolve_backend("auto", torch.zeros(1, 2, 4, 4)) == "triton"
+    assert resolve_backend("auto", torch.zeros(1, 2, 4, 4, dtype=torch.float64)) == "torch"
+
+
+def test_native_backends_refuse_tensors_on_other_devices(fake_status):
+    """The cpp kernels run CPU tensors only: a meta tensor gets the reference from 'auto' and an
+    error naming the device from an explicit 'cpp'."""
+    fake_status["cpp"] = _backends.BackendStatus("cpp", True, "test", ("cpu",))
+    x = torch.empty(1, 2, 4, 4, device="meta")
+    assert resolve_backend("auto", x) == "torch"
+    with pytest.raises(RuntimeError, match="runs on cpu tensors, not meta"):
+        resolve_backend("cpp", x)

@@ -368,3 +368,25 @@ def test_training_evaluator_needs_the_extra(synth, monkeypatch, tmp_path):
     with pytest.raises(fm.InceptionWeightsError, match="missing.pt"):
         fm.TrainingEvaluator(synth, device="cpu")
 
+
+def _feats(n, seed, shift=0.0):
+    return torch.randn(n, 2048, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
+
+
+def test_kid_does_not_depend_on_the_global_rng_but_on_its_seed():
+    fake, real = _feats(6, 1, 0.3), _feats(12, 2)
+    torch.manual_seed(1)
+    a = fm.fid_kid_from_features(fake, real, kid_subsets=10, kid_subset_size=4, fid=False)
+    torch.manual_seed(2)
+    b = fm.fid_kid_from_features(fake, real, kid_subsets=10, kid_subset_size=4, fid=False)
+    assert a == b
+    c = fm.fid_kid_from_features(fake, real, kid_subsets=10, kid_subset_size=4, fid=False, seed=1)
+    assert c != a
+
+
+def test_kid_subsets_are_drawn_when_only_the_fake_set_is_whole():
+    """subset size == n_fake < n_real: the real side is still subsampled, so every subset
+    differs and kid_std > 0 (one subset only when both sides are whole)."""
+    fake, real = _feats(4, 1, 0.3), _feats(10, 2)
+    r = fm.fid_kid_from_features(fake, real, kid_subsets=20, kid_subset_size=1000, fid=False)
+    assert r["kid_std"] > 0

@@ -23,6 +23,8 @@ from fastcgan.train import CheckpointError, list_checkpoints, load_checkpoint, t
 from fastcgan.train.checkpoint import find_resume_checkpoint
 from fastcgan.train.cli import main as cli_main
 from fastcgan.train.runlock import RunInUseError, RunLock
+from fastcgan import fileio
+from fastcgan.fileio import OutputExistsError, move_into_place, path_inside, remove_stale_temporaries
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -549,3 +551,43 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
     root = os.path.realpath(tmp_path)
     assert first.startswith(root + "/.out.bin.") and first.endswith(".tmp") and not dest_then
     assert last == root and dest_after
+
+
+def test_path_inside_is_by_whole_folder_names(tmp_path):
+    data, data2 = tmp_path / "data", tmp_path / "data2"
+    data.mkdir()
+    data2.mkdir()
+    assert path_inside(str(data / "a.png"), str(data)) and path_inside(str(data), str(data))
+    assert not path_inside(str(data2 / "a.png"), str(data))  # a sibling sharing the prefix
+    assert not path_inside(str(data2), str(data))
+
+
+def test_no_replace_without_hard_links_still_never_replaces(tmp_path, monkeypatch):
+    """On a file system without hard links (FAT, some FUSE mounts) replace=False falls back to a
+    check before the rename: an existing destination is still never replaced."""
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(fileio.os, "link", no_links)
+    src, dst = tmp_path / "new.tmp", tmp_path / "out.png"
+    src.write_bytes(b"new")
+    dst.write_bytes(b"theirs")
+    with pytest.raises(OutputExistsError):
+        move_into_place(str(src), str(dst), replace=False)
+    assert dst.read_bytes() == b"theirs"
+    os.remove(dst)
+    move_into_place(str(src), str(dst), replace=False)
+    assert dst.read_bytes() == b"new" and not src.exists()
+
+
+def test_temporaries_of_another_users_live_process_are_kept(tmp_path, monkeypatch):
+    """os.kill(pid, 0) raising PermissionError means the process exists (another user's): its
+    temporary is being written and must not be deleted."""
+    def kill(pid, sig):
+        raise PermissionError(errno.EPERM, "not permitted")
+
+    monkeypatch.setattr(fileio.os, "kill", kill)
+    tmp = tmp_path / ".step_000000001.ckpt.4242.tmp"
+    tmp.write_bytes(b"partial")
+    assert remove_stale_temporaries(str(tmp_path)) == []
+    assert tmp.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from fastcgan.train import TrainConfig, build_state, build_step, resolve_fast_pa
 from fastcgan.train.cli import evaluate_run, parse_config
 from fastcgan.train.config import ConfigError
 from fastcgan.train.cli import main as cli_main
+from fastcgan.train.config import MAX_POOL_SIZE
 
 loss_names = get_recipe("cyclegan").loss_names
 
@@ -630,3 +632,42 @@ def test_generating_the_synthetic_data_is_said_once(tmp_path, capsys):
     assert f"generated the built-in synthetic data into {root}" in capsys.readouterr().err
     train(tiny_train_config(root, tmp_path, name="b", max_steps=1), install_signal_handlers=False)
     assert "generated the built-in" not in capsys.readouterr().err
+
+
+def _cfg(**kw):
+    return TrainConfig.from_preset("cyclegan128", dataset="synthetic", **kw)
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("beta1", 1.0, "beta1 (--beta1): must be in [0, 1)"),            # Adam divides by 1 - beta1**t
+    ("beta2", 1.0, "beta2 (--beta2): must be in [0, 1)"),
+    ("pool_size", MAX_POOL_SIZE + 1, "pool_size (--pool-size)"),
+    ("batch_size", True, "batch_size (--batch-size): must be int"),  # a bool is not an int
+    ("ngf", True, "ngf (--ngf): must be int"),
+    ("lambda_cycle", float("inf"), "lambda_cycle (--lambda-cycle): must be a finite number"),
+    ("lambda_identity", float("inf"), "lambda_identity (--lambda-identity): must be a finite number"),
+    ("keep_last", 0, "keep_last (--keep-last): must be an int >= 1"),  # [:-0] would keep every checkpoint
+])
+def test_config_bounds(field, value, said):
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        _cfg(**{field: value})
+
+
+def test_config_bounds_accept_their_limits():
+    assert _cfg(pool_size=MAX_POOL_SIZE).loss.pool_size == MAX_POOL_SIZE
+    assert _cfg(beta1=0.0).optim.beta1 == 0.0
+    assert _cfg(keep_last=1).run.keep_last == 1
+
+
+def test_crop_must_give_the_basic_patchgan_one_score():
+    """The 70x70 PatchGAN (3 stride-2 + 2 stride-1 4x4 convs) needs 24 px: 16 leaves no score."""
+    with pytest.raises(ConfigError, match=r"netD basic needs images of at least 24²"):
+        _cfg(load_size=16, crop_size=16, netG="resnet_6blocks")
+    assert _cfg(load_size=24, crop_size=24).data.crop_size == 24
+
+
+def test_config_from_dict_refuses_unknown_sections():
+    d = _cfg().to_dict()
+    d["extras"] = {"ngf": 8}
+    with pytest.raises(ConfigError, match=r"unknown sections \['extras'\]"):
+        TrainConfig.from_dict(d)

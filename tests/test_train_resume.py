@@ -22,6 +22,8 @@ from conftest import tiny_train_config
 from fastcgan.data import ensure_synthetic_dataset
 from fastcgan.train import latest_checkpoint, load_checkpoint, train
 from fastcgan.train.cli import main as cli_main
+from fastcgan.train import TrainConfig
+from fastcgan.train.checkpoint import config_for_resume, training_field_conflicts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -618,3 +620,21 @@ def test_a_run_begun_on_the_lagging_schedule_is_told_and_kept():
     assert "one epoch behind the official" in _schedule_lag(cyc, payload(3, 3))
     assert _schedule_lag(cyc, payload(3, 4)) is None
     assert _schedule_lag(cut, payload(3, 3)) is None  # CUT's official schedule is the lagging one
+
+
+def test_repeating_a_training_flag_with_the_checkpoints_value_is_no_conflict():
+    """--resume with a training flag repeated at the value the run has (e.g. the same --ngf or
+    --seed from a shell script) changes nothing: only a different value is a conflict."""
+    ck = tiny_train_config()
+    same = {"ngf": ck.model.ngf, "seed": ck.run.seed, "lr_policy": ck.optim.lr_policy, "pool_size": ck.loss.pool_size}
+    assert training_field_conflicts(ck, same) == []
+    assert len(training_field_conflicts(ck, {"ngf": ck.model.ngf * 2})) == 1
+
+
+def test_resume_alone_keeps_a_synthetic_runs_dataset():
+    """`--resume RUN` without --dataroot continues on the checkpoint's data: a --dataset synthetic
+    run stays synthetic (not the CLI default 'folder' with the checkpoint's empty dataroot)."""
+    ck = tiny_train_config()  # dataset synthetic, no dataroot
+    cli = TrainConfig.from_preset("cyclegan", resume="auto")  # no data named
+    new = config_for_resume(ck, cli, "/tmp/somewhere/run")
+    assert new.data.dataset == "synthetic" and new.data.dataroot == ck.data.dataroot

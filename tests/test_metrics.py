@@ -363,6 +363,27 @@ def test_training_evaluator_scores_against_the_other_domain(synth):
     assert out["fid_BtoA"] == pytest.approx(fm.fid_kid_from_features(real["B"], real["A"])["fid"], rel=1e-3)
 
 
+@needs_weights
+def test_training_evaluator_reads_a_large_test_set_from_disk_at_each_call(synth, monkeypatch):
+    """It held every test image (up to --eval-max-images per domain) on the device for the whole
+    run: 2**40 was accepted and a 100 k-image test set at 256² would hold ~40 GB. Past held_bytes
+    the images are decoded again at each call; the scores are the same, bit for bit."""
+    from fastcgan.models import build_generator
+
+    torch.manual_seed(0)
+    G_AB, G_BA = build_generator("resnet_6blocks", ngf=4), build_generator("resnet_6blocks", ngf=4)
+    kw = dict(phase="test", device="cpu", image_size=32, batch_size=2, kid_subset_size=2)
+    held = fm.TrainingEvaluator(synth, **kw)
+    monkeypatch.setattr(fm.TrainingEvaluator, "held_bytes", 3 * 3 * 32 * 32)  # fewer than one domain's
+    monkeypatch.setattr(fm.TrainingEvaluator, "stop_check_images", 2)  # several chunks
+    streamed = fm.TrainingEvaluator(synth, **kw)
+    assert held.images and not streamed.images and streamed.num_images == held.num_images == {"A": 3, "B": 3}
+    for d in "AB":
+        assert torch.equal(streamed.real_features[d], held.real_features[d])
+    a, b = held(G_AB, G_BA), streamed(G_AB, G_BA)
+    assert {k: v for k, v in a.items() if k != "eval_seconds"} == {k: v for k, v in b.items() if k != "eval_seconds"}
+
+
 def test_training_evaluator_needs_the_extra(synth, monkeypatch, tmp_path):
     monkeypatch.setenv(fm.WEIGHTS_ENV, str(tmp_path / "missing.pt"))
     with pytest.raises(fm.InceptionWeightsError, match="missing.pt"):

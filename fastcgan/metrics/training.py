@@ -52,6 +52,10 @@ class TrainingEvaluator:
     :func:`fastcgan.metrics.metrics_available` first to decide whether to build one)."""
 
     stop_check_images = 64  # about how many images between two should_stop questions
+    # The decoded test images are kept (on the device) between evaluations up to this many bytes
+    # for both domains (the default 200 + 200 at 256²: 79 MB); a larger --eval-max-images reads
+    # them from disk again at each evaluation, so memory does not grow with the test set.
+    held_bytes = 1 << 30
 
     def __init__(
         self,
@@ -70,7 +74,7 @@ class TrainingEvaluator:
         kid_subset_size: int = 1000,
     ):
         from fastcgan.devices import resolve_device
-        from fastcgan.evaluate import load_domain
+        from fastcgan.evaluate import domain_paths, iter_images
 
         t0 = time.perf_counter()
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
@@ -79,20 +83,52 @@ class TrainingEvaluator:
         self.kid = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size}
         self.inception = load_inception(weights, self.device, inception_dtype, batch_size=max(16, self.batch_size))
         self.network = NETWORK
-        channels = {"A": input_nc, "B": output_nc}
-        self.images: dict[str, list[torch.Tensor]] = {}
+        self.channels = {"A": input_nc, "B": output_nc}
+        self.image_size = image_size
+        self.paths: dict[str, list[str]] = {}  # the readable test images of each domain
+        self.images: dict[str, list[torch.Tensor]] = {}  # and, within held_bytes, their pixels
         self.real_features: dict[str, torch.Tensor] = {}
+        held = 0
         for d in ("A", "B"):
-            imgs = load_domain(dataroot, phase, d, channels[d], image_size, max_images)[0]
-            if len(imgs) < 2:
-                raise FileNotFoundError(f"{dataroot}/{phase}{d}: FID/KID need at least 2 images, found {len(imgs)}")
-            self.images[d] = [x.to(self.device) for x in imgs]
-            self.real_features[d] = self.inception.extract(self.images[d])
+            _, paths = domain_paths(dataroot, phase, d, max_images)
+            skipped: list[str] = []
+            stream, kept = self.inception.stream(), []
+            for chunk in iter_images(paths, self.channels[d], image_size, self.stop_check_images, skipped):
+                for _, x in chunk:
+                    held += x.numel()
+                    if held <= self.held_bytes:
+                        kept.append(x.to(self.device))
+                stream.add([x for _, x in chunk])
+            unread = set(skipped)
+            self.paths[d] = [p for p in paths if p not in unread]
+            if len(self.paths[d]) < 2:
+                raise FileNotFoundError(f"{dataroot}/{phase}{d}: FID/KID need at least 2 images, "
+                                        f"found {len(self.paths[d])}")
+            self.real_features[d] = stream.features()
+            if held <= self.held_bytes:
+                self.images[d] = kept
+        if held > self.held_bytes:
+            self.images = {}  # over the budget: both domains are read from disk at each call
         self.setup_seconds = time.perf_counter() - t0
+
+    def _chunks(self, domain: str, chunk: int):
+        """The domain's images, ``chunk`` at a time (uint8 (C, H, W) on the device): held, or
+        decoded again (the same pixels: a deterministic decode and resize)."""
+        from fastcgan.data import load_image
+        from fastcgan.data.images import resize_square
+
+        held = self.images.get(domain)
+        paths = self.paths[domain]
+        for i in range(0, len(paths), chunk):
+            if held is not None:
+                yield i, held[i:i + chunk]
+            else:
+                yield i, [resize_square(load_image(p, self.channels[domain]), self.image_size).to(self.device)
+                          for p in paths[i:i + chunk]]
 
     @property
     def num_images(self) -> dict[str, int]:
-        return {d: len(v) for d, v in self.images.items()}
+        return {d: len(v) for d, v in self.paths.items()}
 
     def __call__(self, G_AB: nn.Module | None, G_BA: nn.Module | None,
                  should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
@@ -116,11 +152,11 @@ class TrainingEvaluator:
                     continue
                 tr = module_translator(g, self.device, self.amp_dtype, self.batch_size)
                 stream = self.inception.stream()
-                for i in range(0, len(self.images[src]), chunk):
+                for i, images in self._chunks(src, chunk):
                     if should_stop is not None and should_stop():
-                        raise EvaluationInterrupted(f"stopped after {i} of {len(self.images[src])} {name} images")
+                        raise EvaluationInterrupted(f"stopped after {i} of {len(self.paths[src])} {name} images")
                     # uint8 in, uint8 out: the deploy runtime's own conversion and rounding.
-                    stream.add(tr.translate_batch(self.images[src][i:i + chunk]))
+                    stream.add(tr.translate_batch(images))
                 feats = stream.features()
                 r = fid_kid_from_features(feats, self.real_features[dst], **self.kid)
                 out[f"fid_{name}"] = r["fid"]

@@ -38,6 +38,7 @@ from fastcgan.deploy._common import (
 )
 from fastcgan.deploy.tiling import (DEFAULT_TILE_OVERLAP, MAX_TILES, check_tile_args, check_tiling, default_overlap,
                                    tiled_apply)
+from fastcgan.devices import is_out_of_memory
 from torch import Tensor, nn
 
 ENGINES = ("torch", "compiled", "onnx", "trt", "aoti")
@@ -306,7 +307,7 @@ class Translator:
             try:
                 outs.append(self.runner(x[i:i + step]))
             except (MemoryError, RuntimeError) as e:
-                if not _out_of_memory(e):
+                if not is_out_of_memory(e):
                     raise
                 n = min(step, x.shape[0] - i)
                 hint = "--batch-size 1, or " if n > 1 else ""
@@ -742,11 +743,3 @@ def _onnx_like_runner(path, engine, dev, spec, fp16, bf16, threads, keep):
     r = TrtRunner(eng, dev)
     return r, r.spec
 
-
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is an allocation failure (torch's CPU allocator and CUDA, onnxruntime, Python)."""
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(e).lower()
-    return any(s in text for s in ("can't allocate memory", "out of memory", "failed to allocate memory",
-                                   "bad_alloc"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DeviceUnavailableError", "host_available_bytes", "resolve_device"]
+__all__ = ["DeviceUnavailableError", "host_available_bytes", "is_out_of_memory", "resolve_device"]
 
 
 class DeviceUnavailableError(ValueError, RuntimeError):
@@ -61,3 +61,13 @@ def host_available_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure: Python's, torch's CPU allocator and CUDA's,
+    onnxruntime's (each says it in its own words)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return any(s in text for s in ("can't allocate memory", "out of memory", "failed to allocate memory",
+                                   "bad_alloc"))

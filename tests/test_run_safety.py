@@ -591,3 +591,48 @@ def test_temporaries_of_another_users_live_process_are_kept(tmp_path, monkeypatc
     tmp.write_bytes(b"partial")
     assert remove_stale_temporaries(str(tmp_path)) == []
     assert tmp.exists()
+
+
+def test_running_out_of_memory_in_training_says_what_to_make_smaller(tmp_path, synth, monkeypatch, capsys):
+    """`--load-size 16384` passed the config's bounds and died in a MemoryError traceback (the
+    sample images alone asked 6.4 GB); a CUDA OOM in the step was a traceback too. Both are one line
+    naming the sizes and the flags that make a run smaller, exit 1, with the last checkpoint."""
+    import fastcgan.train.loop as loop
+
+    def no_memory(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(loop, "sample_images", no_memory)
+    with pytest.raises(loop.TrainingError, match=r"^out of memory on cpu training batch 1 at --crop-size 32 "
+                       r"\(--load-size 32\) with --model cyclegan \(MemoryError\); make it smaller: "
+                       r"--crop-size / --load-size, --amp \(last checkpoint: none\)$"):
+        train(tiny_train_config(synth, tmp_path, max_steps=2))
+    monkeypatch.undo()
+
+    real_build_step = loop.build_step
+
+    def step_runs_out(*a, **k):
+        step = real_build_step(*a, **k)
+        calls = []
+
+        class OutOfMemoryAtStep3:
+            exe = step.exe
+
+            def __call__(self, batch):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return step(batch)
+
+        return OutOfMemoryAtStep3()
+
+    monkeypatch.setattr(loop, "build_step", step_runs_out)
+    args = ["--dataroot", synth, "--output-dir", str(tmp_path), "--name", "oom", "--load-size", "32", "--crop-size",
+            "32", "--ngf", "4", "--ndf", "4", "--batch-size", "2", "--device", "cpu", "--max-steps", "4",
+            "--checkpoint-every", "2", "--no-progress", "--no-tensorboard", "--eval-every", "0"]
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert ("fastcgan-train: error: out of memory on cpu training batch 2 at --crop-size 32 (--load-size 32) with "
+            "--model cyclegan (CUDA out of memory. Tried to allocate 2.00 GiB); make it smaller: --batch-size, "
+            "--crop-size / --load-size, --amp (last checkpoint: ") in err
+    assert "step_000000002.ckpt)" in err and "Traceback" not in err

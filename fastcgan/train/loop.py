@@ -35,7 +35,7 @@ import torch
 
 from fastcgan.data.aligned import AlignedDataset
 from fastcgan.data.datasets import DatasetError, SkippedImageWarning
-from fastcgan.devices import resolve_device
+from fastcgan.devices import is_out_of_memory, resolve_device
 from fastcgan.fileio import atomic_write
 from fastcgan.recipes import get_recipe
 from fastcgan.train.checkpoint import checkpoint_path, list_checkpoints, restore_state, resume_plan, save_checkpoint
@@ -154,11 +154,28 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             cfg, fast_line = resolve_fast_path(cfg, device, ctx.world_size, nbytes, resumed_data_on_gpu=resumed_bank)
             use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
             cleanup.enter_context(cudnn_autotuning(cfg, device))
-            run = _Run(cfg, ctx, device, run_dir, root, ds, eval_every)
-            return run.loop(payload, ckpt_path, install_signal_handlers, messages + [fast_line], init)
+            run = None
+            try:
+                run = _Run(cfg, ctx, device, run_dir, root, ds, eval_every)
+                return run.loop(payload, ckpt_path, install_signal_handlers, messages + [fast_line], init)
+            except (MemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e) or isinstance(e, TrainingError):
+                    raise
+                raise TrainingError(_out_of_memory_message(cfg, device, e, run and run.last_ckpt)) from None
     finally:
         cleanup.close()
         ctx.shutdown()
+
+
+def _out_of_memory_message(cfg: TrainConfig, device, e: BaseException, last_ckpt: Optional[str]) -> str:
+    """What ran out of memory and what makes a run smaller (instead of the allocator's traceback)."""
+    d, r = cfg.data, cfg.run
+    smaller = ["--batch-size" if d.batch_size > 1 else None, "--crop-size / --load-size",
+               None if r.amp else "--amp", "--no-data-on-gpu" if d.data_on_gpu else None]
+    why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return (f"out of memory on {device} training batch {d.batch_size} at --crop-size {d.crop_size} (--load-size "
+            f"{d.load_size}) with --model {cfg.model.recipe} ({why}); make it smaller: "
+            f"{', '.join(s for s in smaller if s)} (last checkpoint: {last_ckpt or 'none'})")
 
 
 def _check_same_data_everywhere(ctx, ds) -> None:

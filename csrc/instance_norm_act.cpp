@@ -12,7 +12,8 @@
 // gradients that are not needed come back as empty (0,) tensors; dbias has weight's shape and
 // dtype when there is a weight but no bias. A residual of another dtype than x is cast to x's
 // before it is added (the spec adds it in fp32: for an fp32 residual with bf16 x, one bf16 step
-// apart in a third of the outputs; a ResNet block's residual has x's dtype).
+// apart in a third of the outputs), so instance_norm_act() sends such calls to the reference; a
+// ResNet block's residual has x's dtype.
 #include "instance_norm_act.h"
 
 #include <algorithm>

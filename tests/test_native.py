@@ -555,3 +555,21 @@ def test_cuda_native_op_rejects_device_mismatch():
         _fwd(x, w=torch.randn(3))
     with pytest.raises(RuntimeError, match="residual is on cpu but x is on cuda"):
         _fwd(x, r=torch.randn(1, 3, 4, 4))
+
+
+@needs_native
+@pytest.mark.parametrize("x_dtype, r_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                              (torch.float16, torch.float64)])
+def test_a_residual_of_another_dtype_is_added_as_the_contract_says(x_dtype, r_dtype):
+    """The native kernels cast the residual to x's dtype before adding it; the contract (and the
+    reference, and Triton) add it in fp32: an fp32 residual on bf16 x came out one bf16 step off
+    in a third of the outputs. Such calls run the reference now; the gradient keeps r's dtype."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, 7, generator=g).to(x_dtype).requires_grad_()
+    r = (torch.randn(2, 3, 9, 7, generator=g) * 3).to(r_dtype).requires_grad_()
+    kw = dict(activation="leaky_relu", negative_slope=0.1, pad=1)
+    want = ops.instance_norm_act(x, residual=r, backend="torch", **kw)
+    got = ops.instance_norm_act(x, residual=r, backend="cpp", **kw)
+    assert got.dtype == x_dtype and torch.equal(got, want)
+    dx, dr = torch.autograd.grad(got, (x, r), torch.ones_like(got))
+    assert dx.dtype == x_dtype and dr.dtype == r_dtype

@@ -508,6 +508,11 @@ def instance_norm_act(
         if (backend != "torch" and not torch.compiler.is_compiling()
                 and _kernels_cannot_serve(x, weight, bias, residual)):
             backend = "torch"
+        elif backend in ("cpp", "cuda") and residual is not None and residual.dtype != x.dtype:
+            # The native kernels read the residual in x's dtype (an fp32 residual with bf16 x:
+            # one bf16 step off in a third of the outputs); the contract adds it in fp32. Models
+            # never mix them: such a call runs the reference.
+            backend = "torch"
     if backend == "torch":
         return instance_norm_act_ref(
             x, weight, bias, activation=activation, negative_slope=negative_slope,

@@ -495,7 +495,8 @@ def instance_norm_act(
     :class:`fastcgan.ops.Activation` member. ``backend``: ``"auto"`` (fastest available for
     ``x``'s device and dtype), ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpp"``; see
     :func:`fastcgan.ops.available_backends`. During ONNX export or ``torch.export`` the reference
-    is always used, so exported graphs hold standard operators."""
+    is always used, so exported graphs hold standard operators. ``residual`` (x's shape, any float
+    dtype) is added in the statistics dtype, before ``y`` is rounded to x's dtype."""
     check_instance_norm_act_args(x, weight, bias, residual, activation, pad, eps)
     if not (isinstance(negative_slope, (int, float)) and not isinstance(negative_slope, bool)
             and math.isfinite(negative_slope)):

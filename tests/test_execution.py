@@ -100,29 +100,27 @@ def test_data_bank_only_when_it_fits(bf16_gpu):
     assert resolve_fast_path(cfg, GPU, dataset_nbytes=fits, free_memory=free)[0].data.data_on_gpu is True
     assert resolve_fast_path(cfg, GPU, dataset_nbytes=fits + 1, free_memory=free)[0].data.data_on_gpu is False
     assert resolve_fast_path(cfg, GPU, dataset_nbytes=None, free_memory=free)[0].data.data_on_gpu is False
-    # The bank is stacked in host memory first: auto leaves it off when the host cannot hold it.
-    host = dict(dataset_nbytes=fits, free_memory=free)
-    assert resolve_fast_path(cfg, GPU, **host, host_memory=fits)[0].data.data_on_gpu is True
-    assert resolve_fast_path(cfg, GPU, **host, host_memory=fits - 1)[0].data.data_on_gpu is False
+    # The images go straight to the GPU, one at a time: the host's memory does not count there.
+    assert resolve_fast_path(cfg, GPU, dataset_nbytes=fits, free_memory=free, host_memory=1)[0].data.data_on_gpu
 
 
 def test_an_explicit_data_bank_that_cannot_be_held_is_a_config_error(bf16_gpu, monkeypatch):
     """--data-on-gpu decodes the whole training set; given explicitly it was taken as given, and a
-    set larger than the GPU (or the host, where it is stacked first) ran until an OOM ended it."""
+    set larger than the GPU (on a CPU: the memory there is) ran until an OOM ended it."""
     cfg = tiny_train_config(amp=True, data_on_gpu=True)
     with pytest.raises(ConfigError, match=r"^data_on_gpu \(--data-on-gpu\): the decoded training set is 40\.0 GiB "
                                           r".* cuda:0 has 30\.0 GiB free; use --no-data-on-gpu"):
         resolve_fast_path(cfg, GPU, dataset_nbytes=40 * GiB, free_memory=30 * GiB, host_memory=100 * GiB)
-    with pytest.raises(ConfigError, match=r"10\.0 GiB .* this machine has 8\.0 GiB of memory available; use"):
-        resolve_fast_path(cfg, GPU, dataset_nbytes=10 * GiB, free_memory=30 * GiB, host_memory=8 * GiB)
-    with pytest.raises(ConfigError, match=r"\(--data-on-gpu \(on a CPU: decoded once into memory\)\): .* 8\.0 GiB"):
+    on_cpu = r"\(--data-on-gpu \(on a CPU: decoded once into memory\)\): the decoded training set is 10\.0 GiB"
+    with pytest.raises(ConfigError, match=on_cpu + r" .* this machine has 8\.0 GiB of memory available"):
         resolve_fast_path(cfg, CPU, dataset_nbytes=10 * GiB, host_memory=8 * GiB)
     # Explicit asks less than auto: all of the free memory (auto: a quarter of it).
-    r, _ = resolve_fast_path(cfg, GPU, dataset_nbytes=29 * GiB, free_memory=30 * GiB, host_memory=30 * GiB)
+    r, _ = resolve_fast_path(cfg, GPU, dataset_nbytes=29 * GiB, free_memory=30 * GiB, host_memory=1)
     assert r.data.data_on_gpu is True
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: each process of this node decodes its own bank
-    with pytest.raises(ConfigError, match=r"29\.0 GiB of memory available for 4 processes that each decode it"):
-        resolve_fast_path(cfg, GPU, dataset_nbytes=8 * GiB, free_memory=30 * GiB, host_memory=29 * GiB)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun on a CPU: each process of the node holds its bank
+    with pytest.raises(ConfigError, match=r"29\.0 GiB of memory available for 4 processes that each hold it"):
+        resolve_fast_path(cfg, CPU, dataset_nbytes=8 * GiB, host_memory=29 * GiB)
+    assert resolve_fast_path(cfg, GPU, dataset_nbytes=8 * GiB, free_memory=30 * GiB)[0].data.data_on_gpu
 
 
 def test_an_explicit_data_bank_too_big_for_this_machine_stops_before_decoding(tmp_path, monkeypatch):

@@ -286,9 +286,8 @@ def preload_aligned_to_device(
     if not isinstance(dataset, AlignedDataset):
         raise TypeError(f"preload_aligned_to_device needs an AlignedDataset, got {type(dataset).__name__}")
     device = torch.device(device)
-    pin = device.type == "cuda"
     n = len(dataset.AB_paths)
-    As, Bs, skipped, first = BankStack(n, pin), BankStack(n, pin), [], None
+    As, Bs, skipped, first = BankStack(n, device), BankStack(n, device), [], None
     for i, p in enumerate(dataset.AB_paths):
         if p in dataset._bad:
             continue
@@ -313,7 +312,7 @@ def preload_aligned_to_device(
     crop = dataset.crop_size if "crop" in dataset.preprocess else None
     if crop is not None and (As.images.shape[-1] < crop or As.images.shape[-2] < crop):
         raise DatasetError(f"pair halves are {tuple(As.images.shape[-2:])}, smaller than crop_size {crop}")
-    A, B = As.to(device), Bs.to(device)
+    A, B = As.stacked(), Bs.stacked()
     return DeviceImageBank(
         A,
         B,

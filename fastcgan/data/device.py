@@ -103,30 +103,30 @@ class DeviceImageBank:
 
 
 class BankStack:
-    """The images of one domain stacked as they are decoded, into one uint8 tensor allocated at
-    the first image (pinned when bound for a GPU): the host holds the set once. (A list then
-    ``torch.stack`` then ``pin_memory`` held it three times over.)"""
+    """The images of one domain written, as they are decoded, into one uint8 tensor allocated on
+    the bank's device at the first image: the host holds one image at a time. (A list, then
+    ``torch.stack``, then a pinned copy for the transfer held the set three times over in host
+    memory, and the pinned block stayed cached by PyTorch for the rest of the run.)"""
 
-    def __init__(self, capacity: int, pin: bool):
-        self.capacity, self.pin, self.count = capacity, pin, 0
+    def __init__(self, capacity: int, device: torch.device):
+        self.capacity, self.device, self.count = capacity, device, 0
         self.images: torch.Tensor | None = None
 
     def append(self, t: torch.Tensor) -> None:
         if self.images is None:
-            self.images = torch.empty((self.capacity, *t.shape), dtype=torch.uint8, pin_memory=self.pin)
-        self.images[self.count] = t
+            self.images = torch.empty((self.capacity, *t.shape), dtype=torch.uint8, device=self.device)
+        self.images[self.count].copy_(t)  # a plain host-to-device copy per image (~250 KB), once
         self.count += 1
 
-    def to(self, device: torch.device) -> torch.Tensor:
-        # Unreadable files leave the last slots empty: the view drops them (their bytes stay
-        # allocated until the copy is freed; a skipped file costs one image slot).
-        host = self.images[: self.count]
-        return host if device.type == "cpu" else host.to(device, non_blocking=self.pin)
+    def stacked(self) -> torch.Tensor:
+        # Unreadable files leave the last slots unused: the view drops them (a skipped file
+        # costs one image slot).
+        return self.images[: self.count]
 
 
-def _stack_domain(ds: UnalignedDataset, domain: str, pin: bool) -> tuple[BankStack, list[str]]:
+def _stack_domain(ds: UnalignedDataset, domain: str, device: torch.device) -> tuple[BankStack, list[str]]:
     paths = ds.A_paths if domain == "A" else ds.B_paths
-    stack, skipped, first = BankStack(len(paths), pin), [], None
+    stack, skipped, first = BankStack(len(paths), device), [], None
     for i, p in enumerate(paths):
         if p in ds._bad:
             continue
@@ -163,16 +163,15 @@ def preload_to_device(dataset: UnalignedDataset, device, shuffle: bool | None = 
     if dataset.preprocess not in ("resize_and_crop", "crop", "scale_width_and_crop", "scale_width", "none"):
         raise DatasetError(f"unsupported preprocess {dataset.preprocess!r}")
     device = torch.device(device)
-    pin = device.type == "cuda"
-    A, skip_a = _stack_domain(dataset, "A", pin)
-    B, skip_b = _stack_domain(dataset, "B", pin)
+    A, skip_a = _stack_domain(dataset, "A", device)
+    B, skip_b = _stack_domain(dataset, "B", device)
     crop = dataset.crop_size if "crop" in dataset.preprocess else None
     for name, t in (("A", A.images), ("B", B.images)):
         if crop is not None and (t.shape[-1] < crop or t.shape[-2] < crop):
             raise DatasetError(
                 f"domain {name} images are {tuple(t.shape[-2:])}, smaller than crop_size {crop}"
             )
-    A, B = A.to(device), B.to(device)
+    A, B = A.stacked(), B.stacked()
     return DeviceImageBank(
         A,
         B,

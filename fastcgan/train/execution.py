@@ -210,48 +210,43 @@ def cudnn_autotuning(cfg: TrainConfig, device: torch.device):
         torch.backends.cudnn.benchmark = before
 
 
-def _bank_room(device: torch.device, free_memory: Optional[int], host_memory: Optional[int]):
-    """(free device memory or None on a CPU, host memory available or None), queried where not given."""
+def _bank_room(device: torch.device, free_memory: Optional[int], host_memory: Optional[int]) -> Optional[int]:
+    """The memory the bank would go into: free device memory on a GPU (the images are decoded one
+    at a time straight into it), available host memory on a CPU; queried where not given."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] if free_memory is None else free_memory
     from fastcgan.devices import host_available_bytes
 
-    if free_memory is None and device.type == "cuda":
-        free_memory = torch.cuda.mem_get_info(device)[0]
-    return free_memory, host_available_bytes() if host_memory is None else host_memory
+    return host_available_bytes() if host_memory is None else host_memory
 
 
-def _host_copies() -> int:
-    # Every process of a run decodes its own bank: torchrun's processes on this node at once.
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
-def _bank_fits_host(nbytes: int, host_memory: Optional[int]) -> bool:
-    return host_memory is None or nbytes * _host_copies() <= host_memory
-
-
-def check_bank_fits(nbytes: int, device: torch.device, free_memory: Optional[int], host_memory: Optional[int]) -> None:
+def check_bank_fits(nbytes: int, device: torch.device, room: Optional[int]) -> None:
     """An explicit ``--data-on-gpu`` that cannot be held is a :class:`ConfigError` before any
-    image is decoded (else the decode runs until the OOM killer or a CUDA OOM ends it): the bank
-    is stacked in host memory (pinned, once) and then copied to the device, so both must have room.
-    Auto asks more (a quarter of the free device memory) and turns the bank off instead."""
+    image is decoded (else the decode runs until a CUDA OOM, or on a CPU the OOM killer, ends it).
+    ``room``: see :func:`_bank_room` (``None``: unknown, taken as enough). On a CPU each process
+    of a node under torchrun holds its own bank. Auto asks more (a quarter of the free device
+    memory) and turns the bank off instead."""
 
     def size(n: int) -> str:
         return f"{n / 1024 ** 3:.1f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
 
-    decoded = f"the decoded training set is {size(nbytes)} (uint8, after --preprocess)"
-    copies = _host_copies()
-    where = None
-    if device.type == "cuda" and free_memory is not None and nbytes > free_memory:
-        where = f"{device} has {size(free_memory)} free"
-    elif not _bank_fits_host(nbytes, host_memory):
-        where = (f"this machine has {size(host_memory)} of memory available"
-                 + (f" for {copies} processes that each decode it" if copies > 1 else ""))
-    if where:
-        what = "--data-on-gpu" if device.type == "cuda" else "--data-on-gpu (on a CPU: decoded once into memory)"
-        raise ConfigError(f"data_on_gpu ({what}): {decoded} and {where}; use --no-data-on-gpu (the loader reads "
-                          "the files as it goes), or a smaller --load-size or --max-dataset-size")
+    copies = 1
+    if device.type == "cpu":
+        try:
+            copies = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError:
+            pass
+    if room is None or nbytes * copies <= room:
+        return
+    if device.type == "cuda":
+        what, where = "--data-on-gpu", f"{device} has {size(room)} free"
+    else:
+        what = "--data-on-gpu (on a CPU: decoded once into memory)"
+        where = f"this machine has {size(room)} of memory available" + (
+            f" for {copies} processes that each hold it" if copies > 1 else "")
+    raise ConfigError(f"data_on_gpu ({what}): the decoded training set is {size(nbytes)} (uint8, after --preprocess) "
+                      f"and {where}; use --no-data-on-gpu (the loader reads the files as it goes), or a smaller "
+                      "--load-size or --max-dataset-size")
 
 
 def resolve_fast_path(
@@ -268,8 +263,8 @@ def resolve_fast_path(
 
     ``dataset_nbytes``: the decoded uint8 training set (``None``: unknown, the bank stays off);
     ``free_memory``: free device memory in bytes (default: queried on CUDA devices);
-    ``host_memory``: memory this process's host may still allocate (default: queried, see
-    :func:`~fastcgan.devices.host_available_bytes`): the bank is decoded there first;
+    ``host_memory``: memory a CPU process may still allocate (default: queried, see
+    :func:`~fastcgan.devices.host_available_bytes`), for an explicit bank on a CPU;
     ``resumed_data_on_gpu``: the data path of the checkpoint a run resumes (auto keeps a loader run
     on the loader, so that the resumed batches are the uninterrupted run's)."""
     from fastcgan.train.cuda_graphs import cuda_graphs_blocker
@@ -298,11 +293,10 @@ def resolve_fast_path(
     if cfg.data.data_on_gpu is None:
         fits = False
         if gpu and dataset_nbytes is not None:
-            free_memory, host_memory = _bank_room(device, free_memory, host_memory)
-            fits = dataset_nbytes <= DATA_ON_GPU_SHARE * free_memory and _bank_fits_host(dataset_nbytes, host_memory)
+            fits = dataset_nbytes <= DATA_ON_GPU_SHARE * _bank_room(device, free_memory, host_memory)
         resolved["data_on_gpu"] = fits and resumed_data_on_gpu is not False
     elif cfg.data.data_on_gpu and dataset_nbytes is not None:
-        check_bank_fits(dataset_nbytes, device, *_bank_room(device, free_memory, host_memory))
+        check_bank_fits(dataset_nbytes, device, _bank_room(device, free_memory, host_memory))
     resolved["cudnn_benchmark"] = _cudnn_benchmark(cfg, device)
     cfg = cfg.replace(**resolved)
     if cfg.run.cuda_graphs is None:

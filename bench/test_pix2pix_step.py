@@ -22,7 +22,7 @@ import pytest
 import torch
 from _timing import median_time
 from baselines.official_pix2pix_step import OfficialPix2Pix
-from test_train_step import VARIANTS, _peak_mb, _reset_mem, make_inputs
+from test_train_step import VARIANTS, _peak_mb, _reset_mem, data_path_step, make_inputs
 
 
 def make_pix2pix_step(flags, device, batch, size, ngf, host_u8, bank):
@@ -40,20 +40,13 @@ def make_pix2pix_step(flags, device, batch, size, ngf, host_u8, bank):
     torch.manual_seed(0)
     state = build_state(cfg, device)
     step = build_step(state, cfg)
-    it = [0]
     cl = bool(cfg.run.channels_last)
 
-    def one_step():
-        if on_gpu_data:
-            u8 = bank.sample_batch(batch, it[0])
-        else:
-            u8 = {d: v.to(device, non_blocking=True) for d, v in host_u8.items()}
-        it[0] += 1
+    def augment(u8):
         a, b = augment_pair(u8["A"], u8["B"], size, True, generator=state.aug_generator, channels_last=cl)
-        return step({"A": a, "B": b})
+        return {"A": a, "B": b}
 
-    graph_warmup = getattr(step, "warmup", None)
-    return one_step, (3 if cfg.run.compile else 0) + (graph_warmup + 1 if graph_warmup is not None else 0)
+    return data_path_step(step, cfg, augment, device, host_u8, bank if on_gpu_data else None)
 
 
 def _run(record, device, size, batch, ngf, variants, warmup, iters, tag, rounds=1):

@@ -145,18 +145,27 @@ def make_fastcgan_step(flags, device, batch, size, ngf, n_blocks, host_u8, bank)
     torch.manual_seed(0)
     state = build_state(cfg, device)
     step = build_step(state, cfg)  # flags left None ("auto") stay off unless resolved above
-    it = [0]
     cl = bool(cfg.run.channels_last)
 
+    def augment(u8):
+        return {d: augment_batch(u8[d], size, True, generator=state.aug_generator, channels_last=cl) for d in "AB"}
+
+    return data_path_step(step, cfg, augment, device, host_u8, bank if on_gpu_data else None)
+
+
+def data_path_step(step, cfg, augment, device, host_u8, bank):
+    """``(one_step, warmup)`` of a built ``step``: each call takes the next uint8 batch from
+    ``bank`` (the device image bank) or copies ``host_u8`` to the device, ``augment``s it and runs
+    the step; ``warmup``: the untimed calls it needs first (compile, CUDA-graph capture)."""
+    it = [0]
+
     def one_step():
-        if on_gpu_data:
-            u8 = bank.sample_batch(batch, it[0])
+        if bank is not None:
+            u8 = bank.sample_batch(cfg.data.batch_size, it[0])
         else:
             u8 = {d: v.to(device, non_blocking=True) for d, v in host_u8.items()}
         it[0] += 1
-        gen = state.aug_generator
-        real = {d: augment_batch(u8[d], size, True, generator=gen, channels_last=cl) for d in "AB"}
-        return step(real)
+        return step(augment(u8))
 
     # A captured step (CUDAGraphStep) runs ``warmup`` eager calls, then captures on the next.
     graph_warmup = getattr(step, "warmup", None)

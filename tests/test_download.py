@@ -298,6 +298,26 @@ def test_zip_entry_count_is_bounded_before_zipfile_reads_the_directory(server, t
     assert dl._zip_entry_count(str(_write_zip(tmp_path / "ok.zip", members)), 10**6) == 60
 
 
+def test_a_zip64_record_behind_a_plain_end_record_is_counted(tmp_path):
+    """zipfile follows a zip64 locator in front of the end record whatever that record says; the
+    count followed it only when the record held 0xFFFF markers, so a plain record claiming 1 entry
+    in front of a zip64 one of 2 M entries passed the limit (1.6 GB before zipfile refused it)."""
+    import struct
+
+    plain = _zip_bytes({f"{NAME}/trainA/{i}.png": b"" for i in range(60)})
+    at = plain.rfind(b"PK\x05\x06")
+    n, cd_size, cd_off = struct.unpack("<HLL", plain[at + 10:at + 20])
+    z64 = b"PK\x06\x06" + struct.pack("<Q2H2L4Q", 44, 45, 45, 0, 0, n, n, cd_size, cd_off)
+    locator = b"PK\x06\x07" + struct.pack("<LQL", 0, at, 1)
+    small = b"PK\x05\x06" + struct.pack("<4H2LH", 0, 0, 1, 1, 46, cd_off, 0)  # no 0xFFFF marker
+    path = tmp_path / "z64.zip"
+    path.write_bytes(plain[:at] + z64 + locator + small)
+    with zipfile.ZipFile(path) as zf:
+        assert len(zf.infolist()) == 60  # what zipfile would build objects for
+    assert dl._zip_entry_count(str(path), 10**6) == 60
+    assert dl._zip_entry_count(str(path), 50) == 51  # stops just past the limit
+
+
 def _write_zip(path, members):
     path.write_bytes(_zip_bytes(members))
     return path

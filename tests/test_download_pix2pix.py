@@ -183,3 +183,31 @@ def test_sparse_tar_members_are_refused_before_their_block_maps_are_read(server,
         download_dataset("facades", str(root), url=server.base, sha256=hashlib.sha256(data).hexdigest(),
                          progress=False, backoff=0.0, collection="pix2pix")
     assert not root.exists()
+
+
+def test_a_global_tar_header_counts_once_per_member(server, tmp_path):
+    """tarfile copies the global pax headers into every member: 880 KB of them (under the 1 MiB
+    limit of one header) in a 185 KB archive of 1,000 members took 2.6 GB. A global header is at
+    most 64 KiB and counts against the 64 MiB budget once per member; git archive's (a commit
+    id) stays fine."""
+    import io
+    import tarfile
+
+    def archive(comment: str, members: int) -> bytes:
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT, pax_headers={"comment": comment}) as tf:
+            for i in range(members):
+                info = tarfile.TarInfo(f"facades/train/{i}.jpg")
+                tf.addfile(info, io.BytesIO(b""))
+        return raw.getvalue()
+
+    root = tmp_path / "root"
+    for data, said in ((archive("x" * (65 << 10), 1), "a global header of 66,"),
+                       (archive("x" * (60 << 10), 1200), "extended headers of more than 67,108,864 bytes in all")):
+        server.files["/data/facades.tar.gz"] = data
+        with pytest.raises(dl.DownloadError, match=f"not a valid tar\\.gz archive: {said}"):
+            download_dataset("facades", str(root), url=server.base, sha256=hashlib.sha256(data).hexdigest(),
+                             progress=False, backoff=0.0, collection="pix2pix")
+        assert not root.exists()
+    with tarfile.open(fileobj=io.BytesIO(archive("a" * 40, 1200)), tarinfo=dl.BoundedTarInfo) as tf:
+        assert len(tf.getmembers()) == 1200  # a git archive's global header

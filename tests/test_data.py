@@ -677,6 +677,51 @@ def test_a_file_pillow_would_open_as_another_format_is_refused_unread(tmp_path, 
     assert np.asarray(open_image(str(tmp_path / "g.png")))[0, 0].tolist() == [9, 9, 9]
 
 
+def test_files_with_absurd_metadata_are_refused_before_pillow_reads_it(tmp_path):
+    """Pillow's open() reads every metadata segment before the pixels: JPEG EXIF segments are
+    joined in quadratic time (6.5 MB of 17-byte ones: 90 s for one header check), millions of
+    tiny PNG chunks cost ~20x their size in memory, a PPM header is read byte by byte (50 MB of
+    comments: 11 s). Past 1,024 segments / 64 KiB of PPM header such files are refused unread;
+    real files (EXIF, a multi-segment ICC profile, text chunks, comments) are untouched."""
+    import io
+    import struct
+    import zlib
+
+    from fastcgan.data.images import MAX_METADATA_SEGMENTS, image_size, metadata_problem, open_image
+
+    img = Image.fromarray(_rand_rgb(12, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    jpg, png = io.BytesIO(), io.BytesIO()
+    img.save(jpg, format="JPEG", exif=exif.tobytes(), icc_profile=b"\0" * 200_000)  # ICC in 4 APP2 segments
+    img.save(png, format="PNG")
+    jpg, png = jpg.getvalue(), png.getvalue()
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    n = MAX_METADATA_SEGMENTS
+    files = {
+        "exif.jpg": (jpg[:2] + b"\xff\xe1\x00\x08Exif\x00\x00" * n + jpg[2:], "JPEG segments"),
+        "text.png": (png[:33] + b"".join(chunk(b"tEXt", b"k%d\0" % i) for i in range(n)) + png[33:], "PNG chunks"),
+        "long.ppm": (b"P6\n#" + b"c" * (64 << 10) + b"\n10 12\n255\n" + bytes(360), "a PPM header longer"),
+    }
+    for name, (data, said) in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(BadImageError, match=f"{name}: more than 1,024 {said}|{name}: {said}"):
+            open_image(str(tmp_path / name))
+        assert image_size(str(tmp_path / name)) is None
+    fine = {
+        "real.jpg": jpg,
+        "some.png": png[:33] + b"".join(chunk(b"tEXt", b"k%d\0v" % i) for i in range(n - 2)) + png[33:],
+        "note.ppm": b"P6\n# a comment\n10 12\n255\n" + bytes(360),
+    }
+    for name, data in fine.items():
+        (tmp_path / name).write_bytes(data)
+        assert metadata_problem(str(tmp_path / name)) is None, name
+        assert open_image(str(tmp_path / name)).size == (10, 12) == image_size(str(tmp_path / name)), name
+
+
 def test_images_without_an_honest_8_bit_conversion_are_named_errors(tmp_path):
     """32-bit integer samples were clipped at 65535 (a 0..2^31 ramp read as 0,255,255,...), and a
     CIELab TIFF read as one channel was a raw ValueError from the conversion."""

@@ -106,6 +106,52 @@ def check_image_pixels(path: str, size: tuple[int, int], max_pixels: int | None 
         )
 
 
+# Pillow's open() reads every metadata segment before the pixels: real files hold a few dozen,
+# but JPEG EXIF is appended segment by segment (quadratic: 320 k 17-byte segments, 6.5 MB, took
+# 90 s), and millions of tiny PNG chunks or JPEG segments cost ~20x their size in memory. PPM's
+# header is read byte by byte (50 MB of comments: 11 s). Refused past these, before open().
+MAX_METADATA_SEGMENTS = 1024  # JPEG segments before the scan, PNG chunks before the pixel data
+MAX_PPM_HEADER = 64 << 10
+
+
+def metadata_problem(path: str) -> str | None:
+    """Why ``path``'s metadata is too much to hand to Pillow (see MAX_METADATA_SEGMENTS), from a
+    walk over its segment headers (a few small reads); ``None`` when it is not (or when the layout
+    is not one of these: Pillow then says what is wrong)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"\xff\xd8":  # JPEG: marker segments up to the start of scan
+            f.seek(2)
+            for _ in range(MAX_METADATA_SEGMENTS):
+                m = f.read(2)
+                while m[:1] == b"\xff" and m[1:2] == b"\xff":  # fill bytes
+                    m = m[1:] + f.read(1)
+                if len(m) < 2 or m[0] != 0xFF or m[1] == 0xDA:
+                    return None
+                if 0xD0 <= m[1] <= 0xD7 or m[1] == 0x01:  # no length
+                    continue
+                n = f.read(2)
+                if len(n) < 2 or int.from_bytes(n, "big") < 2:  # cut short or malformed: Pillow says so
+                    return None
+                f.seek(int.from_bytes(n, "big") - 2, os.SEEK_CUR)
+            return f"more than {MAX_METADATA_SEGMENTS:,} JPEG segments before the image data"
+        if head == b"\x89PNG\r\n\x1a\n":  # PNG: chunks up to the first IDAT
+            for _ in range(MAX_METADATA_SEGMENTS):
+                c = f.read(8)
+                if len(c) < 8 or c[4:8] == b"IDAT":
+                    return None
+                f.seek(int.from_bytes(c[:4], "big") + 4, os.SEEK_CUR)
+            return f"more than {MAX_METADATA_SEGMENTS:,} PNG chunks before the image data"
+        if head[:1] == b"P" and head[1:2] in b"123456" and len(head) > 1:  # netpbm: magic, W, H[, maxval]
+            f.seek(0)
+            text = f.read(MAX_PPM_HEADER)
+            wanted = 3 if head[1:2] in b"14" else 4
+            tokens = re.sub(rb"#[^\n\r]*", b" ", text).split(None, wanted)
+            if len(tokens) <= wanted and len(text) == MAX_PPM_HEADER:
+                return f"a PPM header longer than {MAX_PPM_HEADER:,} bytes"
+    return None
+
+
 def _header(path: str, oriented: bool) -> tuple[int, int] | None:
     info = _header_info(path, oriented)
     return None if info is None else info[0]
@@ -117,6 +163,8 @@ def _header_info(path: str, oriented: bool) -> tuple[tuple[int, int], str] | Non
     if not os.path.isfile(path):
         return None
     try:
+        if metadata_problem(path):
+            return None  # open_image names the problem
         with _PIL_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # Only the header is read here, so Pillow's own refusal (which hides the size) is
@@ -259,6 +307,8 @@ def open_image(path: str, channels: int = 3, max_pixels: int | None = None) -> I
             raise BadImageError(path, "not a regular file")
         if os.path.getsize(path) == 0:
             raise BadImageError(path, "empty file (0 bytes)")
+        if problem := metadata_problem(path):
+            raise BadImageError(path, problem + " (not decoded)")
         with warnings.catch_warnings():
             # Pillow's DecompressionBombWarning is replaced by our own limit, checked just below
             # on the header's size before load() decodes anything.

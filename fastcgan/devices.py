@@ -45,22 +45,48 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def host_available_bytes() -> int | None:
-    """Memory a process can still allocate without swapping or the OOM killer: Linux's
-    ``MemAvailable`` (free + reclaimable page cache), else free physical pages; ``None`` when
-    the platform tells neither."""
+    """Memory this process can still allocate without swapping, the OOM killer or an allocation
+    failure: the least of Linux's ``MemAvailable`` (free + reclaimable page cache), what the
+    process's cgroup allows beyond its usage (a container's limit; MemAvailable shows the host's)
+    and what ``RLIMIT_AS`` / ``RLIMIT_DATA`` leave; free physical pages elsewhere. ``None`` when
+    nothing tells."""
+    import os
+
+    room = []
     try:
         with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            room += [int(line.split()[1]) * 1024 for line in f if line.startswith(b"MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
+    if not room:
+        try:
+            room.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            pass
+    v1 = "/sys/fs/cgroup/memory/memory."
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2, v1
+                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
+        try:
+            with open(limit) as f, open(usage) as g:
+                lim = f.read().strip()
+                if lim != "max" and int(lim) < 1 << 60:  # v1 writes a huge number for "no limit"
+                    room.append(max(0, int(lim) - int(g.read().strip())))
+            break
+        except (OSError, ValueError):
+            continue
     try:
-        import os
+        import resource
 
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+        with open("/proc/self/status") as f:
+            status = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in f)
+                      if k in ("VmSize", "VmData")}
+        for rlimit, used in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
+            soft = resource.getrlimit(rlimit)[0]
+            if soft != resource.RLIM_INFINITY and used in status:
+                room.append(max(0, soft - status[used]))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(room) if room else None
 
 
 def is_out_of_memory(e: BaseException) -> bool:

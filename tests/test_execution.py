@@ -112,14 +112,17 @@ def test_an_explicit_data_bank_that_cannot_be_held_is_a_config_error(bf16_gpu, m
                                           r".* cuda:0 has 30\.0 GiB free; use --no-data-on-gpu"):
         resolve_fast_path(cfg, GPU, dataset_nbytes=40 * GiB, free_memory=30 * GiB, host_memory=100 * GiB)
     on_cpu = r"\(--data-on-gpu \(on a CPU: decoded once into memory\)\): the decoded training set is 10\.0 GiB"
-    with pytest.raises(ConfigError, match=on_cpu + r" .* this machine has 8\.0 GiB of memory available"):
+    with pytest.raises(ConfigError, match=on_cpu + r" .* this process may allocate 8\.0 GiB \(at most 4/5 of it"):
         resolve_fast_path(cfg, CPU, dataset_nbytes=10 * GiB, host_memory=8 * GiB)
+    with pytest.raises(ConfigError, match=on_cpu.replace("10", "7")):  # a fifth stays for the networks
+        resolve_fast_path(cfg, CPU, dataset_nbytes=7 * GiB, host_memory=8 * GiB)
+    assert resolve_fast_path(cfg, CPU, dataset_nbytes=6 * GiB, host_memory=8 * GiB)[0].data.data_on_gpu
     # Explicit asks less than auto: all of the free memory (auto: a quarter of it).
     r, _ = resolve_fast_path(cfg, GPU, dataset_nbytes=29 * GiB, free_memory=30 * GiB, host_memory=1)
     assert r.data.data_on_gpu is True
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun on a CPU: each process of the node holds its bank
-    with pytest.raises(ConfigError, match=r"29\.0 GiB of memory available for 4 processes that each hold it"):
-        resolve_fast_path(cfg, CPU, dataset_nbytes=8 * GiB, host_memory=29 * GiB)
+    with pytest.raises(ConfigError, match=r"29\.0 GiB \(at most 4/5 of it for the images\) for 4 processes that"):
+        resolve_fast_path(cfg, CPU, dataset_nbytes=6 * GiB, host_memory=29 * GiB)
     assert resolve_fast_path(cfg, GPU, dataset_nbytes=8 * GiB, free_memory=30 * GiB)[0].data.data_on_gpu
 
 
@@ -132,10 +135,10 @@ def test_an_explicit_data_bank_too_big_for_this_machine_stops_before_decoding(tm
     from fastcgan.train import train
 
     root = ensure_synthetic_dataset(str(tmp_path / "data"), size=32, n_train=4, n_test=2)
-    monkeypatch.setattr(fastcgan.devices, "host_available_bytes", lambda: 4 * 32 * 32 * 3 * 2 - 1)
+    monkeypatch.setattr(fastcgan.devices, "host_available_bytes", lambda: 4 * 32 * 32 * 3 * 2)  # 4/5 of it: short
     monkeypatch.setattr(fastcgan.data.device, "_stack_domain", None)  # decoding the bank would fail
     cfg = tiny_train_config(root, tmp_path, dataset="folder", data_on_gpu=True, preprocess="crop", max_steps=1)
-    with pytest.raises(ConfigError, match=r"the decoded training set is 0\.0 MiB .* 0\.0 MiB of memory available"):
+    with pytest.raises(ConfigError, match=r"the decoded training set is 0\.0 MiB .* this process may allocate"):
         train(cfg)
     assert not (tmp_path / "run").exists()
 
@@ -193,3 +196,29 @@ def test_state_holds_exactly_what_a_checkpoint_holds():
     before = dict(vars(st))
     step = build_step(st, tiny_train_config())
     assert vars(st).keys() == before.keys() and step.exe.state is st
+
+
+def test_the_memory_a_process_may_take_follows_its_limits():
+    """MemAvailable is the host's: a process capped by RLIMIT_AS (or a container's cgroup) passed
+    the --data-on-gpu check and then died allocating. The least of what each allows counts."""
+    import subprocess
+    import sys
+
+    code = "from fastcgan.devices import host_available_bytes as h; print(h())"
+    free = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    cap = "import resource; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, resource.RLIM_INFINITY)); " + code
+    capped = int(subprocess.run([sys.executable, "-c", cap], capture_output=True, text=True, check=True).stdout)
+    assert 0 < capped < 6 << 30 and capped <= free
+
+
+def test_a_bank_that_no_longer_fits_is_a_dataset_error_naming_the_flag(monkeypatch):
+    from fastcgan.data import DatasetError
+    from fastcgan.data.device import BankStack
+
+    def no_memory(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 7812500000 bytes")
+
+    monkeypatch.setattr(torch, "empty", no_memory)
+    with pytest.raises(DatasetError, match=r"--data-on-gpu: 32,000 images of \(3, 286, 286\) \(7\.3 GiB\) do not "
+                                           r"fit on cpu; use --no-data-on-gpu"):
+        BankStack(32_000, torch.device("cpu")).append(torch.zeros(3, 286, 286, dtype=torch.uint8))

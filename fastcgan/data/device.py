@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from fastcgan.data.datasets import DatasetError, UnalignedDataset
+from fastcgan.devices import is_out_of_memory
 from fastcgan.data.images import pil_to_tensor
 
 __all__ = ["DeviceImageBank", "preload_to_device"]
@@ -114,7 +115,14 @@ class BankStack:
 
     def append(self, t: torch.Tensor) -> None:
         if self.images is None:
-            self.images = torch.empty((self.capacity, *t.shape), dtype=torch.uint8, device=self.device)
+            try:
+                self.images = torch.empty((self.capacity, *t.shape), dtype=torch.uint8, device=self.device)
+            except (MemoryError, RuntimeError) as e:  # past the start-up check (memory taken since)
+                if not is_out_of_memory(e):
+                    raise
+                gib = self.capacity * t.numel() / 1024**3
+                raise DatasetError(f"--data-on-gpu: {self.capacity:,} images of {tuple(t.shape)} ({gib:.1f} GiB) do "
+                                   f"not fit on {self.device}; use --no-data-on-gpu") from None
         self.images[self.count].copy_(t)  # a plain host-to-device copy per image (~250 KB), once
         self.count += 1
 

@@ -55,6 +55,8 @@ __all__ = [
 
 # --data-on-gpu auto: the decoded uint8 dataset may take at most this share of the free memory.
 DATA_ON_GPU_SHARE = 0.25
+# An explicit --data-on-gpu on a CPU: at most this share of what the process may allocate.
+CPU_BANK_SHARE = 0.8
 
 
 @dataclass
@@ -230,19 +232,20 @@ def check_bank_fits(nbytes: int, device: torch.device, room: Optional[int]) -> N
     def size(n: int) -> str:
         return f"{n / 1024 ** 3:.1f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
 
-    copies = 1
-    if device.type == "cpu":
+    copies, share = 1, 1.0
+    if device.type == "cpu":  # the bank shares the memory with the networks and the step: 4/5 of it at most
+        share = CPU_BANK_SHARE
         try:
             copies = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         except ValueError:
             pass
-    if room is None or nbytes * copies <= room:
+    if room is None or nbytes * copies <= share * room:
         return
     if device.type == "cuda":
         what, where = "--data-on-gpu", f"{device} has {size(room)} free"
     else:
         what = "--data-on-gpu (on a CPU: decoded once into memory)"
-        where = f"this machine has {size(room)} of memory available" + (
+        where = f"this process may allocate {size(room)} (at most 4/5 of it for the images)" + (
             f" for {copies} processes that each hold it" if copies > 1 else "")
     raise ConfigError(f"data_on_gpu ({what}): the decoded training set is {size(nbytes)} (uint8, after --preprocess) "
                       f"and {where}; use --no-data-on-gpu (the loader reads the files as it goes), or a smaller "

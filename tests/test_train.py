@@ -647,6 +647,7 @@ def _cfg(**kw):
     ("lambda_cycle", float("inf"), "lambda_cycle (--lambda-cycle): must be a finite number"),
     ("lambda_identity", float("inf"), "lambda_identity (--lambda-identity): must be a finite number"),
     ("keep_last", 0, "keep_last (--keep-last): must be an int >= 1"),  # [:-0] would keep every checkpoint
+    ("n_samples", 65, "n_samples (--n-samples): must be at most 64"),  # decoded and run at every sample step
 ])
 def test_config_bounds(field, value, said):
     with pytest.raises(ConfigError, match=re.escape(said)):

@@ -53,6 +53,7 @@ MAX_NUM_WORKERS = 128
 # The image pools are allocated whole at their first query (two of them, fakes at the crop size:
 # 1000 256x256 images = 0.8 GB each in fp32); the official default is 50.
 MAX_POOL_SIZE = 1000
+MAX_SAMPLES = 64  # images per domain in a sample grid
 # The initial weights' std (normal) or gain (xavier, orthogonal): 500x the official 0.02, above any
 # sensible setting; 1e12 made the first forward pass overflow to NaN.
 MAX_INIT_GAIN = 10.0
@@ -335,7 +336,7 @@ class RunConfig:
     keep_last: int = 3
     tensorboard: bool = True
     progress: bool = True
-    n_samples: int = 4  # images per domain in the sample grids
+    n_samples: int = 4  # images per domain in the sample grids (at most MAX_SAMPLES)
     # FID/KID on the test split every this many steps (0: never; None: auto -- every
     # checkpoint_every steps when the metrics extra is installed and the data has testA/ testB/).
     eval_every: Optional[int] = None
@@ -361,6 +362,9 @@ class RunConfig:
         )
         for n in ("log_every", "sample_every", "checkpoint_every", "keep_last", "n_samples", "eval_max_images"):
             _check(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "must be an int >= 1")
+        # The sample grid holds n_samples images per domain at --crop-size, decoded and run at
+        # every sample step: a grid of 64 x 64 images is already more than one can look at.
+        _check(self.n_samples <= MAX_SAMPLES, "n_samples", f"must be at most {MAX_SAMPLES}, got {self.n_samples}")
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed!r}")
         if self.compile_backend != "inductor":
             import torch._dynamo

@@ -356,3 +356,32 @@ def test_synthetic_aligned_pairs_are_true_pairs(tmp_path):
     args = [str(tmp_path / "cli"), "--aligned", "--size", "16", "--n-train", "2", "--n-test", "1"]
     assert synth_main(args) == 0
     assert sorted(os.listdir(tmp_path / "cli" / "train")) == ["pair_00000.png", "pair_00001.png"]
+
+
+def test_combine_max_images_caps_the_pairs_of_each_split(monet2photo_mini, tmp_path):
+    """--max-images N (the official --num_imgs): the first N pairs by name of every split, no more."""
+    imgs = _real_images(monet2photo_mini, 4)
+    for split in ("train", "test"):
+        _write(tmp_path / "A" / split, imgs)
+        _write(tmp_path / "B" / split, imgs)
+    report = combine_folders(tmp_path / "A", tmp_path / "B", tmp_path / "out", max_images=2)
+    assert report.splits == {"test": 2, "train": 2}
+    for split in ("train", "test"):
+        assert sorted(os.listdir(tmp_path / "out" / split)) == sorted(imgs)[:2]
+    assert combine_main([str(tmp_path / "A"), str(tmp_path / "B"), str(tmp_path / "one"), "--max-images", "1"]) == 0
+    assert [len(os.listdir(tmp_path / "one" / s)) for s in ("train", "test")] == [1, 1]
+
+
+def test_combine_never_writes_through_an_output_folder_that_leads_to_an_input(monet2photo_mini, tmp_path):
+    """OUT/train a symlink to A/train: the pair files would land on the A images themselves; even
+    --overwrite must refuse (naming the file) and leave every input as it was."""
+    imgs = _real_images(monet2photo_mini, 2)
+    a, b, out = tmp_path / "A", tmp_path / "B", tmp_path / "out"
+    _write(a / "train", imgs)
+    _write(b / "train", imgs)
+    out.mkdir()
+    os.symlink(a / "train", out / "train")
+    before = {n: (a / "train" / n).read_bytes() for n in imgs}
+    with pytest.raises(CombineError, match="would overwrite an input file"):
+        combine_folders(a, b, out, overwrite=True)
+    assert {n: (a / "train" / n).read_bytes() for n in imgs} == before

@@ -424,3 +424,30 @@ def test_device_paths_match_the_cpu_gpu(colour_set):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = Gc(x.cuda())
     assert out.dtype == torch.float32 and (out.cpu() - want).abs().max() < 0.1
+
+
+def test_colorizer_normalises_each_image_with_its_own_statistics():
+    """The official test.py runs the colorization G with BatchNorm in training mode at batch 1 (each
+    image's own statistics, no dropout here); the deployable colorizer must do the same at any batch
+    size -- a freshly trained network's running statistics give other colours."""
+    import copy
+
+    from torch import nn
+
+    from fastcgan.models import LabColorizer
+    from fastcgan.recipes import get_recipe
+
+    recipe = get_recipe("colorization")
+    cfg = col()
+    assert cfg.model.norm == "batch"
+    torch.manual_seed(0)
+    G = recipe.networks(cfg)["G"]
+    official = copy.deepcopy(G).eval()  # test.py: dropout as at inference, BatchNorm on the batch
+    for m in official.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        want = torch.cat([LabColorizer(official)(x[i : i + 1]) for i in range(len(x))])
+        got = recipe.deployed(G.eval())(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -579,3 +579,21 @@ def test_ddp_trains_what_one_process_trains(tmp_path):
     for x, y in zip(_metrics(str(tmp_path / "one")), _metrics(str(tmp_path / "two"))):
         for k in ("G", "NCE", "NCE_Y", "D"):
             assert y[k] == pytest.approx(x[k], rel=LOSS_RTOL), (x["step"], k)
+
+
+def test_a_map_smaller_than_num_patches_gives_every_location_once():
+    """The official PatchNCE samples min(num_patches, H*W) locations: on a map with fewer than
+    --num-patches positions every position is used, each once, for every image (per-image and
+    shared draws alike) -- a location left out is a patch whose correspondence is never learnt."""
+    from types import SimpleNamespace
+
+    exe = SimpleNamespace(dist=None)
+    feats = [torch.zeros(4, 2, 4, 4), torch.zeros(4, 3, 3, 5)]
+    for shared in (False, True):
+        torch.manual_seed(0)
+        for f, ids in zip(feats, cut.patch_ids(exe, feats, 256, groups=2, shared=shared)):
+            hw = f.shape[-2] * f.shape[-1]
+            assert ids.shape == (4, hw)
+            assert all(sorted(row.tolist()) == list(range(hw)) for row in ids)
+        for ids in cut.patch_ids(exe, feats, 7, groups=2, shared=shared):
+            assert ids.shape == (4, 7) and all(len(set(row.tolist())) == 7 for row in ids)

@@ -118,3 +118,34 @@ def test_tiled_no_seams_for_tile_dependent_model():
     smooth_step = max_step(x)  # the image's own largest neighbour difference
     assert max_step(naive) > 10 * smooth_step  # the seam the blend must remove
     assert max_step(blended) < 3 * smooth_step
+
+
+@pytest.mark.parametrize("ramp", ["cosine", "linear"])
+def test_neighbouring_ramps_cross_fade_with_weights_that_sum_to_one(ramp):
+    """Where two tiles overlap by exactly ``overlap`` their ramps are complementary (a cross-fade
+    whose weights add up to 1, no bump or dip before the division), and no weight of a tile is 0:
+    every pixel a tile computes counts."""
+    ov = 6
+    rise = blend_weights(1, 16, ov, False, False, True, False, kind=ramp)[0]
+    fall = blend_weights(1, 16, ov, False, False, False, True, kind=ramp)[0]
+    assert rise.min() > 0 and fall.min() > 0
+    torch.testing.assert_close(fall[-ov:] + rise[:ov], torch.ones(ov))
+    torch.testing.assert_close(rise[ov:], torch.ones(16 - ov))
+
+
+def test_a_tile_edge_on_the_image_border_keeps_full_weight():
+    """Only edges shared with a neighbour ramp down; the last tile's edge on the image border keeps
+    weight 1. A 36-px-wide image in 32-px tiles (starts 0 and 4), overlap 8, through a model whose
+    output is its tile's mean: the blend is exactly the documented weighting."""
+    x = torch.arange(36.0).expand(1, 1, 32, 36).contiguous()
+    out = tiled_apply(lambda t: t.mean(dim=(2, 3), keepdim=True).expand_as(t), x, 32, 8, batch_size=1)
+    m0, m1 = x[..., :32].mean(), x[..., 4:].mean()
+    w0 = blend_weights(32, 32, 8, False, False, False, True)  # right edge shared with tile 1
+    w1 = blend_weights(32, 32, 8, False, False, True, False)  # right edge on the image border
+    num, den = torch.zeros(32, 36), torch.zeros(32, 36)
+    num[:, :32] += m0 * w0
+    den[:, :32] += w0
+    num[:, 4:] += m1 * w1
+    den[:, 4:] += w1
+    torch.testing.assert_close(out[0, 0], num / den)
+    torch.testing.assert_close(out[0, 0, :, 32:], m1.expand(32, 4))

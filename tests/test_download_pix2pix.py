@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import tarfile
+import types
 
 import pytest
 from test_download import _Server
@@ -211,3 +212,19 @@ def test_a_global_tar_header_counts_once_per_member(server, tmp_path):
         assert not root.exists()
     with tarfile.open(fileobj=io.BytesIO(archive("a" * 40, 1200)), tarinfo=dl.BoundedTarInfo) as tf:
         assert len(tf.getmembers()) == 1200  # a git archive's global header
+
+
+def test_archive_that_does_not_fit_on_the_disk_is_refused_before_extracting(server, tmp_path, monkeypatch):
+    """An archive whose files need more room than the disk has free is refused with the numbers,
+    before anything is extracted (else it fails half way, leaving a partial dataset)."""
+    small = _tgz({"facades/train/1.jpg": b"\0" * 300_000, "facades/test/1.jpg": b"\0" * 10})
+    assert len(small) < 10_000  # the download itself fits in the 100 kB "free"
+    server.files["/data/facades.tar.gz"] = small
+    real = dl.shutil.disk_usage
+    monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: types.SimpleNamespace(
+        total=real(p).total, used=real(p).total - 100_000, free=100_000))
+    root = tmp_path / "root"
+    with pytest.raises(DownloadError, match="to extract"):
+        download_dataset("facades", str(root), url=server.base, sha256=hashlib.sha256(small).hexdigest(),
+                         progress=False, backoff=0.0, collection="pix2pix")
+    assert not (root / "facades").exists()

@@ -612,3 +612,50 @@ def test_fid_compares_each_direction_with_the_other_domain(synth):
     assert want > 1.0 and fm.fid_kid_from_features(real["A"], real["A"])["fid"] < 1e-3 * want
     assert r["AtoB"]["fid"] == pytest.approx(want, rel=1e-3)
     assert r["BtoA"]["fid"] == pytest.approx(fm.fid_kid_from_features(real["B"], real["A"])["fid"], rel=1e-3)
+
+
+def _pair_folder(root, n_good, n_bad=0):
+    """root/test/ with n_good 16x32 pair images (input half 0, target half 51 = 0.2 on [0, 1]) and
+    n_bad files that are not images."""
+    import numpy as np
+    from PIL import Image
+
+    pairs = root / "test"
+    pairs.mkdir(parents=True)
+    half = np.zeros((16, 16, 3), np.uint8)
+    for i in range(n_good):
+        Image.fromarray(np.concatenate([half, half + 51], axis=1)).save(pairs / f"{i}.png")
+    for i in range(n_bad):
+        (pairs / f"zz_bad{i}.png").write_bytes(b"not an image")
+    return str(root)
+
+
+def test_paired_scores_count_only_the_pairs_scored(tmp_path):
+    """n is the number of pairs scored: an unreadable file is counted in skipped, not in n (a
+    report of n=3 for 2 scored pairs overstates the evidence); L1 / PSNR are the known values."""
+    from fastcgan import evaluate_paired as evp
+    from fastcgan.data.datasets import SkippedImageWarning
+
+    root = _pair_folder(tmp_path / "pairs", n_good=2, n_bad=1)
+    with pytest.warns(SkippedImageWarning, match="zz_bad0.png"):
+        r = evp.evaluate_paired(ev.module_translator(Identity(), "cpu"), root)["AtoB"]
+    assert (r["n"], r["skipped"]) == (2, 1)
+    assert r["l1"] == pytest.approx(0.2, abs=1e-6) and r["identity_l1"] == pytest.approx(0.2, abs=1e-6)
+    assert r["psnr"] == pytest.approx(10 * math.log10(1 / 0.04), abs=1e-4)
+
+
+def test_an_unpaired_dataroot_with_a_test_folder_is_scored_unpaired(tmp_path, synth):
+    """testA/ + testB/ make an unpaired test set even when a test/ folder sits beside them (the
+    official CycleGAN zips hold none, users add one): both directions are scored as CycleGAN
+    generators, not one generator against pairs read from test/."""
+    import shutil
+
+    from fastcgan.evaluate_paired import is_paired_root
+
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    _pair_folder(data, n_good=1)
+    assert not is_paired_root(str(data)) and is_paired_root(_pair_folder(tmp_path / "p", n_good=1))
+    run = _run_dir(tmp_path)
+    r = ev.evaluate(str(run), str(data), device="cpu", fid=False)
+    assert {"AtoB", "BtoA"} <= set(r) and r["AtoB"]["n"] == 3 and "cycle_l1" in r["AtoB"]

@@ -222,3 +222,22 @@ def test_a_bank_that_no_longer_fits_is_a_dataset_error_naming_the_flag(monkeypat
     with pytest.raises(DatasetError, match=r"--data-on-gpu: 32,000 images of \(3, 286, 286\) \(7\.3 GiB\) do not "
                                            r"fit on cpu; use --no-data-on-gpu"):
         BankStack(32_000, torch.device("cpu")).append(torch.zeros(3, 286, 286, dtype=torch.uint8))
+
+
+def test_allocating_the_pools_keeps_the_fakes_a_resumed_pool_holds():
+    """A --compile run allocates its image pools before the first compiled phase; a resumed run's
+    pools already hold the checkpoint's fakes, which must survive that (else the resumed run shows D
+    other fakes than the uninterrupted run, and resume is not exact)."""
+    from fastcgan.recipes import get_recipe
+
+    cfg = tiny_train_config(pool_size=4)
+    st = build_state(cfg, CPU)
+    g = torch.Generator().manual_seed(0)
+    for pool in st.pools.values():
+        pool.query(torch.rand(3, 3, 32, 32, generator=g) * 2 - 1)  # as loaded from a checkpoint
+    held = {n: (p.images.clone(), int(p.num_imgs)) for n, p in st.pools.items()}
+    assert held and all(count == 3 for _, count in held.values())
+    exe = build_step(st, cfg).exe
+    exe.allocate_pools(get_recipe(cfg.model.recipe), cfg, {d: torch.zeros(1, 3, 32, 32) for d in "AB"})
+    for n, (images, count) in held.items():
+        assert int(st.pools[n].num_imgs) == count and torch.equal(st.pools[n].images, images), n

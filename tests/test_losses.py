@@ -209,3 +209,12 @@ def test_cuda_losses_never_synchronise():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+def test_identity_loss_refuses_images_of_different_shapes():
+    """G_AB(b) and b of different shapes (a generator that changes the size, a batch mix-up) must
+    be an error naming the shapes, not a loss broadcast over the mismatch."""
+    with pytest.raises(ValueError, match=r"identity_loss.*\(1, 3, 8, 8\).*\(2, 3, 8, 8\)"):
+        identity_loss(torch.zeros(1, 3, 8, 8), torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="identity_loss"):
+        identity_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 3, 8, 8))

@@ -1067,3 +1067,36 @@ def test_tile_count_is_judged_on_the_rotated_size(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "tall.jpg" in err and "tiles" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_manifest_whose_digest_is_not_a_string_is_refused_by_name(tmp_path):
+    """A manifest with ``"sha256": null`` (hand-edited, or written by something else) is not a
+    fastcgan manifest: loading refuses it with that reason (not an AttributeError traceback), and
+    --trust-artifact still loads the file, with the reason in its note."""
+    from fastcgan.deploy.manifest import check_artifact
+
+    art = tmp_path / "g.pt2"
+    art.write_bytes(b"compiled code")
+    write_manifest(str(art), "aoti")
+    m = json.loads(open(manifest_path(str(art))).read())
+    m["sha256"] = None
+    with open(manifest_path(str(art)), "w") as f:
+        json.dump(m, f)
+    with pytest.raises(UntrustedArtifactError, match="not a fastcgan artifact manifest"):
+        check_artifact(str(art), "aoti")
+    note = check_artifact(str(art), "aoti", trust=True)
+    assert note.startswith("trusted explicitly") and "not a fastcgan artifact manifest" in note
+
+
+def test_clashing_inputs_keep_their_full_names(gen_file, tmp_path):
+    """a.jpg and a.png would both be a.png: each output keeps its input's full name (a.jpg.png,
+    a.png.png), so which translation came from which file can still be read off the names."""
+    src = tmp_path / "coll"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.jpg", "a.png", "b.jpg"):
+        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(src / name)
+    out = tmp_path / "out"
+    assert translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--device", "cpu",
+                      "--no-progress"]) == 0  # fmt: skip
+    assert sorted(n for n in os.listdir(out) if n.endswith(".png")) == ["a.jpg.png", "a.png.png", "b.png"]

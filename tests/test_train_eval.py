@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_train_config
 
-from fastcgan.data import ensure_synthetic_dataset
+from fastcgan.data import DatasetError, ensure_synthetic_dataset
 from fastcgan.metrics import metrics_available
 from fastcgan.train import ConfigError, latest_checkpoint, load_checkpoint, train
 
@@ -78,6 +78,8 @@ def test_explicit_eval_without_a_test_split_is_a_config_error(tmp_path, synth):
     with pytest.raises(ConfigError, match="--eval-every"):
         train(tiny_train_config(str(root), tmp_path, dataset="folder", max_steps=1, eval_every=1))
     assert not (tmp_path / "run").exists()
+    with pytest.raises(DatasetError, match="--dataroot .*missing: no such directory"):  # the first problem first
+        train(tiny_train_config(str(tmp_path / "missing"), tmp_path, dataset="folder", max_steps=1, eval_every=1))
     if metrics_available():  # paired data: the error says how to score the run instead
         with pytest.raises(ConfigError, match=r"score the run's test split after training: fastcgan-eval --checkpoint"):
             train(tiny_train_config(None, tmp_path, recipe="pix2pix", preset="pix2pix", netG="resnet_6blocks",

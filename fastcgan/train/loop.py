@@ -224,6 +224,8 @@ def eval_cadence(cfg: TrainConfig, recipe, is_main: bool = True) -> tuple[int, s
         return 0, "--eval-every 0"
     synthetic = cfg.data.dataset == "synthetic"
     root = synthetic_root(cfg, recipe) if synthetic else cfg.data.dataroot
+    if not synthetic and not os.path.isdir(root or ""):
+        return n or 0, ""  # no data at all: prepare_dataroot says so, naming --dataroot
     if synthetic:
         has_split = recipe.synthetic is None  # the unpaired generator writes testA/ and testB/
     else:

@@ -42,6 +42,8 @@ from fastcgan.devices import is_out_of_memory
 from torch import Tensor, nn
 
 ENGINES = ("torch", "compiled", "onnx", "trt", "aoti")
+DEFAULT_ENGINE = {"run": "torch", "safetensors": "torch", "checkpoint": "torch", "onnx": "onnx", "engine": "trt",
+                  "aoti": "aoti"}
 # One forward pass takes at most this many (padded) input pixels, one image at least (tiles are
 # batched the same way). A generator's activations are ~300x its input (ResNet-9 ngf 64, fp32, on
 # a CPU: ~0.9 KB per pixel, 3.6 GB here), so a batch counted in images alone asked ~90 GB for
@@ -51,8 +53,8 @@ BATCH_PIXELS = 1 << 22
 
 class InferenceMemoryError(RuntimeError):
     """The engine ran out of memory on a forward pass; the message says how to make it smaller."""
-DEFAULT_ENGINE = {"run": "torch", "safetensors": "torch", "checkpoint": "torch", "onnx": "onnx", "engine": "trt",
-                  "aoti": "aoti"}
+
+
 _ALLOWED = {
     "run": ENGINES, "safetensors": ENGINES, "checkpoint": ENGINES,
     "onnx": ("onnx", "trt"), "engine": ("trt",), "aoti": ("aoti",),
@@ -742,4 +744,3 @@ def _onnx_like_runner(path, engine, dev, spec, fp16, bf16, threads, keep):
     eng = build_engine(path, os.path.join(tmp.name, "g.engine"), spec, fp16=fp16, bf16=bf16)
     r = TrtRunner(eng, dev)
     return r, r.spec
-

@@ -111,7 +111,46 @@ def check_image_pixels(path: str, size: tuple[int, int], max_pixels: int | None 
 # 90 s), and millions of tiny PNG chunks or JPEG segments cost ~20x their size in memory. PPM's
 # header is read byte by byte (50 MB of comments: 11 s). Refused past these, before open().
 MAX_METADATA_SEGMENTS = 1024  # JPEG segments before the scan, PNG chunks before the pixel data
+MAX_STRAY_BYTES = 64 << 10  # bytes between JPEG segments (Pillow skips them one by one)
 MAX_PPM_HEADER = 64 << 10
+
+
+def _jpeg_problem(f) -> str | None:
+    """The JPEG marker walk of Pillow's open(), over the segment headers only: stray bytes and
+    fill bytes between segments are skipped as Pillow skips them (so they cannot hide segments
+    from the count), up to the start of scan."""
+    def next_ff(pos: int) -> int:
+        f.seek(pos)
+        size = 16  # a marker is usually right there; stray bytes are searched in larger blocks
+        while block := f.read(size):
+            if (k := block.find(b"\xff")) >= 0:
+                return pos + k
+            pos, size = pos + len(block), 1 << 16
+        return -1
+
+    pos, segments, stray = 2, 0, 0
+    while True:
+        at = next_ff(pos)
+        if at < 0:
+            return None
+        stray += at - pos
+        f.seek(at + 1)
+        c = f.read(1)
+        if not c or c[0] == 0xDA:  # end of file (Pillow reports it) or the start of scan
+            return None
+        if c[0] in (0xFF, 0x00):  # a fill byte, or an escaped 0xFF: skipped
+            stray, pos = stray + 1, at + 1
+        elif 0xD0 <= c[0] <= 0xD8 or c[0] == 0x01:  # markers without a length
+            segments, pos = segments + 1, at + 2
+        else:
+            n = f.read(2)
+            if len(n) < 2 or int.from_bytes(n, "big") < 2:  # cut short or malformed: Pillow says so
+                return None
+            segments, pos = segments + 1, at + 2 + int.from_bytes(n, "big")
+        if segments > MAX_METADATA_SEGMENTS:
+            return f"more than {MAX_METADATA_SEGMENTS:,} JPEG segments before the image data"
+        if stray > MAX_STRAY_BYTES:
+            return f"more than {MAX_STRAY_BYTES:,} stray bytes between its JPEG segments"
 
 
 def metadata_problem(path: str) -> str | None:
@@ -121,20 +160,7 @@ def metadata_problem(path: str) -> str | None:
     with open(path, "rb") as f:
         head = f.read(8)
         if head[:2] == b"\xff\xd8":  # JPEG: marker segments up to the start of scan
-            f.seek(2)
-            for _ in range(MAX_METADATA_SEGMENTS):
-                m = f.read(2)
-                while m[:1] == b"\xff" and m[1:2] == b"\xff":  # fill bytes
-                    m = m[1:] + f.read(1)
-                if len(m) < 2 or m[0] != 0xFF or m[1] == 0xDA:
-                    return None
-                if 0xD0 <= m[1] <= 0xD7 or m[1] == 0x01:  # no length
-                    continue
-                n = f.read(2)
-                if len(n) < 2 or int.from_bytes(n, "big") < 2:  # cut short or malformed: Pillow says so
-                    return None
-                f.seek(int.from_bytes(n, "big") - 2, os.SEEK_CUR)
-            return f"more than {MAX_METADATA_SEGMENTS:,} JPEG segments before the image data"
+            return _jpeg_problem(f)
         if head == b"\x89PNG\r\n\x1a\n":  # PNG: chunks up to the first IDAT
             for _ in range(MAX_METADATA_SEGMENTS):
                 c = f.read(8)

@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_train_config
+from conftest import default_dtype, tiny_train_config
 
 from fastcgan.data import ensure_synthetic_dataset
 from fastcgan.train import TrainConfig, build_state, build_step, train
@@ -52,7 +52,16 @@ def _grads(st):
 def _batch_vs_singles(norm, channels_last=False):
     """(losses, grads) of one step on all B images, and the means over B one-image steps, each
     from an identical copy of a state that has already taken one step (so Adam has state and the
-    weights are not the initial ones; a step's gradients depend only on its pre-step weights)."""
+    weights are not the initial ones; a step's gradients depend only on its pre-step weights).
+
+    In fp64: the claim is about the maths. In fp32 a CPU's convolutions may round differently
+    per batch size (oneDNN on an AVX-512 Xeon, one thread: 1e-6 apart), and a ReLU input that
+    lands on the other side of 0 moved a tiny generator's gradients by 1e-3 of their scale."""
+    with default_dtype(torch.float64):
+        return _batch_vs_singles_fp64(norm, channels_last)
+
+
+def _batch_vs_singles_fp64(norm, channels_last):
     cfg = _cfg(norm, channels_last)
     torch.manual_seed(0)
     st0 = build_state(cfg)
@@ -86,10 +95,11 @@ def _max_deviation(grads_b, grads_m):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_batch_gradient_is_mean_of_single_image_gradients(channels_last):
-    """Measured (fp32, CPU): worst |batch - mean| is ~5e-6 of a network's largest gradient;
-    losses agree to ~5e-7. channels_last: torch 2.14's CPU instance_norm backward was wrong for
-    one image with a channels_last gradient (~40 % here) until the reference passed it an NCHW
-    copy."""
+    """Measured (fp64, CPU): worst |batch - mean| is ~4e-8 of a network's largest gradient. (In
+    fp32 ~5e-6 on AMD CPUs, but 1e-3 on an AVX-512 Xeon with one thread: see _batch_vs_singles.)
+    The channels_last variant found torch 2.14's wrong CPU instance_norm backward for one image
+    with a channels_last gradient (~40 % on an AMD CPU); its own test is in
+    test_instance_norm_act.py (test_reference_backward_takes_any_gradient_layout)."""
     out_b, grads_b, out_m, grads_m = _batch_vs_singles("instance", channels_last)
     assert set(grads_b) == {"G_AB", "G_BA", "D_A", "D_B"}
     for n in grads_m:

@@ -107,7 +107,9 @@ class Execution:
         fakes of every process, in rank order) with the same random draws on every process, so
         all processes hold the pool that one process training the global batch would hold."""
         pool = self.state.pools[name]
-        fakes = fakes.detach().float()  # the pools keep fp32 images whatever the autocast dtype
+        fakes = fakes.detach()
+        if fakes.dtype in (torch.float16, torch.bfloat16):
+            fakes = fakes.float()  # the pools keep fp32 images whatever the autocast dtype (fp64 runs: fp64)
         if not self.dist.enabled:
             return self.fmt(pool.query(fakes))
         pooled = pool.query(self.dist.all_gather_batch(fakes))

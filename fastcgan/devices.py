@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 __all__ = ["DeviceUnavailableError", "host_available_bytes", "is_out_of_memory", "resolve_device"]
@@ -50,8 +52,6 @@ def host_available_bytes() -> int | None:
     process's cgroup allows beyond its usage (a container's limit; MemAvailable shows the host's)
     and what ``RLIMIT_AS`` / ``RLIMIT_DATA`` leave; free physical pages elsewhere. ``None`` when
     nothing tells."""
-    import os
-
     room = []
     try:
         with open("/proc/meminfo", "rb") as f:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+from torch.amp import is_autocast_available
 
-__all__ = ["DeviceUnavailableError", "host_available_bytes", "is_out_of_memory", "resolve_device"]
+__all__ = ["DeviceUnavailableError", "autocast_off", "host_available_bytes", "is_out_of_memory", "resolve_device"]
 
 
 class DeviceUnavailableError(ValueError, RuntimeError):
@@ -20,6 +22,14 @@ class DeviceUnavailableError(ValueError, RuntimeError):
         super().__init__(f"device {spec!r} requested but {reason}")
         self.spec = spec
         self.reason = reason
+
+
+def autocast_off(device_type: str):
+    """Autocast turned off, for code that must run in its inputs' dtype; nothing to turn off where
+    autocast does not exist (``meta``: the trainer counts a step's memory there)."""
+    if is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -17,6 +17,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from fastcgan.devices import autocast_off
+
 # The official code fills the self-similarity entries of the negatives with -10 *before* dividing
 # by the temperature: exp(-10 / 0.07) ~ 1e-62, i.e. removed from the softmax.
 _MASKED_SIMILARITY = -10.0
@@ -33,7 +35,7 @@ def patch_nce_layer_loss(q: Tensor, k: Tensor, temperature: float = 0.07) -> Ten
         raise ValueError(
             f"patch_nce_layer_loss: q and k must both be (B, P, C), got {tuple(q.shape)} / {tuple(k.shape)}"
         )
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         q = q.float()
         k = k.detach().float()
         p = q.shape[1]

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastcgan.devices import autocast_off
 from fastcgan.models._blocks import init_weights
 
 # The official ``--nce_layers`` (module indices of its ResNet generator's nn.Sequential; see
@@ -140,7 +141,7 @@ class PatchNCEHeads(nn.Module):
         # above fp16's 65504 before any loss scaling, so under --amp fp16 every early step
         # overflowed and the shared scale collapsed (G and F skipped for ~20 steps). The heads
         # see num_patches vectors per layer: fp32 costs next to nothing.
-        with torch.autocast(samples[0].device.type, enabled=False):  # in the weights' dtype (fp32; fp64 in tests)
+        with autocast_off(samples[0].device.type):  # in the weights' dtype (fp32; fp64 in tests)
             return [l2_normalize(mlp(s.to(mlp[0].weight.dtype))) for mlp, s in zip(self.mlps, samples)]
 
     def extra_repr(self) -> str:

@@ -46,6 +46,7 @@ from fastcgan.train.data import (build_batches, build_dataset, data_fingerprint,
 from fastcgan.train.distributed import from_environment
 from fastcgan.train.execution import build_step, cudnn_autotuning, describe, resolve_fast_path
 from fastcgan.train.logging import LossAccumulator, RunLogger, sample_grid
+from fastcgan.train.memory import check_step_fits, smaller_run_flags
 from fastcgan.train.runlock import RunLock, check_run_dir
 from fastcgan.train.signals import EXIT_CODES, StopFlag
 from fastcgan.train.state import build_state, cpu_has_fast_bf16, initial_weights
@@ -146,13 +147,17 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             root = root or prepare_dataroot(cfg, recipe)
             ds = build_dataset(cfg, root, "train", recipe)  # bad layout: DatasetError before training
             _check_same_data_everywhere(ctx, ds)
-            check_image_size(cfg, ds.check_one_size())  # headers only (--preprocess none / scale_width)
+            image_size = ds.check_one_size()  # headers only (--preprocess none / scale_width)
+            check_image_size(cfg, image_size)
             ds.check_usable()  # decodes up to the first usable image per domain
             resumed_bank = None if payload is None else "bank" in (payload["rng"].get("data") or {})
             # An explicit --data-on-gpu reads every header when the images keep their sizes.
             nbytes = dataset_nbytes(cfg, ds, read_headers=bool(cfg.data.data_on_gpu))
             cfg, fast_line = resolve_fast_path(cfg, device, ctx.world_size, nbytes, resumed_data_on_gpu=resumed_bank)
             use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
+            w, h = image_size or (cfg.data.crop_size, cfg.data.crop_size)
+            check_step_fits(cfg, recipe, device, (h, w), ctx.world_size, (cfg.data.data_on_gpu and nbytes) or 0,
+                            target_from_input=getattr(ds, "target_from_input", False))
             cleanup.enter_context(cudnn_autotuning(cfg, device))
             run = None
             try:
@@ -169,13 +174,11 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
 
 def _out_of_memory_message(cfg: TrainConfig, device, e: BaseException, last_ckpt: Optional[str]) -> str:
     """What ran out of memory and what makes a run smaller (instead of the allocator's traceback)."""
-    d, r = cfg.data, cfg.run
-    smaller = ["--batch-size" if d.batch_size > 1 else None, "--crop-size / --load-size",
-               None if r.amp else "--amp", "--no-data-on-gpu" if d.data_on_gpu else None]
+    d = cfg.data
     why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     return (f"out of memory on {device} training batch {d.batch_size} at --crop-size {d.crop_size} (--load-size "
             f"{d.load_size}) with --model {cfg.model.recipe} ({why}); make it smaller: "
-            f"{', '.join(s for s in smaller if s)} (last checkpoint: {last_ckpt or 'none'})")
+            f"{', '.join(smaller_run_flags(cfg))} (last checkpoint: {last_ckpt or 'none'})")
 
 
 def _check_same_data_everywhere(ctx, ds) -> None:

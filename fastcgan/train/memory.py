@@ -1,0 +1,175 @@
+"""The least memory one training step can hold, known before anything is decoded or written.
+
+``--crop-size 1024 --batch-size 4 --amp`` on a 24 GB CPU machine did not raise: Linux lends the
+allocations and its OOM killer ended the process at 23 GB, without a message. So the trainer
+checks a floor first (:func:`check_step_fits`, a :class:`~fastcgan.train.config.ConfigError`:
+exit 2 before the run directory is written), counted on the ``meta`` device (shapes only, no
+memory, ~0.25 s) by running the recipe's own phase forwards:
+
+* every convolution of a network the phase updates keeps its input for the weight gradient --
+  or, when a compiled graph recomputes the norm and activation in front of it, that norm's input,
+  the previous convolution's output, of the same size. A padding done before the convolution
+  (a valid 7x7 after a reflection pad) is not counted. A tensor fed to several networks is
+  counted once. The fused kernels, the compiler's recomputation and frozen networks (no weight
+  gradients) keep less than eager PyTorch, but not less than this. Under ``--amp`` 2 bytes an
+  element (the convolutions' autocast copies);
+* a forward-only phase's activations (pix2pix's generator) stay until the last backward;
+* the trained networks' weights, gradients and Adam's two moments; the image pools (fp32).
+
+The floor is 0.25-0.53 of the tensors a real CPU step keeps (every recipe, fused and reference
+kernels, tested); ResNet-9 CycleGAN at 256², batch 1, fp32: 1.3 GB against a 2.6 GB peak. Only
+requests that cannot fit are refused; runs near the limit still meet the out-of-memory message
+that names the flags which shrink a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastcgan.recipes.base import Recipe, set_requires_grad
+from fastcgan.train.config import ConfigError, TrainConfig
+
+__all__ = ["check_step_fits", "kept_activations", "smaller_run_flags", "step_memory_floor"]
+
+_CONVOLUTIONS = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+class _ShapeRun:
+    """``fastcgan.recipes.base.StepRun`` on meta networks: no DDP, no autocast (the dtype is
+    applied to the count), no pool (a pool returns as many images as it is given)."""
+
+    def __init__(self, nets: dict[str, nn.Module]):
+        self.nets = nets
+
+    def net(self, name: str) -> nn.Module:
+        return self.nets[name]
+
+    frozen = net
+
+    def pool_query(self, pool: str, fakes: Tensor) -> Tensor:
+        return fakes.detach()
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def fmt(self, x: Tensor) -> Tensor:
+        return x
+
+
+def _batch_channels(cfg: TrainConfig, recipe: Recipe, target_from_input: bool) -> dict[str, int]:
+    """Channels of the uint8 batch the loader gives the recipe's ``augment``."""
+    if target_from_input:  # colorization: RGB images in both slots, split into L and ab by augment
+        return {"A": 3, "B": 3}
+    nc = {"A": cfg.model.input_nc, "B": cfg.model.output_nc}
+    return {"A": nc["B"], "B": nc["A"]} if recipe.reversed_domains(cfg) else nc
+
+
+def step_memory_floor(cfg: TrainConfig, recipe: Recipe, size: tuple[int, int], batch: int,
+                      target_from_input: bool = False) -> int:
+    """Bytes one step of ``recipe`` must hold on its device at ``batch`` images (per process) of
+    ``size`` (height, width) after preprocessing: see the module docstring for what is counted.
+    ``target_from_input``: the dataset makes both images of a pair from one (colorization)."""
+    with torch.device("meta"):
+        nets = recipe.networks(cfg)
+    activations = kept_activations(cfg, recipe, nets, size, batch, target_from_input)
+    trained = {n for names in recipe.optimizers.values() for n in names}
+    weights = sum(p.numel() * p.element_size() for n in trained for p in nets[n].parameters())
+    pools = sum(n * c * size[0] * size[1] * 4 for n, c in recipe.pools(cfg).values())
+    return activations + 4 * weights + pools  # weights, gradients, Adam's exp_avg and exp_avg_sq
+
+
+def kept_activations(cfg: TrainConfig, recipe: Recipe, nets: dict[str, nn.Module], size: tuple[int, int],
+                     batch: int, target_from_input: bool = False) -> int:
+    """Bytes of the activations the step's busiest phase keeps for its backward, at least (the
+    module docstring), counted by running the phase forwards on the ``meta`` networks ``nets``."""
+    h, w = size
+    with torch.device("meta"):
+        uint8 = {k: torch.empty(batch, c, h, w, dtype=torch.uint8)
+                 for k, c in _batch_channels(cfg, recipe, target_from_input).items()}
+        inputs = recipe.augment_batch(uint8, crop_size=None, flip=False)
+    kept, seen = [0], []
+
+    def count(module: nn.Module, args, out) -> None:
+        x = args[0]
+        if not (torch.is_grad_enabled() and module.weight.requires_grad) or any(x is t for t in seen):
+            return
+        seen.append(x)  # one tensor fed to several networks (real_A to G_AB and, for identity, G_BA) is kept once
+        # The input, without a padding done before this convolution (a valid 7x7 after a 3-pixel reflection pad
+        # reads 262² for 256² of image): at most what the output covers, stride² pixels per output pixel.
+        s_h, s_w = module.stride
+        pixels = min(x.shape[-2] * x.shape[-1], out.shape[-2] * out.shape[-1] * s_h * s_w)
+        kept[0] += x.shape[0] * x.shape[1] * pixels
+
+    hooks = [m.register_forward_hook(count) for net in nets.values() for m in net.modules()
+             if isinstance(m, _CONVOLUTIONS)]
+    run, carry, held, peak = _ShapeRun(nets), {}, 0, 0
+    try:
+        for phase in recipe.phases:
+            kept[0], seen = 0, []
+            frozen = [nets[n] for n in phase.frozen]
+            set_requires_grad(frozen, False)
+            try:
+                _, _, carry = phase.forward(run, inputs, carry, cfg)
+            finally:
+                set_requires_grad(frozen, True)
+            if phase.optimizer is None:  # its graph lives until the last backward through it
+                held += kept[0]
+            else:
+                peak = max(peak, held + kept[0])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    dtype = next(p for net in nets.values() for p in net.parameters()).dtype
+    return peak * (2 if cfg.run.amp else dtype.itemsize)  # autocast: bf16 / fp16 copies of the inputs
+
+
+def _size(n: float) -> str:
+    return f"{n / 1024 ** 3:.1f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.0f} MiB"
+
+
+def check_step_fits(cfg: TrainConfig, recipe: Recipe, device: torch.device, size: tuple[int, int],
+                    world_size: int = 1, bank_bytes: int = 0, target_from_input: bool = False,
+                    room: Optional[int] = None) -> None:
+    """A :class:`ConfigError` when :func:`step_memory_floor` (plus the data bank ``bank_bytes``
+    on the same device) exceeds ``room``: the free memory of a CUDA device, or on a CPU what this
+    process may allocate (:func:`~fastcgan.devices.host_available_bytes`) shared by the processes
+    of its node. ``room=None``: queried (unknown: nothing is refused)."""
+    if room is None:
+        if device.type == "cuda":
+            room = torch.cuda.mem_get_info(device)[0]
+        elif device.type == "cpu":
+            from fastcgan.devices import host_available_bytes
+
+            room = host_available_bytes()
+            try:
+                room = room and room // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            except ValueError:
+                pass
+    if not room:
+        return
+    per_process = max(1, cfg.data.batch_size // world_size)
+    floor = step_memory_floor(cfg, recipe, size, per_process, target_from_input)
+    if floor + bank_bytes <= room:
+        return
+    d = cfg.data
+    where = f"{device} has {_size(room)} free" if device.type == "cuda" else (
+        f"this process may allocate {_size(room)}")
+    bank = f" besides the {_size(bank_bytes)} of decoded images (--data-on-gpu)" if bank_bytes else ""
+    raise ConfigError(
+        f"training {per_process} image(s) of {size[1]}x{size[0]} per step with --model {cfg.model.recipe} needs at "
+        f"least {_size(floor)}{bank} (activations kept for the backward, weights, gradients, Adam's moments, "
+        f"image pools) and {where}; make it smaller: {', '.join(smaller_run_flags(cfg))}"
+        + (f" (--preprocess {d.preprocess} trains at the images' own size)" if "crop" not in d.preprocess else ""))
+
+
+def smaller_run_flags(cfg: TrainConfig) -> list[str]:
+    """The flags that make a training run take less memory, for the messages that say it does not fit."""
+    d, r = cfg.data, cfg.run
+    flags = ["--batch-size" if d.batch_size > 1 else None, "--crop-size / --load-size", None if r.amp else "--amp",
+             "--no-data-on-gpu" if d.data_on_gpu else None]
+    return [f for f in flags if f]

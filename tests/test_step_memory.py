@@ -1,0 +1,169 @@
+"""The step-memory floor (fastcgan.train.memory): below what a real step keeps, for every recipe,
+and a run whose floor exceeds the memory there is refused before anything is written."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from conftest import tiny_train_config
+
+from fastcgan.data import ensure_synthetic_dataset
+from fastcgan.recipes import get_recipe
+from fastcgan.train import build_state, build_step
+from fastcgan.train.cli import main as cli_main
+from fastcgan.train.config import ConfigError
+from fastcgan.train.memory import _batch_channels, check_step_fits, kept_activations, step_memory_floor
+
+# (preset, side, overrides): every recipe and generator family at the smallest size it trains at.
+CASES = [
+    ("cyclegan128", 32, {}),
+    ("cyclegan", 36, {"norm": "batch", "antialias": True, "antialias_up": True}),
+    ("discogan", 128, {"netD": "pixel"}),
+    ("udacity", 64, {}),
+    ("pix2pix", 256, {"netD": "n_layers", "n_layers_D": 2}),
+    ("colorization", 256, {}),
+    # CUT's PatchNCE logits and heads (not counted: no convolutions) outweigh a 4-channel generator at 32²
+    ("cut", 64, {"ngf": 16, "num_patches": 32, "netF_nc": 32}),
+    ("fastcut", 64, {"ngf": 16, "num_patches": 32, "netF_nc": 32}),
+]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return ensure_synthetic_dataset(str(tmp_path_factory.mktemp("synth") / "s32"), size=32, n_train=4, n_test=2)
+
+
+def _cfg(preset, side, overrides, **more):
+    return tiny_train_config(preset=preset, load_size=side, crop_size=side, **(overrides | more))
+
+
+def _real_kept(cfg, recipe, inputs) -> int:
+    """Bytes of the tensors one real CPU step saves for its backward in its busiest phase (each
+    storage once, the networks' own weights left out), counted as the floor counts: a
+    forward-only phase's tensors stay until the last backward."""
+    state = build_state(cfg)
+    weights = {p.untyped_storage().data_ptr() for net in state.nets.values() for p in net.parameters()}
+    per_phase: dict[str, dict[int, int]] = {}
+
+    def counted(phase):
+        def forward(run, batch, carry, cfg_):
+            seen = per_phase.setdefault(phase.name, {})
+
+            def pack(t):
+                s = t.untyped_storage()
+                if s.data_ptr() not in weights:
+                    seen[s.data_ptr()] = s.nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                return phase.forward(run, batch, carry, cfg_)
+
+        return dataclasses.replace(phase, forward=forward)
+
+    spy = dataclasses.replace(recipe, phases=tuple(counted(ph) for ph in recipe.phases))
+    build_step(state, cfg, spy)(inputs)
+    held, peak = 0, 0
+    for phase in recipe.phases:
+        kept = sum(per_phase[phase.name].values())
+        if phase.optimizer is None:
+            held += kept
+        else:
+            peak = max(peak, held + kept)
+    return peak
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+@pytest.mark.parametrize("preset,side,overrides", CASES, ids=[c[0] for c in CASES])
+def test_the_floor_is_below_what_a_real_step_keeps(preset, side, overrides, kernels, one_thread):
+    """Every recipe, batch 2, fp32: the CPU's fused kernels (auto) and the reference ones; the
+    floor must never exceed what the step really keeps (it refuses runs), and must not be far
+    below it either (it would refuse nothing): measured 0.25-0.53 of the real tensors at these sizes."""
+    cfg = _cfg(preset, side, overrides, kernels=kernels, batch_size=2)
+    recipe = get_recipe(cfg.model.recipe)
+    torch.manual_seed(0)
+    target_from_input = preset == "colorization"
+    uint8 = {k: torch.randint(0, 256, (2, c, side, side), dtype=torch.uint8)
+             for k, c in _batch_channels(cfg, recipe, target_from_input).items()}
+    inputs = recipe.augment_batch(uint8, crop_size=None, flip=False)
+    with torch.device("meta"):
+        nets = recipe.networks(cfg)
+    floor = kept_activations(cfg, recipe, nets, (side, side), 2, target_from_input)
+    real = _real_kept(cfg, recipe, inputs)
+    assert 0.2 * real < floor <= real, (floor, real)
+
+
+def test_the_floor_counts_the_dtype_batch_pools_and_optimizer_state():
+    cfg = _cfg("cyclegan128", 32, {})
+    recipe = get_recipe("cyclegan")
+    one = step_memory_floor(cfg, recipe, (32, 32), 1)
+    # Two images keep twice the activations; weights, gradients, Adam's moments and the pools do not grow.
+    with torch.device("meta"):
+        nets = recipe.networks(cfg)
+    act1 = kept_activations(cfg, recipe, nets, (32, 32), 1)
+    assert step_memory_floor(cfg, recipe, (32, 32), 2) - one == act1
+    assert kept_activations(cfg.replace(amp=True), recipe, nets, (32, 32), 1) * 2 == act1
+    weights = sum(p.numel() for net in nets.values() for p in net.parameters()) * 4
+    pools = 2 * 50 * 3 * 32 * 32 * 4  # pool_A and pool_B: 50 fp32 images each
+    assert one == act1 + 4 * weights + pools
+    assert step_memory_floor(cfg.replace(pool_size=0), recipe, (32, 32), 1) == one - pools
+    # A non-square size is (height, width); the activations follow its area.
+    assert kept_activations(cfg, recipe, nets, (32, 64), 1) == 2 * act1
+
+
+def test_a_step_that_cannot_fit_names_sizes_and_flags():
+    cfg = _cfg("cyclegan128", 32, {}, batch_size=4)
+    recipe = get_recipe("cyclegan")
+    floor = step_memory_floor(cfg, recipe, (32, 32), 4)
+    check_step_fits(cfg, recipe, torch.device("cpu"), (32, 32), room=floor)  # exactly enough: runs
+    with pytest.raises(ConfigError, match=r"^training 4 image\(s\) of 32x32 per step with --model cyclegan needs at "
+                       r"least [\d.]+ MiB \(activations .*\) and this process may allocate [\d.]+ MiB; make it "
+                       r"smaller: --batch-size, --crop-size / --load-size, --amp$"):
+        check_step_fits(cfg, recipe, torch.device("cpu"), (32, 32), room=floor - 1)
+    # Two processes: each takes half the global batch; the decoded-image bank counts on the same device.
+    check_step_fits(cfg, recipe, torch.device("cpu"), (32, 32), world_size=2,
+                    room=step_memory_floor(cfg, recipe, (32, 32), 2))
+    bank = r"besides the 1\.0 GiB of decoded images \(--data-on-gpu\).*--no-data-on-gpu"
+    with pytest.raises(ConfigError, match=bank):
+        check_step_fits(cfg.replace(data_on_gpu=True), recipe, torch.device("cpu"), (32, 32), bank_bytes=1 << 30,
+                        room=floor + (1 << 29))
+    with pytest.raises(ConfigError, match=r"24x32 per step.*\(--preprocess none trains at the images' own size\)$"):
+        check_step_fits(cfg.replace(preprocess="none"), recipe, torch.device("cpu"), (32, 24), room=1)
+
+
+def test_processes_of_a_node_share_the_host_memory(monkeypatch):
+    """On a CPU the room is what the process may allocate, shared by the node's torchrun processes."""
+    import fastcgan.devices as devices
+
+    cfg = _cfg("cyclegan128", 32, {})
+    recipe = get_recipe("cyclegan")
+    floor = step_memory_floor(cfg, recipe, (32, 32), 1)
+    monkeypatch.setattr(devices, "host_available_bytes", lambda: 2 * floor)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    check_step_fits(cfg, recipe, torch.device("cpu"), (32, 32))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="needs at least"):
+        check_step_fits(cfg, recipe, torch.device("cpu"), (32, 32))
+    monkeypatch.setattr(devices, "host_available_bytes", lambda: None)  # nothing tells: nothing refused
+    check_step_fits(cfg, recipe, torch.device("cpu"), (32, 32))
+
+
+def test_training_that_cannot_fit_exits_2_before_anything_is_written(tmp_path, synth, monkeypatch, capsys):
+    """`--crop-size 1024 --batch-size 4` on a 24 GB CPU: Linux's OOM killer ended the run minutes
+    later without a word (measured: killed at 23.4 GB). The floor refuses it at once, exit 2,
+    and neither the run directory nor anything in it is created."""
+    import fastcgan.devices as devices
+
+    monkeypatch.setattr(devices, "host_available_bytes", lambda: 64 << 20)  # 64 MiB
+    out = tmp_path / "runs"
+    args = ["--dataroot", synth, "--output-dir", str(out), "--name", "big", "--load-size", "64", "--crop-size", "64",
+            "--batch-size", "2", "--device", "cpu", "--max-steps", "1", "--no-progress", "--no-tensorboard",
+            "--eval-every", "0"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "fastcgan-train: error: training 2 image(s) of 64x64 per step with --model cyclegan needs at least" in err
+    assert "this process may allocate 64 MiB" in err and "Traceback" not in err
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []

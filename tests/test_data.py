@@ -677,6 +677,36 @@ def test_a_file_pillow_would_open_as_another_format_is_refused_unread(tmp_path, 
     assert np.asarray(open_image(str(tmp_path / "g.png")))[0, 0].tolist() == [9, 9, 9]
 
 
+def test_png_image_data_in_many_chunks_is_not_metadata(tmp_path, monkeypatch):
+    """The walk over a PNG's chunks counts the image data (IDAT; an APNG's frames) apart: a file
+    whose pixels come in many small chunks decodes as it is, but the walk itself stops at
+    MAX_PNG_CHUNKS chunks of any kind."""
+    import io
+    import struct
+    import zlib
+
+    import fastcgan.data.images as images
+
+    pixels = _rand_rgb(40, 30)  # noise: 3.6 kB of image data after compression
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    png = png.getvalue()
+    start = png.index(b"IDAT") - 4
+    length = int.from_bytes(png[start:start + 4], "big")
+    data = png[start + 8:start + 8 + length]
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    split = b"".join(chunk(b"IDAT", data[i:i + 1]) for i in range(len(data)))  # one byte a chunk
+    assert len(data) > images.MAX_METADATA_SEGMENTS
+    (tmp_path / "split.png").write_bytes(png[:start] + split + png[start + 12 + length:])
+    assert np.array_equal(np.asarray(images.open_image(str(tmp_path / "split.png"))), pixels)
+    monkeypatch.setattr(images, "MAX_PNG_CHUNKS", len(data))
+    with pytest.raises(BadImageError, match=rf"split.png: more than {len(data):,} PNG chunks \(not decoded\)"):
+        images.open_image(str(tmp_path / "split.png"))
+
+
 def test_files_with_absurd_metadata_are_refused_before_pillow_reads_it(tmp_path):
     """Pillow's open() reads every metadata segment before the pixels: JPEG EXIF segments are
     joined in quadratic time (6.5 MB of 17-byte ones: 90 s for one header check), millions of
@@ -707,6 +737,8 @@ def test_files_with_absurd_metadata_are_refused_before_pillow_reads_it(tmp_path)
         "hidden.jpg": (jpg[:2] + b"j\xff\xff" + b"\xff\xe1\x00\x08Exif\x00\x00x" * n + jpg[2:], "JPEG segments"),
         "stray.jpg": (jpg[:2] + b"junk" * (16 << 10) + b"!" + jpg[2:], "stray bytes"),
         "text.png": (png[:33] + b"".join(chunk(b"tEXt", b"k%d\0" % i) for i in range(n)) + png[33:], "PNG chunks"),
+        # after the pixels too: decoding reads them, and Pillow keeps every private one (50x the file's size)
+        "late.png": (png[:-12] + chunk(b"prIv", b"") * (n + 1) + png[-12:], "PNG chunks"),
         "long.ppm": (b"P6\n#" + b"c" * (64 << 10) + b"\n10 12\n255\n" + bytes(360), "a PPM header longer"),
     }
     for name, (data, said) in files.items():

@@ -110,9 +110,12 @@ def check_image_pixels(path: str, size: tuple[int, int], max_pixels: int | None 
 # but JPEG EXIF is appended segment by segment (quadratic: 320 k 17-byte segments, 6.5 MB, took
 # 90 s), and millions of tiny PNG chunks or JPEG segments cost ~20x their size in memory. PPM's
 # header is read byte by byte (50 MB of comments: 11 s). Refused past these, before open().
-MAX_METADATA_SEGMENTS = 1024  # JPEG segments before the scan, PNG chunks before the pixel data
+MAX_METADATA_SEGMENTS = 1024  # JPEG segments before the scan, PNG chunks other than the image data
 MAX_STRAY_BYTES = 64 << 10  # bytes between JPEG segments (Pillow skips them one by one)
 MAX_PPM_HEADER = 64 << 10
+# PNG chunks of any kind: an image's data comes in chunks of 8-64 KiB (89 Mpx of RGB: ~33 k of
+# them at libpng's 8 KiB); a walk over a million takes ~2 s.
+MAX_PNG_CHUNKS = 1 << 20
 
 
 def _jpeg_problem(f) -> str | None:
@@ -153,6 +156,23 @@ def _jpeg_problem(f) -> str | None:
             return f"more than {MAX_STRAY_BYTES:,} stray bytes between its JPEG segments"
 
 
+def _png_problem(f) -> str | None:
+    """Every chunk to IEND, not only those before the pixels: decoding reads the rest, and Pillow
+    keeps each private chunk after the pixels (1 M empty ones, 12 MB: 600 MB and 4 s). The image
+    data (IDAT; an APNG's fcTL / fdAT frames) is not metadata, but the walk stops somewhere."""
+    metadata = 0
+    for _ in range(MAX_PNG_CHUNKS):
+        c = f.read(8)
+        if len(c) < 8 or c[4:8] == b"IEND":
+            return None
+        if c[4:8] not in (b"IDAT", b"fcTL", b"fdAT"):
+            metadata += 1
+            if metadata > MAX_METADATA_SEGMENTS:
+                return f"more than {MAX_METADATA_SEGMENTS:,} PNG chunks besides the image data"
+        f.seek(int.from_bytes(c[:4], "big") + 4, os.SEEK_CUR)  # the data and its CRC
+    return f"more than {MAX_PNG_CHUNKS:,} PNG chunks"
+
+
 def metadata_problem(path: str) -> str | None:
     """Why ``path``'s metadata is too much to hand to Pillow (see MAX_METADATA_SEGMENTS), from a
     walk over its segment headers (a few small reads); ``None`` when it is not (or when the layout
@@ -161,13 +181,8 @@ def metadata_problem(path: str) -> str | None:
         head = f.read(8)
         if head[:2] == b"\xff\xd8":  # JPEG: marker segments up to the start of scan
             return _jpeg_problem(f)
-        if head == b"\x89PNG\r\n\x1a\n":  # PNG: chunks up to the first IDAT
-            for _ in range(MAX_METADATA_SEGMENTS):
-                c = f.read(8)
-                if len(c) < 8 or c[4:8] == b"IDAT":
-                    return None
-                f.seek(int.from_bytes(c[:4], "big") + 4, os.SEEK_CUR)
-            return f"more than {MAX_METADATA_SEGMENTS:,} PNG chunks before the image data"
+        if head == b"\x89PNG\r\n\x1a\n":
+            return _png_problem(f)
         if head[:1] == b"P" and head[1:2] in b"123456" and len(head) > 1:  # netpbm: magic, W, H[, maxval]
             f.seek(0)
             text = f.read(MAX_PPM_HEADER)

@@ -38,7 +38,8 @@ from fastcgan.deploy._common import (
 )
 from fastcgan.deploy.tiling import (DEFAULT_TILE_OVERLAP, MAX_TILES, check_tile_args, check_tiling, default_overlap,
                                    tiled_apply)
-from fastcgan.devices import is_out_of_memory
+from fastcgan.devices import format_bytes, free_memory, is_out_of_memory
+from fastcgan.models import build_generator
 from torch import Tensor, nn
 
 ENGINES = ("torch", "compiled", "onnx", "trt", "aoti")
@@ -284,18 +285,89 @@ class Translator:
                 f"in={self.input_nc}, out={self.output_nc}, multiple={self.spec.size_multiple}, tile={self.tile}, "
                 f"path={self.path!r})")
 
-    # -- the tensor path ---------------------------------------------------------------------
-    def _run_padded(self, x: Tensor) -> Tensor:
-        """Run on any H/W: pad up to the size multiple (or the engine's static size), crop back."""
-        _, _, h, w = x.shape
+    # -- memory ------------------------------------------------------------------------------
+    def _padded_hw(self, h: int, w: int) -> tuple[int, int]:
+        """The size an ``h x w`` input runs at: the size multiple above it, or the static size."""
         if self.spec.static_hw is not None:
             th, tw = self.spec.static_hw
             if h > th or w > tw:
                 raise ValueError(f"image {h}x{w} larger than the engine's static size {th}x{tw} (tiling failed?)")
-        else:
+            return th, tw
+        m = self.spec.size_multiple
+        return max(self.spec.min_size, -(-h // m) * m), max(self.spec.min_size, -(-w // m) * m)
+
+    def _floor_per_pixel(self, precise: bool) -> float | None:
+        """Bytes per input pixel that a forward pass holds at least, whatever the engine: its largest
+        convolution's input and output at once (no fusion or buffer reuse can share them; a padding
+        done before the convolution not counted, so it is exactly linear in the pixels), in the
+        engine's dtype; from the recorded architecture on the ``meta`` device, ``None`` when the
+        artifact does not record one that builds. ``precise=False``: a bound above it from the
+        channels alone (no layer of a generator runs above its input's resolution; tested), which
+        spares the first meta forward's ~1.5 s of imports when an image fits anyway."""
+        if not hasattr(self, "_meta_net"):
+            try:
+                with torch.device("meta"):
+                    self._meta_net = build_generator(**self.spec.config, init_type=None, backend="torch").eval()
+            except (TypeError, ValueError):
+                self._meta_net = None
+        net, itemsize = self._meta_net, self.runner.dtype.itemsize
+        convolutions = [c for c in (net.modules() if net is not None else ())
+                        if isinstance(c, (nn.Conv2d, nn.ConvTranspose2d))]
+        if not convolutions:
+            return None
+        if not precise:
+            return itemsize * max(c.in_channels + c.out_channels for c in convolutions)
+        if not hasattr(self, "_per_pixel"):
             m = self.spec.size_multiple
-            th = max(self.spec.min_size, -(-h // m) * m)
-            tw = max(self.spec.min_size, -(-w // m) * m)
+            r = m * -(-max(64, self.spec.min_size) // m)
+            largest = [0]
+
+            def count(module, args, out):
+                x, s_h, s_w = args[0], *module.stride
+                interior = min(x.shape[-2] * x.shape[-1], out.shape[-2] * out.shape[-1] * s_h * s_w)
+                largest[0] = max(largest[0], x.shape[1] * interior + out[0].numel())
+
+            hooks = [c.register_forward_hook(count) for c in convolutions]
+            try:
+                with torch.no_grad():
+                    net(torch.empty(1, self.spec.input_nc, r, r, device="meta"))
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._per_pixel = largest[0] * itemsize / (r * r)
+        return self._per_pixel
+
+    def check_memory(self, h: int, w: int, what: str = "the image") -> None:
+        """:class:`InferenceMemoryError` naming ``what`` when one ``h x w`` image (one tile of it
+        when it runs in tiles) cannot fit in the memory the device has
+        (:func:`~fastcgan.devices.free_memory`): for callers that know sizes from file headers,
+        before anything runs. Unknown sizes or memory: nothing is refused."""
+        tiled = self.needs_tiles(h, w)
+        self._images_that_fit(1, *(self._padded_hw(*self.tile_hw) if tiled else self._padded_hw(h, w)), what, tiled)
+
+    def _images_that_fit(self, n: int, th: int, tw: int, what: str | None, tiled: bool) -> int:
+        """The most of ``n`` padded ``th x tw`` inputs (at least one) that one forward pass can take
+        in the memory there is; :class:`InferenceMemoryError` naming ``what`` when not even one fits."""
+        room = free_memory(self.device)
+        for precise in (False, True):
+            per_pixel = self._floor_per_pixel(precise)
+            if per_pixel is None or room is None or per_pixel * n * th * tw <= room:
+                return n
+        if per_pixel * th * tw <= room:
+            return int(room // (per_pixel * th * tw))
+        where = f"{self.device} has" if self.device.type == "cuda" else "this process may allocate"
+        hint = (f"a --tile smaller than {self.tile}" if tiled or self.tile else
+                "tiles (--tile 512: the image in overlapping 512x512 pieces, blended)")
+        on = f"{'a tile of ' if tiled else ''}{th}x{tw}"
+        raise InferenceMemoryError(f"{what + ': ' if what else ''}running the generator on {on} needs at least "
+                                   f"{format_bytes(per_pixel * th * tw)} (its largest convolution's input and output) "
+                                   f"and {where} {format_bytes(room)}; use {hint}")
+
+    # -- the tensor path ---------------------------------------------------------------------
+    def _run_padded(self, x: Tensor) -> Tensor:
+        """Run on any H/W: pad up to the size multiple (or the engine's static size), crop back."""
+        _, _, h, w = x.shape
+        th, tw = self._padded_hw(h, w)
         ph, pw = th - h, tw - w
         if ph or pw:
             mode = _pad_mode(ph, pw, h, w)
@@ -304,7 +376,10 @@ class Translator:
             xp = F.pad(x.float() if mode == "replicate" and x.dtype != torch.float32 else x, (0, pw, 0, ph), mode=mode)
             x = xp.to(x.dtype)
         outs = []
-        step = max(1, min(self.batch_size, self.runner.max_batch, BATCH_PIXELS // (th * tw)))
+        step = max(1, min(self.batch_size, self.runner.max_batch, BATCH_PIXELS // (th * tw), x.shape[0]))
+        # Fewer at a time when the memory there is cannot take them all (the same outputs: every
+        # image is its own); not even one: refused before the allocator fails.
+        step = self._images_that_fit(step, th, tw, None, tiled=self.tile is not None and (th, tw) == self.tile_hw)
         for i in range(0, x.shape[0], step):
             try:
                 outs.append(self.runner(x[i:i + step]))

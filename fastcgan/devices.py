@@ -8,7 +8,7 @@ import os
 import torch
 from torch.amp import is_autocast_available
 
-__all__ = ["DeviceUnavailableError", "autocast_off", "host_available_bytes", "is_out_of_memory", "resolve_device"]
+__all__ = ["DeviceUnavailableError", "autocast_off", "format_bytes", "free_memory", "host_available_bytes", "is_out_of_memory", "resolve_device"]
 
 
 class DeviceUnavailableError(ValueError, RuntimeError):
@@ -22,6 +22,21 @@ class DeviceUnavailableError(ValueError, RuntimeError):
         super().__init__(f"device {spec!r} requested but {reason}")
         self.spec = spec
         self.reason = reason
+
+
+def format_bytes(n: float) -> str:
+    """A memory size for messages: GiB from 1 GiB up, else MiB."""
+    return f"{n / 1024 ** 3:.1f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``: on a GPU what the driver has free plus what
+    PyTorch's caching allocator holds unused; on a CPU :func:`host_available_bytes`. ``None``:
+    unknown."""
+    if device.type == "cuda":
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused
+    return host_available_bytes() if device.type == "cpu" else None
 
 
 def autocast_off(device_type: str):

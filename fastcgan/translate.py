@@ -29,6 +29,7 @@ one an exported pix2pix generator records) -- is translated, and the page shows 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -39,7 +40,7 @@ import numpy as np
 from fastcgan._cli import Parser, interruptible
 from fastcgan.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMG_EXTENSIONS, MAX_LOAD_SIZE, WINDOW_PIXELS
 from fastcgan.deploy._common import DIRECTIONS, ArtifactError
-from fastcgan.deploy.runtime import ENGINES
+from fastcgan.deploy.runtime import ENGINES, InferenceMemoryError
 from fastcgan.fileio import file_identity, output_folder_problem, path_inside
 
 HTML_NAME = "index.html"
@@ -409,7 +410,13 @@ def _main(args) -> int:
     try:
         for i, (w, h) in sizes.items():
             translator.check_tile_count(h, w, what=files[i])
-    except ValueError as e:
+        # The largest image run whole, and one that runs in tiles: the others take no more memory.
+        whole = [(math.prod(translator._padded_hw(h, w)), i) for i, (w, h) in sizes.items()
+                 if not translator.needs_tiles(h, w)]
+        tiled = [i for i, (w, h) in sizes.items() if translator.needs_tiles(h, w)]
+        for i in ([max(whole)[1]] if whole else []) + tiled[:1]:
+            translator.check_memory(sizes[i][1], sizes[i][0], what=files[i])
+    except (ValueError, InferenceMemoryError) as e:
         return _error(str(e))
 
     try:

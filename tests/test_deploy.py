@@ -2,6 +2,7 @@
 kinds, official checkpoints, bad artifacts, and the TensorRT path (GPU) or its message (CPU)."""
 
 import json
+import os
 import re
 import warnings
 
@@ -790,6 +791,98 @@ def test_running_out_of_memory_says_how_to_translate_smaller(run_dir, tmp_path, 
                      "--device", "cpu"]) == 1
     assert "fastcgan-eval: error: out of memory on cpu running the generator on a batch of 1 at 36x40" in (  # H x W
         capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("arch", ["resnet_9blocks", "resnet_6blocks", "unet_128", "unet_256", "udacity"])
+def test_the_inference_floor_is_below_what_a_forward_holds(arch, tmp_path):
+    """Per pixel, the floor (largest convolution's input and output) is at most the channel bound
+    that spares the meta forward, and at most what an eager CPU forward really allocates at once
+    (measured here with a dispatch mode summing the bytes of the tensors alive)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastcgan.models import generator_size_multiple
+
+    save_generator(_gen(arch, 8), tmp_path / "g.safetensors")
+    tr = load(str(tmp_path / "g.safetensors"), device="cpu", backend="torch")
+    precise, bound = tr._floor_per_pixel(True), tr._floor_per_pixel(False)
+    assert 0 < precise <= bound
+    side = max(64, generator_size_multiple(arch))
+
+    class Live(TorchDispatchMode):
+        """The bytes of the tensors alive at once, at most (storages freed as Python drops them)."""
+
+        def __init__(self):
+            super().__init__()
+            self.live, self.peak = {}, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    s = t.untyped_storage()
+                    self.live[s.data_ptr()] = (weakref.ref(s), s.nbytes())
+            self.live = {k: v for k, v in self.live.items() if v[0]() is not None}
+            self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+            return out
+
+    import weakref
+
+    x = torch.rand(1, 3, side, side) * 2 - 1
+    with torch.inference_mode(), Live() as live:
+        tr.runner(x)
+    assert precise * side * side <= live.peak, (precise * side * side, live.peak)
+
+
+def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(run_dir, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A single image is translated whole without --tile: a 89-Mpx photo asked ~80 GB of a CPU
+    (ResNet-9 fp32), and on Linux the OOM killer ended it without a word. The floor of the largest
+    image (and of a tile) is checked against the memory there is before anything runs or is
+    written. A batch that does not fit runs fewer images at a time (the same outputs); the API
+    refuses one image that cannot fit before running it."""
+    from PIL import Image
+
+    from fastcgan.deploy import runtime
+    from fastcgan.translate import main as translate
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (64, 48)).save(src / "big.png")
+    Image.new("RGB", (16, 16)).save(src / "small.png")
+    tr = load(str(run_dir), device="cpu", batch_size=4)
+    one = tr._floor_per_pixel(True) * 64 * 48
+    images = [torch.rand(1, 3, 48, 64) * 2 - 1 for _ in range(3)]
+    whole = tr.translate_batch(images)
+    monkeypatch.setattr(runtime, "free_memory", lambda device: int(one) - 1)
+    argv = ["--checkpoint", str(run_dir), "--device", "cpu", "--no-progress", "--input", str(src)]
+    assert translate([*argv, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (f"fastcgan-translate: error: {src / 'big.png'}: running the generator on 48x64 needs at least 0.1 MiB "
+            "(its largest convolution's input and output) and this process may allocate 0.1 MiB; use tiles "
+            "(--tile 512") in err
+    assert not (tmp_path / "out").exists()
+    # In tiles it fits (32x32 tiles, fewer at a time than --batch-size), and every file is translated.
+    assert translate([*argv, "--output", str(tmp_path / "out"), "--tile", "32"]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["big.png", "small.png"]
+
+    calls = []
+    real = tr.runner
+
+    def counted(x):
+        calls.append(x.shape[0])
+        return real(x)
+
+    monkeypatch.setattr(tr, "runner", runtime.CallableRunner(counted, real.device, real.dtype, "counted"))
+    monkeypatch.setattr(runtime, "free_memory", lambda device: int(2 * one))  # room for two at a time
+    torch.testing.assert_close(tr.translate_batch(images), whole)
+    assert calls == [2, 1]
+    monkeypatch.setattr(runtime, "free_memory", lambda device: int(one) - 1)
+    with pytest.raises(runtime.InferenceMemoryError, match=r"^running the generator on 48x64 needs at least "
+                       r"0\.1 MiB .*; use tiles"):
+        tr.translate_batch(images[:1])
+    assert calls == [2, 1]  # refused before it ran
+    monkeypatch.setattr(runtime, "free_memory", lambda device: None)  # unknown: nothing refused
+    assert tr.translate_batch(images[:1])[0].shape == (1, 3, 48, 64)
 
 
 def test_trt_verify_sizes_outside_the_profile_are_refused_not_dropped(capsys):

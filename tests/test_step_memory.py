@@ -164,6 +164,6 @@ def test_training_that_cannot_fit_exits_2_before_anything_is_written(tmp_path, s
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "fastcgan-train: error: training 2 image(s) of 64x64 per step with --model cyclegan needs at least" in err
-    assert "this process may allocate 64 MiB" in err and "Traceback" not in err
+    assert "this process may allocate 64.0 MiB" in err and "Traceback" not in err
     assert not out.exists()
     assert os.listdir(tmp_path) == []

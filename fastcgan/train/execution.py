@@ -231,8 +231,7 @@ def check_bank_fits(nbytes: int, device: torch.device, room: Optional[int]) -> N
     of a node under torchrun holds its own bank. Auto asks more (a quarter of the free device
     memory) and turns the bank off instead."""
 
-    def size(n: int) -> str:
-        return f"{n / 1024 ** 3:.1f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
+    from fastcgan.devices import format_bytes as size
 
     copies, share = 1, 1.0
     if device.type == "cpu":  # the bank shares the memory with the networks and the step: 4/5 of it at most

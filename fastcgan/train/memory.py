@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fastcgan.devices import format_bytes, free_memory
 from fastcgan.recipes.base import Recipe, set_requires_grad
 from fastcgan.train.config import ConfigError, TrainConfig
 
@@ -128,41 +129,33 @@ def kept_activations(cfg: TrainConfig, recipe: Recipe, nets: dict[str, nn.Module
     return peak * (2 if cfg.run.amp else dtype.itemsize)  # autocast: bf16 / fp16 copies of the inputs
 
 
-def _size(n: float) -> str:
-    return f"{n / 1024 ** 3:.1f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.0f} MiB"
-
-
 def check_step_fits(cfg: TrainConfig, recipe: Recipe, device: torch.device, size: tuple[int, int],
                     world_size: int = 1, bank_bytes: int = 0, target_from_input: bool = False,
                     room: Optional[int] = None) -> None:
     """A :class:`ConfigError` when :func:`step_memory_floor` (plus the data bank ``bank_bytes``
-    on the same device) exceeds ``room``: the free memory of a CUDA device, or on a CPU what this
-    process may allocate (:func:`~fastcgan.devices.host_available_bytes`) shared by the processes
-    of its node. ``room=None``: queried (unknown: nothing is refused)."""
+    on the same device) exceeds ``room``: :func:`~fastcgan.devices.free_memory` (on a CPU shared by
+    the processes of its node). ``room=None``: queried (unknown: nothing is refused)."""
     if room is None:
-        if device.type == "cuda":
-            room = torch.cuda.mem_get_info(device)[0]
-        elif device.type == "cpu":
-            from fastcgan.devices import host_available_bytes
 
-            room = host_available_bytes()
+        room = free_memory(device)
+        if device.type == "cpu":
             try:
                 room = room and room // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             except ValueError:
                 pass
-    if not room:
+    if room is None:
         return
     per_process = max(1, cfg.data.batch_size // world_size)
     floor = step_memory_floor(cfg, recipe, size, per_process, target_from_input)
     if floor + bank_bytes <= room:
         return
     d = cfg.data
-    where = f"{device} has {_size(room)} free" if device.type == "cuda" else (
-        f"this process may allocate {_size(room)}")
-    bank = f" besides the {_size(bank_bytes)} of decoded images (--data-on-gpu)" if bank_bytes else ""
+    where = f"{device} has {format_bytes(room)} free" if device.type == "cuda" else (
+        f"this process may allocate {format_bytes(room)}")
+    bank = f" besides the {format_bytes(bank_bytes)} of decoded images (--data-on-gpu)" if bank_bytes else ""
     raise ConfigError(
         f"training {per_process} image(s) of {size[1]}x{size[0]} per step with --model {cfg.model.recipe} needs at "
-        f"least {_size(floor)}{bank} (activations kept for the backward, weights, gradients, Adam's moments, "
+        f"least {format_bytes(floor)}{bank} (activations kept for the backward, weights, gradients, Adam's moments, "
         f"image pools) and {where}; make it smaller: {', '.join(smaller_run_flags(cfg))}"
         + (f" (--preprocess {d.preprocess} trains at the images' own size)" if "crop" not in d.preprocess else ""))
 

@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CUDA kernels are compiled when nvcc is found (CMake looks on PATH / CUDA_HOME); they run only on a GPU.
 export CUDA_HOME ?= $(shell nvcc --dryrun -v x.cu 2>&1 | sed -n 's/^#\$$ TOP=\(.*\)\/bin\/\.\.$$/\1/p' | head -1)
 
-.PHONY: venv demo test test-fast test-gpu-stack bench clean
+.PHONY: venv demo test test-long test-fast test-gpu-stack bench clean
 
 venv: $(VENV)/.installed
 
@@ -32,13 +32,17 @@ demo: venv
 
 # FASTCGAN_REQUIRE_NATIVE=1: a missing fastcgan._C fails the run (tests/conftest.py) instead of
 # skipping every native test.
+# The convergence runs marked long (5 min together on 2 cores) run in CI in their trimmed forms,
+# which train the same way for fewer steps; `make test-long` runs the long ones.
 test: venv
-	FASTCGAN_REQUIRE_NATIVE=1 $(PY) -m pytest tests -q --timeout=900
+	FASTCGAN_REQUIRE_NATIVE=1 $(PY) -m pytest tests -q --timeout=900 -m "not long"
 
-# While iterating: the suite without the tests marked slow (pyproject.toml; the trimmed forms some
-# have stay in). `make test`, which CI runs, runs them all.
+test-long: venv
+	FASTCGAN_REQUIRE_NATIVE=1 $(PY) -m pytest tests -q --timeout=900 -m long
+
+# While iterating: without the tests marked slow either (pyproject.toml).
 test-fast: venv
-	FASTCGAN_REQUIRE_NATIVE=1 $(PY) -m pytest tests -q --timeout=900 -m "not slow"
+	FASTCGAN_REQUIRE_NATIVE=1 $(PY) -m pytest tests -q --timeout=900 -m "not slow and not long"
 
 # The GPU machine's software (torch 2.11 + cu130, Triton 3.6; README "GPU check"), checked on a CPU
 # before a rare device session spends its minutes on an API difference: builds fastcgan._C

@@ -81,7 +81,7 @@ def test_synthetic_converges_trimmed(tmp_path):
     _check(before, after, cycle_vs_untrained=0.6, truth_vs_identity=0.65)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_synthetic_converges(tmp_path):
     """600 steps, ngf 16 (~1-2 min on one core): cycle L1 ~0.33 -> ~0.09; truth L1 ~0.36 ->
     0.12-0.16 (or ~0.3 in the outline-hiding mode)."""
@@ -124,7 +124,7 @@ def test_monet2photo_mini_trimmed(tmp_path, monet2photo_mini):
     _monet(tmp_path, monet2photo_mini, steps=20, size=64, ngf=8)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_monet2photo_mini(tmp_path, monet2photo_mini):
     """300 steps at 128x128, ngf 16 (~2 min on one core): the cycle losses fall (~4.2/4.9 over
     the first 10 steps -> ~2.5/3.0 around step 300)."""

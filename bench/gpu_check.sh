@@ -228,13 +228,13 @@ if want 2; then
   P2B=$!
   # Native CUDA (no JIT: every option on every shape), the whole-step CUDA-graph capture, then
   # the other GPU tests (no host sync in the step, pool and losses; device data bank; official
-  # checkpoints on the GPU; onnxruntime/TensorRT skip or say what is missing).
+  # checkpoints on the GPU; onnxruntime/TensorRT skip or say what is missing; the memory floors).
   # The whole-step tests first: they compile, and a kernel sweep must not starve them of time.
   # test_native sweeps only the shapes test_instance_norm_act does not (ch40, large).
   run_stage correct-cuda 150 "${PYTEST[@]}" tests/test_cuda_graphs.py tests/test_train.py \
     tests/test_image_pool.py tests/test_losses.py tests/test_data.py tests/test_official_checkpoint.py \
-    tests/test_deploy.py tests/test_colorization.py tests/test_native.py tests/test_instance_norm_act.py \
-    -k "not triton and not all_options[1x1- and not all_options[3x5- and not all_options[7x257- and not all_options[1x1024- and not all_options[batch3-" &
+    tests/test_deploy.py tests/test_colorization.py tests/test_step_memory.py tests/test_native.py \
+    tests/test_instance_norm_act.py -k "not triton and not all_options[1x1- and not all_options[3x5- and not all_options[7x257- and not all_options[1x1024- and not all_options[batch3-" &
   P3=$!
   wait $P1; wait $P1B; wait $P2; wait $P2B; wait $P3
   if [ -n "$AOTI_PID" ]; then wait $AOTI_PID; fi  # aoti-build, then correct-aoti

@@ -12,7 +12,7 @@ from conftest import tiny_train_config
 
 from fastcgan.data import ensure_synthetic_dataset
 from fastcgan.recipes import get_recipe
-from fastcgan.train import build_state, build_step
+from fastcgan.train import TrainConfig, build_state, build_step
 from fastcgan.train.cli import main as cli_main
 from fastcgan.train.config import ConfigError
 from fastcgan.train.memory import _batch_channels, check_step_fits, kept_activations, step_memory_floor
@@ -167,3 +167,44 @@ def test_training_that_cannot_fit_exits_2_before_anything_is_written(tmp_path, s
     assert "this process may allocate 64.0 MiB" in err and "Traceback" not in err
     assert not out.exists()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.cuda
+def test_free_memory_counts_the_caching_allocators_unused_blocks():
+    """PyTorch keeps freed CUDA blocks reserved: the driver's free memory alone would refuse
+    work that those blocks can hold."""
+    from fastcgan.devices import free_memory
+
+    gpu = torch.device("cuda")
+    x = torch.empty(256 << 20, dtype=torch.uint8, device=gpu)
+    del x
+    unused = torch.cuda.memory_reserved(gpu) - torch.cuda.memory_allocated(gpu)
+    assert unused >= 256 << 20
+    assert free_memory(gpu) >= torch.cuda.mem_get_info(gpu)[0] + (256 << 20)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_the_floor_is_below_a_real_gpu_step(kernels):
+    """On the GPU, bf16 autocast, channels_last, the fused kernels: the floor of the activations
+    stays below what one eager step allocates beyond the state it starts from (which also holds
+    cuDNN's workspaces and autocast's weight copies: only a loose lower check)."""
+    cfg = TrainConfig.from_preset("cyclegan", dataset="synthetic", device="cuda", amp=True, ngf=32, ndf=32,
+                                  load_size=128, crop_size=128, batch_size=2, kernels=kernels,
+                                  channels_last=True)
+    recipe = get_recipe("cyclegan")
+    torch.manual_seed(0)
+    state = build_state(cfg)
+    step = build_step(state, cfg)
+    batch = {k: torch.rand(2, 3, 128, 128, device="cuda") * 2 - 1 for k in ("A", "B")}
+    step(batch)  # Adam's moments and the pools exist from here on
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step(batch)
+    torch.cuda.synchronize()
+    used = torch.cuda.max_memory_allocated() - base
+    with torch.device("meta"):
+        nets = recipe.networks(cfg)
+    floor = kept_activations(cfg, recipe, nets, (128, 128), 2)
+    assert 0.05 * used < floor <= used, (floor, used)

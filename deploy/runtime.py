@@ -308,7 +308,7 @@ class Translator:
             try:
                 with torch.device("meta"):
                     self._meta_net = build_generator(**self.spec.config, init_type=None, backend="torch").eval()
-            except (TypeError, ValueError):
+            except Exception:  # noqa: BLE001 - an artifact's recorded config (an ONNX file's is data): no estimate
                 self._meta_net = None
         net, itemsize = self._meta_net, self.runner.dtype.itemsize
         convolutions = [c for c in (net.modules() if net is not None else ())
@@ -331,10 +331,12 @@ class Translator:
             try:
                 with torch.no_grad():
                     net(torch.empty(1, self.spec.input_nc, r, r, device="meta"))
+                self._per_pixel = largest[0] * itemsize / (r * r)
+            except Exception:  # noqa: BLE001 - a config that builds but does not run: no estimate
+                self._per_pixel = None
             finally:
                 for hook in hooks:
                     hook.remove()
-            self._per_pixel = largest[0] * itemsize / (r * r)
         return self._per_pixel
 
     def check_memory(self, h: int, w: int, what: str = "the image") -> None:

@@ -8,7 +8,8 @@ import os
 import torch
 from torch.amp import is_autocast_available
 
-__all__ = ["DeviceUnavailableError", "autocast_off", "format_bytes", "free_memory", "host_available_bytes", "is_out_of_memory", "resolve_device"]
+__all__ = ["DeviceUnavailableError", "autocast_off", "format_bytes", "free_memory", "host_available_bytes",
+           "is_out_of_memory", "resolve_device"]
 
 
 class DeviceUnavailableError(ValueError, RuntimeError):

@@ -883,6 +883,12 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     assert calls == [2, 1]  # refused before it ran
     monkeypatch.setattr(runtime, "free_memory", lambda device: None)  # unknown: nothing refused
     assert tr.translate_batch(images[:1])[0].shape == (1, 3, 48, 64)
+    # A recorded config that does not build (an ONNX file's is data) gives no estimate, and refuses nothing.
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 1)
+    odd = load(str(run_dir), device="cpu")
+    odd.spec = odd.spec.replace(config={"arch": "resnet_9blocks", "ngf": "many"})
+    assert odd._floor_per_pixel(False) is None and odd._floor_per_pixel(True) is None
+    odd.check_memory(48, 64)
 
 
 def test_trt_verify_sizes_outside_the_profile_are_refused_not_dropped(capsys):

@@ -191,7 +191,8 @@ def _cudnn_benchmark(cfg: TrainConfig, device: torch.device) -> bool:
     sees a shape and keeps the fastest. The official ``BaseModel`` turns it on unless
     ``--preprocess scale_width``; auto here turns it on when every batch has one shape (a
     preprocess with a crop), since ``none`` / ``scale_width`` give a shape per image size and would
-    be timed again at each new one. Nothing to tune off CUDA (an explicit request is ignored there)."""
+    be timed again at each new one. Nothing to tune off CUDA (an explicit request is refused there:
+    :func:`unused_execution_flags`)."""
     if device.type != "cuda":
         return False
     if cfg.run.cudnn_benchmark is not None:
@@ -337,6 +338,19 @@ def resolve_fast_path(
     elif not gpu:
         line += " (the fastest measured on a CPU; --channels-last to try more)"
     return cfg, line
+
+
+def unused_execution_flags(cfg: TrainConfig, requested: dict, device: torch.device) -> list[str]:
+    """Explicit execution flags (``requested``) that the resolved ``cfg`` cannot use on
+    ``device``, as :func:`~fastcgan.train.config.unused_flags` words them (that one judges the
+    config before the device is known)."""
+    out = []
+    if requested.get("cudnn_benchmark") and device.type != "cuda":
+        out.append(f"--cudnn-benchmark (cuDNN tunes CUDA convolutions; this run is on {device})")
+    if "compile_backend" in requested and not cfg.run.compile:
+        why = "--no-compile" if requested.get("compile") is False else f"--compile is off by default on {device.type}"
+        out.append(f"--compile-backend (nothing is compiled: {why})")
+    return out
 
 
 def describe(cfg: TrainConfig, device: torch.device) -> dict:

@@ -44,7 +44,8 @@ from fastcgan.train.cuda_graphs import use_cuda_graphs
 from fastcgan.train.data import (build_batches, build_dataset, data_fingerprint, dataset_nbytes, prepare_dataroot,
                                  sample_images, synthetic_root)
 from fastcgan.train.distributed import from_environment
-from fastcgan.train.execution import build_step, cudnn_autotuning, describe, resolve_fast_path
+from fastcgan.train.execution import (build_step, cudnn_autotuning, describe, resolve_fast_path,
+                                       unused_execution_flags)
 from fastcgan.train.logging import LossAccumulator, RunLogger, sample_grid
 from fastcgan.train.memory import check_step_fits, smaller_run_flags
 from fastcgan.train.runlock import RunLock, check_run_dir
@@ -110,10 +111,7 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
     ``epochs_decay`` / ``lr``) is a :class:`ConfigError`. Every config, data
     and checkpoint error is raised before anything is written."""
     cfg, run_dir, payload, ckpt_path, messages = resume_plan(cfg, requested)
-    unused = unused_flags(cfg, requested or {})
-    if unused:  # judged on the config that trains (a resumed run's is its checkpoint's)
-        raise ConfigError(f"this run would train exactly as without {'; '.join(unused)}: leave "
-                          f"{'it' if len(unused) == 1 else 'them'} out")
+    _refuse_unused(unused_flags(cfg, requested or {}))  # on the config that trains (a resumed run's: its checkpoint's)
     # --init-generator / --init-official: read and checked now (a config error before anything is
     # written); a resumed run has its weights from the checkpoint.
     init = initial_weights(cfg, get_recipe(cfg.model.recipe)) if payload is None else {}
@@ -154,6 +152,7 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             # An explicit --data-on-gpu reads every header when the images keep their sizes.
             nbytes = dataset_nbytes(cfg, ds, read_headers=bool(cfg.data.data_on_gpu))
             cfg, fast_line = resolve_fast_path(cfg, device, ctx.world_size, nbytes, resumed_data_on_gpu=resumed_bank)
+            _refuse_unused(unused_execution_flags(cfg, requested or {}, device))
             use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
             w, h = image_size or (cfg.data.crop_size, cfg.data.crop_size)
             check_step_fits(cfg, recipe, device, (h, w), ctx.world_size, (cfg.data.data_on_gpu and nbytes) or 0,
@@ -170,6 +169,13 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
     finally:
         cleanup.close()
         ctx.shutdown()
+
+
+def _refuse_unused(unused: list[str]) -> None:
+    """Flags given explicitly that this run would not read: a :class:`ConfigError` naming them all."""
+    if unused:
+        raise ConfigError(f"this run would train exactly as without {'; '.join(unused)}: leave "
+                          f"{'it' if len(unused) == 1 else 'them'} out")
 
 
 def _out_of_memory_message(cfg: TrainConfig, device, e: BaseException, last_ckpt: Optional[str]) -> str:

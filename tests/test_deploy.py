@@ -806,6 +806,8 @@ def test_the_inference_floor_is_below_what_a_forward_holds(arch, tmp_path):
     tr = load(str(tmp_path / "g.safetensors"), device="cpu", backend="torch")
     precise, bound = tr._floor_per_pixel(True), tr._floor_per_pixel(False)
     assert 0 < precise <= bound
+    if arch == "resnet_9blocks":  # ngf 8: the first downsampling reads 8 channels at full size, writes 16 at 1/4
+        assert precise == (8 + 16 / 4) * 4 and bound == (32 + 32) * 4  # bytes per pixel, fp32 (bound: a 32-ch block)
     side = max(64, generator_size_multiple(arch))
 
     class Live(TorchDispatchMode):

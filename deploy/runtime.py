@@ -343,6 +343,21 @@ class Translator:
                     hook.remove()
         return self._per_pixel
 
+    def check_images(self, sizes) -> None:
+        """Images known from their file headers, before anything runs: ``sizes`` yields
+        ``(what, h, w)``. Each one's tile count (:meth:`check_tile_count`, a ValueError); the memory
+        (:meth:`check_memory`) of the largest image run whole and of one run in tiles: the others
+        take no more."""
+        largest, tiled = None, None
+        for what, h, w in sizes:
+            self.check_tile_count(h, w, what=what)
+            if self.needs_tiles(h, w):
+                tiled = tiled or (what, h, w)
+            elif largest is None or math.prod(self._padded_hw(h, w)) > math.prod(self._padded_hw(*largest[1:])):
+                largest = (what, h, w)
+        for what, h, w in filter(None, (largest, tiled)):
+            self.check_memory(h, w, what=what)
+
     def check_memory(self, h: int, w: int, what: str = "the image") -> None:
         """:class:`InferenceMemoryError` naming ``what`` when one ``h x w`` image (one tile of it
         when it runs in tiles) cannot fit in the memory the device has

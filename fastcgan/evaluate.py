@@ -236,18 +236,20 @@ def load_domain(dataroot: str, phase: str, domain: str, channels: int = 3, size=
     return [x for _, x in loaded], [os.path.relpath(p, folder) for p, _ in loaded], skipped
 
 
-def check_tile_counts(translators, paths: list[str], size_of) -> None:
-    """Every image in ``paths`` that a translator runs in tiles is cut into at most its tile limit,
-    judged on the headers before anything is translated (ValueError naming the file).
+def check_image_sizes(translators, paths: list[str], size_of) -> None:
+    """Judged on the headers before anything is translated (ValueError naming the file): every
+    image in ``paths`` that a translator runs in tiles is cut into at most its tile limit, and the
+    largest fits in the memory there is (:meth:`~fastcgan.deploy.Translator.check_images`).
     ``size_of(path)`` is the (width, height) the translator will see, or None when unreadable."""
-    tiling = [t for t in translators if t is not None and t.tile_hw is not None]
-    if not tiling:
-        return
-    for p in paths:
-        wh = size_of(p)
-        if wh is not None:
-            for t in tiling:
-                t.check_tile_count(wh[1], wh[0], what=p)
+    from fastcgan.deploy.runtime import InferenceMemoryError
+
+    sizes = [(p, wh[1], wh[0]) for p in paths if (wh := size_of(p)) is not None]
+    for t in translators:
+        if t is not None:
+            try:
+                t.check_images(sizes)
+            except InferenceMemoryError as e:  # a file too large for this machine: bad input, before any work
+                raise ValueError(str(e)) from None
 
 
 def _check_truth_headers(folder: str, paths: list[str], truth_dir: str, load_size: int | None) -> None:
@@ -360,7 +362,7 @@ def evaluate_generators(
             continue
         folder, paths = domain(src)
         back = trs["BtoA" if name == "AtoB" else "AtoB"]  # the cycle runs it on translations of this size
-        check_tile_counts((trs[name], back), paths,
+        check_image_sizes((trs[name], back), paths,
                           (lambda p: (load_size, load_size)) if load_size else oriented_size)
         if inception is not None:
             domain(dst)

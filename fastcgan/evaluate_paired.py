@@ -167,7 +167,7 @@ def evaluate_paired(
     from fastcgan.devices import resolve_device
     from fastcgan.evaluate import (
         check_eval_args,
-        check_tile_counts,
+        check_image_sizes,
         domain_paths,
         fid_inception,
         translate_images,
@@ -208,7 +208,7 @@ def evaluate_paired(
         wh = oriented_size(p)
         return wh if wh is None or colorizer else (wh[0] // 2, wh[1])
 
-    check_tile_counts((tr,), paths, input_size)
+    check_image_sizes((tr,), paths, input_size)
     results: dict = {}
     inception = fid_inception(dev, inception_weights_path, inception_dtype, results) if fid else None
 

@@ -29,7 +29,6 @@ one an exported pix2pix generator records) -- is translated, and the page shows 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import warnings
@@ -407,15 +406,8 @@ def _main(args) -> int:
     direction = direction or (translator.spec.pairs_direction if args.pairs else translator.spec.direction) or "AtoB"
     if translator.trust != "data artifact (no code)":
         print(f"{args.checkpoint}: {translator.trust}", file=sys.stderr)
-    try:
-        for i, (w, h) in sizes.items():
-            translator.check_tile_count(h, w, what=files[i])
-        # The largest image run whole, and one that runs in tiles: the others take no more memory.
-        whole = [(math.prod(translator._padded_hw(h, w)), i) for i, (w, h) in sizes.items()
-                 if not translator.needs_tiles(h, w)]
-        tiled = [i for i, (w, h) in sizes.items() if translator.needs_tiles(h, w)]
-        for i in ([max(whole)[1]] if whole else []) + tiled[:1]:
-            translator.check_memory(sizes[i][1], sizes[i][0], what=files[i])
+    try:  # tile counts, and whether the largest image fits in memory
+        translator.check_images((files[i], h, w) for i, (w, h) in sizes.items())
     except (ValueError, InferenceMemoryError) as e:
         return _error(str(e))
 

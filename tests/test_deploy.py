@@ -869,6 +869,16 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     # In tiles it fits (32x32 tiles, fewer at a time than --batch-size), and every file is translated.
     assert translate([*argv, "--output", str(tmp_path / "out"), "--tile", "32"]) == 0
     assert sorted(os.listdir(tmp_path / "out")) == ["big.png", "small.png"]
+    # fastcgan-eval judges the test images' headers the same way, before anything is scored.
+    from fastcgan.evaluate import main as evaluate
+
+    for split in ("testA", "testB", "testA_truth_B"):  # a target to score against: the generator is AtoB only
+        (tmp_path / "data" / split).mkdir(parents=True)
+        Image.new("RGB", (64, 48)).save(tmp_path / "data" / split / "big.png")
+    ev = ["--checkpoint", str(run_dir), "--dataroot", str(tmp_path / "data"), "--no-fid", "--device", "cpu"]
+    assert evaluate(ev) == 2
+    assert f"{tmp_path / 'data' / 'testA' / 'big.png'}: running the generator on 48x64 needs" in capsys.readouterr().err
+    assert evaluate([*ev, "--tile", "32"]) == 0
 
     calls = []
     real = tr.runner

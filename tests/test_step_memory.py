@@ -208,3 +208,34 @@ def test_the_floor_is_below_a_real_gpu_step(kernels):
         nets = recipe.networks(cfg)
     floor = kept_activations(cfg, recipe, nets, (128, 128), 2)
     assert 0.05 * used < floor <= used, (floor, used)
+
+
+def test_an_auto_data_bank_gives_its_room_to_the_step(tmp_path, synth, monkeypatch, capsys):
+    """--data-on-gpu auto takes up to a quarter of the free memory; when the step's floor needs
+    that room the bank stays off (the loader reads the files) instead of the run being refused.
+    (Auto is off on a CPU: resolve_fast_path is made to turn it on here, as on a GPU.)"""
+    import fastcgan.devices as devices
+    import fastcgan.train.loop as loop
+
+    real = loop.resolve_fast_path
+
+    def gpu_like(cfg, device, world_size=1, dataset_nbytes=None, *a, **k):
+        cfg, line = real(cfg, device, world_size, dataset_nbytes, *a, **k)
+        return (cfg.replace(data_on_gpu=True), line + ", data on the GPU") if dataset_nbytes else (cfg, line)
+
+    monkeypatch.setattr(loop, "resolve_fast_path", gpu_like)
+    args = ["--dataroot", synth, "--output-dir", str(tmp_path), "--name", "auto", "--load-size", "32", "--crop-size",
+            "32", "--ngf", "4", "--ndf", "4", "--device", "cpu", "--max-steps", "1", "--no-progress",
+            "--no-tensorboard", "--eval-every", "0"]
+    from fastcgan.train.cli import parse_config
+
+    floor = step_memory_floor(parse_config(args)[0], get_recipe("cyclegan"), (32, 32), 1)
+    bank = (4 + 4) * 3 * 32 * 32  # the synthetic set: 4 + 4 training images, uint8
+    monkeypatch.setattr(devices, "host_available_bytes", lambda: floor + bank // 2)
+    assert cli_main(args) == 0
+    err = capsys.readouterr().err
+    assert "; the images stay off the GPU (the step needs the memory)" in err
+    assert "data on the GPU" not in err
+    # An explicit request is the user's: refused, naming both sizes.
+    assert cli_main([*args, "--name", "explicit", "--data-on-gpu"]) == 2
+    assert "besides the 0.0 MiB of decoded images (--data-on-gpu)" in capsys.readouterr().err

@@ -21,6 +21,7 @@ checkpoint and returns ``exit_code`` 130 / 143; a second Ctrl-C aborts at once w
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -151,12 +152,23 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             resumed_bank = None if payload is None else "bank" in (payload["rng"].get("data") or {})
             # An explicit --data-on-gpu reads every header when the images keep their sizes.
             nbytes = dataset_nbytes(cfg, ds, read_headers=bool(cfg.data.data_on_gpu))
+            auto_bank = cfg.data.data_on_gpu is None
             cfg, fast_line = resolve_fast_path(cfg, device, ctx.world_size, nbytes, resumed_data_on_gpu=resumed_bank)
             _refuse_unused(unused_execution_flags(cfg, requested or {}, device))
             use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
             w, h = image_size or (cfg.data.crop_size, cfg.data.crop_size)
-            check_step_fits(cfg, recipe, device, (h, w), ctx.world_size, (cfg.data.data_on_gpu and nbytes) or 0,
-                            target_from_input=getattr(ds, "target_from_input", False))
+            fits = functools.partial(check_step_fits, recipe=recipe, device=device, size=(h, w),
+                                     world_size=ctx.world_size,
+                                     target_from_input=getattr(ds, "target_from_input", False))
+            try:
+                fits(cfg, bank_bytes=(cfg.data.data_on_gpu and nbytes) or 0)
+            except ConfigError:
+                if not (auto_bank and cfg.data.data_on_gpu):
+                    raise
+                # Auto turned the bank on (a quarter of the free memory), but the step needs that room.
+                fits(cfg.replace(data_on_gpu=False))
+                cfg, fast_line = resolve_fast_path(cfg.replace(data_on_gpu=False), device, ctx.world_size)
+                fast_line += "; the images stay off the GPU (the step needs the memory)"
             cleanup.enter_context(cudnn_autotuning(cfg, device))
             run = None
             try:

@@ -136,7 +136,6 @@ def check_step_fits(cfg: TrainConfig, recipe: Recipe, device: torch.device, size
     on the same device) exceeds ``room``: :func:`~fastcgan.devices.free_memory` (on a CPU shared by
     the processes of its node). ``room=None``: queried (unknown: nothing is refused)."""
     if room is None:
-
         room = free_memory(device)
         if device.type == "cpu":
             try:

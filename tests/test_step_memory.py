@@ -239,3 +239,27 @@ def test_an_auto_data_bank_gives_its_room_to_the_step(tmp_path, synth, monkeypat
     # An explicit request is the user's: refused, naming both sizes.
     assert cli_main([*args, "--name", "explicit", "--data-on-gpu"]) == 2
     assert "besides the 0.0 MiB of decoded images (--data-on-gpu)" in capsys.readouterr().err
+
+
+def test_processes_keep_an_auto_bank_only_if_every_one_can():
+    """The bank and the loader draw different batches: under DDP a process whose free memory
+    turned auto's bank off (or whose step needs the room) turns it off everywhere."""
+    import fastcgan.train.loop as loop
+
+    class Ranks:
+        def __init__(self, *others):
+            self.others, self.world_size = others, 1 + len(others)
+
+        def gather_objects(self, obj):
+            return [obj, *self.others]
+
+    cfg = _cfg("cyclegan128", 32, {}, data_on_gpu=True)
+    fits = lambda cfg, bank_bytes=0: None  # noqa: E731 - the step fits with or without the bank
+    kept, line = loop._fit_step_and_bank(cfg, "line", fits, 1000, True, Ranks(True), torch.device("cpu"))
+    assert kept.data.data_on_gpu and line == "line"
+    off, line = loop._fit_step_and_bank(cfg, "line", fits, 1000, True, Ranks(False), torch.device("cpu"))
+    assert off.data.data_on_gpu is False and line.endswith("; the images stay off the GPU (another process has no "
+                                                            "room for them)")
+    # Asked for explicitly: the user's choice (each process checks its own room).
+    asked, _ = loop._fit_step_and_bank(cfg, "line", fits, 1000, False, Ranks(False), torch.device("cpu"))
+    assert asked.data.data_on_gpu

@@ -160,15 +160,7 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             fits = functools.partial(check_step_fits, recipe=recipe, device=device, size=(h, w),
                                      world_size=ctx.world_size,
                                      target_from_input=getattr(ds, "target_from_input", False))
-            try:
-                fits(cfg, bank_bytes=(cfg.data.data_on_gpu and nbytes) or 0)
-            except ConfigError:
-                if not (auto_bank and cfg.data.data_on_gpu):
-                    raise
-                # Auto turned the bank on (a quarter of the free memory), but the step needs that room.
-                fits(cfg.replace(data_on_gpu=False))
-                cfg, fast_line = resolve_fast_path(cfg.replace(data_on_gpu=False), device, ctx.world_size)
-                fast_line += "; the images stay off the GPU (the step needs the memory)"
+            cfg, fast_line = _fit_step_and_bank(cfg, fast_line, fits, nbytes, auto_bank, ctx, device)
             cleanup.enter_context(cudnn_autotuning(cfg, device))
             run = None
             try:
@@ -181,6 +173,29 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
     finally:
         cleanup.close()
         ctx.shutdown()
+
+
+def _fit_step_and_bank(cfg: TrainConfig, fast_line: str, fits, nbytes: Optional[int], auto_bank: bool, ctx,
+                       device) -> tuple[TrainConfig, str]:
+    """The step's memory floor and the data bank against the memory there is (``fits``: a
+    :func:`check_step_fits` of this run). A bank that auto turned on (a quarter of the free memory)
+    gives its room to the step when the floor needs it; and under DDP every process keeps the bank
+    only if every process can, since the bank and the loader draw different batches. Returns the
+    config and the execution line as they end up."""
+    keep = bool(cfg.data.data_on_gpu)
+    try:
+        fits(cfg, bank_bytes=(keep and nbytes) or 0)
+    except ConfigError:
+        if not (auto_bank and keep):
+            raise
+        fits(cfg.replace(data_on_gpu=False))
+        keep, why = False, "the step needs the memory"
+    if auto_bank and not all(ctx.gather_objects(keep)) and keep:  # every process asks, the same flags
+        keep, why = False, "another process has no room for them"
+    if keep != bool(cfg.data.data_on_gpu):
+        cfg, fast_line = resolve_fast_path(cfg.replace(data_on_gpu=False), device, ctx.world_size)
+        fast_line += f"; the images stay off the GPU ({why})"
+    return cfg, fast_line
 
 
 def _refuse_unused(unused: list[str]) -> None:

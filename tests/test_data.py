@@ -702,6 +702,11 @@ def test_png_image_data_in_many_chunks_is_not_metadata(tmp_path, monkeypatch):
     assert len(data) > images.MAX_METADATA_SEGMENTS
     (tmp_path / "split.png").write_bytes(png[:start] + split + png[start + 12 + length:])
     assert np.array_equal(np.asarray(images.open_image(str(tmp_path / "split.png"))), pixels)
+    # No IEND and zeros after the data: Pillow stops at the first chunk type that is not 4 word
+    # characters (not a run of 12-byte "chunks" of type \0\0\0\0), and so does the walk.
+    (tmp_path / "padded.png").write_bytes(png[:-12] + bytes(16 << 10))
+    assert images.metadata_problem(str(tmp_path / "padded.png")) is None
+    assert np.array_equal(np.asarray(images.open_image(str(tmp_path / "padded.png"))), pixels)
     monkeypatch.setattr(images, "MAX_PNG_CHUNKS", len(data))
     with pytest.raises(BadImageError, match=rf"split.png: more than {len(data):,} PNG chunks \(not decoded\)"):
         images.open_image(str(tmp_path / "split.png"))

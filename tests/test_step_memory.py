@@ -150,6 +150,15 @@ def test_processes_of_a_node_share_the_host_memory(monkeypatch):
     check_step_fits(cfg, recipe, torch.device("cpu"), (32, 32))
 
 
+def test_an_explicit_kernel_backend_trains(tmp_path, synth):
+    """The floor is counted with the reference kernels: --kernels cpp (a backend that runs on CPU
+    tensors, not meta ones) made every run a traceback before it started."""
+    args = ["--dataroot", synth, "--output-dir", str(tmp_path), "--load-size", "32", "--crop-size", "32", "--ngf", "4",
+            "--ndf", "4", "--device", "cpu", "--max-steps", "1", "--no-progress", "--no-tensorboard",
+            "--eval-every", "0", "--kernels", "cpp"]
+    assert cli_main(args) == 0
+
+
 def test_training_that_cannot_fit_exits_2_before_anything_is_written(tmp_path, synth, monkeypatch, capsys):
     """`--crop-size 1024 --batch-size 4` on a 24 GB CPU: Linux's OOM killer ended the run minutes
     later without a word (measured: killed at 23.4 GB). The floor refuses it at once, exit 2,

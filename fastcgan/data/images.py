@@ -116,6 +116,7 @@ MAX_PPM_HEADER = 64 << 10
 # PNG chunks of any kind: an image's data comes in chunks of 8-64 KiB (89 Mpx of RGB: ~33 k of
 # them at libpng's 8 KiB); a walk over a million takes ~2 s.
 MAX_PNG_CHUNKS = 1 << 20
+_PNG_CHUNK_TYPE = re.compile(rb"\w{4}")  # what Pillow reads as a chunk (its is_cid); anything else ends its walk
 
 
 def _jpeg_problem(f) -> str | None:
@@ -163,7 +164,7 @@ def _png_problem(f) -> str | None:
     metadata = 0
     for _ in range(MAX_PNG_CHUNKS):
         c = f.read(8)
-        if len(c) < 8 or c[4:8] == b"IEND":
+        if len(c) < 8 or c[4:8] == b"IEND" or not _PNG_CHUNK_TYPE.fullmatch(c[4:8]):  # Pillow stops there too
             return None
         if c[4:8] not in (b"IDAT", b"fcTL", b"fdAT"):
             metadata += 1

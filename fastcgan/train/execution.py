@@ -348,7 +348,8 @@ def unused_execution_flags(cfg: TrainConfig, requested: dict, device: torch.devi
     if requested.get("cudnn_benchmark") and device.type != "cuda":
         out.append(f"--cudnn-benchmark (cuDNN tunes CUDA convolutions; this run is on {device})")
     if "compile_backend" in requested and not cfg.run.compile:
-        why = "--no-compile" if requested.get("compile") is False else f"--compile is off by default on {device.type}"
+        why = ("--no-compile" if requested.get("compile") is False else "--faithful runs eager" if cfg.run.faithful
+               else f"--compile is off by default on {device.type}")
         out.append(f"--compile-backend (nothing is compiled: {why})")
     return out
 

@@ -461,7 +461,8 @@ def test_a_run_never_writes_inside_its_training_data(tmp_path, synth, capsys):
     (["--cudnn-benchmark"], "--cudnn-benchmark (cuDNN tunes CUDA convolutions; this run is on cpu)"),
     (["--no-compile", "--compile-backend", "aot_eager"], "--compile-backend (nothing is compiled: --no-compile)"),
     (["--compile-backend", "aot_eager"], "--compile-backend (nothing is compiled: --compile is off by default on cpu"),
-    (["--faithful", "--compile-backend", "aot_eager"], "--compile-backend (nothing is compiled: --faithful runs eager)"),
+    (["--faithful", "--compile-backend", "aot_eager"],
+     "--compile-backend (nothing is compiled: --faithful runs eager)"),
 ])
 def test_flags_nothing_reads_exit_2_before_anything_is_written(tmp_path, synth, extra, said, capsys):
     """Another recipe's loss weights (and settings another setting switches off) trained bit-for-bit

@@ -73,6 +73,10 @@ class _Runner:
     device: torch.device
     dtype: torch.dtype = torch.float32
     max_batch: int = 1 << 30
+    # The dtype a forward's activations take in torch's allocator (the inference memory floor counts
+    # in it); None: the engine manages its own memory (TensorRT's context holds its activations,
+    # onnxruntime's arena keeps its blocks), so free memory says nothing about the next pass.
+    floor_dtype: torch.dtype | None = None
     name: str = "?"
 
     def __call__(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
@@ -84,7 +88,7 @@ class TorchRunner(_Runner):
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, compiled: bool = False,
                  compile_mode: str | None = None, channels_last: bool = False):
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.floor_dtype = device, dtype, dtype
         self.name = "compiled" if compiled else "torch"
         self.model = model.eval().to(device=device, dtype=dtype)
         self.channels_last = channels_last
@@ -225,8 +229,9 @@ class OrtRunner(_Runner):
 
 class CallableRunner(_Runner):
     def __init__(self, fn: Callable[[Tensor], Tensor], device: torch.device, dtype: torch.dtype, name: str,
-                 max_batch: int = 1 << 30):
+                 max_batch: int = 1 << 30, floor_dtype: torch.dtype | None = None):
         self.fn, self.device, self.dtype, self.name, self.max_batch = fn, device, dtype, name, max_batch
+        self.floor_dtype = floor_dtype
 
     def __call__(self, x: Tensor) -> Tensor:
         with torch.inference_mode():
@@ -314,7 +319,10 @@ class Translator:
                     self._meta_net = build_generator(**self.spec.config, init_type=None, backend="torch").eval()
             except Exception:  # noqa: BLE001 - an artifact's recorded config (an ONNX file's is data): no estimate
                 self._meta_net = None
-        net, itemsize = self._meta_net, self.runner.dtype.itemsize
+        floor_dtype = getattr(self.runner, "floor_dtype", None)
+        if floor_dtype is None:
+            return None
+        net, itemsize = self._meta_net, floor_dtype.itemsize
         convolutions = [c for c in (net.modules() if net is not None else ())
                         if isinstance(c, (nn.Conv2d, nn.ConvTranspose2d))]
         if not convolutions:
@@ -346,16 +354,15 @@ class Translator:
     def check_images(self, sizes) -> None:
         """Images known from their file headers, before anything runs: ``sizes`` yields
         ``(what, h, w)``. Each one's tile count (:meth:`check_tile_count`, a ValueError); the memory
-        (:meth:`check_memory`) of the largest image run whole and of one run in tiles: the others
+        (:meth:`check_memory`) of the largest pass run whole and of the largest tile: the others
         take no more."""
-        largest, tiled = None, None
+        largest: dict[bool, tuple] = {}  # the largest pass run whole, and in tiles
         for what, h, w in sizes:
             self.check_tile_count(h, w, what=what)
-            if self.needs_tiles(h, w):
-                tiled = tiled or (what, h, w)
-            elif largest is None or math.prod(self._padded_hw(h, w)) > math.prod(self._padded_hw(*largest[1:])):
-                largest = (what, h, w)
-        for what, h, w in filter(None, (largest, tiled)):
+            tiled = self.needs_tiles(h, w)
+            if tiled not in largest or math.prod(self._run_hw(h, w)) > math.prod(self._run_hw(*largest[tiled][1:])):
+                largest[tiled] = (what, h, w)
+        for what, h, w in largest.values():
             self.check_memory(h, w, what=what)
 
     def check_memory(self, h: int, w: int, what: str = "the image") -> None:
@@ -364,7 +371,16 @@ class Translator:
         (:func:`~fastcgan.devices.free_memory`): for callers that know sizes from file headers,
         before anything runs. Unknown sizes or memory: nothing is refused."""
         tiled = self.needs_tiles(h, w)
-        self._images_that_fit(1, *(self._padded_hw(*self.tile_hw) if tiled else self._padded_hw(h, w)), what, tiled)
+        self._images_that_fit(1, *self._run_hw(h, w), what, tiled)
+
+    def _run_hw(self, h: int, w: int) -> tuple[int, int]:
+        """The padded size one forward pass of an ``h x w`` image runs at: the image's, or in tiles a
+        tile's (no larger than the image on a side: a 100-px-wide image runs 100-px-wide tiles)."""
+        if not self.needs_tiles(h, w):
+            return self._padded_hw(h, w)
+        if self.spec.static_hw is not None:
+            return tuple(self.spec.static_hw)
+        return self._padded_hw(min(self.tile_hw[0], h), min(self.tile_hw[1], w))
 
     def _images_that_fit(self, n: int, th: int, tw: int, what: str | None, tiled: bool) -> int:
         """The most of ``n`` padded ``th x tw`` inputs (at least one) that one forward pass can take
@@ -813,7 +829,7 @@ def _aoti_runner(path: str, dev: torch.device, *, trust_artifact: bool = False):
 
     fn, spec = load_aoti(path, dev, trust_artifact=trust_artifact)
     dtype = getattr(torch, spec.dtype, torch.float32)
-    runner = CallableRunner(fn, fn.device, dtype, "aoti")
+    runner = CallableRunner(fn, fn.device, dtype, "aoti", floor_dtype=dtype)  # AOTInductor allocates through torch
     runner.trust = fn.trust
     runner._keep = fn._keep
     return runner, spec

@@ -110,7 +110,7 @@ def module_translator(
             # nn.Module.compile), which would otherwise compile it again for no-grad / eval mode.
             return base.forward(x).float()
 
-    runner = CallableRunner(run, dev, torch.float32, "torch")
+    runner = CallableRunner(run, dev, torch.float32, "torch", floor_dtype=amp_dtype or torch.float32)
     return Translator(runner, spec, engine="torch", path=f"<{type(base).__name__}>", batch_size=batch_size)
 
 

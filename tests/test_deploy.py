@@ -887,7 +887,8 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
         calls.append(x.shape[0])
         return real(x)
 
-    monkeypatch.setattr(tr, "runner", runtime.CallableRunner(counted, real.device, real.dtype, "counted"))
+    monkeypatch.setattr(tr, "runner", runtime.CallableRunner(counted, real.device, real.dtype, "counted",
+                                                             floor_dtype=real.dtype))
     monkeypatch.setattr(runtime, "free_memory", lambda device: int(2 * one))  # room for two at a time
     torch.testing.assert_close(tr.translate_batch(images), whole)
     assert calls == [2, 1]
@@ -904,6 +905,27 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     odd.spec = odd.spec.replace(config={"arch": "resnet_9blocks", "ngf": "many"})
     assert odd._floor_per_pixel(False) is None and odd._floor_per_pixel(True) is None
     odd.check_memory(48, 64)
+
+
+def test_the_inference_floor_follows_the_engine(run_dir, good_onnx, monkeypatch):
+    """A tile no larger than the image is what runs (a narrow image's tiles are narrow); an engine
+    that holds its own memory (onnxruntime's arena, TensorRT's context) gets no floor; a generator
+    under bf16 autocast (in-training FID) counts 2 bytes an element."""
+    from fastcgan.deploy import runtime
+    from fastcgan.evaluate import _translator
+    from fastcgan.models import load_generator
+
+    tr = load(str(run_dir), device="cpu", tile=32)
+    monkeypatch.setattr(runtime, "SMALL_FORWARD", 0)
+    narrow = tr._floor_per_pixel(True) * 16 * 32  # a 16x100 image runs 16x32 tiles
+    monkeypatch.setattr(runtime, "free_memory", lambda device: int(narrow))
+    tr.check_images([("narrow.png", 16, 100)])
+    with pytest.raises(runtime.InferenceMemoryError, match=r"^wide.png: running the generator on a tile of 32x32"):
+        tr.check_images([("narrow.png", 16, 100), ("wide.png", 40, 100)])
+    assert load(str(good_onnx), device="cpu")._floor_per_pixel(True) is None
+    net = load_generator(str(run_dir))
+    fp32 = _translator(net, "cpu", None, 1)._floor_per_pixel(True)
+    assert _translator(net, "cpu", torch.bfloat16, 1)._floor_per_pixel(True) * 2 == fp32 == tr._floor_per_pixel(True)
 
 
 def test_trt_verify_sizes_outside_the_profile_are_refused_not_dropped(capsys):

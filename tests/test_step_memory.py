@@ -252,10 +252,11 @@ def test_an_auto_data_bank_gives_its_room_to_the_step(tmp_path, synth, monkeypat
 
 def test_processes_keep_an_auto_bank_only_if_every_one_can():
     """The bank and the loader draw different batches: under DDP a process whose free memory
-    turned auto's bank off (or whose step needs the room) turns it off everywhere."""
+    turned auto's bank off (or whose step needs the room) turns it off everywhere; a process whose
+    step cannot fit at all refuses the run on every process (each gets the same clean error)."""
     import fastcgan.train.loop as loop
 
-    class Ranks:
+    class Ranks:  # this process, then the others' (bank on, refusal with the bank, refusal without)
         def __init__(self, *others):
             self.others, self.world_size = others, 1 + len(others)
 
@@ -263,12 +264,19 @@ def test_processes_keep_an_auto_bank_only_if_every_one_can():
             return [obj, *self.others]
 
     cfg = _cfg("cyclegan128", 32, {}, data_on_gpu=True)
-    fits = lambda cfg, bank_bytes=0: None  # noqa: E731 - the step fits with or without the bank
-    kept, line = loop._fit_step_and_bank(cfg, "line", fits, 1000, True, Ranks(True), torch.device("cpu"))
+    fits = lambda cfg, bank_bytes=0: None  # noqa: E731 - the step fits here with or without the bank
+    cpu = torch.device("cpu")
+    kept, line = loop._fit_step_and_bank(cfg, "line", fits, 1000, True, Ranks((True, None, None)), cpu)
     assert kept.data.data_on_gpu and line == "line"
-    off, line = loop._fit_step_and_bank(cfg, "line", fits, 1000, True, Ranks(False), torch.device("cpu"))
-    assert off.data.data_on_gpu is False and line.endswith("; the images stay off the GPU (another process has no "
-                                                            "room for them)")
-    # Asked for explicitly: the user's choice (each process checks its own room).
-    asked, _ = loop._fit_step_and_bank(cfg, "line", fits, 1000, False, Ranks(False), torch.device("cpu"))
-    assert asked.data.data_on_gpu
+    for other in [(False, None, None), (True, "no room for the bank there", None)]:
+        off, line = loop._fit_step_and_bank(cfg, "line", fits, 1000, True, Ranks(other), cpu)
+        assert off.data.data_on_gpu is False
+        assert line.endswith("; the images stay off the GPU (another process has no room for them)")
+    # Asked for explicitly: refused everywhere when any process cannot hold it.
+    with pytest.raises(ConfigError, match="^no room for the bank there$"):
+        loop._fit_step_and_bank(cfg, "line", fits, 1000, False, Ranks((True, "no room for the bank there", None)),
+                                cpu)
+    # A step that does not fit on another process: this one refuses too, with that process's words.
+    with pytest.raises(ConfigError, match="^the step needs 9 GiB there$"):
+        loop._fit_step_and_bank(cfg, "line", fits, 1000, True, Ranks((True, None, "the step needs 9 GiB there")),
+                                cpu)

@@ -178,21 +178,29 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
 def _fit_step_and_bank(cfg: TrainConfig, fast_line: str, fits, nbytes: Optional[int], auto_bank: bool, ctx,
                        device) -> tuple[TrainConfig, str]:
     """The step's memory floor and the data bank against the memory there is (``fits``: a
-    :func:`check_step_fits` of this run). A bank that auto turned on (a quarter of the free memory)
-    gives its room to the step when the floor needs it; and under DDP every process keeps the bank
-    only if every process can, since the bank and the loader draw different batches. Returns the
-    config and the execution line as they end up."""
+    :func:`check_step_fits` of this run), decided alike on every process (one gather): a floor that
+    does not fit on any process refuses the run everywhere; a bank that auto turned on (a quarter of
+    the free memory) stays on only if every process holds it and its step still fits (the bank and
+    the loader draw different batches). Returns the config and the execution line as they end up."""
+
+    def problem(c: TrainConfig, bank_bytes: int) -> Optional[str]:
+        try:
+            fits(c, bank_bytes=bank_bytes)
+        except ConfigError as e:
+            return str(e)
+        return None
+
     keep = bool(cfg.data.data_on_gpu)
-    try:
-        fits(cfg, bank_bytes=(keep and nbytes) or 0)
-    except ConfigError:
-        if not (auto_bank and keep):
-            raise
-        fits(cfg.replace(data_on_gpu=False))
-        keep, why = False, "the step needs the memory"
-    if auto_bank and not all(ctx.gather_objects(keep)) and keep:  # every process asks, the same flags
-        keep, why = False, "another process has no room for them"
-    if keep != bool(cfg.data.data_on_gpu):
+    with_bank = problem(cfg, nbytes or 0) if keep else None
+    without = problem(cfg.replace(data_on_gpu=False), 0) if with_bank or not keep else None
+    seen = ctx.gather_objects((keep, with_bank, without))  # every process reaches this
+    for _, _, words in seen:
+        if words:
+            raise ConfigError(words)
+    if keep and not all(k and not w for k, w, _ in seen):
+        if not auto_bank:  # asked for: refused as the user asked it
+            raise ConfigError(next(w for _, w, _ in seen if w))
+        why = "the step needs the memory" if with_bank else "another process has no room for them"
         cfg, fast_line = resolve_fast_path(cfg.replace(data_on_gpu=False), device, ctx.world_size)
         fast_line += f"; the images stay off the GPU ({why})"
     return cfg, fast_line

@@ -72,6 +72,27 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+# (limit, usage, stat, its reclaimable page-cache key) of the process's memory cgroup: v2, then v1.
+CGROUP_MEMORY_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+)
+
+
+def _cgroup_stat(path: str, key: str) -> int:
+    """One counter of a cgroup's memory.stat (0 when it cannot be read)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def host_available_bytes() -> int | None:
     """Memory this process can still allocate without swapping, the OOM killer or an allocation
     failure: the least of Linux's ``MemAvailable`` (free + reclaimable page cache), what the
@@ -89,14 +110,14 @@ def host_available_bytes() -> int | None:
             room.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
         except (AttributeError, ValueError, OSError):
             pass
-    v1 = "/sys/fs/cgroup/memory/memory."
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2, v1
-                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
+    for limit, usage, stat, cache in CGROUP_MEMORY_FILES:
         try:
             with open(limit) as f, open(usage) as g:
                 lim = f.read().strip()
                 if lim != "max" and int(lim) < 1 << 60:  # v1 writes a huge number for "no limit"
-                    room.append(max(0, int(lim) - int(g.read().strip())))
+                    # The usage counts page cache (a dataset just read), which the kernel reclaims at
+                    # the limit: its inactive part is room too (as kubelet counts a container's).
+                    room.append(max(0, int(lim) - int(g.read().strip()) + _cgroup_stat(stat, cache)))
             break
         except (OSError, ValueError):
             continue

@@ -211,6 +211,27 @@ def test_the_memory_a_process_may_take_follows_its_limits():
     assert 0 < capped < 6 << 30 and capped <= free
 
 
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_a_containers_page_cache_is_room(tmp_path, monkeypatch, version):
+    """A cgroup's usage counts the page cache of files read (a dataset copied into a container),
+    which the kernel reclaims at the limit: limit - usage alone said ~0 bytes there, and every CPU
+    run would have been refused. Its inactive part counts as room, as kubelet counts it."""
+    import fastcgan.devices as devices
+
+    limit, usage, stat = tmp_path / "limit", tmp_path / "usage", tmp_path / "stat"
+    limit.write_text("1000000\n" if version == "v2" else "1000000")
+    usage.write_text("990000\n")
+    key = "inactive_file" if version == "v2" else "total_inactive_file"
+    stat.write_text(f"anon 1\nactive_file 7\n{key} 600000\nother 3\n")
+    files = [(str(limit), str(usage), str(stat), key)]
+    monkeypatch.setattr(devices, "CGROUP_MEMORY_FILES", files)
+    assert devices.host_available_bytes() == 1000000 - 990000 + 600000
+    stat.write_text("unreadable")  # no such counter: the usage as it is
+    assert devices.host_available_bytes() == 10000
+    limit.write_text("max\n")  # no limit: the host's MemAvailable
+    assert devices.host_available_bytes() > 10000
+
+
 def test_a_bank_that_no_longer_fits_is_a_dataset_error_naming_the_flag(monkeypatch):
     from fastcgan.data import DatasetError
     from fastcgan.data.device import BankStack

@@ -38,7 +38,7 @@ from fastcgan.deploy._common import (
 )
 from fastcgan.deploy.tiling import (DEFAULT_TILE_OVERLAP, MAX_TILES, check_tile_args, check_tiling, default_overlap,
                                    tiled_apply)
-from fastcgan.devices import format_bytes, free_memory, is_out_of_memory
+from fastcgan.devices import MEMORY_CHECK_OFF, format_bytes, is_out_of_memory, memory_to_check
 from fastcgan.models import build_generator
 from torch import Tensor, nn
 
@@ -368,7 +368,7 @@ class Translator:
     def check_memory(self, h: int, w: int, what: str = "the image") -> None:
         """:class:`InferenceMemoryError` naming ``what`` when one ``h x w`` image (one tile of it
         when it runs in tiles) cannot fit in the memory the device has
-        (:func:`~fastcgan.devices.free_memory`): for callers that know sizes from file headers,
+        (:func:`~fastcgan.devices.memory_to_check`): for callers that know sizes from file headers,
         before anything runs. Unknown sizes or memory: nothing is refused."""
         tiled = self.needs_tiles(h, w)
         self._images_that_fit(1, *self._run_hw(h, w), what, tiled)
@@ -390,7 +390,7 @@ class Translator:
         bound = self._floor_per_pixel(False)
         if bound is None or bound * n * th * tw <= SMALL_FORWARD:
             return n
-        room = free_memory(self.device)
+        room = memory_to_check(self.device)
         for precise in (False, True):
             per_pixel = self._floor_per_pixel(precise)
             if per_pixel is None or room is None or per_pixel * n * th * tw <= room:
@@ -403,7 +403,7 @@ class Translator:
         on = f"{'a tile of ' if tiled else ''}{th}x{tw}"
         raise InferenceMemoryError(f"{what + ': ' if what else ''}running the generator on {on} needs at least "
                                    f"{format_bytes(per_pixel * th * tw)} (its largest convolution's input and output) "
-                                   f"and {where} {format_bytes(room)}; use {hint}")
+                                   f"and {where} {format_bytes(room)}; use {hint} ({MEMORY_CHECK_OFF})")
 
     # -- the tensor path ---------------------------------------------------------------------
     def _run_padded(self, x: Tensor) -> Tensor:

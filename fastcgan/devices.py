@@ -9,7 +9,7 @@ import torch
 from torch.amp import is_autocast_available
 
 __all__ = ["DeviceUnavailableError", "autocast_off", "format_bytes", "free_memory", "host_available_bytes",
-           "is_out_of_memory", "resolve_device"]
+           "is_out_of_memory", "memory_to_check", "resolve_device"]
 
 
 class DeviceUnavailableError(ValueError, RuntimeError):
@@ -38,6 +38,18 @@ def free_memory(device: torch.device) -> int | None:
         unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return torch.cuda.mem_get_info(device)[0] + unused
     return host_available_bytes() if device.type == "cpu" else None
+
+
+# FASTCGAN_MEMORY_CHECK=0 turns the memory floors off (training and inference): for a machine whose
+# free memory the process cannot see right (swap it means to use, a limit it does not know of).
+MEMORY_CHECK_ENV = "FASTCGAN_MEMORY_CHECK"
+MEMORY_CHECK_OFF = f"{MEMORY_CHECK_ENV}=0 runs it anyway"
+
+
+def memory_to_check(device: torch.device) -> int | None:
+    """:func:`free_memory`, for the checks that refuse work that cannot fit; ``None`` (nothing is
+    refused) when ``FASTCGAN_MEMORY_CHECK=0``."""
+    return None if os.environ.get(MEMORY_CHECK_ENV) == "0" else free_memory(device)
 
 
 def autocast_off(device_type: str):

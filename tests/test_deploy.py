@@ -844,6 +844,7 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     refuses one image that cannot fit before running it."""
     from PIL import Image
 
+    import fastcgan.devices as devices
     from fastcgan.deploy import runtime
     from fastcgan.translate import main as translate
 
@@ -855,10 +856,10 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     one = tr._floor_per_pixel(True) * 64 * 48
     images = [torch.rand(1, 3, 48, 64) * 2 - 1 for _ in range(3)]
     # A small pass (channel bound under SMALL_FORWARD) does not even ask how much memory is free.
-    monkeypatch.setattr(runtime, "free_memory", lambda device: pytest.fail("asked"))
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: pytest.fail("asked"))
     whole = tr.translate_batch(images)
     monkeypatch.setattr(runtime, "SMALL_FORWARD", 0)  # these test images are small: checked from here on
-    monkeypatch.setattr(runtime, "free_memory", lambda device: int(one) - 1)
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(one) - 1)
     argv = ["--checkpoint", str(run_dir), "--device", "cpu", "--no-progress", "--input", str(src)]
     assert translate([*argv, "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -889,18 +890,25 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
 
     monkeypatch.setattr(tr, "runner", runtime.CallableRunner(counted, real.device, real.dtype, "counted",
                                                              floor_dtype=real.dtype))
-    monkeypatch.setattr(runtime, "free_memory", lambda device: int(2 * one))  # room for two at a time
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(2 * one))  # room for two at a time
     torch.testing.assert_close(tr.translate_batch(images), whole)
     assert calls == [2, 1]
-    monkeypatch.setattr(runtime, "free_memory", lambda device: int(one) - 1)
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(one) - 1)
     with pytest.raises(runtime.InferenceMemoryError, match=r"^running the generator on 48x64 needs at least "
                        r"0\.1 MiB .*; use tiles"):
         tr.translate_batch(images[:1])
     assert calls == [2, 1]  # refused before it ran
-    monkeypatch.setattr(runtime, "free_memory", lambda device: None)  # unknown: nothing refused
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: None)  # unknown: nothing refused
+    assert tr.translate_batch(images[:1])[0].shape == (1, 3, 48, 64)
+    monkeypatch.undo()  # the real query, turned off by its environment variable (named in the refusals)
+    monkeypatch.setattr(runtime, "SMALL_FORWARD", 0)
+    monkeypatch.setattr(devices, "host_available_bytes", lambda: 1)
+    with pytest.raises(runtime.InferenceMemoryError, match=r"\(FASTCGAN_MEMORY_CHECK=0 runs it anyway\)$"):
+        tr.translate_batch(images[:1])
+    monkeypatch.setenv("FASTCGAN_MEMORY_CHECK", "0")
     assert tr.translate_batch(images[:1])[0].shape == (1, 3, 48, 64)
     # A recorded config that does not build (an ONNX file's is data) gives no estimate, and refuses nothing.
-    monkeypatch.setattr(runtime, "free_memory", lambda device: 1)
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: 1)
     odd = load(str(run_dir), device="cpu")
     odd.spec = odd.spec.replace(config={"arch": "resnet_9blocks", "ngf": "many"})
     assert odd._floor_per_pixel(False) is None and odd._floor_per_pixel(True) is None
@@ -918,7 +926,7 @@ def test_the_inference_floor_follows_the_engine(run_dir, good_onnx, monkeypatch)
     tr = load(str(run_dir), device="cpu", tile=32)
     monkeypatch.setattr(runtime, "SMALL_FORWARD", 0)
     narrow = tr._floor_per_pixel(True) * 16 * 32  # a 16x100 image runs 16x32 tiles
-    monkeypatch.setattr(runtime, "free_memory", lambda device: int(narrow))
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(narrow))
     tr.check_images([("narrow.png", 16, 100)])
     with pytest.raises(runtime.InferenceMemoryError, match=r"^wide.png: running the generator on a tile of 32x32"):
         tr.check_images([("narrow.png", 16, 100), ("wide.png", 40, 100)])

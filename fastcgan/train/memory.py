@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastcgan.devices import format_bytes, free_memory
+from fastcgan.devices import MEMORY_CHECK_OFF, format_bytes, memory_to_check
 from fastcgan.recipes.base import Recipe, set_requires_grad
 from fastcgan.train.config import ConfigError, TrainConfig
 
@@ -133,10 +133,10 @@ def check_step_fits(cfg: TrainConfig, recipe: Recipe, device: torch.device, size
                     world_size: int = 1, bank_bytes: int = 0, target_from_input: bool = False,
                     room: Optional[int] = None) -> None:
     """A :class:`ConfigError` when :func:`step_memory_floor` (plus the data bank ``bank_bytes``
-    on the same device) exceeds ``room``: :func:`~fastcgan.devices.free_memory` (on a CPU shared by
-    the processes of its node). ``room=None``: queried (unknown: nothing is refused)."""
+    on the same device) exceeds ``room``: :func:`~fastcgan.devices.memory_to_check` (on a CPU shared
+    by the processes of its node). ``room=None``: queried (unknown or turned off: nothing is refused)."""
     if room is None:
-        room = free_memory(device)
+        room = memory_to_check(device)
         if device.type == "cpu":
             try:
                 room = room and room // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -159,7 +159,8 @@ def check_step_fits(cfg: TrainConfig, recipe: Recipe, device: torch.device, size
         f"training {per_process} image(s) of {size[1]}x{size[0]} per step with --model {cfg.model.recipe} needs at "
         f"least {format_bytes(floor)}{bank} (activations kept for the backward, weights, gradients, Adam's moments, "
         f"image pools) and {where}; make it smaller: {', '.join(smaller_run_flags(cfg))}"
-        + (f" (--preprocess {d.preprocess} trains at the images' own size)" if "crop" not in d.preprocess else ""))
+        + (f" (--preprocess {d.preprocess} trains at the images' own size)" if "crop" not in d.preprocess else "")
+        + f"; {MEMORY_CHECK_OFF}")
 
 
 def smaller_run_flags(cfg: TrainConfig) -> list[str]:

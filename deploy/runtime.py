@@ -309,8 +309,9 @@ class Translator:
         """Bytes per input pixel that a forward pass holds at least, whatever the engine: its largest
         convolution's input and output at once (no fusion or buffer reuse can share them; a padding
         done before the convolution not counted, so it is exactly linear in the pixels), in the
-        engine's dtype; from the recorded architecture on the ``meta`` device, ``None`` when the
-        artifact does not record one that builds. ``precise=False``: a bound above it from the
+        dtype the engine computes in (``runner.floor_dtype``); from the recorded architecture on the
+        ``meta`` device. ``None`` when the artifact does not record one that builds, or the engine
+        holds its own memory (``floor_dtype`` None). ``precise=False``: a bound above it from the
         channels alone (no layer of a generator runs above its input's resolution; tested), which
         spares the first meta forward's ~1.5 s of imports when an image fits anyway."""
         if not hasattr(self, "_meta_net"):

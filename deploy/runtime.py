@@ -39,7 +39,7 @@ from fastcgan.deploy._common import (
 from fastcgan.deploy.tiling import (DEFAULT_TILE_OVERLAP, MAX_TILES, check_tile_args, check_tiling, default_overlap,
                                    tiled_apply)
 from fastcgan.devices import MEMORY_CHECK_OFF, format_bytes, is_out_of_memory, memory_to_check
-from fastcgan.models import build_generator
+from fastcgan.models import build_generator, convolution_input_elements
 from torch import Tensor, nn
 
 ENGINES = ("torch", "compiled", "onnx", "trt", "aoti")
@@ -336,9 +336,7 @@ class Translator:
             largest = [0]
 
             def count(module, args, out):
-                x, s_h, s_w = args[0], *module.stride
-                interior = min(x.shape[-2] * x.shape[-1], out.shape[-2] * out.shape[-1] * s_h * s_w)
-                largest[0] = max(largest[0], x.shape[1] * interior + out[0].numel())
+                largest[0] = max(largest[0], convolution_input_elements(module, args[0], out) + out.numel())
 
             hooks = [c.register_forward_hook(count) for c in convolutions]
             try:

@@ -253,6 +253,16 @@ class BlurUpStage(ConvNormAct):
         return self.norm(self.conv(self.up(x)))
 
 
+def convolution_input_elements(conv: nn.Module, x: Tensor, out: Tensor) -> int:
+    """Elements of a convolution's input ``x`` that its backward keeps and its forward reads next to
+    its output (the memory floors count them), without a padding done before it: a valid 7x7 after a
+    3-pixel reflection pad reads 262² for 256² of image. At most what the output covers, stride²
+    pixels per output pixel (a transposed convolution: its input)."""
+    s_h, s_w = conv.stride
+    pixels = min(x.shape[-2] * x.shape[-1], out.shape[-2] * out.shape[-1] * s_h * s_w)
+    return x.shape[0] * x.shape[1] * pixels
+
+
 def init_weights(net: nn.Module, init_type: Optional[str] = "normal", init_gain: float = 0.02,
                  order: Optional[list[nn.Module]] = None) -> nn.Module:
     """The official initialisation: conv / transposed-conv / linear weights from ``init_type``

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcgan.devices import MEMORY_CHECK_OFF, format_bytes, memory_to_check
+from fastcgan.models import convolution_input_elements
 from fastcgan.recipes.base import Recipe, set_requires_grad
 from fastcgan.train.config import ConfigError, TrainConfig
 
@@ -100,11 +101,7 @@ def kept_activations(cfg: TrainConfig, recipe: Recipe, nets: dict[str, nn.Module
         if not (torch.is_grad_enabled() and module.weight.requires_grad) or any(x is t for t in seen):
             return
         seen.append(x)  # one tensor fed to several networks (real_A to G_AB and, for identity, G_BA) is kept once
-        # The input, without a padding done before this convolution (a valid 7x7 after a 3-pixel reflection pad
-        # reads 262² for 256² of image): at most what the output covers, stride² pixels per output pixel.
-        s_h, s_w = module.stride
-        pixels = min(x.shape[-2] * x.shape[-1], out.shape[-2] * out.shape[-1] * s_h * s_w)
-        kept[0] += x.shape[0] * x.shape[1] * pixels
+        kept[0] += convolution_input_elements(module, x, out)
 
     hooks = [m.register_forward_hook(count) for net in nets.values() for m in net.modules()
              if isinstance(m, _CONVOLUTIONS)]

@@ -26,8 +26,11 @@ class DeviceUnavailableError(ValueError, RuntimeError):
 
 
 def format_bytes(n: float) -> str:
-    """A memory size for messages: GiB from 1 GiB up, else MiB."""
-    return f"{n / 1024 ** 3:.1f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
+    """A memory size for messages in the largest binary unit it fills (bytes below 1 KiB), one decimal."""
+    for unit, power in (("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if n >= 1024 ** power:
+            return f"{n / 1024 ** power:.1f} {unit}"
+    return f"{int(n)} B"
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -863,8 +863,8 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     argv = ["--checkpoint", str(run_dir), "--device", "cpu", "--no-progress", "--input", str(src)]
     assert translate([*argv, "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert (f"fastcgan-translate: error: {src / 'big.png'}: running the generator on 48x64 needs at least 0.1 MiB "
-            "(its largest convolution's input and output) and this process may allocate 0.1 MiB; use tiles "
+    assert (f"fastcgan-translate: error: {src / 'big.png'}: running the generator on 48x64 needs at least 84.0 KiB "
+            "(its largest convolution's input and output) and this process may allocate 84.0 KiB; use tiles "
             "(--tile 512") in err
     assert not (tmp_path / "out").exists()
     # In tiles it fits (32x32 tiles, fewer at a time than --batch-size), and every file is translated.
@@ -895,7 +895,7 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     assert calls == [2, 1]
     monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(one) - 1)
     with pytest.raises(runtime.InferenceMemoryError, match=r"^running the generator on 48x64 needs at least "
-                       r"0\.1 MiB .*; use tiles"):
+                       r"84\.0 KiB .*; use tiles"):
         tr.translate_batch(images[:1])
     assert calls == [2, 1]  # refused before it ran
     monkeypatch.setattr(runtime, "memory_to_check", lambda device: None)  # unknown: nothing refused

@@ -138,7 +138,7 @@ def test_an_explicit_data_bank_too_big_for_this_machine_stops_before_decoding(tm
     monkeypatch.setattr(fastcgan.devices, "host_available_bytes", lambda: 4 * 32 * 32 * 3 * 2)  # 4/5 of it: short
     monkeypatch.setattr(fastcgan.data.device, "_stack_domain", None)  # decoding the bank would fail
     cfg = tiny_train_config(root, tmp_path, dataset="folder", data_on_gpu=True, preprocess="crop", max_steps=1)
-    with pytest.raises(ConfigError, match=r"the decoded training set is 0\.0 MiB .* this process may allocate"):
+    with pytest.raises(ConfigError, match=r"the decoded training set is 24\.0 KiB .* this process may allocate 24\.0 KiB"):
         train(cfg)
     assert not (tmp_path / "run").exists()
 
@@ -230,6 +230,14 @@ def test_a_containers_page_cache_is_room(tmp_path, monkeypatch, version):
     assert devices.host_available_bytes() == 10000
     limit.write_text("max\n")  # no limit: the host's MemAvailable
     assert devices.host_available_bytes() > 10000
+
+
+def test_memory_sizes_in_messages_keep_their_magnitude():
+    """A refusal of a small run said "0.0 MiB" for tens of KiB (the sizes compared were not zero)."""
+    from fastcgan.devices import format_bytes
+
+    assert [format_bytes(n) for n in (0, 1023, 24 * 1024, 1024 ** 2 - 1, 3 * 1024 ** 2, 1.5 * 1024 ** 3)] == [
+        "0 B", "1023 B", "24.0 KiB", "1024.0 KiB", "3.0 MiB", "1.5 GiB"]
 
 
 def test_a_bank_that_no_longer_fits_is_a_dataset_error_naming_the_flag(monkeypatch):

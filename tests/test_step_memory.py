@@ -251,7 +251,7 @@ def test_an_auto_data_bank_gives_its_room_to_the_step(tmp_path, synth, monkeypat
     assert "data on the GPU" not in err
     # An explicit request is the user's: refused, naming both sizes.
     assert cli_main([*args, "--name", "explicit", "--data-on-gpu"]) == 2
-    assert "besides the 0.0 MiB of decoded images (--data-on-gpu)" in capsys.readouterr().err
+    assert "besides the 24.0 KiB of decoded images (--data-on-gpu)" in capsys.readouterr().err
 
 
 def test_processes_keep_an_auto_bank_only_if_every_one_can():

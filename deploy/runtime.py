@@ -399,7 +399,7 @@ class Translator:
         where = f"{self.device} has" if self.device.type == "cuda" else "this process may allocate"
         hint = (f"a --tile smaller than {self.tile}" if tiled or self.tile else
                 "tiles (--tile 512: the image in overlapping 512x512 pieces, blended)")
-        on = f"{'a tile of ' if tiled else ''}{th}x{tw}"
+        on = f"{'a tile of ' if tiled else ''}{tw}x{th} (WxH)"
         raise InferenceMemoryError(f"{what + ': ' if what else ''}running the generator on {on} needs at least "
                                    f"{format_bytes(per_pixel * th * tw)} (its largest convolution's input and output) "
                                    f"and {where} {format_bytes(room)}; use {hint} ({MEMORY_CHECK_OFF})")
@@ -433,7 +433,7 @@ class Translator:
                          "tiles (--tile 512: the image in overlapping 512x512 pieces, blended)")
                 why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 raise InferenceMemoryError(f"out of memory on {self.device} running the generator on a batch of {n} "
-                                           f"at {h}x{w} ({why}); use {hint}") from None
+                                           f"at {w}x{h} (WxH) ({why}); use {hint}") from None
         y = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         if y.shape[1] != self.output_nc and self.output_nc:
             raise ArtifactError(self.path, f"engine returned {y.shape[1]} channels, expected {self.output_nc}")

@@ -775,7 +775,7 @@ def test_running_out_of_memory_says_how_to_translate_smaller(run_dir, tmp_path, 
     tr = load(str(run_dir), device="cpu", batch_size=4)
     monkeypatch.setattr(type(tr.runner), "__call__", no_memory)
     with pytest.raises(runtime.InferenceMemoryError, match=r"out of memory on cpu running the generator on a batch "
-                       r"of 2 at 24x20 \(\[enforce fail .* can't allocate memory.*\); "
+                       r"of 2 at 20x24 \(WxH\) \(\[enforce fail .* can't allocate memory.*\); "
                        r"use --batch-size 1, or tiles \(--tile 512"):
         tr.translate_batch([torch.rand(1, 3, 24, 20) * 2 - 1] * 2)
     for split in ("testA", "testB"):
@@ -785,11 +785,11 @@ def test_running_out_of_memory_says_how_to_translate_smaller(run_dir, tmp_path, 
     assert translate([*argv, "--input", str(tmp_path / "data" / "testA"), "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "error: translating " + str(tmp_path / "data" / "testA" / "a.png") in err
-    assert "out of memory on cpu running the generator on a batch of 4 at 32x32" in err  # 2x2 tiles
+    assert "out of memory on cpu running the generator on a batch of 4 at 32x32 (WxH)" in err  # 2x2 tiles
     assert "use --batch-size 1, or a --tile smaller than 32" in err
     assert evaluate(["--checkpoint", str(run_dir), "--dataroot", str(tmp_path / "data"), "--no-fid",
                      "--device", "cpu"]) == 1
-    assert "fastcgan-eval: error: out of memory on cpu running the generator on a batch of 1 at 36x40" in (  # H x W
+    assert "fastcgan-eval: error: out of memory on cpu running the generator on a batch of 1 at 40x36 (WxH)" in (
         capsys.readouterr().err)
 
 
@@ -863,7 +863,7 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     argv = ["--checkpoint", str(run_dir), "--device", "cpu", "--no-progress", "--input", str(src)]
     assert translate([*argv, "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert (f"fastcgan-translate: error: {src / 'big.png'}: running the generator on 48x64 needs at least 84.0 KiB "
+    assert (f"fastcgan-translate: error: {src / 'big.png'}: running the generator on 64x48 (WxH) needs at least 84.0 KiB "
             "(its largest convolution's input and output) and this process may allocate 84.0 KiB; use tiles "
             "(--tile 512") in err
     assert not (tmp_path / "out").exists()
@@ -878,7 +878,7 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
         Image.new("RGB", (64, 48)).save(tmp_path / "data" / split / "big.png")
     ev = ["--checkpoint", str(run_dir), "--dataroot", str(tmp_path / "data"), "--no-fid", "--device", "cpu"]
     assert evaluate(ev) == 2
-    assert f"{tmp_path / 'data' / 'testA' / 'big.png'}: running the generator on 48x64 needs" in capsys.readouterr().err
+    assert f"{tmp_path / 'data' / 'testA' / 'big.png'}: running the generator on 64x48 (WxH) needs" in capsys.readouterr().err
     assert evaluate([*ev, "--tile", "32"]) == 0
 
     calls = []
@@ -894,7 +894,7 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     torch.testing.assert_close(tr.translate_batch(images), whole)
     assert calls == [2, 1]
     monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(one) - 1)
-    with pytest.raises(runtime.InferenceMemoryError, match=r"^running the generator on 48x64 needs at least "
+    with pytest.raises(runtime.InferenceMemoryError, match=r"^running the generator on 64x48 \(WxH\) needs at least "
                        r"84\.0 KiB .*; use tiles"):
         tr.translate_batch(images[:1])
     assert calls == [2, 1]  # refused before it ran
@@ -928,7 +928,7 @@ def test_the_inference_floor_follows_the_engine(run_dir, good_onnx, monkeypatch)
     narrow = tr._floor_per_pixel(True) * 16 * 32  # a 16x100 image runs 16x32 tiles
     monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(narrow))
     tr.check_images([("narrow.png", 16, 100)])
-    with pytest.raises(runtime.InferenceMemoryError, match=r"^wide.png: running the generator on a tile of 32x32"):
+    with pytest.raises(runtime.InferenceMemoryError, match=r"^wide.png: running the generator on a tile of 32x32 \(WxH\)"):
         tr.check_images([("narrow.png", 16, 100), ("wide.png", 40, 100)])
     assert load(str(good_onnx), device="cpu")._floor_per_pixel(True) is None
     net = load_generator(str(run_dir))

@@ -160,12 +160,12 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             fits = functools.partial(check_step_fits, recipe=recipe, device=device, size=(h, w),
                                      world_size=ctx.world_size,
                                      target_from_input=getattr(ds, "target_from_input", False))
-            cfg, fast_line = _fit_step_and_bank(cfg, fast_line, fits, nbytes, auto_bank, ctx, device)
+            cfg, fit_lines = _fit_step_and_bank(cfg, fast_line, fits, nbytes, auto_bank, ctx, device)
             cleanup.enter_context(cudnn_autotuning(cfg, device))
             run = None
             try:
                 run = _Run(cfg, ctx, device, run_dir, root, ds, eval_every)
-                return run.loop(payload, ckpt_path, install_signal_handlers, messages + [fast_line], init)
+                return run.loop(payload, ckpt_path, install_signal_handlers, messages + fit_lines, init)
             except (MemoryError, RuntimeError) as e:
                 if not is_out_of_memory(e) or isinstance(e, TrainingError):
                     raise
@@ -176,34 +176,39 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
 
 
 def _fit_step_and_bank(cfg: TrainConfig, fast_line: str, fits, nbytes: Optional[int], auto_bank: bool, ctx,
-                       device) -> tuple[TrainConfig, str]:
+                       device) -> tuple[TrainConfig, list[str]]:
     """The step's memory floor and the data bank against the memory there is (``fits``: a
     :func:`check_step_fits` of this run), decided alike on every process (one gather): a floor that
     does not fit on any process refuses the run everywhere; a bank that auto turned on (a quarter of
     the free memory) stays on only if every process holds it and its step still fits (the bank and
-    the loader draw different batches). Returns the config and the execution line as they end up."""
+    the loader draw different batches). Returns the config as it ends up and the lines to print:
+    the execution line, and this process's warning when its step may not fit."""
 
-    def problem(c: TrainConfig, bank_bytes: int) -> Optional[str]:
+    def verdict(c: TrainConfig, bank_bytes: int) -> tuple[Optional[str], Optional[str]]:
+        """(why it cannot fit, or the warning that it may not)."""
         try:
-            fits(c, bank_bytes=bank_bytes)
+            return None, fits(c, bank_bytes=bank_bytes)
         except ConfigError as e:
-            return str(e)
-        return None
+            return str(e), None
 
     keep = bool(cfg.data.data_on_gpu)
-    with_bank = problem(cfg, nbytes or 0) if keep else None
-    without = problem(cfg.replace(data_on_gpu=False), 0) if with_bank or not keep else None
+    with_bank, warning = verdict(cfg, nbytes or 0) if keep else (None, None)
+    without, without_warning = (verdict(cfg.replace(data_on_gpu=False), 0) if with_bank or not keep
+                                else (None, None))
     seen = ctx.gather_objects((keep, with_bank, without))  # every process reaches this
     for _, _, words in seen:
         if words:
             raise ConfigError(words)
-    if keep and not all(k and not w for k, w, _ in seen):
+    if not keep:
+        warning = without_warning
+    elif not all(k and not w for k, w, _ in seen):
         if not auto_bank:  # asked for: refused as the user asked it
             raise ConfigError(next(w for _, w, _ in seen if w))
         why = "the step needs the memory" if with_bank else "another process has no room for them"
         cfg, fast_line = resolve_fast_path(cfg.replace(data_on_gpu=False), device, ctx.world_size)
         fast_line += f"; the images stay off the GPU ({why})"
-    return cfg, fast_line
+        warning = without_warning if with_bank else verdict(cfg, 0)[1]
+    return cfg, [fast_line] + ([warning] if warning else [])
 
 
 def _refuse_unused(unused: list[str]) -> None:

@@ -365,12 +365,20 @@ class Translator:
             self.check_memory(h, w, what=what)
 
     def check_memory(self, h: int, w: int, what: str = "the image") -> None:
-        """:class:`InferenceMemoryError` naming ``what`` when one ``h x w`` image (one tile of it
-        when it runs in tiles) cannot fit in the memory the device has
-        (:func:`~fastcgan.devices.memory_to_check`): for callers that know sizes from file headers,
-        before anything runs. Unknown sizes or memory: nothing is refused."""
+        """:class:`InferenceMemoryError` naming ``what`` when one ``h x w`` uint8 image cannot be
+        translated in the memory the device has (:func:`~fastcgan.devices.memory_to_check`): its
+        forward pass, or in tiles one tile's beside the whole image's own buffers
+        (:meth:`tiled_image_bytes`). For callers that know sizes from file headers, before anything
+        runs. Unknown sizes or memory: nothing is refused."""
         tiled = self.needs_tiles(h, w)
-        self._images_that_fit(1, *self._run_hw(h, w), what, tiled)
+        self._images_that_fit(1, *self._run_hw(h, w), what, tiled, image_hw=(h, w) if tiled else None)
+
+    def tiled_image_bytes(self, h: int, w: int) -> int:
+        """Bytes an ``h x w`` uint8 image holds on the device while it runs in tiles, whatever the
+        tile: its fp32 input, the fp32 output the tiles are blended into and the summed blend
+        weights (:func:`~fastcgan.deploy.tiling.tiled_apply`). Tiles bound the generator's memory,
+        not these: a 100-Mpx image holds 2.8 GB of them in RGB."""
+        return 4 * (self.input_nc + (self.output_nc or self.input_nc) + 1) * h * w
 
     def _run_hw(self, h: int, w: int) -> tuple[int, int]:
         """The padded size one forward pass of an ``h x w`` image runs at: the image's, or in tiles a
@@ -381,28 +389,47 @@ class Translator:
             return tuple(self.spec.static_hw)
         return self._padded_hw(min(self.tile_hw[0], h), min(self.tile_hw[1], w))
 
-    def _images_that_fit(self, n: int, th: int, tw: int, what: str | None, tiled: bool) -> int:
+    def _images_that_fit(self, n: int, th: int, tw: int, what: str | None, tiled: bool,
+                         image_hw: tuple[int, int] | None = None) -> int:
         """The most of ``n`` padded ``th x tw`` inputs (at least one) that one forward pass can take
         in the memory there is; :class:`InferenceMemoryError` naming ``what`` when not even one fits.
-        A pass whose channel bound is under ``SMALL_FORWARD`` is not checked (the memory query costs
-        ~80 µs on a CPU; if it fails, the allocator's error says the same)."""
+        ``image_hw``: the tiles are cut from an image of that size whose own buffers
+        (:meth:`tiled_image_bytes`) take their room first. A check under ``SMALL_FORWARD`` by the
+        channel bound is not made (the memory query costs ~80 µs on a CPU; if it fails, the
+        allocator's error says the same). An engine that keeps its own memory (no floor) is judged
+        on the image's buffers alone."""
+        held = self.tiled_image_bytes(*image_hw) if image_hw else 0
         bound = self._floor_per_pixel(False)
-        if bound is None or bound * n * th * tw <= SMALL_FORWARD:
+        if (bound or 0) * n * th * tw + held <= SMALL_FORWARD:
             return n
         room = memory_to_check(self.device)
+        if room is None:
+            return n
         for precise in (False, True):
-            per_pixel = self._floor_per_pixel(precise)
-            if per_pixel is None or room is None or per_pixel * n * th * tw <= room:
+            per_pixel = self._floor_per_pixel(precise) or 0
+            if per_pixel * n * th * tw + held <= room:
                 return n
-        if per_pixel * th * tw <= room:
-            return int(room // (per_pixel * th * tw))
+        if per_pixel and per_pixel * th * tw + held <= room:
+            return int((room - held) // (per_pixel * th * tw))
         where = f"{self.device} has" if self.device.type == "cuda" else "this process may allocate"
-        hint = (f"a --tile smaller than {self.tile}" if tiled or self.tile else
-                "tiles (--tile 512: the image in overlapping 512x512 pieces, blended)")
-        on = f"{'a tile of ' if tiled else ''}{tw}x{th} (WxH)"
-        raise InferenceMemoryError(f"{what + ': ' if what else ''}running the generator on {on} needs at least "
-                                   f"{format_bytes(per_pixel * th * tw)} (its largest convolution's input and output) "
-                                   f"and {where} {format_bytes(room)}; use {hint} ({MEMORY_CHECK_OFF})")
+        needs = []
+        if held:
+            needs.append(f"the whole {image_hw[1]}x{image_hw[0]} (WxH) image's float input, output and blend "
+                         f"weights take {format_bytes(held)}")
+        if per_pixel:
+            on = f"{'a tile of ' if tiled else ''}{tw}x{th} (WxH)"
+            needs.append(f"running the generator on {on} needs at least {format_bytes(per_pixel * th * tw)} (its "
+                         "largest convolution's input and output)")
+        if held > room:  # no tile makes it smaller
+            hint = "a smaller image (--load-size), or a machine with more memory"
+        elif self.spec.static_hw is not None:  # its tile is the model's
+            hint = "a model exported with a smaller --static size"
+        elif tiled or self.tile:
+            hint = f"a --tile smaller than {self.tile}"
+        else:
+            hint = "tiles (--tile 512: the image in overlapping 512x512 pieces, blended)"
+        raise InferenceMemoryError(f"{what + ': ' if what else ''}{', and '.join(needs)} and {where} "
+                                   f"{format_bytes(room)}; use {hint} ({MEMORY_CHECK_OFF})")
 
     # -- the tensor path ---------------------------------------------------------------------
     def _run_padded(self, x: Tensor) -> Tensor:

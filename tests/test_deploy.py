@@ -867,7 +867,11 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
             "(its largest convolution's input and output) and this process may allocate 84.0 KiB; use tiles "
             "(--tile 512") in err
     assert not (tmp_path / "out").exists()
-    # In tiles it fits (32x32 tiles, fewer at a time than --batch-size), and every file is translated.
+    # In tiles the whole image's own buffers stay (fp32 input, output, blend weights: 28 B/px, as
+    # much as this tiny generator's floor) beside one 32x32 tile's floor; with that room every file
+    # is translated, one tile at a time.
+    tiled = tr._floor_per_pixel(True) * 32 * 32 + tr.tiled_image_bytes(48, 64)
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(tiled))
     assert translate([*argv, "--output", str(tmp_path / "out"), "--tile", "32"]) == 0
     assert sorted(os.listdir(tmp_path / "out")) == ["big.png", "small.png"]
     # fastcgan-eval judges the test images' headers the same way, before anything is scored.
@@ -877,8 +881,13 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
         (tmp_path / "data" / split).mkdir(parents=True)
         Image.new("RGB", (64, 48)).save(tmp_path / "data" / split / "big.png")
     ev = ["--checkpoint", str(run_dir), "--dataroot", str(tmp_path / "data"), "--no-fid", "--device", "cpu"]
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(one) - 1)
     assert evaluate(ev) == 2
     assert f"{tmp_path / 'data' / 'testA' / 'big.png'}: running the generator on 64x48 (WxH) needs" in capsys.readouterr().err
+    assert evaluate([*ev, "--tile", "32"]) == 2  # the image's buffers and a tile's floor are more than that
+    assert "big.png: the whole 64x48 (WxH) image's float input, output and blend weights take 84.0 KiB, and " in (
+        capsys.readouterr().err)
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(tiled))
     assert evaluate([*ev, "--tile", "32"]) == 0
 
     calls = []
@@ -926,9 +935,12 @@ def test_the_inference_floor_follows_the_engine(run_dir, good_onnx, monkeypatch)
     tr = load(str(run_dir), device="cpu", tile=32)
     monkeypatch.setattr(runtime, "SMALL_FORWARD", 0)
     narrow = tr._floor_per_pixel(True) * 16 * 32  # a 16x100 image runs 16x32 tiles
+    narrow += tr.tiled_image_bytes(16, 100)  # beside the whole image's own buffers
     monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(narrow))
     tr.check_images([("narrow.png", 16, 100)])
-    with pytest.raises(runtime.InferenceMemoryError, match=r"^wide.png: running the generator on a tile of 32x32 \(WxH\)"):
+    with pytest.raises(runtime.InferenceMemoryError, match=r"^wide.png: the whole 100x40 \(WxH\) image's "
+                       r"float input, output and blend weights take 109\.4 KiB, and running the generator on a tile "
+                       r"of 32x32 \(WxH\)"):
         tr.check_images([("narrow.png", 16, 100), ("wide.png", 40, 100)])
     assert load(str(good_onnx), device="cpu")._floor_per_pixel(True) is None
     net = load_generator(str(run_dir))

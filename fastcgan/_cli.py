@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import re
 import sys
 from collections.abc import Callable
@@ -11,7 +12,8 @@ from collections.abc import Callable
 
 def interruptible(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Ctrl-C in a command's ``main`` is exit 130 with one line, not a traceback. Outputs are
-    written atomically (a temporary renamed into place), so what exists is complete."""
+    written atomically (a temporary renamed into place), so what exists is complete. Running out
+    of memory where no check foresaw it (Python's or torch's allocator) is one line too, exit 1."""
 
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
@@ -21,10 +23,51 @@ def interruptible(prog: str) -> Callable[[Callable[..., int]], Callable[..., int
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted; every file already written is complete", file=sys.stderr)
                 return 130
+            except (MemoryError, RuntimeError) as e:
+                from fastcgan.devices import is_out_of_memory
+
+                if not is_out_of_memory(e):
+                    raise
+                why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                print(f"{prog}: error: out of memory ({why}); every file already written is complete: try "
+                      "smaller inputs or fewer at a time", file=sys.stderr)
+                return 1
 
         return run
 
     return wrap
+
+
+def _run_command(module: str, attr: str, prog: str) -> int:
+    """A console script's body: the command's module is imported inside the Ctrl-C guard too
+    (importing torch and the command takes 1-3 s; Ctrl-C there was a 30-line traceback)."""
+    try:
+        main = getattr(importlib.import_module(module), attr)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted before it started", file=sys.stderr)
+        return 130
+    return main()
+
+
+# The console scripts (pyproject.toml [project.scripts]); ``python -m fastcgan.train`` is train_command.
+def train_command() -> int:
+    return _run_command("fastcgan.train.cli", "console_main", "fastcgan-train")
+
+
+def translate_command() -> int:
+    return _run_command("fastcgan.translate", "main", "fastcgan-translate")
+
+
+def eval_command() -> int:
+    return _run_command("fastcgan.evaluate", "main", "fastcgan-eval")
+
+
+def export_command() -> int:
+    return _run_command("fastcgan.deploy.cli", "main", "fastcgan-export")
+
+
+def download_command() -> int:
+    return _run_command("fastcgan.data.download", "main", "fastcgan-download")
 
 
 class Parser(argparse.ArgumentParser):

@@ -164,9 +164,9 @@ def test_console_scripts_resolve_and_train_exits_like_the_module():
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), name
-    assert scripts["fastcgan-train"] == "fastcgan.train.cli:console_main"
-    code = ("import sys; from fastcgan.train.cli import console_main; "
-            "sys.argv = ['fastcgan-train', '--lr', 'x']; console_main()")
+    assert scripts["fastcgan-train"] == "fastcgan._cli:train_command"
+    code = ("import sys; from fastcgan._cli import train_command; "
+            "sys.argv = ['fastcgan-train', '--lr', 'x']; sys.exit(train_command())")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--lr" in p.stderr, p.stderr
 

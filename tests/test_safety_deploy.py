@@ -984,6 +984,60 @@ def test_ctrl_c_is_one_line_and_exit_130(gen_file, tmp_path, monkeypatch, capsys
     assert "fastcgan-translate: interrupted" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["fastcgan-translate", "fastcgan-eval", "fastcgan-export", "fastcgan-download",
+                                     "fastcgan-train", "-m fastcgan.train"])
+def test_ctrl_c_while_a_command_starts_is_one_line_and_exit_130(command):
+    """The console scripts imported their command (torch with it: 1-3 s) before the Ctrl-C guard,
+    so Ctrl-C then was a 26-48 line KeyboardInterrupt traceback; ``python -m fastcgan.train``
+    imported the whole trainer with its package. SIGINT 0.3 s in lands in those imports."""
+    import signal
+    import time
+
+    if command.startswith("-m"):
+        argv = [sys.executable, *command.split()]
+    else:
+        script = shutil.which(command) or os.path.join(os.path.dirname(sys.executable), command)
+        argv = [script]
+    p = subprocess.Popen([*argv, "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    name = "fastcgan-train" if command.startswith("-m") else command
+    assert p.returncode == 130, err
+    assert err == f"{name}: interrupted before it started\n"
+
+
+def test_running_out_of_memory_outside_the_checks_is_one_line(gen_file, tmp_path, monkeypatch, capsys):
+    """A MemoryError (Python's allocator: Pillow decoding) or torch's allocator failing where no
+    check foresaw it (FASTCGAN_MEMORY_CHECK=0, several large images at once) was a traceback."""
+    import fastcgan.translate
+
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(fastcgan.translate, "_read", no_memory)
+    src = _pngs(tmp_path / "photos", n=1)
+    assert _translate(gen_file, "--input", src, "--output", tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert err.endswith("fastcgan-translate: error: out of memory (MemoryError); every file already written is "
+                        "complete: try smaller inputs or fewer at a time\n") and "Traceback" not in err
+
+    def torch_no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(fastcgan.translate, "_read", torch_no_memory)
+    assert _translate(gen_file, "--input", src, "--output", tmp_path / "o") == 1
+    assert "error: out of memory ([enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator" in (
+        capsys.readouterr().err)
+
+    def bug(*a, **k):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(fastcgan.translate, "_read", bug)  # not memory: the traceback a bug report needs
+    with pytest.raises(RuntimeError, match="some other failure"):
+        _translate(gen_file, "--input", src, "--output", tmp_path / "o")
+
+
 def test_max_images_never_lets_overwrite_replace_an_input_left_out(gen_file, tmp_path, capsys):
     """--max-images 1 cut the user's own out/a.png from the inputs, then --overwrite replaced it
     with a translation of a.jpg (exit 0): the clash check saw only the first N inputs."""

@@ -1,5 +1,7 @@
 """``python -m fastcgan.train`` (also what ``torchrun -m fastcgan.train`` runs in each process)."""
 
-from fastcgan.train.cli import console_main
+import sys
 
-console_main()
+from fastcgan._cli import train_command
+
+sys.exit(train_command())

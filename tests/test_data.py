@@ -3,7 +3,9 @@
 import io
 import math
 import os
+import struct
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -882,3 +884,102 @@ def test_augment_batch_shards_are_slices_of_the_global_batch():
         part = augment_batch(imgs[2 * rank: 2 * rank + 2], 8, True, generator=torch.Generator().manual_seed(3),
                              shard=(rank, 2))
         assert torch.equal(part, whole[2 * rank: 2 * rank + 2]), rank
+
+
+def _chunk(kind: bytes, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _png(tmp_path) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (10, 12), (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_png_walk_limits_are_exact_and_stop_at_iend(tmp_path, monkeypatch):
+    """Catches: `metadata > MAX_METADATA_SEGMENTS` -> `>=`; `range(MAX_PNG_CHUNKS)` -> `range(MAX_PNG_CHUNKS - 1)`;
+    the IEND test dropped (bytes appended after IEND, which Pillow never reads, refused a valid file)."""
+    import fastcgan.data.images as images
+
+    png = _png(tmp_path)  # IHDR, IDAT, IEND
+    n = images.MAX_METADATA_SEGMENTS
+    at_limit = png[:33] + _chunk(b"tEXt", b"k\0v") * (n - 1) + png[33:]  # IHDR + n-1 tEXt = n metadata chunks
+    (tmp_path / "at_limit.png").write_bytes(at_limit)
+    assert images.metadata_problem(str(tmp_path / "at_limit.png")) is None
+    (tmp_path / "over.png").write_bytes(png[:33] + _chunk(b"tEXt", b"k\0v") * n + png[33:])
+    assert "PNG chunks besides the image data" in images.metadata_problem(str(tmp_path / "over.png"))
+    # Exactly MAX_PNG_CHUNKS chunks, IEND included: walked to the end, not refused; one more is.
+    (tmp_path / "plain.png").write_bytes(png)  # IHDR, IDAT, IEND
+    (tmp_path / "four.png").write_bytes(png[:-12] + _chunk(b"IDAT") + png[-12:])  # IHDR, IDAT, IDAT, IEND
+    monkeypatch.setattr(images, "MAX_PNG_CHUNKS", 3)
+    assert images.metadata_problem(str(tmp_path / "plain.png")) is None
+    assert images.metadata_problem(str(tmp_path / "four.png")) == "more than 3 PNG chunks"
+    monkeypatch.undo()
+    # Whatever follows IEND is not the image's (Pillow stops there): not walked.
+    (tmp_path / "trailer.png").write_bytes(png + _chunk(b"prIv") * (n + 5))
+    assert images.metadata_problem(str(tmp_path / "trailer.png")) is None
+    assert images.open_image(str(tmp_path / "trailer.png")).size == (10, 12)
+
+
+def test_png_walk_counts_apng_frames_as_image_data_and_reads_pillows_chunk_names(tmp_path):
+    """Catches: `(b"IDAT", b"fcTL", b"fdAT")` -> `(b"IDAT",)` (an APNG of 600 frames refused as
+    metadata), and _PNG_CHUNK_TYPE narrowed to letters (Pillow's is_cid is \\w{4}: chunks named
+    with digits or '_' are walked by Pillow, so they must be counted: else the guard is bypassed)."""
+    import fastcgan.data.images as images
+
+    png = _png(tmp_path)
+    n = images.MAX_METADATA_SEGMENTS
+    frames = b"".join(_chunk(b"fcTL", bytes(26)) + _chunk(b"fdAT", bytes(4)) for _ in range(600))
+    (tmp_path / "apng.png").write_bytes(png[:-12] + frames + png[-12:])
+    assert images.metadata_problem(str(tmp_path / "apng.png")) is None
+    (tmp_path / "digits.png").write_bytes(png[:33] + _chunk(b"pr1v") * (n + 1) + png[33:])
+    assert "PNG chunks besides the image data" in images.metadata_problem(str(tmp_path / "digits.png"))
+
+
+def test_an_image_of_exactly_the_pixel_limit_is_read():
+    """Catches: `w * h > limit` -> `>=` (the limit is the most pixels allowed, as documented)."""
+    from fastcgan.data.images import BadImageError, check_image_pixels
+
+    check_image_pixels("x.png", (10, 10), max_pixels=100)
+    with pytest.raises(BadImageError, match="10x11 = 110 pixels is over the image pixel limit of 100"):
+        check_image_pixels("x.png", (10, 11), max_pixels=100)
+
+
+@pytest.mark.parametrize("orientation", [5, 7])
+def test_oriented_size_swaps_for_transpose_and_transverse(tmp_path, orientation):
+    """Catches: the header's orientation test narrowed to (6, 8): EXIF 5 (transpose) and 7
+    (transverse) turn the image by 90 degrees too, as open_image applies them."""
+    from PIL import Image
+
+    from fastcgan.data.images import open_image, oriented_size
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", (40, 20)).save(tmp_path / "o.jpg", exif=exif.tobytes())
+    assert oriented_size(str(tmp_path / "o.jpg")) == (20, 40) == open_image(str(tmp_path / "o.jpg")).size
+
+
+def test_a_process_limit_above_pillows_backstop_lifts_it(tmp_path):
+    """Catches: set_max_image_pixels leaving Pillow's threshold as it was (Pillow refuses at twice its
+    own limit, so a --max-image-pixels above ~179 Mpx would still be refused by Pillow)."""
+    from PIL import Image
+
+    import fastcgan.data.images as images
+
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # 400 Mpx claimed, 100 bytes of file
+    (tmp_path / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
+                                       + _chunk(b"IDAT", zlib.compress(b"\0" * 100)) + _chunk(b"IEND"))
+    saved, saved_pil = images.get_max_image_pixels(), Image.MAX_IMAGE_PIXELS
+    try:
+        images.set_max_image_pixels(500_000_000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # over the limit, under twice it
+            with Image.open(tmp_path / "big.png") as im:  # the header only: Pillow's own check is at open()
+                assert im.size == (20000, 20000)
+    finally:
+        images.set_max_image_pixels(saved)
+        Image.MAX_IMAGE_PIXELS = saved_pil

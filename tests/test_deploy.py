@@ -863,8 +863,8 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     argv = ["--checkpoint", str(run_dir), "--device", "cpu", "--no-progress", "--input", str(src)]
     assert translate([*argv, "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert (f"fastcgan-translate: error: {src / 'big.png'}: running the generator on 64x48 (WxH) needs at least 84.0 KiB "
-            "(its largest convolution's input and output) and this process may allocate 84.0 KiB; use tiles "
+    assert (f"fastcgan-translate: error: {src / 'big.png'}: running the generator on 64x48 (WxH) needs at least "
+            "84.0 KiB (its largest convolution's input and output) and this process may allocate 84.0 KiB; use tiles "
             "(--tile 512") in err
     assert not (tmp_path / "out").exists()
     # In tiles the whole image's own buffers stay (fp32 input, output, blend weights: 28 B/px, as
@@ -883,7 +883,8 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     ev = ["--checkpoint", str(run_dir), "--dataroot", str(tmp_path / "data"), "--no-fid", "--device", "cpu"]
     monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(one) - 1)
     assert evaluate(ev) == 2
-    assert f"{tmp_path / 'data' / 'testA' / 'big.png'}: running the generator on 64x48 (WxH) needs" in capsys.readouterr().err
+    big = tmp_path / "data" / "testA" / "big.png"
+    assert f"{big}: running the generator on 64x48 (WxH) needs" in capsys.readouterr().err
     assert evaluate([*ev, "--tile", "32"]) == 2  # the image's buffers and a tile's floor are more than that
     assert "big.png: the whole 64x48 (WxH) image's float input, output and blend weights take 84.0 KiB, and " in (
         capsys.readouterr().err)
@@ -1012,3 +1013,52 @@ def test_static_verify_shapes_take_batch_two_up_to_the_pixel_limit():
     assert default_verify_shapes(spec, max_pixels=2 * 16 * 24) == [(1, 16, 24), (2, 16, 24)]
     assert default_verify_shapes(spec, max_pixels=2 * 16 * 24 - 1) == [(1, 16, 24)]
     assert default_verify_shapes(spec) == [(1, 16, 24), (2, 16, 24)]
+
+
+def _tiny_translator(tmp_path, **kw):
+    from fastcgan.deploy import load
+    from fastcgan.models import build_generator, save_generator
+
+    torch.manual_seed(0)
+    save_generator(build_generator("resnet_6blocks", ngf=4).eval(), tmp_path / "g.safetensors")
+    return load(str(tmp_path / "g.safetensors"), device="cpu", **kw)
+
+
+def test_a_batch_is_checked_as_a_whole_and_an_exact_fit_runs(tmp_path, monkeypatch):
+    """Catches: `bound * n * th * tw <= SMALL_FORWARD` -> `bound * th * tw` (a batch of images each
+    under the threshold was never checked, so never split), and `per_pixel * th * tw <= room` ->
+    `<` (an image whose floor is exactly the room was refused)."""
+    from fastcgan.deploy import runtime
+
+    tr = _tiny_translator(tmp_path, batch_size=2)
+    bound, one = tr._floor_per_pixel(False) * 48 * 64, tr._floor_per_pixel(True) * 48 * 64
+    assert one == int(one)
+    monkeypatch.setattr(runtime, "SMALL_FORWARD", int(1.5 * bound))  # one image under it, two over
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(one))  # room for exactly one
+    calls, real = [], tr.runner
+    monkeypatch.setattr(tr, "runner", runtime.CallableRunner(lambda x: calls.append(x.shape[0]) or real(x),
+                                                             real.device, real.dtype, "counted",
+                                                             floor_dtype=real.dtype))
+    tr.translate_batch([torch.rand(1, 3, 48, 64) * 2 - 1] * 2)
+    assert calls == [1, 1]
+
+
+def test_refusals_with_tiles_name_the_tile_and_a_smaller_tile(tmp_path, monkeypatch):
+    """Catches: the hint `if tiled or self.tile` -> `if tiled` (with --tile given, an image smaller
+    than the tile was told to use "--tile 512"), `tiled=False` in _run_padded (the API's refusal
+    of a tile said "on 32x32", not "a tile of 32x32"), and the CUDA wording of the room."""
+    from fastcgan.deploy import runtime
+
+    tr = _tiny_translator(tmp_path, tile=32)
+    monkeypatch.setattr(runtime, "SMALL_FORWARD", 0)
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: 1)
+    with pytest.raises(runtime.InferenceMemoryError,
+                       match=r"^running the generator on a tile of 32x32 \(WxH\) needs .*; use a --tile smaller "
+                             r"than 32 "):
+        tr(torch.rand(1, 3, 48, 64) * 2 - 1)
+    with pytest.raises(runtime.InferenceMemoryError,
+                       match=r"^running the generator on 16x16 \(WxH\) needs .*; use a --tile smaller than 32 "):
+        tr(torch.rand(1, 3, 16, 16) * 2 - 1)
+    tr.runner.device = torch.device("cuda")  # only the wording: nothing runs in check_memory
+    with pytest.raises(runtime.InferenceMemoryError, match=r"and cuda has 1 B; use"):
+        tr.check_memory(16, 16)

@@ -138,7 +138,8 @@ def test_an_explicit_data_bank_too_big_for_this_machine_stops_before_decoding(tm
     monkeypatch.setattr(fastcgan.devices, "host_available_bytes", lambda: 4 * 32 * 32 * 3 * 2)  # 4/5 of it: short
     monkeypatch.setattr(fastcgan.data.device, "_stack_domain", None)  # decoding the bank would fail
     cfg = tiny_train_config(root, tmp_path, dataset="folder", data_on_gpu=True, preprocess="crop", max_steps=1)
-    with pytest.raises(ConfigError, match=r"the decoded training set is 24\.0 KiB .* this process may allocate 24\.0 KiB"):
+    with pytest.raises(ConfigError, match=r"the decoded training set is 24\.0 KiB .* this process may allocate "
+                       r"24\.0 KiB"):
         train(cfg)
     assert not (tmp_path / "run").exists()
 
@@ -270,3 +271,90 @@ def test_allocating_the_pools_keeps_the_fakes_a_resumed_pool_holds():
     exe.allocate_pools(get_recipe(cfg.model.recipe), cfg, {d: torch.zeros(1, 3, 32, 32) for d in "AB"})
     for n, (images, count) in held.items():
         assert int(st.pools[n].num_imgs) == count and torch.equal(st.pools[n].images, images), n
+
+
+def test_free_gpu_memory_counts_the_allocators_unused_blocks_without_a_gpu(monkeypatch):
+    """Catches: free_memory without `+ unused`, or unused = reserved (not reserved - allocated).
+    The existing test of this is @cuda (skipped on every CPU run); mocked here."""
+    from fastcgan.devices import free_memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 5000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 300)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100)
+    assert free_memory(torch.device("cuda")) == 1000 + 200
+
+
+def test_meminfo_is_read_in_kib_and_the_first_cgroup_found_counts(tmp_path, monkeypatch):
+    """Catches: MemAvailable taken as bytes (its kB not * 1024: every CPU room 1024x too small), and the
+    `break` after the first cgroup (v2) found dropped (a v1 file after it would count too)."""
+    import resource
+
+    import fastcgan.devices as devices
+
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    monkeypatch.setattr(devices, "CGROUP_MEMORY_FILES", ())
+    monkeypatch.setattr(resource, "getrlimit", lambda r: (resource.RLIM_INFINITY,) * 2)  # no rlimit counts
+    assert abs(devices.host_available_bytes() - kib * 1024) < 1 << 30  # MemAvailable moves a little
+    for name, text in {"lim2": "1000000", "use2": "0", "lim1": "10", "use1": "0"}.items():
+        (tmp_path / name).write_text(text)
+    files = ((str(tmp_path / "lim2"), str(tmp_path / "use2"), str(tmp_path / "none"), "inactive_file"),
+             (str(tmp_path / "lim1"), str(tmp_path / "use1"), str(tmp_path / "none"), "total_inactive_file"))
+    monkeypatch.setattr(devices, "CGROUP_MEMORY_FILES", files)
+    assert devices.host_available_bytes() == 1000000  # v2 found: the v1 entry is not read
+    (tmp_path / "use2").write_text("2000000")  # over its limit (the kernel lets usage pass it briefly): no room
+    assert devices.host_available_bytes() == 0
+
+
+def test_autocast_off_on_meta_is_silent():
+    """Catches: autocast_off always entering torch.autocast (on meta torch warns that autocast is not
+    supported there; the step-memory count runs CUT's PatchNCE under it on meta)."""
+    import warnings as w
+
+    from fastcgan.devices import autocast_off
+
+    with w.catch_warnings():
+        w.simplefilter("error")
+        with autocast_off("meta"):
+            pass
+
+
+def test_a_process_rlimit_counts_what_it_has_used(monkeypatch):
+    """Catches: the RLIMIT_AS room taken as the whole limit (not limit - VmSize), and VmSize / VmData
+    paired the wrong way. The subprocess test only checks `capped < 6 GiB`, which holds on any
+    machine with less than 6 GiB available whatever the arithmetic."""
+    import resource
+
+    import fastcgan.devices as devices
+
+    monkeypatch.setattr(devices, "CGROUP_MEMORY_FILES", ())
+    with open("/proc/self/status") as f:
+        vm = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in f)
+              if k in ("VmSize", "VmData")}
+    for limit, used in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
+        cap = vm[used] + (1 << 30)  # 1 GiB beyond what this process has mapped
+        monkeypatch.setattr(resource, "getrlimit",
+                            lambda r, limit=limit, cap=cap: (cap, resource.RLIM_INFINITY) if r == limit
+                            else (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        room = devices.host_available_bytes()
+        assert abs(room - (1 << 30)) < 64 << 20, (used, room)  # what is mapped moves a little
+
+
+def test_execution_flags_judged_on_a_gpu():
+    """Catches: --cudnn-benchmark refused on CUDA (device test dropped), and --compile-backend refused
+    when --compile is on. Only the CPU cases were tested."""
+    from fastcgan.train.execution import unused_execution_flags
+
+    cfg = tiny_train_config()
+    assert unused_execution_flags(cfg, {"cudnn_benchmark": True}, torch.device("cuda")) == []
+    assert unused_execution_flags(cfg.replace(compile=True), {"compile_backend": "aot_eager"},
+                                  torch.device("cpu")) == []
+
+
+def test_a_bank_that_exactly_fits_is_kept():
+    """Catches: `nbytes * copies <= share * room` -> `<` in check_bank_fits."""
+    from fastcgan.train.execution import check_bank_fits
+
+    check_bank_fits(30 << 30, torch.device("cuda"), 30 << 30)  # a GPU: all of its free memory
+    with pytest.raises(ConfigError, match="cuda has 30.0 GiB free"):
+        check_bank_fits((30 << 30) + 1, torch.device("cuda"), 30 << 30)

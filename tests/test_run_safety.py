@@ -642,3 +642,71 @@ def test_running_out_of_memory_in_training_says_what_to_make_smaller(tmp_path, s
             "--model cyclegan (CUDA out of memory. Tried to allocate 2.00 GiB); make it smaller: --batch-size, "
             "--crop-size / --load-size, --amp (last checkpoint: ") in err
     assert "step_000000002.ckpt)" in err and "Traceback" not in err
+
+
+def test_a_no_replace_move_reraises_link_errors_other_than_no_hard_links(tmp_path, monkeypatch):
+    """Catches: `if e.errno not in _NO_HARD_LINKS: raise` dropped (any link failure, e.g. EACCES,
+    silently fell back to the non-atomic check-then-rename)."""
+    import errno
+    import os
+
+    from fastcgan import fileio
+
+    (tmp_path / "a").write_bytes(b"a")
+    fileio.move_into_place(str(tmp_path / "a"), str(tmp_path / "b"), replace=False)  # kills: os.remove(src) dropped
+    assert os.listdir(tmp_path) == ["b"]
+    (tmp_path / "b").unlink()
+    src = tmp_path / "src"
+    src.write_bytes(b"x")
+
+    def no_access(a, b):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(fileio.os, "link", no_access)
+    with pytest.raises(PermissionError):
+        fileio.move_into_place(str(src), str(tmp_path / "dst"), replace=False)
+    assert not (tmp_path / "dst").exists() and src.exists()
+    assert os.listdir(tmp_path) == ["src"]
+
+
+def test_a_quota_error_is_named(tmp_path):
+    """Catches: the EDQUOT wording dropped from the write errors."""
+    import errno
+
+    from fastcgan.fileio import WriteError, atomic_write
+
+    def chunks():
+        yield b"part"
+        raise OSError(errno.EDQUOT, "q")
+
+    with pytest.raises(WriteError, match=r"could not write .*f\.bin: disk quota exceeded \(previous file unchanged\)"):
+        atomic_write(str(tmp_path / "f.bin"), chunks())
+
+
+def test_stale_temporaries_are_matched_by_the_whole_name(tmp_path):
+    """Catches: re.fullmatch -> re.match in remove_stale_temporaries (a user's `.notes.<n>.tmpl` or
+    `.x.<n>.tmp.bak` would be deleted as a dead writer's temporary)."""
+    from fastcgan.fileio import remove_stale_temporaries
+
+    dead = 4194305  # above Linux's largest pid_max: no such process
+    for name in (f".a.{dead}.tmp", f".notes.{dead}.tmpl", f".x.{dead}.tmp.bak"):
+        (tmp_path / name).write_bytes(b"")
+    assert remove_stale_temporaries(str(tmp_path)) == [str(tmp_path / f".a.{dead}.tmp")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".notes.{dead}.tmpl", f".x.{dead}.tmp.bak"]
+
+
+def test_the_output_probe_syncs_so_a_full_disk_shows(tmp_path, monkeypatch):
+    """Catches: the probe's os.fsync dropped (delayed allocation: a full disk or quota shows at the
+    sync, not at the write)."""
+    import errno
+    import os
+
+    from fastcgan.fileio import output_folder_problem
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    why = output_folder_problem(str(tmp_path / "out"), "--output")
+    assert why == f"--output: cannot write in {tmp_path} (no space left on the device)"
+    assert os.listdir(tmp_path) == []  # the probe is removed

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from conftest import tiny_train_config
+from torch import nn
 
 from fastcgan.data import ensure_synthetic_dataset
 from fastcgan.devices import format_bytes
@@ -87,7 +88,7 @@ def test_the_floor_is_below_what_a_real_step_keeps(preset, side, overrides, kern
     torch.manual_seed(0)
     target_from_input = preset == "colorization"
     uint8 = {k: torch.randint(0, 256, (2, c, side, side), dtype=torch.uint8)
-             for k, c in _batch_channels(cfg, recipe, target_from_input).items()}
+             for k, c in _batch_channels(cfg, target_from_input).items()}
     inputs = recipe.augment_batch(uint8, crop_size=None, flip=False)
     with torch.device("meta"):
         nets = recipe.networks(cfg)
@@ -316,3 +317,89 @@ def test_processes_keep_an_auto_bank_only_if_every_one_can():
     with pytest.raises(ConfigError, match="^the step needs 9 GiB there$"):
         loop._fit_step_and_bank(cfg, "line", fits, 1000, True, Ranks((True, None, "the step needs 9 GiB there")),
                                 cpu)
+
+
+def test_kept_activations_counts_a_shared_input_once_and_no_grad_forwards_not_at_all():
+    """Catches: memory.py `seen.append(x)` removed (a tensor fed to two networks counted twice) and
+    the `torch.is_grad_enabled()` test dropped (a no_grad forward, e.g. CUT's keys, counted)."""
+    from fastcgan.recipes.base import Phase
+    from fastcgan.train.memory import kept_activations
+
+    def forward(run, batch, carry, cfg):
+        a = batch["A"]
+        loss = run.net("N1")(a).sum() + run.net("N2")(a).sum()  # one input, two networks: kept once
+        with torch.no_grad():
+            run.net("N1")(batch["B"])  # no graph: nothing kept
+        return loss, {}, carry
+
+    toy = dataclasses.replace(get_recipe("cyclegan"), phases=(Phase("P", "G", forward),),
+                              optimizers={"G": ("N1", "N2")})
+    with torch.device("meta"):
+        nets = {"N1": nn.Conv2d(3, 5, 1), "N2": nn.Conv2d(3, 7, 1)}
+    assert kept_activations(tiny_train_config(), toy, nets, (8, 8), 2) == 2 * 3 * 8 * 8 * 4  # A, fp32, once
+
+
+def test_the_floor_is_counted_with_an_explicit_kernel_backend():
+    """Catches: `recipe.networks(cfg.replace(kernels="torch"))` -> `recipe.networks(cfg)`. The cpp
+    backend cannot run on meta tensors; check_step_fits swallows the exception, so the memory
+    check was silently OFF for --kernels cpp (test_an_explicit_kernel_backend_trains still passes)."""
+    from fastcgan.ops import available_backends
+    from fastcgan.train.memory import check_step_fits, step_memory_floor
+
+    if not available_backends()["cpp"].available:
+        pytest.skip("no native library")
+    cfg = tiny_train_config(kernels="cpp")
+    recipe = get_recipe("cyclegan")
+    assert step_memory_floor(cfg, recipe, (32, 32), 1) == step_memory_floor(cfg.replace(kernels="torch"), recipe,
+                                                                            (32, 32), 1)
+    with pytest.raises(ConfigError, match="needs at least"):
+        check_step_fits(cfg, recipe, torch.device("cpu"), (32, 32), room=1)
+
+
+def test_the_pools_follow_a_non_square_size():
+    """Catches: the pools counted as size[0] * size[0] (any swap of height/width in the pool term)."""
+    from fastcgan.train.memory import step_memory_floor
+
+    cfg = tiny_train_config()
+    recipe = get_recipe("cyclegan")
+    pools = step_memory_floor(cfg, recipe, (32, 64), 1) - step_memory_floor(cfg.replace(pool_size=0), recipe,
+                                                                            (32, 64), 1)
+    assert pools == 2 * 50 * 3 * 32 * 64 * 4
+
+
+def test_a_gpu_is_not_shared_by_the_nodes_processes(monkeypatch):
+    """Catches: the LOCAL_WORLD_SIZE split applied to CUDA too (each torchrun process has its own GPU;
+    only host memory is shared). No GPU needed: the floor is counted on meta."""
+    import fastcgan.train.memory as memory
+
+    cfg = tiny_train_config()
+    recipe = get_recipe("cyclegan")
+    floor = memory.step_memory_floor(cfg, recipe, (32, 32), 1)
+    monkeypatch.setattr(memory, "memory_to_check", lambda device: floor)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    memory.check_step_fits(cfg, recipe, torch.device("cuda"), (32, 32))  # fits: no ConfigError
+    with pytest.raises(ConfigError, match=r"and cuda has [\d.]+ MiB free"):
+        memory.check_step_fits(cfg.replace(batch_size=2), recipe, torch.device("cuda"), (32, 32))
+
+
+def test_smaller_run_flags_follow_the_config():
+    """Catches: "--amp" offered to a run that already uses --amp (and its sibling conditions)."""
+    from fastcgan.train.memory import smaller_run_flags
+
+    cfg = tiny_train_config()
+    assert smaller_run_flags(cfg) == ["--crop-size / --load-size", "--amp"]
+    assert smaller_run_flags(cfg.replace(amp=True, batch_size=2, data_on_gpu=True)) == [
+        "--batch-size", "--crop-size / --load-size", "--no-data-on-gpu"]
+
+
+def test_a_reversed_run_is_counted_with_its_input_channels():
+    """--direction BtoA (one-way recipes): the dataset already puts {phase}B in the batch's "A" with
+    input_nc channels; the count swapped them again, its meta forward raised, and check_step_fits
+    took that for "no estimate": a reversed CUT run with 1-channel inputs was never checked."""
+    from fastcgan.train.memory import check_step_fits, step_memory_floor
+
+    cfg = tiny_train_config(preset="cut", direction="BtoA", input_nc=1, output_nc=3, lambda_nce=0.0)
+    recipe = get_recipe("cut")
+    assert step_memory_floor(cfg, recipe, (32, 32), 1) > 0  # was: RuntimeError "Invalid channel dimensions"
+    with pytest.raises(ConfigError, match="needs at least"):  # was: nothing refused (the run trained)
+        check_step_fits(cfg, recipe, torch.device("cpu"), (32, 32), room=1)

@@ -67,12 +67,12 @@ class _ShapeRun:
         return x
 
 
-def _batch_channels(cfg: TrainConfig, recipe: Recipe, target_from_input: bool) -> dict[str, int]:
-    """Channels of the uint8 batch the loader gives the recipe's ``augment``."""
+def _batch_channels(cfg: TrainConfig, target_from_input: bool) -> dict[str, int]:
+    """Channels of the uint8 batch the loader gives the recipe's ``augment``: a reversed run's
+    dataset (``--direction BtoA``) already reads ``{phase}B`` as "A", with ``input_nc`` channels."""
     if target_from_input:  # colorization: RGB images in both slots, split into L and ab by augment
         return {"A": 3, "B": 3}
-    nc = {"A": cfg.model.input_nc, "B": cfg.model.output_nc}
-    return {"A": nc["B"], "B": nc["A"]} if recipe.reversed_domains(cfg) else nc
+    return {"A": cfg.model.input_nc, "B": cfg.model.output_nc}
 
 
 def step_memory_floor(cfg: TrainConfig, recipe: Recipe, size: tuple[int, int], batch: int,
@@ -96,7 +96,7 @@ def kept_activations(cfg: TrainConfig, recipe: Recipe, nets: dict[str, nn.Module
     h, w = size
     with torch.device("meta"):
         uint8 = {k: torch.empty(batch, c, h, w, dtype=torch.uint8)
-                 for k, c in _batch_channels(cfg, recipe, target_from_input).items()}
+                 for k, c in _batch_channels(cfg, target_from_input).items()}
         inputs = recipe.augment_batch(uint8, crop_size=None, flip=False)
     kept, seen = [0], []
 

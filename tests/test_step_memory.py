@@ -97,6 +97,23 @@ def test_the_floor_is_below_what_a_real_step_keeps(preset, side, overrides, kern
     assert 0.2 * real < floor <= real, (floor, real)
 
 
+@pytest.mark.parametrize("direction", ["AtoB", "BtoA"])
+@pytest.mark.parametrize("preset, side, overrides", CASES, ids=[c[0] for c in CASES])
+def test_every_recipe_and_direction_is_counted(preset, side, overrides, direction):
+    """check_step_fits takes a count that raises for "no estimate" (a run is never blocked by the
+    check's own failure), which hid a reversed run's channel mix-up: every recipe, both directions,
+    1- and 3-channel inputs where the recipe takes them, must count without raising."""
+    counted = 0
+    for nc in ({}, {"input_nc": 1, "output_nc": 3, "lambda_identity": 0.0, "lambda_nce": 0.0}):
+        try:
+            cfg = _cfg(preset, side, overrides, direction=direction, **({} if preset == "colorization" else nc))
+        except ConfigError:  # a recipe that does not take these channels
+            continue
+        assert step_memory_floor(cfg, get_recipe(cfg.model.recipe), (side, side), 1, preset == "colorization") > 0
+        counted += 1
+    assert counted or (preset, direction) == ("colorization", "BtoA")  # L -> ab only: BtoA is refused
+
+
 def test_the_floor_counts_the_dtype_batch_pools_and_optimizer_state():
     cfg = _cfg("cyclegan128", 32, {})
     recipe = get_recipe("cyclegan")

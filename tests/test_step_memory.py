@@ -86,13 +86,12 @@ def test_the_floor_is_below_what_a_real_step_keeps(preset, side, overrides, kern
     cfg = _cfg(preset, side, overrides, kernels=kernels, batch_size=2)
     recipe = get_recipe(cfg.model.recipe)
     torch.manual_seed(0)
-    target_from_input = preset == "colorization"
     uint8 = {k: torch.randint(0, 256, (2, c, side, side), dtype=torch.uint8)
-             for k, c in _batch_channels(cfg, target_from_input).items()}
+             for k, c in _batch_channels(cfg, recipe).items()}
     inputs = recipe.augment_batch(uint8, crop_size=None, flip=False)
     with torch.device("meta"):
         nets = recipe.networks(cfg)
-    floor = kept_activations(cfg, recipe, nets, (side, side), 2, target_from_input)
+    floor = kept_activations(cfg, recipe, nets, (side, side), 2)
     real = _real_kept(cfg, recipe, inputs)
     assert 0.2 * real < floor <= real, (floor, real)
 
@@ -109,7 +108,7 @@ def test_every_recipe_and_direction_is_counted(preset, side, overrides, directio
             cfg = _cfg(preset, side, overrides, direction=direction, **({} if preset == "colorization" else nc))
         except ConfigError:  # a recipe that does not take these channels
             continue
-        assert step_memory_floor(cfg, get_recipe(cfg.model.recipe), (side, side), 1, preset == "colorization") > 0
+        assert step_memory_floor(cfg, get_recipe(cfg.model.recipe), (side, side), 1) > 0
         counted += 1
     assert counted or (preset, direction) == ("colorization", "BtoA")  # L -> ab only: BtoA is refused
 
@@ -203,6 +202,29 @@ def test_training_that_cannot_fit_exits_2_before_anything_is_written(tmp_path, s
     assert "; FASTCGAN_MEMORY_CHECK=0 runs it anyway" in err
     monkeypatch.setenv("FASTCGAN_MEMORY_CHECK", "0")  # the user's word: the step runs (it fits, really)
     assert cli_main(args) == 0
+
+
+def test_a_recipe_says_what_its_dataset_does():
+    """The floor reads the batch's channels from the recipe (before any dataset exists); the
+    datasets say the same of themselves."""
+    from fastcgan.data import AlignedDataset, ColorizationDataset
+
+    assert get_recipe("colorization").target_from_input is ColorizationDataset.target_from_input is True
+    assert get_recipe("pix2pix").target_from_input is AlignedDataset.target_from_input is False
+    assert not any(get_recipe(r).target_from_input for r in ("cyclegan", "cut"))
+
+
+def test_a_synthetic_run_that_cannot_fit_makes_no_data(tmp_path, monkeypatch, capsys):
+    """--dataset synthetic made its images first (at 2048 px, minutes and gigabytes of files) and was
+    refused only then: their size is known from the flags, so the step is judged before."""
+    import fastcgan.devices as devices
+
+    monkeypatch.setattr(devices, "host_available_bytes", lambda: 64 << 20)
+    args = ["--dataset", "synthetic", "--output-dir", str(tmp_path), "--name", "big", "--load-size", "72",
+            "--crop-size", "64", "--batch-size", "8", "--device", "cpu", "--max-steps", "1", "--no-progress"]
+    assert cli_main(args) == 2
+    assert "training 8 image(s) of 64x64 (WxH) per step" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("room_over_floor", [1.5, 2.5])

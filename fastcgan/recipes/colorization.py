@@ -101,6 +101,7 @@ RECIPE = dataclasses.replace(
     dataset=dataset,
     synthetic=synthetic,
     synthetic_folder="synthetic_color",
+    target_from_input=True,
     augment=augment,
     deployable=deployable,
 )

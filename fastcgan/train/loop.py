@@ -139,8 +139,12 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             cleanup.callback(set_max_image_pixels, previous_limit)  # the process limit as it was
         eval_every = eval_cadence(cfg, get_recipe(cfg.model.recipe), ctx.is_main)  # before data is generated
         with RunLock(run_dir) if ctx.is_main else contextlib.nullcontext():
-            # Process 0 first: it may generate the synthetic dataset, which the others then read.
             recipe = get_recipe(cfg.model.recipe)
+            if synthetic:  # its images' size is known: a step that cannot fit is refused before they are made
+                _fit_step_and_bank(cfg.replace(data_on_gpu=False), "", functools.partial(
+                    check_step_fits, recipe=recipe, device=device, size=_synthetic_step_size(cfg),
+                    world_size=ctx.world_size), None, False, ctx, device)
+            # Process 0 first: it may generate the synthetic dataset, which the others then read.
             root = prepare_dataroot(cfg, recipe) if ctx.is_main else None
             ctx.barrier()
             root = root or prepare_dataroot(cfg, recipe)
@@ -158,8 +162,7 @@ def train(cfg: TrainConfig, *, install_signal_handlers: bool = True, requested: 
             use_cuda_graphs(cfg, device, ctx.world_size)  # an impossible --cuda-graphs fails here
             w, h = image_size or (cfg.data.crop_size, cfg.data.crop_size)
             fits = functools.partial(check_step_fits, recipe=recipe, device=device, size=(h, w),
-                                     world_size=ctx.world_size,
-                                     target_from_input=getattr(ds, "target_from_input", False))
+                                     world_size=ctx.world_size)
             cfg, fit_lines = _fit_step_and_bank(cfg, fast_line, fits, nbytes, auto_bank, ctx, device)
             cleanup.enter_context(cudnn_autotuning(cfg, device))
             run = None
@@ -209,6 +212,13 @@ def _fit_step_and_bank(cfg: TrainConfig, fast_line: str, fits, nbytes: Optional[
         fast_line += f"; the images stay off the GPU ({why})"
         warning = without_warning if with_bank else verdict(cfg, 0)[1]
     return cfg, [fast_line] + ([warning] if warning else [])
+
+
+def _synthetic_step_size(cfg: TrainConfig) -> tuple[int, int]:
+    """(height, width) a step of the built-in data trains at: its square images are made at
+    ``--load-size``, then cropped when ``--preprocess`` crops."""
+    side = cfg.data.crop_size if "crop" in cfg.data.preprocess else cfg.data.load_size
+    return side, side
 
 
 def _refuse_unused(unused: list[str]) -> None:

@@ -67,22 +67,20 @@ class _ShapeRun:
         return x
 
 
-def _batch_channels(cfg: TrainConfig, target_from_input: bool) -> dict[str, int]:
+def _batch_channels(cfg: TrainConfig, recipe: Recipe) -> dict[str, int]:
     """Channels of the uint8 batch the loader gives the recipe's ``augment``: a reversed run's
     dataset (``--direction BtoA``) already reads ``{phase}B`` as "A", with ``input_nc`` channels."""
-    if target_from_input:  # colorization: RGB images in both slots, split into L and ab by augment
+    if recipe.target_from_input:  # colorization: RGB images in both slots, split into L and ab by augment
         return {"A": 3, "B": 3}
     return {"A": cfg.model.input_nc, "B": cfg.model.output_nc}
 
 
-def step_memory_floor(cfg: TrainConfig, recipe: Recipe, size: tuple[int, int], batch: int,
-                      target_from_input: bool = False) -> int:
+def step_memory_floor(cfg: TrainConfig, recipe: Recipe, size: tuple[int, int], batch: int) -> int:
     """Bytes one step of ``recipe`` must hold on its device at ``batch`` images (per process) of
-    ``size`` (height, width) after preprocessing: see the module docstring for what is counted.
-    ``target_from_input``: the dataset makes both images of a pair from one (colorization)."""
+    ``size`` (height, width) after preprocessing: see the module docstring for what is counted."""
     with torch.device("meta"):  # the reference kernels: the backends' own run on real devices only
         nets = recipe.networks(cfg.replace(kernels="torch"))
-    activations = kept_activations(cfg, recipe, nets, size, batch, target_from_input)
+    activations = kept_activations(cfg, recipe, nets, size, batch)
     trained = {n for names in recipe.optimizers.values() for n in names}
     weights = sum(p.numel() * p.element_size() for n in trained for p in nets[n].parameters())
     pools = sum(n * c * size[0] * size[1] * 4 for n, c in recipe.pools(cfg).values())
@@ -90,13 +88,13 @@ def step_memory_floor(cfg: TrainConfig, recipe: Recipe, size: tuple[int, int], b
 
 
 def kept_activations(cfg: TrainConfig, recipe: Recipe, nets: dict[str, nn.Module], size: tuple[int, int],
-                     batch: int, target_from_input: bool = False) -> int:
+                     batch: int) -> int:
     """Bytes of the activations the step's busiest phase keeps for its backward, at least (the
     module docstring), counted by running the phase forwards on the ``meta`` networks ``nets``."""
     h, w = size
     with torch.device("meta"):
         uint8 = {k: torch.empty(batch, c, h, w, dtype=torch.uint8)
-                 for k, c in _batch_channels(cfg, target_from_input).items()}
+                 for k, c in _batch_channels(cfg, recipe).items()}
         inputs = recipe.augment_batch(uint8, crop_size=None, flip=False)
     kept, seen = [0], []
 
@@ -131,8 +129,7 @@ def kept_activations(cfg: TrainConfig, recipe: Recipe, nets: dict[str, nn.Module
 
 
 def check_step_fits(cfg: TrainConfig, recipe: Recipe, device: torch.device, size: tuple[int, int],
-                    world_size: int = 1, bank_bytes: int = 0, target_from_input: bool = False,
-                    room: Optional[int] = None) -> Optional[str]:
+                    world_size: int = 1, bank_bytes: int = 0, room: Optional[int] = None) -> Optional[str]:
     """A :class:`ConfigError` when :func:`step_memory_floor` (plus the data bank ``bank_bytes``
     on the same device) exceeds ``room``: :func:`~fastcgan.devices.memory_to_check` (on a CPU shared
     by the processes of its node). ``room=None``: queried (unknown or turned off: nothing is refused).
@@ -148,7 +145,7 @@ def check_step_fits(cfg: TrainConfig, recipe: Recipe, device: torch.device, size
         return None
     per_process = max(1, cfg.data.batch_size // world_size)
     try:
-        floor = step_memory_floor(cfg, recipe, size, per_process, target_from_input)
+        floor = step_memory_floor(cfg, recipe, size, per_process)
     except Exception:  # noqa: BLE001 - a recipe the meta count cannot run (tested for every one here): no estimate
         return None
     d = cfg.data

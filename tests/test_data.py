@@ -293,6 +293,30 @@ def test_unreadable_folder_is_named_not_called_empty(tmp_path, monkeypatch):
         UnalignedDataset(str(root))
 
 
+def test_a_deeply_nested_folder_is_walked(tmp_path):
+    """Python 3.11's os.walk recurses once per folder level: 1,100 nested folders were a
+    RecursionError traceback in translate, eval and training. Linked folders stay unentered."""
+    from fastcgan.data import make_dataset
+
+    deep = leaf = tmp_path / "in"
+    deep.mkdir()
+    for _ in range(1100):  # one level at a time: mkdir(parents=True) recurses too
+        leaf = leaf / "a"
+        leaf.mkdir()
+    _save_rgb(leaf / "x.png")
+    _save_rgb(deep / "top.png")
+    (deep / "link").symlink_to(deep / "a")
+    try:
+        with pytest.warns(UserWarning, match=r"left out 1 entry: .*link \(a linked folder, not followed\)"):
+            found = make_dataset(str(deep))
+        assert found == sorted([str(leaf / "x.png"), str(deep / "top.png")])
+    finally:  # bottom up, one level at a time: pytest's recursive clean-up of tmp_path would not get through
+        (leaf / "x.png").unlink()
+        while leaf != deep:
+            leaf.rmdir()
+            leaf = leaf.parent
+
+
 def test_bad_arguments(tmp_path):
     root = _make_layout(tmp_path / "ds")
     with pytest.raises(DatasetError, match="preprocess"):

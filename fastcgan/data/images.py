@@ -260,6 +260,27 @@ def is_image_file(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMG_EXTENSIONS
 
 
+def _walk(top: str):
+    """``os.walk(top)`` (top-down: the caller may prune ``dirs``; linked folders listed, not entered)
+    without recursion: Python 3.11's recurses once per level, so a folder nested ~1,000 deep was a
+    RecursionError. A folder that cannot be listed raises its OSError (os.walk skips it silently)."""
+    stack = [top]
+    while stack:
+        root = stack.pop()
+        dirs, files, links = [], [], set()
+        with os.scandir(root) as entries:
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                (dirs if is_dir else files).append(entry.name)
+                if is_dir and entry.is_symlink():
+                    links.add(entry.name)
+        yield root, dirs, files
+        stack += [os.path.join(root, d) for d in reversed(dirs) if d not in links]
+
+
 def make_dataset(directory: str, max_size: float = math.inf) -> list[str]:
     """Every image file under ``directory`` (recursive), sorted by path, at most ``max_size``.
 
@@ -274,10 +295,7 @@ def make_dataset(directory: str, max_size: float = math.inf) -> list[str]:
         raise FileNotFoundError(f"{directory} is not a directory")
     found, left_out = [], []
 
-    def unreadable(e: OSError) -> None:  # os.walk would skip the folder silently: it is not empty
-        raise e
-
-    for root, dirs, files in os.walk(directory, onerror=unreadable):
+    for root, dirs, files in _walk(directory):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         left_out += [os.path.join(root, d) + " (a linked folder, not followed)"
                      for d in dirs if os.path.islink(os.path.join(root, d))]

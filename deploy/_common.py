@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from fastcgan.devices import resolve_device  # noqa: F401  (re-exported for the deploy modules)
+from fastcgan.fileio import parse_json
 
 METADATA_KEY = "fastcgan"
 DIRECTIONS = ("AtoB", "BtoA")
@@ -68,7 +69,7 @@ class GeneratorSpec:
         checked for type and range (a ``size_multiple`` of 0 divided by zero, a ``static_hw`` of
         60000² allocated 43 GB), so a bad one is a :class:`SpecError`, never a crash later."""
         try:
-            d = json.loads(text)
+            d = parse_json(text)
         except ValueError as e:
             raise SpecError(f"fastcgan metadata is not valid JSON ({e})") from None
         if not isinstance(d, dict):
@@ -189,7 +190,7 @@ def _safetensors_config(path: str) -> dict:
     for key in ("config", "generator", "fastcgan", "build_generator"):
         if key in meta:
             try:
-                d = json.loads(meta[key])
+                d = parse_json(meta[key])
                 if isinstance(d, dict):
                     return d
             except ValueError:
@@ -197,7 +198,7 @@ def _safetensors_config(path: str) -> dict:
     out = {}
     for k, v in meta.items():
         try:
-            out[k] = json.loads(v)
+            out[k] = parse_json(v)
         except ValueError:
             out[k] = v
     return out
@@ -262,7 +263,7 @@ def load_torch_generator(
             cj = os.path.join(path, "config.json")
             if not os.path.exists(st) and os.path.exists(cj):
                 with open(cj) as f:
-                    config = json.load(f)
+                    config = parse_json(f.read())
         if not config and os.path.isfile(st):
             config = _safetensors_config(st)
     config = {k: v for k, v in config.items() if k != "backend"}

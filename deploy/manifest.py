@@ -35,6 +35,7 @@ import warnings
 from typing import Any
 
 from fastcgan.deploy._common import ArtifactError, GeneratorSpec
+from fastcgan.fileio import parse_json
 
 MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_FORMAT = "fastcgan.artifact-manifest"
@@ -99,7 +100,7 @@ def read_manifest(path: str) -> dict:
         raise UntrustedArtifactError(path, f"no manifest ({os.path.basename(mp)} is missing)")
     try:
         with open(mp, encoding="utf-8") as f:
-            m = json.load(f)
+            m = parse_json(f.read())
     except (OSError, ValueError) as e:
         raise UntrustedArtifactError(path, f"unreadable manifest {os.path.basename(mp)} ({e})") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("sha256"), str):

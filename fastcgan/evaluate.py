@@ -63,7 +63,7 @@ from fastcgan.data.images import (
     resize_square,
 )
 from fastcgan.devices import resolve_device
-from fastcgan.fileio import atomic_write, output_folder_problem
+from fastcgan.fileio import atomic_write, output_folder_problem, parse_json
 
 MAX_BATCH_SIZE = 1024  # --batch-size: images held at a time; a bound so that a typo cannot ask for unbounded memory
 
@@ -625,7 +625,7 @@ def _is_eval_result(path: str) -> bool:
         if os.path.getsize(path) > 1 << 20:
             return False
         with open(path, "rb") as f:
-            doc = json.loads(f.read())
+            doc = parse_json(f.read())
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and doc.get("written_by") == WRITTEN_BY

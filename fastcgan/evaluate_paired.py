@@ -31,10 +31,11 @@ and the baseline is ``grey_l1`` / ``grey_psnr`` / ``grey_ssim``: the image with 
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
+
+from fastcgan.fileio import parse_json
 
 __all__ = ["evaluate_paired", "is_paired_root", "iter_pairs", "paired_scores"]
 
@@ -69,7 +70,7 @@ def _run_settings(checkpoint: str) -> tuple[str | None, str | None]:
             return None, None  # loading it says what is wrong
     try:
         with open(os.path.join(checkpoint, "config.json")) as f:
-            d = json.load(f)
+            d = parse_json(f.read())
         return d.get("model", {}).get("recipe"), d["data"].get("direction")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, None

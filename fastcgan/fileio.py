@@ -11,12 +11,16 @@ SIGKILL -- leaves either the old file or the complete new one, plus at most a te
 that :func:`remove_stale_temporaries` deletes later. A failed write (disk full, read-only
 folder, quota) raises :class:`WriteError` naming the file and the cause; the previous file is
 untouched and the partial temporary is removed.
+
+Read back, a JSON file someone else may have written goes through :func:`parse_json`, whose every
+failure on bad content is a ``ValueError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -24,7 +28,17 @@ from collections.abc import Iterable, Iterator
 from typing import BinaryIO, Union
 
 __all__ = ["OutputExistsError", "WriteError", "atomic_write", "atomic_writer", "move_into_place",
-           "output_folder_problem", "remove_stale_temporaries", "temporary_name"]
+           "output_folder_problem", "parse_json", "remove_stale_temporaries", "temporary_name"]
+
+
+def parse_json(text: Union[str, bytes]):
+    """``json.loads`` whose failures on bad content are all ``ValueError``: a document nested deeper
+    than Python's recursion limit (``'[' * 100000``: a manifest, a config, safetensors metadata)
+    raised ``RecursionError``, which no caller's handler took, so its message named no file."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
 
 
 class WriteError(OSError):

@@ -1038,6 +1038,34 @@ def test_running_out_of_memory_outside_the_checks_is_one_line(gen_file, tmp_path
         _translate(gen_file, "--input", src, "--output", tmp_path / "o")
 
 
+def test_json_nested_too_deeply_is_an_error_naming_the_file(gen_file, tmp_path, capsys):
+    """'[' * 200000 in a manifest, a generator's config metadata or a run's config.json raised
+    RecursionError, which the ValueError handlers did not take: the one-line error named no file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from fastcgan.fileio import parse_json
+
+    deep = "[" * 200_000 + "]" * 200_000
+    with pytest.raises(ValueError, match="^JSON nested too deeply to read$"):
+        parse_json(deep)
+    src = _pngs(tmp_path / "photos", n=1)
+    pt2 = tmp_path / "g.pt2"
+    pt2.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: never run, its manifest is refused first
+    (tmp_path / "g.pt2.manifest.json").write_text(deep)
+    assert _translate(pt2, "--input", src, "--output", tmp_path / "o") == 2
+    assert "g.pt2: refused to load: unreadable manifest g.pt2.manifest.json (JSON nested too deeply to read)" in (
+        capsys.readouterr().err)
+    bad = tmp_path / "deep.safetensors"
+    with safe_open(str(gen_file), "pt") as f:
+        meta = f.metadata()
+    assert "config" in meta
+    save_file(load_file(str(gen_file)), str(bad), metadata=meta | {"config": deep})
+    assert _translate(bad, "--input", src, "--output", tmp_path / "o") == 2
+    assert f"{bad}: generator config metadata is not valid JSON: JSON nested too deeply" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_max_images_never_lets_overwrite_replace_an_input_left_out(gen_file, tmp_path, capsys):
     """--max-images 1 cut the user's own out/a.png from the inputs, then --overwrite replaced it
     with a translation of a.jpg (exit 0): the clash check saw only the first N inputs."""

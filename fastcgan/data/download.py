@@ -55,6 +55,7 @@ import zipfile
 import zlib
 
 from fastcgan._cli import Parser, interruptible
+from fastcgan.fileio import parse_json
 
 __all__ = [
     "CYCLEGAN_DATASETS",
@@ -183,7 +184,7 @@ def _read_source(part: str) -> dict | None:
     """What the ``.part`` was downloaded from (URL, validator), or None (none recorded)."""
     try:
         with open(_source_path(part), "rb") as fh:
-            doc = json.loads(fh.read(1 << 16))
+            doc = parse_json(fh.read(1 << 16))
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from fastcgan.fileio import atomic_write, remove_stale_temporaries
+from fastcgan.fileio import atomic_write, parse_json, remove_stale_temporaries
 from fastcgan.models.generators import GENERATOR_ARCHS, build_generator
 
 FORMAT = "fastcgan.generator"
@@ -144,8 +144,8 @@ def read_generator_config(path: Union[str, os.PathLike]) -> dict:
             "official .pth checkpoints load with fastcgan.models.load_official_generator"
         )
     try:
-        config = json.loads(meta["config"])
-    except json.JSONDecodeError as e:
+        config = parse_json(meta["config"])
+    except ValueError as e:
         raise ValueError(f"{path}: generator config metadata is not valid JSON: {e}") from e
     return _check_config(config, path)
 
@@ -185,7 +185,7 @@ def verify_tensor_digests(path: str, state: dict, meta: dict) -> bool:
     if raw is None:
         return False
     try:
-        digests = json.loads(raw)
+        digests = parse_json(raw)
         if not isinstance(digests, dict):
             raise ValueError("not a JSON object")
     except ValueError as e:

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from fastcgan.fileio import atomic_writer
+from fastcgan.fileio import atomic_writer, parse_json
 
 
 class LossAccumulator:
@@ -92,7 +92,7 @@ def _drop_records_after(path: str, step: int) -> None:
 
     def kept(line) -> bool:
         try:
-            record = json.loads(line) if line is not None else None
+            record = parse_json(line) if line is not None else None
         except (ValueError, RecursionError):
             return False  # cut short by a crash, or not JSON
         if not isinstance(record, dict):

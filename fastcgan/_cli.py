@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import re
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str) -> Iterator[None]:
+    """A command's warnings as ``PROG: warning: MESSAGE``, one line each (Python's format added the
+    fastcgan source line that raised it, a second line). At the console script, not in ``main``:
+    a caller of ``main`` (a test, a notebook) gets the warnings themselves."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def interruptible(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
@@ -46,7 +61,8 @@ def _run_command(module: str, attr: str, prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted before it started", file=sys.stderr)
         return 130
-    return main()
+    with one_line_warnings(prog):
+        return main()
 
 
 # The console scripts (pyproject.toml [project.scripts]); ``python -m fastcgan.train`` is train_command.

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -54,6 +55,7 @@ from torch import nn
 
 from fastcgan._cli import Parser, interruptible
 from fastcgan.data import make_dataset
+from fastcgan.data.datasets import SkippedImageWarning
 from fastcgan.data.images import (
     MAX_LOAD_SIZE,
     WINDOW_PIXELS,
@@ -644,6 +646,12 @@ def _finite_or_none(v):
 
 @interruptible("fastcgan-eval")
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():  # a skipped file is logged with its reason; the warning would say it again
+        warnings.filterwarnings("ignore", category=SkippedImageWarning)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from fastcgan.deploy import ArtifactError
     from fastcgan.deploy.runtime import InferenceMemoryError
     from fastcgan.deploy.tensorrt import TensorRTUnavailable

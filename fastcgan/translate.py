@@ -270,6 +270,19 @@ def _directions(args) -> tuple[str | None, str | None]:
     return direction, direction if direction in run_generators(args.checkpoint) else None
 
 
+def _why_unreadable(path: str) -> str:
+    """Why a file whose header cannot be read is no image, as the decoder says it (the header fails
+    there first, and a limit of one pixel stops anything from being decoded)."""
+    from fastcgan.data import BadImageError
+    from fastcgan.data.images import open_image
+
+    try:
+        open_image(path, max_pixels=1)
+    except BadImageError as e:
+        return e.reason
+    return "not a readable image file"
+
+
 def _read(path: str, channels: int, max_pixels: int, half: str | None, load_size: int | None):
     """``path`` as a uint8 (C, H, W) tensor; ``half``: of an A|B pair, the A (``AtoB``) or B half;
     ``load_size``: resized to that square."""
@@ -357,7 +370,7 @@ def _main(args) -> int:
             return _error(f"--max-images {args.max_images}: --input {args.input} is one file (the flag takes the "
                           "first N images of a folder)")
         if oriented_size(args.input) is None:  # one unreadable file: nothing to translate
-            return _error(f"--input {args.input}: not a readable image file")
+            return _error(f"--input {args.input}: {_why_unreadable(args.input)}")
         if not is_image_file(args.input):
             warnings.warn(f"{args.input}: extension is not a known image type; trying to decode it anyway")
         files, root = [args.input], None

@@ -1066,6 +1066,34 @@ def test_json_nested_too_deeply_is_an_error_naming_the_file(gen_file, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+def test_warnings_are_one_line_and_an_unreadable_input_says_why(gen_file, tmp_path, capsys, caplog, monkeypatch):
+    """Python's warning format added the fastcgan source line that raised it (two lines a warning,
+    and eval printed each skipped file twice more); one unreadable --input said only "not a readable
+    image file" where the same file in a folder said why."""
+    from fastcgan.evaluate import main as evaluate
+
+    src = _pngs(tmp_path / "testA", n=1)
+    _pngs(tmp_path / "testB", n=1)
+    (src / "bad.png").write_text("not an image")
+    from fastcgan._cli import translate_command
+
+    monkeypatch.setattr(sys, "argv", ["fastcgan-translate", "--checkpoint", str(gen_file), "--input", str(src),
+                                      "--output", str(tmp_path / "o"), "--device", "cpu", "--no-progress"])
+    assert translate_command() == 0  # the console script
+    err = capsys.readouterr().err
+    reason = "not an image in a format read here (JPEG, PNG, PPM, BMP, TIFF, WEBP, GIF)"
+    assert err == f"fastcgan-translate: warning: skipping unreadable image {src / 'bad.png'}: {reason}\n"
+    assert _translate(gen_file, "--input", src / "bad.png", "--output", tmp_path / "o2") == 2
+    assert capsys.readouterr().err == f"fastcgan-translate: error: --input {src / 'bad.png'}: {reason}\n"
+    truth = _pngs(tmp_path / "testA_truth_B", n=1)  # a target to score (one generator: no cycle)
+    shutil.copy(truth / "im0.png", truth / "bad.png")
+    assert evaluate(["--checkpoint", str(gen_file), "--dataroot", str(tmp_path), "--no-fid", "--device", "cpu",
+                     "--direction", "AtoB"]) == 0
+    assert "bad.png" not in capsys.readouterr().err  # the warning would say it again
+    assert [r.getMessage() for r in caplog.records if "bad.png" in r.getMessage()] == [  # on stderr, from the CLI
+        f"skipping image {str(src / 'bad.png')!r}: {reason}"]
+
+
 def test_max_images_never_lets_overwrite_replace_an_input_left_out(gen_file, tmp_path, capsys):
     """--max-images 1 cut the user's own out/a.png from the inputs, then --overwrite replaced it
     with a translation of a.jpg (exit 0): the clash check saw only the first N inputs."""

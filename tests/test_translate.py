@@ -225,7 +225,7 @@ def test_flags_that_would_do_nothing_exit_2(run_dir, images, tmp_path, capsys):
     for ckpt, inp, flags, said in (
         (ba, one, ["--direction", "AtoB"], "--direction picks a generator of a run directory"),
         (run_dir, one, ["--max-images", "1"], "--max-images 1: --input"),
-        (run_dir, images / "broken.jpg", [], "not a readable image file"),
+        (run_dir, images / "broken.jpg", [], "broken.jpg: not an image in a format read here (JPEG, PNG"),
     ):
         assert main(["--checkpoint", str(ckpt), "--input", str(inp), "--output", str(tmp_path / "o"),
                      "--device", "cpu", "--no-progress", *flags]) == 2

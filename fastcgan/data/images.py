@@ -311,7 +311,6 @@ def make_dataset(directory: str, max_size: float = math.inf) -> list[str]:
         left_out.sort()
         msg = (f"{directory}: left out {len(left_out)} entr{'y' if len(left_out) == 1 else 'ies'}: "
                + ", ".join(left_out[:5]) + (" ..." if len(left_out) > 5 else ""))
-        logger.warning(msg)
         warnings.warn(msg, stacklevel=2)
     found.sort()
     if max_size < len(found):

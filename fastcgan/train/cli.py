@@ -439,19 +439,19 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from fastcgan.data import DatasetError
     from fastcgan.data.datasets import SkippedImageWarning
-
-    # A skipped file is logged with its name and reason; the warning (for library callers without
-    # logging) would print the same line again, with a source line from inside fastcgan.
-    warnings.filterwarnings("ignore", category=SkippedImageWarning)
     from fastcgan.fileio import WriteError
     from fastcgan.train.checkpoint import CheckpointError
     from fastcgan.train.loop import TrainingError, train
     from fastcgan.train.runlock import RunDirError, RunInUseError
 
     try:
-        summary = train(cfg, requested=requested)
-        if summary.get("rank", 0) == 0 and cfg.data.dataset == "synthetic" and not summary["interrupted"]:
-            summary["eval"] = evaluate_run(summary)
+        # A skipped file is logged with its name and reason; the warning (for library callers without
+        # logging) would print the same line again.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=SkippedImageWarning)
+            summary = train(cfg, requested=requested)
+            if summary.get("rank", 0) == 0 and cfg.data.dataset == "synthetic" and not summary["interrupted"]:
+                summary["eval"] = evaluate_run(summary)
     except (ConfigError, DatasetError, CheckpointError, RunInUseError, RunDirError, FileExistsError) as e:
         print(f"fastcgan-train: error: {e}", file=sys.stderr)
         return 2

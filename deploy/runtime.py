@@ -521,10 +521,15 @@ class Translator:
         tiles: for callers that know sizes from file headers, before anything runs."""
         if not self.needs_tiles(h, w):
             return
+        static = self.spec.static_hw is not None
         if names is None:
-            names = (("--tile", "--tile-overlap") if self.spec.static_hw is None
-                     else ("the model's static tile", "--tile-overlap"))
-        check_tiling(h, w, self.tile_hw, self.tile_overlap, max_tiles=self.max_tiles, names=names, what=what)
+            names = ("--static" if static else "--tile", "--tile-overlap")
+        try:
+            check_tiling(h, w, self.tile_hw, self.tile_overlap, max_tiles=self.max_tiles, names=names, what=what)
+        except ValueError as e:
+            if not static:
+                raise
+            raise ValueError(f"{e} (--static: the model's fixed input size, set by fastcgan-export)") from None
 
     @property
     def tile_hw(self) -> tuple[int, int] | None:

@@ -45,14 +45,17 @@ def free_memory(device: torch.device) -> int | None:
 
 # FASTCGAN_MEMORY_CHECK=0 turns the memory floors off (training and inference): for a machine whose
 # free memory the process cannot see right (swap it means to use, a limit it does not know of).
+# "off", "false" and "no" (any case, spaces around) say the same; any other value leaves them on.
 MEMORY_CHECK_ENV = "FASTCGAN_MEMORY_CHECK"
+_OFF_VALUES = frozenset({"0", "off", "false", "no"})
 MEMORY_CHECK_OFF = f"{MEMORY_CHECK_ENV}=0 runs it anyway"
 
 
 def memory_to_check(device: torch.device) -> int | None:
     """:func:`free_memory`, for the checks that refuse work that cannot fit; ``None`` (nothing is
     refused) when ``FASTCGAN_MEMORY_CHECK=0``."""
-    return None if os.environ.get(MEMORY_CHECK_ENV) == "0" else free_memory(device)
+    off = os.environ.get(MEMORY_CHECK_ENV, "").strip().lower() in _OFF_VALUES
+    return None if off else free_memory(device)
 
 
 def autocast_off(device_type: str):

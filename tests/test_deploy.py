@@ -171,6 +171,11 @@ def test_cli_static_and_fp16(tmp_path, capsys):
     tr = load(static, device="cpu", tile_overlap=16)
     x = torch.rand(1, 3, 100, 150) * 2 - 1
     assert tr(x).shape == x.shape and tr(x[:, :, :30, :40]).shape == (1, 3, 30, 40)
+    # Its tile is the model's: too many of them is a refusal that says where that size comes from.
+    with pytest.raises(ValueError, match=r"^--static 64x96 --tile-overlap 16 would cut big\.png \(9000x9000\) into "
+                       r"[\d,]+ tiles, more than the limit of 16,384: use a larger --static \(or a smaller "
+                       r"--tile-overlap\) \(--static: the model's fixed input size, set by fastcgan-export\)$"):
+        tr.check_tile_count(9000, 9000, what="big.png")
     half = str(tmp_path / "half.onnx")
     assert cli.main([str(st), "--onnx", half, "--fp16", "--verify-sizes", "1x64x64"]) == 0
     assert onnx.load(half).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16

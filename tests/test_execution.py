@@ -233,6 +233,17 @@ def test_a_containers_page_cache_is_room(tmp_path, monkeypatch, version):
     assert devices.host_available_bytes() > 10000
 
 
+@pytest.mark.parametrize("value, off", [("0", True), ("off", True), (" False ", True), ("NO", True), ("1", False),
+                                        ("", False), ("00", False)])
+def test_the_memory_check_is_turned_off_by_the_usual_words(monkeypatch, value, off):
+    """FASTCGAN_MEMORY_CHECK=off (or false, no) left the check on without a word: only "0" was read."""
+    import fastcgan.devices as devices
+
+    monkeypatch.setattr(devices, "free_memory", lambda device: 123)
+    monkeypatch.setenv("FASTCGAN_MEMORY_CHECK", value)
+    assert devices.memory_to_check(torch.device("cpu")) == (None if off else 123)
+
+
 def test_memory_sizes_in_messages_keep_their_magnitude():
     """A refusal of a small run said "0.0 MiB" for tens of KiB (the sizes compared were not zero)."""
     from fastcgan.devices import format_bytes

@@ -96,7 +96,15 @@ def test_a_score_with_nothing_to_score_or_from_few_images_says_so(tmp_path, synt
         shutil.copytree(f"{synth}/{d}", plain / d)
     one = ["--checkpoint", str(run / "generator_AtoB.safetensors"), "--dataroot", str(plain), "--device", "cpu"]
     assert ev.main([*one, "--no-fid"]) == 2
-    assert "nothing to score with --no-fid" in capsys.readouterr().err
+    assert "nothing to score with --no-fid: " + one[1] + " holds one generator (no cycle to score)" in (
+        capsys.readouterr().err)
+    # A run directory holds two; --direction chose one of them (it said "holds one generator ... give the run
+    # directory" to a run directory).
+    assert ev.main(["--checkpoint", str(run), "--dataroot", str(plain), "--device", "cpu", "--no-fid",
+                    "--direction", "BtoA"]) == 2
+    assert ("nothing to score with --no-fid: --direction BtoA scores one generator (no cycle to score) and "
+            f"{plain} has no *_truth_* folders (no target): drop --no-fid for FID/KID, or leave --direction out") in (
+        capsys.readouterr().err)
     if fm.metrics_available():
         assert ev.main(one) == 0
         assert "note: FID/KID from few images (AtoB 3 / 3 generated / real" in capsys.readouterr().out

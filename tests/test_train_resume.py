@@ -629,6 +629,9 @@ def test_repeating_a_training_flag_with_the_checkpoints_value_is_no_conflict():
     same = {"ngf": ck.model.ngf, "seed": ck.run.seed, "lr_policy": ck.optim.lr_policy, "pool_size": ck.loss.pool_size}
     assert training_field_conflicts(ck, same) == []
     assert len(training_field_conflicts(ck, {"ngf": ck.model.ngf * 2})) == 1
+    # A field the run left unset (lambda_A follows --lambda-cycle) said "(checkpoint: None)".
+    assert ck.loss.lambda_A is None
+    assert training_field_conflicts(ck, {"lambda_A": 3.0}) == ["lambda_A=3.0 (checkpoint: unset, its default)"]
 
 
 def test_resume_alone_keeps_a_synthetic_runs_dataset():

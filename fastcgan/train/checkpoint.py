@@ -568,7 +568,7 @@ def training_field_conflicts(ckpt_cfg: TrainConfig, overrides: dict) -> list[str
     a = ckpt_cfg.flat()
     free = ("epochs_decay", "lr") if a["lr_policy"] == "cosine" else SCHEDULE_FIELDS
     return [
-        f"{k}={overrides[k]!r} (checkpoint: {a[k]!r})"
+        f"{k}={overrides[k]!r} (checkpoint: {'unset, its default' if a[k] is None else repr(a[k])})"
         + (" -- the cosine schedule's period (--epochs) is fixed at the start" if k in SCHEDULE_FIELDS else "")
         for k in overrides
         if k in TRAINING_FIELDS and k not in free and overrides[k] != a[k]

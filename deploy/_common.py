@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from fastcgan.devices import resolve_device  # noqa: F401  (re-exported for the deploy modules)
-from fastcgan.fileio import parse_json
+from fastcgan.fileio import parse_json, read_json
 
 METADATA_KEY = "fastcgan"
 DIRECTIONS = ("AtoB", "BtoA")
@@ -262,8 +262,7 @@ def load_torch_generator(
             st = os.path.join(path, f"generator_{direction}.safetensors")
             cj = os.path.join(path, "config.json")
             if not os.path.exists(st) and os.path.exists(cj):
-                with open(cj) as f:
-                    config = parse_json(f.read())
+                config = read_json(cj)
         if not config and os.path.isfile(st):
             config = _safetensors_config(st)
     config = {k: v for k, v in config.items() if k != "backend"}

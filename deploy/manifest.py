@@ -35,7 +35,7 @@ import warnings
 from typing import Any
 
 from fastcgan.deploy._common import ArtifactError, GeneratorSpec
-from fastcgan.fileio import parse_json
+from fastcgan.fileio import read_json
 
 MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_FORMAT = "fastcgan.artifact-manifest"
@@ -99,8 +99,7 @@ def read_manifest(path: str) -> dict:
     if not os.path.isfile(mp):
         raise UntrustedArtifactError(path, f"no manifest ({os.path.basename(mp)} is missing)")
     try:
-        with open(mp, encoding="utf-8") as f:
-            m = parse_json(f.read())
+        m = read_json(mp)
     except (OSError, ValueError) as e:
         raise UntrustedArtifactError(path, f"unreadable manifest {os.path.basename(mp)} ({e})") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("sha256"), str):

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from fastcgan.deploy._common import MAX_STATIC_SIDE, ArtifactError, GeneratorSpec
 from fastcgan.deploy.manifest import verified_bytes, write_manifest
-from fastcgan.fileio import parse_json
+from fastcgan.fileio import read_json
 
 MAX_PROFILE_BATCH = 1024  # --min/--opt/--max-shape batch; sides at most MAX_STATIC_SIDE
 
@@ -171,8 +171,7 @@ def read_engine_spec(path: str) -> tuple[GeneratorSpec, list | None]:
     side = path + ".json"
     if not os.path.exists(side):
         return GeneratorSpec(), None
-    with open(side) as f:
-        d = parse_json(f.read())
+    d = read_json(side)
     return GeneratorSpec.from_json(json.dumps(d["spec"])), d.get("profile")
 
 

@@ -35,7 +35,7 @@ import os
 
 import torch
 
-from fastcgan.fileio import parse_json
+from fastcgan.fileio import read_json
 
 __all__ = ["evaluate_paired", "is_paired_root", "iter_pairs", "paired_scores"]
 
@@ -69,8 +69,7 @@ def _run_settings(checkpoint: str) -> tuple[str | None, str | None]:
         except CheckpointError:
             return None, None  # loading it says what is wrong
     try:
-        with open(os.path.join(checkpoint, "config.json")) as f:
-            d = parse_json(f.read())
+        d = read_json(os.path.join(checkpoint, "config.json"))
         return d.get("model", {}).get("recipe"), d["data"].get("direction")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, None

@@ -12,8 +12,9 @@ that :func:`remove_stale_temporaries` deletes later. A failed write (disk full, 
 folder, quota) raises :class:`WriteError` naming the file and the cause; the previous file is
 untouched and the partial temporary is removed.
 
-Read back, a JSON file someone else may have written goes through :func:`parse_json`, whose every
-failure on bad content is a ``ValueError``.
+Read back, JSON someone else may have written goes through :func:`parse_json` (text) or
+:func:`read_json` (a file, at most :data:`MAX_JSON_BYTES`), whose every failure on bad content is a
+``ValueError``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from typing import BinaryIO, Union
 
 __all__ = ["OutputExistsError", "WriteError", "atomic_write", "atomic_writer", "move_into_place",
-           "output_folder_problem", "parse_json", "remove_stale_temporaries", "temporary_name"]
+           "output_folder_problem", "parse_json", "read_json", "remove_stale_temporaries", "temporary_name"]
 
 
 def parse_json(text: Union[str, bytes]):
@@ -39,6 +40,21 @@ def parse_json(text: Union[str, bytes]):
         return json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply to read") from None
+
+
+# A manifest, a run's config.json, an engine's sidecar: a few KiB. A larger file is no such file,
+# and reading it whole would take as much memory as it has bytes.
+MAX_JSON_BYTES = 1 << 20
+
+
+def read_json(path: str, limit: int = MAX_JSON_BYTES):
+    """The JSON document in the file ``path``: :func:`parse_json` of at most ``limit`` bytes (a
+    larger file is a ``ValueError`` before it is read); ``OSError`` when it cannot be read."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit:,} bytes: not one of the small JSON files read here")
+    return parse_json(data)
 
 
 class WriteError(OSError):

@@ -1056,6 +1056,12 @@ def test_json_nested_too_deeply_is_an_error_naming_the_file(gen_file, tmp_path, 
     assert _translate(pt2, "--input", src, "--output", tmp_path / "o") == 2
     assert "g.pt2: refused to load: unreadable manifest g.pt2.manifest.json (JSON nested too deeply to read)" in (
         capsys.readouterr().err)
+    # Nor is a manifest read whole whatever its size (a few hundred bytes from fastcgan-export).
+    with open(tmp_path / "g.pt2.manifest.json", "w") as f:
+        f.write('{"pad": "' + " " * (2 << 20) + '"}')
+    assert _translate(pt2, "--input", src, "--output", tmp_path / "o") == 2
+    assert "manifest.json is larger than 1,048,576 bytes: not one of the small JSON files read here" in (
+        capsys.readouterr().err)
     bad = tmp_path / "deep.safetensors"
     with safe_open(str(gen_file), "pt") as f:
         meta = f.metadata()

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from fastcgan._cli import Parser
-from fastcgan.fileio import parse_json, remove_stale_temporaries
+from fastcgan.fileio import read_json, remove_stale_temporaries
 
 __all__ = [
     "MANIFEST",
@@ -322,8 +322,7 @@ def _write_split_dataset(out_dir, size, n_train, n_test, seed, layout: str, doma
 
 def _complete(root: str, params: dict, folders: tuple[str, ...] = _FOLDERS) -> bool:
     try:
-        with open(os.path.join(root, MANIFEST)) as fh:
-            manifest = parse_json(fh.read())
+        manifest = read_json(os.path.join(root, MANIFEST))
     except (OSError, ValueError):
         return False
     if {k: manifest.get(k) for k in params} != params:

@@ -353,15 +353,17 @@ class Translator:
     def check_images(self, sizes) -> None:
         """Images known from their file headers, before anything runs: ``sizes`` yields
         ``(what, h, w)``. Each one's tile count (:meth:`check_tile_count`, a ValueError); the memory
-        (:meth:`check_memory`) of the largest pass run whole and of the largest tile: the others
-        take no more."""
-        largest: dict[bool, tuple] = {}  # the largest pass run whole, and in tiles
+        (:meth:`check_memory`) of the pass run whole that needs the most, and of the image run in
+        tiles that needs the most (its own buffers and one tile's floor): the others take no more."""
+        per_pixel = self._floor_per_pixel(True) or 0  # computed once (a meta forward), then kept
+        largest: dict[bool, tuple] = {}  # the most demanding image run whole, and in tiles
         for what, h, w in sizes:
             self.check_tile_count(h, w, what=what)
             tiled = self.needs_tiles(h, w)
-            if tiled not in largest or math.prod(self._run_hw(h, w)) > math.prod(self._run_hw(*largest[tiled][1:])):
-                largest[tiled] = (what, h, w)
-        for what, h, w in largest.values():
+            need = per_pixel * math.prod(self._run_hw(h, w)) + (self.tiled_image_bytes(h, w) if tiled else 0)
+            if tiled not in largest or need > largest[tiled][0]:
+                largest[tiled] = (need, what, h, w)
+        for _, what, h, w in largest.values():
             self.check_memory(h, w, what=what)
 
     def check_memory(self, h: int, w: int, what: str = "the image") -> None:
@@ -376,9 +378,11 @@ class Translator:
     def tiled_image_bytes(self, h: int, w: int) -> int:
         """Bytes an ``h x w`` uint8 image holds on the device while it runs in tiles, whatever the
         tile: its fp32 input, the fp32 output the tiles are blended into and the summed blend
-        weights (:func:`~fastcgan.deploy.tiling.tiled_apply`). Tiles bound the generator's memory,
-        not these: a 100-Mpx image holds 2.8 GB of them in RGB."""
-        return 4 * (self.input_nc + (self.output_nc or self.input_nc) + 1) * h * w
+        weights (:func:`~fastcgan.deploy.tiling.tiled_apply`); on a CPU also the decoded image
+        itself. Tiles bound the generator's memory, not these: a 100-Mpx RGB image holds 2.8 GB
+        of them (3.1 GB on a CPU). The conversions before and after hold less (in place)."""
+        per_pixel = 4 * (self.input_nc + (self.output_nc or self.input_nc) + 1)
+        return (per_pixel + (self.input_nc if self.device.type == "cpu" else 0)) * h * w
 
     def _run_hw(self, h: int, w: int) -> tuple[int, int]:
         """The padded size one forward pass of an ``h x w`` image runs at: the image's, or in tiles a
@@ -490,12 +494,13 @@ class Translator:
         return y.to(device=src_device, dtype=src_dtype if src_dtype.is_floating_point else torch.float32)
 
     def _uint8_to_model(self, x: Tensor) -> Tensor:
-        # Move the compact uint8 to the device first, convert there.
-        return x.to(self.device).float() / 127.5 - 1.0
+        # Move the compact uint8 to the device first, convert there; in place: one float copy
+        # (tiled_image_bytes counts no more).
+        return x.to(self.device).float().div_(127.5).sub_(1.0)
 
     @staticmethod
     def _model_to_uint8(y: Tensor) -> Tensor:
-        return ((y.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+        return y.float().add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)  # one float copy of y
 
     # -- one call for every input kind ---------------------------------------------------------
     def __call__(self, images):
@@ -560,7 +565,7 @@ class Translator:
                 step = 1 if self.needs_tiles(shape[-2], shape[-1]) else bs
                 for s in range(0, len(idx), step):
                     part = idx[s:s + step]
-                    x = torch.cat([items[i][0] for i in part], 0)
+                    x = items[part[0]][0] if len(part) == 1 else torch.cat([items[i][0] for i in part], 0)
                     if dtype == torch.uint8:
                         y = self._model_to_uint8(self.translate_tensor(self._uint8_to_model(x))).cpu()
                     else:

@@ -891,7 +891,7 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     big = tmp_path / "data" / "testA" / "big.png"
     assert f"{big}: running the generator on 64x48 (WxH) needs" in capsys.readouterr().err
     assert evaluate([*ev, "--tile", "32"]) == 2  # the image's buffers and a tile's floor are more than that
-    assert "big.png: the whole 64x48 (WxH) image's float input, output and blend weights take 84.0 KiB, and " in (
+    assert "big.png: the whole 64x48 (WxH) image's float input, output and blend weights take 93.0 KiB, and " in (
         capsys.readouterr().err)
     monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(tiled))
     assert evaluate([*ev, "--tile", "32"]) == 0
@@ -945,9 +945,18 @@ def test_the_inference_floor_follows_the_engine(run_dir, good_onnx, monkeypatch)
     monkeypatch.setattr(runtime, "memory_to_check", lambda device: int(narrow))
     tr.check_images([("narrow.png", 16, 100)])
     with pytest.raises(runtime.InferenceMemoryError, match=r"^wide.png: the whole 100x40 \(WxH\) image's "
-                       r"float input, output and blend weights take 109\.4 KiB, and running the generator on a tile "
+                       r"float input, output and blend weights take 121\.1 KiB, and running the generator on a tile "
                        r"of 32x32 \(WxH\)"):
         tr.check_images([("narrow.png", 16, 100), ("wide.png", 40, 100)])
+    # In tiles, the image that needs the most is judged, not the first: two images larger than the
+    # tile on both sides run the same tiles, and the larger one's own buffers are the larger.
+    monkeypatch.setattr(runtime, "memory_to_check",
+                        lambda device: int(tr._floor_per_pixel(True) * 32 * 32 + tr.tiled_image_bytes(40, 40)))
+    tr.check_images([("small.png", 40, 40)])
+    with pytest.raises(runtime.InferenceMemoryError, match=r"^huge.png: the whole 400x400 \(WxH\) image's"):
+        tr.check_images([("small.png", 40, 40), ("huge.png", 400, 400)])
+    # 4 B of fp32 input, output and blend weight a channel, and on a CPU the decoded uint8 image.
+    assert tr.tiled_image_bytes(10, 10) == (4 * (3 + 3 + 1) + 3) * 100
     assert load(str(good_onnx), device="cpu")._floor_per_pixel(True) is None
     net = load_generator(str(run_dir))
     fp32 = _translator(net, "cpu", None, 1)._floor_per_pixel(True)

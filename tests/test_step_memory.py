@@ -331,8 +331,8 @@ def test_processes_keep_an_auto_bank_only_if_every_one_can():
     step cannot fit at all refuses the run on every process (each gets the same clean error)."""
     import fastcgan.train.loop as loop
 
-    class Ranks:  # this process, then the others' (bank on, refusal with the bank, refusal without)
-        def __init__(self, *others):
+    class Ranks:  # this process, then the others' (bank on, refusal with the bank, refusal without,
+        def __init__(self, *others):  # warning with the bank, warning without)
             self.others, self.world_size = others, 1 + len(others)
 
         def gather_objects(self, obj):
@@ -341,21 +341,27 @@ def test_processes_keep_an_auto_bank_only_if_every_one_can():
     cfg = _cfg("cyclegan128", 32, {}, data_on_gpu=True)
     fits = lambda cfg, bank_bytes=0: None  # noqa: E731 - the step fits here with or without the bank
     cpu = torch.device("cpu")
-    kept, lines = loop._fit_step_and_bank(cfg, "line", fits, 1000, True, Ranks((True, None, None)), cpu)
+    kept, lines = loop._fit_step_and_bank(cfg, "line", fits, 1000, True, Ranks((True, None, None, None, None)), cpu)
     assert kept.data.data_on_gpu and lines == ["line"]
-    for other in [(False, None, None), (True, "no room for the bank there", None)]:
+    for other in [(False, None, None, None, None), (True, "no room for the bank there", None, None, None)]:
         off, lines = loop._fit_step_and_bank(cfg, "line", fits, 1000, True, Ranks(other), cpu)
         assert off.data.data_on_gpu is False
         assert len(lines) == 1 and lines[0].endswith("; the images stay off the GPU (another process has no room "
                                                      "for them)")
     # Asked for explicitly: refused everywhere when any process cannot hold it.
     with pytest.raises(ConfigError, match="^no room for the bank there$"):
-        loop._fit_step_and_bank(cfg, "line", fits, 1000, False, Ranks((True, "no room for the bank there", None)),
-                                cpu)
+        loop._fit_step_and_bank(cfg, "line", fits, 1000, False,
+                                Ranks((True, "no room for the bank there", None, None, None)), cpu)
     # A step that does not fit on another process: this one refuses too, with that process's words.
     with pytest.raises(ConfigError, match="^the step needs 9 GiB there$"):
-        loop._fit_step_and_bank(cfg, "line", fits, 1000, True, Ranks((True, None, "the step needs 9 GiB there")),
-                                cpu)
+        loop._fit_step_and_bank(cfg, "line", fits, 1000, True,
+                                Ranks((True, None, "the step needs 9 GiB there", None, None)), cpu)
+    # Process 0 says every process's warning (only it prints), each once, as the bank ends up.
+    tight = "fastcgan: warning: training 1 image(s) ... may run out of memory"
+    _, lines = loop._fit_step_and_bank(cfg, "line", fits, 1000, True,
+                                       Ranks((True, None, None, "with the bank", tight), (False, None, None, None, tight),
+                                             (True, None, None, None, tight)), cpu)
+    assert lines[1:] == ["fastcgan: warning: process 1: training 1 image(s) ... may run out of memory"]
 
 
 def test_kept_activations_counts_a_shared_input_once_and_no_grad_forwards_not_at_all():

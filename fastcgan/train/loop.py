@@ -184,8 +184,8 @@ def _fit_step_and_bank(cfg: TrainConfig, fast_line: str, fits, nbytes: Optional[
     :func:`check_step_fits` of this run), decided alike on every process (one gather): a floor that
     does not fit on any process refuses the run everywhere; a bank that auto turned on (a quarter of
     the free memory) stays on only if every process holds it and its step still fits (the bank and
-    the loader draw different batches). Returns the config as it ends up and the lines to print:
-    the execution line, and this process's warning when its step may not fit."""
+    the loader draw different batches). Returns the config as it ends up and the lines to print
+    (on process 0): the execution line, and the warning of each process whose step may not fit."""
 
     def verdict(c: TrainConfig, bank_bytes: int) -> tuple[Optional[str], Optional[str]]:
         """(why it cannot fit, or the warning that it may not)."""
@@ -195,23 +195,27 @@ def _fit_step_and_bank(cfg: TrainConfig, fast_line: str, fits, nbytes: Optional[
             return str(e), None
 
     keep = bool(cfg.data.data_on_gpu)
-    with_bank, warning = verdict(cfg, nbytes or 0) if keep else (None, None)
-    without, without_warning = (verdict(cfg.replace(data_on_gpu=False), 0) if with_bank or not keep
-                                else (None, None))
-    seen = ctx.gather_objects((keep, with_bank, without))  # every process reaches this
-    for _, _, words in seen:
+    with_bank, with_warning = verdict(cfg, nbytes or 0) if keep else (None, None)
+    without, without_warning = verdict(cfg.replace(data_on_gpu=False), 0)
+    # Every process reaches this; its verdicts and warnings both ways, so that process 0 can say them all.
+    seen = ctx.gather_objects((keep, with_bank, without, with_warning, without_warning))
+    for *_, words, _, _ in seen:
         if words:
             raise ConfigError(words)
-    if not keep:
-        warning = without_warning
-    elif not all(k and not w for k, w, _ in seen):
+    bank_kept = keep and all(k and not w for k, w, *_ in seen)
+    if keep and not bank_kept:
         if not auto_bank:  # asked for: refused as the user asked it
-            raise ConfigError(next(w for _, w, _ in seen if w))
+            raise ConfigError(next(w for _, w, *_ in seen if w))
         why = "the step needs the memory" if with_bank else "another process has no room for them"
         cfg, fast_line = resolve_fast_path(cfg.replace(data_on_gpu=False), device, ctx.world_size)
         fast_line += f"; the images stay off the GPU ({why})"
-        warning = without_warning if with_bank else verdict(cfg, 0)[1]
-    return cfg, [fast_line] + ([warning] if warning else [])
+    lines, said = [fast_line], set()
+    for rank, (*_, warn_with, warn_without) in enumerate(seen):
+        warning = warn_with if bank_kept else warn_without
+        if warning and warning not in said:  # the same words from several processes: once
+            said.add(warning)
+            lines.append(warning if rank == 0 else warning.replace(": warning: ", f": warning: process {rank}: ", 1))
+    return cfg, lines
 
 
 def _synthetic_step_size(cfg: TrainConfig) -> tuple[int, int]:

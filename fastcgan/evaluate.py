@@ -719,9 +719,11 @@ def _main(argv: list[str] | None) -> int:
         return 1
     scored = [res[name] for name, _, _ in DIRECTIONS if isinstance(res.get(name), dict)]
     if a.no_fid and scored and all(set(r) <= {"n", "skipped"} for r in scored):
-        chosen = a.direction and (os.path.isdir(a.checkpoint) or a.checkpoint.endswith(".ckpt"))  # of two
+        run = os.path.isdir(a.checkpoint) or a.checkpoint.endswith(".ckpt")
+        chosen = bool(a.direction) and run and len(run_generators(a.checkpoint)) > 1  # one of its two
         one = f"--direction {a.direction} scores one generator" if chosen else f"{a.checkpoint} holds one generator"
-        instead = "leave --direction out" if chosen else "give the run directory"
+        instead = ("leave --direction out" if chosen else "add *_truth_* folders" if run  # a one-way run
+                   else "give the run directory")
         print(f"fastcgan-eval: error: nothing to score with --no-fid: {one} (no cycle to score) and {a.dataroot} has "
               f"no *_truth_* folders (no target): drop --no-fid for FID/KID, or {instead}", file=sys.stderr)
         return 2

@@ -105,6 +105,12 @@ def test_a_score_with_nothing_to_score_or_from_few_images_says_so(tmp_path, synt
     assert ("nothing to score with --no-fid: --direction BtoA scores one generator (no cycle to score) and "
             f"{plain} has no *_truth_* folders (no target): drop --no-fid for FID/KID, or leave --direction out") in (
         capsys.readouterr().err)
+    # A one-way run (CUT, pix2pix) has one generator whatever --direction says: targets are the way.
+    (run / "generator_BtoA.safetensors").unlink()
+    assert ev.main(["--checkpoint", str(run), "--dataroot", str(plain), "--device", "cpu", "--no-fid",
+                    "--direction", "AtoB"]) == 2
+    assert (f"{run} holds one generator (no cycle to score) and {plain} has no *_truth_* folders (no target): drop "
+            "--no-fid for FID/KID, or add *_truth_* folders") in capsys.readouterr().err
     if fm.metrics_available():
         assert ev.main(one) == 0
         assert "note: FID/KID from few images (AtoB 3 / 3 generated / real" in capsys.readouterr().out

@@ -6,19 +6,30 @@ import argparse
 import contextlib
 import functools
 import importlib
+import os
 import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 
 
+def _from_fastcgan(filename: str) -> bool:
+    """Whether ``filename`` is a module of fastcgan's (``fastcgan.deploy`` and ``fastcgan.kernels``
+    live in their own top-level folders in a source checkout)."""
+    folders = {os.path.dirname(m.__file__) for name, m in list(sys.modules.items())
+               if name.split(".")[0] == "fastcgan" and getattr(m, "__file__", None)}
+    return any(os.path.dirname(os.path.abspath(filename)) == f for f in folders)
+
+
 @contextlib.contextmanager
 def one_line_warnings(prog: str) -> Iterator[None]:
     """A command's warnings as ``PROG: warning: MESSAGE``, one line each (Python's format added the
-    fastcgan source line that raised it, a second line). At the console script, not in ``main``:
-    a caller of ``main`` (a test, a notebook) gets the warnings themselves."""
+    fastcgan source line that raised it, a second line); another library's keep their category
+    and origin. At the console script, not in ``main``: a caller of ``main`` (a test, a notebook)
+    gets the warnings themselves."""
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file)
+        origin = "" if _from_fastcgan(filename) else f"{category.__name__} from {filename}:{lineno}: "
+        print(f"{prog}: warning: {origin}{message}", file=sys.stderr if file is None else file)
 
     with warnings.catch_warnings():
         warnings.showwarning = show

@@ -1072,6 +1072,21 @@ def test_json_nested_too_deeply_is_an_error_naming_the_file(gen_file, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+def test_another_librarys_warning_keeps_its_category_and_origin(capsys):
+    """One line each; fastcgan's own are said as the command's, another library's keep where they
+    come from (a torch deprecation said as the command's own would mislead)."""
+    import warnings
+
+    import fastcgan.deploy.runtime
+    from fastcgan._cli import one_line_warnings
+
+    with one_line_warnings("prog"):
+        warnings.warn_explicit("ours", UserWarning, fastcgan.deploy.runtime.__file__, 10)
+        warnings.warn_explicit("theirs", FutureWarning, "/lib/site-packages/other/mod.py", 3)
+    assert capsys.readouterr().err == ("prog: warning: ours\n"
+                                       "prog: warning: FutureWarning from /lib/site-packages/other/mod.py:3: theirs\n")
+
+
 def test_warnings_are_one_line_and_an_unreadable_input_says_why(gen_file, tmp_path, capsys, caplog, monkeypatch):
     """Python's warning format added the fastcgan source line that raised it (two lines a warning,
     and eval printed each skipped file twice more); one unreadable --input said only "not a readable

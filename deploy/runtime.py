@@ -198,6 +198,8 @@ class OrtRunner(_Runner):
         except Exception as e:  # onnxruntime's errors derive from Exception alone
             if not type(e).__module__.startswith("onnxruntime"):
                 raise
+            if is_out_of_memory(e):  # said as memory (the Translator names the size and --tile), not as the model
+                raise MemoryError(str(e).strip()[:500]) from None
             # A model its metadata does not describe (edited, or foreign): named, not a raw error.
             raise ArtifactError(self.path, f"onnxruntime failed on a {'x'.join(map(str, x.shape))} input: "
                                 f"{str(e).strip()[:500]}") from None

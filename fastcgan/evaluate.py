@@ -65,7 +65,7 @@ from fastcgan.data.images import (
     resize_square,
 )
 from fastcgan.devices import resolve_device
-from fastcgan.fileio import atomic_write, output_folder_problem, parse_json
+from fastcgan.fileio import atomic_write, output_folder_problem, read_json
 
 MAX_BATCH_SIZE = 1024  # --batch-size: images held at a time; a bound so that a typo cannot ask for unbounded memory
 
@@ -624,10 +624,7 @@ def _json_path_problem(a) -> str | None:
 def _is_eval_result(path: str) -> bool:
     """Whether ``path`` holds a fastcgan-eval result (read only when small: ours are a few kB)."""
     try:
-        if os.path.getsize(path) > 1 << 20:
-            return False
-        with open(path, "rb") as f:
-            doc = parse_json(f.read())
+        doc = read_json(path)
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and doc.get("written_by") == WRITTEN_BY

@@ -49,7 +49,10 @@ MAX_JSON_BYTES = 1 << 20
 
 def read_json(path: str, limit: int = MAX_JSON_BYTES):
     """The JSON document in the file ``path``: :func:`parse_json` of at most ``limit`` bytes (a
-    larger file is a ``ValueError`` before it is read); ``OSError`` when it cannot be read."""
+    larger file is a ``ValueError`` before it is read; so is a FIFO or device, which ``open`` would
+    wait on or read forever); ``OSError`` when it cannot be read."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{path} is not a regular file")
     with open(path, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:

@@ -930,6 +930,24 @@ def test_an_image_that_cannot_fit_whole_is_refused_before_anything_is_written(ru
     odd.check_memory(48, 64)
 
 
+def test_onnxruntime_out_of_memory_is_said_as_memory(good_onnx, monkeypatch):
+    """onnxruntime's allocation failure became "onnxruntime failed on a ... input" (the model blamed,
+    exit 2): it is the out-of-memory error that names the size and --tile."""
+    from fastcgan.deploy import runtime
+
+    class Fail(Exception):
+        __module__ = "onnxruntime.capi.onnxruntime_pybind11_state"
+
+    def no_memory(x):
+        raise Fail("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")
+
+    tr = load(str(good_onnx), device="cpu")
+    monkeypatch.setattr(tr.runner, "_run", no_memory)
+    with pytest.raises(runtime.InferenceMemoryError, match=r"^out of memory on cpu running the generator on a batch "
+                       r"of 1 at 32x32 \(WxH\) \(\[ONNXRuntimeError\].*Failed to allocate memory"):
+        tr(torch.zeros(1, 3, 32, 32))
+
+
 def test_the_inference_floor_follows_the_engine(run_dir, good_onnx, monkeypatch):
     """A tile no larger than the image is what runs (a narrow image's tiles are narrow); an engine
     that holds its own memory (onnxruntime's arena, TensorRT's context) gets no floor; a generator

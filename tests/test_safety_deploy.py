@@ -1056,7 +1056,12 @@ def test_json_nested_too_deeply_is_an_error_naming_the_file(gen_file, tmp_path, 
     assert _translate(pt2, "--input", src, "--output", tmp_path / "o") == 2
     assert "g.pt2: refused to load: unreadable manifest g.pt2.manifest.json (JSON nested too deeply to read)" in (
         capsys.readouterr().err)
-    # Nor is a manifest read whole whatever its size (a few hundred bytes from fastcgan-export).
+    # Nor is a FIFO opened (it would wait for a writer), or a manifest read whole whatever its size.
+    from fastcgan.fileio import read_json
+
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(ValueError, match="fifo.json is not a regular file"):
+        read_json(str(tmp_path / "fifo.json"))
     with open(tmp_path / "g.pt2.manifest.json", "w") as f:
         f.write('{"pad": "' + " " * (2 << 20) + '"}')
     assert _translate(pt2, "--input", src, "--output", tmp_path / "o") == 2

@@ -125,7 +125,7 @@ class Recipe:
     # domain, as the official unaligned dataset does, and its generator is the run's BtoA one.
     reversible: bool = False
     # The dataset makes both images of a pair from one RGB image (colorization: its L and ab), so
-    # the loader's batch holds RGB in both slots (the datasets' own ``target_from_input``).
+    # the loader's batch holds that image in "A" and nothing in "B" (the datasets' own ``target_from_input``).
     target_from_input: bool = False
     # When the official training script steps the LR schedules: the CycleGAN / pix2pix repository's
     # train.py calls update_learning_rate() at the start of every epoch (epoch k runs at the

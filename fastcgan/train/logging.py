@@ -93,7 +93,7 @@ def _drop_records_after(path: str, step: int) -> None:
     def kept(line) -> bool:
         try:
             record = parse_json(line) if line is not None else None
-        except (ValueError, RecursionError):
+        except ValueError:
             return False  # cut short by a crash, or not JSON
         if not isinstance(record, dict):
             return line is not None

@@ -70,8 +70,8 @@ class _ShapeRun:
 def _batch_channels(cfg: TrainConfig, recipe: Recipe) -> dict[str, int]:
     """Channels of the uint8 batch the loader gives the recipe's ``augment``: a reversed run's
     dataset (``--direction BtoA``) already reads ``{phase}B`` as "A", with ``input_nc`` channels."""
-    if recipe.target_from_input:  # colorization: RGB images in both slots, split into L and ab by augment
-        return {"A": 3, "B": 3}
+    if recipe.target_from_input:  # colorization: the RGB image in "A" ("B" empty), split into L and ab by augment
+        return {"A": 3, "B": 0}
     return {"A": cfg.model.input_nc, "B": cfg.model.output_nc}
 
 

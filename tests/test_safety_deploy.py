@@ -984,27 +984,42 @@ def test_ctrl_c_is_one_line_and_exit_130(gen_file, tmp_path, monkeypatch, capsys
     assert "fastcgan-translate: interrupted" in err and "Traceback" not in err
 
 
+# Sends the process a real SIGINT the moment anything first imports torch (the slow part of a
+# command's start-up), then runs the command as its console script / ``-m`` would.
+_SIGINT_AT_TORCH_IMPORT = """
+import os, runpy, signal, sys
+class SigintAtTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, SigintAtTorch())
+target = sys.argv[1]
+sys.argv = [target, *sys.argv[2:]]
+if target.startswith("-m="):
+    runpy.run_module(target[3:], run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(target, run_name="__main__")
+"""
+
+
 @pytest.mark.parametrize("command", ["fastcgan-translate", "fastcgan-eval", "fastcgan-export", "fastcgan-download",
                                      "fastcgan-train", "-m fastcgan.train"])
 def test_ctrl_c_while_a_command_starts_is_one_line_and_exit_130(command):
     """The console scripts imported their command (torch with it: 1-3 s) before the Ctrl-C guard,
     so Ctrl-C then was a 26-48 line KeyboardInterrupt traceback; ``python -m fastcgan.train``
-    imported the whole trainer with its package. SIGINT 0.3 s in lands in those imports."""
-    import signal
-    import time
-
+    imported the whole trainer with its package. The SIGINT arrives as torch starts importing
+    (a timer was host-speed dependent); a torch import outside the guard fails this."""
     if command.startswith("-m"):
-        argv = [sys.executable, *command.split()]
+        target = "-m=" + command.split()[1]
     else:
-        script = shutil.which(command) or os.path.join(os.path.dirname(sys.executable), command)
-        argv = [script]
-    p = subprocess.Popen([*argv, "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)
-    p.send_signal(signal.SIGINT)
-    err = p.communicate(timeout=60)[1]
+        target = shutil.which(command) or os.path.join(os.path.dirname(sys.executable), command)
+    p = subprocess.run([sys.executable, "-c", _SIGINT_AT_TORCH_IMPORT, target, "--help"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, timeout=60)
     name = "fastcgan-train" if command.startswith("-m") else command
-    assert p.returncode == 130, err
-    assert err == f"{name}: interrupted before it started\n"
+    assert p.returncode == 130, p.stderr
+    assert p.stderr == f"{name}: interrupted before it started\n"
 
 
 def test_running_out_of_memory_outside_the_checks_is_one_line(gen_file, tmp_path, monkeypatch, capsys):

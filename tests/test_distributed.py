@@ -43,16 +43,21 @@ def _args(root, out, name, steps, *extra):
     ]  # fmt: skip
 
 
+def _torchrun(nproc, args):
+    """``torchrun`` running the trainer on ``args``; its logs go beside the runs in ``--output-dir``
+    (by default torchrun leaves a ``/tmp/torchelastic_*`` folder behind per launch)."""
+    logs = os.path.join(args[args.index("--output-dir") + 1], "torchrun-logs")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "--log-dir", logs, "-m", "fastcgan.train", *args]  # fmt: skip
+
+
 def _train(args, nproc, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     env.pop("WORLD_SIZE", None)
     if nproc == 1:
         cmd = [sys.executable, "-m", "fastcgan.train", *args]
     else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", str(nproc), "-m", "fastcgan.train", *args,
-        ]  # fmt: skip
+        cmd = _torchrun(nproc, args)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return r
@@ -131,8 +136,7 @@ def test_batch_must_divide_among_processes(synth, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     args = _args(synth, tmp_path, "odd", 2)
     args[args.index("--batch-size") + 1] = "3"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "fastcgan.train", *args]  # fmt: skip
+    cmd = _torchrun(2, args)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "--batch-size" in r.stderr and "multiple of the number of processes (2)" in r.stderr
@@ -194,8 +198,7 @@ def test_processes_that_list_different_files_are_refused(synth, tmp_path):
         "    d._list_domain = lambda *a, **k: _list(*a, **k)[:-1]\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "fastcgan.train", *_args(synth, tmp_path, "drift", 2)]  # fmt: skip
+    cmd = _torchrun(2, _args(synth, tmp_path, "drift", 2))
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     import re
@@ -217,8 +220,7 @@ def test_sigterm_stops_every_process_after_the_same_step_with_a_checkpoint(synth
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     args = _args(synth, tmp_path, "pre", 100000)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "fastcgan.train", *args]  # fmt: skip
+    cmd = _torchrun(2, args)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "pre" / "metrics.jsonl"
     deadline = time.time() + 300

@@ -19,7 +19,7 @@ the costs that matter for speed kept as they are there:
 What is timed: :meth:`OfficialCycleGAN.optimize_parameters` on a batch already on the device. The
 official loop additionally calls ``get_current_losses()`` (one ``.item()`` per loss) every
 ``print_freq`` = 100 iterations, i.e. amortised to nearly nothing, so it is *not* part of the timed
-step here (``read_losses()`` exists for callers who want it).
+step here.
 """
 
 from __future__ import annotations
@@ -253,12 +253,6 @@ class OfficialCycleGAN:
         self.backward_D_A()
         self.backward_D_B()
         self.optimizer_D.step()
-
-    def read_losses(self) -> dict[str, float]:
-        """``get_current_losses``: one host read per loss (the official loop does this every
-        ``print_freq`` iterations)."""
-        names = ("D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B")
-        return {n: float(getattr(self, "loss_" + n)) for n in names}
 
 
 def train_official(A: Tensor, B: Tensor, steps: int, seed: int, **model_kw):

@@ -119,6 +119,20 @@ def test_two_processes_equal_one(synth, tmp_path, extra):
     assert _loss_drift(one, tmp_path / "other") > 10 * LOSS_RTOL
 
 
+def test_compiled_networks_are_split_at_the_ddp_buckets(synth, tmp_path, monkeypatch):
+    """Under DDP each trained network is compiled where its DDP wrapper calls it, so Dynamo's
+    DDPOptimizer splits its graph at DDP's gradient buckets: one compiled backward per bucket, and a
+    bucket's all-reduce can run while the backward of the layers before it does. One unsplit graph
+    would be one backward node, every all-reduce after it. At ngf 16 a generator is two buckets."""
+    import re
+
+    monkeypatch.setenv("TORCH_LOGS", "torch._dynamo.backends.distributed")
+    r = _train(_args(synth, tmp_path, "split", 1, "--ngf", "16", "--compile", "--compile-backend", "aot_eager"), 2)
+    buckets = [int(n) for n in re.findall(r"\[rank0\].*DDPOptimizer used bucket cap \d+ and created (\d+) buckets",
+                                          r.stderr)]
+    assert buckets and max(buckets) >= 2, r.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_resume_across_world_sizes(synth, tmp_path, first, second):

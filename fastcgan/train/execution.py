@@ -136,7 +136,9 @@ def compile_phases(exe: Execution, cfg: TrainConfig, recipe: Recipe) -> None:
     capture it). The networks stay plain modules (checkpoints and samples use them as they are).
 
     Under DDP the phases call DDP wrappers, whose forward Dynamo cannot trace in one graph: each
-    network is compiled instead (DDP then wraps the compiled modules). The first step allocates
+    network is compiled instead (DDP then wraps the compiled modules). Compiled where DDP calls
+    it, a network's graph is split at DDP's gradient buckets (Dynamo's DDPOptimizer), one compiled
+    backward per bucket, so a bucket's all-reduce overlaps the backward before it. The first step allocates
     the image pools before it calls a compiled phase (:meth:`Execution.allocate_pools`)."""
     from fastcgan.ops import available_backends
 

@@ -26,6 +26,8 @@ table with each other, not with published FIDs (which use thousands of images at
     pytest bench/test_quality_fid.py -s              # N = 1000, one thread
     FASTCGAN_BENCH_FID_STEPS=300 pytest bench/test_quality_fid.py -s
     FASTCGAN_BENCH_FID_IDENTITY=1 ...                # also score the untranslated test sets
+    FASTCGAN_BENCH_FID_SEEDS=0,1,2,3 FASTCGAN_BENCH_FID_AMP=0 ...   # the seed-to-seed spread: fastcgan
+                                                     # fp32 and official rows per seed, then mean ± sd
 
 Measured on the 2-core AMD EPYC (AVX512-BF16) of the development machines, one thread: N = 1000
 took 10.0 min wall / 8.0 min CPU (training 3 x 2-3 min, each evaluation ~20-25 s); N = 300 3.9 min
@@ -52,7 +54,7 @@ DEFAULT_STEPS = 1000
 DIRECTIONS = ("AtoB", "BtoA")
 
 
-def _fastcgan_run(tmp_path, steps: int, amp: bool) -> tuple[dict, nn.Module, nn.Module]:
+def _fastcgan_run(tmp_path, steps: int, amp: bool, seed: int = SEED) -> tuple[dict, nn.Module, nn.Module]:
     from fastcgan.models import load_generator
     from fastcgan.train import TrainConfig, train
 
@@ -63,11 +65,11 @@ def _fastcgan_run(tmp_path, steps: int, amp: bool) -> tuple[dict, nn.Module, nn.
         "ngf": NGF,
         "ndf": NDF,
         "max_steps": steps,
-        "seed": SEED,
+        "seed": seed,
         "amp": amp,
         "device": "cpu",
         "output_dir": str(tmp_path),
-        "name": "amp" if amp else "fp32",
+        "name": f"{'amp' if amp else 'fp32'}-seed{seed}",
         "tensorboard": False,
         "progress": False,
         "log_every": 50,
@@ -94,11 +96,11 @@ def _load_train(domain: str) -> torch.Tensor:
     return torch.stack(imgs).float().div_(127.5).sub_(1.0)  # (N, 3, 64, 64) in [-1, 1]
 
 
-def _official_run(steps: int):
+def _official_run(steps: int, seed: int = SEED):
     sys.path.insert(0, os.path.dirname(__file__))
     from baselines.official_step import train_official
 
-    model, before, wall = train_official(_load_train("A"), _load_train("B"), steps, SEED, ngf=NGF, ndf=NDF,
+    model, before, wall = train_official(_load_train("A"), _load_train("B"), steps, seed, ngf=NGF, ndf=NDF,
                                          n_blocks=6)
     stats = {"seconds": round(wall, 1), "images_per_s": round(steps / wall, 3)}
     return stats, [_as_generator(g) for g in before], _as_generator(model.netG_A), _as_generator(model.netG_B)
@@ -108,6 +110,25 @@ def _as_generator(net: nn.Module) -> nn.Module:
     # What the deploy runtime needs to pad inputs: the arch (size multiple 4) and channels.
     net.config = {"arch": "resnet_6blocks", "input_nc": 3, "output_nc": 3}
     return net
+
+
+def _seed_spread(rows: list[tuple[str, dict, dict]]) -> None:
+    """Mean ± sample standard deviation over the seeds of each kind of row: whether a gap between
+    two rows of one seed is larger than the seed-to-seed spread."""
+    import statistics
+
+    kinds: dict[str, list[dict]] = {}
+    for name, _, m in rows:
+        if ", seed " in name:
+            kinds.setdefault(name.split(", seed ")[0], []).append(m)
+    print("| run | seeds | FID A→B | KID A→B | FID B→A | KID B→A |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for kind, ms in kinds.items():
+        cells = []
+        for key, fmt in (("fid_AtoB", ".1f"), ("kid_AtoB_mean", ".3f"), ("fid_BtoA", ".1f"), ("kid_BtoA_mean", ".3f")):
+            v = [m[key] for m in ms]
+            cells.append(f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v):{fmt}}")
+        print(f"| {kind} | {len(ms)} | {' | '.join(cells)} |")
 
 
 class _Identity(nn.Module):
@@ -142,15 +163,19 @@ def _table(bench_record, fm, steps: int, tmp_path) -> None:
     ev = fm.TrainingEvaluator(DATA, phase="test", device="cpu", image_size=SIZE, batch_size=8)
     print(f"\nreal-image features ({ev.num_images}) in {ev.setup_seconds:.1f} s")
 
+    seeds = [int(v) for v in os.environ.get("FASTCGAN_BENCH_FID_SEEDS", str(SEED)).split(",")]
+    amp_rows = os.environ.get("FASTCGAN_BENCH_FID_AMP", "1") == "1"
     rows: list[tuple[str, dict, dict]] = []
     if os.environ.get("FASTCGAN_BENCH_FID_IDENTITY", "0") == "1":  # one more evaluation (~30 s)
         rows.append(("identity (no translation)", {}, ev(_Identity(), _Identity())))
-    off_stats, before, off_AB, off_BA = _official_run(steps)
-    rows.append(("before training (init)", {}, ev(*before)))
-    for amp in (False, True):
-        stats, G_AB, G_BA = _fastcgan_run(tmp_path, steps, amp)
-        rows.append((f"fastcgan {'--amp (bf16)' if amp else 'fp32'}", stats, ev(G_AB, G_BA)))
-    rows.append(("official-style eager fp32", off_stats, ev(off_AB, off_BA)))
+    for seed in seeds:
+        tag = f", seed {seed}" if len(seeds) > 1 else ""
+        off_stats, before, off_AB, off_BA = _official_run(steps, seed)
+        rows.append((f"before training (init){tag}", {}, ev(*before)))
+        for amp in (False, True) if amp_rows else (False,):
+            stats, G_AB, G_BA = _fastcgan_run(tmp_path, steps, amp, seed)
+            rows.append((f"fastcgan {'--amp (bf16)' if amp else 'fp32'}{tag}", stats, ev(G_AB, G_BA)))
+        rows.append((f"official-style eager fp32{tag}", off_stats, ev(off_AB, off_BA)))
     total, cpu_total = time.perf_counter() - t_all, time.process_time() - cpu_all
 
     print(
@@ -180,5 +205,7 @@ def _table(bench_record, fm, steps: int, tmp_path) -> None:
             **m,
         )
     print(f"network: {fm.NETWORK}")
+    if len(seeds) > 1:
+        _seed_spread(rows)
     for name, _, m in rows:
         assert all(torch.isfinite(torch.tensor(v)) for v in m.values()), name

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from fastcgan.data import ensure_synthetic_dataset
@@ -105,7 +104,7 @@ def test_two_processes_equal_one(synth, tmp_path, extra):
     """Under DDP --compile compiles each network (DDP's forward cannot be traced inside the
     single-process whole-phase graphs); aot_eager keeps the numbers eager-exact."""
     _train(_args(synth, tmp_path, "one", 6, *extra), 1)
-    r = _train(_args(synth, tmp_path, "two", 6, *extra), 2)
+    _train(_args(synth, tmp_path, "two", 6, *extra), 2)
     one, two = tmp_path / "one", tmp_path / "two"
     # Logged losses are the global-batch means on both, step by step.
     assert [m["step"] for m in _metrics(two)] == list(range(1, 7))

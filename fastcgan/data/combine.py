@@ -20,7 +20,6 @@ saved in the format of their file name (official behaviour; JPEG at quality 95),
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys

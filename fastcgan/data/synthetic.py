@@ -24,7 +24,6 @@ B renderings, whose colours follow from their lightness.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re

@@ -67,8 +67,6 @@ def sample_grid(exe, recipe, images: dict[str, torch.Tensor]) -> torch.Tensor:
     return ((grid + 1) / 2).clamp(0, 1).cpu()
 
 
-
-
 # A metrics.jsonl record is ~300 bytes; a longer "line" is not one of ours (read in pieces, dropped).
 _MAX_RECORD = 1 << 16
 

@@ -106,6 +106,25 @@ def test_checksum_mismatch_corrupt_and_unsafe_archives(server, tmp_path):
         assert os.listdir(tmp_path) == [] and not os.path.exists(tmp_path.parent / "escaped.txt")
 
 
+@pytest.mark.parametrize("args, said", [(["facades"], "dataset"), (["facades_label2photo", "--pretrained"], "model"),
+                                        (["facades", "--pix2pix"], None), (["horse2zebra"], None)])
+def test_a_name_both_collections_have_says_which_it_fetches(monkeypatch, tmp_path, capsys, args, said):
+    """facades / maps (datasets) and sat2map / map2sat / facades_label2photo (models) exist in both
+    collections; the CycleGAN one was fetched without a word when --pix2pix was left out."""
+    from fastcgan.models import pretrained
+
+    got = []
+    for mod, fn in ((dl, "download_dataset"), (pretrained, "download_pretrained")):
+        monkeypatch.setattr(mod, fn, lambda name, root, collection=None, **kw: got.append(collection) or root)
+    assert main([*args, "--root", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert got == ["pix2pix" if "--pix2pix" in args else None]
+    if said:
+        assert f"{args[0]} is a CycleGAN and a pix2pix {said}: fetching the CycleGAN one (--pix2pix" in err
+    else:
+        assert "fetching the CycleGAN one" not in err
+
+
 def test_names(tmp_path, capsys):
     with pytest.raises(ValueError, match="license"):
         download_dataset("cityscapes", str(tmp_path), collection="pix2pix")

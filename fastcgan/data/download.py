@@ -825,6 +825,11 @@ def main(argv: list[str] | None = None) -> int:
     if why:  # before anything is downloaded
         print(f"fastcgan-download: error: {why}", file=sys.stderr)
         return 2
+    both = (set(pretrained.PRETRAINED_CYCLEGAN) & set(pretrained.PRETRAINED_PIX2PIX) if a.pretrained
+            else set(CYCLEGAN_DATASETS) & set(PIX2PIX_DATASETS))
+    if a.name in both and not a.pix2pix:  # the official scripts are per collection: say which one this is
+        print(f"fastcgan-download: {a.name} is a CycleGAN and a pix2pix {'model' if a.pretrained else 'dataset'}: "
+              "fetching the CycleGAN one (--pix2pix for the other)", file=sys.stderr)
     try:
         path = fetch(
             a.name,

@@ -1094,3 +1094,58 @@ def test_refusals_with_tiles_name_the_tile_and_a_smaller_tile(tmp_path, monkeypa
     tr.runner.device = torch.device("cuda")  # only the wording: nothing runs in check_memory
     with pytest.raises(runtime.InferenceMemoryError, match=r"and cuda has 1 B; use"):
         tr.check_memory(16, 16)
+
+
+def test_the_memory_check_counts_a_tiled_images_buffers_and_says_what_can_help(tmp_path, monkeypatch):
+    """Catches (mutation testing): the small-forward shortcut without the image's own buffers (a huge
+    image with a small --tile was never checked), the image's buffers over the room hinting at a
+    smaller --tile (no tile helps), and a static model told to use --tile (which it refuses)."""
+    import dataclasses
+
+    from fastcgan.deploy import runtime
+
+    tr = _tiny_translator(tmp_path, tile=32)
+    monkeypatch.setattr(runtime, "SMALL_FORWARD", int(tr._floor_per_pixel(False) * 32 * 32))  # one tile: under it
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: 1)
+    with pytest.raises(runtime.InferenceMemoryError, match=r"the whole 400x400 \(WxH\) image's float input"):
+        tr.check_memory(400, 400)
+    monkeypatch.setattr(runtime, "SMALL_FORWARD", 0)
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: tr.tiled_image_bytes(400, 400) - 1)
+    with pytest.raises(runtime.InferenceMemoryError,
+                       match=r"use a smaller image \(--load-size\), or a machine with more memory"):
+        tr.check_memory(400, 400)
+    static = _tiny_translator(tmp_path / "s")
+    static.spec = dataclasses.replace(static.spec, static_hw=(32, 32))
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: 1)
+    with pytest.raises(runtime.InferenceMemoryError, match=r"use a model exported with a smaller --static size"):
+        static.check_memory(16, 16)
+
+
+def test_unknown_memory_runs_the_whole_batch_and_uint8_maps_to_the_model_range_exactly(tmp_path, monkeypatch):
+    """Catches: unknown memory (FASTCGAN_MEMORY_CHECK=0) running a batch one image at a time, and a
+    uint8 scale of 1/128 (255 -> 0.992; the pixel tests allow one level of error)."""
+    from fastcgan.deploy import runtime
+
+    tr = _tiny_translator(tmp_path, batch_size=4)
+    monkeypatch.setattr(runtime, "SMALL_FORWARD", 0)
+    monkeypatch.setattr(runtime, "memory_to_check", lambda device: None)
+    calls, real = [], tr.runner
+    monkeypatch.setattr(tr, "runner", runtime.CallableRunner(lambda x: calls.append(x.shape[0]) or real(x),
+                                                             real.device, real.dtype, "counted",
+                                                             floor_dtype=real.dtype))
+    tr.translate_batch([torch.rand(1, 3, 48, 64) * 2 - 1] * 3)
+    assert calls == [3]
+    assert torch.equal(tr._uint8_to_model(torch.tensor([[0, 255]], dtype=torch.uint8)), torch.tensor([[-1.0, 1.0]]))
+
+
+def test_a_bug_outside_onnxruntime_is_not_blamed_on_the_model(good_onnx, monkeypatch):
+    """Catches: every exception inside OrtRunner turned into 'onnxruntime failed' (an ArtifactError
+    about the model), not only onnxruntime's own."""
+    tr = load(good_onnx, device="cpu")
+
+    def bug(x):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(tr.runner, "_run", bug)
+    with pytest.raises(KeyError, match="bug"):
+        tr(torch.zeros(1, 3, 32, 32))

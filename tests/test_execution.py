@@ -369,3 +369,17 @@ def test_a_bank_that_exactly_fits_is_kept():
     check_bank_fits(30 << 30, torch.device("cuda"), 30 << 30)  # a GPU: all of its free memory
     with pytest.raises(ConfigError, match="cuda has 30.0 GiB free"):
         check_bank_fits((30 << 30) + 1, torch.device("cuda"), 30 << 30)
+
+
+def test_format_bytes_at_unit_boundaries_and_out_of_memory_words():
+    """Catches: ``n >= 1024 ** power`` -> ``>`` ("1024 B"), fractional bytes printed as floats, and
+    allocation failures said in C++'s or onnxruntime's words not recognised (a traceback instead of
+    the one-line out-of-memory error)."""
+    from fastcgan.devices import format_bytes, is_out_of_memory
+
+    assert [format_bytes(n) for n in (1024, 1 << 20, 1 << 30, 512.7)] == ["1.0 KiB", "1.0 MiB", "1.0 GiB", "512 B"]
+    for said in ("std::bad_alloc", "CUDA failure 2: out of memory", "DefaultCPUAllocator: can't allocate memory",
+                 "Failed to allocate memory for requested buffer"):
+        assert is_out_of_memory(RuntimeError(said)), said
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+

@@ -1079,8 +1079,8 @@ def test_json_nested_too_deeply_is_an_error_naming_the_file(gen_file, tmp_path, 
     from fastcgan.fileio import read_json
 
     os.mkfifo(tmp_path / "fifo.json")
-    with pytest.raises(ValueError, match="fifo.json is not a regular file"):
-        read_json(str(tmp_path / "fifo.json"))
+    _refused_without_waiting(lambda: read_json(str(tmp_path / "fifo.json")), tmp_path / "fifo.json",
+                             "fifo.json is not a regular file")
     with open(tmp_path / "g.pt2.manifest.json", "w") as f:
         f.write('{"pad": "' + " " * (2 << 20) + '"}')
     assert _translate(pt2, "--input", src, "--output", tmp_path / "o") == 2
@@ -1094,6 +1094,91 @@ def test_json_nested_too_deeply_is_an_error_naming_the_file(gen_file, tmp_path, 
     assert _translate(bad, "--input", src, "--output", tmp_path / "o") == 2
     assert f"{bad}: generator config metadata is not valid JSON: JSON nested too deeply" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _refused_without_waiting(read, fifo, message):
+    """``read()`` raises a ValueError with ``message`` at once; a reader that opened the FIFO would
+    wait for a writer forever (the test then fails after 10 s instead of hanging)."""
+    import threading
+
+    said = []
+
+    def run():
+        try:
+            read()
+        except ValueError as e:
+            said.append(str(e))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # blocked in open(): a writer releases it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+        pytest.fail(f"{fifo} was opened and waited on")
+    assert said and message in said[0], said
+
+
+def test_read_json_takes_a_file_of_exactly_its_limit(tmp_path):
+    """Catches: ``len(data) > limit`` -> ``>=`` (a manifest of exactly 1 MiB refused)."""
+    from fastcgan.fileio import read_json
+
+    (tmp_path / "a.json").write_text("[]")
+    assert read_json(str(tmp_path / "a.json"), limit=2) == []
+    with pytest.raises(ValueError, match="larger than 1 bytes"):
+        read_json(str(tmp_path / "a.json"), limit=1)
+
+
+def test_a_failed_torch_save_write_keeps_the_errno_its_file_saw(tmp_path):
+    """torch.save's C++ writer says a failed write as RuntimeError("unexpected pos ...") without an
+    errno; the writer remembers the OSError (a full disk is ENOSPC, not a generic EIO)."""
+    import errno
+
+    from fastcgan.fileio import WriteError, atomic_writer
+
+    class Full:
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(WriteError) as e:
+        with atomic_writer(str(tmp_path / "x.bin")) as f:
+            real, f._f = f._f, Full()
+            with pytest.raises(OSError):
+                f.write(b"abc")
+            f._f = real
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: unexpected pos 64")
+    assert e.value.errno == errno.ENOSPC and "no space left on the device" in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_one_line_warnings_restores_the_warning_display(capsys):
+    """Catches: ``warnings.showwarning`` left patched after a command (in-process callers -- a
+    notebook, the tests -- then printed every later warning as that command's); and a package
+    beside fastcgan's folder (``fastcgan_contrib``) said as fastcgan's own."""
+    import warnings
+
+    import fastcgan
+    from fastcgan._cli import one_line_warnings
+
+    before = warnings.showwarning
+    with one_line_warnings("prog"):
+        warnings.warn_explicit("x", UserWarning, os.path.dirname(fastcgan.__file__) + "_contrib/m.py", 1)
+    assert warnings.showwarning is before
+    assert "prog: warning: UserWarning from " in capsys.readouterr().err
+
+
+def test_argparse_errors_hint_official_spellings_only_when_there_are_some(capsys):
+    """Catches: ``--model CycleGAN`` (an official name in other case) given no hint, and every
+    error claiming docs/from-official.md maps the flags at fault."""
+    from fastcgan.train.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "Cycle_GAN"])
+    assert e.value.code == 2 and "--model Cycle_GAN (official) is --model cyclegan here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--lr", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--lr" in err and "from-official" not in err
 
 
 def test_another_librarys_warning_keeps_its_category_and_origin(capsys):

@@ -829,6 +829,26 @@ def test_entries_left_out_of_a_folder_are_named(tmp_path):
         assert make_dataset(str(d)) == [str(d / "a.png")]
 
 
+def test_hidden_folders_loops_and_the_left_out_list(tmp_path):
+    """Catches (mutation testing): a hidden folder (``.ipynb_checkpoints``) walked into and its
+    images trained on; a link loop named like an image dropped without a word; " ..." after exactly
+    five left-out entries (it means more than five)."""
+    d = tmp_path / "imgs"
+    (d / ".ipynb_checkpoints").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(d / "a.png")
+    Image.new("RGB", (4, 4)).save(d / ".ipynb_checkpoints" / "x.png")
+    (d / "loop.png").symlink_to(d / "loop.png")
+    with pytest.warns(UserWarning, match=r"left out 1 entry: .*loop.png \(a link to nowhere\)$"):
+        assert make_dataset(str(d)) == [str(d / "a.png")]
+    for n, dots in ((4, False), (5, True)):  # with the loop: 5 and 6 entries
+        for i in range(n):
+            (d / f"gone{i}.png").unlink(missing_ok=True)
+            (d / f"gone{i}.png").symlink_to(tmp_path / "nowhere.png")
+        with pytest.warns(UserWarning, match=f"left out {n + 1} entries") as w:
+            make_dataset(str(d))
+        assert str(w[0].message).endswith(" ...") == dots
+
+
 def test_epoch_sampler_reshuffles_each_epoch_and_resumes_mid_epoch():
     """Each epoch has its own order (seeded by seed and epoch: the same on every run), a data
     position resumes inside it, and DDP ranks split each global batch between them."""

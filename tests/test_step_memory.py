@@ -448,3 +448,55 @@ def test_a_reversed_run_is_counted_with_its_input_channels():
     assert step_memory_floor(cfg, recipe, (32, 32), 1) > 0  # was: RuntimeError "Invalid channel dimensions"
     with pytest.raises(ConfigError, match="needs at least"):  # was: nothing refused (the run trained)
         check_step_fits(cfg, recipe, torch.device("cpu"), (32, 32), room=1)
+
+
+def test_the_may_not_fit_warning_counts_the_data_bank_once_and_zero_room_refuses():
+    """Catches (mutation testing): the warning's threshold with the bank left out or doubled (the
+    bank is held once, beside a step of twice the floor), and zero room -- a cgroup at its limit --
+    turning the check off instead of refusing."""
+    cfg = _cfg("cyclegan128", 32, {}, batch_size=4).replace(data_on_gpu=True)
+    recipe, cpu, bank = get_recipe(cfg.model.recipe), torch.device("cpu"), 1 << 20
+    floor = step_memory_floor(cfg, recipe, (32, 32), 4)
+    assert check_step_fits(cfg, recipe, cpu, (32, 32), bank_bytes=bank, room=2 * floor + bank) is None
+    warning = check_step_fits(cfg, recipe, cpu, (32, 32), bank_bytes=bank, room=2 * floor + bank - 1)
+    assert warning and "it may run out of memory" in warning
+    with pytest.raises(ConfigError, match="this process may allocate 0 B"):
+        check_step_fits(cfg, recipe, cpu, (32, 32), room=0)
+
+
+def test_a_malformed_local_world_size_keeps_the_check(monkeypatch):
+    """Catches: LOCAL_WORLD_SIZE=x (not torchrun's) turning the host-memory check off."""
+    import fastcgan.train.memory as memory
+
+    monkeypatch.setattr(memory, "memory_to_check", lambda device: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "x")
+    cfg = _cfg("cyclegan128", 32, {})
+    with pytest.raises(ConfigError, match="this process may allocate 1 B"):
+        check_step_fits(cfg, get_recipe(cfg.model.recipe), torch.device("cpu"), (32, 32))
+
+
+def test_the_synthetic_precheck_uses_the_trained_size_and_each_processs_share(tmp_path, monkeypatch, capsys):
+    """Catches: a synthetic run with --preprocess none judged at --crop-size (it trains at
+    --load-size), and the check before its data is made judged on the global batch under torchrun
+    (world_size 1: runs that fit refused)."""
+    import types
+
+    import fastcgan.train.loop as loop
+
+    assert loop._synthetic_step_size(tiny_train_config(preprocess="none", load_size=64, crop_size=32)) == (64, 64)
+    assert loop._synthetic_step_size(tiny_train_config(load_size=64, crop_size=32)) == (32, 32)
+    seen = []
+
+    def spy(cfg, **kw):
+        seen.append(kw)
+        raise ConfigError("stop here")
+
+    ctx = types.SimpleNamespace(world_size=2, rank=0, is_main=True, enabled=True, gather_objects=lambda o: [o, o],
+                                barrier=lambda: None, shutdown=lambda: None)
+    monkeypatch.setattr(loop, "from_environment", lambda device: (ctx, torch.device("cpu")))
+    monkeypatch.setattr(loop, "check_step_fits", spy)
+    args = ["--dataset", "synthetic", "--output-dir", str(tmp_path), "--name", "s", "--load-size", "32",
+            "--crop-size", "24", "--batch-size", "2", "--device", "cpu", "--max-steps", "1", "--no-progress"]
+    assert cli_main(args) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert seen and seen[0]["world_size"] == 2 and seen[0]["size"] == (24, 24)

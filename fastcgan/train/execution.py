@@ -138,8 +138,9 @@ def compile_phases(exe: Execution, cfg: TrainConfig, recipe: Recipe) -> None:
     Under DDP the phases call DDP wrappers, whose forward Dynamo cannot trace in one graph: each
     network is compiled instead (DDP then wraps the compiled modules). Compiled where DDP calls
     it, a network's graph is split at DDP's gradient buckets (Dynamo's DDPOptimizer), one compiled
-    backward per bucket, so a bucket's all-reduce overlaps the backward before it. The first step allocates
-    the image pools before it calls a compiled phase (:meth:`Execution.allocate_pools`)."""
+    backward per bucket, so a bucket's all-reduce can run while the backward of the layers before
+    it does. The first step allocates the image pools before it calls a compiled phase
+    (:meth:`Execution.allocate_pools`)."""
     from fastcgan.ops import available_backends
 
     available_backends()  # probe the kernel backends (loads fastcgan._C) outside traced code

@@ -371,3 +371,21 @@ def test_optimizer_state_for_a_parameter_past_the_last_is_refused(tmp_path):
     payload["optimizers"]["G"]["state"][n] = {"step": torch.tensor(1.0)}
     with pytest.raises(CheckpointError, match="state for no parameter"):
         restore_state(payload, cfg, DEV, {}, path=path)
+
+
+@pytest.mark.parametrize("edit, said", [("no_structure", "its metadata"), ("tensors_none", "carries no content digest")])
+def test_a_digest_missing_its_parts_is_refused(tmp_path, edit, said):
+    """Catches (mutation testing): a digest without its "structure" entry passing the metadata
+    (config, step, RNG states) unverified, and one whose "tensors" is not a dict raising a
+    TypeError past the resume fallback instead of a CheckpointError."""
+    cfg = _tiny()
+    path = save_checkpoint(_fresh(cfg), cfg, str(tmp_path), {}, {})
+    payload = torch.load(path, weights_only=True)
+    if edit == "no_structure":
+        payload["step"] += 1
+        del payload["digest"]["structure"]
+    else:
+        payload["digest"]["tensors"] = None
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=said):
+        load_checkpoint(path)

@@ -1327,3 +1327,49 @@ def test_a_manifest_whose_digest_is_not_a_string_is_refused_by_name(tmp_path):
         check_artifact(str(art), "aoti")
     note = check_artifact(str(art), "aoti", trust=True)
     assert note.startswith("trusted explicitly") and "not a fastcgan artifact manifest" in note
+
+
+def test_the_whole_digest_is_compared_and_the_loaded_bytes_are_checked(tmp_path):
+    """Catches (mutation testing): a digest compared on its first 16 hex digits only, an upper-case
+    digest refused, --trust-artifact on a file without a manifest refused at the first gate, and
+    the check of the bytes actually loaded (verified_copy) never refusing -- a file swapped for
+    another of the same size after export would load."""
+    from fastcgan.deploy.manifest import check_artifact, verified_copy
+
+    art = tmp_path / "g.pt2"
+    art.write_bytes(b"compiled code")
+    write_manifest(str(art), "aoti")
+    real = json.loads(open(manifest_path(str(art))).read())["sha256"]
+
+    def digest(value):
+        m = json.loads(open(manifest_path(str(art))).read())
+        m["sha256"] = value
+        with open(manifest_path(str(art)), "w") as f:
+            json.dump(m, f)
+
+    digest(real[:16] + ("1" if real[16] == "0" else "0") * 48)
+    with pytest.raises(UntrustedArtifactError, match="differs from the manifest"):
+        check_artifact(str(art), "aoti")
+    digest(real.upper())
+    assert check_artifact(str(art), "aoti").startswith("verified")
+    art.write_bytes(b"compiled kode")  # same size, other bytes
+    with pytest.raises(UntrustedArtifactError, match="differs from the manifest"):
+        verified_copy(str(art), "aoti")
+    bare = tmp_path / "bare.pt2"
+    bare.write_bytes(b"compiled code")
+    note = check_artifact(str(bare), "aoti", trust=True)
+    assert note.startswith("trusted explicitly") and "no manifest" in note
+
+
+def test_max_images_never_lets_a_translation_replace_an_input_it_left_out(gen_file, tmp_path, capsys):
+    """Catches (mutation testing): the inputs guarded against overwriting taken after --max-images
+    (only the first N): a.jpg's translation out/a.png would replace the user's out/a.png, an input
+    the flag left out, even with --overwrite."""
+    d = tmp_path / "photos"
+    _pngs(d / "out", n=1)
+    os.rename(d / "out" / "im0.png", d / "out" / "a.png")
+    Image.new("RGB", (40, 32), (200, 10, 10)).save(d / "a.jpg")
+    before = (d / "out" / "a.png").read_bytes()
+    assert _translate(gen_file, "--input", d, "--output", d / "out", "--max-images", "1", "--overwrite") == 2
+    assert "would overwrite the input file" in capsys.readouterr().err
+    assert (d / "out" / "a.png").read_bytes() == before

@@ -648,10 +648,19 @@ def _cfg(**kw):
     ("lambda_identity", float("inf"), "lambda_identity (--lambda-identity): must be a finite number"),
     ("keep_last", 0, "keep_last (--keep-last): must be an int >= 1"),  # [:-0] would keep every checkpoint
     ("n_samples", 65, "n_samples (--n-samples): must be at most 64"),  # decoded and run at every sample step
+    ("init_gain", 0.0, "init_gain (--init-gain): must be in (0,"),    # every weight would start at 0
+    ("lr", 0.0, "lr (--lr): must be in (0,"),                        # a run that learns nothing
 ])
 def test_config_bounds(field, value, said):
     with pytest.raises(ConfigError, match=re.escape(said)):
         _cfg(**{field: value})
+
+
+def test_schedules_without_epochs_are_refused():
+    with pytest.raises(ConfigError, match="epochs \\+ epochs_decay must be >= 1"):
+        _cfg(epochs=0, epochs_decay=0)
+    with pytest.raises(ConfigError, match="must be >= 1 with lr_policy cosine"):  # T_max 0: a division by 0
+        _cfg(lr_policy="cosine", epochs=0, epochs_decay=5)
 
 
 def test_config_bounds_accept_their_limits():

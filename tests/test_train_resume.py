@@ -641,3 +641,16 @@ def test_resume_alone_keeps_a_synthetic_runs_dataset():
     cli = TrainConfig.from_preset("cyclegan", resume="auto")  # no data named
     new = config_for_resume(ck, cli, "/tmp/somewhere/run")
     assert new.data.dataset == "synthetic" and new.data.dataroot == ck.data.dataroot
+
+
+def test_a_new_run_never_starts_over_a_run_with_checkpoints(tmp_path, synth, capsys):
+    """Catches (mutation testing): a run without --resume started afresh in a run directory that has
+    checkpoints (its new checkpoints would mix with, then rotate away, the old run's)."""
+    train(cfg_for(synth, tmp_path, "a", max_steps=1))
+    args = ["--dataset", "synthetic", "--dataroot", synth, "--output-dir", str(tmp_path), "--name", "a",
+            "--no-progress", "--num-workers", "0", "--max-steps", "1"]
+    before = _snapshot(tmp_path / "a")
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    assert "already has checkpoints; pass --resume to continue it" in capsys.readouterr().err
+    assert _snapshot(tmp_path / "a") == before

@@ -389,3 +389,15 @@ def test_a_digest_missing_its_parts_is_refused(tmp_path, edit, said):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=said):
         load_checkpoint(path)
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    """Catches (mutation testing): keep-last rotation deleting the checkpoint it has just written and
+    verified when a higher-numbered file sits beside it (a damaged newer checkpoint a resume fell
+    back from): the run would be left with nothing it can resume from."""
+    cfg = _tiny(keep_last=1)
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "step_000000009.ckpt").write_bytes(b"damaged")
+    path = save_checkpoint(_fresh(cfg), cfg, str(tmp_path), {}, {})
+    assert os.path.exists(path) and load_checkpoint(path)["step"] == 0

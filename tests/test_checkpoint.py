@@ -401,3 +401,13 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
     (ckpts / "step_000000009.ckpt").write_bytes(b"damaged")
     path = save_checkpoint(_fresh(cfg), cfg, str(tmp_path), {}, {})
     assert os.path.exists(path) and load_checkpoint(path)["step"] == 0
+
+
+def test_resume_auto_with_only_a_damaged_checkpoint_is_refused(tmp_path):
+    """Catches (mutation testing): ``--resume`` (auto) over a run whose one checkpoint is damaged
+    starting a new run over it, instead of saying no checkpoint verifies."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_000000004.ckpt").write_bytes(b"damaged")
+    with pytest.raises(CheckpointError, match="no checkpoint of .* verifies: skipped .*step_000000004.ckpt"):
+        find_resume_checkpoint("auto", str(tmp_path))
+    assert find_resume_checkpoint("auto", str(tmp_path / "new")) == (None, None, [])

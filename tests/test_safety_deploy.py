@@ -989,9 +989,12 @@ def test_ctrl_c_is_one_line_and_exit_130(gen_file, tmp_path, monkeypatch, capsys
 
 
 # Sends the process a real SIGINT the moment anything first imports torch (the slow part of a
-# command's start-up), then runs the command as its console script / ``-m`` would.
+# command's start-up), then runs the command as its console script / ``-m`` would. Python's own
+# Ctrl-C handler first, as in a terminal: a process started in the background of a script
+# inherits SIGINT ignored, and Python then installs none.
 _SIGINT_AT_TORCH_IMPORT = """
 import os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 class SigintAtTorch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":

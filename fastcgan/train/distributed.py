@@ -161,8 +161,14 @@ def wrap_ddp(nets: dict, ctx: DistContext, device: torch.device) -> dict:
     in the state for checkpoints and samples. DDP broadcasts process 0's parameters at
     construction, so every process starts from the same weights (they are seeded identically
     anyway). Networks a phase only reads are called unwrapped (``Execution.frozen``): a DDP
-    forward there would wait for gradients that never come."""
+    forward there would wait for gradients that never come.
+
+    Each parameter's ``.grad`` is a view into DDP's all-reduce bucket (``gradient_as_bucket_view``):
+    one copy of the gradients, as one process holds (the memory floor counts one), instead of the
+    gradients plus the buckets, and no copy back out of the bucket after each all-reduce. The
+    step's ``zero_grad(set_to_none=True)`` drops the views; the next backward's fresh gradient is
+    copied into its bucket (the copy DDP always makes) and ``.grad`` becomes the view again."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     kw = dict(device_ids=[device.index], output_device=device.index) if device.type == "cuda" else {}
-    return {name: DDP(net, **kw) for name, net in nets.items()}
+    return {name: DDP(net, gradient_as_bucket_view=True, **kw) for name, net in nets.items()}

@@ -93,8 +93,12 @@ def write_manifest(path: str, kind: str, spec: GeneratorSpec | None = None, **ex
     return out
 
 
-def read_manifest(path: str) -> dict:
-    """The manifest of ``path``; :class:`UntrustedArtifactError` when absent or unreadable."""
+_KIND_NAMES = {"aoti": "an AOTInductor package", "engine": "a TensorRT engine"}
+
+
+def read_manifest(path: str, kind: str) -> dict:
+    """The manifest of ``path``, an artifact of ``kind``; :class:`UntrustedArtifactError` when
+    absent, unreadable, of a format version this fastcgan does not know, or of another kind."""
     mp = manifest_path(path)
     if not os.path.isfile(mp):
         raise UntrustedArtifactError(path, f"no manifest ({os.path.basename(mp)} is missing)")
@@ -104,6 +108,15 @@ def read_manifest(path: str) -> dict:
         raise UntrustedArtifactError(path, f"unreadable manifest {os.path.basename(mp)} ({e})") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("sha256"), str):
         raise UntrustedArtifactError(path, f"{os.path.basename(mp)} is not a fastcgan artifact manifest")
+    version = m.get("format_version")
+    if type(version) is not int or not 1 <= version <= MANIFEST_VERSION:
+        newer = " (written by a newer fastcgan?)" if type(version) is int and version > MANIFEST_VERSION else ""
+        raise UntrustedArtifactError(path, f"{os.path.basename(mp)} has format version {version!r}, not one this "
+                                     f"fastcgan reads (1 to {MANIFEST_VERSION}){newer}")
+    found = m.get("kind")
+    if found != kind:  # a manifest vouches for the file as what it was exported as, nothing else
+        what = _KIND_NAMES[found] if isinstance(found, str) and found in _KIND_NAMES else f"kind {found!r}"
+        raise UntrustedArtifactError(path, f"{os.path.basename(mp)} describes {what}, not {_KIND_NAMES[kind]}")
     return m
 
 
@@ -120,7 +133,7 @@ def _refusal(path: str, kind: str, why: str) -> UntrustedArtifactError:
 def _decide(path: str, kind: str, digest: str, size: int, trust: bool) -> str:
     """'verified ...' or 'trusted ...' for a file whose bytes hash to ``digest``; raises otherwise."""
     try:
-        m = read_manifest(path)
+        m = read_manifest(path, kind)
         if m.get("bytes") not in (None, size):
             raise UntrustedArtifactError(path, f"its size ({size} bytes) differs from the manifest's "
                                          f"({m.get('bytes')}): the file was modified or replaced after export")

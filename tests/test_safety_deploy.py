@@ -1376,3 +1376,62 @@ def test_max_images_never_lets_a_translation_replace_an_input_it_left_out(gen_fi
     assert _translate(gen_file, "--input", d, "--output", d / "out", "--max-images", "1", "--overwrite") == 2
     assert "would overwrite the input file" in capsys.readouterr().err
     assert (d / "out" / "a.png").read_bytes() == before
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("format", "x", "not a fastcgan artifact manifest"),
+    ("format_version", 2, r"format version 2, not one this fastcgan reads \(1 to 1\) \(written by a newer"),
+    ("format_version", "1", "format version '1', not one"),
+    ("format_version", None, "format version None, not one"),
+    ("kind", "engine", "describes a TensorRT engine, not an AOTInductor package"),
+    ("kind", ["aoti"], r"describes kind \['aoti'\], not an AOTInductor package"),
+], ids=["format", "newer-version", "version-string", "no-version", "other-kind", "kind-list"])
+def test_a_manifest_of_another_format_version_or_kind_does_not_verify(tmp_path, field, value, reason):
+    """A manifest vouches for its file as the artifact fastcgan-export wrote, in a format this
+    fastcgan reads: another format, a format version it does not know (a newer fastcgan's), or a
+    manifest that describes a TensorRT engine beside a .pt2 is refused by name -- the digest
+    matching is not enough. --trust-artifact still loads the file, with the reason in its note."""
+    from fastcgan.deploy.manifest import check_artifact
+
+    art = tmp_path / "g.pt2"
+    art.write_bytes(b"compiled code")
+    write_manifest(str(art), "aoti")
+    assert check_artifact(str(art), "aoti").startswith("verified")
+    m = json.loads(open(manifest_path(str(art))).read())
+    m[field] = value
+    with open(manifest_path(str(art)), "w") as f:
+        json.dump(m, f)
+    with pytest.raises(UntrustedArtifactError, match=reason):
+        check_artifact(str(art), "aoti")
+    note = check_artifact(str(art), "aoti", trust=True)
+    assert note.startswith("trusted explicitly") and reason.split(",")[0].replace("\\", "") in note
+
+
+@pytest.mark.parametrize("cross_device", [False, True], ids=["rename", "copy"])
+def test_install_without_replace_never_replaces_an_existing_file(tmp_path, monkeypatch, cross_device):
+    """``install(src, dst, replace=False)`` -- the export's no-overwrite rule -- refuses an existing
+    ``dst`` and leaves it as it was, by rename and by the copy it falls back to across file systems."""
+    import errno
+
+    from fastcgan.deploy import manifest
+    from fastcgan.fileio import OutputExistsError
+
+    from fastcgan import fileio
+
+    src, dst = tmp_path / "new.pt2", tmp_path / "g.pt2"
+    if cross_device:  # the built file cannot be renamed into place: install copies it (a temporary beside dst)
+        rename = fileio.move_into_place
+
+        def across_file_systems(a, b, replace=True):
+            if a == str(src):
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return rename(a, b, replace)
+
+        monkeypatch.setattr(fileio, "move_into_place", across_file_systems)
+    src.write_bytes(b"new")
+    dst.write_bytes(b"old")
+    with pytest.raises(OutputExistsError):
+        manifest.install(str(src), str(dst), replace=False)
+    assert dst.read_bytes() == b"old"
+    manifest.install(str(src), str(dst), replace=True)
+    assert dst.read_bytes() == b"new"

@@ -485,7 +485,7 @@ def test_failed_verification_installs_nothing(run_dir, good_onnx, tmp_path, caps
     assert not fresh.exists()
 
 
-@pytest.mark.parametrize("sizes", ["1x100000x100000", "0x0x0", "1x-8x16", "65x32x32", "1x4x4", "1x30x32",
+@pytest.mark.parametrize("sizes", ["1x100000x100000", "0x0x0", "0x32x32", "1x-8x16", "65x32x32", "1x4x4", "1x30x32",
                                    "1x32", "1x32x32," * 17, "64x1024x1024"])
 def test_verify_sizes_checked_first(run_dir, tmp_path, sizes, capsys):
     out = tmp_path / "g.onnx"
@@ -493,6 +493,19 @@ def test_verify_sizes_checked_first(run_dir, tmp_path, sizes, capsys):
     err = capsys.readouterr().err
     assert "--verify-sizes" in err and "Traceback" not in err and "resnet_9blocks" not in err
     assert not out.exists() and _no_temporaries(tmp_path)
+
+
+def test_size_limits_accept_their_own_bounds():
+    """The documented limits are inclusive: 16 --verify-sizes, a batch of MAX_VERIFY_BATCH, a
+    --static of exactly MAX_VERIFY_PIXELS (2048x2048) are taken; one more is refused."""
+    import argparse
+
+    assert len(cli._bhw_list(",".join(["1x32x32"] * cli.MAX_VERIFY_SIZES))) == cli.MAX_VERIFY_SIZES
+    assert cli._bhw_list(f"{cli.MAX_VERIFY_BATCH}x8x8") == [(cli.MAX_VERIFY_BATCH, 8, 8)]
+    spec = spec_for_model(_gen("resnet_6blocks", 4))
+    assert cli.MAX_VERIFY_PIXELS == 2048 * 2048
+    assert cli._check_sizes(argparse.Namespace(static=(2048, 2048), verify_sizes=None), spec) is None
+    assert "--static 2048x2052" in cli._check_sizes(argparse.Namespace(static=(2048, 2052), verify_sizes=None), spec)
 
 
 def test_static_must_fit_the_generator(run_dir, tmp_path, capsys):
@@ -992,6 +1005,26 @@ def test_trt_verify_sizes_outside_the_profile_are_refused_not_dropped(capsys):
     assert "--verify-sizes 16x64x64: outside the TensorRT profile (batch 1-8" in cli._check_profile(args, spec, shapes)
     args.verify_sizes = [(8, 1024, 1024), (1, 8, 8)]
     assert cli._check_profile(args, spec, shapes) is None
+
+
+def test_trt_profiles_that_cannot_hold_are_refused_before_any_work():
+    """The TensorRT profile is checked with the arguments, before the export starts (TensorRT
+    itself needs a GPU): a --static model's profile is static at that size (the default one too),
+    and min <= opt <= max holds in every dimension, the batch included."""
+    import argparse
+
+    from fastcgan.deploy.tensorrt import check_profile
+
+    spec = spec_for_model(_gen("resnet_6blocks", 4))
+    static = argparse.Namespace(static=(64, 64), verify_sizes=None)
+    assert "static at 64x64" in cli._check_profile(static, spec, {"min_shape": None, "opt_shape": None,
+                                                                  "max_shape": (8, 3, 128, 128)})
+    assert cli._check_profile(static, spec, {"min_shape": None, "opt_shape": None, "max_shape": None}) is None
+    with pytest.raises(ValueError, match="static at 64x64"):
+        check_profile(spec.replace(static_hw=(64, 64)), [(1, 3, 64, 64), (1, 3, 64, 64), (8, 3, 128, 128)])
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        check_profile(spec, [(4, 3, 64, 64), (1, 3, 64, 64), (8, 3, 64, 64)])
+    check_profile(spec, [(1, 3, 64, 64), (4, 3, 64, 64), (8, 3, 64, 64)])
 
 
 def test_translator_inputs_are_taken_as_files_are(run_dir, tmp_path):

@@ -92,3 +92,8 @@ def test_aoti_that_fails_verification_is_not_installed(tmp_path, monkeypatch, ca
     assert "OVER TOLERANCE" in capsys.readouterr().out
     assert pt2.read_bytes() == b"the previous package" and not (tmp_path / "failed.pt2.manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["failed.pt2", "g.safetensors"]
+    # --tol is the tolerance the package is held to: an error of 1.0 within --tol 2 installs it.
+    assert cli.main([str(st), "--aoti", str(pt2), "--device", "cpu", "--overwrite", "--tol", "2",
+                     "--verify-sizes", "1x32x32"]) == cli.EXIT_OK
+    assert "(tol 2) ok" in capsys.readouterr().out
+    assert pt2.read_bytes() != b"the previous package" and (tmp_path / "failed.pt2.manifest.json").exists()

@@ -139,7 +139,10 @@ def test_presets_and_flags():
         ({"nce_layers": "4,0"}, "--nce-layers"),
         ({"nce_layers": "a,b"}, "--nce-layers"),
         ({"gan_mode": "wgangp"}, "--gan-mode"),
+        ({"nce_layers": "0,0,4"}, "--nce-layers"),  # a layer twice: its patches counted twice
+        ({"nce_layers": "-1,4"}, "--nce-layers"),
         ({"nce_T": 0.0}, "--nce-T"),
+        ({"nce_T": -0.07}, "--nce-T"),  # a negative temperature rewards the wrong patch
         ({"num_patches": 0}, "--num-patches"),
         ({"lambda_nce": -1.0}, "--lambda-nce"),
         ({"input_nc": 1}, "--output-nc"),  # PatchNCE runs G's encoder on G's output

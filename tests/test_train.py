@@ -650,6 +650,12 @@ def _cfg(**kw):
     ("n_samples", 65, "n_samples (--n-samples): must be at most 64"),  # decoded and run at every sample step
     ("init_gain", 0.0, "init_gain (--init-gain): must be in (0,"),    # every weight would start at 0
     ("lr", 0.0, "lr (--lr): must be in (0,"),                        # a run that learns nothing
+    ("beta1", -0.5, "beta1 (--beta1): must be in [0, 1)"),
+    ("pool_size", -1, "pool_size (--pool-size): must be an int in [0,"),
+    ("seed", -1, "seed (--seed): must be in [0, 2**32)"),              # numpy's seeds are unsigned 32-bit
+    ("seed", 2**32, "seed (--seed): must be in [0, 2**32)"),
+    ("max_image_pixels", -1, "max_image_pixels (--max-image-pixels)"),
+    ("num_workers", -1, "num_workers (--num-workers): must be an int in [0,"),
 ])
 def test_config_bounds(field, value, said):
     with pytest.raises(ConfigError, match=re.escape(said)):
@@ -665,8 +671,19 @@ def test_schedules_without_epochs_are_refused():
 
 def test_config_bounds_accept_their_limits():
     assert _cfg(pool_size=MAX_POOL_SIZE).loss.pool_size == MAX_POOL_SIZE
+    assert _cfg(pool_size=0).loss.pool_size == 0
     assert _cfg(beta1=0.0).optim.beta1 == 0.0
     assert _cfg(keep_last=1).run.keep_last == 1
+    assert _cfg(n_samples=64).run.n_samples == 64
+    assert _cfg(seed=0).run.seed == 0 and _cfg(seed=2**32 - 1).run.seed == 2**32 - 1
+    assert _cfg(num_workers=0).data.num_workers == 0 and _cfg(max_image_pixels=0).data.max_image_pixels == 0
+
+
+def test_step_schedule_needs_a_decay_interval():
+    """--lr-policy step multiplies the LR by 0.1 every --lr-decay-iters epochs: 0 would divide by 0."""
+    with pytest.raises(ConfigError, match=re.escape("lr_decay_iters (--lr-decay-iters)")):
+        _cfg(lr_policy="step", lr_decay_iters=0)
+    assert _cfg(lr_policy="step", lr_decay_iters=1).optim.lr_decay_iters == 1
 
 
 def test_crop_must_give_the_basic_patchgan_one_score():

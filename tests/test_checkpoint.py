@@ -166,7 +166,8 @@ class _Malicious:
         return (os.system, ("touch /tmp/fastcgan-test-never-created",))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign", "incomplete", "malicious"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign", "incomplete", "malicious",
+                                    "newer-format"])
 def test_bad_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, damage):
     cfg = tiny_cfg()
     run = tmp_path / "run"
@@ -183,6 +184,10 @@ def test_bad_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, damage):
         torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
     elif damage == "malicious":
         torch.save({"format": "fastcgan.checkpoint", "x": _Malicious()}, path)
+    elif damage == "newer-format":  # a later fastcgan's layout: refused by its version, not half-read
+        payload = torch.load(path, weights_only=True)
+        payload["format_version"] += 1
+        torch.save(payload, path)
     else:
         payload = torch.load(path, weights_only=True)
         del payload["optimizers"]
@@ -191,6 +196,8 @@ def test_bad_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, damage):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path)
     assert path in str(e.value)
+    if damage == "newer-format":
+        assert "format version" in str(e.value)
     # torch's refusal advises loading the file unsafely: never passed on.
     assert "weights_only" not in str(e.value) and "trusted source" not in str(e.value), str(e.value)
     assert not os.path.exists("/tmp/fastcgan-test-never-created")
@@ -221,6 +228,13 @@ def test_keep_last_listing_and_resolve(tmp_path):
         "step_000000010.ckpt",
         "step_000000011.ckpt",
     ]
+    # Past step 999,999,999 the name has ten digits: still numeric order.
+    for s in (999_999_999, 1_000_000_000):
+        open(os.path.join(run, "checkpoints", f"step_{s:09d}.ckpt"), "wb").close()
+    assert [os.path.basename(p) for p in list_checkpoints(run)][-2:] == ["step_999999999.ckpt",
+                                                                         "step_1000000000.ckpt"]
+    for s in (999_999_999, 1_000_000_000):
+        os.remove(os.path.join(run, "checkpoints", f"step_{s:09d}.ckpt"))
     # Temporary files and other names are never listed.
     # (pid 4999999 is above Linux's largest pid_max: that writer is certainly dead)
     open(os.path.join(run, "checkpoints", ".step_000000012.ckpt.4999999.tmp"), "wb").close()

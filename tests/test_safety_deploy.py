@@ -142,6 +142,30 @@ def test_translate_never_writes_through_a_symlink_to_an_input(gen_file, tmp_path
     assert _digests(src) == before
 
 
+def test_translate_never_writes_through_a_hard_link_to_another_input(gen_file, tmp_path, capsys):
+    """out/im0.png is a hard link to the *other* input (im1.png): no path resolves to an input, only
+    the inode says that writing im0's translation there would replace im1's pixels."""
+    src = _pngs(tmp_path / "photos")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(src / "im1.png", out / "im0.png")
+    before = _digests(src)
+    rc = translate(["--checkpoint", str(gen_file), "--input", str(src), "--output", str(out), "--overwrite",
+                    "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "would overwrite the input file" in err and "im1.png" in err
+    assert _digests(src) == before and not (out / "im1.png").exists()
+
+
+def test_output_names_count_past_every_taken_name():
+    """A name taken twice over: a.jpg / a.png clash (both keep their full names), a.png's full name
+    is another input's, and so is its first counted name: four inputs, four outputs."""
+    from fastcgan.translate import _output_names
+
+    names = _output_names(["a.jpg", "a.png", "a.png.1.png", "a.png.png"], None)
+    assert names == ["a.jpg.png", "a.png.png", "a.png.1.png", "a.png.2.png"]
+
+
 def test_translate_existing_outputs_need_overwrite(gen_file, tmp_path, capsys):
     src = _pngs(tmp_path / "photos")
     out = tmp_path / "out"

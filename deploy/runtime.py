@@ -588,15 +588,10 @@ class Translator:
         if Image is not None and isinstance(im, Image.Image):
             if c_in not in (1, 3):
                 raise ValueError(f"PIL images need a 1- or 3-channel generator; this one takes {c_in}")
-            from PIL import ImageOps
-
-            from fastcgan.data.images import pil_to_tensor, to_channels
+            from fastcgan.data.images import decode_oriented, pil_to_tensor, to_channels
 
             _check_hw(im.size[1], im.size[0])
-            try:  # as files are read: a photo opened with Image.open is translated as it is displayed
-                im = ImageOps.exif_transpose(im)
-            except (OSError, ValueError, KeyError, TypeError, SyntaxError):
-                pass  # a malformed EXIF block: the stored orientation, as open_image does
+            im = decode_oriented(im)  # as files are read: a photo opened with Image.open is translated as displayed
             x = pil_to_tensor(to_channels(im, c_in))[None]  # as fastcgan-translate reads files (alpha on white)
 
             def restore_pil(y):

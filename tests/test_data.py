@@ -1027,3 +1027,103 @@ def test_a_process_limit_above_pillows_backstop_lifts_it(tmp_path):
     finally:
         images.set_max_image_pixels(saved)
         Image.MAX_IMAGE_PIXELS = saved_pil
+
+
+def _marked(w=40, h=20):
+    """A w x h RGB image with a red marker in its stored top-left corner (asymmetric under every turn)."""
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[:6, :10] = (255, 0, 0)
+    return Image.fromarray(arr)
+
+
+def _exif_orientation(o):
+    exif = Image.Exif()
+    exif[0x0112] = o
+    return exif
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png", "tif", "webp"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_decodes_to_the_size_the_header_checks_read(tmp_path, fmt, orientation):
+    """The header checks (oriented_size) and the decoder (open_image) turn a file the same way, in
+    every format that carries EXIF: Pillow's TIFF reader reports the turned size when it opens the
+    file and turns the pixels itself, and the header check turned its size once more (a 48x32 TIFF
+    with orientation 6 was "48x32" to --preprocess none and decoded 32x48: the step crashed). The
+    pixels are turned as Pillow's own exif_transpose turns them."""
+    from PIL import ImageOps
+
+    from fastcgan.data.images import open_image, oriented_size
+
+    p = tmp_path / f"o.{fmt}"
+    kw = {"quality": 100} if fmt in ("jpg", "webp") else {}
+    _marked().save(p, exif=_exif_orientation(orientation).tobytes(), **kw)
+    img = open_image(str(p))
+    assert oriented_size(str(p)) == img.size == ((20, 40) if orientation >= 5 else (40, 20))
+    with Image.open(p) as stored:
+        want = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"), dtype=np.int16)
+    assert np.abs(np.asarray(img, dtype=np.int16) - want).max() <= 8  # lossy formats: the marker's edge
+
+
+def _late_exif_png(path, orientation):
+    """A PNG whose eXIf chunk comes after the image data (the specification puts it before)."""
+    buf = io.BytesIO()
+    _marked().save(buf, format="PNG")
+    data = buf.getvalue()
+    iend = data.rindex(b"IEND") - 4
+    body = _exif_orientation(orientation).tobytes()[len(b"Exif\x00\x00"):]  # PNG's eXIf holds the TIFF block only
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    path.write_bytes(data[:iend] + chunk + data[iend:])
+
+
+def test_a_late_exif_chunk_is_ignored_by_the_header_check_and_the_decoder_alike(tmp_path):
+    """An eXIf chunk after the pixels can only be found by decoding the whole image, which the
+    header checks never do; the decoder turned the image by it, so the two disagreed (a crash in
+    the step under --preprocess none). Both keep the stored orientation now."""
+    from fastcgan.data.images import open_image, oriented_size
+
+    p = tmp_path / "late.png"
+    _late_exif_png(p, 6)
+    with Image.open(p) as check:
+        check.load()
+        assert check.getexif().get(0x0112) == 6  # Pillow does find it, after decoding
+    assert oriented_size(str(p)) == open_image(str(p)).size == (40, 20)
+
+
+def test_an_exif_block_pillow_cannot_encode_back_keeps_the_pixels(tmp_path):
+    """A camera-style EXIF block with a tag of the wrong type (an ASCII tag stored as RATIONAL)
+    reads fine but cannot be encoded again; ImageOps.exif_transpose re-encodes it, and its
+    AttributeError escaped as a traceback from training, fastcgan-translate and fastcgan-eval.
+    The orientation it carries is applied, as the header check reads it."""
+    from fastcgan.data.images import open_image, oriented_size
+    from fastcgan.deploy.runtime import from_model
+
+    exif = _exif_orientation(6)
+    exif[0x011A] = 72.0  # XResolution, a RATIONAL ...
+    blob = exif.tobytes().replace(b"\x01\x1a\x00\x05", b"\x01\x1d\x00\x05")  # ... retagged as PageName (ASCII)
+    p = tmp_path / "camera.jpg"
+    _marked().save(p, exif=blob, quality=95)
+    img = open_image(str(p))
+    assert oriented_size(str(p)) == img.size == (20, 40)
+    # The deploy runtime takes PIL images as files are read.
+    tr = from_model(torch.nn.Conv2d(3, 3, 1), "cpu")
+    with Image.open(p) as photo:
+        out = tr(photo)
+    assert out.size == (20, 40)
+
+
+def test_an_image_that_decodes_to_another_size_than_its_header_is_skipped(tmp_path, monkeypatch):
+    """--preprocess none trains on the one size the headers agree on; a file whose pixels come out
+    at another size (a header reader and a decoder that disagree) is skipped by name when it is
+    decoded, never batched with the others (the step crashed in torch.cat)."""
+    import fastcgan.data.datasets as datasets
+
+    root = tmp_path / "ds"
+    _make_layout(root, n_a=2, n_b=2, h=16, w=24)
+    odd = root / "trainA" / "A999.png"
+    _save_rgb(odd, 24, 16, seed=3)  # portrait
+    monkeypatch.setattr(datasets, "oriented_size", lambda p: (24, 16))  # a header reader that says landscape
+    ds = UnalignedDataset(str(root), preprocess="none", load_size=16, crop_size=16, serial_batches=True)
+    assert ds.check_one_size() == (24, 16)
+    with pytest.warns(SkippedImageWarning, match=r"A999\.png.*16x24 after --preprocess none, not the 24x16"):
+        items = [ds[i] for i in range(len(ds))]
+    assert ds.skipped == [str(odd)] and all(it["A"].shape == (3, 16, 24) for it in items)

@@ -239,7 +239,7 @@ class AlignedDataset(FolderDataset):
                 a0, b0 = self._open_pair(p)
                 a = resize_deterministic(a0, self.preprocess, self.load_size, self.crop_size, p)
                 b = a if b0 is a0 else resize_deterministic(b0, self.preprocess, self.load_size, self.crop_size, p)
-                self._check_crop_fits(a, p, "halves of ")
+                self._check_decoded_size(a, p, "halves of ")
             except BadImageError as e:
                 warn_skipped_image(e)
                 self._record(p)

@@ -182,6 +182,7 @@ class FolderDataset(Dataset):
         self.serial_batches, self.seed, self.epoch = bool(serial_batches), int(seed), 0
         self.skipped: list[str] = []
         self._bad: set[str] = set()
+        self._one_size: tuple[int, int] | None = None  # set by check_one_size
 
     def _record(self, path: str) -> bool:
         if path in self._bad:
@@ -214,11 +215,17 @@ class FolderDataset(Dataset):
     def _crops_on_cpu(self) -> bool:
         return self.preprocess in ("crop", "scale_width_and_crop")
 
-    def _check_crop_fits(self, img: Image.Image, path: str, what: str = "") -> None:
-        """:class:`BadImageError` when a CPU-cropped mode meets an image smaller than the crop."""
+    def _check_decoded_size(self, img: Image.Image, path: str, what: str = "") -> None:
+        """:class:`BadImageError` when a CPU-cropped mode meets an image smaller than the crop, or
+        when an image decodes to another size than the one size :meth:`check_one_size` read from
+        the headers (a batch of two sizes would fail the step; the file is skipped instead)."""
         w, h = img.size
         if self._crops_on_cpu and (w < self.crop_size or h < self.crop_size):
             raise BadImageError(path, f"{what}{w}x{h} is smaller than crop_size {self.crop_size}")
+        one = self._one_size
+        if one is not None and (w, h) != one:
+            raise BadImageError(path, f"{what}{w}x{h} after --preprocess {self.preprocess}, not the {one[0]}x{one[1]} "
+                                "its header promised and every image must have")
 
     # -- checks before training (nothing is written until they pass) -------------------------
     def _item_sizes(self) -> Iterator[tuple[str, tuple[int, int] | None]]:
@@ -247,7 +254,8 @@ class FolderDataset(Dataset):
                     f"{first[1][0]}x{first[1][1]}; fastcgan trains on one image size (the step batches both "
                     "domains and pools past fakes): use --preprocess resize_and_crop or scale_width_and_crop"
                 )
-        return None if first is None else first[1]
+        self._one_size = None if first is None else first[1]
+        return self._one_size
 
     def check_usable(self) -> None:
         """Decode until one usable image per domain is found: a dataset whose files are all
@@ -372,7 +380,7 @@ class UnalignedDataset(FolderDataset):
                 continue
             try:
                 img = resize_deterministic(open_image(p, nc), self.preprocess, self.load_size, self.crop_size, p)
-                self._check_crop_fits(img, p)
+                self._check_decoded_size(img, p)
             except BadImageError as e:
                 warn_skipped_image(e)
                 self._record(p)

@@ -2,8 +2,9 @@
 
 Conversion rules (every input mode ends as 8-bit ``RGB`` or ``L``):
 
-* EXIF orientation is applied first (``ImageOps.exif_transpose``), so a portrait photo stored
-  landscape with orientation 6 comes out portrait.
+* EXIF orientation is applied first (:func:`decode_oriented`), so a portrait photo stored
+  landscape with orientation 6 comes out portrait; the header checks (:func:`oriented_size`)
+  read the same orientation.
 * Transparency (``RGBA``, ``LA``, ``P``/``L``/``RGB`` with a ``transparency`` entry, ``PA``) is
   composited onto **white**, not dropped: dropping alpha exposes whatever colour the encoder
   left under transparent pixels (often black or garbage), white matches how the image is shown.
@@ -26,7 +27,6 @@ are forked after the call.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -35,7 +35,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 # Lower-case, with the dot. The official loader's list (jpg, jpeg, png, ppm, bmp, tif, tiff) plus webp.
 IMG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp"})
@@ -46,7 +46,6 @@ IMG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".t
 IMAGE_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 
 _WHITE = (255, 255, 255)
-logger = logging.getLogger("fastcgan.data")
 
 class BadImageError(OSError):
     """A file that cannot be decoded as an image. ``path`` and ``reason`` say which and why."""
@@ -218,18 +217,53 @@ def _header_info(path: str, oriented: bool) -> tuple[tuple[int, int], str] | Non
                 Image.MAX_IMAGE_PIXELS = saved
             with src:
                 w, h = int(src.size[0]), int(src.size[1])
-                if oriented:
-                    try:
-                        # The base method reads the EXIF met so far; PNG's own override decodes the
-                        # whole image to look for an eXIf chunk after the pixels (a 1.8 MB file claiming
-                        # 25000x25000 took 3 GB here). Such a late chunk is missed by this check only.
-                        if Image.Image.getexif(src).get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90/270
-                            w, h = h, w
-                    except Exception:  # noqa: BLE001 - malformed EXIF: open_image keeps the stored orientation
-                        pass
+                if oriented and exif_orientation(src) in (5, 6, 7, 8) and not _reader_orients(src):
+                    w, h = h, w  # rotated by 90 or 270 degrees
                 return (w, h), src.mode
     except (OSError, SyntaxError, ValueError, EOFError):
         return None
+
+
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image, as the header carries it: Pillow's base
+    ``getexif`` reads the EXIF met so far, where PNG's own override decodes the whole image to
+    look for an eXIf chunk after the pixels (a 1.8 MB file claiming 25000x25000 took 3 GB) -- such
+    a late chunk, out of the PNG specification's order, is ignored by the header checks and the
+    decoder alike. A malformed EXIF block (cameras write odd ones) reads as 1, the stored
+    orientation: it never costs the pixels."""
+    try:
+        value = Image.Image.getexif(img).get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - any parse error of the EXIF block: the stored orientation
+        return 1
+    return value if value in _TRANSPOSES else 1
+
+
+def _reader_orients(src: Image.Image) -> bool:
+    """Whether Pillow's reader applies the orientation itself: its TIFF reader reports the
+    oriented size when it opens the file (not the stored width/height tags) and transposes the
+    pixels in ``load()``."""
+    tags = getattr(src, "tag_v2", None)
+    return tags is not None and tuple(src.size) != (tags.get(256), tags.get(257))
+
+
+def decode_oriented(src: Image.Image) -> Image.Image:
+    """``src`` decoded, turned as its EXIF orientation says (``src`` itself when it is upright).
+    The orientation is the header's (:func:`exif_orientation` before decoding, as
+    :func:`oriented_size` reads it), applied here unless the reader applied it while decoding; no
+    EXIF block is rewritten (``ImageOps.exif_transpose`` re-encodes it, and raises on blocks it
+    cannot encode back)."""
+    orientation = exif_orientation(src)
+    src.load()
+    if exif_orientation(src) != orientation:  # the reader turned the pixels and dropped the tag (TIFF)
+        return src
+    return src if orientation == 1 else src.transpose(_TRANSPOSES[orientation])
 
 
 def image_size(path: str) -> tuple[int, int] | None:
@@ -374,13 +408,7 @@ def open_image(path: str, channels: int = 3, max_pixels: int | None = None) -> I
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path, formats=IMAGE_FORMATS) as src:
                 check_image_pixels(path, src.size, max_pixels)
-                src.load()  # force a full decode here: truncated data fails now, not in a worker later
-                img = src
-                try:
-                    img = ImageOps.exif_transpose(src)
-                except (OSError, ValueError, KeyError, TypeError, SyntaxError) as e:
-                    # A malformed EXIF block should not cost the pixels: keep the stored orientation.
-                    logger.debug("%s: ignoring unreadable EXIF orientation (%s)", path, e)
+                img = decode_oriented(src)  # a full decode here: truncated data fails now, not in a worker later
                 if img is src:  # detach from the file before it is closed
                     img = src.copy()
     except BadImageError:
@@ -401,7 +429,10 @@ def open_image(path: str, channels: int = 3, max_pixels: int | None = None) -> I
         what = f"{int(m.group(1)):,} pixels" if m else "the image"
         raise BadImageError(path, f"{what} is over Pillow's decompression-bomb limit (not decoded; raise "
                             "the limit with --max-image-pixels / set_max_image_pixels, 0 = no limit)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow's readers raise more than OSError on malformed files
+        # (struct.error, or an AttributeError from the EXIF re-encoding inside the TIFF reader's load)
         raise BadImageError(path, f"cannot decode ({type(e).__name__}: {e})") from None
     try:
         return to_channels(img, channels)

@@ -239,7 +239,9 @@ def exif_orientation(img: Image.Image) -> int:
     decoder alike. A malformed EXIF block (cameras write odd ones) reads as 1, the stored
     orientation: it never costs the pixels."""
     try:
-        value = Image.Image.getexif(img).get(0x0112, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns per damaged tag ("Truncated File Read"), at every decode
+            value = Image.Image.getexif(img).get(0x0112, 1)
     except Exception:  # noqa: BLE001 - any parse error of the EXIF block: the stored orientation
         return 1
     return value if value in _TRANSPOSES else 1

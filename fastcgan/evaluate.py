@@ -57,12 +57,16 @@ from fastcgan._cli import Parser, interruptible
 from fastcgan.data import make_dataset
 from fastcgan.data.datasets import SkippedImageWarning
 from fastcgan.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     MAX_LOAD_SIZE,
     WINDOW_PIXELS,
     BadImageError,
+    get_max_image_pixels,
     load_image,
     oriented_size,
+    pixel_limit_problem,
     resize_square,
+    set_max_image_pixels,
 )
 from fastcgan.devices import resolve_device
 from fastcgan.fileio import atomic_write, output_folder_problem, read_json
@@ -256,7 +260,8 @@ def check_image_sizes(translators, paths: list[str], size_of) -> None:
 
 def _check_truth_headers(folder: str, paths: list[str], truth_dir: str, load_size: int | None) -> None:
     """Every ground-truth file exists, has a readable header and (without ``load_size``) its test
-    image's size -- judged on the headers before anything is translated (ValueError naming it)."""
+    image's size, within the pixel limit -- judged on the headers before anything is translated
+    (ValueError naming it)."""
     for p in paths:
         truth = os.path.join(truth_dir, os.path.relpath(p, folder))
         if not os.path.isfile(truth):
@@ -264,6 +269,8 @@ def _check_truth_headers(folder: str, paths: list[str], truth_dir: str, load_siz
         wh = oriented_size(truth)
         if wh is None:
             raise ValueError(f"ground truth {truth}: not a readable image")
+        if why := pixel_limit_problem([(f"ground truth {truth}", wh)]):
+            raise ValueError(why)
         own = oriented_size(p)
         if load_size is None and own is not None and own != wh:
             raise ValueError(f"ground truth {truth} is {wh[0]}x{wh[1]}, its test image {own[0]}x{own[1]}")
@@ -360,14 +367,22 @@ def evaluate_generators(
 
     chunk = max(1, int(batch_size))
     for name, src, dst in DIRECTIONS:
+        if trs[name] is not None:
+            domain(src)
+            if inception is not None:
+                domain(dst)
+    # Every file is decoded whole (--load-size resizes it after): one over the pixel limit refuses
+    # the test set, as fastcgan-translate refuses its folder, before the memory checks below.
+    why = pixel_limit_problem((p, oriented_size(p)) for _, paths in listed.values() for p in paths)
+    if why:
+        raise ValueError(why)
+    for name, src, dst in DIRECTIONS:
         if trs[name] is None:
             continue
         folder, paths = domain(src)
         back = trs["BtoA" if name == "AtoB" else "AtoB"]  # the cycle runs it on translations of this size
         check_image_sizes((trs[name], back), paths,
                           (lambda p: (load_size, load_size)) if load_size else oriented_size)
-        if inception is not None:
-            domain(dst)
         truth_dir = os.path.join(dataroot, f"{phase}{src}_truth_{dst}")
         if os.path.isdir(truth_dir):
             _check_truth_headers(folder, paths, truth_dir, load_size)
@@ -571,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the scores are those of the tiled translations)")
     p.add_argument("--tile-overlap", type=int, default=None,
                    help="pixels shared by neighbouring tiles, < tile/2 (default 32, less for smaller tiles)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"refuse a test set holding an image of more than N pixels, checked on the file headers "
+                   f"before decoding (default {DEFAULT_MAX_IMAGE_PIXELS:,}, Pillow's threshold; 0 = no limit)")
     p.add_argument("--no-fid", action="store_true", help="skip FID/KID even when the metrics extra is installed")
     p.add_argument(
         "--inception-weights",
@@ -643,9 +661,13 @@ def _finite_or_none(v):
 
 @interruptible("fastcgan-eval")
 def main(argv: list[str] | None = None) -> int:
+    saved_limit = get_max_image_pixels()
     with warnings.catch_warnings():  # a skipped file is logged with its reason; the warning would say it again
         warnings.filterwarnings("ignore", category=SkippedImageWarning)
-        return _main(argv)
+        try:
+            return _main(argv)
+        finally:
+            set_max_image_pixels(saved_limit)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -662,6 +684,9 @@ def _main(argv: list[str] | None) -> int:
         check_eval_args(a.batch_size, a.max_images, a.load_size)
     except ValueError as e:
         p.error(str(e))
+    if a.max_image_pixels < 0:
+        p.error(f"--max-image-pixels must be >= 0 (0 = no limit), got {a.max_image_pixels}")
+    set_max_image_pixels(a.max_image_pixels)  # also lifts Pillow's own backstop above a raised limit
     if a.json is not None and not a.json:
         p.error("--json '': name a .json file")
     if a.overwrite and a.json is None:

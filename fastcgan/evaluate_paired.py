@@ -162,7 +162,7 @@ def evaluate_paired(
     generator of ``checkpoint`` (a pix2pix run directory, any artifact :func:`fastcgan.deploy.load`
     accepts, or a loaded :class:`fastcgan.deploy.Translator`) on ``dataroot/<phase>/``; ``tile`` /
     ``tile_overlap`` run large inputs in tiles (as :func:`fastcgan.deploy.load`)."""
-    from fastcgan.data.images import oriented_size
+    from fastcgan.data.images import oriented_size, pixel_limit_problem
     from fastcgan.deploy import Translator, load
     from fastcgan.devices import resolve_device
     from fastcgan.evaluate import (
@@ -208,6 +208,9 @@ def evaluate_paired(
         wh = oriented_size(p)
         return wh if wh is None or colorizer else (wh[0] // 2, wh[1])
 
+    why = pixel_limit_problem((p, oriented_size(p)) for p in paths)  # each pair is decoded whole, then split
+    if why:
+        raise ValueError(why)
     check_image_sizes((tr,), paths, input_size)
     results: dict = {}
     inception = fid_inception(dev, inception_weights_path, inception_dtype, results) if fid else None

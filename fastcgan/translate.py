@@ -313,8 +313,7 @@ def _main(args) -> int:
     from PIL.PngImagePlugin import PngInfo
 
     from fastcgan.data import BadImageError, is_image_file, make_dataset
-    from fastcgan.data.images import oriented_size
-    from fastcgan.data.images import set_max_image_pixels
+    from fastcgan.data.images import oriented_size, pixel_limit_problem, set_max_image_pixels
     from fastcgan.deploy import load
     from fastcgan.deploy.tiling import check_tile_args, default_overlap
     from fastcgan.devices import DeviceUnavailableError, resolve_device
@@ -386,20 +385,13 @@ def _main(args) -> int:
     # checked for every file before anything is written.
     limit = args.max_image_pixels
     set_max_image_pixels(limit)  # also lifts Pillow's own backstop above a raised limit
-    sizes: dict[int, tuple[int, int]] = {}  # of what is translated: a pair's half
-    too_big = []
-    for i, f in enumerate(files):
-        wh = oriented_size(f)  # as decoded: a portrait photo stored landscape tiles as a portrait
-        if wh is None:
-            continue  # unreadable: reported (and skipped) when decoded
-        sizes[i] = (args.load_size,) * 2 if args.load_size else (wh[0] // 2, wh[1]) if args.pairs else wh
-        if limit and wh[0] * wh[1] > limit:  # the whole file is decoded
-            too_big.append((f, wh))
-    if too_big:
-        f, (w, h) = too_big[0]
-        more = f" (and {len(too_big) - 1} more)" if len(too_big) > 1 else ""
-        return _error(f"{f}: {w}x{h} = {w * h:,} pixels is over the image pixel limit of {limit:,}{more}; "
-                      "raise it with --max-image-pixels N (0 = no limit) if the machine has the memory")
+    headers = [oriented_size(f) for f in files]  # as decoded: a portrait photo stored landscape tiles as a portrait
+    why = pixel_limit_problem(zip(files, headers), limit)  # the whole file is decoded, whatever --load-size
+    if why:
+        return _error(why)
+    sizes: dict[int, tuple[int, int]] = {  # of what is translated: a pair's half; unreadable: skipped when decoded
+        i: (args.load_size,) * 2 if args.load_size else (wh[0] // 2, wh[1]) if args.pairs else wh
+        for i, wh in enumerate(headers) if wh is not None}
 
     try:
         direction, generator = _directions(args)

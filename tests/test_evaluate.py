@@ -673,3 +673,54 @@ def test_an_unpaired_dataroot_with_a_test_folder_is_scored_unpaired(tmp_path, sy
     run = _run_dir(tmp_path)
     r = ev.evaluate(str(run), str(data), device="cpu", fid=False)
     assert {"AtoB", "BtoA"} <= set(r) and r["AtoB"]["n"] == 3 and "cycle_l1" in r["AtoB"]
+
+
+def test_an_image_over_the_pixel_limit_refuses_the_test_set_by_name(tmp_path, synth, capsys):
+    """Every test image is decoded whole (--load-size resizes it after), so one over
+    --max-image-pixels refuses the test set before any work, naming the file and the flag, as
+    fastcgan-translate refuses its folder. fastcgan-eval had no such flag: a huge image got memory
+    advice (--tile, then --load-size) for a file that was then skipped with a message naming a
+    flag it did not have."""
+    import shutil
+
+    from PIL import Image
+
+    from fastcgan.data import get_max_image_pixels
+
+    run = _run_dir(tmp_path)
+    out = tmp_path / "r.json"
+    argv = ["--checkpoint", str(run), "--dataroot", synth, "--device", "cpu", "--no-fid", "--json", str(out)]
+    default = get_max_image_pixels()
+    for extra in ([], ["--load-size", "16"]):  # 32x32 = 1,024 pixels each
+        assert _rc([*argv, "--max-image-pixels", "1000", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "32x32 = 1,024 pixels is over the image pixel limit of 1,000 (and " in err, err
+        assert "--max-image-pixels" in err and "--tile" not in err and not out.exists()
+        assert get_max_image_pixels() == default  # the command's limit is not left behind
+    assert _rc([*argv, "--max-image-pixels", "-1"]) == 2
+    assert "--max-image-pixels must be >= 0" in capsys.readouterr().err and not out.exists()
+    assert _rc([*argv, "--max-image-pixels", "1024"]) == 0  # the limit itself is within it
+    # A ground-truth image is checked against the limit too.
+    data = tmp_path / "big_truth"
+    shutil.copytree(synth, data)
+    truth = min((data / "testA_truth_B").iterdir())
+    Image.new("RGB", (40, 40)).save(truth)
+    assert _rc(["--checkpoint", str(run), "--dataroot", str(data), "--device", "cpu", "--no-fid",
+                "--max-image-pixels", "1024"]) == 2
+    err = capsys.readouterr().err
+    assert f"ground truth {truth}: 40x40 = 1,600 pixels is over the image pixel limit of 1,024" in err, err
+
+
+def test_a_pair_over_the_pixel_limit_refuses_the_paired_test_set(tmp_path):
+    from fastcgan import evaluate_paired as evp
+    from fastcgan.data import get_max_image_pixels, set_max_image_pixels
+
+    root = _pair_folder(tmp_path / "pairs", n_good=2)  # 32x16 = 512 pixels a pair
+    saved = get_max_image_pixels()
+    set_max_image_pixels(500)
+    try:
+        with pytest.raises(ValueError, match=r"0\.png: 32x16 = 512 pixels is over the image pixel limit of 500 "
+                                             r"\(and 1 more\)"):
+            evp.evaluate_paired(ev.module_translator(Identity(), "cpu"), root)
+    finally:
+        set_max_image_pixels(saved)

@@ -105,6 +105,24 @@ def check_image_pixels(path: str, size: tuple[int, int], max_pixels: int | None 
         )
 
 
+def pixel_limit_problem(sized, max_pixels: int | None = None) -> str | None:
+    """Why some of the images ``sized`` -- (path, (width, height) from its header, or None when
+    unreadable) pairs -- cannot be decoded under the pixel limit (the process default when
+    ``max_pixels`` is None): the first file over it and how many more; None when all are within
+    it (unreadable ones are the decoder's to report). The commands that take a folder of images
+    (translate, eval) refuse such a folder before any work."""
+    limit = _max_image_pixels if max_pixels is None else int(max_pixels)
+    if limit <= 0:
+        return None
+    over = [(p, wh) for p, wh in sized if wh is not None and wh[0] * wh[1] > limit]
+    if not over:
+        return None
+    p, (w, h) = over[0]
+    more = f" (and {len(over) - 1} more)" if len(over) > 1 else ""
+    return (f"{p}: {w}x{h} = {w * h:,} pixels is over the image pixel limit of {limit:,}{more}; raise it with "
+            "--max-image-pixels N (0 = no limit) if the machine has the memory")
+
+
 # Pillow's open() reads every metadata segment before the pixels: real files hold a few dozen,
 # but JPEG EXIF is appended segment by segment (quadratic: 320 k 17-byte segments, 6.5 MB, took
 # 90 s), and millions of tiny PNG chunks or JPEG segments cost ~20x their size in memory. PPM's

@@ -112,7 +112,11 @@ OUTPUT_MARK = ("Software", "fastcgan-translate")
 def _is_output_of_ours(path: str) -> bool:
     from PIL import Image
 
+    from fastcgan.data.images import metadata_problem
+
     try:
+        if metadata_problem(path):  # millions of tiny chunks: refused unread, as every image reader here does
+            return False
         # open() reads the chunks before the pixel data into .info (ours are written there);
         # .text would decode the whole image to find chunks after it.
         with Image.open(path, formats=("PNG",)) as im:

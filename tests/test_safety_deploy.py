@@ -9,6 +9,7 @@ generator file, raw tracebacks and advice to load pickles with ``weights_only=Fa
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -210,6 +211,29 @@ def test_telling_outputs_apart_decodes_nothing(gen_file, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
     assert tr._is_output_of_ours(str(out / "im0.png")) and not tr._is_output_of_ours(str(src / "im0.png"))
+
+
+def test_telling_outputs_apart_refuses_a_png_of_millions_of_chunks_unread(tmp_path, monkeypatch):
+    """The mark is read with open(), which walks every chunk before the pixels: a PNG of millions
+    of tiny chunks is refused unread here too (by its chunk count, as every image reader here
+    refuses it), and is not one of ours."""
+    from PIL import Image as PILImage
+
+    from fastcgan import translate as tr
+    from fastcgan.data.images import MAX_METADATA_SEGMENTS
+
+    buf = io.BytesIO()
+    PILImage.new("RGB", (4, 4)).save(buf, format="PNG")
+    png = buf.getvalue()
+    body = b"Software\0fastcgan-translate"
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    many = tmp_path / "many.png"
+    many.write_bytes(png[:33] + chunk * (MAX_METADATA_SEGMENTS + 1) + png[33:])  # after IHDR
+
+    opened = []
+    real_open = PILImage.open
+    monkeypatch.setattr(PILImage, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    assert not tr._is_output_of_ours(str(many)) and not opened  # (its mark would make it one of ours)
 
 
 def test_translate_never_overwrites_user_images_inside_a_nested_output(gen_file, tmp_path, capsys):

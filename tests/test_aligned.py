@@ -385,3 +385,20 @@ def test_combine_never_writes_through_an_output_folder_that_leads_to_an_input(mo
     with pytest.raises(CombineError, match="would overwrite an input file"):
         combine_folders(a, b, out, overwrite=True)
     assert {n: (a / "train" / n).read_bytes() for n in imgs} == before
+
+
+def test_a_pair_that_decodes_to_another_size_than_its_header_is_skipped(tmp_path, monkeypatch):
+    """As for unpaired folders: under --preprocess none a pair whose halves decode to another size
+    than the headers' one size is skipped by name, never batched with the others."""
+    import fastcgan.data.aligned as aligned
+
+    folder = tmp_path / "AB" / "train"
+    rng = np.random.default_rng(0)
+    _write(folder, {f"{i}.png": rng.integers(0, 256, (24, 80, 3), dtype=np.uint8) for i in range(2)})
+    _write(folder, {"odd.png": rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)})  # halves 24x40
+    monkeypatch.setattr(aligned, "oriented_size", lambda p: (80, 24))  # a header reader that disagrees
+    ds = AlignedDataset(tmp_path / "AB", phase="train", preprocess="none", flip=False, serial_batches=True)
+    assert ds.check_one_size() == (40, 24)
+    with pytest.warns(SkippedImageWarning, match=r"odd\.png.*halves of 24x40 after --preprocess none, not the 40x24"):
+        items = [ds[i] for i in range(len(ds))]
+    assert ds.skipped == [str(folder / "odd.png")] and all(it["A"].shape == (3, 24, 40) for it in items)

@@ -47,6 +47,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 
 _WHITE = (255, 255, 255)
 
+
 class BadImageError(OSError):
     """A file that cannot be decoded as an image. ``path`` and ``reason`` say which and why."""
 

@@ -26,7 +26,7 @@ from fastcgan.models._blocks import (
     norm_act,
     set_bn_inference,
 )
-from fastcgan.nn import ReflectionResidualBlock
+from fastcgan.nn import GlobalBatchDropout, ReflectionResidualBlock
 
 GENERATOR_ARCHS = ("resnet_9blocks", "resnet_6blocks", "unet_128", "unet_256", "udacity")
 
@@ -42,7 +42,7 @@ class PaddedResidualBlock(nn.Module):
         self.conv1 = nn.Conv2d(dim, dim, 3, padding=0, bias=bias)
         # With dropout the pad must follow it (official order), so norm1 does not pad then.
         self.norm1 = norm_act(norm, dim, "relu", pad=0 if dropout > 0 else 1)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = GlobalBatchDropout(dropout) if dropout > 0 else None
         self.conv2 = nn.Conv2d(dim, dim, 3, padding=0, bias=bias)
         self.norm2 = norm_act(norm, dim, "none", pad=out_pad)
 
@@ -359,7 +359,7 @@ class UnetGenerator(nn.Module):
             up_in = inner if k == last else 2 * inner
             up_conv = nn.ConvTranspose2d(up_in, outer, 4, stride=2, padding=1, bias=True if k == 0 else bias)
             up_norm = norm_act(norm, outer, "relu", backend=backend) if k > 0 else None
-            dropout = nn.Dropout(0.5) if use_dropout and 4 <= k < last else None
+            dropout = GlobalBatchDropout(0.5) if use_dropout and 4 <= k < last else None
             levels.append(_UnetLevel(down_conv, down_norm, up_conv, up_norm, dropout))
         self.levels = nn.ModuleList(levels)
 

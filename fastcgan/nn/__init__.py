@@ -1,5 +1,11 @@
 """Layers built on ``fastcgan.ops``. They hold parameters and call ops; they never launch kernels."""
 
-from fastcgan.nn.layers import InstanceNormAct, ReflectionResidualBlock, set_backend
+from fastcgan.nn.layers import (
+    GlobalBatchDropout,
+    InstanceNormAct,
+    ReflectionResidualBlock,
+    set_backend,
+    set_batch_shard,
+)
 
-__all__ = ["InstanceNormAct", "ReflectionResidualBlock", "set_backend"]
+__all__ = ["GlobalBatchDropout", "InstanceNormAct", "ReflectionResidualBlock", "set_backend", "set_batch_shard"]

@@ -76,7 +76,7 @@ class ReflectionResidualBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(dim, dim, 3, padding=0, bias=True)
         self.norm1 = InstanceNormAct(dim, "relu", pad=1, backend=backend)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = GlobalBatchDropout(dropout) if dropout > 0 else None
         self.conv2 = nn.Conv2d(dim, dim, 3, padding=0, bias=True)
         self.norm2 = InstanceNormAct(dim, "none", pad=out_pad, backend=backend)
 
@@ -84,22 +84,68 @@ class ReflectionResidualBlock(nn.Module):
         x = xp[:, :, 1:-1, 1:-1]
         h = self.norm1(self.conv1(xp))
         if self.dropout is not None and self.training and self.dropout.p > 0:
-            h = reflected_dropout(h, self.dropout.p, pad=1)
+            h = reflected_dropout(h, self.dropout.p, pad=1, shard=self.dropout.batch_shard)
         return self.norm2(self.conv2(h), residual=x)
 
 
-def reflected_dropout(hp: Tensor, p: float, pad: int) -> Tensor:
+BatchShard = tuple[int, int, int]  # (rank, world size, images per process in a step)
+
+
+def keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device,
+              shard: Optional[BatchShard] = None) -> Tensor:
+    """A Bernoulli(1 - p) keep-mask of ``shape`` (rows first), drawn like ``F.dropout``'s on the CPU.
+
+    Under DDP (``shard``: this process's rank, the world size and its images per step) the mask is
+    drawn for the *global* batch and this process keeps its rows: every process is seeded alike,
+    so without this each would draw the same masks for its own images (image i and image i + b
+    dropping the same units) and N processes would train something else than one process with
+    the global batch. A call's rows are ``groups`` blocks of the process's ``b`` images ([A; B]:
+    2), laid out as one process lays out the global batch; other row counts draw locally."""
+    rows = shape[0]
+    if shard is None or shard[1] == 1 or rows % shard[2]:
+        return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p)
+    rank, world, b = shard
+    groups = rows // b
+    full = torch.empty((groups, b * world, *shape[1:]), dtype=dtype, device=device).bernoulli_(1.0 - p)
+    return full[:, rank * b:(rank + 1) * b].reshape(shape)
+
+
+class GlobalBatchDropout(nn.Dropout):
+    """``nn.Dropout`` whose mask comes from :func:`keep_mask`: under DDP it is drawn for the global
+    batch (:func:`set_batch_shard`), so N processes drop what one process drops. No parameters."""
+
+    batch_shard: Optional[BatchShard] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p >= 1.0:
+            return torch.zeros_like(x)
+        return x * keep_mask(tuple(x.shape), self.p, x.dtype, x.device, self.batch_shard) * (1.0 / (1.0 - self.p))
+
+
+def reflected_dropout(hp: Tensor, p: float, pad: int, shard: Optional[BatchShard] = None) -> Tensor:
     """Dropout on a tensor already reflection-padded by ``pad``, equal in distribution to the
     official order (Dropout, *then* ReflectionPad2d): one keep-mask is drawn for the interior and
     reflection-padded, so a mirrored border pixel is dropped exactly when its source pixel is
     (dropping the padded tensor independently would decorrelate the border from the interior).
-    On CPU the mask is drawn like ``F.dropout``'s, so a seeded run matches the official block."""
+    On CPU the mask is drawn like ``F.dropout``'s, so a seeded run matches the official block;
+    ``shard``: :func:`keep_mask`."""
     if p >= 1.0:
         return torch.zeros_like(hp)
     n, c, h, w = hp.shape
-    keep = torch.empty((n, c, h - 2 * pad, w - 2 * pad), dtype=hp.dtype, device=hp.device).bernoulli_(1.0 - p)
+    keep = keep_mask((n, c, h - 2 * pad, w - 2 * pad), p, hp.dtype, hp.device, shard)
     keep = nn.functional.pad(keep, (pad, pad, pad, pad), mode="reflect")
     return hp * keep * (1.0 / (1.0 - p))
+
+
+def set_batch_shard(module: nn.Module, shard: Optional[BatchShard]) -> nn.Module:
+    """Tell every :class:`GlobalBatchDropout` in ``module`` this process's share of the global
+    batch (``(rank, world_size, images per process)``; None: one process)."""
+    for m in module.modules():
+        if isinstance(m, GlobalBatchDropout):
+            m.batch_shard = shard
+    return module
 
 
 def set_backend(module: nn.Module, backend: str) -> nn.Module:

@@ -8,9 +8,10 @@ process with the same config trains:
   of every global batch (the same order one process would see), so a config means the same run
   whatever the world size and a checkpoint resumes on any number of processes.
 * Every process is seeded identically. Random draws that belong to the global batch (crop/flip
-  offsets, the B partner on ``--data-on-gpu``, the image pool's swaps) are drawn for the whole
-  global batch on every process and each keeps its slice; the fakes are all-gathered before the
-  image pool, so every process holds the same pool.
+  offsets, the B partner on ``--data-on-gpu``, the image pool's swaps, CUT's patch ids, dropout
+  masks: :func:`fastcgan.nn.set_batch_shard`) are drawn for the whole global batch on every
+  process and each keeps its slice; the fakes are all-gathered before the image pool, so every
+  process holds the same pool.
 * DDP averages the gradients, i.e. the gradient of the global-batch mean loss.
 * Process 0 alone writes checkpoints, logs, samples and the summary; every process reads the
   checkpoint on ``--resume``.

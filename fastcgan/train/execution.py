@@ -167,9 +167,12 @@ def build_step(
     ctx = ctx or DistContext()
     exe = Execution(state, amp_dtype_for(state.device, cfg.run.amp), bool(cfg.run.channels_last), ctx)
     if ctx.enabled:
+        from fastcgan.nn import set_batch_shard
         from fastcgan.train.distributed import wrap_ddp
 
         exe.ddp = wrap_ddp(state.nets, ctx, state.device)
+        for net in state.nets.values():  # dropout masks drawn for the global batch, as one process draws them
+            set_batch_shard(net, (ctx.rank, ctx.world_size, cfg.data.batch_size // ctx.world_size))
     if cfg.run.compile:
         compile_phases(exe, cfg, recipe)
     if use_cuda_graphs(cfg, state.device, ctx.world_size):

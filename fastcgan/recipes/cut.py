@@ -203,11 +203,20 @@ def generator_forward(run: StepRun, batch, carry: dict, cfg) -> tuple[Tensor, di
 
         def nce(sl: slice) -> Tensor:
             ql, kl = [t[sl] for t in q], [t[sl] for t in k]
-            if lc.nce_includes_all_negatives_from_minibatch:  # negatives from every image of the batch
-                ql = [t.reshape(1, -1, t.shape[-1]) for t in ql]
-                kl = [t.reshape(1, -1, t.shape[-1]) for t in kl]
-            return patch_nce_loss(ql, kl, lc.nce_T) * lc.lambda_nce
+            if not lc.nce_includes_all_negatives_from_minibatch:
+                return patch_nce_loss(ql, kl, lc.nce_T) * lc.lambda_nce
+            # Negatives from every image of the (global) batch: under DDP each process's queries
+            # meet the keys of every process (keys carry no gradient: a plain all-gather), its own
+            # at its rank's offset; DDP's gradient average then equals one process's global mean.
+            ql = [t.reshape(1, -1, t.shape[-1]) for t in ql]
+            offsets = [0] * len(ql)
+            if dist is not None and dist.enabled:
+                offsets = [dist.rank * t.shape[1] for t in ql]  # its images' patches, in each layer
+                kl = [dist.all_gather_batch(t) for t in kl]
+            kl = [t.reshape(1, -1, t.shape[-1]) for t in kl]
+            return patch_nce_loss(ql, kl, lc.nce_T, key_offset=offsets) * lc.lambda_nce
 
+        dist = getattr(run, "dist", None)  # fastcgan.train.execution.Execution.dist
         losses["NCE"] = nce(slice(0, b))
         if lc.nce_idt:
             losses["NCE_Y"] = nce(slice(b, 2 * b))

@@ -425,9 +425,21 @@ def test_a_new_run_never_writes_into_a_folder_of_other_files(tmp_path, synth, ca
     assert os.listdir(pre) == ["generator_AtoB.safetensors"]
     assert (pre / "generator_AtoB.safetensors").read_bytes() == b"OFFICIAL"
     # An empty folder, or a run that stopped before its first checkpoint (its .lock), is taken.
-    (tmp_path / "ck" / "empty").mkdir()
+    run = tmp_path / "ck" / "empty"
+    run.mkdir()
     assert _tiny_cli("--dataroot", synth, "--output-dir", tmp_path / "ck", "--name", "empty") == 0
-    os.remove(tmp_path / "ck" / "empty" / "checkpoints" / "step_000000001.ckpt")
+    os.remove(run / "checkpoints" / "step_000000001.ckpt")
+    # A trained run whose checkpoints were deleted to save space is not such a run: a new run (or
+    # --resume, with nothing to resume) replaced its generators, metrics and summary, exit 0.
+    before = {p: (run / p).read_bytes() for p in ("generator_AtoB.safetensors", "metrics.jsonl", "summary.json")}
+    for extra in ([], ["--resume"]):
+        assert _tiny_cli("--dataroot", synth, "--output-dir", tmp_path / "ck", "--name", "empty", *extra) == 2
+        err = capsys.readouterr().err
+        assert "holds a trained run (generator_AtoB.safetensors, generator_BtoA.safetensors) without a " \
+               "checkpoint" in err, err
+        assert {p: (run / p).read_bytes() for p in before} == before
+    for p in run.glob("generator_*.safetensors"):  # what a run stopped before its first checkpoint leaves
+        p.unlink()
     assert _tiny_cli("--dataroot", synth, "--output-dir", tmp_path / "ck", "--name", "empty") == 0
 
 

@@ -36,8 +36,9 @@ def check_run_dir(run_dir: str, data_root: Optional[str], *, has_checkpoints: bo
     in its dataset's root or image folders (its samples and checkpoints would be read as training
     images by the next run), and, without checkpoints there to continue, never into a folder that holds files
     of something else (a downloaded pretrained model, the user's own files): a new run would
-    replace its ``config.json`` and ``generator_*.safetensors``. An empty folder, or one a fastcgan
-    trainer locked before (``.lock``: a run that stopped before its first checkpoint), is fine."""
+    replace its ``config.json`` and ``generator_*.safetensors``; nor into a trained run whose
+    checkpoints were deleted. An empty folder, or one a fastcgan trainer locked before (``.lock``:
+    a run that stopped before its first checkpoint), is fine."""
     where = f"run directory {run_dir} (--output-dir / --name)"
     if data_root and path_inside(run_dir, data_root):
         # The image folders (trainA/, test/, testA_truth_B/ ...) and the dataset root itself; a run
@@ -53,6 +54,13 @@ def check_run_dir(run_dir: str, data_root: Optional[str], *, has_checkpoints: bo
         raise RunDirError(f"{where} holds files that are not a fastcgan run's ({', '.join(entries[:4])}"
                           f"{', ...' if len(entries) > 4 else ''}), which a new run would overwrite; choose another "
                           "--name / --output-dir (or an empty folder)")
+    # A run writes its generators with each checkpoint: generators without checkpoints are a run
+    # whose checkpoints were deleted (to save space), not one that stopped before its first.
+    trained = [e for e in entries if e.startswith("generator_") and e.endswith(".safetensors")]
+    if trained:
+        raise RunDirError(f"{where} holds a trained run ({', '.join(trained[:2])}) without a checkpoint to "
+                          "continue from (its checkpoints/ is empty or gone), which a new run would overwrite; "
+                          "choose another --name / --output-dir")
 
 
 class RunLock:

@@ -208,10 +208,11 @@ def atomic_write(path: str, data: Union[bytes, bytearray, memoryview, Iterable[b
 TEMPORARY_PATTERN = r"\..+\.(\d+)\.tmp"
 
 
-def remove_stale_temporaries(folder: str, pattern: str = TEMPORARY_PATTERN) -> list[str]:
-    """Delete the temporary files (or folders) that killed writers left in ``folder``: names
-    matching ``pattern`` (a regex whose one group is the writer's pid) whose process no longer
-    runs. Returns the paths removed."""
+def remove_stale_temporaries(folder: str, pattern: str = TEMPORARY_PATTERN, *, folders: bool = True) -> list[str]:
+    """Delete the temporary files (or, with ``folders``, folders) that killed writers left in
+    ``folder``: names matching ``pattern`` (a regex whose one group is the writer's pid) whose
+    process no longer runs. Returns the paths removed. The default pattern takes any hidden
+    ``.NAME.<pid>.tmp``: only for folders fastcgan owns (a run's ``checkpoints/``)."""
     import re
 
     if not os.path.isdir(folder):
@@ -225,6 +226,8 @@ def remove_stale_temporaries(folder: str, pattern: str = TEMPORARY_PATTERN) -> l
         if pid == os.getpid() or _alive(pid):
             continue
         p = os.path.join(folder, n)
+        if not folders and os.path.isdir(p):
+            continue
         with contextlib.suppress(OSError):
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p)

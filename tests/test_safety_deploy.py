@@ -783,17 +783,26 @@ def test_generator_without_digests_still_loads(tmp_path):
 
 
 def test_stale_generator_temporaries_are_removed(tmp_path):
+    """Only the temporaries of the file being written, of writers that no longer run: save_generator
+    is a library call into anyone's folder, and it removed every hidden ``.X.<pid>.tmp`` there
+    (folders too, with rmtree) and every ``*.safetensors.tmp.<pid>``."""
     dead = 2**22 + 12345  # above the default pid_max: never a running process
     old_style = tmp_path / f"generator_AtoB.safetensors.tmp.{dead}"
     new_style = tmp_path / f".generator_AtoB.safetensors.{dead}.tmp"
     live = tmp_path / f"generator_BtoA.safetensors.tmp.{os.getppid()}"  # a running writer: kept
-    for p in (old_style, new_style, live):
+    others = [tmp_path / f".report.{dead}.tmp", tmp_path / f"weights.safetensors.tmp.{dead}",
+              tmp_path / f".generator_BtoA.safetensors.{dead}.tmp"]  # not the file being written: kept
+    for p in (old_style, new_style, live, *others):
         p.write_bytes(b"partial")
+    thesis = tmp_path / f".thesis.{dead}.tmp"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("months of work")
     save_generator(build_generator("resnet_6blocks", ngf=4), tmp_path / "generator_AtoB.safetensors")
     assert not old_style.exists() and not new_style.exists() and live.exists()
-    assert remove_stale_generator_temporaries(tmp_path) == []
+    assert remove_stale_generator_temporaries(tmp_path / "generator_AtoB.safetensors") == []
     names = os.listdir(tmp_path)
-    assert sorted(names) == sorted(["generator_AtoB.safetensors", live.name])
+    assert sorted(names) == sorted(["generator_AtoB.safetensors", live.name, thesis.name, *(p.name for p in others)])
+    assert (thesis / "chapter1.tex").read_text() == "months of work"
 
 
 # --------------------------------------------------------------------------------------------

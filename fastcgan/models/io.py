@@ -114,17 +114,22 @@ def save_generator(model: nn.Module, path: Union[str, os.PathLike], config: Opti
     for name, value in (("direction", direction), ("pairs_direction", pairs_direction)):
         if value is not None:
             meta[name] = value
-    remove_stale_generator_temporaries(os.path.dirname(os.path.abspath(path)))
+    remove_stale_generator_temporaries(path)
     atomic_write(path, save_bytes(state, metadata=meta))
 
 
-def remove_stale_generator_temporaries(folder: Union[str, os.PathLike]) -> list[str]:
-    """Delete temporaries that killed writers left in ``folder``: the current
-    ``.<name>.<pid>.tmp`` files (:func:`fastcgan.fileio.remove_stale_temporaries`) and the
-    ``<name>.safetensors.tmp.<pid>`` files of the writer before it -- those of processes that no
-    longer run. Returns the paths removed."""
-    folder = os.fspath(folder)
-    return remove_stale_temporaries(folder) + remove_stale_temporaries(folder, r".+\.safetensors\.tmp\.(\d+)")
+def remove_stale_generator_temporaries(path: Union[str, os.PathLike]) -> list[str]:
+    """Delete the temporaries that killed writers of ``path`` left beside it: its
+    ``.<name>.<pid>.tmp`` (:func:`fastcgan.fileio.atomic_write`'s) and ``<name>.tmp.<pid>`` (the
+    writer before it) files whose process no longer runs -- nothing else in that folder, which
+    may be anyone's (a ``.notes.123.tmp`` of another program, or a folder, is not ours). Returns
+    the paths removed."""
+    import re
+
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    own = re.escape(name)
+    return (remove_stale_temporaries(folder, rf"\.{own}\.(\d+)\.tmp", folders=False)
+            + remove_stale_temporaries(folder, rf"{own}\.tmp\.(\d+)", folders=False))
 
 
 def read_generator_config(path: Union[str, os.PathLike]) -> dict:

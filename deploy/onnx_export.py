@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from fastcgan._cli import interrupt_seen
 from fastcgan.deploy._common import METADATA_KEY, ArtifactError, GeneratorSpec, round_up
 from torch import nn
 
@@ -126,6 +127,8 @@ def export_onnx(
                 _run_exporter(which, model, x, raw, spec, opset, static_hw, verbose)
                 break
             except Exception as e:  # noqa: BLE001 - report and try the next exporter
+                if interrupt_seen():  # Ctrl-C inside the exporter, turned into another error by torch
+                    raise KeyboardInterrupt from e
                 errors.append(f"{which}: {type(e).__name__}: {e}")
                 if len(order) > 1 and which != order[-1]:
                     warnings.warn(f"ONNX {which} exporter failed ({e}); falling back to the TorchScript exporter")

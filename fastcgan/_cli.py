@@ -8,7 +8,9 @@ import functools
 import importlib
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -36,28 +38,67 @@ def one_line_warnings(prog: str) -> Iterator[None]:
         yield
 
 
+_SIGINT_SEEN = threading.Event()
+
+
+def interrupt_seen() -> bool:
+    """Whether Ctrl-C reached the running command (:func:`interruptible`), also where the library
+    it interrupted turned the KeyboardInterrupt into another error (torch does, inside an import
+    or a trace: an AttributeError of a half-imported module): a fallback must not take that for a
+    failure of its own and carry on."""
+    return _SIGINT_SEEN.is_set()
+
+
+@contextlib.contextmanager
+def _watching_sigint() -> Iterator[None]:
+    """Python's Ctrl-C handler, which also records that it ran (main thread, default handler only)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        _SIGINT_SEEN.set()
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def interruptible(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Ctrl-C in a command's ``main`` is exit 130 with one line, not a traceback. Outputs are
-    written atomically (a temporary renamed into place), so what exists is complete. Running out
-    of memory where no check foresaw it (Python's or torch's allocator) is one line too, exit 1."""
+    """Ctrl-C in a command's ``main`` is exit 130 with one line, not a traceback -- also when the
+    interrupted code swallowed it or turned it into another error (:func:`interrupt_seen`). Outputs
+    are written atomically (a temporary renamed into place), so what exists is complete. Running
+    out of memory where no check foresaw it (Python's or torch's allocator) is one line too, exit 1."""
+
+    def interrupted() -> int:
+        print(f"{prog}: interrupted; every file already written is complete", file=sys.stderr)
+        return 130
 
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(*args, **kwargs) -> int:
-            try:
-                return main(*args, **kwargs)
-            except KeyboardInterrupt:
-                print(f"{prog}: interrupted; every file already written is complete", file=sys.stderr)
-                return 130
-            except (MemoryError, RuntimeError) as e:
-                from fastcgan.devices import is_out_of_memory
+            _SIGINT_SEEN.clear()
+            with _watching_sigint():
+                try:
+                    rc = main(*args, **kwargs)
+                except KeyboardInterrupt:
+                    return interrupted()
+                except BaseException as e:
+                    if _SIGINT_SEEN.is_set():  # the interrupt, in another error's clothes
+                        return interrupted()
+                    from fastcgan.devices import is_out_of_memory
 
-                if not is_out_of_memory(e):
-                    raise
-                why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-                print(f"{prog}: error: out of memory ({why}); every file already written is complete: try "
-                      "smaller inputs or fewer at a time", file=sys.stderr)
-                return 1
+                    if not isinstance(e, (MemoryError, RuntimeError)) or not is_out_of_memory(e):
+                        raise
+                    why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                    print(f"{prog}: error: out of memory ({why}); every file already written is complete: try "
+                          "smaller inputs or fewer at a time", file=sys.stderr)
+                    return 1
+            return interrupted() if _SIGINT_SEEN.is_set() else rc  # swallowed on the way
 
         return run
 

@@ -1182,3 +1182,51 @@ def test_a_bug_outside_onnxruntime_is_not_blamed_on_the_model(good_onnx, monkeyp
     monkeypatch.setattr(tr.runner, "_run", bug)
     with pytest.raises(KeyError, match="bug"):
         tr(torch.zeros(1, 3, 32, 32))
+
+
+def test_ctrl_c_inside_an_exporter_is_never_taken_for_its_failure(run_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while torch's dynamo exporter ran came out of it as another error (an AttributeError
+    of a half-imported module, a RuntimeError of a dispatch mode left active): the export fell back
+    to the TorchScript exporter, wrote the model and exited 0. Now: exit 130, no output, no fallback."""
+    import signal
+
+    from fastcgan.deploy import onnx_export
+
+    ran = []
+
+    def exporter(which, *args, **kwargs):
+        ran.append(which)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the KeyboardInterrupt lands inside torch ...
+        except KeyboardInterrupt:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'") from None  # ... which loses it
+
+    monkeypatch.setattr(onnx_export, "_run_exporter", exporter)
+    out = tmp_path / "g.onnx"
+    assert _export(run_dir, "--onnx", out, "--no-verify") == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "falling back" not in err
+    assert ran == ["dynamo"] and not out.exists() and _no_temporaries(tmp_path)
+
+
+def test_an_interrupt_a_command_swallowed_is_still_exit_130(capsys):
+    """Whatever the interrupted code did with the KeyboardInterrupt -- swallowed it and returned 0,
+    or raised another error -- the command exits 130 with one line; the next call starts afresh."""
+    import signal
+
+    from fastcgan._cli import interruptible
+
+    @interruptible("demo")
+    def main(how):
+        try:
+            if how != "clean":
+                os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            if how == "other error":
+                raise ValueError("not an interrupt, says the library") from None
+        return 0
+
+    assert main("swallowed") == 130 and main("other error") == 130
+    assert capsys.readouterr().err.count("demo: interrupted") == 2
+    assert main("clean") == 0 and capsys.readouterr().err == ""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back

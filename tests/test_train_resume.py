@@ -654,3 +654,28 @@ def test_a_new_run_never_starts_over_a_run_with_checkpoints(tmp_path, synth, cap
     assert cli_main(args) == 2
     assert "already has checkpoints; pass --resume to continue it" in capsys.readouterr().err
     assert _snapshot(tmp_path / "a") == before
+
+
+def test_a_resume_with_nothing_left_to_train_is_refused_and_touches_nothing(tmp_path, synth):
+    """--resume of a finished run, with --max-steps at or below the step reached, or with its
+    schedule shrunk to the epochs done, trained 0 steps, exit 0 -- and rewrote the checkpoint and
+    replaced the run's summary with an empty one (a shrunk schedule announced a negative LR)."""
+    from fastcgan.train import ConfigError
+
+    s = train(cfg_for(synth, tmp_path, "done", epochs=1, epochs_decay=1), install_signal_handlers=False)
+    run, steps = s["run_dir"], s["step"]  # two epochs of the 8 images
+    assert _final(run)["epoch"] == 2
+    before = _snapshot(run)
+    cases = [({}, "the run has done 2 epochs and its schedule (--epochs 1 + --epochs-decay 1) ends there"),
+             ({"epochs": 1, "epochs_decay": 0}, "the run has done 2 epochs"),
+             ({"epochs": 2, "epochs_decay": 1, "max_steps": steps}, f"at step {steps} and --max-steps is {steps}"),
+             ({"epochs": 2, "epochs_decay": 1, "max_steps": 2}, "--max-steps is 2; raise --max-steps")]
+    for kw, said in cases:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            train(cfg_for(synth, tmp_path, "done", resume="auto", **kw), requested=dict(kw),
+                  install_signal_handlers=False)
+    assert _snapshot(run) == before
+    # A longer schedule continues it.
+    more = {"epochs": 2, "epochs_decay": 1}
+    s = train(cfg_for(synth, tmp_path, "done", resume="auto", **more), requested=more, install_signal_handlers=False)
+    assert s["step"] == steps * 3 // 2

@@ -695,6 +695,16 @@ def resume_plan(cfg: TrainConfig, requested: Optional[dict] = None):
     if not has_data_location(cfg) and new_cfg.data.dataset == "folder" and not os.path.isdir(root or ""):
         raise ConfigError(f"--resume {ckpt_path}: the data it was trained on, {root}, is not a directory here; "
                           "give --dataroot (or --dataset synthetic)")
+    # A resume that would train nothing only rewrote the checkpoint and replaced the run's
+    # summary with an empty one (and a shrunk schedule announced a negative LR).
+    step, epoch, o = int(payload["step"]), int(payload["epoch"]), new_cfg.optim
+    if new_cfg.run.max_steps is not None and step >= new_cfg.run.max_steps:
+        raise ConfigError(f"--resume {ckpt_path}: nothing left to train: the run is at step {step:,} and "
+                          f"--max-steps is {new_cfg.run.max_steps:,}; raise --max-steps to continue it")
+    if epoch >= o.epochs + o.epochs_decay:
+        raise ConfigError(f"--resume {ckpt_path}: nothing left to train: the run has done {epoch} epochs and its "
+                          f"schedule (--epochs {o.epochs} + --epochs-decay {o.epochs_decay}) ends there; raise "
+                          "--epochs / --epochs-decay to continue it")
     change = _schedule_change(ckpt_cfg, new_cfg, payload)
     lag = _schedule_lag(ckpt_cfg, payload)
     return new_cfg, run_dir, payload, ckpt_path, messages + [m for m in (change, lag) if m]

@@ -118,7 +118,8 @@ def _fsync_dir(d: str) -> None:
         os.close(fd)
 
 
-def _describe(e: OSError) -> str:
+def describe_os_error(e: OSError) -> str:
+    """A failed write's cause in words (a full disk, a quota), else the system's message."""
     if e.errno == errno.ENOSPC:
         return "no space left on the device"
     if e.errno == errno.EDQUOT:
@@ -177,14 +178,14 @@ def atomic_writer(path: str, replace: bool = True) -> Iterator[BinaryIO]:
     except WriteError:
         raise
     except OSError as e:
-        raise WriteError(e.errno, f"could not write {path}: {_describe(e)} (previous file unchanged)") from e
+        raise WriteError(e.errno, f"could not write {path}: {describe_os_error(e)} (previous file unchanged)") from e
     except RuntimeError as e:
         # torch.save's C++ writer reports a failed write (e.g. ENOSPC) as a RuntimeError
         # ("PytorchStreamWriter failed writing file ...: unexpected pos ...") with no errno.
         if "failed writing" not in str(e) and "unexpected pos" not in str(e):
             raise
         cause = f.error if f is not None else None
-        why = _describe(cause) if cause is not None else _free_space_hint(d)
+        why = describe_os_error(cause) if cause is not None else _free_space_hint(d)
         code = cause.errno if cause is not None else errno.EIO
         raise WriteError(code, f"could not write {path}: {why} (previous file unchanged)") from e
     finally:
@@ -279,7 +280,7 @@ def _folder_problem(folder: str, what: str, names: list[str]) -> str | None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".fastcgan-write-test-", dir=parent)
     except OSError as e:
-        return f"{what}: cannot write in {parent} ({_describe(e)})"
+        return f"{what}: cannot write in {parent} ({describe_os_error(e)})"
     try:
         os.write(fd, bytes(4096))
         os.fsync(fd)
@@ -291,9 +292,9 @@ def _folder_problem(folder: str, what: str, names: list[str]) -> str | None:
     try:
         os.unlink(probe)
     except OSError as e:
-        return f"{what}: cannot remove files in {parent} ({_describe(e)}; {probe} is left behind)"
+        return f"{what}: cannot remove files in {parent} ({describe_os_error(e)}; {probe} is left behind)"
     if failed is not None:
-        return f"{what}: cannot write in {parent} ({_describe(failed)})"
+        return f"{what}: cannot write in {parent} ({describe_os_error(failed)})"
     return None
 
 

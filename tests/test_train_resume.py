@@ -679,3 +679,52 @@ def test_a_resume_with_nothing_left_to_train_is_refused_and_touches_nothing(tmp_
     more = {"epochs": 2, "epochs_decay": 1}
     s = train(cfg_for(synth, tmp_path, "done", resume="auto", **more), requested=more, install_signal_handlers=False)
     assert s["step"] == steps * 3 // 2
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dangling link"])
+def test_a_run_file_that_is_not_a_regular_file_is_refused_by_name(tmp_path, synth, kind):
+    """A FIFO at RUN/metrics.jsonl made --resume wait forever for a writer (holding the run's lock);
+    a folder there was an IsADirectoryError traceback."""
+    from fastcgan.train.runlock import RunDirError
+
+    s = train(cfg_for(synth, tmp_path, "odd", max_steps=2), install_signal_handlers=False)
+    metrics = os.path.join(s["run_dir"], "metrics.jsonl")
+    os.remove(metrics)
+    {"fifo": os.mkfifo, "folder": os.mkdir, "dangling link": lambda p: os.symlink(p + ".gone", p)}[kind](metrics)
+    with pytest.raises(RunDirError, match=re.escape(f"{metrics} exists and is not a regular file")):
+        train(cfg_for(synth, tmp_path, "odd", resume="auto", max_steps=3), requested={"max_steps": 3},
+              install_signal_handlers=False)
+
+
+def test_a_full_disk_while_logging_is_one_error_naming_metrics_jsonl(tmp_path, synth, monkeypatch, capsys):
+    """No space left while appending to metrics.jsonl was two chained tracebacks (the write, then
+    the close) that never named the file; now exit 1 with one line."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.closed = f, False
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.closed = True
+            self.f.close()
+
+    def opener(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return Full(f) if str(path).endswith("metrics.jsonl") and "a" in mode else f
+
+    monkeypatch.setattr(builtins, "open", opener)
+    out = tmp_path / "full"
+    rc = cli_main(["--dataset", "synthetic", "--dataroot", synth, "--output-dir", str(out), "--name", "r",
+                   "--load-size", "32", "--crop-size", "28", "--ngf", "4", "--ndf", "4", "--max-steps", "2",
+                   "--log-every", "1", "--device", "cpu", "--no-progress", "--no-tensorboard", "--num-workers", "0"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert f"could not write {out / 'r' / 'metrics.jsonl'}: no space left on the device" in err, err

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from fastcgan.fileio import atomic_writer, parse_json
+from fastcgan.fileio import WriteError, atomic_writer, describe_os_error, parse_json
 
 
 class LossAccumulator:
@@ -138,6 +138,7 @@ class RunLogger:
         self._last_t = self.t0
         self._last_step = start_step
         self._metrics = None
+        self._failed = False
         self.tb = None
         self.bar = None
         if not enabled:
@@ -145,6 +146,7 @@ class RunLogger:
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
         metrics = os.path.join(run_dir, "metrics.jsonl")
         _drop_records_after(metrics, start_step)
+        self._metrics_path = metrics
         self._metrics = open(metrics, "a", buffering=1)
         if tensorboard:
             try:
@@ -195,7 +197,7 @@ class RunLogger:
         }
         if not self.enabled:
             return rec
-        self._metrics.write(json.dumps(rec) + "\n")
+        self._append(rec)
         if self.tb is not None:
             for k, v in losses.items():
                 self.tb.add_scalar(f"loss/{k}", v, step)
@@ -216,7 +218,7 @@ class RunLogger:
         """FID/KID of the current generators: a ``metrics.jsonl`` line and TensorBoard scalars."""
         if not self.enabled:
             return
-        self._metrics.write(json.dumps({"step": step, "eval": metrics, "eval_network": network}) + "\n")
+        self._append({"step": step, "eval": metrics, "eval_network": network})
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(f"eval/{k}", v, step)
@@ -250,4 +252,21 @@ class RunLogger:
             self.tb.close()
             self.tb = None
         if self._metrics is not None and not self._metrics.closed:
-            self._metrics.close()
+            try:
+                self._metrics.close()
+            except OSError as e:  # the last line's flush; after a failed append, already reported
+                if not self._failed:
+                    raise self._write_error(e) from None
+
+    def _append(self, record: dict) -> None:
+        """One line of ``metrics.jsonl``; a failed write (a full disk) is a :class:`WriteError`
+        naming the file, not a traceback from inside the logger."""
+        try:
+            self._metrics.write(json.dumps(record) + "\n")
+        except OSError as e:
+            self._failed = True
+            raise self._write_error(e) from None
+
+    def _write_error(self, e: OSError) -> WriteError:
+        return WriteError(e.errno, f"could not write {self._metrics_path}: {describe_os_error(e)} (the lines "
+                          "before are kept; every checkpoint already written is complete)")

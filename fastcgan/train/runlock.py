@@ -47,6 +47,11 @@ def check_run_dir(run_dir: str, data_root: Optional[str], *, has_checkpoints: bo
         if rel == "." or rel.split(os.sep)[0].startswith(("train", "test", "val")):
             raise RunDirError(f"{where} is inside the training data {data_root}: its samples and checkpoints "
                               "would become training images; choose an --output-dir outside it")
+    for name in ("metrics.jsonl", "summary.json", "config.json"):  # read (on resume) or replaced by the run
+        p = os.path.join(run_dir, name)
+        if os.path.lexists(p) and not os.path.isfile(p):
+            raise RunDirError(f"{p} exists and is not a regular file (a folder, FIFO, device or dangling link): "
+                              "never read or replaced; move it away or choose another --name / --output-dir")
     if has_checkpoints or not os.path.isdir(run_dir):
         return
     entries = sorted(os.listdir(run_dir))

@@ -656,6 +656,10 @@ def _cfg(**kw):
     ("seed", 2**32, "seed (--seed): must be in [0, 2**32)"),
     ("max_image_pixels", -1, "max_image_pixels (--max-image-pixels)"),
     ("num_workers", -1, "num_workers (--num-workers): must be an int in [0,"),
+    # Bytes that are not UTF-8 (kept as lone surrogates): the run trained, then could not be read
+    # back (safetensors takes UTF-8 paths only) -- a traceback at the end of the run.
+    ("name", "a\udcffb", "name (--name): must be valid UTF-8 text"),
+    ("output_dir", "runs/\udcff", "output_dir (--output-dir): must be valid UTF-8 text"),
 ])
 def test_config_bounds(field, value, said):
     with pytest.raises(ConfigError, match=re.escape(said)):

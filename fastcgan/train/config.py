@@ -36,6 +36,15 @@ def _flag(name: str) -> str:
     return "--init-generator" if name == "init_generators" else "--" + name.replace("_", "-")
 
 
+def _is_utf8(text: str) -> bool:
+    """False for a path with bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{name} ({_flag(name)}): {msg}")
@@ -350,6 +359,8 @@ class RunConfig:
             "name",
             f"must be a plain folder name, got {self.name!r}",
         )
+        for n in ("name", "output_dir"):  # safetensors (the run's generators) takes UTF-8 paths only
+            _check(_is_utf8(getattr(self, n)), n, f"must be valid UTF-8 text, got {getattr(self, n)!r}")
         _check(
             self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 0),
             "max_steps",

@@ -120,6 +120,14 @@ def read_manifest(path: str, kind: str) -> dict:
     return m
 
 
+def _trust_flag(trust) -> bool:
+    """``trust_artifact`` as given: a bool, nothing else -- a string such as ``"false"`` (an
+    environment variable passed straight in) is truthy and would run the file's code."""
+    if not isinstance(trust, bool):
+        raise TypeError(f"trust_artifact must be True or False, got {trust!r} ({type(trust).__name__})")
+    return trust
+
+
 def _refusal(path: str, kind: str, why: str) -> UntrustedArtifactError:
     what = "an AOTInductor package (.pt2) holds a compiled shared library" if kind == "aoti" else \
         "a TensorRT engine is deserialized by native code (and may carry plugins)"
@@ -156,6 +164,7 @@ def check_artifact(path: str, kind: str, trust: bool = False) -> str:
     """The trust note for ``path`` (hashing it in place), or :class:`UntrustedArtifactError`.
     A first gate for callers that fail early; the loaders themselves check again the bytes they
     load (:func:`verified_copy`, :func:`verified_bytes`)."""
+    trust = _trust_flag(trust)
     if not os.path.isfile(path):
         raise ArtifactError(path, "no such file")
     if not trust and not os.path.isfile(manifest_path(path)):
@@ -171,6 +180,7 @@ def verified_copy(path: str, kind: str, trust: bool = False) -> tuple[str, str, 
     new private folder while it is hashed, and the hash of the copy is checked, so what is then
     loaded from the copy is exactly what was verified. Raises :class:`UntrustedArtifactError`
     (nothing loaded) unless the manifest verifies or ``trust``."""
+    trust = _trust_flag(trust)
     if not os.path.isfile(path):
         raise ArtifactError(path, "no such file")
     if not trust and not os.path.isfile(manifest_path(path)):
@@ -195,6 +205,7 @@ def verified_copy(path: str, kind: str, trust: bool = False) -> tuple[str, str, 
 
 def verified_bytes(path: str, kind: str, trust: bool = False) -> tuple[bytes, str]:
     """(content of ``path``, trust note), checked against its manifest as in :func:`verified_copy`."""
+    trust = _trust_flag(trust)
     if not os.path.isfile(path):
         raise ArtifactError(path, "no such file")
     if not trust and not os.path.isfile(manifest_path(path)):

@@ -1492,3 +1492,18 @@ def test_install_without_replace_never_replaces_an_existing_file(tmp_path, monke
     assert dst.read_bytes() == b"old"
     manifest.install(str(src), str(dst), replace=True)
     assert dst.read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("trust", ["false", "0", 1, None])
+def test_trust_artifact_takes_a_bool_only(tmp_path, trust):
+    """load(path, trust_artifact="false") -- an environment variable passed straight in -- was
+    truthy: a .pt2 without a manifest was loaded, its shared library run."""
+    from fastcgan.deploy.manifest import check_artifact, verified_bytes, verified_copy
+
+    art = tmp_path / "g.pt2"
+    art.write_bytes(b"compiled code")
+    for check in (check_artifact, verified_copy, verified_bytes):
+        with pytest.raises(TypeError, match="trust_artifact must be True or False"):
+            check(str(art), "aoti", trust)
+    with pytest.raises(TypeError, match="trust_artifact must be True or False"):
+        load(str(art), device="cpu", trust_artifact=trust)

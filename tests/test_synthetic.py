@@ -219,3 +219,37 @@ def test_cli(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == out
     assert len(os.listdir(os.path.join(out, "testA_truth_B"))) == 2
     assert main([str(tmp_path / "bad"), "--size", "2"]) == 2
+
+
+def test_processes_generating_the_same_dataset_at_once_all_get_it(tmp_path):
+    """Runs started together into a fresh --output-dir generate the same synthetic_N/: each replaced
+    the others' folders under them (a FileNotFoundError traceback in 2 of 12 processes). One
+    generates while the others wait, then find it complete."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "out" / "synthetic_16"
+    code = ("import sys; from fastcgan.data.synthetic import ensure_synthetic_dataset as e; "
+            "e(sys.argv[1], size=16, n_train=300, n_test=5); print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert all(rc == 0 and out.strip() == "ok" for out, _, rc in results), results
+    assert len(os.listdir(root / "trainA")) == 300 and len(os.listdir(root / "testB")) == 5
+    assert not [n for n in os.listdir(root.parent) if n.startswith(".synthetic-")]  # no temporaries left
+
+
+def test_a_full_disk_while_generating_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from fastcgan.data import synthetic
+    from fastcgan.fileio import WriteError
+
+    def full(img, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synthetic, "_save", full)
+    root = tmp_path / "synthetic_16"
+    with pytest.raises(WriteError, match=f"could not write the synthetic dataset into {root}: no space left"):
+        synthetic.ensure_synthetic_dataset(str(root), size=16, n_train=2, n_test=1)
+    assert os.listdir(tmp_path) == []

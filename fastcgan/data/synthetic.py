@@ -24,18 +24,20 @@ B renderings, whose colours follow from their lightness.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
 from fastcgan._cli import Parser
-from fastcgan.fileio import read_json, remove_stale_temporaries
+from fastcgan.fileio import WriteError, describe_os_error, read_json, remove_stale_temporaries
 
 __all__ = [
     "MANIFEST",
@@ -173,6 +175,27 @@ def _check_args(size, n_train, n_test):
 STALE_PATTERN = r"\.synthetic-(\d+)-.+"
 
 
+@contextlib.contextmanager
+def _generating(root: str) -> Iterator[None]:
+    """Held while one process checks and (re)writes a dataset in ``root``'s parent folder: runs
+    started at once into a fresh --output-dir each generated the same synthetic_N/ and replaced
+    each other's folders under them (a FileNotFoundError traceback in one of them). An OS lock on
+    the parent folder itself (released when the process ends, however it ends; nothing is left)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for the process generating there
+        yield
+    finally:
+        os.close(fd)
+
+
 def _write_dataset(out_dir: str, folders: tuple[str, ...], params: dict, fill) -> str:
     """Write a dataset into ``out_dir`` through a temporary sibling folder: ``fill(tmp)`` writes
     ``folders`` and returns the image counts; the folders are moved in and the manifest last."""
@@ -215,7 +238,11 @@ def _write_dataset(out_dir: str, folders: tuple[str, ...], params: dict, fill) -
     remove_stale_temporaries(parent, STALE_PATTERN)
     tmp = tempfile.mkdtemp(prefix=f".synthetic-{os.getpid()}-", dir=parent)
     try:
-        counts = fill(tmp)
+        try:
+            counts = fill(tmp)
+        except OSError as e:  # a full disk, a quota: nothing of the new dataset is left
+            raise WriteError(e.errno, f"could not write the synthetic dataset into {out_dir}: "
+                             f"{describe_os_error(e)} (nothing was replaced)") from None
         os.makedirs(out_dir, exist_ok=True)
         manifest_path, writing = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, WRITING)
         with open(writing, "w"):  # ours while incomplete: a run killed below may replace these folders
@@ -339,8 +366,9 @@ def ensure_synthetic_dataset(
     """Generate the dataset into ``root`` unless a complete one with these parameters is there."""
     _check_args(size, n_train, n_test)
     root = os.path.abspath(os.fspath(root))
-    if not _complete(root, _params(size, n_train, n_test, seed)):
-        make_synthetic_dataset(root, size=size, n_train=n_train, n_test=n_test, seed=seed)
+    with _generating(root):  # the check and the write as one: another process may be writing it
+        if not _complete(root, _params(size, n_train, n_test, seed)):
+            make_synthetic_dataset(root, size=size, n_train=n_train, n_test=n_test, seed=seed)
     return root
 
 
@@ -361,8 +389,9 @@ def ensure_synthetic_color_dataset(
 def _ensure_split(root, size, n_train, n_test, seed, layout: str, make) -> str:
     _check_args(size, n_train, n_test)
     root = os.path.abspath(os.fspath(root))
-    if not _complete(root, _params(size, n_train, n_test, seed, layout), _ALIGNED_FOLDERS):
-        make(root, size=size, n_train=n_train, n_test=n_test, seed=seed)
+    with _generating(root):
+        if not _complete(root, _params(size, n_train, n_test, seed, layout), _ALIGNED_FOLDERS):
+            make(root, size=size, n_train=n_train, n_test=n_test, seed=seed)
     return root
 
 
@@ -392,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if a.force:
-            path = make(a.out, a.size, a.n_train, a.n_test, a.seed)
+            with _generating(a.out):
+                path = make(a.out, a.size, a.n_train, a.n_test, a.seed)
         else:
             path = ensure(a.out, a.size, a.n_train, a.n_test, a.seed)
     except (ValueError, OSError) as e:

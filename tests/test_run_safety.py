@@ -455,8 +455,12 @@ def test_a_run_never_writes_inside_its_training_data(tmp_path, synth, capsys):
     err = capsys.readouterr().err
     assert "inside the training data" in err and str(data) in err, err
     assert sorted(os.listdir(data / "trainA")) == before
-    # Beside the image folders (--dataroot . with the default --output-dir runs) is fine.
+    # Beside the image folders (--dataroot . with the default --output-dir runs) is fine -- also
+    # under a name that only begins like one (it was refused as "inside the training data").
     assert _tiny_cli("--dataroot", data, "--output-dir", data / "runs") == 0
+    assert _tiny_cli("--dataroot", data, "--output-dir", data, "--name", "testrun") == 0
+    for folder in ("testA_truth_B", "train", "valB"):  # every image folder a dataset may have
+        assert _tiny_cli("--dataroot", data, "--output-dir", data, "--name", folder) == 2, folder
 
 
 @pytest.mark.parametrize("extra, said", [

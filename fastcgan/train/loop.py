@@ -39,7 +39,14 @@ from fastcgan.data.datasets import DatasetError, SkippedImageWarning
 from fastcgan.devices import is_out_of_memory, resolve_device
 from fastcgan.fileio import atomic_write
 from fastcgan.recipes import get_recipe
-from fastcgan.train.checkpoint import checkpoint_path, list_checkpoints, restore_state, resume_plan, save_checkpoint
+from fastcgan.train.checkpoint import (
+    checkpoint_dir,
+    checkpoint_path,
+    list_checkpoints,
+    restore_state,
+    resume_plan,
+    save_checkpoint,
+)
 from fastcgan.train.config import ConfigError, TrainConfig, min_discriminator_side, pairs_direction, unused_flags
 from fastcgan.train.cuda_graphs import use_cuda_graphs
 from fastcgan.train.data import (build_batches, build_dataset, data_fingerprint, dataset_nbytes, prepare_dataroot,
@@ -430,6 +437,8 @@ class _Run:
                     f"the batches from here on are not those of an uninterrupted run ({keep})"]
             state = restore_state(payload, cfg, self.device, self.batches.generators, path=ckpt_path)
             self.best_fid = payload["extra"].get("best_fid")
+            if os.path.realpath(os.path.dirname(ckpt_path)) == os.path.realpath(checkpoint_dir(self.run_dir)):
+                self.last_ckpt = ckpt_path  # this run's: named by a failure before the next one
         else:
             _seed_everything(cfg.run.seed)
             state = build_state(cfg, self.device, self.recipe, init)

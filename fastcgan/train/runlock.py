@@ -11,6 +11,7 @@ anything removes the folder it created for the lock.
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 from fastcgan.fileio import path_inside
@@ -31,6 +32,10 @@ class RunDirError(OSError):
     """The run directory cannot be created or locked (a file in its path, no permission)."""
 
 
+# A dataset's image folders: train/ test/ val/ (pairs), trainA/ ... (unpaired), testA_truth_B/ ...
+_IMAGE_FOLDER = re.compile(r"(train|test|val)([AB](_truth_[AB])?)?")
+
+
 def check_run_dir(run_dir: str, data_root: Optional[str], *, has_checkpoints: bool) -> None:
     """Where a run may write, judged before anything is written (:class:`RunDirError`): never
     in its dataset's root or image folders (its samples and checkpoints would be read as training
@@ -44,7 +49,7 @@ def check_run_dir(run_dir: str, data_root: Optional[str], *, has_checkpoints: bo
         # The image folders (trainA/, test/, testA_truth_B/ ...) and the dataset root itself; a run
         # beside them (--dataroot . --output-dir runs) is fine.
         rel = os.path.relpath(os.path.realpath(run_dir), os.path.realpath(data_root))
-        if rel == "." or rel.split(os.sep)[0].startswith(("train", "test", "val")):
+        if rel == "." or _IMAGE_FOLDER.fullmatch(rel.split(os.sep)[0]):
             raise RunDirError(f"{where} is inside the training data {data_root}: its samples and checkpoints "
                               "would become training images; choose an --output-dir outside it")
     for name in ("metrics.jsonl", "summary.json", "config.json"):  # read (on resume) or replaced by the run

@@ -176,6 +176,13 @@ class OrtRunner(_Runner):
         if len(ins) != 1 or len(outs) != 1:
             raise ArtifactError(path, f"expected one input and one output, found {len(ins)} and {len(outs)}")
         self.in_name, self.out_name = ins[0].name, outs[0].name
+        batch = ins[0].shape[0] if len(ins[0].shape) == 4 else None
+        if isinstance(batch, int):  # a fixed batch (other tools export one): fastcgan's exports leave it free
+            if batch != 1:
+                raise ArtifactError(path, f"its input batch is fixed at {batch}, and images come in batches of any "
+                                    "size (a folder's last is smaller): re-export it with a dynamic batch "
+                                    "(fastcgan-export does) or at batch 1")
+            self.max_batch = 1  # one image (or tile) per call, whatever --batch-size says
         self.dtype = torch.float16 if "float16" in ins[0].type else torch.float32
         self._np = np.float16 if self.dtype == torch.float16 else np.float32
         self._out_channels = self.output_channels(ins[0].shape, outs[0].shape)

@@ -1230,3 +1230,21 @@ def test_an_interrupt_a_command_swallowed_is_still_exit_130(capsys):
     assert capsys.readouterr().err.count("demo: interrupted") == 2
     assert main("clean") == 0 and capsys.readouterr().err == ""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_an_onnx_graph_with_a_fixed_batch_runs_one_at_a_time_or_is_refused(good_onnx, tmp_path):
+    """A graph whose batch is fixed (other tools export batch 1) loaded and failed in onnxruntime at
+    the first batch of more than one image (exit 1; a folder half translated). Batch 1 now runs
+    one image per call; another fixed batch is refused by name at load."""
+    import onnx
+
+    for batch in (1, 2):
+        proto = onnx.load(str(good_onnx))
+        proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+        proto.graph.output[0].type.tensor_type.shape.dim[0].dim_value = batch
+        onnx.save(proto, str(tmp_path / f"b{batch}.onnx"))
+    tr = load(str(tmp_path / "b1.onnx"), device="cpu", batch_size=8)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    assert torch.allclose(tr(x), load(str(good_onnx), device="cpu")(x), atol=1e-5)
+    with pytest.raises(ArtifactError, match=re.escape("b2.onnx: its input batch is fixed at 2")):
+        load(str(tmp_path / "b2.onnx"), device="cpu")

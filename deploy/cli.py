@@ -367,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.run is not None:
             parser.error(f"give RUN once: {args.run} and --checkpoint {args.checkpoint}")
         args.run = args.checkpoint
+    for flag, val in (("--onnx", args.onnx), ("--trt", args.trt), ("--aoti", args.aoti),
+                      ("--safetensors", args.safetensors), ("--official", args.official),
+                      ("--timing-cache", args.timing_cache)):
+        if val is not None and not val:  # an unset shell variable: said before "nothing to do"
+            parser.error(f"{flag} '': name a file")
     if not (args.onnx or args.trt or args.aoti or args.safetensors or args.official):
         parser.error("nothing to do: give at least one of --safetensors, --official, --onnx, --trt, --aoti")
     if bool(args.run) == bool(args.from_official):
@@ -416,11 +421,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--direction picks a generator of RUN; an official checkpoint is one generator")
     if args.direction and args.run and os.path.isfile(args.run) and args.run.lower().endswith(".safetensors"):
         parser.error(f"--direction: {args.run} is one generator (a run directory or training checkpoint has two)")
-    for flag, val in (("--onnx", args.onnx), ("--trt", args.trt), ("--aoti", args.aoti),
-                      ("--safetensors", args.safetensors), ("--official", args.official),
-                      ("--timing-cache", args.timing_cache)):
-        if val is not None and not val:
-            parser.error(f"{flag} '': name a file")
     if args.workspace_gb is not None and not (math.isfinite(args.workspace_gb)
                                               and 0 < args.workspace_gb <= MAX_WORKSPACE_GB):
         parser.error(f"--workspace-gb {args.workspace_gb}: must be a number of GB in (0, {MAX_WORKSPACE_GB}]")

@@ -714,7 +714,8 @@ def load(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine not in _ALLOWED[kind]:
-        raise ArtifactError(path, f"a {kind} artifact cannot run with engine={engine!r} "
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ArtifactError(path, f"{article} {kind} artifact cannot run with engine={engine!r} "
                             f"(possible: {', '.join(_ALLOWED[kind])})")
     if fp16 and bf16:
         raise ValueError("choose one of fp16 and bf16")

@@ -1248,3 +1248,5 @@ def test_an_onnx_graph_with_a_fixed_batch_runs_one_at_a_time_or_is_refused(good_
     assert torch.allclose(tr(x), load(str(good_onnx), device="cpu")(x), atol=1e-5)
     with pytest.raises(ArtifactError, match=re.escape("b2.onnx: its input batch is fixed at 2")):
         load(str(tmp_path / "b2.onnx"), device="cpu")
+    with pytest.raises(ArtifactError, match="an onnx artifact cannot run with engine='aoti'"):
+        load(str(good_onnx), device="cpu", engine="aoti")

@@ -928,6 +928,9 @@ def test_export_flags_that_would_do_nothing_are_refused(gen_file, tmp_path, caps
         (["--trt", str(tmp_path / "g.engine"), "--workspace-gb", "1e10"], "--workspace-gb 1"),
         (["--trt", str(tmp_path / "g.engine"), "--timing-cache", "/dev/null"], "is not a regular file"),
     ]
+    with pytest.raises(SystemExit):  # the only output named empty (an unset variable): said, not "nothing to do"
+        _export(gen_file, "--onnx", "")
+    assert "--onnx '': name a file" in capsys.readouterr().err
     assert _export("/dev/zero", "--onnx", out) == 2  # read "generator file not found"
     assert "not a regular file or a run directory" in capsys.readouterr().err
     onnx = tmp_path / "made.onnx"

@@ -101,7 +101,7 @@ def read_manifest(path: str, kind: str) -> dict:
     absent, unreadable, of a format version this fastcgan does not know, or of another kind."""
     mp = manifest_path(path)
     if not os.path.isfile(mp):
-        raise UntrustedArtifactError(path, f"no manifest ({os.path.basename(mp)} is missing)")
+        raise UntrustedArtifactError(path, _no_manifest(path))
     try:
         m = read_json(mp)
     except (OSError, ValueError) as e:
@@ -118,6 +118,14 @@ def read_manifest(path: str, kind: str) -> dict:
         what = _KIND_NAMES[found] if isinstance(found, str) and found in _KIND_NAMES else f"kind {found!r}"
         raise UntrustedArtifactError(path, f"{os.path.basename(mp)} describes {what}, not {_KIND_NAMES[kind]}")
     return m
+
+
+def _no_manifest(path: str) -> str:
+    """Why ``path`` has no manifest to read: missing, or not a regular file (a FIFO, a folder)."""
+    mp = manifest_path(path)
+    if os.path.lexists(mp):
+        return f"no manifest ({os.path.basename(mp)} is not a regular file)"
+    return f"no manifest ({os.path.basename(mp)} is missing)"
 
 
 def _trust_flag(trust) -> bool:
@@ -168,7 +176,7 @@ def check_artifact(path: str, kind: str, trust: bool = False) -> str:
     if not os.path.isfile(path):
         raise ArtifactError(path, "no such file")
     if not trust and not os.path.isfile(manifest_path(path)):
-        raise _refusal(path, kind, f"no manifest ({os.path.basename(manifest_path(path))} is missing)")
+        raise _refusal(path, kind, _no_manifest(path))
     digest, size = sha256_file(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the loader warns once, when it loads
@@ -184,7 +192,7 @@ def verified_copy(path: str, kind: str, trust: bool = False) -> tuple[str, str, 
     if not os.path.isfile(path):
         raise ArtifactError(path, "no such file")
     if not trust and not os.path.isfile(manifest_path(path)):
-        raise _refusal(path, kind, f"no manifest ({os.path.basename(manifest_path(path))} is missing)")
+        raise _refusal(path, kind, _no_manifest(path))
     tmp = tempfile.TemporaryDirectory(prefix="fastcgan-verified-")
     os.chmod(tmp.name, 0o700)
     dst = os.path.join(tmp.name, os.path.basename(path))
@@ -209,7 +217,7 @@ def verified_bytes(path: str, kind: str, trust: bool = False) -> tuple[bytes, st
     if not os.path.isfile(path):
         raise ArtifactError(path, "no such file")
     if not trust and not os.path.isfile(manifest_path(path)):
-        raise _refusal(path, kind, f"no manifest ({os.path.basename(manifest_path(path))} is missing)")
+        raise _refusal(path, kind, _no_manifest(path))
     with open(path, "rb") as f:
         blob = f.read()
     return blob, _decide(path, kind, hashlib.sha256(blob).hexdigest(), len(blob), trust)

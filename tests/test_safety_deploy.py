@@ -1510,3 +1510,14 @@ def test_trust_artifact_takes_a_bool_only(tmp_path, trust):
             check(str(art), "aoti", trust)
     with pytest.raises(TypeError, match="trust_artifact must be True or False"):
         load(str(art), device="cpu", trust_artifact=trust)
+
+
+def test_a_manifest_that_is_not_a_regular_file_is_named_so(tmp_path):
+    """A FIFO (or a folder) at g.pt2.manifest.json was reported as a missing manifest."""
+    from fastcgan.deploy.manifest import check_artifact
+
+    art = tmp_path / "g.pt2"
+    art.write_bytes(b"compiled code")
+    os.mkfifo(manifest_path(str(art)))
+    with pytest.raises(UntrustedArtifactError, match=r"g\.pt2\.manifest\.json is not a regular file"):
+        check_artifact(str(art), "aoti")

@@ -1521,3 +1521,15 @@ def test_a_manifest_that_is_not_a_regular_file_is_named_so(tmp_path):
     os.mkfifo(manifest_path(str(art)))
     with pytest.raises(UntrustedArtifactError, match=r"g\.pt2\.manifest\.json is not a regular file"):
         check_artifact(str(art), "aoti")
+
+
+def test_a_run_generator_that_is_not_a_regular_file_is_named_so(tmp_path):
+    """A FIFO at RUN/generator_AtoB.safetensors read "run directory fr has no generator_AtoB.safetensors
+    (found generator_AtoB.safetensors)"."""
+    from fastcgan.models.io import resolve_generator_path
+
+    run = tmp_path / "fr"
+    run.mkdir()
+    os.mkfifo(run / "generator_AtoB.safetensors")
+    with pytest.raises(FileNotFoundError, match="its generator_AtoB.safetensors is not a regular file"):
+        resolve_generator_path(run, "AtoB")

@@ -217,6 +217,8 @@ def resolve_generator_path(path: Union[str, os.PathLike], direction: str = "AtoB
     path = os.fspath(path)
     if os.path.isdir(path):
         f = os.path.join(path, generator_filename(direction))
+        if os.path.lexists(f) and not os.path.isfile(f):  # a FIFO, a folder, a link to a device or to nowhere
+            raise FileNotFoundError(f"run directory {path}: its {generator_filename(direction)} is not a regular file")
         if not os.path.isfile(f):
             present = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
             name = generator_filename(direction)

@@ -99,6 +99,9 @@ class TorchRunner(_Runner):
         self._cudagraphs = False
         self.fn: Callable = self.model
         if compiled:
+            from fastcgan.ops import available_backends
+
+            available_backends()  # probe the kernel backends (loads fastcgan._C) outside the traced forward
             if device.type == "cuda":
                 mode = compile_mode or "reduce-overhead"
                 self._cudagraphs = mode in ("reduce-overhead", "max-autotune")

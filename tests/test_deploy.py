@@ -1250,3 +1250,20 @@ def test_an_onnx_graph_with_a_fixed_batch_runs_one_at_a_time_or_is_refused(good_
         load(str(tmp_path / "b2.onnx"), device="cpu")
     with pytest.raises(ArtifactError, match="an onnx artifact cannot run with engine='aoti'"):
         load(str(good_onnx), device="cpu", engine="aoti")
+
+
+def test_the_compiled_engine_traces_the_generator_in_one_graph(monkeypatch):
+    """The first forward probed the kernel backends (loading fastcgan._C, a call Dynamo cannot
+    trace) inside the compiled code: a graph break and a three-line Dynamo warning. They are probed
+    before compiling; here fullgraph=True turns any break into an error."""
+    from fastcgan.deploy.runtime import from_model
+    from fastcgan.ops import _backends
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", fullgraph=True))
+    monkeypatch.setattr(_backends, "_status_cache", {})  # a fresh process: nothing probed yet
+    torch._dynamo.reset()
+    g = _gen("resnet_6blocks", 4)
+    tr = from_model(g, "cpu", compiled=True)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.allclose(tr(x), from_model(g, "cpu")(x), atol=1e-5)

@@ -303,3 +303,16 @@ def test_clear_errors(tmp_path):
         load_official_generator(bad)
     with pytest.raises(TypeError, match="UdacityGenerator"):
         official_state_dict(build_generator("udacity", ngf=4))
+
+
+@pytest.mark.parametrize("saved, asked", [("instance", "none"), ("batch", "none"), ("none", "batch")])
+def test_another_norm_than_the_files_names_the_keys(tmp_path, saved, asked):
+    """--norm none on an instance- or batch-norm checkpoint was a KeyError ('stem.conv.bias',
+    'stem.norm.weight') from fastcgan-export; it is a ValueError naming the keys, as other mismatches."""
+    from fastcgan.models import build_generator, save_official_generator
+    from fastcgan.models.official import load_official_generator
+
+    pth = tmp_path / "latest_net_G.pth"
+    save_official_generator(build_generator("resnet_6blocks", ngf=4, norm=saved), pth)
+    with pytest.raises(ValueError, match=r"not an official resnet_6blocks \(norm='" + asked + r"'.*unexpected keys"):
+        load_official_generator(str(pth), arch="resnet_6blocks", norm=asked)

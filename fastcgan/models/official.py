@@ -382,6 +382,10 @@ def _convert(sd: dict[str, Tensor], model: nn.Module, where: str, what: str, dim
         mod, _, name = k.rpartition(".")
         return f"{ours_to_official.get(mod, mod)}.{name}"
 
+    # A known layer with a tensor this network's layer lacks (a conv bias, a norm's affine or running
+    # stats: another --norm than the file's) is unexpected too, not a KeyError further down.
+    unknown += [official_key(k) for k in converted if k not in expected]
+
     if unknown or missing:
         raise ValueError(
             f"{where}: not an official {what} state dict; "

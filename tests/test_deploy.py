@@ -1184,6 +1184,18 @@ def test_a_bug_outside_onnxruntime_is_not_blamed_on_the_model(good_onnx, monkeyp
         tr(torch.zeros(1, 3, 32, 32))
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler while the test runs: a suite started in the background of a
+    script inherits SIGINT ignored, and a signal sent to itself would then do nothing."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.usefixtures("python_ctrl_c")
 def test_ctrl_c_inside_an_exporter_is_never_taken_for_its_failure(run_dir, tmp_path, monkeypatch, capsys):
     """Ctrl-C while torch's dynamo exporter ran came out of it as another error (an AttributeError
     of a half-imported module, a RuntimeError of a dispatch mode left active): the export fell back
@@ -1209,6 +1221,7 @@ def test_ctrl_c_inside_an_exporter_is_never_taken_for_its_failure(run_dir, tmp_p
     assert ran == ["dynamo"] and not out.exists() and _no_temporaries(tmp_path)
 
 
+@pytest.mark.usefixtures("python_ctrl_c")
 def test_an_interrupt_a_command_swallowed_is_still_exit_130(capsys):
     """Whatever the interrupted code did with the KeyboardInterrupt -- swallowed it and returned 0,
     or raised another error -- the command exits 130 with one line; the next call starts afresh."""

@@ -201,6 +201,8 @@ def generator_forward(run: StepRun, batch, carry: dict, cfg) -> tuple[Tensor, di
                 k = run.frozen("F")(gather_patches(keys, ids))
             q = run.net("F")(gather_patches(queries, ids))
 
+        dist = getattr(run, "dist", None)  # fastcgan.train.execution.Execution.dist
+
         def nce(sl: slice) -> Tensor:
             ql, kl = [t[sl] for t in q], [t[sl] for t in k]
             if not lc.nce_includes_all_negatives_from_minibatch:
@@ -216,7 +218,6 @@ def generator_forward(run: StepRun, batch, carry: dict, cfg) -> tuple[Tensor, di
             kl = [t.reshape(1, -1, t.shape[-1]) for t in kl]
             return patch_nce_loss(ql, kl, lc.nce_T, key_offset=offsets) * lc.lambda_nce
 
-        dist = getattr(run, "dist", None)  # fastcgan.train.execution.Execution.dist
         losses["NCE"] = nce(slice(0, b))
         if lc.nce_idt:
             losses["NCE_Y"] = nce(slice(b, 2 * b))

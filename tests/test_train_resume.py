@@ -728,3 +728,26 @@ def test_a_full_disk_while_logging_is_one_error_naming_metrics_jsonl(tmp_path, s
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err, err
     assert f"could not write {out / 'r' / 'metrics.jsonl'}: no space left on the device" in err, err
+
+
+def test_run_folders_that_cannot_be_written_are_found_before_training(tmp_path, synth, monkeypatch):
+    """A checkpoints/ folder that could not be written was found at the first save, after training
+    steps; RUN/samples as a file was a bare '[Errno 17] File exists'."""
+    from fastcgan.train import runlock
+    from fastcgan.train.runlock import RunDirError
+
+    s = train(cfg_for(synth, tmp_path, "ro", max_steps=2), install_signal_handlers=False)
+    ckpts, samples = os.path.join(s["run_dir"], "checkpoints"), os.path.join(s["run_dir"], "samples")
+    real = runlock.output_folder_problem
+    monkeypatch.setattr(runlock, "output_folder_problem", lambda p, what, names=(): (
+        f"{what}: cannot write in {p} (Permission denied)" if p == ckpts else real(p, what, names)))
+    resume = cfg_for(synth, tmp_path, "ro", resume="auto", max_steps=3)
+    with pytest.raises(RunDirError, match=re.escape(f"run folder {ckpts}: cannot write in {ckpts}")):
+        train(resume, requested={"max_steps": 3}, install_signal_handlers=False)
+    monkeypatch.undo()
+    import shutil
+
+    shutil.rmtree(samples)
+    open(samples, "w").close()
+    with pytest.raises(RunDirError, match=re.escape(f"{samples} exists and is not a folder")):
+        train(resume, requested={"max_steps": 3}, install_signal_handlers=False)

@@ -14,7 +14,7 @@ import os
 import re
 from typing import Optional
 
-from fastcgan.fileio import path_inside
+from fastcgan.fileio import output_folder_problem, path_inside
 
 try:
     import fcntl
@@ -57,6 +57,12 @@ def check_run_dir(run_dir: str, data_root: Optional[str], *, has_checkpoints: bo
         if os.path.lexists(p) and not os.path.isfile(p):
             raise RunDirError(f"{p} exists and is not a regular file (a folder, FIFO, device or dangling link): "
                               "never read or replaced; move it away or choose another --name / --output-dir")
+    for name in ("checkpoints", "samples"):  # written all along: a problem there is found now, not at a save
+        p = os.path.join(run_dir, name)
+        if os.path.lexists(p) and not os.path.isdir(p):
+            raise RunDirError(f"{p} exists and is not a folder; move it away or choose another --name / --output-dir")
+        if os.path.isdir(p) and (why := output_folder_problem(p, f"run folder {p}")):
+            raise RunDirError(why)
     if has_checkpoints or not os.path.isdir(run_dir):
         return
     entries = sorted(os.listdir(run_dir))

@@ -64,6 +64,9 @@ class WriteError(OSError):
     """A file could not be written; the message names it and the cause. The previous version of
     the file (if any) is intact."""
 
+    def __str__(self) -> str:  # the message alone: no "[Errno 28] " (or "[Errno None] ") before it
+        return self.strerror if len(self.args) == 2 and isinstance(self.strerror, str) else super().__str__()
+
 
 class OutputExistsError(WriteError):
     """A write that must not replace (no ``--overwrite``) found its destination taken: another

@@ -402,3 +402,19 @@ def test_a_pair_that_decodes_to_another_size_than_its_header_is_skipped(tmp_path
     with pytest.warns(SkippedImageWarning, match=r"odd\.png.*halves of 24x40 after --preprocess none, not the 40x24"):
         items = [ds[i] for i in range(len(ds))]
     assert ds.skipped == [str(folder / "odd.png")] and all(it["A"].shape == (3, 24, 40) for it in items)
+
+
+def test_combine_refuses_a_pair_its_output_format_cannot_hold_before_writing(tmp_path):
+    """Two 8200-wide WebP halves make a 16400-wide pair, over WebP's 16383: the pairs before it were
+    written, then a ValueError traceback from the encoder. Now refused with the others (nothing
+    written), and --png writes it."""
+    rng = np.random.default_rng(0)
+    for side in ("A", "B"):
+        _write(tmp_path / side, {"0.png": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)})
+        Image.fromarray(rng.integers(0, 256, (8, 8200, 3), dtype=np.uint8)).save(tmp_path / side / "1.webp",
+                                                                                  lossless=True)
+    with pytest.raises(CombineError, match=r"1\.webp: the pair would be 16400x8, over WEBP's 16,383 pixels a side"):
+        combine_folders(tmp_path / "A", tmp_path / "B", tmp_path / "AB")
+    assert not (tmp_path / "AB").exists() or not os.listdir(tmp_path / "AB")
+    report = combine_folders(tmp_path / "A", tmp_path / "B", tmp_path / "AB", png=True)
+    assert sorted(os.path.basename(p) for p in report.written) == ["0.png", "1.png"]

@@ -726,3 +726,16 @@ def test_the_output_probe_syncs_so_a_full_disk_shows(tmp_path, monkeypatch):
     why = output_folder_problem(str(tmp_path / "out"), "--output")
     assert why == f"--output: cannot write in {tmp_path} (no space left on the device)"
     assert os.listdir(tmp_path) == []  # the probe is removed
+
+
+def test_a_write_error_reads_as_its_message():
+    """WriteError(errno, message) printed "[Errno None] could not write ..." (a write that failed
+    without an errno) or "[Errno 28] ..." before the message the commands print after "error:"."""
+    import errno
+
+    from fastcgan.fileio import WriteError
+
+    for code in (None, errno.ENOSPC):
+        e = WriteError(code, "could not write x: no space left on the device")
+        assert str(e) == "could not write x: no space left on the device" and e.errno == code
+    assert str(WriteError("could not write y")) == "could not write y"

@@ -105,14 +105,26 @@ def _match(a_folder: str, b_folder: str, use_AB: bool) -> tuple[list[tuple[str, 
     return pairs, problems
 
 
+# The largest side an output format can encode (a pair is twice its halves' width): two 8192-wide
+# WebP halves made a 16384-wide pair, one over WebP's limit, found at its write.
+_FORMAT_MAX_SIDE = {"WEBP": 16383, "JPEG": 65500, "GIF": 65535}
+
+
+def _format_of(path: str) -> str | None:
+    return Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+
+
 def _save_pair(path: str, pair: np.ndarray) -> None:
     ext = os.path.splitext(path)[1].lower()
-    fmt = Image.registered_extensions().get(ext)
+    fmt = _format_of(path)
     if fmt is None:
         raise WriteError(f"could not write {path}: no image format for extension {ext!r}")
     kw = {"quality": 95} if fmt == "JPEG" else {}
     with atomic_writer(path) as f:
-        Image.fromarray(pair).save(f, format=fmt, **kw)
+        try:
+            Image.fromarray(pair).save(f, format=fmt, **kw)
+        except ValueError as e:  # an encoder's refusal (a size it cannot hold): the file is not replaced
+            raise WriteError(f"could not write {path}: {e}") from None
 
 
 def combine_folders(
@@ -185,6 +197,12 @@ def combine_folders(
                 f"{pa} is {sa[0]}x{sa[1]} but {pb} is {sb[0]}x{sb[1]}: the two halves of a pair must "
                 "have the same size"
             )
+            continue
+        fmt = _format_of(po)
+        side = _FORMAT_MAX_SIDE.get(fmt)
+        if side and (2 * sa[0] > side or sa[1] > side):
+            problems.append(f"{po}: the pair would be {2 * sa[0]}x{sa[1]}, over {fmt}'s {side:,} pixels a side "
+                            "(--png writes every pair as PNG)")
             continue
         seen_out[po] = pa
         good.append((s, pa, pb, po))

@@ -46,6 +46,7 @@ class _Server:
         self.drop_first = 0  # drop this many full-body responses half way
         self.ignore_range = False
         self.etags = {}  # path -> strong ETag: sent, and an If-Range that differs gets the whole file
+        self.no_length = False  # answer without Content-Length (the body ends when the connection closes)
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -81,7 +82,10 @@ class _Server:
                 body = data[start:]
                 if etag:
                     self.send_header("ETag", etag)
-                self.send_header("Content-Length", str(len(body)))
+                if outer.no_length:
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if outer.drop_first > 0 and len(body) > 1000:
                     outer.drop_first -= 1
@@ -458,3 +462,24 @@ def test_a_link_at_the_part_name_is_not_written_through(server, tmp_path):
     with pytest.raises(DownloadError, match="symbolic link"):
         _get(root, url=server.base, sha256=SHA)
     assert victim.read_text() == "precious"
+
+
+def test_a_download_of_unannounced_size_is_bounded(server, tmp_path, monkeypatch):
+    """A server that sends no Content-Length and streams without end filled the disk (2.5 GB in 6 s):
+    dataset archives are capped (twice the largest official one) and, with no size announced, the
+    folder's free space is checked as the bytes arrive; either way the partial download is deleted."""
+    import shutil
+
+    server.no_length = True
+    server.files[f"/data/{NAME}.zip"] = ZIP + bytes(300_000)  # padding after the zip: a long stream
+    monkeypatch.setattr(dl, "MAX_DATASET_BYTES", 200_000)
+    with pytest.raises(dl.TooLargeError, match="larger than 200,000 bytes"):
+        _get(tmp_path, url=server.base)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(dl, "MAX_DATASET_BYTES", 1 << 30)
+    monkeypatch.setattr(dl, "FREE_SPACE_CHECK_EVERY", 100_000)
+    usage = shutil.disk_usage
+    monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: usage(p)._replace(free=10 << 20))
+    with pytest.raises(dl.DiskFullError, match="its folder has 10 MB free"):
+        _get(tmp_path, url=server.base)
+    assert os.listdir(tmp_path) == []

@@ -247,3 +247,41 @@ def test_archive_that_does_not_fit_on_the_disk_is_refused_before_extracting(serv
         download_dataset("facades", str(root), url=server.base, sha256=hashlib.sha256(small).hexdigest(),
                          progress=False, backoff=0.0, collection="pix2pix")
     assert not (root / "facades").exists()
+
+
+def _stored_tgz(members):
+    """A tar.gz whose deflate stream stores the bytes as they are (level 0): a flipped byte in a
+    member changes only that byte, and only the gzip CRC-32 can tell."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    import gzip
+
+    return gzip.compress(raw.getvalue(), compresslevel=0)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "flipped crc", "cut trailer"])
+def test_a_corrupt_or_cut_tar_gz_is_refused_by_its_gzip_crc(server, tmp_path, damage):
+    """The tar reader stops at the tar's end-of-archive block, before the gzip trailer: a flipped
+    byte in an image, a flipped CRC or a download cut in its last bytes installed, exit 0 (the
+    README promised the gzip CRC catches corruption)."""
+    good = _stored_tgz({"facades/train/1.jpg": b"IMAGEDATA" * 2000, "facades/test/1.jpg": b"T" * 100})
+    bad = bytearray(good)
+    if damage == "flipped byte":
+        i = bytes(bad).index(b"IMAGEDATA")
+        bad[i + 5] ^= 0x01
+    elif damage == "flipped crc":
+        bad[-8] ^= 0x01
+    else:
+        bad = bad[:-5]
+    server.files["/data/facades.tar.gz"] = bytes(bad)
+    with pytest.warns(UserWarning), pytest.raises(DownloadError, match="not a valid tar.gz archive"):
+        download_dataset("facades", str(tmp_path), url=server.base, progress=False, collection="pix2pix")
+    assert os.listdir(tmp_path) == []
+    server.files["/data/facades.tar.gz"] = good  # the same archive intact installs
+    with pytest.warns(UserWarning):
+        download_dataset("facades", str(tmp_path), url=server.base, progress=False, collection="pix2pix")
+    assert (tmp_path / "facades" / "train" / "1.jpg").read_bytes() == b"IMAGEDATA" * 2000

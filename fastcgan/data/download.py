@@ -207,6 +207,18 @@ def _check_free_space(part: str, need: int) -> None:
         raise DownloadError(f"{part}: {need / 1e9:.1f} GB still to download, its folder has {free / 1e9:.1f} GB free")
 
 
+# A download of unannounced length is checked as it arrives: every this many bytes its folder must
+# keep this much free (a server streaming without end filled the disk; the archive is unpacked there too).
+FREE_SPACE_CHECK_EVERY = 64 << 20
+MIN_FREE_BYTES = 256 << 20
+# The largest dataset archive accepted: twice the largest official one (pix2pix edges2handbags, 8 GB).
+MAX_DATASET_BYTES = 16 << 30
+
+
+class DiskFullError(DownloadError):
+    """The download's folder is (nearly) full: the partial download is deleted."""
+
+
 class TooLargeError(DownloadError):
     """The file is larger than the caller allows (``max_bytes``)."""
 
@@ -307,6 +319,12 @@ def _fetch(
                         if not chunk:
                             break
                         _check_size(url, fh.tell() + len(chunk), max_bytes)
+                        if total is None and fh.tell() // FREE_SPACE_CHECK_EVERY != \
+                                (fh.tell() + len(chunk)) // FREE_SPACE_CHECK_EVERY:
+                            free = shutil.disk_usage(os.path.dirname(os.path.abspath(part))).free
+                            if free < MIN_FREE_BYTES:
+                                raise DiskFullError(f"{part}: stopped at {fh.tell():,} bytes of a download of "
+                                                    f"unannounced size, its folder has {free / 1e6:.0f} MB free")
                         try:  # a local failure (disk full) is not a dropped connection: no retry
                             fh.write(chunk)
                         except OSError as e:
@@ -496,6 +514,10 @@ def _extract_tar(tar_path: str, tmp: str) -> None:
                 if len(members) > MAX_MEMBERS:
                     _check_expansion(tar_path, 0, len(members), tmp)
             _check_expansion(tar_path, sum(m.size for m in members if m.isfile()), len(members), tmp)
+            # The tar's end-of-archive block comes before the gzip trailer: read on to the end of the
+            # stream, where gzip checks its CRC-32 and length (a corrupt or cut download fails here).
+            while tf.fileobj.read(_CHUNK):
+                pass
             for m in members:
                 if _unsafe_name(m.name):
                     raise DownloadError(f"{tar_path}: refusing unsafe path {m.name!r} in the archive")
@@ -737,8 +759,8 @@ def fetch_verified(
     deletes the download."""
     try:
         _fetch(url, part, progress, retries, timeout, backoff, max_bytes)
-    except TooLargeError:
-        discard_download(part)  # whatever arrived is not worth resuming
+    except (TooLargeError, DiskFullError):
+        discard_download(part)  # whatever arrived is not worth resuming (or keeping on a full disk)
         raise
     expected = sha256.lower() if sha256 else _published_sha256(url, timeout)
     if expected is None:
@@ -755,7 +777,7 @@ def fetch_verified(
 def _download_and_extract(zip_url, root, name, sha256, progress, retries, timeout, backoff, collection) -> None:
     ext = _archive_ext(zip_url)
     part = os.path.join(root, f"{name}{'.zip' if ext == '.zip' else '.tar.gz'}.part")
-    fetch_verified(zip_url, part, sha256, progress, retries, timeout, backoff)
+    fetch_verified(zip_url, part, sha256, progress, retries, timeout, backoff, max_bytes=MAX_DATASET_BYTES)
     try:
         _extract(part, root, name, collection)
     except DownloadError:

@@ -132,6 +132,9 @@ def test_names(tmp_path, capsys):
         download_dataset("horse2zebra", str(tmp_path), collection="pix2pix")
     assert main(["--list"]) == 0
     assert "edges2handbags (pix2pix)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # --root "$UNSET": said, not the default ./datasets instead
+        main(["facades", "--root", ""])
+    assert e.value.code == 2 and "--root '': name a folder" in capsys.readouterr().err
 
 
 def test_tar_bomb_is_refused_before_anything_is_written(server, tmp_path):

@@ -841,6 +841,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not a.name:
         ap.error("NAME is required (or --list)")
+    if a.root is not None and not a.root:  # an unset shell variable: never the default folder instead
+        ap.error("--root '': name a folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", category=UnverifiedDownloadWarning)  # its log line says it once
     fetch = pretrained.download_pretrained if a.pretrained else download_dataset

@@ -682,6 +682,9 @@ def test_tampered_pt2_is_refused_without_running_its_code(tmp_path, monkeypatch,
     benign = _compile(tmp_path, "int fastcgan_nothing(void) { return 0; }\n", "benign")
     marker = tmp_path / "marker"
     monkeypatch.setenv("FASTCGAN_TEST_MARKER", str(marker))
+    # torch's package loader extracts into $TMPDIR and leaves the folder when a load fails (these
+    # fake packages do): here, not in /tmp.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     pt2 = tmp_path / "g.pt2"
 
     # Manifest-less: refused by load(), by translate (exit 2) and by the package loaders.

@@ -14,9 +14,10 @@ from fastcgan.data import download as dl
 from fastcgan.data.download import ChecksumError, DownloadError, download_dataset, main
 
 
-def _tgz(members, links=()):
+def _tgz(members, links=(), level=9):
+    """A tar.gz of ``members``; ``level`` 0 stores the bytes as they are in the deflate stream."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=level) as tf:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -252,26 +253,13 @@ def test_archive_that_does_not_fit_on_the_disk_is_refused_before_extracting(serv
     assert not (root / "facades").exists()
 
 
-def _stored_tgz(members):
-    """A tar.gz whose deflate stream stores the bytes as they are (level 0): a flipped byte in a
-    member changes only that byte, and only the gzip CRC-32 can tell."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    import gzip
-
-    return gzip.compress(raw.getvalue(), compresslevel=0)
-
-
 @pytest.mark.parametrize("damage", ["flipped byte", "flipped crc", "cut trailer"])
 def test_a_corrupt_or_cut_tar_gz_is_refused_by_its_gzip_crc(server, tmp_path, damage):
     """The tar reader stops at the tar's end-of-archive block, before the gzip trailer: a flipped
     byte in an image, a flipped CRC or a download cut in its last bytes installed, exit 0 (the
     README promised the gzip CRC catches corruption)."""
-    good = _stored_tgz({"facades/train/1.jpg": b"IMAGEDATA" * 2000, "facades/test/1.jpg": b"T" * 100})
+    # Stored (level 0): a flipped byte changes only that byte, and only the gzip CRC-32 can tell.
+    good = _tgz({"facades/train/1.jpg": b"IMAGEDATA" * 2000, "facades/test/1.jpg": b"T" * 100}, level=0)
     bad = bytearray(good)
     if damage == "flipped byte":
         i = bytes(bad).index(b"IMAGEDATA")

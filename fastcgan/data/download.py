@@ -509,15 +509,15 @@ def _extract_tar(tar_path: str, tmp: str) -> None:
     try:
         with tarfile.open(tar_path, "r:*", tarinfo=BoundedTarInfo) as tf:
             members = []  # reads the whole stream (corruption surfaces here), counted as it goes
-            declared = 0
+            declared, bomb = 0, MAX_EXPANSION * max(os.path.getsize(tar_path), 1 << 20)  # as _check_expansion
             while (m := tf.next()) is not None:
                 members.append(m)
                 declared += m.size if m.isfile() else 0
                 # Judged as each header arrives: the next header is reached by decompressing this
                 # member's data, so a bomb's 1 GiB member would be inflated before a check at the end.
-                if len(members) > MAX_MEMBERS or declared > MAX_EXPANSION * max(os.path.getsize(tar_path), 1 << 20):
+                if len(members) > MAX_MEMBERS or declared > bomb:
                     _check_expansion(tar_path, declared, len(members), tmp)
-            _check_expansion(tar_path, sum(m.size for m in members if m.isfile()), len(members), tmp)
+            _check_expansion(tar_path, declared, len(members), tmp)
             # The tar's end-of-archive block comes before the gzip trailer: read on to the end of the
             # stream, where gzip checks its CRC-32 and length (a corrupt or cut download fails here).
             while tf.fileobj.read(_CHUNK):

@@ -373,7 +373,8 @@ def evaluate_generators(
                 domain(dst)
     # Every file is decoded whole (--load-size resizes it after): one over the pixel limit refuses
     # the test set, as fastcgan-translate refuses its folder, before the memory checks below.
-    why = pixel_limit_problem((p, oriented_size(p)) for _, paths in listed.values() for p in paths)
+    headers = {p: oriented_size(p) for _, paths in listed.values() for p in paths}  # read once, used twice
+    why = pixel_limit_problem(headers.items())
     if why:
         raise ValueError(why)
     for name, src, dst in DIRECTIONS:
@@ -382,7 +383,7 @@ def evaluate_generators(
         folder, paths = domain(src)
         back = trs["BtoA" if name == "AtoB" else "AtoB"]  # the cycle runs it on translations of this size
         check_image_sizes((trs[name], back), paths,
-                          (lambda p: (load_size, load_size)) if load_size else oriented_size)
+                          (lambda p: (load_size, load_size)) if load_size else headers.get)
         truth_dir = os.path.join(dataroot, f"{phase}{src}_truth_{dst}")
         if os.path.isdir(truth_dir):
             _check_truth_headers(folder, paths, truth_dir, load_size)
